@@ -1,0 +1,4 @@
+//! shoal worker node. For now: the shard engine, the unit the coordinator places,
+//! replicates, rebuilds and queries.
+
+pub mod shard;

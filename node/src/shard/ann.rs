@@ -1,0 +1,151 @@
+//! The FAISS boundary: everything that touches the `faiss` crate lives here, so the
+//! rest of the shard works with plain slices and row numbers.
+
+use std::path::Path;
+
+use faiss::index::IndexImpl;
+use faiss::{Idx, Index};
+
+use super::config::{IvfPqParams, Metric};
+use super::error::{Result, ShardError};
+
+unsafe extern "C" {
+    // libgomp, linked by faiss-sys. The setting is per calling thread: a build thread
+    // can use a team while search threads stay single-threaded.
+    fn omp_set_num_threads(n: std::ffi::c_int);
+}
+
+/// Sets how many OpenMP threads FAISS calls made from this thread may use.
+pub fn set_thread_omp_threads(n: usize) {
+    // SAFETY: plain libgomp call that writes the calling thread's ICV.
+    unsafe { omp_set_num_threads(n.max(1) as std::ffi::c_int) }
+}
+
+thread_local! {
+    static SEARCH_THREAD_READY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// FAISS runs single-threaded on search threads: see `CollectionConfig::build_threads`.
+fn ensure_single_threaded_search() {
+    SEARCH_THREAD_READY.with(|ready| {
+        if !ready.get() {
+            set_thread_omp_threads(1);
+            ready.set(true);
+        }
+    });
+}
+
+/// Searches a FAISS index through a shared reference. FAISS's CPU indexes are safe to
+/// search concurrently (search is `const` in C++); the `faiss` crate only offers
+/// `&mut self` search for most index types, so we call the C API directly.
+/// `nprobe` applies to IVF indexes, through per-call search parameters.
+pub fn search_shared(
+    index: &IndexImpl,
+    queries: &[f32],
+    k: usize,
+    nprobe: Option<usize>,
+) -> Result<(Vec<f32>, Vec<Idx>)> {
+    ensure_single_threaded_search();
+    let d = index.d() as usize;
+    assert_eq!(queries.len() % d, 0, "query buffer is not a multiple of d");
+    let nq = queries.len() / d;
+    let mut distances = vec![0f32; nq * k];
+    let mut labels = vec![Idx::none(); nq * k];
+    let params = match nprobe {
+        Some(p) => {
+            let mut params = faiss::search_params::SearchParametersIVF::new()?;
+            params.set_nprobe(p);
+            Some(params)
+        }
+        None => None,
+    };
+    let params_ptr = params
+        .as_ref()
+        .map_or(std::ptr::null(), |p| p.inner_ptr() as *const _);
+    // SAFETY: buffers are sized nq * k and nq * d as FAISS expects; the index pointer is
+    // valid for the borrow; concurrent const searches are thread-safe in FAISS.
+    let rc = unsafe {
+        faiss_sys::faiss_Index_search_with_params(
+            index.inner_ptr(),
+            nq as faiss_sys::idx_t,
+            queries.as_ptr(),
+            k as faiss_sys::idx_t,
+            params_ptr,
+            distances.as_mut_ptr(),
+            labels.as_mut_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(ShardError::Faiss(last_error()));
+    }
+    Ok((distances, labels))
+}
+
+fn last_error() -> String {
+    // SAFETY: FAISS returns a thread-local NUL-terminated message or null.
+    unsafe {
+        let p = faiss_sys::faiss_get_last_error();
+        if p.is_null() {
+            "unknown faiss error".into()
+        } else {
+            std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    }
+}
+
+/// An IVF-PQ index whose ids are shard row numbers.
+pub struct AnnIndex {
+    inner: IndexImpl,
+}
+
+impl AnnIndex {
+    /// Trains a new index on `sample` (row-major, `dim` wide).
+    pub fn train(dim: usize, metric: Metric, params: IvfPqParams, sample: &[f32]) -> Result<Self> {
+        let n = sample.len() / dim;
+        if n < params.nlist {
+            return Err(ShardError::NotEnoughVectors {
+                have: n,
+                need: params.nlist,
+            });
+        }
+        let mut inner = faiss::index_factory(dim as u32, params.factory_string(), metric.faiss())?;
+        inner.train(sample)?;
+        Ok(Self { inner })
+    }
+
+    pub fn add(&mut self, vectors: &[f32], rows: &[u64]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<Idx> = rows.iter().map(|&r| Idx::new(r)).collect();
+        self.inner.add_with_ids(vectors, &ids)?;
+        Ok(())
+    }
+
+    pub fn len(&self) -> u64 {
+        self.inner.ntotal()
+    }
+
+    /// Top `k` rows by approximate (PQ) distance, best first.
+    pub fn search(&self, query: &[f32], k: usize, nprobe: usize) -> Result<Vec<(u64, f32)>> {
+        let (d, l) = search_shared(&self.inner, query, k, Some(nprobe))?;
+        Ok(l.iter()
+            .zip(d)
+            .filter_map(|(l, d)| l.get().map(|r| (r, d)))
+            .collect())
+    }
+
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let p = path.to_str().ok_or_else(|| ShardError::Faiss(format!("non-utf8 path {path:?}")))?;
+        faiss::write_index(&self.inner, p)?;
+        Ok(())
+    }
+
+    /// Reads an index file. The caller has verified the file's checksum: FAISS may
+    /// crash rather than fail on a damaged file.
+    pub fn read_verified(path: &Path) -> Result<Self> {
+        let p = path.to_str().ok_or_else(|| ShardError::Faiss(format!("non-utf8 path {path:?}")))?;
+        let inner = faiss::read_index(p)?;
+        Ok(Self { inner })
+    }
+}

@@ -1,0 +1,57 @@
+use std::path::PathBuf;
+
+/// Everything a shard operation can fail with. Input errors are checked before
+/// anything is written, so an `Invalid*` error never leaves a partial write.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    #[error("invalid collection config: {0}")]
+    InvalidConfig(String),
+    #[error("invalid document {id:?}: {reason}")]
+    InvalidDocument { id: String, reason: String },
+    #[error("invalid query: {0}")]
+    InvalidQuery(String),
+    #[error("corrupt shard data in {file} at offset {offset}: {reason}")]
+    Corrupt {
+        file: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+    #[error("i/o error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("faiss: {0}")]
+    Faiss(String),
+    #[error("not enough vectors to train the index: {have} live, need at least {need}")]
+    NotEnoughVectors { have: usize, need: usize },
+    #[error("an index build is already running (generation {0})")]
+    BuildInProgress(u64),
+    #[error("shard at {0} is closed after a failed write; reopen it to recover from its log")]
+    Poisoned(PathBuf),
+    #[error("no shard at {0}: manifest.json is missing")]
+    NotFound(PathBuf),
+}
+
+impl ShardError {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> ShardError {
+        let path = path.into();
+        move |source| ShardError::Io { path, source }
+    }
+
+    pub(crate) fn invalid_doc(id: &str, reason: impl Into<String>) -> ShardError {
+        ShardError::InvalidDocument {
+            id: id.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<faiss::error::Error> for ShardError {
+    fn from(e: faiss::error::Error) -> Self {
+        ShardError::Faiss(e.to_string())
+    }
+}
+
+pub type Result<T, E = ShardError> = std::result::Result<T, E>;

@@ -1,0 +1,895 @@
+//! The shard engine: one replica's durable documents, vectors and index generations.
+//!
+//! Write path: validate the whole batch → one WAL frame + fsync → append to the
+//! segment files → publish to readers under a short lock. Search path: IVF-PQ on the
+//! serving generation (`k × refine` candidates) → exact re-score from the memory-mapped
+//! vectors → exact scan of the fresh tail (rows newer than the generation) → top k.
+//! Rebuilds train generation N+1 on a background thread from the stored vectors while N
+//! serves; the swap is one pointer store, and N is freed when its last reader drops it.
+
+mod ann;
+mod config;
+mod error;
+mod manifest;
+mod record;
+mod storage;
+mod topk;
+mod wal;
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::{Mutex, RwLock};
+use rand::{rngs::StdRng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+pub use ann::{search_shared, set_thread_omp_threads};
+pub use config::{CollectionConfig, IvfPqParams, Metric, MAX_DOC_BYTES, MAX_ID_BYTES, MAX_TOP_K};
+pub use error::{Result, ShardError};
+
+use ann::AnnIndex;
+use manifest::{GenerationMeta, Manifest};
+use storage::{DocsFile, DocsReader, SegmentEntry, VectorStore, VectorView};
+use topk::TopK;
+use wal::{Wal, WalBatch, WalOp};
+
+/// The log is checkpointed into the segments and restarted past this size.
+const WAL_CHECKPOINT_BYTES: u64 = 64 << 20;
+/// Vectors handed to FAISS per `add` call during a build.
+const BUILD_CHUNK_ROWS: usize = 16_384;
+/// Largest refine factor a query may ask for.
+pub const MAX_REFINE_FACTOR: usize = 1_000;
+
+/// A document as clients write it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Document {
+    pub id: String,
+    pub text: Option<String>,
+    pub metadata: serde_json::Value,
+    pub vector: Vec<f32>,
+}
+
+/// A write to apply, in order, as part of one atomic batch.
+#[derive(Clone, Debug)]
+pub enum WriteOp {
+    Upsert(Document),
+    Delete(String),
+}
+
+/// What a durable write reports back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriteAck {
+    /// Sequence number of the batch in this shard's log.
+    pub seq: u64,
+    pub upserted: usize,
+    /// Deletes that removed a live document.
+    pub deleted: usize,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SearchMode {
+    /// IVF-PQ candidates re-scored exactly with the stored vectors (generate-rank).
+    #[default]
+    Rerank,
+    /// IVF-PQ only: approximate PQ scores, no re-scoring.
+    Approximate,
+    /// Exact scan of every live vector: the reference.
+    Exact,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SearchParams {
+    pub k: usize,
+    pub nprobe: Option<usize>,
+    pub refine_factor: Option<usize>,
+    pub mode: SearchMode,
+}
+
+impl SearchParams {
+    pub fn top(k: usize) -> Self {
+        Self {
+            k,
+            ..Self::default()
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hit {
+    pub id: Arc<str>,
+    /// Squared L2 distance (smaller is closer) or inner product (larger is closer).
+    pub score: f32,
+}
+
+#[derive(Clone, Debug)]
+pub struct SearchResult {
+    pub hits: Vec<Hit>,
+    /// Serving generation that answered, if any.
+    pub generation: Option<u64>,
+    /// Rows newer than that generation, scanned exactly.
+    pub fresh_rows: u64,
+}
+
+/// A stored document read back.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredDocument {
+    pub id: String,
+    pub text: Option<String>,
+    pub metadata: serde_json::Value,
+    pub vector: Vec<f32>,
+    pub seq: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct GenerationInfo {
+    pub id: u64,
+    pub covered_rows: u64,
+    pub indexed_vectors: u64,
+    pub params: IvfPqParams,
+    pub index_file_bytes: u64,
+    pub build_seconds: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ShardStats {
+    pub live_docs: usize,
+    pub rows: u64,
+    pub last_seq: u64,
+    pub serving: Option<GenerationInfo>,
+    pub fresh_rows: u64,
+    pub building: Option<u64>,
+}
+
+struct Row {
+    id: Arc<str>,
+    doc_offset: u64,
+    live: bool,
+}
+
+/// The serving index of one generation; rows `>= covered_rows` are the fresh tail.
+struct Generation {
+    info: GenerationInfo,
+    index: AnnIndex,
+}
+
+struct State {
+    ids: HashMap<Arc<str>, u64>,
+    rows: Vec<Row>,
+    vectors: VectorView,
+    serving: Option<Arc<Generation>>,
+}
+
+struct Writer {
+    /// `None` only while the shard is being opened (the old log is replayed first).
+    wal: Option<Wal>,
+    docs: DocsFile,
+    vectors: VectorStore,
+    last_seq: u64,
+    manifest: Manifest,
+}
+
+struct Inner {
+    dir: PathBuf,
+    config: CollectionConfig,
+    writer: Mutex<Writer>,
+    state: RwLock<State>,
+    docs: DocsReader,
+    building: Mutex<Option<u64>>,
+    poisoned: AtomicBool,
+}
+
+/// A handle to an open shard; clones share it.
+#[derive(Clone)]
+pub struct Shard {
+    inner: Arc<Inner>,
+}
+
+const DOCS_FILE: &str = "docs.dat";
+const VECTORS_FILE: &str = "vectors.f32";
+
+impl Shard {
+    /// Creates an empty shard in `dir` (which must not hold one already).
+    pub fn create(dir: &Path, config: CollectionConfig) -> Result<Self> {
+        config.validate()?;
+        fs::create_dir_all(dir).map_err(ShardError::io(dir))?;
+        if Manifest::path(dir).exists() {
+            return Err(ShardError::InvalidConfig(format!(
+                "a shard already exists at {}",
+                dir.display()
+            )));
+        }
+        Manifest::new(config).store(dir)?;
+        Self::open(dir)
+    }
+
+    /// Opens the shard in `dir`, creating it with `config` if there is none.
+    pub fn open_or_create(dir: &Path, config: CollectionConfig) -> Result<Self> {
+        if Manifest::path(dir).exists() {
+            Self::open(dir)
+        } else {
+            Self::create(dir, config)
+        }
+    }
+
+    /// Opens an existing shard and recovers it to exactly its acknowledged state.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let started = Instant::now();
+        let manifest = Manifest::load(dir)?;
+        let config = manifest.config.clone();
+        manifest.remove_unreferenced_files(dir)?;
+
+        let docs = DocsFile::open(dir.join(DOCS_FILE), manifest.docs_len)?;
+        let vectors = VectorStore::open(dir.join(VECTORS_FILE), config.dimension, manifest.rows)?;
+        let mut state = State {
+            ids: HashMap::new(),
+            rows: Vec::with_capacity(manifest.rows as usize),
+            vectors: vectors.view(),
+            serving: None,
+        };
+        load_segment(&docs.path, &vectors, &mut state)?;
+        if state.rows.len() as u64 != manifest.rows {
+            return Err(ShardError::Corrupt {
+                file: docs.path.clone(),
+                offset: manifest.docs_len,
+                reason: format!(
+                    "segment holds {} rows, manifest says {}",
+                    state.rows.len(),
+                    manifest.rows
+                ),
+            });
+        }
+
+        let docs_reader = docs.reader()?;
+        let mut writer = Writer {
+            wal: None,
+            docs,
+            vectors,
+            last_seq: manifest.applied_seq,
+            manifest,
+        };
+        let mut replayed = 0usize;
+        wal::replay(dir, writer.manifest.applied_seq, |batch| {
+            replayed += 1;
+            apply(&mut writer, &mut state, batch)
+        })?;
+
+        if let Some(meta) = writer.manifest.serving.clone() {
+            state.serving = Some(Arc::new(load_generation(dir, &meta)?));
+        }
+        checkpoint(dir, &mut writer)?;
+        tracing::info!(
+            dir = %dir.display(),
+            rows = state.rows.len(),
+            live = state.ids.len(),
+            replayed_batches = replayed,
+            generation = writer.manifest.serving.as_ref().map(|g| g.id),
+            took_ms = started.elapsed().as_millis() as u64,
+            "shard opened"
+        );
+        Ok(Self {
+            inner: Arc::new(Inner {
+                dir: dir.to_owned(),
+                config,
+                writer: Mutex::new(writer),
+                state: RwLock::new(state),
+                docs: docs_reader,
+                building: Mutex::new(None),
+                poisoned: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &CollectionConfig {
+        &self.inner.config
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Inserts or replaces documents; durable when this returns.
+    pub fn upsert(&self, docs: Vec<Document>) -> Result<WriteAck> {
+        self.write(docs.into_iter().map(WriteOp::Upsert).collect())
+    }
+
+    pub fn delete(&self, ids: Vec<String>) -> Result<WriteAck> {
+        self.write(ids.into_iter().map(WriteOp::Delete).collect())
+    }
+
+    /// Applies a batch atomically: every op is validated first, then the batch is
+    /// logged with one fsync and made visible to readers at once.
+    pub fn write(&self, ops: Vec<WriteOp>) -> Result<WriteAck> {
+        let cfg = &self.inner.config;
+        let mut logged = Vec::with_capacity(ops.len());
+        for op in ops {
+            logged.push(match op {
+                WriteOp::Upsert(d) => {
+                    validate_document(cfg, &d)?;
+                    WalOp::Upsert {
+                        metadata: d.metadata.to_string(),
+                        id: d.id,
+                        text: d.text,
+                        vector: d.vector,
+                    }
+                }
+                WriteOp::Delete(id) => {
+                    validate_id(&id)?;
+                    WalOp::Delete { id }
+                }
+            });
+        }
+        if self.inner.poisoned.load(Ordering::Acquire) {
+            return Err(ShardError::Poisoned(self.inner.dir.clone()));
+        }
+        let mut w = self.inner.writer.lock();
+        let batch = WalBatch {
+            seq: w.last_seq + 1,
+            ops: logged,
+        };
+        let result = (|| {
+            w.wal.as_mut().expect("open shard has a log").append(&batch)?;
+            let seq = batch.seq;
+            let mut staged = Staged::default();
+            stage(&mut w, &batch, &mut staged)?;
+            let (upserted, deleted) = publish(&mut self.inner.state.write(), &w, staged);
+            w.last_seq = seq;
+            if w.wal.as_ref().is_some_and(|l| l.bytes() > WAL_CHECKPOINT_BYTES) {
+                checkpoint(&self.inner.dir, &mut w)?;
+            }
+            Ok(WriteAck {
+                seq,
+                upserted,
+                deleted,
+            })
+        })();
+        if let Err(e) = &result {
+            // The log may hold a half-written frame or the segments a half-applied batch:
+            // refuse further writes until a reopen replays the log into a clean state.
+            tracing::error!(dir = %self.inner.dir.display(), error = %e, "write failed, shard poisoned");
+            self.inner.poisoned.store(true, Ordering::Release);
+        }
+        drop(w);
+        if result.is_ok() {
+            self.maybe_auto_rebuild();
+        }
+        result
+    }
+
+    /// Reads one live document back from the segment.
+    pub fn get(&self, id: &str) -> Result<Option<StoredDocument>> {
+        let (offset, row, view) = {
+            let st = self.inner.state.read();
+            let Some(&row) = st.ids.get(id) else {
+                return Ok(None);
+            };
+            (st.rows[row as usize].doc_offset, row, st.vectors.clone())
+        };
+        match self.inner.docs.read_at(offset)? {
+            SegmentEntry::Put {
+                id,
+                text,
+                metadata,
+                seq,
+                ..
+            } => Ok(Some(StoredDocument {
+                id,
+                text,
+                metadata: serde_json::from_str(&metadata).map_err(|e| ShardError::Corrupt {
+                    file: self.inner.dir.join(DOCS_FILE),
+                    offset,
+                    reason: format!("metadata is not json: {e}"),
+                })?,
+                vector: view.get(row).to_vec(),
+                seq,
+            })),
+            SegmentEntry::Delete { .. } => Err(ShardError::Corrupt {
+                file: self.inner.dir.join(DOCS_FILE),
+                offset,
+                reason: "row points at a delete record".into(),
+            }),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.state.read().ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Searches the shard; see [`SearchMode`].
+    pub fn search(&self, query: &[f32], p: SearchParams) -> Result<SearchResult> {
+        let cfg = &self.inner.config;
+        validate_vector(cfg, query).map_err(ShardError::InvalidQuery)?;
+        if p.k == 0 || p.k > MAX_TOP_K {
+            return Err(ShardError::InvalidQuery(format!(
+                "top_k {} must be between 1 and {MAX_TOP_K}",
+                p.k
+            )));
+        }
+        let refine = p.refine_factor.unwrap_or(cfg.refine_factor);
+        if refine == 0 || refine > MAX_REFINE_FACTOR {
+            return Err(ShardError::InvalidQuery(format!(
+                "refine_factor {refine} must be between 1 and {MAX_REFINE_FACTOR}"
+            )));
+        }
+        let serving = self.inner.state.read().serving.clone();
+        let nlist = serving.as_ref().map_or(cfg.index.nlist, |g| g.info.params.nlist);
+        if let Some(n) = p.nprobe {
+            if n == 0 || n > nlist {
+                return Err(ShardError::InvalidQuery(format!(
+                    "nprobe {n} must be between 1 and nlist {nlist}"
+                )));
+            }
+        }
+        let nprobe = p.nprobe.unwrap_or(cfg.nprobe).min(nlist);
+        let metric = cfg.metric;
+        let mut top = TopK::new(p.k, metric);
+
+        let (generation, covered) = match (&serving, p.mode) {
+            (Some(g), SearchMode::Rerank | SearchMode::Approximate) => {
+                let want = if p.mode == SearchMode::Rerank { p.k * refine } else { p.k };
+                let candidates = g.index.search(query, want, nprobe)?;
+                let st = self.inner.state.read();
+                for (row, approx) in candidates {
+                    if !st.rows[row as usize].live {
+                        continue;
+                    }
+                    let score = match p.mode {
+                        SearchMode::Rerank => metric.score(query, st.vectors.get(row)),
+                        _ => approx,
+                    };
+                    top.push(row, score);
+                }
+                (Some(g.info.id), g.info.covered_rows)
+            }
+            _ => (None, 0),
+        };
+        let st = self.inner.state.read();
+        let total = st.rows.len() as u64;
+        for row in covered..total {
+            if st.rows[row as usize].live {
+                top.push(row, metric.score(query, st.vectors.get(row)));
+            }
+        }
+        let hits = top
+            .into_sorted()
+            .into_iter()
+            .map(|(row, score)| Hit {
+                id: st.rows[row as usize].id.clone(),
+                score,
+            })
+            .collect();
+        Ok(SearchResult {
+            hits,
+            generation,
+            fresh_rows: total - covered,
+        })
+    }
+
+    pub fn stats(&self) -> ShardStats {
+        let st = self.inner.state.read();
+        let serving = st.serving.as_ref().map(|g| g.info.clone());
+        let rows = st.rows.len() as u64;
+        ShardStats {
+            live_docs: st.ids.len(),
+            rows,
+            last_seq: self.inner.writer.lock().last_seq,
+            fresh_rows: rows - serving.as_ref().map_or(0, |g| g.covered_rows),
+            serving,
+            building: *self.inner.building.lock(),
+        }
+    }
+
+    /// Builds a new index generation from the stored vectors and swaps it in, blocking
+    /// the calling thread (use [`Shard::spawn_rebuild`] to run it in the background).
+    /// Reads and writes continue meanwhile; writes during the build are either added
+    /// to the new index before the swap or searched exactly as its fresh tail.
+    pub fn rebuild(&self, params: Option<IvfPqParams>) -> Result<GenerationInfo> {
+        let params = params.unwrap_or(self.inner.config.index);
+        params.validate(self.inner.config.dimension)?;
+        let gen_id = {
+            let mut b = self.inner.building.lock();
+            if let Some(g) = *b {
+                return Err(ShardError::BuildInProgress(g));
+            }
+            let mut w = self.inner.writer.lock();
+            let id = w.manifest.next_generation;
+            w.manifest.next_generation += 1;
+            *b = Some(id);
+            id
+        };
+        let result = self.build_generation(gen_id, params);
+        *self.inner.building.lock() = None;
+        if let Err(e) = &result {
+            tracing::warn!(generation = gen_id, error = %e, "index build failed");
+        }
+        result
+    }
+
+    /// Starts [`Shard::rebuild`] on its own thread.
+    pub fn spawn_rebuild(
+        &self,
+        params: Option<IvfPqParams>,
+    ) -> std::thread::JoinHandle<Result<GenerationInfo>> {
+        let shard = self.clone();
+        std::thread::Builder::new()
+            .name("shoal-index-build".into())
+            .spawn(move || shard.rebuild(params))
+            .expect("spawn build thread")
+    }
+
+    fn maybe_auto_rebuild(&self) {
+        let cfg = &self.inner.config;
+        if cfg.auto_rebuild_tail == 0 || self.inner.building.lock().is_some() {
+            return;
+        }
+        let (fresh, live) = {
+            let st = self.inner.state.read();
+            let covered = st.serving.as_ref().map_or(0, |g| g.info.covered_rows);
+            (st.rows.len() as u64 - covered, st.ids.len())
+        };
+        if fresh as usize >= cfg.auto_rebuild_tail && live >= cfg.index.nlist {
+            tracing::info!(fresh_rows = fresh, "fresh tail over threshold, rebuilding index");
+            drop(self.spawn_rebuild(None));
+        }
+    }
+
+    fn build_generation(&self, gen_id: u64, params: IvfPqParams) -> Result<GenerationInfo> {
+        let started = Instant::now();
+        let cfg = &self.inner.config;
+        let dim = cfg.dimension;
+        set_thread_omp_threads(cfg.build_threads);
+
+        // Snapshot the live rows; rows are immutable, liveness only ever goes away.
+        let (mut covered, live, view) = {
+            let st = self.inner.state.read();
+            let live: Vec<u64> = (0..st.rows.len() as u64)
+                .filter(|&r| st.rows[r as usize].live)
+                .collect();
+            (st.rows.len() as u64, live, st.vectors.clone())
+        };
+        let sample_n = cfg.train_sample.min(live.len());
+        let mut rng = StdRng::seed_from_u64(cfg.seed ^ gen_id);
+        let mut picked: Vec<u64> = rand::seq::index::sample(&mut rng, live.len(), sample_n)
+            .into_iter()
+            .map(|i| live[i])
+            .collect();
+        picked.sort_unstable();
+        let sample = gather(&view, &picked);
+        let mut index = AnnIndex::train(dim, cfg.metric, params, &sample)?;
+        drop(sample);
+        let trained_s = started.elapsed().as_secs_f64();
+        for chunk in live.chunks(BUILD_CHUNK_ROWS) {
+            index.add(&gather(&view, chunk), chunk)?;
+        }
+        // Catch up with writes that landed during the build, so the new generation
+        // starts with a small fresh tail.
+        for _ in 0..4 {
+            let (rows, view) = {
+                let st = self.inner.state.read();
+                let end = st.rows.len() as u64;
+                let rows: Vec<u64> = (covered..end).filter(|&r| st.rows[r as usize].live).collect();
+                covered = end;
+                (rows, st.vectors.clone())
+            };
+            if rows.is_empty() {
+                break;
+            }
+            for chunk in rows.chunks(BUILD_CHUNK_ROWS) {
+                index.add(&gather(&view, chunk), chunk)?;
+            }
+        }
+
+        let file = format!("gen-{gen_id:08}.faiss");
+        let partial = self.inner.dir.join(format!("{file}.partial"));
+        index.write(&partial)?;
+        fs::File::open(&partial)
+            .and_then(|f| f.sync_all())
+            .map_err(ShardError::io(&partial))?;
+        let (crc32, bytes) = storage::file_crc(&partial)?;
+        let final_path = self.inner.dir.join(&file);
+        fs::rename(&partial, &final_path).map_err(ShardError::io(&final_path))?;
+        storage::sync_dir(&self.inner.dir)?;
+
+        let info = GenerationInfo {
+            id: gen_id,
+            covered_rows: covered,
+            indexed_vectors: index.len(),
+            params,
+            index_file_bytes: bytes,
+            build_seconds: started.elapsed().as_secs_f64(),
+        };
+        let meta = GenerationMeta {
+            id: gen_id,
+            covered_rows: covered,
+            file,
+            crc32,
+            bytes,
+            params,
+            build_seconds: info.build_seconds,
+            indexed_vectors: info.indexed_vectors,
+        };
+        // Manifest first, then the in-memory swap: after a crash the manifest names a
+        // complete, checksummed file; readers see either N or N+1, never a mix.
+        let old = {
+            let mut w = self.inner.writer.lock();
+            let old = w.manifest.serving.replace(meta);
+            w.manifest.store(&self.inner.dir)?;
+            let generation = Arc::new(Generation {
+                info: info.clone(),
+                index,
+            });
+            let mut st = self.inner.state.write();
+            st.serving = Some(generation);
+            old
+        };
+        if let Some(old) = old {
+            let path = self.inner.dir.join(&old.file);
+            fs::remove_file(&path).map_err(ShardError::io(&path))?;
+        }
+        tracing::info!(
+            generation = gen_id,
+            vectors = info.indexed_vectors,
+            covered_rows = covered,
+            train_s = trained_s,
+            total_s = info.build_seconds,
+            index_bytes = bytes,
+            "index generation swapped in"
+        );
+        Ok(info)
+    }
+
+    /// Async wrappers: every call that may touch FAISS or the disk runs on tokio's
+    /// blocking pool, never on the async workers.
+    pub async fn search_async(&self, query: Vec<f32>, p: SearchParams) -> Result<SearchResult> {
+        let s = self.clone();
+        run_blocking(move || s.search(&query, p)).await
+    }
+
+    pub async fn write_async(&self, ops: Vec<WriteOp>) -> Result<WriteAck> {
+        let s = self.clone();
+        run_blocking(move || s.write(ops)).await
+    }
+
+    pub async fn rebuild_async(&self, params: Option<IvfPqParams>) -> Result<GenerationInfo> {
+        let s = self.clone();
+        run_blocking(move || s.rebuild(params)).await
+    }
+}
+
+async fn run_blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+fn gather(view: &VectorView, rows: &[u64]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows.len() * view.get(rows[0]).len());
+    for &r in rows {
+        out.extend_from_slice(view.get(r));
+    }
+    out
+}
+
+fn validate_id(id: &str) -> Result<()> {
+    if id.is_empty() {
+        return Err(ShardError::invalid_doc(id, "id is empty"));
+    }
+    if id.len() > MAX_ID_BYTES {
+        return Err(ShardError::invalid_doc(
+            &id[..id.floor_char_boundary(32)],
+            format!("id is {} bytes, the limit is {MAX_ID_BYTES}", id.len()),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_vector(cfg: &CollectionConfig, v: &[f32]) -> std::result::Result<(), String> {
+    if v.len() != cfg.dimension {
+        return Err(format!(
+            "vector has dimension {}, the collection's is {}",
+            v.len(),
+            cfg.dimension
+        ));
+    }
+    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        return Err(format!("vector[{i}] is {}, values must be finite", v[i]));
+    }
+    Ok(())
+}
+
+fn validate_document(cfg: &CollectionConfig, d: &Document) -> Result<()> {
+    validate_id(&d.id)?;
+    validate_vector(cfg, &d.vector).map_err(|r| ShardError::invalid_doc(&d.id, r))?;
+    let size = d.text.as_ref().map_or(0, |t| t.len()) + d.metadata.to_string().len();
+    if size > MAX_DOC_BYTES {
+        return Err(ShardError::invalid_doc(
+            &d.id,
+            format!("text and metadata are {size} bytes, the limit is {MAX_DOC_BYTES}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Segment positions of a batch, written but not yet visible to readers.
+#[derive(Default)]
+struct Staged {
+    ops: Vec<StagedOp>,
+}
+
+enum StagedOp {
+    Put { id: Arc<str>, row: u64, offset: u64 },
+    Delete(String),
+}
+
+fn stage(w: &mut Writer, batch: &WalBatch, staged: &mut Staged) -> Result<()> {
+    for op in &batch.ops {
+        match op {
+            WalOp::Upsert {
+                id,
+                text,
+                metadata,
+                vector,
+            } => {
+                let row = w.vectors.append(vector)?;
+                let offset = w.docs.append(&SegmentEntry::Put {
+                    seq: batch.seq,
+                    row,
+                    id: id.clone(),
+                    text: text.clone(),
+                    metadata: metadata.clone(),
+                    vector_crc: storage::vector_crc(vector),
+                })?;
+                staged.ops.push(StagedOp::Put {
+                    id: Arc::from(id.as_str()),
+                    row,
+                    offset,
+                });
+            }
+            WalOp::Delete { id } => {
+                w.docs.append(&SegmentEntry::Delete {
+                    seq: batch.seq,
+                    id: id.clone(),
+                })?;
+                staged.ops.push(StagedOp::Delete(id.clone()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Makes a staged batch visible; returns (upserted, deleted).
+fn publish(st: &mut State, w: &Writer, staged: Staged) -> (usize, usize) {
+    let (mut up, mut del) = (0, 0);
+    for op in staged.ops {
+        match op {
+            StagedOp::Put { id, row, offset } => {
+                debug_assert_eq!(row as usize, st.rows.len());
+                if let Some(old) = st.ids.insert(id.clone(), row) {
+                    st.rows[old as usize].live = false;
+                }
+                st.rows.push(Row {
+                    id,
+                    doc_offset: offset,
+                    live: true,
+                });
+                up += 1;
+            }
+            StagedOp::Delete(id) => {
+                if let Some(old) = st.ids.remove(id.as_str()) {
+                    st.rows[old as usize].live = false;
+                    del += 1;
+                }
+            }
+        }
+    }
+    st.vectors = w.vectors.view();
+    (up, del)
+}
+
+fn apply(w: &mut Writer, st: &mut State, batch: WalBatch) -> Result<()> {
+    let mut staged = Staged::default();
+    stage(w, &batch, &mut staged)?;
+    publish(st, w, staged);
+    w.last_seq = batch.seq;
+    Ok(())
+}
+
+/// Makes the segments durable, records them in the manifest, restarts the log.
+fn checkpoint(dir: &Path, w: &mut Writer) -> Result<()> {
+    w.docs.sync()?;
+    w.vectors.sync()?;
+    w.manifest.applied_seq = w.last_seq;
+    w.manifest.docs_len = w.docs.len();
+    w.manifest.rows = w.vectors.view().rows();
+    w.manifest.store(dir)?;
+    w.wal = Some(Wal::start(dir, w.last_seq + 1)?);
+    Ok(())
+}
+
+/// Rebuilds the id map from the checkpointed segment, verifying every record and
+/// every vector's checksum.
+fn load_segment(path: &Path, vectors: &VectorStore, st: &mut State) -> Result<()> {
+    let data = fs::read(path).map_err(ShardError::io(path))?;
+    let view = vectors.view();
+    let corrupt = |offset, reason| ShardError::Corrupt {
+        file: path.to_owned(),
+        offset,
+        reason,
+    };
+    let end = record::scan(&data, |offset, payload| {
+        match storage::decode::<SegmentEntry>(payload)? {
+            SegmentEntry::Put {
+                row, id, vector_crc, ..
+            } => {
+                if row != st.rows.len() as u64 || row >= view.rows() {
+                    return Err(format!("row {row} out of order (expected {})", st.rows.len()));
+                }
+                if storage::vector_crc(view.get(row)) != vector_crc {
+                    return Err(format!(
+                        "vector of row {row} ({id:?}) fails its checksum in {} at offset {}",
+                        vectors.path.display(),
+                        row as usize * view.get(row).len() * 4
+                    ));
+                }
+                let id: Arc<str> = Arc::from(id);
+                if let Some(old) = st.ids.insert(id.clone(), row) {
+                    st.rows[old as usize].live = false;
+                }
+                st.rows.push(Row {
+                    id,
+                    doc_offset: offset,
+                    live: true,
+                });
+            }
+            SegmentEntry::Delete { id, .. } => {
+                if let Some(old) = st.ids.remove(id.as_str()) {
+                    st.rows[old as usize].live = false;
+                }
+            }
+        }
+        Ok(())
+    })
+    .map_err(|(off, reason)| corrupt(off, reason))?;
+    match end {
+        record::ScanEnd::Clean => Ok(()),
+        // The checkpointed prefix was fsynced before the manifest named it: any damage
+        // there is corruption, not a torn write.
+        record::ScanEnd::TornTail { offset } => Err(corrupt(offset, "damaged record".into())),
+        record::ScanEnd::Corrupt { offset, reason } => Err(corrupt(offset, reason)),
+    }
+}
+
+fn load_generation(dir: &Path, meta: &GenerationMeta) -> Result<Generation> {
+    let path = dir.join(&meta.file);
+    let (crc, bytes) = storage::file_crc(&path)?;
+    if crc != meta.crc32 || bytes != meta.bytes {
+        return Err(ShardError::Corrupt {
+            file: path,
+            offset: 0,
+            reason: format!(
+                "index file checksum {crc:08x} ({bytes} bytes) does not match the manifest's {:08x} ({} bytes); refusing to load it",
+                meta.crc32, meta.bytes
+            ),
+        });
+    }
+    let index = AnnIndex::read_verified(&path)?;
+    Ok(Generation {
+        info: GenerationInfo {
+            id: meta.id,
+            covered_rows: meta.covered_rows,
+            indexed_vectors: index.len(),
+            params: meta.params,
+            index_file_bytes: meta.bytes,
+            build_seconds: meta.build_seconds,
+        },
+        index,
+    })
+}

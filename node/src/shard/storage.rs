@@ -1,0 +1,288 @@
+//! Segment files and small file-system helpers.
+//!
+//! * `docs.dat`: framed [`SegmentEntry`] records, the durable document store and
+//!   the id → row history (replaying it rebuilds the id map).
+//! * `vectors.f32`: full-precision vectors, row-major, row `r` at `r * dim * 4`,
+//!   read through a shared memory map so re-ranking never holds a second copy in RAM.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use super::error::{Result, ShardError};
+use super::record;
+
+#[cfg(target_endian = "big")]
+compile_error!("vectors.f32 is read in place as little-endian f32: big-endian hosts are unsupported");
+
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    bincode::serde::encode_to_vec(v, bincode::config::standard()).expect("in-memory encode cannot fail")
+}
+
+pub fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, String> {
+    bincode::serde::decode_from_slice(b, bincode::config::standard())
+        .map(|(v, _)| v)
+        .map_err(|e| format!("undecodable record: {e}"))
+}
+
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(ShardError::io(dir))
+}
+
+/// Replaces `path` with `bytes` atomically: write a temp file, fsync, rename, fsync dir.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp).map_err(ShardError::io(&tmp))?;
+    f.write_all(bytes).map_err(ShardError::io(&tmp))?;
+    f.sync_all().map_err(ShardError::io(&tmp))?;
+    fs::rename(&tmp, path).map_err(ShardError::io(path))?;
+    sync_dir(path.parent().expect("file in a dir"))
+}
+
+/// One record of the document segment.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum SegmentEntry {
+    Put {
+        seq: u64,
+        row: u64,
+        id: String,
+        text: Option<String>,
+        metadata: String,
+        /// crc32 of the row's bytes in `vectors.f32`, checked on open.
+        vector_crc: u32,
+    },
+    Delete {
+        seq: u64,
+        id: String,
+    },
+}
+
+/// Append-only document segment.
+pub struct DocsFile {
+    pub path: PathBuf,
+    file: File,
+    len: u64,
+}
+
+impl DocsFile {
+    /// Opens `docs.dat`, keeping only its first `len` bytes (the checkpointed part;
+    /// anything after was applied from the WAL, which will apply it again).
+    pub fn open(path: PathBuf, len: u64) -> Result<Self> {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(ShardError::io(&path))?;
+        let actual = file.metadata().map_err(ShardError::io(&path))?.len();
+        if actual < len {
+            return Err(ShardError::Corrupt {
+                file: path,
+                offset: actual,
+                reason: format!("file is shorter than its checkpointed length {len}"),
+            });
+        }
+        file.set_len(len).map_err(ShardError::io(&path))?;
+        Ok(Self { path, file, len })
+    }
+
+    pub fn append(&mut self, entry: &SegmentEntry) -> Result<u64> {
+        let off = self.len;
+        let frame = record::encode(&encode(entry));
+        self.file.write_all_at(&frame, off).map_err(ShardError::io(&self.path))?;
+        self.len += frame.len() as u64;
+        Ok(off)
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync_data().map_err(ShardError::io(&self.path))
+    }
+
+    /// A second handle for readers (positional reads need no lock).
+    pub fn reader(&self) -> Result<DocsReader> {
+        let file = File::open(&self.path).map_err(ShardError::io(&self.path))?;
+        Ok(DocsReader {
+            path: self.path.clone(),
+            file: Arc::new(file),
+        })
+    }
+}
+
+#[derive(Clone)]
+pub struct DocsReader {
+    path: PathBuf,
+    file: Arc<File>,
+}
+
+impl DocsReader {
+    pub fn read_at(&self, offset: u64) -> Result<SegmentEntry> {
+        let corrupt = |reason| ShardError::Corrupt {
+            file: self.path.clone(),
+            offset,
+            reason,
+        };
+        let mut f = self.file.try_clone().map_err(ShardError::io(&self.path))?;
+        f.seek(SeekFrom::Start(offset)).map_err(ShardError::io(&self.path))?;
+        let payload = record::read_one(&mut std::io::BufReader::new(f)).map_err(corrupt)?;
+        decode(&payload).map_err(corrupt)
+    }
+}
+
+/// A read-only view of the first `rows` vectors; cheap to clone, valid as long as
+/// it lives even while the store grows (a remap makes a new map, old views keep theirs).
+#[derive(Clone)]
+pub struct VectorView {
+    map: Option<Arc<Mmap>>,
+    dim: usize,
+    rows: u64,
+}
+
+impl VectorView {
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    #[inline]
+    pub fn get(&self, row: u64) -> &[f32] {
+        assert!(row < self.rows, "row {row} outside view of {} rows", self.rows);
+        let map = self.map.as_ref().expect("non-empty view has a map");
+        let start = row as usize * self.dim * 4;
+        let bytes = &map[start..start + self.dim * 4];
+        // SAFETY: the map is page aligned and rows are multiples of 4 bytes, so the
+        // pointer is f32-aligned; every bit pattern is a valid f32; rows below
+        // `self.rows` were fully written before this view was published and are never
+        // written again (the store is append-only).
+        unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), self.dim) }
+    }
+}
+
+/// Append-only vector file, grown in chunks and memory-mapped for reads.
+pub struct VectorStore {
+    pub path: PathBuf,
+    file: File,
+    dim: usize,
+    rows: u64,
+    capacity_rows: u64,
+    map: Option<Arc<Mmap>>,
+}
+
+/// Growth step of the file and its map (rows are 1.5 KiB at d = 384: 64 MiB steps).
+const GROW_BYTES: u64 = 64 << 20;
+
+impl VectorStore {
+    /// Opens `vectors.f32` with exactly `rows` committed rows.
+    pub fn open(path: PathBuf, dim: usize, rows: u64) -> Result<Self> {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(ShardError::io(&path))?;
+        let row_bytes = (dim * 4) as u64;
+        let actual = file.metadata().map_err(ShardError::io(&path))?.len();
+        if actual < rows * row_bytes {
+            return Err(ShardError::Corrupt {
+                file: path,
+                offset: actual,
+                reason: format!("file holds fewer than its checkpointed {rows} rows"),
+            });
+        }
+        let mut store = Self {
+            path,
+            file,
+            dim,
+            rows,
+            capacity_rows: 0,
+            map: None,
+        };
+        store.file.set_len(rows * row_bytes).map_err(ShardError::io(&store.path))?;
+        store.grow_to(rows)?;
+        Ok(store)
+    }
+
+    fn row_bytes(&self) -> u64 {
+        (self.dim * 4) as u64
+    }
+
+    fn grow_to(&mut self, rows: u64) -> Result<()> {
+        if rows <= self.capacity_rows && self.map.is_some() {
+            return Ok(());
+        }
+        let step = (GROW_BYTES / self.row_bytes()).max(1);
+        let cap = rows.div_ceil(step).max(1) * step;
+        self.file
+            .set_len(cap * self.row_bytes())
+            .map_err(ShardError::io(&self.path))?;
+        // SAFETY: the file is only ever appended to by this store (single writer under
+        // the shard's writer lock) and never truncated below a published view's rows
+        // while the shard is open.
+        let map = unsafe { Mmap::map(&self.file) }.map_err(ShardError::io(&self.path))?;
+        self.map = Some(Arc::new(map));
+        self.capacity_rows = cap;
+        Ok(())
+    }
+
+    /// Writes the next row; it becomes visible to views taken after this returns.
+    pub fn append(&mut self, v: &[f32]) -> Result<u64> {
+        debug_assert_eq!(v.len(), self.dim);
+        let row = self.rows;
+        self.grow_to(row + 1)?;
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.file
+            .write_all_at(&bytes, row * self.row_bytes())
+            .map_err(ShardError::io(&self.path))?;
+        self.rows += 1;
+        Ok(row)
+    }
+
+    pub fn view(&self) -> VectorView {
+        VectorView {
+            map: self.map.clone(),
+            dim: self.dim,
+            rows: self.rows,
+        }
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync_data().map_err(ShardError::io(&self.path))
+    }
+}
+
+pub fn vector_crc(v: &[f32]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    for x in v {
+        h.update(&x.to_le_bytes());
+    }
+    h.finalize()
+}
+
+/// crc32 of a whole file, streamed.
+pub fn file_crc(path: &Path) -> Result<(u32, u64)> {
+    use std::io::Read;
+    let mut f = File::open(path).map_err(ShardError::io(path))?;
+    let mut h = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let r = f.read(&mut buf).map_err(ShardError::io(path))?;
+        if r == 0 {
+            break;
+        }
+        h.update(&buf[..r]);
+        n += r as u64;
+    }
+    Ok((h.finalize(), n))
+}
