@@ -102,11 +102,11 @@ impl AnnIndex {
     /// Trains a new index on `sample` (row-major, `dim` wide).
     pub fn train(dim: usize, metric: Metric, params: IvfPqParams, sample: &[f32]) -> Result<Self> {
         let n = sample.len() / dim;
-        if n < params.nlist {
-            return Err(ShardError::NotEnoughVectors {
-                have: n,
-                need: params.nlist,
-            });
+        // k-means needs at least one point per centroid, for the coarse lists and for
+        // each PQ codebook.
+        let need = params.nlist.max(1 << params.nbits);
+        if n < need {
+            return Err(ShardError::NotEnoughVectors { have: n, need });
         }
         let mut inner = faiss::index_factory(dim as u32, params.factory_string(), metric.faiss())?;
         inner.train(sample)?;
