@@ -1,1 +1,40 @@
-fn main() {}
+//! shoal benchmark harnesses. Each prints JSON lines and ends with one JSON summary
+//! line; every figure sits next to its reference peer measured in the same run.
+
+mod datasets;
+mod measure;
+mod shard;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "shoal-bench", about = "shoal benchmarks, side by side with their reference peers")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The shard engine next to raw FAISS (IVF-PQ and IVF-PQ + RFlat).
+    Shard(shard::ShardArgs),
+    /// Internal: opens a shard in a fresh process and reports its resident memory.
+    #[command(hide = true)]
+    ShardRss { dir: std::path::PathBuf },
+    #[command(hide = true)]
+    TrainProbe { factory: String, sample: usize },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Shard(args) => shard::run(args),
+        Cmd::ShardRss { dir } => shard::rss_child(&dir),
+        Cmd::TrainProbe { factory, sample } => shard::train_probe(&factory, sample),
+    }
+}

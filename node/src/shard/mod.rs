@@ -554,13 +554,10 @@ impl Shard {
                 .collect();
             (st.rows.len() as u64, live, st.vectors.clone())
         };
-        let sample_n = cfg.train_sample.min(live.len());
-        let mut rng = StdRng::seed_from_u64(cfg.seed ^ gen_id);
-        let mut picked: Vec<u64> = rand::seq::index::sample(&mut rng, live.len(), sample_n)
+        let picked: Vec<u64> = training_sample(cfg.seed, gen_id, live.len(), cfg.train_sample)
             .into_iter()
             .map(|i| live[i])
             .collect();
-        picked.sort_unstable();
         let sample = gather(&view, &picked);
         let mut index = AnnIndex::train(dim, cfg.metric, params, &sample)?;
         drop(sample);
@@ -668,6 +665,16 @@ async fn run_blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 
         Ok(r) => r,
         Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
+}
+
+/// Positions (into the list of live rows, ascending) of the vectors that train
+/// generation `generation`: a seeded sample, so a benchmark peer or a replica given
+/// the same data trains on exactly the same vectors.
+pub fn training_sample(seed: u64, generation: u64, live: usize, sample: usize) -> Vec<usize> {
+    let mut rng = StdRng::seed_from_u64(seed ^ generation);
+    let mut picked = rand::seq::index::sample(&mut rng, live, sample.min(live)).into_vec();
+    picked.sort_unstable();
+    picked
 }
 
 fn gather(view: &VectorView, rows: &[u64]) -> Vec<f32> {
