@@ -1,7 +1,6 @@
 //! shoal benchmark harnesses. Each prints JSON lines and ends with one JSON summary
 //! line; every figure sits next to its reference peer measured in the same run.
 
-mod datasets;
 mod measure;
 mod shard;
 

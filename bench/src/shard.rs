@@ -16,7 +16,7 @@ use shoal_node::shard::{
     SearchMode, SearchParams, Shard,
 };
 
-use crate::datasets::{self, Dataset};
+use shoal_node::datasets::{self, Dataset};
 use crate::measure::{recall_at, rss, run_queries};
 
 const K: usize = 10;
@@ -274,13 +274,15 @@ pub fn run(args: ShardArgs) -> Result<()> {
 
     if !args.no_curve {
         let nlist = cfg.index.nlist;
-        for nprobe in [1usize, 2, 4, 8, 16, 32, 64, 128, 256].into_iter().filter(|&p| p <= nlist) {
+        // The curve uses at most 2,000 queries: 9 points x 3 alternating rounds x 2 sides.
+        let nq_curve = nq.min(2000);
+        for nprobe in [1usize, 2, 4, 8, 16, 32, 64, 128].into_iter().filter(|&p| p <= nlist) {
             set_param(&refine, "nprobe", nprobe as f64)?;
             let p = SearchParams {
                 nprobe: Some(nprobe),
                 ..rerank
             };
-            let (s, f) = compare(&shard, &refine, &ds, nq, 1, p, &gt);
+            let (s, f) = compare(&shard, &refine, &ds, nq_curve, 1, p, &gt[..nq_curve]);
             emit(json!({"section": "curve", "nprobe": nprobe, "threads": 1,
                 "shoal_recall_at_10": s.recall, "shoal_qps": s.qps,
                 "faiss_refine_recall_at_10": f.recall, "faiss_refine_qps": f.qps, "qps_ratio": s.qps / f.qps}));

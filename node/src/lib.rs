@@ -2,3 +2,4 @@
 //! replicates, rebuilds and queries.
 
 pub mod shard;
+pub mod datasets;

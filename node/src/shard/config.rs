@@ -34,8 +34,8 @@ impl Metric {
     #[inline]
     pub fn score(self, q: &[f32], v: &[f32]) -> f32 {
         match self {
-            Metric::L2 => q.iter().zip(v).map(|(a, b)| (a - b) * (a - b)).sum(),
-            Metric::InnerProduct => q.iter().zip(v).map(|(a, b)| a * b).sum(),
+            Metric::L2 => lanes(q, v, |a, b| (a - b) * (a - b)),
+            Metric::InnerProduct => lanes(q, v, |a, b| a * b),
         }
     }
 
@@ -47,6 +47,25 @@ impl Metric {
             Metric::InnerProduct => a > b,
         }
     }
+}
+
+/// Sums `f(q[i], v[i])` over 16 independent accumulators. A plain iterator sum is one
+/// serial chain of float adds (IEEE order forbids reassociation), which LLVM cannot
+/// vectorise: re-scoring 100 candidates at d = 784 was ~10% slower than FAISS's own
+/// refine step until the sum was split into lanes.
+#[inline(always)]
+fn lanes(q: &[f32], v: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    const L: usize = 16;
+    debug_assert_eq!(q.len(), v.len());
+    let mut acc = [0f32; L];
+    let (qc, vc) = (q.chunks_exact(L), v.chunks_exact(L));
+    let tail: f32 = qc.remainder().iter().zip(vc.remainder()).map(|(a, b)| f(*a, *b)).sum();
+    for (a, b) in qc.zip(vc) {
+        for i in 0..L {
+            acc[i] += f(a[i], b[i]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// IVF-PQ parameters: `nlist` inverted lists, PQ with `m` sub-quantizers of `nbits` bits.
@@ -181,6 +200,18 @@ mod tests {
             c.validate().unwrap();
         }
         assert_eq!(CollectionConfig::new(384, Metric::L2).index.m, 48);
+    }
+
+    #[test]
+    fn lane_sums_match_the_naive_sums() {
+        for d in [1, 15, 16, 17, 384, 784] {
+            let q: Vec<f32> = (0..d).map(|i| (i as f32 * 0.37).sin()).collect();
+            let v: Vec<f32> = (0..d).map(|i| (i as f32 * 0.11).cos()).collect();
+            let l2: f64 = q.iter().zip(&v).map(|(a, b)| ((a - b) * (a - b)) as f64).sum();
+            let ip: f64 = q.iter().zip(&v).map(|(a, b)| (a * b) as f64).sum();
+            assert!((Metric::L2.score(&q, &v) as f64 - l2).abs() < 1e-3 * (1.0 + l2));
+            assert!((Metric::InnerProduct.score(&q, &v) as f64 - ip).abs() < 1e-3 * (1.0 + ip.abs()));
+        }
     }
 
     #[test]

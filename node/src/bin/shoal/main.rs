@@ -1,0 +1,51 @@
+//! The `shoal` command. Thin: parses flags and calls library functions.
+
+mod demo;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "shoal", version, about = "shoal: a distributed dense-retrieval cluster")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Shard engine demo on Fashion-MNIST: durable ingest, an IVF-PQ generation,
+    /// generate-rank search checked against exact search, read-your-writes, reopen.
+    Demo {
+        /// Keep the shard here (reopened on the next run) instead of a temp dir.
+        #[arg(long, env = "SHOAL_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// Test images used as queries.
+        #[arg(long, default_value_t = 1000)]
+        queries: usize,
+        /// Where Debian's dataset-fashion-mnist put the IDX files.
+        #[arg(long, default_value = shoal_node::datasets::FASHION_MNIST_DIR)]
+        dataset_dir: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Demo {
+            data_dir,
+            queries,
+            dataset_dir,
+        } => demo::run(&demo::DemoConfig {
+            data_dir,
+            queries,
+            dataset_dir,
+        }),
+    }
+}
