@@ -40,7 +40,7 @@ use wal::{Wal, WalBatch, WalOp};
 /// The log is checkpointed into the segments and restarted past this size.
 const WAL_CHECKPOINT_BYTES: u64 = 64 << 20;
 /// Vectors handed to FAISS per `add` call during a build.
-const BUILD_CHUNK_ROWS: usize = 16_384;
+const BUILD_CHUNK_ROWS: usize = 65_536;
 /// Largest refine factor a query may ask for.
 pub const MAX_REFINE_FACTOR: usize = 1_000;
 
@@ -224,6 +224,18 @@ struct Inner {
     poisoned: AtomicBool,
 }
 
+impl Drop for Inner {
+    /// A clean close folds the log into the segments, so the next open replays nothing.
+    fn drop(&mut self) {
+        if self.poisoned.load(Ordering::Acquire) {
+            return;
+        }
+        if let Err(e) = checkpoint(&self.dir, self.writer.get_mut()) {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "checkpoint on close failed; the log will be replayed");
+        }
+    }
+}
+
 /// A handle to an open shard; clones share it.
 #[derive(Clone)]
 pub struct Shard {
@@ -304,6 +316,13 @@ impl Shard {
             state.serving = Some(Arc::new(load_generation(dir, &meta)?));
         }
         checkpoint(dir, &mut writer)?;
+        // Recovery decoded the log batch by batch; hand those buffers back to the OS so
+        // a node's resident memory is its steady state, not its recovery peak.
+        // SAFETY: glibc's malloc_trim only releases free heap memory.
+        #[cfg(target_env = "gnu")]
+        unsafe {
+            libc::malloc_trim(0);
+        }
         tracing::info!(
             dir = %dir.display(),
             rows = state.rows.len(),
@@ -853,14 +872,15 @@ fn checkpoint(dir: &Path, w: &mut Writer) -> Result<()> {
 /// Rebuilds the id map from the checkpointed segment, verifying every record and
 /// every vector's checksum.
 fn load_segment(path: &Path, vectors: &VectorStore, st: &mut State) -> Result<()> {
-    let data = fs::read(path).map_err(ShardError::io(path))?;
+    let map = storage::map_file(path)?;
+    let data: &[u8] = map.as_deref().unwrap_or_default();
     let view = vectors.view();
     let corrupt = |offset, reason| ShardError::Corrupt {
         file: path.to_owned(),
         offset,
         reason,
     };
-    let end = record::scan(&data, |offset, payload| {
+    let end = record::scan(data, |offset, payload| {
         match storage::decode::<SegmentEntry>(payload)? {
             SegmentEntry::Put {
                 row, id, vector_crc, ..

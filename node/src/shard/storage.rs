@@ -30,6 +30,19 @@ pub fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, String> {
         .map_err(|e| format!("undecodable record: {e}"))
 }
 
+/// Maps a whole file read-only for a sequential scan: recovery reads logs and segments
+/// of any size without copying them onto the heap. `None` for an empty file.
+pub fn map_file(path: &Path) -> Result<Option<Mmap>> {
+    let file = File::open(path).map_err(ShardError::io(path))?;
+    if file.metadata().map_err(ShardError::io(path))?.len() == 0 {
+        return Ok(None);
+    }
+    // SAFETY: the shard owns its directory; nothing writes this file while it is
+    // being opened (the writer is created after recovery).
+    let map = unsafe { Mmap::map(&file) }.map_err(ShardError::io(path))?;
+    Ok(Some(map))
+}
+
 pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())

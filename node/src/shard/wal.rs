@@ -68,9 +68,10 @@ pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
 pub fn replay(dir: &Path, after: u64, mut apply: impl FnMut(WalBatch) -> Result<()>) -> Result<()> {
     let files = list(dir)?;
     for (i, (_, path)) in files.iter().enumerate() {
-        let data = fs::read(path).map_err(ShardError::io(path))?;
+        let map = super::storage::map_file(path)?;
+        let data: &[u8] = map.as_deref().unwrap_or_default();
         let mut apply_err = None;
-        let end = record::scan(&data, |_, payload| {
+        let end = record::scan(data, |_, payload| {
             let batch: WalBatch = decode(payload)?;
             if batch.seq > after {
                 if let Err(e) = apply(batch) {
@@ -91,6 +92,7 @@ pub fn replay(dir: &Path, after: u64, mut apply: impl FnMut(WalBatch) -> Result<
         match end.map_err(|(off, reason)| corrupt(off, reason))? {
             ScanEnd::Clean => {}
             ScanEnd::TornTail { offset } if i + 1 == files.len() => {
+                drop(map);
                 tracing::warn!(file = %path.display(), offset, "cutting torn wal tail");
                 let f = OpenOptions::new().write(true).open(path).map_err(ShardError::io(path))?;
                 f.set_len(offset).map_err(ShardError::io(path))?;
