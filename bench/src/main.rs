@@ -7,7 +7,10 @@ mod shard;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "shoal-bench", about = "shoal benchmarks, side by side with their reference peers")]
+#[command(
+    name = "shoal-bench",
+    about = "shoal benchmarks, side by side with their reference peers"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -14,7 +14,12 @@ pub fn run_queries<R: Send>(
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let f = &f;
-                s.spawn(move || (t..nq).step_by(threads).map(|i| (i, f(i))).collect::<Vec<_>>())
+                s.spawn(move || {
+                    (t..nq)
+                        .step_by(threads)
+                        .map(|i| (i, f(i)))
+                        .collect::<Vec<_>>()
+                })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -30,7 +35,12 @@ pub fn recall_at(k: usize, got: &[Vec<i64>], truth: &[Vec<i64>]) -> f64 {
     let hits: usize = got
         .iter()
         .zip(truth)
-        .map(|(g, t)| g.iter().take(k).filter(|id| t[..k.min(t.len())].contains(id)).count())
+        .map(|(g, t)| {
+            g.iter()
+                .take(k)
+                .filter(|id| t[..k.min(t.len())].contains(id))
+                .count()
+        })
         .sum();
     hits as f64 / (k * truth.len()) as f64
 }

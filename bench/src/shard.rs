@@ -12,12 +12,12 @@ use faiss::index::IndexImpl;
 use faiss::Index;
 use serde_json::json;
 use shoal_node::shard::{
-    search_shared, set_thread_omp_threads, training_sample, CollectionConfig, Document,
-    SearchMode, SearchParams, Shard,
+    search_shared, set_thread_omp_threads, training_sample, CollectionConfig, Document, SearchMode,
+    SearchParams, Shard,
 };
 
-use shoal_node::datasets::{self, Dataset};
 use crate::measure::{recall_at, rss, run_queries};
+use shoal_node::datasets::{self, Dataset};
 
 const K: usize = 10;
 
@@ -66,7 +66,10 @@ fn ground_truth(ds: &Dataset, nq: usize) -> Result<Vec<Vec<i64>>> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     set_thread_omp_threads(threads);
     let r = flat.search(&ds.queries[..nq * ds.dim], K)?;
-    eprintln!("ground truth: {nq} queries in {:.1}s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "ground truth: {nq} queries in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(r.labels
         .chunks(K)
         .map(|c| c.iter().map(|l| l.get().map_or(-1, |v| v as i64)).collect())
@@ -87,7 +90,12 @@ impl MetricExt for Dataset {
 
 /// Builds a raw FAISS index from `factory` exactly as the shard does: same sample,
 /// same OpenMP threads, vectors added with their row numbers as ids.
-fn build_peer(ds: &Dataset, factory: &str, sample_rows: &[usize], threads: usize) -> Result<(IndexImpl, f64)> {
+fn build_peer(
+    ds: &Dataset,
+    factory: &str,
+    sample_rows: &[usize],
+    threads: usize,
+) -> Result<(IndexImpl, f64)> {
     set_thread_omp_threads(threads);
     let started = Instant::now();
     let mut sample = Vec::with_capacity(sample_rows.len() * ds.dim);
@@ -115,9 +123,18 @@ struct Run {
     recall: f64,
 }
 
-fn shoal_run(shard: &Shard, ds: &Dataset, nq: usize, threads: usize, p: SearchParams, gt: &[Vec<i64>]) -> Run {
+fn shoal_run(
+    shard: &Shard,
+    ds: &Dataset,
+    nq: usize,
+    threads: usize,
+    p: SearchParams,
+    gt: &[Vec<i64>],
+) -> Run {
     // Warm-up pass over a slice of the queries, then the timed pass.
-    run_queries(nq.min(200), threads, |i| shard.search(ds.query(i), p).unwrap());
+    run_queries(nq.min(200), threads, |i| {
+        shard.search(ds.query(i), p).unwrap()
+    });
     let (res, qps) = run_queries(nq, threads, |i| {
         shard
             .search(ds.query(i), p)
@@ -138,8 +155,12 @@ fn shoal_run(shard: &Shard, ds: &Dataset, nq: usize, threads: usize, p: SearchPa
 }
 
 fn faiss_run(index: &IndexImpl, ds: &Dataset, nq: usize, threads: usize, gt: &[Vec<i64>]) -> Run {
-    run_queries(nq.min(200), threads, |i| search_shared(index, ds.query(i), K, None).unwrap());
-    let (res, qps) = run_queries(nq, threads, |i| search_shared(index, ds.query(i), K, None).unwrap().1);
+    run_queries(nq.min(200), threads, |i| {
+        search_shared(index, ds.query(i), K, None).unwrap()
+    });
+    let (res, qps) = run_queries(nq, threads, |i| {
+        search_shared(index, ds.query(i), K, None).unwrap().1
+    });
     let got: Vec<Vec<i64>> = res
         .iter()
         .map(|l| l.iter().map(|x| x.get().map_or(-1, |v| v as i64)).collect())
@@ -182,10 +203,12 @@ fn compare(
 
 pub fn run(args: ShardArgs) -> Result<()> {
     let ds = match args.dataset {
-        DatasetName::FashionMnist => datasets::fashion_mnist(Path::new(datasets::FASHION_MNIST_DIR))?,
+        DatasetName::FashionMnist => {
+            datasets::fashion_mnist(Path::new(datasets::FASHION_MNIST_DIR))?
+        }
         DatasetName::Synthetic => datasets::synthetic(args.n, 10_000, 384, 42),
     };
-    let n = ds.len();
+    let n = ds.n_base();
     let nq = args.queries.unwrap_or(ds.n_queries()).min(ds.n_queries());
     let mut cfg = CollectionConfig::new(ds.dim, ds.metric);
     if let Some(v) = args.nlist {
@@ -206,9 +229,11 @@ pub fn run(args: ShardArgs) -> Result<()> {
     cfg.auto_rebuild_tail = 0;
     cfg.validate()?;
     let threads = cfg.build_threads;
-    emit(json!({"section": "setup", "dataset": ds.name, "n": n, "dim": ds.dim, "queries": nq,
+    emit(
+        json!({"section": "setup", "dataset": ds.name, "n": n, "dim": ds.dim, "queries": nq,
         "metric": format!("{:?}", ds.metric), "index": cfg.index.factory_string(), "nprobe": cfg.nprobe,
-        "refine_factor": cfg.refine_factor, "train_sample": cfg.train_sample.min(n), "build_threads": threads}));
+        "refine_factor": cfg.refine_factor, "train_sample": cfg.train_sample.min(n), "build_threads": threads}),
+    );
 
     let gt = ground_truth(&ds, nq)?;
 
@@ -238,12 +263,15 @@ pub fn run(args: ShardArgs) -> Result<()> {
     let sample_rows = training_sample(cfg.seed, info.id, n, cfg.train_sample);
     let factory = cfg.index.factory_string();
     let (ivfpq, faiss_build_s) = build_peer(&ds, &factory, &sample_rows, threads)?;
-    let (refine, faiss_refine_build_s) = build_peer(&ds, &format!("{factory},RFlat"), &sample_rows, threads)?;
+    let (refine, faiss_refine_build_s) =
+        build_peer(&ds, &format!("{factory},RFlat"), &sample_rows, threads)?;
     set_param(&refine, "k_factor_rf", cfg.refine_factor as f64)?;
-    emit(json!({"section": "build", "shoal_ingest_docs_per_s": n as f64 / ingest_s,
+    emit(
+        json!({"section": "build", "shoal_ingest_docs_per_s": n as f64 / ingest_s,
         "shoal_build_s": shoal_build_s, "faiss_ivfpq_build_s": faiss_build_s,
         "faiss_refine_build_s": faiss_refine_build_s, "build_time_ratio": shoal_build_s / faiss_build_s,
-        "index_file_bytes": info.index_file_bytes}));
+        "index_file_bytes": info.index_file_bytes}),
+    );
 
     let approx = SearchParams {
         mode: SearchMode::Approximate,
@@ -258,14 +286,18 @@ pub fn run(args: ShardArgs) -> Result<()> {
         set_param(&refine, "nprobe", cfg.nprobe as f64)?;
         let (s, f) = compare(&shard, &ivfpq, &ds, nq, t, approx, &gt);
         ratios_ivfpq.push(s.qps / f.qps);
-        emit(json!({"section": "search", "mode": "ivfpq", "threads": t, "nprobe": cfg.nprobe,
+        emit(
+            json!({"section": "search", "mode": "ivfpq", "threads": t, "nprobe": cfg.nprobe,
             "shoal_qps": s.qps, "faiss_qps": f.qps, "qps_ratio": s.qps / f.qps,
-            "shoal_recall_at_10": s.recall, "faiss_recall_at_10": f.recall}));
+            "shoal_recall_at_10": s.recall, "faiss_recall_at_10": f.recall}),
+        );
         let (s, f) = compare(&shard, &refine, &ds, nq, t, rerank, &gt);
         ratios_refine.push(s.qps / f.qps);
-        emit(json!({"section": "search", "mode": "generate_rank", "threads": t, "nprobe": cfg.nprobe,
+        emit(
+            json!({"section": "search", "mode": "generate_rank", "threads": t, "nprobe": cfg.nprobe,
             "refine_factor": cfg.refine_factor, "shoal_qps": s.qps, "faiss_refine_qps": f.qps,
-            "qps_ratio": s.qps / f.qps, "shoal_recall_at_10": s.recall, "faiss_refine_recall_at_10": f.recall}));
+            "qps_ratio": s.qps / f.qps, "shoal_recall_at_10": s.recall, "faiss_refine_recall_at_10": f.recall}),
+        );
         if t == 1 {
             summary.insert("recall_at_10".into(), json!(s.recall));
             summary.insert("faiss_refine_recall_at_10".into(), json!(f.recall));
@@ -276,7 +308,10 @@ pub fn run(args: ShardArgs) -> Result<()> {
         let nlist = cfg.index.nlist;
         // The curve uses at most 2,000 queries: 9 points x 3 alternating rounds x 2 sides.
         let nq_curve = nq.min(2000);
-        for nprobe in [1usize, 2, 4, 8, 16, 32, 64, 128].into_iter().filter(|&p| p <= nlist) {
+        for nprobe in [1usize, 2, 4, 8, 16, 32, 64, 128]
+            .into_iter()
+            .filter(|&p| p <= nlist)
+        {
             set_param(&refine, "nprobe", nprobe as f64)?;
             let p = SearchParams {
                 nprobe: Some(nprobe),
@@ -295,14 +330,20 @@ pub fn run(args: ShardArgs) -> Result<()> {
         .arg("shard-rss")
         .arg(work.path())
         .output()?;
-    anyhow::ensure!(out.status.success(), "shard-rss failed: {}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "shard-rss failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mem: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let anon = mem["anon_bytes_added"].as_f64().unwrap_or(0.0);
-    emit(json!({"section": "memory", "shoal_resident_anon_bytes_per_vector": anon / n as f64,
+    emit(
+        json!({"section": "memory", "shoal_resident_anon_bytes_per_vector": anon / n as f64,
         "shoal_index_file_bytes_per_vector": info.index_file_bytes as f64 / n as f64,
         "pq_code_bytes": cfg.index.code_bytes(), "full_vector_bytes": ds.dim * 4,
         "faiss_refine_bytes_per_vector_est": (cfg.index.code_bytes() + 8 + ds.dim * 4) as f64,
-        "shoal_resident_file_bytes": mem["file_bytes"]}));
+        "shoal_resident_file_bytes": mem["file_bytes"]}),
+    );
 
     let min = |v: &[f64]| v.iter().cloned().fold(f64::INFINITY, f64::min);
     summary.insert("bench".into(), json!("shard"));
@@ -312,7 +353,10 @@ pub fn run(args: ShardArgs) -> Result<()> {
     summary.insert("qps_ratio_refine".into(), json!(min(&ratios_refine)));
     summary.insert("qps_ratio_ivfpq_by_threads".into(), json!(ratios_ivfpq));
     summary.insert("qps_ratio_refine_by_threads".into(), json!(ratios_refine));
-    summary.insert("build_time_ratio".into(), json!(shoal_build_s / faiss_build_s));
+    summary.insert(
+        "build_time_ratio".into(),
+        json!(shoal_build_s / faiss_build_s),
+    );
     summary.insert("resident_bytes_per_vector".into(), json!(anon / n as f64));
     emit(serde_json::Value::Object(summary));
     Ok(())
@@ -328,14 +372,17 @@ pub fn rss_child(dir: &Path) -> Result<()> {
         shard.search(&q, SearchParams::top(K))?;
     }
     let (anon1, file1) = rss();
-    println!("{}", json!({"anon_bytes_added": anon1.saturating_sub(anon0), "file_bytes": file1, "live": shard.len()}));
+    println!(
+        "{}",
+        json!({"anon_bytes_added": anon1.saturating_sub(anon0), "file_bytes": file1, "live": shard.len()})
+    );
     Ok(())
 }
 
 /// Internal: times one FAISS training run (used to choose build settings).
 pub fn train_probe(factory: &str, sample: usize) -> Result<()> {
     let ds = datasets::fashion_mnist(Path::new(datasets::FASHION_MNIST_DIR))?;
-    let rows = training_sample(1, 1, ds.len(), sample);
+    let rows = training_sample(1, 1, ds.n_base(), sample);
     build_peer(&ds, factory, &rows, 2)?;
     Ok(())
 }

@@ -32,7 +32,7 @@ pub struct Dataset {
 }
 
 impl Dataset {
-    pub fn len(&self) -> usize {
+    pub fn n_base(&self) -> usize {
         self.base.len() / self.dim
     }
     pub fn n_queries(&self) -> usize {
@@ -51,8 +51,16 @@ pub const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
 
 /// Fashion-MNIST's ten classes, by label number.
 pub const FASHION_MNIST_CLASSES: [&str; 10] = [
-    "t-shirt/top", "trouser", "pullover", "dress", "coat",
-    "sandal", "shirt", "sneaker", "bag", "ankle boot",
+    "t-shirt/top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
 ];
 
 fn read_gz(path: &Path) -> Result<Vec<u8>> {
@@ -76,7 +84,10 @@ fn be_word(bytes: &[u8], i: usize) -> usize {
 fn read_idx_images(path: &Path) -> Result<(usize, usize, Vec<f32>)> {
     let bytes = read_gz(path)?;
     if bytes.len() < 16 || be_word(&bytes, 0) != 0x0803 {
-        return bail(format!("{} is not an idx3-ubyte image file", path.display()));
+        return bail(format!(
+            "{} is not an idx3-ubyte image file",
+            path.display()
+        ));
     }
     let (n, rows, cols) = (be_word(&bytes, 4), be_word(&bytes, 8), be_word(&bytes, 12));
     let dim = rows * cols;
@@ -95,7 +106,10 @@ fn read_idx_images(path: &Path) -> Result<(usize, usize, Vec<f32>)> {
 fn read_idx_labels(path: &Path, n: usize) -> Result<Vec<&'static str>> {
     let bytes = read_gz(path)?;
     if bytes.len() != 8 + n || be_word(&bytes, 0) != 0x0801 {
-        return bail(format!("{} is not an idx1-ubyte file of {n} labels", path.display()));
+        return bail(format!(
+            "{} is not an idx1-ubyte file of {n} labels",
+            path.display()
+        ));
     }
     bytes[8..]
         .iter()
@@ -103,7 +117,9 @@ fn read_idx_labels(path: &Path, n: usize) -> Result<Vec<&'static str>> {
             FASHION_MNIST_CLASSES
                 .get(l as usize)
                 .copied()
-                .ok_or_else(|| DatasetError(format!("label {l} out of range in {}", path.display())))
+                .ok_or_else(|| {
+                    DatasetError(format!("label {l} out of range in {}", path.display()))
+                })
         })
         .collect()
 }
@@ -136,7 +152,12 @@ fn gaussian(rng: &mut StdRng) -> f32 {
 }
 
 fn normalise(v: &mut [f32]) {
-    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
+    let n = v
+        .iter()
+        .map(|x| x * x)
+        .sum::<f32>()
+        .sqrt()
+        .max(f32::MIN_POSITIVE);
     v.iter_mut().for_each(|x| *x /= n);
 }
 

@@ -1,5 +1,5 @@
 //! shoal worker node. For now: the shard engine, the unit the coordinator places,
 //! replicates, rebuilds and queries.
 
-pub mod shard;
 pub mod datasets;
+pub mod shard;

@@ -39,7 +39,8 @@ fn mix(mut z: u64) -> u64 {
 }
 
 fn hash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| mix(h ^ b as u64))
+    s.bytes()
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| mix(h ^ b as u64))
 }
 
 /// A clustered vector derived from `key`: 32 cluster centres plus noise.
@@ -101,7 +102,10 @@ fn t10_upsert_replace_delete_and_reopen() {
         let got = s.get("d7").unwrap().unwrap();
         assert_eq!(got.vector, replaced.vector);
         assert_eq!(got.metadata, json!({ "version": 2 }));
-        assert_eq!(s.get("d8").unwrap().unwrap().text.as_deref(), Some("text of d8"));
+        assert_eq!(
+            s.get("d8").unwrap().unwrap().text.as_deref(),
+            Some("text of d8")
+        );
         let hits = s.search(&vector_for("d7"), exact(50)).unwrap().hits;
         assert_eq!(hits.len(), 49);
         assert!(hits.iter().all(|h| &*h.id != "d3"));
@@ -115,8 +119,16 @@ fn t10_upsert_replace_delete_and_reopen() {
     check(&shard);
 
     // The same through an index generation, and after another reopen.
-    shard.rebuild(Some(IvfPqParams { nlist: 4, m: 8, nbits: 4 })).unwrap();
-    let r = shard.search(&vector_for("other"), SearchParams::top(3)).unwrap();
+    shard
+        .rebuild(Some(IvfPqParams {
+            nlist: 4,
+            m: 8,
+            nbits: 4,
+        }))
+        .unwrap();
+    let r = shard
+        .search(&vector_for("other"), SearchParams::top(3))
+        .unwrap();
     assert_eq!(r.generation, Some(1));
     assert_eq!(&*r.hits[0].id, "d7");
     drop(shard);
@@ -128,7 +140,10 @@ fn t11_bad_input_is_refused_with_a_clear_error_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut bad_cfg = config(Metric::L2);
     bad_cfg.index.m = 7;
-    let e = Shard::create(dir.path(), bad_cfg).err().unwrap().to_string();
+    let e = Shard::create(dir.path(), bad_cfg)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("pq m = 7 must divide the dimension 32"), "{e}");
 
     let shard = Shard::create(dir.path(), config(Metric::InnerProduct)).unwrap();
@@ -154,7 +169,10 @@ fn t11_bad_input_is_refused_with_a_clear_error_and_writes_nothing() {
     ];
     for (bad, expect) in cases {
         // A good document before the bad one: the batch must be refused whole.
-        let batch = vec![WriteOp::Upsert(doc("good-in-bad-batch")), WriteOp::Upsert(bad)];
+        let batch = vec![
+            WriteOp::Upsert(doc("good-in-bad-batch")),
+            WriteOp::Upsert(bad),
+        ];
         let e = shard.write(batch).unwrap_err();
         assert!(matches!(e, ShardError::InvalidDocument { .. }), "{e:?}");
         assert!(e.to_string().contains(expect), "{e} lacks {expect}");
@@ -176,10 +194,34 @@ fn t11_bad_input_is_refused_with_a_clear_error_and_writes_nothing() {
     let mut nanq = q.clone();
     nanq[1] = f32::NAN;
     assert!(query_err(SearchParams::top(5), &nanq).contains("vector[1] is NaN"));
-    let e = shard.rebuild(Some(IvfPqParams { nlist: 8, m: 5, nbits: 8 })).unwrap_err();
-    assert!(e.to_string().contains("must divide the dimension 32"), "{e}");
-    let e = shard.rebuild(Some(IvfPqParams { nlist: 64, m: 8, nbits: 8 })).unwrap_err();
-    assert!(matches!(e, ShardError::NotEnoughVectors { have: 20, need: 256 }), "{e}");
+    let e = shard
+        .rebuild(Some(IvfPqParams {
+            nlist: 8,
+            m: 5,
+            nbits: 8,
+        }))
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("must divide the dimension 32"),
+        "{e}"
+    );
+    let e = shard
+        .rebuild(Some(IvfPqParams {
+            nlist: 64,
+            m: 8,
+            nbits: 8,
+        }))
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ShardError::NotEnoughVectors {
+                have: 20,
+                need: 256
+            }
+        ),
+        "{e}"
+    );
 }
 
 fn recall(shard: &Shard, queries: &[Vec<f32>], p: SearchParams) -> f64 {
@@ -187,7 +229,10 @@ fn recall(shard: &Shard, queries: &[Vec<f32>], p: SearchParams) -> f64 {
     for q in queries {
         let truth: Vec<_> = shard.search(q, exact(p.k)).unwrap().hits;
         let got = shard.search(q, p).unwrap().hits;
-        hit += got.iter().filter(|h| truth.iter().any(|t| t.id == h.id)).count();
+        hit += got
+            .iter()
+            .filter(|h| truth.iter().any(|t| t.id == h.id))
+            .count();
     }
     hit as f64 / (queries.len() * p.k) as f64
 }
@@ -201,7 +246,10 @@ fn t20_generate_rank_search_and_read_your_writes() {
             shard.upsert(chunk.to_vec()).unwrap();
         }
         let info = shard.rebuild(None).unwrap();
-        assert_eq!((info.id, info.indexed_vectors, info.covered_rows), (1, 6000, 6000));
+        assert_eq!(
+            (info.id, info.indexed_vectors, info.covered_rows),
+            (1, 6000, 6000)
+        );
         let queries: Vec<_> = (0..50).map(|i| vector_for(&format!("query{i}"))).collect();
         let rerank = recall(&shard, &queries, SearchParams::top(10));
         let approx = recall(
@@ -213,7 +261,10 @@ fn t20_generate_rank_search_and_read_your_writes() {
             },
         );
         assert!(rerank >= 0.9, "{metric:?} rerank recall {rerank}");
-        assert!(rerank >= approx, "{metric:?}: rerank {rerank} < approx {approx}");
+        assert!(
+            rerank >= approx,
+            "{metric:?}: rerank {rerank} < approx {approx}"
+        );
         // Exact scores come back with re-ranking.
         let q = &queries[0];
         let r = shard.search(q, SearchParams::top(5)).unwrap();
@@ -230,7 +281,9 @@ fn t20_generate_rank_search_and_read_your_writes() {
         let scale = if metric == Metric::L2 { 1.0 } else { 10.0 };
         fresh.vector = vector_for("query0").iter().map(|x| x * scale).collect();
         shard.upsert(vec![fresh]).unwrap();
-        let r = shard.search(&vector_for("query0"), SearchParams::top(1)).unwrap();
+        let r = shard
+            .search(&vector_for("query0"), SearchParams::top(1))
+            .unwrap();
         assert_eq!((&*r.hits[0].id, r.fresh_rows), ("fresh", 1));
         // Deleted and replaced rows inside the index are never returned.
         let victim = r.hits[0].id.to_string();
@@ -289,7 +342,11 @@ fn t30_rebuild_while_searching_and_writing() {
     };
     let builds: Vec<_> = (0..3)
         .map(|_| {
-            let h = shard.spawn_rebuild(Some(IvfPqParams { nlist: 32, m: 16, nbits: 8 }));
+            let h = shard.spawn_rebuild(Some(IvfPqParams {
+                nlist: 32,
+                m: 16,
+                nbits: 8,
+            }));
             let info = h.join().unwrap().unwrap();
             std::thread::sleep(Duration::from_millis(50));
             info
@@ -300,13 +357,21 @@ fn t30_rebuild_while_searching_and_writing() {
         t.join().unwrap();
     }
     writer.join().unwrap();
-    assert_eq!(builds.iter().map(|b| b.id).collect::<Vec<_>>(), vec![2, 3, 4]);
-    assert!(builds.windows(2).all(|w| w[1].covered_rows >= w[0].covered_rows));
+    assert_eq!(
+        builds.iter().map(|b| b.id).collect::<Vec<_>>(),
+        vec![2, 3, 4]
+    );
+    assert!(builds
+        .windows(2)
+        .all(|w| w[1].covered_rows >= w[0].covered_rows));
     let acked = acked.lock().unwrap().clone();
     assert!(!acked.is_empty() && searches.load(Ordering::Relaxed) > 0);
     let check = |s: &Shard| {
         assert_eq!(s.len(), 8000 + acked.len());
-        for id in acked.iter().chain(["base0".to_string(), "base7999".to_string()].iter()) {
+        for id in acked
+            .iter()
+            .chain(["base0".to_string(), "base7999".to_string()].iter())
+        {
             assert_eq!(s.get(id).unwrap().unwrap().vector, vector_for(id), "{id}");
         }
         assert_eq!(s.stats().serving.unwrap().id, 4);
@@ -350,11 +415,23 @@ fn t40_corrupt_index_file_is_refused_before_faiss_reads_it() {
     let e = Shard::open(dir.path()).err().unwrap();
     let msg = e.to_string();
     assert!(matches!(e, ShardError::Corrupt { .. }), "{msg}");
-    assert!(msg.contains("gen-00000001.faiss") && msg.contains("checksum"), "{msg}");
+    assert!(
+        msg.contains("gen-00000001.faiss") && msg.contains("checksum"),
+        "{msg}"
+    );
     // Truncation too.
     flip_byte(&index, len / 2);
-    fs::OpenOptions::new().write(true).open(&index).unwrap().set_len(len - 10).unwrap();
-    assert!(Shard::open(dir.path()).err().unwrap().to_string().contains("checksum"));
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&index)
+        .unwrap()
+        .set_len(len - 10)
+        .unwrap();
+    assert!(Shard::open(dir.path())
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("checksum"));
 }
 
 #[test]
@@ -372,7 +449,10 @@ fn t41_corrupt_segments_name_the_file_and_offset() {
     let vec_path = dir.path().join("vectors.f32");
     flip_byte(&vec_path, 128 * 100 + 3);
     let msg = Shard::open(dir.path()).err().unwrap().to_string();
-    assert!(msg.contains("vector of row 100") && msg.contains("vectors.f32"), "{msg}");
+    assert!(
+        msg.contains("vector of row 100") && msg.contains("vectors.f32"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -430,7 +510,10 @@ fn t42_torn_wal_tail_is_cut_and_mid_log_damage_is_an_error() {
     }
     fs::write(broken.path().join(name), &bad).unwrap();
     let msg = Shard::open(broken.path()).err().unwrap().to_string();
-    assert!(msg.contains(".log at offset") && msg.contains("followed by a valid record"), "{msg}");
+    assert!(
+        msg.contains(".log at offset") && msg.contains("followed by a valid record"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -438,7 +521,11 @@ fn t43_interrupted_build_leaves_the_old_generation_serving() {
     let dir = tempfile::tempdir().unwrap();
     built_shard(dir.path());
     // What a build killed mid-way leaves behind: a partial file and an unreferenced one.
-    fs::write(dir.path().join("gen-00000002.faiss.partial"), b"half an index").unwrap();
+    fs::write(
+        dir.path().join("gen-00000002.faiss.partial"),
+        b"half an index",
+    )
+    .unwrap();
     fs::write(dir.path().join("gen-00000003.faiss"), b"never swapped in").unwrap();
     let s = Shard::open(dir.path()).unwrap();
     assert_eq!(s.stats().serving.unwrap().id, 1);
@@ -479,7 +566,13 @@ fn t50_sigkill_at_random_points_loses_no_acknowledged_write() {
     let started = Instant::now();
     for round in 0..24u64 {
         let mut child = Command::new(&exe)
-            .args(["--exact", "t50_child_writer", "--ignored", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "t50_child_writer",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env("SHOAL_CRASH_DIR", dir.path())
             .env("SHOAL_CRASH_START", next.to_string())
             .stdout(Stdio::piped())
@@ -493,14 +586,19 @@ fn t50_sigkill_at_random_points_loses_no_acknowledged_write() {
                 let Ok(line) = line else { break };
                 // libtest may print its "test ... " prefix on the same line.
                 if let Some(pos) = line.find("ack ") {
-                    if tx.send(line[pos + 4..].trim().parse::<u64>().unwrap()).is_err() {
+                    if tx
+                        .send(line[pos + 4..].trim().parse::<u64>().unwrap())
+                        .is_err()
+                    {
                         break;
                     }
                 }
             }
         });
         // Wait for some progress, then kill at a pseudo-random moment.
-        let first = rx.recv_timeout(Duration::from_secs(60)).expect("child acked nothing");
+        let first = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("child acked nothing");
         std::thread::sleep(Duration::from_millis(mix(round) % 400));
         child.kill().unwrap();
         child.wait().unwrap();
@@ -525,7 +623,10 @@ fn t50_sigkill_at_random_points_loses_no_acknowledged_write() {
         }
         // The batch in flight at the kill is whole or absent; nothing after it exists.
         let in_flight = crash_batch(last + 1);
-        let present = in_flight.iter().filter(|d| shard.get(&d.id).unwrap().is_some()).count();
+        let present = in_flight
+            .iter()
+            .filter(|d| shard.get(&d.id).unwrap().is_some())
+            .count();
         assert!(
             present == 0 || present == in_flight.len(),
             "round {round}: batch {} is partial ({present}/{})",
@@ -545,7 +646,10 @@ fn t50_sigkill_at_random_points_loses_no_acknowledged_write() {
             panic!("round {round}: {} docs, expected {expected}; unacked batches present: {stray:?}, last {last}", shard.len());
         }
         let probe = &crash_batch(acked[acked.len() / 2])[0];
-        assert_eq!(top_id(&shard, &probe.vector, SearchParams::top(1)), probe.id);
+        assert_eq!(
+            top_id(&shard, &probe.vector, SearchParams::top(1)),
+            probe.id
+        );
         next = last + 2;
     }
     eprintln!(

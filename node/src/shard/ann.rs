@@ -159,7 +159,9 @@ impl AnnIndex {
     }
 
     pub fn write(&self, path: &Path) -> Result<()> {
-        let p = path.to_str().ok_or_else(|| ShardError::Faiss(format!("non-utf8 path {path:?}")))?;
+        let p = path
+            .to_str()
+            .ok_or_else(|| ShardError::Faiss(format!("non-utf8 path {path:?}")))?;
         faiss::write_index(&self.inner, p)?;
         Ok(())
     }
@@ -167,7 +169,9 @@ impl AnnIndex {
     /// Reads an index file. The caller has verified the file's checksum: FAISS may
     /// crash rather than fail on a damaged file.
     pub fn read_verified(path: &Path) -> Result<Self> {
-        let p = path.to_str().ok_or_else(|| ShardError::Faiss(format!("non-utf8 path {path:?}")))?;
+        let p = path
+            .to_str()
+            .ok_or_else(|| ShardError::Faiss(format!("non-utf8 path {path:?}")))?;
         let inner = faiss::read_index(p)?;
         Ok(Self { inner })
     }

@@ -59,7 +59,12 @@ fn lanes(q: &[f32], v: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
     debug_assert_eq!(q.len(), v.len());
     let mut acc = [0f32; L];
     let (qc, vc) = (q.chunks_exact(L), v.chunks_exact(L));
-    let tail: f32 = qc.remainder().iter().zip(vc.remainder()).map(|(a, b)| f(*a, *b)).sum();
+    let tail: f32 = qc
+        .remainder()
+        .iter()
+        .zip(vc.remainder())
+        .map(|(a, b)| f(*a, *b))
+        .sum();
     for (a, b) in qc.zip(vc) {
         for i in 0..L {
             acc[i] += f(a[i], b[i]);
@@ -93,7 +98,7 @@ impl IvfPqParams {
         if self.nlist == 0 {
             return Err(ShardError::InvalidConfig("nlist must be at least 1".into()));
         }
-        if self.m == 0 || dimension % self.m != 0 {
+        if self.m == 0 || !dimension.is_multiple_of(self.m) {
             return Err(ShardError::InvalidConfig(format!(
                 "pq m = {} must divide the dimension {dimension}",
                 self.m
@@ -139,7 +144,7 @@ impl CollectionConfig {
         // point for sentence embeddings; fall back to the largest divisor <= d/8.
         let m = (1..=dimension / 8)
             .rev()
-            .find(|m| dimension % m == 0)
+            .find(|m| dimension.is_multiple_of(*m))
             .unwrap_or(1);
         Self {
             dimension,
@@ -152,7 +157,7 @@ impl CollectionConfig {
             refine_factor: 10,
             nprobe: 32,
             train_sample: 65_536,
-            seed: 0x5140_a1,
+            seed: 0x0051_40a1,
             auto_rebuild_tail: 50_000,
             build_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
@@ -167,7 +172,9 @@ impl CollectionConfig {
         }
         self.index.validate(self.dimension)?;
         if self.refine_factor == 0 {
-            return Err(ShardError::InvalidConfig("refine_factor must be at least 1".into()));
+            return Err(ShardError::InvalidConfig(
+                "refine_factor must be at least 1".into(),
+            ));
         }
         if self.nprobe == 0 || self.nprobe > self.index.nlist {
             return Err(ShardError::InvalidConfig(format!(
@@ -182,7 +189,9 @@ impl CollectionConfig {
             )));
         }
         if self.build_threads == 0 {
-            return Err(ShardError::InvalidConfig("build_threads must be at least 1".into()));
+            return Err(ShardError::InvalidConfig(
+                "build_threads must be at least 1".into(),
+            ));
         }
         Ok(())
     }
@@ -207,10 +216,16 @@ mod tests {
         for d in [1, 15, 16, 17, 384, 784] {
             let q: Vec<f32> = (0..d).map(|i| (i as f32 * 0.37).sin()).collect();
             let v: Vec<f32> = (0..d).map(|i| (i as f32 * 0.11).cos()).collect();
-            let l2: f64 = q.iter().zip(&v).map(|(a, b)| ((a - b) * (a - b)) as f64).sum();
+            let l2: f64 = q
+                .iter()
+                .zip(&v)
+                .map(|(a, b)| ((a - b) * (a - b)) as f64)
+                .sum();
             let ip: f64 = q.iter().zip(&v).map(|(a, b)| (a * b) as f64).sum();
             assert!((Metric::L2.score(&q, &v) as f64 - l2).abs() < 1e-3 * (1.0 + l2));
-            assert!((Metric::InnerProduct.score(&q, &v) as f64 - ip).abs() < 1e-3 * (1.0 + ip.abs()));
+            assert!(
+                (Metric::InnerProduct.score(&q, &v) as f64 - ip).abs() < 1e-3 * (1.0 + ip.abs())
+            );
         }
     }
 
@@ -222,6 +237,10 @@ mod tests {
         assert!(e.contains("must divide the dimension 384"), "{e}");
         let mut c = CollectionConfig::new(384, Metric::InnerProduct);
         c.nprobe = 2000;
-        assert!(c.validate().unwrap_err().to_string().contains("nprobe 2000"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("nprobe 2000"));
     }
 }

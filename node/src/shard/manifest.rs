@@ -91,7 +91,10 @@ impl Manifest {
         let keep = self.serving.as_ref().map(|g| g.file.as_str());
         for entry in fs::read_dir(dir).map_err(ShardError::io(dir))? {
             let path = entry.map_err(ShardError::io(dir))?.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
             let stale_index = name.starts_with("gen-") && Some(name) != keep;
             if stale_index || name.ends_with(".tmp") {
                 tracing::info!(file = %path.display(), "removing leftover of interrupted work");

@@ -181,7 +181,7 @@ impl State {
         if let Some(old) = self.ids.insert(id.clone(), row) {
             self.kill(old);
         }
-        if row % 64 == 0 {
+        if row.is_multiple_of(64) {
             self.live.push(0);
         }
         self.live[(row / 64) as usize] |= 1 << (row % 64);
@@ -393,13 +393,19 @@ impl Shard {
             ops: logged,
         };
         let result = (|| {
-            w.wal.as_mut().expect("open shard has a log").append(&batch)?;
+            w.wal
+                .as_mut()
+                .expect("open shard has a log")
+                .append(&batch)?;
             let seq = batch.seq;
             let mut staged = Staged::default();
             stage(&mut w, &batch, &mut staged)?;
             let (upserted, deleted) = publish(&mut self.inner.state.write(), &w, staged);
             w.last_seq = seq;
-            if w.wal.as_ref().is_some_and(|l| l.bytes() > WAL_CHECKPOINT_BYTES) {
+            if w.wal
+                .as_ref()
+                .is_some_and(|l| l.bytes() > WAL_CHECKPOINT_BYTES)
+            {
                 checkpoint(&self.inner.dir, &mut w)?;
             }
             Ok(WriteAck {
@@ -481,7 +487,9 @@ impl Shard {
             )));
         }
         let serving = self.inner.state.read().serving.clone();
-        let nlist = serving.as_ref().map_or(cfg.index.nlist, |g| g.info.params.nlist);
+        let nlist = serving
+            .as_ref()
+            .map_or(cfg.index.nlist, |g| g.info.params.nlist);
         if let Some(n) = p.nprobe {
             if n == 0 || n > nlist {
                 return Err(ShardError::InvalidQuery(format!(
@@ -495,7 +503,11 @@ impl Shard {
 
         let (generation, covered) = match (&serving, p.mode) {
             (Some(g), SearchMode::Rerank | SearchMode::Approximate) => {
-                let want = if p.mode == SearchMode::Rerank { p.k * refine } else { p.k };
+                let want = if p.mode == SearchMode::Rerank {
+                    p.k * refine
+                } else {
+                    p.k
+                };
                 let candidates = g.index.search(query, want, nprobe)?;
                 let st = self.inner.state.read();
                 for (row, approx) in candidates {
@@ -597,7 +609,10 @@ impl Shard {
             (st.rows.len() as u64 - covered, st.ids.len())
         };
         if fresh as usize >= cfg.auto_rebuild_tail && live >= cfg.index.nlist {
-            tracing::info!(fresh_rows = fresh, "fresh tail over threshold, rebuilding index");
+            tracing::info!(
+                fresh_rows = fresh,
+                "fresh tail over threshold, rebuilding index"
+            );
             drop(self.spawn_rebuild(None));
         }
     }
@@ -720,7 +735,9 @@ impl Shard {
     }
 }
 
-async fn run_blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+async fn run_blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r,
         Err(e) => std::panic::resume_unwind(e.into_panic()),
@@ -883,10 +900,16 @@ fn load_segment(path: &Path, vectors: &VectorStore, st: &mut State) -> Result<()
     let end = record::scan(data, |offset, payload| {
         match storage::decode::<SegmentEntry>(payload)? {
             SegmentEntry::Put {
-                row, id, vector_crc, ..
+                row,
+                id,
+                vector_crc,
+                ..
             } => {
                 if row != st.rows.len() as u64 || row >= view.rows() {
-                    return Err(format!("row {row} out of order (expected {})", st.rows.len()));
+                    return Err(format!(
+                        "row {row} out of order (expected {})",
+                        st.rows.len()
+                    ));
                 }
                 if storage::vector_crc(view.get(row)) != vector_crc {
                     return Err(format!(

@@ -104,7 +104,8 @@ fn classify(data: &[u8], off: usize, reason: &str) -> ScanEnd {
 /// a document whose offset is known).
 pub fn read_one(r: &mut impl Read) -> Result<Vec<u8>, String> {
     let mut h = [0u8; HEADER_LEN];
-    r.read_exact(&mut h).map_err(|e| format!("reading header: {e}"))?;
+    r.read_exact(&mut h)
+        .map_err(|e| format!("reading header: {e}"))?;
     let h = parse_header(&h).ok_or("bad frame header")?;
     let mut payload = vec![0u8; h.len];
     r.read_exact(&mut payload)
@@ -156,7 +157,13 @@ mod tests {
                 assert_eq!(end, ScanEnd::Clean, "cut {cut}");
                 assert_eq!(n, offs.iter().filter(|&&o| o < cut).count());
             } else {
-                assert_eq!(end, ScanEnd::TornTail { offset: last_start as u64 }, "cut {cut}");
+                assert_eq!(
+                    end,
+                    ScanEnd::TornTail {
+                        offset: last_start as u64
+                    },
+                    "cut {cut}"
+                );
                 assert_eq!(n, whole - 1);
             }
         }

@@ -18,10 +18,13 @@ use super::error::{Result, ShardError};
 use super::record;
 
 #[cfg(target_endian = "big")]
-compile_error!("vectors.f32 is read in place as little-endian f32: big-endian hosts are unsupported");
+compile_error!(
+    "vectors.f32 is read in place as little-endian f32: big-endian hosts are unsupported"
+);
 
 pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
-    bincode::serde::encode_to_vec(v, bincode::config::standard()).expect("in-memory encode cannot fail")
+    bincode::serde::encode_to_vec(v, bincode::config::standard())
+        .expect("in-memory encode cannot fail")
 }
 
 pub fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, String> {
@@ -110,7 +113,9 @@ impl DocsFile {
     pub fn append(&mut self, entry: &SegmentEntry) -> Result<u64> {
         let off = self.len;
         let frame = record::encode(&encode(entry));
-        self.file.write_all_at(&frame, off).map_err(ShardError::io(&self.path))?;
+        self.file
+            .write_all_at(&frame, off)
+            .map_err(ShardError::io(&self.path))?;
         self.len += frame.len() as u64;
         Ok(off)
     }
@@ -147,7 +152,8 @@ impl DocsReader {
             reason,
         };
         let mut f = self.file.try_clone().map_err(ShardError::io(&self.path))?;
-        f.seek(SeekFrom::Start(offset)).map_err(ShardError::io(&self.path))?;
+        f.seek(SeekFrom::Start(offset))
+            .map_err(ShardError::io(&self.path))?;
         let payload = record::read_one(&mut std::io::BufReader::new(f)).map_err(corrupt)?;
         decode(&payload).map_err(corrupt)
     }
@@ -169,7 +175,11 @@ impl VectorView {
 
     #[inline]
     pub fn get(&self, row: u64) -> &[f32] {
-        assert!(row < self.rows, "row {row} outside view of {} rows", self.rows);
+        assert!(
+            row < self.rows,
+            "row {row} outside view of {} rows",
+            self.rows
+        );
         let map = self.map.as_ref().expect("non-empty view has a map");
         let start = row as usize * self.dim * 4;
         let bytes = &map[start..start + self.dim * 4];
@@ -221,7 +231,10 @@ impl VectorStore {
             capacity_rows: 0,
             map: None,
         };
-        store.file.set_len(rows * row_bytes).map_err(ShardError::io(&store.path))?;
+        store
+            .file
+            .set_len(rows * row_bytes)
+            .map_err(ShardError::io(&store.path))?;
         store.grow_to(rows)?;
         Ok(store)
     }

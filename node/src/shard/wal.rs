@@ -94,12 +94,18 @@ pub fn replay(dir: &Path, after: u64, mut apply: impl FnMut(WalBatch) -> Result<
             ScanEnd::TornTail { offset } if i + 1 == files.len() => {
                 drop(map);
                 tracing::warn!(file = %path.display(), offset, "cutting torn wal tail");
-                let f = OpenOptions::new().write(true).open(path).map_err(ShardError::io(path))?;
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .map_err(ShardError::io(path))?;
                 f.set_len(offset).map_err(ShardError::io(path))?;
                 f.sync_all().map_err(ShardError::io(path))?;
             }
             ScanEnd::TornTail { offset } => {
-                return Err(corrupt(offset, "damaged record in a wal file that is not the last".into()))
+                return Err(corrupt(
+                    offset,
+                    "damaged record in a wal file that is not the last".into(),
+                ))
             }
             ScanEnd::Corrupt { offset, reason } => return Err(corrupt(offset, reason)),
         }
@@ -124,17 +130,15 @@ impl Wal {
                 fs::remove_file(&old).map_err(ShardError::io(&old))?;
             }
         }
-        Ok(Self {
-            file,
-            path,
-            bytes,
-        })
+        Ok(Self { file, path, bytes })
     }
 
     /// Appends one batch and fsyncs it; returns only once the batch is durable.
     pub fn append(&mut self, batch: &WalBatch) -> Result<()> {
         let frame = record::encode(&encode(batch));
-        self.file.write_all(&frame).map_err(ShardError::io(&self.path))?;
+        self.file
+            .write_all(&frame)
+            .map_err(ShardError::io(&self.path))?;
         self.file.sync_data().map_err(ShardError::io(&self.path))?;
         self.bytes += frame.len() as u64;
         Ok(())

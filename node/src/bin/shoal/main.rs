@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "shoal", version, about = "shoal: a distributed dense-retrieval cluster")]
+#[command(
+    name = "shoal",
+    version,
+    about = "shoal: a distributed dense-retrieval cluster"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
