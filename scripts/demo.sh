@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 source scripts/env.sh
-exec cargo run --release --locked -p shoal-node --bin shoal -- demo "$@"
+exec cargo run --release --locked -p shoal --bin shoal -- demo "$@"

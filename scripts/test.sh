@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# The test command: set-up, formatting, lints, then every test, all in the one
-# release profile that the benchmarks and the demo also use (nothing builds twice).
+# The test command: set-up, formatting, lints, the CUDA build check, then every test,
+# all in the one release profile that the benchmarks and the demo also use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+scripts/fetch-model.sh
 source scripts/env.sh
 
 cargo fmt --all --check
 cargo clippy --release --workspace --all-targets --locked -- -D warnings
+# The GPU backend must keep compiling even where no GPU is present.
+cargo check --release --locked -p shoal-encoder --features cuda
 cargo test --release --workspace --locked

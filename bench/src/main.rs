@@ -1,6 +1,8 @@
 //! shoal benchmark harnesses. Each prints JSON lines and ends with one JSON summary
 //! line; every figure sits next to its reference peer measured in the same run.
 
+mod encoder;
+mod ir;
 mod measure;
 mod shard;
 
@@ -20,6 +22,10 @@ struct Cli {
 enum Cmd {
     /// The shard engine next to raw FAISS (IVF-PQ and IVF-PQ + RFlat).
     Shard(shard::ShardArgs),
+    /// The Burn encoder next to candle-transformers' BERT on the same weights.
+    Encoder(encoder::EncoderArgs),
+    /// Retrieval quality: nDCG@10 of the Burn encoder + exact search on a BEIR collection.
+    Ndcg(ir::NdcgArgs),
     /// Internal: opens a shard in a fresh process and reports its resident memory.
     #[command(hide = true)]
     ShardRss { dir: std::path::PathBuf },
@@ -36,6 +42,8 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().cmd {
         Cmd::Shard(args) => shard::run(args),
+        Cmd::Ndcg(args) => ir::run(args),
+        Cmd::Encoder(args) => encoder::run(args),
         Cmd::ShardRss { dir } => shard::rss_child(&dir),
         Cmd::TrainProbe { factory, sample } => shard::train_probe(&factory, sample),
     }

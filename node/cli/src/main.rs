@@ -1,6 +1,7 @@
 //! The `shoal` command. Thin: parses flags and calls library functions.
 
 mod demo;
+mod embed;
 
 use std::path::PathBuf;
 
@@ -32,6 +33,16 @@ enum Cmd {
         #[arg(long, default_value = shoal_node::datasets::FASHION_MNIST_DIR)]
         dataset_dir: PathBuf,
     },
+    /// Encodes text read from stdin, one text a line, and writes one JSON array of
+    /// floats a line (the model's unit vectors).
+    Embed {
+        /// A sentence-transformers model dir (scripts/fetch-model.sh installs one).
+        #[arg(long, env = "SHOAL_MODEL_DIR", default_value = "models/all-MiniLM-L6-v2")]
+        model_dir: PathBuf,
+        /// Lines encoded per batch.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,5 +62,6 @@ fn main() -> anyhow::Result<()> {
             queries,
             dataset_dir,
         }),
+        Cmd::Embed { model_dir, batch } => embed::run(&model_dir, batch),
     }
 }

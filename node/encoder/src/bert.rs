@@ -1,0 +1,184 @@
+//! BERT as a Burn module, generic over the backend. Field names mirror the Hugging
+//! Face checkpoint (`encoder.layer.N.attention.self.query`, ...) so weights load by
+//! path; `LayerNorm` and `self` are renamed on load (see `Bert::load`).
+
+use burn::module::Module;
+use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
+use burn_store::{ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
+
+use crate::error::{EncoderError, Result};
+use crate::model_dir::{BertConfig, ModelSpec};
+
+#[derive(Module, Debug)]
+pub struct Embeddings<B: Backend> {
+    word_embeddings: Embedding<B>,
+    position_embeddings: Embedding<B>,
+    token_type_embeddings: Embedding<B>,
+    layer_norm: LayerNorm<B>,
+}
+
+#[derive(Module, Debug)]
+pub struct SelfAttention<B: Backend> {
+    query: Linear<B>,
+    key: Linear<B>,
+    value: Linear<B>,
+}
+
+#[derive(Module, Debug)]
+pub struct DenseNorm<B: Backend> {
+    dense: Linear<B>,
+    layer_norm: LayerNorm<B>,
+}
+
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    self_attn: SelfAttention<B>,
+    output: DenseNorm<B>,
+}
+
+#[derive(Module, Debug)]
+pub struct Intermediate<B: Backend> {
+    dense: Linear<B>,
+}
+
+#[derive(Module, Debug)]
+pub struct Layer<B: Backend> {
+    attention: Attention<B>,
+    intermediate: Intermediate<B>,
+    output: DenseNorm<B>,
+}
+
+#[derive(Module, Debug)]
+pub struct LayerStack<B: Backend> {
+    layer: Vec<Layer<B>>,
+}
+
+#[derive(Module, Debug)]
+pub struct BertModel<B: Backend> {
+    embeddings: Embeddings<B>,
+    encoder: LayerStack<B>,
+}
+
+/// A loaded BERT with its head count (a plain value, kept out of the module tree).
+pub struct Bert<B: Backend> {
+    model: BertModel<B>,
+    heads: usize,
+}
+
+fn linear<B: Backend>(i: usize, o: usize, d: &B::Device) -> Linear<B> {
+    LinearConfig::new(i, o).init(d)
+}
+
+fn norm<B: Backend>(c: &BertConfig, d: &B::Device) -> LayerNorm<B> {
+    LayerNormConfig::new(c.hidden_size).with_epsilon(c.layer_norm_eps).init(d)
+}
+
+impl<B: Backend> BertModel<B> {
+    fn init(c: &BertConfig, d: &B::Device) -> Self {
+        let h = c.hidden_size;
+        let layer = (0..c.num_hidden_layers)
+            .map(|_| Layer {
+                attention: Attention {
+                    self_attn: SelfAttention {
+                        query: linear(h, h, d),
+                        key: linear(h, h, d),
+                        value: linear(h, h, d),
+                    },
+                    output: DenseNorm {
+                        dense: linear(h, h, d),
+                        layer_norm: norm(c, d),
+                    },
+                },
+                intermediate: Intermediate {
+                    dense: linear(h, c.intermediate_size, d),
+                },
+                output: DenseNorm {
+                    dense: linear(c.intermediate_size, h, d),
+                    layer_norm: norm(c, d),
+                },
+            })
+            .collect();
+        Self {
+            embeddings: Embeddings {
+                word_embeddings: EmbeddingConfig::new(c.vocab_size, h).init(d),
+                position_embeddings: EmbeddingConfig::new(c.max_position_embeddings, h).init(d),
+                token_type_embeddings: EmbeddingConfig::new(c.type_vocab_size, h).init(d),
+                layer_norm: norm(c, d),
+            },
+            encoder: LayerStack { layer },
+        }
+    }
+}
+
+impl<B: Backend> Bert<B> {
+    /// Builds the module tree from `config.json` and fills it from `model.safetensors`.
+    /// Every parameter must be present in the file; extra tensors (the unused pooler,
+    /// `position_ids`) are ignored.
+    pub fn load(spec: &ModelSpec, device: &B::Device) -> Result<Self> {
+        let mut model = BertModel::init(&spec.bert, device);
+        let mut store = SafetensorsStore::from_file(&spec.weights)
+            .with_from_adapter(PyTorchToBurnAdapter)
+            .with_key_remapping(r"\.self\.", ".self_attn.")
+            .with_key_remapping(r"LayerNorm", "layer_norm")
+            .allow_partial(true);
+        let bad = |reason: String| EncoderError::BadFile {
+            path: spec.weights.clone(),
+            reason,
+        };
+        let result = model.load_from(&mut store).map_err(|e| bad(e.to_string()))?;
+        if !result.missing.is_empty() || !result.errors.is_empty() {
+            let missing: Vec<_> = result.missing.iter().map(|(p, _)| p.as_str()).take(5).collect();
+            return Err(bad(format!(
+                "{} parameters missing (first: {missing:?}), {} load errors (first: {:?})",
+                result.missing.len(),
+                result.errors.len(),
+                result.errors.first()
+            )));
+        }
+        Ok(Self {
+            model,
+            heads: spec.bert.num_attention_heads,
+        })
+    }
+
+    /// Hidden states `[batch, seq, hidden]` for token ids and a 0/1 attention mask,
+    /// both `[batch, seq]`.
+    pub fn forward(&self, ids: Tensor<B, 2, Int>, mask: Tensor<B, 2>) -> Tensor<B, 3> {
+        let [b, s] = ids.dims();
+        let device = ids.device();
+        let e = &self.model.embeddings;
+        let positions = Tensor::<B, 1, Int>::arange(0..s as i64, &device)
+            .reshape([1, s])
+            .expand([b, s]);
+        let types = Tensor::<B, 2, Int>::zeros([b, s], &device);
+        let x = e.word_embeddings.forward(ids)
+            + e.position_embeddings.forward(positions)
+            + e.token_type_embeddings.forward(types);
+        let mut x = e.layer_norm.forward(x);
+        // Padding keys get a large negative bias: softmax gives them exactly 0 weight.
+        let bias = (mask.ones_like() - mask).mul_scalar(-1.0e9).reshape([b, 1, 1, s]);
+        for layer in &self.model.encoder.layer {
+            x = self.layer_forward(layer, x, bias.clone());
+        }
+        x
+    }
+
+    fn layer_forward(&self, l: &Layer<B>, x: Tensor<B, 3>, bias: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [b, s, h] = x.dims();
+        let (heads, dh) = (self.heads, h / self.heads);
+        let split = |t: Tensor<B, 3>| t.reshape([b, s, heads, dh]).swap_dims(1, 2);
+        let a = &l.attention.self_attn;
+        let q = split(a.query.forward(x.clone()));
+        let k = split(a.key.forward(x.clone()));
+        let v = split(a.value.forward(x.clone()));
+        let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((dh as f64).sqrt()) + bias;
+        let ctx = softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([b, s, h]);
+        let o = &l.attention.output;
+        let x = o.layer_norm.forward(o.dense.forward(ctx) + x);
+        let inter = gelu(l.intermediate.dense.forward(x.clone()));
+        l.output.layer_norm.forward(l.output.dense.forward(inter) + x)
+    }
+}

@@ -1,0 +1,137 @@
+//! Text in, unit vectors out: tokenizer + BERT + pooling + normalisation.
+
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+
+use crate::bert::Bert;
+use crate::error::{EncoderError, Result};
+use crate::model_dir::{ModelSpec, Pooling};
+
+pub struct Encoder<B: Backend> {
+    spec: ModelSpec,
+    tokenizer: Tokenizer,
+    bert: Bert<B>,
+    device: B::Device,
+}
+
+/// Vectors for a batch, in input order.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    pub vectors: Vec<Vec<f32>>,
+    /// Texts cut at the model's `max_seq_length`.
+    pub truncated: usize,
+    /// Padded token positions the model ran over (batch x longest).
+    pub padded_tokens: usize,
+}
+
+impl<B: Backend> Encoder<B> {
+    pub fn load(dir: &Path, device: B::Device) -> Result<Self> {
+        let spec = ModelSpec::load(dir)?;
+        let mut tokenizer = Tokenizer::from_file(&spec.tokenizer).map_err(|e| EncoderError::BadFile {
+            path: spec.tokenizer.clone(),
+            reason: e.to_string(),
+        })?;
+        // The packaged tokenizer.json hard-codes truncation and padding at 128: truncate
+        // at the model's own limit instead, and pad each batch only to its longest text.
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: spec.max_seq_length,
+                ..TruncationParams::default()
+            }))
+            .map_err(|e| EncoderError::Tokenizer(e.to_string()))?;
+        tokenizer.with_padding(Some(PaddingParams {
+            strategy: PaddingStrategy::BatchLongest,
+            ..PaddingParams::default()
+        }));
+        let bert = Bert::load(&spec, &device)?;
+        tracing::info!(
+            dir = %dir.display(),
+            dimension = spec.dimension(),
+            layers = spec.bert.num_hidden_layers,
+            max_seq_length = spec.max_seq_length,
+            pooling = ?spec.pooling,
+            normalize = spec.normalize,
+            "encoder loaded"
+        );
+        Ok(Self {
+            spec,
+            tokenizer,
+            bert,
+            device,
+        })
+    }
+
+    pub fn dimension(&self) -> usize {
+        self.spec.dimension()
+    }
+
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// Token count of `text` after truncation (for grouping texts by length).
+    pub fn token_len(&self, text: &str) -> Result<usize> {
+        let enc = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| EncoderError::Tokenizer(e.to_string()))?;
+        Ok(enc.len())
+    }
+
+    pub fn encode(&self, texts: &[&str]) -> Result<Encoded> {
+        if let Some(index) = texts.iter().position(|t| t.trim().is_empty()) {
+            return Err(EncoderError::EmptyText { index });
+        }
+        if texts.is_empty() {
+            return Ok(Encoded {
+                vectors: Vec::new(),
+                truncated: 0,
+                padded_tokens: 0,
+            });
+        }
+        let encodings = self
+            .tokenizer
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| EncoderError::Tokenizer(e.to_string()))?;
+        let (b, s) = (encodings.len(), encodings[0].len());
+        let truncated = encodings.iter().filter(|e| !e.get_overflowing().is_empty()).count();
+        let mut ids = Vec::with_capacity(b * s);
+        let mut mask = Vec::with_capacity(b * s);
+        for e in &encodings {
+            ids.extend(e.get_ids().iter().map(|&x| x as i64));
+            mask.extend(e.get_attention_mask().iter().map(|&x| x as f32));
+        }
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, s]), &self.device);
+        let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [b, s]), &self.device);
+        let hidden = self.bert.forward(ids, mask.clone());
+        let h = self.dimension();
+        let pooled: Tensor<B, 2> = match self.spec.pooling {
+            Pooling::Mean => {
+                let m = mask.reshape([b, s, 1]);
+                let summed = (hidden * m.clone()).sum_dim(1).reshape([b, h]);
+                let counts = m.sum_dim(1).reshape([b, 1]).clamp_min(1e-9);
+                summed / counts
+            }
+            Pooling::Cls => hidden.slice([0..b, 0..1, 0..h]).reshape([b, h]),
+        };
+        let pooled = if self.spec.normalize {
+            let norms = pooled.clone().powf_scalar(2.0).sum_dim(1).sqrt().clamp_min(1e-12);
+            pooled / norms
+        } else {
+            pooled
+        };
+        let flat: Vec<f32> = pooled
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .map_err(|e| EncoderError::Tokenizer(format!("reading output tensor: {e:?}")))?;
+        Ok(Encoded {
+            vectors: flat.chunks(h).map(<[f32]>::to_vec).collect(),
+            truncated,
+            padded_tokens: b * s,
+        })
+    }
+}

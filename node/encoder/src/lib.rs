@@ -1,0 +1,26 @@
+//! shoal's text encoder: any sentence-transformers BERT model directory (Hugging Face
+//! layout) as a Burn model, generic over the backend, plus a dynamic-batching actor pool.
+//!
+//! Burn stays inside this crate so the rest of the node compiles without it.
+
+mod bert;
+mod encoder;
+mod error;
+mod model_dir;
+pub mod pool;
+
+pub use encoder::{Encoded, Encoder};
+pub use error::{EncoderError, Result};
+pub use model_dir::{BertConfig, ModelSpec, Pooling};
+
+/// The default CPU backend (burn-flex: SIMD kernels and gemm; the fastest of Burn's CPU
+/// backends here, see docs/benchmarks.md).
+pub type CpuBackend = burn::backend::Flex;
+
+#[cfg(feature = "cuda")]
+pub type CudaBackend = burn::backend::Cuda;
+
+/// Loads a model dir on the default CPU backend.
+pub fn load_cpu(dir: &std::path::Path) -> Result<Encoder<CpuBackend>> {
+    Encoder::load(dir, Default::default())
+}

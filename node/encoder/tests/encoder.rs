@@ -1,0 +1,160 @@
+//! Encoder tests against the real all-MiniLM-L6-v2 weights (scripts/fetch-model.sh
+//! installs them) and the sentence-transformers reference fixture.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use shoal_encoder::pool::{EncoderPool, PoolConfig};
+use shoal_encoder::{load_cpu, EncoderError};
+
+fn model_dir() -> PathBuf {
+    std::env::var_os("SHOAL_MODEL_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/all-MiniLM-L6-v2")
+    })
+}
+
+#[derive(Deserialize)]
+struct Fixture {
+    texts: Vec<String>,
+    untruncated_tokens: Vec<usize>,
+    embeddings: Vec<Vec<f32>>,
+}
+
+fn fixture() -> Fixture {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/minilm_reference.json");
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64) * (*y as f64)).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+#[test]
+fn t10_matches_sentence_transformers_on_varied_texts() {
+    let enc = load_cpu(&model_dir()).unwrap();
+    let fx = fixture();
+    assert!(fx.texts.len() >= 64);
+    assert_eq!(enc.dimension(), 384);
+    let mut truncated = 0;
+    let mut worst = (1.0f64, String::new());
+    // Batches of 16 mix short and long texts, so padding is exercised.
+    for (chunk, refs) in fx.texts.chunks(16).zip(fx.embeddings.chunks(16)) {
+        let texts: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        let out = enc.encode(&texts).unwrap();
+        truncated += out.truncated;
+        for ((t, got), want) in chunk.iter().zip(&out.vectors).zip(refs) {
+            let c = cosine(got, want);
+            let norm: f32 = got.iter().map(|x| x * x).sum::<f32>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-4, "{t:?} not unit length: {norm}");
+            if c < worst.0 {
+                worst = (c, t.clone());
+            }
+        }
+    }
+    assert!(worst.0 >= 0.9999, "cosine {} for {:?}", worst.0, worst.1);
+    let long = fx.untruncated_tokens.iter().filter(|&&n| n > 256).count();
+    assert!(long >= 3);
+    assert_eq!(truncated, long, "over-long texts are truncated and counted");
+    eprintln!("worst cosine vs reference: {:.7} ({:?})", worst.0, worst.1);
+}
+
+#[test]
+fn t11_a_text_encodes_the_same_alone_and_in_a_padded_batch() {
+    let enc = load_cpu(&model_dir()).unwrap();
+    let fx = fixture();
+    let texts: Vec<&str> = fx.texts.iter().map(String::as_str).collect();
+    let batch = enc.encode(&texts[..24]).unwrap();
+    for (i, t) in texts[..24].iter().enumerate().step_by(5) {
+        let alone = enc.encode(&[t]).unwrap();
+        assert!(cosine(&alone.vectors[0], &batch.vectors[i]) > 0.99999, "{t:?}");
+    }
+}
+
+#[test]
+fn t20_bad_model_dirs_and_inputs_are_named() {
+    let e = load_cpu(Path::new("/nonexistent/model")).err().unwrap();
+    assert!(e.to_string().contains("not a directory"), "{e}");
+
+    // A copy of the model dir (big files linked) missing one file at a time.
+    let src = model_dir();
+    for missing in ["tokenizer.json", "config.json", "model.safetensors", "modules.json"] {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["config.json", "modules.json", "sentence_bert_config.json", "tokenizer.json", "model.safetensors"] {
+            if f != missing {
+                std::os::unix::fs::symlink(src.join(f), dir.path().join(f)).unwrap();
+            }
+        }
+        std::fs::create_dir(dir.path().join("1_Pooling")).unwrap();
+        std::fs::copy(src.join("1_Pooling/config.json"), dir.path().join("1_Pooling/config.json")).unwrap();
+        let e = load_cpu(dir.path()).err().unwrap();
+        assert!(matches!(e, EncoderError::MissingFile { file, .. } if file == missing), "{missing}: {e}");
+        assert!(e.to_string().contains(missing), "{e}");
+    }
+
+    // A corrupt config and truncated weights are reported with their path.
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["modules.json", "sentence_bert_config.json", "tokenizer.json"] {
+        std::os::unix::fs::symlink(src.join(f), dir.path().join(f)).unwrap();
+    }
+    std::fs::create_dir(dir.path().join("1_Pooling")).unwrap();
+    std::fs::copy(src.join("1_Pooling/config.json"), dir.path().join("1_Pooling/config.json")).unwrap();
+    std::fs::write(dir.path().join("config.json"), b"{ not json").unwrap();
+    std::fs::write(dir.path().join("model.safetensors"), b"short").unwrap();
+    let e = load_cpu(dir.path()).err().unwrap().to_string();
+    assert!(e.contains("config.json") && e.contains("invalid json"), "{e}");
+    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+    let e = load_cpu(dir.path()).err().unwrap().to_string();
+    assert!(e.contains("model.safetensors"), "{e}");
+
+    let enc = load_cpu(&src).unwrap();
+    let e = enc.encode(&["fine", "  ", "also fine"]).unwrap_err();
+    assert!(matches!(e, EncoderError::EmptyText { index: 1 }), "{e}");
+}
+
+#[test]
+fn t30_pool_batches_concurrent_callers_and_sheds_load() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let fx = fixture();
+        let direct = load_cpu(&model_dir()).unwrap();
+        let cfg = PoolConfig {
+            max_batch: 16,
+            max_wait: Duration::from_millis(5),
+            max_queue: 64,
+            workers: 1,
+        };
+        let pool = EncoderPool::start(vec![load_cpu(&model_dir()).unwrap()], cfg).await.unwrap();
+        let requests: Vec<Vec<String>> = fx.texts[..48].chunks(3).map(|c| c.to_vec()).collect();
+        let handles: Vec<_> = requests
+            .iter()
+            .cloned()
+            .map(|texts| {
+                let pool = pool.clone();
+                tokio::spawn(async move { pool.encode(texts).await })
+            })
+            .collect();
+        for (texts, h) in requests.iter().zip(handles) {
+            let got = h.await.unwrap().unwrap();
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            let want = direct.encode(&refs).unwrap().vectors;
+            for (g, w) in got.iter().zip(&want) {
+                assert!(cosine(g, w) > 0.99999);
+            }
+        }
+        let stats = pool.stats();
+        let batches = stats.batches.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(stats.texts.load(std::sync::atomic::Ordering::Relaxed), 48);
+        assert!(batches < requests.len() as u64, "{batches} batches for {} requests", requests.len());
+
+        let e = pool.encode(vec!["x".to_string(); 65]).await.unwrap_err();
+        assert!(matches!(e, EncoderError::Overloaded { limit: 64, .. }), "{e}");
+        let e = pool.encode(vec!["ok".into(), String::new()]).await.unwrap_err();
+        assert!(matches!(e, EncoderError::EmptyText { index: 1 }), "{e}");
+        assert_eq!(pool.encode(vec!["still serving".into()]).await.unwrap().len(), 1);
+        pool.shutdown();
+    });
+}
