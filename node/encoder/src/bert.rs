@@ -4,7 +4,9 @@
 
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::activation::gelu;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use burn_store::{ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
@@ -157,25 +159,33 @@ impl<B: Backend> Bert<B> {
         let x = e.word_embeddings.forward(ids)
             + e.position_embeddings.forward(positions)
             + e.token_type_embeddings.forward(types);
-        let mut x = e.layer_norm.forward(x);
+        let h = x.dims()[2];
+        let mut x = e.layer_norm.forward(x).reshape([b * s, h]);
         // Padding keys get a large negative bias: softmax gives them exactly 0 weight.
         let bias = (mask.ones_like() - mask).mul_scalar(-1.0e9).reshape([b, 1, 1, s]);
         for layer in &self.model.encoder.layer {
-            x = self.layer_forward(layer, x, bias.clone());
+            x = self.layer_forward(layer, x, bias.clone(), b);
         }
-        x
+        x.reshape([b, s, h])
     }
 
-    fn layer_forward(&self, l: &Layer<B>, x: Tensor<B, 3>, bias: Tensor<B, 4>) -> Tensor<B, 3> {
-        let [b, s, h] = x.dims();
+    /// One encoder layer over `x` flattened to `[batch * seq, hidden]`: every linear is
+    /// then a single large matrix product rather than one per sequence.
+    fn layer_forward(&self, l: &Layer<B>, x: Tensor<B, 2>, bias: Tensor<B, 4>, b: usize) -> Tensor<B, 2> {
+        let [bs, h] = x.dims();
+        let s = bs / b;
         let (heads, dh) = (self.heads, h / self.heads);
-        let split = |t: Tensor<B, 3>| t.reshape([b, s, heads, dh]).swap_dims(1, 2);
+        let split = |t: Tensor<B, 2>| t.reshape([b, s, heads, dh]).swap_dims(1, 2);
         let a = &l.attention.self_attn;
         let q = split(a.query.forward(x.clone()));
         let k = split(a.key.forward(x.clone()));
         let v = split(a.value.forward(x.clone()));
-        let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((dh as f64).sqrt()) + bias;
-        let ctx = softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([b, s, h]);
+        // The backend's fused attention (softmax(q kᵗ / sqrt(dh) + bias) v): burn-flex
+        // runs it as two large matrix products or a tiled flash kernel.
+        let bias = bias.expand([b, heads, s, s]);
+        let ctx = attention(q, k, v, None, Some(bias), AttentionModuleOptions::default())
+            .swap_dims(1, 2)
+            .reshape([bs, h]);
         let o = &l.attention.output;
         let x = o.layer_norm.forward(o.dense.forward(ctx) + x);
         let inter = gelu(l.intermediate.dense.forward(x.clone()));
