@@ -21,7 +21,11 @@ use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 pub struct EncoderArgs {
     #[arg(long, default_value = "../shared/data/ir/scifact")]
     dataset: PathBuf,
-    #[arg(long, env = "SHOAL_MODEL_DIR", default_value = "models/all-MiniLM-L6-v2")]
+    #[arg(
+        long,
+        env = "SHOAL_MODEL_DIR",
+        default_value = "models/all-MiniLM-L6-v2"
+    )]
     model_dir: PathBuf,
     /// Documents encoded per batch-size point.
     #[arg(long, default_value_t = 256)]
@@ -57,7 +61,13 @@ impl CandlePeer {
         let device = Device::Cpu;
         let config: Config = serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)?;
         // SAFETY: the weights file is not modified while mapped.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &device)? };
+        let vb = unsafe {
+            VarBuilder::from_mmaped_safetensors(
+                &[dir.join("model.safetensors")],
+                DType::F32,
+                &device,
+            )?
+        };
         Ok(Self {
             model: BertModel::load(vb, &config)?,
             tokenizer: tokenizer_for(dir, max_len)?,
@@ -66,16 +76,25 @@ impl CandlePeer {
     }
 
     fn encode(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
-        let enc = self.tokenizer.encode_batch(texts.to_vec(), true).map_err(anyhow::Error::msg)?;
+        let enc = self
+            .tokenizer
+            .encode_batch(texts.to_vec(), true)
+            .map_err(anyhow::Error::msg)?;
         let (b, s) = (enc.len(), enc[0].len());
         let ids: Vec<u32> = enc.iter().flat_map(|e| e.get_ids().to_vec()).collect();
-        let mask: Vec<u32> = enc.iter().flat_map(|e| e.get_attention_mask().to_vec()).collect();
+        let mask: Vec<u32> = enc
+            .iter()
+            .flat_map(|e| e.get_attention_mask().to_vec())
+            .collect();
         let ids = Tensor::from_vec(ids, (b, s), &self.device)?;
         let mask = Tensor::from_vec(mask, (b, s), &self.device)?;
         let types = ids.zeros_like()?;
         let hidden = self.model.forward(&ids, &types, Some(&mask))?;
         let m = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
-        let pooled = hidden.broadcast_mul(&m)?.sum(1)?.broadcast_div(&m.sum(1)?)?;
+        let pooled = hidden
+            .broadcast_mul(&m)?
+            .sum(1)?
+            .broadcast_div(&m.sum(1)?)?;
         let norms = pooled.sqr()?.sum_keepdim(1)?.sqrt()?;
         Ok(pooled.broadcast_div(&norms)?.to_vec2::<f32>()?)
     }
@@ -95,7 +114,11 @@ fn read_texts(path: &Path, n: usize) -> Result<Vec<String>> {
         .take(n)
         .map(|l| {
             let r: Row = serde_json::from_str(l)?;
-            Ok(if r.title.is_empty() { r.text } else { format!("{} {}", r.title, r.text) })
+            Ok(if r.title.is_empty() {
+                r.text
+            } else {
+                format!("{} {}", r.title, r.text)
+            })
         })
         .collect()
 }
@@ -139,7 +162,8 @@ pub fn run(args: EncoderArgs) -> Result<()> {
     let flex = shoal_encoder::load_cpu(&args.model_dir)?;
     let max_len = flex.spec().max_seq_length;
     let peer = CandlePeer::load(&args.model_dir, max_len)?;
-    let ndarray: Encoder<burn::backend::NdArray> = Encoder::load(&args.model_dir, Default::default())?;
+    let ndarray: Encoder<burn::backend::NdArray> =
+        Encoder::load(&args.model_dir, Default::default())?;
 
     // Same vectors from both, or the timing comparison means nothing.
     let probe: Vec<&str> = docs.iter().take(16).map(String::as_str).collect();
@@ -150,7 +174,10 @@ pub fn run(args: EncoderArgs) -> Result<()> {
         .zip(&b)
         .map(|(x, y)| x.iter().zip(y).map(|(p, q)| p * q).sum::<f32>())
         .fold(f32::INFINITY, f32::min);
-    println!("{}", json!({"section": "agreement", "min_cosine_shoal_vs_candle": min_cos, "texts": probe.len()}));
+    println!(
+        "{}",
+        json!({"section": "agreement", "min_cosine_shoal_vs_candle": min_cos, "texts": probe.len()})
+    );
 
     let mut ratios = Vec::new();
     let mut summary = serde_json::Map::new();
@@ -182,7 +209,10 @@ pub fn run(args: EncoderArgs) -> Result<()> {
     );
     summary.insert("bench".into(), json!("encoder"));
     summary.insert("backend".into(), json!("burn-flex"));
-    summary.insert("min_throughput_ratio_vs_candle".into(), json!(ratios.iter().cloned().fold(f64::INFINITY, f64::min)));
+    summary.insert(
+        "min_throughput_ratio_vs_candle".into(),
+        json!(ratios.iter().cloned().fold(f64::INFINITY, f64::min)),
+    );
     summary.insert("p50_latency_speedup_vs_candle".into(), json!(c50 / s50));
     summary.insert("p99_latency_speedup_vs_candle".into(), json!(c99 / s99));
     println!("{}", serde_json::Value::Object(summary));

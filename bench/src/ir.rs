@@ -18,7 +18,11 @@ pub struct NdcgArgs {
     /// A BEIR-layout collection (corpus.jsonl, queries.jsonl, qrels/test.tsv).
     #[arg(long, default_value = "../shared/data/ir/scifact")]
     dataset: PathBuf,
-    #[arg(long, env = "SHOAL_MODEL_DIR", default_value = "models/all-MiniLM-L6-v2")]
+    #[arg(
+        long,
+        env = "SHOAL_MODEL_DIR",
+        default_value = "models/all-MiniLM-L6-v2"
+    )]
     model_dir: PathBuf,
     #[arg(long, default_value_t = 32)]
     batch: usize,
@@ -48,7 +52,9 @@ pub fn read_qrels(path: &Path) -> Result<HashMap<String, HashMap<String, u32>>> 
     for line in std::fs::read_to_string(path)?.lines().skip(1) {
         let f: Vec<&str> = line.split('\t').collect();
         if f.len() == 3 {
-            out.entry(f[0].into()).or_default().insert(f[1].into(), f[2].trim().parse()?);
+            out.entry(f[0].into())
+                .or_default()
+                .insert(f[1].into(), f[2].trim().parse()?);
         }
     }
     Ok(out)
@@ -86,7 +92,13 @@ pub fn run(args: NdcgArgs) -> Result<()> {
     let started = Instant::now();
     let texts: Vec<String> = corpus
         .iter()
-        .map(|r| if r.title.is_empty() { r.text.clone() } else { format!("{} {}", r.title, r.text) })
+        .map(|r| {
+            if r.title.is_empty() {
+                r.text.clone()
+            } else {
+                format!("{} {}", r.title, r.text)
+            }
+        })
         .collect();
     // Encode in length order (less padding), then restore corpus order.
     let mut order: Vec<usize> = (0..texts.len()).collect();
@@ -121,12 +133,18 @@ pub fn run(args: NdcgArgs) -> Result<()> {
         shard.upsert(chunk.to_vec())?;
     }
 
-    let judged: Vec<&Row> = queries.iter().filter(|q| qrels.contains_key(&q.id)).collect();
+    let judged: Vec<&Row> = queries
+        .iter()
+        .filter(|q| qrels.contains_key(&q.id))
+        .collect();
     let qtexts: Vec<&str> = judged.iter().map(|q| q.text.as_str()).collect();
     let mut total = 0.0;
     for (chunk, qs) in qtexts.chunks(args.batch).zip(judged.chunks(args.batch)) {
         for (v, q) in encoder.encode(chunk)?.vectors.iter().zip(qs) {
-            let p = SearchParams { mode: SearchMode::Exact, ..SearchParams::top(11) };
+            let p = SearchParams {
+                mode: SearchMode::Exact,
+                ..SearchParams::top(11)
+            };
             let hits = shard.search(v, p)?.hits;
             let ranked: Vec<&str> = hits.iter().map(|h| &*h.id).filter(|d| *d != q.id).collect();
             total += ndcg_at(10, &ranked, &qrels[&q.id]);

@@ -45,7 +45,9 @@ pub fn run(model_dir: &Path, batch: usize) -> Result<()> {
     flush(&mut lines, first_line, &mut out)?;
     out.flush()?;
     if truncated > 0 {
-        eprintln!("shoal embed: {truncated} texts were longer than the model's limit and truncated");
+        eprintln!(
+            "shoal embed: {truncated} texts were longer than the model's limit and truncated"
+        );
     }
     Ok(())
 }

@@ -37,7 +37,11 @@ enum Cmd {
     /// floats a line (the model's unit vectors).
     Embed {
         /// A sentence-transformers model dir (scripts/fetch-model.sh installs one).
-        #[arg(long, env = "SHOAL_MODEL_DIR", default_value = "models/all-MiniLM-L6-v2")]
+        #[arg(
+            long,
+            env = "SHOAL_MODEL_DIR",
+            default_value = "models/all-MiniLM-L6-v2"
+        )]
         model_dir: PathBuf,
         /// Lines encoded per batch.
         #[arg(long, default_value_t = 32)]

@@ -5,9 +5,9 @@
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::gelu;
+use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use burn_store::{ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
 
@@ -75,7 +75,9 @@ fn linear<B: Backend>(i: usize, o: usize, d: &B::Device) -> Linear<B> {
 }
 
 fn norm<B: Backend>(c: &BertConfig, d: &B::Device) -> LayerNorm<B> {
-    LayerNormConfig::new(c.hidden_size).with_epsilon(c.layer_norm_eps).init(d)
+    LayerNormConfig::new(c.hidden_size)
+        .with_epsilon(c.layer_norm_eps)
+        .init(d)
 }
 
 impl<B: Backend> BertModel<B> {
@@ -130,9 +132,16 @@ impl<B: Backend> Bert<B> {
             path: spec.weights.clone(),
             reason,
         };
-        let result = model.load_from(&mut store).map_err(|e| bad(e.to_string()))?;
+        let result = model
+            .load_from(&mut store)
+            .map_err(|e| bad(e.to_string()))?;
         if !result.missing.is_empty() || !result.errors.is_empty() {
-            let missing: Vec<_> = result.missing.iter().map(|(p, _)| p.as_str()).take(5).collect();
+            let missing: Vec<_> = result
+                .missing
+                .iter()
+                .map(|(p, _)| p.as_str())
+                .take(5)
+                .collect();
             return Err(bad(format!(
                 "{} parameters missing (first: {missing:?}), {} load errors (first: {:?})",
                 result.missing.len(),
@@ -162,7 +171,9 @@ impl<B: Backend> Bert<B> {
         let h = x.dims()[2];
         let mut x = e.layer_norm.forward(x).reshape([b * s, h]);
         // Padding keys get a large negative bias: softmax gives them exactly 0 weight.
-        let bias = (mask.ones_like() - mask).mul_scalar(-1.0e9).reshape([b, 1, 1, s]);
+        let bias = (mask.ones_like() - mask)
+            .mul_scalar(-1.0e9)
+            .reshape([b, 1, 1, s]);
         for layer in &self.model.encoder.layer {
             x = self.layer_forward(layer, x, bias.clone(), b);
         }
@@ -171,7 +182,13 @@ impl<B: Backend> Bert<B> {
 
     /// One encoder layer over `x` flattened to `[batch * seq, hidden]`: every linear is
     /// then a single large matrix product rather than one per sequence.
-    fn layer_forward(&self, l: &Layer<B>, x: Tensor<B, 2>, bias: Tensor<B, 4>, b: usize) -> Tensor<B, 2> {
+    fn layer_forward(
+        &self,
+        l: &Layer<B>,
+        x: Tensor<B, 2>,
+        bias: Tensor<B, 4>,
+        b: usize,
+    ) -> Tensor<B, 2> {
         let [bs, h] = x.dims();
         let s = bs / b;
         let (heads, dh) = (self.heads, h / self.heads);
@@ -189,6 +206,8 @@ impl<B: Backend> Bert<B> {
         let o = &l.attention.output;
         let x = o.layer_norm.forward(o.dense.forward(ctx) + x);
         let inter = gelu(l.intermediate.dense.forward(x.clone()));
-        l.output.layer_norm.forward(l.output.dense.forward(inter) + x)
+        l.output
+            .layer_norm
+            .forward(l.output.dense.forward(inter) + x)
     }
 }

@@ -30,10 +30,11 @@ pub struct Encoded {
 impl<B: Backend> Encoder<B> {
     pub fn load(dir: &Path, device: B::Device) -> Result<Self> {
         let spec = ModelSpec::load(dir)?;
-        let mut tokenizer = Tokenizer::from_file(&spec.tokenizer).map_err(|e| EncoderError::BadFile {
-            path: spec.tokenizer.clone(),
-            reason: e.to_string(),
-        })?;
+        let mut tokenizer =
+            Tokenizer::from_file(&spec.tokenizer).map_err(|e| EncoderError::BadFile {
+                path: spec.tokenizer.clone(),
+                reason: e.to_string(),
+            })?;
         // The packaged tokenizer.json hard-codes truncation and padding at 128: truncate
         // at the model's own limit instead, and pad each batch only to its longest text.
         tokenizer
@@ -97,7 +98,10 @@ impl<B: Backend> Encoder<B> {
             .encode_batch(texts.to_vec(), true)
             .map_err(|e| EncoderError::Tokenizer(e.to_string()))?;
         let (b, s) = (encodings.len(), encodings[0].len());
-        let truncated = encodings.iter().filter(|e| !e.get_overflowing().is_empty()).count();
+        let truncated = encodings
+            .iter()
+            .filter(|e| !e.get_overflowing().is_empty())
+            .count();
         let mut ids = Vec::with_capacity(b * s);
         let mut mask = Vec::with_capacity(b * s);
         for e in &encodings {
@@ -118,7 +122,12 @@ impl<B: Backend> Encoder<B> {
             Pooling::Cls => hidden.slice([0..b, 0..1, 0..h]).reshape([b, h]),
         };
         let pooled = if self.spec.normalize {
-            let norms = pooled.clone().powf_scalar(2.0).sum_dim(1).sqrt().clamp_min(1e-12);
+            let norms = pooled
+                .clone()
+                .powf_scalar(2.0)
+                .sum_dim(1)
+                .sqrt()
+                .clamp_min(1e-12);
             pooled / norms
         } else {
             pooled

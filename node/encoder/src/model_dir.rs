@@ -127,16 +127,25 @@ impl ModelSpec {
                 bert.model_type
             )));
         }
-        if bert.position_embedding_type.as_deref().is_some_and(|t| t != "absolute") {
+        if bert
+            .position_embedding_type
+            .as_deref()
+            .is_some_and(|t| t != "absolute")
+        {
             return Err(EncoderError::Unsupported(format!(
                 "position_embedding_type {:?}",
                 bert.position_embedding_type
             )));
         }
         if bert.hidden_act != "gelu" {
-            return Err(EncoderError::Unsupported(format!("hidden_act {}", bert.hidden_act)));
+            return Err(EncoderError::Unsupported(format!(
+                "hidden_act {}",
+                bert.hidden_act
+            )));
         }
-        if bert.num_attention_heads == 0 || bert.hidden_size % bert.num_attention_heads != 0 {
+        if bert.num_attention_heads == 0
+            || !bert.hidden_size.is_multiple_of(bert.num_attention_heads)
+        {
             return Err(EncoderError::BadFile {
                 path: dir.join("config.json"),
                 reason: "hidden_size is not a multiple of num_attention_heads".into(),
@@ -155,12 +164,16 @@ impl ModelSpec {
         let pool_file: &'static str = if pooling_dir == "1_Pooling" {
             "1_Pooling/config.json"
         } else {
-            return Err(EncoderError::Unsupported(format!("pooling module at {pooling_dir:?}")));
+            return Err(EncoderError::Unsupported(format!(
+                "pooling module at {pooling_dir:?}"
+            )));
         };
         let p: PoolingConfig = read_json(dir, pool_file)?;
         let pooling = match (p.pooling_mode_mean_tokens, p.pooling_mode_cls_token) {
             _ if p.pooling_mode_max_tokens || p.pooling_mode_mean_sqrt_len_tokens => {
-                return Err(EncoderError::Unsupported("max or mean-sqrt-len pooling".into()))
+                return Err(EncoderError::Unsupported(
+                    "max or mean-sqrt-len pooling".into(),
+                ))
             }
             (true, false) => Pooling::Mean,
             (false, true) => Pooling::Cls,

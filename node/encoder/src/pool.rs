@@ -70,11 +70,16 @@ struct Item {
 }
 
 pub enum PoolMsg {
-    Encode { texts: Vec<String>, reply: Reply },
+    Encode {
+        texts: Vec<String>,
+        reply: Reply,
+    },
     /// The oldest queued text may have waited `max_wait`.
     Tick,
     /// A worker finished a batch of `n` texts.
-    Done { n: usize },
+    Done {
+        n: usize,
+    },
 }
 
 struct Batcher;
@@ -164,12 +169,13 @@ impl Actor for Batcher {
                     reply: Mutex::new(Some(reply)),
                 });
                 let now = Instant::now();
-                st.queue.extend(texts.into_iter().enumerate().map(|(index, text)| Item {
-                    req: req.clone(),
-                    index,
-                    text,
-                    queued_at: now,
-                }));
+                st.queue
+                    .extend(texts.into_iter().enumerate().map(|(index, text)| Item {
+                        req: req.clone(),
+                        index,
+                        text,
+                        queued_at: now,
+                    }));
             }
             PoolMsg::Tick => st.tick_armed = false,
             PoolMsg::Done { n } => {
@@ -199,13 +205,19 @@ fn worker_loop<B: Backend>(
             Ok(out) => {
                 stats.texts.fetch_add(n as u64, Ordering::Relaxed);
                 stats.batches.fetch_add(1, Ordering::Relaxed);
-                stats.truncated.fetch_add(out.truncated as u64, Ordering::Relaxed);
+                stats
+                    .truncated
+                    .fetch_add(out.truncated as u64, Ordering::Relaxed);
                 for (item, v) in batch.iter().zip(out.vectors) {
                     item.req.results.lock().expect("results")[item.index] = Some(v);
                     if item.req.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-                        let results = std::mem::take(&mut *item.req.results.lock().expect("results"));
+                        let results =
+                            std::mem::take(&mut *item.req.results.lock().expect("results"));
                         if let Some(r) = item.req.reply.lock().expect("reply").take() {
-                            let _ = r.send(Ok(results.into_iter().map(|v| v.expect("every slot filled")).collect()));
+                            let _ = r.send(Ok(results
+                                .into_iter()
+                                .map(|v| v.expect("every slot filled"))
+                                .collect()));
                         }
                     }
                 }
@@ -238,7 +250,10 @@ impl EncoderPool {
     where
         Encoder<B>: Send + 'static,
     {
-        let dimension = encoders.first().map(Encoder::dimension).ok_or(EncoderError::ShutDown)?;
+        let dimension = encoders
+            .first()
+            .map(Encoder::dimension)
+            .ok_or(EncoderError::ShutDown)?;
         cfg.workers = encoders.len();
         let (tx, rx) = mpsc::channel();
         let (batcher, _) = Actor::spawn(None, Batcher, (cfg, tx))

@@ -9,9 +9,11 @@ use shoal_encoder::pool::{EncoderPool, PoolConfig};
 use shoal_encoder::{load_cpu, EncoderError};
 
 fn model_dir() -> PathBuf {
-    std::env::var_os("SHOAL_MODEL_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/all-MiniLM-L6-v2")
-    })
+    std::env::var_os("SHOAL_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/all-MiniLM-L6-v2")
+        })
 }
 
 #[derive(Deserialize)]
@@ -22,12 +24,17 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/minilm_reference.json");
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/minilm_reference.json");
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64) * (*y as f64)).sum();
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64) * (*y as f64))
+        .sum();
     let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
     let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
     dot / (na * nb)
@@ -70,7 +77,10 @@ fn t11_a_text_encodes_the_same_alone_and_in_a_padded_batch() {
     let batch = enc.encode(&texts[..24]).unwrap();
     for (i, t) in texts[..24].iter().enumerate().step_by(5) {
         let alone = enc.encode(&[t]).unwrap();
-        assert!(cosine(&alone.vectors[0], &batch.vectors[i]) > 0.99999, "{t:?}");
+        assert!(
+            cosine(&alone.vectors[0], &batch.vectors[i]) > 0.99999,
+            "{t:?}"
+        );
     }
 }
 
@@ -81,31 +91,60 @@ fn t20_bad_model_dirs_and_inputs_are_named() {
 
     // A copy of the model dir (big files linked) missing one file at a time.
     let src = model_dir();
-    for missing in ["tokenizer.json", "config.json", "model.safetensors", "modules.json"] {
+    for missing in [
+        "tokenizer.json",
+        "config.json",
+        "model.safetensors",
+        "modules.json",
+    ] {
         let dir = tempfile::tempdir().unwrap();
-        for f in ["config.json", "modules.json", "sentence_bert_config.json", "tokenizer.json", "model.safetensors"] {
+        for f in [
+            "config.json",
+            "modules.json",
+            "sentence_bert_config.json",
+            "tokenizer.json",
+            "model.safetensors",
+        ] {
             if f != missing {
                 std::os::unix::fs::symlink(src.join(f), dir.path().join(f)).unwrap();
             }
         }
         std::fs::create_dir(dir.path().join("1_Pooling")).unwrap();
-        std::fs::copy(src.join("1_Pooling/config.json"), dir.path().join("1_Pooling/config.json")).unwrap();
+        std::fs::copy(
+            src.join("1_Pooling/config.json"),
+            dir.path().join("1_Pooling/config.json"),
+        )
+        .unwrap();
         let e = load_cpu(dir.path()).err().unwrap();
-        assert!(matches!(e, EncoderError::MissingFile { file, .. } if file == missing), "{missing}: {e}");
+        assert!(
+            matches!(e, EncoderError::MissingFile { file, .. } if file == missing),
+            "{missing}: {e}"
+        );
         assert!(e.to_string().contains(missing), "{e}");
     }
 
     // A corrupt config and truncated weights are reported with their path.
     let dir = tempfile::tempdir().unwrap();
-    for f in ["modules.json", "sentence_bert_config.json", "tokenizer.json"] {
+    for f in [
+        "modules.json",
+        "sentence_bert_config.json",
+        "tokenizer.json",
+    ] {
         std::os::unix::fs::symlink(src.join(f), dir.path().join(f)).unwrap();
     }
     std::fs::create_dir(dir.path().join("1_Pooling")).unwrap();
-    std::fs::copy(src.join("1_Pooling/config.json"), dir.path().join("1_Pooling/config.json")).unwrap();
+    std::fs::copy(
+        src.join("1_Pooling/config.json"),
+        dir.path().join("1_Pooling/config.json"),
+    )
+    .unwrap();
     std::fs::write(dir.path().join("config.json"), b"{ not json").unwrap();
     std::fs::write(dir.path().join("model.safetensors"), b"short").unwrap();
     let e = load_cpu(dir.path()).err().unwrap().to_string();
-    assert!(e.contains("config.json") && e.contains("invalid json"), "{e}");
+    assert!(
+        e.contains("config.json") && e.contains("invalid json"),
+        "{e}"
+    );
     std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
     let e = load_cpu(dir.path()).err().unwrap().to_string();
     assert!(e.contains("model.safetensors"), "{e}");
@@ -127,7 +166,9 @@ fn t30_pool_batches_concurrent_callers_and_sheds_load() {
             max_queue: 64,
             workers: 1,
         };
-        let pool = EncoderPool::start(vec![load_cpu(&model_dir()).unwrap()], cfg).await.unwrap();
+        let pool = EncoderPool::start(vec![load_cpu(&model_dir()).unwrap()], cfg)
+            .await
+            .unwrap();
         let requests: Vec<Vec<String>> = fx.texts[..48].chunks(3).map(|c| c.to_vec()).collect();
         let handles: Vec<_> = requests
             .iter()
@@ -148,13 +189,29 @@ fn t30_pool_batches_concurrent_callers_and_sheds_load() {
         let stats = pool.stats();
         let batches = stats.batches.load(std::sync::atomic::Ordering::Relaxed);
         assert_eq!(stats.texts.load(std::sync::atomic::Ordering::Relaxed), 48);
-        assert!(batches < requests.len() as u64, "{batches} batches for {} requests", requests.len());
+        assert!(
+            batches < requests.len() as u64,
+            "{batches} batches for {} requests",
+            requests.len()
+        );
 
         let e = pool.encode(vec!["x".to_string(); 65]).await.unwrap_err();
-        assert!(matches!(e, EncoderError::Overloaded { limit: 64, .. }), "{e}");
-        let e = pool.encode(vec!["ok".into(), String::new()]).await.unwrap_err();
+        assert!(
+            matches!(e, EncoderError::Overloaded { limit: 64, .. }),
+            "{e}"
+        );
+        let e = pool
+            .encode(vec!["ok".into(), String::new()])
+            .await
+            .unwrap_err();
         assert!(matches!(e, EncoderError::EmptyText { index: 1 }), "{e}");
-        assert_eq!(pool.encode(vec!["still serving".into()]).await.unwrap().len(), 1);
+        assert_eq!(
+            pool.encode(vec!["still serving".into()])
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
         pool.shutdown();
     });
 }
