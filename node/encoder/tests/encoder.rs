@@ -84,6 +84,29 @@ fn t11_a_text_encodes_the_same_alone_and_in_a_padded_batch() {
     }
 }
 
+/// A model dir whose files are links into `src`, without the files in `skip`.
+fn linked_model_dir(src: &Path, skip: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in [
+        "config.json",
+        "modules.json",
+        "sentence_bert_config.json",
+        "tokenizer.json",
+        "model.safetensors",
+    ] {
+        if !skip.contains(&f) {
+            std::os::unix::fs::symlink(src.join(f), dir.path().join(f)).unwrap();
+        }
+    }
+    std::fs::create_dir(dir.path().join("1_Pooling")).unwrap();
+    std::fs::copy(
+        src.join("1_Pooling/config.json"),
+        dir.path().join("1_Pooling/config.json"),
+    )
+    .unwrap();
+    dir
+}
+
 #[test]
 fn t20_bad_model_dirs_and_inputs_are_named() {
     let e = load_cpu(Path::new("/nonexistent/model")).err().unwrap();
@@ -97,24 +120,7 @@ fn t20_bad_model_dirs_and_inputs_are_named() {
         "model.safetensors",
         "modules.json",
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        for f in [
-            "config.json",
-            "modules.json",
-            "sentence_bert_config.json",
-            "tokenizer.json",
-            "model.safetensors",
-        ] {
-            if f != missing {
-                std::os::unix::fs::symlink(src.join(f), dir.path().join(f)).unwrap();
-            }
-        }
-        std::fs::create_dir(dir.path().join("1_Pooling")).unwrap();
-        std::fs::copy(
-            src.join("1_Pooling/config.json"),
-            dir.path().join("1_Pooling/config.json"),
-        )
-        .unwrap();
+        let dir = linked_model_dir(&src, &[missing]);
         let e = load_cpu(dir.path()).err().unwrap();
         assert!(
             matches!(e, EncoderError::MissingFile { file, .. } if file == missing),
@@ -124,20 +130,7 @@ fn t20_bad_model_dirs_and_inputs_are_named() {
     }
 
     // A corrupt config and truncated weights are reported with their path.
-    let dir = tempfile::tempdir().unwrap();
-    for f in [
-        "modules.json",
-        "sentence_bert_config.json",
-        "tokenizer.json",
-    ] {
-        std::os::unix::fs::symlink(src.join(f), dir.path().join(f)).unwrap();
-    }
-    std::fs::create_dir(dir.path().join("1_Pooling")).unwrap();
-    std::fs::copy(
-        src.join("1_Pooling/config.json"),
-        dir.path().join("1_Pooling/config.json"),
-    )
-    .unwrap();
+    let dir = linked_model_dir(&src, &["config.json", "model.safetensors"]);
     std::fs::write(dir.path().join("config.json"), b"{ not json").unwrap();
     std::fs::write(dir.path().join("model.safetensors"), b"short").unwrap();
     let e = load_cpu(dir.path()).err().unwrap().to_string();

@@ -62,6 +62,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     sync_dir(path.parent().expect("file in a dir"))
 }
 
+/// Opens (creating if absent) a segment file for reading and appending; returns it
+/// with its current length.
+fn open_segment(path: &Path) -> Result<(File, u64)> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(ShardError::io(path))?;
+    let len = file.metadata().map_err(ShardError::io(path))?.len();
+    Ok((file, len))
+}
+
 /// One record of the document segment.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum SegmentEntry {
@@ -91,14 +105,7 @@ impl DocsFile {
     /// Opens `docs.dat`, keeping only its first `len` bytes (the checkpointed part;
     /// anything after was applied from the WAL, which will apply it again).
     pub fn open(path: PathBuf, len: u64) -> Result<Self> {
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(ShardError::io(&path))?;
-        let actual = file.metadata().map_err(ShardError::io(&path))?.len();
+        let (file, actual) = open_segment(&path)?;
         if actual < len {
             return Err(ShardError::Corrupt {
                 file: path,
@@ -207,15 +214,8 @@ const GROW_BYTES: u64 = 64 << 20;
 impl VectorStore {
     /// Opens `vectors.f32` with exactly `rows` committed rows.
     pub fn open(path: PathBuf, dim: usize, rows: u64) -> Result<Self> {
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(ShardError::io(&path))?;
+        let (file, actual) = open_segment(&path)?;
         let row_bytes = (dim * 4) as u64;
-        let actual = file.metadata().map_err(ShardError::io(&path))?.len();
         if actual < rows * row_bytes {
             return Err(ShardError::Corrupt {
                 file: path,
