@@ -6,16 +6,15 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use burn::tensor::backend::Backend;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
 use clap::Args;
-use serde::Deserialize;
 use serde_json::json;
 use shoal_encoder::Encoder;
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokenizers::Tokenizer;
 
 #[derive(Args, Debug)]
 pub struct EncoderArgs {
@@ -24,7 +23,7 @@ pub struct EncoderArgs {
     #[arg(
         long,
         env = "SHOAL_MODEL_DIR",
-        default_value = "models/all-MiniLM-L6-v2"
+        default_value = shoal_encoder::DEFAULT_MODEL_DIR
     )]
     model_dir: PathBuf,
     /// Documents encoded per batch-size point.
@@ -42,22 +41,10 @@ struct CandlePeer {
     device: Device,
 }
 
-fn tokenizer_for(dir: &Path, max_len: usize) -> Result<Tokenizer> {
-    let mut t = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(anyhow::Error::msg)?;
-    t.with_truncation(Some(TruncationParams {
-        max_length: max_len,
-        ..Default::default()
-    }))
-    .map_err(anyhow::Error::msg)?;
-    t.with_padding(Some(PaddingParams {
-        strategy: PaddingStrategy::BatchLongest,
-        ..Default::default()
-    }));
-    Ok(t)
-}
-
 impl CandlePeer {
-    fn load(dir: &Path, max_len: usize) -> Result<Self> {
+    /// Same weights and the very tokenizer shoal uses, so only the model code differs.
+    fn load(spec: &shoal_encoder::ModelSpec) -> Result<Self> {
+        let dir = &spec.dir;
         let device = Device::Cpu;
         let config: Config = serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)?;
         // SAFETY: the weights file is not modified while mapped.
@@ -70,7 +57,7 @@ impl CandlePeer {
         };
         Ok(Self {
             model: BertModel::load(vb, &config)?,
-            tokenizer: tokenizer_for(dir, max_len)?,
+            tokenizer: shoal_encoder::tokenizer(spec)?,
             device,
         })
     }
@@ -100,27 +87,13 @@ impl CandlePeer {
     }
 }
 
-#[derive(Deserialize)]
-struct Row {
-    #[serde(default)]
-    title: String,
-    text: String,
-}
-
+/// The first `n` texts of a BEIR jsonl file, as "title text".
 fn read_texts(path: &Path, n: usize) -> Result<Vec<String>> {
-    std::fs::read_to_string(path)
-        .with_context(|| format!("reading {}", path.display()))?
-        .lines()
+    Ok(crate::ir::read_jsonl(path)?
+        .iter()
         .take(n)
-        .map(|l| {
-            let r: Row = serde_json::from_str(l)?;
-            Ok(if r.title.is_empty() {
-                r.text
-            } else {
-                format!("{} {}", r.title, r.text)
-            })
-        })
-        .collect()
+        .map(crate::ir::Row::text)
+        .collect())
 }
 
 fn throughput(texts: &[String], batch: usize, mut f: impl FnMut(&[&str])) -> f64 {
@@ -160,8 +133,8 @@ pub fn run(args: EncoderArgs) -> Result<()> {
     let docs = read_texts(&args.dataset.join("corpus.jsonl"), args.docs)?;
     let queries = read_texts(&args.dataset.join("queries.jsonl"), args.queries)?;
     let flex = shoal_encoder::load_cpu(&args.model_dir)?;
-    let max_len = flex.spec().max_seq_length;
-    let peer = CandlePeer::load(&args.model_dir, max_len)?;
+
+    let peer = CandlePeer::load(flex.spec())?;
     let ndarray: Encoder<burn::backend::NdArray> =
         Encoder::load(&args.model_dir, Default::default())?;
 

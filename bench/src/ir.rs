@@ -21,7 +21,7 @@ pub struct NdcgArgs {
     #[arg(
         long,
         env = "SHOAL_MODEL_DIR",
-        default_value = "models/all-MiniLM-L6-v2"
+        default_value = shoal_encoder::DEFAULT_MODEL_DIR
     )]
     model_dir: PathBuf,
     #[arg(long, default_value_t = 32)]
@@ -29,7 +29,7 @@ pub struct NdcgArgs {
 }
 
 #[derive(Deserialize)]
-struct Row {
+pub struct Row {
     #[serde(rename = "_id")]
     id: String,
     #[serde(default)]
@@ -37,7 +37,18 @@ struct Row {
     text: String,
 }
 
-fn read_jsonl(path: &Path) -> Result<Vec<Row>> {
+impl Row {
+    /// What gets encoded: "title text" when there is a title, as BEIR evaluates.
+    pub fn text(&self) -> String {
+        if self.title.is_empty() {
+            self.text.clone()
+        } else {
+            format!("{} {}", self.title, self.text)
+        }
+    }
+}
+
+pub fn read_jsonl(path: &Path) -> Result<Vec<Row>> {
     std::fs::read_to_string(path)
         .with_context(|| format!("reading {}", path.display()))?
         .lines()
@@ -90,16 +101,7 @@ pub fn run(args: NdcgArgs) -> Result<()> {
     let encoder = shoal_encoder::load_cpu(&args.model_dir)?;
 
     let started = Instant::now();
-    let texts: Vec<String> = corpus
-        .iter()
-        .map(|r| {
-            if r.title.is_empty() {
-                r.text.clone()
-            } else {
-                format!("{} {}", r.title, r.text)
-            }
-        })
-        .collect();
+    let texts: Vec<String> = corpus.iter().map(Row::text).collect();
     // Encode in length order (less padding), then restore corpus order.
     let mut order: Vec<usize> = (0..texts.len()).collect();
     order.sort_by_key(|&i| texts[i].len());

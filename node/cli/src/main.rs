@@ -40,7 +40,7 @@ enum Cmd {
         #[arg(
             long,
             env = "SHOAL_MODEL_DIR",
-            default_value = "models/all-MiniLM-L6-v2"
+            default_value = shoal_encoder::DEFAULT_MODEL_DIR
         )]
         model_dir: PathBuf,
         /// Lines encoded per batch.

@@ -10,6 +10,28 @@ use crate::bert::Bert;
 use crate::error::{EncoderError, Result};
 use crate::model_dir::{ModelSpec, Pooling};
 
+/// The model's tokenizer with shoal's settings. The packaged tokenizer.json hard-codes
+/// truncation and padding at 128: truncate at the model's own limit instead, and pad
+/// each batch only to its longest text.
+pub fn tokenizer(spec: &ModelSpec) -> Result<Tokenizer> {
+    let mut tokenizer =
+        Tokenizer::from_file(&spec.tokenizer).map_err(|e| EncoderError::BadFile {
+            path: spec.tokenizer.clone(),
+            reason: e.to_string(),
+        })?;
+    tokenizer
+        .with_truncation(Some(TruncationParams {
+            max_length: spec.max_seq_length,
+            ..TruncationParams::default()
+        }))
+        .map_err(|e| EncoderError::Tokenizer(e.to_string()))?;
+    tokenizer.with_padding(Some(PaddingParams {
+        strategy: PaddingStrategy::BatchLongest,
+        ..PaddingParams::default()
+    }));
+    Ok(tokenizer)
+}
+
 pub struct Encoder<B: Backend> {
     spec: ModelSpec,
     tokenizer: Tokenizer,
@@ -30,23 +52,7 @@ pub struct Encoded {
 impl<B: Backend> Encoder<B> {
     pub fn load(dir: &Path, device: B::Device) -> Result<Self> {
         let spec = ModelSpec::load(dir)?;
-        let mut tokenizer =
-            Tokenizer::from_file(&spec.tokenizer).map_err(|e| EncoderError::BadFile {
-                path: spec.tokenizer.clone(),
-                reason: e.to_string(),
-            })?;
-        // The packaged tokenizer.json hard-codes truncation and padding at 128: truncate
-        // at the model's own limit instead, and pad each batch only to its longest text.
-        tokenizer
-            .with_truncation(Some(TruncationParams {
-                max_length: spec.max_seq_length,
-                ..TruncationParams::default()
-            }))
-            .map_err(|e| EncoderError::Tokenizer(e.to_string()))?;
-        tokenizer.with_padding(Some(PaddingParams {
-            strategy: PaddingStrategy::BatchLongest,
-            ..PaddingParams::default()
-        }));
+        let tokenizer = tokenizer(&spec)?;
         let bert = Bert::load(&spec, &device)?;
         tracing::info!(
             dir = %dir.display(),

@@ -9,9 +9,12 @@ mod error;
 mod model_dir;
 pub mod pool;
 
-pub use encoder::{Encoded, Encoder};
+pub use encoder::{tokenizer, Encoded, Encoder};
 pub use error::{EncoderError, Result};
 pub use model_dir::{BertConfig, ModelSpec, Pooling};
+
+/// Where scripts/fetch-model.sh installs all-MiniLM-L6-v2, relative to the repo root.
+pub const DEFAULT_MODEL_DIR: &str = "models/all-MiniLM-L6-v2";
 
 /// The default CPU backend (burn-flex: SIMD kernels and gemm; the fastest of Burn's CPU
 /// backends here, see docs/benchmarks.md).

@@ -370,9 +370,10 @@ impl Shard {
         for op in ops {
             logged.push(match op {
                 WriteOp::Upsert(d) => {
-                    validate_document(cfg, &d)?;
+                    let metadata = d.metadata.to_string();
+                    validate_document(cfg, &d, &metadata)?;
                     WalOp::Upsert {
-                        metadata: d.metadata.to_string(),
+                        metadata,
                         id: d.id,
                         text: d.text,
                         vector: d.vector,
@@ -547,13 +548,15 @@ impl Shard {
     }
 
     pub fn stats(&self) -> ShardStats {
+        // Writer before state, the order every writer and the build swap take them in.
+        let last_seq = self.inner.writer.lock().last_seq;
         let st = self.inner.state.read();
         let serving = st.serving.as_ref().map(|g| g.info.clone());
         let rows = st.rows.len() as u64;
         ShardStats {
             live_docs: st.ids.len(),
             rows,
-            last_seq: self.inner.writer.lock().last_seq,
+            last_seq,
             fresh_rows: rows - serving.as_ref().map_or(0, |g| g.covered_rows),
             serving,
             building: *self.inner.building.lock(),
@@ -789,10 +792,10 @@ fn validate_vector(cfg: &CollectionConfig, v: &[f32]) -> std::result::Result<(),
     Ok(())
 }
 
-fn validate_document(cfg: &CollectionConfig, d: &Document) -> Result<()> {
+fn validate_document(cfg: &CollectionConfig, d: &Document, metadata_json: &str) -> Result<()> {
     validate_id(&d.id)?;
     validate_vector(cfg, &d.vector).map_err(|r| ShardError::invalid_doc(&d.id, r))?;
-    let size = d.text.as_ref().map_or(0, |t| t.len()) + d.metadata.to_string().len();
+    let size = d.text.as_ref().map_or(0, |t| t.len()) + metadata_json.len();
     if size > MAX_DOC_BYTES {
         return Err(ShardError::invalid_doc(
             &d.id,
