@@ -10,5 +10,5 @@ source scripts/env.sh
 cargo fmt --all --check
 cargo clippy --release --workspace --all-targets --locked -- -D warnings
 # The GPU backend must keep compiling even where no GPU is present.
-cargo check --release --locked -p shoal-encoder --features cuda
+cargo check --release --locked -p shoal-gpu-bench --features cuda --all-targets
 cargo test --release --workspace --locked

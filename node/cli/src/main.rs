@@ -1,5 +1,6 @@
 //! The `shoal` command. Thin: parses flags and calls library functions.
 
+mod coordinator;
 mod demo;
 mod embed;
 
@@ -47,6 +48,36 @@ enum Cmd {
         #[arg(long, default_value_t = 32)]
         batch: usize,
     },
+    /// Runs one member of the Raft-replicated coordinator group.
+    Coordinator(coordinator::CoordinatorArgs),
+    /// Creates, lists, describes and drops collections.
+    Collection {
+        #[command(flatten)]
+        target: coordinator::Target,
+        #[command(subcommand)]
+        cmd: coordinator::CollectionCmd,
+    },
+    /// The coordinator group, the nodes and every shard's replica set.
+    Status {
+        #[command(flatten)]
+        target: coordinator::Target,
+    },
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -67,5 +98,10 @@ fn main() -> anyhow::Result<()> {
             dataset_dir,
         }),
         Cmd::Embed { model_dir, batch } => embed::run(&model_dir, batch),
+        Cmd::Coordinator(args) => runtime()?.block_on(coordinator::run(args)),
+        Cmd::Collection { target, cmd } => {
+            runtime()?.block_on(coordinator::collection(target, cmd))
+        }
+        Cmd::Status { target } => runtime()?.block_on(coordinator::status(target)),
     }
 }

@@ -171,8 +171,10 @@ impl<B: Backend> Bert<B> {
         let h = x.dims()[2];
         let mut x = e.layer_norm.forward(x).reshape([b * s, h]);
         // Padding keys get a large negative bias: softmax gives them exactly 0 weight.
+        // -1e4 rather than -1e9: it must stay finite in f16 (0 x -inf would be NaN), and
+        // exp(-1e4) is already 0 in f32.
         let bias = (mask.ones_like() - mask)
-            .mul_scalar(-1.0e9)
+            .mul_scalar(-1.0e4)
             .reshape([b, 1, 1, s]);
         for layer in &self.model.encoder.layer {
             x = self.layer_forward(layer, x, bias.clone(), b);

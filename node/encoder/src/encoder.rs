@@ -114,6 +114,41 @@ impl<B: Backend> Encoder<B> {
             ids.extend(e.get_ids().iter().map(|&x| x as i64));
             mask.extend(e.get_attention_mask().iter().map(|&x| x as f32));
         }
+        Ok(Encoded {
+            vectors: self.run(ids, mask, b, s)?,
+            truncated,
+            padded_tokens: b * s,
+        })
+    }
+
+    /// Vectors for already-tokenized inputs (ids including the special tokens), padded
+    /// here to the longest. For benchmarks that must feed two implementations the same
+    /// token sequences; `encode` is the entry point for text.
+    pub fn encode_token_ids(&self, batch: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        let b = batch.len();
+        let s = batch.iter().map(Vec::len).max().unwrap_or(0);
+        if b == 0 || s == 0 {
+            return Err(EncoderError::EmptyText { index: 0 });
+        }
+        if s > self.spec.bert.max_position_embeddings {
+            return Err(EncoderError::Tokenizer(format!(
+                "{s} tokens exceed the model's {} positions",
+                self.spec.bert.max_position_embeddings
+            )));
+        }
+        let mut ids = Vec::with_capacity(b * s);
+        let mut mask = Vec::with_capacity(b * s);
+        for seq in batch {
+            ids.extend(seq.iter().map(|&x| i64::from(x)));
+            ids.resize(ids.len() + s - seq.len(), 0);
+            mask.extend(std::iter::repeat_n(1.0f32, seq.len()));
+            mask.resize(mask.len() + s - seq.len(), 0.0);
+        }
+        self.run(ids, mask, b, s)
+    }
+
+    /// Forward pass, pooling and normalisation over a padded `[b, s]` batch.
+    fn run(&self, ids: Vec<i64>, mask: Vec<f32>, b: usize, s: usize) -> Result<Vec<Vec<f32>>> {
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, s]), &self.device);
         let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [b, s]), &self.device);
         let hidden = self.bert.forward(ids, mask.clone());
@@ -143,10 +178,6 @@ impl<B: Backend> Encoder<B> {
             .convert::<f32>()
             .into_vec()
             .map_err(|e| EncoderError::Tokenizer(format!("reading output tensor: {e:?}")))?;
-        Ok(Encoded {
-            vectors: flat.chunks(h).map(<[f32]>::to_vec).collect(),
-            truncated,
-            padded_tokens: b * s,
-        })
+        Ok(flat.chunks(h).map(<[f32]>::to_vec).collect())
     }
 }

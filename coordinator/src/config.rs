@@ -1,0 +1,136 @@
+//! `shoal coordinator` settings: flags, `SHOAL_*` environment variables, or a TOML file
+//! (flags and environment win over the file).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::raft::Member;
+
+/// One member of the group: `ID=RAFT_ADDR/API_ADDR`, e.g. `1=127.0.0.1:7101/127.0.0.1:7001`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct Peer {
+    pub id: u64,
+    pub raft_addr: String,
+    pub api_addr: String,
+}
+
+impl std::str::FromStr for Peer {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("peer {s:?} must look like ID=RAFT_ADDR/API_ADDR");
+        let (id, rest) = s.split_once('=').ok_or_else(bad)?;
+        let (raft, api) = rest.split_once('/').ok_or_else(bad)?;
+        Ok(Peer {
+            id: id.trim().parse().map_err(|_| bad())?,
+            raft_addr: raft.trim().to_string(),
+            api_addr: api.trim().to_string(),
+        })
+    }
+}
+
+impl Peer {
+    pub fn member(&self) -> Member {
+        Member {
+            raft_addr: self.raft_addr.clone(),
+            api_addr: self.api_addr.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// This member's Raft id (non-zero).
+    pub id: u64,
+    /// Public gRPC address (admin and cluster-map services).
+    pub listen: String,
+    /// Internal Raft address, for the other members only.
+    pub raft_listen: String,
+    pub data_dir: PathBuf,
+    /// The initial voters, this member included. A fresh group is initialised by its
+    /// lowest-id member; on restart the log on disk wins and this list is ignored.
+    pub peers: Vec<Peer>,
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Log entries between snapshots; older entries are purged after a snapshot.
+    pub snapshot_every: u64,
+    /// A node silent this long turns suspect, and down after `down_after_ms`.
+    pub suspect_after_ms: u64,
+    pub down_after_ms: u64,
+    /// How often the leader checks liveness and runs placement.
+    pub tick_ms: u64,
+    pub max_moves_per_step: usize,
+    pub max_copies_in_flight: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            id: 1,
+            listen: "127.0.0.1:7001".into(),
+            raft_listen: "127.0.0.1:7101".into(),
+            data_dir: PathBuf::from("data/coordinator-1"),
+            peers: Vec::new(),
+            // Election timeouts sized for a loaded 2-core machine: long enough that a
+            // busy member's heartbeat is not mistaken for a failure, short enough that a
+            // new leader commits within 3 s of the old one stopping.
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 1000,
+            snapshot_every: 1000,
+            suspect_after_ms: 5_000,
+            down_after_ms: 30_000,
+            tick_ms: 250,
+            max_moves_per_step: 16,
+            max_copies_in_flight: 8,
+        }
+    }
+}
+
+impl Config {
+    pub fn from_toml_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.id != 0, "id must be non-zero");
+        anyhow::ensure!(
+            self.peers.is_empty() || self.peers.iter().any(|p| p.id == self.id),
+            "peers must include this member (id {})",
+            self.id
+        );
+        anyhow::ensure!(
+            self.heartbeat_ms * 3 <= self.election_timeout_min_ms
+                && self.election_timeout_min_ms < self.election_timeout_max_ms,
+            "need heartbeat_ms * 3 <= election_timeout_min_ms < election_timeout_max_ms"
+        );
+        anyhow::ensure!(
+            self.suspect_after_ms < self.down_after_ms,
+            "suspect_after_ms must be below down_after_ms"
+        );
+        Ok(())
+    }
+
+    pub fn raft_config(&self) -> openraft::Config {
+        openraft::Config {
+            cluster_name: "shoal-coordinator".into(),
+            heartbeat_interval: self.heartbeat_ms,
+            election_timeout_min: self.election_timeout_min_ms,
+            election_timeout_max: self.election_timeout_max_ms,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every),
+            max_in_snapshot_log_to_keep: 0,
+            purge_batch_size: 1,
+            install_snapshot_timeout: 2_000,
+            ..Default::default()
+        }
+    }
+
+    pub fn tick(&self) -> Duration {
+        Duration::from_millis(self.tick_ms)
+    }
+}

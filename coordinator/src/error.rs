@@ -1,0 +1,55 @@
+//! The coordinator's one error type, and its mapping to gRPC status codes.
+
+use tonic::{Code, Status};
+
+use crate::map::MapError;
+
+/// Metadata key carrying the leader's public address on a not-leader answer, so a
+/// client can go straight there.
+pub const LEADER_HEADER: &str = "x-shoal-leader";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error(transparent)]
+    Map(#[from] MapError),
+    #[error("not the leader (leader is member {leader:?} at {api_addr:?})")]
+    NotLeader {
+        leader: Option<u64>,
+        api_addr: Option<String>,
+    },
+    #[error("no leader elected; retry shortly")]
+    NoLeader,
+    #[error("outcome unknown: {0}")]
+    Unknown(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+pub type Result<T> = std::result::Result<T, CoordinatorError>;
+
+impl From<CoordinatorError> for Status {
+    fn from(e: CoordinatorError) -> Self {
+        let msg = e.to_string();
+        match e {
+            CoordinatorError::Map(m) => match m {
+                MapError::InvalidArgument(_) => Status::invalid_argument(msg),
+                MapError::AlreadyExists(_) => Status::already_exists(msg),
+                MapError::NotFound(_) => Status::not_found(msg),
+                MapError::FailedPrecondition(_) => Status::failed_precondition(msg),
+            },
+            CoordinatorError::NotLeader { api_addr, .. } => {
+                let mut s = Status::new(Code::Unavailable, msg);
+                if let Some(v) = api_addr.and_then(|a| a.parse().ok()) {
+                    s.metadata_mut().insert(LEADER_HEADER, v);
+                }
+                s
+            }
+            CoordinatorError::NoLeader => Status::unavailable(msg),
+            CoordinatorError::Unknown(_) => Status::unknown(msg),
+            CoordinatorError::InvalidArgument(_) => Status::invalid_argument(msg),
+            CoordinatorError::Raft(_) => Status::internal(msg),
+        }
+    }
+}

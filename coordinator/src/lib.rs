@@ -1,0 +1,159 @@
+//! shoal's coordinator: a Raft group (openraft) whose replicated state machine is the
+//! cluster map: collections, worker nodes and their liveness, and shard placement.
+//!
+//! Pure logic lives in [`map`] (the data model and its commands) and [`placement`]
+//! (assignments and moves); [`store`] and [`network`] are openraft's storage and
+//! transport; [`member`] is one member's behaviour; [`service`] the gRPC surface.
+//! [`start`] boots a member in-process (the `shoal coordinator` binary is a thin wrapper),
+//! so tests run whole groups over real loopback gRPC.
+
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod map;
+pub mod member;
+pub mod network;
+pub mod placement;
+pub mod raft;
+pub mod service;
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use shoal_proto::coordinator::{admin_server::AdminServer, cluster_map_server::ClusterMapServer};
+use shoal_proto::raft::raft_server::RaftServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use config::{Config, Peer};
+pub use error::CoordinatorError;
+pub use member::Coordinator;
+
+use crate::network::Network;
+use crate::store::{LogStore, StateMachine};
+
+/// Largest message either gRPC server accepts (snapshots travel in chunks below this).
+const MAX_MESSAGE: usize = 16 << 20;
+
+/// A running member. Dropping it does not stop it: call [`Handle::shutdown`].
+pub struct Handle {
+    pub coordinator: Arc<Coordinator>,
+    pub api_addr: SocketAddr,
+    pub raft_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Handle {
+    /// Stops serving, stops Raft, and waits for the servers to close their ports.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        self.coordinator.stopping.send_replace(true);
+        let _ = self.coordinator.raft.shutdown().await;
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Opens the member's storage under `config.data_dir`, binds both ports, starts Raft,
+/// and initialises a fresh group if this is its lowest-id initial member.
+pub async fn start(config: Config) -> anyhow::Result<Handle> {
+    config.validate()?;
+    let config = Arc::new(config);
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let log = LogStore::open(&config.data_dir.join("raft-log.redb"))
+        .with_context(|| format!("opening the raft log in {}", config.data_dir.display()))?;
+    let sm = StateMachine::open(&config.data_dir.join("snapshot"))?;
+
+    let api = TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("binding the public address {}", config.listen))?;
+    let raft_l = TcpListener::bind(&config.raft_listen)
+        .await
+        .with_context(|| format!("binding the raft address {}", config.raft_listen))?;
+    let (api_addr, raft_addr) = (api.local_addr()?, raft_l.local_addr()?);
+
+    let raft_config = Arc::new(config.raft_config().validate()?);
+    let raft = raft::Raft::new(config.id, raft_config, Network, log, sm.clone()).await?;
+    let coordinator = Arc::new(Coordinator::new(
+        config.id,
+        raft.clone(),
+        sm,
+        config.clone(),
+    ));
+
+    let (stop, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mut tasks = Vec::new();
+    let c = coordinator.clone();
+    let rx = stop_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let r = tonic::transport::Server::builder()
+            .add_service(
+                RaftServer::new(service::RaftService(c)).max_decoding_message_size(MAX_MESSAGE),
+            )
+            .serve_with_incoming_shutdown(TcpListenerStream::new(raft_l), stopped(rx))
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "raft server failed");
+        }
+    }));
+    let c = coordinator.clone();
+    let rx = stop_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let r = tonic::transport::Server::builder()
+            .add_service(
+                AdminServer::new(service::AdminService(c.clone()))
+                    .max_decoding_message_size(MAX_MESSAGE),
+            )
+            .add_service(
+                ClusterMapServer::new(service::ClusterMapService(c))
+                    .max_decoding_message_size(MAX_MESSAGE),
+            )
+            .serve_with_incoming_shutdown(TcpListenerStream::new(api), stopped(rx))
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "api server failed");
+        }
+    }));
+    let c = coordinator.clone();
+    let mut rx = stop_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(c.config.tick());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => c.tick().await,
+                _ = rx.changed() => return,
+            }
+        }
+    }));
+
+    let lowest = config.peers.iter().map(|p| p.id).min();
+    if lowest == Some(config.id) && !raft.is_initialized().await? {
+        let members: BTreeMap<u64, raft::Member> =
+            config.peers.iter().map(|p| (p.id, p.member())).collect();
+        match raft.initialize(members).await {
+            Ok(()) => tracing::info!(id = config.id, "initialised a new coordinator group"),
+            // Another member got there first, or the log already holds a membership.
+            Err(e) => tracing::info!(id = config.id, error = %e, "group already initialised"),
+        }
+    }
+    tracing::info!(id = config.id, api = %api_addr, raft = %raft_addr, data_dir = %config.data_dir.display(), "coordinator started");
+    Ok(Handle {
+        coordinator,
+        api_addr,
+        raft_addr,
+        stop,
+        tasks,
+    })
+}

@@ -1,0 +1,838 @@
+//! The cluster map: the coordinator's replicated state machine, as plain data.
+//!
+//! Every change is a [`Command`] applied by [`ClusterMap::apply`], which validates the
+//! whole command before touching anything (nothing is half-applied) and is
+//! deterministic (no clocks, no randomness), so every member that applies the same log
+//! holds the same map. Each successful command bumps `version` by one.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::placement;
+
+pub type NodeId = String;
+
+pub const MAX_DIMENSION: u32 = 4096;
+pub const MAX_SHARDS: u32 = 1024;
+pub const DEFAULT_REPLICA_MEMORY: u64 = 256 << 20;
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Metric {
+    InnerProduct,
+    L2,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct IndexParams {
+    pub nlist: u32,
+    pub pq_m: u32,
+    pub pq_nbits: u32,
+    pub nprobe: u32,
+    pub refine: u32,
+}
+
+impl IndexParams {
+    /// Defaults for a dimension, matching the shard engine's (IVF1024, PQ d/8 x 8 bits,
+    /// nprobe 32, re-rank 10x); `m` falls back to the largest divisor of `d` at most d/8.
+    pub fn defaults(dimension: u32) -> Self {
+        let target = (dimension / 8).max(1);
+        let pq_m = (1..=target)
+            .rev()
+            .find(|m| dimension.is_multiple_of(*m))
+            .unwrap_or(1);
+        Self {
+            nlist: 1024,
+            pq_m,
+            pq_nbits: 8,
+            nprobe: 32,
+            refine: 10,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct EncoderRef {
+    pub model_id: String,
+    pub content_hash: String,
+}
+
+/// What a user asks for; validated by [`CollectionSpec::validate`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct CollectionSpec {
+    pub name: String,
+    pub dimension: u32,
+    pub metric: Metric,
+    pub encoder: Option<EncoderRef>,
+    pub index: IndexParams,
+    pub shard_count: u32,
+    pub replication_factor: u32,
+    pub replica_memory_bytes: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Collection {
+    /// Unique for the life of the cluster: a dropped and re-created name gets a new id.
+    pub id: u64,
+    pub spec: CollectionSpec,
+    pub created_version: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct Capacity {
+    pub memory_bytes: u64,
+    pub gpu: bool,
+    pub zone: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeState {
+    /// Registered, not yet heartbeating as ready.
+    Joining,
+    Up,
+    /// Missed heartbeats past the suspect timeout; keeps its replicas.
+    Suspect,
+    /// Missed heartbeats past the down timeout; its replicas are re-assigned.
+    Down,
+    /// Operator asked to empty it; receives nothing new.
+    Draining,
+}
+
+impl NodeState {
+    /// Whether placement may put new replicas here.
+    pub fn accepts_replicas(self) -> bool {
+        self == NodeState::Up
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Node {
+    pub id: NodeId,
+    pub addr: String,
+    pub capacity: Capacity,
+    pub state: NodeState,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplicaState {
+    Serving,
+    /// Target of a move: receiving data, not yet serving.
+    Copying,
+    /// Source of a move: serving until its replacement is ready, then removed.
+    Leaving,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Replica {
+    pub node: NodeId,
+    pub state: ReplicaState,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ShardKey {
+    pub collection: String,
+    pub index: u32,
+}
+
+impl fmt::Display for ShardKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.collection, self.index)
+    }
+}
+
+impl ShardKey {
+    pub fn parse(s: &str) -> Option<Self> {
+        let (c, i) = s.rsplit_once('/')?;
+        Some(Self {
+            collection: c.to_string(),
+            index: i.parse().ok()?,
+        })
+    }
+}
+
+/// A shard's replica set and index generations.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub key: ShardKey,
+    pub collection_id: u64,
+    pub primary: Option<NodeId>,
+    pub replicas: Vec<Replica>,
+    /// Bumped whenever the primary changes, so a deposed primary can be fenced.
+    pub epoch: u64,
+    pub serving_generation: u64,
+    /// 0 when no build is under way.
+    pub building_generation: u64,
+}
+
+impl Shard {
+    pub fn holds(&self, node: &str) -> bool {
+        self.replicas.iter().any(|r| r.node == node)
+    }
+
+    /// Replicas that count towards the replication factor (not leaving).
+    pub fn live_count(&self) -> usize {
+        self.replicas
+            .iter()
+            .filter(|r| r.state != ReplicaState::Leaving)
+            .count()
+    }
+}
+
+/// One step of placement, applied atomically per shard.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum Move {
+    /// Add a replica on `to`; `from`, if any, becomes Leaving until `to` is ready.
+    /// `to` starts Serving when there is nothing to copy (a new, empty shard).
+    Add {
+        shard: ShardKey,
+        to: NodeId,
+        from: Option<NodeId>,
+    },
+    /// Drop the replica on a down node outright (its data is gone with it).
+    Evict { shard: ShardKey, node: NodeId },
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    CreateCollection(CollectionSpec),
+    DropCollection {
+        name: String,
+    },
+    RegisterNode {
+        id: NodeId,
+        addr: String,
+        capacity: Capacity,
+    },
+    /// Applied only when the node is still in one of `from` (so a decision made on an
+    /// older view cannot undo a newer one).
+    SetNodeState {
+        id: NodeId,
+        state: NodeState,
+        from: Vec<NodeState>,
+    },
+    ApplyMoves(Vec<Move>),
+    /// A move's target has caught up: it serves, and the leaving source goes.
+    ReplicaReady {
+        shard: ShardKey,
+        node: NodeId,
+    },
+    SetGenerations {
+        shard: ShardKey,
+        serving: u64,
+        building: u64,
+    },
+}
+
+/// What a command changed, for watchers.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    CollectionPut(Collection),
+    CollectionDropped(String),
+    NodePut(Node),
+    ShardPut(Shard),
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MapError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+}
+
+type Result<T> = std::result::Result<T, MapError>;
+
+fn invalid(msg: impl Into<String>) -> MapError {
+    MapError::InvalidArgument(msg.into())
+}
+
+impl CollectionSpec {
+    pub fn validate(&self) -> Result<()> {
+        let n = &self.name;
+        if n.is_empty() || n.len() > 128 {
+            return Err(invalid("collection name must be 1 to 128 characters"));
+        }
+        if !n
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(invalid(format!(
+                "collection name {n:?} may hold only ASCII letters, digits, '_' and '-'"
+            )));
+        }
+        let d = self.dimension;
+        if !(1..=MAX_DIMENSION).contains(&d) {
+            return Err(invalid(format!(
+                "dimension {d} must be between 1 and {MAX_DIMENSION}"
+            )));
+        }
+        if !(1..=MAX_SHARDS).contains(&self.shard_count) {
+            return Err(invalid(format!(
+                "shard_count {} must be between 1 and {MAX_SHARDS}",
+                self.shard_count
+            )));
+        }
+        if self.replication_factor == 0 {
+            return Err(invalid("replication_factor must be at least 1"));
+        }
+        let ix = &self.index;
+        if ix.nlist == 0 || ix.nlist > 1 << 20 {
+            return Err(invalid(format!(
+                "nlist {} must be between 1 and 1048576",
+                ix.nlist
+            )));
+        }
+        if ix.pq_m == 0 || !d.is_multiple_of(ix.pq_m) {
+            return Err(invalid(format!(
+                "pq_m {} must divide the dimension {d}",
+                ix.pq_m
+            )));
+        }
+        if !(1..=16).contains(&ix.pq_nbits) {
+            return Err(invalid(format!(
+                "pq_nbits {} is not supported (1 to 16)",
+                ix.pq_nbits
+            )));
+        }
+        if ix.nprobe == 0 || ix.nprobe > ix.nlist {
+            return Err(invalid(format!(
+                "nprobe {} must be between 1 and nlist {}",
+                ix.nprobe, ix.nlist
+            )));
+        }
+        if ix.refine == 0 || ix.refine > 1000 {
+            return Err(invalid(format!(
+                "refine {} must be between 1 and 1000",
+                ix.refine
+            )));
+        }
+        if let Some(e) = &self.encoder {
+            if e.model_id.is_empty() {
+                return Err(invalid("encoder model_id must not be empty"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct ClusterMap {
+    pub version: u64,
+    pub next_collection_id: u64,
+    pub collections: BTreeMap<String, Collection>,
+    pub nodes: BTreeMap<NodeId, Node>,
+    pub shards: BTreeMap<ShardKey, Shard>,
+}
+
+impl ClusterMap {
+    pub fn shards_of<'a>(&'a self, collection: &'a str) -> impl Iterator<Item = &'a Shard> + 'a {
+        self.shards
+            .range(
+                ShardKey {
+                    collection: collection.to_string(),
+                    index: 0,
+                }..,
+            )
+            .take_while(move |(k, _)| k.collection == collection)
+            .map(|(_, s)| s)
+    }
+
+    /// Replicas (any state) hosted per node.
+    pub fn replica_counts(&self) -> BTreeMap<&str, usize> {
+        let mut counts: BTreeMap<&str, usize> =
+            self.nodes.keys().map(|k| (k.as_str(), 0)).collect();
+        for s in self.shards.values() {
+            for r in &s.replicas {
+                *counts.entry(r.node.as_str()).or_default() += 1;
+            }
+        }
+        counts
+    }
+
+    /// Applies `cmd`, or returns why not without changing anything.
+    pub fn apply(&mut self, cmd: &Command) -> Result<Vec<Change>> {
+        let changes = match cmd {
+            Command::CreateCollection(spec) => self.create_collection(spec)?,
+            Command::DropCollection { name } => self.drop_collection(name)?,
+            Command::RegisterNode { id, addr, capacity } => {
+                self.register_node(id, addr, capacity)?
+            }
+            Command::SetNodeState { id, state, from } => self.set_node_state(id, *state, from)?,
+            Command::ApplyMoves(moves) => self.apply_moves(moves)?,
+            Command::ReplicaReady { shard, node } => self.replica_ready(shard, node)?,
+            Command::SetGenerations {
+                shard,
+                serving,
+                building,
+            } => {
+                let s = self
+                    .shards
+                    .get_mut(shard)
+                    .ok_or_else(|| MapError::NotFound(format!("shard {shard} not found")))?;
+                if *serving < s.serving_generation {
+                    return Err(MapError::FailedPrecondition(format!(
+                        "shard {shard} already serves generation {}, not going back to {serving}",
+                        s.serving_generation
+                    )));
+                }
+                s.serving_generation = *serving;
+                s.building_generation = *building;
+                vec![Change::ShardPut(s.clone())]
+            }
+        };
+        self.version += 1;
+        Ok(changes)
+    }
+
+    fn create_collection(&mut self, spec: &CollectionSpec) -> Result<Vec<Change>> {
+        spec.validate()?;
+        if self.collections.contains_key(&spec.name) {
+            return Err(MapError::AlreadyExists(format!(
+                "collection {:?} already exists",
+                spec.name
+            )));
+        }
+        let up = self
+            .nodes
+            .values()
+            .filter(|n| n.state.accepts_replicas())
+            .count();
+        if spec.replication_factor as usize > up {
+            return Err(MapError::FailedPrecondition(format!(
+                "replication_factor {} exceeds the {up} node(s) up",
+                spec.replication_factor
+            )));
+        }
+        let assignment = placement::initial(self, spec).map_err(MapError::FailedPrecondition)?;
+        let id = self.next_collection_id + 1;
+        self.next_collection_id = id;
+        let collection = Collection {
+            id,
+            spec: spec.clone(),
+            created_version: self.version + 1,
+        };
+        let mut changes = vec![Change::CollectionPut(collection.clone())];
+        self.collections.insert(spec.name.clone(), collection);
+        for (index, nodes) in assignment.into_iter().enumerate() {
+            let key = ShardKey {
+                collection: spec.name.clone(),
+                index: index as u32,
+            };
+            let shard = Shard {
+                key: key.clone(),
+                collection_id: id,
+                primary: nodes.first().cloned(),
+                replicas: nodes
+                    .into_iter()
+                    .map(|node| Replica {
+                        node,
+                        state: ReplicaState::Serving,
+                    })
+                    .collect(),
+                epoch: 1,
+                serving_generation: 0,
+                building_generation: 0,
+            };
+            changes.push(Change::ShardPut(shard.clone()));
+            self.shards.insert(key, shard);
+        }
+        Ok(changes)
+    }
+
+    fn drop_collection(&mut self, name: &str) -> Result<Vec<Change>> {
+        if self.collections.remove(name).is_none() {
+            return Err(MapError::NotFound(format!("collection {name:?} not found")));
+        }
+        self.shards.retain(|k, _| k.collection != name);
+        Ok(vec![Change::CollectionDropped(name.to_string())])
+    }
+
+    fn register_node(&mut self, id: &str, addr: &str, capacity: &Capacity) -> Result<Vec<Change>> {
+        if id.is_empty() || addr.is_empty() {
+            return Err(invalid("node id and address must not be empty"));
+        }
+        // Re-registering (a restart) keeps the node's replicas; a down node comes back
+        // as joining and turns up on its first ready heartbeat.
+        let state = match self.nodes.get(id) {
+            Some(n) if n.state == NodeState::Draining => NodeState::Draining,
+            _ => NodeState::Joining,
+        };
+        let node = Node {
+            id: id.to_string(),
+            addr: addr.to_string(),
+            capacity: capacity.clone(),
+            state,
+        };
+        self.nodes.insert(id.to_string(), node.clone());
+        Ok(vec![Change::NodePut(node)])
+    }
+
+    fn set_node_state(
+        &mut self,
+        id: &str,
+        state: NodeState,
+        from: &[NodeState],
+    ) -> Result<Vec<Change>> {
+        let node = self
+            .nodes
+            .get_mut(id)
+            .ok_or_else(|| MapError::NotFound(format!("node {id:?} not found")))?;
+        if !from.is_empty() && !from.contains(&node.state) {
+            return Err(MapError::FailedPrecondition(format!(
+                "node {id:?} is {:?}, not one of {from:?}",
+                node.state
+            )));
+        }
+        node.state = state;
+        let mut changes = vec![Change::NodePut(node.clone())];
+        // A primary on a node that is down hands over to a serving backup, under a new
+        // epoch (the data-path failover itself is the replication layer's).
+        if state == NodeState::Down {
+            for s in self.shards.values_mut() {
+                if s.primary.as_deref() == Some(id) {
+                    s.primary = s
+                        .replicas
+                        .iter()
+                        .find(|r| r.node != id && r.state != ReplicaState::Copying)
+                        .map(|r| r.node.clone());
+                    s.epoch += 1;
+                    changes.push(Change::ShardPut(s.clone()));
+                }
+            }
+        }
+        Ok(changes)
+    }
+
+    fn apply_moves(&mut self, moves: &[Move]) -> Result<Vec<Change>> {
+        // Validate all on a copy, then swap: all or nothing.
+        let mut shards = self.shards.clone();
+        let mut touched = Vec::new();
+        for m in moves {
+            match m {
+                Move::Add { shard, to, from } => {
+                    let s = shards
+                        .get_mut(shard)
+                        .ok_or_else(|| MapError::NotFound(format!("shard {shard} not found")))?;
+                    match self.nodes.get(to) {
+                        Some(n) if n.state.accepts_replicas() => {}
+                        _ => {
+                            return Err(MapError::FailedPrecondition(format!(
+                                "node {to:?} cannot take replicas"
+                            )))
+                        }
+                    }
+                    if s.holds(to) {
+                        return Err(MapError::FailedPrecondition(format!(
+                            "shard {shard} already has a replica on {to:?}"
+                        )));
+                    }
+                    if let Some(f) = from {
+                        let r = s
+                            .replicas
+                            .iter_mut()
+                            .find(|r| &r.node == f && r.state == ReplicaState::Serving)
+                            .ok_or_else(|| {
+                                MapError::FailedPrecondition(format!(
+                                    "shard {shard} has no serving replica on {f:?} to move"
+                                ))
+                            })?;
+                        r.state = ReplicaState::Leaving;
+                    }
+                    s.replicas.push(Replica {
+                        node: to.clone(),
+                        state: ReplicaState::Copying,
+                    });
+                    if s.primary.is_none() {
+                        s.primary = Some(to.clone());
+                        s.epoch += 1;
+                    }
+                    touched.push(shard.clone());
+                }
+                Move::Evict { shard, node } => {
+                    let s = shards
+                        .get_mut(shard)
+                        .ok_or_else(|| MapError::NotFound(format!("shard {shard} not found")))?;
+                    let before = s.replicas.len();
+                    s.replicas.retain(|r| &r.node != node);
+                    if s.replicas.len() == before {
+                        return Err(MapError::FailedPrecondition(format!(
+                            "shard {shard} has no replica on {node:?}"
+                        )));
+                    }
+                    if s.primary.as_deref() == Some(node.as_str()) {
+                        s.primary = s
+                            .replicas
+                            .iter()
+                            .find(|r| r.state != ReplicaState::Copying)
+                            .map(|r| r.node.clone());
+                        s.epoch += 1;
+                    }
+                    touched.push(shard.clone());
+                }
+            }
+        }
+        self.shards = shards;
+        touched.sort();
+        touched.dedup();
+        Ok(touched
+            .iter()
+            .map(|k| Change::ShardPut(self.shards[k].clone()))
+            .collect())
+    }
+
+    fn replica_ready(&mut self, shard: &ShardKey, node: &str) -> Result<Vec<Change>> {
+        let s = self
+            .shards
+            .get_mut(shard)
+            .ok_or_else(|| MapError::NotFound(format!("shard {shard} not found")))?;
+        let r = s
+            .replicas
+            .iter_mut()
+            .find(|r| r.node == node && r.state == ReplicaState::Copying)
+            .ok_or_else(|| {
+                MapError::FailedPrecondition(format!(
+                    "shard {shard} has no copying replica on {node:?}"
+                ))
+            })?;
+        r.state = ReplicaState::Serving;
+        // One leaving replica makes way for each one that became ready.
+        if let Some(pos) = s
+            .replicas
+            .iter()
+            .position(|r| r.state == ReplicaState::Leaving)
+        {
+            let gone = s.replicas.remove(pos);
+            if s.primary.as_deref() == Some(gone.node.as_str()) {
+                s.primary = Some(node.to_string());
+                s.epoch += 1;
+            }
+        }
+        if s.primary.is_none() {
+            s.primary = Some(node.to_string());
+            s.epoch += 1;
+        }
+        Ok(vec![Change::ShardPut(s.clone())])
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn spec(name: &str, shards: u32, rf: u32) -> CollectionSpec {
+        CollectionSpec {
+            name: name.into(),
+            dimension: 384,
+            metric: Metric::InnerProduct,
+            encoder: None,
+            index: IndexParams::defaults(384),
+            shard_count: shards,
+            replication_factor: rf,
+            replica_memory_bytes: DEFAULT_REPLICA_MEMORY,
+        }
+    }
+
+    pub fn node(id: &str, zone: &str) -> Command {
+        Command::RegisterNode {
+            id: id.into(),
+            addr: format!("127.0.0.1:{}", 7000 + id.len()),
+            capacity: Capacity {
+                memory_bytes: 64 << 30,
+                gpu: false,
+                zone: zone.into(),
+            },
+        }
+    }
+
+    pub fn up(id: &str) -> Command {
+        Command::SetNodeState {
+            id: id.into(),
+            state: NodeState::Up,
+            from: vec![],
+        }
+    }
+
+    pub fn map_with_nodes(n: usize) -> ClusterMap {
+        let mut m = ClusterMap::default();
+        for i in 0..n {
+            let id = format!("n{i}");
+            m.apply(&node(&id, &format!("z{}", i % 3))).unwrap();
+            m.apply(&up(&id)).unwrap();
+        }
+        m
+    }
+
+    #[test]
+    fn create_assigns_distinct_nodes_and_bumps_version() {
+        let mut m = map_with_nodes(3);
+        let v = m.version;
+        let changes = m
+            .apply(&Command::CreateCollection(spec("docs", 4, 2)))
+            .unwrap();
+        assert_eq!(m.version, v + 1);
+        assert_eq!(changes.len(), 1 + 4);
+        for s in m.shards_of("docs") {
+            assert_eq!(s.replicas.len(), 2);
+            assert_ne!(s.replicas[0].node, s.replicas[1].node);
+            assert_eq!(s.primary.as_ref(), Some(&s.replicas[0].node));
+        }
+    }
+
+    #[test]
+    fn bad_specs_are_refused_and_change_nothing() {
+        let mut m = map_with_nodes(2);
+        m.apply(&Command::CreateCollection(spec("docs", 1, 1)))
+            .unwrap();
+        let before = m.clone();
+        let cases: Vec<(CollectionSpec, &str)> = vec![
+            (spec("docs", 1, 1), "already exists"),
+            (spec("", 1, 1), "name"),
+            (spec("a b", 1, 1), "name"),
+            (
+                CollectionSpec {
+                    dimension: 0,
+                    ..spec("x", 1, 1)
+                },
+                "dimension 0",
+            ),
+            (
+                CollectionSpec {
+                    dimension: 5000,
+                    ..spec("x", 1, 1)
+                },
+                "dimension 5000",
+            ),
+            (spec("x", 0, 1), "shard_count 0"),
+            (spec("x", 1025, 1), "shard_count 1025"),
+            (spec("x", 1, 0), "replication_factor must"),
+            (spec("x", 1, 3), "exceeds the 2 node"),
+            (
+                CollectionSpec {
+                    index: IndexParams {
+                        pq_m: 7,
+                        ..IndexParams::defaults(384)
+                    },
+                    ..spec("x", 1, 1)
+                },
+                "pq_m 7 must divide",
+            ),
+            (
+                CollectionSpec {
+                    index: IndexParams {
+                        pq_nbits: 17,
+                        ..IndexParams::defaults(384)
+                    },
+                    ..spec("x", 1, 1)
+                },
+                "pq_nbits 17",
+            ),
+        ];
+        for (s, want) in cases {
+            let err = m.apply(&Command::CreateCollection(s.clone())).unwrap_err();
+            assert!(err.to_string().contains(want), "{s:?}: {err}");
+            assert_eq!(m, before, "{s:?} changed the map");
+        }
+        assert!(matches!(
+            m.apply(&Command::DropCollection {
+                name: "nope".into()
+            }),
+            Err(MapError::NotFound(_))
+        ));
+        assert_eq!(m, before);
+    }
+
+    #[test]
+    fn drop_then_recreate_gets_a_new_id() {
+        let mut m = map_with_nodes(1);
+        m.apply(&Command::CreateCollection(spec("c", 2, 1)))
+            .unwrap();
+        let id = m.collections["c"].id;
+        m.apply(&Command::DropCollection { name: "c".into() })
+            .unwrap();
+        assert_eq!(m.shards_of("c").count(), 0);
+        m.apply(&Command::CreateCollection(spec("c", 2, 1)))
+            .unwrap();
+        assert!(m.collections["c"].id > id);
+    }
+
+    #[test]
+    fn down_primary_hands_over_with_new_epoch() {
+        let mut m = map_with_nodes(3);
+        m.apply(&Command::CreateCollection(spec("c", 1, 2)))
+            .unwrap();
+        let s = m.shards_of("c").next().unwrap().clone();
+        let old = s.primary.clone().unwrap();
+        m.apply(&Command::SetNodeState {
+            id: old.clone(),
+            state: NodeState::Down,
+            from: vec![NodeState::Up, NodeState::Suspect],
+        })
+        .unwrap();
+        let s2 = m.shards_of("c").next().unwrap();
+        assert_ne!(s2.primary.as_ref(), Some(&old));
+        assert_eq!(s2.epoch, s.epoch + 1);
+        // A conditional transition from a stale view is refused.
+        let err = m
+            .apply(&Command::SetNodeState {
+                id: old,
+                state: NodeState::Suspect,
+                from: vec![NodeState::Up],
+            })
+            .unwrap_err();
+        assert!(matches!(err, MapError::FailedPrecondition(_)));
+    }
+
+    #[test]
+    fn moves_are_all_or_nothing_and_ready_retires_the_source() {
+        let mut m = map_with_nodes(3);
+        m.apply(&Command::CreateCollection(spec("c", 1, 1)))
+            .unwrap();
+        let key = ShardKey {
+            collection: "c".into(),
+            index: 0,
+        };
+        let src = m.shards[&key].replicas[0].node.clone();
+        let dst = ["n0", "n1", "n2"]
+            .into_iter()
+            .find(|n| *n != src)
+            .unwrap()
+            .to_string();
+        let before = m.clone();
+        let bad = vec![
+            Move::Add {
+                shard: key.clone(),
+                to: dst.clone(),
+                from: Some(src.clone()),
+            },
+            Move::Add {
+                shard: key.clone(),
+                to: dst.clone(),
+                from: None,
+            },
+        ];
+        assert!(m.apply(&Command::ApplyMoves(bad)).is_err());
+        assert_eq!(m, before);
+        m.apply(&Command::ApplyMoves(vec![Move::Add {
+            shard: key.clone(),
+            to: dst.clone(),
+            from: Some(src.clone()),
+        }]))
+        .unwrap();
+        assert_eq!(m.shards[&key].replicas.len(), 2);
+        m.apply(&Command::ReplicaReady {
+            shard: key.clone(),
+            node: dst.clone(),
+        })
+        .unwrap();
+        let s = &m.shards[&key];
+        assert_eq!(s.replicas.len(), 1);
+        assert_eq!(s.replicas[0].node, dst);
+        assert_eq!(s.replicas[0].state, ReplicaState::Serving);
+        assert_eq!(s.primary.as_ref(), Some(&dst));
+    }
+}

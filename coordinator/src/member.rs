@@ -1,0 +1,338 @@
+//! One coordinator member: its Raft instance, the applied map, and the leader-only
+//! duties (node liveness and placement).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::ServerState;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use shoal_proto::raft::raft_client::RaftClient;
+use shoal_proto::raft::Payload;
+
+use crate::config::Config;
+use crate::error::{CoordinatorError, Result};
+use crate::map::{ClusterMap, Command, NodeState, ReplicaState, ShardKey};
+use crate::network;
+use crate::placement;
+use crate::raft::{decode, encode, Member, Raft, Request, Response};
+use crate::store::StateMachine;
+
+/// A follower's forwarded write, as the leader answers it.
+#[derive(Serialize, Deserialize)]
+pub enum ForwardReply {
+    Applied(Response),
+    NotLeader,
+    Failed(String),
+}
+
+/// A follower's read-index request, as the leader answers it.
+#[derive(Serialize, Deserialize)]
+pub enum ReadIndexReply {
+    Index(Option<u64>),
+    NotLeader,
+    Failed(String),
+}
+
+/// How long a write waits for a leader before giving up.
+const WRITE_DEADLINE: Duration = Duration::from_secs(10);
+
+pub struct Coordinator {
+    pub id: u64,
+    pub raft: Raft,
+    pub sm: StateMachine,
+    pub config: Arc<Config>,
+    /// Last heartbeat per worker node (leader's view only; not replicated).
+    heartbeats: Mutex<HashMap<String, Instant>>,
+    /// When this member last became leader: nodes it has not heard from yet get their
+    /// timeouts counted from here, so a failover does not declare everyone suspect.
+    leader_since: Mutex<Option<Instant>>,
+    /// Set when the member shuts down; long-lived streams watch it.
+    pub stopping: tokio::sync::watch::Sender<bool>,
+}
+
+impl Coordinator {
+    pub fn new(id: u64, raft: Raft, sm: StateMachine, config: Arc<Config>) -> Self {
+        Self {
+            id,
+            raft,
+            sm,
+            config,
+            heartbeats: Mutex::default(),
+            leader_since: Mutex::default(),
+            stopping: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
+    /// Commits `cmd` through the leader (forwarding if this member is a follower) and
+    /// returns the map version it produced.
+    pub async fn write(&self, cmd: Command) -> Result<u64> {
+        let deadline = Instant::now() + WRITE_DEADLINE;
+        loop {
+            match self
+                .raft
+                .client_write(Request {
+                    command: cmd.clone(),
+                })
+                .await
+            {
+                Ok(r) => return finish(r.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    if let Some(node) = f.leader_node {
+                        match self.forward(&node, &cmd).await? {
+                            ForwardReply::Applied(r) => return finish(r),
+                            ForwardReply::Failed(e) => return Err(CoordinatorError::Raft(e)),
+                            ForwardReply::NotLeader => {}
+                        }
+                    }
+                }
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                    return Err(CoordinatorError::Raft(e.to_string()))
+                }
+                Err(RaftError::Fatal(e)) => return Err(CoordinatorError::Raft(e.to_string())),
+            }
+            if Instant::now() > deadline {
+                return Err(CoordinatorError::NoLeader);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Sends a write to the leader. A transport failure after sending leaves the outcome
+    /// unknown (the leader may have committed it), so it is not retried here.
+    async fn forward(&self, leader: &Member, cmd: &Command) -> Result<ForwardReply> {
+        let channel = network::channel(&leader.raft_addr)
+            .map_err(|e| CoordinatorError::Unknown(e.to_string()))?;
+        let mut req = tonic::Request::new(Payload {
+            data: encode(&Request {
+                command: cmd.clone(),
+            }),
+        });
+        req.set_timeout(WRITE_DEADLINE);
+        match RaftClient::new(channel).forward(req).await {
+            Ok(r) => decode(&r.into_inner().data).map_err(CoordinatorError::Raft),
+            Err(s) if s.code() == tonic::Code::Unavailable => Ok(ForwardReply::NotLeader),
+            Err(s) => Err(CoordinatorError::Unknown(format!(
+                "forwarding to the leader failed: {}",
+                s.message()
+            ))),
+        }
+    }
+
+    /// The leader's side of a forwarded write.
+    pub async fn handle_forward(&self, req: Request) -> ForwardReply {
+        match self.raft.client_write(req).await {
+            Ok(r) => ForwardReply::Applied(r.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                ForwardReply::NotLeader
+            }
+            Err(e) => ForwardReply::Failed(e.to_string()),
+        }
+    }
+
+    /// The leader's side of a read-index request.
+    pub async fn handle_read_index(&self) -> ReadIndexReply {
+        match self.raft.ensure_linearizable().await {
+            Ok(log_id) => ReadIndexReply::Index(log_id.map(|l| l.index)),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {
+                ReadIndexReply::NotLeader
+            }
+            Err(e) => ReadIndexReply::Failed(e.to_string()),
+        }
+    }
+
+    /// The map, linearizably: it reflects every write acknowledged before the call.
+    /// On a follower this is the ReadIndex protocol: the leader confirms its leadership
+    /// and names its commit index, and this member waits until it has applied that far.
+    pub async fn read(&self) -> Result<ClusterMap> {
+        let deadline = Instant::now() + WRITE_DEADLINE;
+        loop {
+            match self.raft.ensure_linearizable().await {
+                Ok(_) => return Ok(self.sm.state.lock().map.clone()),
+                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                    if let Some(node) = f.leader_node {
+                        if let Some(index) = self.read_index_from(&node).await? {
+                            let left = deadline.saturating_duration_since(Instant::now());
+                            self.raft
+                                .wait(Some(left))
+                                .applied_index_at_least(index, "linearizable read")
+                                .await
+                                .map_err(|e| CoordinatorError::Raft(e.to_string()))?;
+                            return Ok(self.sm.state.lock().map.clone());
+                        }
+                    }
+                }
+                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => {}
+                Err(RaftError::Fatal(e)) => return Err(CoordinatorError::Raft(e.to_string())),
+            }
+            if Instant::now() > deadline {
+                return Err(CoordinatorError::NoLeader);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `Some(Some(i))`: wait for index i; `Some(None)`: nothing to wait for (nothing
+    /// committed); `None`: that member is not the leader any more, ask again.
+    async fn read_index_from(&self, leader: &Member) -> Result<Option<Option<u64>>> {
+        let channel = network::channel(&leader.raft_addr)
+            .map_err(|e| CoordinatorError::Raft(e.to_string()))?;
+        let mut req = tonic::Request::new(Payload { data: Vec::new() });
+        req.set_timeout(Duration::from_secs(3));
+        match RaftClient::new(channel).read_index(req).await {
+            Ok(r) => match decode(&r.into_inner().data).map_err(CoordinatorError::Raft)? {
+                ReadIndexReply::Index(i) => Ok(Some(i)),
+                ReadIndexReply::NotLeader => Ok(None),
+                ReadIndexReply::Failed(e) => Err(CoordinatorError::Raft(e)),
+            },
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Records a worker node's heartbeat (on the leader) and reports copies it finished.
+    pub async fn heartbeat(&self, node: &str, ready: &[String]) -> Result<(u64, NodeState)> {
+        self.require_leader()?;
+        self.heartbeats
+            .lock()
+            .insert(node.to_string(), Instant::now());
+        let (state, pending) = {
+            let st = self.sm.state.lock();
+            let map = &st.map;
+            let n = map.nodes.get(node).ok_or_else(|| {
+                CoordinatorError::Map(crate::map::MapError::NotFound(format!(
+                    "node {node:?} is not registered"
+                )))
+            })?;
+            let pending: Vec<ShardKey> = ready
+                .iter()
+                .filter_map(|s| ShardKey::parse(s))
+                .filter(|k| {
+                    map.shards.get(k).is_some_and(|s| {
+                        s.replicas
+                            .iter()
+                            .any(|r| r.node == node && r.state == ReplicaState::Copying)
+                    })
+                })
+                .collect();
+            (n.state, pending)
+        };
+        let mut version = self.sm.state.lock().map.version;
+        let wanted = match state {
+            NodeState::Joining | NodeState::Suspect => Some(NodeState::Up),
+            _ => None,
+        };
+        if let Some(to) = wanted {
+            version = self
+                .write(Command::SetNodeState {
+                    id: node.to_string(),
+                    state: to,
+                    from: vec![state],
+                })
+                .await?;
+        }
+        for shard in pending {
+            version = self
+                .write(Command::ReplicaReady {
+                    shard,
+                    node: node.to_string(),
+                })
+                .await?;
+        }
+        let state = self.sm.state.lock().map.nodes[node].state;
+        Ok((version, state))
+    }
+
+    fn require_leader(&self) -> Result<()> {
+        let m = self.raft.metrics().borrow().clone();
+        if m.current_leader == Some(self.id) {
+            return Ok(());
+        }
+        let api_addr = m.current_leader.and_then(|l| {
+            m.membership_config
+                .nodes()
+                .find(|(id, _)| **id == l)
+                .map(|(_, n)| n.api_addr.clone())
+        });
+        Err(CoordinatorError::NotLeader {
+            leader: m.current_leader,
+            api_addr,
+        })
+    }
+
+    /// The leader's periodic duties: turn silent nodes suspect, then down; bring back
+    /// suspects that heartbeat again; then run placement and commit its moves.
+    pub async fn tick(&self) {
+        let is_leader = self.raft.metrics().borrow().state == ServerState::Leader;
+        let since = {
+            let mut ls = self.leader_since.lock();
+            if !is_leader {
+                *ls = None;
+                return;
+            }
+            *ls.get_or_insert_with(Instant::now)
+        };
+        let now = Instant::now();
+        let suspect = Duration::from_millis(self.config.suspect_after_ms);
+        let down = Duration::from_millis(self.config.down_after_ms);
+        let map = self.sm.state.lock().map.clone();
+        let mut commands = Vec::new();
+        {
+            let hb = self.heartbeats.lock();
+            for n in map.nodes.values() {
+                let last = hb.get(&n.id).copied().unwrap_or(since).max(since);
+                let silent = now.saturating_duration_since(last);
+                let to = match n.state {
+                    NodeState::Up | NodeState::Joining | NodeState::Draining
+                        if silent > suspect =>
+                    {
+                        Some(NodeState::Suspect)
+                    }
+                    NodeState::Suspect if silent > down => Some(NodeState::Down),
+                    _ => None,
+                };
+                if let Some(to) = to {
+                    tracing::warn!(node = %n.id, from = ?n.state, to = ?to, silent_ms = silent.as_millis() as u64, "node liveness change");
+                    commands.push(Command::SetNodeState {
+                        id: n.id.clone(),
+                        state: to,
+                        from: vec![n.state],
+                    });
+                }
+            }
+        }
+        for c in commands {
+            if let Err(e) = self.write(c).await {
+                tracing::debug!(error = %e, "liveness update not applied");
+            }
+        }
+        let map = self.sm.state.lock().map.clone();
+        let opts = placement::Options {
+            max_moves: self.config.max_moves_per_step,
+            max_in_flight: self.config.max_copies_in_flight,
+        };
+        let moves = placement::plan(&map, &opts);
+        if !moves.is_empty() {
+            let shards: BTreeSet<String> = moves
+                .iter()
+                .map(|m| match m {
+                    crate::map::Move::Add { shard, .. } | crate::map::Move::Evict { shard, .. } => {
+                        shard.to_string()
+                    }
+                })
+                .collect();
+            tracing::info!(moves = moves.len(), shards = ?shards, "placement step");
+            if let Err(e) = self.write(Command::ApplyMoves(moves)).await {
+                tracing::warn!(error = %e, "placement step not applied");
+            }
+        }
+    }
+}
+
+fn finish(r: Response) -> Result<u64> {
+    match r.error {
+        None => Ok(r.version),
+        Some(e) => Err(CoordinatorError::Map(e)),
+    }
+}

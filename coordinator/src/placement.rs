@@ -1,0 +1,545 @@
+//! Placement: pure functions from the cluster map to replica assignments and moves.
+//!
+//! Rules, in priority order: never two replicas of a shard on one node; never past a
+//! node's memory capacity; restore the replication factor first (replicas on down
+//! nodes are evicted, lost copies re-created), then empty draining nodes, then even out
+//! replicas per node to within one; prefer zones the shard does not use yet; at most
+//! `max_moves` moves per step and `max_in_flight` copies under way at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::map::{ClusterMap, CollectionSpec, Move, NodeId, NodeState, ReplicaState, ShardKey};
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Moves returned by one call of [`plan`].
+    pub max_moves: usize,
+    /// Copying replicas allowed across the cluster (a new node fills gradually).
+    pub max_in_flight: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            max_moves: 16,
+            max_in_flight: 8,
+        }
+    }
+}
+
+/// Per-node bookkeeping while planning.
+struct Pool {
+    /// Up nodes: (zone, capacity bytes or u64::MAX when unknown).
+    nodes: BTreeMap<NodeId, (String, u64)>,
+    load: BTreeMap<NodeId, usize>,
+    used: BTreeMap<NodeId, u64>,
+}
+
+impl Pool {
+    fn new(map: &ClusterMap) -> Self {
+        let nodes: BTreeMap<_, _> = map
+            .nodes
+            .values()
+            .filter(|n| n.state.accepts_replicas())
+            .map(|n| {
+                let cap = match n.capacity.memory_bytes {
+                    0 => u64::MAX,
+                    b => b,
+                };
+                (n.id.clone(), (n.capacity.zone.clone(), cap))
+            })
+            .collect();
+        let mut load: BTreeMap<NodeId, usize> = nodes.keys().map(|k| (k.clone(), 0)).collect();
+        let mut used: BTreeMap<NodeId, u64> = BTreeMap::new();
+        for s in map.shards.values() {
+            let mem = replica_memory(map, &s.key);
+            for r in &s.replicas {
+                *used.entry(r.node.clone()).or_default() += mem;
+                if r.state != ReplicaState::Leaving {
+                    if let Some(l) = load.get_mut(&r.node) {
+                        *l += 1;
+                    }
+                }
+            }
+        }
+        Self { nodes, load, used }
+    }
+
+    fn fits(&self, node: &str, mem: u64) -> bool {
+        let cap = self.nodes.get(node).map_or(0, |(_, c)| *c);
+        self.used
+            .get(node)
+            .copied()
+            .unwrap_or(0)
+            .saturating_add(mem)
+            <= cap
+    }
+
+    fn zone(&self, node: &str) -> Option<&str> {
+        self.nodes.get(node).map(|(z, _)| z.as_str())
+    }
+
+    /// The best node for a new replica of a shard that already has `holders`.
+    fn choose(&self, holders: &[NodeId], mem: u64) -> Option<NodeId> {
+        let zones: BTreeSet<&str> = holders.iter().filter_map(|h| self.zone(h)).collect();
+        self.nodes
+            .iter()
+            .filter(|(id, _)| !holders.contains(id) && self.fits(id, mem))
+            .min_by_key(|(id, (zone, _))| {
+                (zones.contains(zone.as_str()), self.load[*id], (*id).clone())
+            })
+            .map(|(id, _)| id.clone())
+    }
+
+    fn add(&mut self, node: &str, mem: u64) {
+        *self.load.get_mut(node).expect("up node") += 1;
+        *self.used.entry(node.to_string()).or_default() += mem;
+    }
+}
+
+fn replica_memory(map: &ClusterMap, key: &ShardKey) -> u64 {
+    map.collections
+        .get(&key.collection)
+        .map_or(0, |c| c.spec.replica_memory_bytes)
+}
+
+/// Nodes for each shard of a new collection (primary first), or why it cannot be placed.
+pub fn initial(map: &ClusterMap, spec: &CollectionSpec) -> Result<Vec<Vec<NodeId>>, String> {
+    let mut pool = Pool::new(map);
+    let mem = spec.replica_memory_bytes;
+    let mut out = Vec::with_capacity(spec.shard_count as usize);
+    for index in 0..spec.shard_count {
+        let mut holders = Vec::new();
+        for _ in 0..spec.replication_factor {
+            let node = pool.choose(&holders, mem).ok_or_else(|| {
+                format!(
+                    "no node has room for replica {} of shard {index} ({mem} bytes each, \
+                     replication_factor {})",
+                    holders.len() + 1,
+                    spec.replication_factor
+                )
+            })?;
+            pool.add(&node, mem);
+            holders.push(node);
+        }
+        out.push(holders);
+    }
+    Ok(out)
+}
+
+/// The next moves towards a placement that satisfies the rules above. Applying them and
+/// calling again converges: every rebalancing move lowers the sum of squared loads.
+pub fn plan(map: &ClusterMap, opts: &Options) -> Vec<Move> {
+    let mut pool = Pool::new(map);
+    let mut moves = Vec::new();
+    let in_flight = map
+        .shards
+        .values()
+        .flat_map(|s| &s.replicas)
+        .filter(|r| r.state == ReplicaState::Copying)
+        .count();
+    let mut copies_left = opts.max_in_flight.saturating_sub(in_flight);
+    let state = |n: &str| map.nodes.get(n).map(|n| n.state);
+
+    // 1. Evict replicas on down nodes; 2. re-create lost copies.
+    for s in map.shards.values() {
+        let Some(c) = map.collections.get(&s.key.collection) else {
+            continue;
+        };
+        let mem = c.spec.replica_memory_bytes;
+        let mut holders: Vec<NodeId> = Vec::new();
+        let mut live = 0usize;
+        for r in &s.replicas {
+            if matches!(state(&r.node), Some(NodeState::Down) | None) {
+                if moves.len() < opts.max_moves {
+                    moves.push(Move::Evict {
+                        shard: s.key.clone(),
+                        node: r.node.clone(),
+                    });
+                }
+            } else {
+                holders.push(r.node.clone());
+                if r.state != ReplicaState::Leaving {
+                    live += 1;
+                }
+            }
+        }
+        while live < c.spec.replication_factor as usize
+            && moves.len() < opts.max_moves
+            && copies_left > 0
+        {
+            let Some(to) = pool.choose(&holders, mem) else {
+                break;
+            };
+            pool.add(&to, mem);
+            moves.push(Move::Add {
+                shard: s.key.clone(),
+                to: to.clone(),
+                from: None,
+            });
+            holders.push(to);
+            live += 1;
+            copies_left -= 1;
+        }
+    }
+
+    // 3. Empty draining nodes. Targets chosen above count as holders too.
+    for s in map.shards.values() {
+        let mem = replica_memory(map, &s.key);
+        let mut holders: Vec<NodeId> = s.replicas.iter().map(|r| r.node.clone()).collect();
+        holders.extend(moves.iter().filter_map(|m| match m {
+            Move::Add { shard, to, .. } if *shard == s.key => Some(to.clone()),
+            _ => None,
+        }));
+        for r in &s.replicas {
+            if r.state != ReplicaState::Serving || state(&r.node) != Some(NodeState::Draining) {
+                continue;
+            }
+            if moves.len() >= opts.max_moves || copies_left == 0 {
+                return moves;
+            }
+            if let Some(to) = pool.choose(&holders, mem) {
+                pool.add(&to, mem);
+                holders.push(to.clone());
+                moves.push(Move::Add {
+                    shard: s.key.clone(),
+                    to,
+                    from: Some(r.node.clone()),
+                });
+                copies_left -= 1;
+            }
+        }
+    }
+
+    // 4. Even out: move one serving replica at a time from a most-loaded node to a
+    // least-loaded one while they differ by more than one. Shards already moving are
+    // left alone; moves that keep the shard's zone spread are preferred.
+    let moving: BTreeSet<ShardKey> = map
+        .shards
+        .values()
+        .filter(|s| s.replicas.iter().any(|r| r.state != ReplicaState::Serving))
+        .map(|s| s.key.clone())
+        .chain(moves.iter().map(|m| match m {
+            Move::Add { shard, .. } | Move::Evict { shard, .. } => shard.clone(),
+        }))
+        .collect();
+    let mut moved: BTreeSet<ShardKey> = BTreeSet::new();
+    while moves.len() < opts.max_moves && copies_left > 0 {
+        let Some(m) = best_rebalance(map, &pool, &moving, &moved) else {
+            break;
+        };
+        let Move::Add { shard, to, from } = &m else {
+            unreachable!()
+        };
+        let mem = replica_memory(map, shard);
+        pool.add(to, mem);
+        if let Some(f) = from {
+            *pool.load.get_mut(f).expect("up node") -= 1;
+        }
+        moved.insert(shard.clone());
+        moves.push(m);
+        copies_left -= 1;
+    }
+    moves
+}
+
+fn best_rebalance(
+    map: &ClusterMap,
+    pool: &Pool,
+    moving: &BTreeSet<ShardKey>,
+    moved: &BTreeSet<ShardKey>,
+) -> Option<Move> {
+    let mut by_load: Vec<(&NodeId, usize)> = pool.load.iter().map(|(k, v)| (k, *v)).collect();
+    by_load.sort_by_key(|(id, l)| (*l, (*id).clone()));
+    let (&(_, min), &(_, max)) = (by_load.first()?, by_load.last()?);
+    if max <= min + 1 {
+        return None;
+    }
+    let mut fallback = None;
+    // Sources from most loaded, targets from least loaded, only pairs that differ by 2+.
+    for &(src, sl) in by_load.iter().rev() {
+        for &(dst, dl) in by_load.iter() {
+            if sl < dl + 2 {
+                break;
+            }
+            for s in map.shards.values() {
+                if moving.contains(&s.key) || moved.contains(&s.key) {
+                    continue;
+                }
+                let Some(r) = s.replicas.iter().find(|r| &r.node == src) else {
+                    continue;
+                };
+                if r.state != ReplicaState::Serving
+                    || s.holds(dst)
+                    || !pool.fits(dst, replica_memory(map, &s.key))
+                {
+                    continue;
+                }
+                let m = Move::Add {
+                    shard: s.key.clone(),
+                    to: dst.clone(),
+                    from: Some(src.clone()),
+                };
+                let zones_before: BTreeSet<&str> = s
+                    .replicas
+                    .iter()
+                    .filter_map(|r| pool.zone(&r.node))
+                    .collect();
+                let zones_after: BTreeSet<&str> = s
+                    .replicas
+                    .iter()
+                    .filter(|r| &r.node != src)
+                    .filter_map(|r| pool.zone(&r.node))
+                    .chain(pool.zone(dst))
+                    .collect();
+                if zones_after.len() >= zones_before.len() {
+                    return Some(m);
+                }
+                fallback.get_or_insert(m);
+            }
+        }
+    }
+    fallback
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::map::tests::spec;
+    use crate::map::{Capacity, Command};
+
+    /// Applies `plan` (and marks every copy ready) until it returns nothing.
+    fn converge(m: &mut ClusterMap, opts: &Options) -> usize {
+        let mut steps = 0;
+        loop {
+            let moves = plan(m, opts);
+            assert!(moves.len() <= opts.max_moves, "step over the move bound");
+            if moves.is_empty() {
+                return steps;
+            }
+            m.apply(&Command::ApplyMoves(moves))
+                .expect("planned moves apply");
+            let copying: Vec<(ShardKey, NodeId)> = m
+                .shards
+                .values()
+                .flat_map(|s| {
+                    s.replicas
+                        .iter()
+                        .filter(|r| r.state == ReplicaState::Copying)
+                        .map(|r| (s.key.clone(), r.node.clone()))
+                })
+                .collect();
+            assert!(
+                copying.len() <= opts.max_in_flight,
+                "too many copies in flight"
+            );
+            for (shard, node) in copying {
+                m.apply(&Command::ReplicaReady { shard, node }).unwrap();
+            }
+            steps += 1;
+            assert!(steps < 10_000, "placement did not converge");
+        }
+    }
+
+    fn check_invariants(m: &ClusterMap) {
+        for s in m.shards.values() {
+            let nodes: BTreeSet<&str> = s.replicas.iter().map(|r| r.node.as_str()).collect();
+            assert_eq!(
+                nodes.len(),
+                s.replicas.len(),
+                "two replicas of {} on one node",
+                s.key
+            );
+        }
+        for n in m.nodes.values() {
+            if n.capacity.memory_bytes == 0 {
+                continue;
+            }
+            let used: u64 = m
+                .shards
+                .values()
+                .filter(|s| s.holds(&n.id))
+                .map(|s| m.collections[&s.key.collection].spec.replica_memory_bytes)
+                .sum();
+            assert!(
+                used <= n.capacity.memory_bytes,
+                "node {} over capacity",
+                n.id
+            );
+        }
+    }
+
+    fn register(m: &mut ClusterMap, id: &str, zone: &str, mem: u64) {
+        m.apply(&Command::RegisterNode {
+            id: id.into(),
+            addr: "127.0.0.1:1".into(),
+            capacity: Capacity {
+                memory_bytes: mem,
+                gpu: false,
+                zone: zone.into(),
+            },
+        })
+        .unwrap();
+        m.apply(&Command::SetNodeState {
+            id: id.into(),
+            state: NodeState::Up,
+            from: vec![],
+        })
+        .unwrap();
+    }
+
+    fn set(m: &mut ClusterMap, id: &str, state: NodeState) {
+        m.apply(&Command::SetNodeState {
+            id: id.into(),
+            state,
+            from: vec![],
+        })
+        .unwrap();
+    }
+
+    fn loads(m: &ClusterMap) -> Vec<usize> {
+        let counts = m.replica_counts();
+        m.nodes
+            .values()
+            .filter(|n| n.state == NodeState::Up)
+            .map(|n| counts[n.id.as_str()])
+            .collect()
+    }
+
+    #[derive(Debug, Clone)]
+    enum Event {
+        AddNode(u8),
+        Down(u8),
+        Drain(u8),
+        Create(u8, u8),
+    }
+
+    fn event() -> impl Strategy<Value = Event> {
+        prop_oneof![
+            (0u8..3).prop_map(Event::AddNode),
+            any::<u8>().prop_map(Event::Down),
+            any::<u8>().prop_map(Event::Drain),
+            (1u8..12, 1u8..4).prop_map(|(s, r)| Event::Create(s, r)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Any history of joins, failures, drains and creates converges to a placement
+        /// with distinct nodes per shard, full replication where nodes allow, and loads
+        /// within one; no step exceeds the move or copy bounds.
+        #[test]
+        fn converges_balanced(zones in 1usize..4, start in 1usize..6,
+                              events in proptest::collection::vec(event(), 1..25),
+                              max_moves in 1usize..20, max_in_flight in 1usize..10) {
+            let opts = Options { max_moves, max_in_flight };
+            let mut m = ClusterMap::default();
+            let mut next = 0usize;
+            for _ in 0..start {
+                register(&mut m, &format!("n{next:02}"), &format!("z{}", next % zones), 0);
+                next += 1;
+            }
+            let mut created = 0;
+            for e in events {
+                let up: Vec<NodeId> = m.nodes.values()
+                    .filter(|n| n.state == NodeState::Up).map(|n| n.id.clone()).collect();
+                match e {
+                    Event::AddNode(z) => {
+                        register(&mut m, &format!("n{next:02}"), &format!("z{}", z as usize % zones), 0);
+                        next += 1;
+                    }
+                    Event::Down(i) if up.len() > 1 => set(&mut m, &up[i as usize % up.len()], NodeState::Down),
+                    Event::Drain(i) if up.len() > 1 => set(&mut m, &up[i as usize % up.len()], NodeState::Draining),
+                    Event::Create(s, r) => {
+                        let _ = m.apply(&Command::CreateCollection(spec(&format!("c{created}"), s.into(), r.into())));
+                        created += 1;
+                    }
+                    _ => {}
+                }
+                converge(&mut m, &opts);
+                check_invariants(&m);
+                let l = loads(&m);
+                let (lo, hi) = (l.iter().min().copied().unwrap_or(0), l.iter().max().copied().unwrap_or(0));
+                prop_assert!(hi <= lo + 1, "loads {:?} not within one", l);
+                let up_count = l.len();
+                for s in m.shards.values() {
+                    let rf = m.collections[&s.key.collection].spec.replication_factor as usize;
+                    let on_up = s.replicas.iter().filter(|r| m.nodes[&r.node].state == NodeState::Up).count();
+                    prop_assert_eq!(on_up, rf.min(up_count), "shard {} under-replicated", &s.key);
+                    for r in &s.replicas {
+                        let st = m.nodes[&r.node].state;
+                        // A draining node keeps a replica only when no up node lacks one.
+                        prop_assert!(st == NodeState::Up || (st == NodeState::Draining && on_up == up_count),
+                            "replica of {} left on a {:?} node", &s.key, st);
+                    }
+                    prop_assert!(s.primary.as_ref().is_some_and(|p| s.holds(p)));
+                }
+            }
+        }
+
+        /// A new collection on equal zones spans as many zones as it can, and tight
+        /// capacity is never exceeded (creation fails instead).
+        #[test]
+        fn initial_spreads_zones_and_respects_capacity(zones in 1usize..4, per_zone in 1usize..4,
+                                                       shards in 1u32..40, rf in 1u32..4,
+                                                       slots in 1u64..20) {
+            let mut m = ClusterMap::default();
+            let mem = crate::map::DEFAULT_REPLICA_MEMORY;
+            for z in 0..zones {
+                for i in 0..per_zone {
+                    register(&mut m, &format!("z{z}n{i}"), &format!("z{z}"), slots * mem);
+                }
+            }
+            let before = m.clone();
+            match m.apply(&Command::CreateCollection(spec("c", shards, rf))) {
+                Ok(_) => {
+                    check_invariants(&m);
+                    // Zones are spread whenever capacity does not force otherwise.
+                    let ample = slots >= shards as u64;
+                    for s in m.shards.values().filter(|_| ample) {
+                        let zs: BTreeSet<&str> = s.replicas.iter()
+                            .map(|r| m.nodes[&r.node].capacity.zone.as_str()).collect();
+                        prop_assert_eq!(zs.len(), (rf as usize).min(zones));
+                    }
+                    let l = loads(&m);
+                    prop_assert!(l.iter().max().unwrap() <= &(l.iter().min().unwrap() + 1), "loads {:?}", l);
+                }
+                Err(_) => {
+                    prop_assert_eq!(&m, &before);
+                    prop_assert!(rf as usize > zones * per_zone
+                        || (shards as u64) * (rf as u64) > slots * (zones * per_zone) as u64,
+                        "refused although it fits");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn new_node_fills_gradually() {
+        let mut m = ClusterMap::default();
+        for i in 0..3 {
+            register(&mut m, &format!("n{i}"), "z", 0);
+        }
+        m.apply(&Command::CreateCollection(spec("c", 30, 2)))
+            .unwrap();
+        register(&mut m, "n3", "z", 0);
+        let opts = Options {
+            max_moves: 4,
+            max_in_flight: 2,
+        };
+        let first = plan(&m, &opts);
+        assert_eq!(first.len(), 2, "bounded by copies in flight: {first:?}");
+        assert!(first
+            .iter()
+            .all(|mv| matches!(mv, Move::Add { to, from: Some(_), .. } if to == "n3")));
+        let steps = converge(&mut m, &opts);
+        assert!(
+            steps >= 8,
+            "15 replicas should take several steps, took {steps}"
+        );
+        assert_eq!(loads(&m), vec![15, 15, 15, 15]);
+    }
+}

@@ -1,0 +1,524 @@
+//! gRPC services: the public Admin and ClusterMap services, and the internal Raft
+//! service (peer traffic, forwarded writes, read-index), with proto conversions.
+
+use std::collections::BTreeSet;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use openraft::ServerState;
+use shoal_proto::coordinator as pb;
+use shoal_proto::raft as rpb;
+use tokio::sync::broadcast::error::RecvError;
+use tonic::{Request, Response, Status};
+
+use crate::error::CoordinatorError;
+use crate::map::{
+    Capacity, Change, ClusterMap, Collection, CollectionSpec, Command, EncoderRef, IndexParams,
+    Metric, Node, NodeState, ReplicaState, Shard, DEFAULT_REPLICA_MEMORY,
+};
+use crate::member::Coordinator;
+use crate::raft::{decode, encode, Member};
+
+fn bad_payload(e: String) -> Status {
+    Status::invalid_argument(format!("undecodable raft payload: {e}"))
+}
+
+// ---- conversions ---------------------------------------------------------------
+
+fn metric_pb(m: Metric) -> i32 {
+    match m {
+        Metric::InnerProduct => pb::Metric::InnerProduct as i32,
+        Metric::L2 => pb::Metric::L2 as i32,
+    }
+}
+
+pub fn collection_pb(c: &Collection) -> pb::Collection {
+    let s = &c.spec;
+    pb::Collection {
+        name: s.name.clone(),
+        id: c.id,
+        dimension: s.dimension,
+        metric: metric_pb(s.metric),
+        encoder: s.encoder.as_ref().map(|e| pb::EncoderRef {
+            model_id: e.model_id.clone(),
+            content_hash: e.content_hash.clone(),
+        }),
+        index: Some(pb::IndexParams {
+            nlist: s.index.nlist,
+            pq_m: s.index.pq_m,
+            pq_nbits: s.index.pq_nbits,
+            nprobe: s.index.nprobe,
+            refine: s.index.refine,
+        }),
+        shard_count: s.shard_count,
+        replication_factor: s.replication_factor,
+        replica_memory_bytes: s.replica_memory_bytes,
+        created_version: c.created_version,
+    }
+}
+
+fn node_state_pb(s: NodeState) -> i32 {
+    (match s {
+        NodeState::Joining => pb::NodeState::Joining,
+        NodeState::Up => pb::NodeState::Up,
+        NodeState::Suspect => pb::NodeState::Suspect,
+        NodeState::Down => pb::NodeState::Down,
+        NodeState::Draining => pb::NodeState::Draining,
+    }) as i32
+}
+
+pub fn node_pb(n: &Node, map: &ClusterMap) -> pb::NodeInfo {
+    pb::NodeInfo {
+        id: n.id.clone(),
+        addr: n.addr.clone(),
+        capacity: Some(pb::Capacity {
+            memory_bytes: n.capacity.memory_bytes,
+            gpu: n.capacity.gpu,
+            zone: n.capacity.zone.clone(),
+        }),
+        state: node_state_pb(n.state),
+        replicas: map.shards.values().filter(|s| s.holds(&n.id)).count() as u32,
+        map_version: map.version,
+    }
+}
+
+pub fn shard_pb(s: &Shard) -> pb::Shard {
+    pb::Shard {
+        collection: s.key.collection.clone(),
+        index: s.key.index,
+        primary: s.primary.clone().unwrap_or_default(),
+        replicas: s
+            .replicas
+            .iter()
+            .map(|r| pb::Replica {
+                node_id: r.node.clone(),
+                state: (match r.state {
+                    ReplicaState::Serving => pb::ReplicaState::Serving,
+                    ReplicaState::Copying => pb::ReplicaState::Copying,
+                    ReplicaState::Leaving => pb::ReplicaState::Leaving,
+                }) as i32,
+            })
+            .collect(),
+        epoch: s.epoch,
+        serving_generation: s.serving_generation,
+        building_generation: s.building_generation,
+    }
+}
+
+fn map_pb(map: &ClusterMap) -> pb::ClusterMapSnapshot {
+    pb::ClusterMapSnapshot {
+        version: map.version,
+        collections: map.collections.values().map(collection_pb).collect(),
+        nodes: map.nodes.values().map(|n| node_pb(n, map)).collect(),
+        shards: map.shards.values().map(shard_pb).collect(),
+    }
+}
+
+fn change_pb(c: &Change, map: &ClusterMap) -> pb::MapChange {
+    use pb::map_change::Change as C;
+    pb::MapChange {
+        change: Some(match c {
+            Change::CollectionPut(c) => C::CollectionPut(collection_pb(c)),
+            Change::CollectionDropped(n) => C::CollectionDropped(n.clone()),
+            Change::NodePut(n) => C::NodePut(node_pb(n, map)),
+            Change::ShardPut(s) => C::ShardPut(shard_pb(s)),
+        }),
+    }
+}
+
+/// A create request as a spec: zero index fields take the defaults for the dimension.
+pub fn spec_from_pb(r: pb::CreateCollectionRequest) -> Result<CollectionSpec, Status> {
+    let metric = match pb::Metric::try_from(r.metric) {
+        Ok(pb::Metric::Unspecified) | Ok(pb::Metric::InnerProduct) => Metric::InnerProduct,
+        Ok(pb::Metric::L2) => Metric::L2,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "unknown metric {}",
+                r.metric
+            )))
+        }
+    };
+    let d = IndexParams::defaults(r.dimension.max(1));
+    let ix = r.index.unwrap_or_default();
+    let or = |v: u32, dflt: u32| if v == 0 { dflt } else { v };
+    Ok(CollectionSpec {
+        name: r.name,
+        dimension: r.dimension,
+        metric,
+        encoder: r.encoder.map(|e| EncoderRef {
+            model_id: e.model_id,
+            content_hash: e.content_hash,
+        }),
+        index: IndexParams {
+            nlist: or(ix.nlist, d.nlist),
+            pq_m: or(ix.pq_m, d.pq_m),
+            pq_nbits: or(ix.pq_nbits, d.pq_nbits),
+            nprobe: or(ix.nprobe, d.nprobe.min(or(ix.nlist, d.nlist))),
+            refine: or(ix.refine, d.refine),
+        },
+        shard_count: r.shard_count,
+        replication_factor: r.replication_factor,
+        replica_memory_bytes: if r.replica_memory_bytes == 0 {
+            DEFAULT_REPLICA_MEMORY
+        } else {
+            r.replica_memory_bytes
+        },
+    })
+}
+
+fn collection_info(map: &ClusterMap, name: &str) -> Result<pb::CollectionInfo, Status> {
+    let c = map
+        .collections
+        .get(name)
+        .ok_or_else(|| Status::not_found(format!("collection {name:?} not found")))?;
+    Ok(pb::CollectionInfo {
+        collection: Some(collection_pb(c)),
+        shards: map.shards_of(name).map(shard_pb).collect(),
+        map_version: map.version,
+    })
+}
+
+// ---- public: Admin -----------------------------------------------------------------
+
+pub struct AdminService(pub Arc<Coordinator>);
+
+impl AdminService {
+    fn status(&self) -> pb::ClusterStatusResponse {
+        let c = &self.0;
+        let m = c.raft.metrics().borrow().clone();
+        let voters: BTreeSet<u64> = m.membership_config.voter_ids().collect();
+        let members = m
+            .membership_config
+            .nodes()
+            .map(|(id, n)| pb::Member {
+                id: *id,
+                raft_addr: n.raft_addr.clone(),
+                api_addr: n.api_addr.clone(),
+                voter: voters.contains(id),
+            })
+            .collect::<Vec<_>>();
+        let leader_api_addr = m
+            .current_leader
+            .and_then(|l| members.iter().find(|x| x.id == l))
+            .map(|x| x.api_addr.clone())
+            .unwrap_or_default();
+        pb::ClusterStatusResponse {
+            id: c.id,
+            leader: m.current_leader.unwrap_or(0),
+            leader_api_addr,
+            term: m.current_term,
+            members,
+            map_version: c.sm.state.lock().map.version,
+            last_applied_index: m.last_applied.map_or(0, |l| l.index),
+            snapshot_index: m.snapshot.map_or(0, |l| l.index),
+        }
+    }
+
+    fn leader_only(&self) -> Result<(), Status> {
+        let m = self.0.raft.metrics().borrow().clone();
+        if m.state == ServerState::Leader {
+            return Ok(());
+        }
+        let api_addr = m.current_leader.and_then(|l| {
+            m.membership_config
+                .nodes()
+                .find(|(id, _)| **id == l)
+                .map(|(_, n)| n.api_addr.clone())
+        });
+        Err(CoordinatorError::NotLeader {
+            leader: m.current_leader,
+            api_addr,
+        }
+        .into())
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn create_collection(
+        &self,
+        req: Request<pb::CreateCollectionRequest>,
+    ) -> Result<Response<pb::CollectionInfo>, Status> {
+        let spec = spec_from_pb(req.into_inner())?;
+        let name = spec.name.clone();
+        self.0.write(Command::CreateCollection(spec)).await?;
+        let map = self.0.read().await?;
+        Ok(Response::new(collection_info(&map, &name)?))
+    }
+
+    async fn drop_collection(
+        &self,
+        req: Request<pb::DropCollectionRequest>,
+    ) -> Result<Response<pb::DropCollectionResponse>, Status> {
+        let name = req.into_inner().name;
+        let v = self.0.write(Command::DropCollection { name }).await?;
+        Ok(Response::new(pb::DropCollectionResponse { map_version: v }))
+    }
+
+    async fn describe_collection(
+        &self,
+        req: Request<pb::DescribeCollectionRequest>,
+    ) -> Result<Response<pb::CollectionInfo>, Status> {
+        let map = self.0.read().await?;
+        Ok(Response::new(collection_info(
+            &map,
+            &req.into_inner().name,
+        )?))
+    }
+
+    async fn list_collections(
+        &self,
+        _: Request<pb::ListCollectionsRequest>,
+    ) -> Result<Response<pb::ListCollectionsResponse>, Status> {
+        let map = self.0.read().await?;
+        Ok(Response::new(pb::ListCollectionsResponse {
+            collections: map.collections.values().map(collection_pb).collect(),
+            map_version: map.version,
+        }))
+    }
+
+    async fn list_nodes(
+        &self,
+        _: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let map = self.0.read().await?;
+        Ok(Response::new(pb::ListNodesResponse {
+            nodes: map.nodes.values().map(|n| node_pb(n, &map)).collect(),
+            map_version: map.version,
+        }))
+    }
+
+    async fn list_shards(
+        &self,
+        req: Request<pb::ListShardsRequest>,
+    ) -> Result<Response<pb::ListShardsResponse>, Status> {
+        let name = req.into_inner().collection;
+        let map = self.0.read().await?;
+        let shards = if name.is_empty() {
+            map.shards.values().map(shard_pb).collect()
+        } else {
+            if !map.collections.contains_key(&name) {
+                return Err(Status::not_found(format!("collection {name:?} not found")));
+            }
+            map.shards_of(&name).map(shard_pb).collect()
+        };
+        Ok(Response::new(pb::ListShardsResponse {
+            shards,
+            map_version: map.version,
+        }))
+    }
+
+    async fn cluster_status(
+        &self,
+        _: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        Ok(Response::new(self.status()))
+    }
+
+    async fn add_learner(
+        &self,
+        req: Request<pb::AddLearnerRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        self.leader_only()?;
+        let r = req.into_inner();
+        if r.id == 0 || r.raft_addr.is_empty() || r.api_addr.is_empty() {
+            return Err(Status::invalid_argument(
+                "learner needs a non-zero id, a raft_addr and an api_addr",
+            ));
+        }
+        let member = Member {
+            raft_addr: r.raft_addr,
+            api_addr: r.api_addr,
+        };
+        self.0
+            .raft
+            .add_learner(r.id, member, true)
+            .await
+            .map_err(|e| Status::failed_precondition(format!("add learner {}: {e}", r.id)))?;
+        Ok(Response::new(self.status()))
+    }
+
+    async fn change_membership(
+        &self,
+        req: Request<pb::ChangeMembershipRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        self.leader_only()?;
+        let voters: BTreeSet<u64> = req.into_inner().voters.into_iter().collect();
+        if voters.is_empty() {
+            return Err(Status::invalid_argument("voters must not be empty"));
+        }
+        self.0
+            .raft
+            .change_membership(voters.clone(), false)
+            .await
+            .map_err(|e| {
+                Status::failed_precondition(format!("change membership to {voters:?}: {e}"))
+            })?;
+        Ok(Response::new(self.status()))
+    }
+
+    async fn drain_node(
+        &self,
+        req: Request<pb::DrainNodeRequest>,
+    ) -> Result<Response<pb::NodeInfo>, Status> {
+        let id = req.into_inner().id;
+        self.0
+            .write(Command::SetNodeState {
+                id: id.clone(),
+                state: NodeState::Draining,
+                from: vec![NodeState::Up, NodeState::Joining, NodeState::Suspect],
+            })
+            .await?;
+        let map = self.0.read().await?;
+        Ok(Response::new(node_pb(&map.nodes[&id], &map)))
+    }
+}
+
+// ---- public: ClusterMap ------------------------------------------------------------
+
+pub struct ClusterMapService(pub Arc<Coordinator>);
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::MapEvent, Status>> + Send>>;
+
+fn full_event(map: &ClusterMap) -> pb::MapEvent {
+    pb::MapEvent {
+        version: map.version,
+        event: Some(pb::map_event::Event::Full(map_pb(map))),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::cluster_map_server::ClusterMap for ClusterMapService {
+    async fn register_node(
+        &self,
+        req: Request<pb::RegisterNodeRequest>,
+    ) -> Result<Response<pb::NodeInfo>, Status> {
+        let r = req.into_inner();
+        let cap = r.capacity.unwrap_or_default();
+        let id = r.id.clone();
+        self.0
+            .write(Command::RegisterNode {
+                id: r.id,
+                addr: r.addr,
+                capacity: Capacity {
+                    memory_bytes: cap.memory_bytes,
+                    gpu: cap.gpu,
+                    zone: cap.zone,
+                },
+            })
+            .await?;
+        let map = self.0.read().await?;
+        Ok(Response::new(node_pb(&map.nodes[&id], &map)))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let r = req.into_inner();
+        let (version, state) = self.0.heartbeat(&r.id, &r.ready_replicas).await?;
+        Ok(Response::new(pb::HeartbeatResponse {
+            map_version: version,
+            state: node_state_pb(state),
+        }))
+    }
+
+    type WatchStream = EventStream;
+
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<EventStream>, Status> {
+        let from = req.into_inner().from_version;
+        let coord = self.0.clone();
+        // Subscribe before reading the map, so no change falls in between.
+        let mut rx = coord.sm.changes.subscribe();
+        let (tx, out) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut sent = {
+                let st = coord.sm.state.lock();
+                // A watcher already at the current version needs nothing resent.
+                if (from != st.map.version || from == 0)
+                    && tx.try_send(Ok(full_event(&st.map))).is_err()
+                {
+                    return;
+                }
+                st.map.version
+            };
+            let mut stopping = coord.stopping.subscribe();
+            loop {
+                // Streams end when the member shuts down, so its server can close.
+                let got = tokio::select! {
+                    got = rx.recv() => got,
+                    _ = stopping.wait_for(|s| *s) => return,
+                };
+                let ev = match got {
+                    Ok((v, _)) if v <= sent => continue,
+                    Ok((v, changes)) if v == sent + 1 && !changes.is_empty() => {
+                        let st = coord.sm.state.lock();
+                        pb::MapEvent {
+                            version: v,
+                            event: Some(pb::map_event::Event::Changes(pb::ChangeSet {
+                                changes: changes.iter().map(|c| change_pb(c, &st.map)).collect(),
+                            })),
+                        }
+                    }
+                    // A gap (lagging receiver, snapshot install): resend the whole map.
+                    Ok(_) | Err(RecvError::Lagged(_)) => full_event(&coord.sm.state.lock().map),
+                    Err(RecvError::Closed) => return,
+                };
+                sent = ev.version;
+                if tx.send(Ok(ev)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out),
+        )))
+    }
+}
+
+// ---- internal: Raft ----------------------------------------------------------------
+
+pub struct RaftService(pub Arc<Coordinator>);
+
+#[tonic::async_trait]
+impl rpb::raft_server::Raft for RaftService {
+    async fn append_entries(
+        &self,
+        req: Request<rpb::Payload>,
+    ) -> Result<Response<rpb::Payload>, Status> {
+        let rpc = decode(&req.into_inner().data).map_err(bad_payload)?;
+        let res = self.0.raft.append_entries(rpc).await;
+        Ok(Response::new(rpb::Payload { data: encode(&res) }))
+    }
+
+    async fn vote(&self, req: Request<rpb::Payload>) -> Result<Response<rpb::Payload>, Status> {
+        let rpc = decode(&req.into_inner().data).map_err(bad_payload)?;
+        let res = self.0.raft.vote(rpc).await;
+        Ok(Response::new(rpb::Payload { data: encode(&res) }))
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: Request<rpb::Payload>,
+    ) -> Result<Response<rpb::Payload>, Status> {
+        let rpc = decode(&req.into_inner().data).map_err(bad_payload)?;
+        let res = self.0.raft.install_snapshot(rpc).await;
+        Ok(Response::new(rpb::Payload { data: encode(&res) }))
+    }
+
+    async fn forward(&self, req: Request<rpb::Payload>) -> Result<Response<rpb::Payload>, Status> {
+        let r = decode(&req.into_inner().data).map_err(bad_payload)?;
+        let reply = self.0.handle_forward(r).await;
+        Ok(Response::new(rpb::Payload {
+            data: encode(&reply),
+        }))
+    }
+
+    async fn read_index(&self, _: Request<rpb::Payload>) -> Result<Response<rpb::Payload>, Status> {
+        let reply = self.0.handle_read_index().await;
+        Ok(Response::new(rpb::Payload {
+            data: encode(&reply),
+        }))
+    }
+}

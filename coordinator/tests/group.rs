@@ -1,0 +1,498 @@
+//! Coordinator groups of three members in-process, over real loopback gRPC, with their
+//! Raft logs and snapshots on disk: election, commit, failover, full restart, catch-up
+//! by snapshot, forwarding, API errors, watch, and node liveness with re-assignment.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use shoal_coordinator::client::Client;
+use shoal_coordinator::map::ClusterMap;
+use shoal_coordinator::{start, Config, Handle, Peer};
+use shoal_proto::coordinator as pb;
+use tokio::sync::Mutex;
+use tonic::Code;
+
+/// Groups share two cores: run one test at a time so election timing is what we test.
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Group {
+    _dir: tempfile::TempDir,
+    configs: Vec<Config>,
+    members: Vec<Option<Handle>>,
+}
+
+impl Group {
+    async fn start(tweak: impl Fn(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let peers: Vec<Peer> = (1..=3)
+            .map(|id| Peer {
+                id,
+                raft_addr: format!("127.0.0.1:{}", free_port()),
+                api_addr: format!("127.0.0.1:{}", free_port()),
+            })
+            .collect();
+        let configs: Vec<Config> = peers
+            .iter()
+            .map(|p| {
+                let mut c = Config {
+                    id: p.id,
+                    listen: p.api_addr.clone(),
+                    raft_listen: p.raft_addr.clone(),
+                    data_dir: dir.path().join(format!("c{}", p.id)),
+                    peers: peers.clone(),
+                    ..Config::default()
+                };
+                tweak(&mut c);
+                c
+            })
+            .collect();
+        let mut g = Group {
+            _dir: dir,
+            configs,
+            members: vec![None, None, None],
+        };
+        for i in 0..3 {
+            g.start_member(i).await;
+        }
+        g
+    }
+
+    async fn start_member(&mut self, i: usize) {
+        self.members[i] = Some(start(self.configs[i].clone()).await.expect("member starts"));
+    }
+
+    async fn stop_member(&mut self, i: usize) {
+        if let Some(h) = self.members[i].take() {
+            h.shutdown().await;
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::new(self.configs.iter().map(|c| c.listen.clone()))
+    }
+
+    fn handle(&self, i: usize) -> &Handle {
+        self.members[i].as_ref().expect("running")
+    }
+
+    /// Index of the member all running members agree leads, once they do.
+    async fn leader(&self, within: Duration) -> usize {
+        let deadline = Instant::now() + within;
+        loop {
+            let leaders: BTreeSet<Option<u64>> = self
+                .members
+                .iter()
+                .flatten()
+                .map(|h| h.coordinator.raft.metrics().borrow().current_leader)
+                .collect();
+            if let [Some(l)] = leaders.iter().cloned().collect::<Vec<_>>()[..] {
+                let i = (l - 1) as usize;
+                if self.members[i].is_some() {
+                    return i;
+                }
+            }
+            assert!(Instant::now() < deadline, "no agreed leader: {leaders:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn map(&self, i: usize) -> ClusterMap {
+        self.handle(i).coordinator.sm.state.lock().map.clone()
+    }
+
+    async fn wait_applied(&self, i: usize, index: u64) {
+        self.handle(i)
+            .coordinator
+            .raft
+            .wait(Some(Duration::from_secs(20)))
+            .applied_index_at_least(Some(index), "catch up")
+            .await
+            .expect("member catches up");
+    }
+
+    fn applied(&self, i: usize) -> u64 {
+        let m = self.handle(i).coordinator.raft.metrics().borrow().clone();
+        m.last_applied.map_or(0, |l| l.index)
+    }
+}
+
+async fn register_up(client: &mut Client, id: &str, zone: &str) {
+    let req = pb::RegisterNodeRequest {
+        id: id.into(),
+        addr: format!("127.0.0.1:{}", free_port()),
+        capacity: Some(pb::Capacity {
+            memory_bytes: 0,
+            gpu: false,
+            zone: zone.into(),
+        }),
+    };
+    client
+        .cluster(|mut c| {
+            let r = req.clone();
+            async move { c.register_node(r).await }
+        })
+        .await
+        .expect("register");
+    heartbeat(client, id, vec![]).await;
+}
+
+async fn heartbeat(client: &mut Client, id: &str, ready: Vec<String>) -> pb::HeartbeatResponse {
+    client
+        .cluster(|mut c| {
+            let r = pb::HeartbeatRequest {
+                id: id.into(),
+                ready_replicas: ready.clone(),
+            };
+            async move { c.heartbeat(r).await }
+        })
+        .await
+        .expect("heartbeat")
+        .into_inner()
+}
+
+fn create_req(name: &str, shards: u32, rf: u32) -> pb::CreateCollectionRequest {
+    pb::CreateCollectionRequest {
+        name: name.into(),
+        dimension: 384,
+        metric: pb::Metric::InnerProduct as i32,
+        encoder: None,
+        index: None,
+        shard_count: shards,
+        replication_factor: rf,
+        replica_memory_bytes: 0,
+    }
+}
+
+async fn create(
+    client: &mut Client,
+    name: &str,
+    shards: u32,
+    rf: u32,
+) -> Result<pb::CollectionInfo, tonic::Status> {
+    let req = create_req(name, shards, rf);
+    client
+        .admin(|mut a| {
+            let r = req.clone();
+            async move { a.create_collection(r).await }
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn elect_commit_failover_and_restart_from_disk() {
+    let _serial = SERIAL.lock().await;
+    let mut g = Group::start(|_| {}).await;
+    let t = Instant::now();
+    let first = g.leader(Duration::from_secs(10)).await;
+    eprintln!("first leader: member {} after {:?}", first + 1, t.elapsed());
+    let mut client = g.client();
+    register_up(&mut client, "w1", "z1").await;
+    for i in 0..5 {
+        create(&mut client, &format!("before-{i}"), 2, 1)
+            .await
+            .unwrap();
+    }
+
+    // Stop the leader; a new one must commit within 3 s.
+    g.stop_member(first).await;
+    let t = Instant::now();
+    create(&mut client, "after-failover", 1, 1).await.unwrap();
+    let failover = t.elapsed();
+    let second = g.leader(Duration::from_secs(5)).await;
+    eprintln!(
+        "failover: member {} committed after {failover:?}",
+        second + 1
+    );
+    assert_ne!(first, second);
+    assert!(
+        failover < Duration::from_secs(3),
+        "failover took {failover:?}"
+    );
+
+    // The stopped member comes back and catches up from the log.
+    g.start_member(first).await;
+    let target = g.applied(second);
+    g.wait_applied(first, target).await;
+    assert_eq!(g.map(first), g.map(second));
+
+    // All three stop and restart from disk with the same map.
+    for i in 0..3 {
+        g.stop_member(i).await;
+    }
+    for i in 0..3 {
+        g.start_member(i).await;
+    }
+    let l = g.leader(Duration::from_secs(10)).await;
+    let read = g.handle(l).coordinator.read().await.unwrap();
+    for i in 0..3 {
+        g.wait_applied(i, g.applied(l)).await;
+        assert_eq!(g.map(i), read, "member {} differs after restart", i + 1);
+    }
+    let names: Vec<&str> = read.collections.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        [
+            "after-failover",
+            "before-0",
+            "before-1",
+            "before-2",
+            "before-3",
+            "before-4"
+        ]
+    );
+    for i in 0..3 {
+        g.stop_member(i).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lagging_member_catches_up_by_snapshot() {
+    let _serial = SERIAL.lock().await;
+    let mut g = Group::start(|c| c.snapshot_every = 8).await;
+    let leader = g.leader(Duration::from_secs(10)).await;
+    let lagger = (leader + 1) % 3;
+    let mut client = g.client();
+    register_up(&mut client, "w1", "z1").await;
+    let behind = g.applied(lagger);
+    g.stop_member(lagger).await;
+    for i in 0..30 {
+        create(&mut client, &format!("c{i}"), 1, 1).await.unwrap();
+    }
+    let lm = g.handle(leader).coordinator.raft.metrics().borrow().clone();
+    let purged = lm.purged.map_or(0, |p| p.index);
+    assert!(
+        purged > behind,
+        "leader purged only up to {purged}, lagger has {behind}"
+    );
+    g.start_member(lagger).await;
+    g.wait_applied(lagger, g.applied(leader)).await;
+    let m = g.handle(lagger).coordinator.raft.metrics().borrow().clone();
+    let snap = m.snapshot.map_or(0, |s| s.index);
+    eprintln!("lagging member installed a snapshot at index {snap} (leader purged to {purged})");
+    assert!(snap > 0, "lagging member did not receive a snapshot");
+    assert_eq!(g.map(lagger), g.map(leader));
+    assert_eq!(g.map(lagger).collections.len(), 30);
+    for i in 0..3 {
+        g.stop_member(i).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn follower_forwards_writes_errors_name_the_problem_and_watch_streams_changes() {
+    let _serial = SERIAL.lock().await;
+    let mut g = Group::start(|_| {}).await;
+    let leader = g.leader(Duration::from_secs(10)).await;
+    let follower = (leader + 1) % 3;
+    let mut client = g.client();
+    register_up(&mut client, "w1", "z1").await;
+    // Only the follower's address: the write is forwarded server-side.
+    let mut fc = Client::new([g.configs[follower].listen.clone()]);
+    let info = create(&mut fc, "docs", 4, 1).await.unwrap();
+    assert_eq!(info.shards.len(), 4);
+
+    let cases: Vec<(pb::CreateCollectionRequest, Code, &str)> = vec![
+        (
+            create_req("docs", 1, 1),
+            Code::AlreadyExists,
+            "already exists",
+        ),
+        (
+            pb::CreateCollectionRequest {
+                dimension: 0,
+                ..create_req("x", 1, 1)
+            },
+            Code::InvalidArgument,
+            "dimension 0",
+        ),
+        (
+            create_req("x", 2000, 1),
+            Code::InvalidArgument,
+            "shard_count 2000",
+        ),
+        (
+            create_req("x", 1, 2),
+            Code::FailedPrecondition,
+            "replication_factor 2",
+        ),
+        (
+            pb::CreateCollectionRequest {
+                index: Some(pb::IndexParams {
+                    pq_m: 5,
+                    ..Default::default()
+                }),
+                ..create_req("x", 1, 1)
+            },
+            Code::InvalidArgument,
+            "pq_m 5",
+        ),
+    ];
+    let before = g.map(leader).version;
+    for (req, code, msg) in cases {
+        let err = fc
+            .admin(|mut a| {
+                let r = req.clone();
+                async move { a.create_collection(r).await }
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), code, "{}", err.message());
+        assert!(
+            err.message().contains(msg),
+            "{:?} lacks {msg:?}",
+            err.message()
+        );
+    }
+    assert_eq!(
+        g.map(leader).version,
+        before,
+        "a refused create changed the map"
+    );
+    let err = fc
+        .admin(|mut a| async move {
+            a.describe_collection(pb::DescribeCollectionRequest {
+                name: "nope".into(),
+            })
+            .await
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("nope"));
+
+    // Reads at the follower are linearizable: they see the write just acknowledged.
+    let listed = fc
+        .admin(|mut a| async move { a.list_collections(pb::ListCollectionsRequest {}).await })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.collections.len(), 1);
+
+    // Watch from the follower: the whole map, then each change with its version.
+    let mut w = shoal_proto::coordinator::cluster_map_client::ClusterMapClient::connect(format!(
+        "http://{}",
+        g.configs[follower].listen
+    ))
+    .await
+    .unwrap();
+    let mut stream = w
+        .watch(pb::WatchRequest { from_version: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(matches!(first.event, Some(pb::map_event::Event::Full(_))));
+    create(&mut client, "second", 1, 1).await.unwrap();
+    let next = stream.message().await.unwrap().unwrap();
+    assert_eq!(next.version, first.version + 1);
+    let Some(pb::map_event::Event::Changes(cs)) = next.event else {
+        panic!("expected changes, got {next:?}");
+    };
+    assert!(cs.changes.iter().any(|c| matches!(&c.change,
+        Some(pb::map_change::Change::CollectionPut(c)) if c.name == "second")));
+    // Resuming at the current version (a reconnect) sends no full map, only what
+    // comes next.
+    drop(stream);
+    drop(w);
+    let mut w = shoal_proto::coordinator::cluster_map_client::ClusterMapClient::connect(format!(
+        "http://{}",
+        g.configs[follower].listen
+    ))
+    .await
+    .unwrap();
+    let mut stream = w
+        .watch(pb::WatchRequest {
+            from_version: next.version,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    create(&mut client, "third", 1, 1).await.unwrap();
+    let resumed = stream.message().await.unwrap().unwrap();
+    assert_eq!(resumed.version, next.version + 1);
+    assert!(matches!(
+        resumed.event,
+        Some(pb::map_event::Event::Changes(_))
+    ));
+    for i in 0..3 {
+        g.stop_member(i).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn silent_node_goes_suspect_then_down_and_its_replicas_move() {
+    let _serial = SERIAL.lock().await;
+    let mut g = Group::start(|c| {
+        c.suspect_after_ms = 600;
+        c.down_after_ms = 1500;
+        c.tick_ms = 100;
+    })
+    .await;
+    let leader = g.leader(Duration::from_secs(10)).await;
+    let mut client = g.client();
+    for (id, zone) in [("w1", "a"), ("w2", "b"), ("w3", "c")] {
+        register_up(&mut client, id, zone).await;
+    }
+    let info = create(&mut client, "docs", 6, 2).await.unwrap();
+    let on_w3 = info
+        .shards
+        .iter()
+        .filter(|s| s.replicas.iter().any(|r| r.node_id == "w3"))
+        .count();
+    assert!(on_w3 > 0);
+    // w1 and w2 keep heartbeating and report finished copies; w3 falls silent.
+    let t = Instant::now();
+    let mut saw_suspect = false;
+    loop {
+        for id in ["w1", "w2"] {
+            let map = g.map(leader);
+            let ready: Vec<String> = map
+                .shards
+                .values()
+                .filter(|s| {
+                    s.replicas.iter().any(|r| {
+                        r.node == id && r.state == shoal_coordinator::map::ReplicaState::Copying
+                    })
+                })
+                .map(|s| s.key.to_string())
+                .collect();
+            heartbeat(&mut client, id, ready).await;
+        }
+        let map = g.map(leader);
+        let w3 = map.nodes["w3"].state;
+        saw_suspect |= w3 == shoal_coordinator::map::NodeState::Suspect;
+        let done = w3 == shoal_coordinator::map::NodeState::Down
+            && map.shards.values().all(|s| {
+                !s.holds("w3")
+                    && s.replicas.len() == 2
+                    && s.replicas
+                        .iter()
+                        .all(|r| r.state == shoal_coordinator::map::ReplicaState::Serving)
+                    && s.primary.as_deref().is_some_and(|p| p != "w3")
+            });
+        if done {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "not re-assigned: {map:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    eprintln!(
+        "w3 down and its {on_w3} replicas re-assigned {:?} after its last heartbeat",
+        t.elapsed()
+    );
+    assert!(saw_suspect, "w3 went down without being suspect first");
+    for i in 0..3 {
+        g.stop_member(i).await;
+    }
+}

@@ -1,0 +1,287 @@
+//! `shoal coordinator` (run a member) and the admin commands that talk to the group.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use shoal_coordinator::client::Client;
+use shoal_coordinator::{Config, Peer};
+use shoal_proto::coordinator as pb;
+
+/// Flags for one member; each also reads `SHOAL_*` from the environment, and any left
+/// unset come from `--config FILE` (TOML with the same names) or the defaults.
+#[derive(Args)]
+pub struct CoordinatorArgs {
+    /// TOML file with any of the settings below (flags and environment win).
+    #[arg(long, env = "SHOAL_CONFIG")]
+    config: Option<PathBuf>,
+    /// This member's Raft id (non-zero, unique in the group).
+    #[arg(long, env = "SHOAL_ID")]
+    id: Option<u64>,
+    /// Public gRPC address (admin and cluster map).
+    #[arg(long, env = "SHOAL_LISTEN")]
+    listen: Option<String>,
+    /// Internal Raft address (other members only).
+    #[arg(long, env = "SHOAL_RAFT_LISTEN")]
+    raft_listen: Option<String>,
+    #[arg(long, env = "SHOAL_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Initial voters, this member included: ID=RAFT_ADDR/API_ADDR, comma-separated.
+    /// The lowest id initialises a fresh group; on restart the log on disk wins.
+    #[arg(long, env = "SHOAL_PEERS", value_delimiter = ',')]
+    peers: Vec<Peer>,
+    #[arg(long, env = "SHOAL_SUSPECT_AFTER_MS")]
+    suspect_after_ms: Option<u64>,
+    #[arg(long, env = "SHOAL_DOWN_AFTER_MS")]
+    down_after_ms: Option<u64>,
+    #[arg(long, env = "SHOAL_SNAPSHOT_EVERY")]
+    snapshot_every: Option<u64>,
+}
+
+impl CoordinatorArgs {
+    pub fn into_config(self) -> anyhow::Result<Config> {
+        let mut c = match &self.config {
+            Some(p) => Config::from_toml_file(p)?,
+            None => Config::default(),
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
+        }
+        set!(
+            id,
+            listen,
+            raft_listen,
+            data_dir,
+            suspect_after_ms,
+            down_after_ms,
+            snapshot_every
+        );
+        if !self.peers.is_empty() {
+            c.peers = self.peers;
+        }
+        Ok(c)
+    }
+}
+
+pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
+    let handle = shoal_coordinator::start(args.into_config()?).await?;
+    crate::shutdown_signal().await;
+    tracing::info!("shutting down");
+    handle.shutdown().await;
+    Ok(())
+}
+
+/// Where the admin commands find the coordinators: a local `shoal dev` cluster's by default.
+#[derive(Args, Clone)]
+pub struct Target {
+    /// Coordinator public addresses, comma-separated (any member; writes are forwarded).
+    #[arg(
+        long = "addr",
+        env = "SHOAL_COORDINATORS",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003",
+        global = true
+    )]
+    pub coordinators: Vec<String>,
+}
+
+#[derive(Subcommand)]
+pub enum CollectionCmd {
+    /// Creates a collection; zero index parameters take defaults for the dimension.
+    Create {
+        name: String,
+        #[arg(long, default_value_t = 384)]
+        dimension: u32,
+        /// ip (inner product) or l2.
+        #[arg(long, default_value = "ip")]
+        metric: String,
+        #[arg(long, default_value_t = 3)]
+        shards: u32,
+        #[arg(long, default_value_t = 1)]
+        replication_factor: u32,
+        #[arg(long, default_value_t = 0)]
+        nlist: u32,
+        #[arg(long, default_value_t = 0)]
+        pq_m: u32,
+        #[arg(long, default_value_t = 0)]
+        pq_nbits: u32,
+        #[arg(long, default_value_t = 0)]
+        nprobe: u32,
+        #[arg(long, default_value_t = 0)]
+        refine: u32,
+        /// Encoder model id (e.g. all-MiniLM-L6-v2); none for precomputed vectors.
+        #[arg(long)]
+        model: Option<String>,
+    },
+    List,
+    Describe {
+        name: String,
+    },
+    Drop {
+        name: String,
+    },
+}
+
+fn print_json(v: serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+}
+
+fn collection_json(c: &pb::Collection) -> serde_json::Value {
+    let ix = c.index.unwrap_or_default();
+    serde_json::json!({
+        "name": c.name, "id": c.id, "dimension": c.dimension,
+        "metric": pb::Metric::try_from(c.metric).map(|m| m.as_str_name()).unwrap_or("?"),
+        "shards": c.shard_count, "replication_factor": c.replication_factor,
+        "index": {"nlist": ix.nlist, "pq_m": ix.pq_m, "pq_nbits": ix.pq_nbits,
+                  "nprobe": ix.nprobe, "refine": ix.refine},
+        "encoder": c.encoder.as_ref().map(|e| e.model_id.clone()),
+    })
+}
+
+fn shard_json(s: &pb::Shard) -> serde_json::Value {
+    serde_json::json!({
+        "shard": format!("{}/{}", s.collection, s.index),
+        "primary": s.primary, "epoch": s.epoch,
+        "replicas": s.replicas.iter().map(|r| format!("{}:{}", r.node_id,
+            pb::ReplicaState::try_from(r.state).map(|x| x.as_str_name()).unwrap_or("?")
+                .trim_start_matches("REPLICA_STATE_").to_lowercase())).collect::<Vec<_>>(),
+        "serving_generation": s.serving_generation,
+        "building_generation": s.building_generation,
+    })
+}
+
+pub async fn collection(target: Target, cmd: CollectionCmd) -> anyhow::Result<()> {
+    let mut client = Client::new(target.coordinators);
+    match cmd {
+        CollectionCmd::Create {
+            name,
+            dimension,
+            metric,
+            shards,
+            replication_factor,
+            nlist,
+            pq_m,
+            pq_nbits,
+            nprobe,
+            refine,
+            model,
+        } => {
+            let metric = match metric.as_str() {
+                "ip" | "inner_product" | "cosine" => pb::Metric::InnerProduct,
+                "l2" => pb::Metric::L2,
+                m => anyhow::bail!("unknown metric {m:?}: use ip or l2"),
+            };
+            let req = pb::CreateCollectionRequest {
+                name,
+                dimension,
+                metric: metric as i32,
+                encoder: model.map(|m| pb::EncoderRef {
+                    model_id: m,
+                    content_hash: String::new(),
+                }),
+                index: Some(pb::IndexParams {
+                    nlist,
+                    pq_m,
+                    pq_nbits,
+                    nprobe,
+                    refine,
+                }),
+                shard_count: shards,
+                replication_factor,
+                replica_memory_bytes: 0,
+            };
+            let info = client
+                .admin(|mut a| {
+                    let r = req.clone();
+                    async move { a.create_collection(r).await }
+                })
+                .await?
+                .into_inner();
+            print_json(serde_json::json!({
+                "collection": info.collection.as_ref().map(collection_json),
+                "shards": info.shards.iter().map(shard_json).collect::<Vec<_>>(),
+                "map_version": info.map_version,
+            }));
+        }
+        CollectionCmd::List => {
+            let r = client
+                .admin(
+                    |mut a| async move { a.list_collections(pb::ListCollectionsRequest {}).await },
+                )
+                .await?
+                .into_inner();
+            print_json(serde_json::json!({
+                "collections": r.collections.iter().map(collection_json).collect::<Vec<_>>(),
+                "map_version": r.map_version,
+            }));
+        }
+        CollectionCmd::Describe { name } => {
+            let info = client
+                .admin(|mut a| {
+                    let name = name.clone();
+                    async move {
+                        a.describe_collection(pb::DescribeCollectionRequest { name })
+                            .await
+                    }
+                })
+                .await?
+                .into_inner();
+            print_json(serde_json::json!({
+                "collection": info.collection.as_ref().map(collection_json),
+                "shards": info.shards.iter().map(shard_json).collect::<Vec<_>>(),
+                "map_version": info.map_version,
+            }));
+        }
+        CollectionCmd::Drop { name } => {
+            let r = client
+                .admin(|mut a| {
+                    let name = name.clone();
+                    async move { a.drop_collection(pb::DropCollectionRequest { name }).await }
+                })
+                .await?
+                .into_inner();
+            print_json(serde_json::json!({"dropped": true, "map_version": r.map_version}));
+        }
+    }
+    Ok(())
+}
+
+/// `shoal status`: the coordinator group, the nodes, and every shard's replica set.
+pub async fn status(target: Target) -> anyhow::Result<()> {
+    let mut client = Client::new(target.coordinators);
+    let st = client
+        .admin(|mut a| async move { a.cluster_status(pb::ClusterStatusRequest {}).await })
+        .await?
+        .into_inner();
+    let nodes = client
+        .admin(|mut a| async move { a.list_nodes(pb::ListNodesRequest {}).await })
+        .await?
+        .into_inner();
+    let shards = client
+        .admin(|mut a| async move {
+            a.list_shards(pb::ListShardsRequest {
+                collection: String::new(),
+            })
+            .await
+        })
+        .await?
+        .into_inner();
+    print_json(serde_json::json!({
+        "coordinators": {
+            "answered_by": st.id, "leader": st.leader, "leader_addr": st.leader_api_addr,
+            "term": st.term, "last_applied_index": st.last_applied_index,
+            "snapshot_index": st.snapshot_index,
+            "members": st.members.iter().map(|m| serde_json::json!({
+                "id": m.id, "api_addr": m.api_addr, "raft_addr": m.raft_addr, "voter": m.voter,
+            })).collect::<Vec<_>>(),
+        },
+        "map_version": nodes.map_version,
+        "nodes": nodes.nodes.iter().map(|n| serde_json::json!({
+            "id": n.id, "addr": n.addr, "replicas": n.replicas,
+            "state": pb::NodeState::try_from(n.state).map(|s| s.as_str_name()).unwrap_or("?")
+                .trim_start_matches("NODE_STATE_").to_lowercase(),
+            "zone": n.capacity.as_ref().map(|c| c.zone.clone()).unwrap_or_default(),
+        })).collect::<Vec<_>>(),
+        "shards": shards.shards.iter().map(shard_json).collect::<Vec<_>>(),
+    }));
+    Ok(())
+}

@@ -1,0 +1,10 @@
+//! Compiles the protos with protox (pure Rust, no system protoc needed).
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = ["proto/shoal/coordinator.proto", "proto/shoal/raft.proto"];
+    for f in files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let fds = protox::compile(files, ["proto"])?;
+    tonic_prost_build::configure().compile_fds(fds)?;
+    Ok(())
+}
