@@ -1,6 +1,11 @@
 //! Compiles the protos with protox (pure Rust, no system protoc needed).
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/shoal/coordinator.proto", "proto/shoal/raft.proto"];
+    let files = [
+        "proto/shoal/coordinator.proto",
+        "proto/shoal/raft.proto",
+        "proto/shoal/node.proto",
+        "proto/shoal/replica.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

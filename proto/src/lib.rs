@@ -9,3 +9,13 @@ pub mod coordinator {
 pub mod raft {
     tonic::include_proto!("shoal.raft.v1");
 }
+
+/// The public data API (ingest, search, get, delete), served by every node.
+pub mod v1 {
+    tonic::include_proto!("shoal.v1");
+}
+
+/// Internal: one shard replica's operations, node to node.
+pub mod replica {
+    tonic::include_proto!("shoal.internal.v1");
+}

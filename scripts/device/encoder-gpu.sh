@@ -27,4 +27,6 @@ export LD_LIBRARY_PATH="${extra}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export PYTHONUNBUFFERED=1
 python3 scripts/reference/torch_gpu_bench.py --model-dir "$model" \
   --texts node/tests/fixtures/minilm_reference.json --out "$OUT/torch.json" "$@" 2>&1 | tee "$OUT/torch.log"
-.gpu/shoal-gpu-bench --model-dir "$model" --torch "$OUT/torch.json" 2>&1 | tee "$OUT/burn.log"
+for p in fp32 fp16; do
+  .gpu/shoal-gpu-bench --model-dir "$model" --torch "$OUT/torch.json" --precision $p 2>&1 | tee -a "$OUT/burn.log"
+done

@@ -15,12 +15,11 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use burn::backend::Cuda;
 use burn::tensor::backend::Backend;
-use burn::tensor::f16;
 use clap::Parser;
 use rand::{Rng, SeedableRng};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use shoal_encoder::{CpuBackend, Encoder};
+use shoal_encoder::{CpuBackend, Encoder, Precision};
 
 #[derive(Parser)]
 struct Args {
@@ -33,6 +32,10 @@ struct Args {
     /// Minimum seconds timed per measurement.
     #[arg(long, default_value_t = 2.0)]
     min_secs: f64,
+    /// fp32, or fp16 (weights and activations in half precision). One per process:
+    /// Burn fixes a device's default float type once.
+    #[arg(long, default_value = "fp32")]
+    precision: String,
     /// Latency samples for the single short query.
     #[arg(long, default_value_t = 300)]
     latency_runs: usize,
@@ -174,34 +177,21 @@ fn main() -> Result<()> {
     );
 
     let mut burn_results = BTreeMap::new();
-    eprintln!("burn-cuda fp32");
-    let enc32 = Encoder::<Cuda<f32>>::load(&args.model_dir, Default::default())?;
-    let v32 = embed_texts(&enc32, &torch.texts)?;
+    let dtype = args.precision.as_str();
+    let precision = match dtype {
+        "fp32" => Precision::F32,
+        "fp16" => Precision::F16,
+        p => anyhow::bail!("unknown precision {p:?}: fp32 or fp16"),
+    };
+    eprintln!("burn-cuda {dtype}");
+    let enc = Encoder::<Cuda>::load_with(&args.model_dir, Default::default(), precision)?;
+    let v = embed_texts(&enc, &torch.texts)?;
+    report.insert(format!("min_cos_cuda_{dtype}_vs_cpu"), json!(min_cosine(&v, &cpu_vecs)));
     report.insert(
-        "min_cos_cuda_fp32_vs_cpu".into(),
-        json!(min_cosine(&v32, &cpu_vecs)),
+        format!("min_cos_cuda_{dtype}_vs_torch"),
+        json!(min_cosine(&v, &torch.vectors)),
     );
-    report.insert(
-        "min_cos_cuda_fp32_vs_torch".into(),
-        json!(min_cosine(&v32, &torch.vectors)),
-    );
-    burn_results.insert("fp32", measure(&enc32, &torch, &args, vocab)?);
-    drop(enc32);
-
-    eprintln!("burn-cuda fp16");
-    match Encoder::<Cuda<f16>>::load(&args.model_dir, Default::default()) {
-        Ok(enc16) => {
-            let v16 = embed_texts(&enc16, &torch.texts)?;
-            report.insert(
-                "min_cos_cuda_fp16_vs_cpu".into(),
-                json!(min_cosine(&v16, &cpu_vecs)),
-            );
-            burn_results.insert("fp16", measure(&enc16, &torch, &args, vocab)?);
-        }
-        Err(e) => {
-            report.insert("fp16_error".into(), json!(e.to_string()));
-        }
-    }
+    burn_results.insert(dtype, measure(&enc, &torch, &args, vocab)?);
 
     for (dtype, ours) in &burn_results {
         let peer = torch.results.get(*dtype);

@@ -9,10 +9,13 @@ use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Int, Tensor};
-use burn_store::{ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
+use burn_store::{
+    HalfPrecisionAdapter, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore,
+};
 
 use crate::error::{EncoderError, Result};
 use crate::model_dir::{BertConfig, ModelSpec};
+use crate::Precision;
 
 #[derive(Module, Debug)]
 pub struct Embeddings<B: Backend> {
@@ -121,10 +124,16 @@ impl<B: Backend> Bert<B> {
     /// Builds the module tree from `config.json` and fills it from `model.safetensors`.
     /// Every parameter must be present in the file; extra tensors (the unused pooler,
     /// `position_ids`) are ignored.
-    pub fn load(spec: &ModelSpec, device: &B::Device) -> Result<Self> {
+    pub fn load(spec: &ModelSpec, device: &B::Device, precision: Precision) -> Result<Self> {
         let mut model = BertModel::init(&spec.bert, device);
-        let mut store = SafetensorsStore::from_file(&spec.weights)
-            .with_from_adapter(PyTorchToBurnAdapter)
+        let store = SafetensorsStore::from_file(&spec.weights);
+        let store = match precision {
+            Precision::F32 => store.with_from_adapter(PyTorchToBurnAdapter),
+            // Weights cast to f16 as they load (the file holds f32).
+            Precision::F16 => store
+                .with_from_adapter(PyTorchToBurnAdapter.chain(HalfPrecisionAdapter::new())),
+        };
+        let mut store = store
             .with_key_remapping(r"\.self\.", ".self_attn.")
             .with_key_remapping(r"LayerNorm", "layer_norm")
             .allow_partial(true);

@@ -9,6 +9,7 @@ use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 use crate::bert::Bert;
 use crate::error::{EncoderError, Result};
 use crate::model_dir::{ModelSpec, Pooling};
+use crate::Precision;
 
 /// The model's tokenizer with shoal's settings. The packaged tokenizer.json hard-codes
 /// truncation and padding at 128: truncate at the model's own limit instead, and pad
@@ -51,9 +52,24 @@ pub struct Encoded {
 
 impl<B: Backend> Encoder<B> {
     pub fn load(dir: &Path, device: B::Device) -> Result<Self> {
+        Self::load_with(dir, device, Precision::F32)
+    }
+
+    /// Loads in the given precision. `F16` (for GPU backends) also makes f16 the device's
+    /// default float type, so every activation runs in half precision too; Burn allows
+    /// that once per device and process, before any other tensor is made on it.
+    pub fn load_with(dir: &Path, device: B::Device, precision: Precision) -> Result<Self> {
         let spec = ModelSpec::load(dir)?;
         let tokenizer = tokenizer(&spec)?;
-        let bert = Bert::load(&spec, &device)?;
+        if precision == Precision::F16 {
+            burn::tensor::set_default_dtypes::<B>(
+                &device,
+                burn::tensor::DType::F16,
+                <B::IntElem as burn::tensor::Element>::dtype(),
+            )
+            .map_err(|e| EncoderError::Backend(format!("switching the device to f16: {e:?}")))?;
+        }
+        let bert = Bert::load(&spec, &device, precision)?;
         tracing::info!(
             dir = %dir.display(),
             dimension = spec.dimension(),

@@ -14,6 +14,8 @@ pub enum EncoderError {
     Tokenizer(String),
     #[error("encoder is overloaded: {queued} texts queued, the limit is {limit}")]
     Overloaded { queued: usize, limit: usize },
+    #[error("backend: {0}")]
+    Backend(String),
     #[error("encoder pool is shut down")]
     ShutDown,
 }

@@ -13,6 +13,15 @@ pub use encoder::{tokenizer, Encoded, Encoder};
 pub use error::{EncoderError, Result};
 pub use model_dir::{BertConfig, ModelSpec, Pooling};
 
+/// Numeric precision of weights and activations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    #[default]
+    F32,
+    /// Half precision, for GPU backends.
+    F16,
+}
+
 /// Where scripts/fetch-model.sh installs all-MiniLM-L6-v2, relative to the repo root.
 pub const DEFAULT_MODEL_DIR: &str = "models/all-MiniLM-L6-v2";
 
