@@ -186,7 +186,10 @@ fn main() -> Result<()> {
     eprintln!("burn-cuda {dtype}");
     let enc = Encoder::<Cuda>::load_with(&args.model_dir, Default::default(), precision)?;
     let v = embed_texts(&enc, &torch.texts)?;
-    report.insert(format!("min_cos_cuda_{dtype}_vs_cpu"), json!(min_cosine(&v, &cpu_vecs)));
+    report.insert(
+        format!("min_cos_cuda_{dtype}_vs_cpu"),
+        json!(min_cosine(&v, &cpu_vecs)),
+    );
     report.insert(
         format!("min_cos_cuda_{dtype}_vs_torch"),
         json!(min_cosine(&v, &torch.vectors)),

@@ -130,8 +130,9 @@ impl<B: Backend> Bert<B> {
         let store = match precision {
             Precision::F32 => store.with_from_adapter(PyTorchToBurnAdapter),
             // Weights cast to f16 as they load (the file holds f32).
-            Precision::F16 => store
-                .with_from_adapter(PyTorchToBurnAdapter.chain(HalfPrecisionAdapter::new())),
+            Precision::F16 => {
+                store.with_from_adapter(PyTorchToBurnAdapter.chain(HalfPrecisionAdapter::new()))
+            }
         };
         let mut store = store
             .with_key_remapping(r"\.self\.", ".self_attn.")

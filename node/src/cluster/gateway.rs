@@ -1,0 +1,529 @@
+//! The gateway: any node takes a client's request, encodes text once, routes documents
+//! by a hash of their id to their shard, fans a query out to every shard within the
+//! deadline, and merges one top k by exact score. Pure helpers (routing, validation,
+//! merge) sit above the I/O.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+use shoal_encoder::pool::EncoderPool;
+use shoal_proto::coordinator as cpb;
+use shoal_proto::replica as rpb;
+use shoal_proto::replica::replica_client::ReplicaClient;
+use shoal_proto::v1 as pb;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Status;
+
+use super::mapview::MapView;
+
+pub const MAX_K: u32 = 1000;
+pub const MAX_DOCS_PER_REQUEST: usize = 10_000;
+pub const MAX_ID_BYTES: usize = 512;
+
+/// The shard a document id belongs to: crc32 of the id, mod the shard count. Stable
+/// across processes and releases (it decides where data lives).
+pub fn shard_of(id: &str, shard_count: u32) -> u32 {
+    crc32fast::hash(id.as_bytes()) % shard_count.max(1)
+}
+
+/// One shard's hits merged into the global top k; ties broken by id so the order is
+/// deterministic. `higher_is_better` for inner product, not for L2 distance.
+pub fn merge(mut hits: Vec<pb::Hit>, k: usize, higher_is_better: bool) -> Vec<pb::Hit> {
+    hits.sort_by(|a, b| {
+        let o = if higher_is_better {
+            b.score.total_cmp(&a.score)
+        } else {
+            a.score.total_cmp(&b.score)
+        };
+        o.then_with(|| a.id.cmp(&b.id))
+    });
+    hits.truncate(k);
+    hits
+}
+
+pub fn check_vector(v: &[f32], dimension: u32, what: &str) -> Result<(), Status> {
+    if v.len() != dimension as usize {
+        return Err(Status::invalid_argument(format!(
+            "{what} has dimension {}, the collection's is {dimension}",
+            v.len()
+        )));
+    }
+    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        return Err(Status::invalid_argument(format!(
+            "{what} has a non-finite value at position {i}"
+        )));
+    }
+    Ok(())
+}
+
+pub struct Gateway {
+    pub node_id: String,
+    pub view: Arc<RwLock<MapView>>,
+    pub encoder: Option<Arc<EncoderPool>>,
+    channels: Mutex<HashMap<String, Channel>>,
+    pub default_deadline: Duration,
+}
+
+fn collection<'a>(view: &'a MapView, name: &str) -> Result<&'a cpb::Collection, Status> {
+    view.collections
+        .get(name)
+        .ok_or_else(|| Status::not_found(format!("collection {name:?} not found")))
+}
+
+impl Gateway {
+    pub fn new(
+        node_id: String,
+        view: Arc<RwLock<MapView>>,
+        encoder: Option<Arc<EncoderPool>>,
+        default_deadline: Duration,
+    ) -> Self {
+        Self {
+            node_id,
+            view,
+            encoder,
+            channels: Mutex::default(),
+            default_deadline,
+        }
+    }
+
+    fn client(&self, addr: &str) -> Result<ReplicaClient<Channel>, Status> {
+        let mut ch = self.channels.lock();
+        if let Some(c) = ch.get(addr) {
+            return Ok(ReplicaClient::new(c.clone()).max_decoding_message_size(64 << 20));
+        }
+        let c = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Status::internal(format!("bad node address {addr:?}: {e}")))?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        ch.insert(addr.to_string(), c.clone());
+        Ok(ReplicaClient::new(c).max_decoding_message_size(64 << 20))
+    }
+
+    async fn encode(&self, texts: Vec<String>, dimension: u32) -> Result<Vec<Vec<f32>>, Status> {
+        let enc = self.encoder.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "this node has no encoder (started without a model dir): send vectors",
+            )
+        })?;
+        if enc.dimension() != dimension as usize {
+            return Err(Status::failed_precondition(format!(
+                "the encoder makes {}-d vectors, the collection holds {dimension}-d",
+                enc.dimension()
+            )));
+        }
+        enc.encode(texts).await.map_err(|e| match e {
+            shoal_encoder::EncoderError::Overloaded { .. } => {
+                Status::resource_exhausted(e.to_string())
+            }
+            shoal_encoder::EncoderError::EmptyText { .. } => {
+                Status::invalid_argument(e.to_string())
+            }
+            e => Status::internal(e.to_string()),
+        })
+    }
+
+    /// Validates, encodes and routes a batch; returns (documents written, truncated).
+    pub async fn ingest(&self, req: pb::IngestRequest) -> Result<(u64, u64), Status> {
+        let (coll, shards) = {
+            let v = self.view.read();
+            let c = collection(&v, &req.collection)?.clone();
+            let shards: Vec<cpb::Shard> = v.shards_of(&req.collection).cloned().collect();
+            (c, shards)
+        };
+        if req.documents.is_empty() {
+            return Err(Status::invalid_argument("no documents in the request"));
+        }
+        if req.documents.len() > MAX_DOCS_PER_REQUEST {
+            return Err(Status::invalid_argument(format!(
+                "{} documents in one request, the limit is {MAX_DOCS_PER_REQUEST}",
+                req.documents.len()
+            )));
+        }
+        let mut docs = req.documents;
+        let mut to_encode = Vec::new();
+        for (i, d) in docs.iter().enumerate() {
+            if d.id.is_empty() || d.id.len() > MAX_ID_BYTES {
+                return Err(Status::invalid_argument(format!(
+                    "document {i}: id must be 1 to {MAX_ID_BYTES} bytes"
+                )));
+            }
+            if !d.metadata_json.is_empty() {
+                match serde_json::from_str::<serde_json::Value>(&d.metadata_json) {
+                    Ok(serde_json::Value::Object(_)) => {}
+                    _ => {
+                        return Err(Status::invalid_argument(format!(
+                            "document {:?}: metadata_json must be a JSON object",
+                            d.id
+                        )))
+                    }
+                }
+            }
+            if d.vector.is_empty() {
+                if d.text.trim().is_empty() {
+                    return Err(Status::invalid_argument(format!(
+                        "document {:?} has neither text nor a vector",
+                        d.id
+                    )));
+                }
+                to_encode.push(i);
+            } else {
+                check_vector(
+                    &d.vector,
+                    coll.dimension,
+                    &format!("document {:?}'s vector", d.id),
+                )?;
+            }
+        }
+        let mut truncated = 0u64;
+        if !to_encode.is_empty() {
+            let texts: Vec<String> = to_encode.iter().map(|&i| docs[i].text.clone()).collect();
+            let before = self.encoder.as_ref().map_or(0, |e| {
+                e.stats()
+                    .truncated
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            });
+            let vecs = self.encode(texts, coll.dimension).await?;
+            truncated = self.encoder.as_ref().map_or(0, |e| {
+                e.stats()
+                    .truncated
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            }) - before;
+            for (i, v) in to_encode.into_iter().zip(vecs) {
+                docs[i].vector = v;
+            }
+        }
+        let n = docs.len() as u64;
+        let mut by_shard: HashMap<u32, Vec<rpb::StoredDoc>> = HashMap::new();
+        for d in docs {
+            by_shard
+                .entry(shard_of(&d.id, coll.shard_count))
+                .or_default()
+                .push(rpb::StoredDoc {
+                    id: d.id,
+                    text: d.text,
+                    metadata_json: d.metadata_json,
+                    vector: d.vector,
+                });
+        }
+        let writes = by_shard
+            .into_iter()
+            .map(|(index, upserts)| self.write_shard(&coll, &shards, index, upserts, Vec::new()));
+        for r in futures::future::join_all(writes).await {
+            r?;
+        }
+        Ok((n, truncated))
+    }
+
+    pub async fn delete(&self, req: pb::DeleteRequest) -> Result<u64, Status> {
+        let (coll, shards) = {
+            let v = self.view.read();
+            let c = collection(&v, &req.collection)?.clone();
+            (c, v.shards_of(&req.collection).cloned().collect::<Vec<_>>())
+        };
+        if req.ids.is_empty() {
+            return Err(Status::invalid_argument("no ids to delete"));
+        }
+        let mut by_shard: HashMap<u32, Vec<String>> = HashMap::new();
+        for id in req.ids {
+            by_shard
+                .entry(shard_of(&id, coll.shard_count))
+                .or_default()
+                .push(id);
+        }
+        let writes = by_shard
+            .into_iter()
+            .map(|(index, ids)| self.write_shard(&coll, &shards, index, Vec::new(), ids));
+        let mut deleted = 0;
+        for r in futures::future::join_all(writes).await {
+            deleted += r?.deleted;
+        }
+        Ok(deleted)
+    }
+
+    fn shard_ref(coll: &cpb::Collection, index: u32) -> rpb::ShardRef {
+        rpb::ShardRef {
+            collection: coll.name.clone(),
+            collection_id: coll.id,
+            index,
+        }
+    }
+
+    fn route(&self, shards: &[cpb::Shard], index: u32) -> Result<(String, String), Status> {
+        let v = self.view.read();
+        let shard = shards
+            .iter()
+            .find(|s| s.index == index)
+            .ok_or_else(|| Status::unavailable(format!("shard {index} is not in the map yet")))?;
+        let node = v.route(shard).ok_or_else(|| {
+            Status::unavailable(format!(
+                "shard {}/{index} has no replica on an up node",
+                shard.collection
+            ))
+        })?;
+        Ok((node.id.clone(), node.addr.clone()))
+    }
+
+    async fn write_shard(
+        &self,
+        coll: &cpb::Collection,
+        shards: &[cpb::Shard],
+        index: u32,
+        upserts: Vec<rpb::StoredDoc>,
+        deletes: Vec<String>,
+    ) -> Result<rpb::WriteResponse, Status> {
+        let (node, addr) = self.route(shards, index)?;
+        let mut req = tonic::Request::new(rpb::WriteRequest {
+            shard: Some(Self::shard_ref(coll, index)),
+            upserts,
+            deletes,
+        });
+        req.set_timeout(Duration::from_secs(30));
+        self.client(&addr)?
+            .write(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| {
+                Status::new(
+                    s.code(),
+                    format!(
+                        "shard {}/{index} on node {node}: {}",
+                        coll.name,
+                        s.message()
+                    ),
+                )
+            })
+    }
+
+    pub async fn get(&self, req: pb::GetRequest) -> Result<pb::GetResponse, Status> {
+        let (coll, shards) = {
+            let v = self.view.read();
+            let c = collection(&v, &req.collection)?.clone();
+            (c, v.shards_of(&req.collection).cloned().collect::<Vec<_>>())
+        };
+        if req.id.is_empty() {
+            return Err(Status::invalid_argument("id must not be empty"));
+        }
+        let index = shard_of(&req.id, coll.shard_count);
+        let (_, addr) = self.route(&shards, index)?;
+        let r = self
+            .client(&addr)?
+            .get(rpb::ShardGetRequest {
+                shard: Some(Self::shard_ref(&coll, index)),
+                id: req.id,
+            })
+            .await?
+            .into_inner();
+        Ok(pb::GetResponse {
+            found: r.found,
+            document: r.doc.map(|d| pb::Document {
+                id: d.id,
+                text: d.text,
+                metadata_json: d.metadata_json,
+                vector: if req.with_vector {
+                    d.vector
+                } else {
+                    Vec::new()
+                },
+            }),
+        })
+    }
+
+    pub async fn search(
+        &self,
+        req: pb::SearchRequest,
+        deadline: Option<Duration>,
+    ) -> Result<pb::SearchResponse, Status> {
+        let t = Instant::now();
+        let (coll, shards) = {
+            let v = self.view.read();
+            let c = collection(&v, &req.collection)?.clone();
+            (c, v.shards_of(&req.collection).cloned().collect::<Vec<_>>())
+        };
+        if req.k == 0 || req.k > MAX_K {
+            return Err(Status::invalid_argument(format!(
+                "k = {} must be between 1 and {MAX_K}",
+                req.k
+            )));
+        }
+        let ix = coll.index.unwrap_or_default();
+        if req.nprobe > ix.nlist.max(1) {
+            return Err(Status::invalid_argument(format!(
+                "nprobe {} exceeds the collection's nlist {}",
+                req.nprobe, ix.nlist
+            )));
+        }
+        if req.refine > crate::shard::MAX_REFINE_FACTOR as u32 {
+            return Err(Status::invalid_argument(format!(
+                "refine {} exceeds {}",
+                req.refine,
+                crate::shard::MAX_REFINE_FACTOR
+            )));
+        }
+        let query = match (req.text.trim().is_empty(), req.vector.is_empty()) {
+            (false, true) => self
+                .encode(vec![req.text.clone()], coll.dimension)
+                .await?
+                .pop()
+                .expect("one vector per text"),
+            (true, false) => {
+                check_vector(&req.vector, coll.dimension, "the query vector")?;
+                req.vector.clone()
+            }
+            (true, true) => {
+                return Err(Status::invalid_argument(
+                    "the query is empty: give text or a vector",
+                ))
+            }
+            (false, false) => {
+                return Err(Status::invalid_argument("give text or a vector, not both"))
+            }
+        };
+        let budget = deadline.unwrap_or(self.default_deadline);
+        let shards = &shards;
+        let calls = shards.iter().map(|s| {
+            let query = query.clone();
+            let coll = &coll;
+            async move {
+                let (node, addr) = match self.route(shards, s.index) {
+                    Ok(r) => r,
+                    Err(e) => return (s.index, String::new(), Err(e)),
+                };
+                let mut r = tonic::Request::new(rpb::ShardSearchRequest {
+                    shard: Some(Self::shard_ref(coll, s.index)),
+                    vector: query,
+                    k: req.k,
+                    nprobe: req.nprobe,
+                    refine: req.refine,
+                });
+                r.set_timeout(budget);
+                let res = match self.client(&addr) {
+                    Ok(mut c) => match tokio::time::timeout(budget, c.search(r)).await {
+                        Ok(r) => r.map(|r| r.into_inner()),
+                        Err(_) => Err(Status::deadline_exceeded("shard missed the deadline")),
+                    },
+                    Err(e) => Err(e),
+                };
+                (s.index, node, res)
+            }
+        });
+        let results = futures::future::join_all(calls).await;
+        let mut hits = Vec::new();
+        let mut answers = Vec::new();
+        let mut missing = Vec::new();
+        for (index, node, res) in results {
+            match res {
+                Ok(r) => {
+                    hits.extend(r.hits.into_iter().map(|h| pb::Hit {
+                        id: h.id,
+                        score: h.score,
+                        shard: index,
+                        text: String::new(),
+                    }));
+                    answers.push(pb::ShardAnswer {
+                        shard: index,
+                        answered: true,
+                        node,
+                        generation: r.generation,
+                        error: String::new(),
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(collection = %coll.name, shard = index, node = %node, error = %e.message(), "shard did not answer");
+                    missing.push(index);
+                    answers.push(pb::ShardAnswer {
+                        shard: index,
+                        answered: false,
+                        node,
+                        generation: 0,
+                        error: format!("{:?}: {}", e.code(), e.message()),
+                    });
+                }
+            }
+        }
+        if answers.iter().all(|a| !a.answered) && !answers.is_empty() {
+            return Err(Status::unavailable(format!(
+                "no shard of {:?} answered: {}",
+                coll.name, answers[0].error
+            )));
+        }
+        let higher = coll.metric != cpb::Metric::L2 as i32;
+        let mut hits = merge(hits, req.k as usize, higher);
+        if req.with_text {
+            for h in &mut hits {
+                let doc = self
+                    .get(pb::GetRequest {
+                        collection: coll.name.clone(),
+                        id: h.id.clone(),
+                        with_vector: false,
+                    })
+                    .await;
+                if let Ok(pb::GetResponse {
+                    document: Some(d), ..
+                }) = doc
+                {
+                    h.text = d.text;
+                }
+            }
+        }
+        Ok(pb::SearchResponse {
+            hits,
+            shards_answered: (answers.len() - missing.len()) as u32,
+            shards_total: answers.len() as u32,
+            partial: !missing.is_empty(),
+            missing_shards: missing,
+            shards: answers,
+            took_ms: t.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hit(id: &str, score: f32) -> pb::Hit {
+        pb::Hit {
+            id: id.into(),
+            score,
+            shard: 0,
+            text: String::new(),
+        }
+    }
+
+    #[test]
+    fn merge_orders_by_metric_and_breaks_ties_by_id() {
+        let hits = vec![hit("b", 0.5), hit("a", 0.5), hit("c", 0.9), hit("d", 0.1)];
+        let ip: Vec<_> = merge(hits.clone(), 3, true)
+            .into_iter()
+            .map(|h| h.id)
+            .collect();
+        assert_eq!(ip, ["c", "a", "b"]);
+        let l2: Vec<_> = merge(hits, 2, false).into_iter().map(|h| h.id).collect();
+        assert_eq!(l2, ["d", "a"]);
+    }
+
+    #[test]
+    fn routing_is_stable_and_spreads() {
+        assert_eq!(shard_of("doc-1", 3), shard_of("doc-1", 3));
+        let mut counts = [0usize; 4];
+        for i in 0..4000 {
+            counts[shard_of(&format!("doc-{i}"), 4) as usize] += 1;
+        }
+        assert!(
+            counts.iter().all(|&c| (800..1200).contains(&c)),
+            "{counts:?}"
+        );
+    }
+
+    #[test]
+    fn vectors_are_checked() {
+        assert!(check_vector(&[1.0, 2.0], 2, "v").is_ok());
+        let e = check_vector(&[1.0], 2, "v").unwrap_err();
+        assert!(e.message().contains("dimension 1"));
+        let e = check_vector(&[1.0, f32::NAN], 2, "v").unwrap_err();
+        assert!(e.message().contains("position 1"));
+    }
+}

@@ -1,0 +1,418 @@
+//! The worker node runtime: `start(NodeConfig)` registers with the coordinators,
+//! watches the cluster map, opens the shard replicas the map assigns here (one actor
+//! each, under a supervisor), heartbeats, and serves the public `Shoal` API (as a
+//! gateway to every shard) and the internal `Replica` API (its own replicas).
+
+pub mod gateway;
+pub mod mapview;
+pub mod replicas;
+mod service;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::StreamExt;
+use parking_lot::RwLock;
+use ractor::{Actor, ActorRef};
+use shoal_coordinator::client::Client;
+use shoal_encoder::pool::{EncoderPool, PoolConfig};
+use shoal_proto::coordinator as cpb;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::shard::{CollectionConfig, Metric};
+use gateway::Gateway;
+use mapview::MapView;
+use replicas::{Registry, ReplicaArgs, ReplicaKey, ReplicaMsg, ReplicaSupervisor, SupervisorMsg};
+
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Stable node id (survives restarts; the map's replicas name it).
+    pub id: String,
+    /// Public gRPC address (the `Shoal` API).
+    pub listen: String,
+    /// Internal gRPC address (replica traffic from other nodes' gateways).
+    pub internal_listen: String,
+    pub coordinators: Vec<String>,
+    pub data_dir: PathBuf,
+    /// Sentence-transformers model dir; None: this node takes vectors only.
+    pub model_dir: Option<PathBuf>,
+    pub zone: String,
+    /// Placement's capacity for this node; 0 = unknown (unbounded).
+    pub memory_bytes: u64,
+    pub heartbeat: Duration,
+    /// Largest request the public API accepts.
+    pub max_message_bytes: usize,
+    /// Search deadline when the caller sets none.
+    pub search_deadline: Duration,
+    /// Fresh rows that trigger a background index build per shard.
+    pub auto_rebuild_tail: usize,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            id: "node-1".into(),
+            listen: "127.0.0.1:7201".into(),
+            internal_listen: "127.0.0.1:7301".into(),
+            coordinators: vec!["127.0.0.1:7001".into()],
+            data_dir: PathBuf::from("data/node-1"),
+            model_dir: None,
+            zone: String::new(),
+            memory_bytes: 0,
+            heartbeat: Duration::from_millis(1000),
+            max_message_bytes: 32 << 20,
+            search_deadline: Duration::from_secs(5),
+            auto_rebuild_tail: 50_000,
+        }
+    }
+}
+
+pub struct NodeHandle {
+    pub public_addr: SocketAddr,
+    pub internal_addr: SocketAddr,
+    pub registry: Registry,
+    /// Replica actors restarted by the supervisor after a crash.
+    pub restarts: Arc<AtomicU64>,
+    pub view: Arc<RwLock<MapView>>,
+    supervisor: ActorRef<SupervisorMsg>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl NodeHandle {
+    /// Panics a replica's actor (fault injection for tests).
+    pub fn crash_replica(&self, collection: &str, index: u32) -> bool {
+        let actor = self
+            .registry
+            .read()
+            .iter()
+            .find(|(k, _)| k.collection == collection && k.index == index)
+            .map(|(_, a)| a.clone());
+        actor.is_some_and(|a| a.send_message(ReplicaMsg::Crash).is_ok())
+    }
+
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let keys: Vec<ReplicaKey> = self.registry.read().keys().cloned().collect();
+        for k in keys {
+            let _ = self
+                .supervisor
+                .call(
+                    |r| SupervisorMsg::Close(k, false, r),
+                    Some(Duration::from_secs(30)),
+                )
+                .await;
+        }
+        self.supervisor.stop(None);
+    }
+}
+
+fn shard_config(c: &cpb::Collection, auto_rebuild_tail: usize) -> CollectionConfig {
+    let metric = if c.metric == cpb::Metric::L2 as i32 {
+        Metric::L2
+    } else {
+        Metric::InnerProduct
+    };
+    let mut cfg = CollectionConfig::new(c.dimension as usize, metric);
+    if let Some(ix) = &c.index {
+        cfg.index.nlist = ix.nlist as usize;
+        cfg.index.m = ix.pq_m as usize;
+        cfg.index.nbits = ix.pq_nbits as usize;
+        cfg.nprobe = ix.nprobe as usize;
+        cfg.refine_factor = ix.refine as usize;
+    }
+    cfg.train_sample = cfg.train_sample.max(cfg.index.nlist);
+    cfg.auto_rebuild_tail = auto_rebuild_tail;
+    cfg
+}
+
+struct Reconciler {
+    node_id: String,
+    data_dir: PathBuf,
+    registry: Registry,
+    supervisor: ActorRef<SupervisorMsg>,
+    auto_rebuild_tail: usize,
+}
+
+impl Reconciler {
+    /// Opens the replicas the map assigns to this node and closes (and deletes) the
+    /// ones it no longer does.
+    async fn reconcile(&self, view: &MapView) {
+        let mut wanted: HashMap<ReplicaKey, ReplicaArgs> = HashMap::new();
+        for s in view.shards.values() {
+            if !s.replicas.iter().any(|r| r.node_id == self.node_id) {
+                continue;
+            }
+            let Some(c) = view.collections.get(&s.collection) else {
+                continue;
+            };
+            let key = ReplicaKey {
+                collection: c.name.clone(),
+                collection_id: c.id,
+                index: s.index,
+            };
+            let dir = self
+                .data_dir
+                .join("shards")
+                .join(format!("{}-{}", c.name, c.id))
+                .join(s.index.to_string());
+            wanted.insert(
+                key,
+                ReplicaArgs {
+                    dir,
+                    config: shard_config(c, self.auto_rebuild_tail),
+                },
+            );
+        }
+        let have: Vec<ReplicaKey> = self.registry.read().keys().cloned().collect();
+        for k in have {
+            if !wanted.contains_key(&k) {
+                let _ = self
+                    .supervisor
+                    .call(
+                        |r| SupervisorMsg::Close(k, true, r),
+                        Some(Duration::from_secs(30)),
+                    )
+                    .await;
+            }
+        }
+        for (k, args) in wanted {
+            if self.registry.read().contains_key(&k) {
+                continue;
+            }
+            let res = self
+                .supervisor
+                .call(
+                    |r| SupervisorMsg::Ensure(k.clone(), args, r),
+                    Some(Duration::from_secs(60)),
+                )
+                .await;
+            if !matches!(res, Ok(ractor::rpc::CallResult::Success(Ok(())))) {
+                tracing::error!(replica = %k, "replica could not be opened");
+            }
+        }
+    }
+}
+
+async fn register(
+    client: &mut Client,
+    cfg: &NodeConfig,
+    internal: SocketAddr,
+) -> anyhow::Result<()> {
+    let req = cpb::RegisterNodeRequest {
+        id: cfg.id.clone(),
+        addr: internal.to_string(),
+        capacity: Some(cpb::Capacity {
+            memory_bytes: cfg.memory_bytes,
+            gpu: false,
+            zone: cfg.zone.clone(),
+        }),
+    };
+    client
+        .cluster(|mut c| {
+            let r = req.clone();
+            async move { c.register_node(r).await }
+        })
+        .await
+        .context("registering with the coordinators")?;
+    Ok(())
+}
+
+pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    let public = TcpListener::bind(&cfg.listen)
+        .await
+        .with_context(|| format!("binding the public address {}", cfg.listen))?;
+    let internal = TcpListener::bind(&cfg.internal_listen)
+        .await
+        .with_context(|| format!("binding the internal address {}", cfg.internal_listen))?;
+    let (public_addr, internal_addr) = (public.local_addr()?, internal.local_addr()?);
+
+    let encoder = match &cfg.model_dir {
+        Some(dir) => {
+            let dir = dir.clone();
+            let enc = tokio::task::spawn_blocking(move || shoal_encoder::load_cpu(&dir)).await??;
+            Some(Arc::new(
+                EncoderPool::start(vec![enc], PoolConfig::default()).await?,
+            ))
+        }
+        None => None,
+    };
+
+    let registry: Registry = Arc::default();
+    let restarts = Arc::new(AtomicU64::new(0));
+    let (supervisor, _) = Actor::spawn(
+        Some(format!("replicas-{}", cfg.id)),
+        ReplicaSupervisor,
+        (registry.clone(), restarts.clone()),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("starting the replica supervisor: {e}"))?;
+
+    let mut client = Client::new(cfg.coordinators.clone());
+    client.patience = Duration::from_secs(60);
+    register(&mut client, &cfg, internal_addr).await?;
+
+    let view: Arc<RwLock<MapView>> = Arc::default();
+    let (stop, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    // The map: whole, then changes; resume from the last version after a reconnect.
+    let reconciler = Reconciler {
+        node_id: cfg.id.clone(),
+        data_dir: cfg.data_dir.clone(),
+        registry: registry.clone(),
+        supervisor: supervisor.clone(),
+        auto_rebuild_tail: cfg.auto_rebuild_tail,
+    };
+    let (v, mut rx, mut c) = (view.clone(), stop_rx.clone(), client.clone());
+    tasks.push(tokio::spawn(async move {
+        loop {
+            let from = v.read().version;
+            let stream = c
+                .cluster(|mut cl| async move {
+                    cl.watch(cpb::WatchRequest { from_version: from }).await
+                })
+                .await;
+            if let Ok(s) = stream {
+                let mut s = s.into_inner();
+                loop {
+                    tokio::select! {
+                        ev = s.next() => match ev {
+                            Some(Ok(ev)) => {
+                                v.write().apply(ev);
+                                let snapshot = v.read().clone();
+                                reconciler.reconcile(&snapshot).await;
+                            }
+                            _ => break,
+                        },
+                        _ = rx.changed() => return,
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+                _ = rx.changed() => return,
+            }
+        }
+    }));
+
+    // Heartbeats, with the replicas that finished copying; re-register if declared down.
+    let (v, mut rx, mut c, reg, cfg2) = (
+        view.clone(),
+        stop_rx.clone(),
+        client.clone(),
+        registry.clone(),
+        cfg.clone(),
+    );
+    tasks.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(cfg2.heartbeat);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = rx.changed() => return,
+            }
+            let ready: Vec<String> = {
+                let view = v.read();
+                let open = reg.read();
+                view.shards
+                    .values()
+                    .filter(|s| {
+                        s.replicas.iter().any(|r| {
+                            r.node_id == cfg2.id && r.state == cpb::ReplicaState::Copying as i32
+                        })
+                    })
+                    .filter(|s| {
+                        open.keys()
+                            .any(|k| k.collection == s.collection && k.index == s.index)
+                    })
+                    .map(|s| format!("{}/{}", s.collection, s.index))
+                    .collect()
+            };
+            let id = cfg2.id.clone();
+            let r = c
+                .cluster(|mut cl| {
+                    let req = cpb::HeartbeatRequest {
+                        id: id.clone(),
+                        ready_replicas: ready.clone(),
+                    };
+                    async move { cl.heartbeat(req).await }
+                })
+                .await;
+            match r {
+                Ok(r) if r.get_ref().state == cpb::NodeState::Down as i32 => {
+                    tracing::warn!("declared down by the coordinators; registering again");
+                    let _ = register(&mut c, &cfg2, internal_addr).await;
+                }
+                Ok(_) => {}
+                Err(s) if s.code() == tonic::Code::NotFound => {
+                    let _ = register(&mut c, &cfg2, internal_addr).await;
+                }
+                Err(s) => tracing::warn!(error = %s.message(), "heartbeat failed"),
+            }
+        }
+    }));
+
+    let gateway = Arc::new(Gateway::new(
+        cfg.id.clone(),
+        view.clone(),
+        encoder,
+        cfg.search_deadline,
+    ));
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let max = cfg.max_message_bytes;
+    let rx = stop_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let r = tonic::transport::Server::builder()
+            .add_service(
+                shoal_proto::v1::shoal_server::ShoalServer::new(service::ShoalService(gateway))
+                    .max_decoding_message_size(max),
+            )
+            .serve_with_incoming_shutdown(TcpListenerStream::new(public), stopped(rx))
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "public server failed");
+        }
+    }));
+    let rx = stop_rx.clone();
+    let reg = registry.clone();
+    tasks.push(tokio::spawn(async move {
+        let r = tonic::transport::Server::builder()
+            .add_service(
+                shoal_proto::replica::replica_server::ReplicaServer::new(service::ReplicaService(
+                    reg,
+                ))
+                .max_decoding_message_size(256 << 20),
+            )
+            .serve_with_incoming_shutdown(TcpListenerStream::new(internal), stopped(rx))
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "internal server failed");
+        }
+    }));
+    tracing::info!(id = %cfg.id, public = %public_addr, internal = %internal_addr, "node started");
+    Ok(NodeHandle {
+        public_addr,
+        internal_addr,
+        registry,
+        restarts,
+        view,
+        supervisor,
+        stop,
+        tasks,
+    })
+}

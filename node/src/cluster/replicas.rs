@@ -1,0 +1,213 @@
+//! Shard replicas as actors: one `ReplicaActor` per hosted replica owns its shard
+//! engine; the `ReplicaSupervisor` opens, closes and, when one crashes, restarts them
+//! from disk while the others keep serving.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+
+use crate::shard::{
+    CollectionConfig, SearchParams, SearchResult, Shard, ShardError, StoredDocument, WriteAck,
+    WriteOp,
+};
+
+/// A replica's identity: collection name, the collection's unique id (a re-created
+/// collection is a different one), shard index.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ReplicaKey {
+    pub collection: String,
+    pub collection_id: u64,
+    pub index: u32,
+}
+
+impl std::fmt::Display for ReplicaKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.collection, self.index)
+    }
+}
+
+type Reply<T> = RpcReplyPort<Result<T, ShardError>>;
+
+pub enum ReplicaMsg {
+    Write(Vec<WriteOp>, Reply<WriteAck>),
+    Search(Vec<f32>, SearchParams, Reply<SearchResult>),
+    Get(String, Reply<Option<StoredDocument>>),
+    /// Fault injection for tests: the actor panics, its supervisor restarts it.
+    Crash,
+}
+
+#[derive(Clone)]
+pub struct ReplicaArgs {
+    pub dir: PathBuf,
+    pub config: CollectionConfig,
+}
+
+pub struct ReplicaActor;
+
+impl Actor for ReplicaActor {
+    type Msg = ReplicaMsg;
+    type State = Arc<Shard>;
+    type Arguments = ReplicaArgs;
+
+    async fn pre_start(
+        &self,
+        _me: ActorRef<Self::Msg>,
+        args: ReplicaArgs,
+    ) -> Result<Arc<Shard>, ActorProcessingErr> {
+        let shard =
+            tokio::task::spawn_blocking(move || Shard::open_or_create(&args.dir, args.config))
+                .await??;
+        Ok(Arc::new(shard))
+    }
+
+    /// Operations run on tokio's blocking pool, so the actor keeps taking messages:
+    /// searches of one replica run concurrently; the engine orders writes itself.
+    async fn handle(
+        &self,
+        _me: ActorRef<Self::Msg>,
+        msg: ReplicaMsg,
+        shard: &mut Arc<Shard>,
+    ) -> Result<(), ActorProcessingErr> {
+        let shard = shard.clone();
+        match msg {
+            ReplicaMsg::Write(ops, reply) => {
+                tokio::spawn(async move {
+                    let _ = reply.send(shard.write_async(ops).await);
+                });
+            }
+            ReplicaMsg::Search(q, p, reply) => {
+                tokio::spawn(async move {
+                    let _ = reply.send(shard.search_async(q, p).await);
+                });
+            }
+            ReplicaMsg::Get(id, reply) => {
+                let r = tokio::task::spawn_blocking(move || shard.get(&id)).await?;
+                let _ = reply.send(r);
+            }
+            ReplicaMsg::Crash => panic!("injected replica crash"),
+        }
+        Ok(())
+    }
+}
+
+pub enum SupervisorMsg {
+    Ensure(ReplicaKey, ReplicaArgs, RpcReplyPort<Result<(), String>>),
+    Close(ReplicaKey, bool, RpcReplyPort<()>),
+}
+
+/// Hosted replicas, readable by the gRPC services without going through an actor.
+pub type Registry = Arc<RwLock<HashMap<ReplicaKey, ActorRef<ReplicaMsg>>>>;
+
+pub struct ReplicaSupervisor;
+
+pub struct SupervisorState {
+    registry: Registry,
+    args: HashMap<ReplicaKey, ReplicaArgs>,
+    pub restarts: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl ReplicaSupervisor {
+    async fn spawn(
+        me: &ActorRef<SupervisorMsg>,
+        key: &ReplicaKey,
+        args: ReplicaArgs,
+    ) -> Result<ActorRef<ReplicaMsg>, String> {
+        let (actor, _) = Actor::spawn_linked(None, ReplicaActor, args, me.get_cell())
+            .await
+            .map_err(|e| format!("opening replica {key}: {e}"))?;
+        Ok(actor)
+    }
+}
+
+impl Actor for ReplicaSupervisor {
+    type Msg = SupervisorMsg;
+    type State = SupervisorState;
+    type Arguments = (Registry, Arc<std::sync::atomic::AtomicU64>);
+
+    async fn pre_start(
+        &self,
+        _me: ActorRef<Self::Msg>,
+        (registry, restarts): Self::Arguments,
+    ) -> Result<SupervisorState, ActorProcessingErr> {
+        Ok(SupervisorState {
+            registry,
+            args: HashMap::new(),
+            restarts,
+        })
+    }
+
+    async fn handle(
+        &self,
+        me: ActorRef<Self::Msg>,
+        msg: SupervisorMsg,
+        st: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SupervisorMsg::Ensure(key, args, reply) => {
+                if st.registry.read().contains_key(&key) {
+                    let _ = reply.send(Ok(()));
+                    return Ok(());
+                }
+                let r = Self::spawn(&me, &key, args.clone()).await.map(|actor| {
+                    tracing::info!(replica = %key, dir = %args.dir.display(), "replica opened");
+                    st.registry.write().insert(key.clone(), actor);
+                    st.args.insert(key, args);
+                });
+                let _ = reply.send(r);
+            }
+            SupervisorMsg::Close(key, delete, reply) => {
+                let actor = st.registry.write().remove(&key);
+                let args = st.args.remove(&key);
+                if let Some(a) = actor {
+                    a.stop_and_wait(None, None).await.ok();
+                }
+                if let (true, Some(args)) = (delete, args) {
+                    if let Err(e) = std::fs::remove_dir_all(&args.dir) {
+                        tracing::warn!(replica = %key, error = %e, "removing replica dir");
+                    }
+                }
+                tracing::info!(replica = %key, deleted = delete, "replica closed");
+                let _ = reply.send(());
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        me: ActorRef<Self::Msg>,
+        evt: SupervisionEvent,
+        st: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        let SupervisionEvent::ActorFailed(cell, err) = evt else {
+            return Ok(());
+        };
+        let key = st
+            .registry
+            .read()
+            .iter()
+            .find(|(_, a)| a.get_id() == cell.get_id())
+            .map(|(k, _)| k.clone());
+        let Some(key) = key else {
+            return Ok(());
+        };
+        tracing::error!(replica = %key, error = %err, "replica actor failed; reopening from disk");
+        st.restarts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let args = st.args[&key].clone();
+        match Self::spawn(&me, &key, args).await {
+            Ok(actor) => {
+                st.registry.write().insert(key, actor);
+            }
+            Err(e) => {
+                tracing::error!(replica = %key, error = %e, "replica could not be reopened");
+                st.registry.write().remove(&key);
+                st.args.remove(&key);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,217 @@
+//! The node's gRPC services: public `Shoal` (through the gateway) and internal
+//! `Replica` (one shard replica's operations, through its actor).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use ractor::rpc::CallResult;
+use shoal_proto::replica as rpb;
+use shoal_proto::v1 as pb;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::gateway::Gateway;
+use super::replicas::{Registry, ReplicaKey, ReplicaMsg};
+use crate::shard::{Document, SearchParams, ShardError, WriteOp};
+
+pub struct ShoalService(pub Arc<Gateway>);
+
+/// The caller's deadline (the `grpc-timeout` header), if any.
+fn deadline<T>(req: &Request<T>) -> Option<Duration> {
+    let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[tonic::async_trait]
+impl pb::shoal_server::Shoal for ShoalService {
+    async fn ingest(
+        &self,
+        req: Request<pb::IngestRequest>,
+    ) -> Result<Response<pb::IngestResponse>, Status> {
+        let (ingested, truncated) = self.0.ingest(req.into_inner()).await?;
+        Ok(Response::new(pb::IngestResponse {
+            ingested,
+            truncated,
+        }))
+    }
+
+    async fn ingest_stream(
+        &self,
+        req: Request<Streaming<pb::IngestRequest>>,
+    ) -> Result<Response<pb::IngestResponse>, Status> {
+        let mut stream = req.into_inner();
+        let mut total = pb::IngestResponse::default();
+        while let Some(batch) = stream.next().await {
+            let (n, t) = self.0.ingest(batch?).await.map_err(|s| {
+                Status::new(
+                    s.code(),
+                    format!(
+                        "after {} documents acknowledged: {}",
+                        total.ingested,
+                        s.message()
+                    ),
+                )
+            })?;
+            total.ingested += n;
+            total.truncated += t;
+        }
+        Ok(Response::new(total))
+    }
+
+    async fn delete(
+        &self,
+        req: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let deleted = self.0.delete(req.into_inner()).await?;
+        Ok(Response::new(pb::DeleteResponse { deleted }))
+    }
+
+    async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+        Ok(Response::new(self.0.get(req.into_inner()).await?))
+    }
+
+    async fn search(
+        &self,
+        req: Request<pb::SearchRequest>,
+    ) -> Result<Response<pb::SearchResponse>, Status> {
+        let d = deadline(&req);
+        let span = tracing::info_span!("search", collection = %req.get_ref().collection, k = req.get_ref().k);
+        let _e = span.enter();
+        Ok(Response::new(self.0.search(req.into_inner(), d).await?))
+    }
+}
+
+pub struct ReplicaService(pub Registry);
+
+fn shard_status(e: ShardError) -> Status {
+    match e {
+        ShardError::InvalidDocument { .. }
+        | ShardError::InvalidQuery(_)
+        | ShardError::InvalidConfig(_) => Status::invalid_argument(e.to_string()),
+        e => Status::internal(e.to_string()),
+    }
+}
+
+impl ReplicaService {
+    fn actor(&self, r: Option<rpb::ShardRef>) -> Result<ractor::ActorRef<ReplicaMsg>, Status> {
+        let r = r.ok_or_else(|| Status::invalid_argument("shard reference missing"))?;
+        let key = ReplicaKey {
+            collection: r.collection,
+            collection_id: r.collection_id,
+            index: r.index,
+        };
+        self.0
+            .read()
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| Status::unavailable(format!("replica {key} is not open on this node")))
+    }
+
+    async fn call<T>(
+        actor: ractor::ActorRef<ReplicaMsg>,
+        msg: impl FnOnce(ractor::RpcReplyPort<Result<T, ShardError>>) -> ReplicaMsg,
+    ) -> Result<T, Status>
+    where
+        T: Send + 'static,
+    {
+        match actor.call(msg, Some(Duration::from_secs(60))).await {
+            Ok(CallResult::Success(r)) => r.map_err(shard_status),
+            Ok(CallResult::Timeout) => Err(Status::deadline_exceeded("replica timed out")),
+            Ok(CallResult::SenderError) | Err(_) => Err(Status::unavailable(
+                "replica restarted during the call; retry",
+            )),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl rpb::replica_server::Replica for ReplicaService {
+    async fn write(
+        &self,
+        req: Request<rpb::WriteRequest>,
+    ) -> Result<Response<rpb::WriteResponse>, Status> {
+        let r = req.into_inner();
+        let actor = self.actor(r.shard)?;
+        let mut ops = Vec::with_capacity(r.upserts.len() + r.deletes.len());
+        for d in r.upserts {
+            let metadata = if d.metadata_json.is_empty() {
+                serde_json::Value::Null
+            } else {
+                serde_json::from_str(&d.metadata_json).map_err(|e| {
+                    Status::invalid_argument(format!("document {:?}: metadata: {e}", d.id))
+                })?
+            };
+            ops.push(WriteOp::Upsert(Document {
+                id: d.id,
+                text: (!d.text.is_empty()).then_some(d.text),
+                metadata,
+                vector: d.vector,
+            }));
+        }
+        ops.extend(r.deletes.into_iter().map(WriteOp::Delete));
+        let ack = Self::call(actor, |reply| ReplicaMsg::Write(ops, reply)).await?;
+        Ok(Response::new(rpb::WriteResponse {
+            seq: ack.seq,
+            upserted: ack.upserted as u64,
+            deleted: ack.deleted as u64,
+        }))
+    }
+
+    async fn search(
+        &self,
+        req: Request<rpb::ShardSearchRequest>,
+    ) -> Result<Response<rpb::ShardSearchResponse>, Status> {
+        let r = req.into_inner();
+        let actor = self.actor(r.shard)?;
+        let p = SearchParams {
+            k: r.k as usize,
+            nprobe: (r.nprobe > 0).then_some(r.nprobe as usize),
+            refine_factor: (r.refine > 0).then_some(r.refine as usize),
+            ..SearchParams::default()
+        };
+        let res = Self::call(actor, |reply| ReplicaMsg::Search(r.vector, p, reply)).await?;
+        Ok(Response::new(rpb::ShardSearchResponse {
+            hits: res
+                .hits
+                .into_iter()
+                .map(|h| rpb::ShardHit {
+                    id: h.id.to_string(),
+                    score: h.score,
+                })
+                .collect(),
+            generation: res.generation.unwrap_or(0),
+        }))
+    }
+
+    async fn get(
+        &self,
+        req: Request<rpb::ShardGetRequest>,
+    ) -> Result<Response<rpb::ShardGetResponse>, Status> {
+        let r = req.into_inner();
+        let actor = self.actor(r.shard)?;
+        let doc = Self::call(actor, |reply| ReplicaMsg::Get(r.id, reply)).await?;
+        Ok(Response::new(rpb::ShardGetResponse {
+            found: doc.is_some(),
+            doc: doc.map(|d| rpb::StoredDoc {
+                id: d.id,
+                text: d.text.unwrap_or_default(),
+                metadata_json: if d.metadata.is_null() {
+                    String::new()
+                } else {
+                    d.metadata.to_string()
+                },
+                vector: d.vector,
+            }),
+        }))
+    }
+}
