@@ -496,3 +496,70 @@ async fn silent_node_goes_suspect_then_down_and_its_replicas_move() {
         g.stop_member(i).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn membership_changes_at_run_time() {
+    let _serial = SERIAL.lock().await;
+    let mut g = Group::start(|_| {}).await;
+    g.leader(Duration::from_secs(10)).await;
+    let mut client = g.client();
+    register_up(&mut client, "w1", "z1").await;
+    create(&mut client, "before", 1, 1).await.unwrap();
+
+    // A fourth member starts empty (no peers: it waits to be added), joins as a
+    // learner, catches up, and is promoted while member 3 is removed.
+    let mut c4 = g.configs[0].clone();
+    c4.id = 4;
+    c4.listen = format!("127.0.0.1:{}", free_port());
+    c4.raft_listen = format!("127.0.0.1:{}", free_port());
+    c4.data_dir = g._dir.path().join("c4");
+    c4.peers = Vec::new();
+    let m4 = start(c4.clone()).await.unwrap();
+    let st = client
+        .admin(|mut a| {
+            let (raft_addr, api_addr) = (c4.raft_listen.clone(), c4.listen.clone());
+            async move {
+                a.add_learner(pb::AddLearnerRequest {
+                    id: 4,
+                    raft_addr,
+                    api_addr,
+                })
+                .await
+            }
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(st.members.iter().any(|m| m.id == 4 && !m.voter));
+    let st = client
+        .admin(|mut a| async move {
+            a.change_membership(pb::ChangeMembershipRequest {
+                voters: vec![1, 2, 4],
+            })
+            .await
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let voters: BTreeSet<u64> = st.members.iter().filter(|m| m.voter).map(|m| m.id).collect();
+    assert_eq!(voters, BTreeSet::from([1, 2, 4]));
+    assert!(st.members.iter().all(|m| m.id != 3), "removed voter still a member");
+    // The new voter holds the map, and the group commits without member 3.
+    g.stop_member(2).await;
+    let mut c = Client::new([c4.listen.clone()]);
+    create(&mut c, "after", 1, 1).await.unwrap();
+    let map = m4.coordinator.read().await.unwrap();
+    assert!(map.collections.contains_key("before") && map.collections.contains_key("after"));
+    let bad = client
+        .admin(|mut a| async move {
+            a.change_membership(pb::ChangeMembershipRequest { voters: vec![] })
+                .await
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    m4.shutdown().await;
+    for i in 0..2 {
+        g.stop_member(i).await;
+    }
+}
