@@ -3,14 +3,13 @@
 //! shard, exact inner-product search, nDCG@10 scored as BEIR does (pytrec_eval: linear
 //! gain, ideal ranking from the judgements, identical query/doc ids ignored).
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
-use serde::Deserialize;
 use serde_json::json;
+use shoal_node::beir::{ndcg_at, read_jsonl, read_qrels, Row};
 use shoal_node::shard::{CollectionConfig, Document, Metric, SearchMode, SearchParams, Shard};
 
 #[derive(Args, Debug)]
@@ -26,72 +25,6 @@ pub struct NdcgArgs {
     model_dir: PathBuf,
     #[arg(long, default_value_t = 32)]
     batch: usize,
-}
-
-#[derive(Deserialize)]
-pub struct Row {
-    #[serde(rename = "_id")]
-    id: String,
-    #[serde(default)]
-    title: String,
-    text: String,
-}
-
-impl Row {
-    /// What gets encoded: "title text" when there is a title, as BEIR evaluates.
-    pub fn text(&self) -> String {
-        if self.title.is_empty() {
-            self.text.clone()
-        } else {
-            format!("{} {}", self.title, self.text)
-        }
-    }
-}
-
-pub fn read_jsonl(path: &Path) -> Result<Vec<Row>> {
-    std::fs::read_to_string(path)
-        .with_context(|| format!("reading {}", path.display()))?
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).with_context(|| format!("parsing {}", path.display())))
-        .collect()
-}
-
-/// query id -> doc id -> relevance grade.
-pub fn read_qrels(path: &Path) -> Result<HashMap<String, HashMap<String, u32>>> {
-    let mut out: HashMap<String, HashMap<String, u32>> = HashMap::new();
-    for line in std::fs::read_to_string(path)?.lines().skip(1) {
-        let f: Vec<&str> = line.split('\t').collect();
-        if f.len() == 3 {
-            out.entry(f[0].into())
-                .or_default()
-                .insert(f[1].into(), f[2].trim().parse()?);
-        }
-    }
-    Ok(out)
-}
-
-/// nDCG@k of one ranking as pytrec_eval computes it (gain = grade, log2 discount).
-pub fn ndcg_at(k: usize, ranked: &[&str], rels: &HashMap<String, u32>) -> f64 {
-    let dcg: f64 = ranked
-        .iter()
-        .take(k)
-        .enumerate()
-        .map(|(i, d)| rels.get(*d).copied().unwrap_or(0) as f64 / (i as f64 + 2.0).log2())
-        .sum();
-    let mut ideal: Vec<u32> = rels.values().copied().filter(|&g| g > 0).collect();
-    ideal.sort_unstable_by(|a, b| b.cmp(a));
-    let idcg: f64 = ideal
-        .iter()
-        .take(k)
-        .enumerate()
-        .map(|(i, g)| *g as f64 / (i as f64 + 2.0).log2())
-        .sum();
-    if idcg == 0.0 {
-        0.0
-    } else {
-        dcg / idcg
-    }
 }
 
 pub fn run(args: NdcgArgs) -> Result<()> {

@@ -541,9 +541,17 @@ async fn membership_changes_at_run_time() {
         .await
         .unwrap()
         .into_inner();
-    let voters: BTreeSet<u64> = st.members.iter().filter(|m| m.voter).map(|m| m.id).collect();
+    let voters: BTreeSet<u64> = st
+        .members
+        .iter()
+        .filter(|m| m.voter)
+        .map(|m| m.id)
+        .collect();
     assert_eq!(voters, BTreeSet::from([1, 2, 4]));
-    assert!(st.members.iter().all(|m| m.id != 3), "removed voter still a member");
+    assert!(
+        st.members.iter().all(|m| m.id != 3),
+        "removed voter still a member"
+    );
     // The new voter holds the map, and the group commits without member 3.
     g.stop_member(2).await;
     let mut c = Client::new([c4.listen.clone()]);

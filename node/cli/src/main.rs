@@ -1,5 +1,6 @@
 //! The `shoal` command. Thin: parses flags and calls library functions.
 
+mod cluster;
 mod coordinator;
 mod demo;
 mod embed;
@@ -62,6 +63,36 @@ enum Cmd {
         #[command(flatten)]
         target: coordinator::Target,
     },
+    /// Runs a worker node: shard replicas, the encoder, the public API as a gateway.
+    Node(cluster::NodeArgs),
+    /// A local cluster on loopback: three coordinators and `--nodes` nodes as processes.
+    Dev(cluster::DevArgs),
+    /// Ingests a BEIR dir or a JSONL file through a node (text is encoded there).
+    Ingest {
+        #[command(flatten)]
+        target: coordinator::Target,
+        #[command(flatten)]
+        node: cluster::NodeTarget,
+        #[command(flatten)]
+        args: cluster::IngestArgs,
+    },
+    /// Searches a collection by text through a node.
+    Search {
+        #[command(flatten)]
+        node: cluster::NodeTarget,
+        #[command(flatten)]
+        args: cluster::SearchArgs,
+    },
+    /// Runs a BEIR collection's judged queries through the cluster (creating and
+    /// ingesting it first if needed): nDCG@10, recall@100, latency; JSON last.
+    Eval {
+        #[command(flatten)]
+        target: coordinator::Target,
+        #[command(flatten)]
+        node: cluster::NodeTarget,
+        #[command(flatten)]
+        args: cluster::EvalArgs,
+    },
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -103,5 +134,12 @@ fn main() -> anyhow::Result<()> {
             runtime()?.block_on(coordinator::collection(target, cmd))
         }
         Cmd::Status { target } => runtime()?.block_on(coordinator::status(target)),
+        Cmd::Node(args) => runtime()?.block_on(cluster::run_node(args)),
+        Cmd::Dev(args) => runtime()?.block_on(cluster::run_dev(args)),
+        Cmd::Ingest { target, node, args } => {
+            runtime()?.block_on(cluster::ingest(target, node, args))
+        }
+        Cmd::Search { node, args } => runtime()?.block_on(cluster::search(node, args)),
+        Cmd::Eval { target, node, args } => runtime()?.block_on(cluster::eval(target, node, args)),
     }
 }

@@ -1,0 +1,499 @@
+//! `shoal node`, `shoal dev` (a local cluster of processes), and the data commands
+//! that talk to any node: `ingest`, `search`, `eval`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use shoal_coordinator::client::Client;
+use shoal_node::beir::{ndcg_at, read_jsonl, read_qrels, recall_at, Row};
+use shoal_node::cluster::NodeConfig;
+use shoal_proto::coordinator as cpb;
+use shoal_proto::v1 as pb;
+use shoal_proto::v1::shoal_client::ShoalClient;
+use tonic::transport::Channel;
+
+use crate::coordinator::Target;
+
+/// Addresses `shoal dev` uses, which the other commands default to.
+pub const DEV_NODE: &str = "127.0.0.1:7201";
+
+#[derive(Args)]
+pub struct NodeArgs {
+    /// Stable node id (the map's replicas name it).
+    #[arg(long, env = "SHOAL_NODE_ID")]
+    id: String,
+    /// Public gRPC address (ingest, search, get, delete).
+    #[arg(long, env = "SHOAL_LISTEN", default_value = "127.0.0.1:7201")]
+    listen: String,
+    /// Internal gRPC address (replica traffic between nodes).
+    #[arg(long, env = "SHOAL_INTERNAL_LISTEN", default_value = "127.0.0.1:7301")]
+    internal_listen: String,
+    #[arg(
+        long,
+        env = "SHOAL_COORDINATORS",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003"
+    )]
+    coordinators: Vec<String>,
+    #[arg(long, env = "SHOAL_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Sentence-transformers model dir; without one the node takes vectors only.
+    #[arg(long, env = "SHOAL_MODEL_DIR")]
+    model_dir: Option<PathBuf>,
+    #[arg(long, env = "SHOAL_ZONE", default_value = "")]
+    zone: String,
+    /// Memory placement may fill with replicas (0 = unbounded).
+    #[arg(long, env = "SHOAL_MEMORY_BYTES", default_value_t = 0)]
+    memory_bytes: u64,
+    /// Largest public request accepted, in bytes.
+    #[arg(long, env = "SHOAL_MAX_MESSAGE_BYTES", default_value_t = 32 << 20)]
+    max_message_bytes: usize,
+    /// Fresh rows per shard that trigger a background IVF-PQ build.
+    #[arg(long, env = "SHOAL_AUTO_REBUILD_TAIL", default_value_t = 50_000)]
+    auto_rebuild_tail: usize,
+}
+
+pub async fn run_node(a: NodeArgs) -> Result<()> {
+    let handle = shoal_node::cluster::start(NodeConfig {
+        id: a.id,
+        listen: a.listen,
+        internal_listen: a.internal_listen,
+        coordinators: a.coordinators,
+        data_dir: a.data_dir,
+        model_dir: a.model_dir,
+        zone: a.zone,
+        memory_bytes: a.memory_bytes,
+        max_message_bytes: a.max_message_bytes,
+        auto_rebuild_tail: a.auto_rebuild_tail,
+        ..NodeConfig::default()
+    })
+    .await?;
+    crate::shutdown_signal().await;
+    tracing::info!("shutting down");
+    handle.shutdown().await;
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct DevArgs {
+    /// Everything (Raft logs, shards, logs/) goes under this dir.
+    #[arg(long, default_value = ".shoal-dev")]
+    data_dir: PathBuf,
+    #[arg(long, default_value_t = 2)]
+    nodes: usize,
+    #[arg(long, env = "SHOAL_MODEL_DIR", default_value = shoal_encoder::DEFAULT_MODEL_DIR)]
+    model_dir: PathBuf,
+    /// Start the nodes without an encoder (vectors only).
+    #[arg(long)]
+    no_model: bool,
+}
+
+fn spawn_logged(args: &[String], log: &Path) -> Result<Child> {
+    let exe = std::env::current_exe().context("locating the shoal binary")?;
+    let f = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(f.try_clone()?)
+        .stderr(f)
+        .spawn()
+        .context("spawning a cluster process")
+}
+
+/// Three coordinators and `--nodes` nodes as separate processes on loopback; Ctrl-C or
+/// SIGTERM stops them all (SIGTERM, then SIGKILL after 10 s).
+pub async fn run_dev(a: DevArgs) -> Result<()> {
+    let logs = a.data_dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let dir = |name: &str| a.data_dir.join(name).to_string_lossy().to_string();
+    let peers = (1..=3)
+        .map(|i| format!("{i}=127.0.0.1:710{i}/127.0.0.1:700{i}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut children: Vec<(String, Child)> = Vec::new();
+    for i in 1..=3 {
+        let args: Vec<String> = vec![
+            "coordinator".into(),
+            "--id".into(),
+            i.to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:700{i}"),
+            "--raft-listen".into(),
+            format!("127.0.0.1:710{i}"),
+            "--data-dir".into(),
+            dir(&format!("coordinator-{i}")),
+            "--peers".into(),
+            peers.clone(),
+        ];
+        let name = format!("coordinator-{i}");
+        children.push((
+            name.clone(),
+            spawn_logged(&args, &logs.join(format!("{name}.log")))?,
+        ));
+    }
+    if !a.no_model && !a.model_dir.join("config.json").exists() {
+        bail!(
+            "no model at {} (run scripts/fetch-model.sh, or pass --no-model)",
+            a.model_dir.display()
+        );
+    }
+    for j in 1..=a.nodes {
+        let mut args: Vec<String> = vec![
+            "node".into(),
+            "--id".into(),
+            format!("node-{j}"),
+            "--listen".into(),
+            format!("127.0.0.1:{}", 7200 + j),
+            "--internal-listen".into(),
+            format!("127.0.0.1:{}", 7300 + j),
+            "--data-dir".into(),
+            dir(&format!("node-{j}")),
+        ];
+        if !a.no_model {
+            args.extend([
+                "--model-dir".into(),
+                a.model_dir.to_string_lossy().to_string(),
+            ]);
+        }
+        let name = format!("node-{j}");
+        children.push((
+            name.clone(),
+            spawn_logged(&args, &logs.join(format!("{name}.log")))?,
+        ));
+    }
+    eprintln!(
+        "shoal dev: coordinators 127.0.0.1:7001-7003, nodes 127.0.0.1:7201-{} (public); \
+         data and logs/ under {}; Ctrl-C stops the cluster",
+        7200 + a.nodes,
+        a.data_dir.display()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let exited = loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break None,
+            _ = term.recv() => break None,
+            _ = tick.tick() => {
+                if let Some((n, s)) = children.iter_mut().find_map(|(n, c)| {
+                    c.try_wait().ok().flatten().map(|s| (n.clone(), s))
+                }) {
+                    break Some((n, s));
+                }
+            }
+        }
+    };
+    for (_, c) in &children {
+        // SIGTERM: each process shuts down cleanly.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for (n, c) in &mut children {
+        while c.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                tracing::warn!(process = %n, "did not stop in 10 s; killing");
+                let _ = c.kill();
+                let _ = c.wait();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    if let Some((n, s)) = exited {
+        bail!("{n} exited ({s}); see its log in {}", logs.display());
+    }
+    eprintln!("shoal dev: stopped");
+    Ok(())
+}
+
+#[derive(Args, Clone)]
+pub struct NodeTarget {
+    /// A node's public address (any node is a gateway).
+    #[arg(long = "node", env = "SHOAL_NODE", default_value = DEV_NODE, global = true)]
+    pub node: String,
+}
+
+async fn connect(node: &str) -> Result<ShoalClient<Channel>> {
+    let c = ShoalClient::connect(format!("http://{node}"))
+        .await
+        .with_context(|| {
+            format!("connecting to node {node} (is a cluster running? `shoal dev`)")
+        })?;
+    Ok(c.max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20))
+}
+
+/// Documents of a BEIR dir (its corpus.jsonl) or of a JSONL file of the same rows
+/// (`_id`, optional `title`, `text`).
+fn read_docs(path: &Path) -> Result<Vec<Row>> {
+    let file = if path.is_dir() {
+        path.join("corpus.jsonl")
+    } else {
+        path.to_path_buf()
+    };
+    read_jsonl(&file)
+}
+
+/// Creates `name` (384-d, inner product) unless it exists; true when it was created.
+async fn ensure_collection(target: &Target, name: &str, shards: u32, nlist: u32) -> Result<bool> {
+    let mut c = Client::new(target.coordinators.clone());
+    let exists = c
+        .admin(|mut a| {
+            let name = name.to_string();
+            async move {
+                a.describe_collection(cpb::DescribeCollectionRequest { name })
+                    .await
+            }
+        })
+        .await;
+    match exists {
+        Ok(_) => return Ok(false),
+        Err(s) if s.code() == tonic::Code::NotFound => {}
+        Err(s) => bail!("describing {name}: {}", s.message()),
+    }
+    c.admin(|mut a| {
+        let name = name.to_string();
+        async move {
+            a.create_collection(cpb::CreateCollectionRequest {
+                name,
+                dimension: 384,
+                metric: cpb::Metric::InnerProduct as i32,
+                encoder: Some(cpb::EncoderRef {
+                    model_id: "all-MiniLM-L6-v2".into(),
+                    content_hash: String::new(),
+                }),
+                index: Some(cpb::IndexParams {
+                    nlist,
+                    ..Default::default()
+                }),
+                shard_count: shards,
+                replication_factor: 1,
+                replica_memory_bytes: 0,
+            })
+            .await
+        }
+    })
+    .await
+    .with_context(|| format!("creating collection {name}"))?;
+    Ok(true)
+}
+
+#[derive(Args)]
+pub struct IngestArgs {
+    /// A BEIR dir (corpus.jsonl inside) or a JSONL file of `_id`, `title`, `text`.
+    path: PathBuf,
+    #[arg(long)]
+    collection: String,
+    /// Documents per request.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// When the collection does not exist yet: its shard count.
+    #[arg(long, default_value_t = 3)]
+    shards: u32,
+    /// When the collection does not exist yet: IVF lists per shard.
+    #[arg(long, default_value_t = 64)]
+    nlist: u32,
+}
+
+/// Sends `rows` in batches with a progress bar; returns docs/s.
+async fn ingest_rows(node: &str, collection: &str, rows: &[Row], batch: usize) -> Result<f64> {
+    let mut c = connect(node).await?;
+    let bar = indicatif::ProgressBar::new(rows.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} ingest {pos}/{len} docs [{elapsed_precise}] {bar:30} {per_sec} eta {eta}",
+        )
+        .expect("template"),
+    );
+    let t = Instant::now();
+    for chunk in rows.chunks(batch.max(1)) {
+        let docs = chunk
+            .iter()
+            .map(|r| pb::Document {
+                id: r.id.clone(),
+                text: r.text(),
+                ..Default::default()
+            })
+            .collect();
+        let req = pb::IngestRequest {
+            collection: collection.to_string(),
+            documents: docs,
+        };
+        // UNAVAILABLE (a new collection's shards still opening, a node restarting)
+        // is retried for a while; upserts are idempotent, so a retry is safe.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match c.ingest(req.clone()).await {
+                Ok(_) => break,
+                Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(s) => bail!(
+                    "ingesting into {collection}: {:?}: {}",
+                    s.code(),
+                    s.message()
+                ),
+            }
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish();
+    Ok(rows.len() as f64 / t.elapsed().as_secs_f64())
+}
+
+pub async fn ingest(target: Target, node: NodeTarget, a: IngestArgs) -> Result<()> {
+    let mut rows = read_docs(&a.path)?;
+    rows.retain(|r| !r.text().trim().is_empty());
+    ensure_collection(&target, &a.collection, a.shards, a.nlist).await?;
+    let rate = ingest_rows(&node.node, &a.collection, &rows, a.batch).await?;
+    println!(
+        "{}",
+        serde_json::json!({"collection": a.collection, "ingested": rows.len(), "docs_per_s": rate})
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct SearchArgs {
+    text: String,
+    #[arg(long)]
+    collection: String,
+    #[arg(short, long, default_value_t = 10)]
+    k: u32,
+    #[arg(long, default_value_t = 0)]
+    nprobe: u32,
+}
+
+pub async fn search(node: NodeTarget, a: SearchArgs) -> Result<()> {
+    let mut c = connect(&node.node).await?;
+    let r = c
+        .search(pb::SearchRequest {
+            collection: a.collection,
+            text: a.text,
+            k: a.k,
+            nprobe: a.nprobe,
+            with_text: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    for (i, h) in r.hits.iter().enumerate() {
+        let snippet: String = h.text.chars().take(100).collect();
+        println!("{:>3}. {:<12} {:.4}  {snippet}", i + 1, h.id, h.score);
+    }
+    println!(
+        "shards answered {}/{}{}; {:.1} ms",
+        r.shards_answered,
+        r.shards_total,
+        if r.partial { " (PARTIAL)" } else { "" },
+        r.took_ms
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// A BEIR dir: corpus.jsonl, queries.jsonl, qrels/test.tsv.
+    dir: PathBuf,
+    /// Collection name; default: the dir's name.
+    #[arg(long)]
+    collection: Option<String>,
+    #[arg(long, default_value_t = 3)]
+    shards: u32,
+    #[arg(long, default_value_t = 64)]
+    nlist: u32,
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Print this many queries with their top hits.
+    #[arg(long, default_value_t = 0)]
+    show: usize,
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Creates and fills the collection if needed, runs every judged query through the
+/// cluster, and prints nDCG@10, recall@100 and latency; the last line is JSON.
+pub async fn eval(target: Target, node: NodeTarget, a: EvalArgs) -> Result<()> {
+    let name = a.collection.clone().unwrap_or_else(|| {
+        a.dir.file_name().map_or("eval".into(), |n| {
+            n.to_string_lossy()
+                .replace(|c: char| !c.is_ascii_alphanumeric(), "-")
+        })
+    });
+    let qrels = read_qrels(&a.dir.join("qrels/test.tsv"))?;
+    let queries: Vec<Row> = read_jsonl(&a.dir.join("queries.jsonl"))?
+        .into_iter()
+        .filter(|q| qrels.contains_key(&q.id))
+        .collect();
+    let mut ingest_rate = None;
+    if ensure_collection(&target, &name, a.shards, a.nlist).await? {
+        let mut rows = read_docs(&a.dir)?;
+        rows.retain(|r| !r.text().trim().is_empty());
+        ingest_rate = Some(ingest_rows(&node.node, &name, &rows, a.batch).await?);
+    }
+    let mut c = connect(&node.node).await?;
+    let (mut ndcg, mut recall, mut lat, mut partial) = (0.0, 0.0, Vec::new(), 0usize);
+    let mut shown = 0;
+    for q in &queries {
+        let t = Instant::now();
+        let r = c
+            .search(pb::SearchRequest {
+                collection: name.clone(),
+                text: q.text.clone(),
+                k: 100,
+                with_text: shown < a.show,
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("query {}", q.id))?
+            .into_inner();
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+        partial += usize::from(r.partial);
+        // BEIR ignores a document that has the query's own id.
+        let ranked: Vec<&str> = r
+            .hits
+            .iter()
+            .map(|h| h.id.as_str())
+            .filter(|d| *d != q.id)
+            .collect();
+        let rels: &HashMap<String, u32> = &qrels[&q.id];
+        ndcg += ndcg_at(10, &ranked, rels);
+        recall += recall_at(100, &ranked, rels);
+        if shown < a.show {
+            shown += 1;
+            println!("query {}: {}", q.id, q.text);
+            for h in r.hits.iter().take(3) {
+                let rel = rels.get(&h.id).copied().unwrap_or(0);
+                let snippet: String = h.text.chars().take(90).collect();
+                println!("   {:<8} {:.3} rel={rel}  {snippet}", h.id, h.score);
+            }
+        }
+    }
+    let n = queries.len().max(1) as f64;
+    lat.sort_by(f64::total_cmp);
+    let (p50, p99) = (pct(&lat, 0.5), pct(&lat, 0.99));
+    println!("| collection | queries | nDCG@10 | recall@100 | p50 ms | p99 ms | partial |");
+    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| {name} | {} | {:.4} | {:.4} | {p50:.1} | {p99:.1} | {partial} |",
+        queries.len(),
+        ndcg / n,
+        recall / n
+    );
+    println!(
+        "{}",
+        serde_json::json!({
+            "collection": name, "queries": queries.len(),
+            "ndcg_at_10": ndcg / n, "recall_at_100": recall / n,
+            "p50_ms": p50, "p99_ms": p99, "partial_results": partial,
+            "ingest_docs_per_s": ingest_rate,
+        })
+    );
+    Ok(())
+}
