@@ -99,6 +99,9 @@ mod tests {
         // b first, a second: (1 + 2/log2 3) / (2 + 1/log2 3)
         let want = (1.0 + 2.0 / 3f64.log2()) / (2.0 + 1.0 / 3f64.log2());
         assert!((ndcg_at(10, &["b", "a"], &rels) - want).abs() < 1e-12);
+        assert_eq!(ndcg_at(10, &["x", "y"], &rels), 0.0);
+        // Only the top k count.
+        assert_eq!(ndcg_at(1, &["x", "a"], &rels), 0.0);
         assert_eq!(recall_at(1, &["x", "a"], &rels), 0.0);
         assert_eq!(recall_at(2, &["x", "a"], &rels), 0.5);
     }
