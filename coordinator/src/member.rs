@@ -244,9 +244,11 @@ impl Coordinator {
         Ok((version, state))
     }
 
-    fn require_leader(&self) -> Result<()> {
+    /// Ok on the leader; otherwise a not-leader error naming the leader's public
+    /// address, which clients follow.
+    pub fn require_leader(&self) -> Result<()> {
         let m = self.raft.metrics().borrow().clone();
-        if m.current_leader == Some(self.id) {
+        if m.state == ServerState::Leader {
             return Ok(());
         }
         let api_addr = m.current_leader.and_then(|l| {

@@ -6,13 +6,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
-use openraft::ServerState;
 use shoal_proto::coordinator as pb;
 use shoal_proto::raft as rpb;
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
 
-use crate::error::CoordinatorError;
 use crate::map::{
     Capacity, Change, ClusterMap, Collection, CollectionSpec, Command, EncoderRef, IndexParams,
     Metric, Node, NodeState, ReplicaState, Shard, DEFAULT_REPLICA_MEMORY,
@@ -214,24 +212,6 @@ impl AdminService {
             snapshot_index: m.snapshot.map_or(0, |l| l.index),
         }
     }
-
-    fn leader_only(&self) -> Result<(), Status> {
-        let m = self.0.raft.metrics().borrow().clone();
-        if m.state == ServerState::Leader {
-            return Ok(());
-        }
-        let api_addr = m.current_leader.and_then(|l| {
-            m.membership_config
-                .nodes()
-                .find(|(id, _)| **id == l)
-                .map(|(_, n)| n.api_addr.clone())
-        });
-        Err(CoordinatorError::NotLeader {
-            leader: m.current_leader,
-            api_addr,
-        }
-        .into())
-    }
 }
 
 #[tonic::async_trait]
@@ -320,7 +300,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::AddLearnerRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
-        self.leader_only()?;
+        self.0.require_leader()?;
         let r = req.into_inner();
         if r.id == 0 || r.raft_addr.is_empty() || r.api_addr.is_empty() {
             return Err(Status::invalid_argument(
@@ -343,7 +323,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::ChangeMembershipRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
-        self.leader_only()?;
+        self.0.require_leader()?;
         let voters: BTreeSet<u64> = req.into_inner().voters.into_iter().collect();
         if voters.is_empty() {
             return Err(Status::invalid_argument("voters must not be empty"));

@@ -282,6 +282,20 @@ impl StateMachine {
         self.dir.join("snapshot.bin")
     }
 
+    async fn persist_async(
+        &self,
+        meta: &SnapshotMeta<u64, Member>,
+        bytes: Vec<u8>,
+    ) -> Result<(), StorageError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.persist(&bytes))
+            .await
+            .map_err(logs_err)?
+            .map_err(|e| StorageError::IO {
+                source: StorageIOError::write_snapshot(Some(meta.signature()), io_err(e)),
+            })
+    }
+
     /// Atomically replaces the snapshot file.
     fn persist(&self, bytes: &[u8]) -> std::io::Result<()> {
         let tmp = self.dir.join("snapshot.bin.tmp");
@@ -312,14 +326,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             };
             (meta, encode(&file))
         };
-        let me = self.clone();
-        let b = bytes.clone();
-        tokio::task::spawn_blocking(move || me.persist(&b))
-            .await
-            .map_err(logs_err)?
-            .map_err(|e| StorageError::IO {
-                source: StorageIOError::write_snapshot(Some(meta.signature()), io_err(e)),
-            })?;
+        self.persist_async(&meta, bytes.clone()).await?;
         *self.current.lock() = Some((meta.clone(), bytes.clone()));
         Ok(Snapshot {
             meta,
@@ -396,14 +403,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let file: SnapshotFile = decode(&bytes).map_err(|e| StorageError::IO {
             source: StorageIOError::read_snapshot(Some(meta.signature()), io_err(e)),
         })?;
-        let me = self.clone();
-        let b = bytes.clone();
-        tokio::task::spawn_blocking(move || me.persist(&b))
-            .await
-            .map_err(logs_err)?
-            .map_err(|e| StorageError::IO {
-                source: StorageIOError::write_snapshot(Some(meta.signature()), io_err(e)),
-            })?;
+        self.persist_async(&meta, bytes.clone()).await?;
         {
             let mut st = self.state.lock();
             st.last_applied = meta.last_log_id;
