@@ -403,7 +403,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let file: SnapshotFile = decode(&bytes).map_err(|e| StorageError::IO {
             source: StorageIOError::read_snapshot(Some(meta.signature()), io_err(e)),
         })?;
-        self.persist_async(&meta, bytes.clone()).await?;
+        self.persist_async(meta, bytes.clone()).await?;
         {
             let mut st = self.state.lock();
             st.last_applied = meta.last_log_id;
