@@ -128,8 +128,10 @@ async fn ingest_search_get_delete_errors_and_replica_crash() {
                     metric: cpb::Metric::InnerProduct as i32,
                     shard_count: 3,
                     replication_factor: 1,
+                    // 4-bit PQ: a ~100-vector shard can train it.
                     index: Some(cpb::IndexParams {
                         nlist: 4,
+                        pq_nbits: 4,
                         ..Default::default()
                     }),
                     ..Default::default()
@@ -355,6 +357,38 @@ async fn ingest_search_get_delete_errors_and_replica_crash() {
         .unwrap()
         .into_inner();
     assert!(!g.found, "a refused batch wrote a document");
+
+    // An IVF-PQ generation on every shard, built beside the serving state; searches
+    // then name the generation that answered, and still find every document.
+    let built = gb
+        .build_index(pb::BuildIndexRequest {
+            collection: "vecs".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(built.shards.len(), 3);
+    assert!(
+        built
+            .shards
+            .iter()
+            .all(|s| s.error.is_empty() && s.generation >= 1),
+        "{built:?}"
+    );
+    let r = gb
+        .search(pb::SearchRequest {
+            collection: "vecs".into(),
+            vector: vector(17, 16),
+            k: 299,
+            refine: 100,
+            nprobe: 4,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.shards.iter().all(|s| s.generation >= 1), "{:?}", r.shards);
+    assert_eq!(r.hits.len(), 299);
 
     // Text: encoded once by node a's encoder, searched through node a.
     let texts = [

@@ -411,6 +411,10 @@ pub struct EvalArgs {
     /// Print this many queries with their top hits.
     #[arg(long, default_value_t = 0)]
     show: usize,
+    /// Build an IVF-PQ generation on every shard before querying (otherwise shards
+    /// below their automatic build threshold answer by exact scan).
+    #[arg(long)]
+    build_index: bool,
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -436,6 +440,26 @@ pub async fn eval(target: Target, node: NodeTarget, a: EvalArgs) -> Result<()> {
         let mut rows = read_docs(&a.dir)?;
         rows.retain(|r| !r.text().trim().is_empty());
         ingest_rate = Some(ingest_rows(&node.node, &name, &rows, a.batch).await?);
+    }
+    if a.build_index {
+        let b = connect(&node.node)
+            .await?
+            .build_index(pb::BuildIndexRequest {
+                collection: name.clone(),
+            })
+            .await
+            .with_context(|| format!("building the index of {name}"))?
+            .into_inner();
+        for s in &b.shards {
+            if s.error.is_empty() {
+                eprintln!(
+                    "shard {}: generation {} ({} vectors, {:.1} s)",
+                    s.shard, s.generation, s.indexed_vectors, s.build_seconds
+                );
+            } else {
+                eprintln!("shard {}: no index ({})", s.shard, s.error);
+            }
+        }
     }
     let mut c = connect(&node.node).await?;
     let (mut ndcg, mut recall, mut lat, mut partial) = (0.0, 0.0, Vec::new(), 0usize);

@@ -297,6 +297,52 @@ impl Gateway {
             })
     }
 
+    /// A new index generation on every shard, in parallel; per-shard failures (too few
+    /// vectors to train, a build already running) are reported, not fatal.
+    pub async fn build_index(
+        &self,
+        req: pb::BuildIndexRequest,
+    ) -> Result<pb::BuildIndexResponse, Status> {
+        let (coll, shards) = {
+            let v = self.view.read();
+            let c = collection(&v, &req.collection)?.clone();
+            (c, v.shards_of(&req.collection).cloned().collect::<Vec<_>>())
+        };
+        let shards = &shards;
+        let builds = shards.iter().map(|s| {
+            let coll = &coll;
+            async move {
+                let mut out = pb::ShardBuild {
+                    shard: s.index,
+                    ..Default::default()
+                };
+                let r = async {
+                    let (node, addr) = self.route(shards, s.index)?;
+                    out.node = node;
+                    let mut req = tonic::Request::new(rpb::BuildRequest {
+                        shard: Some(Self::shard_ref(coll, s.index)),
+                    });
+                    req.set_timeout(Duration::from_secs(3600));
+                    self.client(&addr)?.build(req).await
+                }
+                .await;
+                match r {
+                    Ok(b) => {
+                        let b = b.into_inner();
+                        out.generation = b.generation;
+                        out.indexed_vectors = b.indexed_vectors;
+                        out.build_seconds = b.build_seconds;
+                    }
+                    Err(e) => out.error = format!("{:?}: {}", e.code(), e.message()),
+                }
+                out
+            }
+        });
+        Ok(pb::BuildIndexResponse {
+            shards: futures::future::join_all(builds).await,
+        })
+    }
+
     pub async fn get(&self, req: pb::GetRequest) -> Result<pb::GetResponse, Status> {
         let (coll, shards) = {
             let v = self.view.read();

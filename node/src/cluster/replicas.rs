@@ -10,8 +10,8 @@ use parking_lot::RwLock;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
 use crate::shard::{
-    CollectionConfig, SearchParams, SearchResult, Shard, ShardError, StoredDocument, WriteAck,
-    WriteOp,
+    CollectionConfig, GenerationInfo, SearchParams, SearchResult, Shard, ShardError,
+    StoredDocument, WriteAck, WriteOp,
 };
 
 /// A replica's identity: collection name, the collection's unique id (a re-created
@@ -35,6 +35,8 @@ pub enum ReplicaMsg {
     Write(Vec<WriteOp>, Reply<WriteAck>),
     Search(Vec<f32>, SearchParams, Reply<SearchResult>),
     Get(String, Reply<Option<StoredDocument>>),
+    /// A new index generation, built beside the serving one.
+    Build(Reply<GenerationInfo>),
     /// Fault injection for tests: the actor panics, its supervisor restarts it.
     Crash,
 }
@@ -86,6 +88,11 @@ impl Actor for ReplicaActor {
             ReplicaMsg::Get(id, reply) => {
                 let r = tokio::task::spawn_blocking(move || shard.get(&id)).await?;
                 let _ = reply.send(r);
+            }
+            ReplicaMsg::Build(reply) => {
+                tokio::spawn(async move {
+                    let _ = reply.send(shard.rebuild_async(None).await);
+                });
             }
             ReplicaMsg::Crash => panic!("injected replica crash"),
         }

@@ -89,6 +89,13 @@ impl pb::shoal_server::Shoal for ShoalService {
         let _e = span.enter();
         Ok(Response::new(self.0.search(req.into_inner(), d).await?))
     }
+
+    async fn build_index(
+        &self,
+        req: Request<pb::BuildIndexRequest>,
+    ) -> Result<Response<pb::BuildIndexResponse>, Status> {
+        Ok(Response::new(self.0.build_index(req.into_inner()).await?))
+    }
 }
 
 pub struct ReplicaService(pub Registry);
@@ -98,6 +105,9 @@ fn shard_status(e: ShardError) -> Status {
         ShardError::InvalidDocument { .. }
         | ShardError::InvalidQuery(_)
         | ShardError::InvalidConfig(_) => Status::invalid_argument(e.to_string()),
+        ShardError::NotEnoughVectors { .. } | ShardError::BuildInProgress(_) => {
+            Status::failed_precondition(e.to_string())
+        }
         e => Status::internal(e.to_string()),
     }
 }
@@ -190,6 +200,19 @@ impl rpb::replica_server::Replica for ReplicaService {
                 })
                 .collect(),
             generation: res.generation.unwrap_or(0),
+        }))
+    }
+
+    async fn build(
+        &self,
+        req: Request<rpb::BuildRequest>,
+    ) -> Result<Response<rpb::BuildResponse>, Status> {
+        let actor = self.actor(req.into_inner().shard)?;
+        let g = Self::call(actor, ReplicaMsg::Build).await?;
+        Ok(Response::new(rpb::BuildResponse {
+            generation: g.id,
+            indexed_vectors: g.indexed_vectors,
+            build_seconds: g.build_seconds,
         }))
     }
 
