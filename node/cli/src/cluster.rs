@@ -55,6 +55,9 @@ pub struct NodeArgs {
     /// Fresh rows per shard that trigger a background IVF-PQ build.
     #[arg(long, env = "SHOAL_AUTO_REBUILD_TAIL", default_value_t = 50_000)]
     auto_rebuild_tail: usize,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, env = "SHOAL_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 pub async fn run_node(a: NodeArgs) -> Result<()> {
@@ -69,6 +72,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
         memory_bytes: a.memory_bytes,
         max_message_bytes: a.max_message_bytes,
         auto_rebuild_tail: a.auto_rebuild_tail,
+        metrics_listen: a.metrics_listen,
         ..NodeConfig::default()
     })
     .await?;
@@ -152,6 +156,8 @@ pub async fn run_dev(a: DevArgs) -> Result<()> {
             format!("127.0.0.1:{}", 7300 + j),
             "--data-dir".into(),
             dir(&format!("node-{j}")),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{}", 9200 + j),
         ];
         if !a.no_model {
             args.extend([
@@ -166,9 +172,10 @@ pub async fn run_dev(a: DevArgs) -> Result<()> {
         ));
     }
     eprintln!(
-        "shoal dev: coordinators 127.0.0.1:7001-7003, nodes 127.0.0.1:7201-{} (public); \
-         data and logs/ under {}; Ctrl-C stops the cluster",
+        "shoal dev: coordinators 127.0.0.1:7001-7003, nodes 127.0.0.1:7201-{} (public), \
+         metrics http://127.0.0.1:9201-{}/metrics; data and logs/ under {}; Ctrl-C stops the cluster",
         7200 + a.nodes,
+        9200 + a.nodes,
         a.data_dir.display()
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -44,6 +44,17 @@ fn vector(i: u64) -> Vec<f32> {
         .collect()
 }
 
+/// GET /metrics over a plain TCP connection (HTTP/1.0: the server closes when done).
+fn scrape(addr: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
 struct NodeProc {
     args: Vec<String>,
     public: String,
@@ -94,10 +105,11 @@ async fn ingest_search_delete_and_node_restart_lose_nothing() {
         })
         .collect();
     let caddrs: Vec<String> = coords.iter().map(|(a, _)| a.clone()).collect();
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
     let mut nodes: Vec<NodeProc> = (1..=2)
         .map(|j| {
             let public = format!("127.0.0.1:{}", free_port());
-            let args: Vec<String> = vec![
+            let mut args: Vec<String> = vec![
                 "node".into(),
                 "--id".into(),
                 format!("n{j}"),
@@ -110,6 +122,9 @@ async fn ingest_search_delete_and_node_restart_lose_nothing() {
                 "--data-dir".into(),
                 d.join(format!("n{j}")).display().to_string(),
             ];
+            if j == 2 {
+                args.extend(["--metrics-listen".into(), metrics_addr.clone()]);
+            }
             let child = spawn(&args, &d.join(format!("n{j}.log")));
             NodeProc {
                 args,
@@ -268,6 +283,24 @@ async fn ingest_search_delete_and_node_restart_lose_nothing() {
         "{} acknowledged documents all found after a node SIGKILL and restart",
         acked.len()
     );
+
+    // Node 2's Prometheus endpoint reports what it did (refreshed every 2 s).
+    let t = Instant::now();
+    let body = loop {
+        let body = scrape(&metrics_addr).unwrap_or_default();
+        if body.contains("shoal_shard_live_documents") || t.elapsed() > Duration::from_secs(10) {
+            break body;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    for name in [
+        "shoal_gateway_searches_total{outcome=\"ok\"}",
+        "shoal_gateway_search_duration_seconds",
+        "shoal_node_replicas",
+        "shoal_shard_live_documents{collection=\"docs\"",
+    ] {
+        assert!(body.contains(name), "/metrics lacks {name}:\n{body}");
+    }
     for n in &mut nodes {
         let _ = n.child.kill();
         let _ = n.child.wait();

@@ -5,6 +5,7 @@
 
 pub mod gateway;
 pub mod mapview;
+pub mod metrics;
 pub mod replicas;
 mod service;
 
@@ -54,6 +55,8 @@ pub struct NodeConfig {
     pub search_deadline: Duration,
     /// Fresh rows that trigger a background index build per shard.
     pub auto_rebuild_tail: usize,
+    /// Prometheus `/metrics` address; None: no endpoint.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for NodeConfig {
@@ -71,6 +74,7 @@ impl Default for NodeConfig {
             max_message_bytes: 32 << 20,
             search_deadline: Duration::from_secs(5),
             auto_rebuild_tail: 50_000,
+            metrics_listen: None,
         }
     }
 }
@@ -365,6 +369,16 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         }
     }));
 
+    if let Some(addr) = cfg.metrics_listen {
+        metrics::install(addr)?;
+        tasks.push(tokio::spawn(metrics::refresh(
+            registry.clone(),
+            restarts.clone(),
+            encoder.clone(),
+            Duration::from_secs(2),
+            stop_rx.clone(),
+        )));
+    }
     let gateway = Arc::new(Gateway::new(
         cfg.id.clone(),
         view.clone(),

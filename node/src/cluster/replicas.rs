@@ -10,7 +10,7 @@ use parking_lot::RwLock;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
 use crate::shard::{
-    CollectionConfig, GenerationInfo, SearchParams, SearchResult, Shard, ShardError,
+    CollectionConfig, GenerationInfo, SearchParams, SearchResult, Shard, ShardError, ShardStats,
     StoredDocument, WriteAck, WriteOp,
 };
 
@@ -37,6 +37,7 @@ pub enum ReplicaMsg {
     Get(String, Reply<Option<StoredDocument>>),
     /// A new index generation, built beside the serving one.
     Build(Reply<GenerationInfo>),
+    Stats(RpcReplyPort<ShardStats>),
     /// Fault injection for tests: the actor panics, its supervisor restarts it.
     Crash,
 }
@@ -93,6 +94,9 @@ impl Actor for ReplicaActor {
                 tokio::spawn(async move {
                     let _ = reply.send(shard.rebuild_async(None).await);
                 });
+            }
+            ReplicaMsg::Stats(reply) => {
+                let _ = reply.send(shard.stats());
             }
             ReplicaMsg::Crash => panic!("injected replica crash"),
         }

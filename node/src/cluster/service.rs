@@ -38,7 +38,11 @@ impl pb::shoal_server::Shoal for ShoalService {
         &self,
         req: Request<pb::IngestRequest>,
     ) -> Result<Response<pb::IngestResponse>, Status> {
+        let t = std::time::Instant::now();
         let (ingested, truncated) = self.0.ingest(req.into_inner()).await?;
+        metrics::counter!("shoal_gateway_ingested_documents_total").increment(ingested);
+        metrics::histogram!("shoal_gateway_ingest_duration_seconds")
+            .record(t.elapsed().as_secs_f64());
         Ok(Response::new(pb::IngestResponse {
             ingested,
             truncated,
@@ -85,9 +89,17 @@ impl pb::shoal_server::Shoal for ShoalService {
         req: Request<pb::SearchRequest>,
     ) -> Result<Response<pb::SearchResponse>, Status> {
         let d = deadline(&req);
-        let span = tracing::info_span!("search", collection = %req.get_ref().collection, k = req.get_ref().k);
-        let _e = span.enter();
-        Ok(Response::new(self.0.search(req.into_inner(), d).await?))
+        let t = std::time::Instant::now();
+        let r = self.0.search(req.into_inner(), d).await;
+        let outcome = match &r {
+            Ok(r) if r.partial => "partial",
+            Ok(_) => "ok",
+            Err(_) => "error",
+        };
+        metrics::counter!("shoal_gateway_searches_total", "outcome" => outcome).increment(1);
+        metrics::histogram!("shoal_gateway_search_duration_seconds")
+            .record(t.elapsed().as_secs_f64());
+        Ok(Response::new(r?))
     }
 
     async fn build_index(

@@ -1,0 +1,113 @@
+//! Prometheus metrics on `/metrics` (names `shoal_<subsystem>_<name>_<unit>`): the
+//! gateway's requests, the encoder pool, and per-replica shard state, refreshed by a
+//! small task from the counters the components keep anyway.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Unit};
+use ractor::rpc::CallResult;
+use shoal_encoder::pool::EncoderPool;
+
+use super::replicas::{Registry, ReplicaMsg};
+
+/// Installs the process-wide exporter (once per process; a second node in the same
+/// process shares the first one's endpoint).
+pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .map_err(|e| anyhow::anyhow!("starting the metrics endpoint on {addr}: {e}"))?;
+    describe_counter!(
+        "shoal_gateway_searches_total",
+        "searches by outcome (ok, partial, error)"
+    );
+    describe_histogram!(
+        "shoal_gateway_search_duration_seconds",
+        Unit::Seconds,
+        "search latency at the gateway, encode and merge included"
+    );
+    describe_counter!(
+        "shoal_gateway_ingested_documents_total",
+        "documents acknowledged"
+    );
+    describe_histogram!(
+        "shoal_gateway_ingest_duration_seconds",
+        Unit::Seconds,
+        "ingest request latency at the gateway"
+    );
+    describe_counter!("shoal_encoder_texts_total", "texts encoded");
+    describe_counter!("shoal_encoder_batches_total", "batches run by the model");
+    describe_counter!(
+        "shoal_encoder_truncated_total",
+        "texts cut at the model's maximum length"
+    );
+    describe_counter!(
+        "shoal_encoder_rejected_total",
+        "requests refused because the queue was full"
+    );
+    describe_gauge!("shoal_node_replicas", "shard replicas open on this node");
+    describe_counter!(
+        "shoal_node_replica_restarts_total",
+        "replica actors reopened after a crash"
+    );
+    describe_gauge!("shoal_shard_live_documents", "live documents per replica");
+    describe_gauge!(
+        "shoal_shard_fresh_rows",
+        "rows newer than the serving index (scanned exactly)"
+    );
+    describe_gauge!(
+        "shoal_shard_serving_generation",
+        "index generation serving queries (0 = none)"
+    );
+    Ok(())
+}
+
+/// Refreshes the gauges and absolute counters every `period` until `stop` fires.
+pub async fn refresh(
+    registry: Registry,
+    restarts: Arc<AtomicU64>,
+    encoder: Option<Arc<EncoderPool>>,
+    period: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if let Some(e) = &encoder {
+            let s = e.stats();
+            counter!("shoal_encoder_texts_total").absolute(s.texts.load(Ordering::Relaxed));
+            counter!("shoal_encoder_batches_total").absolute(s.batches.load(Ordering::Relaxed));
+            counter!("shoal_encoder_truncated_total").absolute(s.truncated.load(Ordering::Relaxed));
+            counter!("shoal_encoder_rejected_total").absolute(s.rejected.load(Ordering::Relaxed));
+        }
+        counter!("shoal_node_replica_restarts_total").absolute(restarts.load(Ordering::Relaxed));
+        let replicas: Vec<_> = registry
+            .read()
+            .iter()
+            .map(|(k, a)| (k.clone(), a.clone()))
+            .collect();
+        gauge!("shoal_node_replicas").set(replicas.len() as f64);
+        for (key, actor) in replicas {
+            let Ok(CallResult::Success(st)) = actor
+                .call(ReplicaMsg::Stats, Some(Duration::from_secs(2)))
+                .await
+            else {
+                continue;
+            };
+            let labels = [
+                ("collection", key.collection.clone()),
+                ("shard", key.index.to_string()),
+            ];
+            gauge!("shoal_shard_live_documents", &labels).set(st.live_docs as f64);
+            gauge!("shoal_shard_fresh_rows", &labels).set(st.fresh_rows as f64);
+            gauge!("shoal_shard_serving_generation", &labels)
+                .set(st.serving.as_ref().map_or(0, |g| g.id) as f64);
+        }
+    }
+}
