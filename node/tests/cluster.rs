@@ -21,6 +21,14 @@ fn free_port() -> u16 {
         .port()
 }
 
+async fn channel(addr: std::net::SocketAddr) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
 fn model_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/all-MiniLM-L6-v2")
 }
@@ -39,6 +47,8 @@ fn vector(seed: u64, d: usize) -> Vec<f32> {
 
 async fn node(dir: &std::path::Path, id: &str, coords: &[String], model: bool) -> NodeHandle {
     cluster::start(NodeConfig {
+        // Small enough that the test can send an oversized request cheaply.
+        max_message_bytes: 1 << 20,
         id: id.into(),
         listen: format!("127.0.0.1:{}", free_port()),
         internal_listen: format!("127.0.0.1:{}", free_port()),
@@ -357,6 +367,66 @@ async fn ingest_search_get_delete_errors_and_replica_crash() {
         .unwrap()
         .into_inner();
     assert!(!g.found, "a refused batch wrote a document");
+
+    // An oversized request is refused by the server with a clear status.
+    let huge = pb::IngestRequest {
+        collection: "vecs".into(),
+        documents: (0..20_000)
+            .map(|i| pb::Document {
+                id: format!("h{i}"),
+                vector: vector(i, 16),
+                ..Default::default()
+            })
+            .collect(),
+    };
+    let e = gb.ingest(huge).await.unwrap_err();
+    assert!(
+        matches!(e.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{e:?}"
+    );
+    assert!(e.message().contains("too large"), "{}", e.message());
+
+    // The standard health service says SERVING, and reflection lists the public API.
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(channel(b.public_addr).await);
+    let h = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "shoal.v1.Shoal".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        h.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    {
+        use tonic_reflection::pb::v1 as refl;
+        let mut rc = refl::server_reflection_client::ServerReflectionClient::new(
+            channel(b.public_addr).await,
+        );
+        let req = refl::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(
+                refl::server_reflection_request::MessageRequest::ListServices(String::new()),
+            ),
+        };
+        let mut replies = rc
+            .server_reflection_info(futures::stream::iter([req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let reply = replies.message().await.unwrap().unwrap();
+        let Some(refl::server_reflection_response::MessageResponse::ListServicesResponse(l)) =
+            reply.message_response
+        else {
+            panic!("unexpected reflection reply {reply:?}");
+        };
+        assert!(
+            l.service.iter().any(|s| s.name == "shoal.v1.Shoal"),
+            "{l:?}"
+        );
+    }
 
     // An IVF-PQ generation on every shard, built beside the serving state; searches
     // then name the generation that answered, and still find every document.

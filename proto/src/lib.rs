@@ -19,3 +19,7 @@ pub mod v1 {
 pub mod replica {
     tonic::include_proto!("shoal.internal.v1");
 }
+
+/// Every service's encoded `FileDescriptorSet`, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/shoal_descriptor.bin"));

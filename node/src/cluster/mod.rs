@@ -390,8 +390,20 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     };
     let max = cfg.max_message_bytes;
     let rx = stop_rx.clone();
+    // The standard health service (SERVING while up) and server reflection, so grpcurl
+    // and load balancers work without the protos.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<shoal_proto::v1::shoal_server::ShoalServer<service::ShoalService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(shoal_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
     tasks.push(tokio::spawn(async move {
         let r = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
             .add_service(
                 shoal_proto::v1::shoal_server::ShoalServer::new(service::ShoalService(gateway))
                     .max_decoding_message_size(max),
