@@ -27,5 +27,5 @@ for _ in $(seq 1 120); do
   sleep 0.5
 done
 "$shoal" status | sed -n '/"nodes"/,$p' | head -20
-"$shoal" eval data/cranfield --collection cranfield --show 3
+"$shoal" eval data/cranfield --collection cranfield --build-index --show 3
 "$shoal" search "supersonic flow over a flat plate" --collection cranfield -k 5
