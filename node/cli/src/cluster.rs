@@ -473,18 +473,34 @@ pub async fn eval(target: Target, node: NodeTarget, a: EvalArgs) -> Result<()> {
     let mut shown = 0;
     for q in &queries {
         let t = Instant::now();
-        let r = c
+        let mut r = c
             .search(pb::SearchRequest {
                 collection: name.clone(),
                 text: q.text.clone(),
                 k: 100,
-                with_text: shown < a.show,
                 ..Default::default()
             })
             .await
             .with_context(|| format!("query {}", q.id))?
             .into_inner();
         lat.push(t.elapsed().as_secs_f64() * 1e3);
+        if shown < a.show {
+            // Texts for display only, outside the timed query.
+            let shown_hits = c
+                .search(pb::SearchRequest {
+                    collection: name.clone(),
+                    text: q.text.clone(),
+                    k: 3,
+                    with_text: true,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .hits;
+            for (h, s) in r.hits.iter_mut().zip(shown_hits) {
+                h.text = s.text;
+            }
+        }
         partial += usize::from(r.partial);
         // BEIR ignores a document that has the query's own id.
         let ranked: Vec<&str> = r

@@ -498,14 +498,16 @@ impl Gateway {
         let higher = coll.metric != cpb::Metric::L2 as i32;
         let mut hits = merge(hits, req.k as usize, higher);
         if req.with_text {
-            for h in &mut hits {
-                let doc = self
-                    .get(pb::GetRequest {
-                        collection: coll.name.clone(),
-                        id: h.id.clone(),
-                        with_vector: false,
-                    })
-                    .await;
+            // Texts live with their documents on the shards: fetched concurrently.
+            let gets = hits.iter().map(|h| {
+                self.get(pb::GetRequest {
+                    collection: coll.name.clone(),
+                    id: h.id.clone(),
+                    with_vector: false,
+                })
+            });
+            let docs = futures::future::join_all(gets).await;
+            for (h, doc) in hits.iter_mut().zip(docs) {
                 if let Ok(pb::GetResponse {
                     document: Some(d), ..
                 }) = doc
