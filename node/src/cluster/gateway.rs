@@ -88,6 +88,13 @@ impl Gateway {
         }
     }
 
+    /// A collection and its shards, as this node's map has them now.
+    fn collection_shards(&self, name: &str) -> Result<(cpb::Collection, Vec<cpb::Shard>), Status> {
+        let v = self.view.read();
+        let c = collection(&v, name)?.clone();
+        Ok((c, v.shards_of(name).cloned().collect()))
+    }
+
     fn client(&self, addr: &str) -> Result<ReplicaClient<Channel>, Status> {
         let mut ch = self.channels.lock();
         if let Some(c) = ch.get(addr) {
@@ -127,12 +134,7 @@ impl Gateway {
 
     /// Validates, encodes and routes a batch; returns (documents written, truncated).
     pub async fn ingest(&self, req: pb::IngestRequest) -> Result<(u64, u64), Status> {
-        let (coll, shards) = {
-            let v = self.view.read();
-            let c = collection(&v, &req.collection)?.clone();
-            let shards: Vec<cpb::Shard> = v.shards_of(&req.collection).cloned().collect();
-            (c, shards)
-        };
+        let (coll, shards) = self.collection_shards(&req.collection)?;
         if req.documents.is_empty() {
             return Err(Status::invalid_argument("no documents in the request"));
         }
@@ -218,11 +220,7 @@ impl Gateway {
     }
 
     pub async fn delete(&self, req: pb::DeleteRequest) -> Result<u64, Status> {
-        let (coll, shards) = {
-            let v = self.view.read();
-            let c = collection(&v, &req.collection)?.clone();
-            (c, v.shards_of(&req.collection).cloned().collect::<Vec<_>>())
-        };
+        let (coll, shards) = self.collection_shards(&req.collection)?;
         if req.ids.is_empty() {
             return Err(Status::invalid_argument("no ids to delete"));
         }
@@ -303,11 +301,7 @@ impl Gateway {
         &self,
         req: pb::BuildIndexRequest,
     ) -> Result<pb::BuildIndexResponse, Status> {
-        let (coll, shards) = {
-            let v = self.view.read();
-            let c = collection(&v, &req.collection)?.clone();
-            (c, v.shards_of(&req.collection).cloned().collect::<Vec<_>>())
-        };
+        let (coll, shards) = self.collection_shards(&req.collection)?;
         let shards = &shards;
         let builds = shards.iter().map(|s| {
             let coll = &coll;
@@ -344,11 +338,7 @@ impl Gateway {
     }
 
     pub async fn get(&self, req: pb::GetRequest) -> Result<pb::GetResponse, Status> {
-        let (coll, shards) = {
-            let v = self.view.read();
-            let c = collection(&v, &req.collection)?.clone();
-            (c, v.shards_of(&req.collection).cloned().collect::<Vec<_>>())
-        };
+        let (coll, shards) = self.collection_shards(&req.collection)?;
         if req.id.is_empty() {
             return Err(Status::invalid_argument("id must not be empty"));
         }
@@ -383,11 +373,7 @@ impl Gateway {
         deadline: Option<Duration>,
     ) -> Result<pb::SearchResponse, Status> {
         let t = Instant::now();
-        let (coll, shards) = {
-            let v = self.view.read();
-            let c = collection(&v, &req.collection)?.clone();
-            (c, v.shards_of(&req.collection).cloned().collect::<Vec<_>>())
-        };
+        let (coll, shards) = self.collection_shards(&req.collection)?;
         if req.k == 0 || req.k > MAX_K {
             return Err(Status::invalid_argument(format!(
                 "k = {} must be between 1 and {MAX_K}",
