@@ -5,3 +5,4 @@ pub mod beir;
 pub mod cluster;
 pub mod datasets;
 pub mod shard;
+pub mod telemetry;

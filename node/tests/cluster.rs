@@ -29,6 +29,86 @@ async fn channel(addr: std::net::SocketAddr) -> tonic::transport::Channel {
         .unwrap()
 }
 
+/// Sends and receives raw bytes, to put malformed messages on the wire.
+#[derive(Clone, Copy)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        buf: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(buf, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let n = bytes::Buf::remaining(buf);
+        Ok(Some(bytes::Buf::copy_to_bytes(buf, n).to_vec()))
+    }
+}
+
+/// An OTLP trace collector: the real gRPC service, keeping what it receives.
+#[derive(Clone, Default)]
+struct Collector(std::sync::Arc<std::sync::Mutex<Vec<otlp::trace::v1::Span>>>);
+
+use opentelemetry_proto::tonic as otlp;
+use otlp::collector::trace::v1 as otlp_trace;
+
+#[tonic::async_trait]
+impl otlp_trace::trace_service_server::TraceService for Collector {
+    async fn export(
+        &self,
+        req: tonic::Request<otlp_trace::ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<otlp_trace::ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.0.lock().unwrap();
+        for rs in req.into_inner().resource_spans {
+            for ss in rs.scope_spans {
+                spans.extend(ss.spans);
+            }
+        }
+        Ok(tonic::Response::new(
+            otlp_trace::ExportTraceServiceResponse::default(),
+        ))
+    }
+}
+
+async fn start_collector() -> (Collector, std::net::SocketAddr) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let c = Collector::default();
+    let svc = otlp_trace::trace_service_server::TraceServiceServer::new(c.clone());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+    );
+    (c, addr)
+}
+
 fn model_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/all-MiniLM-L6-v2")
 }
@@ -82,6 +162,13 @@ async fn wait_open(n: &NodeHandle, collection: &str, count: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ingest_search_get_delete_errors_and_replica_crash() {
+    // Traces go to a collector in this process; the trace context must cross gRPC.
+    let (collector, otlp_addr) = start_collector().await;
+    if std::env::var_os("RUST_LOG").is_none() {
+        std::env::set_var("RUST_LOG", "warn");
+    }
+    let telemetry =
+        shoal_node::telemetry::init("shoal-test", Some(&format!("http://{otlp_addr}"))).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let peers: Vec<shoal_coordinator::Peer> = (1..=3)
         .map(|id| shoal_coordinator::Peer {
@@ -386,6 +473,38 @@ async fn ingest_search_get_delete_errors_and_replica_crash() {
     );
     assert!(e.message().contains("too large"), "{}", e.message());
 
+    // A request whose bytes are not a valid protobuf message: INVALID_ARGUMENT naming
+    // the decode error, and the node goes on serving.
+    for (method, body) in [
+        ("/shoal.v1.Shoal/Search", vec![0x0a, 0x05, b'v']), // field 1: 5 bytes promised, 1 sent
+        ("/shoal.v1.Shoal/Ingest", vec![0xff, 0xff, 0xff]), // not a valid tag
+    ] {
+        let mut raw = tonic::client::Grpc::new(channel(b.public_addr).await);
+        raw.ready().await.unwrap();
+        let e = raw
+            .unary(
+                tonic::Request::new(body),
+                tonic::codegen::http::uri::PathAndQuery::from_static(method),
+                RawCodec,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{method}: {e:?}");
+        assert!(
+            e.message().contains("malformed protobuf"),
+            "{}",
+            e.message()
+        );
+    }
+    assert!(gb
+        .get(pb::GetRequest {
+            collection: "vecs".into(),
+            id: "ok".into(),
+            with_vector: false,
+        })
+        .await
+        .is_ok());
+
     // The standard health service says SERVING, and reflection lists the public API.
     let mut health =
         tonic_health::pb::health_client::HealthClient::new(channel(b.public_addr).await);
@@ -493,6 +612,50 @@ async fn ingest_search_get_delete_errors_and_replica_crash() {
         .unwrap()
         .into_inner();
     assert_eq!(r.hits[0].id, "t1", "{:?}", r.hits);
+
+    // That query is one trace: the gateway's span, its per-shard calls, and each
+    // replica's span on the other side of gRPC as a child of the call that reached it.
+    telemetry.flush();
+    let spans = collector.0.lock().unwrap().clone();
+    let query = spans
+        .iter()
+        .filter(|s| s.name == "shoal.search")
+        .find(|s| {
+            s.attributes
+                .iter()
+                .any(|a| a.key == "collection" && format!("{:?}", a.value).contains("texts"))
+        })
+        .expect("no shoal.search span exported");
+    let in_trace: Vec<_> = spans
+        .iter()
+        .filter(|s| s.trace_id == query.trace_id)
+        .collect();
+    let calls: Vec<_> = in_trace
+        .iter()
+        .filter(|s| s.name == "shard.search")
+        .collect();
+    let replicas: Vec<_> = in_trace
+        .iter()
+        .filter(|s| s.name == "replica.search")
+        .collect();
+    assert_eq!(
+        calls.len(),
+        3,
+        "{:?}",
+        in_trace.iter().map(|s| &s.name).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        replicas.len(),
+        3,
+        "replica spans not joined to the query's trace"
+    );
+    for r in &replicas {
+        assert!(
+            calls.iter().any(|c| c.span_id == r.parent_span_id),
+            "a replica span's parent is not a shard call"
+        );
+    }
+    assert!(in_trace.iter().any(|s| s.name == "encode"));
 
     // A replica actor panics: its supervisor reopens it from disk; data intact.
     let (victim, idx) = {

@@ -2,6 +2,8 @@
 //! cluster map) and internal ones (raft) live in separate packages so a deployment
 //! can expose one port and firewall the other.
 
+pub mod codec;
+
 pub mod coordinator {
     tonic::include_proto!("shoal.coordinator.v1");
 }

@@ -18,6 +18,10 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Export traces over OTLP/gRPC to this endpoint (e.g. http://127.0.0.1:4317);
+    /// no export when unset. `shoal dev` passes it to the processes it starts.
+    #[arg(long, global = true, env = "SHOAL_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -112,13 +116,27 @@ pub async fn shutdown_signal() {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().cmd {
+    let cli = Cli::parse();
+    let rt = runtime()?;
+    let service = match &cli.cmd {
+        Cmd::Coordinator(_) => "shoal-coordinator",
+        Cmd::Node(_) => "shoal-node",
+        _ => "shoal",
+    };
+    if let Some(ep) = &cli.otlp_endpoint {
+        // Children of `shoal dev` read it from the environment.
+        std::env::set_var("SHOAL_OTLP_ENDPOINT", ep);
+    }
+    let telemetry =
+        rt.block_on(async { shoal_node::telemetry::init(service, cli.otlp_endpoint.as_deref()) })?;
+    let r = run(cli.cmd, &rt);
+    // Flushes buffered spans while the runtime that drives the exporter still runs.
+    drop(telemetry);
+    r
+}
+
+fn run(cmd: Cmd, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
+    match cmd {
         Cmd::Demo {
             data_dir,
             queries,
@@ -129,17 +147,13 @@ fn main() -> anyhow::Result<()> {
             dataset_dir,
         }),
         Cmd::Embed { model_dir, batch } => embed::run(&model_dir, batch),
-        Cmd::Coordinator(args) => runtime()?.block_on(coordinator::run(args)),
-        Cmd::Collection { target, cmd } => {
-            runtime()?.block_on(coordinator::collection(target, cmd))
-        }
-        Cmd::Status { target } => runtime()?.block_on(coordinator::status(target)),
-        Cmd::Node(args) => runtime()?.block_on(cluster::run_node(args)),
-        Cmd::Dev(args) => runtime()?.block_on(cluster::run_dev(args)),
-        Cmd::Ingest { target, node, args } => {
-            runtime()?.block_on(cluster::ingest(target, node, args))
-        }
-        Cmd::Search { node, args } => runtime()?.block_on(cluster::search(node, args)),
-        Cmd::Eval { target, node, args } => runtime()?.block_on(cluster::eval(target, node, args)),
+        Cmd::Coordinator(args) => rt.block_on(coordinator::run(args)),
+        Cmd::Collection { target, cmd } => rt.block_on(coordinator::collection(target, cmd)),
+        Cmd::Status { target } => rt.block_on(coordinator::status(target)),
+        Cmd::Node(args) => rt.block_on(cluster::run_node(args)),
+        Cmd::Dev(args) => rt.block_on(cluster::run_dev(args)),
+        Cmd::Ingest { target, node, args } => rt.block_on(cluster::ingest(target, node, args)),
+        Cmd::Search { node, args } => rt.block_on(cluster::search(node, args)),
+        Cmd::Eval { target, node, args } => rt.block_on(cluster::eval(target, node, args)),
     }
 }

@@ -15,6 +15,9 @@ use shoal_proto::replica::replica_client::ReplicaClient;
 use shoal_proto::v1 as pb;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
+use tracing::Instrument;
+
+use crate::telemetry;
 
 use super::mapview::MapView;
 
@@ -121,15 +124,19 @@ impl Gateway {
                 enc.dimension()
             )));
         }
-        enc.encode(texts).await.map_err(|e| match e {
-            shoal_encoder::EncoderError::Overloaded { .. } => {
-                Status::resource_exhausted(e.to_string())
-            }
-            shoal_encoder::EncoderError::EmptyText { .. } => {
-                Status::invalid_argument(e.to_string())
-            }
-            e => Status::internal(e.to_string()),
-        })
+        let n = texts.len();
+        enc.encode(texts)
+            .instrument(tracing::info_span!("encode", texts = n))
+            .await
+            .map_err(|e| match e {
+                shoal_encoder::EncoderError::Overloaded { .. } => {
+                    Status::resource_exhausted(e.to_string())
+                }
+                shoal_encoder::EncoderError::EmptyText { .. } => {
+                    Status::invalid_argument(e.to_string())
+                }
+                e => Status::internal(e.to_string()),
+            })
     }
 
     /// Validates, encodes and routes a batch; returns (documents written, truncated).
@@ -273,14 +280,17 @@ impl Gateway {
         deletes: Vec<String>,
     ) -> Result<rpb::WriteResponse, Status> {
         let (node, addr) = self.route(shards, index)?;
+        let span = tracing::info_span!("shard.write", shard = index, node = %node);
         let mut req = tonic::Request::new(rpb::WriteRequest {
             shard: Some(Self::shard_ref(coll, index)),
             upserts,
             deletes,
         });
         req.set_timeout(Duration::from_secs(30));
+        span.in_scope(|| telemetry::inject(&mut req));
         self.client(&addr)?
             .write(req)
+            .instrument(span)
             .await
             .map(|r| r.into_inner())
             .map_err(|s| {
@@ -431,6 +441,7 @@ impl Gateway {
                     refine: req.refine,
                 });
                 r.set_timeout(budget);
+                telemetry::inject(&mut r);
                 let res = match self.client(&addr) {
                     Ok(mut c) => match tokio::time::timeout(budget, c.search(r)).await {
                         Ok(r) => r.map(|r| r.into_inner()),
@@ -440,6 +451,7 @@ impl Gateway {
                 };
                 (s.index, node, res)
             }
+            .instrument(tracing::info_span!("shard.search", shard = s.index))
         });
         let results = futures::future::join_all(calls).await;
         let mut hits = Vec::new();

@@ -9,10 +9,18 @@ use ractor::rpc::CallResult;
 use shoal_proto::replica as rpb;
 use shoal_proto::v1 as pb;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use super::gateway::Gateway;
 use super::replicas::{Registry, ReplicaKey, ReplicaMsg};
 use crate::shard::{Document, SearchParams, ShardError, WriteOp};
+use crate::telemetry;
+
+/// A server span for `req`, continuing the caller's trace if it sent one.
+fn span_for<T>(span: tracing::Span, req: &Request<T>) -> tracing::Span {
+    telemetry::adopt(&span, req);
+    span
+}
 
 pub struct ShoalService(pub Arc<Gateway>);
 
@@ -39,7 +47,11 @@ impl pb::shoal_server::Shoal for ShoalService {
         req: Request<pb::IngestRequest>,
     ) -> Result<Response<pb::IngestResponse>, Status> {
         let t = std::time::Instant::now();
-        let (ingested, truncated) = self.0.ingest(req.into_inner()).await?;
+        let span = span_for(
+            tracing::info_span!("shoal.ingest", collection = %req.get_ref().collection, documents = req.get_ref().documents.len()),
+            &req,
+        );
+        let (ingested, truncated) = self.0.ingest(req.into_inner()).instrument(span).await?;
         metrics::counter!("shoal_gateway_ingested_documents_total").increment(ingested);
         metrics::histogram!("shoal_gateway_ingest_duration_seconds")
             .record(t.elapsed().as_secs_f64());
@@ -76,12 +88,22 @@ impl pb::shoal_server::Shoal for ShoalService {
         &self,
         req: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
-        let deleted = self.0.delete(req.into_inner()).await?;
+        let span = span_for(
+            tracing::info_span!("shoal.delete", collection = %req.get_ref().collection),
+            &req,
+        );
+        let deleted = self.0.delete(req.into_inner()).instrument(span).await?;
         Ok(Response::new(pb::DeleteResponse { deleted }))
     }
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
-        Ok(Response::new(self.0.get(req.into_inner()).await?))
+        let span = span_for(
+            tracing::info_span!("shoal.get", collection = %req.get_ref().collection),
+            &req,
+        );
+        Ok(Response::new(
+            self.0.get(req.into_inner()).instrument(span).await?,
+        ))
     }
 
     async fn search(
@@ -90,7 +112,11 @@ impl pb::shoal_server::Shoal for ShoalService {
     ) -> Result<Response<pb::SearchResponse>, Status> {
         let d = deadline(&req);
         let t = std::time::Instant::now();
-        let r = self.0.search(req.into_inner(), d).await;
+        let span = span_for(
+            tracing::info_span!("shoal.search", collection = %req.get_ref().collection, k = req.get_ref().k),
+            &req,
+        );
+        let r = self.0.search(req.into_inner(), d).instrument(span).await;
         let outcome = match &r {
             Ok(r) if r.partial => "partial",
             Ok(_) => "ok",
@@ -162,6 +188,8 @@ impl rpb::replica_server::Replica for ReplicaService {
         &self,
         req: Request<rpb::WriteRequest>,
     ) -> Result<Response<rpb::WriteResponse>, Status> {
+        let span = span_for(tracing::info_span!("replica.write"), &req);
+        let _g = span.enter();
         let r = req.into_inner();
         let actor = self.actor(r.shard)?;
         let mut ops = Vec::with_capacity(r.upserts.len() + r.deletes.len());
@@ -181,7 +209,10 @@ impl rpb::replica_server::Replica for ReplicaService {
             }));
         }
         ops.extend(r.deletes.into_iter().map(WriteOp::Delete));
-        let ack = Self::call(actor, |reply| ReplicaMsg::Write(ops, reply)).await?;
+        drop(_g);
+        let ack = Self::call(actor, |reply| ReplicaMsg::Write(ops, reply))
+            .instrument(span)
+            .await?;
         Ok(Response::new(rpb::WriteResponse {
             seq: ack.seq,
             upserted: ack.upserted as u64,
@@ -193,7 +224,14 @@ impl rpb::replica_server::Replica for ReplicaService {
         &self,
         req: Request<rpb::ShardSearchRequest>,
     ) -> Result<Response<rpb::ShardSearchResponse>, Status> {
+        let span = span_for(
+            tracing::info_span!("replica.search", shard = tracing::field::Empty),
+            &req,
+        );
         let r = req.into_inner();
+        if let Some(s) = &r.shard {
+            span.record("shard", s.index);
+        }
         let actor = self.actor(r.shard)?;
         let p = SearchParams {
             k: r.k as usize,
@@ -201,7 +239,9 @@ impl rpb::replica_server::Replica for ReplicaService {
             refine_factor: (r.refine > 0).then_some(r.refine as usize),
             ..SearchParams::default()
         };
-        let res = Self::call(actor, |reply| ReplicaMsg::Search(r.vector, p, reply)).await?;
+        let res = Self::call(actor, |reply| ReplicaMsg::Search(r.vector, p, reply))
+            .instrument(span)
+            .await?;
         Ok(Response::new(rpb::ShardSearchResponse {
             hits: res
                 .hits
@@ -219,8 +259,11 @@ impl rpb::replica_server::Replica for ReplicaService {
         &self,
         req: Request<rpb::BuildRequest>,
     ) -> Result<Response<rpb::BuildResponse>, Status> {
+        let span = span_for(tracing::info_span!("replica.build"), &req);
         let actor = self.actor(req.into_inner().shard)?;
-        let g = Self::call(actor, ReplicaMsg::Build).await?;
+        let g = Self::call(actor, ReplicaMsg::Build)
+            .instrument(span)
+            .await?;
         Ok(Response::new(rpb::BuildResponse {
             generation: g.id,
             indexed_vectors: g.indexed_vectors,
@@ -232,9 +275,12 @@ impl rpb::replica_server::Replica for ReplicaService {
         &self,
         req: Request<rpb::ShardGetRequest>,
     ) -> Result<Response<rpb::ShardGetResponse>, Status> {
+        let span = span_for(tracing::info_span!("replica.get"), &req);
         let r = req.into_inner();
         let actor = self.actor(r.shard)?;
-        let doc = Self::call(actor, |reply| ReplicaMsg::Get(r.id, reply)).await?;
+        let doc = Self::call(actor, |reply| ReplicaMsg::Get(r.id, reply))
+            .instrument(span)
+            .await?;
         Ok(Response::new(rpb::ShardGetResponse {
             found: doc.is_some(),
             doc: doc.map(|d| rpb::StoredDoc {

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Retrieval quality through a local cluster (`shoal dev`: three coordinators, two
+# nodes, 3 shards, RF 1) on the BEIR collections in ../shared/data/ir: each corpus is
+# ingested once (encoded on the nodes), scored by exact scan, then an IVF-PQ
+# generation is built on every shard and the same queries are scored again, so both
+# figures come from the same stored vectors. Output: one JSON line per run, tagged.
+# Usage: scripts/evals.sh [COLLECTION...]   (default: scifact medline cacm cranfield)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+shoal="$CARGO_TARGET_DIR/release/shoal"
+ir="${SHOAL_IR_DIR:-../shared/data/ir}"
+data="${SHOAL_EVAL_DIR:-$(mktemp -d)}"; mkdir -p "$data"
+sets=("$@"); [[ ${#sets[@]} -gt 0 ]] || sets=(scifact medline cacm cranfield)
+"$shoal" dev --data-dir "$data" >"$data/dev.log" 2>&1 &
+dev=$!
+trap 'kill -TERM $dev 2>/dev/null; wait $dev 2>/dev/null || true' EXIT
+for _ in $(seq 1 120); do
+  if "$shoal" status 2>/dev/null | grep -c '"state": "up"' | grep -q 2; then break; fi
+  sleep 0.5
+done
+for s in "${sets[@]}"; do
+  exact=$("$shoal" eval "$ir/$s" --collection "$s" | tail -1)
+  echo "{\"run\":\"exact\",\"result\":$exact}"
+  ivf=$("$shoal" eval "$ir/$s" --collection "$s" --build-index | tail -1)
+  echo "{\"run\":\"ivfpq\",\"result\":$ivf}"
+done
