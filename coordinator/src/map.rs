@@ -222,6 +222,13 @@ pub enum Command {
         serving: u64,
         building: u64,
     },
+    /// Makes `node` (a serving backup) the shard's primary under a new epoch, if the
+    /// shard is still at `epoch` (a decision made on an older view is dropped).
+    Promote {
+        shard: ShardKey,
+        node: NodeId,
+        epoch: u64,
+    },
 }
 
 /// What a command changed, for watchers.
@@ -382,6 +389,30 @@ impl ClusterMap {
                 }
                 s.serving_generation = *serving;
                 s.building_generation = *building;
+                vec![Change::ShardPut(s.clone())]
+            }
+            Command::Promote { shard, node, epoch } => {
+                let s = self
+                    .shards
+                    .get_mut(shard)
+                    .ok_or_else(|| MapError::NotFound(format!("shard {shard} not found")))?;
+                if s.epoch != *epoch {
+                    return Err(MapError::FailedPrecondition(format!(
+                        "shard {shard} is at epoch {}, not {epoch}",
+                        s.epoch
+                    )));
+                }
+                if !s
+                    .replicas
+                    .iter()
+                    .any(|r| &r.node == node && r.state == ReplicaState::Serving)
+                {
+                    return Err(MapError::FailedPrecondition(format!(
+                        "shard {shard} has no serving replica on {node:?}"
+                    )));
+                }
+                s.primary = Some(node.clone());
+                s.epoch += 1;
                 vec![Change::ShardPut(s.clone())]
             }
         };

@@ -20,6 +20,9 @@ use crate::placement;
 use crate::raft::{decode, encode, Member, Raft, Request, Response};
 use crate::store::StateMachine;
 
+/// Replica reports by (shard, node).
+pub type Reports = HashMap<(ShardKey, String), shoal_proto::coordinator::ReplicaReport>;
+
 /// A follower's forwarded write, as the leader answers it.
 #[derive(Serialize, Deserialize)]
 pub enum ForwardReply {
@@ -49,6 +52,9 @@ pub struct Coordinator {
     /// When this member last became leader: nodes it has not heard from yet get their
     /// timeouts counted from here, so a failover does not declare everyone suspect.
     leader_since: Mutex<Option<Instant>>,
+    /// Each hosted replica's last report, by (shard, node): sequence numbers, index
+    /// generation. Leader memory, rebuilt from heartbeats after a failover.
+    pub reports: Mutex<Reports>,
     /// Set when the member shuts down; long-lived streams watch it.
     pub stopping: tokio::sync::watch::Sender<bool>,
 }
@@ -61,6 +67,7 @@ impl Coordinator {
             sm,
             config,
             heartbeats: Mutex::default(),
+            reports: Mutex::default(),
             leader_since: Mutex::default(),
             stopping: tokio::sync::watch::Sender::new(false),
         }
@@ -192,11 +199,45 @@ impl Coordinator {
     }
 
     /// Records a worker node's heartbeat (on the leader) and reports copies it finished.
-    pub async fn heartbeat(&self, node: &str, ready: &[String]) -> Result<(u64, NodeState)> {
+    pub async fn heartbeat(
+        &self,
+        node: &str,
+        ready: &[String],
+        replicas: Vec<shoal_proto::coordinator::ReplicaReport>,
+    ) -> Result<(u64, NodeState)> {
         self.require_leader()?;
         self.heartbeats
             .lock()
             .insert(node.to_string(), Instant::now());
+        // Index generations the primaries serve now go into the map (durable, watched).
+        let mut generations = Vec::new();
+        {
+            let mut reports = self.reports.lock();
+            reports.retain(|(_, n), _| n != node);
+            let st = self.sm.state.lock();
+            for r in replicas {
+                let Some(key) = ShardKey::parse(&r.shard) else {
+                    continue;
+                };
+                if let Some(s) = st.map.shards.get(&key) {
+                    if s.primary.as_deref() == Some(node)
+                        && r.serving_generation > s.serving_generation
+                    {
+                        generations.push(Command::SetGenerations {
+                            shard: key.clone(),
+                            serving: r.serving_generation,
+                            building: 0,
+                        });
+                    }
+                }
+                reports.insert((key, node.to_string()), r);
+            }
+        }
+        for c in generations {
+            if let Err(e) = self.write(c).await {
+                tracing::debug!(error = %e, "generation update not applied");
+            }
+        }
         let (state, pending) = {
             let st = self.sm.state.lock();
             let map = &st.map;
@@ -242,6 +283,39 @@ impl Coordinator {
         }
         let state = self.sm.state.lock().map.nodes[node].state;
         Ok((version, state))
+    }
+
+    /// For each shard whose primary is on `node` (going down): promote its most
+    /// up-to-date serving backup on a live node, by the replicas' reported sequence
+    /// numbers.
+    fn promotions(&self, map: &ClusterMap, node: &str) -> Vec<Command> {
+        let reports = self.reports.lock();
+        let live = |n: &str| {
+            map.nodes
+                .get(n)
+                .is_some_and(|n| matches!(n.state, NodeState::Up | NodeState::Draining))
+        };
+        map.shards
+            .values()
+            .filter(|s| s.primary.as_deref() == Some(node))
+            .filter_map(|s| {
+                let best = s
+                    .replicas
+                    .iter()
+                    .filter(|r| r.node != node && r.state == ReplicaState::Serving && live(&r.node))
+                    .max_by_key(|r| {
+                        reports
+                            .get(&(s.key.clone(), r.node.clone()))
+                            .map_or((0, 0), |p| (p.last_epoch, p.applied_seq))
+                    })?;
+                tracing::info!(shard = %s.key, from = node, to = %best.node, epoch = s.epoch + 1, "promoting a backup");
+                Some(Command::Promote {
+                    shard: s.key.clone(),
+                    node: best.node.clone(),
+                    epoch: s.epoch,
+                })
+            })
+            .collect()
     }
 
     /// Ok on the leader; otherwise a not-leader error naming the leader's public
@@ -305,6 +379,18 @@ impl Coordinator {
             }
         }
         for c in commands {
+            if let Command::SetNodeState {
+                id,
+                state: NodeState::Down,
+                ..
+            } = &c
+            {
+                for p in self.promotions(&map, id) {
+                    if let Err(e) = self.write(p).await {
+                        tracing::warn!(error = %e, "promotion not applied");
+                    }
+                }
+            }
             if let Err(e) = self.write(c).await {
                 tracing::debug!(error = %e, "liveness update not applied");
             }

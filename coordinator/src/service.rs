@@ -15,7 +15,7 @@ use crate::map::{
     Capacity, Change, ClusterMap, Collection, CollectionSpec, Command, EncoderRef, IndexParams,
     Metric, Node, NodeState, ReplicaState, Shard, DEFAULT_REPLICA_MEMORY,
 };
-use crate::member::Coordinator;
+use crate::member::{Coordinator, Reports};
 use crate::raft::{decode, encode, Member};
 
 fn bad_payload(e: String) -> Status {
@@ -82,6 +82,18 @@ pub fn node_pb(n: &Node, map: &ClusterMap) -> pb::NodeInfo {
 }
 
 pub fn shard_pb(s: &Shard) -> pb::Shard {
+    shard_pb_with(s, &Reports::new())
+}
+
+/// A shard with each replica's last heartbeat report (sequence number, lag, index
+/// generation), as the leader has them.
+pub fn shard_pb_with(s: &Shard, reports: &Reports) -> pb::Shard {
+    let report = |node: &str| reports.get(&(s.key.clone(), node.to_string()));
+    let primary_seq = s
+        .primary
+        .as_deref()
+        .and_then(report)
+        .map_or(0, |r| r.applied_seq);
     pb::Shard {
         collection: s.key.collection.clone(),
         index: s.key.index,
@@ -89,13 +101,22 @@ pub fn shard_pb(s: &Shard) -> pb::Shard {
         replicas: s
             .replicas
             .iter()
-            .map(|r| pb::Replica {
-                node_id: r.node.clone(),
-                state: (match r.state {
-                    ReplicaState::Serving => pb::ReplicaState::Serving,
-                    ReplicaState::Copying => pb::ReplicaState::Copying,
-                    ReplicaState::Leaving => pb::ReplicaState::Leaving,
-                }) as i32,
+            .map(|r| {
+                let rep = report(&r.node).cloned().unwrap_or_default();
+                pb::Replica {
+                    node_id: r.node.clone(),
+                    state: (match r.state {
+                        ReplicaState::Serving => pb::ReplicaState::Serving,
+                        ReplicaState::Copying => pb::ReplicaState::Copying,
+                        ReplicaState::Leaving => pb::ReplicaState::Leaving,
+                    }) as i32,
+                    applied_seq: rep.applied_seq,
+                    lag: primary_seq.saturating_sub(rep.applied_seq),
+                    serving_generation: rep.serving_generation,
+                    live_docs: rep.live_docs,
+                    caught_up: rep.caught_up,
+                    epoch: rep.epoch,
+                }
             })
             .collect(),
         epoch: s.epoch,
@@ -275,13 +296,15 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::ListShardsResponse>, Status> {
         let name = req.into_inner().collection;
         let map = self.0.read().await?;
+        let reports = self.0.reports.lock().clone();
+        let pb = |s| shard_pb_with(s, &reports);
         let shards = if name.is_empty() {
-            map.shards.values().map(shard_pb).collect()
+            map.shards.values().map(pb).collect()
         } else {
             if !map.collections.contains_key(&name) {
                 return Err(Status::not_found(format!("collection {name:?} not found")));
             }
-            map.shards_of(&name).map(shard_pb).collect()
+            map.shards_of(&name).map(pb).collect()
         };
         Ok(Response::new(pb::ListShardsResponse {
             shards,
@@ -397,7 +420,10 @@ impl pb::cluster_map_server::ClusterMap for ClusterMapService {
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let r = req.into_inner();
-        let (version, state) = self.0.heartbeat(&r.id, &r.ready_replicas).await?;
+        let (version, state) = self
+            .0
+            .heartbeat(&r.id, &r.ready_replicas, r.replicas)
+            .await?;
         Ok(Response::new(pb::HeartbeatResponse {
             map_version: version,
             state: node_state_pb(state),

@@ -150,6 +150,7 @@ async fn heartbeat(client: &mut Client, id: &str, ready: Vec<String>) -> pb::Hea
             let r = pb::HeartbeatRequest {
                 id: id.into(),
                 ready_replicas: ready.clone(),
+                ..Default::default()
             };
             async move { c.heartbeat(r).await }
         })

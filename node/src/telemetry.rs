@@ -11,6 +11,7 @@ use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer as _;
 
 /// Flushes and stops the exporter when dropped.
 pub struct Telemetry {
@@ -57,18 +58,26 @@ pub fn tracer_provider(service: &str, endpoint: &str) -> anyhow::Result<SdkTrace
 /// `otlp_endpoint` is set. Call once, inside a tokio runtime.
 pub fn init(service: &str, otlp_endpoint: Option<&str>) -> anyhow::Result<Telemetry> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    // Each layer filters on its own: `RUST_LOG` quiets the log lines without starving
+    // the trace export, which takes shoal's info-level spans (never the exporter's own
+    // transport, which would trace itself).
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "info,h2=warn,tower=warn,hyper=warn,opentelemetry=warn".into());
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_filter(filter);
     let provider = match otlp_endpoint.filter(|e| !e.is_empty()) {
         Some(ep) => Some(tracer_provider(service, ep)?),
         None => None,
     };
-    let otel = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("shoal")));
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("shoal"))
+            .with_filter(tracing_subscriber::EnvFilter::new(
+                "info,h2=off,tower=off,hyper=off,tonic=off,opentelemetry=off,openraft=off",
+            ))
+    });
     tracing_subscriber::registry()
-        .with(filter)
         .with(fmt)
         .with(otel)
         .try_init()?;

@@ -279,6 +279,7 @@ async fn ingest_search_get_delete_errors_and_replica_crash() {
         .ingest(pb::IngestRequest {
             collection: "vecs".into(),
             documents: docs,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -330,6 +331,7 @@ async fn ingest_search_get_delete_errors_and_replica_crash() {
         .delete(pb::DeleteRequest {
             collection: "vecs".into(),
             ids: vec!["v42".into(), "nope".into()],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -440,6 +442,7 @@ async fn ingest_search_get_delete_errors_and_replica_crash() {
                     ..Default::default()
                 },
             ],
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -465,6 +468,7 @@ async fn ingest_search_get_delete_errors_and_replica_crash() {
                 ..Default::default()
             })
             .collect(),
+        ..Default::default()
     };
     let e = gb.ingest(huge).await.unwrap_err();
     assert!(
@@ -598,6 +602,7 @@ async fn ingest_search_get_delete_errors_and_replica_crash() {
                 ..Default::default()
             })
             .collect(),
+        ..Default::default()
     })
     .await
     .unwrap();

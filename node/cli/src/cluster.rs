@@ -328,6 +328,7 @@ async fn ingest_rows(node: &str, collection: &str, rows: &[Row], batch: usize) -
         let req = pb::IngestRequest {
             collection: collection.to_string(),
             documents: docs,
+            ..Default::default()
         };
         // UNAVAILABLE (a new collection's shards still opening, a node restarting)
         // is retried for a while; upserts are idempotent, so a retry is safe.

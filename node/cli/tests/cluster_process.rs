@@ -202,6 +202,7 @@ async fn ingest_search_delete_and_node_restart_lose_nothing() {
                 .ingest(pb::IngestRequest {
                     collection: "docs".into(),
                     documents: docs.clone(),
+                    ..Default::default()
                 })
                 .await;
             match r {
@@ -224,6 +225,7 @@ async fn ingest_search_delete_and_node_restart_lose_nothing() {
         .delete(pb::DeleteRequest {
             collection: "docs".into(),
             ids: del.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()

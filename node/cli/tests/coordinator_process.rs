@@ -99,6 +99,7 @@ async fn creates_survive_ten_leader_kills() {
             c.heartbeat(pb::HeartbeatRequest {
                 id: "w1".into(),
                 ready_replicas: vec![],
+                ..Default::default()
             })
             .await
         })

@@ -7,19 +7,25 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use parking_lot::{Mutex, RwLock};
 use shoal_encoder::pool::EncoderPool;
 use shoal_proto::coordinator as cpb;
 use shoal_proto::replica as rpb;
 use shoal_proto::replica::replica_client::ReplicaClient;
 use shoal_proto::v1 as pb;
-use tonic::transport::{Channel, Endpoint};
+use std::collections::VecDeque;
+use tonic::transport::Channel;
 use tonic::Status;
 use tracing::Instrument;
 
 use crate::telemetry;
 
 use super::mapview::MapView;
+use super::replication::Channels;
+
+/// Shard-call latencies kept for the hedging threshold.
+const LATENCY_WINDOW: usize = 512;
 
 pub const MAX_K: u32 = 1000;
 pub const MAX_DOCS_PER_REQUEST: usize = 10_000;
@@ -46,6 +52,15 @@ pub fn merge(mut hits: Vec<pb::Hit>, k: usize, higher_is_better: bool) -> Vec<pb
     hits
 }
 
+/// A client's request id, made unique per shard (one request writes several).
+fn shard_request(request_id: &str, index: u32) -> String {
+    if request_id.is_empty() {
+        String::new()
+    } else {
+        format!("{request_id}#{index}")
+    }
+}
+
 pub fn check_vector(v: &[f32], dimension: u32, what: &str) -> Result<(), Status> {
     if v.len() != dimension as usize {
         return Err(Status::invalid_argument(format!(
@@ -65,8 +80,24 @@ pub struct Gateway {
     pub node_id: String,
     pub view: Arc<RwLock<MapView>>,
     pub encoder: Option<Arc<EncoderPool>>,
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: Arc<Channels>,
     pub default_deadline: Duration,
+    /// Shard calls in flight per node: reads go to the least loaded replica.
+    inflight: Mutex<HashMap<String, usize>>,
+    /// Recent shard search latencies (seconds): a call slower than their 95th
+    /// percentile is hedged to another replica.
+    latencies: Mutex<VecDeque<f64>>,
+}
+
+/// Decrements a node's in-flight count when a call ends, however it ends.
+struct InFlight<'a>(&'a Mutex<HashMap<String, usize>>, String);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(n) = self.0.lock().get_mut(&self.1) {
+            *n = n.saturating_sub(1);
+        }
+    }
 }
 
 fn collection<'a>(view: &'a MapView, name: &str) -> Result<&'a cpb::Collection, Status> {
@@ -81,14 +112,69 @@ impl Gateway {
         view: Arc<RwLock<MapView>>,
         encoder: Option<Arc<EncoderPool>>,
         default_deadline: Duration,
+        channels: Arc<Channels>,
     ) -> Self {
         Self {
             node_id,
             view,
             encoder,
-            channels: Mutex::default(),
+            channels,
             default_deadline,
+            inflight: Mutex::default(),
+            latencies: Mutex::default(),
         }
+    }
+
+    /// How long a shard search may take before it is hedged to another replica: the
+    /// 95th percentile of recent calls (50 ms until there are enough), 5 ms to 1 s.
+    fn hedge_delay(&self) -> Duration {
+        let l = self.latencies.lock();
+        if l.len() < 32 {
+            return Duration::from_millis(50);
+        }
+        let mut v: Vec<f64> = l.iter().copied().collect();
+        drop(l);
+        v.sort_by(f64::total_cmp);
+        Duration::from_secs_f64(v[(v.len() * 95) / 100].clamp(0.005, 1.0))
+    }
+
+    fn record_latency(&self, secs: f64) {
+        let mut l = self.latencies.lock();
+        if l.len() == LATENCY_WINDOW {
+            l.pop_front();
+        }
+        l.push_back(secs);
+    }
+
+    /// Replicas that may serve a shard's reads, least loaded first: the primary and
+    /// serving backups, on up nodes.
+    fn readers(&self, shard: &cpb::Shard) -> Vec<(String, String)> {
+        let v = self.view.read();
+        let load = self.inflight.lock();
+        let mut out: Vec<(usize, bool, String, String)> = shard
+            .replicas
+            .iter()
+            .filter(|r| r.state == cpb::ReplicaState::Serving as i32 || r.node_id == shard.primary)
+            .filter_map(|r| {
+                let n = v.nodes.get(&r.node_id)?;
+                (n.state == cpb::NodeState::Up as i32 || n.state == cpb::NodeState::Draining as i32)
+                    .then(|| {
+                        (
+                            load.get(&n.id).copied().unwrap_or(0),
+                            n.id != shard.primary,
+                            n.id.clone(),
+                            n.addr.clone(),
+                        )
+                    })
+            })
+            .collect();
+        out.sort();
+        out.into_iter().map(|(_, _, id, addr)| (id, addr)).collect()
+    }
+
+    fn begin(&self, node: &str) -> InFlight<'_> {
+        *self.inflight.lock().entry(node.to_string()).or_insert(0) += 1;
+        InFlight(&self.inflight, node.to_string())
     }
 
     /// A collection and its shards, as this node's map has them now.
@@ -99,17 +185,7 @@ impl Gateway {
     }
 
     fn client(&self, addr: &str) -> Result<ReplicaClient<Channel>, Status> {
-        let mut ch = self.channels.lock();
-        if let Some(c) = ch.get(addr) {
-            return Ok(ReplicaClient::new(c.clone()).max_decoding_message_size(64 << 20));
-        }
-        let c = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Status::internal(format!("bad node address {addr:?}: {e}")))?
-            .connect_timeout(Duration::from_millis(500))
-            .tcp_nodelay(true)
-            .connect_lazy();
-        ch.insert(addr.to_string(), c.clone());
-        Ok(ReplicaClient::new(c).max_decoding_message_size(64 << 20))
+        self.channels.client(addr)
     }
 
     async fn encode(&self, texts: Vec<String>, dimension: u32) -> Result<Vec<Vec<f32>>, Status> {
@@ -140,7 +216,7 @@ impl Gateway {
     }
 
     /// Validates, encodes and routes a batch; returns (documents written, truncated).
-    pub async fn ingest(&self, req: pb::IngestRequest) -> Result<(u64, u64), Status> {
+    pub async fn ingest(&self, mut req: pb::IngestRequest) -> Result<(u64, u64), Status> {
         let (coll, shards) = self.collection_shards(&req.collection)?;
         if req.documents.is_empty() {
             return Err(Status::invalid_argument("no documents in the request"));
@@ -151,7 +227,7 @@ impl Gateway {
                 req.documents.len()
             )));
         }
-        let mut docs = req.documents;
+        let mut docs = std::mem::take(&mut req.documents);
         let mut to_encode = Vec::new();
         for (i, d) in docs.iter().enumerate() {
             if d.id.is_empty() || d.id.len() > MAX_ID_BYTES {
@@ -217,30 +293,46 @@ impl Gateway {
                     vector: d.vector,
                 });
         }
-        let writes = by_shard
-            .into_iter()
-            .map(|(index, upserts)| self.write_shard(&coll, &shards, index, upserts, Vec::new()));
+        let rid = &req.request_id;
+        let writes = by_shard.into_iter().map(|(index, upserts)| {
+            self.write_shard(
+                &coll,
+                &shards,
+                index,
+                upserts,
+                Vec::new(),
+                shard_request(rid, index),
+            )
+        });
         for r in futures::future::join_all(writes).await {
             r?;
         }
         Ok((n, truncated))
     }
 
-    pub async fn delete(&self, req: pb::DeleteRequest) -> Result<u64, Status> {
+    pub async fn delete(&self, mut req: pb::DeleteRequest) -> Result<u64, Status> {
         let (coll, shards) = self.collection_shards(&req.collection)?;
         if req.ids.is_empty() {
             return Err(Status::invalid_argument("no ids to delete"));
         }
         let mut by_shard: HashMap<u32, Vec<String>> = HashMap::new();
-        for id in req.ids {
+        for id in std::mem::take(&mut req.ids) {
             by_shard
                 .entry(shard_of(&id, coll.shard_count))
                 .or_default()
                 .push(id);
         }
-        let writes = by_shard
-            .into_iter()
-            .map(|(index, ids)| self.write_shard(&coll, &shards, index, Vec::new(), ids));
+        let rid = &req.request_id;
+        let writes = by_shard.into_iter().map(|(index, ids)| {
+            self.write_shard(
+                &coll,
+                &shards,
+                index,
+                Vec::new(),
+                ids,
+                shard_request(rid, index),
+            )
+        });
         let mut deleted = 0;
         for r in futures::future::join_all(writes).await {
             deleted += r?.deleted;
@@ -256,19 +348,27 @@ impl Gateway {
         }
     }
 
-    fn route(&self, shards: &[cpb::Shard], index: u32) -> Result<(String, String), Status> {
-        let v = self.view.read();
-        let shard = shards
+    fn shard<'a>(shards: &'a [cpb::Shard], index: u32) -> Result<&'a cpb::Shard, Status> {
+        shards
             .iter()
             .find(|s| s.index == index)
-            .ok_or_else(|| Status::unavailable(format!("shard {index} is not in the map yet")))?;
-        let node = v.route(shard).ok_or_else(|| {
-            Status::unavailable(format!(
-                "shard {}/{index} has no replica on an up node",
-                shard.collection
-            ))
-        })?;
-        Ok((node.id.clone(), node.addr.clone()))
+            .ok_or_else(|| Status::unavailable(format!("shard {index} is not in the map yet")))
+    }
+
+    /// The shard's primary (writes go there), unless its node is down.
+    fn primary(&self, shards: &[cpb::Shard], index: u32) -> Result<(String, String), Status> {
+        let shard = Self::shard(shards, index)?;
+        let v = self.view.read();
+        v.nodes
+            .get(&shard.primary)
+            .filter(|n| n.state != cpb::NodeState::Down as i32)
+            .map(|n| (n.id.clone(), n.addr.clone()))
+            .ok_or_else(|| {
+                Status::unavailable(format!(
+                    "shard {}/{index} has no live primary (epoch {}); retry",
+                    shard.collection, shard.epoch
+                ))
+            })
     }
 
     async fn write_shard(
@@ -278,13 +378,15 @@ impl Gateway {
         index: u32,
         upserts: Vec<rpb::StoredDoc>,
         deletes: Vec<String>,
+        request_id: String,
     ) -> Result<rpb::WriteResponse, Status> {
-        let (node, addr) = self.route(shards, index)?;
+        let (node, addr) = self.primary(shards, index)?;
         let span = tracing::info_span!("shard.write", shard = index, node = %node);
         let mut req = tonic::Request::new(rpb::WriteRequest {
             shard: Some(Self::shard_ref(coll, index)),
             upserts,
             deletes,
+            request_id,
         });
         req.set_timeout(Duration::from_secs(30));
         span.in_scope(|| telemetry::inject(&mut req));
@@ -320,16 +422,32 @@ impl Gateway {
                     shard: s.index,
                     ..Default::default()
                 };
-                let r = async {
-                    let (node, addr) = self.route(shards, s.index)?;
-                    out.node = node;
+                // Every replica builds its own generation; the primary's is reported.
+                let build = |addr: String| async move {
                     let mut req = tonic::Request::new(rpb::BuildRequest {
                         shard: Some(Self::shard_ref(coll, s.index)),
                     });
                     req.set_timeout(Duration::from_secs(3600));
                     self.client(&addr)?.build(req).await
-                }
-                .await;
+                };
+                let backups = self
+                    .readers(s)
+                    .into_iter()
+                    .filter(|(n, _)| *n != s.primary)
+                    .map(|(n, addr)| {
+                        let b = build(addr);
+                        async move {
+                            if let Err(e) = b.await {
+                                tracing::warn!(shard = s.index, node = %n, error = %e.message(), "backup index build failed");
+                            }
+                        }
+                    });
+                let primary = async {
+                    let (node, addr) = self.primary(shards, s.index)?;
+                    out.node = node;
+                    build(addr).await
+                };
+                let (r, _) = futures::join!(primary, futures::future::join_all(backups));
                 match r {
                     Ok(b) => {
                         let b = b.into_inner();
@@ -353,15 +471,28 @@ impl Gateway {
             return Err(Status::invalid_argument("id must not be empty"));
         }
         let index = shard_of(&req.id, coll.shard_count);
-        let (_, addr) = self.route(&shards, index)?;
-        let r = self
-            .client(&addr)?
-            .get(rpb::ShardGetRequest {
+        let shard = Self::shard(&shards, index)?;
+        let mut last = Status::unavailable(format!(
+            "shard {}/{index} has no replica on an up node",
+            coll.name
+        ));
+        let mut found = None;
+        for (node, addr) in self.readers(shard) {
+            let _f = self.begin(&node);
+            let mut r = tonic::Request::new(rpb::ShardGetRequest {
                 shard: Some(Self::shard_ref(&coll, index)),
-                id: req.id,
-            })
-            .await?
-            .into_inner();
+                id: req.id.clone(),
+            });
+            r.set_timeout(self.default_deadline);
+            match self.client(&addr)?.get(r).await {
+                Ok(r) => {
+                    found = Some(r.into_inner());
+                    break;
+                }
+                Err(e) => last = e,
+            }
+        }
+        let r = found.ok_or(last)?;
         Ok(pb::GetResponse {
             found: r.found,
             document: r.doc.map(|d| pb::Document {
@@ -375,6 +506,80 @@ impl Gateway {
                 },
             }),
         })
+    }
+
+    /// One shard's part of a query: the least loaded replica first; a call slower than
+    /// the hedging threshold, or one that fails, is sent to the next replica too, and
+    /// the first answer wins. An error only when no replica answered.
+    async fn search_shard(
+        &self,
+        s: &cpb::Shard,
+        req: rpb::ShardSearchRequest,
+        budget: Duration,
+    ) -> (u32, String, Result<rpb::ShardSearchResponse, Status>) {
+        let cands = self.readers(s);
+        if cands.is_empty() {
+            return (
+                s.index,
+                String::new(),
+                Err(Status::unavailable(format!(
+                    "shard {}/{} has no replica on an up node",
+                    s.collection, s.index
+                ))),
+            );
+        }
+        let deadline = tokio::time::Instant::now() + budget;
+        let call = |(node, addr): (String, String)| {
+            let mut r = tonic::Request::new(req.clone());
+            r.set_timeout(budget);
+            telemetry::inject(&mut r);
+            async move {
+                let _f = self.begin(&node);
+                let t = Instant::now();
+                let res = match self.client(&addr) {
+                    Ok(mut c) => c.search(r).await.map(|r| r.into_inner()),
+                    Err(e) => Err(e),
+                };
+                if res.is_ok() {
+                    self.record_latency(t.elapsed().as_secs_f64());
+                }
+                (node, res)
+            }
+        };
+        let mut next = cands.into_iter();
+        let mut calls = FuturesUnordered::new();
+        calls.push(call(next.next().expect("one candidate")));
+        let hedge = tokio::time::sleep(self.hedge_delay());
+        tokio::pin!(hedge);
+        let mut hedged = false;
+        let mut last = (String::new(), Status::unavailable("no replica answered"));
+        loop {
+            tokio::select! {
+                Some((node, res)) = calls.next() => match res {
+                    Ok(r) => return (s.index, node, Ok(r)),
+                    Err(e) => {
+                        last = (node, e);
+                        match next.next() {
+                            Some(c) => calls.push(call(c)),
+                            None if calls.is_empty() => break,
+                            None => {}
+                        }
+                    }
+                },
+                _ = &mut hedge, if !hedged => {
+                    hedged = true;
+                    if let Some(c) = next.next() {
+                        metrics::counter!("shoal_gateway_hedged_requests_total").increment(1);
+                        calls.push(call(c));
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    last.1 = Status::deadline_exceeded("shard missed the deadline");
+                    break;
+                }
+            }
+        }
+        (s.index, last.0, Err(last.1))
     }
 
     pub async fn search(
@@ -426,32 +631,15 @@ impl Gateway {
         let budget = deadline.unwrap_or(self.default_deadline);
         let shards = &shards;
         let calls = shards.iter().map(|s| {
-            let query = query.clone();
-            let coll = &coll;
-            async move {
-                let (node, addr) = match self.route(shards, s.index) {
-                    Ok(r) => r,
-                    Err(e) => return (s.index, String::new(), Err(e)),
-                };
-                let mut r = tonic::Request::new(rpb::ShardSearchRequest {
-                    shard: Some(Self::shard_ref(coll, s.index)),
-                    vector: query,
-                    k: req.k,
-                    nprobe: req.nprobe,
-                    refine: req.refine,
-                });
-                r.set_timeout(budget);
-                telemetry::inject(&mut r);
-                let res = match self.client(&addr) {
-                    Ok(mut c) => match tokio::time::timeout(budget, c.search(r)).await {
-                        Ok(r) => r.map(|r| r.into_inner()),
-                        Err(_) => Err(Status::deadline_exceeded("shard missed the deadline")),
-                    },
-                    Err(e) => Err(e),
-                };
-                (s.index, node, res)
-            }
-            .instrument(tracing::info_span!("shard.search", shard = s.index))
+            let req = rpb::ShardSearchRequest {
+                shard: Some(Self::shard_ref(&coll, s.index)),
+                vector: query.clone(),
+                k: req.k,
+                nprobe: req.nprobe,
+                refine: req.refine,
+            };
+            self.search_shard(s, req, budget)
+                .instrument(tracing::info_span!("shard.search", shard = s.index))
         });
         let results = futures::future::join_all(calls).await;
         let mut hits = Vec::new();

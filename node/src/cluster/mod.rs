@@ -7,6 +7,7 @@ pub mod gateway;
 pub mod mapview;
 pub mod metrics;
 pub mod replicas;
+pub mod replication;
 mod service;
 
 use std::collections::HashMap;
@@ -32,6 +33,40 @@ use crate::shard::{CollectionConfig, Metric};
 use gateway::Gateway;
 use mapview::MapView;
 use replicas::{Registry, ReplicaArgs, ReplicaKey, ReplicaMsg, ReplicaSupervisor, SupervisorMsg};
+use replication::{Channels, Peer, Replication, Role};
+
+/// Each hosted replica's replication state, by key.
+pub type Replications = Arc<RwLock<HashMap<ReplicaKey, Arc<Replication>>>>;
+
+/// A hosted replica's role in its replica set, from the map.
+fn role_of(view: &MapView, s: &cpb::Shard, me: &str) -> Role {
+    let rf = view
+        .collections
+        .get(&s.collection)
+        .map_or(1, |c| c.replication_factor);
+    let peers = s
+        .replicas
+        .iter()
+        .filter(|r| r.node_id != me)
+        .filter_map(|r| {
+            let n = view.nodes.get(&r.node_id)?;
+            Some(Peer {
+                node: r.node_id.clone(),
+                addr: n.addr.clone(),
+                serving: r.state == cpb::ReplicaState::Serving as i32,
+                live: n.state == cpb::NodeState::Up as i32
+                    || n.state == cpb::NodeState::Draining as i32,
+            })
+        })
+        .collect();
+    Role {
+        epoch: s.epoch,
+        primary: s.primary.clone(),
+        is_primary: s.primary == me,
+        peers,
+        replication_factor: rf,
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -83,6 +118,7 @@ pub struct NodeHandle {
     pub public_addr: SocketAddr,
     pub internal_addr: SocketAddr,
     pub registry: Registry,
+    pub replications: Replications,
     /// Replica actors restarted by the supervisor after a crash.
     pub restarts: Arc<AtomicU64>,
     pub view: Arc<RwLock<MapView>>,
@@ -145,6 +181,8 @@ struct Reconciler {
     node_id: String,
     data_dir: PathBuf,
     registry: Registry,
+    replications: Replications,
+    channels: Arc<Channels>,
     supervisor: ActorRef<SupervisorMsg>,
     auto_rebuild_tail: usize,
 }
@@ -154,6 +192,7 @@ impl Reconciler {
     /// ones it no longer does.
     async fn reconcile(&self, view: &MapView) {
         let mut wanted: HashMap<ReplicaKey, ReplicaArgs> = HashMap::new();
+        let mut roles: Vec<(ReplicaKey, Role)> = Vec::new();
         for s in view.shards.values() {
             if !s.replicas.iter().any(|r| r.node_id == self.node_id) {
                 continue;
@@ -171,24 +210,36 @@ impl Reconciler {
                 .join("shards")
                 .join(format!("{}-{}", c.name, c.id))
                 .join(s.index.to_string());
+            let repl = self
+                .replications
+                .write()
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    Replication::new(key.clone(), self.node_id.clone(), self.channels.clone())
+                })
+                .clone();
+            roles.push((key.clone(), role_of(view, s, &self.node_id)));
             wanted.insert(
                 key,
                 ReplicaArgs {
                     dir,
                     config: shard_config(c, self.auto_rebuild_tail),
+                    repl,
                 },
             );
         }
+        let wanted_keys: std::collections::HashSet<ReplicaKey> = wanted.keys().cloned().collect();
         let have: Vec<ReplicaKey> = self.registry.read().keys().cloned().collect();
         for k in have {
             if !wanted.contains_key(&k) {
                 let _ = self
                     .supervisor
                     .call(
-                        |r| SupervisorMsg::Close(k, true, r),
+                        |r| SupervisorMsg::Close(k.clone(), true, r),
                         Some(Duration::from_secs(30)),
                     )
                     .await;
+                self.replications.write().remove(&k);
             }
         }
         for (k, args) in wanted {
@@ -206,6 +257,22 @@ impl Reconciler {
                 tracing::error!(replica = %k, "replica could not be opened");
             }
         }
+        let repls = self.replications.read().clone();
+        for (k, role) in roles {
+            if let Some(r) = repls.get(&k) {
+                if r.role().as_ref() != Some(&role) {
+                    tracing::info!(replica = %k, epoch = role.epoch, primary = %role.primary, is_primary = role.is_primary, "replica role");
+                    r.set_role(role);
+                }
+            }
+        }
+        self.replications.write().retain(|k, r| {
+            let keep = wanted_keys.contains(k);
+            if !keep {
+                r.stop();
+            }
+            keep
+        });
     }
 }
 
@@ -256,6 +323,8 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     };
 
     let registry: Registry = Arc::default();
+    let replications: Replications = Arc::default();
+    let channels: Arc<Channels> = Arc::default();
     let restarts = Arc::new(AtomicU64::new(0));
     let (supervisor, _) = Actor::spawn(
         Some(format!("replicas-{}", cfg.id)),
@@ -278,6 +347,8 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         node_id: cfg.id.clone(),
         data_dir: cfg.data_dir.clone(),
         registry: registry.clone(),
+        replications: replications.clone(),
+        channels: channels.clone(),
         supervisor: supervisor.clone(),
         auto_rebuild_tail: cfg.auto_rebuild_tail,
     };
@@ -314,11 +385,11 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     }));
 
     // Heartbeats, with the replicas that finished copying; re-register if declared down.
-    let (v, mut rx, mut c, reg, cfg2) = (
+    let (v, mut rx, mut c, reps, cfg2) = (
         view.clone(),
         stop_rx.clone(),
         client.clone(),
-        registry.clone(),
+        replications.clone(),
         cfg.clone(),
     );
     tasks.push(tokio::spawn(async move {
@@ -328,9 +399,30 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
                 _ = tick.tick() => {}
                 _ = rx.changed() => return,
             }
+            let repls: Vec<Arc<Replication>> = reps.read().values().cloned().collect();
+            let mut reports = Vec::new();
+            let mut caught_up = std::collections::HashSet::new();
+            for r in &repls {
+                let Ok(shard) = r.shard() else { continue };
+                let (seq, last_epoch) = shard.last();
+                let stats = shard.stats();
+                let name = r.key.to_string();
+                if r.caught_up() {
+                    caught_up.insert(name.clone());
+                }
+                reports.push(cpb::ReplicaReport {
+                    shard: name,
+                    applied_seq: seq,
+                    last_epoch,
+                    serving_generation: stats.serving.map_or(0, |g| g.id),
+                    live_docs: stats.live_docs as u64,
+                    caught_up: r.caught_up(),
+                    epoch: r.known_epoch(),
+                });
+            }
+            // Targets of moves that have caught up with their primary.
             let ready: Vec<String> = {
                 let view = v.read();
-                let open = reg.read();
                 view.shards
                     .values()
                     .filter(|s| {
@@ -338,11 +430,8 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
                             r.node_id == cfg2.id && r.state == cpb::ReplicaState::Copying as i32
                         })
                     })
-                    .filter(|s| {
-                        open.keys()
-                            .any(|k| k.collection == s.collection && k.index == s.index)
-                    })
                     .map(|s| format!("{}/{}", s.collection, s.index))
+                    .filter(|k| caught_up.contains(k))
                     .collect()
             };
             let id = cfg2.id.clone();
@@ -351,6 +440,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
                     let req = cpb::HeartbeatRequest {
                         id: id.clone(),
                         ready_replicas: ready.clone(),
+                        replicas: reports.clone(),
                     };
                     async move { cl.heartbeat(req).await }
                 })
@@ -384,6 +474,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         view.clone(),
         encoder,
         cfg.search_deadline,
+        channels.clone(),
     ));
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -415,14 +506,15 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         }
     }));
     let rx = stop_rx.clone();
-    let reg = registry.clone();
+    let svc = service::ReplicaService {
+        registry: registry.clone(),
+        replications: replications.clone(),
+    };
     tasks.push(tokio::spawn(async move {
         let r = tonic::transport::Server::builder()
             .add_service(
-                shoal_proto::replica::replica_server::ReplicaServer::new(service::ReplicaService(
-                    reg,
-                ))
-                .max_decoding_message_size(256 << 20),
+                shoal_proto::replica::replica_server::ReplicaServer::new(svc)
+                    .max_decoding_message_size(256 << 20),
             )
             .serve_with_incoming_shutdown(TcpListenerStream::new(internal), stopped(rx))
             .await;
@@ -435,6 +527,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         public_addr,
         internal_addr,
         registry,
+        replications,
         restarts,
         view,
         supervisor,

@@ -9,9 +9,10 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
+use super::replication::Replication;
 use crate::shard::{
     CollectionConfig, GenerationInfo, SearchParams, SearchResult, Shard, ShardError, ShardStats,
-    StoredDocument, WriteAck, WriteOp,
+    StoredDocument,
 };
 
 /// A replica's identity: collection name, the collection's unique id (a re-created
@@ -32,12 +33,13 @@ impl std::fmt::Display for ReplicaKey {
 type Reply<T> = RpcReplyPort<Result<T, ShardError>>;
 
 pub enum ReplicaMsg {
-    Write(Vec<WriteOp>, Reply<WriteAck>),
     Search(Vec<f32>, SearchParams, Reply<SearchResult>),
     Get(String, Reply<Option<StoredDocument>>),
     /// A new index generation, built beside the serving one.
     Build(Reply<GenerationInfo>),
     Stats(RpcReplyPort<ShardStats>),
+    /// Replace this replica with the snapshot assembled in the given directory.
+    Install(PathBuf, Reply<()>),
     /// Fault injection for tests: the actor panics, its supervisor restarts it.
     Crash,
 }
@@ -46,24 +48,64 @@ pub enum ReplicaMsg {
 pub struct ReplicaArgs {
     pub dir: PathBuf,
     pub config: CollectionConfig,
+    pub repl: Arc<Replication>,
 }
 
 pub struct ReplicaActor;
 
+pub struct Hosted {
+    shard: Arc<Shard>,
+    args: ReplicaArgs,
+}
+
+/// Swaps the replica's directory for a snapshot assembled in `staging`: the old
+/// handle is retired first (it must not checkpoint into the new files), then the
+/// directories are renamed and the new one opened.
+async fn install(h: &Hosted, staging: PathBuf) -> Result<Shard, ShardError> {
+    h.shard.retire();
+    h.args.repl.retire_shard();
+    let dir = h.args.dir.clone();
+    tokio::task::spawn_blocking(move || {
+        let old = dir.with_extension("old");
+        let io = |p: &std::path::Path| {
+            let p = p.to_path_buf();
+            move |e| ShardError::Io { path: p, source: e }
+        };
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(io(&old))?;
+        }
+        if dir.exists() {
+            std::fs::rename(&dir, &old).map_err(io(&dir))?;
+        }
+        std::fs::rename(&staging, &dir).map_err(io(&staging))?;
+        let shard = Shard::open(&dir)?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(shard)
+    })
+    .await
+    .map_err(|e| ShardError::InvalidConfig(format!("install task: {e}")))?
+}
+
 impl Actor for ReplicaActor {
     type Msg = ReplicaMsg;
-    type State = Arc<Shard>;
+    type State = Hosted;
     type Arguments = ReplicaArgs;
 
     async fn pre_start(
         &self,
         _me: ActorRef<Self::Msg>,
         args: ReplicaArgs,
-    ) -> Result<Arc<Shard>, ActorProcessingErr> {
+    ) -> Result<Hosted, ActorProcessingErr> {
+        // A crashed predecessor's handle must not checkpoint over what we open.
+        args.repl.retire_shard();
+        let (dir, config) = (args.dir.clone(), args.config.clone());
         let shard =
-            tokio::task::spawn_blocking(move || Shard::open_or_create(&args.dir, args.config))
-                .await??;
-        Ok(Arc::new(shard))
+            tokio::task::spawn_blocking(move || Shard::open_or_create(&dir, config)).await??;
+        args.repl.set_shard(shard.clone());
+        Ok(Hosted {
+            shard: Arc::new(shard),
+            args,
+        })
     }
 
     /// Operations run on tokio's blocking pool, so the actor keeps taking messages:
@@ -72,15 +114,22 @@ impl Actor for ReplicaActor {
         &self,
         _me: ActorRef<Self::Msg>,
         msg: ReplicaMsg,
-        shard: &mut Arc<Shard>,
+        h: &mut Hosted,
     ) -> Result<(), ActorProcessingErr> {
-        let shard = shard.clone();
+        let shard = h.shard.clone();
         match msg {
-            ReplicaMsg::Write(ops, reply) => {
-                tokio::spawn(async move {
-                    let _ = reply.send(shard.write_async(ops).await);
-                });
-            }
+            ReplicaMsg::Install(staging, reply) => match install(h, staging).await {
+                Ok(new) => {
+                    h.args.repl.set_shard(new.clone());
+                    h.shard = Arc::new(new);
+                    let _ = reply.send(Ok(()));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                    // The directory may be half swapped: restart from disk.
+                    return Err(ActorProcessingErr::from("snapshot install failed"));
+                }
+            },
             ReplicaMsg::Search(q, p, reply) => {
                 tokio::spawn(async move {
                     let _ = reply.send(shard.search_async(q, p).await);
@@ -174,6 +223,14 @@ impl Actor for ReplicaSupervisor {
                 let args = st.args.remove(&key);
                 if let Some(a) = actor {
                     a.stop_and_wait(None, None).await.ok();
+                }
+                if let Some(args) = &args {
+                    args.repl.stop();
+                    if delete {
+                        args.repl.retire_shard();
+                    } else {
+                        args.repl.release_shard();
+                    }
                 }
                 if let (true, Some(args)) = (delete, args) {
                     if let Err(e) = std::fs::remove_dir_all(&args.dir) {

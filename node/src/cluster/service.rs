@@ -13,7 +13,9 @@ use tracing::Instrument;
 
 use super::gateway::Gateway;
 use super::replicas::{Registry, ReplicaKey, ReplicaMsg};
-use crate::shard::{Document, SearchParams, ShardError, WriteOp};
+use super::replication::{self, shard_status, Replication};
+use super::Replications;
+use crate::shard::{Document, SearchParams, Shard, ShardError, WriteOp};
 use crate::telemetry;
 
 /// A server span for `req`, continuing the caller's trace if it sent one.
@@ -136,33 +138,42 @@ impl pb::shoal_server::Shoal for ShoalService {
     }
 }
 
-pub struct ReplicaService(pub Registry);
+pub struct ReplicaService {
+    pub registry: Registry,
+    pub replications: Replications,
+}
 
-fn shard_status(e: ShardError) -> Status {
-    match e {
-        ShardError::InvalidDocument { .. }
-        | ShardError::InvalidQuery(_)
-        | ShardError::InvalidConfig(_) => Status::invalid_argument(e.to_string()),
-        ShardError::NotEnoughVectors { .. } | ShardError::BuildInProgress(_) => {
-            Status::failed_precondition(e.to_string())
-        }
-        e => Status::internal(e.to_string()),
-    }
+fn replica_key(r: Option<&rpb::ShardRef>) -> Result<ReplicaKey, Status> {
+    let r = r.ok_or_else(|| Status::invalid_argument("shard reference missing"))?;
+    Ok(ReplicaKey {
+        collection: r.collection.clone(),
+        collection_id: r.collection_id,
+        index: r.index,
+    })
 }
 
 impl ReplicaService {
     fn actor(&self, r: Option<rpb::ShardRef>) -> Result<ractor::ActorRef<ReplicaMsg>, Status> {
-        let r = r.ok_or_else(|| Status::invalid_argument("shard reference missing"))?;
-        let key = ReplicaKey {
-            collection: r.collection,
-            collection_id: r.collection_id,
-            index: r.index,
-        };
-        self.0
+        let key = replica_key(r.as_ref())?;
+        self.registry
             .read()
             .get(&key)
             .cloned()
             .ok_or_else(|| Status::unavailable(format!("replica {key} is not open on this node")))
+    }
+
+    fn replication(&self, r: Option<&rpb::ShardRef>) -> Result<Arc<Replication>, Status> {
+        let key = replica_key(r)?;
+        self.replications
+            .read()
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| Status::unavailable(format!("replica {key} is not open on this node")))
+    }
+
+    /// Reads go to replicas that hold every acknowledged write.
+    fn readable(&self, r: Option<&rpb::ShardRef>) -> Result<(), Status> {
+        self.replication(r)?.check_readable()
     }
 
     async fn call<T>(
@@ -191,7 +202,7 @@ impl rpb::replica_server::Replica for ReplicaService {
         let span = span_for(tracing::info_span!("replica.write"), &req);
         let _g = span.enter();
         let r = req.into_inner();
-        let actor = self.actor(r.shard)?;
+        let repl = self.replication(r.shard.as_ref())?;
         let mut ops = Vec::with_capacity(r.upserts.len() + r.deletes.len());
         for d in r.upserts {
             let metadata = if d.metadata_json.is_empty() {
@@ -210,13 +221,79 @@ impl rpb::replica_server::Replica for ReplicaService {
         }
         ops.extend(r.deletes.into_iter().map(WriteOp::Delete));
         drop(_g);
-        let ack = Self::call(actor, |reply| ReplicaMsg::Write(ops, reply))
-            .instrument(span)
-            .await?;
+        let (ack, replicas) = repl.write(ops, r.request_id).instrument(span).await?;
         Ok(Response::new(rpb::WriteResponse {
             seq: ack.seq,
             upserted: ack.upserted as u64,
             deleted: ack.deleted as u64,
+            duplicate: ack.duplicate,
+            replicas,
+        }))
+    }
+
+    async fn append(
+        &self,
+        req: Request<rpb::AppendRequest>,
+    ) -> Result<Response<rpb::AppendResponse>, Status> {
+        let r = req.into_inner();
+        let repl = self.replication(r.shard.as_ref())?;
+        Ok(Response::new(repl.append(r).await?))
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: Request<Streaming<rpb::SnapshotChunk>>,
+    ) -> Result<Response<rpb::AppendResponse>, Status> {
+        let mut stream = req.into_inner();
+        let first = stream
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
+        let repl = self.replication(first.shard.as_ref())?;
+        let actor = self.actor(first.shard.clone())?;
+        let _g = repl.lock_apply().await;
+        repl.accept_epoch(first.epoch, &first.primary)?;
+        repl.mark_behind();
+        let dir = repl.shard()?.dir().to_path_buf();
+        let staging = replication::staging_dir(&dir);
+        let io = |e: std::io::Error| Status::internal(format!("writing the snapshot: {e}"));
+        let _ = std::fs::remove_dir_all(&staging);
+        std::fs::create_dir_all(&staging).map_err(io)?;
+        let mut files: std::collections::HashMap<String, std::fs::File> = Default::default();
+        let mut bytes = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            if chunk.file.is_empty()
+                || chunk.file.contains('/')
+                || chunk.file.contains("..")
+                || chunk.file == "manifest.json"
+            {
+                return Err(Status::invalid_argument(format!(
+                    "bad snapshot file name {:?}",
+                    chunk.file
+                )));
+            }
+            let f = match files.entry(chunk.file.clone()) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(std::fs::File::create(staging.join(&chunk.file)).map_err(io)?)
+                }
+            };
+            use std::io::Write;
+            f.write_all(&chunk.data).map_err(io)?;
+            bytes += chunk.data.len() as u64;
+        }
+        for (_, f) in files {
+            f.sync_all().map_err(io)?;
+        }
+        Shard::install_manifest(&staging, &first.manifest).map_err(shard_status)?;
+        Self::call(actor, |reply| ReplicaMsg::Install(staging, reply)).await?;
+        let (last_seq, last_epoch) = repl.shard()?.last();
+        tracing::info!(replica = %repl.key, seq = last_seq, bytes, from = %first.primary, "snapshot installed");
+        Ok(Response::new(rpb::AppendResponse {
+            ok: true,
+            last_seq,
+            last_epoch,
         }))
     }
 
@@ -232,6 +309,7 @@ impl rpb::replica_server::Replica for ReplicaService {
         if let Some(s) = &r.shard {
             span.record("shard", s.index);
         }
+        self.readable(r.shard.as_ref())?;
         let actor = self.actor(r.shard)?;
         let p = SearchParams {
             k: r.k as usize,
@@ -277,6 +355,7 @@ impl rpb::replica_server::Replica for ReplicaService {
     ) -> Result<Response<rpb::ShardGetResponse>, Status> {
         let span = span_for(tracing::info_span!("replica.get"), &req);
         let r = req.into_inner();
+        self.readable(r.shard.as_ref())?;
         let actor = self.actor(r.shard)?;
         let doc = Self::call(actor, |reply| ReplicaMsg::Get(r.id, reply))
             .instrument(span)

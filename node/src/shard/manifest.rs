@@ -36,6 +36,10 @@ pub struct Manifest {
     pub rows: u64,
     pub serving: Option<GenerationMeta>,
     pub next_generation: u64,
+    /// (epoch, first sequence number written in it), oldest first: the history a
+    /// replica compares with its primary's to find where they diverge.
+    #[serde(default)]
+    pub epochs: Vec<(u64, u64)>,
 }
 
 impl Manifest {
@@ -48,6 +52,7 @@ impl Manifest {
             rows: 0,
             serving: None,
             next_generation: 1,
+            epochs: Vec::new(),
         }
     }
 

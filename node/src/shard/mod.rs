@@ -30,12 +30,13 @@ use serde::{Deserialize, Serialize};
 pub use ann::{search_shared, set_thread_omp_threads};
 pub use config::{CollectionConfig, IvfPqParams, Metric, MAX_DOC_BYTES, MAX_ID_BYTES, MAX_TOP_K};
 pub use error::{Result, ShardError};
+pub use wal::{WalBatch, WalOp};
 
 use ann::AnnIndex;
 use manifest::{GenerationMeta, Manifest};
 use storage::{DocsFile, DocsReader, SegmentEntry, VectorStore, VectorView};
 use topk::TopK;
-use wal::{Wal, WalBatch, WalOp};
+use wal::Wal;
 
 /// The log is checkpointed into the segments and restarted past this size.
 const WAL_CHECKPOINT_BYTES: u64 = 64 << 20;
@@ -68,6 +69,23 @@ pub struct WriteAck {
     pub upserted: usize,
     /// Deletes that removed a live document.
     pub deleted: usize,
+    /// The request id was seen before: this is the first attempt's ack, nothing new
+    /// was written.
+    pub duplicate: bool,
+}
+
+/// Request ids remembered per shard for idempotent retries (the oldest are forgotten).
+const REMEMBERED_REQUESTS: usize = 100_000;
+
+/// A consistent copy of a shard's checkpointed state: its manifest (without an index
+/// generation: the receiver builds its own) and the prefixes of the segment files it
+/// names. The segments are append-only, so the prefixes stay valid while writes go on.
+#[derive(Clone, Debug)]
+pub struct SnapshotSource {
+    pub manifest: Vec<u8>,
+    /// (file name in the shard dir, bytes to copy)
+    pub files: Vec<(String, u64)>,
+    pub last_seq: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -212,6 +230,43 @@ struct Writer {
     vectors: VectorStore,
     last_seq: u64,
     manifest: Manifest,
+    /// Recent request ids and their acks, oldest first in `request_order`.
+    requests: HashMap<String, WriteAck>,
+    request_order: std::collections::VecDeque<String>,
+}
+
+impl Writer {
+    /// Records a batch applied at `ack.seq`: its epoch in the history, its request id.
+    fn note(&mut self, epoch: u64, request_id: &str, ack: WriteAck) {
+        if self.manifest.epochs.last().is_none_or(|&(e, _)| e != epoch) {
+            self.manifest.epochs.push((epoch, ack.seq));
+        }
+        if !request_id.is_empty() && !self.requests.contains_key(request_id) {
+            self.requests.insert(request_id.to_string(), ack);
+            self.request_order.push_back(request_id.to_string());
+            if self.request_order.len() > REMEMBERED_REQUESTS {
+                if let Some(old) = self.request_order.pop_front() {
+                    self.requests.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn last_epoch(&self) -> u64 {
+        self.manifest.epochs.last().map_or(0, |&(e, _)| e)
+    }
+}
+
+/// The epoch batch `seq` was written in, from a history of (epoch, first seq).
+pub fn epoch_at(epochs: &[(u64, u64)], seq: u64) -> u64 {
+    if seq == 0 {
+        return 0;
+    }
+    epochs
+        .iter()
+        .rev()
+        .find(|&&(_, first)| first <= seq)
+        .map_or(0, |&(e, _)| e)
 }
 
 struct Inner {
@@ -305,6 +360,8 @@ impl Shard {
             vectors,
             last_seq: manifest.applied_seq,
             manifest,
+            requests: HashMap::new(),
+            request_order: Default::default(),
         };
         let mut replayed = 0usize;
         wal::replay(dir, writer.manifest.applied_seq, |batch| {
@@ -365,6 +422,29 @@ impl Shard {
     /// Applies a batch atomically: every op is validated first, then the batch is
     /// logged with one fsync and made visible to readers at once.
     pub fn write(&self, ops: Vec<WriteOp>) -> Result<WriteAck> {
+        self.write_as(ops, 0, "").map(|(ack, _)| ack)
+    }
+
+    /// `write` as a primary: the batch is stamped with `epoch` and `request_id`, and
+    /// returned for shipping to the backups. A request id seen before returns the first
+    /// attempt's ack (marked duplicate) and writes nothing.
+    pub fn write_as(
+        &self,
+        ops: Vec<WriteOp>,
+        epoch: u64,
+        request_id: &str,
+    ) -> Result<(WriteAck, Option<Arc<WalBatch>>)> {
+        if !request_id.is_empty() {
+            if let Some(ack) = self.inner.writer.lock().requests.get(request_id) {
+                return Ok((
+                    WriteAck {
+                        duplicate: true,
+                        ..*ack
+                    },
+                    None,
+                ));
+            }
+        }
         let cfg = &self.inner.config;
         let mut logged = Vec::with_capacity(ops.len());
         for op in ops {
@@ -391,6 +471,8 @@ impl Shard {
         let mut w = self.inner.writer.lock();
         let batch = WalBatch {
             seq: w.last_seq + 1,
+            epoch: if epoch == 0 { w.last_epoch() } else { epoch },
+            request_id: request_id.to_string(),
             ops: logged,
         };
         let result = (|| {
@@ -403,17 +485,20 @@ impl Shard {
             stage(&mut w, &batch, &mut staged)?;
             let (upserted, deleted) = publish(&mut self.inner.state.write(), &w, staged);
             w.last_seq = seq;
+            let ack = WriteAck {
+                seq,
+                upserted,
+                deleted,
+                duplicate: false,
+            };
+            w.note(batch.epoch, &batch.request_id, ack);
             if w.wal
                 .as_ref()
                 .is_some_and(|l| l.bytes() > WAL_CHECKPOINT_BYTES)
             {
                 checkpoint(&self.inner.dir, &mut w)?;
             }
-            Ok(WriteAck {
-                seq,
-                upserted,
-                deleted,
-            })
+            Ok(ack)
         })();
         if let Err(e) = &result {
             // The log may hold a half-written frame or the segments a half-applied batch:
@@ -425,7 +510,101 @@ impl Shard {
         if result.is_ok() {
             self.maybe_auto_rebuild();
         }
-        result
+        result.map(|ack| (ack, Some(Arc::new(batch))))
+    }
+
+    /// Logs and applies batches a primary ordered, as a backup: each must follow this
+    /// replica's last one exactly. Returns the last sequence number applied.
+    pub fn append_replicated(&self, batches: &[WalBatch]) -> Result<u64> {
+        if self.inner.poisoned.load(Ordering::Acquire) {
+            return Err(ShardError::Poisoned(self.inner.dir.clone()));
+        }
+        let mut w = self.inner.writer.lock();
+        for batch in batches {
+            if batch.seq != w.last_seq + 1 {
+                return Err(ShardError::InvalidConfig(format!(
+                    "replicated batch {} does not follow {}",
+                    batch.seq, w.last_seq
+                )));
+            }
+            let r = (|| {
+                w.wal
+                    .as_mut()
+                    .expect("open shard has a log")
+                    .append(batch)?;
+                let mut staged = Staged::default();
+                stage(&mut w, batch, &mut staged)?;
+                let (upserted, deleted) = publish(&mut self.inner.state.write(), &w, staged);
+                w.last_seq = batch.seq;
+                let ack = WriteAck {
+                    seq: batch.seq,
+                    upserted,
+                    deleted,
+                    duplicate: false,
+                };
+                w.note(batch.epoch, &batch.request_id, ack);
+                if w.wal
+                    .as_ref()
+                    .is_some_and(|l| l.bytes() > WAL_CHECKPOINT_BYTES)
+                {
+                    checkpoint(&self.inner.dir, &mut w)?;
+                }
+                Ok(())
+            })();
+            if let Err(e) = r {
+                tracing::error!(dir = %self.inner.dir.display(), error = %e, "replicated write failed, shard poisoned");
+                self.inner.poisoned.store(true, Ordering::Release);
+                return Err(e);
+            }
+        }
+        let last = w.last_seq;
+        drop(w);
+        self.maybe_auto_rebuild();
+        Ok(last)
+    }
+
+    /// Stops this handle from writing or checkpointing (its directory is about to be
+    /// replaced by a snapshot); reads keep working until the last clone goes.
+    pub fn retire(&self) {
+        self.inner.poisoned.store(true, Ordering::Release);
+    }
+
+    /// (last sequence number applied, the epoch it was written in).
+    pub fn last(&self) -> (u64, u64) {
+        let w = self.inner.writer.lock();
+        (w.last_seq, w.last_epoch())
+    }
+
+    /// The epoch history: (epoch, first sequence number written in it).
+    pub fn epochs(&self) -> Vec<(u64, u64)> {
+        self.inner.writer.lock().manifest.epochs.clone()
+    }
+
+    /// Checkpoints, then describes a consistent copy of the shard (see
+    /// [`SnapshotSource`]).
+    pub fn snapshot(&self) -> Result<SnapshotSource> {
+        let mut w = self.inner.writer.lock();
+        checkpoint(&self.inner.dir, &mut w)?;
+        let mut m = w.manifest.clone();
+        m.serving = None;
+        let vector_bytes = m.rows * self.inner.config.dimension as u64 * 4;
+        let manifest =
+            serde_json::to_vec(&m).map_err(|e| ShardError::InvalidConfig(e.to_string()))?;
+        Ok(SnapshotSource {
+            manifest,
+            files: vec![
+                (DOCS_FILE.to_string(), m.docs_len),
+                (VECTORS_FILE.to_string(), vector_bytes),
+            ],
+            last_seq: m.applied_seq,
+        })
+    }
+
+    /// Writes a snapshot's manifest into `dir` (which holds its copied files).
+    pub fn install_manifest(dir: &Path, manifest: &[u8]) -> Result<()> {
+        let m: Manifest = serde_json::from_slice(manifest)
+            .map_err(|e| ShardError::InvalidConfig(format!("snapshot manifest: {e}")))?;
+        m.store(dir)
     }
 
     /// Reads one live document back from the segment.
@@ -738,7 +917,7 @@ impl Shard {
     }
 }
 
-async fn run_blocking<T: Send + 'static>(
+pub async fn run_blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
     match tokio::task::spawn_blocking(f).await {
@@ -872,8 +1051,15 @@ fn publish(st: &mut State, w: &Writer, staged: Staged) -> (usize, usize) {
 fn apply(w: &mut Writer, st: &mut State, batch: WalBatch) -> Result<()> {
     let mut staged = Staged::default();
     stage(w, &batch, &mut staged)?;
-    publish(st, w, staged);
+    let (upserted, deleted) = publish(st, w, staged);
     w.last_seq = batch.seq;
+    let ack = WriteAck {
+        seq: batch.seq,
+        upserted,
+        deleted,
+        duplicate: false,
+    };
+    w.note(batch.epoch, &batch.request_id, ack);
     Ok(())
 }
 

@@ -31,6 +31,11 @@ pub enum WalOp {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct WalBatch {
     pub seq: u64,
+    /// The replica set's epoch when the primary ordered the batch: two replicas hold
+    /// the same history up to `seq` when their batches at `seq` share an epoch.
+    pub epoch: u64,
+    /// The client's request id, if it gave one (idempotent retries); empty otherwise.
+    pub request_id: String,
     pub ops: Vec<WalOp>,
 }
 

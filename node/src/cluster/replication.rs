@@ -1,0 +1,693 @@
+//! Primary-backup replication of one shard. The map names a primary and an epoch per
+//! shard. The primary orders writes (sequence numbers in its log, stamped with the
+//! epoch), ships them to every backup in order, one replicator task per backup, and
+//! acknowledges a write once the write quorum holds it durably: every live serving
+//! replica, and at least two when the replication factor is two or more. A backup
+//! accepts batches only from an epoch at least as new as any it has seen (so a
+//! deposed primary is fenced) and only when they follow its own history exactly; a
+//! backup that is behind catches up from the primary's recent log, and one whose log
+//! the primary no longer holds, or whose history diverged (writes a deposed primary
+//! never got acknowledged), is replaced by a snapshot of the primary's segments.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+use shoal_proto::replica as rpb;
+use shoal_proto::replica::replica_client::ReplicaClient;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Status;
+
+use super::replicas::ReplicaKey;
+use crate::shard::{self, epoch_at, Shard, ShardError, WalBatch, WalOp, WriteAck, WriteOp};
+
+/// How long a write waits for its quorum before reporting an unknown outcome.
+pub const QUORUM_TIMEOUT: Duration = Duration::from_secs(10);
+/// Recent batches a primary keeps for backups that fall behind (bytes, roughly).
+const RECENT_LOG_BYTES: usize = 256 << 20;
+/// Largest payload of one Append call.
+const APPEND_BYTES: usize = 2 << 20;
+/// Snapshot files travel in chunks of this size.
+const SNAPSHOT_CHUNK: usize = 1 << 20;
+/// An idle primary still tells its backups where it stands this often.
+const KEEPALIVE: Duration = Duration::from_millis(250);
+
+/// gRPC channels to other nodes' internal ports, shared by the gateway and replicators.
+#[derive(Default)]
+pub struct Channels(Mutex<HashMap<String, Channel>>);
+
+impl Channels {
+    pub fn client(&self, addr: &str) -> Result<ReplicaClient<Channel>, Status> {
+        let mut ch = self.0.lock();
+        let c = match ch.get(addr) {
+            Some(c) => c.clone(),
+            None => {
+                let c = Endpoint::from_shared(format!("http://{addr}"))
+                    .map_err(|e| Status::internal(format!("bad node address {addr:?}: {e}")))?
+                    .connect_timeout(Duration::from_millis(500))
+                    .tcp_nodelay(true)
+                    .connect_lazy();
+                ch.insert(addr.to_string(), c.clone());
+                c
+            }
+        };
+        Ok(ReplicaClient::new(c)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20))
+    }
+}
+
+/// Another replica of the shard, as the map has it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub node: String,
+    pub addr: String,
+    /// Serving (not a copy in progress, not leaving): counts towards the quorum.
+    pub serving: bool,
+    /// Its node is up (or draining): the quorum waits for it.
+    pub live: bool,
+}
+
+/// This replica's place in its replica set, from the map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Role {
+    pub epoch: u64,
+    pub primary: String,
+    pub is_primary: bool,
+    pub peers: Vec<Peer>,
+    pub replication_factor: u32,
+}
+
+pub fn shard_status(e: ShardError) -> Status {
+    match e {
+        ShardError::InvalidDocument { .. }
+        | ShardError::InvalidQuery(_)
+        | ShardError::InvalidConfig(_) => Status::invalid_argument(e.to_string()),
+        ShardError::NotEnoughVectors { .. } | ShardError::BuildInProgress(_) => {
+            Status::failed_precondition(e.to_string())
+        }
+        e => Status::internal(e.to_string()),
+    }
+}
+
+struct Recent {
+    batches: BTreeMap<u64, Arc<WalBatch>>,
+    bytes: usize,
+}
+
+fn batch_bytes(b: &WalBatch) -> usize {
+    b.ops
+        .iter()
+        .map(|op| match op {
+            WalOp::Upsert {
+                id,
+                text,
+                metadata,
+                vector,
+            } => {
+                id.len() + text.as_ref().map_or(0, |t| t.len()) + metadata.len() + vector.len() * 4
+            }
+            WalOp::Delete { id } => id.len(),
+        })
+        .sum::<usize>()
+        + 64
+}
+
+struct Replicator {
+    epoch: u64,
+    addr: String,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+pub struct Replication {
+    pub key: ReplicaKey,
+    pub collection_id: u64,
+    node_id: String,
+    shard: RwLock<Option<Shard>>,
+    role: RwLock<Option<Role>>,
+    /// The newest epoch this replica has seen, from the map or from a primary.
+    known_epoch: AtomicU64,
+    /// A backup that holds everything its primary had when it last heard from it.
+    caught_up: AtomicBool,
+    recent: Mutex<Recent>,
+    /// Per backup node: the highest sequence number it holds durably.
+    matched: watch::Sender<HashMap<String, u64>>,
+    appended: Notify,
+    replicators: Mutex<HashMap<String, Replicator>>,
+    /// Serialises a backup's appends and snapshot installs.
+    apply: tokio::sync::Mutex<()>,
+    channels: Arc<Channels>,
+}
+
+impl Replication {
+    pub fn new(key: ReplicaKey, node_id: String, channels: Arc<Channels>) -> Arc<Self> {
+        Arc::new(Self {
+            collection_id: key.collection_id,
+            key,
+            node_id,
+            shard: RwLock::new(None),
+            role: RwLock::new(None),
+            known_epoch: AtomicU64::new(0),
+            caught_up: AtomicBool::new(false),
+            recent: Mutex::new(Recent {
+                batches: BTreeMap::new(),
+                bytes: 0,
+            }),
+            matched: watch::Sender::new(HashMap::new()),
+            appended: Notify::new(),
+            replicators: Mutex::default(),
+            apply: tokio::sync::Mutex::new(()),
+            channels,
+        })
+    }
+
+    /// The open shard engine (set by the replica actor when it opens or reopens).
+    pub fn shard(&self) -> Result<Shard, Status> {
+        self.shard
+            .read()
+            .clone()
+            .ok_or_else(|| Status::unavailable(format!("replica {} is not open", self.key)))
+    }
+
+    pub fn set_shard(&self, s: Shard) {
+        *self.shard.write() = Some(s);
+    }
+
+    /// Takes the engine out and retires it, so a dropped handle never checkpoints
+    /// into a directory a new handle (or a snapshot) now owns.
+    pub fn retire_shard(&self) {
+        if let Some(s) = self.shard.write().take() {
+            s.retire();
+        }
+    }
+
+    /// Lets go of the engine (a clean close: the last handle checkpoints it).
+    pub fn release_shard(&self) {
+        self.shard.write().take();
+    }
+
+    pub fn role(&self) -> Option<Role> {
+        self.role.read().clone()
+    }
+
+    pub fn known_epoch(&self) -> u64 {
+        self.known_epoch.load(Ordering::Acquire)
+    }
+
+    /// True on a primary; on a backup, once it has everything its primary sent.
+    pub fn caught_up(&self) -> bool {
+        self.role.read().as_ref().is_some_and(|r| r.is_primary)
+            || self.caught_up.load(Ordering::Acquire)
+    }
+
+    /// Reads are served by the primary and by backups that are caught up.
+    pub fn check_readable(&self) -> Result<(), Status> {
+        if self.caught_up() {
+            Ok(())
+        } else {
+            Err(Status::unavailable(format!(
+                "replica {} on {} is catching up with its primary",
+                self.key, self.node_id
+            )))
+        }
+    }
+
+    /// Applies the map's view of this replica set: starts or stops the replicators.
+    pub fn set_role(self: &Arc<Self>, role: Role) {
+        let previous = self.known_epoch.fetch_max(role.epoch, Ordering::AcqRel);
+        if !role.is_primary && role.epoch > previous {
+            // A new epoch: hear from the new primary before serving reads again.
+            self.caught_up.store(false, Ordering::Release);
+        }
+        let mut reps = self.replicators.lock();
+        if role.is_primary && role.epoch >= self.known_epoch() {
+            let wanted: HashMap<&str, &Peer> =
+                role.peers.iter().map(|p| (p.node.as_str(), p)).collect();
+            reps.retain(|node, r| {
+                let keep = wanted
+                    .get(node.as_str())
+                    .is_some_and(|p| p.addr == r.addr && r.epoch == role.epoch);
+                if !keep {
+                    let _ = r.stop.send(true);
+                }
+                keep
+            });
+            for p in &role.peers {
+                if !reps.contains_key(&p.node) {
+                    let (stop, rx) = watch::channel(false);
+                    let task = tokio::spawn(self.clone().replicate_to(
+                        p.node.clone(),
+                        p.addr.clone(),
+                        role.epoch,
+                        rx,
+                    ));
+                    reps.insert(
+                        p.node.clone(),
+                        Replicator {
+                            epoch: role.epoch,
+                            addr: p.addr.clone(),
+                            stop,
+                            task,
+                        },
+                    );
+                }
+            }
+        } else {
+            for (_, r) in reps.drain() {
+                let _ = r.stop.send(true);
+            }
+            self.recent.lock().batches.clear();
+        }
+        drop(reps);
+        *self.role.write() = Some(role);
+    }
+
+    /// Stops the replicators (the replica is closing).
+    pub fn stop(&self) {
+        for (_, r) in self.replicators.lock().drain() {
+            let _ = r.stop.send(true);
+            r.task.abort();
+        }
+    }
+
+    /// A write at the primary: ordered, logged, replicated to the quorum.
+    pub async fn write(
+        &self,
+        ops: Vec<WriteOp>,
+        request_id: String,
+    ) -> Result<(WriteAck, u32), Status> {
+        let role = self
+            .role()
+            .ok_or_else(|| Status::unavailable(format!("replica {} has no role yet", self.key)))?;
+        if !role.is_primary {
+            return Err(Status::unavailable(format!(
+                "node {} is not the primary of shard {} (the primary at epoch {} is {})",
+                self.node_id, self.key, role.epoch, role.primary
+            )));
+        }
+        self.check_fenced(role.epoch)?;
+        let quorum: Vec<String> = role
+            .peers
+            .iter()
+            .filter(|p| p.serving && p.live)
+            .map(|p| p.node.clone())
+            .collect();
+        let needed = if role.replication_factor >= 2 { 2 } else { 1 };
+        if 1 + quorum.len() < needed {
+            return Err(Status::unavailable(format!(
+                "shard {} has {} live serving replica(s), writes need {needed}; \
+                 retry once the cluster restores its replicas",
+                self.key,
+                1 + quorum.len()
+            )));
+        }
+        let shard = self.shard()?;
+        let epoch = role.epoch;
+        let (ack, batch) = shard::run_blocking(move || shard.write_as(ops, epoch, &request_id))
+            .await
+            .map_err(shard_status)?;
+        if let Some(b) = batch {
+            let mut r = self.recent.lock();
+            r.bytes += batch_bytes(&b);
+            r.batches.insert(b.seq, b);
+            while r.bytes > RECENT_LOG_BYTES && r.batches.len() > 1 {
+                if let Some((_, old)) = r.batches.pop_first() {
+                    r.bytes -= batch_bytes(&old);
+                }
+            }
+        }
+        self.appended.notify_waiters();
+        self.wait_quorum(ack.seq, epoch, &quorum).await?;
+        Ok((ack, 1 + quorum.len() as u32))
+    }
+
+    fn check_fenced(&self, epoch: u64) -> Result<(), Status> {
+        let known = self.known_epoch();
+        if known > epoch {
+            return Err(Status::unavailable(format!(
+                "shard {}: this primary's epoch {epoch} was superseded by epoch {known}; \
+                 the write was not acknowledged",
+                self.key
+            )));
+        }
+        Ok(())
+    }
+
+    async fn wait_quorum(&self, seq: u64, epoch: u64, quorum: &[String]) -> Result<(), Status> {
+        let mut rx = self.matched.subscribe();
+        let wait = async {
+            loop {
+                self.check_fenced(epoch)?;
+                if quorum
+                    .iter()
+                    .all(|n| rx.borrow().get(n).is_some_and(|&m| m >= seq))
+                {
+                    return Ok(());
+                }
+                if rx.changed().await.is_err() {
+                    return Err(Status::unavailable("replica closed"));
+                }
+            }
+        };
+        match tokio::time::timeout(QUORUM_TIMEOUT, wait).await {
+            Ok(r) => r,
+            Err(_) => {
+                let have = rx.borrow().clone();
+                let missing: Vec<&String> = quorum
+                    .iter()
+                    .filter(|n| have.get(*n).is_none_or(|&m| m < seq))
+                    .collect();
+                Err(Status::unavailable(format!(
+                    "shard {}: write {seq} not confirmed by {missing:?} within {:?}; \
+                     its outcome is unknown (retry with the same request id)",
+                    self.key, QUORUM_TIMEOUT
+                )))
+            }
+        }
+    }
+
+    /// The replicator for one backup: probe where it stands, then ship batches in
+    /// order (or a snapshot), keeping `matched` current for the writes that wait.
+    async fn replicate_to(
+        self: Arc<Self>,
+        node: String,
+        addr: String,
+        epoch: u64,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut next: Option<u64> = None;
+        let mut failures = 0u32;
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let step = self.replicate_step(&node, &addr, epoch, &mut next).await;
+            let pause = match step {
+                Ok(true) => {
+                    failures = 0;
+                    continue;
+                }
+                Ok(false) => {
+                    failures = 0;
+                    KEEPALIVE
+                }
+                Err(e) => {
+                    failures += 1;
+                    next = None;
+                    if failures == 1 || failures % 20 == 0 {
+                        tracing::warn!(shard = %self.key, backup = %node, error = %e.message(), "replication to backup failing");
+                    }
+                    if e.code() == tonic::Code::FailedPrecondition
+                        && e.message().contains("stale epoch")
+                    {
+                        // A newer primary exists: stop, and fail the writes waiting.
+                        self.known_epoch.fetch_max(epoch + 1, Ordering::AcqRel);
+                        self.matched.send_modify(|_| {});
+                        return;
+                    }
+                    Duration::from_millis(200)
+                }
+            };
+            tokio::select! {
+                _ = self.appended.notified() => {}
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// One exchange with a backup; Ok(true) when there may be more to send now.
+    async fn replicate_step(
+        &self,
+        node: &str,
+        addr: &str,
+        epoch: u64,
+        next: &mut Option<u64>,
+    ) -> Result<bool, Status> {
+        let shard = self.shard()?;
+        let (last, _) = shard.last();
+        let epochs = shard.epochs();
+        let from = match *next {
+            Some(n) => n,
+            None => {
+                // Probe with an empty append claiming our last batch.
+                let r = self
+                    .send_append(addr, epoch, last, &epochs, Vec::new(), last)
+                    .await?;
+                let consistent =
+                    r.last_seq <= last && epoch_at(&epochs, r.last_seq) == r.last_epoch;
+                if !consistent {
+                    tracing::info!(shard = %self.key, backup = node, backup_seq = r.last_seq, backup_epoch = r.last_epoch, primary_seq = last, "backup diverged; sending a snapshot");
+                    self.send_snapshot(node, addr, epoch, &shard).await?;
+                    return Ok(true);
+                }
+                self.set_matched(node, r.last_seq);
+                r.last_seq + 1
+            }
+        };
+        if from > last {
+            // Nothing new: a keep-alive, which also tells the backup it is caught up.
+            let r = self
+                .send_append(addr, epoch, from - 1, &epochs, Vec::new(), last)
+                .await?;
+            if !r.ok {
+                *next = None;
+                return Ok(true);
+            }
+            *next = Some(from);
+            return Ok(false);
+        }
+        let batches: Vec<Arc<WalBatch>> = {
+            let r = self.recent.lock();
+            if r.batches
+                .first_key_value()
+                .is_none_or(|(&first, _)| first > from)
+            {
+                None
+            } else {
+                let mut out = Vec::new();
+                let mut bytes = 0;
+                for (&seq, b) in r.batches.range(from..) {
+                    if seq != from + out.len() as u64 || (bytes > APPEND_BYTES && !out.is_empty()) {
+                        break;
+                    }
+                    bytes += batch_bytes(b);
+                    out.push(b.clone());
+                }
+                Some(out)
+            }
+        }
+        .map_or_else(Vec::new, |v| v);
+        if batches.is_empty() {
+            let held = self.recent.lock().batches.contains_key(&from);
+            if !held {
+                tracing::info!(shard = %self.key, backup = node, from, primary_seq = last, "backup is behind the recent log; sending a snapshot");
+                self.send_snapshot(node, addr, epoch, &shard).await?;
+                *next = None;
+                return Ok(true);
+            }
+            return Ok(false);
+        }
+        let owned: Vec<WalBatch> = batches.iter().map(|b| (**b).clone()).collect();
+        let r = self
+            .send_append(addr, epoch, from - 1, &epochs, owned, last)
+            .await?;
+        if r.ok {
+            self.set_matched(node, r.last_seq);
+            *next = Some(r.last_seq + 1);
+        } else {
+            *next = None;
+        }
+        Ok(true)
+    }
+
+    fn set_matched(&self, node: &str, seq: u64) {
+        self.matched.send_if_modified(|m| {
+            let e = m.entry(node.to_string()).or_insert(0);
+            if *e != seq {
+                *e = seq;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    async fn send_append(
+        &self,
+        addr: &str,
+        epoch: u64,
+        prev_seq: u64,
+        epochs: &[(u64, u64)],
+        batches: Vec<WalBatch>,
+        primary_seq: u64,
+    ) -> Result<rpb::AppendResponse, Status> {
+        let payload = bincode::serde::encode_to_vec(&batches, bincode::config::standard())
+            .map_err(|e| Status::internal(format!("encoding batches: {e}")))?;
+        let mut req = tonic::Request::new(rpb::AppendRequest {
+            shard: Some(self.shard_ref()),
+            epoch,
+            primary: self.node_id.clone(),
+            prev_seq,
+            prev_epoch: epoch_at(epochs, prev_seq),
+            batches: payload,
+            primary_seq,
+        });
+        req.set_timeout(Duration::from_secs(10));
+        Ok(self.channels.client(addr)?.append(req).await?.into_inner())
+    }
+
+    fn shard_ref(&self) -> rpb::ShardRef {
+        rpb::ShardRef {
+            collection: self.key.collection.clone(),
+            collection_id: self.collection_id,
+            index: self.key.index,
+        }
+    }
+
+    async fn send_snapshot(
+        &self,
+        node: &str,
+        addr: &str,
+        epoch: u64,
+        shard: &Shard,
+    ) -> Result<(), Status> {
+        let t = std::time::Instant::now();
+        let s = shard.clone();
+        let src = shard::run_blocking(move || s.snapshot())
+            .await
+            .map_err(shard_status)?;
+        let dir = shard.dir().to_path_buf();
+        let (tx, rx) = tokio::sync::mpsc::channel::<rpb::SnapshotChunk>(4);
+        let first = rpb::SnapshotChunk {
+            shard: Some(self.shard_ref()),
+            epoch,
+            primary: self.node_id.clone(),
+            manifest: src.manifest.clone(),
+            ..Default::default()
+        };
+        let files = src.files.clone();
+        let bytes: u64 = files.iter().map(|(_, n)| n).sum();
+        let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::io::Read;
+            if tx.blocking_send(first).is_err() {
+                return Ok(());
+            }
+            for (name, len) in files {
+                let mut f = std::fs::File::open(dir.join(&name))?;
+                let mut offset = 0u64;
+                while offset < len {
+                    let n = ((len - offset) as usize).min(SNAPSHOT_CHUNK);
+                    let mut data = vec![0u8; n];
+                    f.read_exact(&mut data)?;
+                    let chunk = rpb::SnapshotChunk {
+                        file: name.clone(),
+                        offset,
+                        data,
+                        ..Default::default()
+                    };
+                    if tx.blocking_send(chunk).is_err() {
+                        return Ok(());
+                    }
+                    offset += n as u64;
+                }
+            }
+            Ok(())
+        });
+        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        req.set_timeout(Duration::from_secs(600));
+        let r = self.channels.client(addr)?.install_snapshot(req).await;
+        match reader.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(Status::internal(format!("reading the snapshot: {e}"))),
+            Err(e) => return Err(Status::internal(format!("snapshot reader: {e}"))),
+        }
+        let r = r?.into_inner();
+        tracing::info!(shard = %self.key, backup = node, seq = r.last_seq, bytes, took_ms = t.elapsed().as_millis() as u64, "snapshot installed on backup");
+        self.set_matched(node, r.last_seq);
+        Ok(())
+    }
+
+    /// A backup's side of Append: fence stale epochs, check the history matches, log.
+    pub async fn append(&self, req: rpb::AppendRequest) -> Result<rpb::AppendResponse, Status> {
+        let _g = self.apply.lock().await;
+        self.accept_epoch(req.epoch, &req.primary)?;
+        let shard = self.shard()?;
+        let (last, last_epoch) = shard.last();
+        let epochs = shard.epochs();
+        if req.prev_seq != last || epoch_at(&epochs, last) != req.prev_epoch {
+            return Ok(rpb::AppendResponse {
+                ok: false,
+                last_seq: last,
+                last_epoch,
+            });
+        }
+        let batches: Vec<WalBatch> = if req.batches.is_empty() {
+            Vec::new()
+        } else {
+            bincode::serde::decode_from_slice(&req.batches, bincode::config::standard())
+                .map_err(|e| Status::invalid_argument(format!("batches do not decode: {e}")))?
+                .0
+        };
+        let last = if batches.is_empty() {
+            last
+        } else {
+            let s = shard.clone();
+            shard::run_blocking(move || s.append_replicated(&batches))
+                .await
+                .map_err(shard_status)?
+        };
+        self.caught_up
+            .store(last >= req.primary_seq, Ordering::Release);
+        let (last, last_epoch) = shard.last();
+        Ok(rpb::AppendResponse {
+            ok: true,
+            last_seq: last,
+            last_epoch,
+        })
+    }
+
+    /// Refuses a sender whose epoch is older than one this replica has seen, or that
+    /// claims this replica's own epoch while this replica is the primary.
+    pub fn accept_epoch(&self, epoch: u64, from: &str) -> Result<(), Status> {
+        let known = self.known_epoch();
+        if epoch < known {
+            return Err(Status::failed_precondition(format!(
+                "stale epoch {epoch} from {from}: replica {} on {} is at epoch {known}",
+                self.key, self.node_id
+            )));
+        }
+        if let Some(r) = self.role() {
+            if r.is_primary && epoch <= r.epoch && from != self.node_id {
+                return Err(Status::failed_precondition(format!(
+                    "stale epoch {epoch} from {from}: {} is the primary of {} at epoch {}",
+                    self.node_id, self.key, r.epoch
+                )));
+            }
+        }
+        self.known_epoch.fetch_max(epoch, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Serialises snapshot installs with appends.
+    pub async fn lock_apply(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.apply.lock().await
+    }
+
+    pub fn mark_behind(&self) {
+        self.caught_up.store(false, Ordering::Release);
+    }
+}
+
+/// Where a snapshot is assembled before it replaces the replica's directory.
+pub fn staging_dir(dir: &Path) -> PathBuf {
+    let mut s = dir.as_os_str().to_owned();
+    s.push(".incoming");
+    PathBuf::from(s)
+}
