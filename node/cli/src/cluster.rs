@@ -58,6 +58,9 @@ pub struct NodeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, env = "SHOAL_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// How often the node reports to the coordinators (liveness, replica state).
+    #[arg(long, env = "SHOAL_HEARTBEAT_MS", default_value_t = 1000)]
+    heartbeat_ms: u64,
 }
 
 pub async fn run_node(a: NodeArgs) -> Result<()> {
@@ -73,6 +76,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
         max_message_bytes: a.max_message_bytes,
         auto_rebuild_tail: a.auto_rebuild_tail,
         metrics_listen: a.metrics_listen,
+        heartbeat: Duration::from_millis(a.heartbeat_ms.max(10)),
         ..NodeConfig::default()
     })
     .await?;

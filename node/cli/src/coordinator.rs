@@ -141,9 +141,18 @@ fn shard_json(s: &pb::Shard) -> serde_json::Value {
     serde_json::json!({
         "shard": format!("{}/{}", s.collection, s.index),
         "primary": s.primary, "epoch": s.epoch,
-        "replicas": s.replicas.iter().map(|r| format!("{}:{}", r.node_id,
-            pb::ReplicaState::try_from(r.state).map(|x| x.as_str_name()).unwrap_or("?")
-                .trim_start_matches("REPLICA_STATE_").to_lowercase())).collect::<Vec<_>>(),
+        "backups": s.replicas.iter().filter(|r| r.node_id != s.primary)
+            .map(|r| r.node_id.clone()).collect::<Vec<_>>(),
+        // Sequence numbers and lag as the replicas last reported them to the leader.
+        "replicas": s.replicas.iter().map(|r| serde_json::json!({
+            "node": r.node_id,
+            "role": if r.node_id == s.primary { "primary" } else { "backup" },
+            "state": pb::ReplicaState::try_from(r.state).map(|x| x.as_str_name()).unwrap_or("?")
+                .trim_start_matches("REPLICA_STATE_").to_lowercase(),
+            "seq": r.applied_seq, "lag": r.lag, "epoch": r.epoch,
+            "caught_up": r.caught_up, "live_docs": r.live_docs,
+            "generation": r.serving_generation,
+        })).collect::<Vec<_>>(),
         "serving_generation": s.serving_generation,
         "building_generation": s.building_generation,
     })
@@ -256,7 +265,13 @@ pub async fn status(target: Target) -> anyhow::Result<()> {
         .admin(|mut a| async move { a.list_nodes(pb::ListNodesRequest {}).await })
         .await?
         .into_inner();
-    let shards = client
+    // Replica reports (sequence numbers, lag) live in the leader's memory: ask it.
+    let mut leader = if st.leader_api_addr.is_empty() {
+        client.clone()
+    } else {
+        Client::new(vec![st.leader_api_addr.clone()])
+    };
+    let shards = leader
         .admin(|mut a| async move {
             a.list_shards(pb::ListShardsRequest {
                 collection: String::new(),

@@ -180,6 +180,13 @@ impl Gateway {
     /// A collection and its shards, as this node's map has them now.
     fn collection_shards(&self, name: &str) -> Result<(cpb::Collection, Vec<cpb::Shard>), Status> {
         let v = self.view.read();
+        if v.version == 0 {
+            // Just started: "not found" would be a lie until the map arrives.
+            return Err(Status::unavailable(format!(
+                "node {} has not received the cluster map yet; retry",
+                self.node_id
+            )));
+        }
         let c = collection(&v, name)?.clone();
         Ok((c, v.shards_of(name).cloned().collect()))
     }

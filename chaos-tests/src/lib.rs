@@ -1,0 +1,651 @@
+//! The fault-test harness. `Cluster::start` runs three `shoal coordinator`s and N
+//! `shoal node`s as processes on loopback; faults are signals to those processes
+//! (SIGKILL, SIGSTOP/SIGCONT; later kinds plug in beside them). A `Workload` ingests
+//! while recording every request's outcome (acknowledged, failed, unknown); a
+//! `QueryLoop` searches meanwhile and records every answer. Tests then check the
+//! cluster's final state against the record.
+//!
+//! The `shoal` binary is found beside the test executable's directory (cargo builds
+//! it for the workspace's tests), or at `$SHOAL_BIN`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use shoal_coordinator::client::Client;
+use shoal_proto::coordinator as cpb;
+use shoal_proto::v1 as pb;
+use shoal_proto::v1::shoal_client::ShoalClient;
+use tonic::transport::Channel;
+
+pub const DIM: usize = 8;
+
+/// Long runs (`SHOAL_CHAOS_SOAK=1`): more faults, more data.
+pub fn soak() -> bool {
+    std::env::var_os("SHOAL_CHAOS_SOAK").is_some_and(|v| v != "0")
+}
+
+pub fn shoal_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SHOAL_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/shoal
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("shoal"))
+        .expect("target dir");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (cargo build --release -p shoal) or set SHOAL_BIN",
+        bin.display()
+    );
+    bin
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A deterministic, distinct vector per document number.
+pub fn vector(i: u64) -> Vec<f32> {
+    (0..DIM as u64)
+        .map(|j| {
+            let x = (i.wrapping_mul(2654435761).wrapping_add(j * 40503)) % 10007;
+            x as f32 / 10007.0 - 0.5
+        })
+        .collect()
+}
+
+pub fn doc_id(i: u64) -> String {
+    format!("doc-{i:06}")
+}
+
+pub struct Proc {
+    pub id: String,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+    pub public: String,
+}
+
+impl Proc {
+    fn spawn(&mut self, bin: &Path) {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        self.child = Some(
+            Command::new(bin)
+                .args(&self.args)
+                .env("RUST_LOG", "info,openraft=warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(f)
+                .spawn()
+                .expect("spawning shoal"),
+        );
+    }
+
+    fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(c.id() as i32, sig);
+            }
+        }
+    }
+
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    bin: PathBuf,
+    pub coordinators: Vec<String>,
+    _coords: Vec<Proc>,
+    pub nodes: Vec<Proc>,
+}
+
+/// Liveness timeouts of the test cluster (the coordinators' flags).
+pub const SUSPECT_MS: u64 = 1_500;
+pub const DOWN_MS: u64 = 3_000;
+
+impl Cluster {
+    /// Three coordinators and `nodes` nodes (vectors only, no encoder).
+    pub async fn start(nodes: usize) -> Cluster {
+        let bin = shoal_bin();
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        let addrs: Vec<(String, String)> = (0..3)
+            .map(|_| {
+                (
+                    format!("127.0.0.1:{}", free_port()),
+                    format!("127.0.0.1:{}", free_port()),
+                )
+            })
+            .collect();
+        let peers = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, (api, raft))| format!("{}={raft}/{api}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut coords = Vec::new();
+        for (i, (api, raft)) in addrs.iter().enumerate() {
+            let mut p = Proc {
+                id: format!("c{}", i + 1),
+                args: [
+                    "coordinator",
+                    "--id",
+                    &(i + 1).to_string(),
+                    "--listen",
+                    api,
+                    "--raft-listen",
+                    raft,
+                    "--data-dir",
+                    &d.join(format!("c{}", i + 1)).display().to_string(),
+                    "--peers",
+                    &peers,
+                    "--suspect-after-ms",
+                    &SUSPECT_MS.to_string(),
+                    "--down-after-ms",
+                    &DOWN_MS.to_string(),
+                ]
+                .map(String::from)
+                .to_vec(),
+                log: d.join(format!("c{}.log", i + 1)),
+                child: None,
+                public: api.clone(),
+            };
+            p.spawn(&bin);
+            coords.push(p);
+        }
+        let coordinators: Vec<String> = addrs.iter().map(|(a, _)| a.clone()).collect();
+        let mut procs = Vec::new();
+        for i in 1..=nodes {
+            let public = format!("127.0.0.1:{}", free_port());
+            let mut p = Proc {
+                id: format!("n{i}"),
+                args: [
+                    "node",
+                    "--id",
+                    &format!("n{i}"),
+                    "--listen",
+                    &public,
+                    "--internal-listen",
+                    &format!("127.0.0.1:{}", free_port()),
+                    "--coordinators",
+                    &coordinators.join(","),
+                    "--data-dir",
+                    &d.join(format!("n{i}")).display().to_string(),
+                    "--heartbeat-ms",
+                    "250",
+                ]
+                .map(String::from)
+                .to_vec(),
+                log: d.join(format!("n{i}.log")),
+                child: None,
+                public,
+            };
+            p.spawn(&bin);
+            procs.push(p);
+        }
+        let c = Cluster {
+            dir,
+            bin,
+            coordinators,
+            _coords: coords,
+            nodes: procs,
+        };
+        c.wait_up(nodes, Duration::from_secs(60)).await;
+        c
+    }
+
+    pub fn admin(&self) -> Client {
+        let mut c = Client::new(self.coordinators.clone());
+        c.patience = Duration::from_secs(30);
+        c
+    }
+
+    pub async fn wait_up(&self, n: usize, within: Duration) {
+        let t = Instant::now();
+        let mut admin = self.admin();
+        loop {
+            if let Ok(r) = admin
+                .admin(|mut c| async move { c.list_nodes(cpb::ListNodesRequest {}).await })
+                .await
+            {
+                let up = r
+                    .into_inner()
+                    .nodes
+                    .iter()
+                    .filter(|n| n.state == cpb::NodeState::Up as i32)
+                    .count();
+                if up >= n {
+                    return;
+                }
+            }
+            assert!(t.elapsed() < within, "{n} nodes not up within {within:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub async fn create_collection(&self, name: &str, shards: u32, rf: u32) {
+        let mut admin = self.admin();
+        let name = name.to_string();
+        admin
+            .admin(|mut c| {
+                let name = name.clone();
+                async move {
+                    c.create_collection(cpb::CreateCollectionRequest {
+                        name,
+                        dimension: DIM as u32,
+                        metric: cpb::Metric::L2 as i32,
+                        shard_count: shards,
+                        replication_factor: rf,
+                        index: Some(cpb::IndexParams {
+                            nlist: 4,
+                            pq_m: 4,
+                            pq_nbits: 4,
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    })
+                    .await
+                }
+            })
+            .await
+            .expect("create collection");
+    }
+
+    /// The shards of `collection` with replica reports, from the leader.
+    pub async fn shards(&self, collection: &str) -> Vec<cpb::Shard> {
+        let mut admin = self.admin();
+        let st = admin
+            .admin(|mut c| async move { c.cluster_status(cpb::ClusterStatusRequest {}).await })
+            .await
+            .expect("status")
+            .into_inner();
+        let mut leader = Client::new(vec![st.leader_api_addr]);
+        let name = collection.to_string();
+        leader
+            .admin(|mut c| {
+                let collection = name.clone();
+                async move { c.list_shards(cpb::ListShardsRequest { collection }).await }
+            })
+            .await
+            .expect("list shards")
+            .into_inner()
+            .shards
+    }
+
+    /// Waits until every shard has `rf` serving replicas on up nodes, all caught up.
+    pub async fn wait_replicated(&self, collection: &str, rf: usize, within: Duration) -> Duration {
+        let t = Instant::now();
+        loop {
+            let mut admin = self.admin();
+            let nodes = admin
+                .admin(|mut c| async move { c.list_nodes(cpb::ListNodesRequest {}).await })
+                .await
+                .map(|r| r.into_inner().nodes)
+                .unwrap_or_default();
+            let up: Vec<&str> = nodes
+                .iter()
+                .filter(|n| n.state == cpb::NodeState::Up as i32)
+                .map(|n| n.id.as_str())
+                .collect();
+            let shards = self.shards(collection).await;
+            let ok = !shards.is_empty()
+                && shards.iter().all(|s| {
+                    s.replicas
+                        .iter()
+                        .filter(|r| {
+                            r.state == cpb::ReplicaState::Serving as i32
+                                && up.contains(&r.node_id.as_str())
+                                && r.lag == 0
+                        })
+                        .count()
+                        >= rf
+                });
+            if ok {
+                return t.elapsed();
+            }
+            assert!(
+                t.elapsed() < within,
+                "{collection} not back at {rf} replicas within {within:?}: {shards:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Waits until the coordinators hold node `id` in `state`.
+    pub async fn wait_node_state(&self, id: &str, state: cpb::NodeState, within: Duration) {
+        let t = Instant::now();
+        let mut admin = self.admin();
+        loop {
+            if let Ok(r) = admin
+                .admin(|mut c| async move { c.list_nodes(cpb::ListNodesRequest {}).await })
+                .await
+            {
+                if r.into_inner()
+                    .nodes
+                    .iter()
+                    .any(|n| n.id == id && n.state == state as i32)
+                {
+                    return;
+                }
+            }
+            assert!(
+                t.elapsed() < within,
+                "node {id} not {state:?} within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn node_index(&self, id: &str) -> usize {
+        self.nodes.iter().position(|n| n.id == id).expect("node id")
+    }
+
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self, i: usize) {
+        assert!(!self.nodes[i].running());
+        let bin = self.bin.clone();
+        self.nodes[i].spawn(&bin);
+    }
+
+    pub fn pause(&self, i: usize) {
+        self.nodes[i].signal(libc::SIGSTOP);
+    }
+
+    pub fn resume(&self, i: usize) {
+        self.nodes[i].signal(libc::SIGCONT);
+    }
+
+    /// Public addresses of the nodes whose processes run.
+    pub fn running_nodes(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|n| n.running())
+            .map(|n| n.public.clone())
+            .collect()
+    }
+
+    pub fn all_nodes(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.public.clone()).collect()
+    }
+}
+
+pub async fn connect(addr: &str) -> Option<ShoalClient<Channel>> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .ok()?
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(Duration::from_secs(15))
+        .connect()
+        .await
+        .ok()?;
+    Some(ShoalClient::new(ch))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Acknowledged,
+    /// Refused with a status saying nothing was written.
+    Failed,
+    /// Timed out or lost with the connection: may or may not have been applied.
+    Unknown,
+}
+
+/// Every ingest request's outcome, by batch: (first doc number, count) -> outcome.
+#[derive(Default)]
+pub struct Record {
+    pub batches: Vec<((u64, u64), Outcome)>,
+    pub attempts: u64,
+    pub retries: u64,
+}
+
+impl Record {
+    pub fn acknowledged_docs(&self) -> Vec<u64> {
+        self.batches
+            .iter()
+            .filter(|(_, o)| *o == Outcome::Acknowledged)
+            .flat_map(|((first, n), _)| *first..first + n)
+            .collect()
+    }
+}
+
+/// Ingests batches of `per_batch` vector documents, each with its own request id,
+/// through whichever node answers, until `batches` are done or `until` is set (after
+/// `min_batches`); a batch is retried (same id) until acknowledged or `patience` runs
+/// out.
+pub async fn ingest(
+    nodes: Arc<Mutex<Vec<String>>>,
+    collection: String,
+    first_batch: u64,
+    batches: u64,
+    per_batch: u64,
+    patience: Duration,
+    until: Arc<AtomicBool>,
+) -> Record {
+    let mut rec = Record::default();
+    let mut turn = 0usize;
+    for b in first_batch..first_batch.saturating_add(batches) {
+        if until.load(Ordering::Relaxed) {
+            break;
+        }
+        let first = b * per_batch;
+        let req = pb::IngestRequest {
+            collection: collection.to_string(),
+            documents: (first..first + per_batch)
+                .map(|i| pb::Document {
+                    id: doc_id(i),
+                    vector: vector(i),
+                    ..Default::default()
+                })
+                .collect(),
+            request_id: format!("batch-{b}"),
+        };
+        let t = Instant::now();
+        let mut outcome = Outcome::Unknown;
+        loop {
+            let addrs = nodes.lock().unwrap().clone();
+            turn += 1;
+            let addr = &addrs[turn % addrs.len()];
+            rec.attempts += 1;
+            let r = match connect(addr).await {
+                Some(mut c) => c.ingest(req.clone()).await.map(|_| ()),
+                None => Err(tonic::Status::unavailable("connect failed")),
+            };
+            match r {
+                Ok(()) => {
+                    outcome = Outcome::Acknowledged;
+                    break;
+                }
+                Err(e) if e.code() == tonic::Code::InvalidArgument => {
+                    outcome = Outcome::Failed;
+                    break;
+                }
+                Err(_) if t.elapsed() < patience => {
+                    rec.retries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(_) => break,
+            }
+        }
+        rec.batches.push(((first, per_batch), outcome));
+    }
+    rec
+}
+
+/// Outcomes of a query loop.
+#[derive(Default, Clone)]
+pub struct QueryStats {
+    pub ok: u64,
+    pub partial: u64,
+    pub failed: u64,
+    pub latencies_ms: Vec<f64>,
+    /// The first few errors, for the report.
+    pub errors: Vec<String>,
+}
+
+impl QueryStats {
+    pub fn total(&self) -> u64 {
+        self.ok + self.partial + self.failed
+    }
+
+    /// Queries answered in full.
+    pub fn success_rate(&self) -> f64 {
+        self.ok as f64 / self.total().max(1) as f64
+    }
+
+    pub fn p99_ms(&self) -> f64 {
+        let mut v = self.latencies_ms.clone();
+        v.sort_by(f64::total_cmp);
+        v.get(((v.len().max(1) - 1) as f64 * 0.99).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    }
+}
+
+/// Searches continuously (one client, a node at a time; a node that cannot be
+/// reached is skipped, as a client with a list of nodes would), recording outcomes
+/// into `stats` until `stop`.
+pub async fn query_loop(
+    nodes: Arc<Mutex<Vec<String>>>,
+    collection: String,
+    stats: Arc<Mutex<QueryStats>>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut turn = 0u64;
+    let mut clients: HashMap<String, ShoalClient<Channel>> = HashMap::new();
+    while !stop.load(Ordering::Relaxed) {
+        turn += 1;
+        let addrs = nodes.lock().unwrap().clone();
+        let t = Instant::now();
+        let mut result = None;
+        let mut error = String::from("no node reachable");
+        for k in 0..addrs.len() {
+            let addr = &addrs[(turn as usize + k) % addrs.len()];
+            if !clients.contains_key(addr) {
+                match connect(addr).await {
+                    Some(c) => {
+                        clients.insert(addr.clone(), c);
+                    }
+                    None => continue,
+                }
+            }
+            let c = clients.get_mut(addr).expect("client");
+            let mut req = tonic::Request::new(pb::SearchRequest {
+                collection: collection.clone(),
+                vector: vector(turn % 5000),
+                k: 10,
+                ..Default::default()
+            });
+            req.set_timeout(Duration::from_secs(5));
+            match c.search(req).await {
+                Ok(r) => {
+                    result = Some(r.into_inner().partial);
+                    break;
+                }
+                Err(e)
+                    if e.code() == tonic::Code::Unavailable || e.code() == tonic::Code::Unknown =>
+                {
+                    // Most likely this gateway is gone: try the next node.
+                    error = format!("{addr}: {:?}: {}", e.code(), e.message());
+                    clients.remove(addr);
+                }
+                Err(e) => {
+                    error = format!("{addr}: {:?}: {}", e.code(), e.message());
+                    result = None;
+                    break;
+                }
+            }
+        }
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        {
+            let mut s = stats.lock().unwrap();
+            match result {
+                Some(false) => s.ok += 1,
+                Some(true) => s.partial += 1,
+                None => {
+                    s.failed += 1;
+                    if s.errors.len() < 5 {
+                        s.errors.push(error);
+                    }
+                }
+            }
+            s.latencies_ms.push(ms);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Checks every acknowledged document through `node`: present, with its exact vector.
+/// Returns the number checked.
+pub async fn check_acknowledged(node: &str, collection: &str, docs: &[u64]) -> usize {
+    let mut c = connect(node).await.expect("connect for the final check");
+    for &i in docs {
+        let r = c
+            .get(pb::GetRequest {
+                collection: collection.to_string(),
+                id: doc_id(i),
+                with_vector: true,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("get {}: {e:?}", doc_id(i)))
+            .into_inner();
+        assert!(r.found, "acknowledged document {} lost", doc_id(i));
+        let d = r.document.expect("document");
+        assert_eq!(
+            d.vector,
+            vector(i),
+            "document {} has a wrong vector",
+            doc_id(i)
+        );
+    }
+    docs.len()
+}
+
+/// Live documents per shard, from the primaries' reports (each document once).
+pub fn live_docs(shards: &[cpb::Shard]) -> u64 {
+    shards
+        .iter()
+        .map(|s| {
+            s.replicas
+                .iter()
+                .find(|r| r.node_id == s.primary)
+                .map_or(0, |r| r.live_docs)
+        })
+        .sum()
+}
+
+pub fn print_json(v: serde_json::Value) {
+    println!("{v}");
+}

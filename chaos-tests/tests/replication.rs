@@ -1,0 +1,319 @@
+//! Replication under faults, on a real cluster of processes (three coordinators,
+//! three nodes, RF 2): nodes killed during ingest, a primary paused past the failure
+//! timeout and fenced when it resumes, a node lost for good. A query loop runs
+//! through each fault. Short by default; `SHOAL_CHAOS_SOAK=1` runs longer.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use shoal_chaos_tests::*;
+use shoal_proto::coordinator as cpb;
+use shoal_proto::replica as rpb;
+use shoal_proto::v1 as pb;
+
+/// One cluster at a time: each is six processes on a small machine.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const COLLECTION: &str = "chaos";
+
+struct Queries {
+    stats: Arc<Mutex<QueryStats>>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Queries {
+    fn start(nodes: Arc<Mutex<Vec<String>>>) -> Self {
+        let stats = Arc::new(Mutex::new(QueryStats::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(query_loop(
+            nodes,
+            COLLECTION.into(),
+            stats.clone(),
+            stop.clone(),
+        ));
+        Self { stats, stop, task }
+    }
+
+    /// The stats so far, and a fresh count from now on.
+    fn take(&self) -> QueryStats {
+        std::mem::take(&mut *self.stats.lock().unwrap())
+    }
+
+    async fn finish(self) -> QueryStats {
+        self.stop.store(true, Ordering::Relaxed);
+        let stats = self.stats.clone();
+        let _ = self.task.await;
+        let s = std::mem::take(&mut *stats.lock().unwrap());
+        s
+    }
+}
+
+async fn replicated_cluster() -> Cluster {
+    let c = Cluster::start(3).await;
+    c.create_collection(COLLECTION, 3, 2).await;
+    c.wait_replicated(COLLECTION, 2, Duration::from_secs(60))
+        .await;
+    c
+}
+
+fn spawn_ingest(
+    nodes: &Arc<Mutex<Vec<String>>>,
+    first_batch: u64,
+    batches: u64,
+    until: &Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Record> {
+    tokio::spawn(ingest(
+        nodes.clone(),
+        COLLECTION.into(),
+        first_batch,
+        batches,
+        20,
+        Duration::from_secs(120),
+        until.clone(),
+    ))
+}
+
+async fn final_check(c: &Cluster, acked: &[u64]) {
+    c.wait_replicated(COLLECTION, 2, Duration::from_secs(60))
+        .await;
+    let node = c.running_nodes()[0].clone();
+    check_acknowledged(&node, COLLECTION, acked).await;
+    // Each acknowledged document once, nothing else: the primaries hold exactly them.
+    let t = Instant::now();
+    loop {
+        let live = live_docs(&c.shards(COLLECTION).await);
+        if live == acked.len() as u64 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "primaries hold {live} documents, {} were acknowledged",
+            acked.len()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_killed_during_ingest_lose_no_acknowledged_write() {
+    let _g = SERIAL.lock().await;
+    let mut c = replicated_cluster().await;
+    let nodes = Arc::new(Mutex::new(c.all_nodes()));
+    let q = Queries::start(nodes.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = q.take();
+    let done = Arc::new(AtomicBool::new(false));
+    let ingest = spawn_ingest(&nodes, 0, u64::MAX, &done);
+    let kills = if soak() { 20 } else { 4 };
+    for k in 0..kills {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let i = k % c.nodes.len();
+        c.kill(i);
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        c.restart(i);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    done.store(true, Ordering::Relaxed);
+    let rec = ingest.await.unwrap();
+    let during = q.finish().await;
+    let acked = rec.acknowledged_docs();
+    assert!(
+        rec.batches.iter().all(|(_, o)| *o == Outcome::Acknowledged),
+        "a batch was never acknowledged despite retries"
+    );
+    assert!(acked.len() >= 200, "too little ingested: {}", acked.len());
+    final_check(&c, &acked).await;
+    print_json(serde_json::json!({
+        "test": "sigkill_during_ingest", "kills": kills, "batches": rec.batches.len(),
+        "acknowledged_docs": acked.len(), "attempts": rec.attempts, "retries": rec.retries,
+        "queries_before": before.total(), "p99_ms_before": before.p99_ms(),
+        "queries_during": during.total(), "success_rate_during": during.success_rate(),
+        "partial_during": during.partial, "failed_during": during.failed,
+        "p99_ms_during": during.p99_ms(),
+    }));
+    assert_eq!(
+        during.failed, 0,
+        "queries failed outright during the faults: {:?}",
+        during.errors
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn paused_primary_is_fenced_and_acknowledged_writes_survive() {
+    let _g = SERIAL.lock().await;
+    let c = replicated_cluster().await;
+    let nodes = Arc::new(Mutex::new(c.all_nodes()));
+    let never = Arc::new(AtomicBool::new(false));
+    let first = spawn_ingest(&nodes, 0, 20, &never).await.unwrap();
+    // The victim: the primary of shard 0.
+    let shard0 = c
+        .shards(COLLECTION)
+        .await
+        .into_iter()
+        .find(|s| s.index == 0)
+        .unwrap();
+    let victim = c.node_index(&shard0.primary);
+    let mut admin = c.admin();
+    let internal = admin
+        .admin(|mut a| async move { a.list_nodes(cpb::ListNodesRequest {}).await })
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes
+        .into_iter()
+        .find(|n| n.id == shard0.primary)
+        .unwrap()
+        .addr;
+    let coll_id = admin
+        .admin(|mut a| async move {
+            a.describe_collection(cpb::DescribeCollectionRequest {
+                name: COLLECTION.into(),
+            })
+            .await
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .collection
+        .unwrap()
+        .id;
+    // Gateways other than the victim, for the workload and the queries.
+    let others: Vec<String> = c
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != victim)
+        .map(|(_, n)| n.public.clone())
+        .collect();
+    *nodes.lock().unwrap() = others;
+    let q = Queries::start(nodes.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = q.take();
+    let done = Arc::new(AtomicBool::new(false));
+    let ingest = spawn_ingest(&nodes, 1000, u64::MAX, &done);
+
+    let paused = Instant::now();
+    c.pause(victim);
+    let promoted = loop {
+        let s = c
+            .shards(COLLECTION)
+            .await
+            .into_iter()
+            .find(|s| s.index == 0)
+            .unwrap();
+        if s.epoch > shard0.epoch && s.primary != shard0.primary {
+            break paused.elapsed();
+        }
+        assert!(paused.elapsed() < Duration::from_secs(30), "no promotion");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Let writes flow under the new primary, then wake the old one and have it try a
+    // write of its own at once, as a primary that missed the news would.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.resume(victim);
+    let mut rc = shoal_proto::replica::replica_client::ReplicaClient::new(
+        tonic::transport::Endpoint::from_shared(format!("http://{internal}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let late = rc
+        .write(rpb::WriteRequest {
+            shard: Some(rpb::ShardRef {
+                collection: COLLECTION.into(),
+                collection_id: coll_id,
+                index: 0,
+            }),
+            upserts: vec![rpb::StoredDoc {
+                id: "late-write".into(),
+                vector: vector(999_999),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await;
+    let refusal = match &late {
+        Ok(_) => panic!("the deposed primary acknowledged a write"),
+        Err(e) => format!("{:?}: {}", e.code(), e.message()),
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    done.store(true, Ordering::Relaxed);
+    let second = ingest.await.unwrap();
+    let during = q.finish().await;
+    let mut acked = first.acknowledged_docs();
+    acked.extend(second.acknowledged_docs());
+    final_check(&c, &acked).await;
+    let mut g = connect(&c.running_nodes()[0]).await.unwrap();
+    let r = g
+        .get(pb::GetRequest {
+            collection: COLLECTION.into(),
+            id: "late-write".into(),
+            with_vector: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!r.found, "the refused late write is visible");
+    print_json(serde_json::json!({
+        "test": "sigstop_primary", "promoted_after_s": promoted.as_secs_f64(),
+        "late_write": refusal, "acknowledged_docs": acked.len(),
+        "retries": second.retries,
+        "queries_before": before.total(), "p99_ms_before": before.p99_ms(),
+        "queries_during": during.total(), "success_rate_during": during.success_rate(),
+        "partial_during": during.partial, "failed_during": during.failed,
+        "p99_ms_during": during.p99_ms(),
+    }));
+    assert!(
+        during.success_rate() >= 0.99,
+        "success rate {} during the pause",
+        during.success_rate()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lost_node_is_re_replicated_while_queries_succeed() {
+    let _g = SERIAL.lock().await;
+    let mut c = replicated_cluster().await;
+    let nodes = Arc::new(Mutex::new(c.all_nodes()));
+    let never = Arc::new(AtomicBool::new(false));
+    let batches = if soak() { 500 } else { 60 };
+    let rec = spawn_ingest(&nodes, 0, batches, &never).await.unwrap();
+    let q = Queries::start(nodes.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = q.take();
+    let victim = 2;
+    c.kill(victim);
+    let t = Instant::now();
+    c.wait_node_state(
+        &c.nodes[victim].id,
+        cpb::NodeState::Down,
+        Duration::from_secs(30),
+    )
+    .await;
+    let declared_down = t.elapsed();
+    c.wait_replicated(COLLECTION, 2, Duration::from_secs(90))
+        .await;
+    let restored = t.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let during = q.finish().await;
+    let acked = rec.acknowledged_docs();
+    final_check(&c, &acked).await;
+    print_json(serde_json::json!({
+        "test": "node_lost", "documents": acked.len(),
+        "declared_down_after_s": declared_down.as_secs_f64(),
+        "rf_restored_after_s": restored.as_secs_f64(),
+        "down_after_ms": DOWN_MS,
+        "queries_before": before.total(), "p99_ms_before": before.p99_ms(),
+        "queries_during": during.total(), "success_rate_during": during.success_rate(),
+        "partial_during": during.partial, "failed_during": during.failed,
+        "p99_ms_during": during.p99_ms(),
+    }));
+    assert!(
+        during.success_rate() >= 0.99,
+        "success rate {} with a node down",
+        during.success_rate()
+    );
+}
