@@ -3,6 +3,7 @@
 
 mod encoder;
 mod ir;
+mod load;
 mod measure;
 mod shard;
 
@@ -26,6 +27,9 @@ enum Cmd {
     Encoder(encoder::EncoderArgs),
     /// Retrieval quality: nDCG@10 of the Burn encoder + exact search on a BEIR collection.
     Ndcg(ir::NdcgArgs),
+    /// A running cluster under a closed-loop search load (QPS, latency, recall against
+    /// exact), then ingest next to the encoder alone.
+    Load(load::LoadArgs),
     /// Internal: opens a shard in a fresh process and reports its resident memory.
     #[command(hide = true)]
     ShardRss { dir: std::path::PathBuf },
@@ -44,6 +48,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Shard(args) => shard::run(args),
         Cmd::Ndcg(args) => ir::run(args),
         Cmd::Encoder(args) => encoder::run(args),
+        Cmd::Load(args) => load::run(args),
         Cmd::ShardRss { dir } => shard::rss_child(&dir),
         Cmd::TrainProbe { factory, sample } => shard::train_probe(&factory, sample),
     }

@@ -355,7 +355,7 @@ impl Gateway {
         }
     }
 
-    fn shard<'a>(shards: &'a [cpb::Shard], index: u32) -> Result<&'a cpb::Shard, Status> {
+    fn shard(shards: &[cpb::Shard], index: u32) -> Result<&cpb::Shard, Status> {
         shards
             .iter()
             .find(|s| s.index == index)
@@ -644,6 +644,7 @@ impl Gateway {
                 k: req.k,
                 nprobe: req.nprobe,
                 refine: req.refine,
+                exact: req.exact,
             };
             self.search_shard(s, req, budget)
                 .instrument(tracing::info_span!("shard.search", shard = s.index))

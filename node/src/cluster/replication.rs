@@ -400,7 +400,7 @@ impl Replication {
                 Err(e) => {
                     failures += 1;
                     next = None;
-                    if failures == 1 || failures % 20 == 0 {
+                    if failures == 1 || failures.is_multiple_of(20) {
                         tracing::warn!(shard = %self.key, backup = %node, error = %e.message(), "replication to backup failing");
                     }
                     if e.code() == tonic::Code::FailedPrecondition
@@ -465,25 +465,17 @@ impl Replication {
         }
         let batches: Vec<Arc<WalBatch>> = {
             let r = self.recent.lock();
-            if r.batches
-                .first_key_value()
-                .is_none_or(|(&first, _)| first > from)
-            {
-                None
-            } else {
-                let mut out = Vec::new();
-                let mut bytes = 0;
-                for (&seq, b) in r.batches.range(from..) {
-                    if seq != from + out.len() as u64 || (bytes > APPEND_BYTES && !out.is_empty()) {
-                        break;
-                    }
-                    bytes += batch_bytes(b);
-                    out.push(b.clone());
+            let mut out = Vec::new();
+            let mut bytes = 0;
+            for (&seq, b) in r.batches.range(from..) {
+                if seq != from + out.len() as u64 || (bytes > APPEND_BYTES && !out.is_empty()) {
+                    break;
                 }
-                Some(out)
+                bytes += batch_bytes(b);
+                out.push(b.clone());
             }
-        }
-        .map_or_else(Vec::new, |v| v);
+            out
+        };
         if batches.is_empty() {
             let held = self.recent.lock().batches.contains_key(&from);
             if !held {

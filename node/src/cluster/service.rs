@@ -15,7 +15,7 @@ use super::gateway::Gateway;
 use super::replicas::{Registry, ReplicaKey, ReplicaMsg};
 use super::replication::{self, shard_status, Replication};
 use super::Replications;
-use crate::shard::{Document, SearchParams, Shard, ShardError, WriteOp};
+use crate::shard::{Document, SearchMode, SearchParams, Shard, ShardError, WriteOp};
 use crate::telemetry;
 
 /// A server span for `req`, continuing the caller's trace if it sent one.
@@ -315,7 +315,11 @@ impl rpb::replica_server::Replica for ReplicaService {
             k: r.k as usize,
             nprobe: (r.nprobe > 0).then_some(r.nprobe as usize),
             refine_factor: (r.refine > 0).then_some(r.refine as usize),
-            ..SearchParams::default()
+            mode: if r.exact {
+                SearchMode::Exact
+            } else {
+                SearchMode::Rerank
+            },
         };
         let res = Self::call(actor, |reply| ReplicaMsg::Search(r.vector, p, reply))
             .instrument(span)
