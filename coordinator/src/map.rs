@@ -778,6 +778,35 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn promote_is_conditional_on_the_epoch_and_a_serving_replica() {
+        let mut m = map_with_nodes(3);
+        m.apply(&Command::CreateCollection(spec("c", 1, 2)))
+            .unwrap();
+        let s = m.shards_of("c").next().unwrap().clone();
+        let backup = s
+            .replicas
+            .iter()
+            .find(|r| Some(&r.node) != s.primary.as_ref())
+            .unwrap()
+            .node
+            .clone();
+        let promote = |node: &str, epoch| Command::Promote {
+            shard: s.key.clone(),
+            node: node.into(),
+            epoch,
+        };
+        // A decision made on an older epoch, or naming a node without a replica, is refused.
+        assert!(m.apply(&promote(&backup, s.epoch + 5)).is_err());
+        assert!(m.apply(&promote("nowhere", s.epoch)).is_err());
+        m.apply(&promote(&backup, s.epoch)).unwrap();
+        let s2 = &m.shards[&s.key];
+        assert_eq!(s2.primary.as_deref(), Some(backup.as_str()));
+        assert_eq!(s2.epoch, s.epoch + 1);
+        // The same decision applied twice does not bump the epoch again.
+        assert!(m.apply(&promote(&backup, s.epoch)).is_err());
+    }
+
+    #[test]
     fn drop_then_recreate_gets_a_new_id() {
         let mut m = map_with_nodes(1);
         m.apply(&Command::CreateCollection(spec("c", 2, 1)))

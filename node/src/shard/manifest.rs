@@ -40,6 +40,10 @@ pub struct Manifest {
     /// replica compares with its primary's to find where they diverge.
     #[serde(default)]
     pub epochs: Vec<(u64, u64)>,
+    /// The newest client request ids with (seq, upserted, deleted), so retries stay
+    /// idempotent across a clean restart (the log holds the rest until checkpointed).
+    #[serde(default)]
+    pub requests: Vec<(String, u64, usize, usize)>,
 }
 
 impl Manifest {
@@ -53,6 +57,7 @@ impl Manifest {
             serving: None,
             next_generation: 1,
             epochs: Vec::new(),
+            requests: Vec::new(),
         }
     }
 

@@ -76,6 +76,8 @@ pub struct WriteAck {
 
 /// Request ids remembered per shard for idempotent retries (the oldest are forgotten).
 const REMEMBERED_REQUESTS: usize = 100_000;
+/// Of those, the newest kept in the manifest across checkpoints.
+const CHECKPOINTED_REQUESTS: usize = 4_096;
 
 /// A consistent copy of a shard's checkpointed state: its manifest (without an index
 /// generation: the receiver builds its own) and the prefixes of the segment files it
@@ -363,6 +365,16 @@ impl Shard {
             requests: HashMap::new(),
             request_order: Default::default(),
         };
+        for (id, seq, upserted, deleted) in writer.manifest.requests.clone() {
+            let ack = WriteAck {
+                seq,
+                upserted,
+                deleted,
+                duplicate: false,
+            };
+            writer.requests.insert(id.clone(), ack);
+            writer.request_order.push_back(id);
+        }
         let mut replayed = 0usize;
         wal::replay(dir, writer.manifest.applied_seq, |batch| {
             replayed += 1;
@@ -1070,6 +1082,16 @@ fn checkpoint(dir: &Path, w: &mut Writer) -> Result<()> {
     w.manifest.applied_seq = w.last_seq;
     w.manifest.docs_len = w.docs.len();
     w.manifest.rows = w.vectors.view().rows();
+    let keep = w.request_order.len().saturating_sub(CHECKPOINTED_REQUESTS);
+    w.manifest.requests = w
+        .request_order
+        .iter()
+        .skip(keep)
+        .filter_map(|id| {
+            let a = w.requests.get(id)?;
+            Some((id.clone(), a.seq, a.upserted, a.deleted))
+        })
+        .collect();
     w.manifest.store(dir)?;
     w.wal = Some(Wal::start(dir, w.last_seq + 1)?);
     Ok(())
