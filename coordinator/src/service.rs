@@ -177,7 +177,8 @@ pub fn spec_from_pb(r: pb::CreateCollectionRequest) -> Result<CollectionSpec, St
             refine: or(ix.refine, d.refine),
         },
         shard_count: r.shard_count,
-        replication_factor: r.replication_factor,
+        // Unset: two copies of every shard, so one lost node loses nothing.
+        replication_factor: or(r.replication_factor, 2),
         replica_memory_bytes: if r.replica_memory_bytes == 0 {
             DEFAULT_REPLICA_MEMORY
         } else {

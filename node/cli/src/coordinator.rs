@@ -96,7 +96,8 @@ pub enum CollectionCmd {
         metric: String,
         #[arg(long, default_value_t = 3)]
         shards: u32,
-        #[arg(long, default_value_t = 1)]
+        /// Copies of every shard (primary + backups).
+        #[arg(long, default_value_t = 2)]
         replication_factor: u32,
         #[arg(long, default_value_t = 0)]
         nlist: u32,
