@@ -568,6 +568,29 @@ async fn ingest_search_get_delete_errors_and_replica_crash() {
             .all(|s| s.error.is_empty() && s.generation >= 1),
         "{built:?}"
     );
+    // The primaries report their new generations; the map records them.
+    let t = Instant::now();
+    loop {
+        let shards = admin
+            .admin(|mut c| async move {
+                c.list_shards(cpb::ListShardsRequest {
+                    collection: "vecs".into(),
+                })
+                .await
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .shards;
+        if shards.iter().all(|s| s.serving_generation >= 1) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "generations not in the map: {shards:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let r = gb
         .search(pb::SearchRequest {
             collection: "vecs".into(),
