@@ -646,6 +646,15 @@ pub fn live_docs(shards: &[cpb::Shard]) -> u64 {
         .sum()
 }
 
-pub fn print_json(v: serde_json::Value) {
+/// Prints a fault test's figures as one JSON line, with the query loop's outcomes
+/// before and during the fault.
+pub fn report(mut v: serde_json::Value, before: &QueryStats, during: &QueryStats) {
+    v["queries_before"] = before.total().into();
+    v["p99_ms_before"] = before.p99_ms().into();
+    v["queries_during"] = during.total().into();
+    v["success_rate_during"] = during.success_rate().into();
+    v["partial_during"] = during.partial.into();
+    v["failed_during"] = during.failed.into();
+    v["p99_ms_during"] = during.p99_ms().into();
     println!("{v}");
 }

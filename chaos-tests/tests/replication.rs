@@ -125,14 +125,14 @@ async fn nodes_killed_during_ingest_lose_no_acknowledged_write() {
     );
     assert!(acked.len() >= 200, "too little ingested: {}", acked.len());
     final_check(&c, &acked).await;
-    print_json(serde_json::json!({
-        "test": "sigkill_during_ingest", "kills": kills, "batches": rec.batches.len(),
-        "acknowledged_docs": acked.len(), "attempts": rec.attempts, "retries": rec.retries,
-        "queries_before": before.total(), "p99_ms_before": before.p99_ms(),
-        "queries_during": during.total(), "success_rate_during": during.success_rate(),
-        "partial_during": during.partial, "failed_during": during.failed,
-        "p99_ms_during": during.p99_ms(),
-    }));
+    report(
+        serde_json::json!({
+            "test": "sigkill_during_ingest", "kills": kills, "batches": rec.batches.len(),
+            "acknowledged_docs": acked.len(), "attempts": rec.attempts, "retries": rec.retries,
+        }),
+        &before,
+        &during,
+    );
     assert_eq!(
         during.failed, 0,
         "queries failed outright during the faults: {:?}",
@@ -257,15 +257,15 @@ async fn paused_primary_is_fenced_and_acknowledged_writes_survive() {
         .unwrap()
         .into_inner();
     assert!(!r.found, "the refused late write is visible");
-    print_json(serde_json::json!({
-        "test": "sigstop_primary", "promoted_after_s": promoted.as_secs_f64(),
-        "late_write": refusal, "acknowledged_docs": acked.len(),
-        "retries": second.retries,
-        "queries_before": before.total(), "p99_ms_before": before.p99_ms(),
-        "queries_during": during.total(), "success_rate_during": during.success_rate(),
-        "partial_during": during.partial, "failed_during": during.failed,
-        "p99_ms_during": during.p99_ms(),
-    }));
+    report(
+        serde_json::json!({
+            "test": "sigstop_primary", "promoted_after_s": promoted.as_secs_f64(),
+            "late_write": refusal, "acknowledged_docs": acked.len(),
+            "retries": second.retries,
+        }),
+        &before,
+        &during,
+    );
     assert!(
         during.success_rate() >= 0.99,
         "success rate {} during the pause",
@@ -301,16 +301,16 @@ async fn lost_node_is_re_replicated_while_queries_succeed() {
     let during = q.finish().await;
     let acked = rec.acknowledged_docs();
     final_check(&c, &acked).await;
-    print_json(serde_json::json!({
-        "test": "node_lost", "documents": acked.len(),
-        "declared_down_after_s": declared_down.as_secs_f64(),
-        "rf_restored_after_s": restored.as_secs_f64(),
-        "down_after_ms": DOWN_MS,
-        "queries_before": before.total(), "p99_ms_before": before.p99_ms(),
-        "queries_during": during.total(), "success_rate_during": during.success_rate(),
-        "partial_during": during.partial, "failed_during": during.failed,
-        "p99_ms_during": during.p99_ms(),
-    }));
+    report(
+        serde_json::json!({
+            "test": "node_lost", "documents": acked.len(),
+            "declared_down_after_s": declared_down.as_secs_f64(),
+            "rf_restored_after_s": restored.as_secs_f64(),
+            "down_after_ms": DOWN_MS,
+        }),
+        &before,
+        &during,
+    );
     assert!(
         during.success_rate() >= 0.99,
         "success rate {} with a node down",

@@ -20,8 +20,19 @@ use crate::placement;
 use crate::raft::{decode, encode, Member, Raft, Request, Response};
 use crate::store::StateMachine;
 
-/// Replica reports by (shard, node).
-pub type Reports = HashMap<(ShardKey, String), shoal_proto::coordinator::ReplicaReport>;
+/// Replica reports by node, then shard: a heartbeat replaces its node's entry whole.
+#[derive(Clone, Default)]
+pub struct Reports(HashMap<String, HashMap<ShardKey, shoal_proto::coordinator::ReplicaReport>>);
+
+impl Reports {
+    pub fn get(
+        &self,
+        shard: &ShardKey,
+        node: &str,
+    ) -> Option<&shoal_proto::coordinator::ReplicaReport> {
+        self.0.get(node)?.get(shard)
+    }
+}
 
 /// A follower's forwarded write, as the leader answers it.
 #[derive(Serialize, Deserialize)]
@@ -212,8 +223,7 @@ impl Coordinator {
         // Index generations the primaries serve now go into the map (durable, watched).
         let mut generations = Vec::new();
         {
-            let mut reports = self.reports.lock();
-            reports.retain(|(_, n), _| n != node);
+            let mut mine = HashMap::with_capacity(replicas.len());
             let st = self.sm.state.lock();
             for r in replicas {
                 let Some(key) = ShardKey::parse(&r.shard) else {
@@ -230,8 +240,10 @@ impl Coordinator {
                         });
                     }
                 }
-                reports.insert((key, node.to_string()), r);
+                mine.insert(key, r);
             }
+            drop(st);
+            self.reports.lock().0.insert(node.to_string(), mine);
         }
         for c in generations {
             if let Err(e) = self.write(c).await {
@@ -305,7 +317,7 @@ impl Coordinator {
                     .filter(|r| r.node != node && r.state == ReplicaState::Serving && live(&r.node))
                     .max_by_key(|r| {
                         reports
-                            .get(&(s.key.clone(), r.node.clone()))
+                            .get(&s.key, &r.node)
                             .map_or((0, 0), |p| (p.last_epoch, p.applied_seq))
                     })?;
                 tracing::info!(shard = %s.key, from = node, to = %best.node, epoch = s.epoch + 1, "promoting a backup");

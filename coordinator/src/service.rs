@@ -82,13 +82,13 @@ pub fn node_pb(n: &Node, map: &ClusterMap) -> pb::NodeInfo {
 }
 
 pub fn shard_pb(s: &Shard) -> pb::Shard {
-    shard_pb_with(s, &Reports::new())
+    shard_pb_with(s, &Reports::default())
 }
 
 /// A shard with each replica's last heartbeat report (sequence number, lag, index
 /// generation), as the leader has them.
 pub fn shard_pb_with(s: &Shard, reports: &Reports) -> pb::Shard {
-    let report = |node: &str| reports.get(&(s.key.clone(), node.to_string()));
+    let report = |node: &str| reports.get(&s.key, node);
     let primary_seq = s
         .primary
         .as_deref()
@@ -297,7 +297,7 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::ListShardsResponse>, Status> {
         let name = req.into_inner().collection;
         let map = self.0.read().await?;
-        let reports = self.0.reports.lock().clone();
+        let reports = self.0.reports.lock();
         let pb = |s| shard_pb_with(s, &reports);
         let shards = if name.is_empty() {
             map.shards.values().map(pb).collect()

@@ -65,22 +65,4 @@ impl MapView {
             .take_while(move |((c, _), _)| c == collection)
             .map(|(_, s)| s)
     }
-
-    /// The node to send a shard's reads and writes to: its primary while that node is
-    /// up, else the first other serving replica on an up node.
-    pub fn route(&self, shard: &pb::Shard) -> Option<&pb::NodeInfo> {
-        let up = |id: &str| {
-            self.nodes
-                .get(id)
-                .filter(|n| n.state == pb::NodeState::Up as i32)
-        };
-        if let Some(n) = up(&shard.primary) {
-            return Some(n);
-        }
-        shard
-            .replicas
-            .iter()
-            .filter(|r| r.state == pb::ReplicaState::Serving as i32)
-            .find_map(|r| up(&r.node_id))
-    }
 }

@@ -667,6 +667,54 @@ impl Replication {
         Ok(())
     }
 
+    /// A backup's side of InstallSnapshot, after the first chunk was accepted: the
+    /// segment files are written into a staging dir beside the replica's (with the
+    /// primary's manifest), ready for the replica actor to swap in. Returns the dir
+    /// and the bytes received. Hold [`Self::lock_apply`] across this and the swap.
+    pub async fn receive_snapshot(
+        &self,
+        first: &rpb::SnapshotChunk,
+        stream: &mut tonic::Streaming<rpb::SnapshotChunk>,
+    ) -> Result<(PathBuf, u64), Status> {
+        use tokio::io::AsyncWriteExt;
+        let staging = staging_dir(self.shard()?.dir());
+        let io = |e: std::io::Error| Status::internal(format!("writing the snapshot: {e}"));
+        let _ = tokio::fs::remove_dir_all(&staging).await;
+        tokio::fs::create_dir_all(&staging).await.map_err(io)?;
+        let mut files: HashMap<String, tokio::fs::File> = HashMap::new();
+        let mut bytes = 0u64;
+        while let Some(chunk) = futures::StreamExt::next(stream).await {
+            let chunk = chunk?;
+            if chunk.file.is_empty()
+                || chunk.file.contains('/')
+                || chunk.file.contains("..")
+                || chunk.file == "manifest.json"
+            {
+                return Err(Status::invalid_argument(format!(
+                    "bad snapshot file name {:?}",
+                    chunk.file
+                )));
+            }
+            if !files.contains_key(&chunk.file) {
+                let f = tokio::fs::File::create(staging.join(&chunk.file))
+                    .await
+                    .map_err(io)?;
+                files.insert(chunk.file.clone(), f);
+            }
+            let f = files.get_mut(&chunk.file).expect("opened above");
+            f.write_all(&chunk.data).await.map_err(io)?;
+            bytes += chunk.data.len() as u64;
+        }
+        for (_, f) in files {
+            f.sync_all().await.map_err(io)?;
+        }
+        let (dir, manifest) = (staging.clone(), first.manifest.clone());
+        shard::run_blocking(move || Shard::install_manifest(&dir, &manifest))
+            .await
+            .map_err(shard_status)?;
+        Ok((staging, bytes))
+    }
+
     /// Serialises snapshot installs with appends.
     pub async fn lock_apply(&self) -> tokio::sync::MutexGuard<'_, ()> {
         self.apply.lock().await

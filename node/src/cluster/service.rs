@@ -13,9 +13,9 @@ use tracing::Instrument;
 
 use super::gateway::Gateway;
 use super::replicas::{Registry, ReplicaKey, ReplicaMsg};
-use super::replication::{self, shard_status, Replication};
+use super::replication::{shard_status, Replication};
 use super::Replications;
-use crate::shard::{Document, SearchMode, SearchParams, Shard, ShardError, WriteOp};
+use crate::shard::{Document, SearchMode, SearchParams, ShardError, WriteOp};
 use crate::telemetry;
 
 /// A server span for `req`, continuing the caller's trace if it sent one.
@@ -254,39 +254,7 @@ impl rpb::replica_server::Replica for ReplicaService {
         let _g = repl.lock_apply().await;
         repl.accept_epoch(first.epoch, &first.primary)?;
         repl.mark_behind();
-        let dir = repl.shard()?.dir().to_path_buf();
-        let staging = replication::staging_dir(&dir);
-        let io = |e: std::io::Error| Status::internal(format!("writing the snapshot: {e}"));
-        let _ = std::fs::remove_dir_all(&staging);
-        std::fs::create_dir_all(&staging).map_err(io)?;
-        let mut files: std::collections::HashMap<String, std::fs::File> = Default::default();
-        let mut bytes = 0u64;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk?;
-            if chunk.file.is_empty()
-                || chunk.file.contains('/')
-                || chunk.file.contains("..")
-                || chunk.file == "manifest.json"
-            {
-                return Err(Status::invalid_argument(format!(
-                    "bad snapshot file name {:?}",
-                    chunk.file
-                )));
-            }
-            let f = match files.entry(chunk.file.clone()) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    e.insert(std::fs::File::create(staging.join(&chunk.file)).map_err(io)?)
-                }
-            };
-            use std::io::Write;
-            f.write_all(&chunk.data).map_err(io)?;
-            bytes += chunk.data.len() as u64;
-        }
-        for (_, f) in files {
-            f.sync_all().map_err(io)?;
-        }
-        Shard::install_manifest(&staging, &first.manifest).map_err(shard_status)?;
+        let (staging, bytes) = repl.receive_snapshot(&first, &mut stream).await?;
         Self::call(actor, |reply| ReplicaMsg::Install(staging, reply)).await?;
         let (last_seq, last_epoch) = repl.shard()?.last();
         tracing::info!(replica = %repl.key, seq = last_seq, bytes, from = %first.primary, "snapshot installed");

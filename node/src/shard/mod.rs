@@ -238,7 +238,20 @@ struct Writer {
 }
 
 impl Writer {
-    /// Records a batch applied at `ack.seq`: its epoch in the history, its request id.
+    /// Records `batch` as applied (after staging and publishing it): the last
+    /// sequence number, its epoch in the history, its request id.
+    fn finish(&mut self, batch: &WalBatch, upserted: usize, deleted: usize) -> WriteAck {
+        self.last_seq = batch.seq;
+        let ack = WriteAck {
+            seq: batch.seq,
+            upserted,
+            deleted,
+            duplicate: false,
+        };
+        self.note(batch.epoch, &batch.request_id, ack);
+        ack
+    }
+
     fn note(&mut self, epoch: u64, request_id: &str, ack: WriteAck) {
         if self.manifest.epochs.last().is_none_or(|&(e, _)| e != epoch) {
             self.manifest.epochs.push((epoch, ack.seq));
@@ -446,17 +459,6 @@ impl Shard {
         epoch: u64,
         request_id: &str,
     ) -> Result<(WriteAck, Option<Arc<WalBatch>>)> {
-        if !request_id.is_empty() {
-            if let Some(ack) = self.inner.writer.lock().requests.get(request_id) {
-                return Ok((
-                    WriteAck {
-                        duplicate: true,
-                        ..*ack
-                    },
-                    None,
-                ));
-            }
-        }
         let cfg = &self.inner.config;
         let mut logged = Vec::with_capacity(ops.len());
         for op in ops {
@@ -481,48 +483,30 @@ impl Shard {
             return Err(ShardError::Poisoned(self.inner.dir.clone()));
         }
         let mut w = self.inner.writer.lock();
+        // Checked under the writer lock, so two concurrent retries apply once.
+        if let Some(ack) = w
+            .requests
+            .get(request_id)
+            .filter(|_| !request_id.is_empty())
+        {
+            return Ok((
+                WriteAck {
+                    duplicate: true,
+                    ..*ack
+                },
+                None,
+            ));
+        }
         let batch = WalBatch {
             seq: w.last_seq + 1,
             epoch: if epoch == 0 { w.last_epoch() } else { epoch },
             request_id: request_id.to_string(),
             ops: logged,
         };
-        let result = (|| {
-            w.wal
-                .as_mut()
-                .expect("open shard has a log")
-                .append(&batch)?;
-            let seq = batch.seq;
-            let mut staged = Staged::default();
-            stage(&mut w, &batch, &mut staged)?;
-            let (upserted, deleted) = publish(&mut self.inner.state.write(), &w, staged);
-            w.last_seq = seq;
-            let ack = WriteAck {
-                seq,
-                upserted,
-                deleted,
-                duplicate: false,
-            };
-            w.note(batch.epoch, &batch.request_id, ack);
-            if w.wal
-                .as_ref()
-                .is_some_and(|l| l.bytes() > WAL_CHECKPOINT_BYTES)
-            {
-                checkpoint(&self.inner.dir, &mut w)?;
-            }
-            Ok(ack)
-        })();
-        if let Err(e) = &result {
-            // The log may hold a half-written frame or the segments a half-applied batch:
-            // refuse further writes until a reopen replays the log into a clean state.
-            tracing::error!(dir = %self.inner.dir.display(), error = %e, "write failed, shard poisoned");
-            self.inner.poisoned.store(true, Ordering::Release);
-        }
+        let ack = self.log_and_apply(&mut w, &batch)?;
         drop(w);
-        if result.is_ok() {
-            self.maybe_auto_rebuild();
-        }
-        result.map(|ack| (ack, Some(Arc::new(batch))))
+        self.maybe_auto_rebuild();
+        Ok((ack, Some(Arc::new(batch))))
     }
 
     /// Logs and applies batches a primary ordered, as a backup: each must follow this
@@ -539,40 +523,41 @@ impl Shard {
                     batch.seq, w.last_seq
                 )));
             }
-            let r = (|| {
-                w.wal
-                    .as_mut()
-                    .expect("open shard has a log")
-                    .append(batch)?;
-                let mut staged = Staged::default();
-                stage(&mut w, batch, &mut staged)?;
-                let (upserted, deleted) = publish(&mut self.inner.state.write(), &w, staged);
-                w.last_seq = batch.seq;
-                let ack = WriteAck {
-                    seq: batch.seq,
-                    upserted,
-                    deleted,
-                    duplicate: false,
-                };
-                w.note(batch.epoch, &batch.request_id, ack);
-                if w.wal
-                    .as_ref()
-                    .is_some_and(|l| l.bytes() > WAL_CHECKPOINT_BYTES)
-                {
-                    checkpoint(&self.inner.dir, &mut w)?;
-                }
-                Ok(())
-            })();
-            if let Err(e) = r {
-                tracing::error!(dir = %self.inner.dir.display(), error = %e, "replicated write failed, shard poisoned");
-                self.inner.poisoned.store(true, Ordering::Release);
-                return Err(e);
-            }
+            self.log_and_apply(&mut w, batch)?;
         }
         let last = w.last_seq;
         drop(w);
         self.maybe_auto_rebuild();
         Ok(last)
+    }
+
+    /// The one write path: log the batch (one fsync), write it into the segments,
+    /// make it visible to readers at once, checkpoint when the log is big. A failure
+    /// poisons the shard: the log may hold a half-written frame or the segments a
+    /// half-applied batch, so writes are refused until a reopen replays the log.
+    fn log_and_apply(&self, w: &mut Writer, batch: &WalBatch) -> Result<WriteAck> {
+        let result = (|| {
+            w.wal
+                .as_mut()
+                .expect("open shard has a log")
+                .append(batch)?;
+            let mut staged = Staged::default();
+            stage(w, batch, &mut staged)?;
+            let (upserted, deleted) = publish(&mut self.inner.state.write(), w, staged);
+            let ack = w.finish(batch, upserted, deleted);
+            if w.wal
+                .as_ref()
+                .is_some_and(|l| l.bytes() > WAL_CHECKPOINT_BYTES)
+            {
+                checkpoint(&self.inner.dir, w)?;
+            }
+            Ok(ack)
+        })();
+        if let Err(e) = &result {
+            tracing::error!(dir = %self.inner.dir.display(), seq = batch.seq, error = %e, "write failed, shard poisoned");
+            self.inner.poisoned.store(true, Ordering::Release);
+        }
+        result
     }
 
     /// Stops this handle from writing or checkpointing (its directory is about to be
@@ -1064,14 +1049,7 @@ fn apply(w: &mut Writer, st: &mut State, batch: WalBatch) -> Result<()> {
     let mut staged = Staged::default();
     stage(w, &batch, &mut staged)?;
     let (upserted, deleted) = publish(st, w, staged);
-    w.last_seq = batch.seq;
-    let ack = WriteAck {
-        seq: batch.seq,
-        upserted,
-        deleted,
-        duplicate: false,
-    };
-    w.note(batch.epoch, &batch.request_id, ack);
+    w.finish(&batch, upserted, deleted);
     Ok(())
 }
 
