@@ -134,6 +134,11 @@ pub const DOWN_MS: u64 = 3_000;
 impl Cluster {
     /// Three coordinators and `nodes` nodes (vectors only, no encoder).
     pub async fn start(nodes: usize) -> Cluster {
+        Self::start_with(nodes, DOWN_MS).await
+    }
+
+    /// As [`Cluster::start`], declaring a silent node down after `down_ms`.
+    pub async fn start_with(nodes: usize, down_ms: u64) -> Cluster {
         let bin = shoal_bin();
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().to_path_buf();
@@ -170,7 +175,7 @@ impl Cluster {
                     "--suspect-after-ms",
                     &SUSPECT_MS.to_string(),
                     "--down-after-ms",
-                    &DOWN_MS.to_string(),
+                    &down_ms.to_string(),
                 ]
                 .map(String::from)
                 .to_vec(),
@@ -252,6 +257,19 @@ impl Cluster {
     }
 
     pub async fn create_collection(&self, name: &str, shards: u32, rf: u32) {
+        self.create_collection_with_quorum(name, shards, rf, 0)
+            .await
+    }
+
+    /// A collection whose writes are acknowledged once `write_quorum` replicas hold
+    /// them (0: the default, every live serving replica).
+    pub async fn create_collection_with_quorum(
+        &self,
+        name: &str,
+        shards: u32,
+        rf: u32,
+        write_quorum: u32,
+    ) {
         let mut admin = self.admin();
         let name = name.to_string();
         admin
@@ -264,6 +282,7 @@ impl Cluster {
                         metric: cpb::Metric::L2 as i32,
                         shard_count: shards,
                         replication_factor: rf,
+                        write_quorum,
                         index: Some(cpb::IndexParams {
                             nlist: 4,
                             pq_m: 4,
@@ -277,6 +296,20 @@ impl Cluster {
             })
             .await
             .expect("create collection");
+    }
+
+    /// Each node's internal (replica service) address, by node id.
+    pub async fn internal_addrs(&self) -> std::collections::HashMap<String, String> {
+        let mut admin = self.admin();
+        admin
+            .admin(|mut a| async move { a.list_nodes(cpb::ListNodesRequest {}).await })
+            .await
+            .expect("list nodes")
+            .into_inner()
+            .nodes
+            .into_iter()
+            .map(|n| (n.id, n.addr))
+            .collect()
     }
 
     /// The shards of `collection` with replica reports, from the leader.

@@ -69,6 +69,9 @@ pub struct CollectionSpec {
     pub shard_count: u32,
     pub replication_factor: u32,
     pub replica_memory_bytes: u64,
+    /// Replicas (the primary included) that must hold a write before it is
+    /// acknowledged; 0 = every live serving replica, at least 2 at RF >= 2.
+    pub write_quorum: u32,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -286,6 +289,12 @@ impl CollectionSpec {
         }
         if self.replication_factor == 0 {
             return Err(invalid("replication_factor must be at least 1"));
+        }
+        if self.write_quorum > self.replication_factor {
+            return Err(invalid(format!(
+                "write_quorum {} exceeds the replication_factor {}",
+                self.write_quorum, self.replication_factor
+            )));
         }
         let ix = &self.index;
         if ix.nlist == 0 || ix.nlist > 1 << 20 {
@@ -665,6 +674,7 @@ pub(crate) mod tests {
             shard_count: shards,
             replication_factor: rf,
             replica_memory_bytes: DEFAULT_REPLICA_MEMORY,
+            write_quorum: 0,
         }
     }
 
@@ -742,6 +752,13 @@ pub(crate) mod tests {
             (spec("x", 1025, 1), "shard_count 1025"),
             (spec("x", 1, 0), "replication_factor must"),
             (spec("x", 1, 3), "exceeds the 2 node"),
+            (
+                CollectionSpec {
+                    write_quorum: 3,
+                    ..spec("x", 1, 2)
+                },
+                "write_quorum 3 exceeds the replication_factor 2",
+            ),
             (
                 CollectionSpec {
                     index: IndexParams {

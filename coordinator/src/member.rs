@@ -14,7 +14,7 @@ use shoal_proto::raft::Payload;
 
 use crate::config::Config;
 use crate::error::{CoordinatorError, Result};
-use crate::map::{ClusterMap, Command, NodeState, ReplicaState, ShardKey};
+use crate::map::{ClusterMap, Command, MapError, NodeState, ReplicaState, ShardKey};
 use crate::network;
 use crate::placement;
 use crate::raft::{decode, encode, Member, Raft, Request, Response};
@@ -328,6 +328,70 @@ impl Coordinator {
                 })
             })
             .collect()
+    }
+
+    /// An operator's handover of `shard`'s primary role to its serving replica on
+    /// `node`, under a new epoch. Refused when that replica is behind the primary by
+    /// the replicas' last reports, or its node is not up, unless `accept_data_loss`:
+    /// the writes it lacks are then lost, and the old primary truncates them when it
+    /// rejoins as a backup.
+    pub async fn promote(
+        &self,
+        shard: &ShardKey,
+        node: &str,
+        accept_data_loss: bool,
+    ) -> Result<()> {
+        self.require_leader()?;
+        let map = self.read().await?;
+        let s = map
+            .shards
+            .get(shard)
+            .ok_or_else(|| MapError::NotFound(format!("shard {shard} not found")))?;
+        if s.primary.as_deref() == Some(node) {
+            return Err(MapError::FailedPrecondition(format!(
+                "{node:?} is already the primary of shard {shard} (epoch {})",
+                s.epoch
+            ))
+            .into());
+        }
+        if !accept_data_loss {
+            let up = map
+                .nodes
+                .get(node)
+                .is_some_and(|n| matches!(n.state, NodeState::Up | NodeState::Draining));
+            if !up {
+                return Err(MapError::FailedPrecondition(format!(
+                    "node {node:?} is not up; promoting it needs accept_data_loss"
+                ))
+                .into());
+            }
+            let reports = self.reports.lock();
+            let pos = |n: &str| reports.get(shard, n).map(|r| (r.last_epoch, r.applied_seq));
+            let target = pos(node).ok_or_else(|| {
+                MapError::FailedPrecondition(format!(
+                    "no report yet from the replica of {shard} on {node:?}; retry after its next heartbeat"
+                ))
+            })?;
+            if let Some(primary) = s.primary.as_deref().and_then(pos) {
+                if target < primary {
+                    return Err(MapError::FailedPrecondition(format!(
+                        "the replica of {shard} on {node:?} is behind the primary \
+                         (epoch {} seq {} < epoch {} seq {}); promoting it would lose \
+                         acknowledged writes unless accept_data_loss",
+                        target.0, target.1, primary.0, primary.1
+                    ))
+                    .into());
+                }
+            }
+        }
+        tracing::info!(shard = %shard, to = node, epoch = s.epoch + 1, accept_data_loss, "promoting a replica on request");
+        self.write(Command::Promote {
+            shard: shard.clone(),
+            node: node.to_string(),
+            epoch: s.epoch,
+        })
+        .await?;
+        Ok(())
     }
 
     /// Ok on the leader; otherwise a not-leader error naming the leader's public

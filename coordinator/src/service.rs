@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 
 use crate::map::{
     Capacity, Change, ClusterMap, Collection, CollectionSpec, Command, EncoderRef, IndexParams,
-    Metric, Node, NodeState, ReplicaState, Shard, DEFAULT_REPLICA_MEMORY,
+    Metric, Node, NodeState, ReplicaState, Shard, ShardKey, DEFAULT_REPLICA_MEMORY,
 };
 use crate::member::{Coordinator, Reports};
 use crate::raft::{decode, encode, Member};
@@ -52,6 +52,7 @@ pub fn collection_pb(c: &Collection) -> pb::Collection {
         shard_count: s.shard_count,
         replication_factor: s.replication_factor,
         replica_memory_bytes: s.replica_memory_bytes,
+        write_quorum: s.write_quorum,
         created_version: c.created_version,
     }
 }
@@ -179,6 +180,7 @@ pub fn spec_from_pb(r: pb::CreateCollectionRequest) -> Result<CollectionSpec, St
         shard_count: r.shard_count,
         // Unset: two copies of every shard, so one lost node loses nothing.
         replication_factor: or(r.replication_factor, 2),
+        write_quorum: r.write_quorum,
         replica_memory_bytes: if r.replica_memory_bytes == 0 {
             DEFAULT_REPLICA_MEMORY
         } else {
@@ -376,6 +378,29 @@ impl pb::admin_server::Admin for AdminService {
             .await?;
         let map = self.0.read().await?;
         Ok(Response::new(node_pb(&map.nodes[&id], &map)))
+    }
+
+    async fn promote_replica(
+        &self,
+        req: Request<pb::PromoteReplicaRequest>,
+    ) -> Result<Response<pb::Shard>, Status> {
+        let r = req.into_inner();
+        if r.collection.is_empty() || r.node_id.is_empty() {
+            return Err(Status::invalid_argument(
+                "promote needs a collection and a node_id",
+            ));
+        }
+        let key = ShardKey {
+            collection: r.collection,
+            index: r.shard,
+        };
+        self.0.promote(&key, &r.node_id, r.accept_data_loss).await?;
+        let map = self.0.read().await?;
+        let s = map
+            .shards
+            .get(&key)
+            .ok_or_else(|| Status::not_found(format!("shard {key} not found")))?;
+        Ok(Response::new(shard_pb_with(s, &self.0.reports.lock())))
     }
 }
 

@@ -169,6 +169,7 @@ fn create_req(name: &str, shards: u32, rf: u32) -> pb::CreateCollectionRequest {
         shard_count: shards,
         replication_factor: rf,
         replica_memory_bytes: 0,
+        write_quorum: 0,
     }
 }
 
@@ -493,6 +494,136 @@ async fn silent_node_goes_suspect_then_down_and_its_replicas_move() {
         t.elapsed()
     );
     assert!(saw_suspect, "w3 went down without being suspect first");
+    for i in 0..3 {
+        g.stop_member(i).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn promote_replica_refuses_a_lagging_backup_unless_told_to_lose_data() {
+    let _serial = SERIAL.lock().await;
+    let mut g = Group::start(|_| {}).await;
+    g.leader(Duration::from_secs(10)).await;
+    let mut client = g.client();
+    for (id, zone) in [("w1", "a"), ("w2", "b")] {
+        register_up(&mut client, id, zone).await;
+    }
+    let bad = pb::CreateCollectionRequest {
+        write_quorum: 3,
+        ..create_req("q", 1, 2)
+    };
+    let err = client
+        .admin(|mut a| {
+            let r = bad.clone();
+            async move { a.create_collection(r).await }
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("write_quorum 3 exceeds"), "{err:?}");
+    let quorum_one = pb::CreateCollectionRequest {
+        write_quorum: 1,
+        ..create_req("p", 1, 2)
+    };
+    let info = client
+        .admin(|mut a| {
+            let r = quorum_one.clone();
+            async move { a.create_collection(r).await }
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.collection.as_ref().unwrap().write_quorum, 1);
+    let shard = &info.shards[0];
+    let primary = shard.primary.clone();
+    let backup = shard
+        .replicas
+        .iter()
+        .map(|r| r.node_id.clone())
+        .find(|n| *n != primary)
+        .unwrap();
+    // The primary has applied 10 batches, the backup 5.
+    for (node, seq) in [(&primary, 10), (&backup, 5)] {
+        let req = pb::HeartbeatRequest {
+            id: node.clone(),
+            replicas: vec![pb::ReplicaReport {
+                shard: "p/0".into(),
+                applied_seq: seq,
+                last_epoch: shard.epoch,
+                epoch: shard.epoch,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        client
+            .cluster(|mut c| {
+                let r = req.clone();
+                async move { c.heartbeat(r).await }
+            })
+            .await
+            .unwrap();
+    }
+    let promote = |node: &str, accept_data_loss: bool| pb::PromoteReplicaRequest {
+        collection: "p".into(),
+        shard: 0,
+        node_id: node.into(),
+        accept_data_loss,
+    };
+    let promoter = client.clone();
+    let call = |req: pb::PromoteReplicaRequest| {
+        let mut client = promoter.clone();
+        async move {
+            client
+                .admin(|mut a| {
+                    let r = req.clone();
+                    async move { a.promote_replica(r).await }
+                })
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    let err = call(promote(&backup, false)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        err.message().contains("behind the primary (epoch"),
+        "{err:?}"
+    );
+    let err = call(promote(&primary, false)).await.unwrap_err();
+    assert!(err.message().contains("already the primary"), "{err:?}");
+    let err = call(pb::PromoteReplicaRequest {
+        collection: "nope".into(),
+        ..promote(&backup, true)
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    let s = call(promote(&backup, true)).await.unwrap();
+    assert_eq!(s.primary, backup);
+    assert_eq!(s.epoch, shard.epoch + 1);
+    // Caught up: the old primary may take the role back without the flag.
+    let req = pb::HeartbeatRequest {
+        id: primary.clone(),
+        replicas: vec![pb::ReplicaReport {
+            shard: "p/0".into(),
+            applied_seq: 5,
+            last_epoch: shard.epoch + 1,
+            epoch: shard.epoch + 1,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    client
+        .cluster(|mut c| {
+            let r = req.clone();
+            async move { c.heartbeat(r).await }
+        })
+        .await
+        .unwrap();
+    let s = call(promote(&primary, false)).await.unwrap();
+    assert_eq!(
+        (s.primary.as_str(), s.epoch),
+        (primary.as_str(), shard.epoch + 2)
+    );
     for i in 0..3 {
         g.stop_member(i).await;
     }

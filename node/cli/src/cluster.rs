@@ -283,6 +283,7 @@ async fn ensure_collection(target: &Target, name: &str, shards: u32, nlist: u32)
                 shard_count: shards,
                 replication_factor: 1,
                 replica_memory_bytes: 0,
+                write_quorum: 0,
             })
             .await
         }

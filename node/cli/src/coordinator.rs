@@ -99,6 +99,10 @@ pub enum CollectionCmd {
         /// Copies of every shard (primary + backups).
         #[arg(long, default_value_t = 2)]
         replication_factor: u32,
+        /// Replicas (the primary included) that must hold a write before it is
+        /// acknowledged; 0 = every live serving replica, at least 2 at RF >= 2.
+        #[arg(long, default_value_t = 0)]
+        write_quorum: u32,
         #[arg(long, default_value_t = 0)]
         nlist: u32,
         #[arg(long, default_value_t = 0)]
@@ -122,6 +126,49 @@ pub enum CollectionCmd {
     },
 }
 
+#[derive(Subcommand)]
+pub enum ShardCmd {
+    /// Hands the shard's primary role to its serving replica on NODE (new epoch).
+    /// Refused when that replica is behind the primary or its node is not up.
+    Promote {
+        collection: String,
+        shard: u32,
+        node: String,
+        /// Promote anyway: writes the replica lacks are lost, and the old primary
+        /// truncates them when it rejoins as a backup.
+        #[arg(long)]
+        accept_data_loss: bool,
+    },
+}
+
+pub async fn shard(target: Target, cmd: ShardCmd) -> anyhow::Result<()> {
+    let mut client = Client::new(target.coordinators);
+    match cmd {
+        ShardCmd::Promote {
+            collection,
+            shard,
+            node,
+            accept_data_loss,
+        } => {
+            let req = pb::PromoteReplicaRequest {
+                collection,
+                shard,
+                node_id: node,
+                accept_data_loss,
+            };
+            let s = client
+                .admin(|mut a| {
+                    let r = req.clone();
+                    async move { a.promote_replica(r).await }
+                })
+                .await?
+                .into_inner();
+            print_json(shard_json(&s));
+        }
+    }
+    Ok(())
+}
+
 fn print_json(v: serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(&v).expect("json"));
 }
@@ -132,6 +179,7 @@ fn collection_json(c: &pb::Collection) -> serde_json::Value {
         "name": c.name, "id": c.id, "dimension": c.dimension,
         "metric": pb::Metric::try_from(c.metric).map(|m| m.as_str_name()).unwrap_or("?"),
         "shards": c.shard_count, "replication_factor": c.replication_factor,
+        "write_quorum": c.write_quorum,
         "index": {"nlist": ix.nlist, "pq_m": ix.pq_m, "pq_nbits": ix.pq_nbits,
                   "nprobe": ix.nprobe, "refine": ix.refine},
         "encoder": c.encoder.as_ref().map(|e| e.model_id.clone()),
@@ -168,6 +216,7 @@ pub async fn collection(target: Target, cmd: CollectionCmd) -> anyhow::Result<()
             metric,
             shards,
             replication_factor,
+            write_quorum,
             nlist,
             pq_m,
             pq_nbits,
@@ -198,6 +247,7 @@ pub async fn collection(target: Target, cmd: CollectionCmd) -> anyhow::Result<()
                 shard_count: shards,
                 replication_factor,
                 replica_memory_bytes: 0,
+                write_quorum,
             };
             let info = client
                 .admin(|mut a| {

@@ -62,6 +62,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: coordinator::CollectionCmd,
     },
+    /// Operator actions on one shard's replica set.
+    Shard {
+        #[command(flatten)]
+        target: coordinator::Target,
+        #[command(subcommand)]
+        cmd: coordinator::ShardCmd,
+    },
     /// The coordinator group, the nodes and every shard's replica set.
     Status {
         #[command(flatten)]
@@ -149,6 +156,7 @@ fn run(cmd: Cmd, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
         Cmd::Embed { model_dir, batch } => embed::run(&model_dir, batch),
         Cmd::Coordinator(args) => rt.block_on(coordinator::run(args)),
         Cmd::Collection { target, cmd } => rt.block_on(coordinator::collection(target, cmd)),
+        Cmd::Shard { target, cmd } => rt.block_on(coordinator::shard(target, cmd)),
         Cmd::Status { target } => rt.block_on(coordinator::status(target)),
         Cmd::Node(args) => rt.block_on(cluster::run_node(args)),
         Cmd::Dev(args) => rt.block_on(cluster::run_dev(args)),

@@ -40,10 +40,10 @@ pub type Replications = Arc<RwLock<HashMap<ReplicaKey, Arc<Replication>>>>;
 
 /// A hosted replica's role in its replica set, from the map.
 fn role_of(view: &MapView, s: &cpb::Shard, me: &str) -> Role {
-    let rf = view
+    let (rf, write_quorum) = view
         .collections
         .get(&s.collection)
-        .map_or(1, |c| c.replication_factor);
+        .map_or((1, 0), |c| (c.replication_factor, c.write_quorum));
     let peers = s
         .replicas
         .iter()
@@ -65,6 +65,7 @@ fn role_of(view: &MapView, s: &cpb::Shard, me: &str) -> Role {
         is_primary: s.primary == me,
         peers,
         replication_factor: rf,
+        write_quorum,
     }
 }
 

@@ -81,6 +81,27 @@ pub struct Role {
     pub is_primary: bool,
     pub peers: Vec<Peer>,
     pub replication_factor: u32,
+    /// The collection's write quorum (replicas, the primary included); 0 = default.
+    pub write_quorum: u32,
+}
+
+impl Role {
+    /// The backups that count towards a write's quorum (live and serving) and how
+    /// many of them must hold it: by default all of them, and at least one when the
+    /// replication factor is 2 or more; with an explicit quorum `q`, any `q - 1`.
+    pub fn quorum(&self) -> (Vec<String>, usize) {
+        let peers: Vec<String> = self
+            .peers
+            .iter()
+            .filter(|p| p.serving && p.live)
+            .map(|p| p.node.clone())
+            .collect();
+        let needed = match self.write_quorum {
+            0 => peers.len().max(usize::from(self.replication_factor >= 2)),
+            q => q as usize - 1,
+        };
+        (peers, needed)
+    }
 }
 
 pub fn shard_status(e: ShardError) -> Status {
@@ -266,6 +287,8 @@ impl Replication {
         }
         drop(reps);
         *self.role.write() = Some(role);
+        // Writes waiting for their quorum re-read it.
+        self.matched.send_modify(|_| {});
     }
 
     /// Stops the replicators (the replica is closing).
@@ -292,19 +315,14 @@ impl Replication {
             )));
         }
         self.check_fenced(role.epoch)?;
-        let quorum: Vec<String> = role
-            .peers
-            .iter()
-            .filter(|p| p.serving && p.live)
-            .map(|p| p.node.clone())
-            .collect();
-        let needed = if role.replication_factor >= 2 { 2 } else { 1 };
-        if 1 + quorum.len() < needed {
+        let (peers, needed) = role.quorum();
+        if peers.len() < needed {
             return Err(Status::unavailable(format!(
-                "shard {} has {} live serving replica(s), writes need {needed}; \
+                "shard {} has {} live serving replica(s), writes need {}; \
                  retry once the cluster restores its replicas",
                 self.key,
-                1 + quorum.len()
+                1 + peers.len(),
+                1 + needed
             )));
         }
         let shard = self.shard()?;
@@ -323,8 +341,8 @@ impl Replication {
             }
         }
         self.appended.notify_waiters();
-        self.wait_quorum(ack.seq, epoch, &quorum).await?;
-        Ok((ack, 1 + quorum.len() as u32))
+        let holders = self.wait_quorum(ack.seq, epoch).await?;
+        Ok((ack, 1 + holders as u32))
     }
 
     fn check_fenced(&self, epoch: u64) -> Result<(), Status> {
@@ -339,16 +357,36 @@ impl Replication {
         Ok(())
     }
 
-    async fn wait_quorum(&self, seq: u64, epoch: u64, quorum: &[String]) -> Result<(), Status> {
+    /// Waits until the write quorum holds `seq`; returns how many backups hold it.
+    /// The quorum is re-read from the role on every change, so a backup whose node
+    /// the map stops counting as live no longer holds writes up.
+    async fn wait_quorum(&self, seq: u64, epoch: u64) -> Result<usize, Status> {
         let mut rx = self.matched.subscribe();
+        let holding = |m: &HashMap<String, u64>, peers: &[String]| {
+            peers
+                .iter()
+                .filter(|n| m.get(*n).is_some_and(|&s| s >= seq))
+                .count()
+        };
         let wait = async {
             loop {
                 self.check_fenced(epoch)?;
-                if quorum
-                    .iter()
-                    .all(|n| rx.borrow().get(n).is_some_and(|&m| m >= seq))
-                {
-                    return Ok(());
+                let role = self
+                    .role()
+                    .ok_or_else(|| Status::unavailable("replica closed"))?;
+                let (peers, needed) = role.quorum();
+                if peers.len() < needed {
+                    return Err(Status::unavailable(format!(
+                        "shard {}: write {seq} lost its quorum ({} live serving replica(s), \
+                         {} needed); its outcome is unknown (retry with the same request id)",
+                        self.key,
+                        1 + peers.len(),
+                        1 + needed
+                    )));
+                }
+                let have = holding(&rx.borrow_and_update(), &peers);
+                if have >= needed {
+                    return Ok(have);
                 }
                 if rx.changed().await.is_err() {
                     return Err(Status::unavailable("replica closed"));
@@ -359,9 +397,12 @@ impl Replication {
             Ok(r) => r,
             Err(_) => {
                 let have = rx.borrow().clone();
-                let missing: Vec<&String> = quorum
-                    .iter()
-                    .filter(|n| have.get(*n).is_none_or(|&m| m < seq))
+                let missing: Vec<String> = self
+                    .role()
+                    .map(|r| r.quorum().0)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|n| have.get(n).is_none_or(|&m| m < seq))
                     .collect();
                 Err(Status::unavailable(format!(
                     "shard {}: write {seq} not confirmed by {missing:?} within {:?}; \
@@ -730,4 +771,50 @@ pub fn staging_dir(dir: &Path) -> PathBuf {
     let mut s = dir.as_os_str().to_owned();
     s.push(".incoming");
     PathBuf::from(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn role(rf: u32, write_quorum: u32, peers: &[(bool, bool)]) -> Role {
+        Role {
+            epoch: 1,
+            primary: "p".into(),
+            is_primary: true,
+            peers: peers
+                .iter()
+                .enumerate()
+                .map(|(i, &(serving, live))| Peer {
+                    node: format!("b{i}"),
+                    addr: String::new(),
+                    serving,
+                    live,
+                })
+                .collect(),
+            replication_factor: rf,
+            write_quorum,
+        }
+    }
+
+    #[test]
+    fn default_quorum_is_every_live_serving_replica_and_at_least_two() {
+        // RF 3, all up: both backups.
+        let (peers, needed) = role(3, 0, &[(true, true), (true, true)]).quorum();
+        assert_eq!((peers.len(), needed), (2, 2));
+        // A backup on a suspect node and a copy in progress do not count.
+        let (peers, needed) = role(3, 0, &[(true, false), (false, true)]).quorum();
+        assert_eq!((peers.len(), needed), (0, 1), "still needs a second copy");
+        // RF 1: the primary alone.
+        assert_eq!(role(1, 0, &[]).quorum(), (vec![], 0));
+    }
+
+    #[test]
+    fn explicit_quorum_counts_the_primary() {
+        let r = role(3, 2, &[(true, true), (true, true)]);
+        assert_eq!(r.quorum().1, 1, "any one backup");
+        assert_eq!(role(2, 1, &[(true, false)]).quorum().1, 0, "primary alone");
+        let (peers, needed) = role(3, 3, &[(true, true), (true, false)]).quorum();
+        assert!(peers.len() < needed, "3 of 3 with one down cannot be met");
+    }
 }
