@@ -136,7 +136,8 @@ pub fn run(args: EncoderArgs) -> Result<()> {
 
     let peer = CandlePeer::load(flex.spec())?;
     let ndarray: Encoder<burn::backend::NdArray> =
-        Encoder::load(&args.model_dir, Default::default())?;
+        Encoder::load(&args.model_dir, Default::default())?
+            .with_threads(shoal_encoder::cpu_threads());
 
     // Same vectors from both, or the timing comparison means nothing.
     let probe: Vec<&str> = docs.iter().take(16).map(String::as_str).collect();

@@ -73,6 +73,10 @@ pub struct Bert<B: Backend> {
     heads: usize,
 }
 
+/// Inputs of at most this many token rows split each linear's output columns in two
+/// halves computed side by side (see [`Bert::forward`]).
+const SPLIT_ROWS: usize = 64;
+
 fn linear<B: Backend>(i: usize, o: usize, d: &B::Device) -> Linear<B> {
     LinearConfig::new(i, o).init(d)
 }
@@ -166,8 +170,14 @@ impl<B: Backend> Bert<B> {
     }
 
     /// Hidden states `[batch, seq, hidden]` for token ids and a 0/1 attention mask,
-    /// both `[batch, seq]`.
-    pub fn forward(&self, ids: Tensor<B, 2, Int>, mask: Tensor<B, 2>) -> Tensor<B, 3> {
+    /// both `[batch, seq]`. `split_single`: spread a single sequence's work over two
+    /// threads (see [`Split`]); the caller splits larger batches by rows instead.
+    pub fn forward(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        mask: Tensor<B, 2>,
+        split_single: bool,
+    ) -> Tensor<B, 3> {
         let [b, s] = ids.dims();
         let device = ids.device();
         let e = &self.model.embeddings;
@@ -183,11 +193,20 @@ impl<B: Backend> Bert<B> {
         // Padding keys get a large negative bias: softmax gives them exactly 0 weight.
         // -1e4 rather than -1e9: it must stay finite in f16 (0 x -inf would be NaN), and
         // exp(-1e4) is already 0 in f32.
+        // Built once as a contiguous [b, 1, s, s]: the attention kernel then reads one
+        // tile per sequence for every head, where an expanded [b, heads, s, s] view
+        // would be copied out whole in every layer.
         let bias = (mask.ones_like() - mask)
             .mul_scalar(-1.0e4)
             .reshape([b, 1, 1, s]);
+        let bias = Tensor::<B, 4>::zeros([b, 1, s, s], &device) + bias;
+        let split = match (split_single && b == 1, s <= SPLIT_ROWS) {
+            (false, _) => Split::None,
+            (true, true) => Split::Short,
+            (true, false) => Split::Long,
+        };
         for layer in &self.model.encoder.layer {
-            x = self.layer_forward(layer, x, bias.clone(), b);
+            x = self.layer_forward(layer, x, bias.clone(), b, split);
         }
         x.reshape([b, s, h])
     }
@@ -200,26 +219,106 @@ impl<B: Backend> Bert<B> {
         x: Tensor<B, 2>,
         bias: Tensor<B, 4>,
         b: usize,
+        split: Split,
     ) -> Tensor<B, 2> {
+        let linear = |l: &Linear<B>, x: Tensor<B, 2>| match split {
+            Split::Short => split_columns(l, x, |y| y),
+            _ => l.forward(x),
+        };
         let [bs, h] = x.dims();
         let s = bs / b;
         let (heads, dh) = (self.heads, h / self.heads);
-        let split = |t: Tensor<B, 2>| t.reshape([b, s, heads, dh]).swap_dims(1, 2);
+        let to_heads = |t: Tensor<B, 2>| t.reshape([b, s, heads, dh]).swap_dims(1, 2);
         let a = &l.attention.self_attn;
-        let q = split(a.query.forward(x.clone()));
-        let k = split(a.key.forward(x.clone()));
-        let v = split(a.value.forward(x.clone()));
+        let q = to_heads(linear(&a.query, x.clone()));
+        let k = to_heads(linear(&a.key, x.clone()));
+        let v = to_heads(linear(&a.value, x.clone()));
         // The backend's fused attention (softmax(q kᵗ / sqrt(dh) + bias) v): burn-flex
-        // runs it as two large matrix products or a tiled flash kernel.
-        let bias = bias.expand([b, heads, s, s]);
-        let ctx = attention(q, k, v, None, Some(bias), AttentionModuleOptions::default())
-            .swap_dims(1, 2)
-            .reshape([bs, h]);
+        // runs it as two large matrix products or a tiled flash kernel, one head after
+        // another; the bias broadcasts over heads.
+        let attend = |q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>| {
+            attention(
+                q,
+                k,
+                v,
+                None,
+                Some(bias.clone()),
+                AttentionModuleOptions::default(),
+            )
+        };
+        let ctx = match split {
+            Split::None => attend(q, k, v),
+            _ => {
+                let half = heads / 2;
+                let part = |t: &Tensor<B, 4>, r: std::ops::Range<usize>| {
+                    t.clone().slice([0..b, r, 0..s, 0..dh])
+                };
+                let (x1, x2) = rayon::join(
+                    || attend(part(&q, 0..half), part(&k, 0..half), part(&v, 0..half)),
+                    || {
+                        attend(
+                            part(&q, half..heads),
+                            part(&k, half..heads),
+                            part(&v, half..heads),
+                        )
+                    },
+                );
+                Tensor::cat(vec![x1, x2], 1)
+            }
+        };
+        let ctx = ctx.swap_dims(1, 2).reshape([bs, h]);
         let o = &l.attention.output;
-        let x = o.layer_norm.forward(o.dense.forward(ctx) + x);
-        let inter = gelu(l.intermediate.dense.forward(x.clone()));
+        let x = o.layer_norm.forward(linear(&o.dense, ctx) + x);
+        let inter = match split {
+            Split::None => gelu(l.intermediate.dense.forward(x.clone())),
+            Split::Short => split_columns(&l.intermediate.dense, x.clone(), gelu),
+            Split::Long => {
+                let y = l.intermediate.dense.forward(x.clone());
+                let [m, n] = y.dims();
+                let (g1, g2) = rayon::join(
+                    || gelu(y.clone().slice([0..m / 2, 0..n])),
+                    || gelu(y.clone().slice([m / 2..m, 0..n])),
+                );
+                Tensor::cat(vec![g1, g2], 0)
+            }
+        };
         l.output
             .layer_norm
-            .forward(l.output.dense.forward(inter) + x)
+            .forward(linear(&l.output.dense, inter) + x)
     }
+}
+
+/// How one sequence's layer spreads over two threads (a batch of several is split by
+/// rows before the model). A CPU backend runs attention and element-wise kernels on
+/// one core, and matrix products under ~7M multiply-adds too.
+#[derive(Clone, Copy)]
+enum Split {
+    None,
+    /// At most [`SPLIT_ROWS`] tokens (a search query): every linear as two column
+    /// halves, attention as two halves of the heads.
+    Short,
+    /// A long sequence: its products are large enough for the backend to share out;
+    /// attention by halves of the heads, GELU by halves of the rows.
+    Long,
+}
+
+/// `f(x W + b)` with the output columns in two halves, each on its own rayon thread.
+fn split_columns<B: Backend>(
+    l: &Linear<B>,
+    x: Tensor<B, 2>,
+    f: impl Fn(Tensor<B, 2>) -> Tensor<B, 2> + Sync,
+) -> Tensor<B, 2> {
+    let w = l.weight.val();
+    let [i, o] = w.dims();
+    let half = o / 2;
+    let bias = l.bias.as_ref().map(|b| b.val());
+    let part = |r: std::ops::Range<usize>| {
+        let y = x.clone().matmul(w.clone().slice([0..i, r.clone()]));
+        f(match &bias {
+            Some(b) => y + b.clone().slice([r]).unsqueeze(),
+            None => y,
+        })
+    };
+    let (a, b) = rayon::join(|| part(0..half), || part(half..o));
+    Tensor::cat(vec![a, b], 1)
 }

@@ -38,6 +38,8 @@ pub struct Encoder<B: Backend> {
     tokenizer: Tokenizer,
     bert: Bert<B>,
     device: B::Device,
+    /// Sub-batches run side by side on a CPU backend (see [`Encoder::with_threads`]).
+    threads: usize,
 }
 
 /// Vectors for a batch, in input order.
@@ -84,7 +86,17 @@ impl<B: Backend> Encoder<B> {
             tokenizer,
             bert,
             device,
+            threads: 1,
         })
+    }
+
+    /// Splits each batch into up to `n` sub-batches whose forward passes run on their
+    /// own threads. On a CPU backend this puts every core on the work the backend
+    /// itself runs on one (attention, GELU, layout copies), not only on its matrix
+    /// products; GPU backends keep the default of 1.
+    pub fn with_threads(mut self, n: usize) -> Self {
+        self.threads = n.max(1);
+        self
     }
 
     pub fn dimension(&self) -> usize {
@@ -163,11 +175,47 @@ impl<B: Backend> Encoder<B> {
         self.run(ids, mask, b, s)
     }
 
-    /// Forward pass, pooling and normalisation over a padded `[b, s]` batch.
+    /// Forward pass, pooling and normalisation over a padded `[b, s]` batch, in up to
+    /// `threads` row blocks side by side.
     fn run(&self, ids: Vec<i64>, mask: Vec<f32>, b: usize, s: usize) -> Result<Vec<Vec<f32>>> {
+        let parts = self.threads.min(b);
+        if parts <= 1 {
+            // One block: a single sequence may still spread over the cores.
+            return self.run_block(ids, mask, b, s, self.threads > 1);
+        }
+        let rows = b.div_ceil(parts);
+        std::thread::scope(|scope| {
+            let blocks: Vec<_> = ids
+                .chunks(rows * s)
+                .zip(mask.chunks(rows * s))
+                .map(|(i, m)| {
+                    scope.spawn(move || {
+                        self.run_block(i.to_vec(), m.to_vec(), i.len() / s, s, false)
+                    })
+                })
+                .collect();
+            let mut out = Vec::with_capacity(b);
+            for block in blocks {
+                let vectors = block
+                    .join()
+                    .map_err(|_| EncoderError::Backend("an encoder thread panicked".into()))??;
+                out.extend(vectors);
+            }
+            Ok(out)
+        })
+    }
+
+    fn run_block(
+        &self,
+        ids: Vec<i64>,
+        mask: Vec<f32>,
+        b: usize,
+        s: usize,
+        split_single: bool,
+    ) -> Result<Vec<Vec<f32>>> {
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, s]), &self.device);
         let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [b, s]), &self.device);
-        let hidden = self.bert.forward(ids, mask.clone());
+        let hidden = self.bert.forward(ids, mask.clone(), split_single);
         let h = self.dimension();
         let pooled: Tensor<B, 2> = match self.spec.pooling {
             Pooling::Mean => {

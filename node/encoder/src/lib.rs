@@ -32,7 +32,12 @@ pub type CpuBackend = burn::backend::Flex;
 #[cfg(feature = "cuda")]
 pub type CudaBackend = burn::backend::Cuda;
 
-/// Loads a model dir on the default CPU backend.
+/// Loads a model dir on the default CPU backend, splitting batches over the cores.
 pub fn load_cpu(dir: &std::path::Path) -> Result<Encoder<CpuBackend>> {
-    Encoder::load(dir, Default::default())
+    Ok(Encoder::load(dir, Default::default())?.with_threads(cpu_threads()))
+}
+
+/// Cores this process may use.
+pub fn cpu_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
 }

@@ -84,6 +84,25 @@ fn t11_a_text_encodes_the_same_alone_and_in_a_padded_batch() {
     }
 }
 
+#[test]
+fn t12_a_batch_split_over_threads_gives_the_same_vectors_in_order() {
+    let fx = fixture();
+    let texts: Vec<&str> = fx.texts.iter().map(String::as_str).take(23).collect();
+    let one = load_cpu(&model_dir()).unwrap().with_threads(1);
+    let whole = one.encode(&texts).unwrap();
+    // 23 rows over 4 threads: blocks of 6, 6, 6, 5.
+    let split = load_cpu(&model_dir())
+        .unwrap()
+        .with_threads(4)
+        .encode(&texts)
+        .unwrap();
+    assert_eq!(split.vectors.len(), texts.len());
+    assert_eq!(split.truncated, whole.truncated);
+    for (i, (a, b)) in whole.vectors.iter().zip(&split.vectors).enumerate() {
+        assert!(cosine(a, b) > 0.999999, "text {i}: {:?}", texts[i]);
+    }
+}
+
 /// A model dir whose files are links into `src`, without the files in `skip`.
 fn linked_model_dir(src: &Path, skip: &[&str]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
