@@ -298,6 +298,25 @@ impl Cluster {
             .expect("create collection");
     }
 
+    /// The id the map gave `collection` (replica calls name it).
+    pub async fn collection_id(&self, collection: &str) -> u64 {
+        let name = collection.to_string();
+        self.admin()
+            .admin(|mut a| {
+                let name = name.clone();
+                async move {
+                    a.describe_collection(cpb::DescribeCollectionRequest { name })
+                        .await
+                }
+            })
+            .await
+            .expect("describe collection")
+            .into_inner()
+            .collection
+            .expect("collection")
+            .id
+    }
+
     /// Each node's internal (replica service) address, by node id.
     pub async fn internal_addrs(&self) -> std::collections::HashMap<String, String> {
         let mut admin = self.admin();

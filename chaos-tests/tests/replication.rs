@@ -155,30 +155,8 @@ async fn paused_primary_is_fenced_and_acknowledged_writes_survive() {
         .find(|s| s.index == 0)
         .unwrap();
     let victim = c.node_index(&shard0.primary);
-    let mut admin = c.admin();
-    let internal = admin
-        .admin(|mut a| async move { a.list_nodes(cpb::ListNodesRequest {}).await })
-        .await
-        .unwrap()
-        .into_inner()
-        .nodes
-        .into_iter()
-        .find(|n| n.id == shard0.primary)
-        .unwrap()
-        .addr;
-    let coll_id = admin
-        .admin(|mut a| async move {
-            a.describe_collection(cpb::DescribeCollectionRequest {
-                name: COLLECTION.into(),
-            })
-            .await
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .collection
-        .unwrap()
-        .id;
+    let internal = c.internal_addrs().await.remove(&shard0.primary).unwrap();
+    let coll_id = c.collection_id(COLLECTION).await;
     // Gateways other than the victim, for the workload and the queries.
     let others: Vec<String> = c
         .nodes
@@ -213,14 +191,8 @@ async fn paused_primary_is_fenced_and_acknowledged_writes_survive() {
     // write of its own at once, as a primary that missed the news would.
     tokio::time::sleep(Duration::from_secs(2)).await;
     c.resume(victim);
-    let mut rc = shoal_proto::replica::replica_client::ReplicaClient::new(
-        tonic::transport::Endpoint::from_shared(format!("http://{internal}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
-    );
-    let late = rc
+    let late = replica_client(&internal)
+        .await
         .write(rpb::WriteRequest {
             shard: Some(rpb::ShardRef {
                 collection: COLLECTION.into(),
@@ -375,18 +347,7 @@ async fn stale_primary_truncates_what_its_successor_never_had() {
         .find(|n| *n != old)
         .unwrap();
     let addrs = c.internal_addrs().await;
-    let mut admin = c.admin();
-    let coll_id = admin
-        .admin(|mut a| async move {
-            a.describe_collection(cpb::DescribeCollectionRequest { name: NAME.into() })
-                .await
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .collection
-        .unwrap()
-        .id;
+    let coll_id = c.collection_id(NAME).await;
     let shard_ref = rpb::ShardRef {
         collection: NAME.into(),
         collection_id: coll_id,

@@ -145,18 +145,46 @@ async fn register_up(client: &mut Client, id: &str, zone: &str) {
 }
 
 async fn heartbeat(client: &mut Client, id: &str, ready: Vec<String>) -> pb::HeartbeatResponse {
+    send_heartbeat(
+        client,
+        pb::HeartbeatRequest {
+            id: id.into(),
+            ready_replicas: ready,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+async fn send_heartbeat(client: &mut Client, req: pb::HeartbeatRequest) -> pb::HeartbeatResponse {
     client
         .cluster(|mut c| {
-            let r = pb::HeartbeatRequest {
-                id: id.into(),
-                ready_replicas: ready.clone(),
-                ..Default::default()
-            };
+            let r = req.clone();
             async move { c.heartbeat(r).await }
         })
         .await
         .expect("heartbeat")
         .into_inner()
+}
+
+/// A heartbeat from `node` reporting one replica of `shard` at (`epoch`, `seq`).
+async fn report_applied(client: &mut Client, node: &str, shard: &str, epoch: u64, seq: u64) {
+    let replicas = vec![pb::ReplicaReport {
+        shard: shard.into(),
+        applied_seq: seq,
+        last_epoch: epoch,
+        epoch,
+        ..Default::default()
+    }];
+    send_heartbeat(
+        client,
+        pb::HeartbeatRequest {
+            id: node.into(),
+            replicas,
+            ..Default::default()
+        },
+    )
+    .await;
 }
 
 fn create_req(name: &str, shards: u32, rf: u32) -> pb::CreateCollectionRequest {
@@ -544,24 +572,7 @@ async fn promote_replica_refuses_a_lagging_backup_unless_told_to_lose_data() {
         .unwrap();
     // The primary has applied 10 batches, the backup 5.
     for (node, seq) in [(&primary, 10), (&backup, 5)] {
-        let req = pb::HeartbeatRequest {
-            id: node.clone(),
-            replicas: vec![pb::ReplicaReport {
-                shard: "p/0".into(),
-                applied_seq: seq,
-                last_epoch: shard.epoch,
-                epoch: shard.epoch,
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
-        client
-            .cluster(|mut c| {
-                let r = req.clone();
-                async move { c.heartbeat(r).await }
-            })
-            .await
-            .unwrap();
+        report_applied(&mut client, node, "p/0", shard.epoch, seq).await;
     }
     let promote = |node: &str, accept_data_loss: bool| pb::PromoteReplicaRequest {
         collection: "p".into(),
@@ -601,24 +612,7 @@ async fn promote_replica_refuses_a_lagging_backup_unless_told_to_lose_data() {
     assert_eq!(s.primary, backup);
     assert_eq!(s.epoch, shard.epoch + 1);
     // Caught up: the old primary may take the role back without the flag.
-    let req = pb::HeartbeatRequest {
-        id: primary.clone(),
-        replicas: vec![pb::ReplicaReport {
-            shard: "p/0".into(),
-            applied_seq: 5,
-            last_epoch: shard.epoch + 1,
-            epoch: shard.epoch + 1,
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
-    client
-        .cluster(|mut c| {
-            let r = req.clone();
-            async move { c.heartbeat(r).await }
-        })
-        .await
-        .unwrap();
+    report_applied(&mut client, &primary, "p/0", shard.epoch + 1, 5).await;
     let s = call(promote(&primary, false)).await.unwrap();
     assert_eq!(
         (s.primary.as_str(), s.epoch),
