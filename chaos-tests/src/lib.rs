@@ -626,10 +626,14 @@ pub async fn query_loop(
                     result = Some(r.into_inner().partial);
                     break;
                 }
+                // The gateway is gone (refused, or killed mid-request: hyper reports a
+                // connection closed under an in-flight call as Cancelled): next node.
                 Err(e)
-                    if e.code() == tonic::Code::Unavailable || e.code() == tonic::Code::Unknown =>
+                    if matches!(
+                        e.code(),
+                        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                    ) =>
                 {
-                    // Most likely this gateway is gone: try the next node.
                     error = format!("{addr}: {:?}: {}", e.code(), e.message());
                     clients.remove(addr);
                 }
