@@ -47,13 +47,7 @@ pub fn shoal_bin() -> PathBuf {
     bin
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use shoal_coordinator::testing::free_port;
 
 /// A deterministic, distinct vector per document number.
 pub fn vector(i: u64) -> Vec<f32> {

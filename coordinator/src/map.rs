@@ -115,6 +115,20 @@ pub struct Node {
     pub addr: String,
     pub capacity: Capacity,
     pub state: NodeState,
+    /// An operator asked to empty it: kept through liveness changes and restarts, so
+    /// a draining node that goes silent for a while comes back draining.
+    pub draining: bool,
+}
+
+impl Node {
+    /// The state a heartbeating node should be in.
+    pub fn live_state(&self) -> NodeState {
+        if self.draining {
+            NodeState::Draining
+        } else {
+            NodeState::Up
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -497,16 +511,18 @@ impl ClusterMap {
             return Err(invalid("node id and address must not be empty"));
         }
         // Re-registering (a restart) keeps the node's replicas; a down node comes back
-        // as joining and turns up on its first ready heartbeat.
-        let state = match self.nodes.get(id) {
-            Some(n) if n.state == NodeState::Draining => NodeState::Draining,
-            _ => NodeState::Joining,
-        };
+        // as joining and turns up (or draining) on its first ready heartbeat.
+        let draining = self.nodes.get(id).is_some_and(|n| n.draining);
         let node = Node {
             id: id.to_string(),
             addr: addr.to_string(),
             capacity: capacity.clone(),
-            state,
+            state: if draining {
+                NodeState::Draining
+            } else {
+                NodeState::Joining
+            },
+            draining,
         };
         self.nodes.insert(id.to_string(), node.clone());
         Ok(vec![Change::NodePut(node)])
@@ -529,6 +545,9 @@ impl ClusterMap {
             )));
         }
         node.state = state;
+        if state == NodeState::Draining {
+            node.draining = true;
+        }
         let mut changes = vec![Change::NodePut(node.clone())];
         // A primary on a node that is down hands over to a serving backup, under a new
         // epoch (the data-path failover itself is the replication layer's).

@@ -250,7 +250,7 @@ impl Coordinator {
                 tracing::debug!(error = %e, "generation update not applied");
             }
         }
-        let (state, pending) = {
+        let (state, live, pending) = {
             let st = self.sm.state.lock();
             let map = &st.map;
             let n = map.nodes.get(node).ok_or_else(|| {
@@ -269,11 +269,11 @@ impl Coordinator {
                     })
                 })
                 .collect();
-            (n.state, pending)
+            (n.state, n.live_state(), pending)
         };
         let mut version = self.sm.state.lock().map.version;
         let wanted = match state {
-            NodeState::Joining | NodeState::Suspect => Some(NodeState::Up),
+            NodeState::Joining | NodeState::Suspect => Some(live),
             _ => None,
         };
         if let Some(to) = wanted {

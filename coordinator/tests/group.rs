@@ -2,6 +2,7 @@
 //! Raft logs and snapshots on disk: election, commit, failover, full restart, catch-up
 //! by snapshot, forwarding, API errors, watch, and node liveness with re-assignment.
 
+use shoal_coordinator::testing::free_port;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
@@ -14,14 +15,6 @@ use tonic::Code;
 
 /// Groups share two cores: run one test at a time so election timing is what we test.
 static SERIAL: Mutex<()> = Mutex::const_new(());
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Group {
     _dir: tempfile::TempDir,
@@ -618,6 +611,42 @@ async fn promote_replica_refuses_a_lagging_backup_unless_told_to_lose_data() {
         (s.primary.as_str(), s.epoch),
         (primary.as_str(), shard.epoch + 2)
     );
+    for i in 0..3 {
+        g.stop_member(i).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_draining_node_that_goes_silent_comes_back_draining() {
+    let _serial = SERIAL.lock().await;
+    let mut g = Group::start(|c| {
+        c.suspect_after_ms = 600;
+        c.down_after_ms = 30_000;
+        c.tick_ms = 100;
+    })
+    .await;
+    let leader = g.leader(Duration::from_secs(10)).await;
+    let mut client = g.client();
+    for (id, zone) in [("w1", "a"), ("w2", "b")] {
+        register_up(&mut client, id, zone).await;
+    }
+    client
+        .admin(|mut a| async move { a.drain_node(pb::DrainNodeRequest { id: "w1".into() }).await })
+        .await
+        .unwrap();
+    use shoal_coordinator::map::NodeState;
+    let t = Instant::now();
+    while g.map(leader).nodes["w1"].state != NodeState::Suspect {
+        heartbeat(&mut client, "w2", vec![]).await;
+        assert!(t.elapsed() < Duration::from_secs(10), "w1 never suspect");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let back = heartbeat(&mut client, "w1", vec![]).await;
+    assert_eq!(back.state, pb::NodeState::Draining as i32);
+    assert!(g.map(leader).nodes["w1"].draining);
+    // A restart (re-registration) keeps it draining too.
+    register_up(&mut client, "w1", "a").await;
+    assert_eq!(g.map(leader).nodes["w1"].state, NodeState::Draining);
     for i in 0..3 {
         g.stop_member(i).await;
     }

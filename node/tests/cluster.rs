@@ -3,6 +3,7 @@
 //! other (scatter-gather over three shards), get, delete, bad input, and a replica
 //! actor crash that its supervisor recovers from disk while the node keeps serving.
 
+use shoal_coordinator::testing::free_port;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -12,14 +13,6 @@ use shoal_proto::coordinator as cpb;
 use shoal_proto::v1 as pb;
 use shoal_proto::v1::shoal_client::ShoalClient;
 use tonic::Code;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 async fn channel(addr: std::net::SocketAddr) -> tonic::transport::Channel {
     tonic::transport::Endpoint::from_shared(format!("http://{addr}"))

@@ -2,6 +2,7 @@
 //! loopback. Ingest through one node, search and get through the other, delete, then
 //! SIGKILL a node and restart it: every acknowledged document is still found.
 
+use shoal_coordinator::testing::free_port;
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -13,14 +14,6 @@ use shoal_proto::v1 as pb;
 use shoal_proto::v1::shoal_client::ShoalClient;
 
 const BIN: &str = env!("CARGO_BIN_EXE_shoal");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn spawn(args: &[String], log: &Path) -> Child {
     let f = std::fs::OpenOptions::new()

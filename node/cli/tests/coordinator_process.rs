@@ -2,6 +2,7 @@
 //! leader is killed with SIGKILL and restarted, ten times. Every acknowledged create must
 //! be present exactly once at the end, and no name appears that was never sent.
 
+use shoal_coordinator::testing::free_port;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -14,14 +15,6 @@ use tonic::Code;
 
 const BIN: &str = env!("CARGO_BIN_EXE_shoal");
 const KILLS: usize = 10;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Member {
     id: u64,
