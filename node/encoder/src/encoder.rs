@@ -48,6 +48,8 @@ pub struct Encoded {
     pub vectors: Vec<Vec<f32>>,
     /// Texts cut at the model's `max_seq_length`.
     pub truncated: usize,
+    /// Which ones, in input order.
+    pub was_truncated: Vec<bool>,
     /// Padded token positions the model ran over (batch x longest).
     pub padded_tokens: usize,
 }
@@ -124,6 +126,7 @@ impl<B: Backend> Encoder<B> {
             return Ok(Encoded {
                 vectors: Vec::new(),
                 truncated: 0,
+                was_truncated: Vec::new(),
                 padded_tokens: 0,
             });
         }
@@ -132,10 +135,11 @@ impl<B: Backend> Encoder<B> {
             .encode_batch(texts.to_vec(), true)
             .map_err(|e| EncoderError::Tokenizer(e.to_string()))?;
         let (b, s) = (encodings.len(), encodings[0].len());
-        let truncated = encodings
+        let was_truncated: Vec<bool> = encodings
             .iter()
-            .filter(|e| !e.get_overflowing().is_empty())
-            .count();
+            .map(|e| !e.get_overflowing().is_empty())
+            .collect();
+        let truncated = was_truncated.iter().filter(|&&t| t).count();
         let mut ids = Vec::with_capacity(b * s);
         let mut mask = Vec::with_capacity(b * s);
         for e in &encodings {
@@ -145,6 +149,7 @@ impl<B: Backend> Encoder<B> {
         Ok(Encoded {
             vectors: self.run(ids, mask, b, s)?,
             truncated,
+            was_truncated,
             padded_tokens: b * s,
         })
     }

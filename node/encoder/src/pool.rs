@@ -45,12 +45,21 @@ pub struct PoolStats {
     pub rejected: AtomicU64,
 }
 
-type Reply = RpcReplyPort<Result<Vec<Vec<f32>>>>;
+/// One request's vectors, in its order, and how many of its texts were truncated.
+#[derive(Debug, Clone)]
+pub struct PoolEncoded {
+    pub vectors: Vec<Vec<f32>>,
+    pub truncated: usize,
+}
+
+type Reply = RpcReplyPort<Result<PoolEncoded>>;
 
 /// One request's texts and the slots its vectors land in.
 struct Request {
     results: Mutex<Vec<Option<Vec<f32>>>>,
     remaining: AtomicUsize,
+    /// Its texts cut at the model's limit (a request's batches may be several).
+    truncated: AtomicUsize,
     reply: Mutex<Option<Reply>>,
 }
 
@@ -160,12 +169,16 @@ impl Actor for Batcher {
                     return Ok(());
                 }
                 if texts.is_empty() {
-                    let _ = reply.send(Ok(Vec::new()));
+                    let _ = reply.send(Ok(PoolEncoded {
+                        vectors: Vec::new(),
+                        truncated: 0,
+                    }));
                     return Ok(());
                 }
                 let req = Arc::new(Request {
                     results: Mutex::new(vec![None; texts.len()]),
                     remaining: AtomicUsize::new(texts.len()),
+                    truncated: AtomicUsize::new(0),
                     reply: Mutex::new(Some(reply)),
                 });
                 let now = Instant::now();
@@ -208,16 +221,22 @@ fn worker_loop<B: Backend>(
                 stats
                     .truncated
                     .fetch_add(out.truncated as u64, Ordering::Relaxed);
-                for (item, v) in batch.iter().zip(out.vectors) {
+                for ((item, v), cut) in batch.iter().zip(out.vectors).zip(out.was_truncated) {
                     item.req.results.lock().expect("results")[item.index] = Some(v);
+                    if cut {
+                        item.req.truncated.fetch_add(1, Ordering::Relaxed);
+                    }
                     if item.req.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
                         let results =
                             std::mem::take(&mut *item.req.results.lock().expect("results"));
                         if let Some(r) = item.req.reply.lock().expect("reply").take() {
-                            let _ = r.send(Ok(results
-                                .into_iter()
-                                .map(|v| v.expect("every slot filled"))
-                                .collect()));
+                            let _ = r.send(Ok(PoolEncoded {
+                                vectors: results
+                                    .into_iter()
+                                    .map(|v| v.expect("every slot filled"))
+                                    .collect(),
+                                truncated: item.req.truncated.load(Ordering::Relaxed),
+                            }));
                         }
                     }
                 }
@@ -284,7 +303,13 @@ impl EncoderPool {
     }
 
     /// Encodes `texts`, in order. Batched with whatever else is queued.
+    /// Vectors for `texts`, in order.
     pub async fn encode(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>> {
+        Ok(self.encode_counted(texts).await?.vectors)
+    }
+
+    /// Vectors for `texts`, in order, with how many of them were truncated.
+    pub async fn encode_counted(&self, texts: Vec<String>) -> Result<PoolEncoded> {
         let res = self
             .batcher
             .call(|reply| PoolMsg::Encode { texts, reply }, None)

@@ -181,23 +181,29 @@ fn t30_pool_batches_concurrent_callers_and_sheds_load() {
         let pool = EncoderPool::start(vec![load_cpu(&model_dir()).unwrap()], cfg)
             .await
             .unwrap();
-        let requests: Vec<Vec<String>> = fx.texts[..48].chunks(3).map(|c| c.to_vec()).collect();
+        // 48 texts, three of them over the model's 256 tokens.
+        let requests: Vec<Vec<String>> = fx.texts[20..68].chunks(3).map(|c| c.to_vec()).collect();
+        let mut truncated = 0;
         let handles: Vec<_> = requests
             .iter()
             .cloned()
             .map(|texts| {
                 let pool = pool.clone();
-                tokio::spawn(async move { pool.encode(texts).await })
+                tokio::spawn(async move { pool.encode_counted(texts).await })
             })
             .collect();
         for (texts, h) in requests.iter().zip(handles) {
             let got = h.await.unwrap().unwrap();
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            let want = direct.encode(&refs).unwrap().vectors;
-            for (g, w) in got.iter().zip(&want) {
+            let want = direct.encode(&refs).unwrap();
+            for (g, w) in got.vectors.iter().zip(&want.vectors) {
                 assert!(cosine(g, w) > 0.99999);
             }
+            // Each caller hears of its own truncated texts, whatever batches they rode.
+            assert_eq!(got.truncated, want.truncated, "{texts:?}");
+            truncated += got.truncated;
         }
+        assert_eq!(truncated, 3);
         let stats = pool.stats();
         let batches = stats.batches.load(std::sync::atomic::Ordering::Relaxed);
         assert_eq!(stats.texts.load(std::sync::atomic::Ordering::Relaxed), 48);

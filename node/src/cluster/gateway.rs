@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use parking_lot::{Mutex, RwLock};
-use shoal_encoder::pool::EncoderPool;
+use shoal_encoder::pool::{EncoderPool, PoolEncoded};
 use shoal_proto::coordinator as cpb;
 use shoal_proto::replica as rpb;
 use shoal_proto::replica::replica_client::ReplicaClient;
@@ -195,7 +195,8 @@ impl Gateway {
         self.channels.client(addr)
     }
 
-    async fn encode(&self, texts: Vec<String>, dimension: u32) -> Result<Vec<Vec<f32>>, Status> {
+    /// Vectors for `texts` from this node's encoder, and how many texts it truncated.
+    async fn encode(&self, texts: Vec<String>, dimension: u32) -> Result<PoolEncoded, Status> {
         let enc = self.encoder.as_ref().ok_or_else(|| {
             Status::failed_precondition(
                 "this node has no encoder (started without a model dir): send vectors",
@@ -208,7 +209,7 @@ impl Gateway {
             )));
         }
         let n = texts.len();
-        enc.encode(texts)
+        enc.encode_counted(texts)
             .instrument(tracing::info_span!("encode", texts = n))
             .await
             .map_err(|e| match e {
@@ -272,18 +273,9 @@ impl Gateway {
         let mut truncated = 0u64;
         if !to_encode.is_empty() {
             let texts: Vec<String> = to_encode.iter().map(|&i| docs[i].text.clone()).collect();
-            let before = self.encoder.as_ref().map_or(0, |e| {
-                e.stats()
-                    .truncated
-                    .load(std::sync::atomic::Ordering::Relaxed)
-            });
-            let vecs = self.encode(texts, coll.dimension).await?;
-            truncated = self.encoder.as_ref().map_or(0, |e| {
-                e.stats()
-                    .truncated
-                    .load(std::sync::atomic::Ordering::Relaxed)
-            }) - before;
-            for (i, v) in to_encode.into_iter().zip(vecs) {
+            let out = self.encode(texts, coll.dimension).await?;
+            truncated = out.truncated as u64;
+            for (i, v) in to_encode.into_iter().zip(out.vectors) {
                 docs[i].vector = v;
             }
         }
@@ -620,6 +612,7 @@ impl Gateway {
             (false, true) => self
                 .encode(vec![req.text.clone()], coll.dimension)
                 .await?
+                .vectors
                 .pop()
                 .expect("one vector per text"),
             (true, false) => {
