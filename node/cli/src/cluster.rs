@@ -100,11 +100,13 @@ pub struct DevArgs {
     no_model: bool,
 }
 
-fn spawn_logged(args: &[String], log: &Path) -> Result<Child> {
+/// A child `shoal` process logging to `log`, exporting traces where the parent does.
+fn spawn_logged(args: &[String], log: &Path, otlp: Option<&str>) -> Result<Child> {
     let exe = std::env::current_exe().context("locating the shoal binary")?;
     let f = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
     Command::new(exe)
         .args(args)
+        .args(otlp.map(|ep| format!("--otlp-endpoint={ep}")))
         .stdin(Stdio::null())
         .stdout(f.try_clone()?)
         .stderr(f)
@@ -114,7 +116,7 @@ fn spawn_logged(args: &[String], log: &Path) -> Result<Child> {
 
 /// Three coordinators and `--nodes` nodes as separate processes on loopback; Ctrl-C or
 /// SIGTERM stops them all (SIGTERM, then SIGKILL after 10 s).
-pub async fn run_dev(a: DevArgs) -> Result<()> {
+pub async fn run_dev(a: DevArgs, otlp: Option<&str>) -> Result<()> {
     let logs = a.data_dir.join("logs");
     std::fs::create_dir_all(&logs)?;
     let dir = |name: &str| a.data_dir.join(name).to_string_lossy().to_string();
@@ -140,7 +142,7 @@ pub async fn run_dev(a: DevArgs) -> Result<()> {
         let name = format!("coordinator-{i}");
         children.push((
             name.clone(),
-            spawn_logged(&args, &logs.join(format!("{name}.log")))?,
+            spawn_logged(&args, &logs.join(format!("{name}.log")), otlp)?,
         ));
     }
     if !a.no_model && !a.model_dir.join("config.json").exists() {
@@ -172,7 +174,7 @@ pub async fn run_dev(a: DevArgs) -> Result<()> {
         let name = format!("node-{j}");
         children.push((
             name.clone(),
-            spawn_logged(&args, &logs.join(format!("{name}.log")))?,
+            spawn_logged(&args, &logs.join(format!("{name}.log")), otlp)?,
         ));
     }
     eprintln!(

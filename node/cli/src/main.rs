@@ -130,19 +130,15 @@ fn main() -> anyhow::Result<()> {
         Cmd::Node(_) => "shoal-node",
         _ => "shoal",
     };
-    if let Some(ep) = &cli.otlp_endpoint {
-        // Children of `shoal dev` read it from the environment.
-        std::env::set_var("SHOAL_OTLP_ENDPOINT", ep);
-    }
     let telemetry =
         rt.block_on(async { shoal_node::telemetry::init(service, cli.otlp_endpoint.as_deref()) })?;
-    let r = run(cli.cmd, &rt);
+    let r = run(cli.cmd, cli.otlp_endpoint.as_deref(), &rt);
     // Flushes buffered spans while the runtime that drives the exporter still runs.
     drop(telemetry);
     r
 }
 
-fn run(cmd: Cmd, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
+fn run(cmd: Cmd, otlp: Option<&str>, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
     match cmd {
         Cmd::Demo {
             data_dir,
@@ -159,7 +155,8 @@ fn run(cmd: Cmd, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
         Cmd::Shard { target, cmd } => rt.block_on(coordinator::shard(target, cmd)),
         Cmd::Status { target } => rt.block_on(coordinator::status(target)),
         Cmd::Node(args) => rt.block_on(cluster::run_node(args)),
-        Cmd::Dev(args) => rt.block_on(cluster::run_dev(args)),
+        // Its processes export traces where this one does.
+        Cmd::Dev(args) => rt.block_on(cluster::run_dev(args, otlp)),
         Cmd::Ingest { target, node, args } => rt.block_on(cluster::ingest(target, node, args)),
         Cmd::Search { node, args } => rt.block_on(cluster::search(node, args)),
         Cmd::Eval { target, node, args } => rt.block_on(cluster::eval(target, node, args)),
