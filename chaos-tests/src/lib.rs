@@ -421,6 +421,24 @@ impl Cluster {
         }
     }
 
+    /// SIGTERM (a clean shutdown) and wait for the process to exit; returns when it
+    /// did, or SIGKILLs it after `within`.
+    pub async fn terminate(&mut self, i: usize, within: Duration) -> Duration {
+        let t = Instant::now();
+        self.nodes[i].signal(libc::SIGTERM);
+        if let Some(mut c) = self.nodes[i].child.take() {
+            while t.elapsed() < within {
+                if matches!(c.try_wait(), Ok(Some(_))) {
+                    return t.elapsed();
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        t.elapsed()
+    }
+
     pub fn restart(&mut self, i: usize) {
         assert!(!self.nodes[i].running());
         let bin = self.bin.clone();

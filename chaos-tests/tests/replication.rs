@@ -245,6 +245,105 @@ async fn paused_primary_is_fenced_and_acknowledged_writes_survive() {
     );
 }
 
+/// A clean shutdown (SIGTERM) of a node that leads shards hands its primary roles to
+/// caught-up backups before it exits, so writes move on without waiting for the
+/// coordinators' down timeout, and nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clean_shutdown_hands_primaries_over_before_the_down_timeout() {
+    let _g = SERIAL.lock().await;
+    let mut c = replicated_cluster().await;
+    let nodes = Arc::new(Mutex::new(c.all_nodes()));
+    let never = Arc::new(AtomicBool::new(false));
+    let first = spawn_ingest(&nodes, 0, 20, &never).await.unwrap();
+    let shard0 = c
+        .shards(COLLECTION)
+        .await
+        .into_iter()
+        .find(|s| s.index == 0)
+        .unwrap();
+    let victim = c.node_index(&shard0.primary);
+    let led = c
+        .shards(COLLECTION)
+        .await
+        .iter()
+        .filter(|s| s.primary == shard0.primary)
+        .count();
+    *nodes.lock().unwrap() = c
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != victim)
+        .map(|(_, n)| n.public.clone())
+        .collect();
+    let q = Queries::start(nodes.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = q.take();
+    let done = Arc::new(AtomicBool::new(false));
+    let ingest = spawn_ingest(&nodes, 1000, u64::MAX, &done);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let t = Instant::now();
+    let exited = c.terminate(victim, Duration::from_secs(15)).await;
+    // Every shard it led has a new primary, and the node is not (yet) down.
+    let moved = loop {
+        let shards = c.shards(COLLECTION).await;
+        if shards.iter().all(|s| s.primary != shard0.primary) {
+            break t.elapsed();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no handover: {shards:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut admin = c.admin();
+    let state = admin
+        .admin(|mut a| async move { a.list_nodes(cpb::ListNodesRequest {}).await })
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes
+        .into_iter()
+        .find(|n| n.id == shard0.primary)
+        .unwrap()
+        .state;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    done.store(true, Ordering::Relaxed);
+    let second = ingest.await.unwrap();
+    let during = q.finish().await;
+    let mut acked = first.acknowledged_docs();
+    acked.extend(second.acknowledged_docs());
+    assert!(
+        second
+            .batches
+            .iter()
+            .all(|(_, o)| *o == Outcome::Acknowledged),
+        "a batch was never acknowledged despite retries"
+    );
+    final_check(&c, &acked).await;
+    report(
+        serde_json::json!({
+            "test": "sigterm_primary", "primaries_led": led,
+            "exited_after_s": exited.as_secs_f64(), "handed_over_after_s": moved.as_secs_f64(),
+            "node_state_then": cpb::NodeState::try_from(state).map(|s| s.as_str_name()).unwrap_or("?"),
+            "acknowledged_docs": acked.len(), "retries": second.retries,
+            "down_after_ms": DOWN_MS,
+        }),
+        &before,
+        &during,
+    );
+    assert!(
+        moved < Duration::from_millis(DOWN_MS),
+        "handover took {moved:?}, no sooner than the down timeout"
+    );
+    assert_ne!(
+        state,
+        cpb::NodeState::Down as i32,
+        "declared down before handing over"
+    );
+    assert_eq!(during.failed, 0, "{:?}", during.errors);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lost_node_is_re_replicated_while_queries_succeed() {
     let _g = SERIAL.lock().await;

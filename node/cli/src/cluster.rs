@@ -82,6 +82,10 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
     .await?;
     crate::shutdown_signal().await;
     tracing::info!("shutting down");
+    let moved = handle.hand_over(Duration::from_secs(5)).await;
+    if moved > 0 {
+        tracing::info!(shards = moved, "primary roles handed over");
+    }
     handle.shutdown().await;
     Ok(())
 }
@@ -112,6 +116,27 @@ fn spawn_logged(args: &[String], log: &Path, otlp: Option<&str>) -> Result<Child
         .stderr(f)
         .spawn()
         .context("spawning a cluster process")
+}
+
+/// SIGTERM to every process, then waits for them (SIGKILL after 10 s).
+async fn stop_all(children: &mut [(String, Child)]) -> Result<()> {
+    for (_, c) in children.iter() {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for (n, c) in children.iter_mut() {
+        while c.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                tracing::warn!(process = %n, "did not stop in 10 s; killing");
+                let _ = c.kill();
+                let _ = c.wait();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
 }
 
 /// Three coordinators and `--nodes` nodes as separate processes on loopback; Ctrl-C or
@@ -199,22 +224,13 @@ pub async fn run_dev(a: DevArgs, otlp: Option<&str>) -> Result<()> {
             }
         }
     };
-    for (_, c) in &children {
-        // SIGTERM: each process shuts down cleanly.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    for (n, c) in &mut children {
-        while c.try_wait()?.is_none() {
-            if Instant::now() > deadline {
-                tracing::warn!(process = %n, "did not stop in 10 s; killing");
-                let _ = c.kill();
-                let _ = c.wait();
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    // SIGTERM: each process shuts down cleanly; the nodes first, while the
+    // coordinators still answer their handovers, then the coordinators.
+    let (mut nodes, mut coordinators): (Vec<_>, Vec<_>) = children
+        .into_iter()
+        .partition(|(n, _)| n.starts_with("node"));
+    stop_all(&mut nodes).await?;
+    stop_all(&mut coordinators).await?;
     if let Some((n, s)) = exited {
         bail!("{n} exited ({s}); see its log in {}", logs.display());
     }

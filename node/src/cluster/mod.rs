@@ -126,6 +126,7 @@ pub struct NodeHandle {
     supervisor: ActorRef<SupervisorMsg>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    coordinators: Vec<String>,
 }
 
 impl NodeHandle {
@@ -138,6 +139,66 @@ impl NodeHandle {
             .find(|(k, _)| k.collection == collection && k.index == index)
             .map(|(_, a)| a.clone());
         actor.is_some_and(|a| a.send_message(ReplicaMsg::Crash).is_ok())
+    }
+
+    /// Before a clean shutdown: hands every primary role this node holds to a backup
+    /// that holds all its writes, so writes move on at once rather than after the
+    /// coordinators' down timeout. Writes to those shards are refused meanwhile
+    /// (clients retry). Returns how many roles moved within `within`.
+    pub async fn hand_over(&self, within: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + within;
+        let primaries: Vec<Arc<Replication>> = self
+            .replications
+            .read()
+            .values()
+            .filter(|r| r.role().is_some_and(|r| r.is_primary))
+            .cloned()
+            .collect();
+        let mut client = Client::new(self.coordinators.clone());
+        client.patience = Duration::from_secs(1);
+        let mut moved = 0;
+        for r in primaries {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let Some(to) = r.prepare_handover(left).await else {
+                r.cancel_handover();
+                tracing::warn!(shard = %r.key, "no backup holds every write; leaving the primary role to the down timeout");
+                continue;
+            };
+            let req = cpb::PromoteReplicaRequest {
+                collection: r.key.collection.clone(),
+                shard: r.key.index,
+                node_id: to.clone(),
+                accept_data_loss: false,
+            };
+            // The leader checks the backup's report, which may be a heartbeat behind.
+            loop {
+                let res = client
+                    .admin(|mut a| {
+                        let req = req.clone();
+                        async move { a.promote_replica(req).await }
+                    })
+                    .await;
+                match res {
+                    Ok(_) => {
+                        tracing::info!(shard = %r.key, to = %to, "primary role handed over");
+                        moved += 1;
+                        break;
+                    }
+                    Err(e)
+                        if e.code() == tonic::Code::FailedPrecondition
+                            && tokio::time::Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => {
+                        r.cancel_handover();
+                        tracing::warn!(shard = %r.key, to = %to, error = %e.message(), "primary role not handed over");
+                        break;
+                    }
+                }
+            }
+        }
+        moved
     }
 
     pub async fn shutdown(self) {
@@ -534,5 +595,6 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         supervisor,
         stop,
         tasks,
+        coordinators: cfg.coordinators.clone(),
     })
 }

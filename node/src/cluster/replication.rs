@@ -164,6 +164,9 @@ pub struct Replication {
     /// Serialises a backup's appends and snapshot installs.
     apply: tokio::sync::Mutex<()>,
     channels: Arc<Channels>,
+    /// The node is shutting down and handing this primary role over: new writes are
+    /// refused (retried by clients) so the backup can hold everything first.
+    handing_over: AtomicBool,
 }
 
 impl Replication {
@@ -185,6 +188,7 @@ impl Replication {
             replicators: Mutex::default(),
             apply: tokio::sync::Mutex::new(()),
             channels,
+            handing_over: AtomicBool::new(false),
         })
     }
 
@@ -291,6 +295,41 @@ impl Replication {
         self.matched.send_modify(|_| {});
     }
 
+    /// Stops taking writes and waits (up to `within`) until a live serving backup
+    /// holds everything this primary logged; returns that backup's node id.
+    pub async fn prepare_handover(&self, within: Duration) -> Option<String> {
+        self.handing_over.store(true, Ordering::Release);
+        let role = self.role().filter(|r| r.is_primary)?;
+        let last = self.shard().ok()?.last().0;
+        let candidates: Vec<String> = role
+            .peers
+            .iter()
+            .filter(|p| p.serving && p.live)
+            .map(|p| p.node.clone())
+            .collect();
+        let mut rx = self.matched.subscribe();
+        let wait = async {
+            loop {
+                let held = candidates
+                    .iter()
+                    .find(|n| rx.borrow_and_update().get(*n).is_some_and(|&m| m >= last))
+                    .cloned();
+                if held.is_some() {
+                    return held;
+                }
+                if rx.changed().await.is_err() {
+                    return None;
+                }
+            }
+        };
+        tokio::time::timeout(within, wait).await.ok().flatten()
+    }
+
+    /// Takes writes again (a handover that did not happen).
+    pub fn cancel_handover(&self) {
+        self.handing_over.store(false, Ordering::Release);
+    }
+
     /// Stops the replicators (the replica is closing).
     pub fn stop(&self) {
         for (_, r) in self.replicators.lock().drain() {
@@ -315,6 +354,12 @@ impl Replication {
             )));
         }
         self.check_fenced(role.epoch)?;
+        if self.handing_over.load(Ordering::Acquire) {
+            return Err(Status::unavailable(format!(
+                "node {} is shutting down and handing shard {} to a backup; retry",
+                self.node_id, self.key
+            )));
+        }
         let (peers, needed) = role.quorum();
         if peers.len() < needed {
             return Err(Status::unavailable(format!(
