@@ -248,6 +248,8 @@ impl<B: Backend> Bert<B> {
         };
         let ctx = match split {
             Split::None => attend(q, k, v),
+            // A one-head model has no heads to share out.
+            _ if heads < 2 => attend(q, k, v),
             _ => {
                 let half = heads / 2;
                 let part = |t: &Tensor<B, 4>, r: std::ops::Range<usize>| {
