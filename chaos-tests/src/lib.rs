@@ -227,17 +227,29 @@ impl Cluster {
         c
     }
 
+    /// The nodes as the coordinators hold them.
+    pub async fn list_nodes(&self) -> Result<Vec<cpb::NodeInfo>, tonic::Status> {
+        self.admin()
+            .admin(|mut a| async move { a.list_nodes(cpb::ListNodesRequest {}).await })
+            .await
+            .map(|r| r.into_inner().nodes)
+    }
+
+    /// Public addresses of every node but the `i`th.
+    pub fn gateways_except(&self, i: usize) -> Vec<String> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, n)| n.public.clone())
+            .collect()
+    }
+
     pub async fn wait_up(&self, n: usize, within: Duration) {
         let t = Instant::now();
-        let mut admin = self.admin();
         loop {
-            if let Ok(r) = admin
-                .admin(|mut c| async move { c.list_nodes(cpb::ListNodesRequest {}).await })
-                .await
-            {
-                let up = r
-                    .into_inner()
-                    .nodes
+            if let Ok(nodes) = self.list_nodes().await {
+                let up = nodes
                     .iter()
                     .filter(|n| n.state == cpb::NodeState::Up as i32)
                     .count();
@@ -313,13 +325,9 @@ impl Cluster {
 
     /// Each node's internal (replica service) address, by node id.
     pub async fn internal_addrs(&self) -> std::collections::HashMap<String, String> {
-        let mut admin = self.admin();
-        admin
-            .admin(|mut a| async move { a.list_nodes(cpb::ListNodesRequest {}).await })
+        self.list_nodes()
             .await
             .expect("list nodes")
-            .into_inner()
-            .nodes
             .into_iter()
             .map(|n| (n.id, n.addr))
             .collect()
@@ -346,16 +354,20 @@ impl Cluster {
             .shards
     }
 
+    /// One shard of `collection`, with replica reports.
+    pub async fn shard(&self, collection: &str, index: u32) -> cpb::Shard {
+        self.shards(collection)
+            .await
+            .into_iter()
+            .find(|s| s.index == index)
+            .unwrap_or_else(|| panic!("{collection} has no shard {index}"))
+    }
+
     /// Waits until every shard has `rf` serving replicas on up nodes, all caught up.
     pub async fn wait_replicated(&self, collection: &str, rf: usize, within: Duration) -> Duration {
         let t = Instant::now();
         loop {
-            let mut admin = self.admin();
-            let nodes = admin
-                .admin(|mut c| async move { c.list_nodes(cpb::ListNodesRequest {}).await })
-                .await
-                .map(|r| r.into_inner().nodes)
-                .unwrap_or_default();
+            let nodes = self.list_nodes().await.unwrap_or_default();
             let up: Vec<&str> = nodes
                 .iter()
                 .filter(|n| n.state == cpb::NodeState::Up as i32)
@@ -388,17 +400,9 @@ impl Cluster {
     /// Waits until the coordinators hold node `id` in `state`.
     pub async fn wait_node_state(&self, id: &str, state: cpb::NodeState, within: Duration) {
         let t = Instant::now();
-        let mut admin = self.admin();
         loop {
-            if let Ok(r) = admin
-                .admin(|mut c| async move { c.list_nodes(cpb::ListNodesRequest {}).await })
-                .await
-            {
-                if r.into_inner()
-                    .nodes
-                    .iter()
-                    .any(|n| n.id == id && n.state == state as i32)
-                {
+            if let Ok(nodes) = self.list_nodes().await {
+                if nodes.iter().any(|n| n.id == id && n.state == state as i32) {
                     return;
                 }
             }

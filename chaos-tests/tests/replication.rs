@@ -148,24 +148,12 @@ async fn paused_primary_is_fenced_and_acknowledged_writes_survive() {
     let never = Arc::new(AtomicBool::new(false));
     let first = spawn_ingest(&nodes, 0, 20, &never).await.unwrap();
     // The victim: the primary of shard 0.
-    let shard0 = c
-        .shards(COLLECTION)
-        .await
-        .into_iter()
-        .find(|s| s.index == 0)
-        .unwrap();
+    let shard0 = c.shard(COLLECTION, 0).await;
     let victim = c.node_index(&shard0.primary);
     let internal = c.internal_addrs().await.remove(&shard0.primary).unwrap();
     let coll_id = c.collection_id(COLLECTION).await;
     // Gateways other than the victim, for the workload and the queries.
-    let others: Vec<String> = c
-        .nodes
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != victim)
-        .map(|(_, n)| n.public.clone())
-        .collect();
-    *nodes.lock().unwrap() = others;
+    *nodes.lock().unwrap() = c.gateways_except(victim);
     let q = Queries::start(nodes.clone());
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = q.take();
@@ -175,12 +163,7 @@ async fn paused_primary_is_fenced_and_acknowledged_writes_survive() {
     let paused = Instant::now();
     c.pause(victim);
     let promoted = loop {
-        let s = c
-            .shards(COLLECTION)
-            .await
-            .into_iter()
-            .find(|s| s.index == 0)
-            .unwrap();
+        let s = c.shard(COLLECTION, 0).await;
         if s.epoch > shard0.epoch && s.primary != shard0.primary {
             break paused.elapsed();
         }
@@ -255,12 +238,7 @@ async fn clean_shutdown_hands_primaries_over_before_the_down_timeout() {
     let nodes = Arc::new(Mutex::new(c.all_nodes()));
     let never = Arc::new(AtomicBool::new(false));
     let first = spawn_ingest(&nodes, 0, 20, &never).await.unwrap();
-    let shard0 = c
-        .shards(COLLECTION)
-        .await
-        .into_iter()
-        .find(|s| s.index == 0)
-        .unwrap();
+    let shard0 = c.shard(COLLECTION, 0).await;
     let victim = c.node_index(&shard0.primary);
     let led = c
         .shards(COLLECTION)
@@ -268,13 +246,7 @@ async fn clean_shutdown_hands_primaries_over_before_the_down_timeout() {
         .iter()
         .filter(|s| s.primary == shard0.primary)
         .count();
-    *nodes.lock().unwrap() = c
-        .nodes
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != victim)
-        .map(|(_, n)| n.public.clone())
-        .collect();
+    *nodes.lock().unwrap() = c.gateways_except(victim);
     let q = Queries::start(nodes.clone());
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = q.take();
@@ -296,13 +268,10 @@ async fn clean_shutdown_hands_primaries_over_before_the_down_timeout() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let mut admin = c.admin();
-    let state = admin
-        .admin(|mut a| async move { a.list_nodes(cpb::ListNodesRequest {}).await })
+    let state = c
+        .list_nodes()
         .await
         .unwrap()
-        .into_inner()
-        .nodes
         .into_iter()
         .find(|n| n.id == shard0.primary)
         .unwrap()

@@ -116,8 +116,9 @@ pub fn shard_status(e: ShardError) -> Status {
     }
 }
 
+/// Recent batches by sequence number, each with its size (counted once, on insert).
 struct Recent {
-    batches: BTreeMap<u64, Arc<WalBatch>>,
+    batches: BTreeMap<u64, (Arc<WalBatch>, usize)>,
     bytes: usize,
 }
 
@@ -377,11 +378,12 @@ impl Replication {
             .map_err(shard_status)?;
         if let Some(b) = batch {
             let mut r = self.recent.lock();
-            r.bytes += batch_bytes(&b);
-            r.batches.insert(b.seq, b);
+            let size = batch_bytes(&b);
+            r.bytes += size;
+            r.batches.insert(b.seq, (b, size));
             while r.bytes > RECENT_LOG_BYTES && r.batches.len() > 1 {
-                if let Some((_, old)) = r.batches.pop_first() {
-                    r.bytes -= batch_bytes(&old);
+                if let Some((_, (_, old))) = r.batches.pop_first() {
+                    r.bytes -= old;
                 }
             }
         }
@@ -524,7 +526,7 @@ impl Replication {
             None => {
                 // Probe with an empty append claiming our last batch.
                 let r = self
-                    .send_append(addr, epoch, last, &epochs, Vec::new(), last)
+                    .send_append(addr, epoch, last, &epochs, &[], last)
                     .await?;
                 let consistent =
                     r.last_seq <= last && epoch_at(&epochs, r.last_seq) == r.last_epoch;
@@ -540,7 +542,7 @@ impl Replication {
         if from > last {
             // Nothing new: a keep-alive, which also tells the backup it is caught up.
             let r = self
-                .send_append(addr, epoch, from - 1, &epochs, Vec::new(), last)
+                .send_append(addr, epoch, from - 1, &epochs, &[], last)
                 .await?;
             if !r.ok {
                 *next = None;
@@ -553,11 +555,11 @@ impl Replication {
             let r = self.recent.lock();
             let mut out = Vec::new();
             let mut bytes = 0;
-            for (&seq, b) in r.batches.range(from..) {
+            for (&seq, (b, size)) in r.batches.range(from..) {
                 if seq != from + out.len() as u64 || (bytes > APPEND_BYTES && !out.is_empty()) {
                     break;
                 }
-                bytes += batch_bytes(b);
+                bytes += size;
                 out.push(b.clone());
             }
             out
@@ -572,9 +574,8 @@ impl Replication {
             }
             return Ok(false);
         }
-        let owned: Vec<WalBatch> = batches.iter().map(|b| (**b).clone()).collect();
         let r = self
-            .send_append(addr, epoch, from - 1, &epochs, owned, last)
+            .send_append(addr, epoch, from - 1, &epochs, &batches, last)
             .await?;
         if r.ok {
             self.set_matched(node, r.last_seq);
@@ -603,10 +604,13 @@ impl Replication {
         epoch: u64,
         prev_seq: u64,
         epochs: &[(u64, u64)],
-        batches: Vec<WalBatch>,
+        batches: &[Arc<WalBatch>],
         primary_seq: u64,
     ) -> Result<rpb::AppendResponse, Status> {
-        let payload = bincode::serde::encode_to_vec(&batches, bincode::config::standard())
+        // Encoded from references: the same bytes as a Vec<WalBatch>, without copying
+        // the batches' vectors first.
+        let refs: Vec<&WalBatch> = batches.iter().map(|b| &**b).collect();
+        let payload = bincode::serde::encode_to_vec(&refs, bincode::config::standard())
             .map_err(|e| Status::internal(format!("encoding batches: {e}")))?;
         let mut req = tonic::Request::new(rpb::AppendRequest {
             shard: Some(self.shard_ref()),
