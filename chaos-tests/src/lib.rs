@@ -69,6 +69,8 @@ pub struct Proc {
     log: PathBuf,
     child: Option<Child>,
     pub public: String,
+    /// The node's Prometheus endpoint (empty for coordinators).
+    pub metrics: String,
 }
 
 impl Proc {
@@ -144,10 +146,13 @@ impl Cluster {
                 )
             })
             .collect();
+        // Members and nodes name each other by host name (as pods do by DNS name),
+        // while listening on the loopback address.
+        let by_name = |a: &str| a.replace("127.0.0.1", "localhost");
         let peers = addrs
             .iter()
             .enumerate()
-            .map(|(i, (api, raft))| format!("{}={raft}/{api}", i + 1))
+            .map(|(i, (api, raft))| format!("{}={}/{}", i + 1, by_name(raft), by_name(api)))
             .collect::<Vec<_>>()
             .join(",");
         let mut coords = Vec::new();
@@ -176,6 +181,7 @@ impl Cluster {
                 log: d.join(format!("c{}.log", i + 1)),
                 child: None,
                 public: api.clone(),
+                metrics: String::new(),
             };
             p.spawn(&bin);
             coords.push(p);
@@ -184,6 +190,8 @@ impl Cluster {
         let mut procs = Vec::new();
         for i in 1..=nodes {
             let public = format!("127.0.0.1:{}", free_port());
+            let internal = format!("127.0.0.1:{}", free_port());
+            let metrics = format!("127.0.0.1:{}", free_port());
             let mut p = Proc {
                 id: format!("n{i}"),
                 args: [
@@ -193,19 +201,24 @@ impl Cluster {
                     "--listen",
                     &public,
                     "--internal-listen",
-                    &format!("127.0.0.1:{}", free_port()),
+                    &internal,
+                    "--advertise-addr",
+                    &by_name(&internal),
                     "--coordinators",
                     &coordinators.join(","),
                     "--data-dir",
                     &d.join(format!("n{i}")).display().to_string(),
                     "--heartbeat-ms",
                     "250",
+                    "--metrics-listen",
+                    &metrics,
                 ]
                 .map(String::from)
                 .to_vec(),
                 log: d.join(format!("n{i}.log")),
                 child: None,
                 public,
+                metrics,
             };
             p.spawn(&bin);
             procs.push(p);
@@ -447,6 +460,28 @@ impl Cluster {
         assert!(!self.nodes[i].running());
         let bin = self.bin.clone();
         self.nodes[i].spawn(&bin);
+    }
+
+    /// The sum of a counter or gauge over its label sets, scraped from node `i`'s
+    /// Prometheus endpoint (0 when the node has not recorded it yet).
+    pub async fn metric(&self, i: usize, name: &str) -> f64 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = &self.nodes[i].metrics;
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("metrics endpoint {addr}: {e}"));
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.unwrap();
+        body.lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .fold(0.0, |a, b| a + b)
     }
 
     pub fn pause(&self, i: usize) {

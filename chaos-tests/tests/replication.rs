@@ -373,7 +373,23 @@ async fn replica_client(
 
 /// Which of `docs` the replica at `addr` holds (read from that replica alone).
 async fn held_by(addr: &str, shard: &rpb::ShardRef, docs: &[u64]) -> Vec<u64> {
-    let mut rc = replica_client(addr).await;
+    try_held_by(addr, shard, docs)
+        .await
+        .unwrap_or_else(|e| panic!("reading from {addr}: {e:?}"))
+}
+
+async fn try_held_by(
+    addr: &str,
+    shard: &rpb::ShardRef,
+    docs: &[u64],
+) -> Result<Vec<u64>, tonic::Status> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .timeout(Duration::from_secs(15))
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("connecting: {e}")))?;
+    let mut rc = rpb::replica_client::ReplicaClient::new(ch);
     let mut held = Vec::new();
     for &i in docs {
         let r = rc
@@ -381,15 +397,171 @@ async fn held_by(addr: &str, shard: &rpb::ShardRef, docs: &[u64]) -> Vec<u64> {
                 shard: Some(shard.clone()),
                 id: doc_id(i),
             })
-            .await
-            .unwrap_or_else(|e| panic!("get {} from {addr}: {e:?}", doc_id(i)))
+            .await?
             .into_inner();
         if r.found {
             assert_eq!(r.doc.unwrap().vector, vector(i), "{} on {addr}", doc_id(i));
             held.push(i);
         }
     }
-    held
+    Ok(held)
+}
+
+/// Waits until the replica at `addr` serves every one of `docs`; returns how long.
+async fn wait_held(addr: &str, shard: &rpb::ShardRef, docs: &[u64], within: Duration) -> Duration {
+    let t = Instant::now();
+    loop {
+        let r = try_held_by(addr, shard, docs).await;
+        if r.as_ref().is_ok_and(|h| h.len() == docs.len()) {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < within,
+            "{addr} does not hold all of {docs:?} within {within:?}: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A collection of one shard at `rf` with an explicit write quorum, on `c`; returns the
+/// shard's reference, its primary and its backups (node ids).
+async fn one_shard(
+    c: &Cluster,
+    name: &str,
+    rf: u32,
+    quorum: u32,
+) -> (rpb::ShardRef, String, Vec<String>) {
+    c.create_collection_with_quorum(name, 1, rf, quorum).await;
+    c.wait_replicated(name, rf as usize, Duration::from_secs(60))
+        .await;
+    let s = c.shard(name, 0).await;
+    let backups = s
+        .replicas
+        .iter()
+        .map(|r| r.node_id.clone())
+        .filter(|n| *n != s.primary)
+        .collect();
+    let shard = rpb::ShardRef {
+        collection: name.into(),
+        collection_id: c.collection_id(name).await,
+        index: 0,
+    };
+    (shard, s.primary, backups)
+}
+
+/// Ingests `batches` batches of 10 documents (numbered from `first_batch` × 10)
+/// through `gateway`; returns the acknowledged ones.
+async fn ingest_via(gateway: &str, name: &str, first_batch: u64, batches: u64) -> Vec<u64> {
+    ingest(
+        Arc::new(Mutex::new(vec![gateway.to_string()])),
+        name.into(),
+        first_batch,
+        batches,
+        10,
+        Duration::from_secs(30),
+        Arc::new(AtomicBool::new(false)),
+    )
+    .await
+    .acknowledged_docs()
+}
+
+/// A primary that crashed and came back before the down timeout still has the batches
+/// its write-ahead log replayed: a backup that missed them (paused meanwhile) gets
+/// them by Append, not by a snapshot of the whole shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restarted_primary_catches_its_backup_up_from_its_log() {
+    let _g = SERIAL.lock().await;
+    const NAME: &str = "restart-log";
+    let mut c = Cluster::start_with(2, 20_000).await;
+    let (shard, primary, backups) = one_shard(&c, NAME, 2, 1).await;
+    let (p, b) = (c.node_index(&primary), c.node_index(&backups[0]));
+    let addrs = c.internal_addrs().await;
+    let gateway = c.nodes[p].public.clone();
+    let mut all = ingest_via(&gateway, NAME, 0, 2).await;
+    c.wait_replicated(NAME, 2, Duration::from_secs(30)).await;
+    // The backup stops; the primary alone acknowledges more (quorum 1), then crashes
+    // and restarts at once (well within the down timeout: it stays the primary).
+    c.pause(b);
+    let alone = ingest_via(&gateway, NAME, 100, 3).await;
+    assert_eq!(alone.len(), 30);
+    all.extend(&alone);
+    c.kill(p);
+    c.restart(p);
+    wait_held(&addrs[&primary], &shard, &all, Duration::from_secs(30)).await;
+    c.resume(b);
+    let caught_up = wait_held(&addrs[&backups[0]], &shard, &all, Duration::from_secs(30)).await;
+    let sent = c.metric(p, "shoal_replication_batches_sent_total").await;
+    let snapshots = c.metric(p, "shoal_replication_snapshots_sent_total").await;
+    println!(
+        "{}",
+        serde_json::json!({
+            "test": "restarted_primary_log", "batches_sent": sent,
+            "snapshots_sent": snapshots, "backup_caught_up_s": caught_up.as_secs_f64(),
+        })
+    );
+    assert_eq!(snapshots, 0.0, "the restarted primary sent a snapshot");
+    assert!(sent >= 3.0, "{sent} batches sent, the backup missed 3");
+}
+
+/// After a failover at RF 3 the promoted backup catches the other backup up with the
+/// batches it received while it was a backup (backups keep the recent log too), not
+/// with a snapshot of the whole shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn promoted_backup_catches_the_other_up_from_its_log() {
+    let _g = SERIAL.lock().await;
+    const NAME: &str = "failover-log";
+    let mut c = Cluster::start(3).await;
+    let (shard, primary, backups) = one_shard(&c, NAME, 3, 2).await;
+    let (ahead, behind) = (backups[0].clone(), backups[1].clone());
+    let addrs = c.internal_addrs().await;
+    let gateway = c.nodes[c.node_index(&primary)].public.clone();
+    let mut all = ingest_via(&gateway, NAME, 0, 2).await;
+    c.wait_replicated(NAME, 3, Duration::from_secs(30)).await;
+    // One backup stops while the primary and the other acknowledge more (quorum 2);
+    // then the primary dies, and the stopped backup resumes before it is declared down.
+    c.pause(c.node_index(&behind));
+    let more = ingest_via(&gateway, NAME, 100, 3).await;
+    assert_eq!(more.len(), 30);
+    all.extend(&more);
+    let p = c.node_index(&primary);
+    c.kill(p);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.resume(c.node_index(&behind));
+    let t = Instant::now();
+    loop {
+        let s = c.shard(NAME, 0).await;
+        if s.primary == ahead {
+            break;
+        }
+        assert_ne!(
+            s.primary, behind,
+            "the backup that missed writes was promoted"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no promotion: {s:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let promoted = t.elapsed();
+    let caught_up = wait_held(&addrs[&behind], &shard, &all, Duration::from_secs(30)).await;
+    let a = c.node_index(&ahead);
+    let sent = c.metric(a, "shoal_replication_batches_sent_total").await;
+    let snapshots = c.metric(a, "shoal_replication_snapshots_sent_total").await;
+    println!(
+        "{}",
+        serde_json::json!({
+            "test": "promoted_backup_log", "batches_sent": sent,
+            "snapshots_sent": snapshots,
+            "promoted_after_s": promoted.as_secs_f64(),
+            "behind_caught_up_s": caught_up.as_secs_f64(),
+        })
+    );
+    assert_eq!(snapshots, 0.0, "the promoted backup sent a snapshot");
+    assert!(
+        sent >= 3.0,
+        "{sent} batches sent, the other backup missed 3"
+    );
 }
 
 /// The divergence path: with a write quorum of 1 the primary acknowledges writes its
@@ -538,6 +710,13 @@ async fn stale_primary_truncates_what_its_successor_never_had() {
     // The old primary's Append in flight when the backup stopped may land when it
     // resumes, before it learns of its promotion: those writes are legitimately the
     // new primary's too. The rest of the quorum-1 writes exist on neither replica.
+    let diverged = c
+        .metric(
+            c.node_index(&new),
+            "shoal_replication_snapshots_sent_total{reason=\"diverged\"}",
+        )
+        .await;
+    assert!(diverged >= 1.0, "no snapshot counted as diverged");
     let on_new = held_by(&addrs[&new], &shard_ref, &all).await;
     let on_old = held_by(&addrs[&old], &shard_ref, &all).await;
     assert_eq!(on_old, on_new, "the replicas differ after the handover");

@@ -110,8 +110,15 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
     }));
     let c = coordinator.clone();
     let rx = stop_rx.clone();
+    // The standard health service, for probes and load balancers: SERVING while the
+    // process serves (whether the group has a leader is the Admin API's to say).
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<AdminServer<service::AdminService>>()
+        .await;
     tasks.push(tokio::spawn(async move {
         let r = tonic::transport::Server::builder()
+            .add_service(health_service)
             .add_service(
                 AdminServer::new(service::AdminService(c.clone()))
                     .max_decoding_message_size(MAX_MESSAGE),

@@ -720,3 +720,19 @@ async fn ingest_search_get_delete_errors_and_replica_crash() {
         c.shutdown().await;
     }
 }
+
+/// A node that listens on every interface must say which address other nodes dial;
+/// it is refused before it binds or registers anything.
+#[tokio::test]
+async fn a_wildcard_internal_address_needs_an_advertised_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = cluster::start(NodeConfig {
+        internal_listen: "0.0.0.0:7301".into(),
+        data_dir: dir.path().join("n"),
+        ..NodeConfig::default()
+    })
+    .await
+    .err()
+    .expect("a wildcard internal address without --advertise-addr is refused");
+    assert!(err.to_string().contains("--advertise-addr"), "{err}");
+}

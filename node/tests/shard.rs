@@ -713,4 +713,25 @@ fn t60_replication_primitives_epochs_request_ids_and_snapshots() {
     assert_eq!(copy.last(), (3, 2));
     assert_eq!(copy.len(), 3);
     assert_eq!(copy.get("c").unwrap().unwrap().vector, doc("c").vector);
+    assert!(
+        copy.take_replayed().is_empty(),
+        "a snapshot has no log to replay"
+    );
+    // After a crash (retired: no checkpoint on close) the reopened primary hands the
+    // batches its log replayed to replication, once, so a backup that missed them gets
+    // them by Append. (The snapshot above checkpointed: the log starts after seq 3.)
+    for (i, id) in ["d", "e"].into_iter().enumerate() {
+        primary
+            .write_as(vec![WriteOp::Upsert(doc(id))], 2, &format!("req-{id}"))
+            .unwrap();
+        assert_eq!(primary.last().0, 4 + i as u64);
+    }
+    primary.retire();
+    drop(primary);
+    let primary = Shard::open(pd.path()).unwrap();
+    let replayed = primary.take_replayed();
+    let seqs: Vec<(u64, u64)> = replayed.iter().map(|b| (b.seq, b.epoch)).collect();
+    assert_eq!(seqs, vec![(4, 2), (5, 2)]);
+    assert_eq!(replayed[1].request_id, "req-e");
+    assert!(primary.take_replayed().is_empty(), "taken once");
 }

@@ -32,6 +32,11 @@ pub struct NodeArgs {
     /// Internal gRPC address (replica traffic between nodes).
     #[arg(long, env = "SHOAL_INTERNAL_LISTEN", default_value = "127.0.0.1:7301")]
     internal_listen: String,
+    /// The internal address other nodes dial (HOST:PORT, e.g. a pod's DNS name);
+    /// default: the internal listen address, which must then not be 0.0.0.0.
+    #[arg(long, env = "SHOAL_ADVERTISE_ADDR")]
+    advertise_addr: Option<String>,
+    /// Coordinators' public addresses.
     #[arg(
         long,
         env = "SHOAL_COORDINATORS",
@@ -68,6 +73,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
         id: a.id,
         listen: a.listen,
         internal_listen: a.internal_listen,
+        advertise_addr: a.advertise_addr,
         coordinators: a.coordinators,
         data_dir: a.data_dir,
         model_dir: a.model_dir,

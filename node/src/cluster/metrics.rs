@@ -53,6 +53,15 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
         "shoal_node_replica_restarts_total",
         "replica actors reopened after a crash"
     );
+    describe_counter!(
+        "shoal_replication_batches_sent_total",
+        "write batches a primary shipped to its backups"
+    );
+    describe_counter!(
+        "shoal_replication_snapshots_sent_total",
+        "whole-shard snapshots a primary sent to a backup, by reason (behind: its log \
+         position is no longer held; diverged: it holds writes the primary never had)"
+    );
     describe_gauge!("shoal_shard_live_documents", "live documents per replica");
     describe_gauge!(
         "shoal_shard_fresh_rows",

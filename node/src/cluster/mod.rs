@@ -77,6 +77,9 @@ pub struct NodeConfig {
     pub listen: String,
     /// Internal gRPC address (replica traffic from other nodes' gateways).
     pub internal_listen: String,
+    /// The internal address other nodes dial (registered in the map), e.g. a pod's DNS
+    /// name; None: the bound internal address, which must then not be a wildcard.
+    pub advertise_addr: Option<String>,
     pub coordinators: Vec<String>,
     pub data_dir: PathBuf,
     /// Sentence-transformers model dir; None: this node takes vectors only.
@@ -101,6 +104,7 @@ impl Default for NodeConfig {
             id: "node-1".into(),
             listen: "127.0.0.1:7201".into(),
             internal_listen: "127.0.0.1:7301".into(),
+            advertise_addr: None,
             coordinators: vec!["127.0.0.1:7001".into()],
             data_dir: PathBuf::from("data/node-1"),
             model_dir: None,
@@ -338,14 +342,10 @@ impl Reconciler {
     }
 }
 
-async fn register(
-    client: &mut Client,
-    cfg: &NodeConfig,
-    internal: SocketAddr,
-) -> anyhow::Result<()> {
+async fn register(client: &mut Client, cfg: &NodeConfig, addr: &str) -> anyhow::Result<()> {
     let req = cpb::RegisterNodeRequest {
         id: cfg.id.clone(),
-        addr: internal.to_string(),
+        addr: addr.to_string(),
         capacity: Some(cpb::Capacity {
             memory_bytes: cfg.memory_bytes,
             gpu: false,
@@ -363,6 +363,17 @@ async fn register(
 }
 
 pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
+    let wildcard = cfg
+        .internal_listen
+        .parse::<SocketAddr>()
+        .is_ok_and(|a| a.ip().is_unspecified());
+    if wildcard && cfg.advertise_addr.is_none() {
+        anyhow::bail!(
+            "the internal address {} listens on every interface, which other nodes cannot \
+             dial: set --advertise-addr to the address they reach this node at (HOST:PORT)",
+            cfg.internal_listen
+        );
+    }
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let public = TcpListener::bind(&cfg.listen)
@@ -372,6 +383,10 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         .await
         .with_context(|| format!("binding the internal address {}", cfg.internal_listen))?;
     let (public_addr, internal_addr) = (public.local_addr()?, internal.local_addr()?);
+    let advertised = cfg
+        .advertise_addr
+        .clone()
+        .unwrap_or_else(|| internal_addr.to_string());
 
     let encoder = match &cfg.model_dir {
         Some(dir) => {
@@ -398,7 +413,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
 
     let mut client = Client::new(cfg.coordinators.clone());
     client.patience = Duration::from_secs(60);
-    register(&mut client, &cfg, internal_addr).await?;
+    register(&mut client, &cfg, &advertised).await?;
 
     let view: Arc<RwLock<MapView>> = Arc::default();
     let (stop, stop_rx) = watch::channel(false);
@@ -447,12 +462,13 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     }));
 
     // Heartbeats, with the replicas that finished copying; re-register if declared down.
-    let (v, mut rx, mut c, reps, cfg2) = (
+    let (v, mut rx, mut c, reps, cfg2, advertised2) = (
         view.clone(),
         stop_rx.clone(),
         client.clone(),
         replications.clone(),
         cfg.clone(),
+        advertised.clone(),
     );
     tasks.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(cfg2.heartbeat);
@@ -510,11 +526,11 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
             match r {
                 Ok(r) if r.get_ref().state == cpb::NodeState::Down as i32 => {
                     tracing::warn!("declared down by the coordinators; registering again");
-                    let _ = register(&mut c, &cfg2, internal_addr).await;
+                    let _ = register(&mut c, &cfg2, &advertised2).await;
                 }
                 Ok(_) => {}
                 Err(s) if s.code() == tonic::Code::NotFound => {
-                    let _ = register(&mut c, &cfg2, internal_addr).await;
+                    let _ = register(&mut c, &cfg2, &advertised2).await;
                 }
                 Err(s) => tracing::warn!(error = %s.message(), "heartbeat failed"),
             }
@@ -584,7 +600,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
             tracing::error!(error = %e, "internal server failed");
         }
     }));
-    tracing::info!(id = %cfg.id, public = %public_addr, internal = %internal_addr, "node started");
+    tracing::info!(id = %cfg.id, public = %public_addr, internal = %internal_addr, advertised = %advertised, "node started");
     Ok(NodeHandle {
         public_addr,
         internal_addr,

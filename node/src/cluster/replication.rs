@@ -116,10 +116,30 @@ pub fn shard_status(e: ShardError) -> Status {
     }
 }
 
-/// Recent batches by sequence number, each with its size (counted once, on insert).
+/// Recent batches by sequence number, each with its size (counted once, on insert):
+/// always a contiguous run of the local shard's own history. Kept on backups too, so a
+/// backup promoted after a failover can catch the others up batch by batch.
+#[derive(Default)]
 struct Recent {
     batches: BTreeMap<u64, (Arc<WalBatch>, usize)>,
     bytes: usize,
+}
+
+impl Recent {
+    fn remember(&mut self, batches: impl IntoIterator<Item = Arc<WalBatch>>) {
+        for b in batches {
+            let size = batch_bytes(&b);
+            if let Some((_, old)) = self.batches.insert(b.seq, (b, size)) {
+                self.bytes -= old;
+            }
+            self.bytes += size;
+        }
+        while self.bytes > RECENT_LOG_BYTES && self.batches.len() > 1 {
+            if let Some((_, (_, old))) = self.batches.pop_first() {
+                self.bytes -= old;
+            }
+        }
+    }
 }
 
 fn batch_bytes(b: &WalBatch) -> usize {
@@ -180,10 +200,7 @@ impl Replication {
             role: RwLock::new(None),
             known_epoch: AtomicU64::new(0),
             caught_up: AtomicBool::new(false),
-            recent: Mutex::new(Recent {
-                batches: BTreeMap::new(),
-                bytes: 0,
-            }),
+            recent: Mutex::default(),
             matched: watch::Sender::new(HashMap::new()),
             appended: Notify::new(),
             replicators: Mutex::default(),
@@ -201,7 +218,14 @@ impl Replication {
             .ok_or_else(|| Status::unavailable(format!("replica {} is not open", self.key)))
     }
 
+    /// Sets the open engine (opened, reopened after a crash, or replaced by a
+    /// snapshot). The recent log restarts from what its write-ahead log replayed: the
+    /// batches held before may not be this engine's history any more.
     pub fn set_shard(&self, s: Shard) {
+        let replayed = s.take_replayed();
+        let mut r = self.recent.lock();
+        *r = Recent::default();
+        r.remember(replayed);
         *self.shard.write() = Some(s);
     }
 
@@ -288,7 +312,6 @@ impl Replication {
             for (_, r) in reps.drain() {
                 let _ = r.stop.send(true);
             }
-            self.recent.lock().batches.clear();
         }
         drop(reps);
         *self.role.write() = Some(role);
@@ -377,15 +400,7 @@ impl Replication {
             .await
             .map_err(shard_status)?;
         if let Some(b) = batch {
-            let mut r = self.recent.lock();
-            let size = batch_bytes(&b);
-            r.bytes += size;
-            r.batches.insert(b.seq, (b, size));
-            while r.bytes > RECENT_LOG_BYTES && r.batches.len() > 1 {
-                if let Some((_, (_, old))) = r.batches.pop_first() {
-                    r.bytes -= old;
-                }
-            }
+            self.recent.lock().remember([b]);
         }
         self.appended.notify_waiters();
         let holders = self.wait_quorum(ack.seq, epoch).await?;
@@ -531,6 +546,7 @@ impl Replication {
                 let consistent =
                     r.last_seq <= last && epoch_at(&epochs, r.last_seq) == r.last_epoch;
                 if !consistent {
+                    metrics::counter!("shoal_replication_snapshots_sent_total", "reason" => "diverged").increment(1);
                     tracing::info!(shard = %self.key, backup = node, backup_seq = r.last_seq, backup_epoch = r.last_epoch, primary_seq = last, "backup diverged; sending a snapshot");
                     self.send_snapshot(node, addr, epoch, &shard).await?;
                     return Ok(true);
@@ -567,6 +583,8 @@ impl Replication {
         if batches.is_empty() {
             let held = self.recent.lock().batches.contains_key(&from);
             if !held {
+                metrics::counter!("shoal_replication_snapshots_sent_total", "reason" => "behind")
+                    .increment(1);
                 tracing::info!(shard = %self.key, backup = node, from, primary_seq = last, "backup is behind the recent log; sending a snapshot");
                 self.send_snapshot(node, addr, epoch, &shard).await?;
                 *next = None;
@@ -578,6 +596,8 @@ impl Replication {
             .send_append(addr, epoch, from - 1, &epochs, &batches, last)
             .await?;
         if r.ok {
+            metrics::counter!("shoal_replication_batches_sent_total")
+                .increment(batches.len() as u64);
             self.set_matched(node, r.last_seq);
             *next = Some(r.last_seq + 1);
         } else {
@@ -710,20 +730,28 @@ impl Replication {
                 last_epoch,
             });
         }
-        let batches: Vec<WalBatch> = if req.batches.is_empty() {
+        let batches: Vec<Arc<WalBatch>> = if req.batches.is_empty() {
             Vec::new()
         } else {
-            bincode::serde::decode_from_slice(&req.batches, bincode::config::standard())
-                .map_err(|e| Status::invalid_argument(format!("batches do not decode: {e}")))?
-                .0
+            bincode::serde::decode_from_slice::<Vec<WalBatch>, _>(
+                &req.batches,
+                bincode::config::standard(),
+            )
+            .map_err(|e| Status::invalid_argument(format!("batches do not decode: {e}")))?
+            .0
+            .into_iter()
+            .map(Arc::new)
+            .collect()
         };
         let last = if batches.is_empty() {
             last
         } else {
-            let s = shard.clone();
-            shard::run_blocking(move || s.append_replicated(&batches))
+            let (s, b) = (shard.clone(), batches.clone());
+            let last = shard::run_blocking(move || s.append_replicated(&b))
                 .await
-                .map_err(shard_status)?
+                .map_err(shard_status)?;
+            self.recent.lock().remember(batches);
+            last
         };
         self.caught_up
             .store(last >= req.primary_seq, Ordering::Release);

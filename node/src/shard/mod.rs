@@ -16,6 +16,7 @@ mod storage;
 mod topk;
 mod wal;
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -292,6 +293,8 @@ struct Inner {
     docs: DocsReader,
     building: Mutex<Option<u64>>,
     poisoned: AtomicBool,
+    /// The batches the log replayed at open, until replication takes them.
+    replayed: Mutex<Vec<Arc<WalBatch>>>,
 }
 
 impl Drop for Inner {
@@ -388,10 +391,11 @@ impl Shard {
             writer.requests.insert(id.clone(), ack);
             writer.request_order.push_back(id);
         }
-        let mut replayed = 0usize;
+        let mut replayed = Vec::new();
         wal::replay(dir, writer.manifest.applied_seq, |batch| {
-            replayed += 1;
-            apply(&mut writer, &mut state, batch)
+            apply(&mut writer, &mut state, &batch)?;
+            replayed.push(Arc::new(batch));
+            Ok(())
         })?;
 
         if let Some(meta) = writer.manifest.serving.clone() {
@@ -409,7 +413,7 @@ impl Shard {
             dir = %dir.display(),
             rows = state.rows.len(),
             live = state.ids.len(),
-            replayed_batches = replayed,
+            replayed_batches = replayed.len(),
             generation = writer.manifest.serving.as_ref().map(|g| g.id),
             took_ms = started.elapsed().as_millis() as u64,
             "shard opened"
@@ -423,6 +427,7 @@ impl Shard {
                 docs: docs_reader,
                 building: Mutex::new(None),
                 poisoned: AtomicBool::new(false),
+                replayed: Mutex::new(replayed),
             }),
         })
     }
@@ -511,12 +516,12 @@ impl Shard {
 
     /// Logs and applies batches a primary ordered, as a backup: each must follow this
     /// replica's last one exactly. Returns the last sequence number applied.
-    pub fn append_replicated(&self, batches: &[WalBatch]) -> Result<u64> {
+    pub fn append_replicated<B: Borrow<WalBatch>>(&self, batches: &[B]) -> Result<u64> {
         if self.inner.poisoned.load(Ordering::Acquire) {
             return Err(ShardError::Poisoned(self.inner.dir.clone()));
         }
         let mut w = self.inner.writer.lock();
-        for batch in batches {
+        for batch in batches.iter().map(Borrow::borrow) {
             if batch.seq != w.last_seq + 1 {
                 return Err(ShardError::InvalidConfig(format!(
                     "replicated batch {} does not follow {}",
@@ -564,6 +569,12 @@ impl Shard {
     /// replaced by a snapshot); reads keep working until the last clone goes.
     pub fn retire(&self) {
         self.inner.poisoned.store(true, Ordering::Release);
+    }
+
+    /// The batches the log replayed when this handle opened, oldest first; taken once
+    /// (replication keeps them so a backup that is behind gets them, not a snapshot).
+    pub fn take_replayed(&self) -> Vec<Arc<WalBatch>> {
+        std::mem::take(&mut *self.inner.replayed.lock())
     }
 
     /// (last sequence number applied, the epoch it was written in).
@@ -1045,11 +1056,11 @@ fn publish(st: &mut State, w: &Writer, staged: Staged) -> (usize, usize) {
     (up, del)
 }
 
-fn apply(w: &mut Writer, st: &mut State, batch: WalBatch) -> Result<()> {
+fn apply(w: &mut Writer, st: &mut State, batch: &WalBatch) -> Result<()> {
     let mut staged = Staged::default();
-    stage(w, &batch, &mut staged)?;
+    stage(w, batch, &mut staged)?;
     let (upserted, deleted) = publish(st, w, staged);
-    w.finish(&batch, upserted, deleted);
+    w.finish(batch, upserted, deleted);
     Ok(())
 }
 
