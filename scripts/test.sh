@@ -12,3 +12,5 @@ cargo clippy --release --workspace --all-targets --locked -- -D warnings
 # The GPU backend must keep compiling even where no GPU is present.
 cargo check --release --locked -p shoal-gpu-bench --features cuda --all-targets
 cargo test --release --workspace --locked
+# The deployment files against their tools and the binary just built.
+deploy/check.sh

@@ -69,7 +69,7 @@ pub struct Proc {
     log: PathBuf,
     child: Option<Child>,
     pub public: String,
-    /// The node's Prometheus endpoint (empty for coordinators).
+    /// The process's Prometheus endpoint.
     pub metrics: String,
 }
 
@@ -157,6 +157,7 @@ impl Cluster {
             .join(",");
         let mut coords = Vec::new();
         for (i, (api, raft)) in addrs.iter().enumerate() {
+            let metrics = format!("127.0.0.1:{}", free_port());
             let mut p = Proc {
                 id: format!("c{}", i + 1),
                 args: [
@@ -175,13 +176,15 @@ impl Cluster {
                     &SUSPECT_MS.to_string(),
                     "--down-after-ms",
                     &down_ms.to_string(),
+                    "--metrics-listen",
+                    &metrics,
                 ]
                 .map(String::from)
                 .to_vec(),
                 log: d.join(format!("c{}.log", i + 1)),
                 child: None,
                 public: api.clone(),
-                metrics: String::new(),
+                metrics,
             };
             p.spawn(&bin);
             coords.push(p);
@@ -465,23 +468,12 @@ impl Cluster {
     /// The sum of a counter or gauge over its label sets, scraped from node `i`'s
     /// Prometheus endpoint (0 when the node has not recorded it yet).
     pub async fn metric(&self, i: usize, name: &str) -> f64 {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let addr = &self.nodes[i].metrics;
-        let mut s = tokio::net::TcpStream::connect(addr)
-            .await
-            .unwrap_or_else(|e| panic!("metrics endpoint {addr}: {e}"));
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-            .await
-            .unwrap();
-        let mut body = String::new();
-        s.read_to_string(&mut body).await.unwrap();
-        body.lines()
-            .filter(|l| {
-                l.strip_prefix(name)
-                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .fold(0.0, |a, b| a + b)
+        scrape(&self.nodes[i].metrics, name).await
+    }
+
+    /// As [`Cluster::metric`], from coordinator `i`.
+    pub async fn coordinator_metric(&self, i: usize, name: &str) -> f64 {
+        scrape(&self._coords[i].metrics, name).await
     }
 
     pub fn pause(&self, i: usize) {
@@ -764,4 +756,26 @@ pub fn report(mut v: serde_json::Value, before: &QueryStats, during: &QueryStats
     v["failed_during"] = during.failed.into();
     v["p99_ms_during"] = during.p99_ms().into();
     println!("{v}");
+}
+
+/// The sum of a metric over its label sets from the Prometheus endpoint at `addr`
+/// (0 when the process has not recorded it yet). `name` may carry labels
+/// (`name{label="value"}`) to pick one series.
+pub async fn scrape(addr: &str, name: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("metrics endpoint {addr}: {e}"));
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    body.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, |a, b| a + b)
 }

@@ -125,6 +125,15 @@ async fn nodes_killed_during_ingest_lose_no_acknowledged_write() {
     );
     assert!(acked.len() >= 200, "too little ingested: {}", acked.len());
     final_check(&c, &acked).await;
+    // Search latency is exported as a histogram (buckets add up across nodes, which
+    // the Grafana dashboard in deploy/ relies on).
+    let mut buckets = 0.0;
+    for i in 0..c.nodes.len() {
+        buckets += c
+            .metric(i, "shoal_gateway_search_duration_seconds_bucket")
+            .await;
+    }
+    assert!(buckets > 0.0, "no latency histogram buckets exported");
     report(
         serde_json::json!({
             "test": "sigkill_during_ingest", "kills": kills, "batches": rec.batches.len(),
@@ -334,6 +343,15 @@ async fn lost_node_is_re_replicated_while_queries_succeed() {
     )
     .await;
     let declared_down = t.elapsed();
+    // The coordinators' own metrics say what the map says: while the lost node's
+    // replicas are being re-created, shards are short of their replication factor.
+    let mut short_seen = 0.0f64;
+    for i in 0..3 {
+        short_seen = short_seen.max(
+            c.coordinator_metric(i, "shoal_coordinator_shards_under_replicated")
+                .await,
+        );
+    }
     c.wait_replicated(COLLECTION, 2, Duration::from_secs(90))
         .await;
     let restored = t.elapsed();
@@ -341,12 +359,37 @@ async fn lost_node_is_re_replicated_while_queries_succeed() {
     let during = q.finish().await;
     let acked = rec.acknowledged_docs();
     final_check(&c, &acked).await;
+    // Once restored, every member's gauges agree: one leader, one node down, two up,
+    // no shard short or unavailable (gauges refresh every second).
+    let t2 = Instant::now();
+    loop {
+        let mut leaders = 0.0;
+        let mut ok = true;
+        for i in 0..3 {
+            let m = |name: &'static str| c.coordinator_metric(i, name);
+            leaders += m("shoal_coordinator_is_leader").await;
+            ok &= m("shoal_coordinator_nodes{state=\"down\"}").await == 1.0
+                && m("shoal_coordinator_nodes{state=\"up\"}").await == 2.0
+                && m("shoal_coordinator_shards").await == 3.0
+                && m("shoal_coordinator_shards_under_replicated").await == 0.0
+                && m("shoal_coordinator_shards_unavailable").await == 0.0;
+        }
+        if ok && leaders == 1.0 {
+            break;
+        }
+        assert!(
+            t2.elapsed() < Duration::from_secs(10),
+            "coordinator metrics disagree with the map ({leaders} leaders)"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     report(
         serde_json::json!({
             "test": "node_lost", "documents": acked.len(),
             "declared_down_after_s": declared_down.as_secs_f64(),
             "rf_restored_after_s": restored.as_secs_f64(),
             "down_after_ms": DOWN_MS,
+            "shards_under_replicated_seen": short_seen,
         }),
         &before,
         &during,

@@ -64,6 +64,8 @@ pub struct Config {
     pub tick_ms: u64,
     pub max_moves_per_step: usize,
     pub max_copies_in_flight: usize,
+    /// Prometheus `/metrics` address; None: no endpoint.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for Config {
@@ -86,6 +88,7 @@ impl Default for Config {
             tick_ms: 250,
             max_moves_per_step: 16,
             max_copies_in_flight: 8,
+            metrics_listen: None,
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod map;
 pub mod member;
+pub mod metrics;
 pub mod network;
 pub mod placement;
 pub mod raft;
@@ -133,6 +134,14 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
             tracing::error!(error = %e, "api server failed");
         }
     }));
+    if let Some(addr) = config.metrics_listen {
+        metrics::install(addr)?;
+        tasks.push(tokio::spawn(metrics::refresh(
+            coordinator.clone(),
+            std::time::Duration::from_secs(1),
+            stop_rx.clone(),
+        )));
+    }
     let c = coordinator.clone();
     let mut rx = stop_rx.clone();
     tasks.push(tokio::spawn(async move {

@@ -169,6 +169,8 @@ pub async fn run_dev(a: DevArgs, otlp: Option<&str>) -> Result<()> {
             dir(&format!("coordinator-{i}")),
             "--peers".into(),
             peers.clone(),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:910{i}"),
         ];
         let name = format!("coordinator-{i}");
         children.push((
@@ -210,7 +212,8 @@ pub async fn run_dev(a: DevArgs, otlp: Option<&str>) -> Result<()> {
     }
     eprintln!(
         "shoal dev: coordinators 127.0.0.1:7001-7003, nodes 127.0.0.1:7201-{} (public), \
-         metrics http://127.0.0.1:9201-{}/metrics; data and logs/ under {}; Ctrl-C stops the cluster",
+         metrics http://127.0.0.1:9101-9103/metrics (coordinators) and \
+         http://127.0.0.1:9201-{}/metrics (nodes); data and logs/ under {}; Ctrl-C stops the cluster",
         7200 + a.nodes,
         9200 + a.nodes,
         a.data_dir.display()

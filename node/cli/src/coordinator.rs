@@ -35,6 +35,9 @@ pub struct CoordinatorArgs {
     down_after_ms: Option<u64>,
     #[arg(long, env = "SHOAL_SNAPSHOT_EVERY")]
     snapshot_every: Option<u64>,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, env = "SHOAL_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl CoordinatorArgs {
@@ -57,6 +60,9 @@ impl CoordinatorArgs {
         );
         if !self.peers.is_empty() {
             c.peers = self.peers;
+        }
+        if self.metrics_listen.is_some() {
+            c.metrics_listen = self.metrics_listen;
         }
         Ok(c)
     }

@@ -13,11 +13,21 @@ use shoal_encoder::pool::EncoderPool;
 
 use super::replicas::{Registry, ReplicaMsg};
 
+/// Bucket bounds (seconds) of the latency histograms: exported as Prometheus
+/// histograms, not summaries, so dashboards can add them up across nodes.
+const LATENCY_BUCKETS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
 /// Installs the process-wide exporter (once per process; a second node in the same
 /// process shares the first one's endpoint).
 pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(addr)
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+            &LATENCY_BUCKETS,
+        )?
         .install()
         .map_err(|e| anyhow::anyhow!("starting the metrics endpoint on {addr}: {e}"))?;
     describe_counter!(
@@ -28,6 +38,10 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
         "shoal_gateway_search_duration_seconds",
         Unit::Seconds,
         "search latency at the gateway, encode and merge included"
+    );
+    describe_counter!(
+        "shoal_gateway_hedged_requests_total",
+        "shard reads sent to a second replica because the first was slow or failed"
     );
     describe_counter!(
         "shoal_gateway_ingested_documents_total",

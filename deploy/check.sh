@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Checks the deployment files with the tools that consume them, and against the code:
+#   Kubernetes objects against the API schema (strict), the Prometheus configs and
+#   alert rules (with their unit tests), every Grafana query as PromQL, the systemd
+#   units; every SHOAL_* setting they use is one the binary reads, and every shoal
+#   metric they query is one the node exports. Run by scripts/test.sh after the build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+SHOAL=${SHOAL_BIN:-$CARGO_TARGET_DIR/release/shoal}
+[[ -x $SHOAL ]] || { echo "deploy: $SHOAL not built (cargo build --release -p shoal)" >&2; exit 1; }
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+# The checkers: promtool (Debian's prometheus), systemd-analyze, kubernetes-validate.
+need=()
+command -v promtool >/dev/null || need+=(prometheus)
+command -v systemd-analyze >/dev/null || need+=(systemd)
+if ((${#need[@]})); then
+  echo "deploy: installing ${need[*]}" >&2
+  SUDO=""
+  [[ $(id -u) -eq 0 ]] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+VENV=$HOME/.cache/shoal/deploy-venv
+if [[ ! -x $VENV/bin/kubernetes-validate ]]; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check kubernetes-validate==1.37.0
+fi
+
+echo "deploy: kubernetes" >&2
+"$VENV/bin/kubernetes-validate" --strict --quiet deploy/kubernetes/coordinator.yaml deploy/kubernetes/node.yaml
+if command -v kubectl >/dev/null; then
+  kubectl kustomize deploy/kubernetes >"$tmp/rendered.yaml"
+  "$VENV/bin/kubernetes-validate" --strict --quiet "$tmp/rendered.yaml"
+fi
+
+echo "deploy: settings" >&2
+known=$({ "$SHOAL" node --help; "$SHOAL" coordinator --help; } | grep -o 'SHOAL_[A-Z_]*' | sort -u)
+used=$(grep -rhoE 'SHOAL_[A-Z_]+' deploy/kubernetes deploy/systemd deploy/docker | sort -u)
+unknown=$(comm -23 <(echo "$used") <(echo "$known"))
+[[ -z $unknown ]] || { echo "deploy: settings the binary does not read: $unknown" >&2; exit 1; }
+
+echo "deploy: prometheus" >&2
+promtool check config deploy/prometheus/prometheus.yml >/dev/null
+promtool check config deploy/prometheus/prometheus-dev.yml >/dev/null
+promtool test rules deploy/prometheus/shoal-rules.test.yml >/dev/null
+
+echo "deploy: grafana" >&2
+# Each dashboard query (Grafana's variables replaced by what they stand for) becomes a
+# recording rule, so promtool parses it; the shoal metrics named in the queries and
+# the alerts must be ones the node or the coordinator describes.
+python3 - deploy/grafana/shoal.json deploy/prometheus/shoal-rules.yml "$tmp/dashboard-rules.yml" \
+  node/src/cluster/metrics.rs coordinator/src/metrics.rs <<'PY'
+import json, re, sys
+dashboard, alerts, out, *sources = sys.argv[1:]
+exprs = []
+def walk(panels):
+    for p in panels:
+        walk(p.get("panels", []))
+        exprs.extend(t["expr"] for t in p.get("targets", []))
+walk(json.load(open(dashboard))["panels"])
+assert exprs, "no queries in the dashboard"
+subst = {"$__rate_interval": "5m", "$__range": "1h", "$node": ".*"}
+with open(out, "w") as f:
+    f.write("groups:\n  - name: dashboard\n    rules:\n")
+    for i, e in enumerate(exprs):
+        for k, v in subst.items():
+            e = e.replace(k, v)
+        f.write(f"      - record: dashboard:query_{i}\n        expr: {json.dumps(e)}\n")
+described = set(re.findall(r'describe_\w+!\(\s*"(shoal_\w+)"', " ".join(open(f).read() for f in sources)))
+used = set(re.findall(r"\b(shoal_\w+)", " ".join(exprs) + open(alerts).read()))
+base = {re.sub(r"_(bucket|sum|count)$", "", m) if m not in described else m for m in used}
+missing = sorted(base - described)
+if missing:
+    sys.exit(f"deploy: metrics queried but exported by neither the node nor the coordinator: {missing}")
+print(f"deploy: {len(exprs)} dashboard queries, {len(base)} metrics, all exported", file=sys.stderr)
+PY
+promtool check rules "$tmp/dashboard-rules.yml" >/dev/null
+
+echo "deploy: systemd" >&2
+# Verified in a scratch root holding the binary where the units expect it.
+root="$tmp/root"
+mkdir -p "$root/usr/local/bin" "$root/etc/systemd/system" "$root/usr/lib"
+cp -r /usr/lib/systemd "$root/usr/lib/"
+cp "$SHOAL" "$root/usr/local/bin/shoal"
+cp deploy/systemd/*.service "$root/etc/systemd/system/"
+report=$(systemd-analyze verify --root="$root" "$root"/etc/systemd/system/shoal-*.service 2>&1) || true
+[[ -z $report ]] || { echo "deploy: systemd units: $report" >&2; exit 1; }
+echo "deploy: ok" >&2
