@@ -6,7 +6,7 @@
 //! replicas per node to within one; prefer zones the shard does not use yet; at most
 //! `max_moves` moves per step and `max_in_flight` copies under way at once.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::map::{ClusterMap, CollectionSpec, Move, NodeId, NodeState, ReplicaState, ShardKey};
 
@@ -120,6 +120,11 @@ pub fn initial(map: &ClusterMap, spec: &CollectionSpec) -> Result<Vec<Vec<NodeId
     let mut pool = Pool::new(map);
     let mem = spec.replica_memory_bytes;
     let mut out = Vec::with_capacity(spec.shard_count as usize);
+    // Primaries take the writes (and encode the documents): spread them like replicas.
+    let mut leads: HashMap<NodeId, usize> = HashMap::new();
+    for p in map.shards.values().filter_map(|s| s.primary.as_ref()) {
+        *leads.entry(p.clone()).or_default() += 1;
+    }
     for index in 0..spec.shard_count {
         let mut holders = Vec::new();
         for _ in 0..spec.replication_factor {
@@ -133,6 +138,14 @@ pub fn initial(map: &ClusterMap, spec: &CollectionSpec) -> Result<Vec<Vec<NodeId
             })?;
             pool.add(&node, mem);
             holders.push(node);
+        }
+        // The first holder becomes the primary: the one leading fewest shards.
+        let lead = (0..holders.len())
+            .min_by_key(|&i| (leads.get(&holders[i]).copied().unwrap_or(0), i))
+            .unwrap_or(0);
+        holders.swap(0, lead);
+        if let Some(p) = holders.first() {
+            *leads.entry(p.clone()).or_default() += 1;
         }
         out.push(holders);
     }
@@ -516,6 +529,17 @@ mod tests {
                             .map(|r| m.nodes[&r.node].capacity.zone.as_str()).collect();
                         prop_assert_eq!(zs.len(), (rf as usize).min(zones));
                     }
+                    // Primaries spread over the nodes: none leads more than one shard
+                    // above another that holds replicas of the collection.
+                    let mut leads: BTreeMap<&str, usize> = BTreeMap::new();
+                    for s in m.shards.values() {
+                        for r in &s.replicas {
+                            leads.entry(r.node.as_str()).or_default();
+                        }
+                        *leads.entry(s.primary.as_deref().unwrap()).or_default() += 1;
+                    }
+                    let (lo, hi) = (leads.values().min().unwrap(), leads.values().max().unwrap());
+                    prop_assert!(hi <= &(lo + 1), "primaries {:?}", leads);
                     // Zone spread comes first at creation; placement's rebalancing then
                     // evens loads out to within one (when capacity leaves room).
                     if ample {

@@ -147,6 +147,12 @@ fn t11_bad_input_is_refused_with_a_clear_error_and_writes_nothing() {
     assert!(e.contains("pq m = 7 must divide the dimension 32"), "{e}");
 
     let shard = Shard::create(dir.path(), config(Metric::InnerProduct)).unwrap();
+    // An index build on an empty shard is refused (it used to panic the caller).
+    let e = shard.rebuild(None).unwrap_err();
+    assert!(
+        matches!(e, ShardError::NotEnoughVectors { have: 0, .. }),
+        "{e:?}"
+    );
     shard.upsert(docs("ok", 20)).unwrap();
     let before = shard.stats();
 

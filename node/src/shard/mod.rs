@@ -945,7 +945,11 @@ pub fn training_sample(seed: u64, generation: u64, live: usize, sample: usize) -
 }
 
 fn gather(view: &VectorView, rows: &[u64]) -> Vec<f32> {
-    let mut out = Vec::with_capacity(rows.len() * view.get(rows[0]).len());
+    // An empty shard trains on nothing, and training says how many vectors it needs.
+    let Some(&first) = rows.first() else {
+        return Vec::new();
+    };
+    let mut out = Vec::with_capacity(rows.len() * view.get(first).len());
     for &r in rows {
         out.extend_from_slice(view.get(r));
     }
