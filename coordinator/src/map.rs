@@ -246,6 +246,11 @@ pub enum Command {
         node: NodeId,
         epoch: u64,
     },
+    /// Cancels an operator's drain: a draining node is up again (a silent one keeps
+    /// its liveness state and comes back up, not draining).
+    Undrain {
+        id: NodeId,
+    },
 }
 
 /// What a command changed, for watchers.
@@ -393,6 +398,22 @@ impl ClusterMap {
                 self.register_node(id, addr, capacity)?
             }
             Command::SetNodeState { id, state, from } => self.set_node_state(id, *state, from)?,
+            Command::Undrain { id } => {
+                let node = self
+                    .nodes
+                    .get_mut(id)
+                    .ok_or_else(|| MapError::NotFound(format!("node {id:?} not found")))?;
+                if !node.draining {
+                    return Err(MapError::FailedPrecondition(format!(
+                        "node {id:?} is not draining"
+                    )));
+                }
+                node.draining = false;
+                if node.state == NodeState::Draining {
+                    node.state = NodeState::Up;
+                }
+                vec![Change::NodePut(node.clone())]
+            }
             Command::ApplyMoves(moves) => self.apply_moves(moves)?,
             Command::ReplicaReady { shard, node } => self.replica_ready(shard, node)?,
             Command::SetGenerations {
@@ -725,6 +746,41 @@ pub(crate) mod tests {
             m.apply(&up(&id)).unwrap();
         }
         m
+    }
+
+    #[test]
+    fn undrain_cancels_a_drain_whatever_the_liveness() {
+        let mut m = map_with_nodes(2);
+        let drain = |id: &str| Command::SetNodeState {
+            id: id.into(),
+            state: NodeState::Draining,
+            from: vec![],
+        };
+        m.apply(&drain("n0")).unwrap();
+        m.apply(&Command::Undrain { id: "n0".into() }).unwrap();
+        assert_eq!(
+            (m.nodes["n0"].state, m.nodes["n0"].draining),
+            (NodeState::Up, false)
+        );
+        // A silent draining node keeps its liveness; it comes back up, not draining.
+        m.apply(&drain("n1")).unwrap();
+        m.apply(&Command::SetNodeState {
+            id: "n1".into(),
+            state: NodeState::Suspect,
+            from: vec![],
+        })
+        .unwrap();
+        m.apply(&Command::Undrain { id: "n1".into() }).unwrap();
+        let n1 = &m.nodes["n1"];
+        assert_eq!(
+            (n1.state, n1.draining, n1.live_state()),
+            (NodeState::Suspect, false, NodeState::Up)
+        );
+        let v = m.version;
+        let e = m.apply(&Command::Undrain { id: "n1".into() }).unwrap_err();
+        assert!(e.to_string().contains("not draining"), "{e}");
+        assert!(m.apply(&Command::Undrain { id: "nx".into() }).is_err());
+        assert_eq!(m.version, v, "a refused command changes nothing");
     }
 
     #[test]

@@ -368,14 +368,18 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::DrainNodeRequest>,
     ) -> Result<Response<pb::NodeInfo>, Status> {
-        let id = req.into_inner().id;
-        self.0
-            .write(Command::SetNodeState {
+        let r = req.into_inner();
+        let id = r.id;
+        let cmd = if r.undo {
+            Command::Undrain { id: id.clone() }
+        } else {
+            Command::SetNodeState {
                 id: id.clone(),
                 state: NodeState::Draining,
                 from: vec![NodeState::Up, NodeState::Joining, NodeState::Suspect],
-            })
-            .await?;
+            }
+        };
+        self.0.write(cmd).await?;
         let map = self.0.read().await?;
         Ok(Response::new(node_pb(&map.nodes[&id], &map)))
     }

@@ -631,7 +631,13 @@ async fn a_draining_node_that_goes_silent_comes_back_draining() {
         register_up(&mut client, id, zone).await;
     }
     client
-        .admin(|mut a| async move { a.drain_node(pb::DrainNodeRequest { id: "w1".into() }).await })
+        .admin(|mut a| async move {
+            a.drain_node(pb::DrainNodeRequest {
+                id: "w1".into(),
+                undo: false,
+            })
+            .await
+        })
         .await
         .unwrap();
     use shoal_coordinator::map::NodeState;
@@ -647,6 +653,20 @@ async fn a_draining_node_that_goes_silent_comes_back_draining() {
     // A restart (re-registration) keeps it draining too.
     register_up(&mut client, "w1", "a").await;
     assert_eq!(g.map(leader).nodes["w1"].state, NodeState::Draining);
+    // Until the operator cancels the drain.
+    let undone = client
+        .admin(|mut a| async move {
+            a.drain_node(pb::DrainNodeRequest {
+                id: "w1".into(),
+                undo: true,
+            })
+            .await
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(undone.state, pb::NodeState::Up as i32);
+    assert!(!g.map(leader).nodes["w1"].draining);
     for i in 0..3 {
         g.stop_member(i).await;
     }

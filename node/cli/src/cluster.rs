@@ -66,6 +66,10 @@ pub struct NodeArgs {
     /// How often the node reports to the coordinators (liveness, replica state).
     #[arg(long, env = "SHOAL_HEARTBEAT_MS", default_value_t = 1000)]
     heartbeat_ms: u64,
+    /// Per hosted replica: recent write batches kept for backups that fall behind
+    /// (a backup further behind gets a whole-shard snapshot).
+    #[arg(long, env = "SHOAL_RECENT_LOG_BYTES", default_value_t = 64 << 20)]
+    recent_log_bytes: usize,
 }
 
 pub async fn run_node(a: NodeArgs) -> Result<()> {
@@ -83,6 +87,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
         auto_rebuild_tail: a.auto_rebuild_tail,
         metrics_listen: a.metrics_listen,
         heartbeat: Duration::from_millis(a.heartbeat_ms.max(10)),
+        recent_log_bytes: a.recent_log_bytes,
         ..NodeConfig::default()
     })
     .await?;

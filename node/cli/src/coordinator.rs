@@ -312,6 +312,29 @@ pub async fn collection(target: Target, cmd: CollectionCmd) -> anyhow::Result<()
 }
 
 /// `shoal status`: the coordinator group, the nodes, and every shard's replica set.
+pub async fn drain(target: Target, node: String, undo: bool) -> anyhow::Result<()> {
+    let mut client = Client::new(target.coordinators);
+    let req = pb::DrainNodeRequest { id: node, undo };
+    let n = client
+        .admin(|mut a| {
+            let r = req.clone();
+            async move { a.drain_node(r).await }
+        })
+        .await?
+        .into_inner();
+    print_json(node_json(&n));
+    Ok(())
+}
+
+fn node_json(n: &pb::NodeInfo) -> serde_json::Value {
+    serde_json::json!({
+        "id": n.id, "addr": n.addr, "replicas": n.replicas,
+        "state": pb::NodeState::try_from(n.state).map(|s| s.as_str_name()).unwrap_or("?")
+            .trim_start_matches("NODE_STATE_").to_lowercase(),
+        "zone": n.capacity.as_ref().map(|c| c.zone.clone()).unwrap_or_default(),
+    })
+}
+
 pub async fn status(target: Target) -> anyhow::Result<()> {
     let mut client = Client::new(target.coordinators);
     let st = client
@@ -347,12 +370,7 @@ pub async fn status(target: Target) -> anyhow::Result<()> {
             })).collect::<Vec<_>>(),
         },
         "map_version": nodes.map_version,
-        "nodes": nodes.nodes.iter().map(|n| serde_json::json!({
-            "id": n.id, "addr": n.addr, "replicas": n.replicas,
-            "state": pb::NodeState::try_from(n.state).map(|s| s.as_str_name()).unwrap_or("?")
-                .trim_start_matches("NODE_STATE_").to_lowercase(),
-            "zone": n.capacity.as_ref().map(|c| c.zone.clone()).unwrap_or_default(),
-        })).collect::<Vec<_>>(),
+        "nodes": nodes.nodes.iter().map(node_json).collect::<Vec<_>>(),
         "shards": shards.shards.iter().map(shard_json).collect::<Vec<_>>(),
     }));
     Ok(())

@@ -74,6 +74,16 @@ enum Cmd {
         #[command(flatten)]
         target: coordinator::Target,
     },
+    /// Moves every replica off NODE before it is removed (it takes nothing new; the
+    /// drain survives its restarts); `--undo` cancels it. Watch its replica count in
+    /// `shoal status` fall to 0.
+    Drain {
+        #[command(flatten)]
+        target: coordinator::Target,
+        node: String,
+        #[arg(long)]
+        undo: bool,
+    },
     /// Runs a worker node: shard replicas, the encoder, the public API as a gateway.
     Node(cluster::NodeArgs),
     /// A local cluster on loopback: three coordinators and `--nodes` nodes as processes.
@@ -122,7 +132,34 @@ pub async fn shutdown_signal() {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run_cli() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line naming the problem (and the gRPC code, for a refused call); a
+            // backtrace is for panics, not for a refused request.
+            let status = e.chain().find_map(|c| c.downcast_ref::<tonic::Status>());
+            match status {
+                Some(s) => {
+                    let context: Vec<String> = e
+                        .chain()
+                        .take_while(|c| c.downcast_ref::<tonic::Status>().is_none())
+                        .map(|c| c.to_string())
+                        .collect();
+                    let mut line = context.join(": ");
+                    if !line.is_empty() {
+                        line.push_str(": ");
+                    }
+                    eprintln!("error: {line}{} ({:?})", s.message(), s.code());
+                }
+                None => eprintln!("error: {e:#}"),
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_cli() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let rt = runtime()?;
     let service = match &cli.cmd {
@@ -154,6 +191,7 @@ fn run(cmd: Cmd, otlp: Option<&str>, rt: &tokio::runtime::Runtime) -> anyhow::Re
         Cmd::Collection { target, cmd } => rt.block_on(coordinator::collection(target, cmd)),
         Cmd::Shard { target, cmd } => rt.block_on(coordinator::shard(target, cmd)),
         Cmd::Status { target } => rt.block_on(coordinator::status(target)),
+        Cmd::Drain { target, node, undo } => rt.block_on(coordinator::drain(target, node, undo)),
         Cmd::Node(args) => rt.block_on(cluster::run_node(args)),
         // Its processes export traces where this one does.
         Cmd::Dev(args) => rt.block_on(cluster::run_dev(args, otlp)),

@@ -96,6 +96,9 @@ pub struct NodeConfig {
     pub auto_rebuild_tail: usize,
     /// Prometheus `/metrics` address; None: no endpoint.
     pub metrics_listen: Option<SocketAddr>,
+    /// Cap on each hosted replica's recent log, the batches a backup that fell behind
+    /// catches up from (beyond it: a whole-shard snapshot).
+    pub recent_log_bytes: usize,
 }
 
 impl Default for NodeConfig {
@@ -115,6 +118,7 @@ impl Default for NodeConfig {
             search_deadline: Duration::from_secs(5),
             auto_rebuild_tail: 50_000,
             metrics_listen: None,
+            recent_log_bytes: replication::RECENT_LOG_BYTES,
         }
     }
 }
@@ -251,6 +255,7 @@ struct Reconciler {
     channels: Arc<Channels>,
     supervisor: ActorRef<SupervisorMsg>,
     auto_rebuild_tail: usize,
+    recent_log_bytes: usize,
 }
 
 impl Reconciler {
@@ -281,7 +286,12 @@ impl Reconciler {
                 .write()
                 .entry(key.clone())
                 .or_insert_with(|| {
-                    Replication::new(key.clone(), self.node_id.clone(), self.channels.clone())
+                    Replication::new(
+                        key.clone(),
+                        self.node_id.clone(),
+                        self.channels.clone(),
+                        self.recent_log_bytes,
+                    )
                 })
                 .clone();
             roles.push((key.clone(), role_of(view, s, &self.node_id)));
@@ -428,6 +438,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         channels: channels.clone(),
         supervisor: supervisor.clone(),
         auto_rebuild_tail: cfg.auto_rebuild_tail,
+        recent_log_bytes: cfg.recent_log_bytes,
     };
     let (v, mut rx, mut c) = (view.clone(), stop_rx.clone(), client.clone());
     tasks.push(tokio::spawn(async move {
@@ -541,6 +552,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         metrics::install(addr)?;
         tasks.push(tokio::spawn(metrics::refresh(
             registry.clone(),
+            replications.clone(),
             restarts.clone(),
             encoder.clone(),
             Duration::from_secs(2),

@@ -28,8 +28,9 @@ use crate::shard::{self, epoch_at, Shard, ShardError, WalBatch, WalOp, WriteAck,
 
 /// How long a write waits for its quorum before reporting an unknown outcome.
 pub const QUORUM_TIMEOUT: Duration = Duration::from_secs(10);
-/// Recent batches a primary keeps for backups that fall behind (bytes, roughly).
-const RECENT_LOG_BYTES: usize = 256 << 20;
+/// Default cap on each replica's recent log (bytes, roughly): as much as the shard's
+/// write-ahead log holds between checkpoints, so a restart can rebuild all of it.
+pub const RECENT_LOG_BYTES: usize = 64 << 20;
 /// Largest payload of one Append call.
 const APPEND_BYTES: usize = 2 << 20;
 /// Snapshot files travel in chunks of this size.
@@ -119,13 +120,21 @@ pub fn shard_status(e: ShardError) -> Status {
 /// Recent batches by sequence number, each with its size (counted once, on insert):
 /// always a contiguous run of the local shard's own history. Kept on backups too, so a
 /// backup promoted after a failover can catch the others up batch by batch.
-#[derive(Default)]
 struct Recent {
     batches: BTreeMap<u64, (Arc<WalBatch>, usize)>,
     bytes: usize,
+    cap: usize,
 }
 
 impl Recent {
+    fn new(cap: usize) -> Self {
+        Self {
+            batches: BTreeMap::new(),
+            bytes: 0,
+            cap,
+        }
+    }
+
     fn remember(&mut self, batches: impl IntoIterator<Item = Arc<WalBatch>>) {
         for b in batches {
             let size = batch_bytes(&b);
@@ -134,7 +143,7 @@ impl Recent {
             }
             self.bytes += size;
         }
-        while self.bytes > RECENT_LOG_BYTES && self.batches.len() > 1 {
+        while self.bytes > self.cap && self.batches.len() > 1 {
             if let Some((_, (_, old))) = self.batches.pop_first() {
                 self.bytes -= old;
             }
@@ -191,7 +200,12 @@ pub struct Replication {
 }
 
 impl Replication {
-    pub fn new(key: ReplicaKey, node_id: String, channels: Arc<Channels>) -> Arc<Self> {
+    pub fn new(
+        key: ReplicaKey,
+        node_id: String,
+        channels: Arc<Channels>,
+        recent_log_bytes: usize,
+    ) -> Arc<Self> {
         Arc::new(Self {
             collection_id: key.collection_id,
             key,
@@ -200,7 +214,7 @@ impl Replication {
             role: RwLock::new(None),
             known_epoch: AtomicU64::new(0),
             caught_up: AtomicBool::new(false),
-            recent: Mutex::default(),
+            recent: Mutex::new(Recent::new(recent_log_bytes)),
             matched: watch::Sender::new(HashMap::new()),
             appended: Notify::new(),
             replicators: Mutex::default(),
@@ -224,7 +238,7 @@ impl Replication {
     pub fn set_shard(&self, s: Shard) {
         let replayed = s.take_replayed();
         let mut r = self.recent.lock();
-        *r = Recent::default();
+        *r = Recent::new(r.cap);
         r.remember(replayed);
         *self.shard.write() = Some(s);
     }
@@ -240,6 +254,11 @@ impl Replication {
     /// Lets go of the engine (a clean close: the last handle checkpoints it).
     pub fn release_shard(&self) {
         self.shard.write().take();
+    }
+
+    /// Bytes held in the recent log (for the node's memory gauge).
+    pub fn recent_log_bytes(&self) -> usize {
+        self.recent.lock().bytes
     }
 
     pub fn role(&self) -> Option<Role> {
@@ -884,6 +903,36 @@ mod tests {
         assert_eq!((peers.len(), needed), (0, 1), "still needs a second copy");
         // RF 1: the primary alone.
         assert_eq!(role(1, 0, &[]).quorum(), (vec![], 0));
+    }
+
+    fn batch(seq: u64, floats: usize) -> Arc<WalBatch> {
+        Arc::new(WalBatch {
+            seq,
+            epoch: 1,
+            request_id: String::new(),
+            ops: vec![WalOp::Upsert {
+                id: format!("d{seq}"),
+                text: None,
+                metadata: String::new(),
+                vector: vec![0.0; floats],
+            }],
+        })
+    }
+
+    #[test]
+    fn recent_log_keeps_the_newest_batches_within_its_cap() {
+        let size = batch_bytes(&batch(1, 1000));
+        let mut r = Recent::new(3 * size);
+        r.remember((1..=5).map(|s| batch(s, 1000)));
+        assert_eq!(r.batches.keys().copied().collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(r.bytes, 3 * size);
+        // The same batch again (a re-sent Append) is not counted twice.
+        r.remember([batch(5, 1000)]);
+        assert_eq!(r.bytes, 3 * size);
+        // One batch over the cap is still kept: the newest is always there to ship.
+        let mut r = Recent::new(10);
+        r.remember([batch(7, 1000)]);
+        assert_eq!(r.batches.len(), 1);
     }
 
     #[test]
