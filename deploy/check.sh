@@ -17,11 +17,7 @@ need=()
 command -v promtool >/dev/null || need+=(prometheus)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 if ((${#need[@]})); then
-  echo "deploy: installing ${need[*]}" >&2
-  SUDO=""
-  [[ $(id -u) -eq 0 ]] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  apt_install deploy "${need[@]}"
 fi
 VENV=$HOME/.cache/shoal/deploy-venv
 if [[ ! -x $VENV/bin/kubernetes-validate ]]; then

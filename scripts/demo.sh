@@ -18,14 +18,7 @@ source scripts/env.sh
 cargo build --release --locked -p shoal
 shoal="$CARGO_TARGET_DIR/release/shoal"
 data="${SHOAL_DEMO_DIR:-$(mktemp -d)}"
-"$shoal" dev --data-dir "$data" &
-dev=$!
-trap 'kill -TERM $dev 2>/dev/null; wait $dev 2>/dev/null || true' EXIT
-# Wait for a leader and both nodes.
-for _ in $(seq 1 120); do
-  if "$shoal" status 2>/dev/null | grep -c '"state": "up"' | grep -q 2; then break; fi
-  sleep 0.5
-done
+start_dev "$data"
 "$shoal" status | sed -n '/"nodes"/,$p' | head -20
 "$shoal" eval data/cranfield --collection cranfield --build-index --show 3
 "$shoal" search "supersonic flow over a flat plate" --collection cranfield -k 5

@@ -12,13 +12,7 @@ shoal="$CARGO_TARGET_DIR/release/shoal"
 ir="${SHOAL_IR_DIR:-../shared/data/ir}"
 data="${SHOAL_EVAL_DIR:-$(mktemp -d)}"; mkdir -p "$data"
 sets=("$@"); [[ ${#sets[@]} -gt 0 ]] || sets=(scifact medline cacm cranfield)
-"$shoal" dev --data-dir "$data" >"$data/dev.log" 2>&1 &
-dev=$!
-trap 'kill -TERM $dev 2>/dev/null; wait $dev 2>/dev/null || true' EXIT
-for _ in $(seq 1 120); do
-  if "$shoal" status 2>/dev/null | grep -c '"state": "up"' | grep -q 2; then break; fi
-  sleep 0.5
-done
+start_dev "$data" "$data/dev.log"
 for s in "${sets[@]}"; do
   exact=$("$shoal" eval "$ir/$s" --collection "$s" | tail -1)
   echo "{\"run\":\"exact\",\"result\":$exact}"

@@ -27,6 +27,11 @@ export LD_LIBRARY_PATH="${extra}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export PYTHONUNBUFFERED=1
 python3 scripts/reference/torch_gpu_bench.py --model-dir "$model" \
   --texts node/tests/fixtures/minilm_reference.json --out "$OUT/torch.json" "$@" 2>&1 | tee "$OUT/torch.log"
+# Each precision with both ways of masking padding: an additive bias (burn-cubecl's
+# multi-kernel attention fallback) and a boolean mask (its flash-attention kernels).
 for p in fp32 fp16; do
-  .gpu/shoal-gpu-bench --model-dir "$model" --torch "$OUT/torch.json" --precision $p 2>&1 | tee -a "$OUT/burn.log"
+  for m in bias bool; do
+    .gpu/shoal-gpu-bench --model-dir "$model" --torch "$OUT/torch.json" --precision $p \
+      --mask $m 2>&1 | tee -a "$OUT/burn.log"
+  done
 done

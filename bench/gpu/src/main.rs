@@ -19,7 +19,7 @@ use clap::Parser;
 use rand::{Rng, SeedableRng};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use shoal_encoder::{CpuBackend, Encoder, Precision};
+use shoal_encoder::{AttentionMask, CpuBackend, Encoder, Precision};
 
 #[derive(Parser)]
 struct Args {
@@ -36,6 +36,10 @@ struct Args {
     /// Burn fixes a device's default float type once.
     #[arg(long, default_value = "fp32")]
     precision: String,
+    /// How attention masks padding: bias (an additive float bias; burn-cubecl runs its
+    /// multi-kernel fallback) or bool (a boolean mask; its flash kernels may run).
+    #[arg(long, default_value = "bias")]
+    mask: String,
     /// Latency samples for the single short query.
     #[arg(long, default_value_t = 300)]
     latency_runs: usize,
@@ -183,23 +187,31 @@ fn main() -> Result<()> {
         "fp16" => Precision::F16,
         p => anyhow::bail!("unknown precision {p:?}: fp32 or fp16"),
     };
-    eprintln!("burn-cuda {dtype}");
-    let enc = Encoder::<Cuda>::load_with(&args.model_dir, Default::default(), precision)?;
+    let mask = match args.mask.as_str() {
+        "bias" => AttentionMask::Bias,
+        "bool" => AttentionMask::Bool,
+        m => anyhow::bail!("unknown mask {m:?}: bias or bool"),
+    };
+    // Every key names the precision and the mask, so runs can share one report file.
+    let label = format!("{dtype}_{}", args.mask);
+    eprintln!("burn-cuda {label}");
+    let enc = Encoder::<Cuda>::load_with(&args.model_dir, Default::default(), precision)?
+        .with_attention_mask(mask);
     let v = embed_texts(&enc, &torch.texts)?;
     report.insert(
-        format!("min_cos_cuda_{dtype}_vs_cpu"),
+        format!("min_cos_cuda_{label}_vs_cpu"),
         json!(min_cosine(&v, &cpu_vecs)),
     );
     report.insert(
-        format!("min_cos_cuda_{dtype}_vs_torch"),
+        format!("min_cos_cuda_{label}_vs_torch"),
         json!(min_cosine(&v, &torch.vectors)),
     );
-    burn_results.insert(dtype, measure(&enc, &torch, &args, vocab)?);
+    burn_results.insert(label.clone(), measure(&enc, &torch, &args, vocab)?);
 
-    for (dtype, ours) in &burn_results {
-        let peer = torch.results.get(*dtype);
+    for (label, ours) in &burn_results {
+        let peer = torch.results.get(dtype);
         for (key, value) in ours {
-            report.insert(format!("burn_{dtype}_{key}"), json!(value));
+            report.insert(format!("burn_{label}_{key}"), json!(value));
             let Some(p) = peer.and_then(|p| p.get(key)) else {
                 continue;
             };
@@ -210,7 +222,7 @@ fn main() -> Result<()> {
             } else {
                 value / p
             };
-            report.insert(format!("ratio_{dtype}_{key}"), json!(ratio));
+            report.insert(format!("ratio_{label}_{key}"), json!(ratio));
         }
     }
     println!("{}", Value::Object(report));

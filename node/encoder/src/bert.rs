@@ -8,14 +8,14 @@ use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Bool, Int, Tensor};
 use burn_store::{
     HalfPrecisionAdapter, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore,
 };
 
 use crate::error::{EncoderError, Result};
 use crate::model_dir::{BertConfig, ModelSpec};
-use crate::Precision;
+use crate::{AttentionMask, Precision};
 
 #[derive(Module, Debug)]
 pub struct Embeddings<B: Backend> {
@@ -67,10 +67,35 @@ pub struct BertModel<B: Backend> {
     encoder: LayerStack<B>,
 }
 
-/// A loaded BERT with its head count (a plain value, kept out of the module tree).
+/// A loaded BERT with its head count and how attention masks padding (plain values,
+/// kept out of the module tree).
 pub struct Bert<B: Backend> {
     model: BertModel<B>,
     heads: usize,
+    pub mask: AttentionMask,
+}
+
+/// Padding as the backend's attention takes it (see [`AttentionMask`]).
+#[derive(Clone)]
+enum Padding<B: Backend> {
+    /// `[b, 1, s, s]`, -1e4 on padding keys, broadcast over the heads.
+    Bias(Tensor<B, 4>),
+    /// `[b, heads, s, s]`, true on padding keys, materialised per head: a GPU flash
+    /// kernel indexes the mask by (batch × heads) without broadcasting.
+    Bool(Tensor<B, 4, Bool>),
+}
+
+impl<B: Backend> Padding<B> {
+    /// The part of the mask for heads `r` (a bias is shared by every head).
+    fn heads(&self, r: std::ops::Range<usize>) -> Self {
+        match self {
+            Padding::Bias(t) => Padding::Bias(t.clone()),
+            Padding::Bool(t) => {
+                let [b, _, s, _] = t.dims();
+                Padding::Bool(t.clone().slice([0..b, r, 0..s, 0..s]))
+            }
+        }
+    }
 }
 
 /// Inputs of at most this many token rows split each linear's output columns in two
@@ -166,6 +191,7 @@ impl<B: Backend> Bert<B> {
         Ok(Self {
             model,
             heads: spec.bert.num_attention_heads,
+            mask: AttentionMask::default(),
         })
     }
 
@@ -196,17 +222,22 @@ impl<B: Backend> Bert<B> {
         // Built once as a contiguous [b, 1, s, s]: the attention kernel then reads one
         // tile per sequence for every head, where an expanded [b, heads, s, s] view
         // would be copied out whole in every layer.
-        let bias = (mask.ones_like() - mask)
-            .mul_scalar(-1.0e4)
-            .reshape([b, 1, 1, s]);
-        let bias = Tensor::<B, 4>::zeros([b, 1, s, s], &device) + bias;
+        let pad = (mask.ones_like() - mask).reshape([b, 1, 1, s]);
+        let padding = match self.mask {
+            AttentionMask::Bias => {
+                Padding::Bias(Tensor::<B, 4>::zeros([b, 1, s, s], &device) + pad.mul_scalar(-1.0e4))
+            }
+            AttentionMask::Bool => Padding::Bool(
+                (Tensor::<B, 4>::zeros([b, self.heads, s, s], &device) + pad).greater_elem(0.5),
+            ),
+        };
         let split = match (split_single && b == 1, s <= SPLIT_ROWS) {
             (false, _) => Split::None,
             (true, true) => Split::Short,
             (true, false) => Split::Long,
         };
         for layer in &self.model.encoder.layer {
-            x = self.layer_forward(layer, x, bias.clone(), b, split);
+            x = self.layer_forward(layer, x, &padding, b, split);
         }
         x.reshape([b, s, h])
     }
@@ -217,7 +248,7 @@ impl<B: Backend> Bert<B> {
         &self,
         l: &Layer<B>,
         x: Tensor<B, 2>,
-        bias: Tensor<B, 4>,
+        padding: &Padding<B>,
         b: usize,
         split: Split,
     ) -> Tensor<B, 2> {
@@ -236,32 +267,37 @@ impl<B: Backend> Bert<B> {
         // The backend's fused attention (softmax(q kᵗ / sqrt(dh) + bias) v): burn-flex
         // runs it as two large matrix products or a tiled flash kernel, one head after
         // another; the bias broadcasts over heads.
-        let attend = |q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>| {
-            attention(
-                q,
-                k,
-                v,
-                None,
-                Some(bias.clone()),
-                AttentionModuleOptions::default(),
-            )
+        let attend = |q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, p: Padding<B>| {
+            let (mask, bias) = match p {
+                Padding::Bias(t) => (None, Some(t)),
+                Padding::Bool(t) => (Some(t), None),
+            };
+            attention(q, k, v, mask, bias, AttentionModuleOptions::default())
         };
         let ctx = match split {
-            Split::None => attend(q, k, v),
+            Split::None => attend(q, k, v, padding.clone()),
             // A one-head model has no heads to share out.
-            _ if heads < 2 => attend(q, k, v),
+            _ if heads < 2 => attend(q, k, v, padding.clone()),
             _ => {
                 let half = heads / 2;
                 let part = |t: &Tensor<B, 4>, r: std::ops::Range<usize>| {
                     t.clone().slice([0..b, r, 0..s, 0..dh])
                 };
                 let (x1, x2) = rayon::join(
-                    || attend(part(&q, 0..half), part(&k, 0..half), part(&v, 0..half)),
+                    || {
+                        attend(
+                            part(&q, 0..half),
+                            part(&k, 0..half),
+                            part(&v, 0..half),
+                            padding.heads(0..half),
+                        )
+                    },
                     || {
                         attend(
                             part(&q, half..heads),
                             part(&k, half..heads),
                             part(&v, half..heads),
+                            padding.heads(half..heads),
                         )
                     },
                 );

@@ -9,7 +9,7 @@ use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 use crate::bert::Bert;
 use crate::error::{EncoderError, Result};
 use crate::model_dir::{ModelSpec, Pooling};
-use crate::Precision;
+use crate::{AttentionMask, Precision};
 
 /// The model's tokenizer with shoal's settings. The packaged tokenizer.json hard-codes
 /// truncation and padding at 128: truncate at the model's own limit instead, and pad
@@ -98,6 +98,12 @@ impl<B: Backend> Encoder<B> {
     /// products; GPU backends keep the default of 1.
     pub fn with_threads(mut self, n: usize) -> Self {
         self.threads = n.max(1);
+        self
+    }
+
+    /// How attention masks padding (see [`AttentionMask`]); the output is the same.
+    pub fn with_attention_mask(mut self, mask: AttentionMask) -> Self {
+        self.bert.mask = mask;
         self
     }
 

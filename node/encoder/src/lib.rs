@@ -22,6 +22,19 @@ pub enum Precision {
     F16,
 }
 
+/// How attention ignores padding keys. Same result either way; which is faster is the
+/// backend's business: burn-cubecl (CUDA) sends an additive bias to its multi-kernel
+/// fallback and only a boolean mask to its flash-attention kernels, while burn-flex
+/// (CPU) treats both alike.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttentionMask {
+    /// A float bias of -1e4 on padding keys, built once per batch as `[b, 1, s, s]`.
+    #[default]
+    Bias,
+    /// A boolean mask, true on padding keys, `[b, heads, s, s]`.
+    Bool,
+}
+
 /// Where scripts/fetch-model.sh installs all-MiniLM-L6-v2, relative to the repo root.
 pub const DEFAULT_MODEL_DIR: &str = "models/all-MiniLM-L6-v2";
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use shoal_encoder::pool::{EncoderPool, PoolConfig};
-use shoal_encoder::{load_cpu, EncoderError};
+use shoal_encoder::{load_cpu, AttentionMask, EncoderError};
 
 fn model_dir() -> PathBuf {
     std::env::var_os("SHOAL_MODEL_DIR")
@@ -42,7 +42,14 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 
 #[test]
 fn t10_matches_sentence_transformers_on_varied_texts() {
-    let enc = load_cpu(&model_dir()).unwrap();
+    // Both ways of masking padding (the GPU backend runs them on different kernels).
+    for mask in [AttentionMask::Bias, AttentionMask::Bool] {
+        matches_reference(mask);
+    }
+}
+
+fn matches_reference(mask: AttentionMask) {
+    let enc = load_cpu(&model_dir()).unwrap().with_attention_mask(mask);
     let fx = fixture();
     assert!(fx.texts.len() >= 64);
     assert_eq!(enc.dimension(), 384);
@@ -62,25 +69,44 @@ fn t10_matches_sentence_transformers_on_varied_texts() {
             }
         }
     }
-    assert!(worst.0 >= 0.9999, "cosine {} for {:?}", worst.0, worst.1);
+    assert!(
+        worst.0 >= 0.9999,
+        "{mask:?}: cosine {} for {:?}",
+        worst.0,
+        worst.1
+    );
     let long = fx.untruncated_tokens.iter().filter(|&&n| n > 256).count();
     assert!(long >= 3);
     assert_eq!(truncated, long, "over-long texts are truncated and counted");
-    eprintln!("worst cosine vs reference: {:.7} ({:?})", worst.0, worst.1);
+    eprintln!(
+        "{mask:?}: worst cosine vs reference: {:.7} ({:?})",
+        worst.0, worst.1
+    );
 }
 
 #[test]
 fn t11_a_text_encodes_the_same_alone_and_in_a_padded_batch() {
-    let enc = load_cpu(&model_dir()).unwrap();
     let fx = fixture();
     let texts: Vec<&str> = fx.texts.iter().map(String::as_str).collect();
-    let batch = enc.encode(&texts[..24]).unwrap();
-    for (i, t) in texts[..24].iter().enumerate().step_by(5) {
-        let alone = enc.encode(&[t]).unwrap();
-        assert!(
-            cosine(&alone.vectors[0], &batch.vectors[i]) > 0.99999,
-            "{t:?}"
-        );
+    let bias = load_cpu(&model_dir()).unwrap();
+    let batch = bias.encode(&texts[..24]).unwrap();
+    // Alone, a text runs the single-sequence split (attention by halves of the heads),
+    // with either mask.
+    let boolean = load_cpu(&model_dir())
+        .unwrap()
+        .with_attention_mask(AttentionMask::Bool);
+    for enc in [&bias, &boolean] {
+        for (i, t) in texts[..24].iter().enumerate().step_by(5) {
+            let alone = enc.encode(&[t]).unwrap();
+            assert!(
+                cosine(&alone.vectors[0], &batch.vectors[i]) > 0.99999,
+                "{t:?}"
+            );
+        }
+    }
+    let mixed = boolean.encode(&texts[..24]).unwrap();
+    for (a, b) in batch.vectors.iter().zip(&mixed.vectors) {
+        assert!(cosine(a, b) > 0.99999);
     }
 }
 

@@ -24,7 +24,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
 
 use super::replicas::ReplicaKey;
-use crate::shard::{self, epoch_at, Shard, ShardError, WalBatch, WalOp, WriteAck, WriteOp};
+use crate::shard::{self, epoch_at, Shard, ShardError, WalBatch, WriteAck, WriteOp};
 
 /// How long a write waits for its quorum before reporting an unknown outcome.
 pub const QUORUM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -137,7 +137,7 @@ impl Recent {
 
     fn remember(&mut self, batches: impl IntoIterator<Item = Arc<WalBatch>>) {
         for b in batches {
-            let size = batch_bytes(&b);
+            let size = b.approx_bytes();
             if let Some((_, old)) = self.batches.insert(b.seq, (b, size)) {
                 self.bytes -= old;
             }
@@ -149,24 +149,6 @@ impl Recent {
             }
         }
     }
-}
-
-fn batch_bytes(b: &WalBatch) -> usize {
-    b.ops
-        .iter()
-        .map(|op| match op {
-            WalOp::Upsert {
-                id,
-                text,
-                metadata,
-                vector,
-            } => {
-                id.len() + text.as_ref().map_or(0, |t| t.len()) + metadata.len() + vector.len() * 4
-            }
-            WalOp::Delete { id } => id.len(),
-        })
-        .sum::<usize>()
-        + 64
 }
 
 struct Replicator {
@@ -872,6 +854,7 @@ pub fn staging_dir(dir: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shard::WalOp;
 
     fn role(rf: u32, write_quorum: u32, peers: &[(bool, bool)]) -> Role {
         Role {
@@ -921,7 +904,7 @@ mod tests {
 
     #[test]
     fn recent_log_keeps_the_newest_batches_within_its_cap() {
-        let size = batch_bytes(&batch(1, 1000));
+        let size = batch(1, 1000).approx_bytes();
         let mut r = Recent::new(3 * size);
         r.remember((1..=5).map(|s| batch(s, 1000)));
         assert_eq!(r.batches.keys().copied().collect::<Vec<_>>(), vec![3, 4, 5]);

@@ -39,6 +39,24 @@ pub struct WalBatch {
     pub ops: Vec<WalOp>,
 }
 
+impl WalBatch {
+    /// Roughly the memory the batch holds (ids, text, metadata, vectors).
+    pub fn approx_bytes(&self) -> usize {
+        let op = |op: &WalOp| match op {
+            WalOp::Upsert {
+                id,
+                text,
+                metadata,
+                vector,
+            } => {
+                id.len() + text.as_ref().map_or(0, String::len) + metadata.len() + vector.len() * 4
+            }
+            WalOp::Delete { id } => id.len(),
+        };
+        self.ops.iter().map(op).sum::<usize>() + self.request_id.len() + 64
+    }
+}
+
 pub struct Wal {
     file: File,
     path: PathBuf,
