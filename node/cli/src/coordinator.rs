@@ -312,6 +312,71 @@ pub async fn collection(target: Target, cmd: CollectionCmd) -> anyhow::Result<()
 }
 
 /// `shoal status`: the coordinator group, the nodes, and every shard's replica set.
+fn group_json(st: &pb::ClusterStatusResponse) -> serde_json::Value {
+    serde_json::json!({
+        "answered_by": st.id, "leader": st.leader, "leader_addr": st.leader_api_addr,
+        "term": st.term, "last_applied_index": st.last_applied_index,
+        "snapshot_index": st.snapshot_index,
+        "members": st.members.iter().map(|m| serde_json::json!({
+            "id": m.id, "api_addr": m.api_addr, "raft_addr": m.raft_addr, "voter": m.voter,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+#[derive(Subcommand)]
+pub enum MembersCmd {
+    /// Adds a started, empty coordinator as a learner and waits until it has caught up
+    /// with the log (then make it a voter with `voters`).
+    Add {
+        id: u64,
+        /// Its Raft address, as the other members reach it.
+        raft_addr: String,
+        /// Its public address.
+        api_addr: String,
+    },
+    /// Sets the voters (comma-separated ids): members left out stop voting and leave
+    /// the group; learners named become voters.
+    Voters {
+        #[arg(value_delimiter = ',', required = true)]
+        ids: Vec<u64>,
+    },
+}
+
+/// The coordinator group's membership, changed at run time (replacing a lost member).
+pub async fn members(target: Target, cmd: MembersCmd) -> anyhow::Result<()> {
+    let mut client = Client::new(target.coordinators);
+    let st = match cmd {
+        MembersCmd::Add {
+            id,
+            raft_addr,
+            api_addr,
+        } => {
+            let req = pb::AddLearnerRequest {
+                id,
+                raft_addr,
+                api_addr,
+            };
+            client
+                .admin(|mut a| {
+                    let r = req.clone();
+                    async move { a.add_learner(r).await }
+                })
+                .await?
+        }
+        MembersCmd::Voters { ids } => {
+            let req = pb::ChangeMembershipRequest { voters: ids };
+            client
+                .admin(|mut a| {
+                    let r = req.clone();
+                    async move { a.change_membership(r).await }
+                })
+                .await?
+        }
+    };
+    print_json(group_json(&st.into_inner()));
+    Ok(())
+}
+
 pub async fn drain(target: Target, node: String, undo: bool) -> anyhow::Result<()> {
     let mut client = Client::new(target.coordinators);
     let req = pb::DrainNodeRequest { id: node, undo };
@@ -361,14 +426,7 @@ pub async fn status(target: Target) -> anyhow::Result<()> {
         .await?
         .into_inner();
     print_json(serde_json::json!({
-        "coordinators": {
-            "answered_by": st.id, "leader": st.leader, "leader_addr": st.leader_api_addr,
-            "term": st.term, "last_applied_index": st.last_applied_index,
-            "snapshot_index": st.snapshot_index,
-            "members": st.members.iter().map(|m| serde_json::json!({
-                "id": m.id, "api_addr": m.api_addr, "raft_addr": m.raft_addr, "voter": m.voter,
-            })).collect::<Vec<_>>(),
-        },
+        "coordinators": group_json(&st),
         "map_version": nodes.map_version,
         "nodes": nodes.nodes.iter().map(node_json).collect::<Vec<_>>(),
         "shards": shards.shards.iter().map(shard_json).collect::<Vec<_>>(),

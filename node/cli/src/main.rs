@@ -74,6 +74,14 @@ enum Cmd {
         #[command(flatten)]
         target: coordinator::Target,
     },
+    /// Changes the coordinator group's members at run time (adding a replacement for
+    /// a lost member, then setting the voters).
+    Members {
+        #[command(flatten)]
+        target: coordinator::Target,
+        #[command(subcommand)]
+        cmd: coordinator::MembersCmd,
+    },
     /// Moves every replica off NODE before it is removed (it takes nothing new; the
     /// drain survives its restarts); `--undo` cancels it. Watch its replica count in
     /// `shoal status` fall to 0.
@@ -191,6 +199,7 @@ fn run(cmd: Cmd, otlp: Option<&str>, rt: &tokio::runtime::Runtime) -> anyhow::Re
         Cmd::Collection { target, cmd } => rt.block_on(coordinator::collection(target, cmd)),
         Cmd::Shard { target, cmd } => rt.block_on(coordinator::shard(target, cmd)),
         Cmd::Status { target } => rt.block_on(coordinator::status(target)),
+        Cmd::Members { target, cmd } => rt.block_on(coordinator::members(target, cmd)),
         Cmd::Drain { target, node, undo } => rt.block_on(coordinator::drain(target, node, undo)),
         Cmd::Node(args) => rt.block_on(cluster::run_node(args)),
         // Its processes export traces where this one does.

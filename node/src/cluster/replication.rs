@@ -124,14 +124,40 @@ struct Recent {
     batches: BTreeMap<u64, (Arc<WalBatch>, usize)>,
     bytes: usize,
     cap: usize,
+    /// The shard's last sequence number when the log was (re)started: every later
+    /// batch is remembered once it is written (or applied, on a backup).
+    floor: u64,
+}
+
+/// Whether the recent log can ship a batch.
+#[derive(Debug, PartialEq, Eq)]
+enum Hold {
+    Held,
+    /// Written to the shard but not remembered yet (the writer is between the two):
+    /// held in a moment.
+    Pending,
+    /// Older than anything held: only a snapshot catches up from there.
+    Gone,
 }
 
 impl Recent {
-    fn new(cap: usize) -> Self {
+    fn new(cap: usize, floor: u64) -> Self {
         Self {
             batches: BTreeMap::new(),
             bytes: 0,
             cap,
+            floor,
+        }
+    }
+
+    fn hold(&self, seq: u64) -> Hold {
+        let newest = self.batches.last_key_value().map_or(0, |(&s, _)| s);
+        if self.batches.contains_key(&seq) {
+            Hold::Held
+        } else if seq > newest.max(self.floor) {
+            Hold::Pending
+        } else {
+            Hold::Gone
         }
     }
 
@@ -168,7 +194,9 @@ pub struct Replication {
     known_epoch: AtomicU64,
     /// A backup that holds everything its primary had when it last heard from it.
     caught_up: AtomicBool,
-    recent: Mutex<Recent>,
+    /// Shared with the blocking writes, which remember each batch as they log it: a
+    /// write whose caller went away still lands in the recent log.
+    recent: Arc<Mutex<Recent>>,
     /// Per backup node: the highest sequence number it holds durably.
     matched: watch::Sender<HashMap<String, u64>>,
     appended: Notify,
@@ -196,7 +224,7 @@ impl Replication {
             role: RwLock::new(None),
             known_epoch: AtomicU64::new(0),
             caught_up: AtomicBool::new(false),
-            recent: Mutex::new(Recent::new(recent_log_bytes)),
+            recent: Arc::new(Mutex::new(Recent::new(recent_log_bytes, 0))),
             matched: watch::Sender::new(HashMap::new()),
             appended: Notify::new(),
             replicators: Mutex::default(),
@@ -220,7 +248,7 @@ impl Replication {
     pub fn set_shard(&self, s: Shard) {
         let replayed = s.take_replayed();
         let mut r = self.recent.lock();
-        *r = Recent::new(r.cap);
+        *r = Recent::new(r.cap, s.last().0);
         r.remember(replayed);
         *self.shard.write() = Some(s);
     }
@@ -397,12 +425,16 @@ impl Replication {
         }
         let shard = self.shard()?;
         let epoch = role.epoch;
-        let (ack, batch) = shard::run_blocking(move || shard.write_as(ops, epoch, &request_id))
-            .await
-            .map_err(shard_status)?;
-        if let Some(b) = batch {
-            self.recent.lock().remember([b]);
-        }
+        let recent = self.recent.clone();
+        let ack = shard::run_blocking(move || {
+            let (ack, batch) = shard.write_as(ops, epoch, &request_id)?;
+            if let Some(b) = batch {
+                recent.lock().remember([b]);
+            }
+            Ok(ack)
+        })
+        .await
+        .map_err(shard_status)?;
         self.appended.notify_waiters();
         let holders = self.wait_quorum(ack.seq, epoch).await?;
         Ok((ack, 1 + holders as u32))
@@ -582,8 +614,8 @@ impl Replication {
             out
         };
         if batches.is_empty() {
-            let held = self.recent.lock().batches.contains_key(&from);
-            if !held {
+            let hold = self.recent.lock().hold(from);
+            if hold == Hold::Gone {
                 metrics::counter!("shoal_replication_snapshots_sent_total", "reason" => "behind")
                     .increment(1);
                 tracing::info!(shard = %self.key, backup = node, from, primary_seq = last, "backup is behind the recent log; sending a snapshot");
@@ -591,6 +623,8 @@ impl Replication {
                 *next = None;
                 return Ok(true);
             }
+            // A batch the shard logged a moment ago is about to be remembered (its
+            // writer notifies `appended` right after): not a reason for a snapshot.
             return Ok(false);
         }
         let r = self
@@ -747,12 +781,14 @@ impl Replication {
         let last = if batches.is_empty() {
             last
         } else {
-            let (s, b) = (shard.clone(), batches.clone());
-            let last = shard::run_blocking(move || s.append_replicated(&b))
-                .await
-                .map_err(shard_status)?;
-            self.recent.lock().remember(batches);
-            last
+            let (s, recent) = (shard.clone(), self.recent.clone());
+            shard::run_blocking(move || {
+                let last = s.append_replicated(&batches)?;
+                recent.lock().remember(batches);
+                Ok(last)
+            })
+            .await
+            .map_err(shard_status)?
         };
         self.caught_up
             .store(last >= req.primary_seq, Ordering::Release);
@@ -905,7 +941,7 @@ mod tests {
     #[test]
     fn recent_log_keeps_the_newest_batches_within_its_cap() {
         let size = batch(1, 1000).approx_bytes();
-        let mut r = Recent::new(3 * size);
+        let mut r = Recent::new(3 * size, 0);
         r.remember((1..=5).map(|s| batch(s, 1000)));
         assert_eq!(r.batches.keys().copied().collect::<Vec<_>>(), vec![3, 4, 5]);
         assert_eq!(r.bytes, 3 * size);
@@ -913,9 +949,30 @@ mod tests {
         r.remember([batch(5, 1000)]);
         assert_eq!(r.bytes, 3 * size);
         // One batch over the cap is still kept: the newest is always there to ship.
-        let mut r = Recent::new(10);
+        let mut r = Recent::new(10, 0);
         r.remember([batch(7, 1000)]);
         assert_eq!(r.batches.len(), 1);
+    }
+
+    #[test]
+    fn a_batch_not_yet_remembered_is_pending_not_gone() {
+        // Opened at seq 10 (nothing replayed): 11 is being written, 10 and before are
+        // only in the segments.
+        let mut r = Recent::new(1 << 20, 10);
+        assert_eq!(r.hold(11), Hold::Pending);
+        assert_eq!(r.hold(10), Hold::Gone);
+        r.remember([batch(11, 8), batch(12, 8)]);
+        assert_eq!(r.hold(11), Hold::Held);
+        assert_eq!(r.hold(13), Hold::Pending);
+        assert_eq!(r.hold(9), Hold::Gone);
+        // Evicted batches are gone for good.
+        let size = batch(1, 1000).approx_bytes();
+        let mut r = Recent::new(2 * size, 0);
+        r.remember((1..=4).map(|s| batch(s, 1000)));
+        assert_eq!(
+            (r.hold(2), r.hold(3), r.hold(5)),
+            (Hold::Gone, Hold::Held, Hold::Pending)
+        );
     }
 
     #[test]
