@@ -30,7 +30,6 @@ use shoal_proto::raft::raft_server::RaftServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use config::{Config, Peer};
 pub use error::CoordinatorError;
@@ -103,7 +102,7 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
             .add_service(
                 RaftServer::new(service::RaftService(c)).max_decoding_message_size(MAX_MESSAGE),
             )
-            .serve_with_incoming_shutdown(TcpListenerStream::new(raft_l), stopped(rx))
+            .serve_with_incoming_shutdown(shoal_proto::incoming(raft_l), stopped(rx))
             .await;
         if let Err(e) = r {
             tracing::error!(error = %e, "raft server failed");
@@ -128,7 +127,7 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
                 ClusterMapServer::new(service::ClusterMapService(c))
                     .max_decoding_message_size(MAX_MESSAGE),
             )
-            .serve_with_incoming_shutdown(TcpListenerStream::new(api), stopped(rx))
+            .serve_with_incoming_shutdown(shoal_proto::incoming(api), stopped(rx))
             .await;
         if let Err(e) = r {
             tracing::error!(error = %e, "api server failed");

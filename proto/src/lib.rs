@@ -25,3 +25,11 @@ pub mod replica {
 /// Every service's encoded `FileDescriptorSet`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/shoal_descriptor.bin"));
+
+/// A bound listener as a server's stream of connections, each with `TCP_NODELAY`:
+/// gRPC sends small frames (a response's headers, then its body), and Nagle's algorithm
+/// would hold the second until the client's delayed ACK, some 40 ms on Linux. (Tonic
+/// sets this only on listeners it binds itself.)
+pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}

@@ -27,7 +27,6 @@ use shoal_proto::coordinator as cpb;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::shard::{CollectionConfig, Metric};
 use gateway::Gateway;
@@ -589,7 +588,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
                 shoal_proto::v1::shoal_server::ShoalServer::new(service::ShoalService(gateway))
                     .max_decoding_message_size(max),
             )
-            .serve_with_incoming_shutdown(TcpListenerStream::new(public), stopped(rx))
+            .serve_with_incoming_shutdown(shoal_proto::incoming(public), stopped(rx))
             .await;
         if let Err(e) = r {
             tracing::error!(error = %e, "public server failed");
@@ -606,7 +605,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
                 shoal_proto::replica::replica_server::ReplicaServer::new(svc)
                     .max_decoding_message_size(256 << 20),
             )
-            .serve_with_incoming_shutdown(TcpListenerStream::new(internal), stopped(rx))
+            .serve_with_incoming_shutdown(shoal_proto::incoming(internal), stopped(rx))
             .await;
         if let Err(e) = r {
             tracing::error!(error = %e, "internal server failed");
