@@ -64,6 +64,11 @@ pub struct Config {
     pub tick_ms: u64,
     pub max_moves_per_step: usize,
     pub max_copies_in_flight: usize,
+    /// How long the cluster must stay settled (every node up or down, no copies in
+    /// flight) with primaries uneven before the leader hands one primary over; then
+    /// the clock restarts, so at most one handover per period. Longer than the
+    /// suspect timeout: a node that is shutting down goes suspect first.
+    pub rebalance_settle_ms: u64,
     /// Prometheus `/metrics` address; None: no endpoint.
     pub metrics_listen: Option<std::net::SocketAddr>,
 }
@@ -88,6 +93,7 @@ impl Default for Config {
             tick_ms: 250,
             max_moves_per_step: 16,
             max_copies_in_flight: 8,
+            rebalance_settle_ms: 30_000,
             metrics_listen: None,
         }
     }

@@ -63,6 +63,8 @@ pub struct Coordinator {
     /// When this member last became leader: nodes it has not heard from yet get their
     /// timeouts counted from here, so a failover does not declare everyone suspect.
     leader_since: Mutex<Option<Instant>>,
+    /// Since when the settled cluster's primaries have been uneven (leader only).
+    uneven_since: Mutex<Option<Instant>>,
     /// Each hosted replica's last report, by (shard, node): sequence numbers, index
     /// generation. Leader memory, rebuilt from heartbeats after a failover.
     pub reports: Mutex<Reports>,
@@ -80,6 +82,7 @@ impl Coordinator {
             heartbeats: Mutex::default(),
             reports: Mutex::default(),
             leader_since: Mutex::default(),
+            uneven_since: Mutex::default(),
             stopping: tokio::sync::watch::Sender::new(false),
         }
     }
@@ -489,6 +492,44 @@ impl Coordinator {
             tracing::info!(moves = moves.len(), shards = ?shards, "placement step");
             if let Err(e) = self.write(Command::ApplyMoves(moves)).await {
                 tracing::warn!(error = %e, "placement step not applied");
+            }
+            *self.uneven_since.lock() = None;
+            return;
+        }
+        self.rebalance_primaries(&map, now).await;
+    }
+
+    /// Hands one primary role to a less loaded node once the cluster has been settled
+    /// with uneven primaries for `rebalance_settle_ms` (see
+    /// [`placement::rebalance_primary`]); the target must have reported holding
+    /// everything the primary reported ([`Coordinator::promote`]'s check).
+    async fn rebalance_primaries(&self, map: &ClusterMap, now: Instant) {
+        let settled = map.nodes.values().all(|n| {
+            matches!(
+                n.state,
+                NodeState::Up | NodeState::Down | NodeState::Draining
+            )
+        }) && map
+            .shards
+            .values()
+            .all(|s| s.replicas.iter().all(|r| r.state == ReplicaState::Serving));
+        let Some((shard, to)) = settled.then(|| placement::rebalance_primary(map)).flatten() else {
+            *self.uneven_since.lock() = None;
+            return;
+        };
+        let since = *self.uneven_since.lock().get_or_insert(now);
+        if now.saturating_duration_since(since)
+            < Duration::from_millis(self.config.rebalance_settle_ms)
+        {
+            return;
+        }
+        *self.uneven_since.lock() = None;
+        match self.promote(&shard, &to, false).await {
+            Ok(()) => {
+                tracing::info!(shard = %shard, to = %to, "primary handed over to even out primaries")
+            }
+            Err(e) => {
+                tracing::info!(shard = %shard, to = %to, error = %e, "primary rebalance skipped")
             }
         }
     }

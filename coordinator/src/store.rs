@@ -126,7 +126,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let last_purged: Option<LogId> = self.get_meta("last_purged")?;
+        // Stored as an Option (see `purge`): decoded as a bare LogId its tag byte
+        // shifted every field, and a restarted member looked for purged entries.
+        let last_purged = self.get_meta::<Option<LogId>>("last_purged")?.flatten();
         let tx = self.db.begin_read().map_err(logs_err)?;
         let table = tx.open_table(LOG).map_err(logs_err)?;
         let last = match table.last().map_err(logs_err)? {
@@ -156,7 +158,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        Ok(self.get_meta::<Option<LogId>>("committed")?.flatten())
+        let Some(committed) = self.get_meta::<Option<LogId>>("committed")?.flatten() else {
+            return Ok(None);
+        };
+        // A leader can learn an entry is committed from its followers' acknowledgements
+        // before its own append of it is durable (the two are separate transactions).
+        // Killed in between, it would restart with a commit point beyond its log:
+        // re-apply only what it holds (committed too); the rest comes from the leader.
+        match self.get_log_state().await?.last_log_id {
+            Some(last) if last.index < committed.index => {
+                tracing::warn!(
+                    committed = committed.index,
+                    last_log = last.index,
+                    "saved commit point is ahead of the log; re-applying up to the log's end"
+                );
+                Ok(Some(last))
+            }
+            _ => Ok(Some(committed)),
+        }
     }
 
     async fn append<I>(
@@ -422,5 +441,78 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: meta.clone(),
             snapshot: Box::new(Cursor::new(bytes.clone())),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::CommittedLeaderId;
+
+    fn id(index: u64) -> LogId {
+        LogId::new(CommittedLeaderId::new(2, 1), index)
+    }
+
+    /// A leader killed after saving a commit point its own log had not made durable
+    /// yet restarts re-applying what its log holds (it failed to start before).
+    #[tokio::test]
+    async fn a_commit_point_beyond_the_log_is_clamped_to_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = LogStore::open(&dir.path().join("raft-log.redb")).unwrap();
+        {
+            let tx = s.db.begin_write().unwrap();
+            {
+                let mut t = tx.open_table(LOG).unwrap();
+                for i in 1..=3 {
+                    let e = Entry {
+                        log_id: id(i),
+                        payload: EntryPayload::Blank,
+                    };
+                    t.insert(i, encode(&e).as_slice()).unwrap();
+                }
+            }
+            tx.commit().unwrap();
+        }
+        s.save_committed(Some(id(5))).await.unwrap();
+        assert_eq!(s.read_committed().await.unwrap(), Some(id(3)));
+        s.save_committed(Some(id(2))).await.unwrap();
+        assert_eq!(s.read_committed().await.unwrap(), Some(id(2)));
+        let entries = s.try_get_log_entries(1..=3).await.unwrap();
+        assert_eq!(entries.len(), 3);
+    }
+
+    /// After a purge the log state names the purged entry itself (a restarted member
+    /// failed with "try to get log at index N but got None" once its log was first
+    /// purged after a snapshot).
+    #[tokio::test]
+    async fn purge_is_remembered_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = LogStore::open(&dir.path().join("raft-log.redb")).unwrap();
+        {
+            let tx = s.db.begin_write().unwrap();
+            {
+                let mut t = tx.open_table(LOG).unwrap();
+                for i in 1..=8 {
+                    let e = Entry {
+                        log_id: id(i),
+                        payload: EntryPayload::Blank,
+                    };
+                    t.insert(i, encode(&e).as_slice()).unwrap();
+                }
+            }
+            tx.commit().unwrap();
+        }
+        s.purge(id(5)).await.unwrap();
+        let st = s.get_log_state().await.unwrap();
+        assert_eq!(st.last_purged_log_id, Some(id(5)));
+        assert_eq!(st.last_log_id, Some(id(8)));
+        // And after reopening the file.
+        drop(s);
+        let mut s = LogStore::open(&dir.path().join("raft-log.redb")).unwrap();
+        assert_eq!(
+            s.get_log_state().await.unwrap().last_purged_log_id,
+            Some(id(5))
+        );
+        assert_eq!(s.try_get_log_entries(6..=8).await.unwrap().len(), 3);
     }
 }

@@ -290,12 +290,20 @@ async fn lagging_member_catches_up_by_snapshot() {
     for i in 0..30 {
         create(&mut client, &format!("c{i}"), 1, 1).await.unwrap();
     }
-    let lm = g.handle(leader).coordinator.raft.metrics().borrow().clone();
-    let purged = lm.purged.map_or(0, |p| p.index);
-    assert!(
-        purged > behind,
-        "leader purged only up to {purged}, lagger has {behind}"
-    );
+    // The leader snapshots every 8 entries and then purges its log, in the background.
+    let t = Instant::now();
+    let purged = loop {
+        let lm = g.handle(leader).coordinator.raft.metrics().borrow().clone();
+        let purged = lm.purged.map_or(0, |p| p.index);
+        if purged > behind {
+            break purged;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "leader purged only up to {purged}, lagger has {behind}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     g.start_member(lagger).await;
     g.wait_applied(lagger, g.applied(leader)).await;
     let m = g.handle(lagger).coordinator.raft.metrics().borrow().clone();
@@ -743,6 +751,100 @@ async fn membership_changes_at_run_time() {
     assert_eq!(bad.code(), Code::InvalidArgument);
     m4.shutdown().await;
     for i in 0..2 {
+        g.stop_member(i).await;
+    }
+}
+
+/// Primaries pushed onto one node (forced promotions) are handed back one at a time
+/// once the cluster has stayed settled for the rebalance period, until each node leads
+/// the same number of shards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn uneven_primaries_are_handed_over_once_settled() {
+    let _serial = SERIAL.lock().await;
+    let mut g = Group::start(|c| {
+        c.rebalance_settle_ms = 300;
+        c.tick_ms = 100;
+        c.suspect_after_ms = 5_000;
+        c.down_after_ms = 30_000;
+    })
+    .await;
+    let leader = g.leader(Duration::from_secs(10)).await;
+    let mut client = g.client();
+    for (id, zone) in [("w1", "a"), ("w2", "b")] {
+        register_up(&mut client, id, zone).await;
+    }
+    create(&mut client, "even", 4, 2).await.unwrap();
+    let leads = |m: &ClusterMap, n: &str| {
+        m.shards
+            .values()
+            .filter(|s| s.primary.as_deref() == Some(n))
+            .count()
+    };
+    assert_eq!(leads(&g.map(leader), "w1"), 2, "created even");
+    let skewed: Vec<u32> = g
+        .map(leader)
+        .shards
+        .values()
+        .filter(|s| s.primary.as_deref() == Some("w2"))
+        .map(|s| s.key.index)
+        .collect();
+    for shard in skewed {
+        let req = pb::PromoteReplicaRequest {
+            collection: "even".into(),
+            shard,
+            node_id: "w1".into(),
+            accept_data_loss: true,
+        };
+        client
+            .admin(|mut a| {
+                let r = req.clone();
+                async move { a.promote_replica(r).await }
+            })
+            .await
+            .unwrap();
+    }
+    assert_eq!(leads(&g.map(leader), "w1"), 4);
+    // Both nodes report the same position on every shard (nothing would be lost).
+    let t = Instant::now();
+    let mut seen = vec![];
+    loop {
+        let m = g.map(leader);
+        for node in ["w1", "w2"] {
+            let replicas = m
+                .shards
+                .values()
+                .map(|s| pb::ReplicaReport {
+                    shard: s.key.to_string(),
+                    epoch: s.epoch,
+                    ..Default::default()
+                })
+                .collect();
+            send_heartbeat(
+                &mut client,
+                pb::HeartbeatRequest {
+                    id: node.into(),
+                    replicas,
+                    ..Default::default()
+                },
+            )
+            .await;
+        }
+        let now = (leads(&m, "w1"), leads(&m, "w2"));
+        if seen.last() != Some(&now) {
+            seen.push(now);
+        }
+        if now == (2, 2) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "primaries not evened out: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // One handover per settle period: 4/0, then 3/1, then 2/2.
+    assert_eq!(seen, vec![(4, 0), (3, 1), (2, 2)]);
+    for i in 0..3 {
         g.stop_member(i).await;
     }
 }
