@@ -774,13 +774,20 @@ async fn stale_primary_truncates_what_its_successor_never_had() {
         truncated > 0,
         "nothing was truncated: the divergence path did not run"
     );
-    let s = c.shards(NAME).await.remove(0);
-    assert!(
-        s.replicas
+    // The coordinators' view agrees once both replicas have reported since (their
+    // heartbeats carry the counts, up to one period late).
+    let t = Instant::now();
+    loop {
+        let s = c.shard(NAME, 0).await;
+        if s.replicas
             .iter()
-            .all(|r| r.live_docs == on_new.len() as u64),
-        "{s:#?}"
-    );
+            .all(|r| r.live_docs == on_new.len() as u64)
+        {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{s:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     println!(
         "{}",
         serde_json::json!({
