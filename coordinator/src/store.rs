@@ -453,26 +453,29 @@ mod tests {
         LogId::new(CommittedLeaderId::new(2, 1), index)
     }
 
+    /// Entries 1..=n written straight into the log table.
+    fn fill(s: &LogStore, n: u64) {
+        let tx = s.db.begin_write().unwrap();
+        {
+            let mut t = tx.open_table(LOG).unwrap();
+            for i in 1..=n {
+                let e = Entry {
+                    log_id: id(i),
+                    payload: EntryPayload::Blank,
+                };
+                t.insert(i, encode(&e).as_slice()).unwrap();
+            }
+        }
+        tx.commit().unwrap();
+    }
+
     /// A leader killed after saving a commit point its own log had not made durable
     /// yet restarts re-applying what its log holds (it failed to start before).
     #[tokio::test]
     async fn a_commit_point_beyond_the_log_is_clamped_to_the_log() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = LogStore::open(&dir.path().join("raft-log.redb")).unwrap();
-        {
-            let tx = s.db.begin_write().unwrap();
-            {
-                let mut t = tx.open_table(LOG).unwrap();
-                for i in 1..=3 {
-                    let e = Entry {
-                        log_id: id(i),
-                        payload: EntryPayload::Blank,
-                    };
-                    t.insert(i, encode(&e).as_slice()).unwrap();
-                }
-            }
-            tx.commit().unwrap();
-        }
+        fill(&s, 3);
         s.save_committed(Some(id(5))).await.unwrap();
         assert_eq!(s.read_committed().await.unwrap(), Some(id(3)));
         s.save_committed(Some(id(2))).await.unwrap();
@@ -488,20 +491,7 @@ mod tests {
     async fn purge_is_remembered_exactly() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = LogStore::open(&dir.path().join("raft-log.redb")).unwrap();
-        {
-            let tx = s.db.begin_write().unwrap();
-            {
-                let mut t = tx.open_table(LOG).unwrap();
-                for i in 1..=8 {
-                    let e = Entry {
-                        log_id: id(i),
-                        payload: EntryPayload::Blank,
-                    };
-                    t.insert(i, encode(&e).as_slice()).unwrap();
-                }
-            }
-            tx.commit().unwrap();
-        }
+        fill(&s, 8);
         s.purge(id(5)).await.unwrap();
         let st = s.get_log_state().await.unwrap();
         assert_eq!(st.last_purged_log_id, Some(id(5)));
