@@ -2,11 +2,15 @@
 //! loopback. Ingest through one node, search and get through the other, delete, then
 //! SIGKILL a node and restart it: every acknowledged document is still found.
 
+mod support;
+
 use shoal_coordinator::testing::free_port;
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use support::Procs;
 
 use shoal_coordinator::client::Client;
 use shoal_proto::coordinator as cpb;
@@ -54,6 +58,13 @@ struct NodeProc {
     child: Child,
 }
 
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ingest_search_delete_and_node_restart_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -72,31 +83,33 @@ async fn ingest_search_delete_and_node_restart_lose_nothing() {
         .map(|(i, (api, raft))| format!("{}={raft}/{api}", i + 1))
         .collect::<Vec<_>>()
         .join(",");
-    let mut procs: Vec<Child> = coords
-        .iter()
-        .enumerate()
-        .map(|(i, (api, raft))| {
-            let args: Vec<String> = [
-                "coordinator",
-                "--id",
-                &(i + 1).to_string(),
-                "--listen",
-                api,
-                "--raft-listen",
-                raft,
-                "--peers",
-                &peers,
-            ]
+    let procs = Procs(
+        coords
             .iter()
-            .map(|s| s.to_string())
-            .chain([
-                "--data-dir".into(),
-                d.join(format!("c{i}")).display().to_string(),
-            ])
-            .collect();
-            spawn(&args, &d.join(format!("c{i}.log")))
-        })
-        .collect();
+            .enumerate()
+            .map(|(i, (api, raft))| {
+                let args: Vec<String> = [
+                    "coordinator",
+                    "--id",
+                    &(i + 1).to_string(),
+                    "--listen",
+                    api,
+                    "--raft-listen",
+                    raft,
+                    "--peers",
+                    &peers,
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .chain([
+                    "--data-dir".into(),
+                    d.join(format!("c{i}")).display().to_string(),
+                ])
+                .collect();
+                spawn(&args, &d.join(format!("c{i}.log")))
+            })
+            .collect(),
+    );
     let caddrs: Vec<String> = coords.iter().map(|(a, _)| a.clone()).collect();
     let metrics_addr = format!("127.0.0.1:{}", free_port());
     let mut nodes: Vec<NodeProc> = (1..=2)
@@ -296,12 +309,6 @@ async fn ingest_search_delete_and_node_restart_lose_nothing() {
     ] {
         assert!(body.contains(name), "/metrics lacks {name}:\n{body}");
     }
-    for n in &mut nodes {
-        let _ = n.child.kill();
-        let _ = n.child.wait();
-    }
-    for p in &mut procs {
-        let _ = p.kill();
-        let _ = p.wait();
-    }
+    drop(nodes);
+    drop(procs);
 }

@@ -2,12 +2,16 @@
 //! leader is killed with SIGKILL and restarted, ten times. Every acknowledged create must
 //! be present exactly once at the end, and no name appears that was never sent.
 
+mod support;
+
 use shoal_coordinator::testing::free_port;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use support::Procs;
 
 use shoal_coordinator::client::Client;
 use shoal_proto::coordinator as pb;
@@ -68,10 +72,12 @@ async fn creates_survive_ten_leader_kills() {
         .map(|m| format!("{}={}/{}", m.id, m.raft, m.api))
         .collect::<Vec<_>>()
         .join(",");
-    let mut procs: Vec<Child> = members
-        .iter()
-        .map(|m| spawn(m, &peers, dir.path()))
-        .collect();
+    let mut procs = Procs(
+        members
+            .iter()
+            .map(|m| spawn(m, &peers, dir.path()))
+            .collect(),
+    );
     let addrs: Vec<String> = members.iter().map(|m| m.api.clone()).collect();
 
     let mut client = Client::new(addrs.clone());
@@ -152,8 +158,8 @@ async fn creates_survive_ten_leader_kills() {
             .into_inner();
         assert!(st.leader != 0, "no leader before round {round}");
         let idx = (st.leader - 1) as usize;
-        procs[idx].kill().unwrap(); // SIGKILL
-        procs[idx].wait().unwrap();
+        procs.0[idx].kill().unwrap(); // SIGKILL
+        procs.0[idx].wait().unwrap();
         let killed_at = Instant::now();
         // Failover time: from the kill to the acknowledgement of the first create sent
         // after it.
@@ -177,7 +183,7 @@ async fn creates_survive_ten_leader_kills() {
             st.leader
         );
         failovers.push(f);
-        procs[idx] = spawn(&members[idx], &peers, dir.path());
+        procs.0[idx] = spawn(&members[idx], &peers, dir.path());
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.await.unwrap();
@@ -222,8 +228,5 @@ async fn creates_survive_ten_leader_kills() {
         median.as_millis(),
         max.as_millis()
     );
-    for p in &mut procs {
-        let _ = p.kill();
-        let _ = p.wait();
-    }
+    drop(procs);
 }
