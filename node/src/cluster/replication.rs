@@ -354,12 +354,8 @@ impl Replication {
         self.handing_over.store(true, Ordering::Release);
         let role = self.role().filter(|r| r.is_primary)?;
         let last = self.shard().ok()?.last().0;
-        let candidates: Vec<String> = role
-            .peers
-            .iter()
-            .filter(|p| p.serving && p.live)
-            .map(|p| p.node.clone())
-            .collect();
+        // The backups that count towards writes: live and serving.
+        let (candidates, _) = role.quorum();
         let mut rx = self.matched.subscribe();
         let wait = async {
             loop {
