@@ -71,6 +71,8 @@ pub struct Config {
     pub rebalance_settle_ms: u64,
     /// Prometheus `/metrics` address; None: no endpoint.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Limits over their defaults, as `NAME=VALUE` (`shoal limits` lists them).
+    pub limits: Vec<String>,
 }
 
 impl Default for Config {
@@ -95,6 +97,7 @@ impl Default for Config {
             max_copies_in_flight: 8,
             rebalance_settle_ms: 30_000,
             metrics_listen: None,
+            limits: Vec::new(),
         }
     }
 }
@@ -122,7 +125,13 @@ impl Config {
             self.suspect_after_ms < self.down_after_ms,
             "suspect_after_ms must be below down_after_ms"
         );
+        self.limits()?;
         Ok(())
+    }
+
+    /// The limits this member enforces: the defaults with `limits` applied.
+    pub fn limits(&self) -> anyhow::Result<shoal_proto::limits::Limits> {
+        shoal_proto::limits::Limits::from_pairs(&self.limits).map_err(anyhow::Error::msg)
     }
 
     pub fn raft_config(&self) -> openraft::Config {

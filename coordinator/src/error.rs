@@ -25,6 +25,10 @@ pub enum CoordinatorError {
     InvalidArgument(String),
     #[error("raft: {0}")]
     Raft(String),
+    #[error(transparent)]
+    Limit(#[from] shoal_proto::limits::Exceeded),
+    #[error("{0}")]
+    ResourceExhausted(String),
 }
 
 pub type Result<T> = std::result::Result<T, CoordinatorError>;
@@ -50,6 +54,8 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::Unknown(_) => Status::unknown(msg),
             CoordinatorError::InvalidArgument(_) => Status::invalid_argument(msg),
             CoordinatorError::Raft(_) => Status::internal(msg),
+            CoordinatorError::Limit(_) => Status::invalid_argument(msg),
+            CoordinatorError::ResourceExhausted(_) => Status::resource_exhausted(msg),
         }
     }
 }

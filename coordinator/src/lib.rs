@@ -41,6 +41,37 @@ use crate::store::{LogStore, StateMachine};
 /// Largest message either gRPC server accepts (snapshots travel in chunks below this).
 const MAX_MESSAGE: usize = 16 << 20;
 
+/// Keeps grpc.health SERVING while the Raft core runs, and turns it NOT_SERVING for
+/// good once the core has stopped (a storage failure is fatal to openraft): the member
+/// cannot take part in the group any more, and a probe should restart it.
+async fn watch_raft_health(
+    raft: raft::Raft,
+    health: tonic_health::server::HealthReporter,
+    mut stop: watch::Receiver<bool>,
+) {
+    use tonic_health::ServingStatus;
+    let mut m = raft.metrics();
+    loop {
+        let failed = m.borrow().running_state.as_ref().err().map(|e| e.to_string());
+        if let Some(e) = failed {
+            tracing::error!(error = %e, "the raft core stopped: reporting NOT_SERVING");
+            break;
+        }
+        tokio::select! {
+            r = m.changed() => if r.is_err() {
+                if *stop.borrow() { return; }
+                tracing::error!("the raft core is gone: reporting NOT_SERVING");
+                break;
+            },
+            _ = stop.changed() => return,
+        }
+    }
+    health.set_service_status("", ServingStatus::NotServing).await;
+    health
+        .set_not_serving::<AdminServer<service::AdminService>>()
+        .await;
+}
+
 /// A running member. Dropping it does not stop it: call [`Handle::shutdown`].
 pub struct Handle {
     pub coordinator: Arc<Coordinator>,
@@ -66,6 +97,7 @@ impl Handle {
 /// and initialises a fresh group if this is its lowest-id initial member.
 pub async fn start(config: Config) -> anyhow::Result<Handle> {
     config.validate()?;
+    let limits = config.limits()?;
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
@@ -88,6 +120,7 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         raft.clone(),
         sm,
         config.clone(),
+        limits.clone(),
     ));
 
     let (stop, stop_rx) = watch::channel(false);
@@ -97,8 +130,10 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
     let mut tasks = Vec::new();
     let c = coordinator.clone();
     let rx = stop_rx.clone();
+    let l = limits.clone();
     tasks.push(tokio::spawn(async move {
-        let r = tonic::transport::Server::builder()
+        let r = l
+            .server(l.coordinator_request_timeout())
             .add_service(
                 RaftServer::new(service::RaftService(c)).max_decoding_message_size(MAX_MESSAGE),
             )
@@ -111,13 +146,21 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
     let c = coordinator.clone();
     let rx = stop_rx.clone();
     // The standard health service, for probes and load balancers: SERVING while the
-    // process serves (whether the group has a leader is the Admin API's to say).
+    // process serves and its Raft core runs (whether the group has a leader is the
+    // Admin API's to say).
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<AdminServer<service::AdminService>>()
         .await;
+    tasks.push(tokio::spawn(watch_raft_health(
+        raft.clone(),
+        health,
+        stop_rx.clone(),
+    )));
+    let l = limits.clone();
     tasks.push(tokio::spawn(async move {
-        let r = tonic::transport::Server::builder()
+        let r = l
+            .server(l.coordinator_request_timeout())
             .add_service(health_service)
             .add_service(
                 AdminServer::new(service::AdminService(c.clone()))

@@ -10,14 +10,15 @@ use openraft::ServerState;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use shoal_proto::raft::raft_client::RaftClient;
-use shoal_proto::raft::Payload;
+
+use shoal_proto::limits::Limits;
 
 use crate::config::Config;
 use crate::error::{CoordinatorError, Result};
 use crate::map::{ClusterMap, Command, MapError, NodeState, ReplicaState, ShardKey};
 use crate::network;
 use crate::placement;
-use crate::raft::{decode, encode, Member, Raft, Request, Response};
+use crate::raft::{open, payload, Member, Raft, Request, Response};
 use crate::store::StateMachine;
 
 /// Replica reports by node, then shard: a heartbeat replaces its node's entry whole.
@@ -70,11 +71,19 @@ pub struct Coordinator {
     pub reports: Mutex<Reports>,
     /// Set when the member shuts down; long-lived streams watch it.
     pub stopping: tokio::sync::watch::Sender<bool>,
+    pub limits: Limits,
 }
 
 impl Coordinator {
-    pub fn new(id: u64, raft: Raft, sm: StateMachine, config: Arc<Config>) -> Self {
+    pub fn new(
+        id: u64,
+        raft: Raft,
+        sm: StateMachine,
+        config: Arc<Config>,
+        limits: Limits,
+    ) -> Self {
         Self {
+            limits,
             id,
             raft,
             sm,
@@ -126,14 +135,12 @@ impl Coordinator {
     async fn forward(&self, leader: &Member, cmd: &Command) -> Result<ForwardReply> {
         let channel = network::channel(&leader.raft_addr)
             .map_err(|e| CoordinatorError::Unknown(e.to_string()))?;
-        let mut req = tonic::Request::new(Payload {
-            data: encode(&Request {
-                command: cmd.clone(),
-            }),
-        });
+        let mut req = tonic::Request::new(payload(&Request {
+            command: cmd.clone(),
+        }));
         req.set_timeout(WRITE_DEADLINE);
         match RaftClient::new(channel).forward(req).await {
-            Ok(r) => decode(&r.into_inner().data).map_err(CoordinatorError::Raft),
+            Ok(r) => open(r.get_ref()).map_err(|e| CoordinatorError::Raft(e.to_string())),
             Err(s) if s.code() == tonic::Code::Unavailable => Ok(ForwardReply::NotLeader),
             Err(s) => Err(CoordinatorError::Unknown(format!(
                 "forwarding to the leader failed: {}",
@@ -200,10 +207,10 @@ impl Coordinator {
     async fn read_index_from(&self, leader: &Member) -> Result<Option<Option<u64>>> {
         let channel = network::channel(&leader.raft_addr)
             .map_err(|e| CoordinatorError::Raft(e.to_string()))?;
-        let mut req = tonic::Request::new(Payload { data: Vec::new() });
+        let mut req = tonic::Request::new(payload(&()));
         req.set_timeout(Duration::from_secs(3));
         match RaftClient::new(channel).read_index(req).await {
-            Ok(r) => match decode(&r.into_inner().data).map_err(CoordinatorError::Raft)? {
+            Ok(r) => match open(r.get_ref()).map_err(|e| CoordinatorError::Raft(e.to_string()))? {
                 ReadIndexReply::Index(i) => Ok(Some(i)),
                 ReadIndexReply::NotLeader => Ok(None),
                 ReadIndexReply::Failed(e) => Err(CoordinatorError::Raft(e)),
@@ -220,6 +227,18 @@ impl Coordinator {
         replicas: Vec<shoal_proto::coordinator::ReplicaReport>,
     ) -> Result<(u64, NodeState)> {
         self.require_leader()?;
+        shoal_proto::within!(
+            self.limits,
+            reports_per_heartbeat,
+            replicas.len(),
+            "the heartbeat's replica reports"
+        )?;
+        // Only registered nodes are remembered: an unknown id keeps nothing here.
+        if !self.sm.state.lock().map.nodes.contains_key(node) {
+            return Err(CoordinatorError::Map(MapError::NotFound(format!(
+                "node {node:?} is not registered"
+            ))));
+        }
         self.heartbeats
             .lock()
             .insert(node.to_string(), Instant::now());
@@ -232,7 +251,11 @@ impl Coordinator {
                 let Some(key) = ShardKey::parse(&r.shard) else {
                     continue;
                 };
-                if let Some(s) = st.map.shards.get(&key) {
+                // Reports are kept for the replicas the map places here, nothing else.
+                let Some(s) = st.map.shards.get(&key).filter(|s| s.holds(node)) else {
+                    continue;
+                };
+                {
                     if s.primary.as_deref() == Some(node)
                         && r.serving_generation > s.serving_generation
                     {

@@ -14,10 +14,9 @@ use openraft::raft::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use shoal_proto::raft::raft_client::RaftClient;
-use shoal_proto::raft::Payload;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::raft::{decode, encode, Member, TypeConfig};
+use crate::raft::{open, payload, Member, TypeConfig};
 
 /// A lazily connected channel to a peer's Raft port.
 pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
@@ -66,7 +65,7 @@ impl Peer {
             let e = std::io::Error::other(format!("bad peer address {:?}", self.addr));
             return Err(RPCError::Unreachable(Unreachable::new(&e)));
         };
-        let mut request = tonic::Request::new(Payload { data: encode(req) });
+        let mut request = tonic::Request::new(payload(req));
         request.set_timeout(option.hard_ttl());
         let reply = match kind {
             Kind::Append => client.append_entries(request).await,
@@ -80,7 +79,7 @@ impl Peer {
                 _ => RPCError::Network(NetworkError::new(&s)),
             })?
             .into_inner();
-        let result: Result<Resp, RaftError<u64, E>> = decode(&payload.data).map_err(|e| {
+        let result: Result<Resp, RaftError<u64, E>> = open(&payload).map_err(|e| {
             RPCError::Network(NetworkError::new(&std::io::Error::other(format!(
                 "undecodable reply from member {}: {e}",
                 self.target

@@ -1,11 +1,15 @@
 //! openraft's type configuration for the coordinator group, and the bincode codec used
-//! for everything Raft puts on disk or on the wire.
+//! for everything Raft puts on disk or on the wire (`shoal_proto::wire`: bounded
+//! decodes, a format version on every payload between members).
 
 use std::fmt;
 use std::io::Cursor;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+
+use shoal_proto::raft::Payload;
+use shoal_proto::wire::{self, WireError};
 
 use crate::map::{Command, MapError};
 
@@ -57,12 +61,25 @@ pub type LogId = openraft::LogId<u64>;
 pub type StorageError = openraft::StorageError<u64>;
 
 pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
-    bincode::serde::encode_to_vec(v, bincode::config::standard())
-        .expect("in-memory bincode encoding cannot fail")
+    wire::encode(v)
 }
 
+/// Decodes bytes this member stored (bounded like everything else: a damaged length
+/// prefix is an error, not an allocation).
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
-    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
-        .map(|(v, _)| v)
-        .map_err(|e| e.to_string())
+    wire::decode(bytes).map_err(|e| e.to_string())
+}
+
+/// `v` as a payload for another member, stamped with this build's format.
+pub fn payload<T: Serialize>(v: &T) -> Payload {
+    Payload {
+        data: wire::encode(v),
+        format: wire::FORMAT,
+    }
+}
+
+/// A payload from another member: its format checked, then decoded within bounds.
+pub fn open<T: DeserializeOwned>(p: &Payload) -> Result<T, WireError> {
+    wire::check_format(p.format)?;
+    wire::decode(&p.data)
 }

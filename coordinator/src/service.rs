@@ -16,10 +16,16 @@ use crate::map::{
     Metric, Node, NodeState, ReplicaState, Shard, ShardKey, DEFAULT_REPLICA_MEMORY,
 };
 use crate::member::{Coordinator, Reports};
-use crate::raft::{decode, encode, Member};
+use crate::raft::{open, payload, Member};
+use shoal_proto::wire::WireError;
 
-fn bad_payload(e: String) -> Status {
-    Status::invalid_argument(format!("undecodable raft payload: {e}"))
+/// A peer's payload that cannot be used: another format is FAILED_PRECONDITION (the
+/// peer is fine, the versions differ), anything else INVALID_ARGUMENT.
+fn bad_payload(e: WireError) -> Status {
+    match e {
+        WireError::Format { .. } => Status::failed_precondition(format!("raft payload: {e}")),
+        e => Status::invalid_argument(format!("undecodable raft payload: {e}")),
+    }
 }
 
 // ---- conversions ---------------------------------------------------------------
@@ -333,6 +339,9 @@ impl pb::admin_server::Admin for AdminService {
                 "learner needs a non-zero id, a raft_addr and an api_addr",
             ));
         }
+        let l = &self.0.limits;
+        shoal_proto::within!(l, addr_bytes, r.raft_addr.len(), "the raft_addr's length")?;
+        shoal_proto::within!(l, addr_bytes, r.api_addr.len(), "the api_addr's length")?;
         let member = Member {
             raft_addr: r.raft_addr,
             api_addr: r.api_addr,
@@ -381,7 +390,11 @@ impl pb::admin_server::Admin for AdminService {
         };
         self.0.write(cmd).await?;
         let map = self.0.read().await?;
-        Ok(Response::new(node_pb(&map.nodes[&id], &map)))
+        let n = map
+            .nodes
+            .get(&id)
+            .ok_or_else(|| Status::not_found(format!("node {id:?} not found")))?;
+        Ok(Response::new(node_pb(n, &map)))
     }
 
     async fn promote_replica(
@@ -429,6 +442,20 @@ impl pb::cluster_map_server::ClusterMap for ClusterMapService {
     ) -> Result<Response<pb::NodeInfo>, Status> {
         let r = req.into_inner();
         let cap = r.capacity.unwrap_or_default();
+        let l = &self.0.limits;
+        shoal_proto::within!(l, node_id_bytes, r.id.len(), "the node id's length")?;
+        shoal_proto::within!(l, addr_bytes, r.addr.len(), "the node address's length")?;
+        shoal_proto::within!(l, zone_bytes, cap.zone.len(), "the zone name's length")?;
+        {
+            let st = self.0.sm.state.lock();
+            if !st.map.nodes.contains_key(&r.id) && st.map.nodes.len() >= l.nodes {
+                return Err(Status::resource_exhausted(format!(
+                    "the map holds {} nodes, the limit nodes = {}",
+                    st.map.nodes.len(),
+                    l.nodes
+                )));
+            }
+        }
         let id = r.id.clone();
         self.0
             .write(Command::RegisterNode {
@@ -442,7 +469,11 @@ impl pb::cluster_map_server::ClusterMap for ClusterMapService {
             })
             .await?;
         let map = self.0.read().await?;
-        Ok(Response::new(node_pb(&map.nodes[&id], &map)))
+        let n = map
+            .nodes
+            .get(&id)
+            .ok_or_else(|| Status::not_found(format!("node {id:?} not found")))?;
+        Ok(Response::new(node_pb(n, &map)))
     }
 
     async fn heartbeat(
@@ -523,38 +554,34 @@ impl rpb::raft_server::Raft for RaftService {
         &self,
         req: Request<rpb::Payload>,
     ) -> Result<Response<rpb::Payload>, Status> {
-        let rpc = decode(&req.into_inner().data).map_err(bad_payload)?;
+        let rpc = open(req.get_ref()).map_err(bad_payload)?;
         let res = self.0.raft.append_entries(rpc).await;
-        Ok(Response::new(rpb::Payload { data: encode(&res) }))
+        Ok(Response::new(payload(&res)))
     }
 
     async fn vote(&self, req: Request<rpb::Payload>) -> Result<Response<rpb::Payload>, Status> {
-        let rpc = decode(&req.into_inner().data).map_err(bad_payload)?;
+        let rpc = open(req.get_ref()).map_err(bad_payload)?;
         let res = self.0.raft.vote(rpc).await;
-        Ok(Response::new(rpb::Payload { data: encode(&res) }))
+        Ok(Response::new(payload(&res)))
     }
 
     async fn install_snapshot(
         &self,
         req: Request<rpb::Payload>,
     ) -> Result<Response<rpb::Payload>, Status> {
-        let rpc = decode(&req.into_inner().data).map_err(bad_payload)?;
+        let rpc = open(req.get_ref()).map_err(bad_payload)?;
         let res = self.0.raft.install_snapshot(rpc).await;
-        Ok(Response::new(rpb::Payload { data: encode(&res) }))
+        Ok(Response::new(payload(&res)))
     }
 
     async fn forward(&self, req: Request<rpb::Payload>) -> Result<Response<rpb::Payload>, Status> {
-        let r = decode(&req.into_inner().data).map_err(bad_payload)?;
+        let r = open(req.get_ref()).map_err(bad_payload)?;
         let reply = self.0.handle_forward(r).await;
-        Ok(Response::new(rpb::Payload {
-            data: encode(&reply),
-        }))
+        Ok(Response::new(payload(&reply)))
     }
 
     async fn read_index(&self, _: Request<rpb::Payload>) -> Result<Response<rpb::Payload>, Status> {
         let reply = self.0.handle_read_index().await;
-        Ok(Response::new(rpb::Payload {
-            data: encode(&reply),
-        }))
+        Ok(Response::new(payload(&reply)))
     }
 }

@@ -285,7 +285,8 @@ impl StateMachine {
         };
         let path = sm.snapshot_path();
         if path.exists() {
-            let bytes = fs::read(&path)?;
+            let bytes = unseal(&fs::read(&path)?)
+                .map_err(|e| anyhow::anyhow!("damaged snapshot {}: {e}", path.display()))?;
             let file: SnapshotFile = decode(&bytes)
                 .map_err(|e| anyhow::anyhow!("corrupt snapshot {}: {e}", path.display()))?;
             let mut st = sm.state.lock();
@@ -315,15 +316,52 @@ impl StateMachine {
             })
     }
 
-    /// Atomically replaces the snapshot file.
+    /// Atomically replaces the snapshot file (sealed: header and checksum).
     fn persist(&self, bytes: &[u8]) -> std::io::Result<()> {
         let tmp = self.dir.join("snapshot.bin.tmp");
         let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
+        f.write_all(&seal(bytes))?;
         f.sync_all()?;
         fs::rename(&tmp, self.snapshot_path())?;
         fs::File::open(&self.dir)?.sync_all()
     }
+}
+
+/// First bytes of a snapshot file; the format number follows the name.
+const SNAPSHOT_MAGIC: &[u8; 8] = b"SHOALSN1";
+
+/// A snapshot's bytes as its file holds them: magic, length (u64 LE), crc32 (u32 LE),
+/// then the bytes. A flipped bit or a short file is found on load, not decoded.
+fn seal(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len() + 20);
+    out.extend_from_slice(SNAPSHOT_MAGIC);
+    out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(bytes).to_le_bytes());
+    out.extend_from_slice(bytes);
+    out
+}
+
+/// The bytes of a sealed snapshot file, checked against its length and checksum.
+fn unseal(file: &[u8]) -> Result<Vec<u8>, String> {
+    if file.len() < 20 || &file[..8] != SNAPSHOT_MAGIC {
+        return Err("not a shoal snapshot file (missing or unknown header)".into());
+    }
+    let len = u64::from_le_bytes(file[8..16].try_into().expect("8 bytes"));
+    let crc = u32::from_le_bytes(file[16..20].try_into().expect("4 bytes"));
+    let body = &file[20..];
+    if body.len() as u64 != len {
+        return Err(format!(
+            "holds {} bytes, its header says {len} (truncated?)",
+            body.len()
+        ));
+    }
+    let actual = crc32fast::hash(body);
+    if actual != crc {
+        return Err(format!(
+            "checksum mismatch: stored {crc:#010x}, computed {actual:#010x}"
+        ));
+    }
+    Ok(body.to_vec())
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
@@ -451,6 +489,37 @@ mod tests {
 
     fn id(index: u64) -> LogId {
         LogId::new(CommittedLeaderId::new(2, 1), index)
+    }
+
+    #[test]
+    fn snapshot_files_are_checksummed() {
+        let body = b"the map".to_vec();
+        let sealed = seal(&body);
+        assert_eq!(unseal(&sealed).unwrap(), body);
+        let mut flipped = sealed.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert!(unseal(&flipped).unwrap_err().contains("checksum"));
+        assert!(unseal(&sealed[..sealed.len() - 1])
+            .unwrap_err()
+            .contains("truncated"));
+        assert!(unseal(&body).unwrap_err().contains("header"));
+
+        // A damaged file on disk stops the member from opening, by name.
+        let dir = tempfile::tempdir().unwrap();
+        let sm = StateMachine::open(dir.path()).unwrap();
+        sm.persist(&encode(&SnapshotFile {
+            meta: SnapshotMeta::default(),
+            map: ClusterMap::default(),
+        }))
+        .unwrap();
+        assert!(StateMachine::open(dir.path()).is_ok());
+        let path = dir.path().join("snapshot.bin");
+        let mut bytes = fs::read(&path).unwrap();
+        let n = bytes.len();
+        bytes[n - 2] ^= 0x40;
+        fs::write(&path, &bytes).unwrap();
+        let e = StateMachine::open(dir.path()).err().unwrap().to_string();
+        assert!(e.contains("damaged snapshot") && e.contains("checksum"), "{e}");
     }
 
     /// Entries 1..=n written straight into the log table.

@@ -121,7 +121,10 @@ fn vector(seed: u64, d: usize) -> Vec<f32> {
 async fn node(dir: &std::path::Path, id: &str, coords: &[String], model: bool) -> NodeHandle {
     cluster::start(NodeConfig {
         // Small enough that the test can send an oversized request cheaply.
-        max_message_bytes: 1 << 20,
+        limits: shoal_proto::limits::Limits {
+            message_bytes: 1 << 20,
+            ..Default::default()
+        },
         id: id.into(),
         listen: format!("127.0.0.1:{}", free_port()),
         internal_listen: format!("127.0.0.1:{}", free_port()),

@@ -3,6 +3,8 @@
 //! can expose one port and firewall the other.
 
 pub mod codec;
+pub mod limits;
+pub mod wire;
 
 pub mod coordinator {
     tonic::include_proto!("shoal.coordinator.v1");

@@ -12,6 +12,7 @@ use shoal_coordinator::client::Client;
 use shoal_node::beir::{ndcg_at, read_jsonl, read_qrels, recall_at, Row};
 use shoal_node::cluster::NodeConfig;
 use shoal_proto::coordinator as cpb;
+use shoal_proto::limits::Limits;
 use shoal_proto::v1 as pb;
 use shoal_proto::v1::shoal_client::ShoalClient;
 use tonic::transport::Channel;
@@ -54,9 +55,12 @@ pub struct NodeArgs {
     /// Memory placement may fill with replicas (0 = unbounded).
     #[arg(long, env = "SHOAL_MEMORY_BYTES", default_value_t = 0)]
     memory_bytes: u64,
-    /// Largest public request accepted, in bytes.
-    #[arg(long, env = "SHOAL_MAX_MESSAGE_BYTES", default_value_t = 32 << 20)]
-    max_message_bytes: usize,
+    /// Largest public request accepted, in bytes (the limit message_bytes).
+    #[arg(long, env = "SHOAL_MAX_MESSAGE_BYTES")]
+    max_message_bytes: Option<usize>,
+    /// A limit over its default, NAME=VALUE (repeatable; `shoal limits` lists them).
+    #[arg(long = "limit", env = "SHOAL_LIMITS", value_delimiter = ',')]
+    limits: Vec<String>,
     /// Fresh rows per shard that trigger a background IVF-PQ build.
     #[arg(long, env = "SHOAL_AUTO_REBUILD_TAIL", default_value_t = 50_000)]
     auto_rebuild_tail: usize,
@@ -73,6 +77,10 @@ pub struct NodeArgs {
 }
 
 pub async fn run_node(a: NodeArgs) -> Result<()> {
+    let mut limits = Limits::from_pairs(&a.limits).map_err(anyhow::Error::msg)?;
+    if let Some(m) = a.max_message_bytes {
+        limits.message_bytes = m;
+    }
     let handle = shoal_node::cluster::start(NodeConfig {
         id: a.id,
         listen: a.listen,
@@ -83,7 +91,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
         model_dir: a.model_dir,
         zone: a.zone,
         memory_bytes: a.memory_bytes,
-        max_message_bytes: a.max_message_bytes,
+        limits,
         auto_rebuild_tail: a.auto_rebuild_tail,
         metrics_listen: a.metrics_listen,
         heartbeat: Duration::from_millis(a.heartbeat_ms.max(10)),

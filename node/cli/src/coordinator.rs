@@ -38,6 +38,9 @@ pub struct CoordinatorArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, env = "SHOAL_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// A limit over its default, NAME=VALUE (repeatable; `shoal limits` lists them).
+    #[arg(long = "limit", env = "SHOAL_LIMITS", value_delimiter = ',')]
+    limits: Vec<String>,
 }
 
 impl CoordinatorArgs {
@@ -64,6 +67,7 @@ impl CoordinatorArgs {
         if self.metrics_listen.is_some() {
             c.metrics_listen = self.metrics_listen;
         }
+        c.limits.extend(self.limits);
         Ok(c)
     }
 }

@@ -94,6 +94,9 @@ enum Cmd {
     },
     /// Runs a worker node: shard replicas, the encoder, the public API as a gateway.
     Node(cluster::NodeArgs),
+    /// Every limit a client or peer can hit: name, default value, what it bounds (set
+    /// one with `--limit NAME=VALUE` on `shoal node` / `shoal coordinator`).
+    Limits,
     /// A local cluster on loopback: three coordinators and `--nodes` nodes as processes.
     Dev(cluster::DevArgs),
     /// Ingests a BEIR dir or a JSONL file through a node (text is encoded there).
@@ -202,6 +205,12 @@ fn run(cmd: Cmd, otlp: Option<&str>, rt: &tokio::runtime::Runtime) -> anyhow::Re
         Cmd::Members { target, cmd } => rt.block_on(coordinator::members(target, cmd)),
         Cmd::Drain { target, node, undo } => rt.block_on(coordinator::drain(target, node, undo)),
         Cmd::Node(args) => rt.block_on(cluster::run_node(args)),
+        Cmd::Limits => {
+            for (name, value, doc) in shoal_proto::limits::Limits::default().describe() {
+                println!("{name:<32} {value:>12}  {doc}");
+            }
+            Ok(())
+        }
         // Its processes export traces where this one does.
         Cmd::Dev(args) => rt.block_on(cluster::run_dev(args, otlp)),
         Cmd::Ingest { target, node, args } => rt.block_on(cluster::ingest(target, node, args)),

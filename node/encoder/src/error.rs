@@ -18,6 +18,10 @@ pub enum EncoderError {
     Backend(String),
     #[error("encoder pool is shut down")]
     ShutDown,
+    #[error("the encoder worker failed on this request's batch ({0}); it was restarted, retry")]
+    WorkerFailed(String),
+    #[error("the encoder did not answer within {secs} s")]
+    TimedOut { secs: u64 },
 }
 
 pub type Result<T, E = EncoderError> = std::result::Result<T, E>;

@@ -3,6 +3,11 @@
 //! first, and only when a worker is free, so batches grow under load), orders each batch
 //! by length to cut padding, and hands it to a worker thread that owns a model. Workers
 //! run outside the async runtime. A full queue answers `Overloaded` at once.
+//!
+//! A worker that panics on a batch fails that batch's requests (`WorkerFailed`) and
+//! takes the next batch: the panic is caught, the model kept (`encode` takes `&self`),
+//! and the batcher told the worker is free again, so nothing queued behind it waits
+//! forever. Every request also has a deadline (`request_timeout`).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -12,8 +17,32 @@ use std::time::{Duration, Instant};
 use burn::tensor::backend::Backend;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use crate::encoder::Encoder;
+use crate::encoder::{Encoded, Encoder};
 use crate::error::{EncoderError, Result};
+
+/// What a pool worker runs: a model that turns a batch of texts into vectors. The
+/// Burn [`Encoder`] is the one implementation shoal serves with.
+pub trait BatchEncode: Send + 'static {
+    fn dimension(&self) -> usize;
+    fn encode_batch(&self, texts: &[&str]) -> Result<Encoded>;
+}
+
+impl<B: Backend> BatchEncode for Encoder<B>
+where
+    Encoder<B>: Send + 'static,
+{
+    fn dimension(&self) -> usize {
+        Encoder::dimension(self)
+    }
+    fn encode_batch(&self, texts: &[&str]) -> Result<Encoded> {
+        self.encode(texts)
+    }
+}
+
+/// A lock whose holder may have panicked: the data is still what it was.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 #[derive(Clone, Debug)]
 pub struct PoolConfig {
@@ -22,6 +51,8 @@ pub struct PoolConfig {
     /// Texts waiting or being encoded before callers are turned away.
     pub max_queue: usize,
     pub workers: usize,
+    /// Longest a request waits for its vectors before failing with `TimedOut`.
+    pub request_timeout: Duration,
 }
 
 impl Default for PoolConfig {
@@ -32,6 +63,7 @@ impl Default for PoolConfig {
             max_queue: 4096,
             // One model instance: Burn's CPU kernels already use every core.
             workers: 1,
+            request_timeout: Duration::from_secs(900),
         }
     }
 }
@@ -43,6 +75,8 @@ pub struct PoolStats {
     pub batches: AtomicU64,
     pub truncated: AtomicU64,
     pub rejected: AtomicU64,
+    /// Batches a worker panicked on (the worker went on with the next one).
+    pub worker_panics: AtomicU64,
 }
 
 /// One request's vectors, in its order, and how many of its texts were truncated.
@@ -65,7 +99,7 @@ struct Request {
 
 impl Request {
     fn fail(&self, e: EncoderError) {
-        if let Some(r) = self.reply.lock().expect("reply lock").take() {
+        if let Some(r) = lock(&self.reply).take() {
             let _ = r.send(Err(e));
         }
     }
@@ -201,55 +235,76 @@ impl Actor for Batcher {
     }
 }
 
-fn worker_loop<B: Backend>(
-    encoder: Encoder<B>,
+fn worker_loop<E: BatchEncode>(
+    encoder: E,
     batches: Arc<Mutex<mpsc::Receiver<Vec<Item>>>>,
     batcher: ActorRef<PoolMsg>,
     stats: Arc<PoolStats>,
 ) {
     loop {
-        let next = batches.lock().expect("batch receiver").recv();
+        let next = lock(&batches).recv();
         let Ok(mut batch) = next else { return };
         let n = batch.len();
         // Similar lengths side by side: the batch pads to its longest text.
         batch.sort_by_key(|i| i.text.len());
-        let texts: Vec<&str> = batch.iter().map(|i| i.text.as_str()).collect();
-        match encoder.encode(&texts) {
-            Ok(out) => {
-                stats.texts.fetch_add(n as u64, Ordering::Relaxed);
-                stats.batches.fetch_add(1, Ordering::Relaxed);
-                stats
-                    .truncated
-                    .fetch_add(out.truncated as u64, Ordering::Relaxed);
-                for ((item, v), cut) in batch.iter().zip(out.vectors).zip(out.was_truncated) {
-                    item.req.results.lock().expect("results")[item.index] = Some(v);
-                    if cut {
-                        item.req.truncated.fetch_add(1, Ordering::Relaxed);
-                    }
-                    if item.req.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-                        let results =
-                            std::mem::take(&mut *item.req.results.lock().expect("results"));
-                        if let Some(r) = item.req.reply.lock().expect("reply").take() {
-                            let _ = r.send(Ok(PoolEncoded {
-                                vectors: results
-                                    .into_iter()
-                                    .map(|v| v.expect("every slot filled"))
-                                    .collect(),
-                                truncated: item.req.truncated.load(Ordering::Relaxed),
-                            }));
-                        }
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let texts: Vec<&str> = batch.iter().map(|i| i.text.as_str()).collect();
+            match encoder.encode_batch(&texts) {
+                Ok(out) => deliver(&batch, out, &stats),
+                Err(e) => {
+                    let msg = e.to_string();
+                    for item in &batch {
+                        item.req.fail(EncoderError::Tokenizer(msg.clone()));
                     }
                 }
             }
-            Err(e) => {
-                let msg = e.to_string();
-                for item in &batch {
-                    item.req.fail(EncoderError::Tokenizer(msg.clone()));
-                }
+        }));
+        if let Err(panic) = run {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panicked".into());
+            stats.worker_panics.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(texts = n, error = %why, "encoder worker panicked; failing its batch and going on");
+            for item in &batch {
+                item.req.fail(EncoderError::WorkerFailed(format!("panicked: {why}")));
             }
         }
         if batcher.cast(PoolMsg::Done { n }).is_err() {
             return;
+        }
+    }
+}
+
+/// Puts a batch's vectors in their requests' slots and answers each request whose
+/// last slot this filled.
+fn deliver(batch: &[Item], out: Encoded, stats: &PoolStats) {
+    let n = batch.len();
+    stats.texts.fetch_add(n as u64, Ordering::Relaxed);
+    stats.batches.fetch_add(1, Ordering::Relaxed);
+    stats
+        .truncated
+        .fetch_add(out.truncated as u64, Ordering::Relaxed);
+    for ((item, v), cut) in batch.iter().zip(out.vectors).zip(out.was_truncated) {
+        lock(&item.req.results)[item.index] = Some(v);
+        if cut {
+            item.req.truncated.fetch_add(1, Ordering::Relaxed);
+        }
+        if item.req.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let results = std::mem::take(&mut *lock(&item.req.results));
+            if let Some(r) = lock(&item.req.reply).take() {
+                let vectors: Option<Vec<Vec<f32>>> = results.into_iter().collect();
+                let _ = r.send(match vectors {
+                    Some(vectors) => Ok(PoolEncoded {
+                        vectors,
+                        truncated: item.req.truncated.load(Ordering::Relaxed),
+                    }),
+                    None => Err(EncoderError::Backend(
+                        "the model returned fewer vectors than texts".into(),
+                    )),
+                });
+            }
         }
     }
 }
@@ -260,20 +315,20 @@ pub struct EncoderPool {
     batcher: ActorRef<PoolMsg>,
     dimension: usize,
     stats: Arc<PoolStats>,
+    max_queue: usize,
+    request_timeout: Duration,
 }
 
 impl EncoderPool {
     /// Starts the batcher actor and one worker thread per encoder (must be called
     /// inside a tokio runtime).
-    pub async fn start<B: Backend>(encoders: Vec<Encoder<B>>, mut cfg: PoolConfig) -> Result<Self>
-    where
-        Encoder<B>: Send + 'static,
-    {
+    pub async fn start<E: BatchEncode>(encoders: Vec<E>, mut cfg: PoolConfig) -> Result<Self> {
         let dimension = encoders
             .first()
-            .map(Encoder::dimension)
+            .map(BatchEncode::dimension)
             .ok_or(EncoderError::ShutDown)?;
         cfg.workers = encoders.len();
+        let (max_queue, request_timeout) = (cfg.max_queue, cfg.request_timeout);
         let (tx, rx) = mpsc::channel();
         let (batcher, _) = Actor::spawn(None, Batcher, (cfg, tx))
             .await
@@ -291,11 +346,18 @@ impl EncoderPool {
             batcher,
             dimension,
             stats,
+            max_queue,
+            request_timeout,
         })
     }
 
     pub fn dimension(&self) -> usize {
         self.dimension
+    }
+
+    /// Texts the pool queues at most: a larger request must come in parts.
+    pub fn max_queue(&self) -> usize {
+        self.max_queue
     }
 
     pub fn stats(&self) -> &PoolStats {
@@ -312,7 +374,10 @@ impl EncoderPool {
     pub async fn encode_counted(&self, texts: Vec<String>) -> Result<PoolEncoded> {
         let res = self
             .batcher
-            .call(|reply| PoolMsg::Encode { texts, reply }, None)
+            .call(
+                |reply| PoolMsg::Encode { texts, reply },
+                Some(self.request_timeout),
+            )
             .await
             .map_err(|_| EncoderError::ShutDown)?;
         match res {
@@ -322,7 +387,12 @@ impl EncoderPool {
                 }
                 r
             }
-            _ => Err(EncoderError::ShutDown),
+            ractor::rpc::CallResult::Timeout => Err(EncoderError::TimedOut {
+                secs: self.request_timeout.as_secs(),
+            }),
+            ractor::rpc::CallResult::SenderError => Err(EncoderError::WorkerFailed(
+                "its batch was dropped".into(),
+            )),
         }
     }
 

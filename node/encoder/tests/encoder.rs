@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use shoal_encoder::pool::{EncoderPool, PoolConfig};
+use shoal_encoder::pool::{BatchEncode, EncoderPool, PoolConfig};
 use shoal_encoder::{load_cpu, AttentionMask, EncoderError};
 
 fn model_dir() -> PathBuf {
@@ -203,6 +203,7 @@ fn t30_pool_batches_concurrent_callers_and_sheds_load() {
             max_wait: Duration::from_millis(5),
             max_queue: 64,
             workers: 1,
+            ..PoolConfig::default()
         };
         let pool = EncoderPool::start(vec![load_cpu(&model_dir()).unwrap()], cfg)
             .await
@@ -254,6 +255,63 @@ fn t30_pool_batches_concurrent_callers_and_sheds_load() {
                 .await
                 .unwrap()
                 .len(),
+            1
+        );
+        pool.shutdown();
+    });
+}
+
+/// The real encoder, except that a batch holding `trigger` panics inside the worker
+/// (as a kernel or tokenizer bug would).
+struct PanicsOn<E> {
+    inner: E,
+    trigger: &'static str,
+}
+
+impl<E: BatchEncode> BatchEncode for PanicsOn<E> {
+    fn dimension(&self) -> usize {
+        self.inner.dimension()
+    }
+    fn encode_batch(&self, texts: &[&str]) -> shoal_encoder::Result<shoal_encoder::Encoded> {
+        if texts.contains(&self.trigger) {
+            panic!("injected encoder failure");
+        }
+        self.inner.encode_batch(texts)
+    }
+}
+
+#[test]
+fn t31_pool_survives_a_worker_panic() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let enc = PanicsOn {
+            inner: load_cpu(&model_dir()).unwrap(),
+            trigger: "boom",
+        };
+        let pool = EncoderPool::start(vec![enc], PoolConfig::default())
+            .await
+            .unwrap();
+        let e = pool
+            .encode(vec!["fine".into(), "boom".into()])
+            .await
+            .unwrap_err();
+        assert!(matches!(e, EncoderError::WorkerFailed(_)), "{e}");
+        assert!(e.to_string().contains("injected encoder failure"), "{e}");
+        // The single worker goes on: later requests are answered, not left waiting.
+        for _ in 0..3 {
+            let got = tokio::time::timeout(
+                Duration::from_secs(60),
+                pool.encode(vec!["after the panic".into()]),
+            )
+            .await
+            .expect("answered after a worker panic")
+            .unwrap();
+            assert_eq!(got.len(), 1);
+        }
+        assert_eq!(
+            pool.stats()
+                .worker_panics
+                .load(std::sync::atomic::Ordering::Relaxed),
             1
         );
         pool.shutdown();

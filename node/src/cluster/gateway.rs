@@ -15,6 +15,8 @@ use shoal_proto::replica as rpb;
 use shoal_proto::replica::replica_client::ReplicaClient;
 use shoal_proto::v1 as pb;
 use std::collections::VecDeque;
+use shoal_proto::limits::{vector_problem, Limits};
+use shoal_proto::within;
 use tonic::transport::Channel;
 use tonic::Status;
 use tracing::Instrument;
@@ -27,9 +29,6 @@ use super::replication::Channels;
 /// Shard-call latencies kept for the hedging threshold.
 const LATENCY_WINDOW: usize = 512;
 
-pub const MAX_K: u32 = 1000;
-pub const MAX_DOCS_PER_REQUEST: usize = 10_000;
-pub const MAX_ID_BYTES: usize = 512;
 
 /// The shard a document id belongs to: crc32 of the id, mod the shard count. Stable
 /// across processes and releases (it decides where data lives).
@@ -61,19 +60,13 @@ fn shard_request(request_id: &str, index: u32) -> String {
     }
 }
 
+/// Refuses a vector of the wrong length, with a NaN or infinity, or with a norm whose
+/// scores would overflow (`limits::vector_problem`).
 pub fn check_vector(v: &[f32], dimension: u32, what: &str) -> Result<(), Status> {
-    if v.len() != dimension as usize {
-        return Err(Status::invalid_argument(format!(
-            "{what} has dimension {}, the collection's is {dimension}",
-            v.len()
-        )));
+    match vector_problem(v, dimension as usize) {
+        Some(p) => Err(Status::invalid_argument(format!("{what} {p}"))),
+        None => Ok(()),
     }
-    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-        return Err(Status::invalid_argument(format!(
-            "{what} has a non-finite value at position {i}"
-        )));
-    }
-    Ok(())
 }
 
 pub struct Gateway {
@@ -87,6 +80,7 @@ pub struct Gateway {
     /// Recent shard search latencies (seconds): a call slower than their 95th
     /// percentile is hedged to another replica.
     latencies: Mutex<VecDeque<f64>>,
+    pub limits: Limits,
 }
 
 /// Decrements a node's in-flight count when a call ends, however it ends.
@@ -113,8 +107,10 @@ impl Gateway {
         encoder: Option<Arc<EncoderPool>>,
         default_deadline: Duration,
         channels: Arc<Channels>,
+        limits: Limits,
     ) -> Self {
         Self {
+            limits,
             node_id,
             view,
             encoder,
@@ -209,18 +205,41 @@ impl Gateway {
             )));
         }
         let n = texts.len();
-        enc.encode_counted(texts)
-            .instrument(tracing::info_span!("encode", texts = n))
-            .await
-            .map_err(|e| match e {
-                shoal_encoder::EncoderError::Overloaded { .. } => {
-                    Status::resource_exhausted(e.to_string())
-                }
-                shoal_encoder::EncoderError::EmptyText { .. } => {
-                    Status::invalid_argument(e.to_string())
-                }
-                e => Status::internal(e.to_string()),
-            })
+        // In parts the encoder's queue can take whole, one after another: a request
+        // larger than the queue would otherwise be refused however often it is retried.
+        let part = enc.max_queue().max(1);
+        let mut out = PoolEncoded {
+            vectors: Vec::with_capacity(n),
+            truncated: 0,
+        };
+        let mut texts = texts.into_iter().peekable();
+        while texts.peek().is_some() {
+            let chunk: Vec<String> = texts.by_ref().take(part).collect();
+            let offset = out.vectors.len();
+            let r = enc
+                .encode_counted(chunk)
+                .instrument(tracing::info_span!("encode", texts = n))
+                .await
+                .map_err(|e| match e {
+                    shoal_encoder::EncoderError::Overloaded { .. } => {
+                        Status::resource_exhausted(e.to_string())
+                    }
+                    shoal_encoder::EncoderError::EmptyText { index } => {
+                        Status::invalid_argument(format!(
+                            "text {} is empty",
+                            offset + index
+                        ))
+                    }
+                    shoal_encoder::EncoderError::WorkerFailed(_)
+                    | shoal_encoder::EncoderError::TimedOut { .. } => {
+                        Status::unavailable(e.to_string())
+                    }
+                    e => Status::internal(e.to_string()),
+                })?;
+            out.vectors.extend(r.vectors);
+            out.truncated += r.truncated;
+        }
+        Ok(out)
     }
 
     /// Validates, encodes and routes a batch; returns (documents written, truncated).
@@ -229,20 +248,25 @@ impl Gateway {
         if req.documents.is_empty() {
             return Err(Status::invalid_argument("no documents in the request"));
         }
-        if req.documents.len() > MAX_DOCS_PER_REQUEST {
-            return Err(Status::invalid_argument(format!(
-                "{} documents in one request, the limit is {MAX_DOCS_PER_REQUEST}",
-                req.documents.len()
-            )));
-        }
+        let l = &self.limits;
+        within!(l, docs_per_request, req.documents.len(), "documents in the request")?;
+        within!(l, request_id_bytes, req.request_id.len(), "the request id's length")?;
         let mut docs = std::mem::take(&mut req.documents);
         let mut to_encode = Vec::new();
         for (i, d) in docs.iter().enumerate() {
-            if d.id.is_empty() || d.id.len() > MAX_ID_BYTES {
+            if d.id.is_empty() {
                 return Err(Status::invalid_argument(format!(
-                    "document {i}: id must be 1 to {MAX_ID_BYTES} bytes"
+                    "document {i}: the id is empty"
                 )));
             }
+            within!(l, id_bytes, d.id.len(), format!("document {i}'s id length"))?;
+            within!(l, text_bytes, d.text.len(), format!("document {i}'s text length"))?;
+            within!(
+                l,
+                metadata_bytes,
+                d.metadata_json.len(),
+                format!("document {i}'s metadata length")
+            )?;
             if !d.metadata_json.is_empty() {
                 match serde_json::from_str::<serde_json::Value>(&d.metadata_json) {
                     Ok(serde_json::Value::Object(_)) => {}
@@ -313,6 +337,15 @@ impl Gateway {
         let (coll, shards) = self.collection_shards(&req.collection)?;
         if req.ids.is_empty() {
             return Err(Status::invalid_argument("no ids to delete"));
+        }
+        let l = &self.limits;
+        within!(l, ids_per_delete, req.ids.len(), "ids in the request")?;
+        within!(l, request_id_bytes, req.request_id.len(), "the request id's length")?;
+        for (i, id) in req.ids.iter().enumerate() {
+            if id.is_empty() {
+                return Err(Status::invalid_argument(format!("id {i} is empty")));
+            }
+            within!(l, id_bytes, id.len(), format!("id {i}'s length"))?;
         }
         let mut by_shard: HashMap<u32, Vec<String>> = HashMap::new();
         for id in std::mem::take(&mut req.ids) {
@@ -469,6 +502,7 @@ impl Gateway {
         if req.id.is_empty() {
             return Err(Status::invalid_argument("id must not be empty"));
         }
+        within!(self.limits, id_bytes, req.id.len(), "the id's length")?;
         let index = shard_of(&req.id, coll.shard_count);
         let shard = Self::shard(&shards, index)?;
         let mut last = Status::unavailable(format!(
@@ -588,24 +622,25 @@ impl Gateway {
     ) -> Result<pb::SearchResponse, Status> {
         let t = Instant::now();
         let (coll, shards) = self.collection_shards(&req.collection)?;
-        if req.k == 0 || req.k > MAX_K {
-            return Err(Status::invalid_argument(format!(
-                "k = {} must be between 1 and {MAX_K}",
-                req.k
-            )));
+        let l = &self.limits;
+        if req.k == 0 {
+            return Err(Status::invalid_argument("k must be at least 1"));
         }
+        within!(l, k, req.k, "k")?;
+        within!(l, refine, req.refine, "refine")?;
         let ix = coll.index.unwrap_or_default();
+        let refine = if req.refine == 0 { ix.refine.max(1) } else { req.refine };
+        within!(
+            l,
+            candidates,
+            req.k as u64 * refine as u64,
+            format!("k × refine ({} × {refine})", req.k)
+        )?;
+        within!(l, query_text_bytes, req.text.len(), "the query text's length")?;
         if req.nprobe > ix.nlist.max(1) {
             return Err(Status::invalid_argument(format!(
                 "nprobe {} exceeds the collection's nlist {}",
                 req.nprobe, ix.nlist
-            )));
-        }
-        if req.refine > crate::shard::MAX_REFINE_FACTOR as u32 {
-            return Err(Status::invalid_argument(format!(
-                "refine {} exceeds {}",
-                req.refine,
-                crate::shard::MAX_REFINE_FACTOR
             )));
         }
         let query = match (req.text.trim().is_empty(), req.vector.is_empty()) {
@@ -685,15 +720,22 @@ impl Gateway {
         let higher = coll.metric != cpb::Metric::L2 as i32;
         let mut hits = merge(hits, req.k as usize, higher);
         if req.with_text {
-            // Texts live with their documents on the shards: fetched concurrently.
-            let gets = hits.iter().map(|h| {
-                self.get(pb::GetRequest {
-                    collection: coll.name.clone(),
-                    id: h.id.clone(),
-                    with_vector: false,
+            // Texts live with their documents on the shards: fetched concurrently, at
+            // most `with_text_fetches` at a time.
+            let gets: Vec<_> = hits
+                .iter()
+                .map(|h| {
+                    self.get(pb::GetRequest {
+                        collection: coll.name.clone(),
+                        id: h.id.clone(),
+                        with_vector: false,
+                    })
                 })
-            });
-            let docs = futures::future::join_all(gets).await;
+                .collect();
+            let docs: Vec<_> = futures::stream::iter(gets)
+                .buffered(self.limits.with_text_fetches.max(1))
+                .collect()
+                .await;
             for (h, doc) in hits.iter_mut().zip(docs) {
                 if let Ok(pb::GetResponse {
                     document: Some(d), ..

@@ -24,6 +24,7 @@ use ractor::{Actor, ActorRef};
 use shoal_coordinator::client::Client;
 use shoal_encoder::pool::{EncoderPool, PoolConfig};
 use shoal_proto::coordinator as cpb;
+use shoal_proto::limits::Limits;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -87,8 +88,8 @@ pub struct NodeConfig {
     /// Placement's capacity for this node; 0 = unknown (unbounded).
     pub memory_bytes: u64,
     pub heartbeat: Duration,
-    /// Largest request the public API accepts.
-    pub max_message_bytes: usize,
+    /// Every limit a client or peer can hit (`shoal_proto::limits`).
+    pub limits: Limits,
     /// Search deadline when the caller sets none.
     pub search_deadline: Duration,
     /// Fresh rows that trigger a background index build per shard.
@@ -113,7 +114,7 @@ impl Default for NodeConfig {
             zone: String::new(),
             memory_bytes: 0,
             heartbeat: Duration::from_millis(1000),
-            max_message_bytes: 32 << 20,
+            limits: Limits::default(),
             search_deadline: Duration::from_secs(5),
             auto_rebuild_tail: 50_000,
             metrics_listen: None,
@@ -564,11 +565,13 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         encoder,
         cfg.search_deadline,
         channels.clone(),
+        cfg.limits.clone(),
     ));
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let max = cfg.max_message_bytes;
+    let max = cfg.limits.message_bytes;
+    let limits = cfg.limits.clone();
     let rx = stop_rx.clone();
     // The standard health service (SERVING while up) and server reflection, so grpcurl
     // and load balancers work without the protos.
@@ -581,7 +584,8 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         .build_v1()
         .context("building the reflection service")?;
     tasks.push(tokio::spawn(async move {
-        let r = tonic::transport::Server::builder()
+        let r = limits
+            .server(limits.node_request_timeout())
             .add_service(health_service)
             .add_service(reflection)
             .add_service(
@@ -598,12 +602,15 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     let svc = service::ReplicaService {
         registry: registry.clone(),
         replications: replications.clone(),
+        limits: cfg.limits.clone(),
     };
+    let l = cfg.limits.clone();
     tasks.push(tokio::spawn(async move {
-        let r = tonic::transport::Server::builder()
+        let r = l
+            .server(l.node_request_timeout())
             .add_service(
                 shoal_proto::replica::replica_server::ReplicaServer::new(svc)
-                    .max_decoding_message_size(256 << 20),
+                    .max_decoding_message_size(l.internal_message_bytes),
             )
             .serve_with_incoming_shutdown(shoal_proto::incoming(internal), stopped(rx))
             .await;

@@ -661,8 +661,7 @@ impl Replication {
         // Encoded from references: the same bytes as a Vec<WalBatch>, without copying
         // the batches' vectors first.
         let refs: Vec<&WalBatch> = batches.iter().map(|b| &**b).collect();
-        let payload = bincode::serde::encode_to_vec(&refs, bincode::config::standard())
-            .map_err(|e| Status::internal(format!("encoding batches: {e}")))?;
+        let payload = shoal_proto::wire::encode(&refs);
         let mut req = tonic::Request::new(rpb::AppendRequest {
             shard: Some(self.shard_ref()),
             epoch,
@@ -671,6 +670,7 @@ impl Replication {
             prev_epoch: epoch_at(epochs, prev_seq),
             batches: payload,
             primary_seq,
+            format: shoal_proto::wire::FORMAT,
         });
         req.set_timeout(Duration::from_secs(10));
         Ok(self.channels.client(addr)?.append(req).await?.into_inner())
@@ -749,6 +749,19 @@ impl Replication {
 
     /// A backup's side of Append: fence stale epochs, check the history matches, log.
     pub async fn append(&self, req: rpb::AppendRequest) -> Result<rpb::AppendResponse, Status> {
+        // Decoded (bounded, format checked) before anything is locked or compared: a
+        // payload that cannot be read is refused whatever the backup's position.
+        let batches: Vec<Arc<WalBatch>> = if req.batches.is_empty() {
+            Vec::new()
+        } else {
+            shoal_proto::wire::check_format(req.format)
+                .map_err(|e| Status::failed_precondition(format!("append batches: {e}")))?;
+            shoal_proto::wire::decode::<Vec<WalBatch>>(&req.batches)
+                .map_err(|e| Status::invalid_argument(format!("append batches: {e}")))?
+                .into_iter()
+                .map(Arc::new)
+                .collect()
+        };
         let _g = self.apply.lock().await;
         self.accept_epoch(req.epoch, &req.primary)?;
         let shard = self.shard()?;
@@ -761,19 +774,6 @@ impl Replication {
                 last_epoch,
             });
         }
-        let batches: Vec<Arc<WalBatch>> = if req.batches.is_empty() {
-            Vec::new()
-        } else {
-            bincode::serde::decode_from_slice::<Vec<WalBatch>, _>(
-                &req.batches,
-                bincode::config::standard(),
-            )
-            .map_err(|e| Status::invalid_argument(format!("batches do not decode: {e}")))?
-            .0
-            .into_iter()
-            .map(Arc::new)
-            .collect()
-        };
         let last = if batches.is_empty() {
             last
         } else {

@@ -15,6 +15,8 @@ use super::gateway::Gateway;
 use super::replicas::{Registry, ReplicaKey, ReplicaMsg};
 use super::replication::{shard_status, Replication};
 use super::Replications;
+use shoal_proto::limits::Limits;
+use shoal_proto::within;
 use crate::shard::{Document, SearchMode, SearchParams, ShardError, WriteOp};
 use crate::telemetry;
 
@@ -26,20 +28,10 @@ fn span_for<T>(span: tracing::Span, req: &Request<T>) -> tracing::Span {
 
 pub struct ShoalService(pub Arc<Gateway>);
 
-/// The caller's deadline (the `grpc-timeout` header), if any.
-fn deadline<T>(req: &Request<T>) -> Option<Duration> {
+/// The caller's deadline (the `grpc-timeout` header), if any, cut to `max`.
+fn deadline<T>(req: &Request<T>, max: Duration) -> Option<Duration> {
     let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
-    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
-    let n: u64 = num.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
+    shoal_proto::limits::parse_grpc_timeout(v, max)
 }
 
 #[tonic::async_trait]
@@ -112,7 +104,7 @@ impl pb::shoal_server::Shoal for ShoalService {
         &self,
         req: Request<pb::SearchRequest>,
     ) -> Result<Response<pb::SearchResponse>, Status> {
-        let d = deadline(&req);
+        let d = deadline(&req, self.0.limits.max_deadline());
         let t = std::time::Instant::now();
         let span = span_for(
             tracing::info_span!("shoal.search", collection = %req.get_ref().collection, k = req.get_ref().k),
@@ -141,6 +133,7 @@ impl pb::shoal_server::Shoal for ShoalService {
 pub struct ReplicaService {
     pub registry: Registry,
     pub replications: Replications,
+    pub limits: Limits,
 }
 
 fn replica_key(r: Option<&rpb::ShardRef>) -> Result<ReplicaKey, Status> {
@@ -202,6 +195,23 @@ impl rpb::replica_server::Replica for ReplicaService {
         let span = span_for(tracing::info_span!("replica.write"), &req);
         let _g = span.enter();
         let r = req.into_inner();
+        let l = &self.limits;
+        within!(
+            l,
+            docs_per_request,
+            r.upserts.len(),
+            "documents in the write"
+        )?;
+        within!(l, ids_per_delete, r.deletes.len(), "ids in the write")?;
+        // The gateway appends "#<shard>" (at most 11 bytes) to a client's request id.
+        if r.request_id.len() > l.request_id_bytes + 11 {
+            return Err(Status::invalid_argument(format!(
+                "the request id is {} bytes, over the limit request_id_bytes = {} (+11 for \
+                 the shard suffix)",
+                r.request_id.len(),
+                l.request_id_bytes
+            )));
+        }
         let repl = self.replication(r.shard.as_ref())?;
         let mut ops = Vec::with_capacity(r.upserts.len() + r.deletes.len());
         for d in r.upserts {
@@ -277,7 +287,38 @@ impl rpb::replica_server::Replica for ReplicaService {
         if let Some(s) = &r.shard {
             span.record("shard", s.index);
         }
-        self.readable(r.shard.as_ref())?;
+        let repl = self.replication(r.shard.as_ref())?;
+        repl.check_readable()?;
+        let l = &self.limits;
+        if r.k == 0 {
+            return Err(Status::invalid_argument("k must be at least 1"));
+        }
+        within!(l, k, r.k, "k")?;
+        within!(l, refine, r.refine, "refine")?;
+        let shard = repl.shard()?;
+        if r.exact {
+            // An exact search reads every row: its cost, bounded by the row count.
+            within!(
+                l,
+                exact_rows,
+                shard.rows(),
+                format!("rows an exact search of shard {} would scan", repl.key)
+            )
+            .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+        } else {
+            let refine = if r.refine == 0 {
+                shard.config().refine_factor
+            } else {
+                r.refine as usize
+            };
+            within!(
+                l,
+                candidates,
+                r.k as u64 * refine as u64,
+                format!("k × refine ({} × {refine})", r.k)
+            )?;
+        }
+        drop(shard);
         let actor = self.actor(r.shard)?;
         let p = SearchParams {
             k: r.k as usize,

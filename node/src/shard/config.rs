@@ -11,6 +11,18 @@ pub const MAX_TOP_K: usize = 10_000;
 pub const MAX_ID_BYTES: usize = 512;
 /// Largest encoded document (text + metadata), in bytes.
 pub const MAX_DOC_BYTES: usize = 1 << 20;
+/// Longest request id a batch carries, in bytes (kept per batch in the log and in the
+/// manifest's recent-requests list).
+pub const MAX_REQUEST_ID_BYTES: usize = 1024;
+/// Most IVF-PQ candidates (k × refine) one search gathers and re-scores.
+pub const MAX_CANDIDATES: usize = 1_000_000;
+
+// The engine's ceilings: the cluster's configurable limits (shoal_proto::limits) sit at
+// or below them by default, so a request the gateway lets through is never refused here.
+const _: () = {
+    let l = shoal_proto::limits::DEFAULT_CEILINGS;
+    assert!(l.0 <= MAX_ID_BYTES && l.1 <= MAX_REQUEST_ID_BYTES && l.2 <= MAX_CANDIDATES);
+};
 
 /// Similarity metric of a collection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

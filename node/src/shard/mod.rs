@@ -29,7 +29,10 @@ use rand::{rngs::StdRng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 pub use ann::{search_shared, set_thread_omp_threads};
-pub use config::{CollectionConfig, IvfPqParams, Metric, MAX_DOC_BYTES, MAX_ID_BYTES, MAX_TOP_K};
+pub use config::{
+    CollectionConfig, IvfPqParams, Metric, MAX_CANDIDATES, MAX_DOC_BYTES, MAX_ID_BYTES,
+    MAX_REQUEST_ID_BYTES, MAX_TOP_K,
+};
 pub use error::{Result, ShardError};
 pub use wal::{WalBatch, WalOp};
 
@@ -465,6 +468,7 @@ impl Shard {
         request_id: &str,
     ) -> Result<(WriteAck, Option<Arc<WalBatch>>)> {
         let cfg = &self.inner.config;
+        validate_request_id(request_id)?;
         let mut logged = Vec::with_capacity(ops.len());
         for op in ops {
             logged.push(match op {
@@ -519,6 +523,15 @@ impl Shard {
     pub fn append_replicated<B: Borrow<WalBatch>>(&self, batches: &[B]) -> Result<u64> {
         if self.inner.poisoned.load(Ordering::Acquire) {
             return Err(ShardError::Poisoned(self.inner.dir.clone()));
+        }
+        // Every batch checked as a primary's write is, before any is logged: a peer's
+        // bytes are input like a client's, and a batch is applied whole or not at all.
+        let cfg = &self.inner.config;
+        for batch in batches.iter().map(Borrow::borrow) {
+            validate_request_id(&batch.request_id)?;
+            for op in &batch.ops {
+                validate_op(cfg, op)?;
+            }
         }
         let mut w = self.inner.writer.lock();
         for batch in batches.iter().map(Borrow::borrow) {
@@ -658,6 +671,11 @@ impl Shard {
         self.len() == 0
     }
 
+    /// Rows in the vector file, dead ones included: what an exact search scans.
+    pub fn rows(&self) -> usize {
+        self.inner.state.read().rows.len()
+    }
+
     /// Searches the shard; see [`SearchMode`].
     pub fn search(&self, query: &[f32], p: SearchParams) -> Result<SearchResult> {
         let cfg = &self.inner.config;
@@ -672,6 +690,12 @@ impl Shard {
         if refine == 0 || refine > MAX_REFINE_FACTOR {
             return Err(ShardError::InvalidQuery(format!(
                 "refine_factor {refine} must be between 1 and {MAX_REFINE_FACTOR}"
+            )));
+        }
+        if p.k * refine > MAX_CANDIDATES {
+            return Err(ShardError::InvalidQuery(format!(
+                "k × refine_factor = {} exceeds {MAX_CANDIDATES} candidates",
+                p.k * refine
             )));
         }
         let serving = self.inner.state.read().serving.clone();
@@ -969,18 +993,47 @@ fn validate_id(id: &str) -> Result<()> {
     Ok(())
 }
 
-fn validate_vector(cfg: &CollectionConfig, v: &[f32]) -> std::result::Result<(), String> {
-    if v.len() != cfg.dimension {
-        return Err(format!(
-            "vector has dimension {}, the collection's is {}",
-            v.len(),
-            cfg.dimension
-        ));
-    }
-    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-        return Err(format!("vector[{i}] is {}, values must be finite", v[i]));
+fn validate_request_id(request_id: &str) -> Result<()> {
+    if request_id.len() > MAX_REQUEST_ID_BYTES {
+        return Err(ShardError::InvalidConfig(format!(
+            "request id is {} bytes, the limit is {MAX_REQUEST_ID_BYTES}",
+            request_id.len()
+        )));
     }
     Ok(())
+}
+
+/// The shared vector rule (`shoal_proto::limits::vector_problem`): right length,
+/// finite, and a norm whose scores cannot overflow.
+fn validate_vector(cfg: &CollectionConfig, v: &[f32]) -> std::result::Result<(), String> {
+    match shoal_proto::limits::vector_problem(v, cfg.dimension) {
+        Some(p) => Err(format!("vector {p}")),
+        None => Ok(()),
+    }
+}
+
+/// A replicated operation, checked as a primary checks a client's.
+fn validate_op(cfg: &CollectionConfig, op: &WalOp) -> Result<()> {
+    match op {
+        WalOp::Upsert {
+            id,
+            text,
+            metadata,
+            vector,
+        } => {
+            validate_id(id)?;
+            validate_vector(cfg, vector).map_err(|r| ShardError::invalid_doc(id, r))?;
+            let size = text.as_ref().map_or(0, |t| t.len()) + metadata.len();
+            if size > MAX_DOC_BYTES {
+                return Err(ShardError::invalid_doc(
+                    id,
+                    format!("text and metadata are {size} bytes, the limit is {MAX_DOC_BYTES}"),
+                ));
+            }
+            Ok(())
+        }
+        WalOp::Delete { id } => validate_id(id),
+    }
 }
 
 fn validate_document(cfg: &CollectionConfig, d: &Document, metadata_json: &str) -> Result<()> {

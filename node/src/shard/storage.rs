@@ -23,14 +23,13 @@ compile_error!(
 );
 
 pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
-    bincode::serde::encode_to_vec(v, bincode::config::standard())
-        .expect("in-memory encode cannot fail")
+    shoal_proto::wire::encode(v)
 }
 
+/// A record's value: bounded by its frame (a damaged length prefix is `Corrupt`, not
+/// an allocation), and the whole frame must be the value.
 pub fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, String> {
-    bincode::serde::decode_from_slice(b, bincode::config::standard())
-        .map(|(v, _)| v)
-        .map_err(|e| format!("undecodable record: {e}"))
+    shoal_proto::wire::decode(b).map_err(|e| format!("undecodable record: {e}"))
 }
 
 /// Maps a whole file read-only for a sequential scan: recovery reads logs and segments
