@@ -28,6 +28,13 @@ fn bad_payload(e: WireError) -> Status {
     }
 }
 
+/// Refuses a name longer than the limit `name_bytes` before it is looked up or echoed
+/// in an error (an error message travels in an HTTP/2 header).
+fn check_name(c: &Coordinator, name: &str, what: &str) -> Result<(), Status> {
+    shoal_proto::within!(c.limits, name_bytes, name.len(), format!("{what}'s length"))?;
+    Ok(())
+}
+
 // ---- conversions ---------------------------------------------------------------
 
 fn metric_pb(m: Metric) -> i32 {
@@ -250,7 +257,14 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::CreateCollectionRequest>,
     ) -> Result<Response<pb::CollectionInfo>, Status> {
+        check_name(&self.0, &req.get_ref().name, "the collection name")?;
         let spec = spec_from_pb(req.into_inner())?;
+        shoal_proto::within!(
+            self.0.limits,
+            replication_factor,
+            spec.replication_factor,
+            "replication_factor"
+        )?;
         let name = spec.name.clone();
         self.0.write(Command::CreateCollection(spec)).await?;
         let map = self.0.read().await?;
@@ -262,6 +276,7 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::DropCollectionRequest>,
     ) -> Result<Response<pb::DropCollectionResponse>, Status> {
         let name = req.into_inner().name;
+        check_name(&self.0, &name, "the collection name")?;
         let v = self.0.write(Command::DropCollection { name }).await?;
         Ok(Response::new(pb::DropCollectionResponse { map_version: v }))
     }
@@ -270,6 +285,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::DescribeCollectionRequest>,
     ) -> Result<Response<pb::CollectionInfo>, Status> {
+        check_name(&self.0, &req.get_ref().name, "the collection name")?;
         let map = self.0.read().await?;
         Ok(Response::new(collection_info(
             &map,
@@ -304,6 +320,7 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::ListShardsRequest>,
     ) -> Result<Response<pb::ListShardsResponse>, Status> {
         let name = req.into_inner().collection;
+        check_name(&self.0, &name, "the collection name")?;
         let map = self.0.read().await?;
         let reports = self.0.reports.lock();
         let pb = |s| shard_pb_with(s, &reports);
@@ -342,6 +359,21 @@ impl pb::admin_server::Admin for AdminService {
         let l = &self.0.limits;
         shoal_proto::within!(l, addr_bytes, r.raft_addr.len(), "the raft_addr's length")?;
         shoal_proto::within!(l, addr_bytes, r.api_addr.len(), "the api_addr's length")?;
+        let members = self.0.raft.metrics().borrow().membership_config.nodes().count();
+        let known = self
+            .0
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .nodes()
+            .any(|(id, _)| *id == r.id);
+        if !known && members >= l.coordinator_members {
+            return Err(Status::resource_exhausted(format!(
+                "the group has {members} members, the limit coordinator_members = {}",
+                l.coordinator_members
+            )));
+        }
         let member = Member {
             raft_addr: r.raft_addr,
             api_addr: r.api_addr,
@@ -378,6 +410,7 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::DrainNodeRequest>,
     ) -> Result<Response<pb::NodeInfo>, Status> {
         let r = req.into_inner();
+        check_name(&self.0, &r.id, "the node id")?;
         let id = r.id;
         let cmd = if r.undo {
             Command::Undrain { id: id.clone() }
@@ -402,6 +435,8 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::PromoteReplicaRequest>,
     ) -> Result<Response<pb::Shard>, Status> {
         let r = req.into_inner();
+        check_name(&self.0, &r.collection, "the collection name")?;
+        check_name(&self.0, &r.node_id, "the node id")?;
         if r.collection.is_empty() || r.node_id.is_empty() {
             return Err(Status::invalid_argument(
                 "promote needs a collection and a node_id",
@@ -481,6 +516,7 @@ impl pb::cluster_map_server::ClusterMap for ClusterMapService {
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let r = req.into_inner();
+        check_name(&self.0, &r.id, "the node id")?;
         let (version, state) = self
             .0
             .heartbeat(&r.id, &r.ready_replicas, r.replicas)

@@ -63,6 +63,9 @@ macro_rules! limits {
 }
 
 limits! {
+    /// Bytes in a collection name, or any other name a request refers to (checked
+    /// before the name is looked up or echoed in an error).
+    name_bytes: usize = 256;
     /// Bytes in a document id.
     id_bytes: usize = 512;
     /// Bytes in a client's request id (kept per shard to make retries idempotent).
@@ -110,10 +113,16 @@ limits! {
     addr_bytes: usize = 256;
     /// Bytes in a zone name.
     zone_bytes: usize = 64;
+    /// Members (voters and learners) of the coordinator group.
+    coordinator_members: usize = 16;
     /// Worker nodes a cluster map holds.
     nodes: usize = 10_000;
     /// Replica reports in one heartbeat.
     reports_per_heartbeat: usize = 100_000;
+    /// Files in one shard snapshot a backup receives.
+    snapshot_files: usize = 1_024;
+    /// Replicas of one shard (a collection's replication factor).
+    replication_factor: u32 = 16;
 }
 
 /// The defaults of (id_bytes, request_id_bytes, candidates), for the shard engine's
@@ -145,8 +154,14 @@ impl Limits {
     }
 
     /// A gRPC server with the connection limits: concurrent streams and requests per
-    /// connection, HTTP/2 keepalive, and the given server-side deadline.
-    pub fn server(&self, timeout: Duration) -> tonic::transport::Server {
+    /// connection, HTTP/2 keepalive, the given server-side deadline, and status
+    /// messages clipped to a size every client accepts (`clip`).
+    pub fn server(
+        &self,
+        timeout: Duration,
+    ) -> tonic::transport::Server<
+        tower_layer::Stack<crate::clip::ClipStatusLayer, tower_layer::Identity>,
+    > {
         let ka = Duration::from_millis(self.keepalive_ms);
         tonic::transport::Server::builder()
             .max_concurrent_streams(Some(self.streams_per_connection))
@@ -155,6 +170,7 @@ impl Limits {
             .http2_keepalive_timeout(Some(ka))
             .http2_max_pending_accept_reset_streams(Some(64))
             .timeout(timeout)
+            .layer(crate::clip::ClipStatusLayer)
     }
 }
 

@@ -175,6 +175,7 @@ impl Gateway {
 
     /// A collection and its shards, as this node's map has them now.
     fn collection_shards(&self, name: &str) -> Result<(cpb::Collection, Vec<cpb::Shard>), Status> {
+        within!(self.limits, name_bytes, name.len(), "the collection name's length")?;
         let v = self.view.read();
         if v.version == 0 {
             // Just started: "not found" would be a lie until the map arrives.

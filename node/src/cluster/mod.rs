@@ -90,6 +90,9 @@ pub struct NodeConfig {
     pub heartbeat: Duration,
     /// Every limit a client or peer can hit (`shoal_proto::limits`).
     pub limits: Limits,
+    /// Texts the encoder queues before it turns callers away; a larger ingest is
+    /// encoded in parts of this size.
+    pub encoder_queue: usize,
     /// Search deadline when the caller sets none.
     pub search_deadline: Duration,
     /// Fresh rows that trigger a background index build per shard.
@@ -115,6 +118,7 @@ impl Default for NodeConfig {
             memory_bytes: 0,
             heartbeat: Duration::from_millis(1000),
             limits: Limits::default(),
+            encoder_queue: PoolConfig::default().max_queue,
             search_deadline: Duration::from_secs(5),
             auto_rebuild_tail: 50_000,
             metrics_listen: None,
@@ -403,7 +407,14 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
             let dir = dir.clone();
             let enc = tokio::task::spawn_blocking(move || shoal_encoder::load_cpu(&dir)).await??;
             Some(Arc::new(
-                EncoderPool::start(vec![enc], PoolConfig::default()).await?,
+                EncoderPool::start(
+                    vec![enc],
+                    PoolConfig {
+                        max_queue: cfg.encoder_queue.max(1),
+                        ..PoolConfig::default()
+                    },
+                )
+                .await?,
             ))
         }
         None => None,

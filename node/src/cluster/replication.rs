@@ -826,37 +826,49 @@ impl Replication {
         &self,
         first: &rpb::SnapshotChunk,
         stream: &mut tonic::Streaming<rpb::SnapshotChunk>,
+        max_files: usize,
     ) -> Result<(PathBuf, u64), Status> {
         use tokio::io::AsyncWriteExt;
         let staging = staging_dir(self.shard()?.dir());
         let io = |e: std::io::Error| Status::internal(format!("writing the snapshot: {e}"));
         let _ = tokio::fs::remove_dir_all(&staging).await;
         tokio::fs::create_dir_all(&staging).await.map_err(io)?;
-        let mut files: HashMap<String, tokio::fs::File> = HashMap::new();
+        // Each file: its handle and the bytes written so far (chunks come in order).
+        let mut files: HashMap<String, (tokio::fs::File, u64)> = HashMap::new();
         let mut bytes = 0u64;
         while let Some(chunk) = futures::StreamExt::next(stream).await {
             let chunk = chunk?;
-            if chunk.file.is_empty()
-                || chunk.file.contains('/')
-                || chunk.file.contains("..")
-                || chunk.file == "manifest.json"
-            {
+            if !snapshot_file_name_ok(&chunk.file) {
                 return Err(Status::invalid_argument(format!(
-                    "bad snapshot file name {:?}",
-                    chunk.file
+                    "bad snapshot file name {:?} (1 to 128 of [A-Za-z0-9._-], not \
+                     manifest.json, no '..')",
+                    &chunk.file[..chunk.file.floor_char_boundary(64)]
                 )));
             }
             if !files.contains_key(&chunk.file) {
+                if files.len() >= max_files {
+                    return Err(Status::invalid_argument(format!(
+                        "a snapshot of more than {max_files} files, over the limit \
+                         snapshot_files = {max_files}"
+                    )));
+                }
                 let f = tokio::fs::File::create(staging.join(&chunk.file))
                     .await
                     .map_err(io)?;
-                files.insert(chunk.file.clone(), f);
+                files.insert(chunk.file.clone(), (f, 0));
             }
-            let f = files.get_mut(&chunk.file).expect("opened above");
+            let (f, written) = files.get_mut(&chunk.file).expect("opened above");
+            if chunk.offset != *written {
+                return Err(Status::invalid_argument(format!(
+                    "snapshot chunk of {:?} at offset {}, expected {written}",
+                    chunk.file, chunk.offset
+                )));
+            }
             f.write_all(&chunk.data).await.map_err(io)?;
+            *written += chunk.data.len() as u64;
             bytes += chunk.data.len() as u64;
         }
-        for (_, f) in files {
+        for (_, (f, _)) in files {
             f.sync_all().await.map_err(io)?;
         }
         let (dir, manifest) = (staging.clone(), first.manifest.clone());
@@ -874,6 +886,18 @@ impl Replication {
     pub fn mark_behind(&self) {
         self.caught_up.store(false, Ordering::Release);
     }
+}
+
+/// A file name a snapshot may carry: plain, short, never the manifest (which travels in
+/// the first chunk) and never a path.
+fn snapshot_file_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name != "manifest.json"
+        && !name.contains("..")
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
 }
 
 /// Where a snapshot is assembled before it replaces the replica's directory.

@@ -138,6 +138,14 @@ pub struct ReplicaService {
 
 fn replica_key(r: Option<&rpb::ShardRef>) -> Result<ReplicaKey, Status> {
     let r = r.ok_or_else(|| Status::invalid_argument("shard reference missing"))?;
+    // Checked against the default: the name is echoed in errors and no collection's
+    // name is longer (the map refuses more than 128 bytes).
+    within!(
+        Limits::default(),
+        name_bytes,
+        r.collection.len(),
+        "the collection name's length"
+    )?;
     Ok(ReplicaKey {
         collection: r.collection.clone(),
         collection_id: r.collection_id,
@@ -215,6 +223,7 @@ impl rpb::replica_server::Replica for ReplicaService {
         let repl = self.replication(r.shard.as_ref())?;
         let mut ops = Vec::with_capacity(r.upserts.len() + r.deletes.len());
         for d in r.upserts {
+            within!(l, id_bytes, d.id.len(), "a document id's length")?;
             let metadata = if d.metadata_json.is_empty() {
                 serde_json::Value::Null
             } else {
@@ -246,6 +255,7 @@ impl rpb::replica_server::Replica for ReplicaService {
         req: Request<rpb::AppendRequest>,
     ) -> Result<Response<rpb::AppendResponse>, Status> {
         let r = req.into_inner();
+        within!(self.limits, node_id_bytes, r.primary.len(), "the primary's id length")?;
         let repl = self.replication(r.shard.as_ref())?;
         Ok(Response::new(repl.append(r).await?))
     }
@@ -259,12 +269,20 @@ impl rpb::replica_server::Replica for ReplicaService {
             .next()
             .await
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
+        within!(
+            self.limits,
+            node_id_bytes,
+            first.primary.len(),
+            "the primary's id length"
+        )?;
         let repl = self.replication(first.shard.as_ref())?;
         let actor = self.actor(first.shard.clone())?;
         let _g = repl.lock_apply().await;
         repl.accept_epoch(first.epoch, &first.primary)?;
         repl.mark_behind();
-        let (staging, bytes) = repl.receive_snapshot(&first, &mut stream).await?;
+        let (staging, bytes) = repl
+            .receive_snapshot(&first, &mut stream, self.limits.snapshot_files)
+            .await?;
         Self::call(actor, |reply| ReplicaMsg::Install(staging, reply)).await?;
         let (last_seq, last_epoch) = repl.shard()?.last();
         tracing::info!(replica = %repl.key, seq = last_seq, bytes, from = %first.primary, "snapshot installed");

@@ -1,0 +1,1027 @@
+//! Hostile input, every RPC of every service (issue 13): a coordinator group, a node with
+//! the real encoder, and a second coordinator that takes the admin, cluster-map and Raft
+//! traffic, all in this process over loopback gRPC. Each RPC gets proptest cases that are
+//! valid protobuf messages carrying hostile contents — bincode with huge length prefixes,
+//! truncated and mutated payloads, huge strings, extreme numbers, NaN and infinity.
+//!
+//! Every answer must be a reply or an error status; no handler may panic (a panic hook
+//! counts them: tonic would only drop the connection, so the process surviving is not
+//! enough); no request may raise the process's peak memory by more than a bound; and at
+//! the end the cluster still serves every document it acknowledged, exactly, and the
+//! fuzzed coordinator still runs its Raft core.
+//!
+//! Cases per RPC: `SHOAL_FUZZ_CASES` (default 100, the CI size; 10000 for a long run).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use shoal_coordinator::client::Client;
+use shoal_coordinator::testing::free_port;
+use shoal_node::cluster::{self, NodeConfig, NodeHandle};
+use shoal_proto::coordinator as cpb;
+use shoal_proto::coordinator::admin_client::AdminClient;
+use shoal_proto::coordinator::cluster_map_client::ClusterMapClient;
+use shoal_proto::raft as rafpb;
+use shoal_proto::raft::raft_client::RaftClient;
+use shoal_proto::replica as rpb;
+use shoal_proto::replica::replica_client::ReplicaClient;
+use shoal_proto::v1 as pb;
+use shoal_proto::v1::shoal_client::ShoalClient;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+const DIM: usize = 384;
+/// Peak resident memory the whole fuzz run may add (the model and FAISS are loaded
+/// before the baseline is taken).
+const MEMORY_BOUND: u64 = 1536 << 20;
+
+static PANICS: AtomicU64 = AtomicU64::new(0);
+
+fn cases() -> u32 {
+    std::env::var("SHOAL_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100)
+}
+
+fn peak_rss() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(0, |kb| kb << 10)
+}
+
+fn model_dir() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/all-MiniLM-L6-v2")
+}
+
+fn unit_vector(seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let v: Vec<f32> = (0..DIM)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % 2000) as f32 / 1000.0 - 1.0
+        })
+        .collect();
+    let n = v.iter().map(|a| a * a).sum::<f32>().sqrt();
+    v.into_iter().map(|a| a / n).collect()
+}
+
+// ---- strategies ----------------------------------------------------------------------
+
+fn hostile_string() -> impl Strategy<Value = String> {
+    prop_oneof![
+        3 => ".{0,24}",
+        1 => Just(String::new()),
+        1 => (prop::sample::select(vec![129usize, 513, 1025, 20_000, 70_000, 300_000, 2_100_000]),
+              any::<char>())
+            .prop_map(|(n, c)| c.to_string().repeat(n / c.len_utf8().max(1))),
+        1 => Just("../../etc/passwd".to_string()),
+        1 => Just("fuzz/0".to_string()),
+    ]
+}
+
+fn hostile_u32() -> impl Strategy<Value = u32> {
+    prop_oneof![
+        Just(0u32),
+        Just(1),
+        Just(u32::MAX),
+        Just(1001),
+        Just(100_000),
+        0u32..4096,
+        any::<u32>()
+    ]
+}
+
+fn hostile_u64() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        Just(0u64),
+        Just(1),
+        Just(u64::MAX),
+        Just(u64::MAX - 1),
+        0u64..64,
+        any::<u64>()
+    ]
+}
+
+fn hostile_f32() -> impl Strategy<Value = f32> {
+    prop_oneof![
+        Just(f32::NAN),
+        Just(f32::INFINITY),
+        Just(f32::NEG_INFINITY),
+        Just(f32::MAX),
+        Just(-f32::MAX),
+        Just(3e19f32),
+        Just(-0.0f32),
+        Just(f32::MIN_POSITIVE / 2.0),
+        -1.0f32..1.0,
+    ]
+}
+
+fn hostile_vector() -> impl Strategy<Value = Vec<f32>> {
+    prop_oneof![
+        2 => prop::collection::vec(-1.0f32..1.0, DIM),
+        2 => (prop::collection::vec(-1.0f32..1.0, DIM), 0..DIM, hostile_f32())
+            .prop_map(|(mut v, i, x)| { v[i] = x; v }),
+        1 => Just(vec![1e19f32; DIM]),
+        1 => prop::collection::vec(hostile_f32(), 0..(DIM * 2)),
+        1 => Just(Vec::new()),
+    ]
+}
+
+/// Bincode bytes a reader might choke on: huge length prefixes, truncated and mutated
+/// copies of real encodings, random bytes.
+fn hostile_bincode(valid: Vec<Vec<u8>>) -> impl Strategy<Value = Vec<u8>> {
+    let valid = Arc::new(valid);
+    let (v1, v2) = (valid.clone(), valid);
+    prop_oneof![
+        // A varint length prefix (0xfd = u64 follows) claiming up to 2^64 bytes.
+        (0u8..4, any::<u64>(), prop::collection::vec(any::<u8>(), 0..8)).prop_map(
+            |(tag, len, tail)| {
+                let mut b = vec![tag, 0xfd];
+                b.extend_from_slice(&(len | (1 << 40)).to_le_bytes());
+                b.extend(tail);
+                b
+            }
+        ),
+        (any::<prop::sample::Index>(), any::<prop::sample::Index>()).prop_map(move |(w, cut)| {
+            let b = &v1[w.index(v1.len())];
+            b[..cut.index(b.len().max(1))].to_vec()
+        }),
+        (
+            any::<prop::sample::Index>(),
+            prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6)
+        )
+            .prop_map(move |(w, flips)| {
+                let mut b = v2[w.index(v2.len())].clone();
+                if !b.is_empty() {
+                    for (i, x) in flips {
+                        let n = b.len();
+                        b[i.index(n)] = x;
+                    }
+                }
+                b
+            }),
+        prop::collection::vec(any::<u8>(), 0..256),
+    ]
+}
+
+// ---- the runner ----------------------------------------------------------------------
+
+/// What each RPC answered, by status code, for the report.
+type Tally = Arc<Mutex<BTreeMap<String, BTreeMap<String, usize>>>>;
+
+struct Fuzz {
+    rt: tokio::runtime::Runtime,
+    tally: Tally,
+    cases: u32,
+}
+
+impl Fuzz {
+    /// Runs `cases` proptest cases of `strategy` through `call`, checking each answer.
+    fn rpc<S, F, Fut, T>(&self, name: &str, strategy: S, call: F)
+    where
+        S: Strategy,
+        S::Value: std::fmt::Debug,
+        F: Fn(S::Value) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let mut runner = TestRunner::new(Config {
+            cases: self.cases,
+            failure_persistence: None,
+            max_shrink_iters: 64,
+            ..Config::default()
+        });
+        let t = Instant::now();
+        let result = runner.run(&strategy, |v| {
+            let before = PANICS.load(Ordering::SeqCst);
+            let r = self.rt.block_on(call(v));
+            let code = match &r {
+                Ok(_) => "OK".to_string(),
+                Err(s) => format!("{:?}", s.code()),
+            };
+            *self
+                .tally
+                .lock()
+                .unwrap()
+                .entry(name.to_string())
+                .or_default()
+                .entry(code)
+                .or_default() += 1;
+            prop_assert_eq!(
+                PANICS.load(Ordering::SeqCst),
+                before,
+                "{} panicked a handler",
+                name
+            );
+            if let Err(s) = &r {
+                // A dropped connection is what a panicking or aborting handler looks
+                // like from the client.
+                let m = s.message();
+                prop_assert!(
+                    !(m.contains("transport error")
+                        || m.contains("h2 protocol error")
+                        || m.contains("connection reset")
+                        || m.contains("broken pipe")),
+                    "{} lost its connection: {:?} {}",
+                    name,
+                    s.code(),
+                    m
+                );
+                prop_assert!(
+                    s.code() != Code::Unknown,
+                    "{} answered UNKNOWN: {}",
+                    name,
+                    m
+                );
+            }
+            Ok::<(), TestCaseError>(())
+        });
+        if let Err(e) = result {
+            panic!("{name}: {e}");
+        }
+        eprintln!(
+            "fuzz {name}: {} cases in {:.1} s",
+            self.cases,
+            t.elapsed().as_secs_f64()
+        );
+    }
+}
+
+fn req<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(Duration::from_secs(20));
+    r
+}
+
+async fn channel(addr: impl std::fmt::Display) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .connect_lazy()
+}
+
+struct Cluster {
+    coords: Vec<shoal_coordinator::Handle>,
+    lone: shoal_coordinator::Handle,
+    node: NodeHandle,
+    addrs: Vec<String>,
+}
+
+async fn coordinator_group(
+    dir: &std::path::Path,
+    n: u64,
+    tag: &str,
+) -> (Vec<shoal_coordinator::Handle>, Vec<String>) {
+    let peers: Vec<shoal_coordinator::Peer> = (1..=n)
+        .map(|id| shoal_coordinator::Peer {
+            id,
+            raft_addr: format!("127.0.0.1:{}", free_port()),
+            api_addr: format!("127.0.0.1:{}", free_port()),
+        })
+        .collect();
+    let mut handles = Vec::new();
+    for p in &peers {
+        handles.push(
+            shoal_coordinator::start(shoal_coordinator::Config {
+                id: p.id,
+                listen: p.api_addr.clone(),
+                raft_listen: p.raft_addr.clone(),
+                data_dir: dir.join(format!("{tag}{}", p.id)),
+                peers: peers.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap(),
+        );
+    }
+    (handles, peers.iter().map(|p| p.api_addr.clone()).collect())
+}
+
+async fn create(admin: &mut Client, name: &'static str) {
+    admin
+        .admin(|mut c| async move {
+            c.create_collection(cpb::CreateCollectionRequest {
+                name: name.into(),
+                dimension: DIM as u32,
+                metric: cpb::Metric::InnerProduct as i32,
+                shard_count: 2,
+                replication_factor: 1,
+                index: Some(cpb::IndexParams {
+                    nlist: 2,
+                    pq_nbits: 4,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+        })
+        .await
+        .unwrap();
+}
+
+async fn start(dir: &std::path::Path) -> Cluster {
+    let (coords, addrs) = coordinator_group(dir, 3, "c").await;
+    let (mut lone, _) = coordinator_group(dir, 1, "lone").await;
+    let node = cluster::start(NodeConfig {
+        id: "n1".into(),
+        listen: format!("127.0.0.1:{}", free_port()),
+        internal_listen: format!("127.0.0.1:{}", free_port()),
+        coordinators: addrs.clone(),
+        data_dir: dir.join("n1"),
+        model_dir: Some(model_dir()),
+        heartbeat: Duration::from_millis(200),
+        ..NodeConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut admin = Client::new(addrs.clone());
+    let t = Instant::now();
+    loop {
+        let up = admin
+            .admin(|mut c| async move { c.list_nodes(cpb::ListNodesRequest {}).await })
+            .await
+            .map(|r| {
+                r.into_inner()
+                    .nodes
+                    .iter()
+                    .any(|n| n.state == cpb::NodeState::Up as i32)
+            })
+            .unwrap_or(false);
+        if up {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "node not up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    create(&mut admin, "kept").await;
+    create(&mut admin, "fuzz").await;
+    let t = Instant::now();
+    while node.registry.read().len() < 4 {
+        assert!(t.elapsed() < Duration::from_secs(30), "replicas not opened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = &mut lone;
+    Cluster {
+        coords,
+        lone: lone.pop().unwrap(),
+        node,
+        addrs,
+    }
+}
+
+#[test]
+fn every_rpc_survives_hostile_messages() {
+    let prev = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICS.fetch_add(1, Ordering::SeqCst);
+        prev(info);
+    }));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let c = rt.block_on(start(dir.path()));
+
+    // What the cluster acknowledged before the fuzzing: it must all be there after.
+    let kept: Vec<(String, Vec<f32>)> = (0..40)
+        .map(|i| (format!("kept-{i}"), unit_vector(i)))
+        .collect();
+    let public = rt.block_on(channel(c.node.public_addr));
+    let internal = rt.block_on(channel(c.node.internal_addr));
+    rt.block_on(async {
+        let mut s = ShoalClient::new(public.clone());
+        s.ingest(pb::IngestRequest {
+            collection: "kept".into(),
+            documents: kept
+                .iter()
+                .map(|(id, v)| pb::Document {
+                    id: id.clone(),
+                    vector: v.clone(),
+                    text: format!("document {id}"),
+                    ..Default::default()
+                })
+                .collect(),
+            request_id: "seed".into(),
+        })
+        .await
+        .unwrap();
+        s.ingest(pb::IngestRequest {
+            collection: "fuzz".into(),
+            documents: (0..20)
+                .map(|i| pb::Document {
+                    id: format!("f-{i}"),
+                    vector: unit_vector(1000 + i),
+                    ..Default::default()
+                })
+                .collect(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
+    });
+    let fuzz_id = c.node.view.read().collections["fuzz"].id;
+    let lone_api = c.lone.api_addr;
+    let lone_raft = c.lone.raft_addr;
+    let admin = rt.block_on(channel(lone_api));
+    let raft = rt.block_on(channel(lone_raft));
+    let baseline = peak_rss();
+    let f = Fuzz {
+        rt,
+        tally: Tally::default(),
+        cases: cases(),
+    };
+
+    // ---- shoal.v1.Shoal (public) ----
+    let doc = || {
+        (hostile_string(), hostile_string(), hostile_string(), hostile_vector()).prop_map(
+            |(id, text, metadata_json, vector)| pb::Document {
+                id,
+                text,
+                metadata_json,
+                vector,
+            },
+        )
+    };
+    let coll = || prop_oneof![Just("fuzz".to_string()), hostile_string()];
+    let ingest = || {
+        (coll(), prop::collection::vec(doc(), 0..4), hostile_string()).prop_map(
+            |(collection, documents, request_id)| pb::IngestRequest {
+                collection,
+                documents,
+                request_id,
+            },
+        )
+    };
+    f.rpc("Shoal/Ingest", ingest(), |r| {
+        let mut s = ShoalClient::new(public.clone());
+        async move { s.ingest(req(r)).await }
+    });
+    f.rpc(
+        "Shoal/IngestStream",
+        prop::collection::vec(ingest(), 0..3),
+        |rs| {
+            let mut s = ShoalClient::new(public.clone());
+            async move { s.ingest_stream(req(tokio_stream::iter(rs))).await }
+        },
+    );
+    f.rpc(
+        "Shoal/Delete",
+        (
+            coll(),
+            prop::collection::vec(hostile_string(), 0..5),
+            hostile_string(),
+        )
+            .prop_map(|(collection, ids, request_id)| pb::DeleteRequest {
+                collection,
+                ids: ids.into_iter().filter(|i| !i.starts_with("kept-")).collect(),
+                request_id,
+            }),
+        |r| {
+            let mut s = ShoalClient::new(public.clone());
+            async move { s.delete(req(r)).await }
+        },
+    );
+    f.rpc(
+        "Shoal/Get",
+        (coll(), hostile_string(), any::<bool>()).prop_map(|(collection, id, with_vector)| {
+            pb::GetRequest {
+                collection,
+                id,
+                with_vector,
+            }
+        }),
+        |r| {
+            let mut s = ShoalClient::new(public.clone());
+            async move { s.get(req(r)).await }
+        },
+    );
+    let search = (
+        (coll(), prop_oneof![Just(String::new()), hostile_string()]),
+        prop_oneof![Just(Vec::new()), hostile_vector()],
+        (hostile_u32(), hostile_u32(), hostile_u32()),
+        (any::<bool>(), any::<bool>()),
+    )
+        .prop_map(
+            |((collection, text), vector, (k, nprobe, refine), (with_text, exact))| {
+                pb::SearchRequest {
+                    collection,
+                    text,
+                    vector,
+                    k,
+                    nprobe,
+                    refine,
+                    with_text,
+                    exact,
+                }
+            },
+        );
+    f.rpc(
+        "Shoal/Search",
+        (
+            search,
+            prop::sample::select(vec!["", "1n", "99999999H", "12345678S", "5m", "junk"]),
+        ),
+        |(r, timeout)| {
+            let mut s = ShoalClient::new(public.clone());
+            async move {
+                let mut rq = tonic::Request::new(r);
+                if !timeout.is_empty() {
+                    // Set by hand: the header as any client may send it.
+                    rq.metadata_mut()
+                        .insert("grpc-timeout", timeout.parse().unwrap());
+                }
+                s.search(rq).await
+            }
+        },
+    );
+    f.rpc("Shoal/BuildIndex", coll(), |collection| {
+        let mut s = ShoalClient::new(public.clone());
+        async move { s.build_index(req(pb::BuildIndexRequest { collection })).await }
+    });
+
+    // ---- shoal.internal.v1.Replica (node to node) ----
+    let shard_ref = move || {
+        prop_oneof![
+            3 => (0u32..2).prop_map(move |index| Some(rpb::ShardRef {
+                collection: "fuzz".into(),
+                collection_id: fuzz_id,
+                index,
+            })),
+            1 => (hostile_string(), hostile_u64(), hostile_u32()).prop_map(|(collection, collection_id, index)| {
+                Some(rpb::ShardRef { collection, collection_id, index })
+            }),
+            1 => Just(None),
+        ]
+    };
+    let stored = || {
+        doc().prop_map(|d| rpb::StoredDoc {
+            id: d.id,
+            text: d.text,
+            metadata_json: d.metadata_json,
+            vector: d.vector,
+        })
+    };
+    f.rpc(
+        "Replica/Write",
+        (
+            shard_ref(),
+            prop::collection::vec(stored(), 0..4),
+            prop::collection::vec(hostile_string(), 0..4),
+            hostile_string(),
+        )
+            .prop_map(|(shard, upserts, deletes, request_id)| rpb::WriteRequest {
+                shard,
+                upserts,
+                deletes,
+                request_id,
+            }),
+        |r| {
+            let mut s = ReplicaClient::new(internal.clone());
+            async move { s.write(req(r)).await }
+        },
+    );
+    // Real encodings of batches, for truncation and mutation.
+    let batch_bytes: Vec<Vec<u8>> = (0..4u64)
+        .map(|i| {
+            #[derive(serde::Serialize)]
+            struct Batch {
+                seq: u64,
+                epoch: u64,
+                request_id: String,
+                ops: Vec<Op>,
+            }
+            #[derive(serde::Serialize)]
+            enum Op {
+                Upsert {
+                    id: String,
+                    text: Option<String>,
+                    metadata: String,
+                    vector: Vec<f32>,
+                },
+                #[allow(dead_code)]
+                Delete { id: String },
+            }
+            shoal_proto::wire::encode(&vec![Batch {
+                seq: 100 + i,
+                epoch: 1,
+                request_id: format!("r{i}"),
+                ops: vec![Op::Upsert {
+                    id: format!("x{i}"),
+                    text: Some("t".into()),
+                    metadata: "{}".into(),
+                    vector: unit_vector(i),
+                }],
+            }])
+        })
+        .collect();
+    f.rpc(
+        "Replica/Append",
+        (
+            shard_ref(),
+            (hostile_u64(), hostile_string(), hostile_u64(), hostile_u64()),
+            hostile_bincode(batch_bytes),
+            (hostile_u64(), prop_oneof![Just(shoal_proto::wire::FORMAT), hostile_u32()]),
+        )
+            .prop_map(
+                |(shard, (epoch, primary, prev_seq, prev_epoch), batches, (primary_seq, format))| {
+                    rpb::AppendRequest {
+                        shard,
+                        epoch,
+                        primary,
+                        prev_seq,
+                        prev_epoch,
+                        batches,
+                        primary_seq,
+                        format,
+                    }
+                },
+            ),
+        |r| {
+            let mut s = ReplicaClient::new(internal.clone());
+            async move { s.append(req(r)).await }
+        },
+    );
+    let chunk = (
+        shard_ref(),
+        hostile_u64(),
+        hostile_string(),
+        prop::collection::vec(any::<u8>(), 0..64),
+        prop_oneof![
+            Just("docs.dat".to_string()),
+            Just("../escape".to_string()),
+            hostile_string()
+        ],
+        hostile_u64(),
+        prop::collection::vec(any::<u8>(), 0..512),
+    )
+        .prop_map(
+            |(shard, epoch, primary, manifest, file, offset, data)| rpb::SnapshotChunk {
+                shard,
+                epoch,
+                primary,
+                manifest,
+                file,
+                offset,
+                data,
+            },
+        );
+    f.rpc(
+        "Replica/InstallSnapshot",
+        prop::collection::vec(chunk, 0..4),
+        |chunks| {
+            let mut s = ReplicaClient::new(internal.clone());
+            async move { s.install_snapshot(req(tokio_stream::iter(chunks))).await }
+        },
+    );
+    f.rpc(
+        "Replica/Search",
+        (
+            shard_ref(),
+            hostile_vector(),
+            (hostile_u32(), hostile_u32(), hostile_u32()),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(shard, vector, (k, nprobe, refine), exact)| rpb::ShardSearchRequest {
+                    shard,
+                    vector,
+                    k,
+                    nprobe,
+                    refine,
+                    exact,
+                },
+            ),
+        |r| {
+            let mut s = ReplicaClient::new(internal.clone());
+            async move { s.search(req(r)).await }
+        },
+    );
+    f.rpc(
+        "Replica/Get",
+        (shard_ref(), hostile_string()).prop_map(|(shard, id)| rpb::ShardGetRequest { shard, id }),
+        |r| {
+            let mut s = ReplicaClient::new(internal.clone());
+            async move { s.get(req(r)).await }
+        },
+    );
+    f.rpc("Replica/Build", shard_ref(), |shard| {
+        let mut s = ReplicaClient::new(internal.clone());
+        async move { s.build(req(rpb::BuildRequest { shard })).await }
+    });
+
+    // ---- shoal.coordinator.v1.Admin and ClusterMap (the lone coordinator) ----
+    f.rpc(
+        "Admin/CreateCollection",
+        (
+            hostile_string(),
+            hostile_u32(),
+            hostile_u32(),
+            (hostile_u32(), hostile_u32(), hostile_u32(), hostile_u32()),
+            (hostile_u32(), hostile_u32(), hostile_u64(), hostile_u32()),
+            (hostile_string(), hostile_string()),
+        )
+            .prop_map(
+                |(name, dimension, metric, (nlist, pq_m, pq_nbits, nprobe), (shard_count, rf, mem, wq), (model_id, content_hash))| {
+                    cpb::CreateCollectionRequest {
+                        name,
+                        dimension,
+                        metric: metric as i32,
+                        encoder: Some(cpb::EncoderRef { model_id, content_hash }),
+                        index: Some(cpb::IndexParams {
+                            nlist,
+                            pq_m,
+                            pq_nbits,
+                            nprobe,
+                            refine: nprobe,
+                        }),
+                        shard_count,
+                        replication_factor: rf,
+                        replica_memory_bytes: mem,
+                        write_quorum: wq,
+                    }
+                },
+            ),
+        |r| {
+            let mut s = AdminClient::new(admin.clone());
+            async move { s.create_collection(req(r)).await }
+        },
+    );
+    f.rpc("Admin/DropCollection", hostile_string(), |name| {
+        let mut s = AdminClient::new(admin.clone());
+        async move { s.drop_collection(req(cpb::DropCollectionRequest { name })).await }
+    });
+    f.rpc("Admin/DescribeCollection", hostile_string(), |name| {
+        let mut s = AdminClient::new(admin.clone());
+        async move {
+            s.describe_collection(req(cpb::DescribeCollectionRequest { name }))
+                .await
+        }
+    });
+    f.rpc("Admin/ListCollections", Just(()), |_| {
+        let mut s = AdminClient::new(admin.clone());
+        async move { s.list_collections(req(cpb::ListCollectionsRequest {})).await }
+    });
+    f.rpc("Admin/ListNodes", Just(()), |_| {
+        let mut s = AdminClient::new(admin.clone());
+        async move { s.list_nodes(req(cpb::ListNodesRequest {})).await }
+    });
+    f.rpc("Admin/ListShards", hostile_string(), |collection| {
+        let mut s = AdminClient::new(admin.clone());
+        async move { s.list_shards(req(cpb::ListShardsRequest { collection })).await }
+    });
+    f.rpc("Admin/ClusterStatus", Just(()), |_| {
+        let mut s = AdminClient::new(admin.clone());
+        async move { s.cluster_status(req(cpb::ClusterStatusRequest {})).await }
+    });
+    f.rpc(
+        "Admin/AddLearner",
+        // Never its own id (1), whose membership a learner entry would rewrite.
+        (
+            prop_oneof![Just(0u64), 2u64..u64::MAX],
+            hostile_string(),
+            hostile_string(),
+        )
+            .prop_map(|(id, raft_addr, api_addr)| cpb::AddLearnerRequest {
+                id,
+                raft_addr,
+                api_addr,
+            }),
+        |r| {
+            let mut s = AdminClient::new(admin.clone());
+            async move {
+                let mut q = req(r);
+                // Adding a learner waits for it to catch up; these never will.
+                q.set_timeout(Duration::from_secs(2));
+                s.add_learner(q).await
+            }
+        },
+    );
+    f.rpc(
+        "Admin/ChangeMembership",
+        prop::collection::vec(2u64..u64::MAX, 0..4),
+        |voters| {
+            let mut s = AdminClient::new(admin.clone());
+            async move {
+                let mut q = req(cpb::ChangeMembershipRequest { voters });
+                q.set_timeout(Duration::from_secs(2));
+                s.change_membership(q).await
+            }
+        },
+    );
+    f.rpc(
+        "Admin/DrainNode",
+        (hostile_string(), any::<bool>()).prop_map(|(id, undo)| cpb::DrainNodeRequest { id, undo }),
+        |r| {
+            let mut s = AdminClient::new(admin.clone());
+            async move { s.drain_node(req(r)).await }
+        },
+    );
+    f.rpc(
+        "Admin/PromoteReplica",
+        (hostile_string(), hostile_u32(), hostile_string(), any::<bool>()).prop_map(
+            |(collection, shard, node_id, accept_data_loss)| cpb::PromoteReplicaRequest {
+                collection,
+                shard,
+                node_id,
+                accept_data_loss,
+            },
+        ),
+        |r| {
+            let mut s = AdminClient::new(admin.clone());
+            async move { s.promote_replica(req(r)).await }
+        },
+    );
+    f.rpc(
+        "ClusterMap/RegisterNode",
+        (hostile_string(), hostile_string(), hostile_u64(), hostile_string()).prop_map(
+            |(id, addr, memory_bytes, zone)| cpb::RegisterNodeRequest {
+                id,
+                addr,
+                capacity: Some(cpb::Capacity {
+                    memory_bytes,
+                    gpu: false,
+                    zone,
+                }),
+            },
+        ),
+        |r| {
+            let mut s = ClusterMapClient::new(admin.clone());
+            async move { s.register_node(req(r)).await }
+        },
+    );
+    let report = (hostile_string(), hostile_u64(), hostile_u64()).prop_map(
+        |(shard, applied_seq, serving_generation)| cpb::ReplicaReport {
+            shard,
+            applied_seq,
+            last_epoch: applied_seq,
+            serving_generation,
+            live_docs: applied_seq,
+            caught_up: true,
+            epoch: serving_generation,
+        },
+    );
+    f.rpc(
+        "ClusterMap/Heartbeat",
+        (
+            hostile_string(),
+            prop::collection::vec(hostile_string(), 0..4),
+            prop::collection::vec(report, 0..4),
+        )
+            .prop_map(|(id, ready_replicas, replicas)| cpb::HeartbeatRequest {
+                id,
+                ready_replicas,
+                replicas,
+            }),
+        |r| {
+            let mut s = ClusterMapClient::new(admin.clone());
+            async move { s.heartbeat(req(r)).await }
+        },
+    );
+    f.rpc("ClusterMap/Watch", hostile_u64(), |from_version| {
+        let mut s = ClusterMapClient::new(admin.clone());
+        async move {
+            let mut stream = s
+                .watch(req(cpb::WatchRequest { from_version }))
+                .await?
+                .into_inner();
+            // The first event (the whole map) or the stream's error.
+            match tokio::time::timeout(Duration::from_secs(5), stream.message()).await {
+                Ok(r) => r.map(|_| ()),
+                Err(_) => Ok(()),
+            }
+        }
+    });
+
+    // ---- shoal.raft.v1.Raft (member to member, the lone coordinator) ----
+    // The message that aborted a coordinator: a Forward whose bincode names a string of
+    // 2^62 bytes, 13 bytes on the wire.
+    let mut forward = vec![0u8, 0xfd];
+    forward.extend_from_slice(&(1u64 << 62).to_le_bytes());
+    forward.push(b'x');
+    let regression = rafpb::Payload {
+        data: forward.clone(),
+        format: shoal_proto::wire::FORMAT,
+    };
+    assert_eq!(prost::Message::encoded_len(&rafpb::Payload {
+        data: forward.clone(),
+        format: 0,
+    }), 13);
+    let r = f
+        .rt
+        .block_on(async { RaftClient::new(raft.clone()).forward(req(regression)).await });
+    let s = r.expect_err("the 13-byte Forward is refused");
+    assert_eq!(s.code(), Code::InvalidArgument, "{}", s.message());
+    let r = f.rt.block_on(async {
+        RaftClient::new(raft.clone())
+            .forward(req(rafpb::Payload {
+                data: forward.clone(),
+                format: 0,
+            }))
+            .await
+    });
+    assert_eq!(r.unwrap_err().code(), Code::FailedPrecondition);
+
+    let raft_valid: Vec<Vec<u8>> = vec![
+        forward,
+        shoal_proto::wire::encode(&(7u64, "node".to_string(), vec![1u64, 2, 3])),
+        shoal_proto::wire::encode(&vec!["a".repeat(40); 4]),
+        shoal_proto::wire::encode(&Some((u64::MAX, 3u64))),
+    ];
+    let payload = move || {
+        (
+            hostile_bincode(raft_valid.clone()),
+            prop_oneof![3 => Just(shoal_proto::wire::FORMAT), 1 => hostile_u32()],
+        )
+            .prop_map(|(data, format)| rafpb::Payload { data, format })
+    };
+    for (name, which) in [
+        ("Raft/AppendEntries", 0),
+        ("Raft/Vote", 1),
+        ("Raft/InstallSnapshot", 2),
+        ("Raft/Forward", 3),
+        ("Raft/ReadIndex", 4),
+    ] {
+        f.rpc(name, payload(), |p| {
+            let mut s = RaftClient::new(raft.clone());
+            async move {
+                match which {
+                    0 => s.append_entries(req(p)).await,
+                    1 => s.vote(req(p)).await,
+                    2 => s.install_snapshot(req(p)).await,
+                    3 => s.forward(req(p)).await,
+                    _ => s.read_index(req(p)).await,
+                }
+            }
+        });
+    }
+
+    // ---- afterwards: nothing lost, every process serving, memory bounded ----
+    let grown = peak_rss().saturating_sub(baseline);
+    eprintln!("peak RSS grew by {} MiB during the fuzz", grown >> 20);
+    for (rpc, codes) in f.tally.lock().unwrap().iter() {
+        eprintln!("  {rpc:<28} {codes:?}");
+    }
+    assert_eq!(PANICS.load(Ordering::SeqCst), 0, "a handler panicked");
+    assert!(
+        grown < MEMORY_BOUND,
+        "peak memory grew by {grown} bytes (bound {MEMORY_BOUND})"
+    );
+    f.rt.block_on(async {
+        let mut s = ShoalClient::new(public.clone());
+        for (id, v) in &kept {
+            let r = s
+                .search(pb::SearchRequest {
+                    collection: "kept".into(),
+                    vector: v.clone(),
+                    k: 1,
+                    exact: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(!r.partial, "{r:?}");
+            assert_eq!(r.hits[0].id, *id);
+            let g = s
+                .get(pb::GetRequest {
+                    collection: "kept".into(),
+                    id: id.clone(),
+                    with_vector: true,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(g.document.unwrap().vector, *v, "{id}");
+        }
+        // Both coordinators answer, and the fuzzed one's Raft core still runs.
+        let mut a = Client::new(c.addrs.clone());
+        a.admin(|mut x| async move { x.cluster_status(cpb::ClusterStatusRequest {}).await })
+            .await
+            .unwrap();
+        AdminClient::new(admin.clone())
+            .cluster_status(req(cpb::ClusterStatusRequest {}))
+            .await
+            .unwrap();
+        assert!(
+            c.lone.coordinator.raft.metrics().borrow().running_state.is_ok(),
+            "the fuzzed member's raft core stopped"
+        );
+        c.node.shutdown().await;
+        c.lone.shutdown().await;
+        for h in c.coords {
+            h.shutdown().await;
+        }
+    });
+}
