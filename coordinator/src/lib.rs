@@ -52,7 +52,12 @@ async fn watch_raft_health(
     use tonic_health::ServingStatus;
     let mut m = raft.metrics();
     loop {
-        let failed = m.borrow().running_state.as_ref().err().map(|e| e.to_string());
+        let failed = m
+            .borrow()
+            .running_state
+            .as_ref()
+            .err()
+            .map(|e| e.to_string());
         if let Some(e) = failed {
             tracing::error!(error = %e, "the raft core stopped: reporting NOT_SERVING");
             break;
@@ -66,7 +71,9 @@ async fn watch_raft_health(
             _ = stop.changed() => return,
         }
     }
-    health.set_service_status("", ServingStatus::NotServing).await;
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
     health
         .set_not_serving::<AdminServer<service::AdminService>>()
         .await;

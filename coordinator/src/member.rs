@@ -75,13 +75,7 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    pub fn new(
-        id: u64,
-        raft: Raft,
-        sm: StateMachine,
-        config: Arc<Config>,
-        limits: Limits,
-    ) -> Self {
+    pub fn new(id: u64, raft: Raft, sm: StateMachine, config: Arc<Config>, limits: Limits) -> Self {
         Self {
             limits,
             id,

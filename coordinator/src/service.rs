@@ -359,7 +359,14 @@ impl pb::admin_server::Admin for AdminService {
         let l = &self.0.limits;
         shoal_proto::within!(l, addr_bytes, r.raft_addr.len(), "the raft_addr's length")?;
         shoal_proto::within!(l, addr_bytes, r.api_addr.len(), "the api_addr's length")?;
-        let members = self.0.raft.metrics().borrow().membership_config.nodes().count();
+        let members = self
+            .0
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .nodes()
+            .count();
         let known = self
             .0
             .raft

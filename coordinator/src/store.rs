@@ -519,7 +519,10 @@ mod tests {
         bytes[n - 2] ^= 0x40;
         fs::write(&path, &bytes).unwrap();
         let e = StateMachine::open(dir.path()).err().unwrap().to_string();
-        assert!(e.contains("damaged snapshot") && e.contains("checksum"), "{e}");
+        assert!(
+            e.contains("damaged snapshot") && e.contains("checksum"),
+            "{e}"
+        );
     }
 
     /// Entries 1..=n written straight into the log table.

@@ -145,14 +145,17 @@ fn hostile_bincode(valid: Vec<Vec<u8>>) -> impl Strategy<Value = Vec<u8>> {
     let (v1, v2) = (valid.clone(), valid);
     prop_oneof![
         // A varint length prefix (0xfd = u64 follows) claiming up to 2^64 bytes.
-        (0u8..4, any::<u64>(), prop::collection::vec(any::<u8>(), 0..8)).prop_map(
-            |(tag, len, tail)| {
+        (
+            0u8..4,
+            any::<u64>(),
+            prop::collection::vec(any::<u8>(), 0..8)
+        )
+            .prop_map(|(tag, len, tail)| {
                 let mut b = vec![tag, 0xfd];
                 b.extend_from_slice(&(len | (1 << 40)).to_le_bytes());
                 b.extend(tail);
                 b
-            }
-        ),
+            }),
         (any::<prop::sample::Index>(), any::<prop::sample::Index>()).prop_map(move |(w, cut)| {
             let b = &v1[w.index(v1.len())];
             b[..cut.index(b.len().max(1))].to_vec()
@@ -445,14 +448,18 @@ fn every_rpc_survives_hostile_messages() {
 
     // ---- shoal.v1.Shoal (public) ----
     let doc = || {
-        (hostile_string(), hostile_string(), hostile_string(), hostile_vector()).prop_map(
-            |(id, text, metadata_json, vector)| pb::Document {
+        (
+            hostile_string(),
+            hostile_string(),
+            hostile_string(),
+            hostile_vector(),
+        )
+            .prop_map(|(id, text, metadata_json, vector)| pb::Document {
                 id,
                 text,
                 metadata_json,
                 vector,
-            },
-        )
+            })
     };
     let coll = || prop_oneof![Just("fuzz".to_string()), hostile_string()];
     let ingest = || {
@@ -485,7 +492,10 @@ fn every_rpc_survives_hostile_messages() {
         )
             .prop_map(|(collection, ids, request_id)| pb::DeleteRequest {
                 collection,
-                ids: ids.into_iter().filter(|i| !i.starts_with("kept-")).collect(),
+                ids: ids
+                    .into_iter()
+                    .filter(|i| !i.starts_with("kept-"))
+                    .collect(),
                 request_id,
             }),
         |r| {
@@ -548,7 +558,10 @@ fn every_rpc_survives_hostile_messages() {
     );
     f.rpc("Shoal/BuildIndex", coll(), |collection| {
         let mut s = ShoalClient::new(public.clone());
-        async move { s.build_index(req(pb::BuildIndexRequest { collection })).await }
+        async move {
+            s.build_index(req(pb::BuildIndexRequest { collection }))
+                .await
+        }
     });
 
     // ---- shoal.internal.v1.Replica (node to node) ----
@@ -630,12 +643,25 @@ fn every_rpc_survives_hostile_messages() {
         "Replica/Append",
         (
             shard_ref(),
-            (hostile_u64(), hostile_string(), hostile_u64(), hostile_u64()),
+            (
+                hostile_u64(),
+                hostile_string(),
+                hostile_u64(),
+                hostile_u64(),
+            ),
             hostile_bincode(batch_bytes),
-            (hostile_u64(), prop_oneof![Just(shoal_proto::wire::FORMAT), hostile_u32()]),
+            (
+                hostile_u64(),
+                prop_oneof![Just(shoal_proto::wire::FORMAT), hostile_u32()],
+            ),
         )
             .prop_map(
-                |(shard, (epoch, primary, prev_seq, prev_epoch), batches, (primary_seq, format))| {
+                |(
+                    shard,
+                    (epoch, primary, prev_seq, prev_epoch),
+                    batches,
+                    (primary_seq, format),
+                )| {
                     rpb::AppendRequest {
                         shard,
                         epoch,
@@ -693,16 +719,16 @@ fn every_rpc_survives_hostile_messages() {
             (hostile_u32(), hostile_u32(), hostile_u32()),
             any::<bool>(),
         )
-            .prop_map(
-                |(shard, vector, (k, nprobe, refine), exact)| rpb::ShardSearchRequest {
+            .prop_map(|(shard, vector, (k, nprobe, refine), exact)| {
+                rpb::ShardSearchRequest {
                     shard,
                     vector,
                     k,
                     nprobe,
                     refine,
                     exact,
-                },
-            ),
+                }
+            }),
         |r| {
             let mut s = ReplicaClient::new(internal.clone());
             async move { s.search(req(r)).await }
@@ -733,12 +759,22 @@ fn every_rpc_survives_hostile_messages() {
             (hostile_string(), hostile_string()),
         )
             .prop_map(
-                |(name, dimension, metric, (nlist, pq_m, pq_nbits, nprobe), (shard_count, rf, mem, wq), (model_id, content_hash))| {
+                |(
+                    name,
+                    dimension,
+                    metric,
+                    (nlist, pq_m, pq_nbits, nprobe),
+                    (shard_count, rf, mem, wq),
+                    (model_id, content_hash),
+                )| {
                     cpb::CreateCollectionRequest {
                         name,
                         dimension,
                         metric: metric as i32,
-                        encoder: Some(cpb::EncoderRef { model_id, content_hash }),
+                        encoder: Some(cpb::EncoderRef {
+                            model_id,
+                            content_hash,
+                        }),
                         index: Some(cpb::IndexParams {
                             nlist,
                             pq_m,
@@ -760,7 +796,10 @@ fn every_rpc_survives_hostile_messages() {
     );
     f.rpc("Admin/DropCollection", hostile_string(), |name| {
         let mut s = AdminClient::new(admin.clone());
-        async move { s.drop_collection(req(cpb::DropCollectionRequest { name })).await }
+        async move {
+            s.drop_collection(req(cpb::DropCollectionRequest { name }))
+                .await
+        }
     });
     f.rpc("Admin/DescribeCollection", hostile_string(), |name| {
         let mut s = AdminClient::new(admin.clone());
@@ -771,7 +810,10 @@ fn every_rpc_survives_hostile_messages() {
     });
     f.rpc("Admin/ListCollections", Just(()), |_| {
         let mut s = AdminClient::new(admin.clone());
-        async move { s.list_collections(req(cpb::ListCollectionsRequest {})).await }
+        async move {
+            s.list_collections(req(cpb::ListCollectionsRequest {}))
+                .await
+        }
     });
     f.rpc("Admin/ListNodes", Just(()), |_| {
         let mut s = AdminClient::new(admin.clone());
@@ -779,7 +821,10 @@ fn every_rpc_survives_hostile_messages() {
     });
     f.rpc("Admin/ListShards", hostile_string(), |collection| {
         let mut s = AdminClient::new(admin.clone());
-        async move { s.list_shards(req(cpb::ListShardsRequest { collection })).await }
+        async move {
+            s.list_shards(req(cpb::ListShardsRequest { collection }))
+                .await
+        }
     });
     f.rpc("Admin/ClusterStatus", Just(()), |_| {
         let mut s = AdminClient::new(admin.clone());
@@ -830,14 +875,20 @@ fn every_rpc_survives_hostile_messages() {
     );
     f.rpc(
         "Admin/PromoteReplica",
-        (hostile_string(), hostile_u32(), hostile_string(), any::<bool>()).prop_map(
-            |(collection, shard, node_id, accept_data_loss)| cpb::PromoteReplicaRequest {
-                collection,
-                shard,
-                node_id,
-                accept_data_loss,
-            },
-        ),
+        (
+            hostile_string(),
+            hostile_u32(),
+            hostile_string(),
+            any::<bool>(),
+        )
+            .prop_map(|(collection, shard, node_id, accept_data_loss)| {
+                cpb::PromoteReplicaRequest {
+                    collection,
+                    shard,
+                    node_id,
+                    accept_data_loss,
+                }
+            }),
         |r| {
             let mut s = AdminClient::new(admin.clone());
             async move { s.promote_replica(req(r)).await }
@@ -845,8 +896,13 @@ fn every_rpc_survives_hostile_messages() {
     );
     f.rpc(
         "ClusterMap/RegisterNode",
-        (hostile_string(), hostile_string(), hostile_u64(), hostile_string()).prop_map(
-            |(id, addr, memory_bytes, zone)| cpb::RegisterNodeRequest {
+        (
+            hostile_string(),
+            hostile_string(),
+            hostile_u64(),
+            hostile_string(),
+        )
+            .prop_map(|(id, addr, memory_bytes, zone)| cpb::RegisterNodeRequest {
                 id,
                 addr,
                 capacity: Some(cpb::Capacity {
@@ -854,8 +910,7 @@ fn every_rpc_survives_hostile_messages() {
                     gpu: false,
                     zone,
                 }),
-            },
-        ),
+            }),
         |r| {
             let mut s = ClusterMapClient::new(admin.clone());
             async move { s.register_node(req(r)).await }
@@ -914,13 +969,15 @@ fn every_rpc_survives_hostile_messages() {
         data: forward.clone(),
         format: shoal_proto::wire::FORMAT,
     };
-    assert_eq!(prost::Message::encoded_len(&rafpb::Payload {
-        data: forward.clone(),
-        format: 0,
-    }), 13);
-    let r = f
-        .rt
-        .block_on(async { RaftClient::new(raft.clone()).forward(req(regression)).await });
+    assert_eq!(
+        prost::Message::encoded_len(&rafpb::Payload {
+            data: forward.clone(),
+            format: 0,
+        }),
+        13
+    );
+    let r =
+        f.rt.block_on(async { RaftClient::new(raft.clone()).forward(req(regression)).await });
     let s = r.expect_err("the 13-byte Forward is refused");
     assert_eq!(s.code(), Code::InvalidArgument, "{}", s.message());
     let r = f.rt.block_on(async {
@@ -1015,7 +1072,13 @@ fn every_rpc_survives_hostile_messages() {
             .await
             .unwrap();
         assert!(
-            c.lone.coordinator.raft.metrics().borrow().running_state.is_ok(),
+            c.lone
+                .coordinator
+                .raft
+                .metrics()
+                .borrow()
+                .running_state
+                .is_ok(),
             "the fuzzed member's raft core stopped"
         );
         c.node.shutdown().await;
@@ -1023,5 +1086,366 @@ fn every_rpc_survives_hostile_messages() {
         for h in c.coords {
             h.shutdown().await;
         }
+    });
+}
+
+/// The status must name the limit and its value.
+fn refused(r: Result<impl std::fmt::Debug, Status>, code: Code, limit: &str) {
+    let s = r.expect_err(limit);
+    assert_eq!(s.code(), code, "{limit}: {}", s.message());
+    assert!(
+        s.message().contains(limit),
+        "the status does not name {limit:?}: {}",
+        s.message()
+    );
+}
+
+/// Each limit a client can hit at a node or a coordinator, set small: refused with its
+/// name and value, and nothing of the refused request applied.
+#[test]
+fn every_limit_is_refused_by_name_and_nothing_is_half_applied() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let small = [
+            "docs_per_request=5",
+            "id_bytes=16",
+            "request_id_bytes=8",
+            "text_bytes=100",
+            "query_text_bytes=50",
+            "metadata_bytes=40",
+            "ids_per_delete=3",
+            "k=10",
+            "refine=20",
+            "candidates=100",
+            "exact_rows=30",
+            "name_bytes=64",
+            "node_id_bytes=12",
+            "addr_bytes=24",
+            "zone_bytes=4",
+            "nodes=3",
+            "reports_per_heartbeat=2",
+            "replication_factor=3",
+            "coordinator_members=2",
+        ];
+        let limits = shoal_proto::limits::Limits::from_pairs(&small).unwrap();
+        let peer = shoal_coordinator::Peer {
+            id: 1,
+            raft_addr: format!("127.0.0.1:{}", free_port()),
+            api_addr: format!("127.0.0.1:{}", free_port()),
+        };
+        let coord = shoal_coordinator::start(shoal_coordinator::Config {
+            id: 1,
+            listen: peer.api_addr.clone(),
+            raft_listen: peer.raft_addr.clone(),
+            data_dir: dir.path().join("c1"),
+            peers: vec![peer.clone()],
+            limits: small.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let node = cluster::start(NodeConfig {
+            id: "n1".into(),
+            listen: format!("127.0.0.1:{}", free_port()),
+            internal_listen: format!("127.0.0.1:{}", free_port()),
+            coordinators: vec![peer.api_addr.clone()],
+            data_dir: dir.path().join("n1"),
+            model_dir: Some(model_dir()),
+            heartbeat: Duration::from_millis(200),
+            limits: limits.clone(),
+            // Smaller than the 5-document ingest below: it must go in parts.
+            encoder_queue: 2,
+            ..NodeConfig::default()
+        })
+        .await
+        .unwrap();
+        let mut admin = Client::new([peer.api_addr.clone()]);
+        let t = Instant::now();
+        while !admin
+            .admin(|mut c| async move { c.list_nodes(cpb::ListNodesRequest {}).await })
+            .await
+            .map(|r| {
+                r.into_inner()
+                    .nodes
+                    .iter()
+                    .any(|n| n.state == cpb::NodeState::Up as i32)
+            })
+            .unwrap_or(false)
+        {
+            assert!(t.elapsed() < Duration::from_secs(30), "node not up");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        create(&mut admin, "kept").await;
+        let t = Instant::now();
+        while node.registry.read().len() < 2 {
+            assert!(t.elapsed() < Duration::from_secs(30), "replicas not opened");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut s = ShoalClient::new(channel(node.public_addr).await);
+        let doc = |id: &str, text: &str| pb::Document {
+            id: id.into(),
+            text: text.into(),
+            ..Default::default()
+        };
+        let ingest = |docs: Vec<pb::Document>, rid: &str| pb::IngestRequest {
+            collection: "kept".into(),
+            documents: docs,
+            request_id: rid.into(),
+        };
+        // Text-only, more documents than the encoder queue holds: encoded in parts.
+        let five: Vec<_> = (0..5)
+            .map(|i| doc(&format!("d{i}"), &format!("text number {i}")))
+            .collect();
+        let r = s
+            .ingest(ingest(five.clone(), "r1"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.ingested, 5);
+
+        let mut six = five.clone();
+        six.push(doc("d5", "one too many"));
+        refused(
+            s.ingest(ingest(six, "")).await,
+            Code::InvalidArgument,
+            "docs_per_request = 5",
+        );
+        let mut bad = vec![doc("n0", "fine"), doc(&"x".repeat(17), "id too long")];
+        refused(
+            s.ingest(ingest(bad.clone(), "")).await,
+            Code::InvalidArgument,
+            "id_bytes = 16",
+        );
+        bad[1] = doc("n1", &"y".repeat(101));
+        refused(
+            s.ingest(ingest(bad.clone(), "")).await,
+            Code::InvalidArgument,
+            "text_bytes = 100",
+        );
+        bad[1] = pb::Document {
+            metadata_json: format!("{{\"k\":\"{}\"}}", "z".repeat(40)),
+            ..doc("n1", "fine")
+        };
+        refused(
+            s.ingest(ingest(bad.clone(), "")).await,
+            Code::InvalidArgument,
+            "metadata_bytes = 40",
+        );
+        refused(
+            s.ingest(ingest(vec![doc("n0", "fine")], "123456789")).await,
+            Code::InvalidArgument,
+            "request_id_bytes = 8",
+        );
+        let v = vec![1e19f32; DIM];
+        let e = s
+            .ingest(ingest(
+                vec![pb::Document {
+                    vector: v,
+                    ..doc("n0", "")
+                }],
+                "",
+            ))
+            .await
+            .unwrap_err();
+        assert!(e.message().contains("norm"), "{}", e.message());
+        // Nothing of a refused request is there.
+        let got = s
+            .get(pb::GetRequest {
+                collection: "kept".into(),
+                id: "n0".into(),
+                with_vector: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!got.found, "a refused ingest left a document behind");
+
+        refused(
+            s.delete(pb::DeleteRequest {
+                collection: "kept".into(),
+                ids: vec!["d0".into(), "d1".into(), "d2".into(), "d3".into()],
+                request_id: String::new(),
+            })
+            .await,
+            Code::InvalidArgument,
+            "ids_per_delete = 3",
+        );
+        let got = s
+            .get(pb::GetRequest {
+                collection: "kept".into(),
+                id: "d0".into(),
+                with_vector: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(got.found, "a refused delete removed a document");
+
+        let q = |k: u32, refine: u32, text: &str, exact: bool| pb::SearchRequest {
+            collection: "kept".into(),
+            text: text.into(),
+            k,
+            refine,
+            exact,
+            ..Default::default()
+        };
+        refused(
+            s.search(q(11, 0, "q", false)).await,
+            Code::InvalidArgument,
+            "k = 10",
+        );
+        refused(
+            s.search(q(1, 21, "q", false)).await,
+            Code::InvalidArgument,
+            "refine = 20",
+        );
+        refused(
+            s.search(q(10, 11, "q", false)).await,
+            Code::InvalidArgument,
+            "candidates = 100",
+        );
+        refused(
+            s.search(q(1, 1, &"w ".repeat(26), false)).await,
+            Code::InvalidArgument,
+            "query_text_bytes = 50",
+        );
+        refused(
+            s.search(pb::SearchRequest {
+                collection: "c".repeat(65),
+                ..q(1, 1, "q", false)
+            })
+            .await,
+            Code::InvalidArgument,
+            "name_bytes = 64",
+        );
+        // Within the limits: answered, with every shard.
+        let r = s
+            .search(q(5, 10, "text number 3", true))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!r.partial && r.hits[0].id == "d3", "{r:?}");
+        // An exact search is limited by what it scans: with 70 documents over two
+        // shards, one holds more than 30 rows.
+        for b in 0..13u64 {
+            s.ingest(ingest(
+                (0..5)
+                    .map(|i| pb::Document {
+                        id: format!("v{b}-{i}"),
+                        vector: unit_vector(b * 10 + i),
+                        ..Default::default()
+                    })
+                    .collect(),
+                "",
+            ))
+            .await
+            .unwrap();
+        }
+        refused(
+            s.search(q(5, 1, "text number 3", true)).await,
+            Code::ResourceExhausted,
+            "exact_rows = 30",
+        );
+        // A grpc-timeout of 8 digits of hours (the spec's largest) is cut, not a panic.
+        let mut rq = tonic::Request::new(q(1, 1, "text number 1", false));
+        rq.metadata_mut()
+            .insert("grpc-timeout", "99999999H".parse().unwrap());
+        s.search(rq).await.unwrap();
+
+        // The coordinator's limits.
+        let mut cm = ClusterMapClient::new(channel(&peer.api_addr).await);
+        let reg = |id: &str, addr: &str, zone: &str| cpb::RegisterNodeRequest {
+            id: id.into(),
+            addr: addr.into(),
+            capacity: Some(cpb::Capacity {
+                zone: zone.into(),
+                ..Default::default()
+            }),
+        };
+        refused(
+            cm.register_node(reg(&"i".repeat(13), "a:1", "")).await,
+            Code::InvalidArgument,
+            "node_id_bytes = 12",
+        );
+        refused(
+            cm.register_node(reg("x", &"a".repeat(25), "")).await,
+            Code::InvalidArgument,
+            "addr_bytes = 24",
+        );
+        refused(
+            cm.register_node(reg("x", "a:1", "zzzzz")).await,
+            Code::InvalidArgument,
+            "zone_bytes = 4",
+        );
+        cm.register_node(reg("x2", "a:1", "")).await.unwrap();
+        cm.register_node(reg("x3", "a:1", "")).await.unwrap();
+        refused(
+            cm.register_node(reg("x4", "a:1", "")).await,
+            Code::ResourceExhausted,
+            "nodes = 3",
+        );
+        cm.register_node(reg("x3", "a:2", "")).await.unwrap(); // a known node re-registers
+        let report = cpb::ReplicaReport {
+            shard: "kept/0".into(),
+            ..Default::default()
+        };
+        refused(
+            cm.heartbeat(cpb::HeartbeatRequest {
+                id: "x2".into(),
+                ready_replicas: vec![],
+                replicas: vec![report.clone(), report.clone(), report],
+            })
+            .await,
+            Code::InvalidArgument,
+            "reports_per_heartbeat = 2",
+        );
+        let e = cm
+            .heartbeat(cpb::HeartbeatRequest {
+                id: "never-registered".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+        let mut ad = AdminClient::new(channel(&peer.api_addr).await);
+        refused(
+            ad.create_collection(cpb::CreateCollectionRequest {
+                name: "rf".into(),
+                dimension: 8,
+                shard_count: 1,
+                replication_factor: 4,
+                ..Default::default()
+            })
+            .await,
+            Code::InvalidArgument,
+            "replication_factor = 3",
+        );
+        let lists = ad
+            .list_collections(cpb::ListCollectionsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(lists.collections.iter().all(|c| c.name != "rf"));
+        let learner = |id: u64| cpb::AddLearnerRequest {
+            id,
+            raft_addr: "127.0.0.1:1".into(),
+            api_addr: "127.0.0.1:2".into(),
+        };
+        let mut q1 = tonic::Request::new(learner(2));
+        q1.set_timeout(Duration::from_secs(2));
+        let _ = ad.add_learner(q1).await; // the second member: within the limit
+        refused(
+            ad.add_learner(learner(3)).await,
+            Code::ResourceExhausted,
+            "coordinator_members = 2",
+        );
+
+        node.shutdown().await;
+        coord.shutdown().await;
     });
 }

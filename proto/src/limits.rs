@@ -223,10 +223,7 @@ pub fn vector_problem(v: &[f32], dimension: usize) -> Option<String> {
         ));
     }
     if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-        return Some(format!(
-            "has a non-finite value at position {i} ({})",
-            v[i]
-        ));
+        return Some(format!("has a non-finite value at position {i} ({})", v[i]));
     }
     let sq: f64 = v.iter().map(|&x| (x as f64) * (x as f64)).sum();
     if sq > MAX_SQUARED_NORM {

@@ -249,29 +249,35 @@ fn worker_loop<E: BatchEncode>(
         batch.sort_by_key(|i| i.text.len());
         let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let texts: Vec<&str> = batch.iter().map(|i| i.text.as_str()).collect();
-            match encoder.encode_batch(&texts) {
-                Ok(out) => deliver(&batch, out, &stats),
-                Err(e) => {
-                    let msg = e.to_string();
-                    for item in &batch {
-                        item.req.fail(EncoderError::Tokenizer(msg.clone()));
-                    }
+            encoder.encode_batch(&texts)
+        }));
+        // The batcher hears the worker is free before any caller hears its answer, so
+        // a caller's next request (the next part of a large ingest) finds the queue
+        // already emptied of this batch.
+        let stop = batcher.cast(PoolMsg::Done { n }).is_err();
+        match run {
+            Ok(Ok(out)) => deliver(&batch, out, &stats),
+            Ok(Err(e)) => {
+                let msg = e.to_string();
+                for item in &batch {
+                    item.req.fail(EncoderError::Tokenizer(msg.clone()));
                 }
             }
-        }));
-        if let Err(panic) = run {
-            let why = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "panicked".into());
-            stats.worker_panics.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(texts = n, error = %why, "encoder worker panicked; failing its batch and going on");
-            for item in &batch {
-                item.req.fail(EncoderError::WorkerFailed(format!("panicked: {why}")));
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "panicked".into());
+                stats.worker_panics.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(texts = n, error = %why, "encoder worker panicked; failing its batch and going on");
+                for item in &batch {
+                    item.req
+                        .fail(EncoderError::WorkerFailed(format!("panicked: {why}")));
+                }
             }
         }
-        if batcher.cast(PoolMsg::Done { n }).is_err() {
+        if stop {
             return;
         }
     }
@@ -390,9 +396,9 @@ impl EncoderPool {
             ractor::rpc::CallResult::Timeout => Err(EncoderError::TimedOut {
                 secs: self.request_timeout.as_secs(),
             }),
-            ractor::rpc::CallResult::SenderError => Err(EncoderError::WorkerFailed(
-                "its batch was dropped".into(),
-            )),
+            ractor::rpc::CallResult::SenderError => {
+                Err(EncoderError::WorkerFailed("its batch was dropped".into()))
+            }
         }
     }
 

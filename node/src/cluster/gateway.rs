@@ -11,14 +11,14 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use parking_lot::{Mutex, RwLock};
 use shoal_encoder::pool::{EncoderPool, PoolEncoded};
 use shoal_proto::coordinator as cpb;
+use shoal_proto::limits::{vector_problem, Limits};
 use shoal_proto::replica as rpb;
 use shoal_proto::replica::replica_client::ReplicaClient;
 use shoal_proto::v1 as pb;
-use std::collections::VecDeque;
-use shoal_proto::limits::{vector_problem, Limits};
 use shoal_proto::within;
+use std::collections::VecDeque;
 use tonic::transport::Channel;
-use tonic::Status;
+use tonic::{Code, Status};
 use tracing::Instrument;
 
 use crate::telemetry;
@@ -28,7 +28,6 @@ use super::replication::Channels;
 
 /// Shard-call latencies kept for the hedging threshold.
 const LATENCY_WINDOW: usize = 512;
-
 
 /// The shard a document id belongs to: crc32 of the id, mod the shard count. Stable
 /// across processes and releases (it decides where data lives).
@@ -175,7 +174,12 @@ impl Gateway {
 
     /// A collection and its shards, as this node's map has them now.
     fn collection_shards(&self, name: &str) -> Result<(cpb::Collection, Vec<cpb::Shard>), Status> {
-        within!(self.limits, name_bytes, name.len(), "the collection name's length")?;
+        within!(
+            self.limits,
+            name_bytes,
+            name.len(),
+            "the collection name's length"
+        )?;
         let v = self.view.read();
         if v.version == 0 {
             // Just started: "not found" would be a lie until the map arrives.
@@ -226,10 +230,7 @@ impl Gateway {
                         Status::resource_exhausted(e.to_string())
                     }
                     shoal_encoder::EncoderError::EmptyText { index } => {
-                        Status::invalid_argument(format!(
-                            "text {} is empty",
-                            offset + index
-                        ))
+                        Status::invalid_argument(format!("text {} is empty", offset + index))
                     }
                     shoal_encoder::EncoderError::WorkerFailed(_)
                     | shoal_encoder::EncoderError::TimedOut { .. } => {
@@ -250,8 +251,18 @@ impl Gateway {
             return Err(Status::invalid_argument("no documents in the request"));
         }
         let l = &self.limits;
-        within!(l, docs_per_request, req.documents.len(), "documents in the request")?;
-        within!(l, request_id_bytes, req.request_id.len(), "the request id's length")?;
+        within!(
+            l,
+            docs_per_request,
+            req.documents.len(),
+            "documents in the request"
+        )?;
+        within!(
+            l,
+            request_id_bytes,
+            req.request_id.len(),
+            "the request id's length"
+        )?;
         let mut docs = std::mem::take(&mut req.documents);
         let mut to_encode = Vec::new();
         for (i, d) in docs.iter().enumerate() {
@@ -261,7 +272,12 @@ impl Gateway {
                 )));
             }
             within!(l, id_bytes, d.id.len(), format!("document {i}'s id length"))?;
-            within!(l, text_bytes, d.text.len(), format!("document {i}'s text length"))?;
+            within!(
+                l,
+                text_bytes,
+                d.text.len(),
+                format!("document {i}'s text length")
+            )?;
             within!(
                 l,
                 metadata_bytes,
@@ -341,7 +357,12 @@ impl Gateway {
         }
         let l = &self.limits;
         within!(l, ids_per_delete, req.ids.len(), "ids in the request")?;
-        within!(l, request_id_bytes, req.request_id.len(), "the request id's length")?;
+        within!(
+            l,
+            request_id_bytes,
+            req.request_id.len(),
+            "the request id's length"
+        )?;
         for (i, id) in req.ids.iter().enumerate() {
             if id.is_empty() {
                 return Err(Status::invalid_argument(format!("id {i} is empty")));
@@ -630,14 +651,23 @@ impl Gateway {
         within!(l, k, req.k, "k")?;
         within!(l, refine, req.refine, "refine")?;
         let ix = coll.index.unwrap_or_default();
-        let refine = if req.refine == 0 { ix.refine.max(1) } else { req.refine };
+        let refine = if req.refine == 0 {
+            ix.refine.max(1)
+        } else {
+            req.refine
+        };
         within!(
             l,
             candidates,
             req.k as u64 * refine as u64,
             format!("k × refine ({} × {refine})", req.k)
         )?;
-        within!(l, query_text_bytes, req.text.len(), "the query text's length")?;
+        within!(
+            l,
+            query_text_bytes,
+            req.text.len(),
+            "the query text's length"
+        )?;
         if req.nprobe > ix.nlist.max(1) {
             return Err(Status::invalid_argument(format!(
                 "nprobe {} exceeds the collection's nlist {}",
@@ -698,6 +728,14 @@ impl Gateway {
                         generation: r.generation,
                         error: String::new(),
                     });
+                }
+                // A limit or a bad argument is the request's fault, the same on every
+                // replica: the caller hears it, not a partial answer.
+                Err(e) if matches!(e.code(), Code::InvalidArgument | Code::ResourceExhausted) => {
+                    return Err(Status::new(
+                        e.code(),
+                        format!("shard {}/{index}: {}", coll.name, e.message()),
+                    ));
                 }
                 Err(e) => {
                     tracing::warn!(collection = %coll.name, shard = index, node = %node, error = %e.message(), "shard did not answer");

@@ -15,10 +15,10 @@ use super::gateway::Gateway;
 use super::replicas::{Registry, ReplicaKey, ReplicaMsg};
 use super::replication::{shard_status, Replication};
 use super::Replications;
-use shoal_proto::limits::Limits;
-use shoal_proto::within;
 use crate::shard::{Document, SearchMode, SearchParams, ShardError, WriteOp};
 use crate::telemetry;
+use shoal_proto::limits::Limits;
+use shoal_proto::within;
 
 /// A server span for `req`, continuing the caller's trace if it sent one.
 fn span_for<T>(span: tracing::Span, req: &Request<T>) -> tracing::Span {
@@ -255,7 +255,12 @@ impl rpb::replica_server::Replica for ReplicaService {
         req: Request<rpb::AppendRequest>,
     ) -> Result<Response<rpb::AppendResponse>, Status> {
         let r = req.into_inner();
-        within!(self.limits, node_id_bytes, r.primary.len(), "the primary's id length")?;
+        within!(
+            self.limits,
+            node_id_bytes,
+            r.primary.len(),
+            "the primary's id length"
+        )?;
         let repl = self.replication(r.shard.as_ref())?;
         Ok(Response::new(repl.append(r).await?))
     }
