@@ -637,6 +637,22 @@ impl ClusterMap {
                     let s = shards
                         .get_mut(shard)
                         .ok_or_else(|| MapError::NotFound(format!("shard {shard} not found")))?;
+                    // The last serving copy on a live node is never dropped: what the
+                    // other copies hold may be all there is of acknowledged writes.
+                    let nodes = &self.nodes;
+                    let keeps = s.replicas.iter().any(|r| {
+                        &r.node != node
+                            && r.state == ReplicaState::Serving
+                            && nodes
+                                .get(&r.node)
+                                .is_some_and(|n| n.state != NodeState::Down)
+                    });
+                    if !keeps {
+                        return Err(MapError::FailedPrecondition(format!(
+                            "evicting {node:?} would leave shard {shard} without a serving \
+                             copy on a live node"
+                        )));
+                    }
                     let before = s.replicas.len();
                     s.replicas.retain(|r| &r.node != node);
                     if s.replicas.len() == before {
@@ -937,6 +953,58 @@ pub(crate) mod tests {
             })
             .unwrap_err();
         assert!(matches!(err, MapError::FailedPrecondition(_)));
+    }
+
+    /// Issue 14's rack loss: both copies of a shard on nodes that went down together.
+    /// Placement must not evict them (a new, empty copy would become the shard), and the
+    /// map refuses an eviction that drops the last serving copy on a live node.
+    #[test]
+    fn the_last_serving_copy_is_never_evicted() {
+        let mut m = map_with_nodes(4);
+        m.apply(&Command::CreateCollection(spec("c", 1, 2)))
+            .unwrap();
+        let key = ShardKey {
+            collection: "c".into(),
+            index: 0,
+        };
+        let holders: Vec<NodeId> = m.shards[&key]
+            .replicas
+            .iter()
+            .map(|r| r.node.clone())
+            .collect();
+        for n in &holders {
+            m.apply(&Command::SetNodeState {
+                id: n.clone(),
+                state: NodeState::Down,
+                from: vec![],
+            })
+            .unwrap();
+        }
+        let moves = placement::plan(&m, &placement::Options::default());
+        assert!(
+            !moves.iter().any(|mv| matches!(mv, Move::Evict { .. })),
+            "{moves:?}"
+        );
+        let err = m
+            .apply(&Command::ApplyMoves(vec![Move::Evict {
+                shard: key.clone(),
+                node: holders[0].clone(),
+            }]))
+            .unwrap_err();
+        assert!(err.to_string().contains("without a serving copy"), "{err}");
+        assert_eq!(m.shards[&key].replicas.len(), 2);
+        // Whatever copies placement adds meanwhile, the shard's primary stays one of its
+        // old holders, never an empty copy.
+        for mv in &moves {
+            let _ = m.apply(&Command::ApplyMoves(vec![mv.clone()]));
+        }
+        assert!(holders.contains(m.shards[&key].primary.as_ref().unwrap()));
+        // One holder back: the other (still down) may go now, the shard keeps a copy.
+        m.apply(&up(&holders[0])).unwrap();
+        let moves = placement::plan(&m, &placement::Options::default());
+        assert!(moves
+            .iter()
+            .any(|mv| matches!(mv, Move::Evict { node, .. } if *node == holders[1])));
     }
 
     #[test]

@@ -222,9 +222,16 @@ pub fn plan(map: &ClusterMap, opts: &Options) -> Vec<Move> {
         let mem = c.spec.replica_memory_bytes;
         let mut holders: Vec<NodeId> = Vec::new();
         let mut live = 0usize;
+        // Replicas on down nodes are evicted only while a serving copy stays on a live
+        // node: a shard whose every copy is away stays as it is, unavailable, and takes
+        // its copies back when their nodes return (never re-created empty).
+        let copy_survives = s.replicas.iter().any(|r| {
+            r.state == ReplicaState::Serving
+                && !matches!(state(&r.node), Some(NodeState::Down) | None)
+        });
         for r in &s.replicas {
             if matches!(state(&r.node), Some(NodeState::Down) | None) {
-                if moves.len() < opts.max_moves {
+                if copy_survives && moves.len() < opts.max_moves {
                     moves.push(Move::Evict {
                         shard: s.key.clone(),
                         node: r.node.clone(),

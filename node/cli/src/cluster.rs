@@ -74,6 +74,10 @@ pub struct NodeArgs {
     /// (a backup further behind gets a whole-shard snapshot).
     #[arg(long, env = "SHOAL_RECENT_LOG_BYTES", default_value_t = 64 << 20)]
     recent_log_bytes: usize,
+    /// Seconds a replica dir the map no longer assigns here waits in DATA_DIR/trash
+    /// before it is removed.
+    #[arg(long, env = "SHOAL_TRASH_GRACE_SECS", default_value_t = 86_400)]
+    trash_grace_secs: u64,
 }
 
 pub async fn run_node(a: NodeArgs) -> Result<()> {
@@ -96,6 +100,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
         metrics_listen: a.metrics_listen,
         heartbeat: Duration::from_millis(a.heartbeat_ms.max(10)),
         recent_log_bytes: a.recent_log_bytes,
+        trash_grace: Duration::from_secs(a.trash_grace_secs),
         ..NodeConfig::default()
     })
     .await?;

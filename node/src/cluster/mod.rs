@@ -93,6 +93,9 @@ pub struct NodeConfig {
     /// Texts the encoder queues before it turns callers away; a larger ingest is
     /// encoded in parts of this size.
     pub encoder_queue: usize,
+    /// How long a replica directory the map no longer assigns here waits in
+    /// `<data_dir>/trash` before it is removed.
+    pub trash_grace: Duration,
     /// Search deadline when the caller sets none.
     pub search_deadline: Duration,
     /// Fresh rows that trigger a background index build per shard.
@@ -119,6 +122,7 @@ impl Default for NodeConfig {
             heartbeat: Duration::from_millis(1000),
             limits: Limits::default(),
             encoder_queue: PoolConfig::default().max_queue,
+            trash_grace: Duration::from_secs(24 * 3600),
             search_deadline: Duration::from_secs(5),
             auto_rebuild_tail: 50_000,
             metrics_listen: None,
@@ -466,7 +470,11 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
                     tokio::select! {
                         ev = s.next() => match ev {
                             Some(Ok(ev)) => {
-                                v.write().apply(ev);
+                                let version = ev.version;
+                                if !v.write().apply(ev) {
+                                    tracing::warn!(version, held = v.read().version, "ignored a cluster map older than this node's");
+                                    continue;
+                                }
                                 let snapshot = v.read().clone();
                                 reconciler.reconcile(&snapshot).await;
                             }
@@ -480,6 +488,21 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
                 _ = tokio::time::sleep(Duration::from_millis(300)) => {}
                 _ = rx.changed() => return,
             }
+        }
+    }));
+
+    // The trash: replica dirs the map stopped assigning, removed after their grace.
+    let (data_dir, grace, mut rx) = (cfg.data_dir.clone(), cfg.trash_grace, stop_rx.clone());
+    tasks.push(tokio::spawn(async move {
+        let mut tick =
+            tokio::time::interval(Duration::from_secs(60).min(grace.max(Duration::from_secs(1))));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = rx.changed() => return,
+            }
+            let (d, g) = (data_dir.clone(), grace);
+            let _ = tokio::task::spawn_blocking(move || replicas::empty_trash(&d, g)).await;
         }
     }));
 

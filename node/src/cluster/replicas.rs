@@ -3,7 +3,7 @@
 //! from disk while the others keep serving.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -233,8 +233,15 @@ impl Actor for ReplicaSupervisor {
                     }
                 }
                 if let (true, Some(args)) = (delete, args) {
-                    if let Err(e) = std::fs::remove_dir_all(&args.dir) {
-                        tracing::warn!(replica = %key, error = %e, "removing replica dir");
+                    // Into the trash, not gone: a map event is not proof that the data
+                    // lives elsewhere (issue 14); the trash is emptied after a grace period.
+                    match move_to_trash(&args.dir) {
+                        Ok(to) => {
+                            tracing::info!(replica = %key, trash = %to.display(), "replica dir moved to the trash")
+                        }
+                        Err(e) => {
+                            tracing::warn!(replica = %key, error = %e, "moving the replica dir to the trash")
+                        }
                     }
                 }
                 tracing::info!(replica = %key, deleted = delete, "replica closed");
@@ -277,5 +284,94 @@ impl Actor for ReplicaSupervisor {
             }
         }
         Ok(())
+    }
+}
+
+/// The node's trash: `<data_dir>/trash`, beside `<data_dir>/shards` (one filesystem, so
+/// a move is a rename).
+fn trash_of(replica_dir: &Path) -> Option<PathBuf> {
+    // <data_dir>/shards/<collection>-<id>/<index>
+    Some(replica_dir.parent()?.parent()?.parent()?.join("trash"))
+}
+
+/// Moves a replica's directory into the trash as `<collection>-<id>-<index>.<unix ms>`,
+/// fsyncing both parents; returns where it went.
+pub fn move_to_trash(dir: &Path) -> std::io::Result<PathBuf> {
+    let trash =
+        trash_of(dir).ok_or_else(|| std::io::Error::other("replica dir has no data dir"))?;
+    std::fs::create_dir_all(&trash)?;
+    let coll = dir
+        .parent()
+        .and_then(|p| p.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let index = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let to = trash.join(format!("{coll}-{index}.{ms}"));
+    std::fs::rename(dir, &to)?;
+    for d in [&trash, &dir.parent().unwrap_or(dir).to_path_buf()] {
+        std::fs::File::open(d)?.sync_all()?;
+    }
+    Ok(to)
+}
+
+/// Removes trash entries older than `grace` (by the time in their name); returns how
+/// many went. Entries whose name has no time are left for an operator.
+pub fn empty_trash(data_dir: &Path, grace: std::time::Duration) -> usize {
+    let Ok(entries) = std::fs::read_dir(data_dir.join("trash")) else {
+        return 0;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(ms) = name
+            .rsplit_once('.')
+            .and_then(|(_, t)| t.parse::<u128>().ok())
+        else {
+            continue;
+        };
+        if now.saturating_sub(ms) >= grace.as_millis() && std::fs::remove_dir_all(e.path()).is_ok()
+        {
+            tracing::info!(entry = %name, "trash entry past its grace period removed");
+            removed += 1;
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod trash_tests {
+    use super::*;
+
+    #[test]
+    fn deleted_replicas_wait_in_the_trash_for_their_grace_period() {
+        let data = tempfile::tempdir().unwrap();
+        let dir = data.path().join("shards").join("c-7").join("2");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("docs.dat"), b"acknowledged").unwrap();
+        let to = move_to_trash(&dir).unwrap();
+        assert!(!dir.exists());
+        assert_eq!(std::fs::read(to.join("docs.dat")).unwrap(), b"acknowledged");
+        assert!(to
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("c-7-2."));
+        // Within the grace period it stays; past it, it goes.
+        assert_eq!(
+            empty_trash(data.path(), std::time::Duration::from_secs(3600)),
+            0
+        );
+        assert!(to.exists());
+        assert_eq!(empty_trash(data.path(), std::time::Duration::ZERO), 1);
+        assert!(!to.exists());
     }
 }
