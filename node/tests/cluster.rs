@@ -396,7 +396,7 @@ async fn ingest_search_get_delete_errors_and_replica_crash() {
                 ..Default::default()
             },
             Code::InvalidArgument,
-            "k = 5000",
+            "k is 5000, over the limit k = 1000",
         ),
         (
             pb::SearchRequest {

@@ -1150,11 +1150,11 @@ fn every_limit_is_refused_by_name_and_nothing_is_half_applied() {
         .await
         .unwrap();
         let node = cluster::start(NodeConfig {
-            id: "n1".into(),
+            id: "limits-node".into(),
             listen: format!("127.0.0.1:{}", free_port()),
             internal_listen: format!("127.0.0.1:{}", free_port()),
             coordinators: vec![peer.api_addr.clone()],
-            data_dir: dir.path().join("n1"),
+            data_dir: dir.path().join("limits-node"),
             model_dir: Some(model_dir()),
             heartbeat: Duration::from_millis(200),
             limits: limits.clone(),

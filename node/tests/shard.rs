@@ -168,8 +168,8 @@ fn t11_bad_input_is_refused_with_a_clear_error_and_writes_nothing() {
     huge.text = Some("x".repeat(2 << 20));
     let cases = [
         (wrong_dim, "dimension 31, the collection's is 32"),
-        (nan, "vector[5] is NaN"),
-        (inf, "vector[0] is inf"),
+        (nan, "non-finite value at position 5 (NaN)"),
+        (inf, "non-finite value at position 0 (inf)"),
         (empty, "id is empty"),
         (huge, "the limit is 1048576"),
     ];
@@ -199,7 +199,7 @@ fn t11_bad_input_is_refused_with_a_clear_error_and_writes_nothing() {
     assert!(query_err(SearchParams::top(5), &q[..8]).contains("dimension 8"));
     let mut nanq = q.clone();
     nanq[1] = f32::NAN;
-    assert!(query_err(SearchParams::top(5), &nanq).contains("vector[1] is NaN"));
+    assert!(query_err(SearchParams::top(5), &nanq).contains("position 1 (NaN)"));
     let e = shard
         .rebuild(Some(IvfPqParams {
             nlist: 8,

@@ -322,13 +322,11 @@ async fn the_13_byte_forward_is_refused_and_every_member_lives() {
     }
     // And the group still commits.
     client
-        .admin(|mut c| async move {
-            c.create_collection(pb::CreateCollectionRequest {
-                name: "after".into(),
-                dimension: 8,
-                shard_count: 1,
-                replication_factor: 1,
-                ..Default::default()
+        .cluster(|mut c| async move {
+            c.register_node(pb::RegisterNodeRequest {
+                id: "after".into(),
+                addr: "127.0.0.1:1".into(),
+                capacity: None,
             })
             .await
         })

@@ -646,7 +646,7 @@ impl Gateway {
         let (coll, shards) = self.collection_shards(&req.collection)?;
         let l = &self.limits;
         if req.k == 0 {
-            return Err(Status::invalid_argument("k must be at least 1"));
+            return Err(Status::invalid_argument("k = 0: k must be at least 1"));
         }
         within!(l, k, req.k, "k")?;
         within!(l, refine, req.refine, "refine")?;

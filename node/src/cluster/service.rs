@@ -314,7 +314,7 @@ impl rpb::replica_server::Replica for ReplicaService {
         repl.check_readable()?;
         let l = &self.limits;
         if r.k == 0 {
-            return Err(Status::invalid_argument("k must be at least 1"));
+            return Err(Status::invalid_argument("k = 0: k must be at least 1"));
         }
         within!(l, k, r.k, "k")?;
         within!(l, refine, r.refine, "refine")?;
