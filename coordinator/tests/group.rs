@@ -1,6 +1,7 @@
 //! Coordinator groups of three members in-process, over real loopback gRPC, with their
 //! Raft logs and snapshots on disk: election, commit, failover, full restart, catch-up
-//! by snapshot, forwarding, API errors, watch, and node liveness with re-assignment.
+//! by snapshot, forwarding, API errors, watch, node liveness with re-assignment, and
+//! grpc.health turning NOT_SERVING once a member's Raft core stops.
 
 use shoal_coordinator::testing::free_port;
 use std::collections::BTreeSet;
@@ -847,4 +848,41 @@ async fn uneven_primaries_are_handed_over_once_settled() {
     for i in 0..3 {
         g.stop_member(i).await;
     }
+}
+
+/// A member whose Raft core has stopped (here: shut down under it, as a fatal storage
+/// error would) reports NOT_SERVING on grpc.health, so a probe restarts it; its peers
+/// stay SERVING.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_whose_raft_core_stopped_reports_not_serving() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let g = Group::start(|_| {}).await;
+    g.leader(Duration::from_secs(10)).await;
+    let status = |i: usize| {
+        let addr = g.handle(i).api_addr;
+        async move {
+            let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            HealthClient::new(ch)
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .status
+        }
+    };
+    assert_eq!(status(0).await, ServingStatus::Serving as i32);
+    g.handle(0).coordinator.raft.shutdown().await.unwrap();
+    let t = Instant::now();
+    while status(0).await != ServingStatus::NotServing as i32 {
+        assert!(t.elapsed() < Duration::from_secs(5), "still SERVING");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status(1).await, ServingStatus::Serving as i32);
 }
