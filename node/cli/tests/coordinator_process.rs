@@ -28,6 +28,23 @@ struct Member {
     raft: String,
 }
 
+/// Three members on free ports, and their `--peers` argument.
+fn three_members() -> (Vec<Member>, String) {
+    let members: Vec<Member> = (1..=3)
+        .map(|id| Member {
+            id,
+            api: format!("127.0.0.1:{}", free_port()),
+            raft: format!("127.0.0.1:{}", free_port()),
+        })
+        .collect();
+    let peers = members
+        .iter()
+        .map(|m| format!("{}={}/{}", m.id, m.raft, m.api))
+        .collect::<Vec<_>>()
+        .join(",");
+    (members, peers)
+}
+
 fn spawn(m: &Member, peers: &str, dir: &Path) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -62,18 +79,7 @@ enum Outcome {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn creates_survive_ten_leader_kills() {
     let dir = tempfile::tempdir().unwrap();
-    let members: Vec<Member> = (1..=3)
-        .map(|id| Member {
-            id,
-            api: format!("127.0.0.1:{}", free_port()),
-            raft: format!("127.0.0.1:{}", free_port()),
-        })
-        .collect();
-    let peers = members
-        .iter()
-        .map(|m| format!("{}={}/{}", m.id, m.raft, m.api))
-        .collect::<Vec<_>>()
-        .join(",");
+    let (members, peers) = three_members();
     let mut procs = Procs(
         members
             .iter()
@@ -241,18 +247,7 @@ async fn the_13_byte_forward_is_refused_and_every_member_lives() {
     use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
     let dir = tempfile::tempdir().unwrap();
-    let members: Vec<Member> = (1..=3)
-        .map(|id| Member {
-            id,
-            api: format!("127.0.0.1:{}", free_port()),
-            raft: format!("127.0.0.1:{}", free_port()),
-        })
-        .collect();
-    let peers = members
-        .iter()
-        .map(|m| format!("{}={}/{}", m.id, m.raft, m.api))
-        .collect::<Vec<_>>()
-        .join(",");
+    let (members, peers) = three_members();
     let mut procs = Procs(
         members
             .iter()
