@@ -206,8 +206,13 @@ fn run(cmd: Cmd, otlp: Option<&str>, rt: &tokio::runtime::Runtime) -> anyhow::Re
         Cmd::Drain { target, node, undo } => rt.block_on(coordinator::drain(target, node, undo)),
         Cmd::Node(args) => rt.block_on(cluster::run_node(args)),
         Cmd::Limits => {
+            use std::io::Write;
+            // A closed pipe (`shoal limits | head`) ends the listing, not the process.
+            let mut out = std::io::stdout().lock();
             for (name, value, doc) in shoal_proto::limits::Limits::default().describe() {
-                println!("{name:<32} {value:>12}  {doc}");
+                if writeln!(out, "{name:<32} {value:>12}  {doc}").is_err() {
+                    break;
+                }
             }
             Ok(())
         }
