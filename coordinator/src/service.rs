@@ -359,22 +359,12 @@ impl pb::admin_server::Admin for AdminService {
         let l = &self.0.limits;
         shoal_proto::within!(l, addr_bytes, r.raft_addr.len(), "the raft_addr's length")?;
         shoal_proto::within!(l, addr_bytes, r.api_addr.len(), "the api_addr's length")?;
-        let members = self
-            .0
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .nodes()
-            .count();
-        let known = self
-            .0
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .nodes()
-            .any(|(id, _)| *id == r.id);
+        let (members, known) = {
+            let metrics = self.0.raft.metrics();
+            let m = metrics.borrow();
+            let ids: Vec<u64> = m.membership_config.nodes().map(|(id, _)| *id).collect();
+            (ids.len(), ids.contains(&r.id))
+        };
         if !known && members >= l.coordinator_members {
             return Err(Status::resource_exhausted(format!(
                 "the group has {members} members, the limit coordinator_members = {}",

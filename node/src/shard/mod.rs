@@ -471,22 +471,18 @@ impl Shard {
         validate_request_id(request_id)?;
         let mut logged = Vec::with_capacity(ops.len());
         for op in ops {
-            logged.push(match op {
-                WriteOp::Upsert(d) => {
-                    let metadata = d.metadata.to_string();
-                    validate_document(cfg, &d, &metadata)?;
-                    WalOp::Upsert {
-                        metadata,
-                        id: d.id,
-                        text: d.text,
-                        vector: d.vector,
-                    }
-                }
-                WriteOp::Delete(id) => {
-                    validate_id(&id)?;
-                    WalOp::Delete { id }
-                }
-            });
+            let op = match op {
+                WriteOp::Upsert(d) => WalOp::Upsert {
+                    metadata: d.metadata.to_string(),
+                    id: d.id,
+                    text: d.text,
+                    vector: d.vector,
+                },
+                WriteOp::Delete(id) => WalOp::Delete { id },
+            };
+            // The one rule for a client's write and a replicated one.
+            validate_op(cfg, &op)?;
+            logged.push(op);
         }
         if self.inner.poisoned.load(Ordering::Acquire) {
             return Err(ShardError::Poisoned(self.inner.dir.clone()));
@@ -1012,7 +1008,8 @@ fn validate_vector(cfg: &CollectionConfig, v: &[f32]) -> std::result::Result<(),
     }
 }
 
-/// A replicated operation, checked as a primary checks a client's.
+/// One logged operation, checked before anything is logged: id, vector, size. Used for
+/// a primary's writes and for the batches a backup is sent alike.
 fn validate_op(cfg: &CollectionConfig, op: &WalOp) -> Result<()> {
     match op {
         WalOp::Upsert {
@@ -1034,19 +1031,6 @@ fn validate_op(cfg: &CollectionConfig, op: &WalOp) -> Result<()> {
         }
         WalOp::Delete { id } => validate_id(id),
     }
-}
-
-fn validate_document(cfg: &CollectionConfig, d: &Document, metadata_json: &str) -> Result<()> {
-    validate_id(&d.id)?;
-    validate_vector(cfg, &d.vector).map_err(|r| ShardError::invalid_doc(&d.id, r))?;
-    let size = d.text.as_ref().map_or(0, |t| t.len()) + metadata_json.len();
-    if size > MAX_DOC_BYTES {
-        return Err(ShardError::invalid_doc(
-            &d.id,
-            format!("text and metadata are {size} bytes, the limit is {MAX_DOC_BYTES}"),
-        ));
-    }
-    Ok(())
 }
 
 /// Segment positions of a batch, written but not yet visible to readers.
