@@ -465,6 +465,44 @@ impl Cluster {
         self.nodes[i].spawn(&bin);
     }
 
+    /// Node `i`'s data dir.
+    pub fn node_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(&self.nodes[i].id)
+    }
+
+    /// Node `i`'s log so far.
+    pub fn node_log(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
+    }
+
+    /// Points node `i` (when next started) at other coordinators, with extra flags.
+    pub fn set_node_args(&mut self, i: usize, coordinators: &[String], extra: &[&str]) {
+        let args = &mut self.nodes[i].args;
+        let at = args.iter().position(|a| a == "--coordinators").unwrap() + 1;
+        args[at] = coordinators.join(",");
+        args.retain(|a| a != "--accept-cluster-id" && !a.starts_with("accept:"));
+        args.extend(extra.iter().map(|s| s.to_string()));
+    }
+
+    /// Waits up to `within` for node `i`'s process to exit on its own; its status.
+    pub async fn wait_exit(
+        &mut self,
+        i: usize,
+        within: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let t = Instant::now();
+        while t.elapsed() < within {
+            if let Some(c) = self.nodes[i].child.as_mut() {
+                if let Ok(Some(s)) = c.try_wait() {
+                    self.nodes[i].child = None;
+                    return Some(s);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
     /// The sum of a counter or gauge over its label sets, scraped from node `i`'s
     /// Prometheus endpoint (0 when the node has not recorded it yet).
     pub async fn metric(&self, i: usize, name: &str) -> f64 {
@@ -701,6 +739,80 @@ pub async fn query_loop(
                 }
             }
             s.latencies_ms.push(ms);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Outcomes of a verifying query loop.
+#[derive(Default, Clone, Debug)]
+pub struct VerifyStats {
+    /// Complete answers that found the acknowledged document searched for.
+    pub complete: u64,
+    /// Answers that said they were partial (missing shards named).
+    pub partial: u64,
+    /// Refused or unreachable.
+    pub failed: u64,
+    /// Complete answers (partial = false) that missed an acknowledged document: the
+    /// cluster served an incomplete answer silently. Must stay 0.
+    pub silent_misses: Vec<String>,
+}
+
+/// Searches, exactly and continuously, for documents already acknowledged (from
+/// `acked`), through the `nodes` in turn: an answer that claims completeness but does
+/// not return the document is recorded as a silent miss.
+pub async fn verify_loop(
+    nodes: Arc<Mutex<Vec<String>>>,
+    collection: String,
+    acked: Arc<Mutex<Vec<u64>>>,
+    stats: Arc<Mutex<VerifyStats>>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut turn = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        turn += 1;
+        let doc = {
+            let a = acked.lock().unwrap();
+            if a.is_empty() {
+                None
+            } else {
+                Some(a[(turn.wrapping_mul(2654435761) % a.len() as u64) as usize])
+            }
+        };
+        let Some(doc) = doc else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let addrs = nodes.lock().unwrap().clone();
+        let addr = addrs[turn as usize % addrs.len()].clone();
+        let outcome = match connect(&addr).await {
+            None => None,
+            Some(mut c) => {
+                let mut req = tonic::Request::new(pb::SearchRequest {
+                    collection: collection.clone(),
+                    vector: vector(doc),
+                    k: 1,
+                    exact: true,
+                    ..Default::default()
+                });
+                req.set_timeout(Duration::from_secs(5));
+                c.search(req).await.ok().map(|r| r.into_inner())
+            }
+        };
+        {
+            let mut s = stats.lock().unwrap();
+            match outcome {
+                None => s.failed += 1,
+                Some(r) if r.partial => s.partial += 1,
+                Some(r) if r.hits.first().is_some_and(|h| h.id == doc_id(doc)) => s.complete += 1,
+                Some(r) => {
+                    let got = r.hits.first().map(|h| h.id.clone()).unwrap_or_default();
+                    s.silent_misses.push(format!(
+                        "{addr}: {} answered complete with {got:?}",
+                        doc_id(doc)
+                    ));
+                }
+            }
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -118,6 +118,9 @@ pub struct Node {
     /// An operator asked to empty it: kept through liveness changes and restarts, so
     /// a draining node that goes silent for a while comes back draining.
     pub draining: bool,
+    /// The node's data volume, as it last registered ("" = not told): a node back
+    /// with another volume holds none of its replicas' data.
+    pub volume: String,
 }
 
 impl Node {
@@ -180,6 +183,11 @@ pub struct Shard {
     pub serving_generation: u64,
     /// 0 when no build is under way.
     pub building_generation: u64,
+    /// The epoch an operator started by accepting data loss (a forced promotion, an
+    /// empty allocation), 0 = none: in that epoch the primary's copy is the shard even
+    /// where a replica holds more (issue 14: otherwise a replica ahead is never
+    /// overwritten).
+    pub forced_epoch: u64,
 }
 
 impl Shard {
@@ -216,10 +224,27 @@ pub enum Command {
     DropCollection {
         name: String,
     },
+    /// A node (re)joins. With a `volume` other than the one the map holds, its data
+    /// is gone: its replicas become copies to fill from the others, and the shards it
+    /// was primary of have no primary until the leader promotes the most up-to-date
+    /// serving replica.
     RegisterNode {
         id: NodeId,
         addr: String,
         capacity: Capacity,
+        volume: String,
+    },
+    /// Names the cluster, once (the bootstrapping leader's first command): nodes
+    /// refuse maps and coordinators refuse nodes of another cluster.
+    InitCluster {
+        id: String,
+    },
+    /// An operator's decision that a shard's data is lost: the replica on `node` (added
+    /// when it has none) becomes an empty serving primary under a new epoch. Refused
+    /// while a serving replica sits on a live node: promote that one instead.
+    AllocateEmpty {
+        shard: ShardKey,
+        node: NodeId,
     },
     /// Applied only when the node is still in one of `from` (so a decision made on an
     /// older view cannot undo a newer one).
@@ -242,6 +267,13 @@ pub enum Command {
     /// Makes `node` (a serving backup) the shard's primary under a new epoch, if the
     /// shard is still at `epoch` (a decision made on an older view is dropped).
     Promote {
+        shard: ShardKey,
+        node: NodeId,
+        epoch: u64,
+    },
+    /// [`Command::Promote`] on an operator's word that writes the replica lacks may be
+    /// lost: the new epoch is marked forced ([`Shard::forced_epoch`]).
+    PromoteAcceptingLoss {
         shard: ShardKey,
         node: NodeId,
         epoch: u64,
@@ -358,6 +390,8 @@ impl CollectionSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 pub struct ClusterMap {
     pub version: u64,
+    /// Made at bootstrap ([`Command::InitCluster`]); "" before.
+    pub cluster_id: String,
     pub next_collection_id: u64,
     pub collections: BTreeMap<String, Collection>,
     pub nodes: BTreeMap<NodeId, Node>,
@@ -394,9 +428,26 @@ impl ClusterMap {
         let changes = match cmd {
             Command::CreateCollection(spec) => self.create_collection(spec)?,
             Command::DropCollection { name } => self.drop_collection(name)?,
-            Command::RegisterNode { id, addr, capacity } => {
-                self.register_node(id, addr, capacity)?
+            Command::RegisterNode {
+                id,
+                addr,
+                capacity,
+                volume,
+            } => self.register_node(id, addr, capacity, volume)?,
+            Command::InitCluster { id } => {
+                if id.is_empty() || id.len() > 64 {
+                    return Err(invalid("a cluster id is 1 to 64 bytes"));
+                }
+                if !self.cluster_id.is_empty() {
+                    return Err(MapError::FailedPrecondition(format!(
+                        "the cluster is already named {:?}",
+                        self.cluster_id
+                    )));
+                }
+                self.cluster_id = id.clone();
+                Vec::new()
             }
+            Command::AllocateEmpty { shard, node } => self.allocate_empty(shard, node)?,
             Command::SetNodeState { id, state, from } => self.set_node_state(id, *state, from)?,
             Command::Undrain { id } => {
                 let node = self
@@ -435,7 +486,8 @@ impl ClusterMap {
                 s.building_generation = *building;
                 vec![Change::ShardPut(s.clone())]
             }
-            Command::Promote { shard, node, epoch } => {
+            Command::Promote { shard, node, epoch }
+            | Command::PromoteAcceptingLoss { shard, node, epoch } => {
                 let s = self
                     .shards
                     .get_mut(shard)
@@ -457,6 +509,9 @@ impl ClusterMap {
                 }
                 s.primary = Some(node.clone());
                 s.epoch += 1;
+                if matches!(cmd, Command::PromoteAcceptingLoss { .. }) {
+                    s.forced_epoch = s.epoch;
+                }
                 vec![Change::ShardPut(s.clone())]
             }
         };
@@ -512,6 +567,7 @@ impl ClusterMap {
                 epoch: 1,
                 serving_generation: 0,
                 building_generation: 0,
+                forced_epoch: 0,
             };
             changes.push(Change::ShardPut(shard.clone()));
             self.shards.insert(key, shard);
@@ -527,13 +583,42 @@ impl ClusterMap {
         Ok(vec![Change::CollectionDropped(name.to_string())])
     }
 
-    fn register_node(&mut self, id: &str, addr: &str, capacity: &Capacity) -> Result<Vec<Change>> {
+    fn register_node(
+        &mut self,
+        id: &str,
+        addr: &str,
+        capacity: &Capacity,
+        volume: &str,
+    ) -> Result<Vec<Change>> {
         if id.is_empty() || addr.is_empty() {
             return Err(invalid("node id and address must not be empty"));
         }
         // Re-registering (a restart) keeps the node's replicas; a down node comes back
         // as joining and turns up (or draining) on its first ready heartbeat.
-        let draining = self.nodes.get(id).is_some_and(|n| n.draining);
+        let old = self.nodes.get(id);
+        let draining = old.is_some_and(|n| n.draining);
+        let replaced = old.is_some_and(|n| !n.volume.is_empty() && n.volume != volume);
+        let mut changes = Vec::new();
+        if replaced {
+            // Its replicas hold nothing now: none serves, counts towards a quorum or is
+            // chosen as a source; each is filled again from a serving copy (or, with
+            // none left, waits for an operator's allocate-empty).
+            for s in self.shards.values_mut() {
+                if !s.holds(id) {
+                    continue;
+                }
+                s.replicas
+                    .retain(|r| !(r.node == id && r.state == ReplicaState::Leaving));
+                for r in s.replicas.iter_mut().filter(|r| r.node == id) {
+                    r.state = ReplicaState::Copying;
+                }
+                if s.primary.as_deref() == Some(id) {
+                    s.primary = None;
+                    s.epoch += 1;
+                }
+                changes.push(Change::ShardPut(s.clone()));
+            }
+        }
         let node = Node {
             id: id.to_string(),
             addr: addr.to_string(),
@@ -544,9 +629,49 @@ impl ClusterMap {
                 NodeState::Joining
             },
             draining,
+            volume: volume.to_string(),
         };
         self.nodes.insert(id.to_string(), node.clone());
-        Ok(vec![Change::NodePut(node)])
+        changes.insert(0, Change::NodePut(node));
+        Ok(changes)
+    }
+
+    fn allocate_empty(&mut self, shard: &ShardKey, node: &str) -> Result<Vec<Change>> {
+        match self.nodes.get(node) {
+            Some(n) if n.state.accepts_replicas() => {}
+            _ => {
+                return Err(MapError::FailedPrecondition(format!(
+                    "node {node:?} is not up and cannot take the shard"
+                )))
+            }
+        }
+        let nodes = &self.nodes;
+        let s = self
+            .shards
+            .get_mut(shard)
+            .ok_or_else(|| MapError::NotFound(format!("shard {shard} not found")))?;
+        if let Some(r) = s.replicas.iter().find(|r| {
+            r.state == ReplicaState::Serving
+                && nodes
+                    .get(&r.node)
+                    .is_some_and(|n| matches!(n.state, NodeState::Up | NodeState::Draining))
+        }) {
+            return Err(MapError::FailedPrecondition(format!(
+                "shard {shard} has a serving replica on live node {:?}: promote it instead",
+                r.node
+            )));
+        }
+        match s.replicas.iter_mut().find(|r| r.node == node) {
+            Some(r) => r.state = ReplicaState::Serving,
+            None => s.replicas.push(Replica {
+                node: node.to_string(),
+                state: ReplicaState::Serving,
+            }),
+        }
+        s.primary = Some(node.to_string());
+        s.epoch += 1;
+        s.forced_epoch = s.epoch;
+        Ok(vec![Change::ShardPut(s.clone())])
     }
 
     fn set_node_state(
@@ -569,23 +694,11 @@ impl ClusterMap {
         if state == NodeState::Draining {
             node.draining = true;
         }
-        let mut changes = vec![Change::NodePut(node.clone())];
-        // A primary on a node that is down hands over to a serving backup, under a new
-        // epoch (the data-path failover itself is the replication layer's).
-        if state == NodeState::Down {
-            for s in self.shards.values_mut() {
-                if s.primary.as_deref() == Some(id) {
-                    s.primary = s
-                        .replicas
-                        .iter()
-                        .find(|r| r.node != id && r.state != ReplicaState::Copying)
-                        .map(|r| r.node.clone());
-                    s.epoch += 1;
-                    changes.push(Change::ShardPut(s.clone()));
-                }
-            }
-        }
-        Ok(changes)
+        // A primary on a node going down keeps the role here: the map cannot tell which
+        // backup holds every write. The leader promotes the most up-to-date serving
+        // backup by the replicas' reports (`Coordinator::promotions`) before and after
+        // this; until then the shard takes no writes.
+        Ok(vec![Change::NodePut(node.clone())])
     }
 
     fn apply_moves(&mut self, moves: &[Move]) -> Result<Vec<Change>> {
@@ -623,14 +736,12 @@ impl ClusterMap {
                             })?;
                         r.state = ReplicaState::Leaving;
                     }
+                    // A copy never becomes a primary here: it is empty until filled
+                    // from a serving replica.
                     s.replicas.push(Replica {
                         node: to.clone(),
                         state: ReplicaState::Copying,
                     });
-                    if s.primary.is_none() {
-                        s.primary = Some(to.clone());
-                        s.epoch += 1;
-                    }
                     touched.push(shard.clone());
                 }
                 Move::Evict { shard, node } => {
@@ -661,11 +772,9 @@ impl ClusterMap {
                         )));
                     }
                     if s.primary.as_deref() == Some(node.as_str()) {
-                        s.primary = s
-                            .replicas
-                            .iter()
-                            .find(|r| r.state != ReplicaState::Copying)
-                            .map(|r| r.node.clone());
+                        // Which serving copy is the most up to date is in the replicas'
+                        // reports: the leader promotes it.
+                        s.primary = None;
                         s.epoch += 1;
                     }
                     touched.push(shard.clone());
@@ -708,10 +817,6 @@ impl ClusterMap {
                 s.epoch += 1;
             }
         }
-        if s.primary.is_none() {
-            s.primary = Some(node.to_string());
-            s.epoch += 1;
-        }
         Ok(vec![Change::ShardPut(s.clone())])
     }
 }
@@ -743,6 +848,7 @@ pub(crate) mod tests {
                 gpu: false,
                 zone: zone.into(),
             },
+            volume: format!("vol-{id}"),
         }
     }
 
@@ -928,8 +1034,10 @@ pub(crate) mod tests {
         assert!(m.collections["c"].id > id);
     }
 
+    /// Issue 14: the map alone cannot tell which backup holds every write, so a node
+    /// going down keeps its primary roles until the leader promotes by position.
     #[test]
-    fn down_primary_hands_over_with_new_epoch() {
+    fn down_primary_waits_for_a_promotion_by_position() {
         let mut m = map_with_nodes(3);
         m.apply(&Command::CreateCollection(spec("c", 1, 2)))
             .unwrap();
@@ -941,9 +1049,21 @@ pub(crate) mod tests {
             from: vec![NodeState::Up, NodeState::Suspect],
         })
         .unwrap();
-        let s2 = m.shards_of("c").next().unwrap();
-        assert_ne!(s2.primary.as_ref(), Some(&old));
-        assert_eq!(s2.epoch, s.epoch + 1);
+        let s2 = m.shards_of("c").next().unwrap().clone();
+        assert_eq!(s2.primary.as_ref(), Some(&old));
+        assert_eq!(s2.epoch, s.epoch);
+        assert_eq!(placement::headless(&m), vec![s.key.clone()]);
+        // No report from the backup yet: no successor; once it reports, it is chosen.
+        assert_eq!(placement::successor(&m, &s2, |_| None), None);
+        let backup = s2
+            .replicas
+            .iter()
+            .find(|r| r.node != old)
+            .unwrap()
+            .node
+            .clone();
+        let (to, _) = placement::successor(&m, &s2, |_| Some((1, 5))).unwrap();
+        assert_eq!(to, backup);
         // A conditional transition from a stale view is refused.
         let err = m
             .apply(&Command::SetNodeState {
@@ -1005,6 +1125,94 @@ pub(crate) mod tests {
         assert!(moves
             .iter()
             .any(|mv| matches!(mv, Move::Evict { node, .. } if *node == holders[1])));
+    }
+
+    /// Issue 14's replaced volume: a node back with another volume holds nothing, so
+    /// none of its replicas serves or leads until filled from a serving copy.
+    #[test]
+    fn a_node_back_with_another_volume_leads_nothing_and_serves_nothing() {
+        let mut m = map_with_nodes(2);
+        m.apply(&Command::CreateCollection(spec("c", 2, 2)))
+            .unwrap();
+        let led: Vec<ShardKey> = m
+            .shards
+            .values()
+            .filter(|s| s.primary.as_deref() == Some("n0"))
+            .map(|s| s.key.clone())
+            .collect();
+        assert!(!led.is_empty());
+        // The same volume again (a plain restart) changes nothing about the replicas.
+        let before = m.shards.clone();
+        m.apply(&node("n0", "z0")).unwrap();
+        assert_eq!(m.shards, before);
+        let mut fresh = node("n0", "z0");
+        if let Command::RegisterNode { volume, .. } = &mut fresh {
+            *volume = "vol-new".into();
+        }
+        m.apply(&fresh).unwrap();
+        for s in m.shards.values() {
+            let r = s.replicas.iter().find(|r| r.node == "n0").unwrap();
+            assert_eq!(r.state, ReplicaState::Copying, "{}", s.key);
+            assert_ne!(s.primary.as_deref(), Some("n0"));
+        }
+        for k in &led {
+            assert_eq!(m.shards[k].primary, None);
+            assert_eq!(m.shards[k].epoch, before[k].epoch + 1);
+        }
+        // The leader's choice: the serving copy on n1.
+        let s = m.shards[&led[0]].clone();
+        assert_eq!(
+            placement::successor(&m, &s, |_| Some((1, 1))).map(|(n, _)| n),
+            Some("n1".to_string())
+        );
+    }
+
+    /// A shard with no serving copy left is re-created empty only on an operator's
+    /// word, and never while a serving copy sits on a live node.
+    #[test]
+    fn allocate_empty_needs_every_serving_copy_gone() {
+        let mut m = map_with_nodes(2);
+        m.apply(&Command::CreateCollection(spec("c", 1, 1)))
+            .unwrap();
+        let key = m.shards.keys().next().unwrap().clone();
+        let holder = m.shards[&key].replicas[0].node.clone();
+        let other = if holder == "n0" { "n1" } else { "n0" };
+        let err = m
+            .apply(&Command::AllocateEmpty {
+                shard: key.clone(),
+                node: other.into(),
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("promote it instead"), "{err}");
+        m.apply(&Command::SetNodeState {
+            id: holder.clone(),
+            state: NodeState::Down,
+            from: vec![],
+        })
+        .unwrap();
+        let epoch = m.shards[&key].epoch;
+        m.apply(&Command::AllocateEmpty {
+            shard: key.clone(),
+            node: other.into(),
+        })
+        .unwrap();
+        let s = &m.shards[&key];
+        assert_eq!(s.primary.as_deref(), Some(other));
+        assert_eq!(s.epoch, epoch + 1);
+        assert!(s
+            .replicas
+            .iter()
+            .any(|r| r.node == other && r.state == ReplicaState::Serving));
+        // The old copy stays listed: if its node comes back, its data is still there.
+        assert!(s.holds(&holder));
+    }
+
+    #[test]
+    fn the_cluster_is_named_once() {
+        let mut m = ClusterMap::default();
+        m.apply(&Command::InitCluster { id: "a".into() }).unwrap();
+        assert!(m.apply(&Command::InitCluster { id: "b".into() }).is_err());
+        assert_eq!(m.cluster_id, "a");
     }
 
     #[test]

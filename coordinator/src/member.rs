@@ -217,10 +217,12 @@ impl Coordinator {
     pub async fn heartbeat(
         &self,
         node: &str,
+        cluster: &str,
         ready: &[String],
         replicas: Vec<shoal_proto::coordinator::ReplicaReport>,
     ) -> Result<(u64, NodeState)> {
         self.require_leader()?;
+        self.check_cluster(&format!("node {node:?}"), cluster)?;
         shoal_proto::within!(
             self.limits,
             reports_per_heartbeat,
@@ -238,6 +240,8 @@ impl Coordinator {
             .insert(node.to_string(), Instant::now());
         // Index generations the primaries serve now go into the map (durable, watched).
         let mut generations = Vec::new();
+        // Shards whose primary (this node) found a replica ahead of itself.
+        let mut superseded = Vec::new();
         {
             let mut mine = HashMap::with_capacity(replicas.len());
             let st = self.sm.state.lock();
@@ -249,6 +253,9 @@ impl Coordinator {
                 let Some(s) = st.map.shards.get(&key).filter(|s| s.holds(node)) else {
                     continue;
                 };
+                if s.primary.as_deref() == Some(node) && !r.ahead.is_empty() {
+                    superseded.push((key.clone(), (r.last_epoch, r.applied_seq)));
+                }
                 {
                     if s.primary.as_deref() == Some(node)
                         && r.serving_generation > s.serving_generation
@@ -268,6 +275,32 @@ impl Coordinator {
         for c in generations {
             if let Err(e) = self.write(c).await {
                 tracing::debug!(error = %e, "generation update not applied");
+            }
+        }
+        // A primary behind one of its replicas (its data lost or older) hands the role
+        // to the most up-to-date replica, which must be ahead of it.
+        if !superseded.is_empty() {
+            let map = self.sm.state.lock().map.clone();
+            for (key, own) in superseded {
+                let Some(s) = map.shards.get(&key) else {
+                    continue;
+                };
+                match placement::successor(&map, s, |n| self.position(&key, n)) {
+                    Some((to, pos)) if pos > own => {
+                        tracing::warn!(shard = %key, from = node, to = %to, from_position = ?own, to_position = ?pos, "primary is behind a replica; promoting the replica");
+                        let cmd = Command::Promote {
+                            shard: key.clone(),
+                            node: to,
+                            epoch: s.epoch,
+                        };
+                        if let Err(e) = self.write(cmd).await {
+                            tracing::warn!(error = %e, "promotion not applied");
+                        }
+                    }
+                    _ => {
+                        tracing::debug!(shard = %key, "primary reports a replica ahead; waiting for its report")
+                    }
+                }
             }
         }
         let (state, live, pending) = {
@@ -317,37 +350,43 @@ impl Coordinator {
         Ok((version, state))
     }
 
-    /// For each shard whose primary is on `node` (going down): promote its most
-    /// up-to-date serving backup on a live node, by the replicas' reported sequence
-    /// numbers.
-    fn promotions(&self, map: &ClusterMap, node: &str) -> Vec<Command> {
-        let reports = self.reports.lock();
-        let live = |n: &str| {
-            map.nodes
-                .get(n)
-                .is_some_and(|n| matches!(n.state, NodeState::Up | NodeState::Draining))
-        };
-        map.shards
-            .values()
-            .filter(|s| s.primary.as_deref() == Some(node))
-            .filter_map(|s| {
-                let best = s
-                    .replicas
-                    .iter()
-                    .filter(|r| r.node != node && r.state == ReplicaState::Serving && live(&r.node))
-                    .max_by_key(|r| {
-                        reports
-                            .get(&s.key, &r.node)
-                            .map_or((0, 0), |p| (p.last_epoch, p.applied_seq))
-                    })?;
-                tracing::info!(shard = %s.key, from = node, to = %best.node, epoch = s.epoch + 1, "promoting a backup");
+    /// A replica's last reported position, (epoch of its last batch, sequence).
+    fn position(&self, shard: &ShardKey, node: &str) -> Option<placement::Position> {
+        self.reports
+            .lock()
+            .get(shard, node)
+            .map(|r| (r.last_epoch, r.applied_seq))
+    }
+
+    /// Promotions for `shards`: each to its most up-to-date serving replica on a live
+    /// node by the replicas' reports ([`placement::successor`]), none where no such
+    /// replica has reported.
+    fn promotions<'a>(
+        &self,
+        map: &ClusterMap,
+        shards: impl IntoIterator<Item = &'a ShardKey>,
+    ) -> Vec<Command> {
+        shards
+            .into_iter()
+            .filter_map(|k| {
+                let s = map.shards.get(k)?;
+                let (to, pos) = placement::successor(map, s, |n| self.position(k, n))?;
+                tracing::info!(shard = %k, from = ?s.primary, to = %to, position = ?pos, epoch = s.epoch + 1, "promoting the most up-to-date replica");
                 Some(Command::Promote {
-                    shard: s.key.clone(),
-                    node: best.node.clone(),
+                    shard: k.clone(),
+                    node: to,
                     epoch: s.epoch,
                 })
             })
             .collect()
+    }
+
+    /// The shards whose primary is on `node`.
+    fn led_by<'a>(map: &'a ClusterMap, node: &'a str) -> impl Iterator<Item = &'a ShardKey> {
+        map.shards
+            .values()
+            .filter(move |s| s.primary.as_deref() == Some(node))
+            .map(|s| &s.key)
     }
 
     /// An operator's handover of `shard`'s primary role to its serving replica on
@@ -405,10 +444,67 @@ impl Coordinator {
             }
         }
         tracing::info!(shard = %shard, to = node, epoch = s.epoch + 1, accept_data_loss, "promoting a replica on request");
-        self.write(Command::Promote {
+        let (shard, node, epoch) = (shard.clone(), node.to_string(), s.epoch);
+        self.write(if accept_data_loss {
+            Command::PromoteAcceptingLoss { shard, node, epoch }
+        } else {
+            Command::Promote { shard, node, epoch }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// The cluster's id; the first call on a fresh group names it (a random id,
+    /// committed once: a concurrent namer's id wins and is returned).
+    pub async fn cluster_id(&self) -> Result<String> {
+        let id = self.sm.state.lock().map.cluster_id.clone();
+        if !id.is_empty() {
+            return Ok(id);
+        }
+        let fresh = format!("{:032x}", rand::random::<u128>());
+        match self.write(Command::InitCluster { id: fresh }).await {
+            Ok(_) | Err(CoordinatorError::Map(MapError::FailedPrecondition(_))) => {}
+            Err(e) => return Err(e),
+        }
+        Ok(self.sm.state.lock().map.cluster_id.clone())
+    }
+
+    /// Refuses a node (or watcher) whose data belongs to another cluster: `claimed` is
+    /// the id it holds ("" = none yet). The map is never named empty once a node is in.
+    pub fn check_cluster(&self, who: &str, claimed: &str) -> Result<()> {
+        let id = self.sm.state.lock().map.cluster_id.clone();
+        if claimed.is_empty() || id.is_empty() || claimed == id {
+            return Ok(());
+        }
+        Err(MapError::FailedPrecondition(format!(
+            "{who} holds data of cluster {claimed:?}, but these coordinators run cluster \
+             {id:?}; if this coordinator group now stands for that cluster (rebuilt or \
+             restored), restart the node with --accept-cluster-id {id}"
+        ))
+        .into())
+    }
+
+    /// An operator's decision that `shard`'s data is lost: an empty replica on `node`
+    /// becomes its primary. Refused without `accept_data_loss`, and (by the map) while a
+    /// serving replica sits on a live node.
+    pub async fn allocate_empty(
+        &self,
+        shard: &ShardKey,
+        node: &str,
+        accept_data_loss: bool,
+    ) -> Result<()> {
+        self.require_leader()?;
+        if !accept_data_loss {
+            return Err(MapError::FailedPrecondition(format!(
+                "allocating shard {shard} empty on {node:?} gives up every acknowledged write \
+                 it held: set accept_data_loss (--accept-data-loss) to confirm"
+            ))
+            .into());
+        }
+        tracing::warn!(shard = %shard, node, "allocating an empty primary on an operator's request (data loss accepted)");
+        self.write(Command::AllocateEmpty {
             shard: shard.clone(),
             node: node.to_string(),
-            epoch: s.epoch,
         })
         .await?;
         Ok(())
@@ -445,6 +541,11 @@ impl Coordinator {
             }
             *ls.get_or_insert_with(Instant::now)
         };
+        // A fresh group's leader names the cluster before anything joins it.
+        if let Err(e) = self.cluster_id().await {
+            tracing::debug!(error = %e, "cluster not named yet");
+            return;
+        }
         let now = Instant::now();
         let suspect = Duration::from_millis(self.config.suspect_after_ms);
         let down = Duration::from_millis(self.config.down_after_ms);
@@ -481,7 +582,7 @@ impl Coordinator {
                 ..
             } = &c
             {
-                for p in self.promotions(&map, id) {
+                for p in self.promotions(&map, Self::led_by(&map, id)) {
                     if let Err(e) = self.write(p).await {
                         tracing::warn!(error = %e, "promotion not applied");
                     }
@@ -489,6 +590,16 @@ impl Coordinator {
             }
             if let Err(e) = self.write(c).await {
                 tracing::debug!(error = %e, "liveness update not applied");
+            }
+        }
+        // Shards left without a live primary (none promotable at the down transition,
+        // an evicted primary, a lost volume) get one as soon as a serving replica on a
+        // live node has reported its position.
+        let map = self.sm.state.lock().map.clone();
+        let headless = placement::headless(&map);
+        for p in self.promotions(&map, &headless) {
+            if let Err(e) = self.write(p).await {
+                tracing::warn!(error = %e, "promotion not applied");
             }
         }
         let map = self.sm.state.lock().map.clone();

@@ -152,6 +152,44 @@ pub fn initial(map: &ClusterMap, spec: &CollectionSpec) -> Result<Vec<Vec<NodeId
     Ok(out)
 }
 
+/// A replica's position as it last reported it: (epoch of its last batch, sequence).
+pub type Position = (u64, u64);
+
+/// The replica to make `s`'s primary: the most up-to-date serving replica on a live
+/// node (up or draining) other than the current primary, by reported position. A
+/// replica that has not reported yet is not chosen (it may be empty): `None` until it
+/// does, and the shard takes no writes meanwhile. Every choice of a successor goes
+/// through here (issue 14: the most up-to-date replica or none).
+pub fn successor(
+    map: &ClusterMap,
+    s: &crate::map::Shard,
+    position: impl Fn(&str) -> Option<Position>,
+) -> Option<(NodeId, Position)> {
+    s.replicas
+        .iter()
+        .filter(|r| Some(&r.node) != s.primary.as_ref() && r.state == ReplicaState::Serving)
+        .filter(|r| {
+            map.nodes
+                .get(&r.node)
+                .is_some_and(|n| matches!(n.state, NodeState::Up | NodeState::Draining))
+        })
+        .filter_map(|r| Some((r.node.clone(), position(&r.node)?)))
+        .max_by_key(|(_, p)| *p)
+}
+
+/// Shards that need a primary: none named (its replica was evicted or its volume
+/// lost), or the named one on a node that is down.
+pub fn headless(map: &ClusterMap) -> Vec<ShardKey> {
+    map.shards
+        .values()
+        .filter(|s| match &s.primary {
+            None => true,
+            Some(p) => map.nodes.get(p).is_none_or(|n| n.state == NodeState::Down),
+        })
+        .map(|s| s.key.clone())
+        .collect()
+}
+
 /// One primary handover that evens out how many shards the nodes lead (primaries take
 /// the writes): from a node leading the most to a serving backup on a node leading at
 /// least two fewer, the widest such gap first. Nodes that are up and not draining
@@ -394,6 +432,7 @@ mod tests {
     fn converge(m: &mut ClusterMap, opts: &Options) -> usize {
         let mut steps = 0;
         loop {
+            promote_headless(m);
             let moves = plan(m, opts);
             assert!(moves.len() <= opts.max_moves, "step over the move bound");
             if moves.is_empty() {
@@ -420,6 +459,22 @@ mod tests {
             }
             steps += 1;
             assert!(steps < 10_000, "placement did not converge");
+        }
+    }
+
+    /// The leader's part: every shard without a live primary gets its successor (all
+    /// replicas report the same position here).
+    fn promote_headless(m: &mut ClusterMap) {
+        for key in headless(m) {
+            let s = m.shards[&key].clone();
+            if let Some((node, _)) = successor(m, &s, |_| Some((0, 0))) {
+                m.apply(&Command::Promote {
+                    shard: key,
+                    node,
+                    epoch: s.epoch,
+                })
+                .unwrap();
+            }
         }
     }
 
@@ -460,6 +515,7 @@ mod tests {
                 gpu: false,
                 zone: zone.into(),
             },
+            volume: String::new(),
         })
         .unwrap();
         m.apply(&Command::SetNodeState {

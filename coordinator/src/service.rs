@@ -92,6 +92,7 @@ pub fn node_pb(n: &Node, map: &ClusterMap) -> pb::NodeInfo {
         state: node_state_pb(n.state),
         replicas: map.shards.values().filter(|s| s.holds(&n.id)).count() as u32,
         map_version: map.version,
+        cluster_id: map.cluster_id.clone(),
     }
 }
 
@@ -136,6 +137,7 @@ pub fn shard_pb_with(s: &Shard, reports: &Reports) -> pb::Shard {
         epoch: s.epoch,
         serving_generation: s.serving_generation,
         building_generation: s.building_generation,
+        forced_epoch: s.forced_epoch,
     }
 }
 
@@ -145,6 +147,8 @@ fn map_pb(map: &ClusterMap) -> pb::ClusterMapSnapshot {
         collections: map.collections.values().map(collection_pb).collect(),
         nodes: map.nodes.values().map(|n| node_pb(n, map)).collect(),
         shards: map.shards.values().map(shard_pb).collect(),
+        cluster_id: map.cluster_id.clone(),
+        last_collection_id: map.next_collection_id,
     }
 }
 
@@ -247,6 +251,7 @@ impl AdminService {
             map_version: c.sm.state.lock().map.version,
             last_applied_index: m.last_applied.map_or(0, |l| l.index),
             snapshot_index: m.snapshot.map_or(0, |l| l.index),
+            cluster_id: c.sm.state.lock().map.cluster_id.clone(),
         }
     }
 }
@@ -451,6 +456,33 @@ impl pb::admin_server::Admin for AdminService {
             .ok_or_else(|| Status::not_found(format!("shard {key} not found")))?;
         Ok(Response::new(shard_pb_with(s, &self.0.reports.lock())))
     }
+
+    async fn allocate_empty_shard(
+        &self,
+        req: Request<pb::AllocateEmptyShardRequest>,
+    ) -> Result<Response<pb::Shard>, Status> {
+        let r = req.into_inner();
+        check_name(&self.0, &r.collection, "the collection name")?;
+        check_name(&self.0, &r.node_id, "the node id")?;
+        if r.collection.is_empty() || r.node_id.is_empty() {
+            return Err(Status::invalid_argument(
+                "allocate-empty needs a collection and a node_id",
+            ));
+        }
+        let key = ShardKey {
+            collection: r.collection,
+            index: r.shard,
+        };
+        self.0
+            .allocate_empty(&key, &r.node_id, r.accept_data_loss)
+            .await?;
+        let map = self.0.read().await?;
+        let s = map
+            .shards
+            .get(&key)
+            .ok_or_else(|| Status::not_found(format!("shard {key} not found")))?;
+        Ok(Response::new(shard_pb_with(s, &self.0.reports.lock())))
+    }
 }
 
 // ---- public: ClusterMap ------------------------------------------------------------
@@ -488,6 +520,11 @@ impl pb::cluster_map_server::ClusterMap for ClusterMapService {
                 )));
             }
         }
+        shoal_proto::within!(l, id_bytes, r.volume_id.len(), "the volume id's length")?;
+        shoal_proto::within!(l, id_bytes, r.cluster_id.len(), "the cluster id's length")?;
+        let cluster = self.0.cluster_id().await?;
+        self.0
+            .check_cluster(&format!("node {:?}", r.id), &r.cluster_id)?;
         let id = r.id.clone();
         self.0
             .write(Command::RegisterNode {
@@ -498,6 +535,7 @@ impl pb::cluster_map_server::ClusterMap for ClusterMapService {
                     gpu: cap.gpu,
                     zone: cap.zone,
                 },
+                volume: r.volume_id,
             })
             .await?;
         let map = self.0.read().await?;
@@ -505,6 +543,7 @@ impl pb::cluster_map_server::ClusterMap for ClusterMapService {
             .nodes
             .get(&id)
             .ok_or_else(|| Status::not_found(format!("node {id:?} not found")))?;
+        debug_assert_eq!(cluster, map.cluster_id);
         Ok(Response::new(node_pb(n, &map)))
     }
 
@@ -516,7 +555,7 @@ impl pb::cluster_map_server::ClusterMap for ClusterMapService {
         check_name(&self.0, &r.id, "the node id")?;
         let (version, state) = self
             .0
-            .heartbeat(&r.id, &r.ready_replicas, r.replicas)
+            .heartbeat(&r.id, &r.cluster_id, &r.ready_replicas, r.replicas)
             .await?;
         Ok(Response::new(pb::HeartbeatResponse {
             map_version: version,
@@ -527,7 +566,9 @@ impl pb::cluster_map_server::ClusterMap for ClusterMapService {
     type WatchStream = EventStream;
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<EventStream>, Status> {
-        let from = req.into_inner().from_version;
+        let r = req.into_inner();
+        self.0.check_cluster("the watcher", &r.cluster_id)?;
+        let from = r.from_version;
         let coord = self.0.clone();
         // Subscribe before reading the map, so no change falls in between.
         let mut rx = coord.sm.changes.subscribe();

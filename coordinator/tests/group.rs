@@ -127,6 +127,7 @@ async fn register_up(client: &mut Client, id: &str, zone: &str) {
             gpu: false,
             zone: zone.into(),
         }),
+        ..Default::default()
     };
     client
         .cluster(|mut c| {
@@ -416,7 +417,7 @@ async fn follower_forwards_writes_errors_name_the_problem_and_watch_streams_chan
     .await
     .unwrap();
     let mut stream = w
-        .watch(pb::WatchRequest { from_version: 0 })
+        .watch(pb::WatchRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -443,6 +444,7 @@ async fn follower_forwards_writes_errors_name_the_problem_and_watch_streams_chan
     let mut stream = w
         .watch(pb::WatchRequest {
             from_version: next.version,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -496,7 +498,30 @@ async fn silent_node_goes_suspect_then_down_and_its_replicas_move() {
                 })
                 .map(|s| s.key.to_string())
                 .collect();
-            heartbeat(&mut client, id, ready).await;
+            // Every hosted replica reports its position, as a node does: the leader
+            // promotes only a replica whose position it knows.
+            let replicas = map
+                .shards
+                .values()
+                .filter(|s| s.holds(id))
+                .map(|s| pb::ReplicaReport {
+                    shard: s.key.to_string(),
+                    applied_seq: 5,
+                    last_epoch: 1,
+                    epoch: s.epoch,
+                    ..Default::default()
+                })
+                .collect();
+            send_heartbeat(
+                &mut client,
+                pb::HeartbeatRequest {
+                    id: id.into(),
+                    ready_replicas: ready,
+                    replicas,
+                    ..Default::default()
+                },
+            )
+            .await;
         }
         let map = g.map(leader);
         let w3 = map.nodes["w3"].state;
@@ -885,4 +910,145 @@ async fn a_member_whose_raft_core_stopped_reports_not_serving() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(status(1).await, ServingStatus::Serving as i32);
+}
+
+/// Issue 14 at the coordinator: a node back with another volume leads and serves
+/// nothing until filled, and its shards go to the replica whose position the leader
+/// knows; a primary that reports a replica ahead of it hands the role to that replica;
+/// a node whose data belongs to another cluster is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lost_volumes_stale_primaries_and_foreign_nodes() {
+    let _serial = SERIAL.lock().await;
+    let mut g = Group::start(|c| c.tick_ms = 100).await;
+    let leader = g.leader(Duration::from_secs(10)).await;
+    let mut client = g.client();
+    let register = |id: &str, volume: &str, cluster: &str| pb::RegisterNodeRequest {
+        id: id.into(),
+        addr: format!("127.0.0.1:{}", free_port()),
+        capacity: Some(pb::Capacity::default()),
+        volume_id: volume.into(),
+        cluster_id: cluster.into(),
+    };
+    let mut cluster_id = String::new();
+    for id in ["w1", "w2"] {
+        let r = register(id, &format!("vol-{id}"), "");
+        let info = client
+            .cluster(|mut c| {
+                let r = r.clone();
+                async move { c.register_node(r).await }
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!info.cluster_id.is_empty());
+        cluster_id = info.cluster_id;
+        heartbeat(&mut client, id, vec![]).await;
+    }
+    let info = create(&mut client, "v", 2, 2).await.unwrap();
+    let led_by_w1: Vec<String> = info
+        .shards
+        .iter()
+        .filter(|s| s.primary == "w1")
+        .map(|s| format!("v/{}", s.index))
+        .collect();
+    assert!(!led_by_w1.is_empty());
+    // w2 reports every replica it holds; w1 comes back with an empty volume.
+    for s in &info.shards {
+        report_applied(&mut client, "w2", &format!("v/{}", s.index), 1, 7).await;
+    }
+    let r = register("w1", "vol-new", &cluster_id);
+    client
+        .cluster(|mut c| {
+            let r = r.clone();
+            async move { c.register_node(r).await }
+        })
+        .await
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        let map = g.map(leader);
+        let ok = map.shards.values().all(|s| {
+            s.primary.as_deref() == Some("w2")
+                && s.replicas.iter().any(|r| {
+                    r.node == "w1" && r.state == shoal_coordinator::map::ReplicaState::Copying
+                })
+        });
+        if ok {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{map:#?}");
+        // w2 keeps reporting (the leader promotes only replicas it has heard from).
+        for s in &info.shards {
+            report_applied(&mut client, "w2", &format!("v/{}", s.index), 1, 7).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A primary (w2) that found w1's replica ahead of itself asks for it to lead; here
+    // w1's replica of v/0 (filled again) reports more than w2 holds.
+    let map = g.map(leader);
+    let s0 = map.shards.values().next().unwrap().clone();
+    send_heartbeat(
+        &mut client,
+        pb::HeartbeatRequest {
+            id: "w1".into(),
+            ready_replicas: vec!["v/0".into()],
+            replicas: vec![pb::ReplicaReport {
+                shard: "v/0".into(),
+                applied_seq: 9,
+                last_epoch: s0.epoch,
+                epoch: s0.epoch,
+                caught_up: true,
+                ..Default::default()
+            }],
+            cluster_id: cluster_id.clone(),
+        },
+    )
+    .await;
+    send_heartbeat(
+        &mut client,
+        pb::HeartbeatRequest {
+            id: "w2".into(),
+            replicas: vec![pb::ReplicaReport {
+                shard: "v/0".into(),
+                applied_seq: 7,
+                last_epoch: 1,
+                epoch: s0.epoch,
+                ahead: "w1".into(),
+                ..Default::default()
+            }],
+            cluster_id: cluster_id.clone(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let map = g.map(leader);
+    let s = map.shards.values().next().unwrap();
+    assert_eq!(s.primary.as_deref(), Some("w1"), "{s:#?}");
+    assert_eq!(s.epoch, s0.epoch + 1);
+    // Another cluster's node: refused by name, on registration and on heartbeats.
+    let r = register("w9", "vol-w9", "some-other-cluster");
+    let err = client
+        .cluster(|mut c| {
+            let r = r.clone();
+            async move { c.register_node(r).await }
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("--accept-cluster-id"), "{err:?}");
+    let err = client
+        .cluster(|mut c| async move {
+            c.heartbeat(pb::HeartbeatRequest {
+                id: "w2".into(),
+                cluster_id: "some-other-cluster".into(),
+                ..Default::default()
+            })
+            .await
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    for i in 0..3 {
+        g.stop_member(i).await;
+    }
 }

@@ -701,6 +701,7 @@ fn every_rpc_survives_hostile_messages() {
                 file,
                 offset,
                 data,
+                forced: epoch % 2 == 0,
             },
         );
     f.rpc(
@@ -901,15 +902,20 @@ fn every_rpc_survives_hostile_messages() {
             hostile_string(),
             hostile_u64(),
             hostile_string(),
+            (hostile_string(), hostile_string()),
         )
-            .prop_map(|(id, addr, memory_bytes, zone)| cpb::RegisterNodeRequest {
-                id,
-                addr,
-                capacity: Some(cpb::Capacity {
-                    memory_bytes,
-                    gpu: false,
-                    zone,
-                }),
+            .prop_map(|(id, addr, memory_bytes, zone, (volume_id, cluster_id))| {
+                cpb::RegisterNodeRequest {
+                    id,
+                    addr,
+                    capacity: Some(cpb::Capacity {
+                        memory_bytes,
+                        gpu: false,
+                        zone,
+                    }),
+                    volume_id,
+                    cluster_id,
+                }
             }),
         |r| {
             let mut s = ClusterMapClient::new(admin.clone());
@@ -918,6 +924,7 @@ fn every_rpc_survives_hostile_messages() {
     );
     let report = (hostile_string(), hostile_u64(), hostile_u64()).prop_map(
         |(shard, applied_seq, serving_generation)| cpb::ReplicaReport {
+            ahead: shard.clone(),
             shard,
             applied_seq,
             last_epoch: applied_seq,
@@ -938,6 +945,7 @@ fn every_rpc_survives_hostile_messages() {
                 id,
                 ready_replicas,
                 replicas,
+                cluster_id: String::new(),
             }),
         |r| {
             let mut s = ClusterMapClient::new(admin.clone());
@@ -948,7 +956,10 @@ fn every_rpc_survives_hostile_messages() {
         let mut s = ClusterMapClient::new(admin.clone());
         async move {
             let mut stream = s
-                .watch(req(cpb::WatchRequest { from_version }))
+                .watch(req(cpb::WatchRequest {
+                    from_version,
+                    ..Default::default()
+                }))
                 .await?
                 .into_inner();
             // The first event (the whole map) or the stream's error.
@@ -1366,6 +1377,7 @@ fn every_limit_is_refused_by_name_and_nothing_is_half_applied() {
                 zone: zone.into(),
                 ..Default::default()
             }),
+            ..Default::default()
         };
         refused(
             cm.register_node(reg(&"i".repeat(13), "a:1", "")).await,
@@ -1399,6 +1411,7 @@ fn every_limit_is_refused_by_name_and_nothing_is_half_applied() {
                 id: "x2".into(),
                 ready_replicas: vec![],
                 replicas: vec![report.clone(), report.clone(), report],
+                ..Default::default()
             })
             .await,
             Code::InvalidArgument,

@@ -78,6 +78,12 @@ pub struct NodeArgs {
     /// before it is removed.
     #[arg(long, env = "SHOAL_TRASH_GRACE_SECS", default_value_t = 86_400)]
     trash_grace_secs: u64,
+    /// The operator's word that this node's data now belongs to the cluster with this
+    /// id (its coordinator group was rebuilt or restored under another id). Without
+    /// it, a node refuses coordinators of any cluster but the one DATA_DIR/node.json
+    /// names.
+    #[arg(long, env = "SHOAL_ACCEPT_CLUSTER_ID")]
+    accept_cluster_id: Option<String>,
 }
 
 pub async fn run_node(a: NodeArgs) -> Result<()> {
@@ -101,6 +107,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
         heartbeat: Duration::from_millis(a.heartbeat_ms.max(10)),
         recent_log_bytes: a.recent_log_bytes,
         trash_grace: Duration::from_secs(a.trash_grace_secs),
+        accept_cluster_id: a.accept_cluster_id,
         ..NodeConfig::default()
     })
     .await?;

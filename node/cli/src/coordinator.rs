@@ -149,6 +149,16 @@ pub enum ShardCmd {
         #[arg(long)]
         accept_data_loss: bool,
     },
+    /// Re-creates the shard as an empty primary on NODE after its data is gone (every
+    /// serving copy lost). Refused while a serving replica sits on a live node, and
+    /// without --accept-data-loss: every acknowledged write of the shard is given up.
+    AllocateEmpty {
+        collection: String,
+        shard: u32,
+        node: String,
+        #[arg(long)]
+        accept_data_loss: bool,
+    },
 }
 
 pub async fn shard(target: Target, cmd: ShardCmd) -> anyhow::Result<()> {
@@ -170,6 +180,27 @@ pub async fn shard(target: Target, cmd: ShardCmd) -> anyhow::Result<()> {
                 .admin(|mut a| {
                     let r = req.clone();
                     async move { a.promote_replica(r).await }
+                })
+                .await?
+                .into_inner();
+            print_json(shard_json(&s));
+        }
+        ShardCmd::AllocateEmpty {
+            collection,
+            shard,
+            node,
+            accept_data_loss,
+        } => {
+            let req = pb::AllocateEmptyShardRequest {
+                collection,
+                shard,
+                node_id: node,
+                accept_data_loss,
+            };
+            let s = client
+                .admin(|mut a| {
+                    let r = req.clone();
+                    async move { a.allocate_empty_shard(r).await }
                 })
                 .await?
                 .into_inner();

@@ -96,6 +96,7 @@ async fn creates_survive_ten_leader_kills() {
                 id: "w1".into(),
                 addr: "127.0.0.1:1".into(),
                 capacity: None,
+                ..Default::default()
             })
             .await
         })
@@ -322,6 +323,7 @@ async fn the_13_byte_forward_is_refused_and_every_member_lives() {
                 id: "after".into(),
                 addr: "127.0.0.1:1".into(),
                 capacity: None,
+                ..Default::default()
             })
             .await
         })

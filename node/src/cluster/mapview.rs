@@ -12,6 +12,22 @@ pub struct MapView {
     pub nodes: BTreeMap<String, pb::NodeInfo>,
     /// (collection, shard index) -> replica set.
     pub shards: BTreeMap<(String, u32), pb::Shard>,
+    /// The cluster the map belongs to.
+    pub cluster_id: String,
+    /// Every collection id up to this one was issued (ids only grow): a collection of
+    /// a lower id absent from the map was dropped.
+    pub last_collection_id: u64,
+}
+
+/// What a node does with a replica the map no longer assigns to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Removal {
+    /// Its collection was dropped, or the shard is served by a serving replica on a
+    /// live node elsewhere: into the trash (removed after a grace period).
+    Trash,
+    /// Nothing in the map shows the data lives elsewhere (a map restored from an older
+    /// backup, a shard whose every other copy is down): closed, left where it is.
+    Keep,
 }
 
 impl MapView {
@@ -29,6 +45,8 @@ impl MapView {
         }
         match ev.event {
             Some(pb::map_event::Event::Full(m)) => {
+                self.cluster_id = m.cluster_id;
+                self.last_collection_id = m.last_collection_id;
                 self.collections = m
                     .collections
                     .into_iter()
@@ -49,6 +67,7 @@ impl MapView {
                             if self.collections.get(&c.name).is_some_and(|o| o.id != c.id) {
                                 self.shards.retain(|(n, _), _| *n != c.name);
                             }
+                            self.last_collection_id = self.last_collection_id.max(c.id);
                             self.collections.insert(c.name.clone(), c);
                         }
                         C::CollectionDropped(name) => {
@@ -68,6 +87,35 @@ impl MapView {
         }
         self.version = ev.version;
         true
+    }
+
+    /// Pure: whether a replica of (collection, its id, shard index) that the map no
+    /// longer places on `me` may go to the trash (issue 14: never on one map event
+    /// alone; only when the map shows its data dropped or served elsewhere).
+    pub fn removal(&self, collection: &str, collection_id: u64, index: u32, me: &str) -> Removal {
+        let current = self.collections.get(collection).map(|c| c.id);
+        match current {
+            Some(id) if id == collection_id => {}
+            // Re-created under a newer id, or dropped: an explicit operator decision.
+            Some(id) if id > collection_id => return Removal::Trash,
+            None if collection_id <= self.last_collection_id => return Removal::Trash,
+            _ => return Removal::Keep,
+        }
+        let Some(s) = self.shards.get(&(collection.to_string(), index)) else {
+            return Removal::Keep;
+        };
+        let served_elsewhere = s.replicas.iter().any(|r| {
+            r.node_id != me
+                && r.state == pb::ReplicaState::Serving as i32
+                && self.nodes.get(&r.node_id).is_some_and(|n| {
+                    n.state == pb::NodeState::Up as i32 || n.state == pb::NodeState::Draining as i32
+                })
+        });
+        if served_elsewhere {
+            Removal::Trash
+        } else {
+            Removal::Keep
+        }
     }
 
     pub fn shards_of<'a>(&'a self, collection: &'a str) -> impl Iterator<Item = &'a pb::Shard> {
@@ -125,5 +173,65 @@ mod tests {
             ..old_change
         }));
         assert!(!v.collections.contains_key("b"));
+    }
+
+    /// Issue 14: a replica leaves a node's disk only when the map shows its data
+    /// dropped by an operator or served by a live serving replica elsewhere.
+    #[test]
+    fn replicas_go_to_the_trash_only_when_the_map_shows_them_dropped_or_served() {
+        let node = |id: &str, state: pb::NodeState| pb::NodeInfo {
+            id: id.into(),
+            state: state as i32,
+            ..Default::default()
+        };
+        let replica = |id: &str, state: pb::ReplicaState| pb::Replica {
+            node_id: id.into(),
+            state: state as i32,
+            ..Default::default()
+        };
+        let mut v = MapView::default();
+        v.apply(pb::MapEvent {
+            version: 5,
+            event: Some(pb::map_event::Event::Full(pb::ClusterMapSnapshot {
+                version: 5,
+                collections: vec![pb::Collection {
+                    name: "c".into(),
+                    id: 7,
+                    ..Default::default()
+                }],
+                nodes: vec![node("a", pb::NodeState::Up), node("b", pb::NodeState::Down)],
+                shards: vec![
+                    pb::Shard {
+                        collection: "c".into(),
+                        index: 0,
+                        replicas: vec![replica("a", pb::ReplicaState::Serving)],
+                        ..Default::default()
+                    },
+                    pb::Shard {
+                        collection: "c".into(),
+                        index: 1,
+                        replicas: vec![
+                            replica("b", pb::ReplicaState::Serving),
+                            replica("a", pb::ReplicaState::Copying),
+                        ],
+                        ..Default::default()
+                    },
+                ],
+                last_collection_id: 7,
+                ..Default::default()
+            })),
+        });
+        // Served by a live serving copy elsewhere: trash.
+        assert_eq!(v.removal("c", 7, 0, "me"), Removal::Trash);
+        // Its only serving copy is on a down node, the other is a copy: keep.
+        assert_eq!(v.removal("c", 7, 1, "me"), Removal::Keep);
+        // An older incarnation of the collection, or one dropped: trash.
+        assert_eq!(v.removal("c", 3, 0, "me"), Removal::Trash);
+        assert_eq!(v.removal("gone", 6, 0, "me"), Removal::Trash);
+        // A collection this map never heard of (a coordinator restored behind): keep.
+        assert_eq!(v.removal("later", 9, 0, "me"), Removal::Keep);
+        assert_eq!(v.removal("c", 8, 0, "me"), Removal::Keep);
+        // A shard index the map does not list: keep.
+        assert_eq!(v.removal("c", 7, 5, "me"), Removal::Keep);
     }
 }

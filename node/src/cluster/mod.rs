@@ -4,6 +4,7 @@
 //! gateway to every shard) and the internal `Replica` API (its own replicas).
 
 pub mod gateway;
+pub mod identity;
 pub mod mapview;
 pub mod metrics;
 pub mod replicas;
@@ -31,6 +32,7 @@ use tokio::task::JoinHandle;
 
 use crate::shard::{CollectionConfig, Metric};
 use gateway::Gateway;
+use identity::Identity;
 use mapview::MapView;
 use replicas::{Registry, ReplicaArgs, ReplicaKey, ReplicaMsg, ReplicaSupervisor, SupervisorMsg};
 use replication::{Channels, Peer, Replication, Role};
@@ -66,6 +68,7 @@ fn role_of(view: &MapView, s: &cpb::Shard, me: &str) -> Role {
         peers,
         replication_factor: rf,
         write_quorum,
+        forced: s.forced_epoch == s.epoch && s.epoch > 0,
     }
 }
 
@@ -105,6 +108,10 @@ pub struct NodeConfig {
     /// Cap on each hosted replica's recent log, the batches a backup that fell behind
     /// catches up from (beyond it: a whole-shard snapshot).
     pub recent_log_bytes: usize,
+    /// An operator's word that this node's data now belongs to the cluster with this
+    /// id (its coordinator group was rebuilt or restored under a new id); None: the
+    /// node joins only the cluster its data dir names.
+    pub accept_cluster_id: Option<String>,
 }
 
 impl Default for NodeConfig {
@@ -127,6 +134,7 @@ impl Default for NodeConfig {
             auto_rebuild_tail: 50_000,
             metrics_listen: None,
             recent_log_bytes: replication::RECENT_LOG_BYTES,
+            accept_cluster_id: None,
         }
     }
 }
@@ -264,11 +272,15 @@ struct Reconciler {
     supervisor: ActorRef<SupervisorMsg>,
     auto_rebuild_tail: usize,
     recent_log_bytes: usize,
+    /// Replicas closed but kept on disk (the map showed no copy of their data
+    /// elsewhere), re-checked on every map until it does.
+    kept: parking_lot::Mutex<HashMap<ReplicaKey, PathBuf>>,
 }
 
 impl Reconciler {
-    /// Opens the replicas the map assigns to this node and closes (and deletes) the
-    /// ones it no longer does.
+    /// Opens the replicas the map assigns to this node and closes the ones it no
+    /// longer does: into the trash when the map shows their data dropped or served
+    /// elsewhere ([`MapView::removal`]), otherwise kept where they are.
     async fn reconcile(&self, view: &MapView) {
         let mut wanted: HashMap<ReplicaKey, ReplicaArgs> = HashMap::new();
         let mut roles: Vec<(ReplicaKey, Role)> = Vec::new();
@@ -284,11 +296,7 @@ impl Reconciler {
                 collection_id: c.id,
                 index: s.index,
             };
-            let dir = self
-                .data_dir
-                .join("shards")
-                .join(format!("{}-{}", c.name, c.id))
-                .join(s.index.to_string());
+            let dir = self.replica_dir(&key);
             let repl = self
                 .replications
                 .write()
@@ -316,14 +324,40 @@ impl Reconciler {
         let have: Vec<ReplicaKey> = self.registry.read().keys().cloned().collect();
         for k in have {
             if !wanted.contains_key(&k) {
+                let trash = view.removal(&k.collection, k.collection_id, k.index, &self.node_id)
+                    == mapview::Removal::Trash;
+                if !trash {
+                    tracing::warn!(replica = %k, "the map no longer places this replica here but shows no other copy of its data: closing it, keeping its files");
+                    self.kept.lock().insert(k.clone(), self.replica_dir(&k));
+                }
                 let _ = self
                     .supervisor
                     .call(
-                        |r| SupervisorMsg::Close(k.clone(), true, r),
+                        |r| SupervisorMsg::Close(k.clone(), trash, r),
                         Some(Duration::from_secs(30)),
                     )
                     .await;
                 self.replications.write().remove(&k);
+            }
+        }
+        // Kept replicas: reopened when wanted again, trashed once the map shows their
+        // data elsewhere.
+        let kept: Vec<(ReplicaKey, PathBuf)> = self.kept.lock().clone().into_iter().collect();
+        for (k, dir) in kept {
+            if wanted.contains_key(&k) {
+                self.kept.lock().remove(&k);
+            } else if view.removal(&k.collection, k.collection_id, k.index, &self.node_id)
+                == mapview::Removal::Trash
+            {
+                self.kept.lock().remove(&k);
+                match replicas::move_to_trash(&dir) {
+                    Ok(to) => {
+                        tracing::info!(replica = %k, trash = %to.display(), "kept replica now served elsewhere: moved to the trash")
+                    }
+                    Err(e) => {
+                        tracing::warn!(replica = %k, error = %e, "moving a kept replica to the trash")
+                    }
+                }
             }
         }
         for (k, args) in wanted {
@@ -360,7 +394,24 @@ impl Reconciler {
     }
 }
 
-async fn register(client: &mut Client, cfg: &NodeConfig, addr: &str) -> anyhow::Result<()> {
+impl Reconciler {
+    fn replica_dir(&self, k: &ReplicaKey) -> PathBuf {
+        self.data_dir
+            .join("shards")
+            .join(format!("{}-{}", k.collection, k.collection_id))
+            .join(k.index.to_string())
+    }
+}
+
+/// Registers with the coordinators, naming this node's volume and the cluster its
+/// data belongs to; on the first registration, learns (and stores) the cluster's id.
+async fn register(
+    client: &mut Client,
+    cfg: &NodeConfig,
+    addr: &str,
+    identity: &RwLock<Identity>,
+) -> anyhow::Result<()> {
+    let me = identity.read().clone();
     let req = cpb::RegisterNodeRequest {
         id: cfg.id.clone(),
         addr: addr.to_string(),
@@ -369,14 +420,23 @@ async fn register(client: &mut Client, cfg: &NodeConfig, addr: &str) -> anyhow::
             gpu: false,
             zone: cfg.zone.clone(),
         }),
+        volume_id: me.volume_id.clone(),
+        cluster_id: me.cluster_id.clone(),
     };
-    client
+    let info = client
         .cluster(|mut c| {
             let r = req.clone();
             async move { c.register_node(r).await }
         })
         .await
-        .context("registering with the coordinators")?;
+        .context("registering with the coordinators")?
+        .into_inner();
+    if me.cluster_id.is_empty() && !info.cluster_id.is_empty() {
+        let mut id = identity.write();
+        id.cluster_id = info.cluster_id.clone();
+        id.store(&cfg.data_dir)?;
+        tracing::info!(cluster = %info.cluster_id, "joined the cluster");
+    }
     Ok(())
 }
 
@@ -394,6 +454,17 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     }
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    let mut me = Identity::load_or_create(&cfg.data_dir)?;
+    if let Some(id) = cfg
+        .accept_cluster_id
+        .as_ref()
+        .filter(|id| **id != me.cluster_id)
+    {
+        tracing::warn!(from = %me.cluster_id, to = %id, "this node's data now belongs to another cluster, on the operator's word (--accept-cluster-id)");
+        me.cluster_id = id.clone();
+        me.store(&cfg.data_dir)?;
+    }
+    let identity = Arc::new(RwLock::new(me));
     let public = TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("binding the public address {}", cfg.listen))?;
@@ -438,7 +509,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
 
     let mut client = Client::new(cfg.coordinators.clone());
     client.patience = Duration::from_secs(60);
-    register(&mut client, &cfg, &advertised).await?;
+    register(&mut client, &cfg, &advertised, &identity).await?;
 
     let view: Arc<RwLock<MapView>> = Arc::default();
     let (stop, stop_rx) = watch::channel(false);
@@ -454,16 +525,35 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         supervisor: supervisor.clone(),
         auto_rebuild_tail: cfg.auto_rebuild_tail,
         recent_log_bytes: cfg.recent_log_bytes,
+        kept: Default::default(),
     };
-    let (v, mut rx, mut c) = (view.clone(), stop_rx.clone(), client.clone());
+    let (v, mut rx, mut c, ident) = (
+        view.clone(),
+        stop_rx.clone(),
+        client.clone(),
+        identity.clone(),
+    );
     tasks.push(tokio::spawn(async move {
         loop {
             let from = v.read().version;
+            let cluster_id = ident.read().cluster_id.clone();
             let stream = c
-                .cluster(|mut cl| async move {
-                    cl.watch(cpb::WatchRequest { from_version: from }).await
+                .cluster(|mut cl| {
+                    let cluster_id = cluster_id.clone();
+                    async move {
+                        cl.watch(cpb::WatchRequest {
+                            from_version: from,
+                            cluster_id,
+                        })
+                        .await
+                    }
                 })
                 .await;
+            if let Err(e) = &stream {
+                if e.code() == tonic::Code::FailedPrecondition {
+                    tracing::error!(error = %e.message(), "the coordinators refuse this node's cluster");
+                }
+            }
             if let Ok(s) = stream {
                 let mut s = s.into_inner();
                 loop {
@@ -471,6 +561,12 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
                         ev = s.next() => match ev {
                             Some(Ok(ev)) => {
                                 let version = ev.version;
+                                if let Some(cpb::map_event::Event::Full(m)) = &ev.event {
+                                    if !m.cluster_id.is_empty() && m.cluster_id != cluster_id {
+                                        tracing::error!(map_cluster = %m.cluster_id, ours = %cluster_id, "refusing a map of another cluster");
+                                        break;
+                                    }
+                                }
                                 if !v.write().apply(ev) {
                                     tracing::warn!(version, held = v.read().version, "ignored a cluster map older than this node's");
                                     continue;
@@ -507,13 +603,14 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     }));
 
     // Heartbeats, with the replicas that finished copying; re-register if declared down.
-    let (v, mut rx, mut c, reps, cfg2, advertised2) = (
+    let (v, mut rx, mut c, reps, cfg2, advertised2, ident) = (
         view.clone(),
         stop_rx.clone(),
         client.clone(),
         replications.clone(),
         cfg.clone(),
         advertised.clone(),
+        identity.clone(),
     );
     tasks.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(cfg2.heartbeat);
@@ -541,6 +638,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
                     live_docs: stats.live_docs as u64,
                     caught_up: r.caught_up(),
                     epoch: r.known_epoch(),
+                    ahead: r.ahead().unwrap_or_default(),
                 });
             }
             // Targets of moves that have caught up with their primary.
@@ -558,12 +656,14 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
                     .collect()
             };
             let id = cfg2.id.clone();
+            let cluster_id = ident.read().cluster_id.clone();
             let r = c
                 .cluster(|mut cl| {
                     let req = cpb::HeartbeatRequest {
                         id: id.clone(),
                         ready_replicas: ready.clone(),
                         replicas: reports.clone(),
+                        cluster_id: cluster_id.clone(),
                     };
                     async move { cl.heartbeat(req).await }
                 })
@@ -571,11 +671,14 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
             match r {
                 Ok(r) if r.get_ref().state == cpb::NodeState::Down as i32 => {
                     tracing::warn!("declared down by the coordinators; registering again");
-                    let _ = register(&mut c, &cfg2, &advertised2).await;
+                    let _ = register(&mut c, &cfg2, &advertised2, &ident).await;
                 }
                 Ok(_) => {}
                 Err(s) if s.code() == tonic::Code::NotFound => {
-                    let _ = register(&mut c, &cfg2, &advertised2).await;
+                    let _ = register(&mut c, &cfg2, &advertised2, &ident).await;
+                }
+                Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                    tracing::error!(error = %s.message(), "heartbeat refused")
                 }
                 Err(s) => tracing::warn!(error = %s.message(), "heartbeat failed"),
             }

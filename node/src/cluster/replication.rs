@@ -8,6 +8,14 @@
 //! backup that is behind catches up from the primary's recent log, and one whose log
 //! the primary no longer holds, or whose history diverged (writes a deposed primary
 //! never got acknowledged), is replaced by a snapshot of the primary's segments.
+//!
+//! Positions decide who is the source (issue 14): a backup whose position (the epoch of
+//! its last batch, then its sequence number) is past the primary's may hold
+//! acknowledged writes the primary lost, so it is never overwritten; the primary takes
+//! no more writes and reports it, and the coordinators promote the most up-to-date
+//! replica. A primary takes its first write of an epoch only once it has probed the
+//! backups its quorum needs. Only an operator's forced epoch (data loss accepted)
+//! lets a primary overwrite a replica that holds more.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -84,6 +92,9 @@ pub struct Role {
     pub replication_factor: u32,
     /// The collection's write quorum (replicas, the primary included); 0 = default.
     pub write_quorum: u32,
+    /// An operator started this epoch accepting data loss: the primary's copy is the
+    /// shard, replacing replicas that hold more.
+    pub forced: bool,
 }
 
 impl Role {
@@ -102,6 +113,39 @@ impl Role {
             q => q as usize - 1,
         };
         (peers, needed)
+    }
+}
+
+/// Where a backup stands against its primary, from the primary's probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Standing {
+    /// Its history is a prefix of the primary's: ship what follows.
+    Prefix,
+    /// It holds batches of an older epoch the primary never had (a deposed primary's,
+    /// never acknowledged): replaced by a snapshot.
+    Diverged,
+    /// Its position is past the primary's: it may hold acknowledged writes the primary
+    /// lost (an emptied or older volume). Never overwritten.
+    Ahead,
+}
+
+/// Pure: compares a backup's (last sequence, epoch of that batch) with the primary's
+/// history. `forced`: the primary's epoch was forced by an operator (data loss
+/// accepted), so a backup ahead is replaced like a diverged one.
+pub fn standing(
+    epochs: &[(u64, u64)],
+    last: u64,
+    backup_seq: u64,
+    backup_epoch: u64,
+    forced: bool,
+) -> Standing {
+    let own = (epoch_at(epochs, last), last);
+    if backup_seq <= last && epoch_at(epochs, backup_seq) == backup_epoch {
+        Standing::Prefix
+    } else if (backup_epoch, backup_seq) > own && !forced {
+        Standing::Ahead
+    } else {
+        Standing::Diverged
     }
 }
 
@@ -207,6 +251,12 @@ pub struct Replication {
     /// The node is shutting down and handing this primary role over: new writes are
     /// refused (retried by clients) so the backup can hold everything first.
     handing_over: AtomicBool,
+    /// On a primary: a backup found ahead of it (node, its seq, its epoch), at the
+    /// role's epoch. No writes until another replica is promoted.
+    ahead: Mutex<Option<(u64, String, u64, u64)>>,
+    /// On a primary: the backups probed (node -> the role epoch of the probe), whose
+    /// position is known not to be past this one's.
+    probed: Mutex<HashMap<String, u64>>,
 }
 
 impl Replication {
@@ -231,7 +281,20 @@ impl Replication {
             apply: tokio::sync::Mutex::new(()),
             channels,
             handing_over: AtomicBool::new(false),
+            ahead: Mutex::new(None),
+            probed: Mutex::default(),
         })
+    }
+
+    /// The replica found ahead of this primary in its current epoch, if any (reported
+    /// to the coordinators, which promote the most up-to-date replica).
+    pub fn ahead(&self) -> Option<String> {
+        let epoch = self.role().filter(|r| r.is_primary)?.epoch;
+        self.ahead
+            .lock()
+            .as_ref()
+            .filter(|a| a.0 == epoch)
+            .map(|a| a.1.clone())
     }
 
     /// The open shard engine (set by the replica actor when it opens or reopens).
@@ -419,6 +482,7 @@ impl Replication {
                 1 + needed
             )));
         }
+        self.wait_probed(&role, &peers, needed).await?;
         let shard = self.shard()?;
         let epoch = role.epoch;
         let recent = self.recent.clone();
@@ -434,6 +498,52 @@ impl Replication {
         self.appended.notify_waiters();
         let holders = self.wait_quorum(ack.seq, epoch).await?;
         Ok((ack, 1 + holders as u32))
+    }
+
+    /// Refuses writes while a backup is known to be ahead of this primary, and holds
+    /// the first writes of an epoch until the backups the quorum needs were probed: a
+    /// primary that lost data must not write past a backup that holds more.
+    async fn wait_probed(
+        &self,
+        role: &Role,
+        peers: &[String],
+        needed: usize,
+    ) -> Result<(), Status> {
+        let mut rx = self.matched.subscribe();
+        let wait = async {
+            loop {
+                if let Some((_, node, seq, epoch)) =
+                    self.ahead.lock().clone().filter(|a| a.0 == role.epoch)
+                {
+                    return Err(Status::unavailable(format!(
+                        "the primary of shard {} on {} is behind its replica on {node} \
+                         (epoch {epoch}, seq {seq}); it takes no writes until the most \
+                         up-to-date replica is promoted: retry",
+                        self.key, self.node_id
+                    )));
+                }
+                let probed = {
+                    let p = self.probed.lock();
+                    peers
+                        .iter()
+                        .filter(|n| p.get(*n) == Some(&role.epoch))
+                        .count()
+                };
+                if probed >= needed {
+                    return Ok(());
+                }
+                if rx.changed().await.is_err() {
+                    return Err(Status::unavailable("replica closed"));
+                }
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(2), wait).await {
+            Ok(r) => r,
+            Err(_) => Err(Status::unavailable(format!(
+                "the primary of shard {} has not yet heard where its backups stand; retry",
+                self.key
+            ))),
+        }
     }
 
     fn check_fenced(&self, epoch: u64) -> Result<(), Status> {
@@ -572,15 +682,35 @@ impl Replication {
                 let r = self
                     .send_append(addr, epoch, last, &epochs, &[], last)
                     .await?;
-                let consistent =
-                    r.last_seq <= last && epoch_at(&epochs, r.last_seq) == r.last_epoch;
-                if !consistent {
-                    metrics::counter!("shoal_replication_snapshots_sent_total", "reason" => "diverged").increment(1);
-                    tracing::info!(shard = %self.key, backup = node, backup_seq = r.last_seq, backup_epoch = r.last_epoch, primary_seq = last, "backup diverged; sending a snapshot");
-                    self.send_snapshot(node, addr, epoch, &shard).await?;
-                    return Ok(true);
+                let forced = self.role().is_some_and(|r| r.forced && r.epoch == epoch);
+                match standing(&epochs, last, r.last_seq, r.last_epoch, forced) {
+                    Standing::Ahead => {
+                        let first = self
+                            .ahead
+                            .lock()
+                            .replace((epoch, node.to_string(), r.last_seq, r.last_epoch))
+                            .is_none_or(|a| a.0 != epoch);
+                        if first {
+                            metrics::counter!("shoal_replication_backup_ahead_total").increment(1);
+                            tracing::warn!(shard = %self.key, backup = node, backup_seq = r.last_seq, backup_epoch = r.last_epoch, primary_seq = last, "backup is ahead of this primary: not overwriting it, taking no writes until the most up-to-date replica is promoted");
+                        }
+                        // Writes waiting re-check, and are refused.
+                        self.matched.send_modify(|_| {});
+                        return Ok(false);
+                    }
+                    Standing::Diverged => {
+                        self.probed.lock().insert(node.to_string(), epoch);
+                        metrics::counter!("shoal_replication_snapshots_sent_total", "reason" => "diverged").increment(1);
+                        tracing::info!(shard = %self.key, backup = node, backup_seq = r.last_seq, backup_epoch = r.last_epoch, primary_seq = last, forced, "backup diverged; sending a snapshot");
+                        self.send_snapshot(node, addr, epoch, &shard).await?;
+                        return Ok(true);
+                    }
+                    Standing::Prefix => {}
                 }
+                self.probed.lock().insert(node.to_string(), epoch);
                 self.set_matched(node, r.last_seq);
+                // Writes waiting for their first probes re-check.
+                self.matched.send_modify(|_| {});
                 r.last_seq + 1
             }
         };
@@ -703,6 +833,7 @@ impl Replication {
             epoch,
             primary: self.node_id.clone(),
             manifest: src.manifest.clone(),
+            forced: self.role().is_some_and(|r| r.forced && r.epoch == epoch),
             ..Default::default()
         };
         let files = src.files.clone();
@@ -929,7 +1060,27 @@ mod tests {
                 .collect(),
             replication_factor: rf,
             write_quorum,
+            forced: false,
         }
+    }
+
+    /// Issue 14: a backup past the primary is never overwritten; one holding an older
+    /// epoch's batches the primary never had is; an operator's forced epoch overrides.
+    #[test]
+    fn positions_decide_who_is_overwritten() {
+        // The primary wrote 1..=10 at epoch 2, then 11..=15 at epoch 4.
+        let epochs = [(2, 1), (4, 11)];
+        assert_eq!(standing(&epochs, 15, 12, 4, false), Standing::Prefix);
+        assert_eq!(standing(&epochs, 15, 0, 0, false), Standing::Prefix);
+        // A deposed epoch-3 primary's unacknowledged 11..=20: replaced.
+        assert_eq!(standing(&epochs, 15, 20, 3, false), Standing::Diverged);
+        // More of epoch 4 than the primary holds, or a newer epoch: ahead.
+        assert_eq!(standing(&epochs, 15, 16, 4, false), Standing::Ahead);
+        assert_eq!(standing(&epochs, 15, 3, 5, false), Standing::Ahead);
+        // A primary that opened empty never overwrites a backup that has anything.
+        assert_eq!(standing(&[], 0, 1, 1, false), Standing::Ahead);
+        // ... unless an operator forced its epoch, accepting the loss.
+        assert_eq!(standing(&[], 0, 1, 1, true), Standing::Diverged);
     }
 
     #[test]

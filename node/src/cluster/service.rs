@@ -284,6 +284,18 @@ impl rpb::replica_server::Replica for ReplicaService {
         let actor = self.actor(first.shard.clone())?;
         let _g = repl.lock_apply().await;
         repl.accept_epoch(first.epoch, &first.primary)?;
+        // Never moved backwards: a replica ahead of the snapshot may hold acknowledged
+        // writes its sender lost, unless an operator forced the sender's epoch.
+        let (snap_seq, snap_epoch) = crate::shard::Shard::manifest_position(&first.manifest)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (own_seq, own_epoch) = repl.shard()?.last();
+        if (own_epoch, own_seq) > (snap_epoch, snap_seq) && !first.forced {
+            return Err(Status::failed_precondition(format!(
+                "replica {} is ahead of the snapshot from {} (epoch {own_epoch} seq {own_seq} \
+                 > epoch {snap_epoch} seq {snap_seq}); not overwriting it",
+                repl.key, first.primary
+            )));
+        }
         repl.mark_behind();
         let (staging, bytes) = repl
             .receive_snapshot(&first, &mut stream, self.limits.snapshot_files)

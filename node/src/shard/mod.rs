@@ -34,6 +34,7 @@ pub use config::{
     MAX_REQUEST_ID_BYTES, MAX_TOP_K,
 };
 pub use error::{Result, ShardError};
+pub use storage::{sync_dir, write_atomic};
 pub use wal::{WalBatch, WalOp};
 
 use ann::AnnIndex;
@@ -618,6 +619,13 @@ impl Shard {
     }
 
     /// Writes a snapshot's manifest into `dir` (which holds its copied files).
+    /// A snapshot manifest's position: (last sequence number, epoch of that batch).
+    pub fn manifest_position(manifest: &[u8]) -> Result<(u64, u64)> {
+        let m: Manifest = serde_json::from_slice(manifest)
+            .map_err(|e| ShardError::InvalidConfig(format!("snapshot manifest: {e}")))?;
+        Ok((m.applied_seq, epoch_at(&m.epochs, m.applied_seq)))
+    }
+
     pub fn install_manifest(dir: &Path, manifest: &[u8]) -> Result<()> {
         let m: Manifest = serde_json::from_slice(manifest)
             .map_err(|e| ShardError::InvalidConfig(format!("snapshot manifest: {e}")))?;

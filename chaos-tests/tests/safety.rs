@@ -1,0 +1,344 @@
+//! Issue 14's routine failures, on a real cluster of processes (three coordinators,
+//! three nodes, RF 2, three shards), each under several concurrent writers with request
+//! ids and a query loop that searches exactly for documents already acknowledged: a
+//! rack of two nodes lost past the down timeout, a node back with an empty volume, the
+//! whole node tier restarted past the down timeout, and a node pointed at the
+//! coordinators of another cluster. At the end every acknowledged document is present,
+//! with its exact vector, and no answer that claimed to be complete missed one.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use shoal_chaos_tests::*;
+use shoal_proto::coordinator as cpb;
+
+/// One cluster at a time: each is six processes on a small machine.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const COLLECTION: &str = "safety";
+const WRITERS: u64 = 3;
+const PER_BATCH: u64 = 20;
+
+/// Concurrent writers, each over its own range of batches (request ids), until `stop`.
+struct Writers {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Record>>,
+}
+
+impl Writers {
+    fn start(nodes: &Arc<Mutex<Vec<String>>>, first_batch: u64, batches: u64) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..WRITERS)
+            .map(|w| {
+                tokio::spawn(ingest(
+                    nodes.clone(),
+                    COLLECTION.into(),
+                    first_batch + w * 1_000,
+                    batches,
+                    PER_BATCH,
+                    Duration::from_secs(90),
+                    stop.clone(),
+                ))
+            })
+            .collect();
+        Self { stop, tasks }
+    }
+
+    /// Stops them; (acknowledged documents, documents whose outcome is unknown).
+    async fn finish(self) -> (Vec<u64>, Vec<u64>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let (mut acked, mut unknown) = (Vec::new(), Vec::new());
+        for t in self.tasks {
+            let r = t.await.unwrap();
+            acked.extend(r.acknowledged_docs());
+            for ((first, n), o) in r.batches {
+                if o == Outcome::Unknown {
+                    unknown.extend(first..first + n);
+                }
+            }
+        }
+        (acked, unknown)
+    }
+}
+
+struct Verify {
+    stats: Arc<Mutex<VerifyStats>>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Verify {
+    fn start(nodes: &Arc<Mutex<Vec<String>>>, acked: &[u64]) -> Self {
+        let stats = Arc::new(Mutex::new(VerifyStats::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(verify_loop(
+            nodes.clone(),
+            COLLECTION.into(),
+            Arc::new(Mutex::new(acked.to_vec())),
+            stats.clone(),
+            stop.clone(),
+        ));
+        Self { stats, stop, task }
+    }
+
+    async fn finish(self) -> VerifyStats {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+        let s = self.stats.lock().unwrap().clone();
+        s
+    }
+}
+
+async fn cluster() -> Cluster {
+    let c = Cluster::start(3).await;
+    c.create_collection(COLLECTION, 3, 2).await;
+    c.wait_replicated(COLLECTION, 2, Duration::from_secs(60))
+        .await;
+    c
+}
+
+/// Writes a first round through every node; all of it must be acknowledged.
+async fn first_round(c: &Cluster) -> Vec<u64> {
+    let nodes = Arc::new(Mutex::new(c.all_nodes()));
+    let (acked, unknown) = Writers::start(&nodes, 0, 4).finish().await;
+    assert!(unknown.is_empty(), "{} unknown outcomes", unknown.len());
+    assert_eq!(acked.len() as u64, WRITERS * 4 * PER_BATCH);
+    acked
+}
+
+/// The end state: every shard back at two caught-up serving replicas; every
+/// acknowledged document present once with its exact vector, through every node; the
+/// primaries hold nothing but acknowledged and unknown-outcome documents.
+async fn final_check(c: &Cluster, acked: &[u64], unknown: &[u64]) -> Duration {
+    let recovered = c
+        .wait_replicated(COLLECTION, 2, Duration::from_secs(90))
+        .await;
+    for node in c.running_nodes() {
+        check_acknowledged(&node, COLLECTION, acked).await;
+    }
+    let t = Instant::now();
+    loop {
+        let live = live_docs(&c.shards(COLLECTION).await);
+        let range = acked.len() as u64..=(acked.len() + unknown.len()) as u64;
+        if range.contains(&live) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "primaries hold {live} documents; {} acknowledged, {} unknown",
+            acked.len(),
+            unknown.len()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    recovered
+}
+
+fn figures(test: &str, acked: usize, v: &VerifyStats, extra: serde_json::Value) {
+    let mut j = serde_json::json!({
+        "test": test, "acknowledged": acked, "lost": 0,
+        "queries_complete": v.complete, "queries_partial": v.partial,
+        "queries_failed": v.failed, "silent_misses": v.silent_misses.len(),
+    });
+    if let (Some(o), Some(e)) = (j.as_object_mut(), extra.as_object()) {
+        o.extend(e.clone());
+    }
+    println!("{j}");
+}
+
+/// Issue 14's rack loss: two of three nodes killed together and kept away past the down
+/// timeout. The shard whose both copies were on them is never re-created empty: it is
+/// unavailable (searches partial, writes retried) until they come back with their data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rack_loss_past_the_down_timeout_loses_nothing() {
+    let _g = SERIAL.lock().await;
+    let mut c = cluster().await;
+    let mut acked = first_round(&c).await;
+    let nodes = Arc::new(Mutex::new(c.all_nodes()));
+    let verify = Verify::start(&nodes, &acked);
+    let writers = Writers::start(&nodes, 100, 1_000);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (a, b) = (c.node_index("n2"), c.node_index("n3"));
+    c.kill(a);
+    c.kill(b);
+    let t = Instant::now();
+    c.wait_node_state("n2", cpb::NodeState::Down, Duration::from_secs(20))
+        .await;
+    c.wait_node_state("n3", cpb::NodeState::Down, Duration::from_secs(20))
+        .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Nothing on the surviving node took over a shard it never held.
+    for s in c.shards(COLLECTION).await {
+        let on_n1 = s.replicas.iter().find(|r| r.node_id == "n1");
+        if on_n1.is_none_or(|r| r.state != cpb::ReplicaState::Serving as i32) {
+            assert_ne!(s.primary, "n1", "an empty copy leads {s:#?}");
+        }
+    }
+    c.restart(a);
+    c.restart(b);
+    let away = t.elapsed();
+    let recovered_at = Instant::now();
+    c.wait_replicated(COLLECTION, 2, Duration::from_secs(90))
+        .await;
+    let recovered = recovered_at.elapsed();
+    // Writes go on a moment with everything back.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (during, unknown) = writers.finish().await;
+    let v = verify.finish().await;
+    acked.extend(&during);
+    final_check(&c, &acked, &unknown).await;
+    assert!(v.silent_misses.is_empty(), "{:?}", v.silent_misses);
+    assert!(
+        v.partial > 0,
+        "no answer during the loss said it was partial: {v:?}"
+    );
+    figures(
+        "rack_loss",
+        acked.len(),
+        &v,
+        serde_json::json!({"away_s": away.as_secs_f64(), "recover_s": recovered.as_secs_f64(),
+                           "unknown_outcome": unknown.len()}),
+    );
+}
+
+/// Issue 14's replaced volume: a node killed, its data dir wiped, restarted within the
+/// down timeout. It registers with a new volume: its replicas stop serving and leading
+/// and are filled again from the copies that hold the data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_back_with_an_empty_volume_loses_nothing() {
+    let _g = SERIAL.lock().await;
+    let mut c = cluster().await;
+    let mut acked = first_round(&c).await;
+    let led: Vec<u32> = c
+        .shards(COLLECTION)
+        .await
+        .iter()
+        .filter(|s| s.primary == "n1")
+        .map(|s| s.index)
+        .collect();
+    assert!(!led.is_empty(), "n1 leads no shard");
+    let nodes = Arc::new(Mutex::new(c.all_nodes()));
+    let verify = Verify::start(&nodes, &acked);
+    let writers = Writers::start(&nodes, 100, 1_000);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let i = c.node_index("n1");
+    c.kill(i);
+    std::fs::remove_dir_all(c.node_dir(i)).unwrap();
+    c.restart(i);
+    let t = Instant::now();
+    // The leader demotes the empty replicas and promotes the copies that hold the data.
+    let shards = loop {
+        let shards = c.shards(COLLECTION).await;
+        if led.iter().all(|&k| {
+            let s = &shards[k as usize];
+            !s.primary.is_empty() && s.primary != "n1"
+        }) {
+            break shards;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "n1's shards not handed over: {shards:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let handed_over = t.elapsed();
+    for s in &shards {
+        assert_ne!(s.primary, "n1");
+    }
+    c.wait_replicated(COLLECTION, 2, Duration::from_secs(90))
+        .await;
+    let recovered = t.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (during, unknown) = writers.finish().await;
+    let v = verify.finish().await;
+    acked.extend(&during);
+    final_check(&c, &acked, &unknown).await;
+    assert!(v.silent_misses.is_empty(), "{:?}", v.silent_misses);
+    assert!(c.node_log(i).contains("new data volume"));
+    figures(
+        "replaced_volume",
+        acked.len(),
+        &v,
+        serde_json::json!({"handed_over_s": handed_over.as_secs_f64(),
+                           "recover_s": recovered.as_secs_f64(), "unknown_outcome": unknown.len()}),
+    );
+}
+
+/// Every node killed and kept away past the down timeout, then restarted; then one
+/// node pointed at a coordinator group of another cluster, which it refuses (and which
+/// refuses it) without touching its data, until it is pointed back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn whole_node_tier_restart_and_a_foreign_cluster_lose_nothing() {
+    let _g = SERIAL.lock().await;
+    let mut c = cluster().await;
+    let mut acked = first_round(&c).await;
+    let nodes = Arc::new(Mutex::new(c.all_nodes()));
+    let verify = Verify::start(&nodes, &acked);
+    let writers = Writers::start(&nodes, 100, 1_000);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for i in 0..3 {
+        c.kill(i);
+    }
+    let t = Instant::now();
+    for n in ["n1", "n2", "n3"] {
+        c.wait_node_state(n, cpb::NodeState::Down, Duration::from_secs(20))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for i in 0..3 {
+        c.restart(i);
+    }
+    let away = t.elapsed();
+    let back = Instant::now();
+    c.wait_replicated(COLLECTION, 2, Duration::from_secs(90))
+        .await;
+    let recovered = back.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (during, unknown) = writers.finish().await;
+    acked.extend(&during);
+    final_check(&c, &acked, &unknown).await;
+
+    // Another cluster's coordinators: the node refuses to join them and exits, its
+    // data untouched.
+    let foreign = Cluster::start(0).await;
+    let i = c.node_index("n3");
+    let before = dir_bytes(&c.node_dir(i));
+    c.terminate(i, Duration::from_secs(20)).await;
+    c.set_node_args(i, &foreign.coordinators, &[]);
+    c.restart(i);
+    let status = c
+        .wait_exit(i, Duration::from_secs(60))
+        .await
+        .expect("the node joined a foreign cluster");
+    assert!(!status.success());
+    let log = c.node_log(i);
+    assert!(log.contains("holds data of cluster"), "{log}");
+    assert!(dir_bytes(&c.node_dir(i)) >= before);
+    let coords = c.coordinators.clone();
+    c.set_node_args(i, &coords, &[]);
+    c.restart(i);
+    final_check(&c, &acked, &unknown).await;
+    let v = verify.finish().await;
+    assert!(v.silent_misses.is_empty(), "{:?}", v.silent_misses);
+    figures(
+        "whole_tier_restart_and_foreign_cluster",
+        acked.len(),
+        &v,
+        serde_json::json!({"away_s": away.as_secs_f64(), "recover_s": recovered.as_secs_f64(),
+                           "unknown_outcome": unknown.len(), "foreign_cluster_refused": true}),
+    );
+}
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
