@@ -242,16 +242,23 @@ impl AdminService {
             .and_then(|l| members.iter().find(|x| x.id == l))
             .map(|x| x.api_addr.clone())
             .unwrap_or_default();
+        // One lock, let go before the answer is built (a second `lock()` in the
+        // literal below would wait on the first for ever: parking_lot is not
+        // reentrant and temporaries live to the end of the statement).
+        let (map_version, cluster_id) = {
+            let st = c.sm.state.lock();
+            (st.map.version, st.map.cluster_id.clone())
+        };
         pb::ClusterStatusResponse {
             id: c.id,
             leader: m.current_leader.unwrap_or(0),
             leader_api_addr,
             term: m.current_term,
             members,
-            map_version: c.sm.state.lock().map.version,
+            map_version,
             last_applied_index: m.last_applied.map_or(0, |l| l.index),
             snapshot_index: m.snapshot.map_or(0, |l| l.index),
-            cluster_id: c.sm.state.lock().map.cluster_id.clone(),
+            cluster_id,
         }
     }
 }

@@ -952,10 +952,25 @@ async fn lost_volumes_stale_primaries_and_foreign_nodes() {
         .map(|s| format!("v/{}", s.index))
         .collect();
     assert!(!led_by_w1.is_empty());
-    // w2 reports every replica it holds; w1 comes back with an empty volume.
-    for s in &info.shards {
-        report_applied(&mut client, "w2", &format!("v/{}", s.index), 1, 7).await;
-    }
+    // w2 reports every replica it holds (one heartbeat carries them all); w1 comes
+    // back with an empty volume.
+    let w2_reports = pb::HeartbeatRequest {
+        id: "w2".into(),
+        replicas: info
+            .shards
+            .iter()
+            .map(|s| pb::ReplicaReport {
+                shard: format!("v/{}", s.index),
+                applied_seq: 7,
+                last_epoch: 1,
+                epoch: 1,
+                ..Default::default()
+            })
+            .collect(),
+        cluster_id: cluster_id.clone(),
+        ..Default::default()
+    };
+    send_heartbeat(&mut client, w2_reports.clone()).await;
     let r = register("w1", "vol-new", &cluster_id);
     client
         .cluster(|mut c| {
@@ -978,9 +993,7 @@ async fn lost_volumes_stale_primaries_and_foreign_nodes() {
         }
         assert!(t.elapsed() < Duration::from_secs(10), "{map:#?}");
         // w2 keeps reporting (the leader promotes only replicas it has heard from).
-        for s in &info.shards {
-            report_applied(&mut client, "w2", &format!("v/{}", s.index), 1, 7).await;
-        }
+        send_heartbeat(&mut client, w2_reports.clone()).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // A primary (w2) that found w1's replica ahead of itself asks for it to lead; here

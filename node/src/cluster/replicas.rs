@@ -58,29 +58,72 @@ pub struct Hosted {
     args: ReplicaArgs,
 }
 
+fn io_at(p: &Path) -> impl FnOnce(std::io::Error) -> ShardError {
+    let p = p.to_path_buf();
+    move |e| ShardError::Io { path: p, source: e }
+}
+
+/// Where the replaced directory waits during a snapshot swap.
+fn old_dir(dir: &Path) -> PathBuf {
+    dir.with_extension("old")
+}
+
+/// Swaps `dir` for the snapshot assembled (and fsynced) in `staging`, crash-safe: the
+/// old directory is renamed aside, the staged one into place, the parent fsynced after
+/// each rename, and only then is the old one removed. [`recover_install`] finishes or
+/// undoes a swap a crash interrupted.
+pub fn swap_in(dir: &Path, staging: &Path) -> Result<(), ShardError> {
+    let parent = dir.parent().unwrap_or(dir);
+    let old = old_dir(dir);
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(io_at(&old))?;
+    }
+    if dir.exists() {
+        std::fs::rename(dir, &old).map_err(io_at(dir))?;
+        crate::shard::sync_dir(parent)?;
+    }
+    std::fs::rename(staging, dir).map_err(io_at(staging))?;
+    crate::shard::sync_dir(parent)?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// Before a replica opens: finishes or undoes a snapshot swap a crash interrupted. A
+/// directory whose manifest is missing while the set-aside one has it gets the old one
+/// back (the swap never completed); a complete new directory lets the old one go; a
+/// half-received staging directory is dropped (the primary sends it again).
+pub fn recover_install(dir: &Path) -> Result<(), ShardError> {
+    let old = old_dir(dir);
+    let has_manifest = |d: &Path| d.join("manifest.json").exists();
+    if old.exists() {
+        if has_manifest(dir) {
+            std::fs::remove_dir_all(&old).map_err(io_at(&old))?;
+        } else if has_manifest(&old) {
+            if dir.exists() {
+                std::fs::remove_dir_all(dir).map_err(io_at(dir))?;
+            }
+            std::fs::rename(&old, dir).map_err(io_at(&old))?;
+            crate::shard::sync_dir(dir.parent().unwrap_or(dir))?;
+            tracing::warn!(dir = %dir.display(), "an interrupted snapshot install was rolled back");
+        }
+    }
+    let staging = super::replication::staging_dir(dir);
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(io_at(&staging))?;
+    }
+    Ok(())
+}
+
 /// Swaps the replica's directory for a snapshot assembled in `staging`: the old
-/// handle is retired first (it must not checkpoint into the new files), then the
-/// directories are renamed and the new one opened.
+/// handle is retired first (it must not checkpoint or build into the new files), then
+/// the directories are swapped ([`swap_in`]) and the new one opened.
 async fn install(h: &Hosted, staging: PathBuf) -> Result<Shard, ShardError> {
     h.shard.retire();
     h.args.repl.retire_shard();
     let dir = h.args.dir.clone();
     tokio::task::spawn_blocking(move || {
-        let old = dir.with_extension("old");
-        let io = |p: &std::path::Path| {
-            let p = p.to_path_buf();
-            move |e| ShardError::Io { path: p, source: e }
-        };
-        if old.exists() {
-            std::fs::remove_dir_all(&old).map_err(io(&old))?;
-        }
-        if dir.exists() {
-            std::fs::rename(&dir, &old).map_err(io(&dir))?;
-        }
-        std::fs::rename(&staging, &dir).map_err(io(&staging))?;
-        let shard = Shard::open(&dir)?;
-        let _ = std::fs::remove_dir_all(&old);
-        Ok(shard)
+        swap_in(&dir, &staging)?;
+        Shard::open(&dir)
     })
     .await
     .map_err(|e| ShardError::InvalidConfig(format!("install task: {e}")))?
@@ -99,8 +142,11 @@ impl Actor for ReplicaActor {
         // A crashed predecessor's handle must not checkpoint over what we open.
         args.repl.retire_shard();
         let (dir, config) = (args.dir.clone(), args.config.clone());
-        let shard =
-            tokio::task::spawn_blocking(move || Shard::open_or_create(&dir, config)).await??;
+        let shard = tokio::task::spawn_blocking(move || {
+            recover_install(&dir)?;
+            Shard::open_or_create(&dir, config)
+        })
+        .await??;
         args.repl.set_shard(shard.clone());
         Ok(Hosted {
             shard: Arc::new(shard),
@@ -350,6 +396,38 @@ pub fn empty_trash(data_dir: &Path, grace: std::time::Duration) -> usize {
 #[cfg(test)]
 mod trash_tests {
     use super::*;
+
+    /// A crash at any point of a snapshot swap leaves a directory that opens to either
+    /// the old copy or the new one, whole.
+    #[test]
+    fn an_interrupted_snapshot_swap_recovers_to_one_whole_copy() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("0");
+        let write = |d: &Path, what: &[u8]| {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::write(d.join("manifest.json"), what).unwrap();
+        };
+        let read = |d: &Path| std::fs::read(d.join("manifest.json")).unwrap();
+        // Crashed after the old copy was set aside, before the new one moved in.
+        write(&old_dir(&dir), b"old");
+        write(&super::super::replication::staging_dir(&dir), b"new");
+        recover_install(&dir).unwrap();
+        assert_eq!(read(&dir), b"old");
+        assert!(!old_dir(&dir).exists());
+        assert!(!super::super::replication::staging_dir(&dir).exists());
+        // Crashed after the new copy moved in, before the old one was removed.
+        write(&old_dir(&dir), b"old");
+        std::fs::remove_dir_all(&dir).unwrap();
+        write(&dir, b"new");
+        recover_install(&dir).unwrap();
+        assert_eq!(read(&dir), b"new");
+        assert!(!old_dir(&dir).exists());
+        // A whole swap.
+        write(&super::super::replication::staging_dir(&dir), b"newer");
+        swap_in(&dir, &super::super::replication::staging_dir(&dir)).unwrap();
+        assert_eq!(read(&dir), b"newer");
+        assert!(!old_dir(&dir).exists());
+    }
 
     #[test]
     fn deleted_replicas_wait_in_the_trash_for_their_grace_period() {

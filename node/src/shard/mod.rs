@@ -289,6 +289,7 @@ pub fn epoch_at(epochs: &[(u64, u64)], seq: u64) -> u64 {
         .map_or(0, |&(e, _)| e)
 }
 
+/// Lock order, never reversed: `building`, then `writer`, then `state`.
 struct Inner {
     dir: PathBuf,
     config: CollectionConfig,
@@ -581,6 +582,13 @@ impl Shard {
         self.inner.poisoned.store(true, Ordering::Release);
     }
 
+    fn check_writable(&self) -> Result<()> {
+        if self.inner.poisoned.load(Ordering::Acquire) {
+            return Err(ShardError::Poisoned(self.inner.dir.clone()));
+        }
+        Ok(())
+    }
+
     /// The batches the log replayed when this handle opened, oldest first; taken once
     /// (replication keeps them so a backup that is behind gets them, not a snapshot).
     pub fn take_replayed(&self) -> Vec<Arc<WalBatch>> {
@@ -602,6 +610,7 @@ impl Shard {
     /// [`SnapshotSource`]).
     pub fn snapshot(&self) -> Result<SnapshotSource> {
         let mut w = self.inner.writer.lock();
+        self.check_writable()?;
         checkpoint(&self.inner.dir, &mut w)?;
         let mut m = w.manifest.clone();
         m.serving = None;
@@ -763,7 +772,11 @@ impl Shard {
     }
 
     pub fn stats(&self) -> ShardStats {
-        // Writer before state, the order every writer and the build swap take them in.
+        // Lock order: building, then writer, then state (a build holds `building`
+        // while taking the writer; a write holds the writer while taking the state).
+        // `building` is read first and let go: holding the state while taking it
+        // closed a cycle that could hang a replica and the heartbeat calling this.
+        let building = *self.inner.building.lock();
         let last_seq = self.inner.writer.lock().last_seq;
         let st = self.inner.state.read();
         let serving = st.serving.as_ref().map(|g| g.info.clone());
@@ -774,7 +787,7 @@ impl Shard {
             last_seq,
             fresh_rows: rows - serving.as_ref().map_or(0, |g| g.covered_rows),
             serving,
-            building: *self.inner.building.lock(),
+            building,
         }
     }
 
@@ -909,6 +922,9 @@ impl Shard {
         // complete, checksummed file; readers see either N or N+1, never a mix.
         let old = {
             let mut w = self.inner.writer.lock();
+            // A retired handle (its directory replaced by a snapshot) never writes a
+            // manifest: the directory now belongs to another handle.
+            self.check_writable()?;
             let old = w.manifest.serving.replace(meta);
             w.manifest.store(&self.inner.dir)?;
             let generation = Arc::new(Generation {
