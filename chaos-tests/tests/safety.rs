@@ -351,3 +351,138 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
         })
         .sum()
 }
+
+/// A size-limited tmpfs mounted over a node's data dir (its contents copied in), and
+/// unmounted (lazily) when dropped, also when the test fails.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount_over(dir: &std::path::Path, bytes: u64) -> Tmpfs {
+        let run = |args: &[&str]| {
+            let st = std::process::Command::new(args[0])
+                .args(&args[1..])
+                .status()
+                .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            assert!(st.success(), "{args:?}: {st}");
+        };
+        let aside = dir.with_extension("aside");
+        std::fs::rename(dir, &aside).unwrap();
+        std::fs::create_dir_all(dir).unwrap();
+        let size = format!("size={bytes}");
+        let d = dir.display().to_string();
+        run(&["mount", "-t", "tmpfs", "-o", &size, "tmpfs", &d]);
+        let guard = Tmpfs(dir.to_path_buf());
+        run(&["cp", "-a", &format!("{}/.", aside.display()), &d]);
+        std::fs::remove_dir_all(&aside).unwrap();
+        guard
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .args(["-l", &self.0.display().to_string()])
+            .status();
+    }
+}
+
+fn free_bytes(dir: &std::path::Path) -> u64 {
+    let out = std::process::Command::new("df")
+        .args(["--output=avail", "-B1", &dir.display().to_string()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .expect("df output")
+}
+
+/// A full disk on one node (a 64 MiB tmpfs, as root, which this machine and CI are):
+/// once its free space falls under `--disk-reserve-bytes`, writes to its shards are
+/// refused before the disk fills (RESOURCE_EXHAUSTED at a primary; a backup refuses
+/// the batches, so nothing is acknowledged without it), searches go on, and once the
+/// space is freed writes resume; nothing acknowledged is lost and no replica is
+/// poisoned by a half-written batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_disk_refuses_writes_until_freed_and_loses_nothing() {
+    let _g = SERIAL.lock().await;
+    let mut c = cluster().await;
+    let mut acked = first_round(&c).await;
+    let i = c.node_index("n3");
+    c.terminate(i, Duration::from_secs(20)).await;
+    let dir = c.node_dir(i);
+    let _mount = Tmpfs::mount_over(&dir, 64 << 20);
+    let reserve: u64 = 16 << 20;
+    let coords = c.coordinators.clone();
+    c.set_node_args(i, &coords, &["--disk-reserve-bytes", &reserve.to_string()]);
+    c.restart(i);
+    c.wait_replicated(COLLECTION, 2, Duration::from_secs(60))
+        .await;
+    let nodes = Arc::new(Mutex::new(c.all_nodes()));
+    let verify = Verify::start(&nodes, &acked);
+    // Fill the volume to 8 MiB free, under the reserve.
+    let ballast = dir.join("ballast");
+    let fill = free_bytes(&dir) - (8 << 20);
+    std::fs::write(&ballast, vec![7u8; fill as usize]).unwrap();
+    let t = Instant::now();
+    let refused = loop {
+        let mut client = connect(&c.nodes[0].public).await.unwrap();
+        let r = client
+            .ingest(shoal_proto::v1::IngestRequest {
+                collection: COLLECTION.into(),
+                documents: (900_000..900_020)
+                    .map(|d| shoal_proto::v1::Document {
+                        id: doc_id(d),
+                        vector: vector(d),
+                        ..Default::default()
+                    })
+                    .collect(),
+                request_id: "while-full".into(),
+            })
+            .await;
+        if let Err(e) = r {
+            break e;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "writes never refused"
+        );
+    };
+    assert!(
+        matches!(
+            refused.code(),
+            tonic::Code::ResourceExhausted | tonic::Code::Unavailable
+        ),
+        "{refused:?}"
+    );
+    let writers = Writers::start(&nodes, 100, 1_000);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let refusals = c.metric(i, "shoal_writes_refused_disk_total").await;
+    assert!(refusals > 0.0, "node n3 refused no write for its disk");
+    // Space back: writes resume by themselves.
+    std::fs::remove_file(&ballast).unwrap();
+    let freed = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (during, unknown) = writers.finish().await;
+    let resumed = freed.elapsed();
+    let v = verify.finish().await;
+    acked.extend(&during);
+    final_check(&c, &acked, &unknown).await;
+    assert!(v.silent_misses.is_empty(), "{:?}", v.silent_misses);
+    assert!(!c.node_log(i).contains("shard poisoned"));
+    assert!(
+        !during.is_empty(),
+        "no write acknowledged after the space was freed"
+    );
+    figures(
+        "full_disk",
+        acked.len(),
+        &v,
+        serde_json::json!({"refused_with": format!("{:?}", refused.code()),
+                           "refused_message": refused.message(), "disk_refusals": refusals,
+                           "writes_after_freeing_s": resumed.as_secs_f64(),
+                           "unknown_outcome": unknown.len()}),
+    );
+    c.terminate(i, Duration::from_secs(20)).await;
+}

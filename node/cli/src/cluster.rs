@@ -84,6 +84,10 @@ pub struct NodeArgs {
     /// names.
     #[arg(long, env = "SHOAL_ACCEPT_CLUSTER_ID")]
     accept_cluster_id: Option<String>,
+    /// Writes are refused (RESOURCE_EXHAUSTED) while DATA_DIR's file system has less
+    /// free space than this many bytes, before the disk fills; 0 = never.
+    #[arg(long, env = "SHOAL_DISK_RESERVE_BYTES", default_value_t = 256 << 20)]
+    disk_reserve_bytes: u64,
 }
 
 pub async fn run_node(a: NodeArgs) -> Result<()> {
@@ -108,6 +112,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
         recent_log_bytes: a.recent_log_bytes,
         trash_grace: Duration::from_secs(a.trash_grace_secs),
         accept_cluster_id: a.accept_cluster_id,
+        disk_reserve_bytes: a.disk_reserve_bytes,
         ..NodeConfig::default()
     })
     .await?;

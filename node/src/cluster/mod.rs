@@ -3,6 +3,7 @@
 //! each, under a supervisor), heartbeats, and serves the public `Shoal` API (as a
 //! gateway to every shard) and the internal `Replica` API (its own replicas).
 
+pub mod disk;
 pub mod gateway;
 pub mod identity;
 pub mod mapview;
@@ -112,6 +113,9 @@ pub struct NodeConfig {
     /// id (its coordinator group was rebuilt or restored under a new id); None: the
     /// node joins only the cluster its data dir names.
     pub accept_cluster_id: Option<String>,
+    /// Writes are refused (RESOURCE_EXHAUSTED) while the data volume has less free
+    /// space than this; 0 = never.
+    pub disk_reserve_bytes: u64,
 }
 
 impl Default for NodeConfig {
@@ -135,6 +139,7 @@ impl Default for NodeConfig {
             metrics_listen: None,
             recent_log_bytes: replication::RECENT_LOG_BYTES,
             accept_cluster_id: None,
+            disk_reserve_bytes: disk::DEFAULT_RESERVE_BYTES,
         }
     }
 }
@@ -275,6 +280,7 @@ struct Reconciler {
     /// Replicas closed but kept on disk (the map showed no copy of their data
     /// elsewhere), re-checked on every map until it does.
     kept: parking_lot::Mutex<HashMap<ReplicaKey, PathBuf>>,
+    disk: Arc<disk::DiskGuard>,
 }
 
 impl Reconciler {
@@ -307,6 +313,7 @@ impl Reconciler {
                         self.node_id.clone(),
                         self.channels.clone(),
                         self.recent_log_bytes,
+                        self.disk.clone(),
                     )
                 })
                 .clone();
@@ -526,6 +533,11 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         auto_rebuild_tail: cfg.auto_rebuild_tail,
         recent_log_bytes: cfg.recent_log_bytes,
         kept: Default::default(),
+        disk: Arc::new(disk::DiskGuard {
+            node: cfg.id.clone(),
+            dir: cfg.data_dir.clone(),
+            reserve: cfg.disk_reserve_bytes,
+        }),
     };
     let (v, mut rx, mut c, ident) = (
         view.clone(),

@@ -31,6 +31,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
 
+use super::disk::DiskGuard;
 use super::replicas::ReplicaKey;
 use crate::shard::{self, epoch_at, Shard, ShardError, WalBatch, WriteAck, WriteOp};
 
@@ -257,6 +258,8 @@ pub struct Replication {
     /// On a primary: the backups probed (node -> the role epoch of the probe), whose
     /// position is known not to be past this one's.
     probed: Mutex<HashMap<String, u64>>,
+    /// The data volume's flood stage: no write, as primary or backup, below it.
+    disk: Arc<DiskGuard>,
 }
 
 impl Replication {
@@ -265,8 +268,10 @@ impl Replication {
         node_id: String,
         channels: Arc<Channels>,
         recent_log_bytes: usize,
+        disk: Arc<DiskGuard>,
     ) -> Arc<Self> {
         Arc::new(Self {
+            disk,
             collection_id: key.collection_id,
             key,
             node_id,
@@ -483,6 +488,7 @@ impl Replication {
             )));
         }
         self.wait_probed(&role, &peers, needed).await?;
+        self.disk.check()?;
         let shard = self.shard()?;
         let epoch = role.epoch;
         let recent = self.recent.clone();
@@ -908,6 +914,7 @@ impl Replication {
         let last = if batches.is_empty() {
             last
         } else {
+            self.disk.check()?;
             let (s, recent) = (shard.clone(), self.recent.clone());
             shard::run_blocking(move || {
                 let last = s.append_replicated(&batches)?;
