@@ -260,6 +260,8 @@ pub struct Replication {
     probed: Mutex<HashMap<String, u64>>,
     /// The data volume's flood stage: no write, as primary or backup, below it.
     disk: Arc<DiskGuard>,
+    /// On a primary: backups refusing batches for lack of disk space (node -> why).
+    refusing: Mutex<HashMap<String, String>>,
 }
 
 impl Replication {
@@ -288,6 +290,7 @@ impl Replication {
             handing_over: AtomicBool::new(false),
             ahead: Mutex::new(None),
             probed: Mutex::default(),
+            refusing: Mutex::default(),
         })
     }
 
@@ -595,6 +598,19 @@ impl Replication {
                 if have >= needed {
                     return Ok(have);
                 }
+                {
+                    let refusing = self.refusing.lock();
+                    let able = peers.iter().filter(|n| !refusing.contains_key(*n)).count();
+                    if able < needed {
+                        let why: Vec<&String> = refusing.values().collect();
+                        return Err(Status::resource_exhausted(format!(
+                            "shard {}: write {seq} cannot reach its quorum, a replica is out \
+                             of disk space ({why:?}); its outcome is unknown (retry with the \
+                             same request id)",
+                            self.key
+                        )));
+                    }
+                }
                 if rx.changed().await.is_err() {
                     return Err(Status::unavailable("replica closed"));
                 }
@@ -636,6 +652,20 @@ impl Replication {
                 return;
             }
             let step = self.replicate_step(&node, &addr, epoch, &mut next).await;
+            // A backup out of disk space fails the writes waiting for it at once, with
+            // its reason; cleared by its next accepted exchange.
+            let full = matches!(&step, Err(e) if e.code() == tonic::Code::ResourceExhausted);
+            let changed = {
+                let mut r = self.refusing.lock();
+                match (&step, full) {
+                    (Err(e), true) => r.insert(node.clone(), e.message().to_string()).is_none(),
+                    (Ok(_), _) => r.remove(&node).is_some(),
+                    _ => false,
+                }
+            };
+            if changed {
+                self.matched.send_modify(|_| {});
+            }
             let pause = match step {
                 Ok(true) => {
                     failures = 0;
