@@ -444,24 +444,9 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::PromoteReplicaRequest>,
     ) -> Result<Response<pb::Shard>, Status> {
         let r = req.into_inner();
-        check_name(&self.0, &r.collection, "the collection name")?;
-        check_name(&self.0, &r.node_id, "the node id")?;
-        if r.collection.is_empty() || r.node_id.is_empty() {
-            return Err(Status::invalid_argument(
-                "promote needs a collection and a node_id",
-            ));
-        }
-        let key = ShardKey {
-            collection: r.collection,
-            index: r.shard,
-        };
+        let key = self.shard_target("promote", &r.collection, r.shard, &r.node_id)?;
         self.0.promote(&key, &r.node_id, r.accept_data_loss).await?;
-        let map = self.0.read().await?;
-        let s = map
-            .shards
-            .get(&key)
-            .ok_or_else(|| Status::not_found(format!("shard {key} not found")))?;
-        Ok(Response::new(shard_pb_with(s, &self.0.reports.lock())))
+        self.shard_answer(&key).await
     }
 
     async fn allocate_empty_shard(
@@ -469,24 +454,42 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::AllocateEmptyShardRequest>,
     ) -> Result<Response<pb::Shard>, Status> {
         let r = req.into_inner();
-        check_name(&self.0, &r.collection, "the collection name")?;
-        check_name(&self.0, &r.node_id, "the node id")?;
-        if r.collection.is_empty() || r.node_id.is_empty() {
-            return Err(Status::invalid_argument(
-                "allocate-empty needs a collection and a node_id",
-            ));
-        }
-        let key = ShardKey {
-            collection: r.collection,
-            index: r.shard,
-        };
+        let key = self.shard_target("allocate-empty", &r.collection, r.shard, &r.node_id)?;
         self.0
             .allocate_empty(&key, &r.node_id, r.accept_data_loss)
             .await?;
+        self.shard_answer(&key).await
+    }
+}
+
+impl AdminService {
+    /// A shard command's target, checked: the shard's key (the node is the caller's).
+    fn shard_target(
+        &self,
+        what: &str,
+        collection: &str,
+        index: u32,
+        node: &str,
+    ) -> Result<ShardKey, Status> {
+        check_name(&self.0, collection, "the collection name")?;
+        check_name(&self.0, node, "the node id")?;
+        if collection.is_empty() || node.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "{what} needs a collection and a node_id"
+            )));
+        }
+        Ok(ShardKey {
+            collection: collection.to_string(),
+            index,
+        })
+    }
+
+    /// The shard as the map holds it after a command, with the replicas' reports.
+    async fn shard_answer(&self, key: &ShardKey) -> Result<Response<pb::Shard>, Status> {
         let map = self.0.read().await?;
         let s = map
             .shards
-            .get(&key)
+            .get(key)
             .ok_or_else(|| Status::not_found(format!("shard {key} not found")))?;
         Ok(Response::new(shard_pb_with(s, &self.0.reports.lock())))
     }
