@@ -214,7 +214,8 @@ pub enum Move {
         to: NodeId,
         from: Option<NodeId>,
     },
-    /// Drop the replica on a down node outright (its data is gone with it).
+    /// Drop the replica on a down node from the map (refused unless a serving copy stays
+    /// on a live node; the node keeps its files until its map shows the data elsewhere).
     Evict { shard: ShardKey, node: NodeId },
 }
 
