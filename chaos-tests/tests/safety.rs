@@ -491,3 +491,119 @@ async fn a_full_disk_refuses_writes_until_freed_and_loses_nothing() {
     );
     c.terminate(i, Duration::from_secs(20)).await;
 }
+
+/// Fills `dir`'s file system to the last byte (the write that fails is the end).
+fn fill_up(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.join("ballast");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let chunk = vec![7u8; 1 << 20];
+    while f.write_all(&chunk).is_ok() {}
+    let mut byte = [7u8];
+    while f.write_all(&byte[..]).is_ok() {
+        byte[0] = 7;
+    }
+    path
+}
+
+/// A disk that fills with no reserve (`--disk-reserve-bytes 0`): a write fails with an
+/// I/O error and poisons the node's replica. The node reports it failed, the leader
+/// takes it out of its shard's quorum through the map (a copy; a failed primary hands
+/// over to its backup), so writes go on without it instead of timing out; once space
+/// is back the node reopens it (open needs no free space beyond replaying its log),
+/// it catches up and serves again. Nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_poisoned_by_a_full_disk_leaves_its_quorum_and_comes_back() {
+    let _g = SERIAL.lock().await;
+    let mut c = cluster().await;
+    let mut acked = first_round(&c).await;
+    let i = c.node_index("n3");
+    c.terminate(i, Duration::from_secs(20)).await;
+    let dir = c.node_dir(i);
+    let _mount = Tmpfs::mount_over(&dir, 64 << 20);
+    let coords = c.coordinators.clone();
+    c.set_node_args(i, &coords, &["--disk-reserve-bytes", "0"]);
+    c.restart(i);
+    c.wait_replicated(COLLECTION, 2, Duration::from_secs(60))
+        .await;
+    let nodes = Arc::new(Mutex::new(c.all_nodes()));
+    let verify = Verify::start(&nodes, &acked);
+    let writers = Writers::start(&nodes, 100, 1_000);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ballast = fill_up(&dir);
+    let full = Instant::now();
+    // Every replica on n3 is a copy outside its quorum, and n3 leads nothing.
+    let out = loop {
+        let shards = c.shards(COLLECTION).await;
+        let on_n3: Vec<&cpb::Replica> = shards
+            .iter()
+            .flat_map(|s| s.replicas.iter())
+            .filter(|r| r.node_id == "n3")
+            .collect();
+        if !on_n3.is_empty()
+            && on_n3
+                .iter()
+                .all(|r| r.state == cpb::ReplicaState::Copying as i32)
+            && shards.iter().all(|s| s.primary != "n3")
+        {
+            break full.elapsed();
+        }
+        assert!(
+            full.elapsed() < Duration::from_secs(60),
+            "n3's failed replicas never left their quorum: {shards:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(c.node_log(i).contains("shard poisoned"));
+    // Writes to every shard are acknowledged without n3 while its disk stays full.
+    let probe: Vec<u64> = (800_000..800_030).collect();
+    let t = Instant::now();
+    let mut client = connect(&c.nodes[0].public).await.unwrap();
+    let acked_while_out = loop {
+        let r = client
+            .ingest(shoal_proto::v1::IngestRequest {
+                collection: COLLECTION.into(),
+                documents: probe
+                    .iter()
+                    .map(|&d| shoal_proto::v1::Document {
+                        id: doc_id(d),
+                        vector: vector(d),
+                        ..Default::default()
+                    })
+                    .collect(),
+                request_id: "while-n3-is-out".into(),
+            })
+            .await;
+        match r {
+            Ok(_) => break t.elapsed(),
+            Err(e) => assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "no write acknowledged while n3 was out: {e:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    acked.extend(&probe);
+    // Space back: n3 reopens its replicas, they catch up and serve again.
+    std::fs::remove_file(&ballast).unwrap();
+    let freed = Instant::now();
+    let back = c
+        .wait_replicated(COLLECTION, 2, Duration::from_secs(90))
+        .await;
+    let (during, unknown) = writers.finish().await;
+    let v = verify.finish().await;
+    acked.extend(&during);
+    final_check(&c, &acked, &unknown).await;
+    assert!(v.silent_misses.is_empty(), "{:?}", v.silent_misses);
+    figures(
+        "replica_failed_on_full_disk",
+        acked.len(),
+        &v,
+        serde_json::json!({"left_quorum_after_s": out.as_secs_f64(),
+                           "serving_again_after_freeing_s": back.as_secs_f64(),
+                           "write_acknowledged_while_out_s": acked_while_out.as_secs_f64(),
+                           "unknown_outcome": unknown.len(),
+                           "freed_to_end_s": freed.elapsed().as_secs_f64()}),
+    );
+    c.terminate(i, Duration::from_secs(20)).await;
+}

@@ -69,6 +69,12 @@ pub struct Config {
     /// the clock restarts, so at most one handover per period. Longer than the
     /// suspect timeout: a node that is shutting down goes suspect first.
     pub rebalance_settle_ms: u64,
+    /// Disk watermarks, as used fractions of a node's data volume (its trash counted
+    /// as free): over `disk_low_watermark` a node takes no new replica; over
+    /// `disk_high_watermark` its replicas move elsewhere. The flood stage, where a node
+    /// refuses writes, is the node's own `--disk-reserve-bytes`.
+    pub disk_low_watermark: f64,
+    pub disk_high_watermark: f64,
     /// Prometheus `/metrics` address; None: no endpoint.
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Limits over their defaults, as `NAME=VALUE` (`shoal limits` lists them).
@@ -96,6 +102,9 @@ impl Default for Config {
             max_moves_per_step: 16,
             max_copies_in_flight: 8,
             rebalance_settle_ms: 30_000,
+            // Elasticsearch's defaults.
+            disk_low_watermark: 0.85,
+            disk_high_watermark: 0.90,
             metrics_listen: None,
             limits: Vec::new(),
         }
@@ -124,6 +133,12 @@ impl Config {
         anyhow::ensure!(
             self.suspect_after_ms < self.down_after_ms,
             "suspect_after_ms must be below down_after_ms"
+        );
+        anyhow::ensure!(
+            0.0 < self.disk_low_watermark
+                && self.disk_low_watermark < self.disk_high_watermark
+                && self.disk_high_watermark <= 1.0,
+            "need 0 < disk_low_watermark < disk_high_watermark <= 1"
         );
         self.limits()?;
         Ok(())

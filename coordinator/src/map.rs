@@ -279,6 +279,17 @@ pub enum Command {
         node: NodeId,
         epoch: u64,
     },
+    /// A replica its node reports failed (a write's I/O error, a failed open) leaves
+    /// its shard's quorum: it becomes a copy, serving again once its node has reopened
+    /// it and it has caught up. A failed primary hands its role to `successor` (a
+    /// serving replica the leader chose by position) under a new epoch; a failed backup
+    /// names none. Applied only at `epoch`; refused when no serving replica would remain.
+    ReplicaFailed {
+        shard: ShardKey,
+        node: NodeId,
+        epoch: u64,
+        successor: Option<NodeId>,
+    },
     /// Cancels an operator's drain: a draining node is up again (a silent one keeps
     /// its liveness state and comes back up, not draining).
     Undrain {
@@ -487,6 +498,12 @@ impl ClusterMap {
                 s.building_generation = *building;
                 vec![Change::ShardPut(s.clone())]
             }
+            Command::ReplicaFailed {
+                shard,
+                node,
+                epoch,
+                successor,
+            } => self.replica_failed(shard, node, *epoch, successor.as_deref())?,
             Command::Promote { shard, node, epoch }
             | Command::PromoteAcceptingLoss { shard, node, epoch } => {
                 let s = self
@@ -791,6 +808,67 @@ impl ClusterMap {
             .collect())
     }
 
+    fn replica_failed(
+        &mut self,
+        shard: &ShardKey,
+        node: &str,
+        epoch: u64,
+        successor: Option<&str>,
+    ) -> Result<Vec<Change>> {
+        let s = self
+            .shards
+            .get_mut(shard)
+            .ok_or_else(|| MapError::NotFound(format!("shard {shard} not found")))?;
+        if s.epoch != epoch {
+            return Err(MapError::FailedPrecondition(format!(
+                "shard {shard} is at epoch {}, not {epoch}",
+                s.epoch
+            )));
+        }
+        let serving = |n: &str| {
+            s.replicas
+                .iter()
+                .any(|r| r.node == n && r.state == ReplicaState::Serving)
+        };
+        if !serving(node) {
+            return Err(MapError::FailedPrecondition(format!(
+                "shard {shard} has no serving replica on {node:?}"
+            )));
+        }
+        let others = s
+            .replicas
+            .iter()
+            .filter(|r| r.node != node && r.state == ReplicaState::Serving)
+            .count();
+        if others == 0 {
+            return Err(MapError::FailedPrecondition(format!(
+                "the replica on {node:?} is shard {shard}'s only serving one: it stays until its node reopens it"
+            )));
+        }
+        let is_primary = s.primary.as_deref() == Some(node);
+        match (is_primary, successor) {
+            (true, Some(to)) if to != node && serving(to) => {
+                s.primary = Some(to.to_string());
+                s.epoch += 1;
+            }
+            (true, _) => {
+                return Err(MapError::FailedPrecondition(format!(
+                    "a failed primary of shard {shard} needs another serving replica as its successor, not {successor:?}"
+                )))
+            }
+            (false, None) => {}
+            (false, Some(_)) => {
+                return Err(MapError::InvalidArgument(format!(
+                    "{node:?} is not shard {shard}'s primary: a failed backup names no successor"
+                )))
+            }
+        }
+        if let Some(r) = s.replicas.iter_mut().find(|r| r.node == node) {
+            r.state = ReplicaState::Copying;
+        }
+        Ok(vec![Change::ShardPut(s.clone())])
+    }
+
     fn replica_ready(&mut self, shard: &ShardKey, node: &str) -> Result<Vec<Change>> {
         let s = self
             .shards
@@ -1074,6 +1152,67 @@ pub(crate) mod tests {
             })
             .unwrap_err();
         assert!(matches!(err, MapError::FailedPrecondition(_)));
+    }
+
+    /// Issue 14: a replica its node reports failed leaves the quorum through the map
+    /// (a copy until it catches up again); a failed primary hands over to a successor;
+    /// the only serving replica stays.
+    #[test]
+    fn a_failed_replica_leaves_its_quorum_through_the_map() {
+        let mut m = map_with_nodes(3);
+        m.apply(&Command::CreateCollection(spec("c", 1, 2)))
+            .unwrap();
+        let s = m.shards_of("c").next().unwrap().clone();
+        let primary = s.primary.clone().unwrap();
+        let backup = s
+            .replicas
+            .iter()
+            .find(|r| r.node != primary)
+            .unwrap()
+            .node
+            .clone();
+        let failed = |node: &str, epoch, successor: Option<&str>| Command::ReplicaFailed {
+            shard: s.key.clone(),
+            node: node.into(),
+            epoch,
+            successor: successor.map(Into::into),
+        };
+        let state_of = |m: &ClusterMap, n: &str| {
+            m.shards[&s.key]
+                .replicas
+                .iter()
+                .find(|r| r.node == n)
+                .unwrap()
+                .state
+        };
+        // A primary needs a successor; a backup names none; a stale epoch is refused.
+        assert!(m.apply(&failed(&primary, s.epoch, None)).is_err());
+        assert!(m.apply(&failed(&primary, s.epoch, Some(&primary))).is_err());
+        assert!(m.apply(&failed(&backup, s.epoch, Some(&primary))).is_err());
+        assert!(m.apply(&failed(&backup, s.epoch + 1, None)).is_err());
+        assert_eq!(m.shards[&s.key], s, "a refused command changed the shard");
+        // The failed primary hands over under a new epoch and becomes a copy.
+        m.apply(&failed(&primary, s.epoch, Some(&backup))).unwrap();
+        let s2 = m.shards[&s.key].clone();
+        assert_eq!(s2.primary.as_deref(), Some(backup.as_str()));
+        assert_eq!(s2.epoch, s.epoch + 1);
+        assert_eq!(state_of(&m, &primary), ReplicaState::Copying);
+        // Now the new primary is the only serving replica: its failure is refused.
+        assert!(m
+            .apply(&failed(&backup, s2.epoch, Some(&primary)))
+            .is_err());
+        // Reopened and caught up, the copy serves again, as a backup.
+        m.apply(&Command::ReplicaReady {
+            shard: s.key.clone(),
+            node: primary.clone(),
+        })
+        .unwrap();
+        assert_eq!(state_of(&m, &primary), ReplicaState::Serving);
+        assert_eq!(m.shards[&s.key].primary.as_deref(), Some(backup.as_str()));
+        // A failed backup just leaves the quorum.
+        m.apply(&failed(&primary, s2.epoch, None)).unwrap();
+        assert_eq!(state_of(&m, &primary), ReplicaState::Copying);
+        assert_eq!(m.shards[&s.key].epoch, s2.epoch);
     }
 
     /// Issue 14's rack loss: both copies of a shard on nodes that went down together.

@@ -69,6 +69,9 @@ pub struct Coordinator {
     /// Each hosted replica's last report, by (shard, node): sequence numbers, index
     /// generation. Leader memory, rebuilt from heartbeats after a failover.
     pub reports: Mutex<Reports>,
+    /// Each node's data volume against the disk watermarks, from its last heartbeat
+    /// (leader memory, like `reports`).
+    disks: Mutex<HashMap<String, placement::DiskLevel>>,
     /// Set when the member shuts down; long-lived streams watch it.
     pub stopping: tokio::sync::watch::Sender<bool>,
     pub limits: Limits,
@@ -84,6 +87,7 @@ impl Coordinator {
             config,
             heartbeats: Mutex::default(),
             reports: Mutex::default(),
+            disks: Mutex::default(),
             leader_since: Mutex::default(),
             uneven_since: Mutex::default(),
             stopping: tokio::sync::watch::Sender::new(false),
@@ -220,6 +224,7 @@ impl Coordinator {
         cluster: &str,
         ready: &[String],
         replicas: Vec<shoal_proto::coordinator::ReplicaReport>,
+        disk: (u64, u64, u64),
     ) -> Result<(u64, NodeState)> {
         self.require_leader()?;
         self.check_cluster(&format!("node {node:?}"), cluster)?;
@@ -238,10 +243,24 @@ impl Coordinator {
         self.heartbeats
             .lock()
             .insert(node.to_string(), Instant::now());
+        let (free, trash, total) = disk;
+        let level = placement::disk_level(
+            free,
+            trash,
+            total,
+            self.config.disk_low_watermark,
+            self.config.disk_high_watermark,
+        );
+        let was = self.disks.lock().insert(node.to_string(), level);
+        if was != Some(level) && level != placement::DiskLevel::Ok {
+            tracing::warn!(node, ?level, free, trash, total, "node's data volume is over a disk watermark");
+        }
         // Index generations the primaries serve now go into the map (durable, watched).
         let mut generations = Vec::new();
         // Shards whose primary (this node) found a replica ahead of itself.
         let mut superseded = Vec::new();
+        // Serving replicas here that report a failure: they leave their quorum.
+        let mut failed = Vec::new();
         {
             let mut mine = HashMap::with_capacity(replicas.len());
             let st = self.sm.state.lock();
@@ -255,6 +274,16 @@ impl Coordinator {
                 };
                 if s.primary.as_deref() == Some(node) && !r.ahead.is_empty() {
                     superseded.push((key.clone(), (r.last_epoch, r.applied_seq)));
+                }
+                let mut r = r;
+                if !r.failed.is_empty() {
+                    r.failed.truncate(r.failed.floor_char_boundary(1024));
+                    if s.replicas
+                        .iter()
+                        .any(|x| x.node == node && x.state == ReplicaState::Serving)
+                    {
+                        failed.push((key.clone(), r.failed.clone()));
+                    }
                 }
                 {
                     if s.primary.as_deref() == Some(node)
@@ -300,6 +329,14 @@ impl Coordinator {
                     _ => {
                         tracing::debug!(shard = %key, "primary reports a replica ahead; waiting for its report")
                     }
+                }
+            }
+        }
+        if !failed.is_empty() {
+            let map = self.sm.state.lock().map.clone();
+            for c in Self::failures(&map, node, &failed, |k, n| self.position(k, n)) {
+                if let Err(e) = self.write(c).await {
+                    tracing::warn!(error = %e, "a failed replica stays in its quorum");
                 }
             }
         }
@@ -376,6 +413,49 @@ impl Coordinator {
                     shard: k.clone(),
                     node: to,
                     epoch: s.epoch,
+                })
+            })
+            .collect()
+    }
+
+    /// Pure: the map changes for replicas on `node` that report a failure (issue 14):
+    /// each leaves its shard's quorum; a failed primary hands its role to the most
+    /// up-to-date other serving replica ([`placement::successor`]). A replica that is
+    /// its shard's only serving one, or a primary with no successor that has reported,
+    /// stays (the shard's writes fail until its node reopens it).
+    fn failures(
+        map: &ClusterMap,
+        node: &str,
+        failed: &[(ShardKey, String)],
+        position: impl Fn(&ShardKey, &str) -> Option<placement::Position>,
+    ) -> Vec<Command> {
+        failed
+            .iter()
+            .filter_map(|(k, why)| {
+                let s = map.shards.get(k)?;
+                let others = s
+                    .replicas
+                    .iter()
+                    .any(|r| r.node != node && r.state == ReplicaState::Serving);
+                if !others {
+                    tracing::error!(shard = %k, node, failure = %why, "the shard's only serving replica failed; waiting for its node to reopen it");
+                    return None;
+                }
+                let successor = if s.primary.as_deref() == Some(node) {
+                    let Some((to, _)) = placement::successor(map, s, |n| position(k, n)) else {
+                        tracing::error!(shard = %k, node, failure = %why, "a failed primary has no successor that has reported");
+                        return None;
+                    };
+                    Some(to)
+                } else {
+                    None
+                };
+                tracing::warn!(shard = %k, node, failure = %why, successor = ?successor, "a failed replica leaves its shard's quorum");
+                Some(Command::ReplicaFailed {
+                    shard: k.clone(),
+                    node: node.to_string(),
+                    epoch: s.epoch,
+                    successor,
                 })
             })
             .collect()
@@ -606,6 +686,13 @@ impl Coordinator {
         let opts = placement::Options {
             max_moves: self.config.max_moves_per_step,
             max_in_flight: self.config.max_copies_in_flight,
+            disk: self
+                .disks
+                .lock()
+                .iter()
+                .filter(|(_, l)| **l != placement::DiskLevel::Ok)
+                .map(|(n, l)| (n.clone(), *l))
+                .collect(),
         };
         let moves = placement::plan(&map, &opts);
         if !moves.is_empty() {

@@ -16,6 +16,9 @@ pub struct Options {
     pub max_moves: usize,
     /// Copying replicas allowed across the cluster (a new node fills gradually).
     pub max_in_flight: usize,
+    /// Nodes whose data volume is over a watermark, by their last heartbeat (a node
+    /// not listed is under both).
+    pub disk: BTreeMap<NodeId, DiskLevel>,
 }
 
 impl Default for Options {
@@ -23,7 +26,37 @@ impl Default for Options {
         Self {
             max_moves: 16,
             max_in_flight: 8,
+            disk: BTreeMap::new(),
         }
+    }
+}
+
+/// Where a node's data volume stands against the disk watermarks (Elasticsearch's
+/// low / high; the flood stage is the node's own `--disk-reserve-bytes`, where it
+/// refuses writes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum DiskLevel {
+    Ok,
+    /// Over the low watermark: takes no new replicas.
+    Low,
+    /// Over the high watermark: its replicas move to other nodes, one copy at a time.
+    High,
+}
+
+/// Pure: the level of a volume with `free` of `total` bytes (`reclaimable` counts as
+/// free: the node's trash, which its grace period gives back) against the used
+/// fractions `low` < `high`. An unknown total (0) is Ok.
+pub fn disk_level(free: u64, reclaimable: u64, total: u64, low: f64, high: f64) -> DiskLevel {
+    if total == 0 {
+        return DiskLevel::Ok;
+    }
+    let used = total.saturating_sub(free.saturating_add(reclaimable)) as f64 / total as f64;
+    if used >= high {
+        DiskLevel::High
+    } else if used >= low {
+        DiskLevel::Low
+    } else {
+        DiskLevel::Ok
     }
 }
 
@@ -33,9 +66,21 @@ struct Pool {
     nodes: BTreeMap<NodeId, (String, u64)>,
     load: BTreeMap<NodeId, usize>,
     used: BTreeMap<NodeId, u64>,
+    /// Up nodes over a disk watermark: never chosen for a new replica.
+    disk_full: BTreeSet<NodeId>,
 }
 
 impl Pool {
+    fn with_disk(map: &ClusterMap, disk: &BTreeMap<NodeId, DiskLevel>) -> Self {
+        let mut p = Self::new(map);
+        p.disk_full = disk
+            .iter()
+            .filter(|(_, l)| **l > DiskLevel::Ok)
+            .map(|(n, _)| n.clone())
+            .collect();
+        p
+    }
+
     fn new(map: &ClusterMap) -> Self {
         let nodes: BTreeMap<_, _> = map
             .nodes
@@ -62,10 +107,18 @@ impl Pool {
                 }
             }
         }
-        Self { nodes, load, used }
+        Self {
+            nodes,
+            load,
+            used,
+            disk_full: BTreeSet::new(),
+        }
     }
 
     fn fits(&self, node: &str, mem: u64) -> bool {
+        if self.disk_full.contains(node) {
+            return false;
+        }
         let cap = self.nodes.get(node).map_or(0, |(_, c)| *c);
         self.used
             .get(node)
@@ -241,7 +294,7 @@ pub fn rebalance_primary(map: &ClusterMap) -> Option<(ShardKey, NodeId)> {
 /// The next moves towards a placement that satisfies the rules above. Applying them and
 /// calling again converges: every rebalancing move lowers the sum of squared loads.
 pub fn plan(map: &ClusterMap, opts: &Options) -> Vec<Move> {
-    let mut pool = Pool::new(map);
+    let mut pool = Pool::with_disk(map, &opts.disk);
     let mut moves = Vec::new();
     let in_flight = map
         .shards
@@ -301,7 +354,19 @@ pub fn plan(map: &ClusterMap, opts: &Options) -> Vec<Move> {
         }
     }
 
-    // 3. Empty draining nodes. Targets chosen above count as holders too.
+    // 3. Empty draining nodes, and move replicas off nodes over the high disk
+    // watermark, one copy per such node at a time (the space comes back when the copy
+    // is done, through the node's trash, which the watermark counts as free). Targets
+    // chosen above count as holders too.
+    let mut disk_moves: BTreeSet<NodeId> = map
+        .shards
+        .values()
+        .filter(|s| s.replicas.iter().any(|r| r.state == ReplicaState::Copying))
+        .flat_map(|s| &s.replicas)
+        .filter(|r| r.state == ReplicaState::Leaving)
+        .map(|r| r.node.clone())
+        .collect();
+    let high = |n: &str| opts.disk.get(n) == Some(&DiskLevel::High);
     for s in map.shards.values() {
         let mem = replica_memory(map, &s.key);
         let mut holders: Vec<NodeId> = s.replicas.iter().map(|r| r.node.clone()).collect();
@@ -310,7 +375,13 @@ pub fn plan(map: &ClusterMap, opts: &Options) -> Vec<Move> {
             _ => None,
         }));
         for r in &s.replicas {
-            if r.state != ReplicaState::Serving || state(&r.node) != Some(NodeState::Draining) {
+            let draining = state(&r.node) == Some(NodeState::Draining);
+            let off_disk = !draining
+                && high(&r.node)
+                && state(&r.node) == Some(NodeState::Up)
+                && !disk_moves.contains(&r.node)
+                && s.replicas.iter().all(|x| x.state == ReplicaState::Serving);
+            if r.state != ReplicaState::Serving || !(draining || off_disk) {
                 continue;
             }
             if moves.len() >= opts.max_moves || copies_left == 0 {
@@ -325,6 +396,9 @@ pub fn plan(map: &ClusterMap, opts: &Options) -> Vec<Move> {
                     from: Some(r.node.clone()),
                 });
                 copies_left -= 1;
+                if off_disk {
+                    disk_moves.insert(r.node.clone());
+                }
             }
         }
     }
@@ -544,6 +618,53 @@ mod tests {
             .collect()
     }
 
+    #[test]
+    fn disk_levels_count_the_trash_as_free() {
+        let gib = 1u64 << 30;
+        assert_eq!(disk_level(50 * gib, 0, 100 * gib, 0.85, 0.9), DiskLevel::Ok);
+        assert_eq!(disk_level(15 * gib, 0, 100 * gib, 0.85, 0.9), DiskLevel::Low);
+        assert_eq!(disk_level(5 * gib, 0, 100 * gib, 0.85, 0.9), DiskLevel::High);
+        assert_eq!(disk_level(5 * gib, 20 * gib, 100 * gib, 0.85, 0.9), DiskLevel::Ok);
+        assert_eq!(disk_level(0, 0, 0, 0.85, 0.9), DiskLevel::Ok);
+    }
+
+    /// Issue 14's watermarks: a node over the low watermark takes no new replica; one
+    /// over the high watermark has its replicas moved off, one copy at a time.
+    #[test]
+    fn nodes_over_the_disk_watermarks_take_nothing_and_shed_replicas() {
+        let mut m = ClusterMap::default();
+        for (i, z) in ["a", "b", "c", "a", "b"].iter().enumerate() {
+            register(&mut m, &format!("n{i}"), z, 0);
+        }
+        m.apply(&Command::CreateCollection(spec("c", 6, 2)))
+            .unwrap();
+        fn count(m: &ClusterMap, n: &str) -> usize {
+            m.replica_counts().get(n).copied().unwrap_or(0)
+        }
+        let low_before = count(&m, "n1");
+        assert!(count(&m, "n0") > 0);
+        let opts = Options {
+            disk: [("n0".into(), DiskLevel::High), ("n1".into(), DiskLevel::Low)].into(),
+            ..Options::default()
+        };
+        let step = plan(&m, &opts);
+        let off_n0 = step
+            .iter()
+            .filter(|mv| matches!(mv, Move::Add { from: Some(f), .. } if f == "n0"))
+            .count();
+        assert_eq!(off_n0, 1, "{step:?}");
+        assert!(step.iter().all(
+            |mv| !matches!(mv, Move::Add { to, .. } if to == "n0" || to == "n1")
+        ));
+        converge(&mut m, &opts);
+        check_invariants(&m);
+        assert_eq!(count(&m, "n0"), 0);
+        assert!(count(&m, "n1") <= low_before);
+        // Under the watermarks again, it fills back up.
+        converge(&mut m, &Options::default());
+        assert!(count(&m, "n0") > 0);
+    }
+
     #[derive(Debug, Clone)]
     enum Event {
         AddNode(u8),
@@ -571,7 +692,7 @@ mod tests {
         fn converges_balanced(zones in 1usize..4, start in 1usize..6,
                               events in proptest::collection::vec(event(), 1..25),
                               max_moves in 1usize..20, max_in_flight in 1usize..10) {
-            let opts = Options { max_moves, max_in_flight };
+            let opts = Options { max_moves, max_in_flight, ..Options::default() };
             let mut m = ClusterMap::default();
             let mut next = 0usize;
             for _ in 0..start {
@@ -745,6 +866,7 @@ mod tests {
         let opts = Options {
             max_moves: 4,
             max_in_flight: 2,
+            ..Options::default()
         };
         let first = plan(&m, &opts);
         assert_eq!(first.len(), 2, "bounded by copies in flight: {first:?}");

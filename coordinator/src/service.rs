@@ -572,7 +572,13 @@ impl pb::cluster_map_server::ClusterMap for ClusterMapService {
         check_name(&self.0, &r.id, "the node id")?;
         let (version, state) = self
             .0
-            .heartbeat(&r.id, &r.cluster_id, &r.ready_replicas, r.replicas)
+            .heartbeat(
+                &r.id,
+                &r.cluster_id,
+                &r.ready_replicas,
+                r.replicas,
+                (r.disk_free_bytes, r.disk_trash_bytes, r.disk_total_bytes),
+            )
             .await?;
         Ok(Response::new(pb::HeartbeatResponse {
             map_version: version,

@@ -1014,6 +1014,7 @@ async fn lost_volumes_stale_primaries_and_foreign_nodes() {
                 ..Default::default()
             }],
             cluster_id: cluster_id.clone(),
+            ..Default::default()
         },
     )
     .await;
@@ -1064,4 +1065,66 @@ async fn lost_volumes_stale_primaries_and_foreign_nodes() {
     for i in 0..3 {
         g.stop_member(i).await;
     }
+}
+
+/// Issue 14 at the coordinator: a replica its node reports failed leaves its shard's
+/// quorum through the map (a copy until it catches up); a failed primary hands its role
+/// to the backup that has reported its position; the only serving replica stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_replicas_leave_their_quorum() {
+    use shoal_coordinator::map::ReplicaState;
+    let _serial = SERIAL.lock().await;
+    let g = Group::start(|c| c.tick_ms = 100).await;
+    let leader = g.leader(Duration::from_secs(10)).await;
+    let mut client = g.client();
+    for id in ["w1", "w2"] {
+        register_up(&mut client, id, "z").await;
+    }
+    let info = create(&mut client, "f", 1, 2).await.unwrap();
+    let s = &info.shards[0];
+    let (primary, backup) = if s.primary == "w1" {
+        ("w1", "w2")
+    } else {
+        ("w2", "w1")
+    };
+    let report = |failed: &str| pb::ReplicaReport {
+        shard: "f/0".into(),
+        applied_seq: 5,
+        last_epoch: 1,
+        epoch: 1,
+        failed: failed.into(),
+        ..Default::default()
+    };
+    let beat = |node: &str, failed: &str| pb::HeartbeatRequest {
+        id: node.into(),
+        replicas: vec![report(failed)],
+        ..Default::default()
+    };
+    send_heartbeat(&mut client, beat(backup, "")).await;
+    send_heartbeat(&mut client, beat(primary, "io error: No space left on device")).await;
+    let map = g.map(leader);
+    let s = map.shards.values().next().unwrap();
+    assert_eq!(s.primary.as_deref(), Some(backup), "{s:#?}");
+    let state = |n: &str| s.replicas.iter().find(|r| r.node == n).unwrap().state;
+    assert_eq!(state(primary), ReplicaState::Copying);
+    assert_eq!(state(backup), ReplicaState::Serving);
+    // The new primary is the only serving replica now: its failure keeps it in place.
+    send_heartbeat(&mut client, beat(backup, "io error")).await;
+    let map = g.map(leader);
+    let s2 = map.shards.values().next().unwrap();
+    assert_eq!(s2, s, "the only serving replica was taken out");
+    // Reopened and caught up, the copy serves again.
+    send_heartbeat(
+        &mut client,
+        pb::HeartbeatRequest {
+            id: primary.into(),
+            ready_replicas: vec!["f/0".into()],
+            replicas: vec![report("")],
+            ..Default::default()
+        },
+    )
+    .await;
+    let map = g.map(leader);
+    let s3 = map.shards.values().next().unwrap();
+    assert!(s3.replicas.iter().all(|r| r.state == ReplicaState::Serving), "{s3:#?}");
 }

@@ -925,6 +925,7 @@ fn every_rpc_survives_hostile_messages() {
     let report = (hostile_string(), hostile_u64(), hostile_u64()).prop_map(
         |(shard, applied_seq, serving_generation)| cpb::ReplicaReport {
             ahead: shard.clone(),
+            failed: shard.clone(),
             shard,
             applied_seq,
             last_epoch: applied_seq,
@@ -942,6 +943,9 @@ fn every_rpc_survives_hostile_messages() {
             prop::collection::vec(report, 0..4),
         )
             .prop_map(|(id, ready_replicas, replicas)| cpb::HeartbeatRequest {
+                disk_free_bytes: replicas.len() as u64,
+                disk_total_bytes: u64::MAX,
+                disk_trash_bytes: u64::MAX,
                 id,
                 ready_replicas,
                 replicas,

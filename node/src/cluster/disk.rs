@@ -23,6 +23,12 @@ pub struct DiskGuard {
 impl DiskGuard {
     /// Bytes an unprivileged writer may still use on the data dir's file system.
     pub fn free_bytes(&self) -> std::io::Result<u64> {
+        self.usage().map(|(free, _)| free)
+    }
+
+    /// (free bytes an unprivileged writer may use, total bytes) of the data dir's file
+    /// system: reported with the heartbeats for placement's disk watermarks.
+    pub fn usage(&self) -> std::io::Result<(u64, u64)> {
         use std::os::unix::ffi::OsStrExt;
         let path = std::ffi::CString::new(self.dir.as_os_str().as_bytes())
             .map_err(std::io::Error::other)?;
@@ -31,7 +37,8 @@ impl DiskGuard {
         if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(st.f_bavail as u64 * st.f_frsize as u64)
+        let frsize = st.f_frsize as u64;
+        Ok((st.f_bavail as u64 * frsize, st.f_blocks as u64 * frsize))
     }
 
     /// Ok while the volume has more free space than the reserve (or when it cannot be

@@ -38,6 +38,9 @@ use mapview::MapView;
 use replicas::{Registry, ReplicaArgs, ReplicaKey, ReplicaMsg, ReplicaSupervisor, SupervisorMsg};
 use replication::{Channels, Peer, Replication, Role};
 
+/// How often replicas that failed are retried between map changes.
+const REPAIR_EVERY: Duration = Duration::from_secs(5);
+
 /// Each hosted replica's replication state, by key.
 pub type Replications = Arc<RwLock<HashMap<ReplicaKey, Arc<Replication>>>>;
 
@@ -288,6 +291,21 @@ impl Reconciler {
     /// longer does: into the trash when the map shows their data dropped or served
     /// elsewhere ([`MapView::removal`]), otherwise kept where they are.
     async fn reconcile(&self, view: &MapView) {
+        // Replicas a failed write poisoned: reopened from disk, which replays the log
+        // (issue 14: a failed replica is repaired, not left serving until a restart).
+        let failed: Vec<ReplicaKey> = self
+            .replications
+            .read()
+            .iter()
+            .filter(|(_, r)| r.shard().ok().and_then(|s| s.failure()).is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in failed {
+            if let Some(actor) = self.registry.read().get(&k) {
+                tracing::warn!(replica = %k, "reopening a replica a failed write poisoned");
+                let _ = actor.send_message(ReplicaMsg::Reopen);
+            }
+        }
         let mut wanted: HashMap<ReplicaKey, ReplicaArgs> = HashMap::new();
         let mut roles: Vec<(ReplicaKey, Role)> = Vec::new();
         for s in view.shards.values() {
@@ -324,6 +342,9 @@ impl Reconciler {
                     dir,
                     config: shard_config(c, self.auto_rebuild_tail),
                     repl,
+                    filling: s.replicas.iter().any(|r| {
+                        r.node_id == self.node_id && r.state == cpb::ReplicaState::Copying as i32
+                    }),
                 },
             );
         }
@@ -522,6 +543,11 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
 
+    let disk_guard = Arc::new(disk::DiskGuard {
+        node: cfg.id.clone(),
+        dir: cfg.data_dir.clone(),
+        reserve: cfg.disk_reserve_bytes,
+    });
     // The map: whole, then changes; resume from the last version after a reconnect.
     let reconciler = Reconciler {
         node_id: cfg.id.clone(),
@@ -533,11 +559,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         auto_rebuild_tail: cfg.auto_rebuild_tail,
         recent_log_bytes: cfg.recent_log_bytes,
         kept: Default::default(),
-        disk: Arc::new(disk::DiskGuard {
-            node: cfg.id.clone(),
-            dir: cfg.data_dir.clone(),
-            reserve: cfg.disk_reserve_bytes,
-        }),
+        disk: disk_guard.clone(),
     };
     let (v, mut rx, mut c, ident) = (
         view.clone(),
@@ -546,6 +568,10 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         identity.clone(),
     );
     tasks.push(tokio::spawn(async move {
+        // Between maps, replicas that failed (a write's I/O error, a failed open) are
+        // retried on this tick: reopened from disk, or opened again.
+        let mut repair = tokio::time::interval(REPAIR_EVERY);
+        repair.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let from = v.read().version;
             let cluster_id = ident.read().cluster_id.clone();
@@ -588,6 +614,12 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
                             }
                             _ => break,
                         },
+                        _ = repair.tick() => {
+                            let snapshot = v.read().clone();
+                            if snapshot.version > 0 {
+                                reconciler.reconcile(&snapshot).await;
+                            }
+                        }
                         _ = rx.changed() => return,
                     }
                 }
@@ -615,7 +647,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     }));
 
     // Heartbeats, with the replicas that finished copying; re-register if declared down.
-    let (v, mut rx, mut c, reps, cfg2, advertised2, ident) = (
+    let (v, mut rx, mut c, reps, cfg2, advertised2, ident, disk) = (
         view.clone(),
         stop_rx.clone(),
         client.clone(),
@@ -623,6 +655,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         cfg.clone(),
         advertised.clone(),
         identity.clone(),
+        disk_guard.clone(),
     );
     tasks.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(cfg2.heartbeat);
@@ -635,7 +668,20 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
             let mut reports = Vec::new();
             let mut caught_up = std::collections::HashSet::new();
             for r in &repls {
-                let Ok(shard) = r.shard() else { continue };
+                let mut failed = r.failure().unwrap_or_default();
+                failed.truncate(failed.floor_char_boundary(1024));
+                let Ok(shard) = r.shard() else {
+                    if !failed.is_empty() {
+                        // Could not open: no position to report, only the failure.
+                        reports.push(cpb::ReplicaReport {
+                            shard: r.key.to_string(),
+                            epoch: r.known_epoch(),
+                            failed,
+                            ..Default::default()
+                        });
+                    }
+                    continue;
+                };
                 let (seq, last_epoch) = shard.last();
                 let stats = shard.stats();
                 let name = r.key.to_string();
@@ -651,6 +697,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
                     caught_up: r.caught_up(),
                     epoch: r.known_epoch(),
                     ahead: r.ahead().unwrap_or_default(),
+                    failed,
                 });
             }
             // Targets of moves that have caught up with their primary.
@@ -669,6 +716,13 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
             };
             let id = cfg2.id.clone();
             let cluster_id = ident.read().cluster_id.clone();
+            let (dg, data_dir) = (disk.clone(), cfg2.data_dir.clone());
+            let (free, total, trash) = tokio::task::spawn_blocking(move || {
+                let (free, total) = dg.usage().unwrap_or((0, 0));
+                (free, total, replicas::trash_bytes(&data_dir))
+            })
+            .await
+            .unwrap_or((0, 0, 0));
             let r = c
                 .cluster(|mut cl| {
                     let req = cpb::HeartbeatRequest {
@@ -676,6 +730,9 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
                         ready_replicas: ready.clone(),
                         replicas: reports.clone(),
                         cluster_id: cluster_id.clone(),
+                        disk_free_bytes: free,
+                        disk_total_bytes: total,
+                        disk_trash_bytes: trash,
                     };
                     async move { cl.heartbeat(req).await }
                 })

@@ -42,6 +42,9 @@ pub enum ReplicaMsg {
     Install(PathBuf, Reply<()>),
     /// Fault injection for tests: the actor panics, its supervisor restarts it.
     Crash,
+    /// The engine was poisoned by a failed write: the actor stops with an error and
+    /// its supervisor reopens it from disk (the log replay repairs it).
+    Reopen,
 }
 
 #[derive(Clone)]
@@ -49,6 +52,57 @@ pub struct ReplicaArgs {
     pub dir: PathBuf,
     pub config: CollectionConfig,
     pub repl: Arc<Replication>,
+    /// The map places a copy to fill here (`Copying`): an empty directory may be
+    /// created even where this node held the replica before.
+    pub filling: bool,
+}
+
+/// The marker that says this node created (or opened) the replica in `dir`:
+/// `<data_dir>/created/<collection>-<id>-<index>`, outside the replica's directory, so
+/// a directory wiped on its own (the volume intact) is found missing, not re-created
+/// empty (issue 14).
+fn marker_of(dir: &Path) -> Option<PathBuf> {
+    // <data_dir>/shards/<collection>-<id>/<index>
+    let coll = dir.parent()?.file_name()?.to_string_lossy().into_owned();
+    let index = dir.file_name()?.to_string_lossy().into_owned();
+    Some(
+        dir.parent()?
+            .parent()?
+            .parent()?
+            .join("created")
+            .join(format!("{coll}-{index}")),
+    )
+}
+
+/// Opens the replica in `dir`. A missing directory is created empty only when this
+/// node never held the replica, or the map has it filled from another (`filling`):
+/// otherwise its data is missing (a wiped directory) and the replica fails to open,
+/// is reported failed and is refilled from another replica, or, with none, waits for
+/// an operator (`shoal shard allocate-empty`).
+pub fn open_replica(
+    dir: &Path,
+    config: CollectionConfig,
+    filling: bool,
+) -> Result<Shard, ShardError> {
+    recover_install(dir)?;
+    let marker = marker_of(dir);
+    let exists = Shard::exists(dir);
+    if !exists && !filling && marker.as_ref().is_some_and(|m| m.exists()) {
+        return Err(ShardError::InvalidConfig(format!(
+            "replica data missing: {} held this replica before and its directory has no \
+             shard; it is not re-created empty (refilled from another replica, or an \
+             operator's allocate-empty)",
+            dir.display()
+        )));
+    }
+    let shard = Shard::open_or_create(dir, config)?;
+    if let Some(m) = marker.filter(|m| !m.exists()) {
+        let parent = m.parent().unwrap_or(dir);
+        std::fs::create_dir_all(parent).map_err(io_at(parent))?;
+        std::fs::write(&m, b"").map_err(io_at(&m))?;
+        crate::shard::sync_dir(parent)?;
+    }
+    Ok(shard)
 }
 
 pub struct ReplicaActor;
@@ -141,12 +195,18 @@ impl Actor for ReplicaActor {
     ) -> Result<Hosted, ActorProcessingErr> {
         // A crashed predecessor's handle must not checkpoint over what we open.
         args.repl.retire_shard();
-        let (dir, config) = (args.dir.clone(), args.config.clone());
-        let shard = tokio::task::spawn_blocking(move || {
-            recover_install(&dir)?;
-            Shard::open_or_create(&dir, config)
-        })
-        .await??;
+        let (dir, config, filling) = (args.dir.clone(), args.config.clone(), args.filling);
+        let opened =
+            tokio::task::spawn_blocking(move || open_replica(&dir, config, filling)).await?;
+        let shard = match opened {
+            Ok(s) => s,
+            Err(e) => {
+                // Reported with the heartbeats; the reconciler tries again.
+                args.repl.set_open_failure(Some(e.to_string()));
+                return Err(e.into());
+            }
+        };
+        args.repl.set_open_failure(None);
         args.repl.set_shard(shard.clone());
         Ok(Hosted {
             shard: Arc::new(shard),
@@ -194,6 +254,14 @@ impl Actor for ReplicaActor {
                 let _ = reply.send(shard.stats());
             }
             ReplicaMsg::Crash => panic!("injected replica crash"),
+            ReplicaMsg::Reopen => {
+                h.shard.retire();
+                h.args.repl.retire_shard();
+                return Err(ActorProcessingErr::from(format!(
+                    "reopening a failed replica: {}",
+                    shard.failure().unwrap_or_default()
+                )));
+            }
         }
         Ok(())
     }
@@ -360,10 +428,31 @@ pub fn move_to_trash(dir: &Path) -> std::io::Result<PathBuf> {
         .map_or(0, |d| d.as_millis());
     let to = trash.join(format!("{coll}-{index}.{ms}"));
     std::fs::rename(dir, &to)?;
+    if let Some(m) = marker_of(dir) {
+        let _ = std::fs::remove_file(m);
+    }
     for d in [&trash, &dir.parent().unwrap_or(dir).to_path_buf()] {
         std::fs::File::open(d)?.sync_all()?;
     }
     Ok(to)
+}
+
+/// Bytes held in the node's trash (counted as free by placement's disk watermarks:
+/// the grace period gives them back).
+pub fn trash_bytes(data_dir: &Path) -> u64 {
+    fn walk(d: &Path) -> u64 {
+        let Ok(rd) = std::fs::read_dir(d) else {
+            return 0;
+        };
+        rd.flatten()
+            .map(|e| match e.metadata() {
+                Ok(m) if m.is_dir() => walk(&e.path()),
+                Ok(m) => m.len(),
+                Err(_) => 0,
+            })
+            .sum()
+    }
+    walk(&data_dir.join("trash"))
 }
 
 /// Removes trash entries older than `grace` (by the time in their name); returns how
@@ -427,6 +516,37 @@ mod trash_tests {
         swap_in(&dir, &super::super::replication::staging_dir(&dir)).unwrap();
         assert_eq!(read(&dir), b"newer");
         assert!(!old_dir(&dir).exists());
+    }
+
+    /// Issue 14: a replica directory wiped on its own (the volume and node identity
+    /// intact) is found missing, not re-created empty, unless the map has it filled
+    /// from another replica.
+    #[test]
+    fn a_wiped_replica_dir_is_not_re_created_empty() {
+        let data = tempfile::tempdir().unwrap();
+        let dir = data.path().join("shards").join("c-7").join("2");
+        let config = || crate::shard::CollectionConfig::new(8, crate::shard::Metric::L2);
+        let doc = crate::shard::Document {
+            id: "acknowledged".into(),
+            text: None,
+            metadata: serde_json::Value::Null,
+            vector: vec![1.0; 8],
+        };
+        // A replica this node never held is created.
+        let s = open_replica(&dir, config(), false).unwrap();
+        s.upsert(vec![doc]).unwrap();
+        drop(s);
+        assert_eq!(open_replica(&dir, config(), false).unwrap().len(), 1);
+        // Wiped: refused, named as missing data.
+        std::fs::remove_dir_all(&dir).unwrap();
+        let e = open_replica(&dir, config(), false).err().unwrap();
+        assert!(e.to_string().contains("replica data missing"), "{e}");
+        assert!(!dir.exists());
+        // The map fills it from another replica: created empty.
+        assert_eq!(open_replica(&dir, config(), true).unwrap().len(), 0);
+        // Into the trash, the marker goes too: a later placement here starts fresh.
+        move_to_trash(&dir).unwrap();
+        assert_eq!(open_replica(&dir, config(), false).unwrap().len(), 0);
     }
 
     #[test]

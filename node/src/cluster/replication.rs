@@ -131,8 +131,9 @@ pub enum Standing {
 }
 
 /// Pure: compares a backup's (last sequence, epoch of that batch) with the primary's
-/// history. `forced`: the primary's epoch was forced by an operator (data loss
-/// accepted), so a backup ahead is replaced like a diverged one.
+/// history. `forced`: what the backup holds past the primary may be overwritten (the
+/// primary's epoch was forced by an operator, or the backup is a copy outside the
+/// quorum), so a backup ahead is replaced like a diverged one.
 pub fn standing(
     epochs: &[(u64, u64)],
     last: u64,
@@ -262,6 +263,8 @@ pub struct Replication {
     disk: Arc<DiskGuard>,
     /// On a primary: backups refusing batches for lack of disk space (node -> why).
     refusing: Mutex<HashMap<String, String>>,
+    /// Why the replica could not be opened, until it is.
+    open_failure: Mutex<Option<String>>,
 }
 
 impl Replication {
@@ -291,7 +294,23 @@ impl Replication {
             ahead: Mutex::new(None),
             probed: Mutex::default(),
             refusing: Mutex::default(),
+            open_failure: Mutex::default(),
         })
+    }
+
+    /// Why this replica cannot serve its role: it failed to open, or a write failed
+    /// and poisoned its engine. Reported to the coordinators, which take it out of its
+    /// shard's quorum (issue 14) until it is reopened and caught up.
+    pub fn failure(&self) -> Option<String> {
+        if let Some(s) = self.shard.read().as_ref() {
+            return s.failure();
+        }
+        self.open_failure.lock().clone()
+    }
+
+    /// Records the outcome of opening the replica (`None`: it opened).
+    pub fn set_open_failure(&self, why: Option<String>) {
+        *self.open_failure.lock() = why;
     }
 
     /// The replica found ahead of this primary in its current epoch, if any (reported
@@ -718,7 +737,13 @@ impl Replication {
                 let r = self
                     .send_append(addr, epoch, last, &epochs, &[], last)
                     .await?;
-                let forced = self.role().is_some_and(|r| r.forced && r.epoch == epoch);
+                // A backup ahead is overwritten only on an operator's forced epoch, or
+                // when it is a copy outside the quorum (a replica that failed and left
+                // it, or a move's target): its extra batches were never acknowledged.
+                let forced = self.role().is_some_and(|r| {
+                    r.epoch == epoch
+                        && (r.forced || r.peers.iter().any(|p| p.node == node && !p.serving))
+                });
                 match standing(&epochs, last, r.last_seq, r.last_epoch, forced) {
                     Standing::Ahead => {
                         let first = self

@@ -298,6 +298,9 @@ struct Inner {
     docs: DocsReader,
     building: Mutex<Option<u64>>,
     poisoned: AtomicBool,
+    /// Why a write poisoned this handle (not set by [`Shard::retire`]): reported to
+    /// the coordinators so the replica leaves its shard's quorum until it is reopened.
+    failure: Mutex<Option<String>>,
     /// The batches the log replayed at open, until replication takes them.
     replayed: Mutex<Vec<Arc<WalBatch>>>,
 }
@@ -336,6 +339,11 @@ impl Shard {
         }
         Manifest::new(config).store(dir)?;
         Self::open(dir)
+    }
+
+    /// Whether `dir` holds a shard (its manifest).
+    pub fn exists(dir: &Path) -> bool {
+        Manifest::path(dir).exists()
     }
 
     /// Opens the shard in `dir`, creating it with `config` if there is none.
@@ -406,7 +414,16 @@ impl Shard {
         if let Some(meta) = writer.manifest.serving.clone() {
             state.serving = Some(Arc::new(load_generation(dir, &meta)?));
         }
-        checkpoint(dir, &mut writer)?;
+        // Open needs no free space (issue 14: a full disk must not stop a node's
+        // replicas from reopening): with nothing replayed the log is reopened as it is;
+        // after a replay a checkpoint folds it in, and if that fails the log, which
+        // still holds every replayed batch, is appended to instead.
+        if replayed.is_empty() {
+            writer.wal = Some(Wal::resume(dir, writer.manifest.applied_seq + 1)?);
+        } else if let Err(e) = checkpoint(dir, &mut writer) {
+            tracing::warn!(dir = %dir.display(), error = %e, "checkpoint at open failed; appending to the replayed log");
+            writer.wal = Some(Wal::resume(dir, writer.manifest.applied_seq + 1)?);
+        }
         // Recovery decoded the log batch by batch; hand those buffers back to the OS so
         // a node's resident memory is its steady state, not its recovery peak.
         // SAFETY: glibc's malloc_trim only releases free heap memory.
@@ -432,6 +449,7 @@ impl Shard {
                 docs: docs_reader,
                 building: Mutex::new(None),
                 poisoned: AtomicBool::new(false),
+                failure: Mutex::new(None),
                 replayed: Mutex::new(replayed),
             }),
         })
@@ -552,7 +570,7 @@ impl Shard {
     /// poisons the shard: the log may hold a half-written frame or the segments a
     /// half-applied batch, so writes are refused until a reopen replays the log.
     fn log_and_apply(&self, w: &mut Writer, batch: &WalBatch) -> Result<WriteAck> {
-        let result = (|| {
+        let result: Result<WriteAck> = (|| {
             w.wal
                 .as_mut()
                 .expect("open shard has a log")
@@ -571,6 +589,7 @@ impl Shard {
         })();
         if let Err(e) = &result {
             tracing::error!(dir = %self.inner.dir.display(), seq = batch.seq, error = %e, "write failed, shard poisoned");
+            *self.inner.failure.lock() = Some(e.to_string());
             self.inner.poisoned.store(true, Ordering::Release);
         }
         result
@@ -580,6 +599,12 @@ impl Shard {
     /// replaced by a snapshot); reads keep working until the last clone goes.
     pub fn retire(&self) {
         self.inner.poisoned.store(true, Ordering::Release);
+    }
+
+    /// Why a write failed and poisoned this handle; `None` while it is healthy (or
+    /// merely retired). A poisoned replica is reopened from disk, which replays its log.
+    pub fn failure(&self) -> Option<String> {
+        self.inner.failure.lock().clone()
     }
 
     fn check_writable(&self) -> Result<()> {

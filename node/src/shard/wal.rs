@@ -156,6 +156,21 @@ impl Wal {
         Ok(Self { file, path, bytes })
     }
 
+    /// Reopens the newest log file for appending (a torn tail already cut by
+    /// [`replay`]), writing nothing; starts one at `first_seq` if there is none. For an
+    /// open that must not need free space.
+    pub fn resume(dir: &Path, first_seq: u64) -> Result<Self> {
+        let Some((_, path)) = list(dir)?.pop() else {
+            return Self::start(dir, first_seq);
+        };
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(ShardError::io(&path))?;
+        let bytes = file.metadata().map_err(ShardError::io(&path))?.len();
+        Ok(Self { file, path, bytes })
+    }
+
     /// Appends one batch and fsyncs it; returns only once the batch is durable.
     pub fn append(&mut self, batch: &WalBatch) -> Result<()> {
         let frame = record::encode(&encode(batch));
