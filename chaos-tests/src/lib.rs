@@ -104,6 +104,11 @@ impl Proc {
     pub fn running(&self) -> bool {
         self.child.is_some()
     }
+
+    /// The running process's pid (for a signal sent from a watcher thread).
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
 }
 
 impl Drop for Proc {
@@ -119,7 +124,7 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     bin: PathBuf,
     pub coordinators: Vec<String>,
-    _coords: Vec<Proc>,
+    coords: Vec<Proc>,
     pub nodes: Vec<Proc>,
 }
 
@@ -230,7 +235,7 @@ impl Cluster {
             dir,
             bin,
             coordinators,
-            _coords: coords,
+            coords,
             nodes: procs,
         };
         c.wait_up(nodes, Duration::from_secs(60)).await;
@@ -444,9 +449,46 @@ impl Cluster {
     /// SIGTERM (a clean shutdown) and wait for the process to exit; returns when it
     /// did, or SIGKILLs it after `within`.
     pub async fn terminate(&mut self, i: usize, within: Duration) -> Duration {
+        stop(&mut self.nodes[i], within).await
+    }
+
+    /// Coordinator `k`'s (0-based) data dir.
+    pub fn coordinator_dir(&self, k: usize) -> PathBuf {
+        self.dir.path().join(&self.coords[k].id)
+    }
+
+    /// SIGTERMs coordinator `k` and waits for it to exit (SIGKILL after `within`).
+    pub async fn stop_coordinator(&mut self, k: usize, within: Duration) -> Duration {
+        stop(&mut self.coords[k], within).await
+    }
+
+    pub fn start_coordinator(&mut self, k: usize) {
+        assert!(!self.coords[k].running());
+        let bin = self.bin.clone();
+        self.coords[k].spawn(&bin);
+    }
+
+    /// Coordinator `k`'s own status (its map version and applied log index).
+    pub async fn coordinator_status(&self, k: usize) -> Option<cpb::ClusterStatusResponse> {
+        let ch = Channel::from_shared(format!("http://{}", self.coordinators[k]))
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
+        shoal_proto::coordinator::admin_client::AdminClient::new(ch)
+            .cluster_status(cpb::ClusterStatusRequest {})
+            .await
+            .ok()
+            .map(|r| r.into_inner())
+    }
+}
+
+/// SIGTERM a process and wait for it to exit; SIGKILL after `within`.
+async fn stop(p: &mut Proc, within: Duration) -> Duration {
+    {
         let t = Instant::now();
-        self.nodes[i].signal(libc::SIGTERM);
-        if let Some(mut c) = self.nodes[i].child.take() {
+        p.signal(libc::SIGTERM);
+        if let Some(mut c) = p.child.take() {
             while t.elapsed() < within {
                 if matches!(c.try_wait(), Ok(Some(_))) {
                     return t.elapsed();
@@ -458,7 +500,9 @@ impl Cluster {
         }
         t.elapsed()
     }
+}
 
+impl Cluster {
     pub fn restart(&mut self, i: usize) {
         assert!(!self.nodes[i].running());
         let bin = self.bin.clone();
@@ -511,7 +555,7 @@ impl Cluster {
 
     /// As [`Cluster::metric`], from coordinator `i`.
     pub async fn coordinator_metric(&self, i: usize, name: &str) -> f64 {
-        scrape(&self._coords[i].metrics, name).await
+        scrape(&self.coords[i].metrics, name).await
     }
 
     pub fn pause(&self, i: usize) {

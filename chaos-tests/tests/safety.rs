@@ -122,18 +122,21 @@ async fn final_check(c: &Cluster, acked: &[u64], unknown: &[u64]) -> Duration {
     for node in c.running_nodes() {
         check_acknowledged(&node, COLLECTION, acked).await;
     }
+    // Writers that run to their last batch reuse the first round's request ids: count
+    // each document once.
+    let acked: std::collections::BTreeSet<u64> = acked.iter().copied().collect();
+    let unknown = unknown.iter().filter(|d| !acked.contains(d)).count();
     let t = Instant::now();
     loop {
         let live = live_docs(&c.shards(COLLECTION).await);
-        let range = acked.len() as u64..=(acked.len() + unknown.len()) as u64;
+        let range = acked.len() as u64..=(acked.len() + unknown) as u64;
         if range.contains(&live) {
             break;
         }
         assert!(
             t.elapsed() < Duration::from_secs(10),
-            "primaries hold {live} documents; {} acknowledged, {} unknown",
+            "primaries hold {live} documents; {} acknowledged, {unknown} unknown",
             acked.len(),
-            unknown.len()
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -526,9 +529,12 @@ async fn a_replica_poisoned_by_a_full_disk_leaves_its_quorum_and_comes_back() {
     c.restart(i);
     c.wait_replicated(COLLECTION, 2, Duration::from_secs(60))
         .await;
+    c.create_collection("safety3", 3, 3).await;
+    c.wait_replicated("safety3", 3, Duration::from_secs(60))
+        .await;
     let nodes = Arc::new(Mutex::new(c.all_nodes()));
     let verify = Verify::start(&nodes, &acked);
-    let writers = Writers::start(&nodes, 100, 1_000);
+    let writers = Writers::start(&nodes, 100, 300);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let ballast = fill_up(&dir);
     let full = Instant::now();
@@ -555,55 +561,269 @@ async fn a_replica_poisoned_by_a_full_disk_leaves_its_quorum_and_comes_back() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert!(c.node_log(i).contains("shard poisoned"));
-    // Writes to every shard are acknowledged without n3 while its disk stays full.
-    let probe: Vec<u64> = (800_000..800_030).collect();
-    let t = Instant::now();
-    let mut client = connect(&c.nodes[0].public).await.unwrap();
-    let acked_while_out = loop {
-        let r = client
-            .ingest(shoal_proto::v1::IngestRequest {
-                collection: COLLECTION.into(),
-                documents: probe
-                    .iter()
-                    .map(|&d| shoal_proto::v1::Document {
-                        id: doc_id(d),
-                        vector: vector(d),
-                        ..Default::default()
-                    })
-                    .collect(),
-                request_id: "while-n3-is-out".into(),
+    // While n3's disk stays full: the RF 2 collection's writes to its shards are
+    // refused at once with UNAVAILABLE naming the missing replica (its quorum needs
+    // two copies), not left to time out; the RF 3 collection's writes go on with two.
+    let probe = |collection: &str, first: u64, request_id: &str| shoal_proto::v1::IngestRequest {
+        collection: collection.into(),
+        documents: (first..first + 30)
+            .map(|d| shoal_proto::v1::Document {
+                id: doc_id(d),
+                vector: vector(d),
+                ..Default::default()
             })
-            .await;
-        match r {
+            .collect(),
+        request_id: request_id.into(),
+    };
+    let mut client = connect(&c.nodes[0].public).await.unwrap();
+    let t = Instant::now();
+    let refused = client
+        .ingest(probe(COLLECTION, 800_000, "while-n3-is-out"))
+        .await
+        .unwrap_err();
+    let refused_in = t.elapsed();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("live serving replica"),
+        "{refused:?}"
+    );
+    let t = Instant::now();
+    let acked_rf3 = loop {
+        match client
+            .ingest(probe("safety3", 0, "rf3-while-n3-is-out"))
+            .await
+        {
             Ok(_) => break t.elapsed(),
             Err(e) => assert!(
                 t.elapsed() < Duration::from_secs(30),
-                "no write acknowledged while n3 was out: {e:?}"
+                "no RF 3 write acknowledged while n3 was out: {e:?}"
             ),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    acked.extend(&probe);
+    let unknown_probe: Vec<u64> = (800_000..800_030).collect();
     // Space back: n3 reopens its replicas, they catch up and serve again.
     std::fs::remove_file(&ballast).unwrap();
     let freed = Instant::now();
     let back = c
         .wait_replicated(COLLECTION, 2, Duration::from_secs(90))
         .await;
-    let (during, unknown) = writers.finish().await;
+    let (during, mut unknown) = writers.finish().await;
+    unknown.extend(unknown_probe);
     let v = verify.finish().await;
     acked.extend(&during);
     final_check(&c, &acked, &unknown).await;
+    c.wait_replicated("safety3", 3, Duration::from_secs(60))
+        .await;
+    for node in c.running_nodes() {
+        assert_eq!(
+            check_acknowledged(&node, "safety3", &(0..30).collect::<Vec<_>>()).await,
+            30
+        );
+    }
     assert!(v.silent_misses.is_empty(), "{:?}", v.silent_misses);
+    assert!(!during.is_empty());
     figures(
         "replica_failed_on_full_disk",
         acked.len(),
         &v,
         serde_json::json!({"left_quorum_after_s": out.as_secs_f64(),
                            "serving_again_after_freeing_s": back.as_secs_f64(),
-                           "write_acknowledged_while_out_s": acked_while_out.as_secs_f64(),
+                           "rf2_write_refused_in_s": refused_in.as_secs_f64(),
+                           "rf3_write_acknowledged_while_out_s": acked_rf3.as_secs_f64(),
                            "unknown_outcome": unknown.len(),
                            "freed_to_end_s": freed.elapsed().as_secs_f64()}),
     );
     c.terminate(i, Duration::from_secs(20)).await;
+}
+
+/// Snapshot installs in flight under a node's data dir: replica directories being
+/// received (`<index>.incoming`) or swapped (`<index>.old`).
+fn installs_in_flight(node_dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let Ok(colls) = std::fs::read_dir(node_dir.join("shards")) else {
+        return Vec::new();
+    };
+    colls
+        .flatten()
+        .filter_map(|c| std::fs::read_dir(c.path()).ok())
+        .flat_map(|d| d.flatten().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "incoming" || e == "old"))
+        .collect()
+}
+
+/// Issue 14: a node SIGKILLed in the middle of installing a snapshot (a watcher kills
+/// it the moment a snapshot directory appears, and the test checks one was left
+/// half-done) comes back to whole replicas: the half-received copy is dropped, an
+/// interrupted swap finished or undone, and the copy filled again; nothing
+/// acknowledged is lost and no answer claiming completeness misses a document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_killed_mid_snapshot_install_loses_nothing() {
+    let _g = SERIAL.lock().await;
+    let mut c = cluster().await;
+    // A recent log too small to catch a new copy up batch by batch: the primaries on
+    // n2 and n3 fill n1's new volume with snapshots.
+    let coords = c.coordinators.clone();
+    for id in ["n2", "n3"] {
+        let k = c.node_index(id);
+        c.terminate(k, Duration::from_secs(20)).await;
+        c.set_node_args(k, &coords, &["--recent-log-bytes", "4096"]);
+        c.restart(k);
+        c.wait_replicated(COLLECTION, 2, Duration::from_secs(60))
+            .await;
+    }
+    let mut acked = first_round(&c).await;
+    let nodes = Arc::new(Mutex::new(c.all_nodes()));
+    let verify = Verify::start(&nodes, &acked);
+    let writers = Writers::start(&nodes, 100, 300);
+    // Some data to copy.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let i = c.node_index("n1");
+    let dir = c.node_dir(i);
+    let mut interrupted = Vec::new();
+    let mut tries = 0;
+    while interrupted.is_empty() && tries < 5 {
+        tries += 1;
+        // A new, empty volume: every replica on n1 is filled by a snapshot.
+        c.kill(i);
+        std::fs::remove_dir_all(&dir).unwrap();
+        c.restart(i);
+        let pid = c.nodes[i].pid().unwrap();
+        let d = dir.clone();
+        let seen = tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(30) {
+                if !installs_in_flight(&d).is_empty() {
+                    // SAFETY: kill(2) on the node process this test started.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    return true;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            false
+        })
+        .await
+        .unwrap();
+        c.kill(i);
+        if seen {
+            interrupted = installs_in_flight(&dir);
+        }
+    }
+    assert!(
+        !interrupted.is_empty(),
+        "no snapshot install caught in flight in {tries} tries"
+    );
+    c.restart(i);
+    let t = Instant::now();
+    c.wait_replicated(COLLECTION, 2, Duration::from_secs(90))
+        .await;
+    let recovered = t.elapsed();
+    assert!(installs_in_flight(&dir).is_empty());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (during, unknown) = writers.finish().await;
+    let v = verify.finish().await;
+    acked.extend(&during);
+    final_check(&c, &acked, &unknown).await;
+    assert!(v.silent_misses.is_empty(), "{:?}", v.silent_misses);
+    figures(
+        "killed_mid_snapshot_install",
+        acked.len(),
+        &v,
+        serde_json::json!({"tries": tries,
+                           "interrupted": interrupted.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+                           "recover_s": recovered.as_secs_f64(), "unknown_outcome": unknown.len()}),
+    );
+}
+
+/// Issue 14: a coordinator member restarted *behind* (its data dir put back to a copy
+/// taken before a collection was created and filled) while writers and the verifying
+/// query loop run. The member catches up from the leader; no node takes a map older
+/// than its own (nodes may hear from it while it is behind) and no node moves a replica
+/// to the trash; every acknowledged document of both collections is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_coordinator_restarted_behind_moves_nothing_backwards() {
+    let _g = SERIAL.lock().await;
+    let mut c = cluster().await;
+    let mut acked = first_round(&c).await;
+    // A follower: the leader keeps every committed entry.
+    let leader = c.coordinator_status(0).await.expect("status").leader;
+    let k = (0..3).find(|&k| k as u64 + 1 != leader).unwrap();
+    let l = leader as usize - 1;
+    c.stop_coordinator(k, Duration::from_secs(20)).await;
+    let dir = c.coordinator_dir(k);
+    let old = dir.with_extension("behind");
+    let cp = std::process::Command::new("cp")
+        .args(["-a", &dir.display().to_string(), &old.display().to_string()])
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    let copied_at = c.coordinator_status(l).await.expect("leader status");
+    c.start_coordinator(k);
+    // The map moves on past the copy: a second collection, filled.
+    c.create_collection("later", 2, 2).await;
+    c.wait_replicated("later", 2, Duration::from_secs(60)).await;
+    let nodes = Arc::new(Mutex::new(c.all_nodes()));
+    let later = ingest(
+        nodes.clone(),
+        "later".into(),
+        0,
+        10,
+        PER_BATCH,
+        Duration::from_secs(30),
+        Arc::new(AtomicBool::new(false)),
+    )
+    .await
+    .acknowledged_docs();
+    assert_eq!(later.len() as u64, 10 * PER_BATCH);
+    // Put the member back behind, and restart it under load.
+    let ahead = c.coordinator_status(l).await.expect("leader status");
+    assert!(ahead.map_version > copied_at.map_version);
+    c.stop_coordinator(k, Duration::from_secs(20)).await;
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::rename(&old, &dir).unwrap();
+    let verify = Verify::start(&nodes, &acked);
+    let writers = Writers::start(&nodes, 100, 300);
+    c.start_coordinator(k);
+    let t = Instant::now();
+    let caught_up = loop {
+        if let Some(s) = c.coordinator_status(k).await {
+            if s.map_version >= ahead.map_version
+                && s.last_applied_index >= ahead.last_applied_index
+            {
+                break t.elapsed();
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "member {} never caught up",
+            k + 1
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (during, unknown) = writers.finish().await;
+    let v = verify.finish().await;
+    acked.extend(&during);
+    final_check(&c, &acked, &unknown).await;
+    c.wait_replicated("later", 2, Duration::from_secs(30)).await;
+    for node in c.running_nodes() {
+        check_acknowledged(&node, "later", &later).await;
+    }
+    assert!(v.silent_misses.is_empty(), "{:?}", v.silent_misses);
+    let trashed: usize = (0..c.nodes.len())
+        .map(|n| c.node_log(n).matches("to the trash").count())
+        .sum();
+    assert_eq!(trashed, 0, "a node moved a replica to the trash");
+    let older_maps_ignored: usize = (0..c.nodes.len())
+        .map(|n| c.node_log(n).matches("ignored a cluster map older").count())
+        .sum();
+    figures(
+        "coordinator_restarted_behind",
+        acked.len() + later.len(),
+        &v,
+        serde_json::json!({"behind_by_map_versions": ahead.map_version - copied_at.map_version,
+                           "behind_by_log_entries": ahead.last_applied_index - copied_at.last_applied_index,
+                           "caught_up_s": caught_up.as_secs_f64(),
+                           "older_maps_ignored_by_nodes": older_maps_ignored,
+                           "unknown_outcome": unknown.len()}),
+    );
 }

@@ -1198,9 +1198,7 @@ pub(crate) mod tests {
         assert_eq!(s2.epoch, s.epoch + 1);
         assert_eq!(state_of(&m, &primary), ReplicaState::Copying);
         // Now the new primary is the only serving replica: its failure is refused.
-        assert!(m
-            .apply(&failed(&backup, s2.epoch, Some(&primary)))
-            .is_err());
+        assert!(m.apply(&failed(&backup, s2.epoch, Some(&primary))).is_err());
         // Reopened and caught up, the copy serves again, as a backup.
         m.apply(&Command::ReplicaReady {
             shard: s.key.clone(),

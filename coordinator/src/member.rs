@@ -253,7 +253,14 @@ impl Coordinator {
         );
         let was = self.disks.lock().insert(node.to_string(), level);
         if was != Some(level) && level != placement::DiskLevel::Ok {
-            tracing::warn!(node, ?level, free, trash, total, "node's data volume is over a disk watermark");
+            tracing::warn!(
+                node,
+                ?level,
+                free,
+                trash,
+                total,
+                "node's data volume is over a disk watermark"
+            );
         }
         // Index generations the primaries serve now go into the map (durable, watched).
         let mut generations = Vec::new();

@@ -622,9 +622,18 @@ mod tests {
     fn disk_levels_count_the_trash_as_free() {
         let gib = 1u64 << 30;
         assert_eq!(disk_level(50 * gib, 0, 100 * gib, 0.85, 0.9), DiskLevel::Ok);
-        assert_eq!(disk_level(15 * gib, 0, 100 * gib, 0.85, 0.9), DiskLevel::Low);
-        assert_eq!(disk_level(5 * gib, 0, 100 * gib, 0.85, 0.9), DiskLevel::High);
-        assert_eq!(disk_level(5 * gib, 20 * gib, 100 * gib, 0.85, 0.9), DiskLevel::Ok);
+        assert_eq!(
+            disk_level(15 * gib, 0, 100 * gib, 0.85, 0.9),
+            DiskLevel::Low
+        );
+        assert_eq!(
+            disk_level(5 * gib, 0, 100 * gib, 0.85, 0.9),
+            DiskLevel::High
+        );
+        assert_eq!(
+            disk_level(5 * gib, 20 * gib, 100 * gib, 0.85, 0.9),
+            DiskLevel::Ok
+        );
         assert_eq!(disk_level(0, 0, 0, 0.85, 0.9), DiskLevel::Ok);
     }
 
@@ -644,7 +653,11 @@ mod tests {
         let low_before = count(&m, "n1");
         assert!(count(&m, "n0") > 0);
         let opts = Options {
-            disk: [("n0".into(), DiskLevel::High), ("n1".into(), DiskLevel::Low)].into(),
+            disk: [
+                ("n0".into(), DiskLevel::High),
+                ("n1".into(), DiskLevel::Low),
+            ]
+            .into(),
             ..Options::default()
         };
         let step = plan(&m, &opts);
@@ -653,9 +666,9 @@ mod tests {
             .filter(|mv| matches!(mv, Move::Add { from: Some(f), .. } if f == "n0"))
             .count();
         assert_eq!(off_n0, 1, "{step:?}");
-        assert!(step.iter().all(
-            |mv| !matches!(mv, Move::Add { to, .. } if to == "n0" || to == "n1")
-        ));
+        assert!(step
+            .iter()
+            .all(|mv| !matches!(mv, Move::Add { to, .. } if to == "n0" || to == "n1")));
         converge(&mut m, &opts);
         check_invariants(&m);
         assert_eq!(count(&m, "n0"), 0);

@@ -1101,7 +1101,11 @@ async fn failed_replicas_leave_their_quorum() {
         ..Default::default()
     };
     send_heartbeat(&mut client, beat(backup, "")).await;
-    send_heartbeat(&mut client, beat(primary, "io error: No space left on device")).await;
+    send_heartbeat(
+        &mut client,
+        beat(primary, "io error: No space left on device"),
+    )
+    .await;
     let map = g.map(leader);
     let s = map.shards.values().next().unwrap();
     assert_eq!(s.primary.as_deref(), Some(backup), "{s:#?}");
@@ -1126,5 +1130,8 @@ async fn failed_replicas_leave_their_quorum() {
     .await;
     let map = g.map(leader);
     let s3 = map.shards.values().next().unwrap();
-    assert!(s3.replicas.iter().all(|r| r.state == ReplicaState::Serving), "{s3:#?}");
+    assert!(
+        s3.replicas.iter().all(|r| r.state == ReplicaState::Serving),
+        "{s3:#?}"
+    );
 }
