@@ -5,7 +5,7 @@
 //! deterministic (no clocks, no randomness), so every member that applies the same log
 //! holds the same map. Each successful command bumps `version` by one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -219,8 +219,13 @@ pub enum Move {
     Evict { shard: ShardKey, node: NodeId },
 }
 
+/// A change to the map, as stored in the Raft log. Entries are bincode, which names a
+/// variant by its index: new variants go at the end, and a variant's fields never
+/// change (add a variant instead).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum Command {
+    /// A new collection placed when the command is applied (entries written before
+    /// [`Command::CreateCollectionPlaced`]; the leader now writes that one).
     CreateCollection(CollectionSpec),
     DropCollection {
         name: String,
@@ -279,6 +284,11 @@ pub enum Command {
         node: NodeId,
         epoch: u64,
     },
+    /// Cancels an operator's drain: a draining node is up again (a silent one keeps
+    /// its liveness state and comes back up, not draining).
+    Undrain {
+        id: NodeId,
+    },
     /// A replica its node reports failed (a write's I/O error, a failed open) leaves
     /// its shard's quorum: it becomes a copy, serving again once its node has reopened
     /// it and it has caught up. A failed primary hands its role to `successor` (a
@@ -290,10 +300,12 @@ pub enum Command {
         epoch: u64,
         successor: Option<NodeId>,
     },
-    /// Cancels an operator's drain: a draining node is up again (a silent one keeps
-    /// its liveness state and comes back up, not draining).
-    Undrain {
-        id: NodeId,
+    /// A new collection with the placement the leader chose for it (primary first per
+    /// shard, from its view of the nodes and their disks): `apply` only validates it,
+    /// so replaying the log rebuilds the same map whatever today's placement code does.
+    CreateCollectionPlaced {
+        spec: CollectionSpec,
+        placement: Vec<Vec<NodeId>>,
     },
 }
 
@@ -438,7 +450,17 @@ impl ClusterMap {
     /// Applies `cmd`, or returns why not without changing anything.
     pub fn apply(&mut self, cmd: &Command) -> Result<Vec<Change>> {
         let changes = match cmd {
-            Command::CreateCollection(spec) => self.create_collection(spec)?,
+            Command::CreateCollection(spec) => {
+                self.check_new_collection(spec)?;
+                let placement = placement::initial(self, spec, &BTreeMap::new())
+                    .map_err(MapError::FailedPrecondition)?;
+                self.create_collection(spec, placement)?
+            }
+            Command::CreateCollectionPlaced { spec, placement } => {
+                self.check_new_collection(spec)?;
+                self.check_placement(spec, placement)?;
+                self.create_collection(spec, placement.clone())?
+            }
             Command::DropCollection { name } => self.drop_collection(name)?,
             Command::RegisterNode {
                 id,
@@ -537,7 +559,8 @@ impl ClusterMap {
         Ok(changes)
     }
 
-    fn create_collection(&mut self, spec: &CollectionSpec) -> Result<Vec<Change>> {
+    /// A new collection's spec against the map: valid, a new name, enough nodes up.
+    pub(crate) fn check_new_collection(&self, spec: &CollectionSpec) -> Result<usize> {
         spec.validate()?;
         if self.collections.contains_key(&spec.name) {
             return Err(MapError::AlreadyExists(format!(
@@ -556,7 +579,47 @@ impl ClusterMap {
                 spec.replication_factor
             )));
         }
-        let assignment = placement::initial(self, spec).map_err(MapError::FailedPrecondition)?;
+        Ok(up)
+    }
+
+    /// A placement chosen by the leader, against the map at apply time: one list per
+    /// shard, `replication_factor` distinct nodes each, every one up.
+    fn check_placement(&self, spec: &CollectionSpec, placement: &[Vec<NodeId>]) -> Result<()> {
+        if placement.len() != spec.shard_count as usize {
+            return Err(invalid(format!(
+                "the placement names {} shard(s); collection {:?} has {}",
+                placement.len(),
+                spec.name,
+                spec.shard_count
+            )));
+        }
+        for (index, nodes) in placement.iter().enumerate() {
+            let distinct: BTreeSet<&NodeId> = nodes.iter().collect();
+            if nodes.len() != spec.replication_factor as usize || distinct.len() != nodes.len() {
+                return Err(invalid(format!(
+                    "shard {index} is placed on {nodes:?}: it needs {} distinct node(s)",
+                    spec.replication_factor
+                )));
+            }
+            if let Some(n) = nodes.iter().find(|n| {
+                !self
+                    .nodes
+                    .get(*n)
+                    .is_some_and(|n| n.state.accepts_replicas())
+            }) {
+                return Err(MapError::FailedPrecondition(format!(
+                    "shard {index} is placed on node {n:?}, which is not up"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn create_collection(
+        &mut self,
+        spec: &CollectionSpec,
+        assignment: Vec<Vec<NodeId>>,
+    ) -> Result<Vec<Change>> {
         let id = self.next_collection_id + 1;
         self.next_collection_id = id;
         let collection = Collection {
@@ -1152,6 +1215,48 @@ pub(crate) mod tests {
             })
             .unwrap_err();
         assert!(matches!(err, MapError::FailedPrecondition(_)));
+    }
+
+    /// Issue 15: the leader's placement travels in the command; `apply` only checks it,
+    /// and refuses one that does not fit the map, changing nothing.
+    #[test]
+    fn a_placed_collection_is_checked_not_placed_again() {
+        let mut m = map_with_nodes(3);
+        let placed = |placement: Vec<Vec<&str>>| Command::CreateCollectionPlaced {
+            spec: spec("c", 2, 2),
+            placement: placement
+                .into_iter()
+                .map(|s| s.into_iter().map(String::from).collect())
+                .collect(),
+        };
+        for bad in [
+            vec![vec!["n0", "n1"]],
+            vec![vec!["n0", "n1"], vec!["n2", "n2"]],
+            vec![vec!["n0", "n1"], vec!["n2"]],
+            vec![vec!["n0", "n1"], vec!["n2", "elsewhere"]],
+        ] {
+            let before = m.clone();
+            assert!(m.apply(&placed(bad.clone())).is_err(), "{bad:?}");
+            assert_eq!(m, before);
+        }
+        m.apply(&Command::SetNodeState {
+            id: "n2".into(),
+            state: NodeState::Down,
+            from: vec![],
+        })
+        .unwrap();
+        assert!(matches!(
+            m.apply(&placed(vec![vec!["n0", "n1"], vec!["n2", "n0"]])),
+            Err(MapError::FailedPrecondition(_))
+        ));
+        m.apply(&placed(vec![vec!["n1", "n0"], vec!["n0", "n1"]]))
+            .unwrap();
+        let shards: Vec<&Shard> = m.shards_of("c").collect();
+        assert_eq!(shards[0].primary.as_deref(), Some("n1"));
+        assert_eq!(shards[1].primary.as_deref(), Some("n0"));
+        assert!(m
+            .apply(&placed(vec![vec!["n1", "n0"], vec!["n0", "n1"]]))
+            .is_err());
     }
 
     /// Issue 14: a replica its node reports failed leaves the quorum through the map

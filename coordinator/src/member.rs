@@ -1,7 +1,7 @@
 //! One coordinator member: its Raft instance, the applied map, and the leader-only
 //! duties (node liveness and placement).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -98,6 +98,13 @@ impl Coordinator {
     /// returns the map version it produced.
     pub async fn write(&self, cmd: Command) -> Result<u64> {
         let deadline = Instant::now() + WRITE_DEADLINE;
+        // The leader decides what the command leaves open; a follower forwards it as
+        // it is and the leader decides on receipt.
+        let cmd = if self.require_leader().is_ok() {
+            self.decide(cmd)?
+        } else {
+            cmd
+        };
         loop {
             match self
                 .raft
@@ -128,6 +135,33 @@ impl Coordinator {
         }
     }
 
+    /// The leader's decisions inside a command, made from its own view before the
+    /// command is proposed: a new collection's placement (with the nodes' disk levels,
+    /// which only the leader holds), so that applying the log never runs placement.
+    fn decide(&self, cmd: Command) -> Result<Command> {
+        Ok(match cmd {
+            Command::CreateCollection(spec) => {
+                let disk = self.disk_levels();
+                let st = self.sm.state.lock();
+                st.map.check_new_collection(&spec)?;
+                let placement = placement::initial(&st.map, &spec, &disk)
+                    .map_err(MapError::FailedPrecondition)?;
+                Command::CreateCollectionPlaced { spec, placement }
+            }
+            other => other,
+        })
+    }
+
+    /// Nodes whose data volume is over a disk watermark, by their last heartbeat.
+    fn disk_levels(&self) -> BTreeMap<String, placement::DiskLevel> {
+        self.disks
+            .lock()
+            .iter()
+            .filter(|(_, l)| **l != placement::DiskLevel::Ok)
+            .map(|(n, l)| (n.clone(), *l))
+            .collect()
+    }
+
     /// Sends a write to the leader. A transport failure after sending leaves the outcome
     /// unknown (the leader may have committed it), so it is not retried here.
     async fn forward(&self, leader: &Member, cmd: &Command) -> Result<ForwardReply> {
@@ -149,6 +183,12 @@ impl Coordinator {
 
     /// The leader's side of a forwarded write.
     pub async fn handle_forward(&self, req: Request) -> ForwardReply {
+        // A command the leader cannot decide is proposed as it is: applying it gives
+        // the typed error (a name taken, too few nodes up).
+        let req = match self.decide(req.command.clone()) {
+            Ok(command) => Request { command },
+            Err(_) => req,
+        };
         match self.raft.client_write(req).await {
             Ok(r) => ForwardReply::Applied(r.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
@@ -693,13 +733,7 @@ impl Coordinator {
         let opts = placement::Options {
             max_moves: self.config.max_moves_per_step,
             max_in_flight: self.config.max_copies_in_flight,
-            disk: self
-                .disks
-                .lock()
-                .iter()
-                .filter(|(_, l)| **l != placement::DiskLevel::Ok)
-                .map(|(n, l)| (n.clone(), *l))
-                .collect(),
+            disk: self.disk_levels(),
         };
         let moves = placement::plan(&map, &opts);
         if !moves.is_empty() {

@@ -168,9 +168,14 @@ fn replica_memory(map: &ClusterMap, key: &ShardKey) -> u64 {
         .map_or(0, |c| c.spec.replica_memory_bytes)
 }
 
-/// Nodes for each shard of a new collection (primary first), or why it cannot be placed.
-pub fn initial(map: &ClusterMap, spec: &CollectionSpec) -> Result<Vec<Vec<NodeId>>, String> {
-    let mut pool = Pool::new(map);
+/// Nodes for each shard of a new collection (primary first), or why it cannot be
+/// placed; nodes over a disk watermark (`disk`) take none.
+pub fn initial(
+    map: &ClusterMap,
+    spec: &CollectionSpec,
+    disk: &BTreeMap<NodeId, DiskLevel>,
+) -> Result<Vec<Vec<NodeId>>, String> {
+    let mut pool = Pool::with_disk(map, disk);
     let mem = spec.replica_memory_bytes;
     let mut out = Vec::with_capacity(spec.shard_count as usize);
     // Primaries take the writes (and encode the documents): spread them like replicas.

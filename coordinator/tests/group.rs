@@ -1135,3 +1135,45 @@ async fn failed_replicas_leave_their_quorum() {
         "{s3:#?}"
     );
 }
+
+/// Issues 14 and 15: a node reporting a data volume over the low disk watermark gets no
+/// replica of a new collection: the leader places it (with the disk levels only it
+/// holds) and the create command carries that placement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn new_collections_keep_off_nearly_full_volumes() {
+    let _serial = SERIAL.lock().await;
+    let g = Group::start(|c| c.tick_ms = 100).await;
+    let leader = g.leader(Duration::from_secs(10)).await;
+    let mut client = g.client();
+    for id in ["w1", "w2"] {
+        register_up(&mut client, id, "z").await;
+    }
+    let gib = 1u64 << 30;
+    send_heartbeat(
+        &mut client,
+        pb::HeartbeatRequest {
+            id: "w1".into(),
+            disk_free_bytes: 5 * gib,
+            disk_total_bytes: 100 * gib,
+            ..Default::default()
+        },
+    )
+    .await;
+    let info = create(&mut client, "spread", 4, 1).await.unwrap();
+    assert!(info.shards.iter().all(|s| s.primary == "w2"), "{info:#?}");
+    // Room again: the next collection uses both nodes.
+    send_heartbeat(
+        &mut client,
+        pb::HeartbeatRequest {
+            id: "w1".into(),
+            disk_free_bytes: 50 * gib,
+            disk_total_bytes: 100 * gib,
+            ..Default::default()
+        },
+    )
+    .await;
+    let info = create(&mut client, "spread2", 4, 1).await.unwrap();
+    assert!(info.shards.iter().any(|s| s.primary == "w1"), "{info:#?}");
+    let map = g.map(leader);
+    assert_eq!(map.shards_of("spread").count(), 4);
+}
