@@ -560,7 +560,7 @@ impl ClusterMap {
     }
 
     /// A new collection's spec against the map: valid, a new name, enough nodes up.
-    pub(crate) fn check_new_collection(&self, spec: &CollectionSpec) -> Result<usize> {
+    pub(crate) fn check_new_collection(&self, spec: &CollectionSpec) -> Result<()> {
         spec.validate()?;
         if self.collections.contains_key(&spec.name) {
             return Err(MapError::AlreadyExists(format!(
@@ -579,7 +579,7 @@ impl ClusterMap {
                 spec.replication_factor
             )));
         }
-        Ok(up)
+        Ok(())
     }
 
     /// A placement chosen by the leader, against the map at apply time: one list per

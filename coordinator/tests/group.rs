@@ -1149,29 +1149,17 @@ async fn new_collections_keep_off_nearly_full_volumes() {
         register_up(&mut client, id, "z").await;
     }
     let gib = 1u64 << 30;
-    send_heartbeat(
-        &mut client,
-        pb::HeartbeatRequest {
-            id: "w1".into(),
-            disk_free_bytes: 5 * gib,
-            disk_total_bytes: 100 * gib,
-            ..Default::default()
-        },
-    )
-    .await;
+    let w1_disk = |free: u64| pb::HeartbeatRequest {
+        id: "w1".into(),
+        disk_free_bytes: free * gib,
+        disk_total_bytes: 100 * gib,
+        ..Default::default()
+    };
+    send_heartbeat(&mut client, w1_disk(5)).await;
     let info = create(&mut client, "spread", 4, 1).await.unwrap();
     assert!(info.shards.iter().all(|s| s.primary == "w2"), "{info:#?}");
     // Room again: the next collection uses both nodes.
-    send_heartbeat(
-        &mut client,
-        pb::HeartbeatRequest {
-            id: "w1".into(),
-            disk_free_bytes: 50 * gib,
-            disk_total_bytes: 100 * gib,
-            ..Default::default()
-        },
-    )
-    .await;
+    send_heartbeat(&mut client, w1_disk(50)).await;
     let info = create(&mut client, "spread2", 4, 1).await.unwrap();
     assert!(info.shards.iter().any(|s| s.primary == "w1"), "{info:#?}");
     let map = g.map(leader);

@@ -115,6 +115,15 @@ impl Role {
         };
         (peers, needed)
     }
+
+    /// Pure: whether this primary (at `epoch`) may overwrite what backup `node` holds
+    /// past it: only on an operator's forced epoch, or when that backup is a copy
+    /// outside the quorum (a replica that failed and left it, or a move's target),
+    /// whose extra batches were never acknowledged. A serving backup ahead, never.
+    pub fn overwrites_ahead(&self, epoch: u64, node: &str) -> bool {
+        self.epoch == epoch
+            && (self.forced || self.peers.iter().any(|p| p.node == node && !p.serving))
+    }
 }
 
 /// Where a backup stands against its primary, from the primary's probe.
@@ -737,13 +746,7 @@ impl Replication {
                 let r = self
                     .send_append(addr, epoch, last, &epochs, &[], last)
                     .await?;
-                // A backup ahead is overwritten only on an operator's forced epoch, or
-                // when it is a copy outside the quorum (a replica that failed and left
-                // it, or a move's target): its extra batches were never acknowledged.
-                let forced = self.role().is_some_and(|r| {
-                    r.epoch == epoch
-                        && (r.forced || r.peers.iter().any(|p| p.node == node && !p.serving))
-                });
+                let forced = self.role().is_some_and(|r| r.overwrites_ahead(epoch, node));
                 match standing(&epochs, last, r.last_seq, r.last_epoch, forced) {
                     Standing::Ahead => {
                         let first = self
@@ -1143,6 +1146,14 @@ mod tests {
         assert_eq!(standing(&[], 0, 1, 1, false), Standing::Ahead);
         // ... unless an operator forced its epoch, accepting the loss.
         assert_eq!(standing(&[], 0, 1, 1, true), Standing::Diverged);
+        // Who may be overwritten when ahead: a copy outside the quorum (b1), never a
+        // serving backup (b0), and only under the role's own epoch.
+        let r = role(3, 0, &[(true, true), (false, true)]);
+        assert!(!r.overwrites_ahead(1, "b0"));
+        assert!(r.overwrites_ahead(1, "b1"));
+        assert!(!r.overwrites_ahead(2, "b1"));
+        let forced = Role { forced: true, ..r };
+        assert!(forced.overwrites_ahead(1, "b0"));
     }
 
     #[test]
