@@ -141,7 +141,12 @@ impl Cluster {
     /// As [`Cluster::start`], declaring a silent node down after `down_ms`.
     pub async fn start_with(nodes: usize, down_ms: u64) -> Cluster {
         let bin = shoal_bin();
-        let dir = tempfile::tempdir().unwrap();
+        let mut dir = tempfile::tempdir().unwrap();
+        // SHOAL_CHAOS_KEEP=1 keeps the cluster's directory (logs, data) for a post-mortem.
+        if std::env::var_os("SHOAL_CHAOS_KEEP").is_some_and(|v| v != "0") {
+            dir.disable_cleanup(true);
+            eprintln!("cluster dir kept: {}", dir.path().display());
+        }
         let d = dir.path().to_path_buf();
         let addrs: Vec<(String, String)> = (0..3)
             .map(|_| {

@@ -210,6 +210,98 @@ async fn rack_loss_past_the_down_timeout_loses_nothing() {
     );
 }
 
+/// The rack loss's hard case, made certain: the primary of a shard logs a batch its
+/// backup never receives (the backup is paused), then the primary and the third node
+/// die together. The backup is promoted (it holds every acknowledged write) and the
+/// deposed primary comes back holding one batch more, of the old epoch, never
+/// acknowledged. Either copy may win (that batch's outcome was never reported), but the
+/// shard must come back to two serving replicas that agree, with nothing acknowledged
+/// lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deposed_primary_back_with_an_unacknowledged_batch_rejoins() {
+    let _g = SERIAL.lock().await;
+    let mut c = cluster().await;
+    let acked = first_round(&c).await;
+    let s = c.shard(COLLECTION, 0).await;
+    let p = s.primary.clone();
+    let b = s
+        .replicas
+        .iter()
+        .map(|r| r.node_id.clone())
+        .find(|n| *n != p)
+        .unwrap();
+    let x = ["n1", "n2", "n3"]
+        .into_iter()
+        .find(|n| *n != p && *n != b)
+        .unwrap()
+        .to_string();
+    let (pi, bi, xi) = (c.node_index(&p), c.node_index(&b), c.node_index(&x));
+    c.pause(bi);
+    let unknown: Vec<u64> = (900_000..900_060).collect();
+    let mut client = connect(&c.nodes[pi].public).await.unwrap();
+    let req = shoal_proto::v1::IngestRequest {
+        collection: COLLECTION.into(),
+        documents: unknown
+            .iter()
+            .map(|&d| shoal_proto::v1::Document {
+                id: doc_id(d),
+                vector: vector(d),
+                ..Default::default()
+            })
+            .collect(),
+        request_id: "never-acknowledged".into(),
+    };
+    let pending = tokio::spawn(async move { client.ingest(req).await });
+    // The primary logged the batch; its backup, paused, did not.
+    let t = Instant::now();
+    loop {
+        let s = c.shard(COLLECTION, 0).await;
+        let seq = |n: &str| {
+            s.replicas
+                .iter()
+                .find(|r| r.node_id == n)
+                .map_or(0, |r| r.applied_seq)
+        };
+        if seq(&p) > seq(&b) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the primary never logged the batch: {s:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.kill(pi);
+    c.kill(xi);
+    c.resume(bi);
+    assert!(pending.await.unwrap().is_err(), "acknowledged without its backup");
+    c.wait_node_state(&p, cpb::NodeState::Down, Duration::from_secs(20))
+        .await;
+    let t = Instant::now();
+    while c.shard(COLLECTION, 0).await.primary != b {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the backup was never promoted"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.restart(pi);
+    c.restart(xi);
+    let back = c
+        .wait_replicated(COLLECTION, 2, Duration::from_secs(60))
+        .await;
+    final_check(&c, &acked, &unknown).await;
+    // The two copies agree on the shard's documents.
+    let s = c.shard(COLLECTION, 0).await;
+    let live: Vec<u64> = s.replicas.iter().map(|r| r.live_docs).collect();
+    assert!(live.windows(2).all(|w| w[0] == w[1]), "{s:#?}");
+    println!(
+        "{}",
+        serde_json::json!({"test": "deposed_primary_rejoins", "acknowledged": acked.len(),
+                           "lost": 0, "replicated_after_restart_s": back.as_secs_f64()})
+    );
+}
+
 /// Issue 14's replaced volume: a node killed, its data dir wiped, restarted within the
 /// down timeout. It registers with a new volume: its replicas stop serving and leading
 /// and are filled again from the copies that hold the data.

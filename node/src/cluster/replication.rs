@@ -897,7 +897,11 @@ impl Replication {
             epoch,
             primary: self.node_id.clone(),
             manifest: src.manifest.clone(),
-            forced: self.role().is_some_and(|r| r.forced && r.epoch == epoch),
+            // The probe's decision, carried to the receiver, which refuses a snapshot
+            // behind it without this (the two sides must agree, or a copy outside the
+            // quorum that is ahead is neither overwritten nor promoted: issue 14's
+            // rack-loss flake).
+            forced: self.role().is_some_and(|r| r.overwrites_ahead(epoch, node)),
             ..Default::default()
         };
         let files = src.files.clone();

@@ -285,7 +285,9 @@ impl rpb::replica_server::Replica for ReplicaService {
         let _g = repl.lock_apply().await;
         repl.accept_epoch(first.epoch, &first.primary)?;
         // Never moved backwards: a replica ahead of the snapshot may hold acknowledged
-        // writes its sender lost, unless an operator forced the sender's epoch.
+        // writes its sender lost, unless the sender's probe found that what it holds
+        // past the snapshot was never acknowledged (`Role::overwrites_ahead`: an
+        // operator's forced epoch, or this replica is a copy outside the quorum).
         let (snap_seq, snap_epoch) = crate::shard::Shard::manifest_position(&first.manifest)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let (own_seq, own_epoch) = repl.shard()?.last();
