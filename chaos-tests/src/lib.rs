@@ -519,6 +519,11 @@ impl Cluster {
         self.dir.path().join(&self.nodes[i].id)
     }
 
+    /// Coordinator member `k`'s log so far.
+    pub fn coordinator_log(&self, k: usize) -> String {
+        std::fs::read_to_string(&self.coords[k].log).unwrap_or_default()
+    }
+
     /// Node `i`'s log so far.
     pub fn node_log(&self, i: usize) -> String {
         std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default()

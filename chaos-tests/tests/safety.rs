@@ -628,22 +628,46 @@ async fn a_replica_poisoned_by_a_full_disk_leaves_its_quorum_and_comes_back() {
     let verify = Verify::start(&nodes, &acked);
     let writers = Writers::start(&nodes, 100, 300);
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // The shards n3 serves when its disk fills, placement at rest (no copy moving):
+    // the ones whose replicas must fail and leave their quorum.
+    let t = Instant::now();
+    let serving_on_n3: Vec<u32> = loop {
+        let shards = c.shards(COLLECTION).await;
+        let settled = shards.iter().all(|s| {
+            s.replicas
+                .iter()
+                .all(|r| r.state == cpb::ReplicaState::Serving as i32)
+        });
+        let on_n3: Vec<u32> = shards
+            .iter()
+            .filter(|s| s.replicas.iter().any(|r| r.node_id == "n3"))
+            .map(|s| s.index)
+            .collect();
+        if settled && !on_n3.is_empty() {
+            break on_n3;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "placement never settled with n3 serving a shard: {shards:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let ballast = fill_up(&dir);
     let full = Instant::now();
-    // Every replica on n3 is a copy outside its quorum, and n3 leads nothing.
+    // Each of those replicas is now a copy outside its quorum (or moved off), and n3
+    // leads nothing.
     let out = loop {
         let shards = c.shards(COLLECTION).await;
-        let on_n3: Vec<&cpb::Replica> = shards
+        let left = shards
             .iter()
-            .flat_map(|s| s.replicas.iter())
-            .filter(|r| r.node_id == "n3")
-            .collect();
-        if !on_n3.is_empty()
-            && on_n3
-                .iter()
-                .all(|r| r.state == cpb::ReplicaState::Copying as i32)
-            && shards.iter().all(|s| s.primary != "n3")
-        {
+            .filter(|s| serving_on_n3.contains(&s.index))
+            .all(|s| {
+                s.replicas
+                    .iter()
+                    .filter(|r| r.node_id == "n3")
+                    .all(|r| r.state != cpb::ReplicaState::Serving as i32)
+            });
+        if left && shards.iter().all(|s| s.primary != "n3") {
             break full.elapsed();
         }
         assert!(
@@ -652,7 +676,19 @@ async fn a_replica_poisoned_by_a_full_disk_leaves_its_quorum_and_comes_back() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    assert!(c.node_log(i).contains("shard poisoned"));
+    // They left because n3 reported them failed (its writes hit ENOSPC), not by chance.
+    let log = c.node_log(i);
+    assert!(
+        log.contains("shard poisoned"),
+        "no replica on n3 was poisoned; its log ends: {}",
+        &log[log.floor_char_boundary(log.len().saturating_sub(6000))..]
+    );
+    assert!(
+        (0..3).any(|k| c
+            .coordinator_log(k)
+            .contains("a failed replica leaves its shard's quorum")),
+        "no coordinator took a failed replica out of its quorum"
+    );
     // While n3's disk stays full: the RF 2 collection's writes to its shards are
     // refused at once with UNAVAILABLE naming the missing replica (its quorum needs
     // two copies), not left to time out; the RF 3 collection's writes go on with two.
