@@ -140,6 +140,11 @@ impl Cluster {
 
     /// As [`Cluster::start`], declaring a silent node down after `down_ms`.
     pub async fn start_with(nodes: usize, down_ms: u64) -> Cluster {
+        Self::start_full(nodes, down_ms, &[]).await
+    }
+
+    /// As [`Cluster::start_with`], with extra flags for every coordinator member.
+    pub async fn start_full(nodes: usize, down_ms: u64, coordinator_args: &[&str]) -> Cluster {
         let bin = shoal_bin();
         let mut dir = tempfile::tempdir().unwrap();
         // SHOAL_CHAOS_KEEP=1 keeps the cluster's directory (logs, data) for a post-mortem.
@@ -189,8 +194,10 @@ impl Cluster {
                     "--metrics-listen",
                     &metrics,
                 ]
+                .into_iter()
+                .chain(coordinator_args.iter().copied())
                 .map(String::from)
-                .to_vec(),
+                .collect(),
                 log: d.join(format!("c{}.log", i + 1)),
                 child: None,
                 public: api.clone(),

@@ -75,6 +75,10 @@ pub struct Config {
     /// refuses writes, is the node's own `--disk-reserve-bytes`.
     pub disk_low_watermark: f64,
     pub disk_high_watermark: f64,
+    /// false: placement ignores disk usage (Elasticsearch's
+    /// `cluster.routing.allocation.disk.threshold_enabled`); nodes still refuse writes
+    /// under their reserve.
+    pub disk_threshold_enabled: bool,
     /// Prometheus `/metrics` address; None: no endpoint.
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Limits over their defaults, as `NAME=VALUE` (`shoal limits` lists them).
@@ -105,6 +109,7 @@ impl Default for Config {
             // Elasticsearch's defaults.
             disk_low_watermark: 0.85,
             disk_high_watermark: 0.90,
+            disk_threshold_enabled: true,
             metrics_listen: None,
             limits: Vec::new(),
         }

@@ -284,13 +284,17 @@ impl Coordinator {
             .lock()
             .insert(node.to_string(), Instant::now());
         let (free, trash, total) = disk;
-        let level = placement::disk_level(
-            free,
-            trash,
-            total,
-            self.config.disk_low_watermark,
-            self.config.disk_high_watermark,
-        );
+        let level = if self.config.disk_threshold_enabled {
+            placement::disk_level(
+                free,
+                trash,
+                total,
+                self.config.disk_low_watermark,
+                self.config.disk_high_watermark,
+            )
+        } else {
+            placement::DiskLevel::Ok
+        };
         let was = self.disks.lock().insert(node.to_string(), level);
         if was != Some(level) && level != placement::DiskLevel::Ok {
             tracing::warn!(

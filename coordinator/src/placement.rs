@@ -43,17 +43,21 @@ pub enum DiskLevel {
     High,
 }
 
-/// Pure: the level of a volume with `free` of `total` bytes (`reclaimable` counts as
-/// free: the node's trash, which its grace period gives back) against the used
-/// fractions `low` < `high`. An unknown total (0) is Ok.
+/// Pure: the level of a volume with `free` of `total` bytes, `reclaimable` of them in
+/// the node's trash (given back when its grace period ends), against the used
+/// fractions `low` < `high`. The high watermark counts the trash as free (space already
+/// on its way back is no reason to move more replicas off); the low one does not (a new
+/// replica needs the space now). Counting the trash for both made a full node that had
+/// just shed a replica take new ones it could not create, and shed them again (seen in
+/// the full-disk chaos test). An unknown total (0) is Ok.
 pub fn disk_level(free: u64, reclaimable: u64, total: u64, low: f64, high: f64) -> DiskLevel {
     if total == 0 {
         return DiskLevel::Ok;
     }
-    let used = total.saturating_sub(free.saturating_add(reclaimable)) as f64 / total as f64;
-    if used >= high {
+    let used = |free: u64| total.saturating_sub(free) as f64 / total as f64;
+    if used(free.saturating_add(reclaimable)) >= high {
         DiskLevel::High
-    } else if used >= low {
+    } else if used(free) >= low {
         DiskLevel::Low
     } else {
         DiskLevel::Ok
@@ -624,7 +628,7 @@ mod tests {
     }
 
     #[test]
-    fn disk_levels_count_the_trash_as_free() {
+    fn disk_levels_count_the_trash_as_free_only_against_the_high_watermark() {
         let gib = 1u64 << 30;
         assert_eq!(disk_level(50 * gib, 0, 100 * gib, 0.85, 0.9), DiskLevel::Ok);
         assert_eq!(
@@ -635,8 +639,15 @@ mod tests {
             disk_level(5 * gib, 0, 100 * gib, 0.85, 0.9),
             DiskLevel::High
         );
+        // 95 % used, 20 % of it in the trash: sheds nothing more, takes nothing new.
         assert_eq!(
             disk_level(5 * gib, 20 * gib, 100 * gib, 0.85, 0.9),
+            DiskLevel::Low
+        );
+        // A full volume whose trash holds a shed replica: still takes nothing new.
+        assert_eq!(disk_level(0, 30 * gib, 100 * gib, 0.85, 0.9), DiskLevel::Low);
+        assert_eq!(
+            disk_level(50 * gib, 20 * gib, 100 * gib, 0.85, 0.9),
             DiskLevel::Ok
         );
         assert_eq!(disk_level(0, 0, 0, 0.85, 0.9), DiskLevel::Ok);

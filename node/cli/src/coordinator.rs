@@ -35,6 +35,15 @@ pub struct CoordinatorArgs {
     down_after_ms: Option<u64>,
     #[arg(long, env = "SHOAL_SNAPSHOT_EVERY")]
     snapshot_every: Option<u64>,
+    /// Used fraction of a node's volume over which it takes no new replica.
+    #[arg(long, env = "SHOAL_DISK_LOW_WATERMARK")]
+    disk_low_watermark: Option<f64>,
+    /// Used fraction (trash counted as free) over which its replicas move elsewhere.
+    #[arg(long, env = "SHOAL_DISK_HIGH_WATERMARK")]
+    disk_high_watermark: Option<f64>,
+    /// false: placement ignores disk usage.
+    #[arg(long, env = "SHOAL_DISK_THRESHOLD_ENABLED", action = clap::ArgAction::Set)]
+    disk_threshold_enabled: Option<bool>,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, env = "SHOAL_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
@@ -59,7 +68,10 @@ impl CoordinatorArgs {
             data_dir,
             suspect_after_ms,
             down_after_ms,
-            snapshot_every
+            snapshot_every,
+            disk_low_watermark,
+            disk_high_watermark,
+            disk_threshold_enabled
         );
         if !self.peers.is_empty() {
             c.peers = self.peers;
