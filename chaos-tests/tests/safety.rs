@@ -278,7 +278,10 @@ async fn a_deposed_primary_back_with_an_unacknowledged_batch_rejoins() {
     c.kill(pi);
     c.kill(xi);
     c.resume(bi);
-    assert!(pending.await.unwrap().is_err(), "acknowledged without its backup");
+    assert!(
+        pending.await.unwrap().is_err(),
+        "acknowledged without its backup"
+    );
     c.wait_node_state(&p, cpb::NodeState::Down, Duration::from_secs(20))
         .await;
     let t = Instant::now();
@@ -627,6 +630,8 @@ async fn a_replica_poisoned_by_a_full_disk_leaves_its_quorum_and_comes_back() {
     c.restart(i);
     c.wait_replicated(COLLECTION, 2, Duration::from_secs(60))
         .await;
+    // RF 3 needs n3 up again, not only the RF 2 collection served by the others.
+    c.wait_up(3, Duration::from_secs(30)).await;
     c.create_collection("safety3", 3, 3).await;
     c.wait_replicated("safety3", 3, Duration::from_secs(60))
         .await;

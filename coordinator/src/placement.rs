@@ -645,7 +645,10 @@ mod tests {
             DiskLevel::Low
         );
         // A full volume whose trash holds a shed replica: still takes nothing new.
-        assert_eq!(disk_level(0, 30 * gib, 100 * gib, 0.85, 0.9), DiskLevel::Low);
+        assert_eq!(
+            disk_level(0, 30 * gib, 100 * gib, 0.85, 0.9),
+            DiskLevel::Low
+        );
         assert_eq!(
             disk_level(50 * gib, 20 * gib, 100 * gib, 0.85, 0.9),
             DiskLevel::Ok

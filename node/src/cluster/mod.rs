@@ -6,6 +6,7 @@
 pub mod disk;
 pub mod gateway;
 pub mod identity;
+pub mod ids;
 pub mod mapview;
 pub mod metrics;
 pub mod replicas;

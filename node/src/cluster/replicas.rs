@@ -15,20 +15,7 @@ use crate::shard::{
     StoredDocument,
 };
 
-/// A replica's identity: collection name, the collection's unique id (a re-created
-/// collection is a different one), shard index.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ReplicaKey {
-    pub collection: String,
-    pub collection_id: u64,
-    pub index: u32,
-}
-
-impl std::fmt::Display for ReplicaKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.collection, self.index)
-    }
-}
+pub use super::ids::ReplicaKey;
 
 type Reply<T> = RpcReplyPort<Result<T, ShardError>>;
 

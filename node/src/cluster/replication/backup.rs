@@ -1,0 +1,175 @@
+//! The backup's side: appends from the primary (fenced by epoch, applied only when they
+//! follow this replica's history) and snapshots received into a staging directory.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use shoal_proto::replica as rpb;
+use tonic::Status;
+
+use super::{shard_status, Replication};
+use crate::shard::{self, epoch_at, Shard, WalBatch};
+
+impl Replication {
+    /// A backup's side of Append: fence stale epochs, check the history matches, log.
+    pub async fn append(&self, req: rpb::AppendRequest) -> Result<rpb::AppendResponse, Status> {
+        // Decoded (bounded, format checked) before anything is locked or compared: a
+        // payload that cannot be read is refused whatever the backup's position.
+        let batches: Vec<Arc<WalBatch>> = if req.batches.is_empty() {
+            Vec::new()
+        } else {
+            shoal_proto::wire::check_format(req.format)
+                .map_err(|e| Status::failed_precondition(format!("append batches: {e}")))?;
+            shoal_proto::wire::decode::<Vec<WalBatch>>(&req.batches)
+                .map_err(|e| Status::invalid_argument(format!("append batches: {e}")))?
+                .into_iter()
+                .map(Arc::new)
+                .collect()
+        };
+        let _g = self.apply.lock().await;
+        self.accept_epoch(req.epoch, &req.primary)?;
+        let shard = self.shard()?;
+        let (last, last_epoch) = shard.last();
+        let epochs = shard.epochs();
+        if req.prev_seq != last || epoch_at(&epochs, last) != req.prev_epoch {
+            return Ok(rpb::AppendResponse {
+                ok: false,
+                last_seq: last,
+                last_epoch,
+            });
+        }
+        let last = if batches.is_empty() {
+            last
+        } else {
+            self.disk.check()?;
+            let (s, recent) = (shard.clone(), self.recent.clone());
+            shard::run_blocking(move || {
+                let last = s.append_replicated(&batches)?;
+                recent.lock().remember(batches);
+                Ok(last)
+            })
+            .await
+            .map_err(shard_status)?
+        };
+        self.caught_up
+            .store(last >= req.primary_seq, Ordering::Release);
+        let (last, last_epoch) = shard.last();
+        Ok(rpb::AppendResponse {
+            ok: true,
+            last_seq: last,
+            last_epoch,
+        })
+    }
+
+    /// Refuses a sender whose epoch is older than one this replica has seen, or that
+    /// claims this replica's own epoch while this replica is the primary.
+    pub fn accept_epoch(&self, epoch: u64, from: &str) -> Result<(), Status> {
+        let known = self.known_epoch();
+        if epoch < known {
+            return Err(Status::failed_precondition(format!(
+                "stale epoch {epoch} from {from}: replica {} on {} is at epoch {known}",
+                self.key, self.node_id
+            )));
+        }
+        if let Some(r) = self.role() {
+            if r.is_primary && epoch <= r.epoch && from != self.node_id {
+                return Err(Status::failed_precondition(format!(
+                    "stale epoch {epoch} from {from}: {} is the primary of {} at epoch {}",
+                    self.node_id, self.key, r.epoch
+                )));
+            }
+        }
+        self.known_epoch.fetch_max(epoch, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// A backup's side of InstallSnapshot, after the first chunk was accepted: the
+    /// segment files are written into a staging dir beside the replica's (with the
+    /// primary's manifest), ready for the replica actor to swap in. Returns the dir
+    /// and the bytes received. Hold [`Self::lock_apply`] across this and the swap.
+    pub async fn receive_snapshot(
+        &self,
+        first: &rpb::SnapshotChunk,
+        stream: &mut tonic::Streaming<rpb::SnapshotChunk>,
+        max_files: usize,
+    ) -> Result<(PathBuf, u64), Status> {
+        use tokio::io::AsyncWriteExt;
+        let staging = staging_dir(self.shard()?.dir());
+        let io = |e: std::io::Error| Status::internal(format!("writing the snapshot: {e}"));
+        let _ = tokio::fs::remove_dir_all(&staging).await;
+        tokio::fs::create_dir_all(&staging).await.map_err(io)?;
+        // Each file: its handle and the bytes written so far (chunks come in order).
+        let mut files: HashMap<String, (tokio::fs::File, u64)> = HashMap::new();
+        let mut bytes = 0u64;
+        while let Some(chunk) = futures::StreamExt::next(stream).await {
+            let chunk = chunk?;
+            if !snapshot_file_name_ok(&chunk.file) {
+                return Err(Status::invalid_argument(format!(
+                    "bad snapshot file name {:?} (1 to 128 of [A-Za-z0-9._-], not \
+                     manifest.json, no '..')",
+                    &chunk.file[..chunk.file.floor_char_boundary(64)]
+                )));
+            }
+            if !files.contains_key(&chunk.file) {
+                if files.len() >= max_files {
+                    return Err(Status::invalid_argument(format!(
+                        "a snapshot of more than {max_files} files, over the limit \
+                         snapshot_files = {max_files}"
+                    )));
+                }
+                let f = tokio::fs::File::create(staging.join(&chunk.file))
+                    .await
+                    .map_err(io)?;
+                files.insert(chunk.file.clone(), (f, 0));
+            }
+            let (f, written) = files.get_mut(&chunk.file).expect("opened above");
+            if chunk.offset != *written {
+                return Err(Status::invalid_argument(format!(
+                    "snapshot chunk of {:?} at offset {}, expected {written}",
+                    chunk.file, chunk.offset
+                )));
+            }
+            f.write_all(&chunk.data).await.map_err(io)?;
+            *written += chunk.data.len() as u64;
+            bytes += chunk.data.len() as u64;
+        }
+        for (_, (f, _)) in files {
+            f.sync_all().await.map_err(io)?;
+        }
+        let (dir, manifest) = (staging.clone(), first.manifest.clone());
+        shard::run_blocking(move || Shard::install_manifest(&dir, &manifest))
+            .await
+            .map_err(shard_status)?;
+        Ok((staging, bytes))
+    }
+
+    /// Serialises snapshot installs with appends.
+    pub async fn lock_apply(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.apply.lock().await
+    }
+
+    pub fn mark_behind(&self) {
+        self.caught_up.store(false, Ordering::Release);
+    }
+}
+
+/// A file name a snapshot may carry: plain, short, never the manifest (which travels in
+/// the first chunk) and never a path.
+fn snapshot_file_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name != "manifest.json"
+        && !name.contains("..")
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+}
+
+/// Where a snapshot is assembled before it replaces the replica's directory.
+pub fn staging_dir(dir: &Path) -> PathBuf {
+    let mut s = dir.as_os_str().to_owned();
+    s.push(".incoming");
+    PathBuf::from(s)
+}

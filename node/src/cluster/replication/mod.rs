@@ -1,0 +1,329 @@
+//! Primary-backup replication of one shard. The map names a primary and an epoch per
+//! shard. The primary orders writes (sequence numbers in its log, stamped with the
+//! epoch), ships them to every backup in order, one replicator task per backup, and
+//! acknowledges a write once the write quorum holds it durably: every live serving
+//! replica, and at least two when the replication factor is two or more. A backup
+//! accepts batches only from an epoch at least as new as any it has seen (so a
+//! deposed primary is fenced) and only when they follow its own history exactly; a
+//! backup that is behind catches up from the primary's recent log, and one whose log
+//! the primary no longer holds, or whose history diverged (writes a deposed primary
+//! never got acknowledged), is replaced by a snapshot of the primary's segments.
+//!
+//! Positions decide who is the source (issue 14): a backup whose position (the epoch of
+//! its last batch, then its sequence number) is past the primary's may hold
+//! acknowledged writes the primary lost, so it is never overwritten; the primary takes
+//! no more writes and reports it, and the coordinators promote the most up-to-date
+//! replica. A primary takes its first write of an epoch only once it has probed the
+//! backups its quorum needs. Only an operator's forced epoch (data loss accepted)
+//! lets a primary overwrite a replica that holds more.
+//!
+//! The module by role: [`role`] (the map's view of the replica set, the quorum, and
+//! the pure decisions of who overwrites whom), [`recent`] (the recent log and the pure
+//! choice of what a backup gets next), `primary` (writes, the quorum wait, one
+//! replicator task per backup), `backup` (appends, fencing, snapshot receive),
+//! [`channels`] (connections to other nodes) and [`status`] (engine errors as gRPC
+//! codes, at this service boundary only). Replica states and epochs:
+//!
+//! ```text
+//!   map: Copying --ReplicaReady--> Serving --ReplicaFailed / Evict--> Copying / gone
+//!   epoch e: primary P writes (e, seq); a promotion makes epoch e+1 with primary Q,
+//!   whose history records e+1 starting after its last batch. A backup's batches of an
+//!   older epoch past that start are Diverged (replaced by a snapshot); a backup past
+//!   the primary in its own epoch or a newer one is Ahead (never overwritten unless
+//!   outside the quorum or forced).
+//! ```
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+use tonic::Status;
+
+use super::disk::DiskGuard;
+use super::ids::ReplicaKey;
+use crate::shard::Shard;
+
+mod backup;
+pub mod channels;
+mod primary;
+pub mod recent;
+pub mod role;
+pub mod status;
+
+pub use backup::staging_dir;
+pub use channels::Channels;
+pub use role::{standing, Peer, Role, Standing};
+pub use status::shard_status;
+
+use recent::Recent;
+
+/// How long a write waits for its quorum before reporting an unknown outcome.
+pub const QUORUM_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default cap on each replica's recent log (bytes, roughly): as much as the shard's
+/// write-ahead log holds between checkpoints, so a restart can rebuild all of it.
+pub const RECENT_LOG_BYTES: usize = 64 << 20;
+/// Largest payload of one Append call.
+const APPEND_BYTES: usize = 2 << 20;
+/// Snapshot files travel in chunks of this size.
+const SNAPSHOT_CHUNK: usize = 1 << 20;
+/// An idle primary still tells its backups where it stands this often.
+const KEEPALIVE: Duration = Duration::from_millis(250);
+
+struct Replicator {
+    epoch: u64,
+    addr: String,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+pub struct Replication {
+    pub key: ReplicaKey,
+    pub collection_id: u64,
+    node_id: String,
+    shard: RwLock<Option<Shard>>,
+    role: RwLock<Option<Role>>,
+    /// The newest epoch this replica has seen, from the map or from a primary.
+    known_epoch: AtomicU64,
+    /// A backup that holds everything its primary had when it last heard from it.
+    caught_up: AtomicBool,
+    /// Shared with the blocking writes, which remember each batch as they log it: a
+    /// write whose caller went away still lands in the recent log.
+    recent: Arc<Mutex<Recent>>,
+    /// Per backup node: the highest sequence number it holds durably.
+    matched: watch::Sender<HashMap<String, u64>>,
+    appended: Notify,
+    replicators: Mutex<HashMap<String, Replicator>>,
+    /// Serialises a backup's appends and snapshot installs.
+    apply: tokio::sync::Mutex<()>,
+    channels: Arc<Channels>,
+    /// The node is shutting down and handing this primary role over: new writes are
+    /// refused (retried by clients) so the backup can hold everything first.
+    handing_over: AtomicBool,
+    /// On a primary: a backup found ahead of it (node, its seq, its epoch), at the
+    /// role's epoch. No writes until another replica is promoted.
+    ahead: Mutex<Option<(u64, String, u64, u64)>>,
+    /// On a primary: the backups probed (node -> the role epoch of the probe), whose
+    /// position is known not to be past this one's.
+    probed: Mutex<HashMap<String, u64>>,
+    /// The data volume's flood stage: no write, as primary or backup, below it.
+    disk: Arc<DiskGuard>,
+    /// On a primary: backups refusing batches for lack of disk space (node -> why).
+    refusing: Mutex<HashMap<String, String>>,
+    /// Why the replica could not be opened, until it is.
+    open_failure: Mutex<Option<String>>,
+}
+
+impl Replication {
+    pub fn new(
+        key: ReplicaKey,
+        node_id: String,
+        channels: Arc<Channels>,
+        recent_log_bytes: usize,
+        disk: Arc<DiskGuard>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            disk,
+            collection_id: key.collection_id,
+            key,
+            node_id,
+            shard: RwLock::new(None),
+            role: RwLock::new(None),
+            known_epoch: AtomicU64::new(0),
+            caught_up: AtomicBool::new(false),
+            recent: Arc::new(Mutex::new(Recent::new(recent_log_bytes, 0))),
+            matched: watch::Sender::new(HashMap::new()),
+            appended: Notify::new(),
+            replicators: Mutex::default(),
+            apply: tokio::sync::Mutex::new(()),
+            channels,
+            handing_over: AtomicBool::new(false),
+            ahead: Mutex::new(None),
+            probed: Mutex::default(),
+            refusing: Mutex::default(),
+            open_failure: Mutex::default(),
+        })
+    }
+
+    /// Why this replica cannot serve its role: it failed to open, or a write failed
+    /// and poisoned its engine. Reported to the coordinators, which take it out of its
+    /// shard's quorum (issue 14) until it is reopened and caught up.
+    pub fn failure(&self) -> Option<String> {
+        if let Some(s) = self.shard.read().as_ref() {
+            return s.failure();
+        }
+        self.open_failure.lock().clone()
+    }
+
+    /// Records the outcome of opening the replica (`None`: it opened).
+    pub fn set_open_failure(&self, why: Option<String>) {
+        *self.open_failure.lock() = why;
+    }
+
+    /// The replica found ahead of this primary in its current epoch, if any (reported
+    /// to the coordinators, which promote the most up-to-date replica).
+    pub fn ahead(&self) -> Option<String> {
+        let epoch = self.role().filter(|r| r.is_primary)?.epoch;
+        self.ahead
+            .lock()
+            .as_ref()
+            .filter(|a| a.0 == epoch)
+            .map(|a| a.1.clone())
+    }
+
+    /// The open shard engine (set by the replica actor when it opens or reopens).
+    pub fn shard(&self) -> Result<Shard, Status> {
+        self.shard
+            .read()
+            .clone()
+            .ok_or_else(|| Status::unavailable(format!("replica {} is not open", self.key)))
+    }
+
+    /// Sets the open engine (opened, reopened after a crash, or replaced by a
+    /// snapshot). The recent log restarts from what its write-ahead log replayed: the
+    /// batches held before may not be this engine's history any more.
+    pub fn set_shard(&self, s: Shard) {
+        let replayed = s.take_replayed();
+        let mut r = self.recent.lock();
+        *r = Recent::new(r.cap, s.last().0);
+        r.remember(replayed);
+        *self.shard.write() = Some(s);
+    }
+
+    /// Takes the engine out and retires it, so a dropped handle never checkpoints
+    /// into a directory a new handle (or a snapshot) now owns.
+    pub fn retire_shard(&self) {
+        if let Some(s) = self.shard.write().take() {
+            s.retire();
+        }
+    }
+
+    /// Lets go of the engine (a clean close: the last handle checkpoints it).
+    pub fn release_shard(&self) {
+        self.shard.write().take();
+    }
+
+    /// Bytes held in the recent log (for the node's memory gauge).
+    pub fn recent_log_bytes(&self) -> usize {
+        self.recent.lock().bytes
+    }
+
+    pub fn role(&self) -> Option<Role> {
+        self.role.read().clone()
+    }
+
+    pub fn known_epoch(&self) -> u64 {
+        self.known_epoch.load(Ordering::Acquire)
+    }
+
+    /// True on a primary; on a backup, once it has everything its primary sent.
+    pub fn caught_up(&self) -> bool {
+        self.role.read().as_ref().is_some_and(|r| r.is_primary)
+            || self.caught_up.load(Ordering::Acquire)
+    }
+
+    /// Reads are served by the primary and by backups that are caught up.
+    pub fn check_readable(&self) -> Result<(), Status> {
+        if self.caught_up() {
+            Ok(())
+        } else {
+            Err(Status::unavailable(format!(
+                "replica {} on {} is catching up with its primary",
+                self.key, self.node_id
+            )))
+        }
+    }
+
+    /// Applies the map's view of this replica set: starts or stops the replicators.
+    pub fn set_role(self: &Arc<Self>, role: Role) {
+        let previous = self.known_epoch.fetch_max(role.epoch, Ordering::AcqRel);
+        if !role.is_primary && role.epoch > previous {
+            // A new epoch: hear from the new primary before serving reads again.
+            self.caught_up.store(false, Ordering::Release);
+        }
+        let mut reps = self.replicators.lock();
+        if role.is_primary && role.epoch >= self.known_epoch() {
+            let wanted: HashMap<&str, &Peer> =
+                role.peers.iter().map(|p| (p.node.as_str(), p)).collect();
+            reps.retain(|node, r| {
+                let keep = wanted
+                    .get(node.as_str())
+                    .is_some_and(|p| p.addr == r.addr && r.epoch == role.epoch);
+                if !keep {
+                    let _ = r.stop.send(true);
+                }
+                keep
+            });
+            for p in &role.peers {
+                if !reps.contains_key(&p.node) {
+                    let (stop, rx) = watch::channel(false);
+                    let task = tokio::spawn(self.clone().replicate_to(
+                        p.node.clone(),
+                        p.addr.clone(),
+                        role.epoch,
+                        rx,
+                    ));
+                    reps.insert(
+                        p.node.clone(),
+                        Replicator {
+                            epoch: role.epoch,
+                            addr: p.addr.clone(),
+                            stop,
+                            task,
+                        },
+                    );
+                }
+            }
+        } else {
+            for (_, r) in reps.drain() {
+                let _ = r.stop.send(true);
+            }
+        }
+        drop(reps);
+        *self.role.write() = Some(role);
+        // Writes waiting for their quorum re-read it.
+        self.matched.send_modify(|_| {});
+    }
+
+    /// Stops taking writes and waits (up to `within`) until a live serving backup
+    /// holds everything this primary logged; returns that backup's node id.
+    pub async fn prepare_handover(&self, within: Duration) -> Option<String> {
+        self.handing_over.store(true, Ordering::Release);
+        let role = self.role().filter(|r| r.is_primary)?;
+        let last = self.shard().ok()?.last().0;
+        // The backups that count towards writes: live and serving.
+        let (candidates, _) = role.quorum();
+        let mut rx = self.matched.subscribe();
+        let wait = async {
+            loop {
+                let held = candidates
+                    .iter()
+                    .find(|n| rx.borrow_and_update().get(*n).is_some_and(|&m| m >= last))
+                    .cloned();
+                if held.is_some() {
+                    return held;
+                }
+                if rx.changed().await.is_err() {
+                    return None;
+                }
+            }
+        };
+        tokio::time::timeout(within, wait).await.ok().flatten()
+    }
+
+    /// Takes writes again (a handover that did not happen).
+    pub fn cancel_handover(&self) {
+        self.handing_over.store(false, Ordering::Release);
+    }
+
+    /// Stops the replicators (the replica is closing).
+    pub fn stop(&self) {
+        for (_, r) in self.replicators.lock().drain() {
+            let _ = r.stop.send(true);
+            r.task.abort();
+        }
+    }
+}

@@ -1,0 +1,469 @@
+//! The primary's side: a write is ordered, logged and acknowledged once its quorum holds
+//! it; one replicator task per backup probes it, then ships batches from the recent log
+//! or a snapshot.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_proto::replica as rpb;
+use tokio::sync::watch;
+use tonic::Status;
+
+use super::recent::Next;
+use super::{
+    shard_status, standing, Replication, Role, Standing, APPEND_BYTES, KEEPALIVE, QUORUM_TIMEOUT,
+    SNAPSHOT_CHUNK,
+};
+use crate::shard::{self, epoch_at, Shard, WalBatch, WriteAck, WriteOp};
+
+impl Replication {
+    /// A write at the primary: ordered, logged, replicated to the quorum.
+    pub async fn write(
+        &self,
+        ops: Vec<WriteOp>,
+        request_id: String,
+    ) -> Result<(WriteAck, u32), Status> {
+        let role = self
+            .role()
+            .ok_or_else(|| Status::unavailable(format!("replica {} has no role yet", self.key)))?;
+        if !role.is_primary {
+            return Err(Status::unavailable(format!(
+                "node {} is not the primary of shard {} (the primary at epoch {} is {})",
+                self.node_id, self.key, role.epoch, role.primary
+            )));
+        }
+        self.check_fenced(role.epoch)?;
+        if self.handing_over.load(Ordering::Acquire) {
+            return Err(Status::unavailable(format!(
+                "node {} is shutting down and handing shard {} to a backup; retry",
+                self.node_id, self.key
+            )));
+        }
+        let (peers, needed) = role.quorum();
+        if peers.len() < needed {
+            return Err(Status::unavailable(format!(
+                "shard {} has {} live serving replica(s), writes need {}; \
+                 retry once the cluster restores its replicas",
+                self.key,
+                1 + peers.len(),
+                1 + needed
+            )));
+        }
+        self.wait_probed(&role, &peers, needed).await?;
+        self.disk.check()?;
+        let shard = self.shard()?;
+        let epoch = role.epoch;
+        let recent = self.recent.clone();
+        let ack = shard::run_blocking(move || {
+            let (ack, batch) = shard.write_as(ops, epoch, &request_id)?;
+            if let Some(b) = batch {
+                recent.lock().remember([b]);
+            }
+            Ok(ack)
+        })
+        .await
+        .map_err(shard_status)?;
+        self.appended.notify_waiters();
+        let holders = self.wait_quorum(ack.seq, epoch).await?;
+        Ok((ack, 1 + holders as u32))
+    }
+
+    /// Refuses writes while a backup is known to be ahead of this primary, and holds
+    /// the first writes of an epoch until the backups the quorum needs were probed: a
+    /// primary that lost data must not write past a backup that holds more.
+    pub(super) async fn wait_probed(
+        &self,
+        role: &Role,
+        peers: &[String],
+        needed: usize,
+    ) -> Result<(), Status> {
+        let mut rx = self.matched.subscribe();
+        let wait = async {
+            loop {
+                if let Some((_, node, seq, epoch)) =
+                    self.ahead.lock().clone().filter(|a| a.0 == role.epoch)
+                {
+                    return Err(Status::unavailable(format!(
+                        "the primary of shard {} on {} is behind its replica on {node} \
+                         (epoch {epoch}, seq {seq}); it takes no writes until the most \
+                         up-to-date replica is promoted: retry",
+                        self.key, self.node_id
+                    )));
+                }
+                let probed = {
+                    let p = self.probed.lock();
+                    peers
+                        .iter()
+                        .filter(|n| p.get(*n) == Some(&role.epoch))
+                        .count()
+                };
+                if probed >= needed {
+                    return Ok(());
+                }
+                if rx.changed().await.is_err() {
+                    return Err(Status::unavailable("replica closed"));
+                }
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(2), wait).await {
+            Ok(r) => r,
+            Err(_) => Err(Status::unavailable(format!(
+                "the primary of shard {} has not yet heard where its backups stand; retry",
+                self.key
+            ))),
+        }
+    }
+
+    pub(super) fn check_fenced(&self, epoch: u64) -> Result<(), Status> {
+        let known = self.known_epoch();
+        if known > epoch {
+            return Err(Status::unavailable(format!(
+                "shard {}: this primary's epoch {epoch} was superseded by epoch {known}; \
+                 the write was not acknowledged",
+                self.key
+            )));
+        }
+        Ok(())
+    }
+
+    /// Waits until the write quorum holds `seq`; returns how many backups hold it.
+    /// The quorum is re-read from the role on every change, so a backup whose node
+    /// the map stops counting as live no longer holds writes up.
+    pub(super) async fn wait_quorum(&self, seq: u64, epoch: u64) -> Result<usize, Status> {
+        let mut rx = self.matched.subscribe();
+        let holding = |m: &HashMap<String, u64>, peers: &[String]| {
+            peers
+                .iter()
+                .filter(|n| m.get(*n).is_some_and(|&s| s >= seq))
+                .count()
+        };
+        let wait = async {
+            loop {
+                self.check_fenced(epoch)?;
+                let role = self
+                    .role()
+                    .ok_or_else(|| Status::unavailable("replica closed"))?;
+                let (peers, needed) = role.quorum();
+                if peers.len() < needed {
+                    return Err(Status::unavailable(format!(
+                        "shard {}: write {seq} lost its quorum ({} live serving replica(s), \
+                         {} needed); its outcome is unknown (retry with the same request id)",
+                        self.key,
+                        1 + peers.len(),
+                        1 + needed
+                    )));
+                }
+                let have = holding(&rx.borrow_and_update(), &peers);
+                if have >= needed {
+                    return Ok(have);
+                }
+                {
+                    let refusing = self.refusing.lock();
+                    let able = peers.iter().filter(|n| !refusing.contains_key(*n)).count();
+                    if able < needed {
+                        let why: Vec<&String> = refusing.values().collect();
+                        return Err(Status::resource_exhausted(format!(
+                            "shard {}: write {seq} cannot reach its quorum, a replica is out \
+                             of disk space ({why:?}); its outcome is unknown (retry with the \
+                             same request id)",
+                            self.key
+                        )));
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    return Err(Status::unavailable("replica closed"));
+                }
+            }
+        };
+        match tokio::time::timeout(QUORUM_TIMEOUT, wait).await {
+            Ok(r) => r,
+            Err(_) => {
+                let have = rx.borrow().clone();
+                let missing: Vec<String> = self
+                    .role()
+                    .map(|r| r.quorum().0)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|n| have.get(n).is_none_or(|&m| m < seq))
+                    .collect();
+                Err(Status::unavailable(format!(
+                    "shard {}: write {seq} not confirmed by {missing:?} within {:?}; \
+                     its outcome is unknown (retry with the same request id)",
+                    self.key, QUORUM_TIMEOUT
+                )))
+            }
+        }
+    }
+
+    /// The replicator for one backup: probe where it stands, then ship batches in
+    /// order (or a snapshot), keeping `matched` current for the writes that wait.
+    pub(super) async fn replicate_to(
+        self: Arc<Self>,
+        node: String,
+        addr: String,
+        epoch: u64,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut next: Option<u64> = None;
+        let mut failures = 0u32;
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let step = self.replicate_step(&node, &addr, epoch, &mut next).await;
+            // A backup out of disk space fails the writes waiting for it at once, with
+            // its reason; cleared by its next accepted exchange.
+            let full = matches!(&step, Err(e) if e.code() == tonic::Code::ResourceExhausted);
+            let changed = {
+                let mut r = self.refusing.lock();
+                match (&step, full) {
+                    (Err(e), true) => r.insert(node.clone(), e.message().to_string()).is_none(),
+                    (Ok(_), _) => r.remove(&node).is_some(),
+                    _ => false,
+                }
+            };
+            if changed {
+                self.matched.send_modify(|_| {});
+            }
+            let pause = match step {
+                Ok(true) => {
+                    failures = 0;
+                    continue;
+                }
+                Ok(false) => {
+                    failures = 0;
+                    KEEPALIVE
+                }
+                Err(e) => {
+                    failures += 1;
+                    next = None;
+                    if failures == 1 || failures.is_multiple_of(20) {
+                        tracing::warn!(shard = %self.key, backup = %node, error = %e.message(), "replication to backup failing");
+                    }
+                    if e.code() == tonic::Code::FailedPrecondition
+                        && e.message().contains("stale epoch")
+                    {
+                        // A newer primary exists: stop, and fail the writes waiting.
+                        self.known_epoch.fetch_max(epoch + 1, Ordering::AcqRel);
+                        self.matched.send_modify(|_| {});
+                        return;
+                    }
+                    Duration::from_millis(200)
+                }
+            };
+            tokio::select! {
+                _ = self.appended.notified() => {}
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// One exchange with a backup; Ok(true) when there may be more to send now.
+    pub(super) async fn replicate_step(
+        &self,
+        node: &str,
+        addr: &str,
+        epoch: u64,
+        next: &mut Option<u64>,
+    ) -> Result<bool, Status> {
+        let shard = self.shard()?;
+        let (last, _) = shard.last();
+        let epochs = shard.epochs();
+        let from = match *next {
+            Some(n) => n,
+            None => {
+                // Probe with an empty append claiming our last batch.
+                let r = self
+                    .send_append(addr, epoch, last, &epochs, &[], last)
+                    .await?;
+                let forced = self.role().is_some_and(|r| r.overwrites_ahead(epoch, node));
+                match standing(&epochs, last, r.last_seq, r.last_epoch, forced) {
+                    Standing::Ahead => {
+                        let first = self
+                            .ahead
+                            .lock()
+                            .replace((epoch, node.to_string(), r.last_seq, r.last_epoch))
+                            .is_none_or(|a| a.0 != epoch);
+                        if first {
+                            metrics::counter!("shoal_replication_backup_ahead_total").increment(1);
+                            tracing::warn!(shard = %self.key, backup = node, backup_seq = r.last_seq, backup_epoch = r.last_epoch, primary_seq = last, "backup is ahead of this primary: not overwriting it, taking no writes until the most up-to-date replica is promoted");
+                        }
+                        // Writes waiting re-check, and are refused.
+                        self.matched.send_modify(|_| {});
+                        return Ok(false);
+                    }
+                    Standing::Diverged => {
+                        self.probed.lock().insert(node.to_string(), epoch);
+                        metrics::counter!("shoal_replication_snapshots_sent_total", "reason" => "diverged").increment(1);
+                        tracing::info!(shard = %self.key, backup = node, backup_seq = r.last_seq, backup_epoch = r.last_epoch, primary_seq = last, forced, "backup diverged; sending a snapshot");
+                        self.send_snapshot(node, addr, epoch, &shard).await?;
+                        return Ok(true);
+                    }
+                    Standing::Prefix => {}
+                }
+                self.probed.lock().insert(node.to_string(), epoch);
+                self.set_matched(node, r.last_seq);
+                // Writes waiting for their first probes re-check.
+                self.matched.send_modify(|_| {});
+                r.last_seq + 1
+            }
+        };
+        let next_send = self.recent.lock().next(from, last, APPEND_BYTES);
+        let batches = match next_send {
+            Next::UpToDate => {
+                // Nothing new: a keep-alive, which also tells the backup it is caught up.
+                let r = self
+                    .send_append(addr, epoch, from - 1, &epochs, &[], last)
+                    .await?;
+                if !r.ok {
+                    *next = None;
+                    return Ok(true);
+                }
+                *next = Some(from);
+                return Ok(false);
+            }
+            Next::Snapshot => {
+                metrics::counter!("shoal_replication_snapshots_sent_total", "reason" => "behind")
+                    .increment(1);
+                tracing::info!(shard = %self.key, backup = node, from, primary_seq = last, "backup is behind the recent log; sending a snapshot");
+                self.send_snapshot(node, addr, epoch, &shard).await?;
+                *next = None;
+                return Ok(true);
+            }
+            // A batch the shard logged a moment ago is about to be remembered (its
+            // writer notifies `appended` right after): not a reason for a snapshot.
+            Next::Wait => return Ok(false),
+            Next::Ship(batches) => batches,
+        };
+        let r = self
+            .send_append(addr, epoch, from - 1, &epochs, &batches, last)
+            .await?;
+        if r.ok {
+            metrics::counter!("shoal_replication_batches_sent_total")
+                .increment(batches.len() as u64);
+            self.set_matched(node, r.last_seq);
+            *next = Some(r.last_seq + 1);
+        } else {
+            *next = None;
+        }
+        Ok(true)
+    }
+
+    pub(super) fn set_matched(&self, node: &str, seq: u64) {
+        self.matched.send_if_modified(|m| {
+            let e = m.entry(node.to_string()).or_insert(0);
+            if *e != seq {
+                *e = seq;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    pub(super) async fn send_append(
+        &self,
+        addr: &str,
+        epoch: u64,
+        prev_seq: u64,
+        epochs: &[(u64, u64)],
+        batches: &[Arc<WalBatch>],
+        primary_seq: u64,
+    ) -> Result<rpb::AppendResponse, Status> {
+        // Encoded from references: the same bytes as a Vec<WalBatch>, without copying
+        // the batches' vectors first.
+        let refs: Vec<&WalBatch> = batches.iter().map(|b| &**b).collect();
+        let payload = shoal_proto::wire::encode(&refs);
+        let mut req = tonic::Request::new(rpb::AppendRequest {
+            shard: Some(self.shard_ref()),
+            epoch,
+            primary: self.node_id.clone(),
+            prev_seq,
+            prev_epoch: epoch_at(epochs, prev_seq),
+            batches: payload,
+            primary_seq,
+            format: shoal_proto::wire::FORMAT,
+        });
+        req.set_timeout(Duration::from_secs(10));
+        Ok(self.channels.client(addr)?.append(req).await?.into_inner())
+    }
+
+    pub(super) fn shard_ref(&self) -> rpb::ShardRef {
+        rpb::ShardRef {
+            collection: self.key.collection.clone(),
+            collection_id: self.collection_id,
+            index: self.key.index,
+        }
+    }
+
+    pub(super) async fn send_snapshot(
+        &self,
+        node: &str,
+        addr: &str,
+        epoch: u64,
+        shard: &Shard,
+    ) -> Result<(), Status> {
+        let t = std::time::Instant::now();
+        let s = shard.clone();
+        let src = shard::run_blocking(move || s.snapshot())
+            .await
+            .map_err(shard_status)?;
+        let dir = shard.dir().to_path_buf();
+        let (tx, rx) = tokio::sync::mpsc::channel::<rpb::SnapshotChunk>(4);
+        let first = rpb::SnapshotChunk {
+            shard: Some(self.shard_ref()),
+            epoch,
+            primary: self.node_id.clone(),
+            manifest: src.manifest.clone(),
+            // The probe's decision, carried to the receiver, which refuses a snapshot
+            // behind it without this (the two sides must agree, or a copy outside the
+            // quorum that is ahead is neither overwritten nor promoted: issue 14's
+            // rack-loss flake).
+            forced: self.role().is_some_and(|r| r.overwrites_ahead(epoch, node)),
+            ..Default::default()
+        };
+        let files = src.files.clone();
+        let bytes: u64 = files.iter().map(|(_, n)| n).sum();
+        let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::io::Read;
+            if tx.blocking_send(first).is_err() {
+                return Ok(());
+            }
+            for (name, len) in files {
+                let mut f = std::fs::File::open(dir.join(&name))?;
+                let mut offset = 0u64;
+                while offset < len {
+                    let n = ((len - offset) as usize).min(SNAPSHOT_CHUNK);
+                    let mut data = vec![0u8; n];
+                    f.read_exact(&mut data)?;
+                    let chunk = rpb::SnapshotChunk {
+                        file: name.clone(),
+                        offset,
+                        data,
+                        ..Default::default()
+                    };
+                    if tx.blocking_send(chunk).is_err() {
+                        return Ok(());
+                    }
+                    offset += n as u64;
+                }
+            }
+            Ok(())
+        });
+        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        req.set_timeout(Duration::from_secs(600));
+        let r = self.channels.client(addr)?.install_snapshot(req).await;
+        match reader.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(Status::internal(format!("reading the snapshot: {e}"))),
+            Err(e) => return Err(Status::internal(format!("snapshot reader: {e}"))),
+        }
+        let r = r?.into_inner();
+        tracing::info!(shard = %self.key, backup = node, seq = r.last_seq, bytes, took_ms = t.elapsed().as_millis() as u64, "snapshot installed on backup");
+        self.set_matched(node, r.last_seq);
+        Ok(())
+    }
+}
