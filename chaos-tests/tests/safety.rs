@@ -594,18 +594,59 @@ async fn a_full_disk_refuses_writes_until_freed_and_loses_nothing() {
     c.terminate(i, Duration::from_secs(20)).await;
 }
 
-/// Fills `dir`'s file system to the last byte (the write that fails is the end).
-fn fill_up(dir: &std::path::Path) -> std::path::PathBuf {
-    use std::io::Write;
-    let path = dir.join("ballast");
-    let mut f = std::fs::File::create(&path).unwrap();
-    let chunk = vec![7u8; 1 << 20];
-    while f.write_all(&chunk).is_ok() {}
-    let mut byte = [7u8];
-    while f.write_all(&byte[..]).is_ok() {
-        byte[0] = 7;
+/// Keeps `dir`'s file system full to the last byte until dropped: a thread tops the
+/// ballast file up every 20 ms, so space the node frees (a checkpoint dropping an old
+/// log, its trash emptied) or tmpfs's per-CPU accounting slack lets through is taken
+/// again (with a single fill, a node once went on writing for a minute).
+struct Ballast {
+    path: std::path::PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Ballast {
+    fn fill(dir: &std::path::Path) -> Ballast {
+        use std::io::Write;
+        let path = dir.join("ballast");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let top_up = move |f: &mut std::fs::File| {
+            let chunk = vec![7u8; 1 << 20];
+            while f.write_all(&chunk).is_ok() {}
+            while f.write_all(&[7u8]).is_ok() {}
+        };
+        top_up(&mut f);
+        let stop = Arc::new(AtomicBool::new(false));
+        let halt = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !halt.load(Ordering::Relaxed) {
+                top_up(&mut f);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Ballast {
+            path,
+            stop,
+            thread: Some(thread),
+        }
     }
-    path
+
+    /// Stops topping up and deletes the ballast: the space is back.
+    fn free(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        std::fs::remove_file(&self.path).unwrap();
+    }
+}
+
+impl Drop for Ballast {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// A disk that fills with no reserve (`--disk-reserve-bytes 0`) and faster than
@@ -663,7 +704,7 @@ async fn a_replica_poisoned_by_a_full_disk_leaves_its_quorum_and_comes_back() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let ballast = fill_up(&dir);
+    let ballast = Ballast::fill(&dir);
     let full = Instant::now();
     // Each of those replicas is now a copy outside its quorum (or moved off), and n3
     // leads nothing.
@@ -742,7 +783,7 @@ async fn a_replica_poisoned_by_a_full_disk_leaves_its_quorum_and_comes_back() {
     };
     let unknown_probe: Vec<u64> = (800_000..800_030).collect();
     // Space back: n3 reopens its replicas, they catch up and serve again.
-    std::fs::remove_file(&ballast).unwrap();
+    ballast.free();
     let freed = Instant::now();
     let back = c
         .wait_replicated(COLLECTION, 2, Duration::from_secs(90))

@@ -10,7 +10,6 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::placement;
 
 pub type NodeId = String;
 
@@ -224,8 +223,10 @@ pub enum Move {
 /// change (add a variant instead).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum Command {
-    /// A new collection placed when the command is applied (entries written before
-    /// [`Command::CreateCollectionPlaced`]; the leader now writes that one).
+    /// A request for a new collection, as clients and forwarding members send it. The
+    /// leader turns it into [`Command::CreateCollectionPlaced`] before proposing it
+    /// (`Member::decide`); `apply` refuses it, so the log never runs placement. (Logs
+    /// written before issue 15 hold these, and do not replay: no deployment had any.)
     CreateCollection(CollectionSpec),
     DropCollection {
         name: String,
@@ -452,9 +453,11 @@ impl ClusterMap {
         let changes = match cmd {
             Command::CreateCollection(spec) => {
                 self.check_new_collection(spec)?;
-                let placement = placement::initial(self, spec, &BTreeMap::new())
-                    .map_err(MapError::FailedPrecondition)?;
-                self.create_collection(spec, placement)?
+                return Err(MapError::FailedPrecondition(format!(
+                    "collection {:?} has no placement: the leader places a new collection \
+                     (CreateCollectionPlaced) before committing it",
+                    spec.name
+                )));
             }
             Command::CreateCollectionPlaced { spec, placement } => {
                 self.check_new_collection(spec)?;
@@ -1002,6 +1005,30 @@ pub(crate) mod tests {
         }
     }
 
+    /// A collection placed as the leader commits it: shard i on the nodes that accept
+    /// replicas, in id order from the i-th (placement's own choices are tested in
+    /// placement.rs).
+    pub fn placed(m: &ClusterMap, spec: CollectionSpec) -> Command {
+        let up: Vec<NodeId> = m
+            .nodes
+            .values()
+            .filter(|n| n.state.accepts_replicas())
+            .map(|n| n.id.clone())
+            .collect();
+        let placement = if up.is_empty() {
+            Vec::new()
+        } else {
+            (0..spec.shard_count as usize)
+                .map(|s| {
+                    (0..spec.replication_factor as usize)
+                        .map(|r| up[(s + r) % up.len()].clone())
+                        .collect()
+                })
+                .collect()
+        };
+        Command::CreateCollectionPlaced { spec, placement }
+    }
+
     pub fn map_with_nodes(n: usize) -> ClusterMap {
         let mut m = ClusterMap::default();
         for i in 0..n {
@@ -1052,7 +1079,7 @@ pub(crate) mod tests {
         let mut m = map_with_nodes(3);
         let v = m.version;
         let changes = m
-            .apply(&Command::CreateCollection(spec("docs", 4, 2)))
+            .apply(&placed(&m, spec("docs", 4, 2)))
             .unwrap();
         assert_eq!(m.version, v + 1);
         assert_eq!(changes.len(), 1 + 4);
@@ -1066,7 +1093,7 @@ pub(crate) mod tests {
     #[test]
     fn bad_specs_are_refused_and_change_nothing() {
         let mut m = map_with_nodes(2);
-        m.apply(&Command::CreateCollection(spec("docs", 1, 1)))
+        m.apply(&placed(&m, spec("docs", 1, 1)))
             .unwrap();
         let before = m.clone();
         let cases: Vec<(CollectionSpec, &str)> = vec![
@@ -1120,7 +1147,7 @@ pub(crate) mod tests {
             ),
         ];
         for (s, want) in cases {
-            let err = m.apply(&Command::CreateCollection(s.clone())).unwrap_err();
+            let err = m.apply(&placed(&m, s.clone())).unwrap_err();
             assert!(err.to_string().contains(want), "{s:?}: {err}");
             assert_eq!(m, before, "{s:?} changed the map");
         }
@@ -1136,7 +1163,7 @@ pub(crate) mod tests {
     #[test]
     fn promote_is_conditional_on_the_epoch_and_a_serving_replica() {
         let mut m = map_with_nodes(3);
-        m.apply(&Command::CreateCollection(spec("c", 1, 2)))
+        m.apply(&placed(&m, spec("c", 1, 2)))
             .unwrap();
         let s = m.shards_of("c").next().unwrap().clone();
         let backup = s
@@ -1165,56 +1192,15 @@ pub(crate) mod tests {
     #[test]
     fn drop_then_recreate_gets_a_new_id() {
         let mut m = map_with_nodes(1);
-        m.apply(&Command::CreateCollection(spec("c", 2, 1)))
+        m.apply(&placed(&m, spec("c", 2, 1)))
             .unwrap();
         let id = m.collections["c"].id;
         m.apply(&Command::DropCollection { name: "c".into() })
             .unwrap();
         assert_eq!(m.shards_of("c").count(), 0);
-        m.apply(&Command::CreateCollection(spec("c", 2, 1)))
+        m.apply(&placed(&m, spec("c", 2, 1)))
             .unwrap();
         assert!(m.collections["c"].id > id);
-    }
-
-    /// Issue 14: the map alone cannot tell which backup holds every write, so a node
-    /// going down keeps its primary roles until the leader promotes by position.
-    #[test]
-    fn down_primary_waits_for_a_promotion_by_position() {
-        let mut m = map_with_nodes(3);
-        m.apply(&Command::CreateCollection(spec("c", 1, 2)))
-            .unwrap();
-        let s = m.shards_of("c").next().unwrap().clone();
-        let old = s.primary.clone().unwrap();
-        m.apply(&Command::SetNodeState {
-            id: old.clone(),
-            state: NodeState::Down,
-            from: vec![NodeState::Up, NodeState::Suspect],
-        })
-        .unwrap();
-        let s2 = m.shards_of("c").next().unwrap().clone();
-        assert_eq!(s2.primary.as_ref(), Some(&old));
-        assert_eq!(s2.epoch, s.epoch);
-        assert_eq!(placement::headless(&m), vec![s.key.clone()]);
-        // No report from the backup yet: no successor; once it reports, it is chosen.
-        assert_eq!(placement::successor(&m, &s2, |_| None), None);
-        let backup = s2
-            .replicas
-            .iter()
-            .find(|r| r.node != old)
-            .unwrap()
-            .node
-            .clone();
-        let (to, _) = placement::successor(&m, &s2, |_| Some((1, 5))).unwrap();
-        assert_eq!(to, backup);
-        // A conditional transition from a stale view is refused.
-        let err = m
-            .apply(&Command::SetNodeState {
-                id: old,
-                state: NodeState::Suspect,
-                from: vec![NodeState::Up],
-            })
-            .unwrap_err();
-        assert!(matches!(err, MapError::FailedPrecondition(_)));
     }
 
     /// Issue 15: the leader's placement travels in the command; `apply` only checks it,
@@ -1222,6 +1208,13 @@ pub(crate) mod tests {
     #[test]
     fn a_placed_collection_is_checked_not_placed_again() {
         let mut m = map_with_nodes(3);
+        // An unplaced create never reaches the map: the leader places it first.
+        let before = m.clone();
+        let e = m
+            .apply(&Command::CreateCollection(spec("c", 2, 2)))
+            .unwrap_err();
+        assert!(e.to_string().contains("no placement"), "{e}");
+        assert_eq!(m, before);
         let placed = |placement: Vec<Vec<&str>>| Command::CreateCollectionPlaced {
             spec: spec("c", 2, 2),
             placement: placement
@@ -1265,7 +1258,7 @@ pub(crate) mod tests {
     #[test]
     fn a_failed_replica_leaves_its_quorum_through_the_map() {
         let mut m = map_with_nodes(3);
-        m.apply(&Command::CreateCollection(spec("c", 1, 2)))
+        m.apply(&placed(&m, spec("c", 1, 2)))
             .unwrap();
         let s = m.shards_of("c").next().unwrap().clone();
         let primary = s.primary.clone().unwrap();
@@ -1318,104 +1311,12 @@ pub(crate) mod tests {
         assert_eq!(m.shards[&s.key].epoch, s2.epoch);
     }
 
-    /// Issue 14's rack loss: both copies of a shard on nodes that went down together.
-    /// Placement must not evict them (a new, empty copy would become the shard), and the
-    /// map refuses an eviction that drops the last serving copy on a live node.
-    #[test]
-    fn the_last_serving_copy_is_never_evicted() {
-        let mut m = map_with_nodes(4);
-        m.apply(&Command::CreateCollection(spec("c", 1, 2)))
-            .unwrap();
-        let key = ShardKey {
-            collection: "c".into(),
-            index: 0,
-        };
-        let holders: Vec<NodeId> = m.shards[&key]
-            .replicas
-            .iter()
-            .map(|r| r.node.clone())
-            .collect();
-        for n in &holders {
-            m.apply(&Command::SetNodeState {
-                id: n.clone(),
-                state: NodeState::Down,
-                from: vec![],
-            })
-            .unwrap();
-        }
-        let moves = placement::plan(&m, &placement::Options::default());
-        assert!(
-            !moves.iter().any(|mv| matches!(mv, Move::Evict { .. })),
-            "{moves:?}"
-        );
-        let err = m
-            .apply(&Command::ApplyMoves(vec![Move::Evict {
-                shard: key.clone(),
-                node: holders[0].clone(),
-            }]))
-            .unwrap_err();
-        assert!(err.to_string().contains("without a serving copy"), "{err}");
-        assert_eq!(m.shards[&key].replicas.len(), 2);
-        // Whatever copies placement adds meanwhile, the shard's primary stays one of its
-        // old holders, never an empty copy.
-        for mv in &moves {
-            let _ = m.apply(&Command::ApplyMoves(vec![mv.clone()]));
-        }
-        assert!(holders.contains(m.shards[&key].primary.as_ref().unwrap()));
-        // One holder back: the other (still down) may go now, the shard keeps a copy.
-        m.apply(&up(&holders[0])).unwrap();
-        let moves = placement::plan(&m, &placement::Options::default());
-        assert!(moves
-            .iter()
-            .any(|mv| matches!(mv, Move::Evict { node, .. } if *node == holders[1])));
-    }
-
-    /// Issue 14's replaced volume: a node back with another volume holds nothing, so
-    /// none of its replicas serves or leads until filled from a serving copy.
-    #[test]
-    fn a_node_back_with_another_volume_leads_nothing_and_serves_nothing() {
-        let mut m = map_with_nodes(2);
-        m.apply(&Command::CreateCollection(spec("c", 2, 2)))
-            .unwrap();
-        let led: Vec<ShardKey> = m
-            .shards
-            .values()
-            .filter(|s| s.primary.as_deref() == Some("n0"))
-            .map(|s| s.key.clone())
-            .collect();
-        assert!(!led.is_empty());
-        // The same volume again (a plain restart) changes nothing about the replicas.
-        let before = m.shards.clone();
-        m.apply(&node("n0", "z0")).unwrap();
-        assert_eq!(m.shards, before);
-        let mut fresh = node("n0", "z0");
-        if let Command::RegisterNode { volume, .. } = &mut fresh {
-            *volume = "vol-new".into();
-        }
-        m.apply(&fresh).unwrap();
-        for s in m.shards.values() {
-            let r = s.replicas.iter().find(|r| r.node == "n0").unwrap();
-            assert_eq!(r.state, ReplicaState::Copying, "{}", s.key);
-            assert_ne!(s.primary.as_deref(), Some("n0"));
-        }
-        for k in &led {
-            assert_eq!(m.shards[k].primary, None);
-            assert_eq!(m.shards[k].epoch, before[k].epoch + 1);
-        }
-        // The leader's choice: the serving copy on n1.
-        let s = m.shards[&led[0]].clone();
-        assert_eq!(
-            placement::successor(&m, &s, |_| Some((1, 1))).map(|(n, _)| n),
-            Some("n1".to_string())
-        );
-    }
-
     /// A shard with no serving copy left is re-created empty only on an operator's
     /// word, and never while a serving copy sits on a live node.
     #[test]
     fn allocate_empty_needs_every_serving_copy_gone() {
         let mut m = map_with_nodes(2);
-        m.apply(&Command::CreateCollection(spec("c", 1, 1)))
+        m.apply(&placed(&m, spec("c", 1, 1)))
             .unwrap();
         let key = m.shards.keys().next().unwrap().clone();
         let holder = m.shards[&key].replicas[0].node.clone();
@@ -1461,7 +1362,7 @@ pub(crate) mod tests {
     #[test]
     fn moves_are_all_or_nothing_and_ready_retires_the_source() {
         let mut m = map_with_nodes(3);
-        m.apply(&Command::CreateCollection(spec("c", 1, 1)))
+        m.apply(&placed(&m, spec("c", 1, 1)))
             .unwrap();
         let key = ShardKey {
             collection: "c".into(),

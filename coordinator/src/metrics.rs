@@ -147,7 +147,7 @@ pub async fn refresh(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::map::tests::{map_with_nodes, spec};
+    use crate::map::tests::{map_with_nodes, placed, spec};
     use crate::map::Command;
 
     fn set(m: &mut ClusterMap, node: &str, state: NodeState) {
@@ -162,7 +162,7 @@ mod tests {
     #[test]
     fn health_counts_short_and_unavailable_shards() {
         let mut m = map_with_nodes(3);
-        m.apply(&Command::CreateCollection(spec("docs", 6, 2)))
+        m.apply(&placed(&m, spec("docs", 6, 2)))
             .unwrap();
         let h = map_health(&m);
         assert_eq!((h.collections, h.shards), (1, 6));

@@ -508,8 +508,18 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::map::tests::spec;
+    use crate::map::tests::{map_with_nodes, node, spec, up};
+    use crate::map::MapError;
     use crate::map::{Capacity, Command};
+
+    /// The leader's create, as `Member::decide` makes it: placed by [`initial`] (no
+    /// disk levels); a spec placement refuses stays unplaced, so `apply` refuses it.
+    fn placed(m: &ClusterMap, spec: CollectionSpec) -> Command {
+        match initial(m, &spec, &BTreeMap::new()) {
+            Ok(placement) => Command::CreateCollectionPlaced { spec, placement },
+            Err(_) => Command::CreateCollection(spec),
+        }
+    }
 
     /// Applies `plan` (and marks every copy ready) until it returns nothing.
     fn converge(m: &mut ClusterMap, opts: &Options) -> usize {
@@ -664,7 +674,7 @@ mod tests {
         for (i, z) in ["a", "b", "c", "a", "b"].iter().enumerate() {
             register(&mut m, &format!("n{i}"), z, 0);
         }
-        m.apply(&Command::CreateCollection(spec("c", 6, 2)))
+        m.apply(&placed(&m, spec("c", 6, 2)))
             .unwrap();
         fn count(m: &ClusterMap, n: &str) -> usize {
             m.replica_counts().get(n).copied().unwrap_or(0)
@@ -743,7 +753,7 @@ mod tests {
                     Event::Down(i) if up.len() > 1 => set(&mut m, &up[i as usize % up.len()], NodeState::Down),
                     Event::Drain(i) if up.len() > 1 => set(&mut m, &up[i as usize % up.len()], NodeState::Draining),
                     Event::Create(s, r) => {
-                        let _ = m.apply(&Command::CreateCollection(spec(&format!("c{created}"), s.into(), r.into())));
+                        let _ = m.apply(&placed(&m, spec(&format!("c{created}"), s.into(), r.into())));
                         created += 1;
                     }
                     _ => {}
@@ -783,7 +793,7 @@ mod tests {
                 }
             }
             let before = m.clone();
-            match m.apply(&Command::CreateCollection(spec("c", shards, rf))) {
+            match m.apply(&placed(&m, spec("c", shards, rf))) {
                 Ok(_) => {
                     check_invariants(&m);
                     // Zones are spread whenever capacity does not force otherwise.
@@ -836,10 +846,10 @@ mod tests {
                 register(&mut m, &format!("n{i}"), "z", 0);
             }
             let rf = rf.min(nodes as u32);
-            m.apply(&Command::CreateCollection(spec("c", shards, rf))).unwrap();
+            m.apply(&placed(&m, spec("c", shards, rf))).unwrap();
             let mut q = spec("q", 3, rf);
             q.write_quorum = 1;
-            m.apply(&Command::CreateCollection(q)).unwrap();
+            m.apply(&placed(&m, q)).unwrap();
             // Skew: hand c's shards to n0 wherever it holds a replica.
             let keys: Vec<ShardKey> = m.shards.keys().filter(|k| k.collection == "c").cloned().collect();
             for k in keys.iter().take(skew) {
@@ -892,7 +902,7 @@ mod tests {
         for i in 0..3 {
             register(&mut m, &format!("n{i}"), "z", 0);
         }
-        m.apply(&Command::CreateCollection(spec("c", 30, 2)))
+        m.apply(&placed(&m, spec("c", 30, 2)))
             .unwrap();
         register(&mut m, "n3", "z", 0);
         let opts = Options {
@@ -911,5 +921,138 @@ mod tests {
             "15 replicas should take several steps, took {steps}"
         );
         assert_eq!(loads(&m), vec![15, 15, 15, 15]);
+    }
+
+    /// Issue 14: the map alone cannot tell which backup holds every write, so a node
+    /// going down keeps its primary roles until the leader promotes by position.
+    #[test]
+    fn down_primary_waits_for_a_promotion_by_position() {
+        let mut m = map_with_nodes(3);
+        m.apply(&placed(&m, spec("c", 1, 2)))
+            .unwrap();
+        let s = m.shards_of("c").next().unwrap().clone();
+        let old = s.primary.clone().unwrap();
+        m.apply(&Command::SetNodeState {
+            id: old.clone(),
+            state: NodeState::Down,
+            from: vec![NodeState::Up, NodeState::Suspect],
+        })
+        .unwrap();
+        let s2 = m.shards_of("c").next().unwrap().clone();
+        assert_eq!(s2.primary.as_ref(), Some(&old));
+        assert_eq!(s2.epoch, s.epoch);
+        assert_eq!(headless(&m), vec![s.key.clone()]);
+        // No report from the backup yet: no successor; once it reports, it is chosen.
+        assert_eq!(successor(&m, &s2, |_| None), None);
+        let backup = s2
+            .replicas
+            .iter()
+            .find(|r| r.node != old)
+            .unwrap()
+            .node
+            .clone();
+        let (to, _) = successor(&m, &s2, |_| Some((1, 5))).unwrap();
+        assert_eq!(to, backup);
+        // A conditional transition from a stale view is refused.
+        let err = m
+            .apply(&Command::SetNodeState {
+                id: old,
+                state: NodeState::Suspect,
+                from: vec![NodeState::Up],
+            })
+            .unwrap_err();
+        assert!(matches!(err, MapError::FailedPrecondition(_)));
+    }
+
+    /// Issue 14's rack loss: both copies of a shard on nodes that went down together.
+    /// Placement must not evict them (a new, empty copy would become the shard), and the
+    /// map refuses an eviction that drops the last serving copy on a live node.
+    #[test]
+    fn the_last_serving_copy_is_never_evicted() {
+        let mut m = map_with_nodes(4);
+        m.apply(&placed(&m, spec("c", 1, 2)))
+            .unwrap();
+        let key = ShardKey {
+            collection: "c".into(),
+            index: 0,
+        };
+        let holders: Vec<NodeId> = m.shards[&key]
+            .replicas
+            .iter()
+            .map(|r| r.node.clone())
+            .collect();
+        for n in &holders {
+            m.apply(&Command::SetNodeState {
+                id: n.clone(),
+                state: NodeState::Down,
+                from: vec![],
+            })
+            .unwrap();
+        }
+        let moves = plan(&m, &Options::default());
+        assert!(
+            !moves.iter().any(|mv| matches!(mv, Move::Evict { .. })),
+            "{moves:?}"
+        );
+        let err = m
+            .apply(&Command::ApplyMoves(vec![Move::Evict {
+                shard: key.clone(),
+                node: holders[0].clone(),
+            }]))
+            .unwrap_err();
+        assert!(err.to_string().contains("without a serving copy"), "{err}");
+        assert_eq!(m.shards[&key].replicas.len(), 2);
+        // Whatever copies placement adds meanwhile, the shard's primary stays one of its
+        // old holders, never an empty copy.
+        for mv in &moves {
+            let _ = m.apply(&Command::ApplyMoves(vec![mv.clone()]));
+        }
+        assert!(holders.contains(m.shards[&key].primary.as_ref().unwrap()));
+        // One holder back: the other (still down) may go now, the shard keeps a copy.
+        m.apply(&up(&holders[0])).unwrap();
+        let moves = plan(&m, &Options::default());
+        assert!(moves
+            .iter()
+            .any(|mv| matches!(mv, Move::Evict { node, .. } if *node == holders[1])));
+    }
+
+    /// Issue 14's replaced volume: a node back with another volume holds nothing, so
+    /// none of its replicas serves or leads until filled from a serving copy.
+    #[test]
+    fn a_node_back_with_another_volume_leads_nothing_and_serves_nothing() {
+        let mut m = map_with_nodes(2);
+        m.apply(&placed(&m, spec("c", 2, 2)))
+            .unwrap();
+        let led: Vec<ShardKey> = m
+            .shards
+            .values()
+            .filter(|s| s.primary.as_deref() == Some("n0"))
+            .map(|s| s.key.clone())
+            .collect();
+        assert!(!led.is_empty());
+        // The same volume again (a plain restart) changes nothing about the replicas.
+        let before = m.shards.clone();
+        m.apply(&node("n0", "z0")).unwrap();
+        assert_eq!(m.shards, before);
+        let mut fresh = node("n0", "z0");
+        if let Command::RegisterNode { volume, .. } = &mut fresh {
+            *volume = "vol-new".into();
+        }
+        m.apply(&fresh).unwrap();
+        for s in m.shards.values() {
+            let r = s.replicas.iter().find(|r| r.node == "n0").unwrap();
+            assert_eq!(r.state, ReplicaState::Copying, "{}", s.key);
+            assert_ne!(s.primary.as_deref(), Some("n0"));
+        }
+        for k in &led {
+            assert_eq!(m.shards[k].primary, None);
+            assert_eq!(m.shards[k].epoch, before[k].epoch + 1);
+        }
+        // The leader's choice: the serving copy on n1.
+        let s = m.shards[&led[0]].clone();
+        assert_eq!(
+            successor(&m, &s, |_| Some((1, 1))).map(|(n, _)| n),
+            Some("n1".to_string())
+        );
     }
 }
