@@ -102,6 +102,14 @@ pub enum NodeState {
 }
 
 impl NodeState {
+    /// Heartbeating and serving (up, or draining but still serving until its replicas
+    /// move): its replicas count towards quorums and reads, and may be promoted. The
+    /// one definition; the node's view of the map uses the same rule
+    /// (`shoal_proto::coordinator::NodeState::is_live`).
+    pub fn is_live(self) -> bool {
+        matches!(self, NodeState::Up | NodeState::Draining)
+    }
+
     /// Whether placement may put new replicas here.
     pub fn accepts_replicas(self) -> bool {
         self == NodeState::Up
@@ -738,7 +746,7 @@ impl ClusterMap {
             r.state == ReplicaState::Serving
                 && nodes
                     .get(&r.node)
-                    .is_some_and(|n| matches!(n.state, NodeState::Up | NodeState::Draining))
+                    .is_some_and(|n| n.state.is_live())
         }) {
             return Err(MapError::FailedPrecondition(format!(
                 "shard {shard} has a serving replica on live node {:?}: promote it instead",

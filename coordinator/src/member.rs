@@ -548,7 +548,7 @@ impl Coordinator {
             let up = map
                 .nodes
                 .get(node)
-                .is_some_and(|n| matches!(n.state, NodeState::Up | NodeState::Draining));
+                .is_some_and(|n| n.state.is_live());
             if !up {
                 return Err(MapError::FailedPrecondition(format!(
                     "node {node:?} is not up; promoting it needs accept_data_loss"

@@ -81,7 +81,7 @@ pub fn map_health(map: &ClusterMap) -> MapHealth {
     let live = |node: &str| {
         map.nodes
             .get(node)
-            .is_some_and(|n| matches!(n.state, NodeState::Up | NodeState::Draining))
+            .is_some_and(|n| n.state.is_live())
     };
     let mut h = MapHealth {
         nodes,

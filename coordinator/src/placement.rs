@@ -233,7 +233,7 @@ pub fn successor(
         .filter(|r| {
             map.nodes
                 .get(&r.node)
-                .is_some_and(|n| matches!(n.state, NodeState::Up | NodeState::Draining))
+                .is_some_and(|n| n.state.is_live())
         })
         .filter_map(|r| Some((r.node.clone(), position(&r.node)?)))
         .max_by_key(|(_, p)| *p)

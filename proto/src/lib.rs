@@ -9,6 +9,19 @@ pub mod wire;
 
 pub mod coordinator {
     tonic::include_proto!("shoal.coordinator.v1");
+
+    impl NodeState {
+        /// Heartbeating and serving (up, or draining but still serving until its
+        /// replicas move): the same rule as the coordinator map's `NodeState::is_live`.
+        pub fn is_live(self) -> bool {
+            matches!(self, NodeState::Up | NodeState::Draining)
+        }
+
+        /// [`NodeState::is_live`] for a state as it travels (an unknown value is not).
+        pub fn is_live_value(state: i32) -> bool {
+            NodeState::try_from(state).is_ok_and(NodeState::is_live)
+        }
+    }
 }
 
 pub mod raft {

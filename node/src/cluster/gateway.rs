@@ -152,7 +152,7 @@ impl Gateway {
             .filter(|r| r.state == cpb::ReplicaState::Serving as i32 || r.node_id == shard.primary)
             .filter_map(|r| {
                 let n = v.nodes.get(&r.node_id)?;
-                (n.state == cpb::NodeState::Up as i32 || n.state == cpb::NodeState::Draining as i32)
+                cpb::NodeState::is_live_value(n.state)
                     .then(|| {
                         (
                             load.get(&n.id).copied().unwrap_or(0),

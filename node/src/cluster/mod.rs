@@ -61,8 +61,7 @@ fn role_of(view: &MapView, s: &cpb::Shard, me: &str) -> Role {
                 node: r.node_id.clone(),
                 addr: n.addr.clone(),
                 serving: r.state == cpb::ReplicaState::Serving as i32,
-                live: n.state == cpb::NodeState::Up as i32
-                    || n.state == cpb::NodeState::Draining as i32,
+                live: cpb::NodeState::is_live_value(n.state),
             })
         })
         .collect();
