@@ -309,6 +309,34 @@ impl Cluster {
         rf: u32,
         write_quorum: u32,
     ) {
+        // Retried while too few nodes are up: a node restarted a moment ago may still
+        // be up in the map from before, then re-register (joining) as the create lands.
+        let t = Instant::now();
+        loop {
+            match self
+                .try_create_collection(name, shards, rf, write_quorum)
+                .await
+            {
+                Ok(()) => return,
+                Err(e)
+                    if e.code() == tonic::Code::FailedPrecondition
+                        && e.message().contains("node(s) up")
+                        && t.elapsed() < Duration::from_secs(30) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Err(e) => panic!("create collection: {e:?}"),
+            }
+        }
+    }
+
+    async fn try_create_collection(
+        &self,
+        name: &str,
+        shards: u32,
+        rf: u32,
+        write_quorum: u32,
+    ) -> Result<(), tonic::Status> {
         let mut admin = self.admin();
         let name = name.to_string();
         admin
@@ -334,7 +362,7 @@ impl Cluster {
                 }
             })
             .await
-            .expect("create collection");
+            .map(|_| ())
     }
 
     /// The id the map gave `collection` (replica calls name it).

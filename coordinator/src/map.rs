@@ -10,7 +10,6 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-
 pub type NodeId = String;
 
 pub const MAX_DIMENSION: u32 = 4096;
@@ -744,9 +743,7 @@ impl ClusterMap {
             .ok_or_else(|| MapError::NotFound(format!("shard {shard} not found")))?;
         if let Some(r) = s.replicas.iter().find(|r| {
             r.state == ReplicaState::Serving
-                && nodes
-                    .get(&r.node)
-                    .is_some_and(|n| n.state.is_live())
+                && nodes.get(&r.node).is_some_and(|n| n.state.is_live())
         }) {
             return Err(MapError::FailedPrecondition(format!(
                 "shard {shard} has a serving replica on live node {:?}: promote it instead",
@@ -1086,9 +1083,7 @@ pub(crate) mod tests {
     fn create_assigns_distinct_nodes_and_bumps_version() {
         let mut m = map_with_nodes(3);
         let v = m.version;
-        let changes = m
-            .apply(&placed(&m, spec("docs", 4, 2)))
-            .unwrap();
+        let changes = m.apply(&placed(&m, spec("docs", 4, 2))).unwrap();
         assert_eq!(m.version, v + 1);
         assert_eq!(changes.len(), 1 + 4);
         for s in m.shards_of("docs") {
@@ -1101,8 +1096,7 @@ pub(crate) mod tests {
     #[test]
     fn bad_specs_are_refused_and_change_nothing() {
         let mut m = map_with_nodes(2);
-        m.apply(&placed(&m, spec("docs", 1, 1)))
-            .unwrap();
+        m.apply(&placed(&m, spec("docs", 1, 1))).unwrap();
         let before = m.clone();
         let cases: Vec<(CollectionSpec, &str)> = vec![
             (spec("docs", 1, 1), "already exists"),
@@ -1171,8 +1165,7 @@ pub(crate) mod tests {
     #[test]
     fn promote_is_conditional_on_the_epoch_and_a_serving_replica() {
         let mut m = map_with_nodes(3);
-        m.apply(&placed(&m, spec("c", 1, 2)))
-            .unwrap();
+        m.apply(&placed(&m, spec("c", 1, 2))).unwrap();
         let s = m.shards_of("c").next().unwrap().clone();
         let backup = s
             .replicas
@@ -1200,14 +1193,12 @@ pub(crate) mod tests {
     #[test]
     fn drop_then_recreate_gets_a_new_id() {
         let mut m = map_with_nodes(1);
-        m.apply(&placed(&m, spec("c", 2, 1)))
-            .unwrap();
+        m.apply(&placed(&m, spec("c", 2, 1))).unwrap();
         let id = m.collections["c"].id;
         m.apply(&Command::DropCollection { name: "c".into() })
             .unwrap();
         assert_eq!(m.shards_of("c").count(), 0);
-        m.apply(&placed(&m, spec("c", 2, 1)))
-            .unwrap();
+        m.apply(&placed(&m, spec("c", 2, 1))).unwrap();
         assert!(m.collections["c"].id > id);
     }
 
@@ -1266,8 +1257,7 @@ pub(crate) mod tests {
     #[test]
     fn a_failed_replica_leaves_its_quorum_through_the_map() {
         let mut m = map_with_nodes(3);
-        m.apply(&placed(&m, spec("c", 1, 2)))
-            .unwrap();
+        m.apply(&placed(&m, spec("c", 1, 2))).unwrap();
         let s = m.shards_of("c").next().unwrap().clone();
         let primary = s.primary.clone().unwrap();
         let backup = s
@@ -1324,8 +1314,7 @@ pub(crate) mod tests {
     #[test]
     fn allocate_empty_needs_every_serving_copy_gone() {
         let mut m = map_with_nodes(2);
-        m.apply(&placed(&m, spec("c", 1, 1)))
-            .unwrap();
+        m.apply(&placed(&m, spec("c", 1, 1))).unwrap();
         let key = m.shards.keys().next().unwrap().clone();
         let holder = m.shards[&key].replicas[0].node.clone();
         let other = if holder == "n0" { "n1" } else { "n0" };
@@ -1370,8 +1359,7 @@ pub(crate) mod tests {
     #[test]
     fn moves_are_all_or_nothing_and_ready_retires_the_source() {
         let mut m = map_with_nodes(3);
-        m.apply(&placed(&m, spec("c", 1, 1)))
-            .unwrap();
+        m.apply(&placed(&m, spec("c", 1, 1))).unwrap();
         let key = ShardKey {
             collection: "c".into(),
             index: 0,

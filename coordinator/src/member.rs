@@ -545,10 +545,7 @@ impl Coordinator {
             .into());
         }
         if !accept_data_loss {
-            let up = map
-                .nodes
-                .get(node)
-                .is_some_and(|n| n.state.is_live());
+            let up = map.nodes.get(node).is_some_and(|n| n.state.is_live());
             if !up {
                 return Err(MapError::FailedPrecondition(format!(
                     "node {node:?} is not up; promoting it needs accept_data_loss"

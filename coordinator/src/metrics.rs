@@ -78,11 +78,7 @@ pub fn map_health(map: &ClusterMap) -> MapHealth {
         })
         .collect();
     // A draining node still serves its replicas until they move.
-    let live = |node: &str| {
-        map.nodes
-            .get(node)
-            .is_some_and(|n| n.state.is_live())
-    };
+    let live = |node: &str| map.nodes.get(node).is_some_and(|n| n.state.is_live());
     let mut h = MapHealth {
         nodes,
         collections: map.collections.len() as u64,
@@ -162,8 +158,7 @@ mod tests {
     #[test]
     fn health_counts_short_and_unavailable_shards() {
         let mut m = map_with_nodes(3);
-        m.apply(&placed(&m, spec("docs", 6, 2)))
-            .unwrap();
+        m.apply(&placed(&m, spec("docs", 6, 2))).unwrap();
         let h = map_health(&m);
         assert_eq!((h.collections, h.shards), (1, 6));
         assert_eq!((h.under_replicated, h.unavailable, h.copying), (0, 0, 0));

@@ -230,11 +230,7 @@ pub fn successor(
     s.replicas
         .iter()
         .filter(|r| Some(&r.node) != s.primary.as_ref() && r.state == ReplicaState::Serving)
-        .filter(|r| {
-            map.nodes
-                .get(&r.node)
-                .is_some_and(|n| n.state.is_live())
-        })
+        .filter(|r| map.nodes.get(&r.node).is_some_and(|n| n.state.is_live()))
         .filter_map(|r| Some((r.node.clone(), position(&r.node)?)))
         .max_by_key(|(_, p)| *p)
 }
@@ -674,8 +670,7 @@ mod tests {
         for (i, z) in ["a", "b", "c", "a", "b"].iter().enumerate() {
             register(&mut m, &format!("n{i}"), z, 0);
         }
-        m.apply(&placed(&m, spec("c", 6, 2)))
-            .unwrap();
+        m.apply(&placed(&m, spec("c", 6, 2))).unwrap();
         fn count(m: &ClusterMap, n: &str) -> usize {
             m.replica_counts().get(n).copied().unwrap_or(0)
         }
@@ -902,8 +897,7 @@ mod tests {
         for i in 0..3 {
             register(&mut m, &format!("n{i}"), "z", 0);
         }
-        m.apply(&placed(&m, spec("c", 30, 2)))
-            .unwrap();
+        m.apply(&placed(&m, spec("c", 30, 2))).unwrap();
         register(&mut m, "n3", "z", 0);
         let opts = Options {
             max_moves: 4,
@@ -928,8 +922,7 @@ mod tests {
     #[test]
     fn down_primary_waits_for_a_promotion_by_position() {
         let mut m = map_with_nodes(3);
-        m.apply(&placed(&m, spec("c", 1, 2)))
-            .unwrap();
+        m.apply(&placed(&m, spec("c", 1, 2))).unwrap();
         let s = m.shards_of("c").next().unwrap().clone();
         let old = s.primary.clone().unwrap();
         m.apply(&Command::SetNodeState {
@@ -970,8 +963,7 @@ mod tests {
     #[test]
     fn the_last_serving_copy_is_never_evicted() {
         let mut m = map_with_nodes(4);
-        m.apply(&placed(&m, spec("c", 1, 2)))
-            .unwrap();
+        m.apply(&placed(&m, spec("c", 1, 2))).unwrap();
         let key = ShardKey {
             collection: "c".into(),
             index: 0,
@@ -1021,8 +1013,7 @@ mod tests {
     #[test]
     fn a_node_back_with_another_volume_leads_nothing_and_serves_nothing() {
         let mut m = map_with_nodes(2);
-        m.apply(&placed(&m, spec("c", 2, 2)))
-            .unwrap();
+        m.apply(&placed(&m, spec("c", 2, 2))).unwrap();
         let led: Vec<ShardKey> = m
             .shards
             .values()

@@ -152,15 +152,14 @@ impl Gateway {
             .filter(|r| r.state == cpb::ReplicaState::Serving as i32 || r.node_id == shard.primary)
             .filter_map(|r| {
                 let n = v.nodes.get(&r.node_id)?;
-                cpb::NodeState::is_live_value(n.state)
-                    .then(|| {
-                        (
-                            load.get(&n.id).copied().unwrap_or(0),
-                            n.id != shard.primary,
-                            n.id.clone(),
-                            n.addr.clone(),
-                        )
-                    })
+                cpb::NodeState::is_live_value(n.state).then(|| {
+                    (
+                        load.get(&n.id).copied().unwrap_or(0),
+                        n.id != shard.primary,
+                        n.id.clone(),
+                        n.addr.clone(),
+                    )
+                })
             })
             .collect();
         out.sort();

@@ -107,7 +107,10 @@ impl MapView {
         let served_elsewhere = s.replicas.iter().any(|r| {
             r.node_id != me
                 && r.state == pb::ReplicaState::Serving as i32
-                && self.nodes.get(&r.node_id).is_some_and(|n| pb::NodeState::is_live_value(n.state))
+                && self
+                    .nodes
+                    .get(&r.node_id)
+                    .is_some_and(|n| pb::NodeState::is_live_value(n.state))
         });
         if served_elsewhere {
             Removal::Trash
