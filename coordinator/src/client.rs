@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use shoal_proto::coordinator::admin_client::AdminClient;
 use shoal_proto::coordinator::cluster_map_client::ClusterMapClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::error::LEADER_HEADER;
@@ -30,11 +30,8 @@ impl Client {
     }
 
     fn channel(addr: &str) -> Result<Channel, Status> {
-        Ok(Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Status::invalid_argument(format!("bad address {addr:?}: {e}")))?
-            .connect_timeout(Duration::from_millis(500))
-            .timeout(Duration::from_secs(12))
-            .connect_lazy())
+        shoal_proto::channel(addr, Some(Duration::from_secs(12)))
+            .map_err(|e| Status::invalid_argument(format!("bad address {addr:?}: {e}")))
     }
 
     /// Runs `f` against a member, moving to the hinted leader or the next address on

@@ -21,8 +21,6 @@ pub enum CoordinatorError {
     NoLeader,
     #[error("outcome unknown: {0}")]
     Unknown(String),
-    #[error("{0}")]
-    InvalidArgument(String),
     #[error("raft: {0}")]
     Raft(String),
     #[error(transparent)]
@@ -52,7 +50,6 @@ impl From<CoordinatorError> for Status {
             }
             CoordinatorError::NoLeader => Status::unavailable(msg),
             CoordinatorError::Unknown(_) => Status::unknown(msg),
-            CoordinatorError::InvalidArgument(_) => Status::invalid_argument(msg),
             CoordinatorError::Raft(_) => Status::internal(msg),
             CoordinatorError::Limit(_) => Status::invalid_argument(msg),
             CoordinatorError::ResourceExhausted(_) => Status::resource_exhausted(msg),

@@ -1,8 +1,6 @@
 //! Raft traffic between coordinator members over the internal gRPC service: openraft's
 //! requests and results travel as bincode inside `shoal.raft.v1.Payload`.
 
-use std::time::Duration;
-
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
@@ -14,16 +12,13 @@ use openraft::raft::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use shoal_proto::raft::raft_client::RaftClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::raft::{open, payload, Member, TypeConfig};
 
 /// A lazily connected channel to a peer's Raft port.
 pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_millis(500))
-        .tcp_nodelay(true)
-        .connect_lazy())
+    shoal_proto::channel(addr, None)
 }
 
 #[derive(Clone, Default)]

@@ -42,6 +42,27 @@ pub mod replica {
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/shoal_descriptor.bin"));
 
+/// How long opening a connection to another shoal process may take.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The one way a shoal process opens a client connection to another (node to node,
+/// member to member, node or operator to the coordinators): connected lazily, on first
+/// use, within [`CONNECT_TIMEOUT`], with `TCP_NODELAY` (see [`incoming`]), and with
+/// `request_timeout` as every call's deadline where given (was three builders with
+/// different settings: the coordinator client's lacked `TCP_NODELAY`).
+pub fn channel(
+    addr: &str,
+    request_timeout: Option<std::time::Duration>,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let mut e = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true);
+    if let Some(t) = request_timeout {
+        e = e.timeout(t);
+    }
+    Ok(e.connect_lazy())
+}
+
 /// A bound listener as a server's stream of connections, each with `TCP_NODELAY`:
 /// gRPC sends small frames (a response's headers, then its body), and Nagle's algorithm
 /// would hold the second until the client's delayed ACK, some 40 ms on Linux. (Tonic

@@ -983,11 +983,6 @@ impl Shard {
         run_blocking(move || s.search(&query, p)).await
     }
 
-    pub async fn write_async(&self, ops: Vec<WriteOp>) -> Result<WriteAck> {
-        let s = self.clone();
-        run_blocking(move || s.write(ops)).await
-    }
-
     pub async fn rebuild_async(&self, params: Option<IvfPqParams>) -> Result<GenerationInfo> {
         let s = self.clone();
         run_blocking(move || s.rebuild(params)).await

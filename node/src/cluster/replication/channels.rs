@@ -2,11 +2,10 @@
 //! gateway and the replicators.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use parking_lot::Mutex;
 use shoal_proto::replica::replica_client::ReplicaClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::Status;
 
 /// gRPC channels to other nodes' internal ports, shared by the gateway and replicators.
@@ -19,11 +18,8 @@ impl Channels {
         let c = match ch.get(addr) {
             Some(c) => c.clone(),
             None => {
-                let c = Endpoint::from_shared(format!("http://{addr}"))
-                    .map_err(|e| Status::internal(format!("bad node address {addr:?}: {e}")))?
-                    .connect_timeout(Duration::from_millis(500))
-                    .tcp_nodelay(true)
-                    .connect_lazy();
+                let c = shoal_proto::channel(addr, None)
+                    .map_err(|e| Status::internal(format!("bad node address {addr:?}: {e}")))?;
                 ch.insert(addr.to_string(), c.clone());
                 c
             }
