@@ -512,6 +512,40 @@ impl Coordinator {
             .collect()
     }
 
+    /// Pure: the liveness transitions due, as conditional commands (each applies only
+    /// from the state it was decided on): a node silent longer than `suspect` turns
+    /// suspect (from up, joining or draining), a suspect one silent longer than `down`
+    /// turns down. `silent(node)`: how long since its last heartbeat (or since this
+    /// member became leader, whichever is later).
+    fn liveness(
+        map: &ClusterMap,
+        silent: impl Fn(&str) -> Duration,
+        suspect: Duration,
+        down: Duration,
+    ) -> Vec<Command> {
+        map.nodes
+            .values()
+            .filter_map(|n| {
+                let silent = silent(&n.id);
+                let to = match n.state {
+                    NodeState::Up | NodeState::Joining | NodeState::Draining
+                        if silent > suspect =>
+                    {
+                        NodeState::Suspect
+                    }
+                    NodeState::Suspect if silent > down => NodeState::Down,
+                    _ => return None,
+                };
+                tracing::warn!(node = %n.id, from = ?n.state, to = ?to, silent_ms = silent.as_millis() as u64, "node liveness change");
+                Some(Command::SetNodeState {
+                    id: n.id.clone(),
+                    state: to,
+                    from: vec![n.state],
+                })
+            })
+            .collect()
+    }
+
     /// The shards whose primary is on `node`.
     fn led_by<'a>(map: &'a ClusterMap, node: &'a str) -> impl Iterator<Item = &'a ShardKey> {
         map.shards
@@ -678,31 +712,14 @@ impl Coordinator {
         let suspect = Duration::from_millis(self.config.suspect_after_ms);
         let down = Duration::from_millis(self.config.down_after_ms);
         let map = self.sm.state.lock().map.clone();
-        let mut commands = Vec::new();
-        {
+        let commands = {
             let hb = self.heartbeats.lock();
-            for n in map.nodes.values() {
-                let last = hb.get(&n.id).copied().unwrap_or(since).max(since);
-                let silent = now.saturating_duration_since(last);
-                let to = match n.state {
-                    NodeState::Up | NodeState::Joining | NodeState::Draining
-                        if silent > suspect =>
-                    {
-                        Some(NodeState::Suspect)
-                    }
-                    NodeState::Suspect if silent > down => Some(NodeState::Down),
-                    _ => None,
-                };
-                if let Some(to) = to {
-                    tracing::warn!(node = %n.id, from = ?n.state, to = ?to, silent_ms = silent.as_millis() as u64, "node liveness change");
-                    commands.push(Command::SetNodeState {
-                        id: n.id.clone(),
-                        state: to,
-                        from: vec![n.state],
-                    });
-                }
-            }
-        }
+            let silent = |node: &str| {
+                let last = hb.get(node).copied().unwrap_or(since).max(since);
+                now.saturating_duration_since(last)
+            };
+            Self::liveness(&map, silent, suspect, down)
+        };
         for c in commands {
             if let Command::SetNodeState {
                 id,
@@ -796,5 +813,45 @@ fn finish(r: Response) -> Result<u64> {
     match r.error {
         None => Ok(r.version),
         Some(e) => Err(CoordinatorError::Map(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::map::tests::map_with_nodes;
+
+    /// The leader's liveness duty as a table: (state, silent ms) -> transition, with
+    /// suspect after 1 s and down after 3 s.
+    #[test]
+    fn liveness_transitions_by_state_and_silence() {
+        let (suspect, down) = (Duration::from_secs(1), Duration::from_secs(3));
+        let cases = [
+            (NodeState::Up, 500, None),
+            (NodeState::Up, 1_500, Some(NodeState::Suspect)),
+            (NodeState::Joining, 1_500, Some(NodeState::Suspect)),
+            (NodeState::Draining, 1_500, Some(NodeState::Suspect)),
+            // Suspect waits for the down timeout, counted from the last heartbeat.
+            (NodeState::Suspect, 1_500, None),
+            (NodeState::Suspect, 3_500, Some(NodeState::Down)),
+            // Up never skips suspect, however long the silence.
+            (NodeState::Up, 60_000, Some(NodeState::Suspect)),
+            (NodeState::Down, 60_000, None),
+        ];
+        for (state, silent_ms, want) in cases {
+            let mut m = map_with_nodes(1);
+            m.nodes.get_mut("n0").unwrap().state = state;
+            let got =
+                Coordinator::liveness(&m, |_| Duration::from_millis(silent_ms), suspect, down);
+            let want: Vec<Command> = want
+                .into_iter()
+                .map(|to| Command::SetNodeState {
+                    id: "n0".into(),
+                    state: to,
+                    from: vec![state],
+                })
+                .collect();
+            assert_eq!(got, want, "{state:?} silent {silent_ms} ms");
+        }
     }
 }
