@@ -232,7 +232,7 @@ pub enum Move {
 pub enum Command {
     /// A request for a new collection, as clients and forwarding members send it. The
     /// leader turns it into [`Command::CreateCollectionPlaced`] before proposing it
-    /// (`Member::decide`); `apply` refuses it, so the log never runs placement. (Logs
+    /// (`Coordinator::decide`); `apply` refuses it, so the log never runs placement. (Logs
     /// written before issue 15 hold these, and do not replay: no deployment had any.)
     CreateCollection(CollectionSpec),
     DropCollection {
