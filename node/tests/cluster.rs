@@ -638,7 +638,8 @@ async fn ingest_search_get_delete_errors_and_replica_crash() {
     assert_eq!(r.hits[0].id, "t1", "{:?}", r.hits);
 
     // That query is one trace: the gateway's span, its per-shard calls, and each
-    // replica's span on the other side of gRPC as a child of the call that reached it.
+    // replica's span as a child of the call that reached it (on the other side of gRPC,
+    // or in process for the gateway's own node's replicas).
     telemetry.flush();
     let spans = collector.0.lock().unwrap().clone();
     let query = spans

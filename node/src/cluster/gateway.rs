@@ -13,21 +13,21 @@ use shoal_encoder::pool::{EncoderPool, PoolEncoded};
 use shoal_proto::coordinator as cpb;
 use shoal_proto::limits::{vector_problem, Limits};
 use shoal_proto::replica as rpb;
-use shoal_proto::replica::replica_client::ReplicaClient;
 use shoal_proto::v1 as pb;
 use shoal_proto::within;
 use std::collections::VecDeque;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tracing::Instrument;
 
-use crate::telemetry;
-
 use super::mapview::MapView;
-use super::replication::Channels;
+use super::transport::{ReplicaApi, Transports};
 
 /// Shard-call latencies kept for the hedging threshold.
 const LATENCY_WINDOW: usize = 512;
+/// How long a shard's primary may take to acknowledge a write (its quorum included).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one replica's index build may take.
+const BUILD_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// The shard a document id belongs to: crc32 of the id, mod the shard count. Stable
 /// across processes and releases (it decides where data lives).
@@ -72,7 +72,8 @@ pub struct Gateway {
     pub node_id: String,
     pub view: Arc<RwLock<MapView>>,
     pub encoder: Option<Arc<EncoderPool>>,
-    channels: Arc<Channels>,
+    /// How shard calls reach a node's replicas (its own node's directly).
+    transports: Arc<Transports>,
     pub default_deadline: Duration,
     /// Shard calls in flight per node: reads go to the least loaded replica.
     inflight: Mutex<HashMap<String, usize>>,
@@ -105,7 +106,7 @@ impl Gateway {
         view: Arc<RwLock<MapView>>,
         encoder: Option<Arc<EncoderPool>>,
         default_deadline: Duration,
-        channels: Arc<Channels>,
+        transports: Arc<Transports>,
         limits: Limits,
     ) -> Self {
         Self {
@@ -113,7 +114,7 @@ impl Gateway {
             node_id,
             view,
             encoder,
-            channels,
+            transports,
             default_deadline,
             inflight: Mutex::default(),
             latencies: Mutex::default(),
@@ -191,8 +192,8 @@ impl Gateway {
         Ok((c, v.shards_of(name).cloned().collect()))
     }
 
-    fn client(&self, addr: &str) -> Result<ReplicaClient<Channel>, Status> {
-        self.channels.client(addr)
+    fn replicas(&self, node: &str, addr: &str) -> Result<Arc<dyn ReplicaApi>, Status> {
+        self.transports.to(node, addr)
     }
 
     /// Vectors for `texts` from this node's encoder, and how many texts it truncated.
@@ -435,29 +436,23 @@ impl Gateway {
     ) -> Result<rpb::WriteResponse, Status> {
         let (node, addr) = self.primary(shards, index)?;
         let span = tracing::info_span!("shard.write", shard = index, node = %node);
-        let mut req = tonic::Request::new(rpb::WriteRequest {
+        let req = rpb::WriteRequest {
             shard: Some(Self::shard_ref(coll, index)),
             upserts,
             deletes,
             request_id,
-        });
-        req.set_timeout(Duration::from_secs(30));
-        span.in_scope(|| telemetry::inject(&mut req));
-        self.client(&addr)?
-            .write(req)
-            .instrument(span)
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| {
-                Status::new(
-                    s.code(),
-                    format!(
-                        "shard {}/{index} on node {node}: {}",
-                        coll.name,
-                        s.message()
-                    ),
-                )
-            })
+        };
+        let write = async { self.replicas(&node, &addr)?.write(req, WRITE_TIMEOUT).await };
+        write.instrument(span).await.map_err(|s| {
+            Status::new(
+                s.code(),
+                format!(
+                    "shard {}/{index} on node {node}: {}",
+                    coll.name,
+                    s.message()
+                ),
+            )
+        })
     }
 
     /// A new index generation on every shard, in parallel; per-shard failures (too few
@@ -476,19 +471,18 @@ impl Gateway {
                     ..Default::default()
                 };
                 // Every replica builds its own generation; the primary's is reported.
-                let build = |addr: String| async move {
-                    let mut req = tonic::Request::new(rpb::BuildRequest {
+                let build = |node: String, addr: String| async move {
+                    let req = rpb::BuildRequest {
                         shard: Some(Self::shard_ref(coll, s.index)),
-                    });
-                    req.set_timeout(Duration::from_secs(3600));
-                    self.client(&addr)?.build(req).await
+                    };
+                    self.replicas(&node, &addr)?.build(req, BUILD_TIMEOUT).await
                 };
                 let backups = self
                     .readers(s)
                     .into_iter()
                     .filter(|(n, _)| *n != s.primary)
                     .map(|(n, addr)| {
-                        let b = build(addr);
+                        let b = build(n.clone(), addr);
                         async move {
                             if let Err(e) = b.await {
                                 tracing::warn!(shard = s.index, node = %n, error = %e.message(), "backup index build failed");
@@ -497,13 +491,12 @@ impl Gateway {
                     });
                 let primary = async {
                     let (node, addr) = self.primary(shards, s.index)?;
-                    out.node = node;
-                    build(addr).await
+                    out.node = node.clone();
+                    build(node, addr).await
                 };
                 let (r, _) = futures::join!(primary, futures::future::join_all(backups));
                 match r {
                     Ok(b) => {
-                        let b = b.into_inner();
                         out.generation = b.generation;
                         out.indexed_vectors = b.indexed_vectors;
                         out.build_seconds = b.build_seconds;
@@ -533,14 +526,18 @@ impl Gateway {
         let mut found = None;
         for (node, addr) in self.readers(shard) {
             let _f = self.begin(&node);
-            let mut r = tonic::Request::new(rpb::ShardGetRequest {
+            let r = rpb::ShardGetRequest {
                 shard: Some(Self::shard_ref(&coll, index)),
                 id: req.id.clone(),
-            });
-            r.set_timeout(self.default_deadline);
-            match self.client(&addr)?.get(r).await {
+            };
+            let get = async {
+                self.replicas(&node, &addr)?
+                    .get(r, self.default_deadline)
+                    .await
+            };
+            match get.await {
                 Ok(r) => {
-                    found = Some(r.into_inner());
+                    found = Some(r);
                     break;
                 }
                 Err(e) => last = e,
@@ -584,14 +581,12 @@ impl Gateway {
         }
         let deadline = tokio::time::Instant::now() + budget;
         let call = |(node, addr): (String, String)| {
-            let mut r = tonic::Request::new(req.clone());
-            r.set_timeout(budget);
-            telemetry::inject(&mut r);
+            let r = req.clone();
             async move {
                 let _f = self.begin(&node);
                 let t = Instant::now();
-                let res = match self.client(&addr) {
-                    Ok(mut c) => c.search(r).await.map(|r| r.into_inner()),
+                let res = match self.replicas(&node, &addr) {
+                    Ok(c) => c.search(r, budget).await,
                     Err(e) => Err(e),
                 };
                 if res.is_ok() {

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod replicas;
 pub mod replication;
 mod service;
+pub mod transport;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -37,7 +38,8 @@ use gateway::Gateway;
 use identity::Identity;
 use mapview::MapView;
 use replicas::{Registry, ReplicaArgs, ReplicaKey, ReplicaMsg, ReplicaSupervisor, SupervisorMsg};
-use replication::{Channels, Peer, Replication, Role};
+use replication::{Peer, Replication, Role};
+use transport::{LocalReplicas, Transports};
 
 /// How often replicas that failed are retried between map changes.
 const REPAIR_EVERY: Duration = Duration::from_secs(5);
@@ -276,7 +278,7 @@ struct Reconciler {
     data_dir: PathBuf,
     registry: Registry,
     replications: Replications,
-    channels: Arc<Channels>,
+    transports: Arc<Transports>,
     supervisor: ActorRef<SupervisorMsg>,
     auto_rebuild_tail: usize,
     recent_log_bytes: usize,
@@ -329,7 +331,7 @@ impl Reconciler {
                     Replication::new(
                         key.clone(),
                         self.node_id.clone(),
-                        self.channels.clone(),
+                        self.transports.clone(),
                         self.recent_log_bytes,
                         self.disk.clone(),
                     )
@@ -525,7 +527,11 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
 
     let registry: Registry = Arc::default();
     let replications: Replications = Arc::default();
-    let channels: Arc<Channels> = Arc::default();
+    // The replica protocol: this node's own replicas answered in process, others
+    // over gRPC; the internal service below serves the same handlers to other nodes.
+    let local = LocalReplicas::new(registry.clone(), replications.clone(), cfg.limits.clone());
+    let transports = Transports::grpc();
+    transports.set_local(&cfg.id, &local);
     let restarts = Arc::new(AtomicU64::new(0));
     let (supervisor, _) = Actor::spawn(
         Some(format!("replicas-{}", cfg.id)),
@@ -554,7 +560,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         data_dir: cfg.data_dir.clone(),
         registry: registry.clone(),
         replications: replications.clone(),
-        channels: channels.clone(),
+        transports: transports.clone(),
         supervisor: supervisor.clone(),
         auto_rebuild_tail: cfg.auto_rebuild_tail,
         recent_log_bytes: cfg.recent_log_bytes,
@@ -770,7 +776,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         view.clone(),
         encoder,
         cfg.search_deadline,
-        channels.clone(),
+        transports.clone(),
         cfg.limits.clone(),
     ));
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -805,11 +811,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         }
     }));
     let rx = stop_rx.clone();
-    let svc = service::ReplicaService {
-        registry: registry.clone(),
-        replications: replications.clone(),
-        limits: cfg.limits.clone(),
-    };
+    let svc = service::ReplicaService(local.clone());
     let l = cfg.limits.clone();
     tasks.push(tokio::spawn(async move {
         let r = l

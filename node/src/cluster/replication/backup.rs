@@ -10,6 +10,7 @@ use shoal_proto::replica as rpb;
 use tonic::Status;
 
 use super::{shard_status, Replication};
+use crate::cluster::transport::SnapshotStream;
 use crate::shard::{self, epoch_at, Shard, WalBatch};
 
 impl Replication {
@@ -92,7 +93,7 @@ impl Replication {
     pub async fn receive_snapshot(
         &self,
         first: &rpb::SnapshotChunk,
-        stream: &mut tonic::Streaming<rpb::SnapshotChunk>,
+        stream: &mut SnapshotStream,
         max_files: usize,
     ) -> Result<(PathBuf, u64), Status> {
         use tokio::io::AsyncWriteExt;

@@ -20,9 +20,9 @@
 //! The module by role: [`role`] (the map's view of the replica set, the quorum, and
 //! the pure decisions of who overwrites whom), [`recent`] (the recent log and the pure
 //! choice of what a backup gets next), `primary` (writes, the quorum wait, one
-//! replicator task per backup), `backup` (appends, fencing, snapshot receive),
-//! [`channels`] (connections to other nodes) and [`status`] (engine errors as gRPC
-//! codes, at this service boundary only). Replica states and epochs:
+//! replicator task per backup, reaching each through `transport::Transports`),
+//! `backup` (appends, fencing, snapshot receive) and [`status`] (engine errors as
+//! gRPC codes). Replica states and epochs:
 //!
 //! ```text
 //!   map: Copying --ReplicaReady--> Serving --ReplicaFailed / Evict--> Copying / gone
@@ -45,17 +45,16 @@ use tonic::Status;
 
 use super::disk::DiskGuard;
 use super::ids::ReplicaKey;
+use super::transport::Transports;
 use crate::shard::Shard;
 
 mod backup;
-pub mod channels;
 mod primary;
 pub mod recent;
 pub mod role;
 pub mod status;
 
 pub use backup::staging_dir;
-pub use channels::Channels;
 pub use role::{standing, Peer, Role, Standing};
 pub use status::shard_status;
 
@@ -99,7 +98,8 @@ pub struct Replication {
     replicators: Mutex<HashMap<String, Replicator>>,
     /// Serialises a backup's appends and snapshot installs.
     apply: tokio::sync::Mutex<()>,
-    channels: Arc<Channels>,
+    /// How the primary reaches its backups.
+    transports: Arc<Transports>,
     /// The node is shutting down and handing this primary role over: new writes are
     /// refused (retried by clients) so the backup can hold everything first.
     handing_over: AtomicBool,
@@ -121,7 +121,7 @@ impl Replication {
     pub fn new(
         key: ReplicaKey,
         node_id: String,
-        channels: Arc<Channels>,
+        transports: Arc<Transports>,
         recent_log_bytes: usize,
         disk: Arc<DiskGuard>,
     ) -> Arc<Self> {
@@ -139,7 +139,7 @@ impl Replication {
             appended: Notify::new(),
             replicators: Mutex::default(),
             apply: tokio::sync::Mutex::new(()),
-            channels,
+            transports,
             handing_over: AtomicBool::new(false),
             ahead: Mutex::new(None),
             probed: Mutex::default(),

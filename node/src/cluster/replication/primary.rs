@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use shoal_proto::replica as rpb;
 use tokio::sync::watch;
 use tonic::Status;
@@ -16,6 +17,12 @@ use super::{
     shard_status, standing, Replication, Role, Standing, APPEND_BYTES, KEEPALIVE, QUORUM_TIMEOUT,
     SNAPSHOT_CHUNK,
 };
+
+/// How long one Append (or probe) may take at a backup.
+const APPEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a whole snapshot may take to travel and install.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
+use crate::cluster::transport::ReplicaApi;
 use crate::shard::{self, epoch_at, Shard, WalBatch, WriteAck, WriteOp};
 
 impl Replication {
@@ -272,12 +279,13 @@ impl Replication {
         let shard = self.shard()?;
         let (last, _) = shard.last();
         let epochs = shard.epochs();
+        let to = self.transports.to(node, addr)?;
         let from = match *next {
             Some(n) => n,
             None => {
                 // Probe with an empty append claiming our last batch.
                 let r = self
-                    .send_append(addr, epoch, last, &epochs, &[], last)
+                    .send_append(&*to, epoch, last, &epochs, &[], last)
                     .await?;
                 let forced = self.role().is_some_and(|r| r.overwrites_ahead(epoch, node));
                 match standing(&epochs, last, r.last_seq, r.last_epoch, forced) {
@@ -299,7 +307,7 @@ impl Replication {
                         self.probed.lock().insert(node.to_string(), epoch);
                         metrics::counter!("shoal_replication_snapshots_sent_total", "reason" => "diverged").increment(1);
                         tracing::info!(shard = %self.key, backup = node, backup_seq = r.last_seq, backup_epoch = r.last_epoch, primary_seq = last, forced, "backup diverged; sending a snapshot");
-                        self.send_snapshot(node, addr, epoch, &shard).await?;
+                        self.send_snapshot(node, &*to, epoch, &shard).await?;
                         return Ok(true);
                     }
                     Standing::Prefix => {}
@@ -316,7 +324,7 @@ impl Replication {
             Next::UpToDate => {
                 // Nothing new: a keep-alive, which also tells the backup it is caught up.
                 let r = self
-                    .send_append(addr, epoch, from - 1, &epochs, &[], last)
+                    .send_append(&*to, epoch, from - 1, &epochs, &[], last)
                     .await?;
                 if !r.ok {
                     *next = None;
@@ -329,7 +337,7 @@ impl Replication {
                 metrics::counter!("shoal_replication_snapshots_sent_total", "reason" => "behind")
                     .increment(1);
                 tracing::info!(shard = %self.key, backup = node, from, primary_seq = last, "backup is behind the recent log; sending a snapshot");
-                self.send_snapshot(node, addr, epoch, &shard).await?;
+                self.send_snapshot(node, &*to, epoch, &shard).await?;
                 *next = None;
                 return Ok(true);
             }
@@ -339,7 +347,7 @@ impl Replication {
             Next::Ship(batches) => batches,
         };
         let r = self
-            .send_append(addr, epoch, from - 1, &epochs, &batches, last)
+            .send_append(&*to, epoch, from - 1, &epochs, &batches, last)
             .await?;
         if r.ok {
             metrics::counter!("shoal_replication_batches_sent_total")
@@ -366,7 +374,7 @@ impl Replication {
 
     pub(super) async fn send_append(
         &self,
-        addr: &str,
+        to: &dyn ReplicaApi,
         epoch: u64,
         prev_seq: u64,
         epochs: &[(u64, u64)],
@@ -377,7 +385,7 @@ impl Replication {
         // the batches' vectors first.
         let refs: Vec<&WalBatch> = batches.iter().map(|b| &**b).collect();
         let payload = shoal_proto::wire::encode(&refs);
-        let mut req = tonic::Request::new(rpb::AppendRequest {
+        let req = rpb::AppendRequest {
             shard: Some(self.shard_ref()),
             epoch,
             primary: self.node_id.clone(),
@@ -386,9 +394,8 @@ impl Replication {
             batches: payload,
             primary_seq,
             format: shoal_proto::wire::FORMAT,
-        });
-        req.set_timeout(Duration::from_secs(10));
-        Ok(self.channels.client(addr)?.append(req).await?.into_inner())
+        };
+        to.append(req, APPEND_TIMEOUT).await
     }
 
     pub(super) fn shard_ref(&self) -> rpb::ShardRef {
@@ -402,7 +409,7 @@ impl Replication {
     pub(super) async fn send_snapshot(
         &self,
         node: &str,
-        addr: &str,
+        to: &dyn ReplicaApi,
         epoch: u64,
         shard: &Shard,
     ) -> Result<(), Status> {
@@ -453,15 +460,16 @@ impl Replication {
             }
             Ok(())
         });
-        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-        req.set_timeout(Duration::from_secs(600));
-        let r = self.channels.client(addr)?.install_snapshot(req).await;
+        let chunks = tokio_stream::wrappers::ReceiverStream::new(rx)
+            .map(Ok)
+            .boxed();
+        let r = to.install_snapshot(chunks, SNAPSHOT_TIMEOUT).await;
         match reader.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(Status::internal(format!("reading the snapshot: {e}"))),
             Err(e) => return Err(Status::internal(format!("snapshot reader: {e}"))),
         }
-        let r = r?.into_inner();
+        let r = r?;
         tracing::info!(shard = %self.key, backup = node, seq = r.last_seq, bytes, took_ms = t.elapsed().as_millis() as u64, "snapshot installed on backup");
         self.set_matched(node, r.last_seq);
         Ok(())

@@ -1,0 +1,374 @@
+//! This process's replicas answering the replica protocol: the checks every caller
+//! gets (limits, shard references, readability, positions before a snapshot) and the
+//! calls into the replica actors and their replication. The tonic service
+//! (`service::ReplicaService`) is a thin adapter over these handlers; the gateway calls
+//! them directly for its own node's replicas.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use ractor::rpc::CallResult;
+use shoal_proto::limits::Limits;
+use shoal_proto::replica as rpb;
+use shoal_proto::within;
+use tonic::Status;
+use tracing::Instrument;
+
+use super::{ReplicaApi, SnapshotStream};
+use crate::cluster::replicas::{Registry, ReplicaKey, ReplicaMsg};
+use crate::cluster::replication::{shard_status, Replication};
+use crate::cluster::Replications;
+use crate::shard::{Document, SearchMode, SearchParams, ShardError, WriteOp};
+
+/// How long a replica actor may take to answer one call.
+const ACTOR_CALL: Duration = Duration::from_secs(60);
+
+/// One node's hosted replicas: the actors (engine operations) and their replication
+/// state, by key.
+pub struct LocalReplicas {
+    pub registry: Registry,
+    pub replications: Replications,
+    pub limits: Limits,
+}
+
+fn replica_key(r: Option<&rpb::ShardRef>) -> Result<ReplicaKey, Status> {
+    let r = r.ok_or_else(|| Status::invalid_argument("shard reference missing"))?;
+    // Checked against the default: the name is echoed in errors and no collection's
+    // name is longer (the map refuses more than 128 bytes).
+    within!(
+        Limits::default(),
+        name_bytes,
+        r.collection.len(),
+        "the collection name's length"
+    )?;
+    Ok(ReplicaKey {
+        collection: r.collection.clone(),
+        collection_id: r.collection_id,
+        index: r.index,
+    })
+}
+
+/// `fut` within `timeout`, or DEADLINE_EXCEEDED (what a gRPC caller would hear).
+async fn within_deadline<T>(
+    timeout: Duration,
+    fut: impl Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    tokio::time::timeout(timeout, fut)
+        .await
+        .unwrap_or_else(|_| Err(Status::deadline_exceeded("the call missed its deadline")))
+}
+
+impl LocalReplicas {
+    pub fn new(registry: Registry, replications: Replications, limits: Limits) -> Arc<Self> {
+        Arc::new(Self {
+            registry,
+            replications,
+            limits,
+        })
+    }
+
+    fn actor(&self, r: Option<&rpb::ShardRef>) -> Result<ractor::ActorRef<ReplicaMsg>, Status> {
+        let key = replica_key(r)?;
+        self.registry
+            .read()
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| Status::unavailable(format!("replica {key} is not open on this node")))
+    }
+
+    fn replication(&self, r: Option<&rpb::ShardRef>) -> Result<Arc<Replication>, Status> {
+        let key = replica_key(r)?;
+        self.replications
+            .read()
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| Status::unavailable(format!("replica {key} is not open on this node")))
+    }
+
+    async fn call<T>(
+        actor: ractor::ActorRef<ReplicaMsg>,
+        msg: impl FnOnce(ractor::RpcReplyPort<Result<T, ShardError>>) -> ReplicaMsg,
+    ) -> Result<T, Status>
+    where
+        T: Send + 'static,
+    {
+        match actor.call(msg, Some(ACTOR_CALL)).await {
+            Ok(CallResult::Success(r)) => r.map_err(shard_status),
+            Ok(CallResult::Timeout) => Err(Status::deadline_exceeded("replica timed out")),
+            Ok(CallResult::SenderError) | Err(_) => Err(Status::unavailable(
+                "replica restarted during the call; retry",
+            )),
+        }
+    }
+
+    /// A write on this node's primary replica: limits checked, documents validated,
+    /// then ordered, logged and replicated to the quorum.
+    pub async fn write_now(&self, r: rpb::WriteRequest) -> Result<rpb::WriteResponse, Status> {
+        let l = &self.limits;
+        within!(
+            l,
+            docs_per_request,
+            r.upserts.len(),
+            "documents in the write"
+        )?;
+        within!(l, ids_per_delete, r.deletes.len(), "ids in the write")?;
+        // The gateway appends "#<shard>" (at most 11 bytes) to a client's request id.
+        if r.request_id.len() > l.request_id_bytes + 11 {
+            return Err(Status::invalid_argument(format!(
+                "the request id is {} bytes, over the limit request_id_bytes = {} (+11 for \
+                 the shard suffix)",
+                r.request_id.len(),
+                l.request_id_bytes
+            )));
+        }
+        let repl = self.replication(r.shard.as_ref())?;
+        let mut ops = Vec::with_capacity(r.upserts.len() + r.deletes.len());
+        for d in r.upserts {
+            within!(l, id_bytes, d.id.len(), "a document id's length")?;
+            let metadata = if d.metadata_json.is_empty() {
+                serde_json::Value::Null
+            } else {
+                serde_json::from_str(&d.metadata_json).map_err(|e| {
+                    Status::invalid_argument(format!("document {:?}: metadata: {e}", d.id))
+                })?
+            };
+            ops.push(WriteOp::Upsert(Document {
+                id: d.id,
+                text: (!d.text.is_empty()).then_some(d.text),
+                metadata,
+                vector: d.vector,
+            }));
+        }
+        ops.extend(r.deletes.into_iter().map(WriteOp::Delete));
+        let (ack, replicas) = repl.write(ops, r.request_id).await?;
+        Ok(rpb::WriteResponse {
+            seq: ack.seq,
+            upserted: ack.upserted as u64,
+            deleted: ack.deleted as u64,
+            duplicate: ack.duplicate,
+            replicas,
+        })
+    }
+
+    /// A backup's side of Append (fencing and history checks in `Replication`).
+    pub async fn append_now(&self, r: rpb::AppendRequest) -> Result<rpb::AppendResponse, Status> {
+        within!(
+            self.limits,
+            node_id_bytes,
+            r.primary.len(),
+            "the primary's id length"
+        )?;
+        let repl = self.replication(r.shard.as_ref())?;
+        repl.append(r).await
+    }
+
+    /// A backup's side of InstallSnapshot: fenced by epoch, refused when this replica
+    /// is ahead (unless the sender's probe decided it may be overwritten), received
+    /// into staging, swapped in by the replica's actor.
+    pub async fn install_snapshot_now(
+        &self,
+        mut stream: SnapshotStream,
+    ) -> Result<rpb::AppendResponse, Status> {
+        let first = stream
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
+        within!(
+            self.limits,
+            node_id_bytes,
+            first.primary.len(),
+            "the primary's id length"
+        )?;
+        let repl = self.replication(first.shard.as_ref())?;
+        let actor = self.actor(first.shard.as_ref())?;
+        let _g = repl.lock_apply().await;
+        repl.accept_epoch(first.epoch, &first.primary)?;
+        // Never moved backwards: a replica ahead of the snapshot may hold acknowledged
+        // writes its sender lost, unless the sender's probe found that what it holds
+        // past the snapshot was never acknowledged (`Role::overwrites_ahead`: an
+        // operator's forced epoch, or this replica is a copy outside the quorum).
+        let (snap_seq, snap_epoch) = crate::shard::Shard::manifest_position(&first.manifest)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (own_seq, own_epoch) = repl.shard()?.last();
+        if (own_epoch, own_seq) > (snap_epoch, snap_seq) && !first.forced {
+            return Err(Status::failed_precondition(format!(
+                "replica {} is ahead of the snapshot from {} (epoch {own_epoch} seq {own_seq} \
+                 > epoch {snap_epoch} seq {snap_seq}); not overwriting it",
+                repl.key, first.primary
+            )));
+        }
+        repl.mark_behind();
+        let (staging, bytes) = repl
+            .receive_snapshot(&first, &mut stream, self.limits.snapshot_files)
+            .await?;
+        Self::call(actor, |reply| ReplicaMsg::Install(staging, reply)).await?;
+        let (last_seq, last_epoch) = repl.shard()?.last();
+        tracing::info!(replica = %repl.key, seq = last_seq, bytes, from = %first.primary, "snapshot installed");
+        Ok(rpb::AppendResponse {
+            ok: true,
+            last_seq,
+            last_epoch,
+        })
+    }
+
+    /// One shard's generate-rank search, on a replica that holds every acknowledged
+    /// write; its cost bounded before it runs.
+    pub async fn search_now(
+        &self,
+        r: rpb::ShardSearchRequest,
+    ) -> Result<rpb::ShardSearchResponse, Status> {
+        let repl = self.replication(r.shard.as_ref())?;
+        repl.check_readable()?;
+        let l = &self.limits;
+        if r.k == 0 {
+            return Err(Status::invalid_argument("k = 0: k must be at least 1"));
+        }
+        within!(l, k, r.k, "k")?;
+        within!(l, refine, r.refine, "refine")?;
+        let shard = repl.shard()?;
+        if r.exact {
+            // An exact search reads every row: its cost, bounded by the row count.
+            within!(
+                l,
+                exact_rows,
+                shard.rows(),
+                format!("rows an exact search of shard {} would scan", repl.key)
+            )
+            .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+        } else {
+            let refine = if r.refine == 0 {
+                shard.config().refine_factor
+            } else {
+                r.refine as usize
+            };
+            within!(
+                l,
+                candidates,
+                r.k as u64 * refine as u64,
+                format!("k × refine ({} × {refine})", r.k)
+            )?;
+        }
+        drop(shard);
+        let actor = self.actor(r.shard.as_ref())?;
+        let p = SearchParams {
+            k: r.k as usize,
+            nprobe: (r.nprobe > 0).then_some(r.nprobe as usize),
+            refine_factor: (r.refine > 0).then_some(r.refine as usize),
+            mode: if r.exact {
+                SearchMode::Exact
+            } else {
+                SearchMode::Rerank
+            },
+        };
+        let res = Self::call(actor, |reply| ReplicaMsg::Search(r.vector, p, reply)).await?;
+        Ok(rpb::ShardSearchResponse {
+            hits: res
+                .hits
+                .into_iter()
+                .map(|h| rpb::ShardHit {
+                    id: h.id.to_string(),
+                    score: h.score,
+                })
+                .collect(),
+            generation: res.generation.unwrap_or(0),
+        })
+    }
+
+    /// A new index generation on this replica.
+    pub async fn build_now(&self, r: rpb::BuildRequest) -> Result<rpb::BuildResponse, Status> {
+        let actor = self.actor(r.shard.as_ref())?;
+        let g = Self::call(actor, ReplicaMsg::Build).await?;
+        Ok(rpb::BuildResponse {
+            generation: g.id,
+            indexed_vectors: g.indexed_vectors,
+            build_seconds: g.build_seconds,
+        })
+    }
+
+    /// One document by id, from a replica that holds every acknowledged write.
+    pub async fn get_now(&self, r: rpb::ShardGetRequest) -> Result<rpb::ShardGetResponse, Status> {
+        self.replication(r.shard.as_ref())?.check_readable()?;
+        let actor = self.actor(r.shard.as_ref())?;
+        let doc = Self::call(actor, |reply| ReplicaMsg::Get(r.id, reply)).await?;
+        Ok(rpb::ShardGetResponse {
+            found: doc.is_some(),
+            doc: doc.map(|d| rpb::StoredDoc {
+                id: d.id,
+                text: d.text.unwrap_or_default(),
+                metadata_json: if d.metadata.is_null() {
+                    String::new()
+                } else {
+                    d.metadata.to_string()
+                },
+                vector: d.vector,
+            }),
+        })
+    }
+}
+
+/// Called in process: each call gets the span the tonic service would open for it (a
+/// child of the caller's), so a trace reads the same whichever way the call went.
+#[tonic::async_trait]
+impl ReplicaApi for LocalReplicas {
+    async fn write(
+        &self,
+        req: rpb::WriteRequest,
+        timeout: Duration,
+    ) -> Result<rpb::WriteResponse, Status> {
+        within_deadline(timeout, self.write_now(req))
+            .instrument(tracing::info_span!("replica.write"))
+            .await
+    }
+
+    async fn append(
+        &self,
+        req: rpb::AppendRequest,
+        timeout: Duration,
+    ) -> Result<rpb::AppendResponse, Status> {
+        within_deadline(timeout, self.append_now(req)).await
+    }
+
+    async fn install_snapshot(
+        &self,
+        chunks: SnapshotStream,
+        timeout: Duration,
+    ) -> Result<rpb::AppendResponse, Status> {
+        within_deadline(timeout, self.install_snapshot_now(chunks)).await
+    }
+
+    async fn search(
+        &self,
+        req: rpb::ShardSearchRequest,
+        timeout: Duration,
+    ) -> Result<rpb::ShardSearchResponse, Status> {
+        let span = tracing::info_span!(
+            "replica.search",
+            shard = req.shard.as_ref().map(|s| s.index)
+        );
+        within_deadline(timeout, self.search_now(req))
+            .instrument(span)
+            .await
+    }
+
+    async fn get(
+        &self,
+        req: rpb::ShardGetRequest,
+        timeout: Duration,
+    ) -> Result<rpb::ShardGetResponse, Status> {
+        within_deadline(timeout, self.get_now(req))
+            .instrument(tracing::info_span!("replica.get"))
+            .await
+    }
+
+    async fn build(
+        &self,
+        req: rpb::BuildRequest,
+        timeout: Duration,
+    ) -> Result<rpb::BuildResponse, Status> {
+        within_deadline(timeout, self.build_now(req))
+            .instrument(tracing::info_span!("replica.build"))
+            .await
+    }
+}

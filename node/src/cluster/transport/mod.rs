@@ -1,0 +1,267 @@
+//! The replica protocol as a seam. [`ReplicaApi`] is what the gateway and a primary's
+//! replicators call on one node's shard replicas; [`LocalReplicas`] answers it in this
+//! process (the gateway's calls to its own node, and in-process tests of several
+//! nodes), [`GrpcReplica`] over another node's internal port. [`Transports`] picks
+//! one per (node, address). Both speak the same gRPC status codes (the local side maps
+//! engine errors exactly as the service does), so a caller cannot tell which way a call
+//! went, and a test through the in-process transport exercises the real protocol.
+//!
+//! The models: Quickwit's `SearchServiceClient { Local, Grpc }` and Qdrant's
+//! `ShardOperation` (local and remote shards behind one trait).
+
+mod local;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use parking_lot::{Mutex, RwLock};
+use shoal_proto::replica as rpb;
+use shoal_proto::replica::replica_client::ReplicaClient;
+use tonic::transport::Channel;
+use tonic::Status;
+
+use crate::telemetry;
+
+pub use local::LocalReplicas;
+
+/// A snapshot as it travels: the first chunk names the shard, epoch and manifest.
+pub type SnapshotStream = BoxStream<'static, Result<rpb::SnapshotChunk, Status>>;
+
+/// One node's shard replicas, as a caller sees them. Every call carries its deadline.
+#[tonic::async_trait]
+pub trait ReplicaApi: Send + Sync {
+    /// A write to the shard's primary: acknowledged once its quorum holds it.
+    async fn write(
+        &self,
+        req: rpb::WriteRequest,
+        timeout: Duration,
+    ) -> Result<rpb::WriteResponse, Status>;
+    /// Batches from a primary to a backup (also its probe, with no batches).
+    async fn append(
+        &self,
+        req: rpb::AppendRequest,
+        timeout: Duration,
+    ) -> Result<rpb::AppendResponse, Status>;
+    /// A primary's segments replacing a backup's copy.
+    async fn install_snapshot(
+        &self,
+        chunks: SnapshotStream,
+        timeout: Duration,
+    ) -> Result<rpb::AppendResponse, Status>;
+    async fn search(
+        &self,
+        req: rpb::ShardSearchRequest,
+        timeout: Duration,
+    ) -> Result<rpb::ShardSearchResponse, Status>;
+    async fn get(
+        &self,
+        req: rpb::ShardGetRequest,
+        timeout: Duration,
+    ) -> Result<rpb::ShardGetResponse, Status>;
+    async fn build(
+        &self,
+        req: rpb::BuildRequest,
+        timeout: Duration,
+    ) -> Result<rpb::BuildResponse, Status>;
+}
+
+/// Nodes living in one process, by address: a test's cluster without sockets. A node
+/// missing from it (never added, or taken out) is unreachable, as a partitioned one.
+#[derive(Clone, Default)]
+pub struct InProcessNet(Arc<RwLock<HashMap<String, Weak<LocalReplicas>>>>);
+
+impl InProcessNet {
+    pub fn add(&self, addr: &str, node: &Arc<LocalReplicas>) {
+        self.0
+            .write()
+            .insert(addr.to_string(), Arc::downgrade(node));
+    }
+
+    /// Takes a node off the network (its calls in and out fail UNAVAILABLE).
+    pub fn remove(&self, addr: &str) {
+        self.0.write().remove(addr);
+    }
+
+    fn get(&self, addr: &str) -> Option<Arc<LocalReplicas>> {
+        self.0.read().get(addr)?.upgrade()
+    }
+}
+
+/// How this node reaches a node's replicas: its own directly, others over gRPC (or,
+/// in an in-process test, through the [`InProcessNet`]).
+pub struct Transports {
+    /// This node and its replicas (weak: the replicas' replication holds these
+    /// transports, and this must not keep them alive).
+    local: Mutex<Option<(String, Weak<LocalReplicas>)>>,
+    net: Option<InProcessNet>,
+    /// gRPC channels, one per address.
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl Transports {
+    /// Over gRPC, except this node's own replicas once [`Self::set_local`] names them.
+    pub fn grpc() -> Arc<Self> {
+        Arc::new(Self {
+            local: Mutex::default(),
+            net: None,
+            channels: Mutex::default(),
+        })
+    }
+
+    /// Every node through `net`, in this process.
+    pub fn in_process(net: InProcessNet) -> Arc<Self> {
+        Arc::new(Self {
+            local: Mutex::default(),
+            net: Some(net),
+            channels: Mutex::default(),
+        })
+    }
+
+    /// Names this node's replicas: calls to `node_id` go to them directly.
+    pub fn set_local(&self, node_id: &str, replicas: &Arc<LocalReplicas>) {
+        *self.local.lock() = Some((node_id.to_string(), Arc::downgrade(replicas)));
+    }
+
+    /// The replicas of node `node` at `addr`.
+    pub fn to(&self, node: &str, addr: &str) -> Result<Arc<dyn ReplicaApi>, Status> {
+        if let Some((id, local)) = self.local.lock().as_ref() {
+            if id == node {
+                if let Some(l) = local.upgrade() {
+                    return Ok(l);
+                }
+            }
+        }
+        if let Some(net) = &self.net {
+            return net
+                .get(addr)
+                .map(|l| l as Arc<dyn ReplicaApi>)
+                .ok_or_else(|| Status::unavailable(format!("node {node} at {addr} unreachable")));
+        }
+        let mut ch = self.channels.lock();
+        let c = match ch.get(addr) {
+            Some(c) => c.clone(),
+            None => {
+                let c = shoal_proto::channel(addr, None)
+                    .map_err(|e| Status::internal(format!("bad node address {addr:?}: {e}")))?;
+                ch.insert(addr.to_string(), c.clone());
+                c
+            }
+        };
+        Ok(Arc::new(GrpcReplica(
+            ReplicaClient::new(c)
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
+        )))
+    }
+}
+
+/// Another node's replicas, over its internal port. Each call carries the deadline
+/// (`grpc-timeout`) and the caller's trace context.
+pub struct GrpcReplica(ReplicaClient<Channel>);
+
+fn request<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(timeout);
+    telemetry::inject(&mut r);
+    r
+}
+
+/// A snapshot's chunks into `tx`, until the first error (the sender reports it) or
+/// until the receiving side is gone.
+async fn forward_ok(mut s: SnapshotStream, tx: tokio::sync::mpsc::Sender<rpb::SnapshotChunk>) {
+    while let Some(Ok(c)) = s.next().await {
+        if tx.send(c).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl ReplicaApi for GrpcReplica {
+    async fn write(
+        &self,
+        req: rpb::WriteRequest,
+        timeout: Duration,
+    ) -> Result<rpb::WriteResponse, Status> {
+        Ok(self
+            .0
+            .clone()
+            .write(request(req, timeout))
+            .await?
+            .into_inner())
+    }
+
+    async fn append(
+        &self,
+        req: rpb::AppendRequest,
+        timeout: Duration,
+    ) -> Result<rpb::AppendResponse, Status> {
+        Ok(self
+            .0
+            .clone()
+            .append(request(req, timeout))
+            .await?
+            .into_inner())
+    }
+
+    async fn install_snapshot(
+        &self,
+        chunks: SnapshotStream,
+        timeout: Duration,
+    ) -> Result<rpb::AppendResponse, Status> {
+        // A chunk the sender failed to read ends the stream; the sender reports it.
+        // Through a channel: tonic wants a concrete stream type it can prove Send.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let forward = tokio::spawn(forward_ok(chunks, tx));
+        let chunks = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let r = self
+            .0
+            .clone()
+            .install_snapshot(request(chunks, timeout))
+            .await;
+        forward.abort();
+        Ok(r?.into_inner())
+    }
+
+    async fn search(
+        &self,
+        req: rpb::ShardSearchRequest,
+        timeout: Duration,
+    ) -> Result<rpb::ShardSearchResponse, Status> {
+        Ok(self
+            .0
+            .clone()
+            .search(request(req, timeout))
+            .await?
+            .into_inner())
+    }
+
+    async fn get(
+        &self,
+        req: rpb::ShardGetRequest,
+        timeout: Duration,
+    ) -> Result<rpb::ShardGetResponse, Status> {
+        Ok(self
+            .0
+            .clone()
+            .get(request(req, timeout))
+            .await?
+            .into_inner())
+    }
+
+    async fn build(
+        &self,
+        req: rpb::BuildRequest,
+        timeout: Duration,
+    ) -> Result<rpb::BuildResponse, Status> {
+        Ok(self
+            .0
+            .clone()
+            .build(request(req, timeout))
+            .await?
+            .into_inner())
+    }
+}

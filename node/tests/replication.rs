@@ -1,0 +1,335 @@
+//! The replication layer, through the in-process transport: real shard engines on
+//! disk, real replica actors and replicators, the real Append / InstallSnapshot
+//! handlers; no sockets and no coordinator (each test sets the roles a map would).
+//! A node taken off the `InProcessNet` is unreachable, as a partitioned one. Each test
+//! runs in about a second.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorRef};
+use shoal_node::cluster::disk::DiskGuard;
+use shoal_node::cluster::replicas::{
+    Registry, ReplicaArgs, ReplicaKey, ReplicaSupervisor, SupervisorMsg,
+};
+use shoal_node::cluster::replication::{Peer, Replication, Role};
+use shoal_node::cluster::transport::{InProcessNet, LocalReplicas, ReplicaApi, Transports};
+use shoal_node::cluster::Replications;
+use shoal_node::shard::{CollectionConfig, Metric};
+use shoal_proto::limits::Limits;
+use shoal_proto::replica as rpb;
+use tonic::Code;
+
+const DIM: usize = 8;
+const CALL: Duration = Duration::from_secs(10);
+
+/// One node's replica side: its replicas' actors and replication, answering on `net`.
+struct Node {
+    id: String,
+    addr: String,
+    dir: tempfile::TempDir,
+    replications: Replications,
+    local: Arc<LocalReplicas>,
+    supervisor: ActorRef<SupervisorMsg>,
+    transports: Arc<Transports>,
+}
+
+impl Node {
+    async fn start(id: &str, net: &InProcessNet) -> Node {
+        let registry: Registry = Arc::default();
+        let replications: Replications = Arc::default();
+        let (supervisor, _) =
+            Actor::spawn(None, ReplicaSupervisor, (registry.clone(), Arc::default()))
+                .await
+                .unwrap();
+        let local = LocalReplicas::new(registry, replications.clone(), Limits::default());
+        let addr = format!("{id}.in-process");
+        net.add(&addr, &local);
+        Node {
+            id: id.to_string(),
+            addr,
+            dir: tempfile::tempdir().unwrap(),
+            replications,
+            local,
+            supervisor,
+            transports: Transports::in_process(net.clone()),
+        }
+    }
+
+    /// Opens (or finds) the test shard's replica here, with `recent_log_bytes` of
+    /// recent log, and gives it `role`.
+    async fn open(&self, role: Role, recent_log_bytes: usize) -> Arc<Replication> {
+        let key = key();
+        let repl = self
+            .replications
+            .write()
+            .entry(key.clone())
+            .or_insert_with(|| {
+                Replication::new(
+                    key.clone(),
+                    self.id.clone(),
+                    self.transports.clone(),
+                    recent_log_bytes,
+                    Arc::new(DiskGuard {
+                        node: self.id.clone(),
+                        dir: self.dir.path().to_path_buf(),
+                        reserve: 0,
+                    }),
+                )
+            })
+            .clone();
+        let args = ReplicaArgs {
+            dir: self.dir.path().join("shards").join("c-1").join("0"),
+            config: CollectionConfig::new(DIM, Metric::InnerProduct),
+            repl: repl.clone(),
+            filling: false,
+        };
+        let r = self
+            .supervisor
+            .call(|p| SupervisorMsg::Ensure(key, args, p), Some(CALL))
+            .await
+            .unwrap();
+        assert!(matches!(r, ractor::rpc::CallResult::Success(Ok(()))));
+        repl.set_role(role);
+        repl
+    }
+
+    fn peer(&self, serving: bool, live: bool) -> Peer {
+        Peer {
+            node: self.id.clone(),
+            addr: self.addr.clone(),
+            serving,
+            live,
+        }
+    }
+
+    fn position(&self) -> (u64, u64) {
+        self.replications.read()[&key()].shard().unwrap().last()
+    }
+}
+
+fn key() -> ReplicaKey {
+    ReplicaKey {
+        collection: "c".into(),
+        collection_id: 1,
+        index: 0,
+    }
+}
+
+fn shard_ref() -> Option<rpb::ShardRef> {
+    Some(rpb::ShardRef {
+        collection: "c".into(),
+        collection_id: 1,
+        index: 0,
+    })
+}
+
+fn role(epoch: u64, primary: &Node, me: &Node, peers: Vec<Peer>, rf: u32) -> Role {
+    Role {
+        epoch,
+        primary: primary.id.clone(),
+        is_primary: primary.id == me.id,
+        peers,
+        replication_factor: rf,
+        write_quorum: 0,
+        forced: false,
+    }
+}
+
+fn doc(i: u32) -> rpb::StoredDoc {
+    let mut vector = vec![0.0f32; DIM];
+    vector[(i as usize) % DIM] = 1.0;
+    vector[(i as usize + 1) % DIM] = 0.5;
+    rpb::StoredDoc {
+        id: format!("d{i}"),
+        text: String::new(),
+        metadata_json: String::new(),
+        vector,
+    }
+}
+
+/// Writes docs `range` through `node`'s local handler, one batch per write.
+async fn write(node: &Node, range: std::ops::Range<u32>) -> Result<u64, tonic::Status> {
+    let mut seq = 0;
+    for i in range {
+        let r = node
+            .local
+            .write(
+                rpb::WriteRequest {
+                    shard: shard_ref(),
+                    upserts: vec![doc(i)],
+                    deletes: vec![],
+                    request_id: format!("w{i}"),
+                },
+                CALL,
+            )
+            .await?;
+        seq = r.seq;
+    }
+    Ok(seq)
+}
+
+async fn get(node: &Node, id: &str) -> Result<bool, tonic::Status> {
+    let r = node
+        .local
+        .get(
+            rpb::ShardGetRequest {
+                shard: shard_ref(),
+                id: id.into(),
+            },
+            CALL,
+        )
+        .await?;
+    Ok(r.found)
+}
+
+/// Polls `cond` every 20 ms until it holds or `within` passes.
+async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < within, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_is_acknowledged_once_its_backup_holds_it() {
+    let net = InProcessNet::default();
+    let (a, b) = (Node::start("a", &net).await, Node::start("b", &net).await);
+    a.open(role(1, &a, &a, vec![b.peer(true, true)], 2), 1 << 20)
+        .await;
+    b.open(role(1, &a, &b, vec![a.peer(true, true)], 2), 1 << 20)
+        .await;
+    let seq = write(&a, 0..50).await.unwrap();
+    assert_eq!(seq, 50);
+    // Acknowledged: the backup already holds every batch, in the same epoch.
+    assert_eq!(b.position(), (50, 1));
+    let backup = b.replications.read()[&key()].clone();
+    eventually(CALL, "the backup caught up", || backup.caught_up()).await;
+    assert!(get(&b, "d49").await.unwrap());
+    // Through the same seam as over gRPC: the backup refuses writes (not its primary).
+    let e = write(&b, 100..101).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_backup_catches_up_from_the_recent_log_then_by_snapshot() {
+    for (recent, what) in [(64 << 20, "recent log"), (1, "snapshot")] {
+        let net = InProcessNet::default();
+        let (a, b, c) = (
+            Node::start("a", &net).await,
+            Node::start("b", &net).await,
+            Node::start("c", &net).await,
+        );
+        let ra = role(1, &a, &a, vec![b.peer(true, true), c.peer(true, true)], 3);
+        let pa = a.open(ra, recent).await;
+        b.open(
+            role(1, &a, &b, vec![a.peer(true, true), c.peer(true, true)], 3),
+            recent,
+        )
+        .await;
+        c.open(
+            role(1, &a, &c, vec![a.peer(true, true), b.peer(true, true)], 3),
+            recent,
+        )
+        .await;
+        write(&a, 0..10).await.unwrap();
+        assert_eq!(c.position(), (10, 1));
+        // c is partitioned away and the map says so (down): writes go on with b.
+        net.remove(&c.addr);
+        pa.set_role(role(
+            1,
+            &a,
+            &a,
+            vec![b.peer(true, true), c.peer(true, false)],
+            3,
+        ));
+        write(&a, 10..40).await.unwrap();
+        assert_eq!(b.position(), (40, 1));
+        assert_eq!(c.position(), (10, 1), "{what}: c was cut off");
+        // Back: c catches up without a write to prompt it.
+        net.add(&c.addr, &c.local);
+        pa.set_role(role(
+            1,
+            &a,
+            &a,
+            vec![b.peer(true, true), c.peer(true, true)],
+            3,
+        ));
+        eventually(CALL, &format!("c catches up by {what}"), || {
+            c.position().0 == 40
+        })
+        .await;
+        let rc = c.replications.read()[&key()].clone();
+        eventually(CALL, "c reads again", || rc.caught_up()).await;
+        for i in [0, 10, 39] {
+            assert!(
+                get(&c, &format!("d{i}")).await.unwrap(),
+                "{what}: d{i} on c"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_primary_cannot_acknowledge_a_write() {
+    let net = InProcessNet::default();
+    let (a, b) = (Node::start("a", &net).await, Node::start("b", &net).await);
+    a.open(role(1, &a, &a, vec![b.peer(true, true)], 2), 1 << 20)
+        .await;
+    let rb = b
+        .open(role(1, &a, &b, vec![a.peer(true, true)], 2), 1 << 20)
+        .await;
+    write(&a, 0..5).await.unwrap();
+    // The map promotes b (epoch 2); a has not heard of it yet and still thinks it leads.
+    rb.set_role(role(2, &b, &b, vec![a.peer(true, true)], 2));
+    write(&b, 5..10).await.unwrap();
+    assert_eq!(b.position(), (10, 2));
+    let e = write(&a, 100..101).await.unwrap_err();
+    assert!(
+        matches!(e.code(), Code::Unavailable | Code::FailedPrecondition),
+        "{e:?}"
+    );
+    // b's epoch-2 batches reached a as its backup; nothing of a's refused write did.
+    eventually(CALL, "a follows the new primary", || {
+        a.position() == (10, 2)
+    })
+    .await;
+    assert!(!get(&b, "d100").await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_behind_its_backups_overwrites_nothing_and_takes_no_writes() {
+    let net = InProcessNet::default();
+    let (a, b, c) = (
+        Node::start("a", &net).await,
+        Node::start("b", &net).await,
+        Node::start("c", &net).await,
+    );
+    // Epoch 1: a leads with b; c is away (down) and holds nothing.
+    a.open(
+        role(1, &a, &a, vec![b.peer(true, true), c.peer(true, false)], 3),
+        1 << 20,
+    )
+    .await;
+    b.open(
+        role(1, &a, &b, vec![a.peer(true, true), c.peer(true, false)], 3),
+        1 << 20,
+    )
+    .await;
+    write(&a, 0..20).await.unwrap();
+    // A wrong promotion (what the map's successor rule exists to prevent): c, empty,
+    // leads epoch 2. Its probes find a and b ahead: nothing is overwritten.
+    let rc = c
+        .open(
+            role(2, &c, &c, vec![a.peer(true, true), b.peer(true, true)], 3),
+            1 << 20,
+        )
+        .await;
+    eventually(CALL, "c reports a replica ahead", || rc.ahead().is_some()).await;
+    let e = write(&c, 100..101).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert_eq!(a.position(), (20, 1));
+    assert_eq!(b.position(), (20, 1));
+    assert!(get(&a, "d19").await.unwrap());
+}
