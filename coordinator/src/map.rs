@@ -167,16 +167,6 @@ impl fmt::Display for ShardKey {
     }
 }
 
-impl ShardKey {
-    pub fn parse(s: &str) -> Option<Self> {
-        let (c, i) = s.rsplit_once('/')?;
-        Some(Self {
-            collection: c.to_string(),
-            index: i.parse().ok()?,
-        })
-    }
-}
-
 /// A shard's replica set and index generations.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Shard {
@@ -431,6 +421,19 @@ pub struct ClusterMap {
 }
 
 impl ClusterMap {
+    /// The shard a node names by (collection, collection id, index): only while the
+    /// collection of that name is the same incarnation. A replica of a collection
+    /// dropped and created again under its name speaks for nothing in the new one.
+    pub fn shard_named(&self, collection: &str, collection_id: u64, index: u32) -> Option<&Shard> {
+        let key = ShardKey {
+            collection: collection.to_string(),
+            index,
+        };
+        self.shards
+            .get(&key)
+            .filter(|s| s.collection_id == collection_id)
+    }
+
     pub fn shards_of<'a>(&'a self, collection: &'a str) -> impl Iterator<Item = &'a Shard> + 'a {
         self.shards
             .range(
@@ -1077,6 +1080,28 @@ pub(crate) mod tests {
         assert!(e.to_string().contains("not draining"), "{e}");
         assert!(m.apply(&Command::Undrain { id: "nx".into() }).is_err());
         assert_eq!(m.version, v, "a refused command changes nothing");
+    }
+
+    #[test]
+    fn a_shard_is_named_by_its_collection_incarnation() {
+        let mut m = map_with_nodes(2);
+        m.apply(&placed(&m, spec("docs", 2, 2))).unwrap();
+        let first = m.collections["docs"].id;
+        assert!(m.shard_named("docs", first, 1).is_some());
+        m.apply(&Command::DropCollection {
+            name: "docs".into(),
+        })
+        .unwrap();
+        m.apply(&placed(&m, spec("docs", 2, 2))).unwrap();
+        let second = m.collections["docs"].id;
+        assert_ne!(first, second);
+        // A report from a replica of the dropped incarnation names nothing.
+        assert!(m.shard_named("docs", first, 1).is_none());
+        assert_eq!(
+            m.shard_named("docs", second, 1).map(|s| s.collection_id),
+            Some(second)
+        );
+        assert!(m.shard_named("docs", second, 2).is_none());
     }
 
     #[test]

@@ -99,18 +99,34 @@ impl Coordinator {
     pub async fn write(&self, cmd: Command) -> Result<u64> {
         let deadline = Instant::now() + WRITE_DEADLINE;
         // The leader decides what the command leaves open; a follower forwards it as
-        // it is and the leader decides on receipt.
-        let cmd = if self.require_leader().is_ok() {
-            self.decide(cmd)?
-        } else {
-            cmd
-        };
+        // it is and the leader decides on receipt. Decided on every attempt, by the
+        // member that proposes it: one that becomes leader between attempts decides
+        // then (proposing an undecided create would be refused when applied).
         loop {
+            let leader = self.require_leader().is_ok();
+            let proposal = if leader {
+                self.decide(cmd.clone())?
+            } else if Self::needs_leader(&cmd) {
+                // Not proposed here: only the leader may decide it. To the leader the
+                // metrics name, or wait for one.
+                if let Some(node) = self.known_leader() {
+                    match self.forward(&node, &cmd).await? {
+                        ForwardReply::Applied(r) => return finish(r),
+                        ForwardReply::Failed(e) => return Err(CoordinatorError::Raft(e)),
+                        ForwardReply::NotLeader => {}
+                    }
+                }
+                if Instant::now() > deadline {
+                    return Err(CoordinatorError::NoLeader);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            } else {
+                cmd.clone()
+            };
             match self
                 .raft
-                .client_write(Request {
-                    command: cmd.clone(),
-                })
+                .client_write(Request { command: proposal })
                 .await
             {
                 Ok(r) => return finish(r.data),
@@ -133,6 +149,23 @@ impl Coordinator {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Commands only the leader may propose (it decides what they leave open).
+    fn needs_leader(cmd: &Command) -> bool {
+        matches!(cmd, Command::CreateCollection(_))
+    }
+
+    /// The leader as this member's Raft metrics name it (not this member).
+    fn known_leader(&self) -> Option<Member> {
+        let m = self.raft.metrics().borrow().clone();
+        let l = m.current_leader.filter(|l| *l != self.id)?;
+        let leader = m
+            .membership_config
+            .nodes()
+            .find(|(id, _)| **id == l)
+            .map(|(_, n)| n.clone());
+        leader
     }
 
     /// The leader's decisions inside a command, made from its own view before the
@@ -262,7 +295,7 @@ impl Coordinator {
         &self,
         node: &str,
         cluster: &str,
-        ready: &[String],
+        ready: &[shoal_proto::coordinator::ShardId],
         replicas: Vec<shoal_proto::coordinator::ReplicaReport>,
         disk: (u64, u64, u64),
     ) -> Result<(u64, NodeState)> {
@@ -273,6 +306,12 @@ impl Coordinator {
             reports_per_heartbeat,
             replicas.len(),
             "the heartbeat's replica reports"
+        )?;
+        shoal_proto::within!(
+            self.limits,
+            reports_per_heartbeat,
+            ready.len(),
+            "the heartbeat's ready replicas"
         )?;
         // Only registered nodes are remembered: an unknown id keeps nothing here.
         if !self.sm.state.lock().map.nodes.contains_key(node) {
@@ -306,7 +345,8 @@ impl Coordinator {
                 "node's data volume is over a disk watermark"
             );
         }
-        // Index generations the primaries serve now go into the map (durable, watched).
+        // Index generations the primaries serve and build now go into the map (durable,
+        // watched).
         let mut generations = Vec::new();
         // Shards whose primary (this node) found a replica ahead of itself.
         let mut superseded = Vec::new();
@@ -316,13 +356,19 @@ impl Coordinator {
             let mut mine = HashMap::with_capacity(replicas.len());
             let st = self.sm.state.lock();
             for r in replicas {
-                let Some(key) = ShardKey::parse(&r.shard) else {
-                    continue;
-                };
                 // Reports are kept for the replicas the map places here, nothing else.
-                let Some(s) = st.map.shards.get(&key).filter(|s| s.holds(node)) else {
+                let Some(s) = r
+                    .shard
+                    .as_ref()
+                    .and_then(|id| {
+                        st.map
+                            .shard_named(&id.collection, id.collection_id, id.index)
+                    })
+                    .filter(|s| s.holds(node))
+                else {
                     continue;
                 };
+                let key = s.key.clone();
                 if s.primary.as_deref() == Some(node) && !r.ahead.is_empty() {
                     superseded.push((key.clone(), (r.last_epoch, r.applied_seq)));
                 }
@@ -338,12 +384,13 @@ impl Coordinator {
                 }
                 {
                     if s.primary.as_deref() == Some(node)
-                        && r.serving_generation > s.serving_generation
+                        && (r.serving_generation > s.serving_generation
+                            || r.building_generation != s.building_generation)
                     {
                         generations.push(Command::SetGenerations {
                             shard: key.clone(),
-                            serving: r.serving_generation,
-                            building: 0,
+                            serving: r.serving_generation.max(s.serving_generation),
+                            building: r.building_generation,
                         });
                     }
                 }
@@ -401,14 +448,13 @@ impl Coordinator {
             })?;
             let pending: Vec<ShardKey> = ready
                 .iter()
-                .filter_map(|s| ShardKey::parse(s))
-                .filter(|k| {
-                    map.shards.get(k).is_some_and(|s| {
-                        s.replicas
-                            .iter()
-                            .any(|r| r.node == node && r.state == ReplicaState::Copying)
-                    })
+                .filter_map(|id| map.shard_named(&id.collection, id.collection_id, id.index))
+                .filter(|s| {
+                    s.replicas
+                        .iter()
+                        .any(|r| r.node == node && r.state == ReplicaState::Copying)
                 })
+                .map(|s| s.key.clone())
                 .collect();
             (n.state, n.live_state(), pending)
         };

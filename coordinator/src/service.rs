@@ -575,7 +575,7 @@ impl pb::cluster_map_server::ClusterMap for ClusterMapService {
             .heartbeat(
                 &r.id,
                 &r.cluster_id,
-                &r.ready_replicas,
+                &r.ready,
                 r.replicas,
                 (r.disk_free_bytes, r.disk_trash_bytes, r.disk_total_bytes),
             )

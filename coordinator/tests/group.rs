@@ -139,12 +139,29 @@ async fn register_up(client: &mut Client, id: &str, zone: &str) {
     heartbeat(client, id, vec![]).await;
 }
 
-async fn heartbeat(client: &mut Client, id: &str, ready: Vec<String>) -> pb::HeartbeatResponse {
+/// A shard as a node names it in its heartbeats.
+fn sid(collection: &str, collection_id: u64, index: u32) -> pb::ShardId {
+    pb::ShardId {
+        collection: collection.into(),
+        collection_id,
+        index,
+    }
+}
+
+fn sid_of(s: &shoal_coordinator::map::Shard) -> pb::ShardId {
+    sid(&s.key.collection, s.collection_id, s.key.index)
+}
+
+async fn heartbeat(
+    client: &mut Client,
+    id: &str,
+    ready: Vec<pb::ShardId>,
+) -> pb::HeartbeatResponse {
     send_heartbeat(
         client,
         pb::HeartbeatRequest {
             id: id.into(),
-            ready_replicas: ready,
+            ready,
             ..Default::default()
         },
     )
@@ -163,9 +180,9 @@ async fn send_heartbeat(client: &mut Client, req: pb::HeartbeatRequest) -> pb::H
 }
 
 /// A heartbeat from `node` reporting one replica of `shard` at (`epoch`, `seq`).
-async fn report_applied(client: &mut Client, node: &str, shard: &str, epoch: u64, seq: u64) {
+async fn report_applied(client: &mut Client, node: &str, shard: pb::ShardId, epoch: u64, seq: u64) {
     let replicas = vec![pb::ReplicaReport {
-        shard: shard.into(),
+        shard: Some(shard),
         applied_seq: seq,
         last_epoch: epoch,
         epoch,
@@ -488,7 +505,7 @@ async fn silent_node_goes_suspect_then_down_and_its_replicas_move() {
     loop {
         for id in ["w1", "w2"] {
             let map = g.map(leader);
-            let ready: Vec<String> = map
+            let ready: Vec<pb::ShardId> = map
                 .shards
                 .values()
                 .filter(|s| {
@@ -496,7 +513,7 @@ async fn silent_node_goes_suspect_then_down_and_its_replicas_move() {
                         r.node == id && r.state == shoal_coordinator::map::ReplicaState::Copying
                     })
                 })
-                .map(|s| s.key.to_string())
+                .map(sid_of)
                 .collect();
             // Every hosted replica reports its position, as a node does: the leader
             // promotes only a replica whose position it knows.
@@ -505,7 +522,7 @@ async fn silent_node_goes_suspect_then_down_and_its_replicas_move() {
                 .values()
                 .filter(|s| s.holds(id))
                 .map(|s| pb::ReplicaReport {
-                    shard: s.key.to_string(),
+                    shard: Some(sid_of(s)),
                     applied_seq: 5,
                     last_epoch: 1,
                     epoch: s.epoch,
@@ -516,7 +533,7 @@ async fn silent_node_goes_suspect_then_down_and_its_replicas_move() {
                 &mut client,
                 pb::HeartbeatRequest {
                     id: id.into(),
-                    ready_replicas: ready,
+                    ready,
                     replicas,
                     ..Default::default()
                 },
@@ -589,6 +606,7 @@ async fn promote_replica_refuses_a_lagging_backup_unless_told_to_lose_data() {
         .unwrap()
         .into_inner();
     assert_eq!(info.collection.as_ref().unwrap().write_quorum, 1);
+    let coll_id = info.collection.as_ref().unwrap().id;
     let shard = &info.shards[0];
     let primary = shard.primary.clone();
     let backup = shard
@@ -599,7 +617,7 @@ async fn promote_replica_refuses_a_lagging_backup_unless_told_to_lose_data() {
         .unwrap();
     // The primary has applied 10 batches, the backup 5.
     for (node, seq) in [(&primary, 10), (&backup, 5)] {
-        report_applied(&mut client, node, "p/0", shard.epoch, seq).await;
+        report_applied(&mut client, node, sid("p", coll_id, 0), shard.epoch, seq).await;
     }
     let promote = |node: &str, accept_data_loss: bool| pb::PromoteReplicaRequest {
         collection: "p".into(),
@@ -639,7 +657,14 @@ async fn promote_replica_refuses_a_lagging_backup_unless_told_to_lose_data() {
     assert_eq!(s.primary, backup);
     assert_eq!(s.epoch, shard.epoch + 1);
     // Caught up: the old primary may take the role back without the flag.
-    report_applied(&mut client, &primary, "p/0", shard.epoch + 1, 5).await;
+    report_applied(
+        &mut client,
+        &primary,
+        sid("p", coll_id, 0),
+        shard.epoch + 1,
+        5,
+    )
+    .await;
     let s = call(promote(&primary, false)).await.unwrap();
     assert_eq!(
         (s.primary.as_str(), s.epoch),
@@ -840,7 +865,7 @@ async fn uneven_primaries_are_handed_over_once_settled() {
                 .shards
                 .values()
                 .map(|s| pb::ReplicaReport {
-                    shard: s.key.to_string(),
+                    shard: Some(sid_of(s)),
                     epoch: s.epoch,
                     ..Default::default()
                 })
@@ -960,7 +985,7 @@ async fn lost_volumes_stale_primaries_and_foreign_nodes() {
             .shards
             .iter()
             .map(|s| pb::ReplicaReport {
-                shard: format!("v/{}", s.index),
+                shard: Some(sid("v", info.collection.as_ref().unwrap().id, s.index)),
                 applied_seq: 7,
                 last_epoch: 1,
                 epoch: 1,
@@ -1004,9 +1029,9 @@ async fn lost_volumes_stale_primaries_and_foreign_nodes() {
         &mut client,
         pb::HeartbeatRequest {
             id: "w1".into(),
-            ready_replicas: vec!["v/0".into()],
+            ready: vec![sid_of(&s0)],
             replicas: vec![pb::ReplicaReport {
-                shard: "v/0".into(),
+                shard: Some(sid_of(&s0)),
                 applied_seq: 9,
                 last_epoch: s0.epoch,
                 epoch: s0.epoch,
@@ -1023,7 +1048,7 @@ async fn lost_volumes_stale_primaries_and_foreign_nodes() {
         pb::HeartbeatRequest {
             id: "w2".into(),
             replicas: vec![pb::ReplicaReport {
-                shard: "v/0".into(),
+                shard: Some(sid_of(&s0)),
                 applied_seq: 7,
                 last_epoch: 1,
                 epoch: s0.epoch,
@@ -1088,7 +1113,7 @@ async fn failed_replicas_leave_their_quorum() {
         ("w2", "w1")
     };
     let report = |failed: &str| pb::ReplicaReport {
-        shard: "f/0".into(),
+        shard: Some(sid("f", info.collection.as_ref().unwrap().id, 0)),
         applied_seq: 5,
         last_epoch: 1,
         epoch: 1,
@@ -1122,7 +1147,7 @@ async fn failed_replicas_leave_their_quorum() {
         &mut client,
         pb::HeartbeatRequest {
             id: primary.into(),
-            ready_replicas: vec!["f/0".into()],
+            ready: vec![sid("f", info.collection.as_ref().unwrap().id, 0)],
             replicas: vec![report("")],
             ..Default::default()
         },

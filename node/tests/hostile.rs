@@ -922,14 +922,24 @@ fn every_rpc_survives_hostile_messages() {
             async move { s.register_node(req(r)).await }
         },
     );
-    let report = (hostile_string(), hostile_u64(), hostile_u64()).prop_map(
+    let shard_id = || {
+        (hostile_string(), hostile_u64(), hostile_u64()).prop_map(
+            |(collection, collection_id, index)| cpb::ShardId {
+                collection,
+                collection_id,
+                index: index as u32,
+            },
+        )
+    };
+    let report = (shard_id(), hostile_u64(), hostile_u64()).prop_map(
         |(shard, applied_seq, serving_generation)| cpb::ReplicaReport {
-            ahead: shard.clone(),
-            failed: shard.clone(),
-            shard,
+            ahead: shard.collection.clone(),
+            failed: shard.collection.clone(),
+            shard: Some(shard),
             applied_seq,
             last_epoch: applied_seq,
             serving_generation,
+            building_generation: applied_seq,
             live_docs: applied_seq,
             caught_up: true,
             epoch: serving_generation,
@@ -939,15 +949,15 @@ fn every_rpc_survives_hostile_messages() {
         "ClusterMap/Heartbeat",
         (
             hostile_string(),
-            prop::collection::vec(hostile_string(), 0..4),
+            prop::collection::vec(shard_id(), 0..4),
             prop::collection::vec(report, 0..4),
         )
-            .prop_map(|(id, ready_replicas, replicas)| cpb::HeartbeatRequest {
+            .prop_map(|(id, ready, replicas)| cpb::HeartbeatRequest {
                 disk_free_bytes: replicas.len() as u64,
                 disk_total_bytes: u64::MAX,
                 disk_trash_bytes: u64::MAX,
                 id,
-                ready_replicas,
+                ready,
                 replicas,
                 cluster_id: String::new(),
             }),
@@ -1407,13 +1417,16 @@ fn every_limit_is_refused_by_name_and_nothing_is_half_applied() {
         );
         cm.register_node(reg("x3", "a:2", "")).await.unwrap(); // a known node re-registers
         let report = cpb::ReplicaReport {
-            shard: "kept/0".into(),
+            shard: Some(cpb::ShardId {
+                collection: "kept".into(),
+                collection_id: 1,
+                index: 0,
+            }),
             ..Default::default()
         };
         refused(
             cm.heartbeat(cpb::HeartbeatRequest {
                 id: "x2".into(),
-                ready_replicas: vec![],
                 replicas: vec![report.clone(), report.clone(), report],
                 ..Default::default()
             })

@@ -106,7 +106,6 @@ async fn creates_survive_ten_leader_kills() {
         .cluster(|mut c| async move {
             c.heartbeat(pb::HeartbeatRequest {
                 id: "w1".into(),
-                ready_replicas: vec![],
                 ..Default::default()
             })
             .await

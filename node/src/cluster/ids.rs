@@ -4,7 +4,7 @@
 
 /// A replica's identity: collection name, the collection's unique id (a re-created
 /// collection is a different one), shard index.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ReplicaKey {
     pub collection: String,
     pub collection_id: u64,

@@ -5,6 +5,7 @@
 
 pub mod disk;
 pub mod gateway;
+pub mod heartbeat;
 pub mod identity;
 pub mod ids;
 pub mod mapview;
@@ -653,112 +654,18 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     }));
 
     // Heartbeats, with the replicas that finished copying; re-register if declared down.
-    let (v, mut rx, mut c, reps, cfg2, advertised2, ident, disk) = (
-        view.clone(),
-        stop_rx.clone(),
-        client.clone(),
-        replications.clone(),
-        cfg.clone(),
-        advertised.clone(),
-        identity.clone(),
-        disk_guard.clone(),
-    );
-    tasks.push(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(cfg2.heartbeat);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = rx.changed() => return,
-            }
-            let repls: Vec<Arc<Replication>> = reps.read().values().cloned().collect();
-            let mut reports = Vec::new();
-            let mut caught_up = std::collections::HashSet::new();
-            for r in &repls {
-                let mut failed = r.failure().unwrap_or_default();
-                failed.truncate(failed.floor_char_boundary(1024));
-                let Ok(shard) = r.shard() else {
-                    if !failed.is_empty() {
-                        // Could not open: no position to report, only the failure.
-                        reports.push(cpb::ReplicaReport {
-                            shard: r.key.to_string(),
-                            epoch: r.known_epoch(),
-                            failed,
-                            ..Default::default()
-                        });
-                    }
-                    continue;
-                };
-                let (seq, last_epoch) = shard.last();
-                let stats = shard.stats();
-                let name = r.key.to_string();
-                if r.caught_up() {
-                    caught_up.insert(name.clone());
-                }
-                reports.push(cpb::ReplicaReport {
-                    shard: name,
-                    applied_seq: seq,
-                    last_epoch,
-                    serving_generation: stats.serving.map_or(0, |g| g.id),
-                    live_docs: stats.live_docs as u64,
-                    caught_up: r.caught_up(),
-                    epoch: r.known_epoch(),
-                    ahead: r.ahead().unwrap_or_default(),
-                    failed,
-                });
-            }
-            // Targets of moves that have caught up with their primary.
-            let ready: Vec<String> = {
-                let view = v.read();
-                view.shards
-                    .values()
-                    .filter(|s| {
-                        s.replicas.iter().any(|r| {
-                            r.node_id == cfg2.id && r.state == cpb::ReplicaState::Copying as i32
-                        })
-                    })
-                    .map(|s| format!("{}/{}", s.collection, s.index))
-                    .filter(|k| caught_up.contains(k))
-                    .collect()
-            };
-            let id = cfg2.id.clone();
-            let cluster_id = ident.read().cluster_id.clone();
-            let (dg, data_dir) = (disk.clone(), cfg2.data_dir.clone());
-            let (free, total, trash) = tokio::task::spawn_blocking(move || {
-                let (free, total) = dg.usage().unwrap_or((0, 0));
-                (free, total, replicas::trash_bytes(&data_dir))
-            })
-            .await
-            .unwrap_or((0, 0, 0));
-            let r = c
-                .cluster(|mut cl| {
-                    let req = cpb::HeartbeatRequest {
-                        id: id.clone(),
-                        ready_replicas: ready.clone(),
-                        replicas: reports.clone(),
-                        cluster_id: cluster_id.clone(),
-                        disk_free_bytes: free,
-                        disk_total_bytes: total,
-                        disk_trash_bytes: trash,
-                    };
-                    async move { cl.heartbeat(req).await }
-                })
-                .await;
-            match r {
-                Ok(r) if r.get_ref().state == cpb::NodeState::Down as i32 => {
-                    tracing::warn!("declared down by the coordinators; registering again");
-                    let _ = register(&mut c, &cfg2, &advertised2, &ident).await;
-                }
-                Ok(_) => {}
-                Err(s) if s.code() == tonic::Code::NotFound => {
-                    let _ = register(&mut c, &cfg2, &advertised2, &ident).await;
-                }
-                Err(s) if s.code() == tonic::Code::FailedPrecondition => {
-                    tracing::error!(error = %s.message(), "heartbeat refused")
-                }
-                Err(s) => tracing::warn!(error = %s.message(), "heartbeat failed"),
-            }
+    tasks.push(tokio::spawn(
+        heartbeat::Heartbeat {
+            cfg: cfg.clone(),
+            advertised: advertised.clone(),
+            view: view.clone(),
+            replications: replications.clone(),
+            identity: identity.clone(),
+            disk: disk_guard.clone(),
+            client: client.clone(),
         }
-    }));
+        .run(stop_rx.clone()),
+    ));
 
     if let Some(addr) = cfg.metrics_listen {
         metrics::install(addr)?;
