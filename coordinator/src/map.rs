@@ -16,11 +16,8 @@ pub const MAX_DIMENSION: u32 = 4096;
 pub const MAX_SHARDS: u32 = 1024;
 pub const DEFAULT_REPLICA_MEMORY: u64 = 256 << 20;
 
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Metric {
-    InnerProduct,
-    L2,
-}
+/// The shared metric (`shoal_proto::metric`): its variant order is the log's format.
+pub use shoal_proto::metric::Metric;
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct IndexParams {

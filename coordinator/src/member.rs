@@ -124,11 +124,7 @@ impl Coordinator {
             } else {
                 cmd.clone()
             };
-            match self
-                .raft
-                .client_write(Request { command: proposal })
-                .await
-            {
+            match self.raft.client_write(Request { command: proposal }).await {
                 Ok(r) => return finish(r.data),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                     if let Some(node) = f.leader_node {

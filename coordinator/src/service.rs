@@ -37,20 +37,13 @@ fn check_name(c: &Coordinator, name: &str, what: &str) -> Result<(), Status> {
 
 // ---- conversions ---------------------------------------------------------------
 
-fn metric_pb(m: Metric) -> i32 {
-    match m {
-        Metric::InnerProduct => pb::Metric::InnerProduct as i32,
-        Metric::L2 => pb::Metric::L2 as i32,
-    }
-}
-
 pub fn collection_pb(c: &Collection) -> pb::Collection {
     let s = &c.spec;
     pb::Collection {
         name: s.name.clone(),
         id: c.id,
         dimension: s.dimension,
-        metric: metric_pb(s.metric),
+        metric: Metric::wire(s.metric),
         encoder: s.encoder.as_ref().map(|e| pb::EncoderRef {
             model_id: e.model_id.clone(),
             content_hash: e.content_hash.clone(),
@@ -166,16 +159,8 @@ fn change_pb(c: &Change, map: &ClusterMap) -> pb::MapChange {
 
 /// A create request as a spec: zero index fields take the defaults for the dimension.
 pub fn spec_from_pb(r: pb::CreateCollectionRequest) -> Result<CollectionSpec, Status> {
-    let metric = match pb::Metric::try_from(r.metric) {
-        Ok(pb::Metric::Unspecified) | Ok(pb::Metric::InnerProduct) => Metric::InnerProduct,
-        Ok(pb::Metric::L2) => Metric::L2,
-        Err(_) => {
-            return Err(Status::invalid_argument(format!(
-                "unknown metric {}",
-                r.metric
-            )))
-        }
-    };
+    let metric = Metric::from_wire(r.metric)
+        .ok_or_else(|| Status::invalid_argument(format!("unknown metric {}", r.metric)))?;
     let d = IndexParams::defaults(r.dimension.max(1));
     let ix = r.index.unwrap_or_default();
     let or = |v: u32, dflt: u32| if v == 0 { dflt } else { v };

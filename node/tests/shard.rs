@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use shoal_node::shard::{
-    CollectionConfig, Document, IvfPqParams, Metric, SearchMode, SearchParams, Shard, ShardError,
-    WriteOp,
+    CollectionConfig, Document, IvfPqParams, Metric, Scoring, SearchMode, SearchParams, Shard,
+    ShardError, WriteOp,
 };
 
 const DIM: usize = 32;

@@ -5,6 +5,7 @@
 pub mod clip;
 pub mod codec;
 pub mod limits;
+pub mod metric;
 pub mod wire;
 
 pub mod coordinator {

@@ -12,6 +12,7 @@ use parking_lot::{Mutex, RwLock};
 use shoal_encoder::pool::{EncoderPool, PoolEncoded};
 use shoal_proto::coordinator as cpb;
 use shoal_proto::limits::{vector_problem, Limits};
+use shoal_proto::metric::Metric;
 use shoal_proto::replica as rpb;
 use shoal_proto::v1 as pb;
 use shoal_proto::within;
@@ -35,17 +36,10 @@ pub fn shard_of(id: &str, shard_count: u32) -> u32 {
     crc32fast::hash(id.as_bytes()) % shard_count.max(1)
 }
 
-/// One shard's hits merged into the global top k; ties broken by id so the order is
-/// deterministic. `higher_is_better` for inner product, not for L2 distance.
-pub fn merge(mut hits: Vec<pb::Hit>, k: usize, higher_is_better: bool) -> Vec<pb::Hit> {
-    hits.sort_by(|a, b| {
-        let o = if higher_is_better {
-            b.score.total_cmp(&a.score)
-        } else {
-            a.score.total_cmp(&b.score)
-        };
-        o.then_with(|| a.id.cmp(&b.id))
-    });
+/// The shards' hits merged into the global top k, best first by the collection's
+/// metric; ties broken by id so the order is deterministic.
+pub fn merge(mut hits: Vec<pb::Hit>, k: usize, metric: Metric) -> Vec<pb::Hit> {
+    hits.sort_by(|a, b| metric.rank(a.score, b.score).then_with(|| a.id.cmp(&b.id)));
     hits.truncate(k);
     hits
 }
@@ -750,8 +744,8 @@ impl Gateway {
                 coll.name, answers[0].error
             )));
         }
-        let higher = coll.metric != cpb::Metric::L2 as i32;
-        let mut hits = merge(hits, req.k as usize, higher);
+        let metric = Metric::from_wire(coll.metric).unwrap_or(Metric::InnerProduct);
+        let mut hits = merge(hits, req.k as usize, metric);
         if req.with_text {
             // Texts live with their documents on the shards: fetched concurrently, at
             // most `with_text_fetches` at a time.
@@ -806,12 +800,15 @@ mod tests {
     #[test]
     fn merge_orders_by_metric_and_breaks_ties_by_id() {
         let hits = vec![hit("b", 0.5), hit("a", 0.5), hit("c", 0.9), hit("d", 0.1)];
-        let ip: Vec<_> = merge(hits.clone(), 3, true)
+        let ip: Vec<_> = merge(hits.clone(), 3, Metric::InnerProduct)
             .into_iter()
             .map(|h| h.id)
             .collect();
         assert_eq!(ip, ["c", "a", "b"]);
-        let l2: Vec<_> = merge(hits, 2, false).into_iter().map(|h| h.id).collect();
+        let l2: Vec<_> = merge(hits, 2, Metric::L2)
+            .into_iter()
+            .map(|h| h.id)
+            .collect();
         assert_eq!(l2, ["d", "a"]);
     }
 

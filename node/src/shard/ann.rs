@@ -131,7 +131,8 @@ impl AnnIndex {
         if n < need {
             return Err(ShardError::NotEnoughVectors { have: n, need });
         }
-        let mut inner = faiss::index_factory(dim as u32, params.factory_string(), metric.faiss())?;
+        let mut inner =
+            faiss::index_factory(dim as u32, params.factory_string(), faiss_metric(metric))?;
         inner.train(sample)?;
         Ok(Self { inner })
     }
@@ -174,5 +175,13 @@ impl AnnIndex {
             .ok_or_else(|| ShardError::Faiss(format!("non-utf8 path {path:?}")))?;
         let inner = faiss::read_index(p)?;
         Ok(Self { inner })
+    }
+}
+
+/// FAISS's name for a metric.
+fn faiss_metric(m: Metric) -> faiss::MetricType {
+    match m {
+        Metric::L2 => faiss::MetricType::L2,
+        Metric::InnerProduct => faiss::MetricType::InnerProduct,
     }
 }

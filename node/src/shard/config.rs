@@ -24,39 +24,21 @@ const _: () = {
     assert!(l.0 <= MAX_ID_BYTES && l.1 <= MAX_REQUEST_ID_BYTES && l.2 <= MAX_CANDIDATES);
 };
 
-/// Similarity metric of a collection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Metric {
-    /// Squared euclidean distance: smaller is closer.
-    L2,
-    /// Inner product: larger is closer (cosine when vectors are L2-normalised).
-    InnerProduct,
+pub use shoal_proto::metric::Metric;
+
+/// The engine's side of a [`Metric`]: the exact score (FAISS's name for it is
+/// `ann::faiss_metric`, inside the FAISS fence).
+pub trait Scoring {
+    fn score(self, q: &[f32], v: &[f32]) -> f32;
 }
 
-impl Metric {
-    pub(crate) fn faiss(self) -> faiss::MetricType {
-        match self {
-            Metric::L2 => faiss::MetricType::L2,
-            Metric::InnerProduct => faiss::MetricType::InnerProduct,
-        }
-    }
-
+impl Scoring for Metric {
     /// The exact score of `v` for query `q`, in the metric's own units.
     #[inline]
-    pub fn score(self, q: &[f32], v: &[f32]) -> f32 {
+    fn score(self, q: &[f32], v: &[f32]) -> f32 {
         match self {
             Metric::L2 => lanes(q, v, |a, b| (a - b) * (a - b)),
             Metric::InnerProduct => lanes(q, v, |a, b| a * b),
-        }
-    }
-
-    /// True when score `a` ranks before score `b`.
-    #[inline]
-    pub fn better(self, a: f32, b: f32) -> bool {
-        match self {
-            Metric::L2 => a < b,
-            Metric::InnerProduct => a > b,
         }
     }
 }

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 pub use ann::{search_shared, set_thread_omp_threads};
 pub use config::{
-    CollectionConfig, IvfPqParams, Metric, MAX_CANDIDATES, MAX_DOC_BYTES, MAX_ID_BYTES,
+    CollectionConfig, IvfPqParams, Metric, Scoring, MAX_CANDIDATES, MAX_DOC_BYTES, MAX_ID_BYTES,
     MAX_REQUEST_ID_BYTES, MAX_TOP_K,
 };
 pub use error::{Result, ShardError};

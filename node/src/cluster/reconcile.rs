@@ -1,0 +1,310 @@
+//! The node's reconciliation with the cluster map: it follows the map's stream
+//! ([`follow_map`]), and the [`Reconciler`] opens the replicas the map assigns here,
+//! gives each its role ([`role_of`], pure), reopens the ones that failed, and closes the
+//! ones the map no longer places here (into the trash only when the map shows their
+//! data dropped or served elsewhere, otherwise kept on disk and re-checked).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use parking_lot::RwLock;
+use ractor::ActorRef;
+use shoal_coordinator::client::Client;
+use shoal_proto::coordinator as cpb;
+use tokio::sync::watch;
+
+use super::identity::Identity;
+use super::mapview::{self, MapView};
+use super::replicas::{self, Registry, ReplicaArgs, ReplicaKey, ReplicaMsg, SupervisorMsg};
+use super::replication::{Peer, Replication, Role};
+use super::transport::Transports;
+use super::{disk, Replications};
+use crate::shard::{CollectionConfig, Metric};
+
+/// How often replicas that failed are retried between map changes.
+const REPAIR_EVERY: Duration = Duration::from_secs(5);
+
+/// A hosted replica's role in its replica set, from the map.
+pub fn role_of(view: &MapView, s: &cpb::Shard, me: &str) -> Role {
+    let (rf, write_quorum) = view
+        .collections
+        .get(&s.collection)
+        .map_or((1, 0), |c| (c.replication_factor, c.write_quorum));
+    let peers = s
+        .replicas
+        .iter()
+        .filter(|r| r.node_id != me)
+        .filter_map(|r| {
+            let n = view.nodes.get(&r.node_id)?;
+            Some(Peer {
+                node: r.node_id.clone(),
+                addr: n.addr.clone(),
+                serving: r.state == cpb::ReplicaState::Serving as i32,
+                live: cpb::NodeState::is_live_value(n.state),
+            })
+        })
+        .collect();
+    Role {
+        epoch: s.epoch,
+        primary: s.primary.clone(),
+        is_primary: s.primary == me,
+        peers,
+        replication_factor: rf,
+        write_quorum,
+        forced: s.forced_epoch == s.epoch && s.epoch > 0,
+    }
+}
+
+fn shard_config(c: &cpb::Collection, auto_rebuild_tail: usize) -> CollectionConfig {
+    // The map only holds metrics it validated; unspecified is the default.
+    let metric = Metric::from_wire(c.metric).unwrap_or(Metric::InnerProduct);
+    let mut cfg = CollectionConfig::new(c.dimension as usize, metric);
+    if let Some(ix) = &c.index {
+        cfg.index.nlist = ix.nlist as usize;
+        cfg.index.m = ix.pq_m as usize;
+        cfg.index.nbits = ix.pq_nbits as usize;
+        cfg.nprobe = ix.nprobe as usize;
+        cfg.refine_factor = ix.refine as usize;
+    }
+    cfg.train_sample = cfg.train_sample.max(cfg.index.nlist);
+    cfg.auto_rebuild_tail = auto_rebuild_tail;
+    cfg
+}
+
+/// Opens and closes this node's replicas as the map says.
+pub(super) struct Reconciler {
+    pub(super) node_id: String,
+    pub(super) data_dir: PathBuf,
+    pub(super) registry: Registry,
+    pub(super) replications: Replications,
+    pub(super) transports: Arc<Transports>,
+    pub(super) supervisor: ActorRef<SupervisorMsg>,
+    pub(super) auto_rebuild_tail: usize,
+    pub(super) recent_log_bytes: usize,
+    /// Replicas closed but kept on disk (the map showed no copy of their data
+    /// elsewhere), re-checked on every map until it does.
+    pub(super) kept: parking_lot::Mutex<HashMap<ReplicaKey, PathBuf>>,
+    pub(super) disk: Arc<disk::DiskGuard>,
+}
+
+impl Reconciler {
+    /// Opens the replicas the map assigns to this node and closes the ones it no
+    /// longer does: into the trash when the map shows their data dropped or served
+    /// elsewhere ([`MapView::removal`]), otherwise kept where they are.
+    async fn reconcile(&self, view: &MapView) {
+        // Replicas a failed write poisoned: reopened from disk, which replays the log
+        // (issue 14: a failed replica is repaired, not left serving until a restart).
+        let failed: Vec<ReplicaKey> = self
+            .replications
+            .read()
+            .iter()
+            .filter(|(_, r)| r.shard().ok().and_then(|s| s.failure()).is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in failed {
+            if let Some(actor) = self.registry.read().get(&k) {
+                tracing::warn!(replica = %k, "reopening a replica a failed write poisoned");
+                let _ = actor.send_message(ReplicaMsg::Reopen);
+            }
+        }
+        let mut wanted: HashMap<ReplicaKey, ReplicaArgs> = HashMap::new();
+        let mut roles: Vec<(ReplicaKey, Role)> = Vec::new();
+        for s in view.shards.values() {
+            if !s.replicas.iter().any(|r| r.node_id == self.node_id) {
+                continue;
+            }
+            let Some(c) = view.collections.get(&s.collection) else {
+                continue;
+            };
+            let key = ReplicaKey {
+                collection: c.name.clone(),
+                collection_id: c.id,
+                index: s.index,
+            };
+            let dir = self.replica_dir(&key);
+            let repl = self
+                .replications
+                .write()
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    Replication::new(
+                        key.clone(),
+                        self.node_id.clone(),
+                        self.transports.clone(),
+                        self.recent_log_bytes,
+                        self.disk.clone(),
+                    )
+                })
+                .clone();
+            roles.push((key.clone(), role_of(view, s, &self.node_id)));
+            wanted.insert(
+                key,
+                ReplicaArgs {
+                    dir,
+                    config: shard_config(c, self.auto_rebuild_tail),
+                    repl,
+                    filling: s.replicas.iter().any(|r| {
+                        r.node_id == self.node_id && r.state == cpb::ReplicaState::Copying as i32
+                    }),
+                },
+            );
+        }
+        let wanted_keys: std::collections::HashSet<ReplicaKey> = wanted.keys().cloned().collect();
+        let have: Vec<ReplicaKey> = self.registry.read().keys().cloned().collect();
+        for k in have {
+            if !wanted.contains_key(&k) {
+                let trash = view.removal(&k.collection, k.collection_id, k.index, &self.node_id)
+                    == mapview::Removal::Trash;
+                if !trash {
+                    tracing::warn!(replica = %k, "the map no longer places this replica here but shows no other copy of its data: closing it, keeping its files");
+                    self.kept.lock().insert(k.clone(), self.replica_dir(&k));
+                }
+                let _ = self
+                    .supervisor
+                    .call(
+                        |r| SupervisorMsg::Close(k.clone(), trash, r),
+                        Some(Duration::from_secs(30)),
+                    )
+                    .await;
+                self.replications.write().remove(&k);
+            }
+        }
+        // Kept replicas: reopened when wanted again, trashed once the map shows their
+        // data elsewhere.
+        let kept: Vec<(ReplicaKey, PathBuf)> = self.kept.lock().clone().into_iter().collect();
+        for (k, dir) in kept {
+            if wanted.contains_key(&k) {
+                self.kept.lock().remove(&k);
+            } else if view.removal(&k.collection, k.collection_id, k.index, &self.node_id)
+                == mapview::Removal::Trash
+            {
+                self.kept.lock().remove(&k);
+                match replicas::move_to_trash(&dir) {
+                    Ok(to) => {
+                        tracing::info!(replica = %k, trash = %to.display(), "kept replica now served elsewhere: moved to the trash")
+                    }
+                    Err(e) => {
+                        tracing::warn!(replica = %k, error = %e, "moving a kept replica to the trash")
+                    }
+                }
+            }
+        }
+        for (k, args) in wanted {
+            if self.registry.read().contains_key(&k) {
+                continue;
+            }
+            let res = self
+                .supervisor
+                .call(
+                    |r| SupervisorMsg::Ensure(k.clone(), args, r),
+                    Some(Duration::from_secs(60)),
+                )
+                .await;
+            if !matches!(res, Ok(ractor::rpc::CallResult::Success(Ok(())))) {
+                tracing::error!(replica = %k, "replica could not be opened");
+            }
+        }
+        let repls = self.replications.read().clone();
+        for (k, role) in roles {
+            if let Some(r) = repls.get(&k) {
+                if r.role().as_ref() != Some(&role) {
+                    tracing::info!(replica = %k, epoch = role.epoch, primary = %role.primary, is_primary = role.is_primary, "replica role");
+                    r.set_role(role);
+                }
+            }
+        }
+        self.replications.write().retain(|k, r| {
+            let keep = wanted_keys.contains(k);
+            if !keep {
+                r.stop();
+            }
+            keep
+        });
+    }
+}
+
+impl Reconciler {
+    fn replica_dir(&self, k: &ReplicaKey) -> PathBuf {
+        self.data_dir
+            .join("shards")
+            .join(format!("{}-{}", k.collection, k.collection_id))
+            .join(k.index.to_string())
+    }
+}
+
+/// Follows the cluster map: the whole map, then its changes, resuming from the last
+/// version after a reconnect; each new map (and every [`REPAIR_EVERY`]) reconciled. A
+/// map of another cluster ends the stream (and is logged); the coordinators refusing
+/// this node's cluster is logged too.
+pub(super) async fn follow_map(
+    reconciler: Reconciler,
+    v: Arc<RwLock<MapView>>,
+    mut c: Client,
+    ident: Arc<RwLock<Identity>>,
+    mut rx: watch::Receiver<bool>,
+) {
+    // Between maps, replicas that failed (a write's I/O error, a failed open) are
+    // retried on this tick: reopened from disk, or opened again.
+    let mut repair = tokio::time::interval(REPAIR_EVERY);
+    repair.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let from = v.read().version;
+        let cluster_id = ident.read().cluster_id.clone();
+        let stream = c
+            .cluster(|mut cl| {
+                let cluster_id = cluster_id.clone();
+                async move {
+                    cl.watch(cpb::WatchRequest {
+                        from_version: from,
+                        cluster_id,
+                    })
+                    .await
+                }
+            })
+            .await;
+        if let Err(e) = &stream {
+            if e.code() == tonic::Code::FailedPrecondition {
+                tracing::error!(error = %e.message(), "the coordinators refuse this node's cluster");
+            }
+        }
+        if let Ok(s) = stream {
+            let mut s = s.into_inner();
+            loop {
+                tokio::select! {
+                    ev = s.next() => match ev {
+                        Some(Ok(ev)) => {
+                            let version = ev.version;
+                            if let Some(cpb::map_event::Event::Full(m)) = &ev.event {
+                                if !m.cluster_id.is_empty() && m.cluster_id != cluster_id {
+                                    tracing::error!(map_cluster = %m.cluster_id, ours = %cluster_id, "refusing a map of another cluster");
+                                    break;
+                                }
+                            }
+                            if !v.write().apply(ev) {
+                                tracing::warn!(version, held = v.read().version, "ignored a cluster map older than this node's");
+                                continue;
+                            }
+                            let snapshot = v.read().clone();
+                            reconciler.reconcile(&snapshot).await;
+                        }
+                        _ => break,
+                    },
+                    _ = repair.tick() => {
+                        let snapshot = v.read().clone();
+                        if snapshot.version > 0 {
+                            reconciler.reconcile(&snapshot).await;
+                        }
+                    }
+                    _ = rx.changed() => return,
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+            _ = rx.changed() => return,
+        }
+    }
+}
