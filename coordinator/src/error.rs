@@ -6,7 +6,7 @@ use crate::map::MapError;
 
 /// Metadata key carrying the leader's public address on a not-leader answer, so a
 /// client can go straight there.
-pub const LEADER_HEADER: &str = "x-shoal-leader";
+pub use shoal_proto::client::LEADER_HEADER;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {

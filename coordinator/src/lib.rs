@@ -7,7 +7,6 @@
 //! [`start`] boots a member in-process (the `shoal coordinator` binary is a thin wrapper),
 //! so tests run whole groups over real loopback gRPC.
 
-pub mod client;
 pub mod config;
 pub mod error;
 pub mod map;

@@ -7,9 +7,9 @@ use shoal_coordinator::testing::free_port;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use shoal_coordinator::client::Client;
 use shoal_coordinator::map::ClusterMap;
 use shoal_coordinator::{start, Config, Handle, Peer};
+use shoal_proto::client::Client;
 use shoal_proto::coordinator as pb;
 use tokio::sync::Mutex;
 use tonic::Code;

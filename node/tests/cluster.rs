@@ -7,8 +7,8 @@ use shoal_coordinator::testing::free_port;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use shoal_coordinator::client::Client;
 use shoal_node::cluster::{self, NodeConfig, NodeHandle};
+use shoal_proto::client::Client;
 use shoal_proto::coordinator as cpb;
 use shoal_proto::v1 as pb;
 use shoal_proto::v1::shoal_client::ShoalClient;

@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
-use shoal_coordinator::client::Client;
 use shoal_coordinator::testing::free_port;
 use shoal_node::cluster::{self, NodeConfig, NodeHandle};
+use shoal_proto::client::Client;
 use shoal_proto::coordinator as cpb;
 use shoal_proto::coordinator::admin_client::AdminClient;
 use shoal_proto::coordinator::cluster_map_client::ClusterMapClient;

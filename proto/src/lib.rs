@@ -2,6 +2,7 @@
 //! cluster map) and internal ones (raft) live in separate packages so a deployment
 //! can expose one port and firewall the other.
 
+pub mod client;
 pub mod clip;
 pub mod codec;
 pub mod limits;

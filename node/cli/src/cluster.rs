@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use shoal_coordinator::client::Client;
 use shoal_node::beir::{ndcg_at, read_jsonl, read_qrels, recall_at, Row};
 use shoal_node::cluster::NodeConfig;
+use shoal_proto::client::Client;
 use shoal_proto::coordinator as cpb;
 use shoal_proto::limits::Limits;
 use shoal_proto::v1 as pb;

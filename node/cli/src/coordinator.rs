@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use shoal_coordinator::client::Client;
 use shoal_coordinator::{Config, Peer};
+use shoal_proto::client::Client;
 use shoal_proto::coordinator as pb;
 
 /// Flags for one member; each also reads `SHOAL_*` from the environment, and any left

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use support::Procs;
 
-use shoal_coordinator::client::Client;
+use shoal_proto::client::Client;
 use shoal_proto::coordinator as cpb;
 use shoal_proto::v1 as pb;
 use shoal_proto::v1::shoal_client::ShoalClient;

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::Procs;
 
-use shoal_coordinator::client::Client;
+use shoal_proto::client::Client;
 use shoal_proto::coordinator as pb;
 use tonic::Code;
 

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use parking_lot::RwLock;
-use shoal_coordinator::client::Client;
+use shoal_proto::client::Client;
 use shoal_proto::coordinator as cpb;
 use tokio::sync::watch;
 
@@ -164,15 +164,8 @@ impl Heartbeat {
                 disk_total_bytes: total,
                 disk_trash_bytes: trash,
             };
-            let r = self
-                .client
-                .cluster(|mut cl| {
-                    let req = req.clone();
-                    async move { cl.heartbeat(req).await }
-                })
-                .await;
-            let again = match r {
-                Ok(r) if r.get_ref().state == cpb::NodeState::Down as i32 => {
+            let again = match self.client.heartbeat(req).await {
+                Ok(r) if r.state == cpb::NodeState::Down as i32 => {
                     tracing::warn!("declared down by the coordinators; registering again");
                     true
                 }

@@ -26,8 +26,8 @@ use std::time::Duration;
 use anyhow::Context;
 use parking_lot::RwLock;
 use ractor::{Actor, ActorRef};
-use shoal_coordinator::client::Client;
 use shoal_encoder::pool::{EncoderPool, PoolConfig};
+use shoal_proto::client::Client;
 use shoal_proto::coordinator as cpb;
 use shoal_proto::limits::Limits;
 use tokio::net::TcpListener;
@@ -172,13 +172,7 @@ impl NodeHandle {
             };
             // The leader checks the backup's report, which may be a heartbeat behind.
             loop {
-                let res = client
-                    .admin(|mut a| {
-                        let req = req.clone();
-                        async move { a.promote_replica(req).await }
-                    })
-                    .await;
-                match res {
+                match client.promote_replica(req.clone()).await {
                     Ok(_) => {
                         tracing::info!(shard = %r.key, to = %to, "primary role handed over");
                         moved += 1;
@@ -241,13 +235,9 @@ async fn register(
         cluster_id: me.cluster_id.clone(),
     };
     let info = client
-        .cluster(|mut c| {
-            let r = req.clone();
-            async move { c.register_node(r).await }
-        })
+        .register_node(req)
         .await
-        .context("registering with the coordinators")?
-        .into_inner();
+        .context("registering with the coordinators")?;
     if me.cluster_id.is_empty() && !info.cluster_id.is_empty() {
         let mut id = identity.write();
         id.cluster_id = info.cluster_id.clone();

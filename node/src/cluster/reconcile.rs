@@ -12,7 +12,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use parking_lot::RwLock;
 use ractor::ActorRef;
-use shoal_coordinator::client::Client;
+use shoal_proto::client::Client;
 use shoal_proto::coordinator as cpb;
 use tokio::sync::watch;
 

@@ -1,15 +1,38 @@
-//! A client of the coordinator group for nodes, the CLI and tests: it tries the given
-//! addresses in turn and follows not-leader hints, so callers need not know the leader.
+//! The client of the coordinator group, for nodes, the CLI and tests: it tries the
+//! given addresses in turn and follows not-leader hints (the `x-shoal-leader` header a
+//! follower sets), so callers need not know the leader. Typed methods for every unary
+//! RPC; `admin` / `cluster` / `call` for anything else (a stream, a custom deadline).
+//! It lives in the proto crate so a node links no Raft or storage code to reach the
+//! coordinators.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use shoal_proto::coordinator::admin_client::AdminClient;
-use shoal_proto::coordinator::cluster_map_client::ClusterMapClient;
+use crate::coordinator::admin_client::AdminClient;
+use crate::coordinator::cluster_map_client::ClusterMapClient;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::error::LEADER_HEADER;
+use crate::coordinator as pb;
+
+/// The header a follower sets on UNAVAILABLE to name the leader's public address.
+pub const LEADER_HEADER: &str = "x-shoal-leader";
+
+/// A typed unary call through [`Client::admin`] or [`Client::cluster`].
+macro_rules! unary {
+    ($($service:ident :: $name:ident($req:ty) -> $resp:ty;)*) => {
+        $(
+            pub async fn $name(&mut self, req: $req) -> Result<$resp, Status> {
+                self.$service(|mut c| {
+                    let r = req.clone();
+                    async move { c.$name(r).await }
+                })
+                .await
+                .map(tonic::Response::into_inner)
+            }
+        )*
+    };
+}
 
 #[derive(Clone)]
 pub struct Client {
@@ -30,7 +53,7 @@ impl Client {
     }
 
     fn channel(addr: &str) -> Result<Channel, Status> {
-        shoal_proto::channel(addr, Some(Duration::from_secs(12)))
+        crate::channel(addr, Some(Duration::from_secs(12)))
             .map_err(|e| Status::invalid_argument(format!("bad address {addr:?}: {e}")))
     }
 
@@ -90,5 +113,22 @@ impl Client {
         Fut: Future<Output = Result<T, Status>>,
     {
         self.call(|ch| f(ClusterMapClient::new(ch))).await
+    }
+
+    unary! {
+        admin::create_collection(pb::CreateCollectionRequest) -> pb::CollectionInfo;
+        admin::drop_collection(pb::DropCollectionRequest) -> pb::DropCollectionResponse;
+        admin::describe_collection(pb::DescribeCollectionRequest) -> pb::CollectionInfo;
+        admin::list_collections(pb::ListCollectionsRequest) -> pb::ListCollectionsResponse;
+        admin::list_nodes(pb::ListNodesRequest) -> pb::ListNodesResponse;
+        admin::list_shards(pb::ListShardsRequest) -> pb::ListShardsResponse;
+        admin::cluster_status(pb::ClusterStatusRequest) -> pb::ClusterStatusResponse;
+        admin::add_learner(pb::AddLearnerRequest) -> pb::ClusterStatusResponse;
+        admin::change_membership(pb::ChangeMembershipRequest) -> pb::ClusterStatusResponse;
+        admin::drain_node(pb::DrainNodeRequest) -> pb::NodeInfo;
+        admin::promote_replica(pb::PromoteReplicaRequest) -> pb::Shard;
+        admin::allocate_empty_shard(pb::AllocateEmptyShardRequest) -> pb::Shard;
+        cluster::register_node(pb::RegisterNodeRequest) -> pb::NodeInfo;
+        cluster::heartbeat(pb::HeartbeatRequest) -> pb::HeartbeatResponse;
     }
 }
