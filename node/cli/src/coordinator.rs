@@ -188,13 +188,7 @@ pub async fn shard(target: Target, cmd: ShardCmd) -> anyhow::Result<()> {
                 node_id: node,
                 accept_data_loss,
             };
-            let s = client
-                .admin(|mut a| {
-                    let r = req.clone();
-                    async move { a.promote_replica(r).await }
-                })
-                .await?
-                .into_inner();
+            let s = client.promote_replica(req).await?;
             print_json(shard_json(&s));
         }
         ShardCmd::AllocateEmpty {
@@ -209,13 +203,7 @@ pub async fn shard(target: Target, cmd: ShardCmd) -> anyhow::Result<()> {
                 node_id: node,
                 accept_data_loss,
             };
-            let s = client
-                .admin(|mut a| {
-                    let r = req.clone();
-                    async move { a.allocate_empty_shard(r).await }
-                })
-                .await?
-                .into_inner();
+            let s = client.allocate_empty_shard(req).await?;
             print_json(shard_json(&s));
         }
     }
@@ -302,13 +290,7 @@ pub async fn collection(target: Target, cmd: CollectionCmd) -> anyhow::Result<()
                 replica_memory_bytes: 0,
                 write_quorum,
             };
-            let info = client
-                .admin(|mut a| {
-                    let r = req.clone();
-                    async move { a.create_collection(r).await }
-                })
-                .await?
-                .into_inner();
+            let info = client.create_collection(req).await?;
             print_json(serde_json::json!({
                 "collection": info.collection.as_ref().map(collection_json),
                 "shards": info.shards.iter().map(shard_json).collect::<Vec<_>>(),
@@ -427,13 +409,7 @@ pub async fn members(target: Target, cmd: MembersCmd) -> anyhow::Result<()> {
 pub async fn drain(target: Target, node: String, undo: bool) -> anyhow::Result<()> {
     let mut client = Client::new(target.coordinators);
     let req = pb::DrainNodeRequest { id: node, undo };
-    let n = client
-        .admin(|mut a| {
-            let r = req.clone();
-            async move { a.drain_node(r).await }
-        })
-        .await?
-        .into_inner();
+    let n = client.drain_node(req).await?;
     print_json(node_json(&n));
     Ok(())
 }
@@ -449,14 +425,8 @@ fn node_json(n: &pb::NodeInfo) -> serde_json::Value {
 
 pub async fn status(target: Target) -> anyhow::Result<()> {
     let mut client = Client::new(target.coordinators);
-    let st = client
-        .admin(|mut a| async move { a.cluster_status(pb::ClusterStatusRequest {}).await })
-        .await?
-        .into_inner();
-    let nodes = client
-        .admin(|mut a| async move { a.list_nodes(pb::ListNodesRequest {}).await })
-        .await?
-        .into_inner();
+    let st = client.cluster_status(pb::ClusterStatusRequest {}).await?;
+    let nodes = client.list_nodes(pb::ListNodesRequest {}).await?;
     // Replica reports (sequence numbers, lag) live in the leader's memory: ask it.
     let mut leader = if st.leader_api_addr.is_empty() {
         client.clone()
