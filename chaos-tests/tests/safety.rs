@@ -678,7 +678,10 @@ async fn a_replica_poisoned_by_a_full_disk_leaves_its_quorum_and_comes_back() {
         .await;
     let nodes = Arc::new(Mutex::new(c.all_nodes()));
     let verify = Verify::start(&nodes, &acked);
-    let writers = Writers::start(&nodes, 100, 300);
+    // Enough batches to keep writing until `finish` stops them: with 300 each, a slow
+    // run (the full suite) finished all 912 before the disk filled, so no write met it
+    // and nothing failed (the test timed out waiting for a failure).
+    let writers = Writers::start(&nodes, 100, 1_000);
     tokio::time::sleep(Duration::from_secs(2)).await;
     // The shards n3 serves when its disk fills, placement at rest (no copy moving):
     // the ones whose replicas must fail and leave their quorum.
