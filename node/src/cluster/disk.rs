@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use tonic::Status;
+use crate::cluster::error::ReplicaError;
 
 /// Default reserve: room for a checkpoint of a large write-ahead log and an index
 /// build's temporary file on a small volume.
@@ -43,14 +43,14 @@ impl DiskGuard {
 
     /// Ok while the volume has more free space than the reserve (or when it cannot be
     /// read: the write itself then reports the disk's error).
-    pub fn check(&self) -> Result<(), Status> {
+    pub fn check(&self) -> Result<(), ReplicaError> {
         if self.reserve == 0 {
             return Ok(());
         }
         match self.free_bytes() {
             Ok(free) if free < self.reserve => {
                 metrics::counter!("shoal_writes_refused_disk_total").increment(1);
-                Err(Status::resource_exhausted(format!(
+                Err(ReplicaError::DiskFull(format!(
                     "node {}: its data volume ({}) has {free} bytes free, under the limit \
                      disk_reserve_bytes = {}; writes resume once space is freed",
                     self.node,
@@ -80,7 +80,7 @@ mod tests {
         assert!(g.check().is_ok());
         g.reserve = free.saturating_mul(2).max(1 << 40);
         let e = g.check().unwrap_err();
-        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert!(matches!(e, ReplicaError::DiskFull(_)), "{e:?}");
         assert!(e.message().contains("disk_reserve_bytes"), "{e:?}");
         g.reserve = 1;
         assert!(g.check().is_ok());

@@ -17,9 +17,10 @@ use shoal_proto::replica as rpb;
 use shoal_proto::v1 as pb;
 use shoal_proto::within;
 use std::collections::VecDeque;
-use tonic::{Code, Status};
+use tonic::Status;
 use tracing::Instrument;
 
+use super::error::ReplicaError;
 use super::mapview::MapView;
 use super::transport::{ReplicaApi, Transports};
 
@@ -186,7 +187,7 @@ impl Gateway {
         Ok((c, v.shards_of(name).cloned().collect()))
     }
 
-    fn replicas(&self, node: &str, addr: &str) -> Result<Arc<dyn ReplicaApi>, Status> {
+    fn replicas(&self, node: &str, addr: &str) -> Result<Arc<dyn ReplicaApi>, ReplicaError> {
         self.transports.to(node, addr)
     }
 
@@ -396,15 +397,14 @@ impl Gateway {
         }
     }
 
-    fn shard(shards: &[cpb::Shard], index: u32) -> Result<&cpb::Shard, Status> {
-        shards
-            .iter()
-            .find(|s| s.index == index)
-            .ok_or_else(|| Status::unavailable(format!("shard {index} is not in the map yet")))
+    fn shard(shards: &[cpb::Shard], index: u32) -> Result<&cpb::Shard, ReplicaError> {
+        shards.iter().find(|s| s.index == index).ok_or_else(|| {
+            ReplicaError::Unavailable(format!("shard {index} is not in the map yet"))
+        })
     }
 
     /// The shard's primary (writes go there), unless its node is down.
-    fn primary(&self, shards: &[cpb::Shard], index: u32) -> Result<(String, String), Status> {
+    fn primary(&self, shards: &[cpb::Shard], index: u32) -> Result<(String, String), ReplicaError> {
         let shard = Self::shard(shards, index)?;
         let v = self.view.read();
         v.nodes
@@ -412,7 +412,7 @@ impl Gateway {
             .filter(|n| n.state != cpb::NodeState::Down as i32)
             .map(|n| (n.id.clone(), n.addr.clone()))
             .ok_or_else(|| {
-                Status::unavailable(format!(
+                ReplicaError::Unavailable(format!(
                     "shard {}/{index} has no live primary (epoch {}); retry",
                     shard.collection, shard.epoch
                 ))
@@ -437,15 +437,9 @@ impl Gateway {
             request_id,
         };
         let write = async { self.replicas(&node, &addr)?.write(req, WRITE_TIMEOUT).await };
-        write.instrument(span).await.map_err(|s| {
-            Status::new(
-                s.code(),
-                format!(
-                    "shard {}/{index} on node {node}: {}",
-                    coll.name,
-                    s.message()
-                ),
-            )
+        write.instrument(span).await.map_err(|e| {
+            e.context(format_args!("shard {}/{index} on node {node}", coll.name))
+                .into()
         })
     }
 
@@ -495,7 +489,7 @@ impl Gateway {
                         out.indexed_vectors = b.indexed_vectors;
                         out.build_seconds = b.build_seconds;
                     }
-                    Err(e) => out.error = format!("{:?}: {}", e.code(), e.message()),
+                    Err(e) => out.error = format!("{}: {}", e.kind(), e.message()),
                 }
                 out
             }
@@ -513,7 +507,7 @@ impl Gateway {
         within!(self.limits, id_bytes, req.id.len(), "the id's length")?;
         let index = shard_of(&req.id, coll.shard_count);
         let shard = Self::shard(&shards, index)?;
-        let mut last = Status::unavailable(format!(
+        let mut last = ReplicaError::Unavailable(format!(
             "shard {}/{index} has no replica on an up node",
             coll.name
         ));
@@ -561,13 +555,13 @@ impl Gateway {
         s: &cpb::Shard,
         req: rpb::ShardSearchRequest,
         budget: Duration,
-    ) -> (u32, String, Result<rpb::ShardSearchResponse, Status>) {
+    ) -> (u32, String, Result<rpb::ShardSearchResponse, ReplicaError>) {
         let cands = self.readers(s);
         if cands.is_empty() {
             return (
                 s.index,
                 String::new(),
-                Err(Status::unavailable(format!(
+                Err(ReplicaError::Unavailable(format!(
                     "shard {}/{} has no replica on an up node",
                     s.collection, s.index
                 ))),
@@ -595,7 +589,10 @@ impl Gateway {
         let hedge = tokio::time::sleep(self.hedge_delay());
         tokio::pin!(hedge);
         let mut hedged = false;
-        let mut last = (String::new(), Status::unavailable("no replica answered"));
+        let mut last = (
+            String::new(),
+            ReplicaError::Unavailable("no replica answered".into()),
+        );
         loop {
             tokio::select! {
                 Some((node, res)) = calls.next() => match res {
@@ -617,7 +614,7 @@ impl Gateway {
                     }
                 }
                 _ = tokio::time::sleep_until(deadline) => {
-                    last.1 = Status::deadline_exceeded("shard missed the deadline");
+                    last.1 = ReplicaError::Deadline("shard missed the deadline".into());
                     break;
                 }
             }
@@ -719,11 +716,10 @@ impl Gateway {
                 }
                 // A limit or a bad argument is the request's fault, the same on every
                 // replica: the caller hears it, not a partial answer.
-                Err(e) if matches!(e.code(), Code::InvalidArgument | Code::ResourceExhausted) => {
-                    return Err(Status::new(
-                        e.code(),
-                        format!("shard {}/{index}: {}", coll.name, e.message()),
-                    ));
+                Err(e) if e.is_request_fault() => {
+                    return Err(e
+                        .context(format_args!("shard {}/{index}", coll.name))
+                        .into());
                 }
                 Err(e) => {
                     tracing::warn!(collection = %coll.name, shard = index, node = %node, error = %e.message(), "shard did not answer");
@@ -733,7 +729,7 @@ impl Gateway {
                         answered: false,
                         node,
                         generation: 0,
-                        error: format!("{:?}: {}", e.code(), e.message()),
+                        error: format!("{}: {}", e.kind(), e.message()),
                     });
                 }
             }

@@ -4,6 +4,7 @@
 //! gateway to every shard) and the internal `Replica` API (its own replicas).
 
 pub mod disk;
+pub mod error;
 pub mod gateway;
 pub mod heartbeat;
 pub mod identity;

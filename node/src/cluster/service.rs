@@ -1,5 +1,6 @@
 //! The node's gRPC services: public `Shoal` (through the gateway) and internal
-//! `Replica` (an adapter over this node's `transport::LocalReplicas`).
+//! `Replica` (an adapter over this node's `transport::LocalReplicas`). The service
+//! boundary: a [`ReplicaError`] becomes a gRPC status here (`?` through its `From`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use shoal_proto::v1 as pb;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use super::error::ReplicaError;
 use super::gateway::Gateway;
 use super::transport::LocalReplicas;
 use crate::telemetry;
@@ -150,7 +152,10 @@ impl rpb::replica_server::Replica for ReplicaService {
         &self,
         req: Request<Streaming<rpb::SnapshotChunk>>,
     ) -> Result<Response<rpb::AppendResponse>, Status> {
-        let stream = req.into_inner().boxed();
+        let stream = req
+            .into_inner()
+            .map(|c| c.map_err(ReplicaError::from))
+            .boxed();
         Ok(Response::new(self.0.install_snapshot_now(stream).await?))
     }
 

@@ -6,25 +6,28 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use crate::cluster::error::ReplicaError;
 use shoal_proto::replica as rpb;
-use tonic::Status;
 
-use super::{shard_status, Replication};
+use super::Replication;
 use crate::cluster::transport::SnapshotStream;
 use crate::shard::{self, epoch_at, Shard, WalBatch};
 
 impl Replication {
     /// A backup's side of Append: fence stale epochs, check the history matches, log.
-    pub async fn append(&self, req: rpb::AppendRequest) -> Result<rpb::AppendResponse, Status> {
+    pub async fn append(
+        &self,
+        req: rpb::AppendRequest,
+    ) -> Result<rpb::AppendResponse, ReplicaError> {
         // Decoded (bounded, format checked) before anything is locked or compared: a
         // payload that cannot be read is refused whatever the backup's position.
         let batches: Vec<Arc<WalBatch>> = if req.batches.is_empty() {
             Vec::new()
         } else {
             shoal_proto::wire::check_format(req.format)
-                .map_err(|e| Status::failed_precondition(format!("append batches: {e}")))?;
+                .map_err(|e| ReplicaError::Refused(format!("append batches: {e}")))?;
             shoal_proto::wire::decode::<Vec<WalBatch>>(&req.batches)
-                .map_err(|e| Status::invalid_argument(format!("append batches: {e}")))?
+                .map_err(|e| ReplicaError::Invalid(format!("append batches: {e}")))?
                 .into_iter()
                 .map(Arc::new)
                 .collect()
@@ -52,7 +55,7 @@ impl Replication {
                 Ok(last)
             })
             .await
-            .map_err(shard_status)?
+            .map_err(ReplicaError::from)?
         };
         self.caught_up
             .store(last >= req.primary_seq, Ordering::Release);
@@ -66,17 +69,17 @@ impl Replication {
 
     /// Refuses a sender whose epoch is older than one this replica has seen, or that
     /// claims this replica's own epoch while this replica is the primary.
-    pub fn accept_epoch(&self, epoch: u64, from: &str) -> Result<(), Status> {
+    pub fn accept_epoch(&self, epoch: u64, from: &str) -> Result<(), ReplicaError> {
         let known = self.known_epoch();
         if epoch < known {
-            return Err(Status::failed_precondition(format!(
+            return Err(ReplicaError::StaleEpoch(format!(
                 "stale epoch {epoch} from {from}: replica {} on {} is at epoch {known}",
                 self.key, self.node_id
             )));
         }
         if let Some(r) = self.role() {
             if r.is_primary && epoch <= r.epoch && from != self.node_id {
-                return Err(Status::failed_precondition(format!(
+                return Err(ReplicaError::StaleEpoch(format!(
                     "stale epoch {epoch} from {from}: {} is the primary of {} at epoch {}",
                     self.node_id, self.key, r.epoch
                 )));
@@ -95,10 +98,10 @@ impl Replication {
         first: &rpb::SnapshotChunk,
         stream: &mut SnapshotStream,
         max_files: usize,
-    ) -> Result<(PathBuf, u64), Status> {
+    ) -> Result<(PathBuf, u64), ReplicaError> {
         use tokio::io::AsyncWriteExt;
         let staging = staging_dir(self.shard()?.dir());
-        let io = |e: std::io::Error| Status::internal(format!("writing the snapshot: {e}"));
+        let io = |e: std::io::Error| ReplicaError::Internal(format!("writing the snapshot: {e}"));
         let _ = tokio::fs::remove_dir_all(&staging).await;
         tokio::fs::create_dir_all(&staging).await.map_err(io)?;
         // Each file: its handle and the bytes written so far (chunks come in order).
@@ -107,7 +110,7 @@ impl Replication {
         while let Some(chunk) = futures::StreamExt::next(stream).await {
             let chunk = chunk?;
             if !snapshot_file_name_ok(&chunk.file) {
-                return Err(Status::invalid_argument(format!(
+                return Err(ReplicaError::Invalid(format!(
                     "bad snapshot file name {:?} (1 to 128 of [A-Za-z0-9._-], not \
                      manifest.json, no '..')",
                     &chunk.file[..chunk.file.floor_char_boundary(64)]
@@ -115,7 +118,7 @@ impl Replication {
             }
             if !files.contains_key(&chunk.file) {
                 if files.len() >= max_files {
-                    return Err(Status::invalid_argument(format!(
+                    return Err(ReplicaError::Invalid(format!(
                         "a snapshot of more than {max_files} files, over the limit \
                          snapshot_files = {max_files}"
                     )));
@@ -127,7 +130,7 @@ impl Replication {
             }
             let (f, written) = files.get_mut(&chunk.file).expect("opened above");
             if chunk.offset != *written {
-                return Err(Status::invalid_argument(format!(
+                return Err(ReplicaError::Invalid(format!(
                     "snapshot chunk of {:?} at offset {}, expected {written}",
                     chunk.file, chunk.offset
                 )));
@@ -142,7 +145,7 @@ impl Replication {
         let (dir, manifest) = (staging.clone(), first.manifest.clone());
         shard::run_blocking(move || Shard::install_manifest(&dir, &manifest))
             .await
-            .map_err(shard_status)?;
+            .map_err(ReplicaError::from)?;
         Ok((staging, bytes))
     }
 

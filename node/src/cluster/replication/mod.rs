@@ -38,10 +38,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::cluster::error::ReplicaError;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
-use tonic::Status;
 
 use super::disk::DiskGuard;
 use super::ids::ReplicaKey;
@@ -52,11 +52,9 @@ mod backup;
 mod primary;
 pub mod recent;
 pub mod role;
-pub mod status;
 
 pub use backup::staging_dir;
 pub use role::{standing, Peer, Role, Standing};
-pub use status::shard_status;
 
 use recent::Recent;
 
@@ -175,11 +173,11 @@ impl Replication {
     }
 
     /// The open shard engine (set by the replica actor when it opens or reopens).
-    pub fn shard(&self) -> Result<Shard, Status> {
+    pub fn shard(&self) -> Result<Shard, ReplicaError> {
         self.shard
             .read()
             .clone()
-            .ok_or_else(|| Status::unavailable(format!("replica {} is not open", self.key)))
+            .ok_or_else(|| ReplicaError::Unavailable(format!("replica {} is not open", self.key)))
     }
 
     /// Sets the open engine (opened, reopened after a crash, or replaced by a
@@ -226,11 +224,11 @@ impl Replication {
     }
 
     /// Reads are served by the primary and by backups that are caught up.
-    pub fn check_readable(&self) -> Result<(), Status> {
+    pub fn check_readable(&self) -> Result<(), ReplicaError> {
         if self.caught_up() {
             Ok(())
         } else {
-            Err(Status::unavailable(format!(
+            Err(ReplicaError::Unavailable(format!(
                 "replica {} on {} is catching up with its primary",
                 self.key, self.node_id
             )))

@@ -7,15 +7,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::cluster::error::ReplicaError;
 use futures::StreamExt;
 use shoal_proto::replica as rpb;
 use tokio::sync::watch;
-use tonic::Status;
 
 use super::recent::Next;
 use super::{
-    shard_status, standing, Replication, Role, Standing, APPEND_BYTES, KEEPALIVE, QUORUM_TIMEOUT,
-    SNAPSHOT_CHUNK,
+    standing, Replication, Role, Standing, APPEND_BYTES, KEEPALIVE, QUORUM_TIMEOUT, SNAPSHOT_CHUNK,
 };
 
 /// How long one Append (or probe) may take at a backup.
@@ -31,26 +30,26 @@ impl Replication {
         &self,
         ops: Vec<WriteOp>,
         request_id: String,
-    ) -> Result<(WriteAck, u32), Status> {
-        let role = self
-            .role()
-            .ok_or_else(|| Status::unavailable(format!("replica {} has no role yet", self.key)))?;
+    ) -> Result<(WriteAck, u32), ReplicaError> {
+        let role = self.role().ok_or_else(|| {
+            ReplicaError::Unavailable(format!("replica {} has no role yet", self.key))
+        })?;
         if !role.is_primary {
-            return Err(Status::unavailable(format!(
+            return Err(ReplicaError::Unavailable(format!(
                 "node {} is not the primary of shard {} (the primary at epoch {} is {})",
                 self.node_id, self.key, role.epoch, role.primary
             )));
         }
         self.check_fenced(role.epoch)?;
         if self.handing_over.load(Ordering::Acquire) {
-            return Err(Status::unavailable(format!(
+            return Err(ReplicaError::Unavailable(format!(
                 "node {} is shutting down and handing shard {} to a backup; retry",
                 self.node_id, self.key
             )));
         }
         let (peers, needed) = role.quorum();
         if peers.len() < needed {
-            return Err(Status::unavailable(format!(
+            return Err(ReplicaError::Unavailable(format!(
                 "shard {} has {} live serving replica(s), writes need {}; \
                  retry once the cluster restores its replicas",
                 self.key,
@@ -71,7 +70,7 @@ impl Replication {
             Ok(ack)
         })
         .await
-        .map_err(shard_status)?;
+        .map_err(ReplicaError::from)?;
         self.appended.notify_waiters();
         let holders = self.wait_quorum(ack.seq, epoch).await?;
         Ok((ack, 1 + holders as u32))
@@ -85,14 +84,14 @@ impl Replication {
         role: &Role,
         peers: &[String],
         needed: usize,
-    ) -> Result<(), Status> {
+    ) -> Result<(), ReplicaError> {
         let mut rx = self.matched.subscribe();
         let wait = async {
             loop {
                 if let Some((_, node, seq, epoch)) =
                     self.ahead.lock().clone().filter(|a| a.0 == role.epoch)
                 {
-                    return Err(Status::unavailable(format!(
+                    return Err(ReplicaError::Unavailable(format!(
                         "the primary of shard {} on {} is behind its replica on {node} \
                          (epoch {epoch}, seq {seq}); it takes no writes until the most \
                          up-to-date replica is promoted: retry",
@@ -110,23 +109,23 @@ impl Replication {
                     return Ok(());
                 }
                 if rx.changed().await.is_err() {
-                    return Err(Status::unavailable("replica closed"));
+                    return Err(ReplicaError::Unavailable("replica closed".into()));
                 }
             }
         };
         match tokio::time::timeout(Duration::from_secs(2), wait).await {
             Ok(r) => r,
-            Err(_) => Err(Status::unavailable(format!(
+            Err(_) => Err(ReplicaError::Unavailable(format!(
                 "the primary of shard {} has not yet heard where its backups stand; retry",
                 self.key
             ))),
         }
     }
 
-    pub(super) fn check_fenced(&self, epoch: u64) -> Result<(), Status> {
+    pub(super) fn check_fenced(&self, epoch: u64) -> Result<(), ReplicaError> {
         let known = self.known_epoch();
         if known > epoch {
-            return Err(Status::unavailable(format!(
+            return Err(ReplicaError::Unavailable(format!(
                 "shard {}: this primary's epoch {epoch} was superseded by epoch {known}; \
                  the write was not acknowledged",
                 self.key
@@ -138,7 +137,7 @@ impl Replication {
     /// Waits until the write quorum holds `seq`; returns how many backups hold it.
     /// The quorum is re-read from the role on every change, so a backup whose node
     /// the map stops counting as live no longer holds writes up.
-    pub(super) async fn wait_quorum(&self, seq: u64, epoch: u64) -> Result<usize, Status> {
+    pub(super) async fn wait_quorum(&self, seq: u64, epoch: u64) -> Result<usize, ReplicaError> {
         let mut rx = self.matched.subscribe();
         let holding = |m: &HashMap<String, u64>, peers: &[String]| {
             peers
@@ -151,10 +150,10 @@ impl Replication {
                 self.check_fenced(epoch)?;
                 let role = self
                     .role()
-                    .ok_or_else(|| Status::unavailable("replica closed"))?;
+                    .ok_or_else(|| ReplicaError::Unavailable("replica closed".into()))?;
                 let (peers, needed) = role.quorum();
                 if peers.len() < needed {
-                    return Err(Status::unavailable(format!(
+                    return Err(ReplicaError::Unavailable(format!(
                         "shard {}: write {seq} lost its quorum ({} live serving replica(s), \
                          {} needed); its outcome is unknown (retry with the same request id)",
                         self.key,
@@ -171,7 +170,7 @@ impl Replication {
                     let able = peers.iter().filter(|n| !refusing.contains_key(*n)).count();
                     if able < needed {
                         let why: Vec<&String> = refusing.values().collect();
-                        return Err(Status::resource_exhausted(format!(
+                        return Err(ReplicaError::DiskFull(format!(
                             "shard {}: write {seq} cannot reach its quorum, a replica is out \
                              of disk space ({why:?}); its outcome is unknown (retry with the \
                              same request id)",
@@ -180,7 +179,7 @@ impl Replication {
                     }
                 }
                 if rx.changed().await.is_err() {
-                    return Err(Status::unavailable("replica closed"));
+                    return Err(ReplicaError::Unavailable("replica closed".into()));
                 }
             }
         };
@@ -195,7 +194,7 @@ impl Replication {
                     .into_iter()
                     .filter(|n| have.get(n).is_none_or(|&m| m < seq))
                     .collect();
-                Err(Status::unavailable(format!(
+                Err(ReplicaError::Unavailable(format!(
                     "shard {}: write {seq} not confirmed by {missing:?} within {:?}; \
                      its outcome is unknown (retry with the same request id)",
                     self.key, QUORUM_TIMEOUT
@@ -222,7 +221,7 @@ impl Replication {
             let step = self.replicate_step(&node, &addr, epoch, &mut next).await;
             // A backup out of disk space fails the writes waiting for it at once, with
             // its reason; cleared by its next accepted exchange.
-            let full = matches!(&step, Err(e) if e.code() == tonic::Code::ResourceExhausted);
+            let full = matches!(&step, Err(ReplicaError::DiskFull(_)));
             let changed = {
                 let mut r = self.refusing.lock();
                 match (&step, full) {
@@ -249,9 +248,7 @@ impl Replication {
                     if failures == 1 || failures.is_multiple_of(20) {
                         tracing::warn!(shard = %self.key, backup = %node, error = %e.message(), "replication to backup failing");
                     }
-                    if e.code() == tonic::Code::FailedPrecondition
-                        && e.message().contains("stale epoch")
-                    {
+                    if let ReplicaError::StaleEpoch(_) = e {
                         // A newer primary exists: stop, and fail the writes waiting.
                         self.known_epoch.fetch_max(epoch + 1, Ordering::AcqRel);
                         self.matched.send_modify(|_| {});
@@ -275,7 +272,7 @@ impl Replication {
         addr: &str,
         epoch: u64,
         next: &mut Option<u64>,
-    ) -> Result<bool, Status> {
+    ) -> Result<bool, ReplicaError> {
         let shard = self.shard()?;
         let (last, _) = shard.last();
         let epochs = shard.epochs();
@@ -380,7 +377,7 @@ impl Replication {
         epochs: &[(u64, u64)],
         batches: &[Arc<WalBatch>],
         primary_seq: u64,
-    ) -> Result<rpb::AppendResponse, Status> {
+    ) -> Result<rpb::AppendResponse, ReplicaError> {
         // Encoded from references: the same bytes as a Vec<WalBatch>, without copying
         // the batches' vectors first.
         let refs: Vec<&WalBatch> = batches.iter().map(|b| &**b).collect();
@@ -412,12 +409,12 @@ impl Replication {
         to: &dyn ReplicaApi,
         epoch: u64,
         shard: &Shard,
-    ) -> Result<(), Status> {
+    ) -> Result<(), ReplicaError> {
         let t = std::time::Instant::now();
         let s = shard.clone();
         let src = shard::run_blocking(move || s.snapshot())
             .await
-            .map_err(shard_status)?;
+            .map_err(ReplicaError::from)?;
         let dir = shard.dir().to_path_buf();
         let (tx, rx) = tokio::sync::mpsc::channel::<rpb::SnapshotChunk>(4);
         let first = rpb::SnapshotChunk {
@@ -466,8 +463,8 @@ impl Replication {
         let r = to.install_snapshot(chunks, SNAPSHOT_TIMEOUT).await;
         match reader.await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(Status::internal(format!("reading the snapshot: {e}"))),
-            Err(e) => return Err(Status::internal(format!("snapshot reader: {e}"))),
+            Ok(Err(e)) => return Err(ReplicaError::Internal(format!("reading the snapshot: {e}"))),
+            Err(e) => return Err(ReplicaError::Internal(format!("snapshot reader: {e}"))),
         }
         let r = r?;
         tracing::info!(shard = %self.key, backup = node, seq = r.last_seq, bytes, took_ms = t.elapsed().as_millis() as u64, "snapshot installed on backup");

@@ -8,17 +8,17 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::cluster::error::ReplicaError;
 use futures::StreamExt;
 use ractor::rpc::CallResult;
 use shoal_proto::limits::Limits;
 use shoal_proto::replica as rpb;
 use shoal_proto::within;
-use tonic::Status;
 use tracing::Instrument;
 
 use super::{ReplicaApi, SnapshotStream};
 use crate::cluster::replicas::{Registry, ReplicaKey, ReplicaMsg};
-use crate::cluster::replication::{shard_status, Replication};
+use crate::cluster::replication::Replication;
 use crate::cluster::Replications;
 use crate::shard::{Document, SearchMode, SearchParams, ShardError, WriteOp};
 
@@ -33,8 +33,8 @@ pub struct LocalReplicas {
     pub limits: Limits,
 }
 
-fn replica_key(r: Option<&rpb::ShardRef>) -> Result<ReplicaKey, Status> {
-    let r = r.ok_or_else(|| Status::invalid_argument("shard reference missing"))?;
+fn replica_key(r: Option<&rpb::ShardRef>) -> Result<ReplicaKey, ReplicaError> {
+    let r = r.ok_or_else(|| ReplicaError::Invalid("shard reference missing".into()))?;
     // Checked against the default: the name is echoed in errors and no collection's
     // name is longer (the map refuses more than 128 bytes).
     within!(
@@ -53,11 +53,15 @@ fn replica_key(r: Option<&rpb::ShardRef>) -> Result<ReplicaKey, Status> {
 /// `fut` within `timeout`, or DEADLINE_EXCEEDED (what a gRPC caller would hear).
 async fn within_deadline<T>(
     timeout: Duration,
-    fut: impl Future<Output = Result<T, Status>>,
-) -> Result<T, Status> {
+    fut: impl Future<Output = Result<T, ReplicaError>>,
+) -> Result<T, ReplicaError> {
     tokio::time::timeout(timeout, fut)
         .await
-        .unwrap_or_else(|_| Err(Status::deadline_exceeded("the call missed its deadline")))
+        .unwrap_or_else(|_| {
+            Err(ReplicaError::Deadline(
+                "the call missed its deadline".into(),
+            ))
+        })
 }
 
 impl LocalReplicas {
@@ -69,43 +73,45 @@ impl LocalReplicas {
         })
     }
 
-    fn actor(&self, r: Option<&rpb::ShardRef>) -> Result<ractor::ActorRef<ReplicaMsg>, Status> {
+    fn actor(
+        &self,
+        r: Option<&rpb::ShardRef>,
+    ) -> Result<ractor::ActorRef<ReplicaMsg>, ReplicaError> {
         let key = replica_key(r)?;
-        self.registry
-            .read()
-            .get(&key)
-            .cloned()
-            .ok_or_else(|| Status::unavailable(format!("replica {key} is not open on this node")))
+        self.registry.read().get(&key).cloned().ok_or_else(|| {
+            ReplicaError::Unavailable(format!("replica {key} is not open on this node"))
+        })
     }
 
-    fn replication(&self, r: Option<&rpb::ShardRef>) -> Result<Arc<Replication>, Status> {
+    fn replication(&self, r: Option<&rpb::ShardRef>) -> Result<Arc<Replication>, ReplicaError> {
         let key = replica_key(r)?;
-        self.replications
-            .read()
-            .get(&key)
-            .cloned()
-            .ok_or_else(|| Status::unavailable(format!("replica {key} is not open on this node")))
+        self.replications.read().get(&key).cloned().ok_or_else(|| {
+            ReplicaError::Unavailable(format!("replica {key} is not open on this node"))
+        })
     }
 
     async fn call<T>(
         actor: ractor::ActorRef<ReplicaMsg>,
         msg: impl FnOnce(ractor::RpcReplyPort<Result<T, ShardError>>) -> ReplicaMsg,
-    ) -> Result<T, Status>
+    ) -> Result<T, ReplicaError>
     where
         T: Send + 'static,
     {
         match actor.call(msg, Some(ACTOR_CALL)).await {
-            Ok(CallResult::Success(r)) => r.map_err(shard_status),
-            Ok(CallResult::Timeout) => Err(Status::deadline_exceeded("replica timed out")),
-            Ok(CallResult::SenderError) | Err(_) => Err(Status::unavailable(
-                "replica restarted during the call; retry",
+            Ok(CallResult::Success(r)) => r.map_err(ReplicaError::from),
+            Ok(CallResult::Timeout) => Err(ReplicaError::Deadline("replica timed out".into())),
+            Ok(CallResult::SenderError) | Err(_) => Err(ReplicaError::Unavailable(
+                "replica restarted during the call; retry".into(),
             )),
         }
     }
 
     /// A write on this node's primary replica: limits checked, documents validated,
     /// then ordered, logged and replicated to the quorum.
-    pub async fn write_now(&self, r: rpb::WriteRequest) -> Result<rpb::WriteResponse, Status> {
+    pub async fn write_now(
+        &self,
+        r: rpb::WriteRequest,
+    ) -> Result<rpb::WriteResponse, ReplicaError> {
         let l = &self.limits;
         within!(
             l,
@@ -116,7 +122,7 @@ impl LocalReplicas {
         within!(l, ids_per_delete, r.deletes.len(), "ids in the write")?;
         // The gateway appends "#<shard>" (at most 11 bytes) to a client's request id.
         if r.request_id.len() > l.request_id_bytes + 11 {
-            return Err(Status::invalid_argument(format!(
+            return Err(ReplicaError::Invalid(format!(
                 "the request id is {} bytes, over the limit request_id_bytes = {} (+11 for \
                  the shard suffix)",
                 r.request_id.len(),
@@ -131,7 +137,7 @@ impl LocalReplicas {
                 serde_json::Value::Null
             } else {
                 serde_json::from_str(&d.metadata_json).map_err(|e| {
-                    Status::invalid_argument(format!("document {:?}: metadata: {e}", d.id))
+                    ReplicaError::Invalid(format!("document {:?}: metadata: {e}", d.id))
                 })?
             };
             ops.push(WriteOp::Upsert(Document {
@@ -153,7 +159,10 @@ impl LocalReplicas {
     }
 
     /// A backup's side of Append (fencing and history checks in `Replication`).
-    pub async fn append_now(&self, r: rpb::AppendRequest) -> Result<rpb::AppendResponse, Status> {
+    pub async fn append_now(
+        &self,
+        r: rpb::AppendRequest,
+    ) -> Result<rpb::AppendResponse, ReplicaError> {
         within!(
             self.limits,
             node_id_bytes,
@@ -170,11 +179,11 @@ impl LocalReplicas {
     pub async fn install_snapshot_now(
         &self,
         mut stream: SnapshotStream,
-    ) -> Result<rpb::AppendResponse, Status> {
+    ) -> Result<rpb::AppendResponse, ReplicaError> {
         let first = stream
             .next()
             .await
-            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
+            .ok_or_else(|| ReplicaError::Invalid("empty snapshot stream".into()))??;
         within!(
             self.limits,
             node_id_bytes,
@@ -190,10 +199,10 @@ impl LocalReplicas {
         // past the snapshot was never acknowledged (`Role::overwrites_ahead`: an
         // operator's forced epoch, or this replica is a copy outside the quorum).
         let (snap_seq, snap_epoch) = crate::shard::Shard::manifest_position(&first.manifest)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e| ReplicaError::Invalid(e.to_string()))?;
         let (own_seq, own_epoch) = repl.shard()?.last();
         if (own_epoch, own_seq) > (snap_epoch, snap_seq) && !first.forced {
-            return Err(Status::failed_precondition(format!(
+            return Err(ReplicaError::Refused(format!(
                 "replica {} is ahead of the snapshot from {} (epoch {own_epoch} seq {own_seq} \
                  > epoch {snap_epoch} seq {snap_seq}); not overwriting it",
                 repl.key, first.primary
@@ -218,12 +227,12 @@ impl LocalReplicas {
     pub async fn search_now(
         &self,
         r: rpb::ShardSearchRequest,
-    ) -> Result<rpb::ShardSearchResponse, Status> {
+    ) -> Result<rpb::ShardSearchResponse, ReplicaError> {
         let repl = self.replication(r.shard.as_ref())?;
         repl.check_readable()?;
         let l = &self.limits;
         if r.k == 0 {
-            return Err(Status::invalid_argument("k = 0: k must be at least 1"));
+            return Err(ReplicaError::Invalid("k = 0: k must be at least 1".into()));
         }
         within!(l, k, r.k, "k")?;
         within!(l, refine, r.refine, "refine")?;
@@ -236,7 +245,7 @@ impl LocalReplicas {
                 shard.rows(),
                 format!("rows an exact search of shard {} would scan", repl.key)
             )
-            .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+            .map_err(|e| ReplicaError::TooCostly(e.to_string()))?;
         } else {
             let refine = if r.refine == 0 {
                 shard.config().refine_factor
@@ -277,7 +286,10 @@ impl LocalReplicas {
     }
 
     /// A new index generation on this replica.
-    pub async fn build_now(&self, r: rpb::BuildRequest) -> Result<rpb::BuildResponse, Status> {
+    pub async fn build_now(
+        &self,
+        r: rpb::BuildRequest,
+    ) -> Result<rpb::BuildResponse, ReplicaError> {
         let actor = self.actor(r.shard.as_ref())?;
         let g = Self::call(actor, ReplicaMsg::Build).await?;
         Ok(rpb::BuildResponse {
@@ -288,7 +300,10 @@ impl LocalReplicas {
     }
 
     /// One document by id, from a replica that holds every acknowledged write.
-    pub async fn get_now(&self, r: rpb::ShardGetRequest) -> Result<rpb::ShardGetResponse, Status> {
+    pub async fn get_now(
+        &self,
+        r: rpb::ShardGetRequest,
+    ) -> Result<rpb::ShardGetResponse, ReplicaError> {
         self.replication(r.shard.as_ref())?.check_readable()?;
         let actor = self.actor(r.shard.as_ref())?;
         let doc = Self::call(actor, |reply| ReplicaMsg::Get(r.id, reply)).await?;
@@ -316,7 +331,7 @@ impl ReplicaApi for LocalReplicas {
         &self,
         req: rpb::WriteRequest,
         timeout: Duration,
-    ) -> Result<rpb::WriteResponse, Status> {
+    ) -> Result<rpb::WriteResponse, ReplicaError> {
         within_deadline(timeout, self.write_now(req))
             .instrument(tracing::info_span!("replica.write"))
             .await
@@ -326,7 +341,7 @@ impl ReplicaApi for LocalReplicas {
         &self,
         req: rpb::AppendRequest,
         timeout: Duration,
-    ) -> Result<rpb::AppendResponse, Status> {
+    ) -> Result<rpb::AppendResponse, ReplicaError> {
         within_deadline(timeout, self.append_now(req)).await
     }
 
@@ -334,7 +349,7 @@ impl ReplicaApi for LocalReplicas {
         &self,
         chunks: SnapshotStream,
         timeout: Duration,
-    ) -> Result<rpb::AppendResponse, Status> {
+    ) -> Result<rpb::AppendResponse, ReplicaError> {
         within_deadline(timeout, self.install_snapshot_now(chunks)).await
     }
 
@@ -342,7 +357,7 @@ impl ReplicaApi for LocalReplicas {
         &self,
         req: rpb::ShardSearchRequest,
         timeout: Duration,
-    ) -> Result<rpb::ShardSearchResponse, Status> {
+    ) -> Result<rpb::ShardSearchResponse, ReplicaError> {
         let span = tracing::info_span!(
             "replica.search",
             shard = req.shard.as_ref().map(|s| s.index)
@@ -356,7 +371,7 @@ impl ReplicaApi for LocalReplicas {
         &self,
         req: rpb::ShardGetRequest,
         timeout: Duration,
-    ) -> Result<rpb::ShardGetResponse, Status> {
+    ) -> Result<rpb::ShardGetResponse, ReplicaError> {
         within_deadline(timeout, self.get_now(req))
             .instrument(tracing::info_span!("replica.get"))
             .await
@@ -366,7 +381,7 @@ impl ReplicaApi for LocalReplicas {
         &self,
         req: rpb::BuildRequest,
         timeout: Duration,
-    ) -> Result<rpb::BuildResponse, Status> {
+    ) -> Result<rpb::BuildResponse, ReplicaError> {
         within_deadline(timeout, self.build_now(req))
             .instrument(tracing::info_span!("replica.build"))
             .await

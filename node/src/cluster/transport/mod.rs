@@ -2,8 +2,8 @@
 //! replicators call on one node's shard replicas; [`LocalReplicas`] answers it in this
 //! process (the gateway's calls to its own node, and in-process tests of several
 //! nodes), [`GrpcReplica`] over another node's internal port. [`Transports`] picks
-//! one per (node, address). Both speak the same gRPC status codes (the local side maps
-//! engine errors exactly as the service does), so a caller cannot tell which way a call
+//! one per (node, address). Both answer with the same typed [`ReplicaError`] (the gRPC
+//! side reads it back from the peer's status), so a caller cannot tell which way a call
 //! went, and a test through the in-process transport exercises the real protocol.
 //!
 //! The models: Quickwit's `SearchServiceClient { Local, Grpc }` and Qdrant's
@@ -15,20 +15,20 @@ use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use crate::cluster::error::ReplicaError;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use parking_lot::{Mutex, RwLock};
 use shoal_proto::replica as rpb;
 use shoal_proto::replica::replica_client::ReplicaClient;
 use tonic::transport::Channel;
-use tonic::Status;
 
 use crate::telemetry;
 
 pub use local::LocalReplicas;
 
 /// A snapshot as it travels: the first chunk names the shard, epoch and manifest.
-pub type SnapshotStream = BoxStream<'static, Result<rpb::SnapshotChunk, Status>>;
+pub type SnapshotStream = BoxStream<'static, Result<rpb::SnapshotChunk, ReplicaError>>;
 
 /// One node's shard replicas, as a caller sees them. Every call carries its deadline.
 #[tonic::async_trait]
@@ -38,34 +38,34 @@ pub trait ReplicaApi: Send + Sync {
         &self,
         req: rpb::WriteRequest,
         timeout: Duration,
-    ) -> Result<rpb::WriteResponse, Status>;
+    ) -> Result<rpb::WriteResponse, ReplicaError>;
     /// Batches from a primary to a backup (also its probe, with no batches).
     async fn append(
         &self,
         req: rpb::AppendRequest,
         timeout: Duration,
-    ) -> Result<rpb::AppendResponse, Status>;
+    ) -> Result<rpb::AppendResponse, ReplicaError>;
     /// A primary's segments replacing a backup's copy.
     async fn install_snapshot(
         &self,
         chunks: SnapshotStream,
         timeout: Duration,
-    ) -> Result<rpb::AppendResponse, Status>;
+    ) -> Result<rpb::AppendResponse, ReplicaError>;
     async fn search(
         &self,
         req: rpb::ShardSearchRequest,
         timeout: Duration,
-    ) -> Result<rpb::ShardSearchResponse, Status>;
+    ) -> Result<rpb::ShardSearchResponse, ReplicaError>;
     async fn get(
         &self,
         req: rpb::ShardGetRequest,
         timeout: Duration,
-    ) -> Result<rpb::ShardGetResponse, Status>;
+    ) -> Result<rpb::ShardGetResponse, ReplicaError>;
     async fn build(
         &self,
         req: rpb::BuildRequest,
         timeout: Duration,
-    ) -> Result<rpb::BuildResponse, Status>;
+    ) -> Result<rpb::BuildResponse, ReplicaError>;
 }
 
 /// Nodes living in one process, by address: a test's cluster without sockets. A node
@@ -126,7 +126,7 @@ impl Transports {
     }
 
     /// The replicas of node `node` at `addr`.
-    pub fn to(&self, node: &str, addr: &str) -> Result<Arc<dyn ReplicaApi>, Status> {
+    pub fn to(&self, node: &str, addr: &str) -> Result<Arc<dyn ReplicaApi>, ReplicaError> {
         if let Some((id, local)) = self.local.lock().as_ref() {
             if id == node {
                 if let Some(l) = local.upgrade() {
@@ -138,14 +138,17 @@ impl Transports {
             return net
                 .get(addr)
                 .map(|l| l as Arc<dyn ReplicaApi>)
-                .ok_or_else(|| Status::unavailable(format!("node {node} at {addr} unreachable")));
+                .ok_or_else(|| {
+                    ReplicaError::Unavailable(format!("node {node} at {addr} unreachable"))
+                });
         }
         let mut ch = self.channels.lock();
         let c = match ch.get(addr) {
             Some(c) => c.clone(),
             None => {
-                let c = shoal_proto::channel(addr, None)
-                    .map_err(|e| Status::internal(format!("bad node address {addr:?}: {e}")))?;
+                let c = shoal_proto::channel(addr, None).map_err(|e| {
+                    ReplicaError::Internal(format!("bad node address {addr:?}: {e}"))
+                })?;
                 ch.insert(addr.to_string(), c.clone());
                 c
             }
@@ -179,39 +182,38 @@ async fn forward_ok(mut s: SnapshotStream, tx: tokio::sync::mpsc::Sender<rpb::Sn
     }
 }
 
-#[tonic::async_trait]
-impl ReplicaApi for GrpcReplica {
-    async fn write(
-        &self,
-        req: rpb::WriteRequest,
-        timeout: Duration,
-    ) -> Result<rpb::WriteResponse, Status> {
-        Ok(self
-            .0
-            .clone()
-            .write(request(req, timeout))
-            .await?
-            .into_inner())
-    }
+/// `ReplicaApi` over the generated client: each unary call with the deadline and
+/// trace context on its request, the peer's status read back as a [`ReplicaError`];
+/// `$rest` the calls that are not unary. (The attribute inside the macro: it must see
+/// the expanded methods.)
+macro_rules! grpc_replica_api {
+    (unary { $($method:ident($req:ty) -> $resp:ty;)* } $($rest:item)*) => {
+        #[tonic::async_trait]
+        impl ReplicaApi for GrpcReplica {
+            $(
+                async fn $method(&self, req: $req, timeout: Duration) -> Result<$resp, ReplicaError> {
+                    Ok(self.0.clone().$method(request(req, timeout)).await?.into_inner())
+                }
+            )*
+            $($rest)*
+        }
+    };
+}
 
-    async fn append(
-        &self,
-        req: rpb::AppendRequest,
-        timeout: Duration,
-    ) -> Result<rpb::AppendResponse, Status> {
-        Ok(self
-            .0
-            .clone()
-            .append(request(req, timeout))
-            .await?
-            .into_inner())
+grpc_replica_api! {
+    unary {
+        write(rpb::WriteRequest) -> rpb::WriteResponse;
+        append(rpb::AppendRequest) -> rpb::AppendResponse;
+        search(rpb::ShardSearchRequest) -> rpb::ShardSearchResponse;
+        get(rpb::ShardGetRequest) -> rpb::ShardGetResponse;
+        build(rpb::BuildRequest) -> rpb::BuildResponse;
     }
 
     async fn install_snapshot(
         &self,
         chunks: SnapshotStream,
         timeout: Duration,
-    ) -> Result<rpb::AppendResponse, Status> {
+    ) -> Result<rpb::AppendResponse, ReplicaError> {
         // A chunk the sender failed to read ends the stream; the sender reports it.
         // Through a channel: tonic wants a concrete stream type it can prove Send.
         let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -224,44 +226,5 @@ impl ReplicaApi for GrpcReplica {
             .await;
         forward.abort();
         Ok(r?.into_inner())
-    }
-
-    async fn search(
-        &self,
-        req: rpb::ShardSearchRequest,
-        timeout: Duration,
-    ) -> Result<rpb::ShardSearchResponse, Status> {
-        Ok(self
-            .0
-            .clone()
-            .search(request(req, timeout))
-            .await?
-            .into_inner())
-    }
-
-    async fn get(
-        &self,
-        req: rpb::ShardGetRequest,
-        timeout: Duration,
-    ) -> Result<rpb::ShardGetResponse, Status> {
-        Ok(self
-            .0
-            .clone()
-            .get(request(req, timeout))
-            .await?
-            .into_inner())
-    }
-
-    async fn build(
-        &self,
-        req: rpb::BuildRequest,
-        timeout: Duration,
-    ) -> Result<rpb::BuildResponse, Status> {
-        Ok(self
-            .0
-            .clone()
-            .build(request(req, timeout))
-            .await?
-            .into_inner())
     }
 }
