@@ -9,16 +9,15 @@ use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorRef};
 use shoal_node::cluster::disk::DiskGuard;
+use shoal_node::cluster::error::ReplicaError;
 use shoal_node::cluster::replicas::{
     Registry, ReplicaArgs, ReplicaKey, ReplicaSupervisor, SupervisorMsg,
 };
 use shoal_node::cluster::replication::{Peer, Replication, Role};
 use shoal_node::cluster::transport::{InProcessNet, LocalReplicas, ReplicaApi, Transports};
-use shoal_node::cluster::Replications;
 use shoal_node::shard::{CollectionConfig, Metric};
 use shoal_proto::limits::Limits;
 use shoal_proto::replica as rpb;
-use tonic::Code;
 
 const DIM: usize = 8;
 const CALL: Duration = Duration::from_secs(10);
@@ -28,7 +27,7 @@ struct Node {
     id: String,
     addr: String,
     dir: tempfile::TempDir,
-    replications: Replications,
+    registry: Registry,
     local: Arc<LocalReplicas>,
     supervisor: ActorRef<SupervisorMsg>,
     transports: Arc<Transports>,
@@ -37,19 +36,18 @@ struct Node {
 impl Node {
     async fn start(id: &str, net: &InProcessNet) -> Node {
         let registry: Registry = Arc::default();
-        let replications: Replications = Arc::default();
         let (supervisor, _) =
             Actor::spawn(None, ReplicaSupervisor, (registry.clone(), Arc::default()))
                 .await
                 .unwrap();
-        let local = LocalReplicas::new(registry, replications.clone(), Limits::default());
+        let local = LocalReplicas::new(registry.clone(), Limits::default());
         let addr = format!("{id}.in-process");
         net.add(&addr, &local);
         Node {
             id: id.to_string(),
             addr,
             dir: tempfile::tempdir().unwrap(),
-            replications,
+            registry,
             local,
             supervisor,
             transports: Transports::in_process(net.clone()),
@@ -60,24 +58,20 @@ impl Node {
     /// recent log, and gives it `role`.
     async fn open(&self, role: Role, recent_log_bytes: usize) -> Arc<Replication> {
         let key = key();
-        let repl = self
-            .replications
-            .write()
-            .entry(key.clone())
-            .or_insert_with(|| {
-                Replication::new(
-                    key.clone(),
-                    self.id.clone(),
-                    self.transports.clone(),
-                    recent_log_bytes,
-                    Arc::new(DiskGuard {
-                        node: self.id.clone(),
-                        dir: self.dir.path().to_path_buf(),
-                        reserve: 0,
-                    }),
-                )
-            })
-            .clone();
+        let hosted = self.registry.read().get(&key).map(|h| h.repl.clone());
+        let repl = hosted.unwrap_or_else(|| {
+            Replication::new(
+                key.clone(),
+                self.id.clone(),
+                self.transports.clone(),
+                recent_log_bytes,
+                Arc::new(DiskGuard {
+                    node: self.id.clone(),
+                    dir: self.dir.path().to_path_buf(),
+                    reserve: 0,
+                }),
+            )
+        });
         let args = ReplicaArgs {
             dir: self.dir.path().join("shards").join("c-1").join("0"),
             config: CollectionConfig::new(DIM, Metric::InnerProduct),
@@ -104,7 +98,7 @@ impl Node {
     }
 
     fn position(&self) -> (u64, u64) {
-        self.replications.read()[&key()].shard().unwrap().last()
+        self.registry.read()[&key()].repl.shard().unwrap().last()
     }
 }
 
@@ -149,7 +143,7 @@ fn doc(i: u32) -> rpb::StoredDoc {
 }
 
 /// Writes docs `range` through `node`'s local handler, one batch per write.
-async fn write(node: &Node, range: std::ops::Range<u32>) -> Result<u64, tonic::Status> {
+async fn write(node: &Node, range: std::ops::Range<u32>) -> Result<u64, ReplicaError> {
     let mut seq = 0;
     for i in range {
         let r = node
@@ -169,7 +163,7 @@ async fn write(node: &Node, range: std::ops::Range<u32>) -> Result<u64, tonic::S
     Ok(seq)
 }
 
-async fn get(node: &Node, id: &str) -> Result<bool, tonic::Status> {
+async fn get(node: &Node, id: &str) -> Result<bool, ReplicaError> {
     let r = node
         .local
         .get(
@@ -204,12 +198,12 @@ async fn a_write_is_acknowledged_once_its_backup_holds_it() {
     assert_eq!(seq, 50);
     // Acknowledged: the backup already holds every batch, in the same epoch.
     assert_eq!(b.position(), (50, 1));
-    let backup = b.replications.read()[&key()].clone();
+    let backup = b.registry.read()[&key()].repl.clone();
     eventually(CALL, "the backup caught up", || backup.caught_up()).await;
     assert!(get(&b, "d49").await.unwrap());
     // Through the same seam as over gRPC: the backup refuses writes (not its primary).
     let e = write(&b, 100..101).await.unwrap_err();
-    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(matches!(e, ReplicaError::Unavailable(_)), "{e:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,7 +254,7 @@ async fn a_cut_off_backup_catches_up_from_the_recent_log_then_by_snapshot() {
             c.position().0 == 40
         })
         .await;
-        let rc = c.replications.read()[&key()].clone();
+        let rc = c.registry.read()[&key()].repl.clone();
         eventually(CALL, "c reads again", || rc.caught_up()).await;
         for i in [0, 10, 39] {
             assert!(
@@ -287,7 +281,10 @@ async fn a_deposed_primary_cannot_acknowledge_a_write() {
     assert_eq!(b.position(), (10, 2));
     let e = write(&a, 100..101).await.unwrap_err();
     assert!(
-        matches!(e.code(), Code::Unavailable | Code::FailedPrecondition),
+        matches!(
+            e,
+            ReplicaError::Unavailable(_) | ReplicaError::StaleEpoch(_)
+        ),
         "{e:?}"
     );
     // b's epoch-2 batches reached a as its backup; nothing of a's refused write did.
@@ -328,7 +325,7 @@ async fn a_primary_behind_its_backups_overwrites_nothing_and_takes_no_writes() {
         .await;
     eventually(CALL, "c reports a replica ahead", || rc.ahead().is_some()).await;
     let e = write(&c, 100..101).await.unwrap_err();
-    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(matches!(e, ReplicaError::Unavailable(_)), "{e:?}");
     assert_eq!(a.position(), (20, 1));
     assert_eq!(b.position(), (20, 1));
     assert!(get(&a, "d19").await.unwrap());

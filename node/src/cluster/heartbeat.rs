@@ -14,8 +14,9 @@ use super::disk::DiskGuard;
 use super::identity::Identity;
 use super::ids::ReplicaKey;
 use super::mapview::MapView;
+use super::replicas::Registry;
 use super::replication::Replication;
-use super::{register, replicas, NodeConfig, Replications};
+use super::{register, replicas, NodeConfig};
 
 /// At most this much of a replica's failure travels (the coordinators keep 1 KiB).
 const FAILURE_BYTES: usize = 1024;
@@ -126,7 +127,7 @@ pub(super) struct Heartbeat {
     pub cfg: NodeConfig,
     pub advertised: String,
     pub view: Arc<RwLock<MapView>>,
-    pub replications: Replications,
+    pub registry: Registry,
     pub identity: Arc<RwLock<Identity>>,
     pub disk: Arc<DiskGuard>,
     pub client: Client,
@@ -143,8 +144,12 @@ impl Heartbeat {
                 _ = stop.changed() => return,
             }
             let states: Vec<ReplicaState> = {
-                let repls: Vec<Arc<Replication>> =
-                    self.replications.read().values().cloned().collect();
+                let repls: Vec<Arc<Replication>> = self
+                    .registry
+                    .read()
+                    .values()
+                    .map(|h| h.repl.clone())
+                    .collect();
                 repls.iter().map(|r| ReplicaState::of(r)).collect()
             };
             let (reports, ready) = reports(&states, &self.view.read(), &self.cfg.id);

@@ -97,7 +97,6 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
 /// Refreshes the gauges and absolute counters every `period` until `stop` fires.
 pub async fn refresh(
     registry: Registry,
-    replications: super::Replications,
     restarts: Arc<AtomicU64>,
     encoder: Option<Arc<EncoderPool>>,
     period: Duration,
@@ -120,13 +119,13 @@ pub async fn refresh(
         let replicas: Vec<_> = registry
             .read()
             .iter()
-            .map(|(k, a)| (k.clone(), a.clone()))
+            .map(|(k, h)| (k.clone(), h.actor.clone()))
             .collect();
         gauge!("shoal_node_replicas").set(replicas.len() as f64);
-        let recent: usize = replications
+        let recent: usize = registry
             .read()
             .values()
-            .map(|r| r.recent_log_bytes())
+            .map(|h| h.repl.recent_log_bytes())
             .sum();
         gauge!("shoal_replication_recent_log_bytes").set(recent as f64);
         for (key, actor) in replicas {

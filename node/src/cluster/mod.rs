@@ -17,7 +17,6 @@ pub mod replication;
 mod service;
 pub mod transport;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
@@ -41,9 +40,6 @@ use mapview::MapView;
 use replicas::{Registry, ReplicaKey, ReplicaMsg, ReplicaSupervisor, SupervisorMsg};
 use replication::Replication;
 use transport::{LocalReplicas, Transports};
-
-/// Each hosted replica's replication state, by key.
-pub type Replications = Arc<RwLock<HashMap<ReplicaKey, Arc<Replication>>>>;
 
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -120,7 +116,6 @@ pub struct NodeHandle {
     pub public_addr: SocketAddr,
     pub internal_addr: SocketAddr,
     pub registry: Registry,
-    pub replications: Replications,
     /// Replica actors restarted by the supervisor after a crash.
     pub restarts: Arc<AtomicU64>,
     pub view: Arc<RwLock<MapView>>,
@@ -138,7 +133,7 @@ impl NodeHandle {
             .read()
             .iter()
             .find(|(k, _)| k.collection == collection && k.index == index)
-            .map(|(_, a)| a.clone());
+            .map(|(_, h)| h.actor.clone());
         actor.is_some_and(|a| a.send_message(ReplicaMsg::Crash).is_ok())
     }
 
@@ -149,11 +144,11 @@ impl NodeHandle {
     pub async fn hand_over(&self, within: Duration) -> usize {
         let deadline = tokio::time::Instant::now() + within;
         let primaries: Vec<Arc<Replication>> = self
-            .replications
+            .registry
             .read()
             .values()
-            .filter(|r| r.role().is_some_and(|r| r.is_primary))
-            .cloned()
+            .filter(|h| h.repl.role().is_some_and(|r| r.is_primary))
+            .map(|h| h.repl.clone())
             .collect();
         let mut client = Client::new(self.coordinators.clone());
         client.patience = Duration::from_secs(1);
@@ -304,10 +299,9 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     };
 
     let registry: Registry = Arc::default();
-    let replications: Replications = Arc::default();
     // The replica protocol: this node's own replicas answered in process, others
     // over gRPC; the internal service below serves the same handlers to other nodes.
-    let local = LocalReplicas::new(registry.clone(), replications.clone(), cfg.limits.clone());
+    let local = LocalReplicas::new(registry.clone(), cfg.limits.clone());
     let transports = Transports::grpc();
     transports.set_local(&cfg.id, &local);
     let restarts = Arc::new(AtomicU64::new(0));
@@ -337,7 +331,6 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         node_id: cfg.id.clone(),
         data_dir: cfg.data_dir.clone(),
         registry: registry.clone(),
-        replications: replications.clone(),
         transports: transports.clone(),
         supervisor: supervisor.clone(),
         auto_rebuild_tail: cfg.auto_rebuild_tail,
@@ -374,7 +367,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
             cfg: cfg.clone(),
             advertised: advertised.clone(),
             view: view.clone(),
-            replications: replications.clone(),
+            registry: registry.clone(),
             identity: identity.clone(),
             disk: disk_guard.clone(),
             client: client.clone(),
@@ -386,7 +379,6 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         metrics::install(addr)?;
         tasks.push(tokio::spawn(metrics::refresh(
             registry.clone(),
-            replications.clone(),
             restarts.clone(),
             encoder.clone(),
             Duration::from_secs(2),
@@ -453,7 +445,6 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         public_addr,
         internal_addr,
         registry,
-        replications,
         restarts,
         view,
         supervisor,

@@ -16,12 +16,12 @@ use shoal_proto::client::Client;
 use shoal_proto::coordinator as cpb;
 use tokio::sync::watch;
 
+use super::disk;
 use super::identity::Identity;
 use super::mapview::{self, MapView};
 use super::replicas::{self, Registry, ReplicaArgs, ReplicaKey, ReplicaMsg, SupervisorMsg};
 use super::replication::{Peer, Replication, Role};
 use super::transport::Transports;
-use super::{disk, Replications};
 use crate::shard::{CollectionConfig, Metric};
 
 /// How often replicas that failed are retried between map changes.
@@ -79,7 +79,6 @@ pub(super) struct Reconciler {
     pub(super) node_id: String,
     pub(super) data_dir: PathBuf,
     pub(super) registry: Registry,
-    pub(super) replications: Replications,
     pub(super) transports: Arc<Transports>,
     pub(super) supervisor: ActorRef<SupervisorMsg>,
     pub(super) auto_rebuild_tail: usize,
@@ -97,17 +96,10 @@ impl Reconciler {
     async fn reconcile(&self, view: &MapView) {
         // Replicas a failed write poisoned: reopened from disk, which replays the log
         // (issue 14: a failed replica is repaired, not left serving until a restart).
-        let failed: Vec<ReplicaKey> = self
-            .replications
-            .read()
-            .iter()
-            .filter(|(_, r)| r.shard().ok().and_then(|s| s.failure()).is_some())
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in failed {
-            if let Some(actor) = self.registry.read().get(&k) {
+        for (k, h) in self.registry.read().iter() {
+            if h.repl.shard().ok().and_then(|s| s.failure()).is_some() {
                 tracing::warn!(replica = %k, "reopening a replica a failed write poisoned");
-                let _ = actor.send_message(ReplicaMsg::Reopen);
+                let _ = h.actor.send_message(ReplicaMsg::Reopen);
             }
         }
         let mut wanted: HashMap<ReplicaKey, ReplicaArgs> = HashMap::new();
@@ -125,20 +117,18 @@ impl Reconciler {
                 index: s.index,
             };
             let dir = self.replica_dir(&key);
-            let repl = self
-                .replications
-                .write()
-                .entry(key.clone())
-                .or_insert_with(|| {
-                    Replication::new(
-                        key.clone(),
-                        self.node_id.clone(),
-                        self.transports.clone(),
-                        self.recent_log_bytes,
-                        self.disk.clone(),
-                    )
-                })
-                .clone();
+            // A hosted replica keeps its replication; a new one gets its own, which
+            // the supervisor files with the actor once the replica opens.
+            let hosted = self.registry.read().get(&key).map(|h| h.repl.clone());
+            let repl = hosted.unwrap_or_else(|| {
+                Replication::new(
+                    key.clone(),
+                    self.node_id.clone(),
+                    self.transports.clone(),
+                    self.recent_log_bytes,
+                    self.disk.clone(),
+                )
+            });
             roles.push((key.clone(), role_of(view, s, &self.node_id)));
             wanted.insert(
                 key,
@@ -152,7 +142,6 @@ impl Reconciler {
                 },
             );
         }
-        let wanted_keys: std::collections::HashSet<ReplicaKey> = wanted.keys().cloned().collect();
         let have: Vec<ReplicaKey> = self.registry.read().keys().cloned().collect();
         for k in have {
             if !wanted.contains_key(&k) {
@@ -169,7 +158,6 @@ impl Reconciler {
                         Some(Duration::from_secs(30)),
                     )
                     .await;
-                self.replications.write().remove(&k);
             }
         }
         // Kept replicas: reopened when wanted again, trashed once the map shows their
@@ -207,22 +195,17 @@ impl Reconciler {
                 tracing::error!(replica = %k, "replica could not be opened");
             }
         }
-        let repls = self.replications.read().clone();
+        // Roles for the replicas that are open (one that failed to open gets its
+        // role once it does).
+        let hosted = self.registry.read().clone();
         for (k, role) in roles {
-            if let Some(r) = repls.get(&k) {
-                if r.role().as_ref() != Some(&role) {
+            if let Some(h) = hosted.get(&k) {
+                if h.repl.role().as_ref() != Some(&role) {
                     tracing::info!(replica = %k, epoch = role.epoch, primary = %role.primary, is_primary = role.is_primary, "replica role");
-                    r.set_role(role);
+                    h.repl.set_role(role);
                 }
             }
         }
-        self.replications.write().retain(|k, r| {
-            let keep = wanted_keys.contains(k);
-            if !keep {
-                r.stop();
-            }
-            keep
-        });
     }
 }
 

@@ -259,8 +259,18 @@ pub enum SupervisorMsg {
     Close(ReplicaKey, bool, RpcReplyPort<()>),
 }
 
-/// Hosted replicas, readable by the gRPC services without going through an actor.
-pub type Registry = Arc<RwLock<HashMap<ReplicaKey, ActorRef<ReplicaMsg>>>>;
+/// One hosted replica: its actor (engine operations; restarted by the supervisor after
+/// a crash) and its replication (role, fencing, recent log; it outlives restarts).
+#[derive(Clone)]
+pub struct HostedReplica {
+    pub actor: ActorRef<ReplicaMsg>,
+    pub repl: Arc<Replication>,
+}
+
+/// This node's hosted replicas: one table, written only by the supervisor (open, close,
+/// restart), read by the handlers, the reconciler, heartbeats and metrics without going
+/// through an actor.
+pub type Registry = Arc<RwLock<HashMap<ReplicaKey, HostedReplica>>>;
 
 pub struct ReplicaSupervisor;
 
@@ -314,16 +324,19 @@ impl Actor for ReplicaSupervisor {
                 }
                 let r = Self::spawn(&me, &key, args.clone()).await.map(|actor| {
                     tracing::info!(replica = %key, dir = %args.dir.display(), "replica opened");
-                    st.registry.write().insert(key.clone(), actor);
+                    let repl = args.repl.clone();
+                    st.registry
+                        .write()
+                        .insert(key.clone(), HostedReplica { actor, repl });
                     st.args.insert(key, args);
                 });
                 let _ = reply.send(r);
             }
             SupervisorMsg::Close(key, delete, reply) => {
-                let actor = st.registry.write().remove(&key);
+                let hosted = st.registry.write().remove(&key);
                 let args = st.args.remove(&key);
-                if let Some(a) = actor {
-                    a.stop_and_wait(None, None).await.ok();
+                if let Some(h) = hosted {
+                    h.actor.stop_and_wait(None, None).await.ok();
                 }
                 if let Some(args) = &args {
                     args.repl.stop();
@@ -365,7 +378,7 @@ impl Actor for ReplicaSupervisor {
             .registry
             .read()
             .iter()
-            .find(|(_, a)| a.get_id() == cell.get_id())
+            .find(|(_, h)| h.actor.get_id() == cell.get_id())
             .map(|(k, _)| k.clone());
         let Some(key) = key else {
             return Ok(());
@@ -374,14 +387,18 @@ impl Actor for ReplicaSupervisor {
         st.restarts
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let args = st.args[&key].clone();
-        match Self::spawn(&me, &key, args).await {
+        match Self::spawn(&me, &key, args.clone()).await {
             Ok(actor) => {
-                st.registry.write().insert(key, actor);
+                let repl = args.repl;
+                st.registry
+                    .write()
+                    .insert(key, HostedReplica { actor, repl });
             }
             Err(e) => {
                 tracing::error!(replica = %key, error = %e, "replica could not be reopened");
                 st.registry.write().remove(&key);
                 st.args.remove(&key);
+                args.repl.stop();
             }
         }
         Ok(())

@@ -17,19 +17,16 @@ use shoal_proto::within;
 use tracing::Instrument;
 
 use super::{ReplicaApi, SnapshotStream};
-use crate::cluster::replicas::{Registry, ReplicaKey, ReplicaMsg};
-use crate::cluster::replication::Replication;
-use crate::cluster::Replications;
+use crate::cluster::replicas::{HostedReplica, Registry, ReplicaKey, ReplicaMsg};
 use crate::shard::{Document, SearchMode, SearchParams, ShardError, WriteOp};
 
 /// How long a replica actor may take to answer one call.
 const ACTOR_CALL: Duration = Duration::from_secs(60);
 
-/// One node's hosted replicas: the actors (engine operations) and their replication
-/// state, by key.
+/// One node's hosted replicas (actor and replication, by key) and the limits its
+/// handlers check.
 pub struct LocalReplicas {
     pub registry: Registry,
-    pub replications: Replications,
     pub limits: Limits,
 }
 
@@ -65,27 +62,13 @@ async fn within_deadline<T>(
 }
 
 impl LocalReplicas {
-    pub fn new(registry: Registry, replications: Replications, limits: Limits) -> Arc<Self> {
-        Arc::new(Self {
-            registry,
-            replications,
-            limits,
-        })
+    pub fn new(registry: Registry, limits: Limits) -> Arc<Self> {
+        Arc::new(Self { registry, limits })
     }
 
-    fn actor(
-        &self,
-        r: Option<&rpb::ShardRef>,
-    ) -> Result<ractor::ActorRef<ReplicaMsg>, ReplicaError> {
+    fn hosted(&self, r: Option<&rpb::ShardRef>) -> Result<HostedReplica, ReplicaError> {
         let key = replica_key(r)?;
         self.registry.read().get(&key).cloned().ok_or_else(|| {
-            ReplicaError::Unavailable(format!("replica {key} is not open on this node"))
-        })
-    }
-
-    fn replication(&self, r: Option<&rpb::ShardRef>) -> Result<Arc<Replication>, ReplicaError> {
-        let key = replica_key(r)?;
-        self.replications.read().get(&key).cloned().ok_or_else(|| {
             ReplicaError::Unavailable(format!("replica {key} is not open on this node"))
         })
     }
@@ -129,7 +112,7 @@ impl LocalReplicas {
                 l.request_id_bytes
             )));
         }
-        let repl = self.replication(r.shard.as_ref())?;
+        let repl = self.hosted(r.shard.as_ref())?.repl;
         let mut ops = Vec::with_capacity(r.upserts.len() + r.deletes.len());
         for d in r.upserts {
             within!(l, id_bytes, d.id.len(), "a document id's length")?;
@@ -169,7 +152,7 @@ impl LocalReplicas {
             r.primary.len(),
             "the primary's id length"
         )?;
-        let repl = self.replication(r.shard.as_ref())?;
+        let repl = self.hosted(r.shard.as_ref())?.repl;
         repl.append(r).await
     }
 
@@ -190,8 +173,7 @@ impl LocalReplicas {
             first.primary.len(),
             "the primary's id length"
         )?;
-        let repl = self.replication(first.shard.as_ref())?;
-        let actor = self.actor(first.shard.as_ref())?;
+        let HostedReplica { actor, repl } = self.hosted(first.shard.as_ref())?;
         let _g = repl.lock_apply().await;
         repl.accept_epoch(first.epoch, &first.primary)?;
         // Never moved backwards: a replica ahead of the snapshot may hold acknowledged
@@ -228,7 +210,7 @@ impl LocalReplicas {
         &self,
         r: rpb::ShardSearchRequest,
     ) -> Result<rpb::ShardSearchResponse, ReplicaError> {
-        let repl = self.replication(r.shard.as_ref())?;
+        let HostedReplica { actor, repl } = self.hosted(r.shard.as_ref())?;
         repl.check_readable()?;
         let l = &self.limits;
         if r.k == 0 {
@@ -260,7 +242,6 @@ impl LocalReplicas {
             )?;
         }
         drop(shard);
-        let actor = self.actor(r.shard.as_ref())?;
         let p = SearchParams {
             k: r.k as usize,
             nprobe: (r.nprobe > 0).then_some(r.nprobe as usize),
@@ -290,7 +271,7 @@ impl LocalReplicas {
         &self,
         r: rpb::BuildRequest,
     ) -> Result<rpb::BuildResponse, ReplicaError> {
-        let actor = self.actor(r.shard.as_ref())?;
+        let actor = self.hosted(r.shard.as_ref())?.actor;
         let g = Self::call(actor, ReplicaMsg::Build).await?;
         Ok(rpb::BuildResponse {
             generation: g.id,
@@ -304,8 +285,8 @@ impl LocalReplicas {
         &self,
         r: rpb::ShardGetRequest,
     ) -> Result<rpb::ShardGetResponse, ReplicaError> {
-        self.replication(r.shard.as_ref())?.check_readable()?;
-        let actor = self.actor(r.shard.as_ref())?;
+        let HostedReplica { actor, repl } = self.hosted(r.shard.as_ref())?;
+        repl.check_readable()?;
         let doc = Self::call(actor, |reply| ReplicaMsg::Get(r.id, reply)).await?;
         Ok(rpb::ShardGetResponse {
             found: doc.is_some(),
