@@ -33,6 +33,45 @@ impl Reports {
     ) -> Option<&shoal_proto::coordinator::ReplicaReport> {
         self.0.get(node)?.get(shard)
     }
+
+    /// `node`'s last reported position in `shard`: (epoch, seq) of its last batch.
+    pub fn position(&self, shard: &ShardKey, node: &str) -> Option<(u64, u64)> {
+        self.get(shard, node).map(|r| (r.last_epoch, r.applied_seq))
+    }
+}
+
+/// Whether `node`'s replica of `shard` may take the primary role without losing an
+/// acknowledged write: its node is live and its last report holds `floor` (the
+/// primary's position: its last report for an operator's promotion, the position it
+/// states for its own handover). `doing` names the action in the refusal.
+pub fn may_take_over(
+    map: &ClusterMap,
+    reports: &Reports,
+    shard: &ShardKey,
+    node: &str,
+    floor: Option<(u64, u64)>,
+    doing: &str,
+) -> std::result::Result<(), MapError> {
+    if !map.nodes.get(node).is_some_and(|n| n.state.is_live()) {
+        return Err(MapError::FailedPrecondition(format!(
+            "node {node:?} is not up: {doing} refused (only an operator's promotion with \
+             accept_data_loss may promote it)"
+        )));
+    }
+    let target = reports.position(shard, node).ok_or_else(|| {
+        MapError::FailedPrecondition(format!(
+            "no report yet from the replica of {shard} on {node:?}; retry after its next heartbeat"
+        ))
+    })?;
+    match floor {
+        Some(floor) if target < floor => Err(MapError::FailedPrecondition(format!(
+            "the replica of {shard} on {node:?} is behind the primary (epoch {} seq {} < \
+             epoch {} seq {}); {doing} would lose acknowledged writes unless \
+             accept_data_loss (or retry after its next heartbeat)",
+            target.0, target.1, floor.0, floor.1
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// A follower's forwarded write, as the leader answers it.
@@ -621,31 +660,12 @@ impl Coordinator {
             .into());
         }
         if !accept_data_loss {
-            let up = map.nodes.get(node).is_some_and(|n| n.state.is_live());
-            if !up {
-                return Err(MapError::FailedPrecondition(format!(
-                    "node {node:?} is not up; promoting it needs accept_data_loss"
-                ))
-                .into());
-            }
             let reports = self.reports.lock();
-            let pos = |n: &str| reports.get(shard, n).map(|r| (r.last_epoch, r.applied_seq));
-            let target = pos(node).ok_or_else(|| {
-                MapError::FailedPrecondition(format!(
-                    "no report yet from the replica of {shard} on {node:?}; retry after its next heartbeat"
-                ))
-            })?;
-            if let Some(primary) = s.primary.as_deref().and_then(pos) {
-                if target < primary {
-                    return Err(MapError::FailedPrecondition(format!(
-                        "the replica of {shard} on {node:?} is behind the primary \
-                         (epoch {} seq {} < epoch {} seq {}); promoting it would lose \
-                         acknowledged writes unless accept_data_loss",
-                        target.0, target.1, primary.0, primary.1
-                    ))
-                    .into());
-                }
-            }
+            let primary = s
+                .primary
+                .as_deref()
+                .and_then(|p| reports.position(shard, p));
+            may_take_over(&map, &reports, shard, node, primary, "promoting it")?;
         }
         tracing::info!(shard = %shard, to = node, epoch = s.epoch + 1, accept_data_loss, "promoting a replica on request");
         let (shard, node, epoch) = (shard.clone(), node.to_string(), s.epoch);
@@ -656,6 +676,54 @@ impl Coordinator {
         })
         .await?;
         Ok(())
+    }
+
+    /// A primary's own handover (before its node shuts down): `to` leads `shard` under
+    /// a new epoch, only while `from` still leads it at `epoch` and `to` has reported
+    /// holding `last` (epoch, seq), the primary's last batch. Returns the new epoch.
+    pub async fn hand_over(
+        &self,
+        from: &str,
+        cluster_id: &str,
+        shard: &shoal_proto::coordinator::ShardId,
+        epoch: u64,
+        to: &str,
+        last: (u64, u64),
+    ) -> Result<u64> {
+        self.require_leader()?;
+        self.check_cluster(from, cluster_id)?;
+        let map = self.read().await?;
+        let s = map
+            .shard_named(&shard.collection, shard.collection_id, shard.index)
+            .ok_or_else(|| {
+                MapError::NotFound(format!(
+                    "shard {}/{} of collection id {} not found",
+                    shard.collection, shard.index, shard.collection_id
+                ))
+            })?;
+        if s.primary.as_deref() != Some(from) || s.epoch != epoch {
+            return Err(MapError::FailedPrecondition(format!(
+                "{from:?} does not lead shard {} at epoch {epoch} (the map: {:?} at epoch {})",
+                s.key, s.primary, s.epoch
+            ))
+            .into());
+        }
+        may_take_over(
+            &map,
+            &self.reports.lock(),
+            &s.key,
+            to,
+            Some(last),
+            "handing over",
+        )?;
+        tracing::info!(shard = %s.key, from, to, epoch = epoch + 1, "primary hands its role over");
+        self.write(Command::Promote {
+            shard: s.key.clone(),
+            node: to.to_string(),
+            epoch,
+        })
+        .await?;
+        Ok(epoch + 1)
     }
 
     /// The cluster's id; the first call on a fresh group names it (a random id,

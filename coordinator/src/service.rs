@@ -571,6 +571,31 @@ impl pb::cluster_map_server::ClusterMap for ClusterMapService {
         }))
     }
 
+    async fn hand_over(
+        &self,
+        req: Request<pb::HandOverRequest>,
+    ) -> Result<Response<pb::HandOverResponse>, Status> {
+        let r = req.into_inner();
+        check_name(&self.0, &r.node_id, "the node id")?;
+        check_name(&self.0, &r.to, "the target node id")?;
+        let shard = r
+            .shard
+            .ok_or_else(|| Status::invalid_argument("hand-over needs the shard"))?;
+        check_name(&self.0, &shard.collection, "the collection name")?;
+        let epoch = self
+            .0
+            .hand_over(
+                &r.node_id,
+                &r.cluster_id,
+                &shard,
+                r.epoch,
+                &r.to,
+                (r.last_epoch, r.last_seq),
+            )
+            .await?;
+        Ok(Response::new(pb::HandOverResponse { epoch }))
+    }
+
     type WatchStream = EventStream;
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<EventStream>, Status> {

@@ -572,7 +572,7 @@ async fn silent_node_goes_suspect_then_down_and_its_replicas_move() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn promote_replica_refuses_a_lagging_backup_unless_told_to_lose_data() {
+async fn promote_and_hand_over_refuse_a_lagging_backup_unless_told_to_lose_data() {
     let _serial = SERIAL.lock().await;
     let mut g = Group::start(|_| {}).await;
     g.leader(Duration::from_secs(10)).await;
@@ -670,6 +670,53 @@ async fn promote_replica_refuses_a_lagging_backup_unless_told_to_lose_data() {
         (s.primary.as_str(), s.epoch),
         (primary.as_str(), shard.epoch + 2)
     );
+    // The primary's own handover (its node shutting down): only from the node that
+    // leads at that epoch, only to a replica whose report holds the position the
+    // primary states (a heartbeat behind: FAILED_PRECONDITION, retried by the node).
+    let e2 = shard.epoch + 2;
+    let hand = |from: &str, epoch: u64, last_seq: u64| pb::HandOverRequest {
+        node_id: from.into(),
+        shard: Some(sid("p", coll_id, 0)),
+        epoch,
+        to: backup.clone(),
+        last_seq,
+        last_epoch: e2,
+        ..Default::default()
+    };
+    let err = client.hand_over(hand(&backup, e2, 7)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.message().contains("does not lead"), "{err:?}");
+    let err = client
+        .hand_over(hand(&primary, e2 - 1, 7))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("does not lead"), "{err:?}");
+    let err = client
+        .hand_over(pb::HandOverRequest {
+            shard: Some(sid("p", coll_id + 1, 0)),
+            ..hand(&primary, e2, 7)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    report_applied(&mut client, &backup, sid("p", coll_id, 0), e2, 6).await;
+    let err = client.hand_over(hand(&primary, e2, 7)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.message().contains("behind the primary"), "{err:?}");
+    report_applied(&mut client, &backup, sid("p", coll_id, 0), e2, 7).await;
+    let r = client.hand_over(hand(&primary, e2, 7)).await.unwrap();
+    assert_eq!(r.epoch, e2 + 1);
+    let shards = client
+        .list_shards(pb::ListShardsRequest {
+            collection: "p".into(),
+        })
+        .await
+        .unwrap();
+    let s = &shards.shards[0];
+    assert_eq!((s.primary.as_str(), s.epoch), (backup.as_str(), e2 + 1));
+    // Replayed (the node's retry after a lost answer): the sender no longer leads.
+    let err = client.hand_over(hand(&primary, e2, 7)).await.unwrap_err();
+    assert!(err.message().contains("does not lead"), "{err:?}");
     for i in 0..3 {
         g.stop_member(i).await;
     }

@@ -130,5 +130,6 @@ impl Client {
         admin::allocate_empty_shard(pb::AllocateEmptyShardRequest) -> pb::Shard;
         cluster::register_node(pb::RegisterNodeRequest) -> pb::NodeInfo;
         cluster::heartbeat(pb::HeartbeatRequest) -> pb::HeartbeatResponse;
+        cluster::hand_over(pb::HandOverRequest) -> pb::HandOverResponse;
     }
 }

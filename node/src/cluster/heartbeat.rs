@@ -58,14 +58,6 @@ impl ReplicaState {
     }
 }
 
-fn shard_id(k: &ReplicaKey) -> cpb::ShardId {
-    cpb::ShardId {
-        collection: k.collection.clone(),
-        collection_id: k.collection_id,
-        index: k.index,
-    }
-}
-
 /// Pure: the heartbeat's replica reports, and the replicas this node fills (`Copying`
 /// in `view`, the same collection incarnation) that have caught up with their primary.
 /// A replica that could not open reports only its failure (it has no position).
@@ -82,7 +74,7 @@ pub fn reports(
         let Some((applied_seq, last_epoch)) = r.position else {
             if !failed.is_empty() {
                 out.push(cpb::ReplicaReport {
-                    shard: Some(shard_id(&r.key)),
+                    shard: Some(r.key.shard_id()),
                     epoch: r.known_epoch,
                     failed,
                     ..Default::default()
@@ -91,7 +83,7 @@ pub fn reports(
             continue;
         };
         out.push(cpb::ReplicaReport {
-            shard: Some(shard_id(&r.key)),
+            shard: Some(r.key.shard_id()),
             applied_seq,
             last_epoch,
             serving_generation: r.serving_generation,
@@ -116,7 +108,7 @@ pub fn reports(
                     .any(|x| x.node_id == me && x.state == cpb::ReplicaState::Copying as i32)
             });
         if filling && r.caught_up {
-            ready.push(shard_id(&r.key));
+            ready.push(r.key.shard_id());
         }
     }
     (out, ready)

@@ -123,6 +123,8 @@ pub struct NodeHandle {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     coordinators: Vec<String>,
+    node_id: String,
+    identity: Arc<RwLock<Identity>>,
 }
 
 impl NodeHandle {
@@ -153,22 +155,27 @@ impl NodeHandle {
         let mut client = Client::new(self.coordinators.clone());
         client.patience = Duration::from_secs(1);
         let mut moved = 0;
+        let cluster_id = self.identity.read().cluster_id.clone();
         for r in primaries {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let Some(to) = r.prepare_handover(left).await else {
+            let Some(h) = r.prepare_handover(left).await else {
                 r.cancel_handover();
                 tracing::warn!(shard = %r.key, "no backup holds every write; leaving the primary role to the down timeout");
                 continue;
             };
-            let req = cpb::PromoteReplicaRequest {
-                collection: r.key.collection.clone(),
-                shard: r.key.index,
-                node_id: to.clone(),
-                accept_data_loss: false,
+            let to = h.to.clone();
+            let req = cpb::HandOverRequest {
+                node_id: self.node_id.clone(),
+                cluster_id: cluster_id.clone(),
+                shard: Some(r.key.shard_id()),
+                epoch: h.epoch,
+                to: h.to,
+                last_seq: h.last_seq,
+                last_epoch: h.last_epoch,
             };
             // The leader checks the backup's report, which may be a heartbeat behind.
             loop {
-                match client.promote_replica(req.clone()).await {
+                match client.hand_over(req.clone()).await {
                     Ok(_) => {
                         tracing::info!(shard = %r.key, to = %to, "primary role handed over");
                         moved += 1;
@@ -451,5 +458,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         stop,
         tasks,
         coordinators: cfg.coordinators.clone(),
+        node_id: cfg.id.clone(),
+        identity,
     })
 }

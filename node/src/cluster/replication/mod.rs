@@ -58,6 +58,16 @@ pub use role::{standing, Peer, Role, Standing};
 
 use recent::Recent;
 
+/// A primary ready to hand its role over: `to` holds its last batch (`last_epoch`,
+/// `last_seq`); it leads at `epoch` and takes no writes meanwhile.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Handover {
+    pub to: String,
+    pub epoch: u64,
+    pub last_seq: u64,
+    pub last_epoch: u64,
+}
+
 /// How long a write waits for its quorum before reporting an unknown outcome.
 pub const QUORUM_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default cap on each replica's recent log (bytes, roughly): as much as the shard's
@@ -79,7 +89,6 @@ struct Replicator {
 
 pub struct Replication {
     pub key: ReplicaKey,
-    pub collection_id: u64,
     node_id: String,
     shard: RwLock<Option<Shard>>,
     role: RwLock<Option<Role>>,
@@ -125,7 +134,6 @@ impl Replication {
     ) -> Arc<Self> {
         Arc::new(Self {
             disk,
-            collection_id: key.collection_id,
             key,
             node_id,
             shard: RwLock::new(None),
@@ -287,11 +295,11 @@ impl Replication {
     }
 
     /// Stops taking writes and waits (up to `within`) until a live serving backup
-    /// holds everything this primary logged; returns that backup's node id.
-    pub async fn prepare_handover(&self, within: Duration) -> Option<String> {
+    /// holds everything this primary logged; returns that backup and the position.
+    pub async fn prepare_handover(&self, within: Duration) -> Option<Handover> {
         self.handing_over.store(true, Ordering::Release);
         let role = self.role().filter(|r| r.is_primary)?;
-        let last = self.shard().ok()?.last().0;
+        let (last, last_epoch) = self.shard().ok()?.last();
         // The backups that count towards writes: live and serving.
         let (candidates, _) = role.quorum();
         let mut rx = self.matched.subscribe();
@@ -309,7 +317,13 @@ impl Replication {
                 }
             }
         };
-        tokio::time::timeout(within, wait).await.ok().flatten()
+        let to = tokio::time::timeout(within, wait).await.ok().flatten()?;
+        Some(Handover {
+            to,
+            epoch: role.epoch,
+            last_seq: last,
+            last_epoch,
+        })
     }
 
     /// Takes writes again (a handover that did not happen).

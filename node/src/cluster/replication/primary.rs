@@ -396,11 +396,7 @@ impl Replication {
     }
 
     pub(super) fn shard_ref(&self) -> rpb::ShardRef {
-        rpb::ShardRef {
-            collection: self.key.collection.clone(),
-            collection_id: self.collection_id,
-            index: self.key.index,
-        }
+        self.key.shard_ref()
     }
 
     pub(super) async fn send_snapshot(

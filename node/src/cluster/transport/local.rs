@@ -30,23 +30,6 @@ pub struct LocalReplicas {
     pub limits: Limits,
 }
 
-fn replica_key(r: Option<&rpb::ShardRef>) -> Result<ReplicaKey, ReplicaError> {
-    let r = r.ok_or_else(|| ReplicaError::Invalid("shard reference missing".into()))?;
-    // Checked against the default: the name is echoed in errors and no collection's
-    // name is longer (the map refuses more than 128 bytes).
-    within!(
-        Limits::default(),
-        name_bytes,
-        r.collection.len(),
-        "the collection name's length"
-    )?;
-    Ok(ReplicaKey {
-        collection: r.collection.clone(),
-        collection_id: r.collection_id,
-        index: r.index,
-    })
-}
-
 /// `fut` within `timeout`, or DEADLINE_EXCEEDED (what a gRPC caller would hear).
 async fn within_deadline<T>(
     timeout: Duration,
@@ -67,7 +50,7 @@ impl LocalReplicas {
     }
 
     fn hosted(&self, r: Option<&rpb::ShardRef>) -> Result<HostedReplica, ReplicaError> {
-        let key = replica_key(r)?;
+        let key = ReplicaKey::from_ref(r)?;
         self.registry.read().get(&key).cloned().ok_or_else(|| {
             ReplicaError::Unavailable(format!("replica {key} is not open on this node"))
         })
