@@ -6,8 +6,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
-use shoal_proto::coordinator as pb;
-use shoal_proto::raft as rpb;
+use shoal_proto::coordinator as cpb;
+use shoal_proto::raft as raftpb;
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
 
@@ -37,18 +37,18 @@ fn check_name(c: &Coordinator, name: &str, what: &str) -> Result<(), Status> {
 
 // ---- conversions ---------------------------------------------------------------
 
-pub fn collection_pb(c: &Collection) -> pb::Collection {
+pub fn collection_pb(c: &Collection) -> cpb::Collection {
     let s = &c.spec;
-    pb::Collection {
+    cpb::Collection {
         name: s.name.clone(),
         id: c.id,
         dimension: s.dimension,
         metric: Metric::wire(s.metric),
-        encoder: s.encoder.as_ref().map(|e| pb::EncoderRef {
+        encoder: s.encoder.as_ref().map(|e| cpb::EncoderRef {
             model_id: e.model_id.clone(),
             content_hash: e.content_hash.clone(),
         }),
-        index: Some(pb::IndexParams {
+        index: Some(cpb::IndexParams {
             nlist: s.index.nlist,
             pq_m: s.index.pq_m,
             pq_nbits: s.index.pq_nbits,
@@ -65,19 +65,19 @@ pub fn collection_pb(c: &Collection) -> pb::Collection {
 
 fn node_state_pb(s: NodeState) -> i32 {
     (match s {
-        NodeState::Joining => pb::NodeState::Joining,
-        NodeState::Up => pb::NodeState::Up,
-        NodeState::Suspect => pb::NodeState::Suspect,
-        NodeState::Down => pb::NodeState::Down,
-        NodeState::Draining => pb::NodeState::Draining,
+        NodeState::Joining => cpb::NodeState::Joining,
+        NodeState::Up => cpb::NodeState::Up,
+        NodeState::Suspect => cpb::NodeState::Suspect,
+        NodeState::Down => cpb::NodeState::Down,
+        NodeState::Draining => cpb::NodeState::Draining,
     }) as i32
 }
 
-pub fn node_pb(n: &Node, map: &ClusterMap) -> pb::NodeInfo {
-    pb::NodeInfo {
+pub fn node_pb(n: &Node, map: &ClusterMap) -> cpb::NodeInfo {
+    cpb::NodeInfo {
         id: n.id.clone(),
         addr: n.addr.clone(),
-        capacity: Some(pb::Capacity {
+        capacity: Some(cpb::Capacity {
             memory_bytes: n.capacity.memory_bytes,
             gpu: n.capacity.gpu,
             zone: n.capacity.zone.clone(),
@@ -89,20 +89,20 @@ pub fn node_pb(n: &Node, map: &ClusterMap) -> pb::NodeInfo {
     }
 }
 
-pub fn shard_pb(s: &Shard) -> pb::Shard {
+pub fn shard_pb(s: &Shard) -> cpb::Shard {
     shard_pb_with(s, &Reports::default())
 }
 
 /// A shard with each replica's last heartbeat report (sequence number, lag, index
 /// generation), as the leader has them.
-pub fn shard_pb_with(s: &Shard, reports: &Reports) -> pb::Shard {
+pub fn shard_pb_with(s: &Shard, reports: &Reports) -> cpb::Shard {
     let report = |node: &str| reports.get(&s.key, node);
     let primary_seq = s
         .primary
         .as_deref()
         .and_then(report)
         .map_or(0, |r| r.applied_seq);
-    pb::Shard {
+    cpb::Shard {
         collection: s.key.collection.clone(),
         index: s.key.index,
         primary: s.primary.clone().unwrap_or_default(),
@@ -111,12 +111,12 @@ pub fn shard_pb_with(s: &Shard, reports: &Reports) -> pb::Shard {
             .iter()
             .map(|r| {
                 let rep = report(&r.node).cloned().unwrap_or_default();
-                pb::Replica {
+                cpb::Replica {
                     node_id: r.node.clone(),
                     state: (match r.state {
-                        ReplicaState::Serving => pb::ReplicaState::Serving,
-                        ReplicaState::Copying => pb::ReplicaState::Copying,
-                        ReplicaState::Leaving => pb::ReplicaState::Leaving,
+                        ReplicaState::Serving => cpb::ReplicaState::Serving,
+                        ReplicaState::Copying => cpb::ReplicaState::Copying,
+                        ReplicaState::Leaving => cpb::ReplicaState::Leaving,
                     }) as i32,
                     applied_seq: rep.applied_seq,
                     lag: primary_seq.saturating_sub(rep.applied_seq),
@@ -134,8 +134,8 @@ pub fn shard_pb_with(s: &Shard, reports: &Reports) -> pb::Shard {
     }
 }
 
-fn map_pb(map: &ClusterMap) -> pb::ClusterMapSnapshot {
-    pb::ClusterMapSnapshot {
+fn map_pb(map: &ClusterMap) -> cpb::ClusterMapSnapshot {
+    cpb::ClusterMapSnapshot {
         version: map.version,
         collections: map.collections.values().map(collection_pb).collect(),
         nodes: map.nodes.values().map(|n| node_pb(n, map)).collect(),
@@ -145,9 +145,9 @@ fn map_pb(map: &ClusterMap) -> pb::ClusterMapSnapshot {
     }
 }
 
-fn change_pb(c: &Change, map: &ClusterMap) -> pb::MapChange {
-    use pb::map_change::Change as C;
-    pb::MapChange {
+fn change_pb(c: &Change, map: &ClusterMap) -> cpb::MapChange {
+    use cpb::map_change::Change as C;
+    cpb::MapChange {
         change: Some(match c {
             Change::CollectionPut(c) => C::CollectionPut(collection_pb(c)),
             Change::CollectionDropped(n) => C::CollectionDropped(n.clone()),
@@ -158,7 +158,7 @@ fn change_pb(c: &Change, map: &ClusterMap) -> pb::MapChange {
 }
 
 /// A create request as a spec: zero index fields take the defaults for the dimension.
-pub fn spec_from_pb(r: pb::CreateCollectionRequest) -> Result<CollectionSpec, Status> {
+pub fn spec_from_pb(r: cpb::CreateCollectionRequest) -> Result<CollectionSpec, Status> {
     let metric = Metric::from_wire(r.metric)
         .ok_or_else(|| Status::invalid_argument(format!("unknown metric {}", r.metric)))?;
     let d = IndexParams::defaults(r.dimension.max(1));
@@ -191,12 +191,12 @@ pub fn spec_from_pb(r: pb::CreateCollectionRequest) -> Result<CollectionSpec, St
     })
 }
 
-fn collection_info(map: &ClusterMap, name: &str) -> Result<pb::CollectionInfo, Status> {
+fn collection_info(map: &ClusterMap, name: &str) -> Result<cpb::CollectionInfo, Status> {
     let c = map
         .collections
         .get(name)
         .ok_or_else(|| Status::not_found(format!("collection {name:?} not found")))?;
-    Ok(pb::CollectionInfo {
+    Ok(cpb::CollectionInfo {
         collection: Some(collection_pb(c)),
         shards: map.shards_of(name).map(shard_pb).collect(),
         map_version: map.version,
@@ -208,14 +208,14 @@ fn collection_info(map: &ClusterMap, name: &str) -> Result<pb::CollectionInfo, S
 pub struct AdminService(pub Arc<Coordinator>);
 
 impl AdminService {
-    fn status(&self) -> pb::ClusterStatusResponse {
+    fn status(&self) -> cpb::ClusterStatusResponse {
         let c = &self.0;
         let m = c.raft.metrics().borrow().clone();
         let voters: BTreeSet<u64> = m.membership_config.voter_ids().collect();
         let members = m
             .membership_config
             .nodes()
-            .map(|(id, n)| pb::Member {
+            .map(|(id, n)| cpb::Member {
                 id: *id,
                 raft_addr: n.raft_addr.clone(),
                 api_addr: n.api_addr.clone(),
@@ -234,7 +234,7 @@ impl AdminService {
             let st = c.sm.state.lock();
             (st.map.version, st.map.cluster_id.clone())
         };
-        pb::ClusterStatusResponse {
+        cpb::ClusterStatusResponse {
             id: c.id,
             leader: m.current_leader.unwrap_or(0),
             leader_api_addr,
@@ -249,11 +249,11 @@ impl AdminService {
 }
 
 #[tonic::async_trait]
-impl pb::admin_server::Admin for AdminService {
+impl cpb::admin_server::Admin for AdminService {
     async fn create_collection(
         &self,
-        req: Request<pb::CreateCollectionRequest>,
-    ) -> Result<Response<pb::CollectionInfo>, Status> {
+        req: Request<cpb::CreateCollectionRequest>,
+    ) -> Result<Response<cpb::CollectionInfo>, Status> {
         check_name(&self.0, &req.get_ref().name, "the collection name")?;
         let spec = spec_from_pb(req.into_inner())?;
         shoal_proto::within!(
@@ -270,18 +270,20 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn drop_collection(
         &self,
-        req: Request<pb::DropCollectionRequest>,
-    ) -> Result<Response<pb::DropCollectionResponse>, Status> {
+        req: Request<cpb::DropCollectionRequest>,
+    ) -> Result<Response<cpb::DropCollectionResponse>, Status> {
         let name = req.into_inner().name;
         check_name(&self.0, &name, "the collection name")?;
         let v = self.0.write(Command::DropCollection { name }).await?;
-        Ok(Response::new(pb::DropCollectionResponse { map_version: v }))
+        Ok(Response::new(cpb::DropCollectionResponse {
+            map_version: v,
+        }))
     }
 
     async fn describe_collection(
         &self,
-        req: Request<pb::DescribeCollectionRequest>,
-    ) -> Result<Response<pb::CollectionInfo>, Status> {
+        req: Request<cpb::DescribeCollectionRequest>,
+    ) -> Result<Response<cpb::CollectionInfo>, Status> {
         check_name(&self.0, &req.get_ref().name, "the collection name")?;
         let map = self.0.read().await?;
         Ok(Response::new(collection_info(
@@ -292,10 +294,10 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn list_collections(
         &self,
-        _: Request<pb::ListCollectionsRequest>,
-    ) -> Result<Response<pb::ListCollectionsResponse>, Status> {
+        _: Request<cpb::ListCollectionsRequest>,
+    ) -> Result<Response<cpb::ListCollectionsResponse>, Status> {
         let map = self.0.read().await?;
-        Ok(Response::new(pb::ListCollectionsResponse {
+        Ok(Response::new(cpb::ListCollectionsResponse {
             collections: map.collections.values().map(collection_pb).collect(),
             map_version: map.version,
         }))
@@ -303,10 +305,10 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn list_nodes(
         &self,
-        _: Request<pb::ListNodesRequest>,
-    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        _: Request<cpb::ListNodesRequest>,
+    ) -> Result<Response<cpb::ListNodesResponse>, Status> {
         let map = self.0.read().await?;
-        Ok(Response::new(pb::ListNodesResponse {
+        Ok(Response::new(cpb::ListNodesResponse {
             nodes: map.nodes.values().map(|n| node_pb(n, &map)).collect(),
             map_version: map.version,
         }))
@@ -314,8 +316,8 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn list_shards(
         &self,
-        req: Request<pb::ListShardsRequest>,
-    ) -> Result<Response<pb::ListShardsResponse>, Status> {
+        req: Request<cpb::ListShardsRequest>,
+    ) -> Result<Response<cpb::ListShardsResponse>, Status> {
         let name = req.into_inner().collection;
         check_name(&self.0, &name, "the collection name")?;
         let map = self.0.read().await?;
@@ -329,7 +331,7 @@ impl pb::admin_server::Admin for AdminService {
             }
             map.shards_of(&name).map(pb).collect()
         };
-        Ok(Response::new(pb::ListShardsResponse {
+        Ok(Response::new(cpb::ListShardsResponse {
             shards,
             map_version: map.version,
         }))
@@ -337,15 +339,15 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn cluster_status(
         &self,
-        _: Request<pb::ClusterStatusRequest>,
-    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        _: Request<cpb::ClusterStatusRequest>,
+    ) -> Result<Response<cpb::ClusterStatusResponse>, Status> {
         Ok(Response::new(self.status()))
     }
 
     async fn add_learner(
         &self,
-        req: Request<pb::AddLearnerRequest>,
-    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        req: Request<cpb::AddLearnerRequest>,
+    ) -> Result<Response<cpb::ClusterStatusResponse>, Status> {
         self.0.require_leader()?;
         let r = req.into_inner();
         if r.id == 0 || r.raft_addr.is_empty() || r.api_addr.is_empty() {
@@ -382,8 +384,8 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn change_membership(
         &self,
-        req: Request<pb::ChangeMembershipRequest>,
-    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        req: Request<cpb::ChangeMembershipRequest>,
+    ) -> Result<Response<cpb::ClusterStatusResponse>, Status> {
         self.0.require_leader()?;
         let voters: BTreeSet<u64> = req.into_inner().voters.into_iter().collect();
         if voters.is_empty() {
@@ -401,8 +403,8 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn drain_node(
         &self,
-        req: Request<pb::DrainNodeRequest>,
-    ) -> Result<Response<pb::NodeInfo>, Status> {
+        req: Request<cpb::DrainNodeRequest>,
+    ) -> Result<Response<cpb::NodeInfo>, Status> {
         let r = req.into_inner();
         check_name(&self.0, &r.id, "the node id")?;
         let id = r.id;
@@ -426,8 +428,8 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn promote_replica(
         &self,
-        req: Request<pb::PromoteReplicaRequest>,
-    ) -> Result<Response<pb::Shard>, Status> {
+        req: Request<cpb::PromoteReplicaRequest>,
+    ) -> Result<Response<cpb::Shard>, Status> {
         let r = req.into_inner();
         let key = self.shard_target("promote", &r.collection, r.shard, &r.node_id)?;
         self.0.promote(&key, &r.node_id, r.accept_data_loss).await?;
@@ -436,8 +438,8 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn allocate_empty_shard(
         &self,
-        req: Request<pb::AllocateEmptyShardRequest>,
-    ) -> Result<Response<pb::Shard>, Status> {
+        req: Request<cpb::AllocateEmptyShardRequest>,
+    ) -> Result<Response<cpb::Shard>, Status> {
         let r = req.into_inner();
         let key = self.shard_target("allocate-empty", &r.collection, r.shard, &r.node_id)?;
         self.0
@@ -470,7 +472,7 @@ impl AdminService {
     }
 
     /// The shard as the map holds it after a command, with the replicas' reports.
-    async fn shard_answer(&self, key: &ShardKey) -> Result<Response<pb::Shard>, Status> {
+    async fn shard_answer(&self, key: &ShardKey) -> Result<Response<cpb::Shard>, Status> {
         let map = self.0.read().await?;
         let s = map
             .shards
@@ -484,21 +486,21 @@ impl AdminService {
 
 pub struct ClusterMapService(pub Arc<Coordinator>);
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<pb::MapEvent, Status>> + Send>>;
+type EventStream = Pin<Box<dyn Stream<Item = Result<cpb::MapEvent, Status>> + Send>>;
 
-fn full_event(map: &ClusterMap) -> pb::MapEvent {
-    pb::MapEvent {
+fn full_event(map: &ClusterMap) -> cpb::MapEvent {
+    cpb::MapEvent {
         version: map.version,
-        event: Some(pb::map_event::Event::Full(map_pb(map))),
+        event: Some(cpb::map_event::Event::Full(map_pb(map))),
     }
 }
 
 #[tonic::async_trait]
-impl pb::cluster_map_server::ClusterMap for ClusterMapService {
+impl cpb::cluster_map_server::ClusterMap for ClusterMapService {
     async fn register_node(
         &self,
-        req: Request<pb::RegisterNodeRequest>,
-    ) -> Result<Response<pb::NodeInfo>, Status> {
+        req: Request<cpb::RegisterNodeRequest>,
+    ) -> Result<Response<cpb::NodeInfo>, Status> {
         let r = req.into_inner();
         let cap = r.capacity.unwrap_or_default();
         let l = &self.0.limits;
@@ -551,8 +553,8 @@ impl pb::cluster_map_server::ClusterMap for ClusterMapService {
 
     async fn heartbeat(
         &self,
-        req: Request<pb::HeartbeatRequest>,
-    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        req: Request<cpb::HeartbeatRequest>,
+    ) -> Result<Response<cpb::HeartbeatResponse>, Status> {
         let r = req.into_inner();
         check_name(&self.0, &r.id, "the node id")?;
         let (version, state) = self
@@ -565,7 +567,7 @@ impl pb::cluster_map_server::ClusterMap for ClusterMapService {
                 (r.disk_free_bytes, r.disk_trash_bytes, r.disk_total_bytes),
             )
             .await?;
-        Ok(Response::new(pb::HeartbeatResponse {
+        Ok(Response::new(cpb::HeartbeatResponse {
             map_version: version,
             state: node_state_pb(state),
         }))
@@ -573,8 +575,8 @@ impl pb::cluster_map_server::ClusterMap for ClusterMapService {
 
     async fn hand_over(
         &self,
-        req: Request<pb::HandOverRequest>,
-    ) -> Result<Response<pb::HandOverResponse>, Status> {
+        req: Request<cpb::HandOverRequest>,
+    ) -> Result<Response<cpb::HandOverResponse>, Status> {
         let r = req.into_inner();
         check_name(&self.0, &r.node_id, "the node id")?;
         check_name(&self.0, &r.to, "the target node id")?;
@@ -593,12 +595,15 @@ impl pb::cluster_map_server::ClusterMap for ClusterMapService {
                 (r.last_epoch, r.last_seq),
             )
             .await?;
-        Ok(Response::new(pb::HandOverResponse { epoch }))
+        Ok(Response::new(cpb::HandOverResponse { epoch }))
     }
 
     type WatchStream = EventStream;
 
-    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<EventStream>, Status> {
+    async fn watch(
+        &self,
+        req: Request<cpb::WatchRequest>,
+    ) -> Result<Response<EventStream>, Status> {
         let r = req.into_inner();
         self.0.check_cluster("the watcher", &r.cluster_id)?;
         let from = r.from_version;
@@ -628,9 +633,9 @@ impl pb::cluster_map_server::ClusterMap for ClusterMapService {
                     Ok((v, _)) if v <= sent => continue,
                     Ok((v, changes)) if v == sent + 1 && !changes.is_empty() => {
                         let st = coord.sm.state.lock();
-                        pb::MapEvent {
+                        cpb::MapEvent {
                             version: v,
-                            event: Some(pb::map_event::Event::Changes(pb::ChangeSet {
+                            event: Some(cpb::map_event::Event::Changes(cpb::ChangeSet {
                                 changes: changes.iter().map(|c| change_pb(c, &st.map)).collect(),
                             })),
                         }
@@ -656,17 +661,20 @@ impl pb::cluster_map_server::ClusterMap for ClusterMapService {
 pub struct RaftService(pub Arc<Coordinator>);
 
 #[tonic::async_trait]
-impl rpb::raft_server::Raft for RaftService {
+impl raftpb::raft_server::Raft for RaftService {
     async fn append_entries(
         &self,
-        req: Request<rpb::Payload>,
-    ) -> Result<Response<rpb::Payload>, Status> {
+        req: Request<raftpb::Payload>,
+    ) -> Result<Response<raftpb::Payload>, Status> {
         let rpc = open(req.get_ref()).map_err(bad_payload)?;
         let res = self.0.raft.append_entries(rpc).await;
         Ok(Response::new(payload(&res)))
     }
 
-    async fn vote(&self, req: Request<rpb::Payload>) -> Result<Response<rpb::Payload>, Status> {
+    async fn vote(
+        &self,
+        req: Request<raftpb::Payload>,
+    ) -> Result<Response<raftpb::Payload>, Status> {
         let rpc = open(req.get_ref()).map_err(bad_payload)?;
         let res = self.0.raft.vote(rpc).await;
         Ok(Response::new(payload(&res)))
@@ -674,20 +682,26 @@ impl rpb::raft_server::Raft for RaftService {
 
     async fn install_snapshot(
         &self,
-        req: Request<rpb::Payload>,
-    ) -> Result<Response<rpb::Payload>, Status> {
+        req: Request<raftpb::Payload>,
+    ) -> Result<Response<raftpb::Payload>, Status> {
         let rpc = open(req.get_ref()).map_err(bad_payload)?;
         let res = self.0.raft.install_snapshot(rpc).await;
         Ok(Response::new(payload(&res)))
     }
 
-    async fn forward(&self, req: Request<rpb::Payload>) -> Result<Response<rpb::Payload>, Status> {
+    async fn forward(
+        &self,
+        req: Request<raftpb::Payload>,
+    ) -> Result<Response<raftpb::Payload>, Status> {
         let r = open(req.get_ref()).map_err(bad_payload)?;
         let reply = self.0.handle_forward(r).await;
         Ok(Response::new(payload(&reply)))
     }
 
-    async fn read_index(&self, _: Request<rpb::Payload>) -> Result<Response<rpb::Payload>, Status> {
+    async fn read_index(
+        &self,
+        _: Request<raftpb::Payload>,
+    ) -> Result<Response<raftpb::Payload>, Status> {
         let reply = self.0.handle_read_index().await;
         Ok(Response::new(payload(&reply)))
     }

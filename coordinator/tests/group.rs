@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use shoal_coordinator::map::ClusterMap;
 use shoal_coordinator::{start, Config, Handle, Peer};
 use shoal_proto::client::Client;
-use shoal_proto::coordinator as pb;
+use shoal_proto::coordinator as cpb;
 use tokio::sync::Mutex;
 use tonic::Code;
 
@@ -119,10 +119,10 @@ impl Group {
 }
 
 async fn register_up(client: &mut Client, id: &str, zone: &str) {
-    let req = pb::RegisterNodeRequest {
+    let req = cpb::RegisterNodeRequest {
         id: id.into(),
         addr: format!("127.0.0.1:{}", free_port()),
-        capacity: Some(pb::Capacity {
+        capacity: Some(cpb::Capacity {
             memory_bytes: 0,
             gpu: false,
             zone: zone.into(),
@@ -140,26 +140,26 @@ async fn register_up(client: &mut Client, id: &str, zone: &str) {
 }
 
 /// A shard as a node names it in its heartbeats.
-fn sid(collection: &str, collection_id: u64, index: u32) -> pb::ShardId {
-    pb::ShardId {
+fn sid(collection: &str, collection_id: u64, index: u32) -> cpb::ShardId {
+    cpb::ShardId {
         collection: collection.into(),
         collection_id,
         index,
     }
 }
 
-fn sid_of(s: &shoal_coordinator::map::Shard) -> pb::ShardId {
+fn sid_of(s: &shoal_coordinator::map::Shard) -> cpb::ShardId {
     sid(&s.key.collection, s.collection_id, s.key.index)
 }
 
 async fn heartbeat(
     client: &mut Client,
     id: &str,
-    ready: Vec<pb::ShardId>,
-) -> pb::HeartbeatResponse {
+    ready: Vec<cpb::ShardId>,
+) -> cpb::HeartbeatResponse {
     send_heartbeat(
         client,
-        pb::HeartbeatRequest {
+        cpb::HeartbeatRequest {
             id: id.into(),
             ready,
             ..Default::default()
@@ -168,7 +168,7 @@ async fn heartbeat(
     .await
 }
 
-async fn send_heartbeat(client: &mut Client, req: pb::HeartbeatRequest) -> pb::HeartbeatResponse {
+async fn send_heartbeat(client: &mut Client, req: cpb::HeartbeatRequest) -> cpb::HeartbeatResponse {
     client
         .cluster(|mut c| {
             let r = req.clone();
@@ -180,8 +180,14 @@ async fn send_heartbeat(client: &mut Client, req: pb::HeartbeatRequest) -> pb::H
 }
 
 /// A heartbeat from `node` reporting one replica of `shard` at (`epoch`, `seq`).
-async fn report_applied(client: &mut Client, node: &str, shard: pb::ShardId, epoch: u64, seq: u64) {
-    let replicas = vec![pb::ReplicaReport {
+async fn report_applied(
+    client: &mut Client,
+    node: &str,
+    shard: cpb::ShardId,
+    epoch: u64,
+    seq: u64,
+) {
+    let replicas = vec![cpb::ReplicaReport {
         shard: Some(shard),
         applied_seq: seq,
         last_epoch: epoch,
@@ -190,7 +196,7 @@ async fn report_applied(client: &mut Client, node: &str, shard: pb::ShardId, epo
     }];
     send_heartbeat(
         client,
-        pb::HeartbeatRequest {
+        cpb::HeartbeatRequest {
             id: node.into(),
             replicas,
             ..Default::default()
@@ -199,11 +205,11 @@ async fn report_applied(client: &mut Client, node: &str, shard: pb::ShardId, epo
     .await;
 }
 
-fn create_req(name: &str, shards: u32, rf: u32) -> pb::CreateCollectionRequest {
-    pb::CreateCollectionRequest {
+fn create_req(name: &str, shards: u32, rf: u32) -> cpb::CreateCollectionRequest {
+    cpb::CreateCollectionRequest {
         name: name.into(),
         dimension: 384,
-        metric: pb::Metric::InnerProduct as i32,
+        metric: cpb::Metric::InnerProduct as i32,
         encoder: None,
         index: None,
         shard_count: shards,
@@ -218,7 +224,7 @@ async fn create(
     name: &str,
     shards: u32,
     rf: u32,
-) -> Result<pb::CollectionInfo, tonic::Status> {
+) -> Result<cpb::CollectionInfo, tonic::Status> {
     let req = create_req(name, shards, rf);
     client
         .admin(|mut a| {
@@ -349,14 +355,14 @@ async fn follower_forwards_writes_errors_name_the_problem_and_watch_streams_chan
     let info = create(&mut fc, "docs", 4, 1).await.unwrap();
     assert_eq!(info.shards.len(), 4);
 
-    let cases: Vec<(pb::CreateCollectionRequest, Code, &str)> = vec![
+    let cases: Vec<(cpb::CreateCollectionRequest, Code, &str)> = vec![
         (
             create_req("docs", 1, 1),
             Code::AlreadyExists,
             "already exists",
         ),
         (
-            pb::CreateCollectionRequest {
+            cpb::CreateCollectionRequest {
                 dimension: 0,
                 ..create_req("x", 1, 1)
             },
@@ -374,8 +380,8 @@ async fn follower_forwards_writes_errors_name_the_problem_and_watch_streams_chan
             "replication_factor 2",
         ),
         (
-            pb::CreateCollectionRequest {
-                index: Some(pb::IndexParams {
+            cpb::CreateCollectionRequest {
+                index: Some(cpb::IndexParams {
                     pq_m: 5,
                     ..Default::default()
                 }),
@@ -408,7 +414,7 @@ async fn follower_forwards_writes_errors_name_the_problem_and_watch_streams_chan
     );
     let err = fc
         .admin(|mut a| async move {
-            a.describe_collection(pb::DescribeCollectionRequest {
+            a.describe_collection(cpb::DescribeCollectionRequest {
                 name: "nope".into(),
             })
             .await
@@ -420,7 +426,7 @@ async fn follower_forwards_writes_errors_name_the_problem_and_watch_streams_chan
 
     // Reads at the follower are linearizable: they see the write just acknowledged.
     let listed = fc
-        .admin(|mut a| async move { a.list_collections(pb::ListCollectionsRequest {}).await })
+        .admin(|mut a| async move { a.list_collections(cpb::ListCollectionsRequest {}).await })
         .await
         .unwrap()
         .into_inner();
@@ -434,20 +440,20 @@ async fn follower_forwards_writes_errors_name_the_problem_and_watch_streams_chan
     .await
     .unwrap();
     let mut stream = w
-        .watch(pb::WatchRequest::default())
+        .watch(cpb::WatchRequest::default())
         .await
         .unwrap()
         .into_inner();
     let first = stream.message().await.unwrap().unwrap();
-    assert!(matches!(first.event, Some(pb::map_event::Event::Full(_))));
+    assert!(matches!(first.event, Some(cpb::map_event::Event::Full(_))));
     create(&mut client, "second", 1, 1).await.unwrap();
     let next = stream.message().await.unwrap().unwrap();
     assert_eq!(next.version, first.version + 1);
-    let Some(pb::map_event::Event::Changes(cs)) = next.event else {
+    let Some(cpb::map_event::Event::Changes(cs)) = next.event else {
         panic!("expected changes, got {next:?}");
     };
     assert!(cs.changes.iter().any(|c| matches!(&c.change,
-        Some(pb::map_change::Change::CollectionPut(c)) if c.name == "second")));
+        Some(cpb::map_change::Change::CollectionPut(c)) if c.name == "second")));
     // Resuming at the current version (a reconnect) sends no full map, only what
     // comes next.
     drop(stream);
@@ -459,7 +465,7 @@ async fn follower_forwards_writes_errors_name_the_problem_and_watch_streams_chan
     .await
     .unwrap();
     let mut stream = w
-        .watch(pb::WatchRequest {
+        .watch(cpb::WatchRequest {
             from_version: next.version,
             ..Default::default()
         })
@@ -471,7 +477,7 @@ async fn follower_forwards_writes_errors_name_the_problem_and_watch_streams_chan
     assert_eq!(resumed.version, next.version + 1);
     assert!(matches!(
         resumed.event,
-        Some(pb::map_event::Event::Changes(_))
+        Some(cpb::map_event::Event::Changes(_))
     ));
     for i in 0..3 {
         g.stop_member(i).await;
@@ -505,7 +511,7 @@ async fn silent_node_goes_suspect_then_down_and_its_replicas_move() {
     loop {
         for id in ["w1", "w2"] {
             let map = g.map(leader);
-            let ready: Vec<pb::ShardId> = map
+            let ready: Vec<cpb::ShardId> = map
                 .shards
                 .values()
                 .filter(|s| {
@@ -521,7 +527,7 @@ async fn silent_node_goes_suspect_then_down_and_its_replicas_move() {
                 .shards
                 .values()
                 .filter(|s| s.holds(id))
-                .map(|s| pb::ReplicaReport {
+                .map(|s| cpb::ReplicaReport {
                     shard: Some(sid_of(s)),
                     applied_seq: 5,
                     last_epoch: 1,
@@ -531,7 +537,7 @@ async fn silent_node_goes_suspect_then_down_and_its_replicas_move() {
                 .collect();
             send_heartbeat(
                 &mut client,
-                pb::HeartbeatRequest {
+                cpb::HeartbeatRequest {
                     id: id.into(),
                     ready,
                     replicas,
@@ -580,7 +586,7 @@ async fn promote_and_hand_over_refuse_a_lagging_backup_unless_told_to_lose_data(
     for (id, zone) in [("w1", "a"), ("w2", "b")] {
         register_up(&mut client, id, zone).await;
     }
-    let bad = pb::CreateCollectionRequest {
+    let bad = cpb::CreateCollectionRequest {
         write_quorum: 3,
         ..create_req("q", 1, 2)
     };
@@ -593,7 +599,7 @@ async fn promote_and_hand_over_refuse_a_lagging_backup_unless_told_to_lose_data(
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("write_quorum 3 exceeds"), "{err:?}");
-    let quorum_one = pb::CreateCollectionRequest {
+    let quorum_one = cpb::CreateCollectionRequest {
         write_quorum: 1,
         ..create_req("p", 1, 2)
     };
@@ -619,14 +625,14 @@ async fn promote_and_hand_over_refuse_a_lagging_backup_unless_told_to_lose_data(
     for (node, seq) in [(&primary, 10), (&backup, 5)] {
         report_applied(&mut client, node, sid("p", coll_id, 0), shard.epoch, seq).await;
     }
-    let promote = |node: &str, accept_data_loss: bool| pb::PromoteReplicaRequest {
+    let promote = |node: &str, accept_data_loss: bool| cpb::PromoteReplicaRequest {
         collection: "p".into(),
         shard: 0,
         node_id: node.into(),
         accept_data_loss,
     };
     let promoter = client.clone();
-    let call = |req: pb::PromoteReplicaRequest| {
+    let call = |req: cpb::PromoteReplicaRequest| {
         let mut client = promoter.clone();
         async move {
             client
@@ -646,7 +652,7 @@ async fn promote_and_hand_over_refuse_a_lagging_backup_unless_told_to_lose_data(
     );
     let err = call(promote(&primary, false)).await.unwrap_err();
     assert!(err.message().contains("already the primary"), "{err:?}");
-    let err = call(pb::PromoteReplicaRequest {
+    let err = call(cpb::PromoteReplicaRequest {
         collection: "nope".into(),
         ..promote(&backup, true)
     })
@@ -674,7 +680,7 @@ async fn promote_and_hand_over_refuse_a_lagging_backup_unless_told_to_lose_data(
     // leads at that epoch, only to a replica whose report holds the position the
     // primary states (a heartbeat behind: FAILED_PRECONDITION, retried by the node).
     let e2 = shard.epoch + 2;
-    let hand = |from: &str, epoch: u64, last_seq: u64| pb::HandOverRequest {
+    let hand = |from: &str, epoch: u64, last_seq: u64| cpb::HandOverRequest {
         node_id: from.into(),
         shard: Some(sid("p", coll_id, 0)),
         epoch,
@@ -692,7 +698,7 @@ async fn promote_and_hand_over_refuse_a_lagging_backup_unless_told_to_lose_data(
         .unwrap_err();
     assert!(err.message().contains("does not lead"), "{err:?}");
     let err = client
-        .hand_over(pb::HandOverRequest {
+        .hand_over(cpb::HandOverRequest {
             shard: Some(sid("p", coll_id + 1, 0)),
             ..hand(&primary, e2, 7)
         })
@@ -707,7 +713,7 @@ async fn promote_and_hand_over_refuse_a_lagging_backup_unless_told_to_lose_data(
     let r = client.hand_over(hand(&primary, e2, 7)).await.unwrap();
     assert_eq!(r.epoch, e2 + 1);
     let shards = client
-        .list_shards(pb::ListShardsRequest {
+        .list_shards(cpb::ListShardsRequest {
             collection: "p".into(),
         })
         .await
@@ -738,7 +744,7 @@ async fn a_draining_node_that_goes_silent_comes_back_draining() {
     }
     client
         .admin(|mut a| async move {
-            a.drain_node(pb::DrainNodeRequest {
+            a.drain_node(cpb::DrainNodeRequest {
                 id: "w1".into(),
                 undo: false,
             })
@@ -754,7 +760,7 @@ async fn a_draining_node_that_goes_silent_comes_back_draining() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let back = heartbeat(&mut client, "w1", vec![]).await;
-    assert_eq!(back.state, pb::NodeState::Draining as i32);
+    assert_eq!(back.state, cpb::NodeState::Draining as i32);
     assert!(g.map(leader).nodes["w1"].draining);
     // A restart (re-registration) keeps it draining too.
     register_up(&mut client, "w1", "a").await;
@@ -762,7 +768,7 @@ async fn a_draining_node_that_goes_silent_comes_back_draining() {
     // Until the operator cancels the drain.
     let undone = client
         .admin(|mut a| async move {
-            a.drain_node(pb::DrainNodeRequest {
+            a.drain_node(cpb::DrainNodeRequest {
                 id: "w1".into(),
                 undo: true,
             })
@@ -771,7 +777,7 @@ async fn a_draining_node_that_goes_silent_comes_back_draining() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(undone.state, pb::NodeState::Up as i32);
+    assert_eq!(undone.state, cpb::NodeState::Up as i32);
     assert!(!g.map(leader).nodes["w1"].draining);
     for i in 0..3 {
         g.stop_member(i).await;
@@ -800,7 +806,7 @@ async fn membership_changes_at_run_time() {
         .admin(|mut a| {
             let (raft_addr, api_addr) = (c4.raft_listen.clone(), c4.listen.clone());
             async move {
-                a.add_learner(pb::AddLearnerRequest {
+                a.add_learner(cpb::AddLearnerRequest {
                     id: 4,
                     raft_addr,
                     api_addr,
@@ -814,7 +820,7 @@ async fn membership_changes_at_run_time() {
     assert!(st.members.iter().any(|m| m.id == 4 && !m.voter));
     let st = client
         .admin(|mut a| async move {
-            a.change_membership(pb::ChangeMembershipRequest {
+            a.change_membership(cpb::ChangeMembershipRequest {
                 voters: vec![1, 2, 4],
             })
             .await
@@ -841,7 +847,7 @@ async fn membership_changes_at_run_time() {
     assert!(map.collections.contains_key("before") && map.collections.contains_key("after"));
     let bad = client
         .admin(|mut a| async move {
-            a.change_membership(pb::ChangeMembershipRequest { voters: vec![] })
+            a.change_membership(cpb::ChangeMembershipRequest { voters: vec![] })
                 .await
         })
         .await
@@ -887,7 +893,7 @@ async fn uneven_primaries_are_handed_over_once_settled() {
         .map(|s| s.key.index)
         .collect();
     for shard in skewed {
-        let req = pb::PromoteReplicaRequest {
+        let req = cpb::PromoteReplicaRequest {
             collection: "even".into(),
             shard,
             node_id: "w1".into(),
@@ -911,7 +917,7 @@ async fn uneven_primaries_are_handed_over_once_settled() {
             let replicas = m
                 .shards
                 .values()
-                .map(|s| pb::ReplicaReport {
+                .map(|s| cpb::ReplicaReport {
                     shard: Some(sid_of(s)),
                     epoch: s.epoch,
                     ..Default::default()
@@ -919,7 +925,7 @@ async fn uneven_primaries_are_handed_over_once_settled() {
                 .collect();
             send_heartbeat(
                 &mut client,
-                pb::HeartbeatRequest {
+                cpb::HeartbeatRequest {
                     id: node.into(),
                     replicas,
                     ..Default::default()
@@ -994,10 +1000,10 @@ async fn lost_volumes_stale_primaries_and_foreign_nodes() {
     let mut g = Group::start(|c| c.tick_ms = 100).await;
     let leader = g.leader(Duration::from_secs(10)).await;
     let mut client = g.client();
-    let register = |id: &str, volume: &str, cluster: &str| pb::RegisterNodeRequest {
+    let register = |id: &str, volume: &str, cluster: &str| cpb::RegisterNodeRequest {
         id: id.into(),
         addr: format!("127.0.0.1:{}", free_port()),
-        capacity: Some(pb::Capacity::default()),
+        capacity: Some(cpb::Capacity::default()),
         volume_id: volume.into(),
         cluster_id: cluster.into(),
     };
@@ -1026,12 +1032,12 @@ async fn lost_volumes_stale_primaries_and_foreign_nodes() {
     assert!(!led_by_w1.is_empty());
     // w2 reports every replica it holds (one heartbeat carries them all); w1 comes
     // back with an empty volume.
-    let w2_reports = pb::HeartbeatRequest {
+    let w2_reports = cpb::HeartbeatRequest {
         id: "w2".into(),
         replicas: info
             .shards
             .iter()
-            .map(|s| pb::ReplicaReport {
+            .map(|s| cpb::ReplicaReport {
                 shard: Some(sid("v", info.collection.as_ref().unwrap().id, s.index)),
                 applied_seq: 7,
                 last_epoch: 1,
@@ -1074,10 +1080,10 @@ async fn lost_volumes_stale_primaries_and_foreign_nodes() {
     let s0 = map.shards.values().next().unwrap().clone();
     send_heartbeat(
         &mut client,
-        pb::HeartbeatRequest {
+        cpb::HeartbeatRequest {
             id: "w1".into(),
             ready: vec![sid_of(&s0)],
-            replicas: vec![pb::ReplicaReport {
+            replicas: vec![cpb::ReplicaReport {
                 shard: Some(sid_of(&s0)),
                 applied_seq: 9,
                 last_epoch: s0.epoch,
@@ -1092,9 +1098,9 @@ async fn lost_volumes_stale_primaries_and_foreign_nodes() {
     .await;
     send_heartbeat(
         &mut client,
-        pb::HeartbeatRequest {
+        cpb::HeartbeatRequest {
             id: "w2".into(),
-            replicas: vec![pb::ReplicaReport {
+            replicas: vec![cpb::ReplicaReport {
                 shard: Some(sid_of(&s0)),
                 applied_seq: 7,
                 last_epoch: 1,
@@ -1124,7 +1130,7 @@ async fn lost_volumes_stale_primaries_and_foreign_nodes() {
     assert!(err.message().contains("--accept-cluster-id"), "{err:?}");
     let err = client
         .cluster(|mut c| async move {
-            c.heartbeat(pb::HeartbeatRequest {
+            c.heartbeat(cpb::HeartbeatRequest {
                 id: "w2".into(),
                 cluster_id: "some-other-cluster".into(),
                 ..Default::default()
@@ -1159,7 +1165,7 @@ async fn failed_replicas_leave_their_quorum() {
     } else {
         ("w2", "w1")
     };
-    let report = |failed: &str| pb::ReplicaReport {
+    let report = |failed: &str| cpb::ReplicaReport {
         shard: Some(sid("f", info.collection.as_ref().unwrap().id, 0)),
         applied_seq: 5,
         last_epoch: 1,
@@ -1167,7 +1173,7 @@ async fn failed_replicas_leave_their_quorum() {
         failed: failed.into(),
         ..Default::default()
     };
-    let beat = |node: &str, failed: &str| pb::HeartbeatRequest {
+    let beat = |node: &str, failed: &str| cpb::HeartbeatRequest {
         id: node.into(),
         replicas: vec![report(failed)],
         ..Default::default()
@@ -1192,7 +1198,7 @@ async fn failed_replicas_leave_their_quorum() {
     // Reopened and caught up, the copy serves again.
     send_heartbeat(
         &mut client,
-        pb::HeartbeatRequest {
+        cpb::HeartbeatRequest {
             id: primary.into(),
             ready: vec![sid("f", info.collection.as_ref().unwrap().id, 0)],
             replicas: vec![report("")],
@@ -1221,7 +1227,7 @@ async fn new_collections_keep_off_nearly_full_volumes() {
         register_up(&mut client, id, "z").await;
     }
     let gib = 1u64 << 30;
-    let w1_disk = |free: u64| pb::HeartbeatRequest {
+    let w1_disk = |free: u64| cpb::HeartbeatRequest {
         id: "w1".into(),
         disk_free_bytes: free * gib,
         disk_total_bytes: 100 * gib,

@@ -26,7 +26,7 @@ use shoal_proto::client::Client;
 use shoal_proto::coordinator as cpb;
 use shoal_proto::coordinator::admin_client::AdminClient;
 use shoal_proto::coordinator::cluster_map_client::ClusterMapClient;
-use shoal_proto::raft as rafpb;
+use shoal_proto::raft as raftpb;
 use shoal_proto::raft::raft_client::RaftClient;
 use shoal_proto::replica as rpb;
 use shoal_proto::replica::replica_client::ReplicaClient;
@@ -990,12 +990,12 @@ fn every_rpc_survives_hostile_messages() {
     let mut forward = vec![0u8, 0xfd];
     forward.extend_from_slice(&(1u64 << 62).to_le_bytes());
     forward.push(b'x');
-    let regression = rafpb::Payload {
+    let regression = raftpb::Payload {
         data: forward.clone(),
         format: shoal_proto::wire::FORMAT,
     };
     assert_eq!(
-        prost::Message::encoded_len(&rafpb::Payload {
+        prost::Message::encoded_len(&raftpb::Payload {
             data: forward.clone(),
             format: 0,
         }),
@@ -1007,7 +1007,7 @@ fn every_rpc_survives_hostile_messages() {
     assert_eq!(s.code(), Code::InvalidArgument, "{}", s.message());
     let r = f.rt.block_on(async {
         RaftClient::new(raft.clone())
-            .forward(req(rafpb::Payload {
+            .forward(req(raftpb::Payload {
                 data: forward.clone(),
                 format: 0,
             }))
@@ -1026,7 +1026,7 @@ fn every_rpc_survives_hostile_messages() {
             hostile_bincode(raft_valid.clone()),
             prop_oneof![3 => Just(shoal_proto::wire::FORMAT), 1 => hostile_u32()],
         )
-            .prop_map(|(data, format)| rafpb::Payload { data, format })
+            .prop_map(|(data, format)| raftpb::Payload { data, format })
     };
     for (name, which) in [
         ("Raft/AppendEntries", 0),

@@ -13,7 +13,7 @@ use crate::coordinator::cluster_map_client::ClusterMapClient;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::coordinator as pb;
+use crate::coordinator as cpb;
 
 /// The header a follower sets on UNAVAILABLE to name the leader's public address.
 pub const LEADER_HEADER: &str = "x-shoal-leader";
@@ -116,20 +116,20 @@ impl Client {
     }
 
     unary! {
-        admin::create_collection(pb::CreateCollectionRequest) -> pb::CollectionInfo;
-        admin::drop_collection(pb::DropCollectionRequest) -> pb::DropCollectionResponse;
-        admin::describe_collection(pb::DescribeCollectionRequest) -> pb::CollectionInfo;
-        admin::list_collections(pb::ListCollectionsRequest) -> pb::ListCollectionsResponse;
-        admin::list_nodes(pb::ListNodesRequest) -> pb::ListNodesResponse;
-        admin::list_shards(pb::ListShardsRequest) -> pb::ListShardsResponse;
-        admin::cluster_status(pb::ClusterStatusRequest) -> pb::ClusterStatusResponse;
-        admin::add_learner(pb::AddLearnerRequest) -> pb::ClusterStatusResponse;
-        admin::change_membership(pb::ChangeMembershipRequest) -> pb::ClusterStatusResponse;
-        admin::drain_node(pb::DrainNodeRequest) -> pb::NodeInfo;
-        admin::promote_replica(pb::PromoteReplicaRequest) -> pb::Shard;
-        admin::allocate_empty_shard(pb::AllocateEmptyShardRequest) -> pb::Shard;
-        cluster::register_node(pb::RegisterNodeRequest) -> pb::NodeInfo;
-        cluster::heartbeat(pb::HeartbeatRequest) -> pb::HeartbeatResponse;
-        cluster::hand_over(pb::HandOverRequest) -> pb::HandOverResponse;
+        admin::create_collection(cpb::CreateCollectionRequest) -> cpb::CollectionInfo;
+        admin::drop_collection(cpb::DropCollectionRequest) -> cpb::DropCollectionResponse;
+        admin::describe_collection(cpb::DescribeCollectionRequest) -> cpb::CollectionInfo;
+        admin::list_collections(cpb::ListCollectionsRequest) -> cpb::ListCollectionsResponse;
+        admin::list_nodes(cpb::ListNodesRequest) -> cpb::ListNodesResponse;
+        admin::list_shards(cpb::ListShardsRequest) -> cpb::ListShardsResponse;
+        admin::cluster_status(cpb::ClusterStatusRequest) -> cpb::ClusterStatusResponse;
+        admin::add_learner(cpb::AddLearnerRequest) -> cpb::ClusterStatusResponse;
+        admin::change_membership(cpb::ChangeMembershipRequest) -> cpb::ClusterStatusResponse;
+        admin::drain_node(cpb::DrainNodeRequest) -> cpb::NodeInfo;
+        admin::promote_replica(cpb::PromoteReplicaRequest) -> cpb::Shard;
+        admin::allocate_empty_shard(cpb::AllocateEmptyShardRequest) -> cpb::Shard;
+        cluster::register_node(cpb::RegisterNodeRequest) -> cpb::NodeInfo;
+        cluster::heartbeat(cpb::HeartbeatRequest) -> cpb::HeartbeatResponse;
+        cluster::hand_over(cpb::HandOverRequest) -> cpb::HandOverResponse;
     }
 }

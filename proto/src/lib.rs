@@ -1,6 +1,11 @@
 //! shoal's gRPC API, generated from `proto/shoal/*.proto`. Public services (admin,
 //! cluster map) and internal ones (raft) live in separate packages so a deployment
 //! can expose one port and firewall the other.
+//!
+//! One alias per package, the same in every file of the workspace: `pb` the public
+//! API (`shoal.v1`), `cpb` the coordinator's (`shoal.coordinator.v1`), `rpb` the
+//! replica protocol (`shoal.internal.v1`), `raftpb` the coordinators' Raft
+//! (`shoal.raft.v1`).
 
 pub mod client;
 pub mod clip;

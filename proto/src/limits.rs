@@ -143,14 +143,20 @@ impl Limits {
     /// Parses `NAME=VALUE` pairs (the `--limit` flags) over the defaults.
     pub fn from_pairs<S: AsRef<str>>(pairs: &[S]) -> Result<Self, String> {
         let mut l = Self::default();
+        l.apply_pairs(pairs)?;
+        Ok(l)
+    }
+
+    /// Sets the limits `NAME=VALUE` pairs name, over the current values.
+    pub fn apply_pairs<S: AsRef<str>>(&mut self, pairs: &[S]) -> Result<(), String> {
         for p in pairs {
             let p = p.as_ref();
             let (name, value) = p
                 .split_once('=')
                 .ok_or_else(|| format!("--limit {p:?}: expected NAME=VALUE"))?;
-            l.set(name.trim(), value.trim())?;
+            self.set(name.trim(), value.trim())?;
         }
-        Ok(l)
+        Ok(())
     }
 
     /// A gRPC server with the connection limits: concurrent streams and requests per

@@ -12,7 +12,6 @@ use shoal_node::beir::{ndcg_at, read_jsonl, read_qrels, recall_at, Row};
 use shoal_node::cluster::NodeConfig;
 use shoal_proto::client::Client;
 use shoal_proto::coordinator as cpb;
-use shoal_proto::limits::Limits;
 use shoal_proto::v1 as pb;
 use shoal_proto::v1::shoal_client::ShoalClient;
 use tonic::transport::Channel;
@@ -22,62 +21,68 @@ use crate::coordinator::Target;
 /// Addresses `shoal dev` uses, which the other commands default to.
 pub const DEV_NODE: &str = "127.0.0.1:7201";
 
+/// Flags for one node; each also reads `SHOAL_*` from the environment, and any left
+/// unset come from `--config FILE` (TOML with the same names, see
+/// `shoal_node::cluster::config`) or the defaults there (the one place they live).
 #[derive(Args)]
 pub struct NodeArgs {
+    /// TOML file with any of the settings below (flags and environment win).
+    #[arg(long, env = "SHOAL_CONFIG")]
+    config: Option<PathBuf>,
     /// Stable node id (the map's replicas name it).
     #[arg(long, env = "SHOAL_NODE_ID")]
-    id: String,
-    /// Public gRPC address (ingest, search, get, delete).
-    #[arg(long, env = "SHOAL_LISTEN", default_value = "127.0.0.1:7201")]
-    listen: String,
-    /// Internal gRPC address (replica traffic between nodes).
-    #[arg(long, env = "SHOAL_INTERNAL_LISTEN", default_value = "127.0.0.1:7301")]
-    internal_listen: String,
+    id: Option<String>,
+    /// Public gRPC address (ingest, search, get, delete) [default: 127.0.0.1:7201].
+    #[arg(long, env = "SHOAL_LISTEN")]
+    listen: Option<String>,
+    /// Internal gRPC address (replica traffic between nodes) [default: 127.0.0.1:7301].
+    #[arg(long, env = "SHOAL_INTERNAL_LISTEN")]
+    internal_listen: Option<String>,
     /// The internal address other nodes dial (HOST:PORT, e.g. a pod's DNS name);
     /// default: the internal listen address, which must then not be 0.0.0.0.
     #[arg(long, env = "SHOAL_ADVERTISE_ADDR")]
     advertise_addr: Option<String>,
-    /// Coordinators' public addresses.
-    #[arg(
-        long,
-        env = "SHOAL_COORDINATORS",
-        value_delimiter = ',',
-        default_value = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003"
-    )]
+    /// Coordinators' public addresses [default: 127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003].
+    #[arg(long, env = "SHOAL_COORDINATORS", value_delimiter = ',')]
     coordinators: Vec<String>,
     #[arg(long, env = "SHOAL_DATA_DIR")]
-    data_dir: PathBuf,
+    data_dir: Option<PathBuf>,
     /// Sentence-transformers model dir; without one the node takes vectors only.
     #[arg(long, env = "SHOAL_MODEL_DIR")]
     model_dir: Option<PathBuf>,
-    #[arg(long, env = "SHOAL_ZONE", default_value = "")]
-    zone: String,
+    /// Where the encoder runs: cpu, cuda or cuda:N (CUDA needs a build with
+    /// `--features cuda`) [default: cpu].
+    #[arg(long, env = "SHOAL_ENCODER_DEVICE")]
+    encoder_device: Option<shoal_encoder::Device>,
+    #[arg(long, env = "SHOAL_ZONE")]
+    zone: Option<String>,
     /// Memory placement may fill with replicas (0 = unbounded).
-    #[arg(long, env = "SHOAL_MEMORY_BYTES", default_value_t = 0)]
-    memory_bytes: u64,
+    #[arg(long, env = "SHOAL_MEMORY_BYTES")]
+    memory_bytes: Option<u64>,
     /// Largest public request accepted, in bytes (the limit message_bytes).
     #[arg(long, env = "SHOAL_MAX_MESSAGE_BYTES")]
     max_message_bytes: Option<usize>,
     /// A limit over its default, NAME=VALUE (repeatable; `shoal limits` lists them).
     #[arg(long = "limit", env = "SHOAL_LIMITS", value_delimiter = ',')]
     limits: Vec<String>,
-    /// Fresh rows per shard that trigger a background IVF-PQ build.
-    #[arg(long, env = "SHOAL_AUTO_REBUILD_TAIL", default_value_t = 50_000)]
-    auto_rebuild_tail: usize,
+    /// Fresh rows per shard that trigger a background IVF-PQ build [default: 50000].
+    #[arg(long, env = "SHOAL_AUTO_REBUILD_TAIL")]
+    auto_rebuild_tail: Option<usize>,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, env = "SHOAL_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
-    /// How often the node reports to the coordinators (liveness, replica state).
-    #[arg(long, env = "SHOAL_HEARTBEAT_MS", default_value_t = 1000)]
-    heartbeat_ms: u64,
+    /// How often the node reports to the coordinators (liveness, replica state)
+    /// [default: 1000].
+    #[arg(long, env = "SHOAL_HEARTBEAT_MS")]
+    heartbeat_ms: Option<u64>,
     /// Per hosted replica: recent write batches kept for backups that fall behind
-    /// (a backup further behind gets a whole-shard snapshot).
-    #[arg(long, env = "SHOAL_RECENT_LOG_BYTES", default_value_t = 64 << 20)]
-    recent_log_bytes: usize,
+    /// (a backup further behind gets a whole-shard snapshot) [default: 64 MiB].
+    #[arg(long, env = "SHOAL_RECENT_LOG_BYTES")]
+    recent_log_bytes: Option<usize>,
     /// Seconds a replica dir the map no longer assigns here waits in DATA_DIR/trash
-    /// before it is removed.
-    #[arg(long, env = "SHOAL_TRASH_GRACE_SECS", default_value_t = 86_400)]
-    trash_grace_secs: u64,
+    /// before it is removed [default: 86400].
+    #[arg(long, env = "SHOAL_TRASH_GRACE_SECS")]
+    trash_grace_secs: Option<u64>,
     /// The operator's word that this node's data now belongs to the cluster with this
     /// id (its coordinator group was rebuilt or restored under another id). Without
     /// it, a node refuses coordinators of any cluster but the one DATA_DIR/node.json
@@ -85,37 +90,66 @@ pub struct NodeArgs {
     #[arg(long, env = "SHOAL_ACCEPT_CLUSTER_ID")]
     accept_cluster_id: Option<String>,
     /// Writes are refused (RESOURCE_EXHAUSTED) while DATA_DIR's file system has less
-    /// free space than this many bytes, before the disk fills; 0 = never.
-    #[arg(long, env = "SHOAL_DISK_RESERVE_BYTES", default_value_t = 256 << 20)]
-    disk_reserve_bytes: u64,
+    /// free space than this many bytes, before the disk fills; 0 = never
+    /// [default: 256 MiB].
+    #[arg(long, env = "SHOAL_DISK_RESERVE_BYTES")]
+    disk_reserve_bytes: Option<u64>,
+}
+
+impl NodeArgs {
+    /// The file's settings (or the defaults), with every flag given over them.
+    pub fn into_config(self) -> Result<NodeConfig> {
+        let mut c = match &self.config {
+            Some(p) => NodeConfig::from_toml_file(p)?,
+            None => {
+                anyhow::ensure!(
+                    self.id.is_some() && self.data_dir.is_some(),
+                    "a node needs --id and --data-dir (or --config FILE naming them)"
+                );
+                NodeConfig::default()
+            }
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
+        }
+        set!(
+            id,
+            listen,
+            internal_listen,
+            data_dir,
+            encoder_device,
+            zone,
+            memory_bytes,
+            auto_rebuild_tail,
+            recent_log_bytes,
+            disk_reserve_bytes
+        );
+        macro_rules! set_some {
+            ($($f:ident),*) => { $( if self.$f.is_some() { c.$f = self.$f; } )* };
+        }
+        set_some!(advertise_addr, model_dir, metrics_listen, accept_cluster_id);
+        if !self.coordinators.is_empty() {
+            c.coordinators = self.coordinators;
+        }
+        if let Some(ms) = self.heartbeat_ms {
+            c.heartbeat = Duration::from_millis(ms);
+        }
+        if let Some(s) = self.trash_grace_secs {
+            c.trash_grace = Duration::from_secs(s);
+        }
+        c.limits
+            .apply_pairs(&self.limits)
+            .map_err(anyhow::Error::msg)?;
+        if let Some(m) = self.max_message_bytes {
+            c.limits.message_bytes = m;
+        }
+        c.validate()?;
+        Ok(c)
+    }
 }
 
 pub async fn run_node(a: NodeArgs) -> Result<()> {
-    let mut limits = Limits::from_pairs(&a.limits).map_err(anyhow::Error::msg)?;
-    if let Some(m) = a.max_message_bytes {
-        limits.message_bytes = m;
-    }
-    let handle = shoal_node::cluster::start(NodeConfig {
-        id: a.id,
-        listen: a.listen,
-        internal_listen: a.internal_listen,
-        advertise_addr: a.advertise_addr,
-        coordinators: a.coordinators,
-        data_dir: a.data_dir,
-        model_dir: a.model_dir,
-        zone: a.zone,
-        memory_bytes: a.memory_bytes,
-        limits,
-        auto_rebuild_tail: a.auto_rebuild_tail,
-        metrics_listen: a.metrics_listen,
-        heartbeat: Duration::from_millis(a.heartbeat_ms.max(10)),
-        recent_log_bytes: a.recent_log_bytes,
-        trash_grace: Duration::from_secs(a.trash_grace_secs),
-        accept_cluster_id: a.accept_cluster_id,
-        disk_reserve_bytes: a.disk_reserve_bytes,
-        ..NodeConfig::default()
-    })
-    .await?;
+    let handle = shoal_node::cluster::start(a.into_config()?).await?;
     crate::shutdown_signal().await;
     tracing::info!("shutting down");
     let moved = handle.hand_over(Duration::from_secs(5)).await;
@@ -606,4 +640,52 @@ pub async fn eval(target: Target, node: NodeTarget, a: EvalArgs) -> Result<()> {
         })
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        node: NodeArgs,
+    }
+
+    fn config(args: &[&str]) -> Result<NodeConfig> {
+        Cli::try_parse_from(std::iter::once("shoal").chain(args.iter().copied()))?
+            .node
+            .into_config()
+    }
+
+    #[test]
+    fn flags_override_the_file_and_the_defaults_fill_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(
+            &file,
+            "id = \"from-file\"\ndata_dir = \"/d\"\nheartbeat_ms = 300\nzone = \"z1\"\n\
+             limits = [\"k=50\"]\n",
+        )
+        .unwrap();
+        let f = file.to_str().unwrap();
+        let c = config(&["--config", f, "--id", "n2", "--limit", "refine=7"]).unwrap();
+        assert_eq!(c.id, "n2");
+        assert_eq!(c.zone, "z1");
+        assert_eq!(c.heartbeat, Duration::from_millis(300));
+        assert_eq!((c.limits.k, c.limits.refine), (50, 7));
+        let d = NodeConfig::default();
+        assert_eq!(c.coordinators, d.coordinators);
+        assert_eq!(c.disk_reserve_bytes, d.disk_reserve_bytes);
+        assert_eq!(c.encoder_device, shoal_encoder::Device::Cpu);
+        // Without a file, the id and the data dir are required.
+        let e = config(&["--id", "n3"]).unwrap_err();
+        assert!(e.to_string().contains("--data-dir"), "{e}");
+        let c = config(&["--id", "n3", "--data-dir", "/x", "--heartbeat-ms", "20"]).unwrap();
+        assert_eq!(c.heartbeat, Duration::from_millis(20));
+        let e = config(&["--id", "n3", "--data-dir", "/x", "--encoder-device", "tpu"]);
+        assert!(e.is_err());
+    }
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use shoal_coordinator::{Config, Peer};
 use shoal_proto::client::Client;
-use shoal_proto::coordinator as pb;
+use shoal_proto::coordinator as cpb;
 
 /// Flags for one member; each also reads `SHOAL_*` from the environment, and any left
 /// unset come from `--config FILE` (TOML with the same names) or the defaults.
@@ -182,7 +182,7 @@ pub async fn shard(target: Target, cmd: ShardCmd) -> anyhow::Result<()> {
             node,
             accept_data_loss,
         } => {
-            let req = pb::PromoteReplicaRequest {
+            let req = cpb::PromoteReplicaRequest {
                 collection,
                 shard,
                 node_id: node,
@@ -197,7 +197,7 @@ pub async fn shard(target: Target, cmd: ShardCmd) -> anyhow::Result<()> {
             node,
             accept_data_loss,
         } => {
-            let req = pb::AllocateEmptyShardRequest {
+            let req = cpb::AllocateEmptyShardRequest {
                 collection,
                 shard,
                 node_id: node,
@@ -214,11 +214,11 @@ fn print_json(v: serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(&v).expect("json"));
 }
 
-fn collection_json(c: &pb::Collection) -> serde_json::Value {
+fn collection_json(c: &cpb::Collection) -> serde_json::Value {
     let ix = c.index.unwrap_or_default();
     serde_json::json!({
         "name": c.name, "id": c.id, "dimension": c.dimension,
-        "metric": pb::Metric::try_from(c.metric).map(|m| m.as_str_name()).unwrap_or("?"),
+        "metric": cpb::Metric::try_from(c.metric).map(|m| m.as_str_name()).unwrap_or("?"),
         "shards": c.shard_count, "replication_factor": c.replication_factor,
         "write_quorum": c.write_quorum,
         "index": {"nlist": ix.nlist, "pq_m": ix.pq_m, "pq_nbits": ix.pq_nbits,
@@ -227,7 +227,7 @@ fn collection_json(c: &pb::Collection) -> serde_json::Value {
     })
 }
 
-fn shard_json(s: &pb::Shard) -> serde_json::Value {
+fn shard_json(s: &cpb::Shard) -> serde_json::Value {
     serde_json::json!({
         "shard": format!("{}/{}", s.collection, s.index),
         "primary": s.primary, "epoch": s.epoch,
@@ -237,7 +237,7 @@ fn shard_json(s: &pb::Shard) -> serde_json::Value {
         "replicas": s.replicas.iter().map(|r| serde_json::json!({
             "node": r.node_id,
             "role": if r.node_id == s.primary { "primary" } else { "backup" },
-            "state": pb::ReplicaState::try_from(r.state).map(|x| x.as_str_name()).unwrap_or("?")
+            "state": cpb::ReplicaState::try_from(r.state).map(|x| x.as_str_name()).unwrap_or("?")
                 .trim_start_matches("REPLICA_STATE_").to_lowercase(),
             "seq": r.applied_seq, "lag": r.lag, "epoch": r.epoch,
             "caught_up": r.caught_up, "live_docs": r.live_docs,
@@ -266,19 +266,19 @@ pub async fn collection(target: Target, cmd: CollectionCmd) -> anyhow::Result<()
             model,
         } => {
             let metric = match metric.as_str() {
-                "ip" | "inner_product" | "cosine" => pb::Metric::InnerProduct,
-                "l2" => pb::Metric::L2,
+                "ip" | "inner_product" | "cosine" => cpb::Metric::InnerProduct,
+                "l2" => cpb::Metric::L2,
                 m => anyhow::bail!("unknown metric {m:?}: use ip or l2"),
             };
-            let req = pb::CreateCollectionRequest {
+            let req = cpb::CreateCollectionRequest {
                 name,
                 dimension,
                 metric: metric as i32,
-                encoder: model.map(|m| pb::EncoderRef {
+                encoder: model.map(|m| cpb::EncoderRef {
                     model_id: m,
                     content_hash: String::new(),
                 }),
-                index: Some(pb::IndexParams {
+                index: Some(cpb::IndexParams {
                     nlist,
                     pq_m,
                     pq_nbits,
@@ -300,7 +300,7 @@ pub async fn collection(target: Target, cmd: CollectionCmd) -> anyhow::Result<()
         CollectionCmd::List => {
             let r = client
                 .admin(
-                    |mut a| async move { a.list_collections(pb::ListCollectionsRequest {}).await },
+                    |mut a| async move { a.list_collections(cpb::ListCollectionsRequest {}).await },
                 )
                 .await?
                 .into_inner();
@@ -314,7 +314,7 @@ pub async fn collection(target: Target, cmd: CollectionCmd) -> anyhow::Result<()
                 .admin(|mut a| {
                     let name = name.clone();
                     async move {
-                        a.describe_collection(pb::DescribeCollectionRequest { name })
+                        a.describe_collection(cpb::DescribeCollectionRequest { name })
                             .await
                     }
                 })
@@ -330,7 +330,7 @@ pub async fn collection(target: Target, cmd: CollectionCmd) -> anyhow::Result<()
             let r = client
                 .admin(|mut a| {
                     let name = name.clone();
-                    async move { a.drop_collection(pb::DropCollectionRequest { name }).await }
+                    async move { a.drop_collection(cpb::DropCollectionRequest { name }).await }
                 })
                 .await?
                 .into_inner();
@@ -341,7 +341,7 @@ pub async fn collection(target: Target, cmd: CollectionCmd) -> anyhow::Result<()
 }
 
 /// `shoal status`: the coordinator group, the nodes, and every shard's replica set.
-fn group_json(st: &pb::ClusterStatusResponse) -> serde_json::Value {
+fn group_json(st: &cpb::ClusterStatusResponse) -> serde_json::Value {
     serde_json::json!({
         "answered_by": st.id, "leader": st.leader, "leader_addr": st.leader_api_addr,
         "term": st.term, "last_applied_index": st.last_applied_index,
@@ -380,7 +380,7 @@ pub async fn members(target: Target, cmd: MembersCmd) -> anyhow::Result<()> {
             raft_addr,
             api_addr,
         } => {
-            let req = pb::AddLearnerRequest {
+            let req = cpb::AddLearnerRequest {
                 id,
                 raft_addr,
                 api_addr,
@@ -393,7 +393,7 @@ pub async fn members(target: Target, cmd: MembersCmd) -> anyhow::Result<()> {
                 .await?
         }
         MembersCmd::Voters { ids } => {
-            let req = pb::ChangeMembershipRequest { voters: ids };
+            let req = cpb::ChangeMembershipRequest { voters: ids };
             client
                 .admin(|mut a| {
                     let r = req.clone();
@@ -408,16 +408,16 @@ pub async fn members(target: Target, cmd: MembersCmd) -> anyhow::Result<()> {
 
 pub async fn drain(target: Target, node: String, undo: bool) -> anyhow::Result<()> {
     let mut client = Client::new(target.coordinators);
-    let req = pb::DrainNodeRequest { id: node, undo };
+    let req = cpb::DrainNodeRequest { id: node, undo };
     let n = client.drain_node(req).await?;
     print_json(node_json(&n));
     Ok(())
 }
 
-fn node_json(n: &pb::NodeInfo) -> serde_json::Value {
+fn node_json(n: &cpb::NodeInfo) -> serde_json::Value {
     serde_json::json!({
         "id": n.id, "addr": n.addr, "replicas": n.replicas,
-        "state": pb::NodeState::try_from(n.state).map(|s| s.as_str_name()).unwrap_or("?")
+        "state": cpb::NodeState::try_from(n.state).map(|s| s.as_str_name()).unwrap_or("?")
             .trim_start_matches("NODE_STATE_").to_lowercase(),
         "zone": n.capacity.as_ref().map(|c| c.zone.clone()).unwrap_or_default(),
     })
@@ -425,8 +425,8 @@ fn node_json(n: &pb::NodeInfo) -> serde_json::Value {
 
 pub async fn status(target: Target) -> anyhow::Result<()> {
     let mut client = Client::new(target.coordinators);
-    let st = client.cluster_status(pb::ClusterStatusRequest {}).await?;
-    let nodes = client.list_nodes(pb::ListNodesRequest {}).await?;
+    let st = client.cluster_status(cpb::ClusterStatusRequest {}).await?;
+    let nodes = client.list_nodes(cpb::ListNodesRequest {}).await?;
     // Replica reports (sequence numbers, lag) live in the leader's memory: ask it.
     let mut leader = if st.leader_api_addr.is_empty() {
         client.clone()
@@ -435,7 +435,7 @@ pub async fn status(target: Target) -> anyhow::Result<()> {
     };
     let shards = leader
         .admin(|mut a| async move {
-            a.list_shards(pb::ListShardsRequest {
+            a.list_shards(cpb::ListShardsRequest {
                 collection: String::new(),
             })
             .await

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use support::Procs;
 
 use shoal_proto::client::Client;
-use shoal_proto::coordinator as pb;
+use shoal_proto::coordinator as cpb;
 use tonic::Code;
 
 const BIN: &str = env!("CARGO_BIN_EXE_shoal");
@@ -92,7 +92,7 @@ async fn creates_survive_ten_leader_kills() {
     client.patience = Duration::from_secs(30);
     client
         .cluster(|mut c| async move {
-            c.register_node(pb::RegisterNodeRequest {
+            c.register_node(cpb::RegisterNodeRequest {
                 id: "w1".into(),
                 addr: "127.0.0.1:1".into(),
                 capacity: None,
@@ -104,7 +104,7 @@ async fn creates_survive_ten_leader_kills() {
         .expect("register a worker node");
     client
         .cluster(|mut c| async move {
-            c.heartbeat(pb::HeartbeatRequest {
+            c.heartbeat(cpb::HeartbeatRequest {
                 id: "w1".into(),
                 ..Default::default()
             })
@@ -124,13 +124,13 @@ async fn creates_survive_ten_leader_kills() {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let name = format!("c{i:05}");
                 i += 1;
-                let req = pb::CreateCollectionRequest {
+                let req = cpb::CreateCollectionRequest {
                     name: name.clone(),
                     dimension: 8,
-                    metric: pb::Metric::L2 as i32,
+                    metric: cpb::Metric::L2 as i32,
                     shard_count: 1,
                     replication_factor: 1,
-                    index: Some(pb::IndexParams {
+                    index: Some(cpb::IndexParams {
                         nlist: 4,
                         ..Default::default()
                     }),
@@ -160,7 +160,7 @@ async fn creates_survive_ten_leader_kills() {
     for round in 0..KILLS {
         tokio::time::sleep(Duration::from_millis(700)).await;
         let st = client
-            .admin(|mut a| async move { a.cluster_status(pb::ClusterStatusRequest {}).await })
+            .admin(|mut a| async move { a.cluster_status(cpb::ClusterStatusRequest {}).await })
             .await
             .expect("status")
             .into_inner();
@@ -197,7 +197,7 @@ async fn creates_survive_ten_leader_kills() {
     writer.await.unwrap();
 
     let listed = client
-        .admin(|mut a| async move { a.list_collections(pb::ListCollectionsRequest {}).await })
+        .admin(|mut a| async move { a.list_collections(cpb::ListCollectionsRequest {}).await })
         .await
         .expect("list")
         .into_inner();
@@ -258,7 +258,7 @@ async fn the_13_byte_forward_is_refused_and_every_member_lives() {
     let mut client = Client::new(addrs.clone());
     client.patience = Duration::from_secs(30);
     client
-        .admin(|mut c| async move { c.cluster_status(pb::ClusterStatusRequest {}).await })
+        .admin(|mut c| async move { c.cluster_status(cpb::ClusterStatusRequest {}).await })
         .await
         .expect("the group answers");
 
@@ -318,7 +318,7 @@ async fn the_13_byte_forward_is_refused_and_every_member_lives() {
     // And the group still commits.
     client
         .cluster(|mut c| async move {
-            c.register_node(pb::RegisterNodeRequest {
+            c.register_node(cpb::RegisterNodeRequest {
                 id: "after".into(),
                 addr: "127.0.0.1:1".into(),
                 capacity: None,

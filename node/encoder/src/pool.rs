@@ -39,6 +39,16 @@ where
     }
 }
 
+/// A model loaded on a device chosen at run time ([`crate::load_on`]).
+impl BatchEncode for Box<dyn BatchEncode> {
+    fn dimension(&self) -> usize {
+        (**self).dimension()
+    }
+    fn encode_batch(&self, texts: &[&str]) -> Result<Encoded> {
+        (**self).encode_batch(texts)
+    }
+}
+
 /// A lock whose holder may have panicked: the data is still what it was.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())

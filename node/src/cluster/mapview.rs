@@ -3,15 +3,15 @@
 
 use std::collections::BTreeMap;
 
-use shoal_proto::coordinator as pb;
+use shoal_proto::coordinator as cpb;
 
 #[derive(Clone, Debug, Default)]
 pub struct MapView {
     pub version: u64,
-    pub collections: BTreeMap<String, pb::Collection>,
-    pub nodes: BTreeMap<String, pb::NodeInfo>,
+    pub collections: BTreeMap<String, cpb::Collection>,
+    pub nodes: BTreeMap<String, cpb::NodeInfo>,
     /// (collection, shard index) -> replica set.
-    pub shards: BTreeMap<(String, u32), pb::Shard>,
+    pub shards: BTreeMap<(String, u32), cpb::Shard>,
     /// The cluster the map belongs to.
     pub cluster_id: String,
     /// Every collection id up to this one was issued (ids only grow): a collection of
@@ -34,17 +34,17 @@ impl MapView {
     /// Applies a watch event; false (and nothing changed) for one older than the map
     /// this node holds. Maps only move forward at a node: a coordinator restarted
     /// behind, or a stale stream, must not make it act on (and delete by) an old map.
-    pub fn apply(&mut self, ev: pb::MapEvent) -> bool {
-        use pb::map_change::Change as C;
+    pub fn apply(&mut self, ev: cpb::MapEvent) -> bool {
+        use cpb::map_change::Change as C;
         let stale = match ev.event {
-            Some(pb::map_event::Event::Full(_)) => ev.version < self.version,
+            Some(cpb::map_event::Event::Full(_)) => ev.version < self.version,
             _ => ev.version <= self.version && self.version > 0,
         };
         if stale {
             return false;
         }
         match ev.event {
-            Some(pb::map_event::Event::Full(m)) => {
+            Some(cpb::map_event::Event::Full(m)) => {
                 self.cluster_id = m.cluster_id;
                 self.last_collection_id = m.last_collection_id;
                 self.collections = m
@@ -59,7 +59,7 @@ impl MapView {
                     .map(|s| ((s.collection.clone(), s.index), s))
                     .collect();
             }
-            Some(pb::map_event::Event::Changes(cs)) => {
+            Some(cpb::map_event::Event::Changes(cs)) => {
                 for c in cs.changes.into_iter().filter_map(|c| c.change) {
                     match c {
                         C::CollectionPut(c) => {
@@ -106,11 +106,11 @@ impl MapView {
         };
         let served_elsewhere = s.replicas.iter().any(|r| {
             r.node_id != me
-                && r.state == pb::ReplicaState::Serving as i32
+                && r.state == cpb::ReplicaState::Serving as i32
                 && self
                     .nodes
                     .get(&r.node_id)
-                    .is_some_and(|n| pb::NodeState::is_live_value(n.state))
+                    .is_some_and(|n| cpb::NodeState::is_live_value(n.state))
         });
         if served_elsewhere {
             Removal::Trash
@@ -119,7 +119,7 @@ impl MapView {
         }
     }
 
-    pub fn shards_of<'a>(&'a self, collection: &'a str) -> impl Iterator<Item = &'a pb::Shard> {
+    pub fn shards_of<'a>(&'a self, collection: &'a str) -> impl Iterator<Item = &'a cpb::Shard> {
         self.shards
             .range((collection.to_string(), 0)..)
             .take_while(move |((c, _), _)| c == collection)
@@ -131,14 +131,14 @@ impl MapView {
 mod tests {
     use super::*;
 
-    fn full(version: u64, collections: &[&str]) -> pb::MapEvent {
-        pb::MapEvent {
+    fn full(version: u64, collections: &[&str]) -> cpb::MapEvent {
+        cpb::MapEvent {
             version,
-            event: Some(pb::map_event::Event::Full(pb::ClusterMapSnapshot {
+            event: Some(cpb::map_event::Event::Full(cpb::ClusterMapSnapshot {
                 version,
                 collections: collections
                     .iter()
-                    .map(|n| pb::Collection {
+                    .map(|n| cpb::Collection {
                         name: n.to_string(),
                         ..Default::default()
                     })
@@ -157,11 +157,11 @@ mod tests {
         assert_eq!(v.version, 10);
         assert!(v.collections.contains_key("b"));
         // Neither does a change set at or below the current version.
-        let old_change = pb::MapEvent {
+        let old_change = cpb::MapEvent {
             version: 10,
-            event: Some(pb::map_event::Event::Changes(pb::ChangeSet {
-                changes: vec![pb::MapChange {
-                    change: Some(pb::map_change::Change::CollectionDropped("b".into())),
+            event: Some(cpb::map_event::Event::Changes(cpb::ChangeSet {
+                changes: vec![cpb::MapChange {
+                    change: Some(cpb::map_change::Change::CollectionDropped("b".into())),
                 }],
             })),
         };
@@ -169,7 +169,7 @@ mod tests {
         assert!(v.collections.contains_key("b"));
         // The same whole map again is harmless; a newer one applies.
         assert!(v.apply(full(10, &["a", "b"])));
-        assert!(v.apply(pb::MapEvent {
+        assert!(v.apply(cpb::MapEvent {
             version: 11,
             ..old_change
         }));
@@ -180,40 +180,43 @@ mod tests {
     /// dropped by an operator or served by a live serving replica elsewhere.
     #[test]
     fn replicas_go_to_the_trash_only_when_the_map_shows_them_dropped_or_served() {
-        let node = |id: &str, state: pb::NodeState| pb::NodeInfo {
+        let node = |id: &str, state: cpb::NodeState| cpb::NodeInfo {
             id: id.into(),
             state: state as i32,
             ..Default::default()
         };
-        let replica = |id: &str, state: pb::ReplicaState| pb::Replica {
+        let replica = |id: &str, state: cpb::ReplicaState| cpb::Replica {
             node_id: id.into(),
             state: state as i32,
             ..Default::default()
         };
         let mut v = MapView::default();
-        v.apply(pb::MapEvent {
+        v.apply(cpb::MapEvent {
             version: 5,
-            event: Some(pb::map_event::Event::Full(pb::ClusterMapSnapshot {
+            event: Some(cpb::map_event::Event::Full(cpb::ClusterMapSnapshot {
                 version: 5,
-                collections: vec![pb::Collection {
+                collections: vec![cpb::Collection {
                     name: "c".into(),
                     id: 7,
                     ..Default::default()
                 }],
-                nodes: vec![node("a", pb::NodeState::Up), node("b", pb::NodeState::Down)],
+                nodes: vec![
+                    node("a", cpb::NodeState::Up),
+                    node("b", cpb::NodeState::Down),
+                ],
                 shards: vec![
-                    pb::Shard {
+                    cpb::Shard {
                         collection: "c".into(),
                         index: 0,
-                        replicas: vec![replica("a", pb::ReplicaState::Serving)],
+                        replicas: vec![replica("a", cpb::ReplicaState::Serving)],
                         ..Default::default()
                     },
-                    pb::Shard {
+                    cpb::Shard {
                         collection: "c".into(),
                         index: 1,
                         replicas: vec![
-                            replica("b", pb::ReplicaState::Serving),
-                            replica("a", pb::ReplicaState::Copying),
+                            replica("b", cpb::ReplicaState::Serving),
+                            replica("a", cpb::ReplicaState::Copying),
                         ],
                         ..Default::default()
                     },

@@ -3,6 +3,7 @@
 //! each, under a supervisor), heartbeats, and serves the public `Shoal` API (as a
 //! gateway to every shard) and the internal `Replica` API (its own replicas).
 
+pub mod config;
 pub mod disk;
 pub mod error;
 pub mod gateway;
@@ -18,7 +19,6 @@ mod service;
 pub mod transport;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +29,6 @@ use ractor::{Actor, ActorRef};
 use shoal_encoder::pool::{EncoderPool, PoolConfig};
 use shoal_proto::client::Client;
 use shoal_proto::coordinator as cpb;
-use shoal_proto::limits::Limits;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -41,76 +40,7 @@ use replicas::{Registry, ReplicaKey, ReplicaMsg, ReplicaSupervisor, SupervisorMs
 use replication::Replication;
 use transport::{LocalReplicas, Transports};
 
-#[derive(Clone, Debug)]
-pub struct NodeConfig {
-    /// Stable node id (survives restarts; the map's replicas name it).
-    pub id: String,
-    /// Public gRPC address (the `Shoal` API).
-    pub listen: String,
-    /// Internal gRPC address (replica traffic from other nodes' gateways).
-    pub internal_listen: String,
-    /// The internal address other nodes dial (registered in the map), e.g. a pod's DNS
-    /// name; None: the bound internal address, which must then not be a wildcard.
-    pub advertise_addr: Option<String>,
-    pub coordinators: Vec<String>,
-    pub data_dir: PathBuf,
-    /// Sentence-transformers model dir; None: this node takes vectors only.
-    pub model_dir: Option<PathBuf>,
-    pub zone: String,
-    /// Placement's capacity for this node; 0 = unknown (unbounded).
-    pub memory_bytes: u64,
-    pub heartbeat: Duration,
-    /// Every limit a client or peer can hit (`shoal_proto::limits`).
-    pub limits: Limits,
-    /// Texts the encoder queues before it turns callers away; a larger ingest is
-    /// encoded in parts of this size.
-    pub encoder_queue: usize,
-    /// How long a replica directory the map no longer assigns here waits in
-    /// `<data_dir>/trash` before it is removed.
-    pub trash_grace: Duration,
-    /// Search deadline when the caller sets none.
-    pub search_deadline: Duration,
-    /// Fresh rows that trigger a background index build per shard.
-    pub auto_rebuild_tail: usize,
-    /// Prometheus `/metrics` address; None: no endpoint.
-    pub metrics_listen: Option<SocketAddr>,
-    /// Cap on each hosted replica's recent log, the batches a backup that fell behind
-    /// catches up from (beyond it: a whole-shard snapshot).
-    pub recent_log_bytes: usize,
-    /// An operator's word that this node's data now belongs to the cluster with this
-    /// id (its coordinator group was rebuilt or restored under a new id); None: the
-    /// node joins only the cluster its data dir names.
-    pub accept_cluster_id: Option<String>,
-    /// Writes are refused (RESOURCE_EXHAUSTED) while the data volume has less free
-    /// space than this; 0 = never.
-    pub disk_reserve_bytes: u64,
-}
-
-impl Default for NodeConfig {
-    fn default() -> Self {
-        Self {
-            id: "node-1".into(),
-            listen: "127.0.0.1:7201".into(),
-            internal_listen: "127.0.0.1:7301".into(),
-            advertise_addr: None,
-            coordinators: vec!["127.0.0.1:7001".into()],
-            data_dir: PathBuf::from("data/node-1"),
-            model_dir: None,
-            zone: String::new(),
-            memory_bytes: 0,
-            heartbeat: Duration::from_millis(1000),
-            limits: Limits::default(),
-            encoder_queue: PoolConfig::default().max_queue,
-            trash_grace: Duration::from_secs(24 * 3600),
-            search_deadline: Duration::from_secs(5),
-            auto_rebuild_tail: 50_000,
-            metrics_listen: None,
-            recent_log_bytes: replication::RECENT_LOG_BYTES,
-            accept_cluster_id: None,
-            disk_reserve_bytes: disk::DEFAULT_RESERVE_BYTES,
-        }
-    }
-}
+pub use config::NodeConfig;
 
 pub struct NodeHandle {
     pub public_addr: SocketAddr,
@@ -231,7 +161,7 @@ async fn register(
         addr: addr.to_string(),
         capacity: Some(cpb::Capacity {
             memory_bytes: cfg.memory_bytes,
-            gpu: false,
+            gpu: cfg.model_dir.is_some() && cfg.encoder_device.is_gpu(),
             zone: cfg.zone.clone(),
         }),
         volume_id: me.volume_id.clone(),
@@ -251,6 +181,7 @@ async fn register(
 }
 
 pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
+    cfg.validate()?;
     let wildcard = cfg
         .internal_listen
         .parse::<SocketAddr>()
@@ -290,7 +221,10 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     let encoder = match &cfg.model_dir {
         Some(dir) => {
             let dir = dir.clone();
-            let enc = tokio::task::spawn_blocking(move || shoal_encoder::load_cpu(&dir)).await??;
+            let device = cfg.encoder_device;
+            let enc =
+                tokio::task::spawn_blocking(move || shoal_encoder::load_on(&dir, device)).await??;
+            tracing::info!(%device, "encoder loaded");
             Some(Arc::new(
                 EncoderPool::start(
                     vec![enc],
