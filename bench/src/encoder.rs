@@ -89,10 +89,10 @@ impl CandlePeer {
 
 /// The first `n` texts of a BEIR jsonl file, as "title text".
 fn read_texts(path: &Path, n: usize) -> Result<Vec<String>> {
-    Ok(shoal_node::beir::read_jsonl(path)?
+    Ok(shoal_eval::beir::read_jsonl(path)?
         .iter()
         .take(n)
-        .map(shoal_node::beir::Row::text)
+        .map(shoal_eval::beir::Row::text)
         .collect())
 }
 

@@ -9,8 +9,8 @@ use std::time::Instant;
 use anyhow::Result;
 use clap::Args;
 use serde_json::json;
-use shoal_node::beir::{ndcg_at, read_jsonl, read_qrels, Row};
-use shoal_node::shard::{CollectionConfig, Document, Metric, SearchMode, SearchParams, Shard};
+use shoal_engine::{CollectionConfig, Document, Metric, SearchMode, SearchParams, Shard};
+use shoal_eval::beir::{ndcg_at, read_jsonl, read_qrels, Row};
 
 #[derive(Args, Debug)]
 pub struct NdcgArgs {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Args;
 use shoal_encoder::pool::{EncoderPool, PoolConfig};
-use shoal_node::beir::read_jsonl;
+use shoal_eval::beir::read_jsonl;
 use shoal_proto::client::Client;
 use shoal_proto::coordinator as cpb;
 use shoal_proto::v1 as pb;

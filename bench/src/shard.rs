@@ -11,13 +11,13 @@ use faiss::index::autotune::ParameterSpace;
 use faiss::index::IndexImpl;
 use faiss::Index;
 use serde_json::json;
-use shoal_node::shard::{
+use shoal_engine::{
     search_shared, set_thread_omp_threads, training_sample, CollectionConfig, Document, SearchMode,
     SearchParams, Shard,
 };
 
 use crate::measure::{recall_at, rss, run_queries};
-use shoal_node::datasets::{self, Dataset};
+use shoal_eval::datasets::{self, Dataset};
 
 const K: usize = 10;
 
@@ -88,8 +88,8 @@ trait MetricExt {
 impl MetricExt for Dataset {
     fn metric_faiss(&self) -> faiss::MetricType {
         match self.metric {
-            shoal_node::shard::Metric::L2 => faiss::MetricType::L2,
-            shoal_node::shard::Metric::InnerProduct => faiss::MetricType::InnerProduct,
+            shoal_engine::Metric::L2 => faiss::MetricType::L2,
+            shoal_engine::Metric::InnerProduct => faiss::MetricType::InnerProduct,
         }
     }
 }
@@ -383,10 +383,10 @@ pub fn run(args: ShardArgs) -> Result<()> {
     // IVF-PQ under L2 keeps a precomputed table of nlist x m x 2^nbits floats (FAISS's
     // default, in the peer too): a per-index constant, reported apart from per-vector cost.
     let table = match ds.metric {
-        shoal_node::shard::Metric::L2 => {
+        shoal_engine::Metric::L2 => {
             (cfg.index.nlist * cfg.index.m * (1 << cfg.index.nbits) * 4) as f64
         }
-        shoal_node::shard::Metric::InnerProduct => 0.0,
+        shoal_engine::Metric::InnerProduct => 0.0,
     };
     emit(
         json!({"section": "memory", "shoal_resident_anon_bytes_per_vector": anon / n as f64,

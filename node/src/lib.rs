@@ -1,8 +1,6 @@
-//! shoal worker node. For now: the shard engine, the unit the coordinator places,
-//! replicates, rebuilds and queries.
+//! shoal worker node runtime: replica actors over the shard engine (`shoal-engine`),
+//! primary-backup replication, the gateway and the gRPC services (`cluster`), and the
+//! process's telemetry.
 
-pub mod beir;
 pub mod cluster;
-pub mod datasets;
-pub mod shard;
 pub mod telemetry;

@@ -946,6 +946,54 @@ fn every_rpc_survives_hostile_messages() {
         },
     );
     f.rpc(
+        "Admin/AllocateEmptyShard",
+        (
+            hostile_string(),
+            hostile_u32(),
+            hostile_string(),
+            any::<bool>(),
+        )
+            .prop_map(|(collection, shard, node_id, accept_data_loss)| {
+                cpb::AllocateEmptyShardRequest {
+                    collection,
+                    shard,
+                    node_id,
+                    accept_data_loss,
+                }
+            }),
+        |r| {
+            let mut s = AdminClient::new(admin.clone());
+            async move { s.allocate_empty_shard(req(r)).await }
+        },
+    );
+    f.rpc(
+        "ClusterMap/HandOver",
+        (
+            (hostile_string(), hostile_string()),
+            shard_id(),
+            hostile_u64(),
+            hostile_string(),
+            (hostile_u64(), hostile_u64()),
+        )
+            .prop_map(
+                |((node_id, cluster_id), shard, epoch, to, (last_seq, last_epoch))| {
+                    cpb::HandOverRequest {
+                        node_id,
+                        cluster_id,
+                        shard: Some(shard),
+                        epoch,
+                        to,
+                        last_seq,
+                        last_epoch,
+                    }
+                },
+            ),
+        |r| {
+            let mut s = ClusterMapClient::new(admin.clone());
+            async move { s.hand_over(req(r)).await }
+        },
+    );
+    f.rpc(
         "ClusterMap/Heartbeat",
         (
             hostile_string(),

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorRef};
+use shoal_engine::{CollectionConfig, Metric};
 use shoal_node::cluster::disk::DiskGuard;
 use shoal_node::cluster::error::ReplicaError;
 use shoal_node::cluster::replicas::{
@@ -15,7 +16,6 @@ use shoal_node::cluster::replicas::{
 };
 use shoal_node::cluster::replication::{Peer, Replication, Role};
 use shoal_node::cluster::transport::{InProcessNet, LocalReplicas, ReplicaApi, Transports};
-use shoal_node::shard::{CollectionConfig, Metric};
 use shoal_proto::limits::Limits;
 use shoal_proto::replica as rpb;
 

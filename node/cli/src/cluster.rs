@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use shoal_node::beir::{ndcg_at, read_jsonl, read_qrels, recall_at, Row};
+use shoal_eval::beir::{ndcg_at, read_jsonl, read_qrels, recall_at, Row};
 use shoal_node::cluster::NodeConfig;
 use shoal_proto::client::Client;
 use shoal_proto::coordinator as cpb;

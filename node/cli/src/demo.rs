@@ -8,8 +8,8 @@ use std::time::Instant;
 use anyhow::{ensure, Context, Result};
 use serde_json::json;
 
-use shoal_node::datasets;
-use shoal_node::shard::{CollectionConfig, Document, SearchMode, SearchParams, Shard};
+use shoal_engine::{CollectionConfig, Document, SearchMode, SearchParams, Shard};
+use shoal_eval::datasets;
 
 pub struct DemoConfig {
     pub data_dir: Option<PathBuf>,

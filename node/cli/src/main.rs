@@ -36,7 +36,7 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         queries: usize,
         /// Where Debian's dataset-fashion-mnist put the IDX files.
-        #[arg(long, default_value = shoal_node::datasets::FASHION_MNIST_DIR)]
+        #[arg(long, default_value = shoal_eval::datasets::FASHION_MNIST_DIR)]
         dataset_dir: PathBuf,
     },
     /// Encodes text read from stdin, one text a line, and writes one JSON array of

@@ -13,7 +13,7 @@
 use shoal_proto::limits::Exceeded;
 use tonic::{Code, Status};
 
-use crate::shard::ShardError;
+use shoal_engine::ShardError;
 
 /// The metadata key naming a [`ReplicaError`]'s kind on the wire.
 pub const ERROR_KIND_KEY: &str = "shoal-error";

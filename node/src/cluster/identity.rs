@@ -47,7 +47,7 @@ impl Identity {
     /// Writes `node.json` atomically (temp file, fsync, rename, directory fsync).
     pub fn store(&self, data_dir: &Path) -> anyhow::Result<()> {
         let bytes = serde_json::to_vec_pretty(self)?;
-        crate::shard::write_atomic(&Self::path(data_dir), &bytes)
+        shoal_engine::write_atomic(&Self::path(data_dir), &bytes)
             .with_context(|| format!("writing the node identity in {}", data_dir.display()))
     }
 }

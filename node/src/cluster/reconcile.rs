@@ -22,7 +22,7 @@ use super::mapview::{self, MapView};
 use super::replicas::{self, Registry, ReplicaArgs, ReplicaKey, ReplicaMsg, SupervisorMsg};
 use super::replication::{Peer, Replication, Role};
 use super::transport::Transports;
-use crate::shard::{CollectionConfig, Metric};
+use shoal_engine::{CollectionConfig, Metric};
 
 /// How often replicas that failed are retried between map changes.
 const REPAIR_EVERY: Duration = Duration::from_secs(5);

@@ -10,7 +10,7 @@ use parking_lot::RwLock;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
 use super::replication::Replication;
-use crate::shard::{
+use shoal_engine::{
     CollectionConfig, GenerationInfo, SearchParams, SearchResult, Shard, ShardError, ShardStats,
     StoredDocument,
 };
@@ -87,7 +87,7 @@ pub fn open_replica(
         let parent = m.parent().unwrap_or(dir);
         std::fs::create_dir_all(parent).map_err(io_at(parent))?;
         std::fs::write(&m, b"").map_err(io_at(&m))?;
-        crate::shard::sync_dir(parent)?;
+        shoal_engine::sync_dir(parent)?;
     }
     Ok(shard)
 }
@@ -121,10 +121,10 @@ pub fn swap_in(dir: &Path, staging: &Path) -> Result<(), ShardError> {
     }
     if dir.exists() {
         std::fs::rename(dir, &old).map_err(io_at(dir))?;
-        crate::shard::sync_dir(parent)?;
+        shoal_engine::sync_dir(parent)?;
     }
     std::fs::rename(staging, dir).map_err(io_at(staging))?;
-    crate::shard::sync_dir(parent)?;
+    shoal_engine::sync_dir(parent)?;
     let _ = std::fs::remove_dir_all(&old);
     Ok(())
 }
@@ -144,7 +144,7 @@ pub fn recover_install(dir: &Path) -> Result<(), ShardError> {
                 std::fs::remove_dir_all(dir).map_err(io_at(dir))?;
             }
             std::fs::rename(&old, dir).map_err(io_at(&old))?;
-            crate::shard::sync_dir(dir.parent().unwrap_or(dir))?;
+            shoal_engine::sync_dir(dir.parent().unwrap_or(dir))?;
             tracing::warn!(dir = %dir.display(), "an interrupted snapshot install was rolled back");
         }
     }
@@ -529,8 +529,8 @@ mod trash_tests {
     fn a_wiped_replica_dir_is_not_re_created_empty() {
         let data = tempfile::tempdir().unwrap();
         let dir = data.path().join("shards").join("c-7").join("2");
-        let config = || crate::shard::CollectionConfig::new(8, crate::shard::Metric::L2);
-        let doc = crate::shard::Document {
+        let config = || shoal_engine::CollectionConfig::new(8, shoal_engine::Metric::L2);
+        let doc = shoal_engine::Document {
             id: "acknowledged".into(),
             text: None,
             metadata: serde_json::Value::Null,

@@ -11,7 +11,7 @@ use shoal_proto::replica as rpb;
 
 use super::Replication;
 use crate::cluster::transport::SnapshotStream;
-use crate::shard::{self, epoch_at, Shard, WalBatch};
+use shoal_engine::{epoch_at, Shard, WalBatch};
 
 impl Replication {
     /// A backup's side of Append: fence stale epochs, check the history matches, log.
@@ -49,7 +49,7 @@ impl Replication {
         } else {
             self.disk.check()?;
             let (s, recent) = (shard.clone(), self.recent.clone());
-            shard::run_blocking(move || {
+            shoal_engine::run_blocking(move || {
                 let last = s.append_replicated(&batches)?;
                 recent.lock().remember(batches);
                 Ok(last)
@@ -143,7 +143,7 @@ impl Replication {
             f.sync_all().await.map_err(io)?;
         }
         let (dir, manifest) = (staging.clone(), first.manifest.clone());
-        shard::run_blocking(move || Shard::install_manifest(&dir, &manifest))
+        shoal_engine::run_blocking(move || Shard::install_manifest(&dir, &manifest))
             .await
             .map_err(ReplicaError::from)?;
         Ok((staging, bytes))

@@ -46,7 +46,7 @@ use tokio::task::JoinHandle;
 use super::disk::DiskGuard;
 use super::ids::ReplicaKey;
 use super::transport::Transports;
-use crate::shard::Shard;
+use shoal_engine::Shard;
 
 mod backup;
 mod primary;

@@ -22,7 +22,7 @@ const APPEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a whole snapshot may take to travel and install.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 use crate::cluster::transport::ReplicaApi;
-use crate::shard::{self, epoch_at, Shard, WalBatch, WriteAck, WriteOp};
+use shoal_engine::{epoch_at, Shard, WalBatch, WriteAck, WriteOp};
 
 impl Replication {
     /// A write at the primary: ordered, logged, replicated to the quorum.
@@ -62,7 +62,7 @@ impl Replication {
         let shard = self.shard()?;
         let epoch = role.epoch;
         let recent = self.recent.clone();
-        let ack = shard::run_blocking(move || {
+        let ack = shoal_engine::run_blocking(move || {
             let (ack, batch) = shard.write_as(ops, epoch, &request_id)?;
             if let Some(b) = batch {
                 recent.lock().remember([b]);
@@ -408,7 +408,7 @@ impl Replication {
     ) -> Result<(), ReplicaError> {
         let t = std::time::Instant::now();
         let s = shard.clone();
-        let src = shard::run_blocking(move || s.snapshot())
+        let src = shoal_engine::run_blocking(move || s.snapshot())
             .await
             .map_err(ReplicaError::from)?;
         let dir = shard.dir().to_path_buf();

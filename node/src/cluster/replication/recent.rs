@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::shard::WalBatch;
+use shoal_engine::WalBatch;
 
 /// Recent batches by sequence number, each with its size (counted once, on insert):
 /// always a contiguous run of the local shard's own history. Kept on backups too, so a
@@ -108,7 +108,7 @@ impl Recent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shard::WalOp;
+    use shoal_engine::WalOp;
 
     fn batch(seq: u64, floats: usize) -> Arc<WalBatch> {
         Arc::new(WalBatch {

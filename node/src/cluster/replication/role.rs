@@ -1,7 +1,7 @@
 //! A replica's role in its replica set as the map has it, the write quorum, and the
 //! pure decisions of whose copy overwrites whose (issue 14). No I/O here.
 
-use crate::shard::epoch_at;
+use shoal_engine::epoch_at;
 
 /// Another replica of the shard, as the map has it.
 #[derive(Clone, Debug, PartialEq, Eq)]

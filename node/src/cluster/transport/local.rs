@@ -18,7 +18,7 @@ use tracing::Instrument;
 
 use super::{ReplicaApi, SnapshotStream};
 use crate::cluster::replicas::{HostedReplica, Registry, ReplicaKey, ReplicaMsg};
-use crate::shard::{Document, SearchMode, SearchParams, ShardError, WriteOp};
+use shoal_engine::{Document, SearchMode, SearchParams, ShardError, WriteOp};
 
 /// How long a replica actor may take to answer one call.
 const ACTOR_CALL: Duration = Duration::from_secs(60);
@@ -163,7 +163,7 @@ impl LocalReplicas {
         // writes its sender lost, unless the sender's probe found that what it holds
         // past the snapshot was never acknowledged (`Role::overwrites_ahead`: an
         // operator's forced epoch, or this replica is a copy outside the quorum).
-        let (snap_seq, snap_epoch) = crate::shard::Shard::manifest_position(&first.manifest)
+        let (snap_seq, snap_epoch) = shoal_engine::Shard::manifest_position(&first.manifest)
             .map_err(|e| ReplicaError::Invalid(e.to_string()))?;
         let (own_seq, own_epoch) = repl.shard()?.last();
         if (own_epoch, own_seq) > (snap_epoch, snap_seq) && !first.forced {

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use shoal_node::shard::{
+use shoal_engine::{
     CollectionConfig, Document, IvfPqParams, Metric, Scoring, SearchMode, SearchParams, Shard,
     ShardError, WriteOp,
 };
@@ -728,8 +728,8 @@ fn t60_replication_primitives_epochs_request_ids_and_snapshots() {
         .unwrap();
     assert_eq!((a1.seq, a2.seq), (1, 2));
     assert_eq!(primary.epochs(), vec![(1, 1), (2, 2)]);
-    assert_eq!(shoal_node::shard::epoch_at(&primary.epochs(), 1), 1);
-    assert_eq!(shoal_node::shard::epoch_at(&primary.epochs(), 2), 2);
+    assert_eq!(shoal_engine::epoch_at(&primary.epochs(), 1), 1);
+    assert_eq!(shoal_engine::epoch_at(&primary.epochs(), 2), 2);
     // A retried request id is answered from the first attempt, and writes nothing.
     let (dup, none) = primary
         .write_as(vec![WriteOp::Upsert(doc("zzz"))], 2, "req-1")

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-use crate::shard::Metric;
+use shoal_engine::Metric;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
