@@ -1,7 +1,9 @@
-//! A cluster in-process over loopback gRPC: three coordinators, two nodes (one with the
-//! real encoder). Ingest by vector and by text through one node, search through the
-//! other (scatter-gather over three shards), get, delete, bad input, and a replica
-//! actor crash that its supervisor recovers from disk while the node keeps serving.
+//! A cluster in-process over loopback gRPC: three coordinators and two nodes, started
+//! per test by one fixture (`Fixture::start`; node a loads the real encoder when a test
+//! needs text). Each test names what it shows: writes through one node read through
+//! the other (scatter-gather over three shards), bad input refused whole, the health
+//! and reflection services, an index build recorded in the map, a text query traced
+//! across gRPC, and a replica actor crash recovered from disk while the node serves.
 
 use shoal_coordinator::testing::free_port;
 use std::path::PathBuf;
@@ -156,66 +158,71 @@ async fn wait_open(n: &NodeHandle, collection: &str, count: usize) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn ingest_search_get_delete_errors_and_replica_crash() {
-    // Traces go to a collector in this process; the trace context must cross gRPC.
-    let (collector, otlp_addr) = start_collector().await;
-    if std::env::var_os("RUST_LOG").is_none() {
-        std::env::set_var("RUST_LOG", "warn");
-    }
-    let telemetry =
-        shoal_node::telemetry::init("shoal-test", Some(&format!("http://{otlp_addr}"))).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let peers: Vec<shoal_coordinator::Peer> = (1..=3)
-        .map(|id| shoal_coordinator::Peer {
-            id,
-            raft_addr: format!("127.0.0.1:{}", free_port()),
-            api_addr: format!("127.0.0.1:{}", free_port()),
-        })
-        .collect();
-    let mut coords = Vec::new();
-    for p in &peers {
-        coords.push(
-            shoal_coordinator::start(shoal_coordinator::Config {
-                id: p.id,
-                listen: p.api_addr.clone(),
-                raft_listen: p.raft_addr.clone(),
-                data_dir: dir.path().join(format!("c{}", p.id)),
-                peers: peers.clone(),
-                ..Default::default()
+/// Three coordinators, nodes a and b, collection `vecs` (16-d, three shards, RF 1)
+/// placed and open, and, with `text`, collection `texts` (384-d) with node a encoding.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    coords: Vec<shoal_coordinator::Handle>,
+    a: NodeHandle,
+    b: NodeHandle,
+    admin: Client,
+    ga: ShoalClient<tonic::transport::Channel>,
+    gb: ShoalClient<tonic::transport::Channel>,
+}
+
+impl Fixture {
+    async fn start(text: bool) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let peers: Vec<shoal_coordinator::Peer> = (1..=3)
+            .map(|id| shoal_coordinator::Peer {
+                id,
+                raft_addr: format!("127.0.0.1:{}", free_port()),
+                api_addr: format!("127.0.0.1:{}", free_port()),
             })
-            .await
-            .unwrap(),
-        );
-    }
-    let addrs: Vec<String> = peers.iter().map(|p| p.api_addr.clone()).collect();
-    let a = node(dir.path(), "a", &addrs, true).await;
-    let b = node(dir.path(), "b", &addrs, false).await;
-    let mut admin = Client::new(addrs.clone());
-    // Both nodes must be up before a collection can be placed on both.
-    let t = Instant::now();
-    loop {
-        let nodes = admin
-            .admin(|mut c| async move { c.list_nodes(cpb::ListNodesRequest {}).await })
-            .await
-            .unwrap()
-            .into_inner();
-        if nodes
-            .nodes
-            .iter()
-            .filter(|n| n.state == cpb::NodeState::Up as i32)
-            .count()
-            == 2
-        {
-            break;
+            .collect();
+        let mut coords = Vec::new();
+        for p in &peers {
+            coords.push(
+                shoal_coordinator::start(shoal_coordinator::Config {
+                    id: p.id,
+                    listen: p.api_addr.clone(),
+                    raft_listen: p.raft_addr.clone(),
+                    data_dir: dir.path().join(format!("c{}", p.id)),
+                    peers: peers.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap(),
+            );
         }
-        assert!(t.elapsed() < Duration::from_secs(20));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    for (name, dim) in [("vecs", 16u32), ("texts", 384)] {
-        admin
-            .admin(|mut c| async move {
-                c.create_collection(cpb::CreateCollectionRequest {
+        let addrs: Vec<String> = peers.iter().map(|p| p.api_addr.clone()).collect();
+        let a = node(dir.path(), "a", &addrs, text).await;
+        let b = node(dir.path(), "b", &addrs, false).await;
+        let mut admin = Client::new(addrs.clone());
+        // Both nodes must be up before a collection can be placed on both.
+        let t = Instant::now();
+        loop {
+            let nodes = admin.list_nodes(cpb::ListNodesRequest {}).await.unwrap();
+            if nodes
+                .nodes
+                .iter()
+                .filter(|n| n.state == cpb::NodeState::Up as i32)
+                .count()
+                == 2
+            {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(20));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let collections: &[(&str, u32)] = if text {
+            &[("vecs", 16), ("texts", 384)]
+        } else {
+            &[("vecs", 16)]
+        };
+        for &(name, dim) in collections {
+            admin
+                .create_collection(cpb::CreateCollectionRequest {
                     name: name.into(),
                     dimension: dim,
                     metric: cpb::Metric::InnerProduct as i32,
@@ -230,62 +237,90 @@ async fn ingest_search_get_delete_errors_and_replica_crash() {
                     ..Default::default()
                 })
                 .await
-            })
+                .unwrap();
+        }
+        let placed = |n: &NodeHandle, c: &str| {
+            n.view
+                .read()
+                .shards_of(c)
+                .filter(|s| s.primary == *"a" || s.primary == *"b")
+                .count()
+        };
+        let t = Instant::now();
+        while collections
+            .iter()
+            .any(|(c, _)| placed(&a, c) < 3 || placed(&b, c) < 3)
+        {
+            assert!(t.elapsed() < Duration::from_secs(20), "map not seen");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for &(c, _) in collections {
+            let on_a = a
+                .view
+                .read()
+                .shards_of(c)
+                .filter(|s| s.primary == "a")
+                .count();
+            wait_open(&a, c, on_a).await;
+            wait_open(&b, c, 3 - on_a).await;
+        }
+        let ga = ShoalClient::connect(format!("http://{}", a.public_addr))
             .await
             .unwrap();
+        let gb = ShoalClient::connect(format!("http://{}", b.public_addr))
+            .await
+            .unwrap();
+        Fixture {
+            _dir: dir,
+            coords,
+            a,
+            b,
+            admin,
+            ga,
+            gb,
+        }
     }
-    let placed = |n: &NodeHandle, c: &str| {
-        n.view
-            .read()
-            .shards_of(c)
-            .filter(|s| s.primary == *"a" || s.primary == *"b")
-            .count()
-    };
-    let t = Instant::now();
-    while placed(&a, "vecs") < 3 || placed(&b, "texts") < 3 {
-        assert!(t.elapsed() < Duration::from_secs(20), "map not seen");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+
+    /// `n` vectors `v0..` into `vecs` through node a (text "doc i", metadata {"i": i}).
+    async fn ingest_vectors(&mut self, n: u64) {
+        let docs: Vec<pb::Document> = (0..n)
+            .map(|i| pb::Document {
+                id: format!("v{i}"),
+                text: format!("doc {i}"),
+                metadata_json: format!("{{\"i\":{i}}}"),
+                vector: vector(i, 16),
+            })
+            .collect();
+        let r = self
+            .ga
+            .ingest(pb::IngestRequest {
+                collection: "vecs".into(),
+                documents: docs,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.ingested, n);
     }
-    let on_a = a
-        .view
-        .read()
-        .shards_of("vecs")
-        .filter(|s| s.primary == "a")
-        .count();
-    wait_open(&a, "vecs", on_a).await;
-    wait_open(&b, "vecs", 3 - on_a).await;
 
-    let mut ga = ShoalClient::connect(format!("http://{}", a.public_addr))
-        .await
-        .unwrap();
-    let mut gb = ShoalClient::connect(format!("http://{}", b.public_addr))
-        .await
-        .unwrap();
+    async fn stop(self) {
+        self.a.shutdown().await;
+        self.b.shutdown().await;
+        for c in self.coords {
+            c.shutdown().await;
+        }
+    }
+}
 
-    // 300 vectors through node a.
-    let docs: Vec<pb::Document> = (0..300)
-        .map(|i| pb::Document {
-            id: format!("v{i}"),
-            text: format!("doc {i}"),
-            metadata_json: format!("{{\"i\":{i}}}"),
-            vector: vector(i, 16),
-        })
-        .collect();
-    let r = ga
-        .ingest(pb::IngestRequest {
-            collection: "vecs".into(),
-            documents: docs,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.ingested, 300);
-
-    // Searched through node b: every shard answers; a stored vector finds itself first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_through_one_node_are_searched_got_and_deleted_through_the_other() {
+    let mut f = Fixture::start(false).await;
+    f.ingest_vectors(300).await;
+    // Searched through node b: every shard answers; a stored vector finds itself.
     for i in [0u64, 17, 299] {
-        let r = gb
-            .search(pb::SearchRequest {
+        let r =
+            f.gb.search(pb::SearchRequest {
                 collection: "vecs".into(),
                 vector: vector(i, 16),
                 k: 5,
@@ -308,8 +343,8 @@ async fn ingest_search_get_delete_errors_and_replica_crash() {
         assert!(r.hits.windows(2).all(|w| w[0].score >= w[1].score));
         assert!(r.hits.iter().all(|h| h.text.starts_with("doc ")));
     }
-    let got = gb
-        .get(pb::GetRequest {
+    let got =
+        f.gb.get(pb::GetRequest {
             collection: "vecs".into(),
             id: "v42".into(),
             with_vector: true,
@@ -323,8 +358,8 @@ async fn ingest_search_get_delete_errors_and_replica_crash() {
     assert_eq!(d.metadata_json, "{\"i\":42}");
 
     // Delete: gone from get and search at once.
-    let del = gb
-        .delete(pb::DeleteRequest {
+    let del =
+        f.gb.delete(pb::DeleteRequest {
             collection: "vecs".into(),
             ids: vec!["v42".into(), "nope".into()],
             ..Default::default()
@@ -333,8 +368,8 @@ async fn ingest_search_get_delete_errors_and_replica_crash() {
         .unwrap()
         .into_inner();
     assert_eq!(del.deleted, 1);
-    let r = ga
-        .search(pb::SearchRequest {
+    let r =
+        f.ga.search(pb::SearchRequest {
             collection: "vecs".into(),
             vector: vector(42, 16),
             k: 300,
@@ -345,8 +380,13 @@ async fn ingest_search_get_delete_errors_and_replica_crash() {
         .into_inner();
     assert_eq!(r.hits.len(), 299);
     assert!(r.hits.iter().all(|h| h.id != "v42"));
+    f.stop().await;
+}
 
-    // Bad input: a clear status, nothing written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_requests_get_a_clear_status_and_write_nothing() {
+    let mut f = Fixture::start(false).await;
+    f.ingest_vectors(10).await;
     let bad: Vec<(pb::SearchRequest, Code, &str)> = vec![
         (
             pb::SearchRequest {
@@ -419,12 +459,13 @@ async fn ingest_search_get_delete_errors_and_replica_crash() {
         ),
     ];
     for (req, code, msg) in bad {
-        let e = gb.search(req).await.unwrap_err();
+        let e = f.gb.search(req).await.unwrap_err();
         assert_eq!(e.code(), code, "{}", e.message());
         assert!(e.message().contains(msg), "{:?} lacks {msg:?}", e.message());
     }
-    let e = ga
-        .ingest(pb::IngestRequest {
+    // A batch with one bad document is refused whole.
+    let e =
+        f.ga.ingest(pb::IngestRequest {
             collection: "vecs".into(),
             documents: vec![
                 pb::Document {
@@ -443,15 +484,12 @@ async fn ingest_search_get_delete_errors_and_replica_crash() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    let g = ga
-        .get(pb::GetRequest {
-            collection: "vecs".into(),
-            id: "ok".into(),
-            with_vector: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let ok = pb::GetRequest {
+        collection: "vecs".into(),
+        id: "ok".into(),
+        with_vector: false,
+    };
+    let g = f.ga.get(ok.clone()).await.unwrap().into_inner();
     assert!(!g.found, "a refused batch wrote a document");
 
     // An oversized request is refused by the server with a clear status.
@@ -466,7 +504,7 @@ async fn ingest_search_get_delete_errors_and_replica_crash() {
             .collect(),
         ..Default::default()
     };
-    let e = gb.ingest(huge).await.unwrap_err();
+    let e = f.gb.ingest(huge).await.unwrap_err();
     assert!(
         matches!(e.code(), Code::OutOfRange | Code::ResourceExhausted),
         "{e:?}"
@@ -479,7 +517,7 @@ async fn ingest_search_get_delete_errors_and_replica_crash() {
         ("/shoal.v1.Shoal/Search", vec![0x0a, 0x05, b'v']), // field 1: 5 bytes promised, 1 sent
         ("/shoal.v1.Shoal/Ingest", vec![0xff, 0xff, 0xff]), // not a valid tag
     ] {
-        let mut raw = tonic::client::Grpc::new(channel(b.public_addr).await);
+        let mut raw = tonic::client::Grpc::new(channel(f.b.public_addr).await);
         raw.ready().await.unwrap();
         let e = raw
             .unary(
@@ -496,18 +534,28 @@ async fn ingest_search_get_delete_errors_and_replica_crash() {
             e.message()
         );
     }
-    assert!(gb
-        .get(pb::GetRequest {
+    assert!(f.gb.get(ok).await.is_ok());
+    let got =
+        f.gb.get(pb::GetRequest {
             collection: "vecs".into(),
-            id: "ok".into(),
+            id: "v3".into(),
             with_vector: false,
         })
         .await
-        .is_ok());
+        .unwrap()
+        .into_inner();
+    assert!(
+        got.found,
+        "what was acknowledged before the bad input is gone"
+    );
+    f.stop().await;
+}
 
-    // The standard health service says SERVING, and reflection lists the public API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn health_says_serving_and_reflection_lists_the_public_api() {
+    let f = Fixture::start(false).await;
     let mut health =
-        tonic_health::pb::health_client::HealthClient::new(channel(b.public_addr).await);
+        tonic_health::pb::health_client::HealthClient::new(channel(f.b.public_addr).await);
     let h = health
         .check(tonic_health::pb::HealthCheckRequest {
             service: "shoal.v1.Shoal".into(),
@@ -519,38 +567,41 @@ async fn ingest_search_get_delete_errors_and_replica_crash() {
         h.status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
-    {
-        use tonic_reflection::pb::v1 as refl;
-        let mut rc = refl::server_reflection_client::ServerReflectionClient::new(
-            channel(b.public_addr).await,
-        );
-        let req = refl::ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(
-                refl::server_reflection_request::MessageRequest::ListServices(String::new()),
-            ),
-        };
-        let mut replies = rc
-            .server_reflection_info(futures::stream::iter([req]))
-            .await
-            .unwrap()
-            .into_inner();
-        let reply = replies.message().await.unwrap().unwrap();
-        let Some(refl::server_reflection_response::MessageResponse::ListServicesResponse(l)) =
-            reply.message_response
-        else {
-            panic!("unexpected reflection reply {reply:?}");
-        };
-        assert!(
-            l.service.iter().any(|s| s.name == "shoal.v1.Shoal"),
-            "{l:?}"
-        );
-    }
+    use tonic_reflection::pb::v1 as refl;
+    let mut rc =
+        refl::server_reflection_client::ServerReflectionClient::new(channel(f.b.public_addr).await);
+    let req = refl::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            refl::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut replies = rc
+        .server_reflection_info(futures::stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = replies.message().await.unwrap().unwrap();
+    let Some(refl::server_reflection_response::MessageResponse::ListServicesResponse(l)) =
+        reply.message_response
+    else {
+        panic!("unexpected reflection reply {reply:?}");
+    };
+    assert!(
+        l.service.iter().any(|s| s.name == "shoal.v1.Shoal"),
+        "{l:?}"
+    );
+    f.stop().await;
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_index_build_serves_every_shard_and_the_map_records_it() {
+    let mut f = Fixture::start(false).await;
+    f.ingest_vectors(300).await;
     // An IVF-PQ generation on every shard, built beside the serving state; searches
     // then name the generation that answered, and still find every document.
-    let built = gb
-        .build_index(pb::BuildIndexRequest {
+    let built =
+        f.gb.build_index(pb::BuildIndexRequest {
             collection: "vecs".into(),
         })
         .await
@@ -567,16 +618,13 @@ async fn ingest_search_get_delete_errors_and_replica_crash() {
     // The primaries report their new generations; the map records them.
     let t = Instant::now();
     loop {
-        let shards = admin
-            .admin(|mut c| async move {
-                c.list_shards(cpb::ListShardsRequest {
-                    collection: "vecs".into(),
-                })
-                .await
+        let shards = f
+            .admin
+            .list_shards(cpb::ListShardsRequest {
+                collection: "vecs".into(),
             })
             .await
             .unwrap()
-            .into_inner()
             .shards;
         if shards.iter().all(|s| s.serving_generation >= 1) {
             break;
@@ -587,11 +635,11 @@ async fn ingest_search_get_delete_errors_and_replica_crash() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let r = gb
-        .search(pb::SearchRequest {
+    let r =
+        f.gb.search(pb::SearchRequest {
             collection: "vecs".into(),
             vector: vector(17, 16),
-            k: 299,
+            k: 300,
             refine: 100,
             nprobe: 4,
             ..Default::default()
@@ -600,9 +648,21 @@ async fn ingest_search_get_delete_errors_and_replica_crash() {
         .unwrap()
         .into_inner();
     assert!(r.shards.iter().all(|s| s.generation >= 1), "{:?}", r.shards);
-    assert_eq!(r.hits.len(), 299);
+    assert_eq!(r.hits.len(), 300);
+    f.stop().await;
+}
 
-    // Text: encoded once by node a's encoder, searched through node a.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_text_query_is_encoded_once_and_traced_across_the_nodes() {
+    // Traces go to a collector in this process; the trace context must cross gRPC.
+    // (The only test here that installs the process's subscriber.)
+    let (collector, otlp_addr) = start_collector().await;
+    if std::env::var_os("RUST_LOG").is_none() {
+        std::env::set_var("RUST_LOG", "warn");
+    }
+    let telemetry =
+        shoal_node::telemetry::init("shoal-test", Some(&format!("http://{otlp_addr}"))).unwrap();
+    let mut f = Fixture::start(true).await;
     let texts = [
         ("t1", "The mitochondria is the powerhouse of the cell."),
         (
@@ -611,7 +671,7 @@ async fn ingest_search_get_delete_errors_and_replica_crash() {
         ),
         ("t3", "A recipe for sourdough bread with a crisp crust."),
     ];
-    ga.ingest(pb::IngestRequest {
+    f.ga.ingest(pb::IngestRequest {
         collection: "texts".into(),
         documents: texts
             .iter()
@@ -625,8 +685,8 @@ async fn ingest_search_get_delete_errors_and_replica_crash() {
     })
     .await
     .unwrap();
-    let r = ga
-        .search(pb::SearchRequest {
+    let r =
+        f.ga.search(pb::SearchRequest {
             collection: "texts".into(),
             text: "how do cells make energy?".into(),
             k: 3,
@@ -681,23 +741,28 @@ async fn ingest_search_get_delete_errors_and_replica_crash() {
         );
     }
     assert!(in_trace.iter().any(|s| s.name == "encode"));
+    f.stop().await;
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crashed_replica_is_reopened_from_disk_with_its_data() {
+    let mut f = Fixture::start(false).await;
+    f.ingest_vectors(300).await;
     // A replica actor panics: its supervisor reopens it from disk; data intact.
-    let (victim, idx) = {
-        let reg = a.registry.read();
-        let k = reg.keys().find(|k| k.collection == "vecs").unwrap().clone();
-        ("a", k.index)
+    let idx = {
+        let reg = f.a.registry.read();
+        reg.keys().find(|k| k.collection == "vecs").unwrap().index
     };
-    assert!(a.crash_replica("vecs", idx), "no replica on {victim}");
+    assert!(f.a.crash_replica("vecs", idx), "no replica on a");
     let t = Instant::now();
-    while a.restarts.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+    while f.a.restarts.load(std::sync::atomic::Ordering::Relaxed) == 0 {
         assert!(t.elapsed() < Duration::from_secs(10), "no restart");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let t = Instant::now();
     let r = loop {
-        let r = gb
-            .search(pb::SearchRequest {
+        let r =
+            f.gb.search(pb::SearchRequest {
                 collection: "vecs".into(),
                 vector: vector(7, 16),
                 k: 300,
@@ -714,15 +779,10 @@ async fn ingest_search_get_delete_errors_and_replica_crash() {
     assert!(!r.partial);
     assert_eq!(
         r.hits.len(),
-        299,
+        300,
         "documents lost across the replica restart"
     );
-
-    a.shutdown().await;
-    b.shutdown().await;
-    for c in coords {
-        c.shutdown().await;
-    }
+    f.stop().await;
 }
 
 /// A node that listens on every interface must say which address other nodes dial;

@@ -110,6 +110,11 @@ pub fn load_cpu(dir: &std::path::Path) -> Result<Encoder<CpuBackend>> {
     Ok(Encoder::load(dir, Default::default())?.with_threads(cpu_threads()))
 }
 
+/// Cores this process may use.
+pub fn cpu_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,9 +145,4 @@ mod tests {
             .expect("no CUDA in this build");
         assert!(e.to_string().contains("--features cuda"), "{e}");
     }
-}
-
-/// Cores this process may use.
-pub fn cpu_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, usize::from)
 }

@@ -246,8 +246,10 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     let transports = Transports::grpc();
     transports.set_local(&cfg.id, &local);
     let restarts = Arc::new(AtomicU64::new(0));
+    // Unnamed: ractor's registry is per process, and a process may hold several nodes
+    // (in-process tests) or a node restarting while its predecessor shuts down.
     let (supervisor, _) = Actor::spawn(
-        Some(format!("replicas-{}", cfg.id)),
+        None,
         ReplicaSupervisor,
         (registry.clone(), restarts.clone()),
     )
