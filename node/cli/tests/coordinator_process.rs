@@ -269,11 +269,23 @@ async fn the_13_byte_forward_is_refused_and_every_member_lives() {
     data.extend_from_slice(&(1u64 << 62).to_le_bytes());
     data.push(b'x');
     for m in &members {
-        let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", m.raft))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        // The group answers once two members are up; the third may still be binding
+        // its Raft port on a loaded machine.
+        let t = std::time::Instant::now();
+        let ch = loop {
+            match tonic::transport::Endpoint::from_shared(format!("http://{}", m.raft))
+                .unwrap()
+                .connect()
+                .await
+            {
+                Ok(ch) => break ch,
+                Err(e) if t.elapsed() < Duration::from_secs(30) => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("member {}'s Raft port: {e}", m.id),
+            }
+        };
         for format in [0, shoal_proto::wire::FORMAT, 0, shoal_proto::wire::FORMAT] {
             let p = Payload {
                 data: data.clone(),
