@@ -186,7 +186,7 @@ async fn paused_primary_is_fenced_and_acknowledged_writes_survive() {
     let late = replica_client(&internal)
         .await
         .write(rpb::WriteRequest {
-            shard: Some(rpb::ShardRef {
+            shard: Some(cpb::ShardId {
                 collection: COLLECTION.into(),
                 collection_id: coll_id,
                 index: 0,
@@ -415,7 +415,7 @@ async fn replica_client(
 }
 
 /// Which of `docs` the replica at `addr` holds (read from that replica alone).
-async fn held_by(addr: &str, shard: &rpb::ShardRef, docs: &[u64]) -> Vec<u64> {
+async fn held_by(addr: &str, shard: &cpb::ShardId, docs: &[u64]) -> Vec<u64> {
     try_held_by(addr, shard, docs)
         .await
         .unwrap_or_else(|e| panic!("reading from {addr}: {e:?}"))
@@ -423,7 +423,7 @@ async fn held_by(addr: &str, shard: &rpb::ShardRef, docs: &[u64]) -> Vec<u64> {
 
 async fn try_held_by(
     addr: &str,
-    shard: &rpb::ShardRef,
+    shard: &cpb::ShardId,
     docs: &[u64],
 ) -> Result<Vec<u64>, tonic::Status> {
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
@@ -451,7 +451,7 @@ async fn try_held_by(
 }
 
 /// Waits until the replica at `addr` serves every one of `docs`; returns how long.
-async fn wait_held(addr: &str, shard: &rpb::ShardRef, docs: &[u64], within: Duration) -> Duration {
+async fn wait_held(addr: &str, shard: &cpb::ShardId, docs: &[u64], within: Duration) -> Duration {
     let t = Instant::now();
     loop {
         let r = try_held_by(addr, shard, docs).await;
@@ -473,7 +473,7 @@ async fn one_shard(
     name: &str,
     rf: u32,
     quorum: u32,
-) -> (rpb::ShardRef, String, Vec<String>) {
+) -> (cpb::ShardId, String, Vec<String>) {
     c.create_collection_with_quorum(name, 1, rf, quorum).await;
     c.wait_replicated(name, rf as usize, Duration::from_secs(60))
         .await;
@@ -484,7 +484,7 @@ async fn one_shard(
         .map(|r| r.node_id.clone())
         .filter(|n| *n != s.primary)
         .collect();
-    let shard = rpb::ShardRef {
+    let shard = cpb::ShardId {
         collection: name.into(),
         collection_id: c.collection_id(name).await,
         index: 0,
@@ -631,7 +631,7 @@ async fn stale_primary_truncates_what_its_successor_never_had() {
         .unwrap();
     let addrs = c.internal_addrs().await;
     let coll_id = c.collection_id(NAME).await;
-    let shard_ref = rpb::ShardRef {
+    let shard_ref = cpb::ShardId {
         collection: NAME.into(),
         collection_id: coll_id,
         index: 0,

@@ -567,13 +567,13 @@ fn every_rpc_survives_hostile_messages() {
     // ---- shoal.internal.v1.Replica (node to node) ----
     let shard_ref = move || {
         prop_oneof![
-            3 => (0u32..2).prop_map(move |index| Some(rpb::ShardRef {
+            3 => (0u32..2).prop_map(move |index| Some(cpb::ShardId {
                 collection: "fuzz".into(),
                 collection_id: fuzz_id,
                 index,
             })),
             1 => (hostile_string(), hostile_u64(), hostile_u32()).prop_map(|(collection, collection_id, index)| {
-                Some(rpb::ShardRef { collection, collection_id, index })
+                Some(cpb::ShardId { collection, collection_id, index })
             }),
             1 => Just(None),
         ]

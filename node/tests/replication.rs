@@ -16,6 +16,7 @@ use shoal_node::cluster::replicas::{
 };
 use shoal_node::cluster::replication::{Peer, Replication, Role};
 use shoal_node::cluster::transport::{InProcessNet, LocalReplicas, ReplicaApi, Transports};
+use shoal_proto::coordinator as cpb;
 use shoal_proto::limits::Limits;
 use shoal_proto::replica as rpb;
 
@@ -110,8 +111,8 @@ fn key() -> ReplicaKey {
     }
 }
 
-fn shard_ref() -> Option<rpb::ShardRef> {
-    Some(rpb::ShardRef {
+fn shard_ref() -> Option<cpb::ShardId> {
+    Some(cpb::ShardId {
         collection: "c".into(),
         collection_id: 1,
         index: 0,

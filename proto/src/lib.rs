@@ -14,36 +14,52 @@ pub mod limits;
 pub mod metric;
 pub mod wire;
 
-pub mod coordinator {
-    tonic::include_proto!("shoal.coordinator.v1");
+/// The generated code, nested as the proto packages are, so that one package's
+/// messages can name another's (the replica protocol names shards by the
+/// coordinator's `ShardId`); the short names below are how the workspace uses them.
+pub mod shoal {
+    pub mod coordinator {
+        pub mod v1 {
+            tonic::include_proto!("shoal.coordinator.v1");
 
-    impl NodeState {
-        /// Heartbeating and serving (up, or draining but still serving until its
-        /// replicas move): the same rule as the coordinator map's `NodeState::is_live`.
-        pub fn is_live(self) -> bool {
-            matches!(self, NodeState::Up | NodeState::Draining)
+            impl NodeState {
+                /// Heartbeating and serving (up, or draining but still serving until its
+                /// replicas move): the same rule as the coordinator map's `NodeState::is_live`.
+                pub fn is_live(self) -> bool {
+                    matches!(self, NodeState::Up | NodeState::Draining)
+                }
+
+                /// [`NodeState::is_live`] for a state as it travels (an unknown value is not).
+                pub fn is_live_value(state: i32) -> bool {
+                    NodeState::try_from(state).is_ok_and(NodeState::is_live)
+                }
+            }
         }
+    }
 
-        /// [`NodeState::is_live`] for a state as it travels (an unknown value is not).
-        pub fn is_live_value(state: i32) -> bool {
-            NodeState::try_from(state).is_ok_and(NodeState::is_live)
+    pub mod raft {
+        pub mod v1 {
+            tonic::include_proto!("shoal.raft.v1");
+        }
+    }
+
+    /// The public data API (ingest, search, get, delete), served by every node.
+    pub mod v1 {
+        tonic::include_proto!("shoal.v1");
+    }
+
+    /// Internal: one shard replica's operations, node to node.
+    pub mod internal {
+        pub mod v1 {
+            tonic::include_proto!("shoal.internal.v1");
         }
     }
 }
 
-pub mod raft {
-    tonic::include_proto!("shoal.raft.v1");
-}
-
-/// The public data API (ingest, search, get, delete), served by every node.
-pub mod v1 {
-    tonic::include_proto!("shoal.v1");
-}
-
-/// Internal: one shard replica's operations, node to node.
-pub mod replica {
-    tonic::include_proto!("shoal.internal.v1");
-}
+pub use shoal::coordinator::v1 as coordinator;
+pub use shoal::internal::v1 as replica;
+pub use shoal::raft::v1 as raft;
+pub use shoal::v1;
 
 /// Every service's encoded `FileDescriptorSet`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

@@ -389,8 +389,8 @@ impl Gateway {
         Ok(deleted)
     }
 
-    fn shard_ref(coll: &cpb::Collection, index: u32) -> rpb::ShardRef {
-        rpb::ShardRef {
+    fn shard_id(coll: &cpb::Collection, index: u32) -> cpb::ShardId {
+        cpb::ShardId {
             collection: coll.name.clone(),
             collection_id: coll.id,
             index,
@@ -431,7 +431,7 @@ impl Gateway {
         let (node, addr) = self.primary(shards, index)?;
         let span = tracing::info_span!("shard.write", shard = index, node = %node);
         let req = rpb::WriteRequest {
-            shard: Some(Self::shard_ref(coll, index)),
+            shard: Some(Self::shard_id(coll, index)),
             upserts,
             deletes,
             request_id,
@@ -461,7 +461,7 @@ impl Gateway {
                 // Every replica builds its own generation; the primary's is reported.
                 let build = |node: String, addr: String| async move {
                     let req = rpb::BuildRequest {
-                        shard: Some(Self::shard_ref(coll, s.index)),
+                        shard: Some(Self::shard_id(coll, s.index)),
                     };
                     self.replicas(&node, &addr)?.build(req, BUILD_TIMEOUT).await
                 };
@@ -515,7 +515,7 @@ impl Gateway {
         for (node, addr) in self.readers(shard) {
             let _f = self.begin(&node);
             let r = rpb::ShardGetRequest {
-                shard: Some(Self::shard_ref(&coll, index)),
+                shard: Some(Self::shard_id(&coll, index)),
                 id: req.id.clone(),
             };
             let get = async {
@@ -683,7 +683,7 @@ impl Gateway {
         let shards = &shards;
         let calls = shards.iter().map(|s| {
             let req = rpb::ShardSearchRequest {
-                shard: Some(Self::shard_ref(&coll, s.index)),
+                shard: Some(Self::shard_id(&coll, s.index)),
                 vector: query.clone(),
                 k: req.k,
                 nprobe: req.nprobe,

@@ -4,7 +4,6 @@
 
 use shoal_proto::coordinator as cpb;
 use shoal_proto::limits::Limits;
-use shoal_proto::replica as rpb;
 use shoal_proto::within;
 
 use super::error::ReplicaError;
@@ -19,7 +18,8 @@ pub struct ReplicaKey {
 }
 
 impl ReplicaKey {
-    /// The shard as the coordinator's API names it (heartbeats, handovers).
+    /// The shard as the wire names it (`ShardId`, in the coordinator's API and the
+    /// replica protocol alike).
     pub fn shard_id(&self) -> cpb::ShardId {
         cpb::ShardId {
             collection: self.collection.clone(),
@@ -28,18 +28,9 @@ impl ReplicaKey {
         }
     }
 
-    /// The shard as the replica protocol names it.
-    pub fn shard_ref(&self) -> rpb::ShardRef {
-        rpb::ShardRef {
-            collection: self.collection.clone(),
-            collection_id: self.collection_id,
-            index: self.index,
-        }
-    }
-
     /// A replica protocol request's shard, checked: present, its name within the
     /// limit (it is echoed in errors; the map refuses longer names).
-    pub fn from_ref(r: Option<&rpb::ShardRef>) -> Result<Self, ReplicaError> {
+    pub fn from_wire(r: Option<&cpb::ShardId>) -> Result<Self, ReplicaError> {
         let r = r.ok_or_else(|| ReplicaError::Invalid("shard reference missing".into()))?;
         within!(
             Limits::default(),

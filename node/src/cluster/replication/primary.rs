@@ -383,7 +383,7 @@ impl Replication {
         let refs: Vec<&WalBatch> = batches.iter().map(|b| &**b).collect();
         let payload = shoal_proto::wire::encode(&refs);
         let req = rpb::AppendRequest {
-            shard: Some(self.shard_ref()),
+            shard: Some(self.key.shard_id()),
             epoch,
             primary: self.node_id.clone(),
             prev_seq,
@@ -393,10 +393,6 @@ impl Replication {
             format: shoal_proto::wire::FORMAT,
         };
         to.append(req, APPEND_TIMEOUT).await
-    }
-
-    pub(super) fn shard_ref(&self) -> rpb::ShardRef {
-        self.key.shard_ref()
     }
 
     pub(super) async fn send_snapshot(
@@ -414,7 +410,7 @@ impl Replication {
         let dir = shard.dir().to_path_buf();
         let (tx, rx) = tokio::sync::mpsc::channel::<rpb::SnapshotChunk>(4);
         let first = rpb::SnapshotChunk {
-            shard: Some(self.shard_ref()),
+            shard: Some(self.key.shard_id()),
             epoch,
             primary: self.node_id.clone(),
             manifest: src.manifest.clone(),

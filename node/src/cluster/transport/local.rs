@@ -11,6 +11,7 @@ use std::time::Duration;
 use crate::cluster::error::ReplicaError;
 use futures::StreamExt;
 use ractor::rpc::CallResult;
+use shoal_proto::coordinator as cpb;
 use shoal_proto::limits::Limits;
 use shoal_proto::replica as rpb;
 use shoal_proto::within;
@@ -49,8 +50,8 @@ impl LocalReplicas {
         Arc::new(Self { registry, limits })
     }
 
-    fn hosted(&self, r: Option<&rpb::ShardRef>) -> Result<HostedReplica, ReplicaError> {
-        let key = ReplicaKey::from_ref(r)?;
+    fn hosted(&self, r: Option<&cpb::ShardId>) -> Result<HostedReplica, ReplicaError> {
+        let key = ReplicaKey::from_wire(r)?;
         self.registry.read().get(&key).cloned().ok_or_else(|| {
             ReplicaError::Unavailable(format!("replica {key} is not open on this node"))
         })
