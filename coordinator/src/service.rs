@@ -35,6 +35,18 @@ fn check_name(c: &Coordinator, name: &str, what: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// Volume and cluster ids are 32 hex digits made by shoal, not user input: a fixed
+/// bound, checked before an id is compared or quoted in an error.
+fn check_made_id(v: &str, what: &str) -> Result<(), Status> {
+    if v.len() > 64 {
+        return Err(Status::invalid_argument(format!(
+            "{what} is {} bytes, over the limit of 64",
+            v.len()
+        )));
+    }
+    Ok(())
+}
+
 // ---- conversions ---------------------------------------------------------------
 
 pub fn collection_pb(c: &Collection) -> cpb::Collection {
@@ -517,15 +529,8 @@ impl cpb::cluster_map_server::ClusterMap for ClusterMapService {
                 )));
             }
         }
-        // Both are 32 hex digits made by shoal, not user input: a fixed bound.
-        for (what, v) in [("volume_id", &r.volume_id), ("cluster_id", &r.cluster_id)] {
-            if v.len() > 64 {
-                return Err(Status::invalid_argument(format!(
-                    "{what} is {} bytes, over the limit of 64",
-                    v.len()
-                )));
-            }
-        }
+        check_made_id(&r.volume_id, "volume_id")?;
+        check_made_id(&r.cluster_id, "cluster_id")?;
         // Names the cluster on a fresh group, so the answer below carries its id.
         self.0.cluster_id().await?;
         self.0
@@ -557,6 +562,7 @@ impl cpb::cluster_map_server::ClusterMap for ClusterMapService {
     ) -> Result<Response<cpb::HeartbeatResponse>, Status> {
         let r = req.into_inner();
         check_name(&self.0, &r.id, "the node id")?;
+        check_made_id(&r.cluster_id, "cluster_id")?;
         let (version, state) = self
             .0
             .heartbeat(
@@ -580,6 +586,7 @@ impl cpb::cluster_map_server::ClusterMap for ClusterMapService {
         let r = req.into_inner();
         check_name(&self.0, &r.node_id, "the node id")?;
         check_name(&self.0, &r.to, "the target node id")?;
+        check_made_id(&r.cluster_id, "cluster_id")?;
         let shard = r
             .shard
             .ok_or_else(|| Status::invalid_argument("hand-over needs the shard"))?;
@@ -605,6 +612,7 @@ impl cpb::cluster_map_server::ClusterMap for ClusterMapService {
         req: Request<cpb::WatchRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let r = req.into_inner();
+        check_made_id(&r.cluster_id, "cluster_id")?;
         self.0.check_cluster("the watcher", &r.cluster_id)?;
         let from = r.from_version;
         let coord = self.0.clone();

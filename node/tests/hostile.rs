@@ -999,28 +999,33 @@ fn every_rpc_survives_hostile_messages() {
             hostile_string(),
             prop::collection::vec(shard_id(), 0..4),
             prop::collection::vec(report, 0..4),
+            prop_oneof![3 => Just(String::new()), 1 => hostile_string()],
         )
-            .prop_map(|(id, ready, replicas)| cpb::HeartbeatRequest {
+            .prop_map(|(id, ready, replicas, cluster_id)| cpb::HeartbeatRequest {
                 disk_free_bytes: replicas.len() as u64,
                 disk_total_bytes: u64::MAX,
                 disk_trash_bytes: u64::MAX,
                 id,
                 ready,
                 replicas,
-                cluster_id: String::new(),
+                cluster_id,
             }),
         |r| {
             let mut s = ClusterMapClient::new(admin.clone());
             async move { s.heartbeat(req(r)).await }
         },
     );
-    f.rpc("ClusterMap/Watch", hostile_u64(), |from_version| {
+    let watch = (
+        hostile_u64(),
+        prop_oneof![3 => Just(String::new()), 1 => hostile_string()],
+    );
+    f.rpc("ClusterMap/Watch", watch, |(from_version, cluster_id)| {
         let mut s = ClusterMapClient::new(admin.clone());
         async move {
             let mut stream = s
                 .watch(req(cpb::WatchRequest {
                     from_version,
-                    ..Default::default()
+                    cluster_id,
                 }))
                 .await?
                 .into_inner();
