@@ -90,6 +90,36 @@ pub enum ReadIndexReply {
     Failed(String),
 }
 
+/// Who leads the group, as one member's Raft metrics say.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Leadership {
+    /// This member.
+    Me,
+    /// Another member, with its addresses when the membership names it.
+    Other { id: u64, member: Option<Member> },
+    /// No leader known (an election, or this member just started).
+    Unknown,
+}
+
+/// Pure: the leadership `metrics` show to member `me` (the one rule `write` and
+/// `require_leader` both follow).
+fn leadership(me: u64, metrics: &openraft::RaftMetrics<u64, Member>) -> Leadership {
+    if metrics.state == ServerState::Leader {
+        return Leadership::Me;
+    }
+    match metrics.current_leader {
+        Some(id) if id != me => Leadership::Other {
+            id,
+            member: metrics
+                .membership_config
+                .nodes()
+                .find(|(n, _)| **n == id)
+                .map(|(_, m)| m.clone()),
+        },
+        _ => Leadership::Unknown,
+    }
+}
+
 /// How long a write waits for a leader before giving up.
 const WRITE_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -142,13 +172,16 @@ impl Coordinator {
         // member that proposes it: one that becomes leader between attempts decides
         // then (proposing an undecided create would be refused when applied).
         loop {
-            let leader = self.require_leader().is_ok();
-            let proposal = if leader {
+            let leadership = self.leadership();
+            let proposal = if let Leadership::Me = leadership {
                 self.decide(cmd.clone())?
             } else if Self::needs_leader(&cmd) {
                 // Not proposed here: only the leader may decide it. To the leader the
                 // metrics name, or wait for one.
-                if let Some(node) = self.known_leader() {
+                if let Leadership::Other {
+                    member: Some(node), ..
+                } = leadership
+                {
                     match self.forward(&node, &cmd).await? {
                         ForwardReply::Applied(r) => return finish(r),
                         ForwardReply::Failed(e) => return Err(CoordinatorError::Raft(e)),
@@ -191,16 +224,9 @@ impl Coordinator {
         matches!(cmd, Command::CreateCollection(_))
     }
 
-    /// The leader as this member's Raft metrics name it (not this member).
-    fn known_leader(&self) -> Option<Member> {
-        let m = self.raft.metrics().borrow().clone();
-        let l = m.current_leader.filter(|l| *l != self.id)?;
-        let leader = m
-            .membership_config
-            .nodes()
-            .find(|(id, _)| **id == l)
-            .map(|(_, n)| n.clone());
-        leader
+    /// Who leads, as this member's Raft metrics say now.
+    fn leadership(&self) -> Leadership {
+        leadership(self.id, &self.raft.metrics().borrow())
     }
 
     /// The leader's decisions inside a command, made from its own view before the
@@ -785,20 +811,17 @@ impl Coordinator {
     /// Ok on the leader; otherwise a not-leader error naming the leader's public
     /// address, which clients follow.
     pub fn require_leader(&self) -> Result<()> {
-        let m = self.raft.metrics().borrow().clone();
-        if m.state == ServerState::Leader {
-            return Ok(());
+        match self.leadership() {
+            Leadership::Me => Ok(()),
+            Leadership::Other { id, member } => Err(CoordinatorError::NotLeader {
+                leader: Some(id),
+                api_addr: member.map(|m| m.api_addr),
+            }),
+            Leadership::Unknown => Err(CoordinatorError::NotLeader {
+                leader: None,
+                api_addr: None,
+            }),
         }
-        let api_addr = m.current_leader.and_then(|l| {
-            m.membership_config
-                .nodes()
-                .find(|(id, _)| **id == l)
-                .map(|(_, n)| n.api_addr.clone())
-        });
-        Err(CoordinatorError::NotLeader {
-            leader: m.current_leader,
-            api_addr,
-        })
     }
 
     /// The leader's periodic duties: turn silent nodes suspect, then down; bring back
@@ -888,16 +911,10 @@ impl Coordinator {
     /// [`placement::rebalance_primary`]); the target must have reported holding
     /// everything the primary reported ([`Coordinator::promote`]'s check).
     async fn rebalance_primaries(&self, map: &ClusterMap, now: Instant) {
-        let settled = map.nodes.values().all(|n| {
-            matches!(
-                n.state,
-                NodeState::Up | NodeState::Down | NodeState::Draining
-            )
-        }) && map
-            .shards
-            .values()
-            .all(|s| s.replicas.iter().all(|r| r.state == ReplicaState::Serving));
-        let Some((shard, to)) = settled.then(|| placement::rebalance_primary(map)).flatten() else {
+        let Some((shard, to)) = placement::settled(map)
+            .then(|| placement::rebalance_primary(map))
+            .flatten()
+        else {
             *self.uneven_since.lock() = None;
             return;
         };

@@ -248,6 +248,21 @@ pub fn headless(map: &ClusterMap) -> Vec<ShardKey> {
         .collect()
 }
 
+/// The cluster is settled, and primaries may be evened out: every node up, down or
+/// draining (none suspect, whose roles may be about to move), and every replica
+/// serving (no copy in flight).
+pub fn settled(map: &ClusterMap) -> bool {
+    map.nodes.values().all(|n| {
+        matches!(
+            n.state,
+            NodeState::Up | NodeState::Down | NodeState::Draining
+        )
+    }) && map
+        .shards
+        .values()
+        .all(|s| s.replicas.iter().all(|r| r.state == ReplicaState::Serving))
+}
+
 /// One primary handover that evens out how many shards the nodes lead (primaries take
 /// the writes): from a node leading the most to a serving backup on a node leading at
 /// least two fewer, the widest such gap first. Nodes that are up and not draining
@@ -1010,6 +1025,26 @@ mod tests {
 
     /// Issue 14's replaced volume: a node back with another volume holds nothing, so
     /// none of its replicas serves or leads until filled from a serving copy.
+    #[test]
+    fn settled_only_without_suspects_or_copies() {
+        let mut m = map_with_nodes(3);
+        m.apply(&placed(&m, spec("c", 2, 2))).unwrap();
+        assert!(settled(&m), "placed, all serving, all up");
+        let mut suspect = m.clone();
+        suspect.nodes.get_mut("n1").unwrap().state = NodeState::Suspect;
+        assert!(
+            !settled(&suspect),
+            "a suspect node's roles may be about to move"
+        );
+        let mut down = m.clone();
+        down.nodes.get_mut("n1").unwrap().state = NodeState::Down;
+        assert!(settled(&down));
+        let mut copying = m.clone();
+        let s = copying.shards.values_mut().next().unwrap();
+        s.replicas[0].state = ReplicaState::Copying;
+        assert!(!settled(&copying), "a copy in flight");
+    }
+
     #[test]
     fn a_node_back_with_another_volume_leads_nothing_and_serves_nothing() {
         let mut m = map_with_nodes(2);
