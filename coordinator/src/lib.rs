@@ -17,6 +17,7 @@ pub mod placement;
 pub mod raft;
 pub mod service;
 pub mod store;
+#[cfg(feature = "testsuite")]
 pub mod testing;
 
 use std::collections::BTreeMap;

@@ -36,7 +36,7 @@ use tokio::task::JoinHandle;
 use gateway::Gateway;
 use identity::Identity;
 use mapview::MapView;
-use replicas::{Registry, ReplicaKey, ReplicaMsg, ReplicaSupervisor, SupervisorMsg};
+use replicas::{Registry, ReplicaKey, ReplicaSupervisor, SupervisorMsg};
 use replication::Replication;
 use transport::{LocalReplicas, Transports};
 
@@ -59,6 +59,7 @@ pub struct NodeHandle {
 
 impl NodeHandle {
     /// Panics a replica's actor (fault injection for tests).
+    #[cfg(feature = "testsuite")]
     pub fn crash_replica(&self, collection: &str, index: u32) -> bool {
         let actor = self
             .registry
@@ -66,7 +67,7 @@ impl NodeHandle {
             .iter()
             .find(|(k, _)| k.collection == collection && k.index == index)
             .map(|(_, h)| h.actor.clone());
-        actor.is_some_and(|a| a.send_message(ReplicaMsg::Crash).is_ok())
+        actor.is_some_and(|a| a.send_message(replicas::ReplicaMsg::Crash).is_ok())
     }
 
     /// Before a clean shutdown: hands every primary role this node holds to a backup

@@ -28,6 +28,7 @@ pub enum ReplicaMsg {
     /// Replace this replica with the snapshot assembled in the given directory.
     Install(PathBuf, Reply<()>),
     /// Fault injection for tests: the actor panics, its supervisor restarts it.
+    #[cfg(feature = "testsuite")]
     Crash,
     /// The engine was poisoned by a failed write: the actor stops with an error and
     /// its supervisor reopens it from disk (the log replay repairs it).
@@ -240,6 +241,7 @@ impl Actor for ReplicaActor {
             ReplicaMsg::Stats(reply) => {
                 let _ = reply.send(shard.stats());
             }
+            #[cfg(feature = "testsuite")]
             ReplicaMsg::Crash => panic!("injected replica crash"),
             ReplicaMsg::Reopen => {
                 h.shard.retire();
