@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::cluster::error::ReplicaError;
 use shoal_proto::replica as rpb;
 
 use super::Replication;
+use crate::cluster::error::ReplicaError;
 use crate::cluster::transport::SnapshotStream;
 use shoal_engine::{epoch_at, Shard, WalBatch};
 

@@ -38,7 +38,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::cluster::error::ReplicaError;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
@@ -46,6 +45,7 @@ use tokio::task::JoinHandle;
 use super::disk::DiskGuard;
 use super::ids::ReplicaKey;
 use super::transport::Transports;
+use crate::cluster::error::ReplicaError;
 use shoal_engine::Shard;
 
 mod backup;

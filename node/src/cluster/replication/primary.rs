@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::cluster::error::ReplicaError;
 use futures::StreamExt;
 use shoal_proto::replica as rpb;
 use tokio::sync::watch;
@@ -16,6 +15,7 @@ use super::recent::Next;
 use super::{
     standing, Replication, Role, Standing, APPEND_BYTES, KEEPALIVE, QUORUM_TIMEOUT, SNAPSHOT_CHUNK,
 };
+use crate::cluster::error::ReplicaError;
 
 /// How long one Append (or probe) may take at a backup.
 const APPEND_TIMEOUT: Duration = Duration::from_secs(10);

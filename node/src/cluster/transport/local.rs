@@ -8,7 +8,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::cluster::error::ReplicaError;
 use futures::StreamExt;
 use ractor::rpc::CallResult;
 use shoal_proto::coordinator as cpb;
@@ -18,6 +17,7 @@ use shoal_proto::within;
 use tracing::Instrument;
 
 use super::{ReplicaApi, SnapshotStream};
+use crate::cluster::error::ReplicaError;
 use crate::cluster::replicas::{HostedReplica, Registry, ReplicaKey, ReplicaMsg};
 use shoal_engine::{Document, SearchMode, SearchParams, ShardError, WriteOp};
 

@@ -15,7 +15,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use crate::cluster::error::ReplicaError;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use parking_lot::{Mutex, RwLock};
@@ -23,6 +22,7 @@ use shoal_proto::replica as rpb;
 use shoal_proto::replica::replica_client::ReplicaClient;
 use tonic::transport::Channel;
 
+use crate::cluster::error::ReplicaError;
 use crate::telemetry;
 
 pub use local::LocalReplicas;
