@@ -6,7 +6,8 @@ source "$(dirname "$0")/env.sh"
 
 # cmake + a C++ compiler + OpenBLAS: the faiss crate's `static` feature builds FAISS
 # from source. dataset-fashion-mnist: the real data set of the demo and benchmarks.
-PACKAGES=(cmake g++ make libopenblas-dev dataset-fashion-mnist)
+# iproute2: the partition tests put each process in its own network namespace (`ip netns`).
+PACKAGES=(cmake g++ make libopenblas-dev dataset-fashion-mnist iproute2)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

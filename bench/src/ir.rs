@@ -60,7 +60,7 @@ pub fn run(args: NdcgArgs) -> Result<()> {
         .map(|(r, v)| Document {
             id: r.id.clone(),
             text: None,
-            metadata: serde_json::Value::Null,
+            metadata: shoal_engine::Metadata::none(),
             vector: v,
         })
         .collect();

@@ -14,11 +14,11 @@ use anyhow::{Context, Result};
 use clap::Args;
 use shoal_encoder::pool::{EncoderPool, PoolConfig};
 use shoal_eval::beir::read_jsonl;
-use shoal_proto::client::Client;
+use shoal_eval::percentile;
 use shoal_proto::coordinator as cpb;
 use shoal_proto::v1 as pb;
-use shoal_proto::v1::shoal_client::ShoalClient;
-use tonic::transport::Channel;
+
+use crate::target::{connect, ingest_when_ready, ClusterTarget};
 
 #[derive(Args)]
 pub struct LoadArgs {
@@ -28,19 +28,8 @@ pub struct LoadArgs {
     /// Collection name; default: the dir's name.
     #[arg(long)]
     collection: Option<String>,
-    /// Nodes' public addresses; clients spread over them.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "127.0.0.1:7201,127.0.0.1:7202"
-    )]
-    nodes: Vec<String>,
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003"
-    )]
-    coordinators: Vec<String>,
+    #[command(flatten)]
+    target: ClusterTarget,
     #[arg(long, default_value_t = 4)]
     clients: usize,
     #[arg(long, default_value_t = 30)]
@@ -54,22 +43,6 @@ pub struct LoadArgs {
     batch: usize,
     #[arg(long, default_value = shoal_encoder::DEFAULT_MODEL_DIR)]
     model_dir: PathBuf,
-}
-
-async fn connect(addr: &str) -> Result<ShoalClient<Channel>> {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {addr}"))?;
-    Ok(ShoalClient::new(ch).max_decoding_message_size(64 << 20))
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 #[derive(Default)]
@@ -102,7 +75,7 @@ async fn run_async(a: LoadArgs) -> Result<()> {
     anyhow::ensure!(!queries.is_empty(), "no queries in {}", a.dir.display());
 
     // The reference: each query's exact top k, from the same cluster and encoder.
-    let mut c = connect(&a.nodes[0]).await?;
+    let mut c = connect(&a.target.nodes[0]).await?;
     let mut truth = Vec::with_capacity(queries.len());
     for q in &queries {
         let r = c
@@ -125,7 +98,7 @@ async fn run_async(a: LoadArgs) -> Result<()> {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..a.clients {
-        let addr = a.nodes[i % a.nodes.len()].clone();
+        let addr = a.target.node(i).to_string();
         let (queries, truth, name, k) = (queries.clone(), truth.clone(), name.clone(), a.k);
         tasks.push(tokio::spawn(async move {
             let mut s = ClientStats::default();
@@ -173,8 +146,8 @@ async fn run_async(a: LoadArgs) -> Result<()> {
     let search = serde_json::json!({
         "bench": "search_load", "collection": name, "clients": a.clients,
         "duration_s": elapsed, "queries": n, "qps": n as f64 / elapsed,
-        "p50_ms": pct(&all.latencies_ms, 0.50), "p95_ms": pct(&all.latencies_ms, 0.95),
-        "p99_ms": pct(&all.latencies_ms, 0.99), "errors": all.errors,
+        "p50_ms": percentile(&all.latencies_ms, 0.50), "p95_ms": percentile(&all.latencies_ms, 0.95),
+        "p99_ms": percentile(&all.latencies_ms, 0.99), "errors": all.errors,
         "partial": all.partial, "k": a.k, "recall_at_k_vs_exact": all.recall_sum / answered,
     });
     println!("{search}");
@@ -215,7 +188,6 @@ async fn ingest_vs_encoder(a: &LoadArgs, name: &str) -> Result<serde_json::Value
     drop(pool);
 
     let scratch = format!("{name}-ingest-bench");
-    let mut admin = Client::new(a.coordinators.clone());
     let create = cpb::CreateCollectionRequest {
         name: scratch.clone(),
         dimension: 384,
@@ -224,14 +196,8 @@ async fn ingest_vs_encoder(a: &LoadArgs, name: &str) -> Result<serde_json::Value
         replication_factor: 1,
         ..Default::default()
     };
-    admin
-        .admin(|mut c| {
-            let r = create.clone();
-            async move { c.create_collection(r).await }
-        })
-        .await
-        .context("creating the scratch collection")?;
-    let mut c = connect(&a.nodes[0]).await?;
+    a.target.create(create).await?;
+    let mut c = connect(&a.target.nodes[0]).await?;
     let ingest = |chunk: &[(String, String)]| pb::IngestRequest {
         collection: scratch.clone(),
         documents: chunk
@@ -246,27 +212,13 @@ async fn ingest_vs_encoder(a: &LoadArgs, name: &str) -> Result<serde_json::Value
     };
     // The new collection's shards open within moments: retry until the first lands.
     let first = &docs[..docs.len().min(8)];
-    let t0 = Instant::now();
-    loop {
-        match c.ingest(ingest(first)).await {
-            Ok(_) => break,
-            Err(e) if e.code() == tonic::Code::Unavailable && t0.elapsed().as_secs() < 30 => {
-                tokio::time::sleep(Duration::from_millis(200)).await
-            }
-            Err(e) => return Err(e).context("ingesting"),
-        }
-    }
+    ingest_when_ready(&mut c, ingest(first)).await?;
     let t = Instant::now();
     for chunk in docs.chunks(a.batch.max(1)) {
         c.ingest(ingest(chunk)).await.context("ingesting")?;
     }
     let ingest_rate = docs.len() as f64 / t.elapsed().as_secs_f64();
-    let _ = admin
-        .admin(|mut c| {
-            let name = scratch.clone();
-            async move { c.drop_collection(cpb::DropCollectionRequest { name }).await }
-        })
-        .await;
+    a.target.drop(&scratch).await;
     Ok(serde_json::json!({
         "bench": "ingest_vs_encoder", "documents": docs.len(), "batch": a.batch,
         "encoder_docs_per_s": encoder_rate, "ingest_docs_per_s": ingest_rate,

@@ -2,10 +2,12 @@
 //! line; every figure sits next to its reference peer measured in the same run.
 
 mod encoder;
+mod ingest;
 mod ir;
 mod load;
 mod measure;
 mod shard;
+mod target;
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +32,8 @@ enum Cmd {
     /// A running cluster under a closed-loop search load (QPS, latency, recall against
     /// exact), then ingest next to the encoder alone.
     Load(load::LoadArgs),
+    /// Vector ingest through a running cluster next to the shard engine alone.
+    Ingest(ingest::IngestArgs),
     /// Internal: opens a shard in a fresh process and reports its resident memory.
     #[command(hide = true)]
     ShardRss { dir: std::path::PathBuf },
@@ -49,6 +53,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Ndcg(args) => ir::run(args),
         Cmd::Encoder(args) => encoder::run(args),
         Cmd::Load(args) => load::run(args),
+        Cmd::Ingest(args) => ingest::run(args),
         Cmd::ShardRss { dir } => shard::rss_child(&dir),
         Cmd::TrainProbe { factory, sample } => shard::train_probe(&factory, sample),
     }

@@ -252,7 +252,7 @@ pub fn run(args: ShardArgs) -> Result<()> {
             .map(|i| Document {
                 id: i.to_string(),
                 text: None,
-                metadata: serde_json::Value::Null,
+                metadata: shoal_engine::Metadata::none(),
                 vector: ds.row(i).to_vec(),
             })
             .collect();

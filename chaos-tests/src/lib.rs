@@ -8,6 +8,8 @@
 //! The `shoal` binary is found beside the test executable's directory (cargo builds
 //! it for the workspace's tests), or at `$SHOAL_BIN`.
 
+pub mod netns;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -15,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use shoal_cli::layout::{Layout, MEMBERS};
 use shoal_proto::client::Client;
 use shoal_proto::coordinator as cpb;
 use shoal_proto::v1 as pb;
@@ -47,7 +50,7 @@ pub fn shoal_bin() -> PathBuf {
     bin
 }
 
-pub use shoal_coordinator::testing::free_port;
+pub use shoal_coordinator::testing::{eventually, free_port};
 
 /// A deterministic, distinct vector per document number.
 pub fn vector(i: u64) -> Vec<f32> {
@@ -65,6 +68,8 @@ pub fn doc_id(i: u64) -> String {
 
 pub struct Proc {
     pub id: String,
+    /// Runs the binary through this (`ip netns exec NS`), when set.
+    prefix: Vec<String>,
     args: Vec<String>,
     log: PathBuf,
     child: Option<Child>,
@@ -74,15 +79,44 @@ pub struct Proc {
 }
 
 impl Proc {
+    fn start(
+        bin: &Path,
+        id: &str,
+        prefix: Vec<String>,
+        args: Vec<String>,
+        log: PathBuf,
+        public: &str,
+        metrics: &str,
+    ) -> Proc {
+        let mut p = Proc {
+            id: id.to_string(),
+            prefix,
+            args,
+            log,
+            child: None,
+            public: public.to_string(),
+            metrics: metrics.to_string(),
+        };
+        p.spawn(bin);
+        p
+    }
+
     fn spawn(&mut self, bin: &Path) {
         let f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .unwrap();
+        let mut cmd = match self.prefix.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
         self.child = Some(
-            Command::new(bin)
-                .args(&self.args)
+            cmd.args(&self.args)
                 .env("RUST_LOG", "info,openraft=warn")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -101,6 +135,14 @@ impl Proc {
         }
     }
 
+    /// SIGKILL and reap.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     pub fn running(&self) -> bool {
         self.child.is_some()
     }
@@ -113,24 +155,54 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.kill();
     }
 }
 
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     bin: PathBuf,
+    /// The processes' names, addresses and flags (the layout `shoal dev` uses too).
+    pub layout: Layout,
     pub coordinators: Vec<String>,
     coords: Vec<Proc>,
     pub nodes: Vec<Proc>,
+    /// The network namespaces, when the spec asked for them. Declared last: dropped
+    /// after the processes are killed.
+    pub net: Option<netns::Net>,
 }
 
 /// Liveness timeouts of the test cluster (the coordinators' flags).
 pub const SUSPECT_MS: u64 = 1_500;
 pub const DOWN_MS: u64 = 3_000;
+
+/// What [`Cluster::start_spec`] starts.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub nodes: usize,
+    pub suspect_ms: u64,
+    pub down_ms: u64,
+    /// Extra flags for every coordinator member.
+    pub coordinator_flags: Vec<String>,
+    /// Wait for every node to be up before returning.
+    pub wait_up: bool,
+    /// Each process in its own network namespace ([`netns::Net`]: hosts 0-2 the
+    /// coordinator members, then the nodes), so tests can cut links.
+    pub netns: bool,
+}
+
+impl Default for Spec {
+    fn default() -> Spec {
+        Spec {
+            nodes: 3,
+            suspect_ms: SUSPECT_MS,
+            down_ms: DOWN_MS,
+            coordinator_flags: Vec::new(),
+            wait_up: true,
+            netns: false,
+        }
+    }
+}
 
 impl Cluster {
     /// Three coordinators and `nodes` nodes (vectors only, no encoder).
@@ -145,6 +217,16 @@ impl Cluster {
 
     /// As [`Cluster::start_with`], with extra flags for every coordinator member.
     pub async fn start_full(nodes: usize, down_ms: u64, coordinator_args: &[&str]) -> Cluster {
+        Self::start_spec(Spec {
+            nodes,
+            down_ms,
+            coordinator_flags: coordinator_args.iter().map(|s| s.to_string()).collect(),
+            ..Spec::default()
+        })
+        .await
+    }
+
+    pub async fn start_spec(spec: Spec) -> Cluster {
         let bin = shoal_bin();
         let mut dir = tempfile::tempdir().unwrap();
         // SHOAL_CHAOS_KEEP=1 keeps the cluster's directory (logs, data) for a post-mortem.
@@ -152,105 +234,69 @@ impl Cluster {
             dir.disable_cleanup(true);
             eprintln!("cluster dir kept: {}", dir.path().display());
         }
-        let d = dir.path().to_path_buf();
-        let addrs: Vec<(String, String)> = (0..3)
-            .map(|_| {
-                (
-                    format!("127.0.0.1:{}", free_port()),
-                    format!("127.0.0.1:{}", free_port()),
+        let net = spec.netns.then(|| {
+            netns::Net::new(MEMBERS + spec.nodes)
+                .unwrap_or_else(|e| panic!("making the test's network namespaces: {e}"))
+        });
+        let mut layout = match &net {
+            Some(n) => {
+                let hosts: Vec<String> = (0..MEMBERS + spec.nodes).map(|i| n.host(i)).collect();
+                Layout::on_hosts(dir.path(), &hosts[..MEMBERS], &hosts[MEMBERS..])
+            }
+            None => Layout::on_ports(dir.path(), spec.nodes, free_port),
+        };
+        let prefix = |i: usize| net.as_ref().map(|n| n.exec_prefix(i)).unwrap_or_default();
+        layout.coordinator_flags = [
+            "--suspect-after-ms".to_string(),
+            spec.suspect_ms.to_string(),
+            "--down-after-ms".into(),
+            spec.down_ms.to_string(),
+        ]
+        .into_iter()
+        .chain(spec.coordinator_flags.iter().cloned())
+        .collect();
+        layout.node_flags = vec!["--heartbeat-ms".into(), "250".into()];
+        std::fs::create_dir_all(dir.path().join("logs")).unwrap();
+        let coords = (0..layout.coordinators.len())
+            .map(|k| {
+                let c = &layout.coordinators[k];
+                Proc::start(
+                    &bin,
+                    &c.name,
+                    prefix(k),
+                    layout.coordinator_args(k),
+                    layout.log(&c.name),
+                    &c.api,
+                    &c.metrics,
                 )
             })
             .collect();
-        // Members and nodes name each other by host name (as pods do by DNS name),
-        // while listening on the loopback address.
-        let by_name = |a: &str| a.replace("127.0.0.1", "localhost");
-        let peers = addrs
-            .iter()
-            .enumerate()
-            .map(|(i, (api, raft))| format!("{}={}/{}", i + 1, by_name(raft), by_name(api)))
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut coords = Vec::new();
-        for (i, (api, raft)) in addrs.iter().enumerate() {
-            let metrics = format!("127.0.0.1:{}", free_port());
-            let mut p = Proc {
-                id: format!("c{}", i + 1),
-                args: [
-                    "coordinator",
-                    "--id",
-                    &(i + 1).to_string(),
-                    "--listen",
-                    api,
-                    "--raft-listen",
-                    raft,
-                    "--data-dir",
-                    &d.join(format!("c{}", i + 1)).display().to_string(),
-                    "--peers",
-                    &peers,
-                    "--suspect-after-ms",
-                    &SUSPECT_MS.to_string(),
-                    "--down-after-ms",
-                    &down_ms.to_string(),
-                    "--metrics-listen",
-                    &metrics,
-                ]
-                .into_iter()
-                .chain(coordinator_args.iter().copied())
-                .map(String::from)
-                .collect(),
-                log: d.join(format!("c{}.log", i + 1)),
-                child: None,
-                public: api.clone(),
-                metrics,
-            };
-            p.spawn(&bin);
-            coords.push(p);
-        }
-        let coordinators: Vec<String> = addrs.iter().map(|(a, _)| a.clone()).collect();
-        let mut procs = Vec::new();
-        for i in 1..=nodes {
-            let public = format!("127.0.0.1:{}", free_port());
-            let internal = format!("127.0.0.1:{}", free_port());
-            let metrics = format!("127.0.0.1:{}", free_port());
-            let mut p = Proc {
-                id: format!("n{i}"),
-                args: [
-                    "node",
-                    "--id",
-                    &format!("n{i}"),
-                    "--listen",
-                    &public,
-                    "--internal-listen",
-                    &internal,
-                    "--advertise-addr",
-                    &by_name(&internal),
-                    "--coordinators",
-                    &coordinators.join(","),
-                    "--data-dir",
-                    &d.join(format!("n{i}")).display().to_string(),
-                    "--heartbeat-ms",
-                    "250",
-                    "--metrics-listen",
-                    &metrics,
-                ]
-                .map(String::from)
-                .to_vec(),
-                log: d.join(format!("n{i}.log")),
-                child: None,
-                public,
-                metrics,
-            };
-            p.spawn(&bin);
-            procs.push(p);
-        }
+        let nodes = (0..layout.nodes.len())
+            .map(|j| {
+                let n = &layout.nodes[j];
+                Proc::start(
+                    &bin,
+                    &n.id,
+                    prefix(MEMBERS + j),
+                    layout.node_args(j),
+                    layout.log(&n.id),
+                    &n.public,
+                    &n.metrics,
+                )
+            })
+            .collect();
         let c = Cluster {
             dir,
             bin,
-            coordinators,
+            coordinators: layout.coordinator_addrs(),
+            layout,
             coords,
-            nodes: procs,
+            nodes,
+            net,
         };
-        c.wait_up(nodes, Duration::from_secs(60)).await;
+        if spec.wait_up {
+            c.wait_up(spec.nodes, Duration::from_secs(60)).await;
+        }
         c
     }
 
@@ -279,20 +325,15 @@ impl Cluster {
     }
 
     pub async fn wait_up(&self, n: usize, within: Duration) {
-        let t = Instant::now();
-        loop {
-            if let Ok(nodes) = self.list_nodes().await {
-                let up = nodes
-                    .iter()
-                    .filter(|n| n.state == cpb::NodeState::Up as i32)
-                    .count();
-                if up >= n {
-                    return;
-                }
-            }
-            assert!(t.elapsed() < within, "{n} nodes not up within {within:?}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        eventually(within, format!("{n} nodes up"), || async {
+            let nodes = self.list_nodes().await.ok()?;
+            let up = nodes
+                .iter()
+                .filter(|n| n.state == cpb::NodeState::Up as i32)
+                .count();
+            (up >= n).then_some(())
+        })
+        .await
     }
 
     pub async fn create_collection(&self, name: &str, shards: u32, rf: u32) {
@@ -460,19 +501,14 @@ impl Cluster {
 
     /// Waits until the coordinators hold node `id` in `state`.
     pub async fn wait_node_state(&self, id: &str, state: cpb::NodeState, within: Duration) {
-        let t = Instant::now();
-        loop {
-            if let Ok(nodes) = self.list_nodes().await {
-                if nodes.iter().any(|n| n.id == id && n.state == state as i32) {
-                    return;
-                }
-            }
-            assert!(
-                t.elapsed() < within,
-                "node {id} not {state:?} within {within:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        eventually(within, format!("node {id} {state:?}"), || async {
+            let nodes = self.list_nodes().await.ok()?;
+            nodes
+                .iter()
+                .any(|n| n.id == id && n.state == state as i32)
+                .then_some(())
+        })
+        .await
     }
 
     pub fn node_index(&self, id: &str) -> usize {
@@ -480,10 +516,7 @@ impl Cluster {
     }
 
     pub fn kill(&mut self, i: usize) {
-        if let Some(mut c) = self.nodes[i].child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.nodes[i].kill();
     }
 
     /// SIGTERM (a clean shutdown) and wait for the process to exit; returns when it
@@ -494,12 +527,25 @@ impl Cluster {
 
     /// Coordinator `k`'s (0-based) data dir.
     pub fn coordinator_dir(&self, k: usize) -> PathBuf {
-        self.dir.path().join(&self.coords[k].id)
+        self.layout.data_dir(&self.coords[k].id)
     }
 
     /// SIGTERMs coordinator `k` and waits for it to exit (SIGKILL after `within`).
     pub async fn stop_coordinator(&mut self, k: usize, within: Duration) -> Duration {
         stop(&mut self.coords[k], within).await
+    }
+
+    /// SIGKILLs coordinator `k` and reaps it.
+    pub fn kill_coordinator(&mut self, k: usize) {
+        self.coords[k].kill();
+    }
+
+    /// Whether coordinator `k`'s process has exited (it was started and is gone).
+    pub fn coordinator_exited(&mut self, k: usize) -> bool {
+        self.coords[k]
+            .child
+            .as_mut()
+            .is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))))
     }
 
     pub fn start_coordinator(&mut self, k: usize) {
@@ -551,7 +597,7 @@ impl Cluster {
 
     /// Node `i`'s data dir.
     pub fn node_dir(&self, i: usize) -> PathBuf {
-        self.dir.path().join(&self.nodes[i].id)
+        self.layout.data_dir(&self.nodes[i].id)
     }
 
     /// Coordinator member `k`'s log so far.
@@ -975,6 +1021,19 @@ pub fn report(mut v: serde_json::Value, before: &QueryStats, during: &QueryStats
 /// (0 when the process has not recorded it yet). `name` may carry labels
 /// (`name{label="value"}`) to pick one series.
 pub async fn scrape(addr: &str, name: &str) -> f64 {
+    scrape_text(addr)
+        .await
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, |a, b| a + b)
+}
+
+/// A Prometheus endpoint's whole text (GET /metrics over HTTP/1.0).
+pub async fn scrape_text(addr: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr)
         .await
@@ -984,11 +1043,5 @@ pub async fn scrape(addr: &str, name: &str) -> f64 {
         .unwrap();
     let mut body = String::new();
     s.read_to_string(&mut body).await.unwrap();
-    body.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .fold(0.0, |a, b| a + b)
+    body
 }

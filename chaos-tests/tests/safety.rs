@@ -171,20 +171,20 @@ async fn rack_loss_past_the_down_timeout_loses_nothing() {
     let verify = Verify::start(&nodes, &acked);
     let writers = Writers::start(&nodes, 100, 1_000);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (a, b) = (c.node_index("n2"), c.node_index("n3"));
+    let (a, b) = (c.node_index("node-2"), c.node_index("node-3"));
     c.kill(a);
     c.kill(b);
     let t = Instant::now();
-    c.wait_node_state("n2", cpb::NodeState::Down, Duration::from_secs(20))
+    c.wait_node_state("node-2", cpb::NodeState::Down, Duration::from_secs(20))
         .await;
-    c.wait_node_state("n3", cpb::NodeState::Down, Duration::from_secs(20))
+    c.wait_node_state("node-3", cpb::NodeState::Down, Duration::from_secs(20))
         .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     // Nothing on the surviving node took over a shard it never held.
     for s in c.shards(COLLECTION).await {
-        let on_n1 = s.replicas.iter().find(|r| r.node_id == "n1");
+        let on_n1 = s.replicas.iter().find(|r| r.node_id == "node-1");
         if on_n1.is_none_or(|r| r.state != cpb::ReplicaState::Serving as i32) {
-            assert_ne!(s.primary, "n1", "an empty copy leads {s:#?}");
+            assert_ne!(s.primary, "node-1", "an empty copy leads {s:#?}");
         }
     }
     c.restart(a);
@@ -234,7 +234,7 @@ async fn a_deposed_primary_back_with_an_unacknowledged_batch_rejoins() {
         .map(|r| r.node_id.clone())
         .find(|n| *n != p)
         .unwrap();
-    let x = ["n1", "n2", "n3"]
+    let x = ["node-1", "node-2", "node-3"]
         .into_iter()
         .find(|n| *n != p && *n != b)
         .unwrap()
@@ -321,7 +321,7 @@ async fn a_node_back_with_an_empty_volume_loses_nothing() {
         .shards(COLLECTION)
         .await
         .iter()
-        .filter(|s| s.primary == "n1")
+        .filter(|s| s.primary == "node-1")
         .map(|s| s.index)
         .collect();
     assert!(!led.is_empty(), "n1 leads no shard");
@@ -329,7 +329,7 @@ async fn a_node_back_with_an_empty_volume_loses_nothing() {
     let verify = Verify::start(&nodes, &acked);
     let writers = Writers::start(&nodes, 100, 1_000);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let i = c.node_index("n1");
+    let i = c.node_index("node-1");
     c.kill(i);
     std::fs::remove_dir_all(c.node_dir(i)).unwrap();
     c.restart(i);
@@ -339,7 +339,7 @@ async fn a_node_back_with_an_empty_volume_loses_nothing() {
         let shards = c.shards(COLLECTION).await;
         if led.iter().all(|&k| {
             let s = &shards[k as usize];
-            !s.primary.is_empty() && s.primary != "n1"
+            !s.primary.is_empty() && s.primary != "node-1"
         }) {
             break shards;
         }
@@ -351,7 +351,7 @@ async fn a_node_back_with_an_empty_volume_loses_nothing() {
     };
     let handed_over = t.elapsed();
     for s in &shards {
-        assert_ne!(s.primary, "n1");
+        assert_ne!(s.primary, "node-1");
     }
     c.wait_replicated(COLLECTION, 2, Duration::from_secs(90))
         .await;
@@ -388,7 +388,7 @@ async fn whole_node_tier_restart_and_a_foreign_cluster_lose_nothing() {
         c.kill(i);
     }
     let t = Instant::now();
-    for n in ["n1", "n2", "n3"] {
+    for n in ["node-1", "node-2", "node-3"] {
         c.wait_node_state(n, cpb::NodeState::Down, Duration::from_secs(20))
             .await;
     }
@@ -409,7 +409,7 @@ async fn whole_node_tier_restart_and_a_foreign_cluster_lose_nothing() {
     // Another cluster's coordinators: the node refuses to join them and exits, its
     // data untouched.
     let foreign = Cluster::start(0).await;
-    let i = c.node_index("n3");
+    let i = c.node_index("node-3");
     c.terminate(i, Duration::from_secs(20)).await;
     let before = dir_bytes(&c.node_dir(i));
     c.set_node_args(i, &foreign.coordinators, &[]);
@@ -511,7 +511,7 @@ async fn a_full_disk_refuses_writes_until_freed_and_loses_nothing() {
     let _g = SERIAL.lock().await;
     let mut c = cluster().await;
     let mut acked = first_round(&c).await;
-    let i = c.node_index("n3");
+    let i = c.node_index("node-3");
     c.terminate(i, Duration::from_secs(20)).await;
     let dir = c.node_dir(i);
     let _mount = Tmpfs::mount_over(&dir, 64 << 20);
@@ -662,7 +662,7 @@ async fn a_replica_poisoned_by_a_full_disk_leaves_its_quorum_and_comes_back() {
     let _g = SERIAL.lock().await;
     let mut c = cluster_with(&["--disk-threshold-enabled", "false"]).await;
     let mut acked = first_round(&c).await;
-    let i = c.node_index("n3");
+    let i = c.node_index("node-3");
     c.terminate(i, Duration::from_secs(20)).await;
     let dir = c.node_dir(i);
     let _mount = Tmpfs::mount_over(&dir, 64 << 20);
@@ -695,7 +695,7 @@ async fn a_replica_poisoned_by_a_full_disk_leaves_its_quorum_and_comes_back() {
         });
         let on_n3: Vec<u32> = shards
             .iter()
-            .filter(|s| s.replicas.iter().any(|r| r.node_id == "n3"))
+            .filter(|s| s.replicas.iter().any(|r| r.node_id == "node-3"))
             .map(|s| s.index)
             .collect();
         if settled && !on_n3.is_empty() {
@@ -721,11 +721,11 @@ async fn a_replica_poisoned_by_a_full_disk_leaves_its_quorum_and_comes_back() {
             .filter(|s| {
                 s.replicas
                     .iter()
-                    .filter(|r| r.node_id == "n3")
+                    .filter(|r| r.node_id == "node-3")
                     .all(|r| r.state != cpb::ReplicaState::Serving as i32)
             })
             .collect();
-        if !left.is_empty() && left.iter().all(|s| s.primary != "n3") {
+        if !left.is_empty() && left.iter().all(|s| s.primary != "node-3") {
             break full.elapsed();
         }
         assert!(
@@ -849,7 +849,7 @@ async fn a_node_killed_mid_snapshot_install_loses_nothing() {
     // A recent log too small to catch a new copy up batch by batch: the primaries on
     // n2 and n3 fill n1's new volume with snapshots.
     let coords = c.coordinators.clone();
-    for id in ["n2", "n3"] {
+    for id in ["node-2", "node-3"] {
         let k = c.node_index(id);
         c.terminate(k, Duration::from_secs(20)).await;
         c.set_node_args(k, &coords, &["--recent-log-bytes", "4096"]);
@@ -863,7 +863,7 @@ async fn a_node_killed_mid_snapshot_install_loses_nothing() {
     let writers = Writers::start(&nodes, 100, 300);
     // Some data to copy.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let i = c.node_index("n1");
+    let i = c.node_index("node-1");
     let dir = c.node_dir(i);
     let mut interrupted = Vec::new();
     let mut tries = 0;

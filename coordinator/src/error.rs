@@ -19,6 +19,11 @@ pub enum CoordinatorError {
     },
     #[error("no leader elected; retry shortly")]
     NoLeader,
+    /// A write this member proposed as leader, which then lost its group: it commits
+    /// only if the member regains its group while still leading. UNAVAILABLE, so the
+    /// client tries another member; the message says the outcome is unknown.
+    #[error("this member lost its group while the write was pending; its outcome is unknown: retry (a retried create may find the collection made)")]
+    LeadershipLost,
     #[error("outcome unknown: {0}")]
     Unknown(String),
     #[error("raft: {0}")]
@@ -48,7 +53,9 @@ impl From<CoordinatorError> for Status {
                 }
                 s
             }
-            CoordinatorError::NoLeader => Status::unavailable(msg),
+            CoordinatorError::NoLeader | CoordinatorError::LeadershipLost => {
+                Status::unavailable(msg)
+            }
             CoordinatorError::Unknown(_) => Status::unknown(msg),
             CoordinatorError::Raft(_) => Status::internal(msg),
             CoordinatorError::Limit(_) => Status::invalid_argument(msg),

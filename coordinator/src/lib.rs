@@ -191,6 +191,20 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
             stop_rx.clone(),
         )));
     }
+    // The leader's lease, renewed every Raft heartbeat (`Coordinator::leadership`).
+    let c = coordinator.clone();
+    let mut rx = stop_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let every = std::time::Duration::from_millis(c.config.heartbeat_ms);
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => c.confirm_leadership().await,
+                _ = rx.changed() => return,
+            }
+        }
+    }));
     let c = coordinator.clone();
     let mut rx = stop_rx.clone();
     tasks.push(tokio::spawn(async move {

@@ -101,11 +101,23 @@ enum Leadership {
     Unknown,
 }
 
-/// Pure: the leadership `metrics` show to member `me` (the one rule `write` and
-/// `require_leader` both follow).
-fn leadership(me: u64, metrics: &openraft::RaftMetrics<u64, Member>) -> Leadership {
+/// Pure: the leadership `metrics` show to member `me` (the one rule `write`,
+/// `require_leader` and the leader's duties follow). A Raft leader whose lease has
+/// lapsed (`lease_held`: a quorum acknowledged it within the lease, see
+/// [`Coordinator::confirm_leadership`]) is not taken for the leader: a member cut off
+/// from the others stops answering heartbeats and acting on the map before another
+/// member can be elected (openraft 0.9 has no check-quorum of its own).
+fn leadership(
+    me: u64,
+    metrics: &openraft::RaftMetrics<u64, Member>,
+    lease_held: bool,
+) -> Leadership {
     if metrics.state == ServerState::Leader {
-        return Leadership::Me;
+        return if lease_held {
+            Leadership::Me
+        } else {
+            Leadership::Unknown
+        };
     }
     match metrics.current_leader {
         Some(id) if id != me => Leadership::Other {
@@ -130,6 +142,10 @@ pub struct Coordinator {
     pub config: Arc<Config>,
     /// Last heartbeat per worker node (leader's view only; not replicated).
     heartbeats: Mutex<HashMap<String, Instant>>,
+    /// When a quorum last acknowledged this member as leader, and in which term (timed
+    /// from before the round that confirmed it): the leader's lease, see
+    /// [`Coordinator::leadership`]. It counts only in the term it was won in.
+    quorum_at: Mutex<Option<(u64, Instant)>>,
     /// When this member last became leader: nodes it has not heard from yet get their
     /// timeouts counted from here, so a failover does not declare everyone suspect.
     leader_since: Mutex<Option<Instant>>,
@@ -158,6 +174,7 @@ impl Coordinator {
             reports: Mutex::default(),
             disks: Mutex::default(),
             leader_since: Mutex::default(),
+            quorum_at: Mutex::default(),
             uneven_since: Mutex::default(),
             stopping: tokio::sync::watch::Sender::new(false),
         }
@@ -171,8 +188,21 @@ impl Coordinator {
         // it is and the leader decides on receipt. Decided on every attempt, by the
         // member that proposes it: one that becomes leader between attempts decides
         // then (proposing an undecided create would be refused when applied).
+        // A member that knows of no leader for longer than an election takes is cut off
+        // from its group (or the group has no majority): it says so, and the client
+        // tries another member, rather than holding the call for the whole deadline.
+        let mut leaderless_since: Option<Instant> = None;
+        let election = Duration::from_millis(self.config.election_timeout_max_ms * 2);
         loop {
             let leadership = self.leadership();
+            if let Leadership::Unknown = leadership {
+                let since = *leaderless_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > election {
+                    return Err(CoordinatorError::NoLeader);
+                }
+            } else {
+                leaderless_since = None;
+            }
             let proposal = if let Leadership::Me = leadership {
                 self.decide(cmd.clone())?
             } else if Self::needs_leader(&cmd) {
@@ -196,7 +226,26 @@ impl Coordinator {
             } else {
                 cmd.clone()
             };
-            match self.raft.client_write(Request { command: proposal }).await {
+            // A leader cut off from its group never commits: once it has not counted
+            // as leader for an election's time, the outcome is unknown (the proposal
+            // commits only if it regains its group while still leading) and the client
+            // is told to try elsewhere.
+            let lost = async {
+                let mut since: Option<Instant> = None;
+                loop {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if let Leadership::Me = self.leadership() {
+                        since = None;
+                    } else if since.get_or_insert_with(Instant::now).elapsed() > election {
+                        return;
+                    }
+                }
+            };
+            let written = tokio::select! {
+                r = self.raft.client_write(Request { command: proposal }) => r,
+                () = lost => return Err(CoordinatorError::LeadershipLost),
+            };
+            match written {
                 Ok(r) => return finish(r.data),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                     if let Some(node) = f.leader_node {
@@ -224,9 +273,49 @@ impl Coordinator {
         matches!(cmd, Command::CreateCollection(_))
     }
 
-    /// Who leads, as this member's Raft metrics say now.
+    /// Who leads, as this member's Raft metrics and its lease say now.
     fn leadership(&self) -> Leadership {
-        leadership(self.id, &self.raft.metrics().borrow())
+        let metrics = self.raft.metrics().borrow().clone();
+        let held = self.quorum_at.lock().is_some_and(|(term, t)| {
+            term == metrics.current_term && t.elapsed() < self.leader_lease()
+        });
+        leadership(self.id, &metrics, held)
+    }
+
+    /// How long a quorum's acknowledgement keeps this member the leader: the shortest
+    /// election timeout. A follower that heard from this leader at `t` does not vote
+    /// for another before `t + election_timeout_min`, and the acknowledgement is
+    /// timed from before the round that collected it, so no other member can have
+    /// been elected while the lease holds (with clocks whose rates agree closely; the
+    /// confirmation repeats every Raft heartbeat, so the lease is rarely near its end).
+    fn leader_lease(&self) -> Duration {
+        Duration::from_millis(self.config.election_timeout_min_ms)
+    }
+
+    /// One round of the leader's lease: while the Raft core says this member leads, a
+    /// ReadIndex round (`ensure_linearizable`: a quorum acknowledges the leader) renews
+    /// the lease from the time the round started. Run every Raft heartbeat.
+    pub async fn confirm_leadership(&self) {
+        let (state, term) = {
+            let rx = self.raft.metrics();
+            let m = rx.borrow();
+            (m.state, m.current_term)
+        };
+        if state != ServerState::Leader {
+            *self.quorum_at.lock() = None;
+            return;
+        }
+        let started = Instant::now();
+        match tokio::time::timeout(self.leader_lease(), self.raft.ensure_linearizable()).await {
+            Ok(Ok(_)) => {
+                let mut q = self.quorum_at.lock();
+                if q.is_none_or(|(t0, at)| t0 < term || (t0 == term && at < started)) {
+                    *q = Some((term, started));
+                }
+            }
+            Ok(Err(e)) => tracing::debug!(error = %e, "leadership not confirmed"),
+            Err(_) => tracing::debug!("leadership not confirmed within the lease"),
+        }
     }
 
     /// The leader's decisions inside a command, made from its own view before the
@@ -827,7 +916,7 @@ impl Coordinator {
     /// The leader's periodic duties: turn silent nodes suspect, then down; bring back
     /// suspects that heartbeat again; then run placement and commit its moves.
     pub async fn tick(&self) {
-        let is_leader = self.raft.metrics().borrow().state == ServerState::Leader;
+        let is_leader = matches!(self.leadership(), Leadership::Me);
         let since = {
             let mut ls = self.leader_since.lock();
             if !is_leader {
@@ -947,6 +1036,48 @@ fn finish(r: Response) -> Result<u64> {
 mod tests {
     use super::*;
     use crate::map::tests::map_with_nodes;
+
+    #[test]
+    fn a_leader_without_its_lease_is_no_leader() {
+        let members: BTreeMap<u64, Member> = (1..=3)
+            .map(|id| {
+                let m = Member {
+                    raft_addr: format!("r{id}"),
+                    api_addr: format!("a{id}"),
+                };
+                (id, m)
+            })
+            .collect();
+        let membership =
+            openraft::Membership::new(vec![members.keys().copied().collect()], members);
+        let metrics = |state, leader| {
+            let mut m = openraft::RaftMetrics::<u64, Member>::new_initial(1);
+            m.state = state;
+            m.current_leader = leader;
+            m.membership_config =
+                Arc::new(openraft::StoredMembership::new(None, membership.clone()));
+            m
+        };
+        // (Raft state, the leader it names, lease held, what member 1 takes it for)
+        let cases = [
+            (ServerState::Leader, Some(1), true, "me"),
+            (ServerState::Leader, Some(1), false, "unknown"),
+            (ServerState::Follower, Some(2), false, "2 at a2"),
+            (ServerState::Follower, Some(2), true, "2 at a2"),
+            (ServerState::Follower, None, true, "unknown"),
+            (ServerState::Candidate, Some(1), true, "unknown"),
+        ];
+        for (state, leader, held, want) in cases {
+            let got = match leadership(1, &metrics(state, leader), held) {
+                Leadership::Me => "me".to_string(),
+                Leadership::Unknown => "unknown".to_string(),
+                Leadership::Other { id, member } => {
+                    format!("{id} at {}", member.map(|m| m.api_addr).unwrap_or_default())
+                }
+            };
+            assert_eq!(got, want, "{state:?} {leader:?} lease {held}");
+        }
+    }
 
     /// The leader's liveness duty as a table: (state, silent ms) -> transition, with
     /// suspect after 1 s and down after 3 s.

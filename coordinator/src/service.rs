@@ -576,6 +576,14 @@ impl cpb::cluster_map_server::ClusterMap for ClusterMapService {
         Ok(Response::new(cpb::HeartbeatResponse {
             map_version: version,
             state: node_state_pb(state),
+            // The primary lease (see the field): below the down timeout, after which
+            // alone a silent node's primaries are replaced. None for a node declared
+            // down: it registers again first.
+            lease_ms: if state == NodeState::Down {
+                0
+            } else {
+                self.0.config.suspect_after_ms
+            },
         }))
     }
 

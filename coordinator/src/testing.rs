@@ -1,7 +1,10 @@
 //! Helpers for the tests that boot whole clusters (in-process or as processes).
 
+use std::fmt::Display;
+use std::future::Future;
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 /// A loopback port free right now, taken from below Linux's ephemeral range (32768
 /// and up): a port the kernel handed out by binding port 0 can be taken again by an
@@ -20,4 +23,22 @@ pub fn free_port() -> u16 {
         }
     }
     panic!("no free loopback port between {LOW} and {}", LOW + SPAN);
+}
+
+/// Polls `probe` every 50 ms until it gives `Some`, and returns that; panics naming
+/// `what` (and how long it waited) after `within`. The one wait-until loop of the
+/// workspace's tests.
+pub async fn eventually<T, F, Fut>(within: Duration, what: impl Display, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let t = Instant::now();
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(t.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

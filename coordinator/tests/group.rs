@@ -303,6 +303,89 @@ async fn elect_commit_failover_and_restart_from_disk() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_cut_off_from_the_others_stops_acting_as_leader() {
+    let _serial = SERIAL.lock().await;
+    let mut g = Group::start(|_| {}).await;
+    let l = g.leader(Duration::from_secs(10)).await;
+    let mut client = g.client();
+    register_up(&mut client, "w1", "z1").await;
+    // An answered heartbeat grants the node's primaries a lease of the suspect timeout.
+    let r = heartbeat(&mut client, "w1", vec![]).await;
+    assert_eq!(r.lease_ms, g.configs[l].suspect_after_ms);
+
+    // The others stop: the Raft core still says it leads (openraft 0.9 has no
+    // check-quorum), but within its lease (the shortest election timeout) it stops
+    // answering heartbeats, so it renews no node's lease and declares no node down.
+    for i in (0..3).filter(|i| *i != l) {
+        g.stop_member(i).await;
+    }
+    let stopped = Instant::now();
+    let mut alone = Client::new([g.configs[l].listen.clone()]);
+    alone.patience = Duration::from_millis(200);
+    let refused = loop {
+        let r = alone
+            .cluster(|mut c| async move {
+                c.heartbeat(cpb::HeartbeatRequest {
+                    id: "w1".into(),
+                    ..Default::default()
+                })
+                .await
+            })
+            .await;
+        match r {
+            Ok(_) => {
+                assert!(
+                    stopped.elapsed() < Duration::from_secs(5),
+                    "an isolated leader still answers heartbeats"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(s) => break (s, stopped.elapsed()),
+        }
+    };
+    assert_eq!(
+        refused.0.code(),
+        tonic::Code::Unavailable,
+        "{:?}",
+        refused.0
+    );
+    let lease = Duration::from_millis(g.configs[l].election_timeout_min_ms);
+    eprintln!(
+        "isolated leader refused heartbeats {:?} after the others stopped (lease {lease:?})",
+        refused.1
+    );
+    assert_eq!(
+        g.handle(l).coordinator.raft.metrics().borrow().state,
+        openraft::ServerState::Leader,
+        "the Raft core alone would still act as leader"
+    );
+    // Still refused a while later (no renewal without a quorum).
+    tokio::time::sleep(lease).await;
+    assert!(alone
+        .cluster(|mut c| async move {
+            c.heartbeat(cpb::HeartbeatRequest {
+                id: "w1".into(),
+                ..Default::default()
+            })
+            .await
+        })
+        .await
+        .is_err());
+
+    // The others come back: a leader (with its lease) answers again.
+    for i in (0..3).filter(|i| *i != l) {
+        g.start_member(i).await;
+    }
+    g.leader(Duration::from_secs(10)).await;
+    let mut client = g.client();
+    client.patience = Duration::from_secs(20);
+    heartbeat(&mut client, "w1", vec![]).await;
+    for i in 0..3 {
+        g.stop_member(i).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lagging_member_catches_up_by_snapshot() {
     let _serial = SERIAL.lock().await;
     let mut g = Group::start(|c| c.snapshot_every = 8).await;

@@ -11,6 +11,7 @@ use ractor::{Actor, ActorRef};
 use shoal_engine::{CollectionConfig, Metric};
 use shoal_node::cluster::disk::DiskGuard;
 use shoal_node::cluster::error::ReplicaError;
+use shoal_node::cluster::lease::Lease;
 use shoal_node::cluster::replicas::{
     Registry, ReplicaArgs, ReplicaKey, ReplicaSupervisor, SupervisorMsg,
 };
@@ -32,6 +33,8 @@ struct Node {
     local: Arc<LocalReplicas>,
     supervisor: ActorRef<SupervisorMsg>,
     transports: Arc<Transports>,
+    /// The node's primary lease, granted for an hour (no coordinator renews it here).
+    lease: Arc<Lease>,
 }
 
 impl Node {
@@ -52,6 +55,11 @@ impl Node {
             local,
             supervisor,
             transports: Transports::in_process(net.clone()),
+            lease: {
+                let l = Arc::new(Lease::default());
+                l.renew(Instant::now(), Duration::from_secs(3600));
+                l
+            },
         }
     }
 
@@ -71,6 +79,7 @@ impl Node {
                     dir: self.dir.path().to_path_buf(),
                     reserve: 0,
                 }),
+                self.lease.clone(),
             )
         });
         let args = ReplicaArgs {
@@ -187,14 +196,20 @@ async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_write_is_acknowledged_once_its_backup_holds_it() {
+/// Nodes a (primary, epoch 1) and b (its backup) of the test shard, RF 2.
+async fn primary_and_backup() -> (InProcessNet, Node, Node) {
     let net = InProcessNet::default();
     let (a, b) = (Node::start("a", &net).await, Node::start("b", &net).await);
     a.open(role(1, &a, &a, vec![b.peer(true, true)], 2), 1 << 20)
         .await;
     b.open(role(1, &a, &b, vec![a.peer(true, true)], 2), 1 << 20)
         .await;
+    (net, a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_is_acknowledged_once_its_backup_holds_it() {
+    let (_net, a, b) = primary_and_backup().await;
     let seq = write(&a, 0..50).await.unwrap();
     assert_eq!(seq, 50);
     // Acknowledged: the backup already holds every batch, in the same epoch.
@@ -268,13 +283,8 @@ async fn a_cut_off_backup_catches_up_from_the_recent_log_then_by_snapshot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deposed_primary_cannot_acknowledge_a_write() {
-    let net = InProcessNet::default();
-    let (a, b) = (Node::start("a", &net).await, Node::start("b", &net).await);
-    a.open(role(1, &a, &a, vec![b.peer(true, true)], 2), 1 << 20)
-        .await;
-    let rb = b
-        .open(role(1, &a, &b, vec![a.peer(true, true)], 2), 1 << 20)
-        .await;
+    let (_net, a, b) = primary_and_backup().await;
+    let rb = b.registry.read()[&key()].repl.clone();
     write(&a, 0..5).await.unwrap();
     // The map promotes b (epoch 2); a has not heard of it yet and still thinks it leads.
     rb.set_role(role(2, &b, &b, vec![a.peer(true, true)], 2));
@@ -294,6 +304,42 @@ async fn a_deposed_primary_cannot_acknowledge_a_write() {
     })
     .await;
     assert!(!get(&b, "d100").await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_without_its_lease_acknowledges_nothing() {
+    let (net, a, b) = primary_and_backup().await;
+    write(&a, 0..5).await.unwrap();
+    let refused = |e: ReplicaError| matches!(e, ReplicaError::Unavailable(ref m) if m.contains("holds no lease"));
+    // Declared down (or never answered): refused before anything is logged.
+    a.lease.revoke();
+    let e = write(&a, 5..6).await.unwrap_err();
+    assert!(refused(e.clone()), "{e:?}");
+    assert_eq!(a.position(), (5, 1), "nothing logged without the lease");
+    // Renewed: writes go on.
+    a.lease.renew(Instant::now(), Duration::from_secs(3600));
+    assert_eq!(write(&a, 5..6).await.unwrap(), 6);
+    // The lease lapses while the quorum is gathered (b cut off for 600 ms, the lease
+    // 300 ms): logged and replicated, but not acknowledged.
+    a.lease.revoke();
+    a.lease.renew(Instant::now(), Duration::from_millis(300));
+    net.remove(&b.addr);
+    let (r, ()) = tokio::join!(write(&a, 6..7), async {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        net.add(&b.addr, &b.local);
+    });
+    let e = r.unwrap_err();
+    assert!(refused(e.clone()), "{e:?}");
+    assert_eq!(a.position(), (7, 1));
+    eventually(CALL, "b holds the unacknowledged write", || {
+        b.position() == (7, 1)
+    })
+    .await;
+    // The client's retry with the same request id, once the lease is back, is answered
+    // from the first attempt: applied once.
+    a.lease.renew(Instant::now(), Duration::from_secs(3600));
+    assert_eq!(write(&a, 6..7).await.unwrap(), 7);
+    assert_eq!(a.position(), (7, 1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -60,6 +60,14 @@ impl Client {
     /// Runs `f` against a member, moving to the hinted leader or the next address on
     /// UNAVAILABLE, until it succeeds, fails for another reason, or patience runs out.
     /// Only UNAVAILABLE is retried: the request was not applied.
+    /// Moves on to the next address: the member this client talks to answers but has
+    /// stopped advancing (a node's map watch uses it; see `reconcile::follow_map`).
+    pub fn skip(&mut self) {
+        if !self.addrs.is_empty() {
+            self.current = (self.current + 1) % self.addrs.len();
+        }
+    }
+
     pub async fn call<T, F, Fut>(&mut self, mut f: F) -> Result<T, Status>
     where
         F: FnMut(Channel) -> Fut,

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use shoal_cli::layout::Layout;
 use shoal_eval::beir::{ndcg_at, read_jsonl, read_qrels, recall_at, Row};
+use shoal_eval::percentile;
 use shoal_node::cluster::NodeConfig;
 use shoal_proto::client::Client;
 use shoal_proto::coordinator as cpb;
@@ -209,71 +211,34 @@ async fn stop_all(children: &mut [(String, Child)]) -> Result<()> {
     Ok(())
 }
 
-/// Three coordinators and `--nodes` nodes as separate processes on loopback; Ctrl-C or
-/// SIGTERM stops them all (SIGTERM, then SIGKILL after 10 s).
+/// Three coordinators and `--nodes` nodes as separate processes on loopback
+/// ([`Layout::fixed`]); Ctrl-C or SIGTERM stops them all (SIGTERM, then SIGKILL after
+/// 10 s).
 pub async fn run_dev(a: DevArgs, otlp: Option<&str>) -> Result<()> {
-    let logs = a.data_dir.join("logs");
-    std::fs::create_dir_all(&logs)?;
-    let dir = |name: &str| a.data_dir.join(name).to_string_lossy().to_string();
-    let peers = (1..=3)
-        .map(|i| format!("{i}=127.0.0.1:710{i}/127.0.0.1:700{i}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut children: Vec<(String, Child)> = Vec::new();
-    for i in 1..=3 {
-        let args: Vec<String> = vec![
-            "coordinator".into(),
-            "--id".into(),
-            i.to_string(),
-            "--listen".into(),
-            format!("127.0.0.1:700{i}"),
-            "--raft-listen".into(),
-            format!("127.0.0.1:710{i}"),
-            "--data-dir".into(),
-            dir(&format!("coordinator-{i}")),
-            "--peers".into(),
-            peers.clone(),
-            "--metrics-listen".into(),
-            format!("127.0.0.1:910{i}"),
-        ];
-        let name = format!("coordinator-{i}");
-        children.push((
-            name.clone(),
-            spawn_logged(&args, &logs.join(format!("{name}.log")), otlp)?,
-        ));
-    }
+    let mut layout = Layout::fixed(&a.data_dir, a.nodes);
+    std::fs::create_dir_all(a.data_dir.join("logs"))?;
     if !a.no_model && !a.model_dir.join("config.json").exists() {
         bail!(
             "no model at {} (run scripts/fetch-model.sh, or pass --no-model)",
             a.model_dir.display()
         );
     }
-    for j in 1..=a.nodes {
-        let mut args: Vec<String> = vec![
-            "node".into(),
-            "--id".into(),
-            format!("node-{j}"),
-            "--listen".into(),
-            format!("127.0.0.1:{}", 7200 + j),
-            "--internal-listen".into(),
-            format!("127.0.0.1:{}", 7300 + j),
-            "--data-dir".into(),
-            dir(&format!("node-{j}")),
-            "--metrics-listen".into(),
-            format!("127.0.0.1:{}", 9200 + j),
+    if !a.no_model {
+        layout.node_flags = vec![
+            "--model-dir".into(),
+            a.model_dir.to_string_lossy().to_string(),
         ];
-        if !a.no_model {
-            args.extend([
-                "--model-dir".into(),
-                a.model_dir.to_string_lossy().to_string(),
-            ]);
-        }
-        let name = format!("node-{j}");
-        children.push((
-            name.clone(),
-            spawn_logged(&args, &logs.join(format!("{name}.log")), otlp)?,
-        ));
     }
+    let mut children: Vec<(String, Child)> = Vec::new();
+    for (k, c) in layout.coordinators.iter().enumerate() {
+        let child = spawn_logged(&layout.coordinator_args(k), &layout.log(&c.name), otlp)?;
+        children.push((c.name.clone(), child));
+    }
+    for (j, n) in layout.nodes.iter().enumerate() {
+        let child = spawn_logged(&layout.node_args(j), &layout.log(&n.id), otlp)?;
+        children.push((n.id.clone(), child));
+    }
+    let logs = a.data_dir.join("logs");
     eprintln!(
         "shoal dev: coordinators 127.0.0.1:7001-7003, nodes 127.0.0.1:7201-{} (public), \
          metrics http://127.0.0.1:9101-9103/metrics (coordinators) and \
@@ -521,10 +486,6 @@ pub struct EvalArgs {
     build_index: bool,
 }
 
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
 /// Creates and fills the collection if needed, runs every judged query through the
 /// cluster, and prints nDCG@10, recall@100 and latency; the last line is JSON.
 pub async fn eval(target: Target, node: NodeTarget, a: EvalArgs) -> Result<()> {
@@ -621,7 +582,7 @@ pub async fn eval(target: Target, node: NodeTarget, a: EvalArgs) -> Result<()> {
     }
     let n = queries.len().max(1) as f64;
     lat.sort_by(f64::total_cmp);
-    let (p50, p99) = (pct(&lat, 0.5), pct(&lat, 0.99));
+    let (p50, p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
     println!("| collection | queries | nDCG@10 | recall@100 | p50 ms | p99 ms | partial |");
     println!("|---|---|---|---|---|---|---|");
     println!(

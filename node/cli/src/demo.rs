@@ -8,8 +8,9 @@ use std::time::Instant;
 use anyhow::{ensure, Context, Result};
 use serde_json::json;
 
-use shoal_engine::{CollectionConfig, Document, SearchMode, SearchParams, Shard};
+use shoal_engine::{CollectionConfig, Document, Metadata, SearchMode, SearchParams, Shard};
 use shoal_eval::datasets;
+use shoal_eval::percentile;
 
 pub struct DemoConfig {
     pub data_dir: Option<PathBuf>,
@@ -18,10 +19,6 @@ pub struct DemoConfig {
 }
 
 const K: usize = 10;
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
 
 pub fn run(cfg: &DemoConfig) -> Result<()> {
     let ds = datasets::fashion_mnist(&cfg.dataset_dir)?;
@@ -59,7 +56,8 @@ pub fn run(cfg: &DemoConfig) -> Result<()> {
                 .map(|i| Document {
                     id: format!("train-{i}"),
                     text: Some(format!("fashion-mnist training image {i}")),
-                    metadata: json!({ "class": labels[i] }),
+                    metadata: Metadata::from_value(&json!({ "class": labels[i] }))
+                        .expect("an object"),
                     vector: ds.row(i).to_vec(),
                 })
                 .collect();
@@ -145,7 +143,7 @@ pub fn run(cfg: &DemoConfig) -> Result<()> {
     shard.upsert(vec![Document {
         id: probe.into(),
         text: Some("a copy of test image 0".into()),
-        metadata: json!({ "class": query_labels[0] }),
+        metadata: Metadata::from_value(&json!({ "class": query_labels[0] })).expect("an object"),
         vector: ds.query(0).to_vec(),
     }])?;
     let r = shard.search(ds.query(0), SearchParams::top(1))?;

@@ -11,6 +11,7 @@ mod ann;
 mod config;
 mod error;
 mod manifest;
+mod metadata;
 mod record;
 mod storage;
 mod topk;
@@ -34,6 +35,7 @@ pub use config::{
     MAX_REQUEST_ID_BYTES, MAX_TOP_K,
 };
 pub use error::{Result, ShardError};
+pub use metadata::Metadata;
 pub use storage::{sync_dir, write_atomic};
 pub use wal::{WalBatch, WalOp};
 
@@ -55,7 +57,7 @@ pub const MAX_REFINE_FACTOR: usize = 1_000;
 pub struct Document {
     pub id: String,
     pub text: Option<String>,
-    pub metadata: serde_json::Value,
+    pub metadata: Metadata,
     pub vector: Vec<f32>,
 }
 
@@ -144,7 +146,7 @@ pub struct SearchResult {
 pub struct StoredDocument {
     pub id: String,
     pub text: Option<String>,
-    pub metadata: serde_json::Value,
+    pub metadata: Metadata,
     pub vector: Vec<f32>,
     pub seq: u64,
 }
@@ -493,7 +495,7 @@ impl Shard {
         for op in ops {
             let op = match op {
                 WriteOp::Upsert(d) => WalOp::Upsert {
-                    metadata: d.metadata.to_string(),
+                    metadata: d.metadata.into_string(),
                     id: d.id,
                     text: d.text,
                     vector: d.vector,
@@ -547,6 +549,13 @@ impl Shard {
             validate_request_id(&batch.request_id)?;
             for op in &batch.ops {
                 validate_op(cfg, op)?;
+                // A primary's own writes carry `Metadata`, checked where they entered;
+                // a peer's are checked here (`null`: none, from builds before it).
+                if let WalOp::Upsert { id, metadata, .. } = op {
+                    if metadata != "null" {
+                        Metadata::check(metadata).map_err(|r| ShardError::invalid_doc(id, r))?;
+                    }
+                }
             }
         }
         let mut w = self.inner.writer.lock();
@@ -685,11 +694,7 @@ impl Shard {
             } => Ok(Some(StoredDocument {
                 id,
                 text,
-                metadata: serde_json::from_str(&metadata).map_err(|e| ShardError::Corrupt {
-                    file: self.inner.dir.join(DOCS_FILE),
-                    offset,
-                    reason: format!("metadata is not json: {e}"),
-                })?,
+                metadata: Metadata::stored(metadata),
                 vector: view.get(row).to_vec(),
                 seq,
             })),

@@ -11,9 +11,16 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use shoal_engine::{
-    CollectionConfig, Document, IvfPqParams, Metric, Scoring, SearchMode, SearchParams, Shard,
-    ShardError, WriteOp,
+    CollectionConfig, Document, IvfPqParams, Metadata, Metric, Scoring, SearchMode, SearchParams,
+    Shard, ShardError, WalOp, WriteOp,
 };
+
+/// The id of a batch's first operation.
+fn b1_id(b: &shoal_engine::WalBatch) -> String {
+    match &b.ops[0] {
+        WalOp::Upsert { id, .. } | WalOp::Delete { id } => id.clone(),
+    }
+}
 
 const DIM: usize = 32;
 
@@ -60,7 +67,7 @@ fn doc(id: &str) -> Document {
     Document {
         id: id.into(),
         text: Some(format!("text of {id}")),
-        metadata: json!({ "key": id, "n": hash(id) % 100 }),
+        metadata: Metadata::from_value(&json!({ "key": id, "n": hash(id) % 100 })).unwrap(),
         vector: vector_for(id),
     }
 }
@@ -91,7 +98,7 @@ fn t10_upsert_replace_delete_and_reopen() {
     // Replace d7 with the vector of "other": the old version must never come back.
     let mut replaced = doc("d7");
     replaced.vector = vector_for("other");
-    replaced.metadata = json!({ "version": 2 });
+    replaced.metadata = Metadata::from_value(&json!({ "version": 2 })).unwrap();
     shard.upsert(vec![replaced.clone()]).unwrap();
     let ack = shard.delete(vec!["d3".into(), "missing".into()]).unwrap();
     assert_eq!(ack.deleted, 1);
@@ -101,7 +108,7 @@ fn t10_upsert_replace_delete_and_reopen() {
         assert!(s.get("d3").unwrap().is_none());
         let got = s.get("d7").unwrap().unwrap();
         assert_eq!(got.vector, replaced.vector);
-        assert_eq!(got.metadata, json!({ "version": 2 }));
+        assert_eq!(got.metadata.to_value(), json!({ "version": 2 }));
         assert_eq!(
             s.get("d8").unwrap().unwrap().text.as_deref(),
             Some("text of d8")
@@ -739,6 +746,30 @@ fn t60_replication_primitives_epochs_request_ids_and_snapshots() {
     // A backup applies batches only in order, and learns the request ids too.
     let (b1, b2) = ((*b1.unwrap()).clone(), (*b2.unwrap()).clone());
     assert!(backup.append_replicated(std::slice::from_ref(&b2)).is_err());
+    // A peer's metadata is checked as a client's is: one JSON object, or nothing
+    // (`null`, as builds before metadata was kept as bytes logged it).
+    let mut bad = b1.clone();
+    for (text, ok) in [
+        ("[1]", false),
+        ("{\"k\":", false),
+        ("null", true),
+        ("{}", true),
+    ] {
+        if let WalOp::Upsert { metadata, .. } = &mut bad.ops[0] {
+            *metadata = text.to_string();
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let other = Shard::create(tmp.path(), backup.config().clone()).unwrap();
+        let r = other.append_replicated(std::slice::from_ref(&bad));
+        assert_eq!(r.is_ok(), ok, "{text}: {r:?}");
+        if ok {
+            let got = other.get(&b1_id(&bad)).unwrap().unwrap();
+            assert_eq!(
+                got.metadata.as_str(),
+                if text == "null" { "" } else { text }
+            );
+        }
+    }
     assert_eq!(backup.append_replicated(&[b1, b2]).unwrap(), 2);
     assert_eq!(backup.last(), (2, 2));
     assert_eq!(backup.epochs(), primary.epochs());

@@ -10,10 +10,9 @@
 //! Architecture invariant: no replica call's `tonic::Code` is read outside this file
 //! (the coordinator client's statuses are still read by code where it is called).
 
+use shoal_engine::ShardError;
 use shoal_proto::limits::Exceeded;
 use tonic::{Code, Status};
-
-use shoal_engine::ShardError;
 
 /// The metadata key naming a [`ReplicaError`]'s kind on the wire.
 pub const ERROR_KIND_KEY: &str = "shoal-error";

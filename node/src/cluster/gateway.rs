@@ -23,6 +23,7 @@ use tracing::Instrument;
 use super::error::ReplicaError;
 use super::mapview::MapView;
 use super::transport::{ReplicaApi, Transports};
+use super::writes;
 
 /// Shard-call latencies kept for the hedging threshold.
 const LATENCY_WINDOW: usize = 512;
@@ -46,6 +47,7 @@ pub fn merge(mut hits: Vec<pb::Hit>, k: usize, metric: Metric) -> Vec<pb::Hit> {
 }
 
 /// A client's request id, made unique per shard (one request writes several).
+/// Within [`writes::SHARD_SUFFIX_BYTES`] of the client's id.
 fn shard_request(request_id: &str, index: u32) -> String {
     if request_id.is_empty() {
         String::new()
@@ -246,50 +248,14 @@ impl Gateway {
             return Err(Status::invalid_argument("no documents in the request"));
         }
         let l = &self.limits;
-        within!(
-            l,
-            docs_per_request,
-            req.documents.len(),
-            "documents in the request"
-        )?;
-        within!(
-            l,
-            request_id_bytes,
-            req.request_id.len(),
-            "the request id's length"
-        )?;
+        writes::check_batch(l, req.documents.len(), 0, &req.request_id, 0)?;
         let mut docs = std::mem::take(&mut req.documents);
         let mut to_encode = Vec::new();
-        for (i, d) in docs.iter().enumerate() {
-            if d.id.is_empty() {
-                return Err(Status::invalid_argument(format!(
-                    "document {i}: the id is empty"
-                )));
-            }
-            within!(l, id_bytes, d.id.len(), format!("document {i}'s id length"))?;
-            within!(
-                l,
-                text_bytes,
-                d.text.len(),
-                format!("document {i}'s text length")
-            )?;
-            within!(
-                l,
-                metadata_bytes,
-                d.metadata_json.len(),
-                format!("document {i}'s metadata length")
-            )?;
-            if !d.metadata_json.is_empty() {
-                match serde_json::from_str::<serde_json::Value>(&d.metadata_json) {
-                    Ok(serde_json::Value::Object(_)) => {}
-                    _ => {
-                        return Err(Status::invalid_argument(format!(
-                            "document {:?}: metadata_json must be a JSON object",
-                            d.id
-                        )))
-                    }
-                }
-            }
+        for (i, d) in docs.iter_mut().enumerate() {
+            let metadata = std::mem::take(&mut d.metadata_json);
+            d.metadata_json =
+                writes::check_document(l, &format!("document {i}"), &d.id, &d.text, metadata)?
+                    .into_string();
             if d.vector.is_empty() {
                 if d.text.trim().is_empty() {
                     return Err(Status::invalid_argument(format!(
@@ -351,19 +317,8 @@ impl Gateway {
             return Err(Status::invalid_argument("no ids to delete"));
         }
         let l = &self.limits;
-        within!(l, ids_per_delete, req.ids.len(), "ids in the request")?;
-        within!(
-            l,
-            request_id_bytes,
-            req.request_id.len(),
-            "the request id's length"
-        )?;
-        for (i, id) in req.ids.iter().enumerate() {
-            if id.is_empty() {
-                return Err(Status::invalid_argument(format!("id {i} is empty")));
-            }
-            within!(l, id_bytes, id.len(), format!("id {i}'s length"))?;
-        }
+        writes::check_batch(l, 0, req.ids.len(), &req.request_id, 0)?;
+        writes::check_ids(l, &req.ids)?;
         let mut by_shard: HashMap<u32, Vec<String>> = HashMap::new();
         for id in std::mem::take(&mut req.ids) {
             by_shard

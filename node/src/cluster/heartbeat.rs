@@ -3,7 +3,9 @@
 //! copies that finished filling. [`reports`] is pure, over [`ReplicaState`] snapshots
 //! taken from the replicas' memory; `run` is the loop that sends them.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
 use shoal_proto::client::Client;
@@ -13,6 +15,7 @@ use tokio::sync::watch;
 use super::disk::DiskGuard;
 use super::identity::Identity;
 use super::ids::ReplicaKey;
+use super::lease::Lease;
 use super::mapview::MapView;
 use super::replicas::Registry;
 use super::replication::Replication;
@@ -122,6 +125,9 @@ pub(super) struct Heartbeat {
     pub registry: Registry,
     pub identity: Arc<RwLock<Identity>>,
     pub disk: Arc<DiskGuard>,
+    pub lease: Arc<Lease>,
+    /// The map version of the leader's last answer (the map watch compares).
+    pub leader_version: Arc<AtomicU64>,
     pub client: Client,
 }
 
@@ -130,6 +136,8 @@ impl Heartbeat {
     /// coordinators declared this node down or do not know it.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(self.cfg.heartbeat);
+        // The lease-too-short error is logged once per lease value, not every beat.
+        let mut warned_lease = None;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -161,12 +169,29 @@ impl Heartbeat {
                 disk_total_bytes: total,
                 disk_trash_bytes: trash,
             };
+            let sent = Instant::now();
             let again = match self.client.heartbeat(req).await {
                 Ok(r) if r.state == cpb::NodeState::Down as i32 => {
                     tracing::warn!("declared down by the coordinators; registering again");
+                    self.lease.revoke();
                     true
                 }
-                Ok(_) => false,
+                Ok(r) => {
+                    let lease = Duration::from_millis(r.lease_ms);
+                    if lease <= self.cfg.heartbeat * 2 && warned_lease != Some(r.lease_ms) {
+                        warned_lease = Some(r.lease_ms);
+                        tracing::error!(
+                            lease_ms = r.lease_ms,
+                            heartbeat_ms = self.cfg.heartbeat.as_millis() as u64,
+                            "the coordinators' lease (their suspect timeout) is not above two \
+                             heartbeat periods: primaries will refuse writes between heartbeats"
+                        );
+                    }
+                    self.lease.renew(sent, lease);
+                    self.leader_version
+                        .fetch_max(r.map_version, Ordering::AcqRel);
+                    false
+                }
                 Err(s) if s.code() == tonic::Code::NotFound => true,
                 Err(s) if s.code() == tonic::Code::FailedPrecondition => {
                     tracing::error!(error = %s.message(), "heartbeat refused");

@@ -10,6 +10,7 @@ pub mod gateway;
 pub mod heartbeat;
 pub mod identity;
 pub mod ids;
+pub mod lease;
 pub mod mapview;
 pub mod metrics;
 mod reconcile;
@@ -17,6 +18,7 @@ pub mod replicas;
 pub mod replication;
 mod service;
 pub mod transport;
+pub mod writes;
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -270,6 +272,8 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         dir: cfg.data_dir.clone(),
         reserve: cfg.disk_reserve_bytes,
     });
+    // Renewed by answered heartbeats; held by every primary before it acknowledges.
+    let lease = Arc::new(lease::Lease::default());
     // The map: whole, then changes; resume from the last version after a reconnect.
     let reconciler = reconcile::Reconciler {
         node_id: cfg.id.clone(),
@@ -281,12 +285,18 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         recent_log_bytes: cfg.recent_log_bytes,
         kept: Default::default(),
         disk: disk_guard.clone(),
+        lease: lease.clone(),
     };
+    // The map version the leader answers heartbeats with: a watch that stays behind
+    // it moves to another coordinator member.
+    let leader_version = Arc::new(std::sync::atomic::AtomicU64::new(0));
     tasks.push(tokio::spawn(reconcile::follow_map(
         reconciler,
         view.clone(),
         client.clone(),
         identity.clone(),
+        leader_version.clone(),
+        (cfg.heartbeat * 4).max(Duration::from_secs(3)),
         stop_rx.clone(),
     )));
 
@@ -314,6 +324,8 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
             registry: registry.clone(),
             identity: identity.clone(),
             disk: disk_guard.clone(),
+            lease: lease.clone(),
+            leader_version,
             client: client.clone(),
         }
         .run(stop_rx.clone()),

@@ -6,23 +6,25 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use parking_lot::RwLock;
 use ractor::ActorRef;
+use shoal_engine::{CollectionConfig, Metric};
 use shoal_proto::client::Client;
 use shoal_proto::coordinator as cpb;
 use tokio::sync::watch;
 
 use super::disk;
 use super::identity::Identity;
+use super::lease::Lease;
 use super::mapview::{self, MapView};
 use super::replicas::{self, Registry, ReplicaArgs, ReplicaKey, ReplicaMsg, SupervisorMsg};
 use super::replication::{Peer, Replication, Role};
 use super::transport::Transports;
-use shoal_engine::{CollectionConfig, Metric};
 
 /// How often replicas that failed are retried between map changes.
 const REPAIR_EVERY: Duration = Duration::from_secs(5);
@@ -87,6 +89,7 @@ pub(super) struct Reconciler {
     /// elsewhere), re-checked on every map until it does.
     pub(super) kept: parking_lot::Mutex<HashMap<ReplicaKey, PathBuf>>,
     pub(super) disk: Arc<disk::DiskGuard>,
+    pub(super) lease: Arc<Lease>,
 }
 
 impl Reconciler {
@@ -127,6 +130,7 @@ impl Reconciler {
                     self.transports.clone(),
                     self.recent_log_bytes,
                     self.disk.clone(),
+                    self.lease.clone(),
                 )
             });
             roles.push((key.clone(), role_of(view, s, &self.node_id)));
@@ -222,18 +226,41 @@ impl Reconciler {
 /// version after a reconnect; each new map (and every [`REPAIR_EVERY`]) reconciled. A
 /// map of another cluster ends the stream (and is logged); the coordinators refusing
 /// this node's cluster is logged too.
+/// Pure: whether the map watch has fallen behind for good. `leader` is the map version
+/// the leader answered the last heartbeat with; a watch behind it for `limit` (well
+/// over a watch event's delay) is on a member that stopped advancing: one cut off from
+/// the group, or whose stream stalled. Returns since when it has been behind.
+fn watch_stale(
+    watched: u64,
+    leader: u64,
+    behind_since: Option<Instant>,
+    now: Instant,
+    limit: Duration,
+) -> (Option<Instant>, bool) {
+    if watched >= leader {
+        return (None, false);
+    }
+    let since = behind_since.unwrap_or(now);
+    (Some(since), now.saturating_duration_since(since) >= limit)
+}
+
 pub(super) async fn follow_map(
     reconciler: Reconciler,
     v: Arc<RwLock<MapView>>,
     mut c: Client,
     ident: Arc<RwLock<Identity>>,
+    leader_version: Arc<AtomicU64>,
+    stale_after: Duration,
     mut rx: watch::Receiver<bool>,
 ) {
     // Between maps, replicas that failed (a write's I/O error, a failed open) are
     // retried on this tick: reopened from disk, or opened again.
     let mut repair = tokio::time::interval(REPAIR_EVERY);
     repair.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut check = tokio::time::interval(Duration::from_millis(500));
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let mut behind_since = None;
         let from = v.read().version;
         let cluster_id = ident.read().cluster_id.clone();
         let stream = c
@@ -281,6 +308,16 @@ pub(super) async fn follow_map(
                             reconciler.reconcile(&snapshot).await;
                         }
                     }
+                    _ = check.tick() => {
+                        let (watched, leader) = (v.read().version, leader_version.load(Ordering::Acquire));
+                        let (since, stale) = watch_stale(watched, leader, behind_since, Instant::now(), stale_after);
+                        behind_since = since;
+                        if stale {
+                            tracing::warn!(watched, leader, "the watched coordinator stopped advancing (the leader answers heartbeats with a newer map); watching another member");
+                            c.skip();
+                            break;
+                        }
+                    }
                     _ = rx.changed() => return,
                 }
             }
@@ -288,6 +325,34 @@ pub(super) async fn follow_map(
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(300)) => {}
             _ = rx.changed() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_watch_behind_the_leader_for_the_limit_is_stale() {
+        let t = Instant::now();
+        let s = Duration::from_secs(1);
+        // (watched, leader's, behind since, now, want since, want stale)
+        let cases = [
+            (5, 5, None, t, None, false),
+            (6, 5, Some(t), t + s * 9, None, false),
+            (4, 5, None, t, Some(t), false),
+            (4, 5, Some(t), t + s, Some(t), false),
+            (4, 5, Some(t), t + s * 2, Some(t), true),
+            // Caught up in between: the clock starts again.
+            (5, 5, Some(t), t + s * 3, None, false),
+        ];
+        for (i, (w, l, since, now, want_since, want)) in cases.into_iter().enumerate() {
+            assert_eq!(
+                watch_stale(w, l, since, now, s * 2),
+                (want_since, want),
+                "case {i}"
+            );
         }
     }
 }

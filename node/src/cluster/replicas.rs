@@ -8,12 +8,12 @@ use std::sync::Arc;
 
 use parking_lot::RwLock;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
-
-use super::replication::Replication;
 use shoal_engine::{
     CollectionConfig, GenerationInfo, SearchParams, SearchResult, Shard, ShardError, ShardStats,
     StoredDocument,
 };
+
+use super::replication::Replication;
 
 pub use super::ids::ReplicaKey;
 
@@ -535,7 +535,7 @@ mod trash_tests {
         let doc = shoal_engine::Document {
             id: "acknowledged".into(),
             text: None,
-            metadata: serde_json::Value::Null,
+            metadata: shoal_engine::Metadata::none(),
             vector: vec![1.0; 8],
         };
         // A replica this node never held is created.

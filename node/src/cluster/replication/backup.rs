@@ -6,12 +6,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use shoal_engine::{epoch_at, Shard, WalBatch};
 use shoal_proto::replica as rpb;
 
 use super::Replication;
 use crate::cluster::error::ReplicaError;
 use crate::cluster::transport::SnapshotStream;
-use shoal_engine::{epoch_at, Shard, WalBatch};
 
 impl Replication {
     /// A backup's side of Append: fence stale epochs, check the history matches, log.

@@ -39,14 +39,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
+use shoal_engine::Shard;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use super::disk::DiskGuard;
 use super::ids::ReplicaKey;
+use super::lease::Lease;
 use super::transport::Transports;
 use crate::cluster::error::ReplicaError;
-use shoal_engine::Shard;
 
 mod backup;
 mod primary;
@@ -118,6 +119,8 @@ pub struct Replication {
     probed: Mutex<HashMap<String, u64>>,
     /// The data volume's flood stage: no write, as primary or backup, below it.
     disk: Arc<DiskGuard>,
+    /// The node's primary lease: no acknowledgement as primary without it.
+    lease: Arc<Lease>,
     /// On a primary: backups refusing batches for lack of disk space (node -> why).
     refusing: Mutex<HashMap<String, String>>,
     /// Why the replica could not be opened, until it is.
@@ -131,9 +134,11 @@ impl Replication {
         transports: Arc<Transports>,
         recent_log_bytes: usize,
         disk: Arc<DiskGuard>,
+        lease: Arc<Lease>,
     ) -> Arc<Self> {
         Arc::new(Self {
             disk,
+            lease,
             key,
             node_id,
             shard: RwLock::new(None),

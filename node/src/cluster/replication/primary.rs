@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use shoal_engine::{epoch_at, Shard, WalBatch, WriteAck, WriteOp};
 use shoal_proto::replica as rpb;
 use tokio::sync::watch;
 
@@ -16,13 +17,12 @@ use super::{
     standing, Replication, Role, Standing, APPEND_BYTES, KEEPALIVE, QUORUM_TIMEOUT, SNAPSHOT_CHUNK,
 };
 use crate::cluster::error::ReplicaError;
+use crate::cluster::transport::ReplicaApi;
 
 /// How long one Append (or probe) may take at a backup.
 const APPEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a whole snapshot may take to travel and install.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
-use crate::cluster::transport::ReplicaApi;
-use shoal_engine::{epoch_at, Shard, WalBatch, WriteAck, WriteOp};
 
 impl Replication {
     /// A write at the primary: ordered, logged, replicated to the quorum.
@@ -41,6 +41,7 @@ impl Replication {
             )));
         }
         self.check_fenced(role.epoch)?;
+        self.lease.check(&self.key)?;
         if self.handing_over.load(Ordering::Acquire) {
             return Err(ReplicaError::Unavailable(format!(
                 "node {} is shutting down and handing shard {} to a backup; retry",
@@ -73,6 +74,10 @@ impl Replication {
         .map_err(ReplicaError::from)?;
         self.appended.notify_waiters();
         let holders = self.wait_quorum(ack.seq, epoch).await?;
+        // The lease may have lapsed while the quorum was gathered: a successor may be
+        // promoted from now on, so this primary acknowledges nothing more (the write
+        // is durable here and on its quorum; a retry with its request id answers it).
+        self.lease.check(&self.key)?;
         Ok((ack, 1 + holders as u32))
     }
 

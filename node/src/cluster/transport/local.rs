@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use ractor::rpc::CallResult;
+use shoal_engine::{Document, SearchMode, SearchParams, ShardError, WriteOp};
 use shoal_proto::coordinator as cpb;
 use shoal_proto::limits::Limits;
 use shoal_proto::replica as rpb;
@@ -19,7 +20,7 @@ use tracing::Instrument;
 use super::{ReplicaApi, SnapshotStream};
 use crate::cluster::error::ReplicaError;
 use crate::cluster::replicas::{HostedReplica, Registry, ReplicaKey, ReplicaMsg};
-use shoal_engine::{Document, SearchMode, SearchParams, ShardError, WriteOp};
+use crate::cluster::writes;
 
 /// How long a replica actor may take to answer one call.
 const ACTOR_CALL: Duration = Duration::from_secs(60);
@@ -80,33 +81,24 @@ impl LocalReplicas {
         r: rpb::WriteRequest,
     ) -> Result<rpb::WriteResponse, ReplicaError> {
         let l = &self.limits;
-        within!(
+        writes::check_batch(
             l,
-            docs_per_request,
             r.upserts.len(),
-            "documents in the write"
+            r.deletes.len(),
+            &r.request_id,
+            writes::SHARD_SUFFIX_BYTES,
         )?;
-        within!(l, ids_per_delete, r.deletes.len(), "ids in the write")?;
-        // The gateway appends "#<shard>" (at most 11 bytes) to a client's request id.
-        if r.request_id.len() > l.request_id_bytes + 11 {
-            return Err(ReplicaError::Invalid(format!(
-                "the request id is {} bytes, over the limit request_id_bytes = {} (+11 for \
-                 the shard suffix)",
-                r.request_id.len(),
-                l.request_id_bytes
-            )));
-        }
+        writes::check_ids(l, &r.deletes)?;
         let repl = self.hosted(r.shard.as_ref())?.repl;
         let mut ops = Vec::with_capacity(r.upserts.len() + r.deletes.len());
-        for d in r.upserts {
-            within!(l, id_bytes, d.id.len(), "a document id's length")?;
-            let metadata = if d.metadata_json.is_empty() {
-                serde_json::Value::Null
-            } else {
-                serde_json::from_str(&d.metadata_json).map_err(|e| {
-                    ReplicaError::Invalid(format!("document {:?}: metadata: {e}", d.id))
-                })?
-            };
+        for (i, d) in r.upserts.into_iter().enumerate() {
+            let metadata = writes::check_document(
+                l,
+                &format!("document {i}"),
+                &d.id,
+                &d.text,
+                d.metadata_json,
+            )?;
             ops.push(WriteOp::Upsert(Document {
                 id: d.id,
                 text: (!d.text.is_empty()).then_some(d.text),
@@ -277,11 +269,7 @@ impl LocalReplicas {
             doc: doc.map(|d| rpb::StoredDoc {
                 id: d.id,
                 text: d.text.unwrap_or_default(),
-                metadata_json: if d.metadata.is_null() {
-                    String::new()
-                } else {
-                    d.metadata.to_string()
-                },
+                metadata_json: d.metadata.into_string(),
                 vector: d.vector,
             }),
         })

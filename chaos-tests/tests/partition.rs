@@ -1,0 +1,202 @@
+//! Real network partitions (issue 16): every process in its own network namespace,
+//! links cut with blackhole routes (`shoal_chaos_tests::netns`). Root is needed to make
+//! namespaces; CI runs as root, and these tests fail (not skip) without it.
+//!
+//! A primary cut off from the coordinators but not from its backup or its clients:
+//! without a lease it would keep acknowledging until its successor, promoted after the
+//! down timeout, fences it; with the lease it stops within the suspect timeout of the
+//! cut, well before the promotion. After the partition heals every acknowledged write
+//! is on the new primary.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use shoal_chaos_tests::{
+    check_acknowledged, connect, doc_id, eventually, netns::Net, vector, Cluster, Spec, DOWN_MS,
+    SUSPECT_MS,
+};
+use shoal_proto::v1 as pb;
+
+const MEMBERS: usize = 3;
+
+/// Three members and two nodes, each process in its own namespace, and `collection`
+/// (one shard, a replica on each node) fully replicated.
+async fn two_nodes_in_namespaces(collection: &str) -> Cluster {
+    assert!(
+        Net::available(),
+        "network namespaces need root and iproute2 (scripts/setup.sh installs it)"
+    );
+    let c = Cluster::start_spec(Spec {
+        nodes: 2,
+        netns: true,
+        ..Spec::default()
+    })
+    .await;
+    c.create_collection(collection, 1, 2).await;
+    c.wait_replicated(collection, 2, Duration::from_secs(30))
+        .await;
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_primary_cut_off_from_the_coordinators_stops_acknowledging_before_it_is_replaced() {
+    let c = two_nodes_in_namespaces("p").await;
+    let before = c.shard("p", 0).await;
+    let p = c.node_index(&before.primary);
+    let b = 1 - p;
+    let (p_addr, b_addr) = (c.nodes[p].public.clone(), c.nodes[b].public.clone());
+    eprintln!(
+        "primary {} ({p_addr}), backup {}",
+        before.primary, c.nodes[b].id
+    );
+
+    // One writer through the primary's own gateway: (doc, acknowledged at).
+    let acks: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (acks, stop, addr) = (acks.clone(), stop.clone(), p_addr.clone());
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Some(mut g) = connect(&addr).await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let req = pb::IngestRequest {
+                    collection: "p".into(),
+                    documents: vec![pb::Document {
+                        id: doc_id(i),
+                        vector: vector(i),
+                        ..Default::default()
+                    }],
+                    request_id: format!("w{i}"),
+                };
+                let mut r = tonic::Request::new(req);
+                r.set_timeout(Duration::from_secs(2));
+                if g.ingest(r).await.is_ok() {
+                    acks.lock().unwrap().push((i, Instant::now()));
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    eventually(
+        Duration::from_secs(20),
+        "writes acknowledged before the cut",
+        || async { (acks.lock().unwrap().len() >= 20).then_some(()) },
+    )
+    .await;
+
+    // Cut the primary's node from the three coordinator members, both ways.
+    let net = c.net.as_ref().unwrap();
+    let p_host = MEMBERS + p;
+    for k in 0..MEMBERS {
+        net.cut(p_host, k);
+    }
+    let cut = Instant::now();
+    let promoted = eventually(Duration::from_secs(30), "the backup promoted", || async {
+        let s = c.shard("p", 0).await;
+        (s.epoch > before.epoch && s.primary == c.nodes[b].id).then(Instant::now)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    let acks = acks.lock().unwrap().clone();
+    let last = acks.iter().map(|(_, t)| *t).max().unwrap();
+    let (last_after_cut, promoted_after_cut) = (
+        last.saturating_duration_since(cut),
+        promoted.duration_since(cut),
+    );
+    eprintln!(
+        "{} writes acknowledged; the last {last_after_cut:?} after the cut, the backup \
+         promoted {promoted_after_cut:?} after it (lease {SUSPECT_MS} ms, down timeout {DOWN_MS} ms)",
+        acks.len()
+    );
+    println!(
+        "{{\"fault\":\"primary_cut_from_coordinators\",\"acked\":{},\"last_ack_after_cut_ms\":{},\"promoted_after_cut_ms\":{}}}",
+        acks.len(),
+        last_after_cut.as_millis(),
+        promoted_after_cut.as_millis()
+    );
+    // The lease lapses within the suspect timeout of the last heartbeat it sent
+    // before the cut (plus up to 500 ms for the answer to reach a loaded client).
+    assert!(
+        last_after_cut < Duration::from_millis(SUSPECT_MS + 500),
+        "the cut-off primary acknowledged {last_after_cut:?} after the cut"
+    );
+    assert!(
+        last + Duration::from_millis(500) < promoted,
+        "the old primary acknowledged within 500 ms of its successor's promotion"
+    );
+
+    // Healed: the old primary rejoins as a backup; every acknowledged write is there.
+    net.heal(p_host);
+    c.wait_replicated("p", 2, Duration::from_secs(60)).await;
+    let docs: Vec<u64> = acks.iter().map(|(i, _)| *i).collect();
+    check_acknowledged(&b_addr, "p", &docs).await;
+    check_acknowledged(&p_addr, "p", &docs).await;
+}
+
+/// Nodes watch the map on coordinator member 1 (the first address they are given).
+/// Member 1 is cut off from the other two (not from the nodes): whether it led or
+/// followed, its map stops advancing while the majority elects a leader and commits.
+/// The nodes' heartbeats move to the majority (an isolated leader answers none: its
+/// lease has lapsed), and their map watches, behind the version the leader answers
+/// heartbeats with, move too: a collection created after the cut is served by both
+/// nodes, and no node is declared down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_leave_a_coordinator_cut_off_from_its_group() {
+    let c = two_nodes_in_namespaces("before").await;
+    let led = c.coordinator_status(0).await.is_some_and(|s| s.leader == 1);
+    let net = c.net.as_ref().unwrap();
+    net.cut(0, 1);
+    net.cut(0, 2);
+    let cut = Instant::now();
+    eprintln!("member 1 (leader: {led}) cut off from members 2 and 3");
+
+    c.create_collection("after", 2, 2).await;
+    for n in 0..2 {
+        let addr = c.nodes[n].public.clone();
+        eventually(
+            Duration::from_secs(30),
+            format!("node {} serves the collection created after the cut", n + 1),
+            || async {
+                let mut g = connect(&addr).await?;
+                let r = g
+                    .ingest(pb::IngestRequest {
+                        collection: "after".into(),
+                        documents: (0..4)
+                            .map(|i| pb::Document {
+                                id: doc_id(100 * n as u64 + i),
+                                vector: vector(100 * n as u64 + i),
+                                ..Default::default()
+                            })
+                            .collect(),
+                        request_id: format!("after-{n}"),
+                    })
+                    .await;
+                r.ok().map(|_| ())
+            },
+        )
+        .await;
+    }
+    let served = cut.elapsed();
+    eprintln!("both nodes wrote to the new collection {served:?} after the cut");
+    println!(
+        "{{\"fault\":\"coordinator_cut_from_group\",\"was_leader\":{led},\"new_collection_served_after_ms\":{}}}",
+        served.as_millis()
+    );
+    let nodes = c.list_nodes().await.expect("the majority answers");
+    for n in &nodes {
+        assert_eq!(
+            n.state,
+            shoal_proto::coordinator::NodeState::Up as i32,
+            "node {} is {:?} after the coordinator's partition",
+            n.id,
+            n.state
+        );
+    }
+    net.heal(0);
+}
