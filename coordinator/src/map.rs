@@ -64,9 +64,21 @@ pub struct CollectionSpec {
     pub shard_count: u32,
     pub replication_factor: u32,
     pub replica_memory_bytes: u64,
-    /// Replicas (the primary included) that must hold a write before it is
-    /// acknowledged; 0 = every live serving replica, at least 2 at RF >= 2.
+    /// The fewest in-sync replicas (the primary included) a shard takes writes with
+    /// (issue 16: Kafka's min.insync.replicas); 0 = 2 at RF >= 2, else 1. Every write is
+    /// acknowledged only once every in-sync replica holds it, whatever this says; it
+    /// bounds how far the in-sync set may shrink ([`ClusterMap::check_leave_in_sync`]).
     pub write_quorum: u32,
+}
+
+impl CollectionSpec {
+    /// The fewest in-sync replicas a shard of this collection writes with.
+    pub fn min_in_sync(&self) -> usize {
+        match self.write_quorum {
+            0 => self.replication_factor.min(2) as usize,
+            q => q as usize,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -302,6 +314,27 @@ pub enum Command {
         spec: CollectionSpec,
         placement: Vec<Vec<NodeId>>,
     },
+    /// A serving backup leaves its shard's in-sync set (issue 16): it becomes a copy,
+    /// which the primary no longer waits for and which cannot be promoted until the
+    /// primary admits it again ([`Command::JoinInSync`]). Asked by the primary at
+    /// `epoch` (the backup lags it) or by the leader (its node turned suspect or down);
+    /// applied only at `epoch`, and refused when fewer in-sync replicas than the
+    /// collection's write quorum would remain ([`ClusterMap::check_leave_in_sync`]).
+    LeaveInSync {
+        shard: ShardKey,
+        node: NodeId,
+        epoch: u64,
+    },
+    /// The primary at `epoch` reports a copy in sync: it already waits for the copy on
+    /// every write and the copy holds everything acknowledged before. The copy serves
+    /// (and may be promoted); a leaving replica makes way for it, and when that was the
+    /// primary, the copy leads under a new epoch. Replaces the copy's own word
+    /// ([`Command::ReplicaReady`], which the primary might not yet have counted).
+    JoinInSync {
+        shard: ShardKey,
+        node: NodeId,
+        epoch: u64,
+    },
 }
 
 /// What a command changed, for watchers.
@@ -326,6 +359,17 @@ pub enum MapError {
 }
 
 type Result<T> = std::result::Result<T, MapError>;
+
+/// A conditional command's epoch against the shard's.
+fn at_epoch(s: &Shard, epoch: u64) -> Result<()> {
+    if s.epoch != epoch {
+        return Err(MapError::FailedPrecondition(format!(
+            "shard {} is at epoch {}, not {epoch}",
+            s.key, s.epoch
+        )));
+    }
+    Ok(())
+}
 
 fn invalid(msg: impl Into<String>) -> MapError {
     MapError::InvalidArgument(msg.into())
@@ -511,6 +555,22 @@ impl ClusterMap {
             }
             Command::ApplyMoves(moves) => self.apply_moves(moves)?,
             Command::ReplicaReady { shard, node } => self.replica_ready(shard, node)?,
+            Command::LeaveInSync { shard, node, epoch } => {
+                self.check_leave_in_sync(shard, node, *epoch)?;
+                let s = self.shards.get_mut(shard).expect("checked");
+                if let Some(r) = s.replicas.iter_mut().find(|r| &r.node == node) {
+                    r.state = ReplicaState::Copying;
+                }
+                vec![Change::ShardPut(s.clone())]
+            }
+            Command::JoinInSync { shard, node, epoch } => {
+                let s = self
+                    .shards
+                    .get(shard)
+                    .ok_or_else(|| MapError::NotFound(format!("shard {shard} not found")))?;
+                at_epoch(s, *epoch)?;
+                self.replica_ready(shard, node)?
+            }
             Command::SetGenerations {
                 shard,
                 serving,
@@ -940,6 +1000,50 @@ impl ClusterMap {
         Ok(vec![Change::ShardPut(s.clone())])
     }
 
+    /// Whether `node`'s replica of `shard` may leave the in-sync set at `epoch`: it is
+    /// a serving backup (never the primary, which is replaced by a promotion instead),
+    /// and at least the collection's write quorum of in-sync replicas stays. The leader
+    /// asks the same before proposing, so a refused shrink is not proposed every tick.
+    pub fn check_leave_in_sync(&self, shard: &ShardKey, node: &str, epoch: u64) -> Result<()> {
+        let s = self
+            .shards
+            .get(shard)
+            .ok_or_else(|| MapError::NotFound(format!("shard {shard} not found")))?;
+        at_epoch(s, epoch)?;
+        if s.primary.as_deref() == Some(node) {
+            return Err(MapError::FailedPrecondition(format!(
+                "{node:?} is shard {shard}'s primary: it is replaced by a promotion, not \
+                 taken out of the in-sync set"
+            )));
+        }
+        if !s
+            .replicas
+            .iter()
+            .any(|r| r.node == node && r.state == ReplicaState::Serving)
+        {
+            return Err(MapError::FailedPrecondition(format!(
+                "shard {shard} has no in-sync (serving) replica on {node:?}"
+            )));
+        }
+        let min = self
+            .collections
+            .get(&shard.collection)
+            .map_or(1, |c| c.spec.min_in_sync())
+            .max(1);
+        let stay = s
+            .replicas
+            .iter()
+            .filter(|r| r.node != node && r.state == ReplicaState::Serving)
+            .count();
+        if stay < min {
+            return Err(MapError::FailedPrecondition(format!(
+                "shard {shard} would keep {stay} in-sync replica(s), below its write quorum \
+                 of {min}: the replica on {node:?} stays in sync (writes wait for it)"
+            )));
+        }
+        Ok(())
+    }
+
     fn replica_ready(&mut self, shard: &ShardKey, node: &str) -> Result<Vec<Change>> {
         let s = self
             .shards
@@ -1329,6 +1433,64 @@ pub(crate) mod tests {
         m.apply(&failed(&primary, s2.epoch, None)).unwrap();
         assert_eq!(state_of(&m, &primary), ReplicaState::Copying);
         assert_eq!(m.shards[&s.key].epoch, s2.epoch);
+    }
+
+    /// Issue 16: a backup leaves the in-sync set only at the shard's epoch, never the
+    /// primary, and never below the collection's write quorum (2 at RF >= 2, or the
+    /// explicit one); a copy joins on the word of the primary at the current epoch.
+    #[test]
+    fn the_in_sync_set_shrinks_to_the_write_quorum_and_grows_at_the_epoch() {
+        for (rf, write_quorum, leaves) in [(3, 0, 1), (3, 1, 2), (3, 3, 0), (2, 0, 0)] {
+            let mut m = map_with_nodes(3);
+            let mut sp = spec("c", 1, rf);
+            sp.write_quorum = write_quorum;
+            m.apply(&placed(&m, sp)).unwrap();
+            let s = m.shards_of("c").next().unwrap().clone();
+            let primary = s.primary.clone().unwrap();
+            let backups: Vec<String> = s
+                .replicas
+                .iter()
+                .map(|r| r.node.clone())
+                .filter(|n| *n != primary)
+                .collect();
+            let leave = |node: &str, epoch| Command::LeaveInSync {
+                shard: s.key.clone(),
+                node: node.into(),
+                epoch,
+            };
+            let case = format!("rf {rf}, write quorum {write_quorum}");
+            assert!(m.apply(&leave(&primary, s.epoch)).is_err(), "{case}");
+            if let Some(b) = backups.first() {
+                assert!(m.apply(&leave(b, s.epoch + 1)).is_err(), "{case}");
+            }
+            let left = backups
+                .iter()
+                .filter(|b| m.apply(&leave(b, s.epoch)).is_ok())
+                .count();
+            assert_eq!(left, leaves, "{case}");
+            let s2 = m.shards[&s.key].clone();
+            assert_eq!(s2.epoch, s.epoch, "{case}: leaving is no new epoch");
+            let copies: Vec<&Replica> = s2
+                .replicas
+                .iter()
+                .filter(|r| r.state == ReplicaState::Copying)
+                .collect();
+            assert_eq!(copies.len(), leaves, "{case}");
+            // A copy joins again only at the shard's epoch.
+            if let Some(c) = copies.first() {
+                let join = |epoch| Command::JoinInSync {
+                    shard: s.key.clone(),
+                    node: c.node.clone(),
+                    epoch,
+                };
+                assert!(m.apply(&join(s.epoch + 1)).is_err(), "{case}");
+                m.apply(&join(s.epoch)).unwrap();
+                assert!(m.shards[&s.key]
+                    .replicas
+                    .iter()
+                    .any(|r| r.node == c.node && r.state == ReplicaState::Serving));
+            }
+        }
     }
 
     /// A shard with no serving copy left is re-created empty only on an operator's

@@ -445,7 +445,6 @@ impl Coordinator {
         &self,
         node: &str,
         cluster: &str,
-        ready: &[shoal_proto::coordinator::ShardId],
         replicas: Vec<shoal_proto::coordinator::ReplicaReport>,
         disk: (u64, u64, u64),
     ) -> Result<(u64, NodeState)> {
@@ -456,12 +455,6 @@ impl Coordinator {
             reports_per_heartbeat,
             replicas.len(),
             "the heartbeat's replica reports"
-        )?;
-        shoal_proto::within!(
-            self.limits,
-            reports_per_heartbeat,
-            ready.len(),
-            "the heartbeat's ready replicas"
         )?;
         // Only registered nodes are remembered: an unknown id keeps nothing here.
         if !self.sm.state.lock().map.nodes.contains_key(node) {
@@ -502,6 +495,8 @@ impl Coordinator {
         let mut superseded = Vec::new();
         // Serving replicas here that report a failure: they leave their quorum.
         let mut failed = Vec::new();
+        // The in-sync set changes this node's primaries ask for.
+        let mut in_sync = Vec::new();
         {
             let mut mine = HashMap::with_capacity(replicas.len());
             let st = self.sm.state.lock();
@@ -519,6 +514,7 @@ impl Coordinator {
                     continue;
                 };
                 let key = s.key.clone();
+                in_sync.extend(Self::in_sync_changes(&st.map, s, node, &r));
                 if s.primary.as_deref() == Some(node) && !r.ahead.is_empty() {
                     superseded.push((key.clone(), (r.last_epoch, r.applied_seq)));
                 }
@@ -552,6 +548,12 @@ impl Coordinator {
         for c in generations {
             if let Err(e) = self.write(c).await {
                 tracing::debug!(error = %e, "generation update not applied");
+            }
+        }
+        for c in in_sync {
+            tracing::info!(change = ?c, "in-sync set change asked by the primary");
+            if let Err(e) = self.write(c).await {
+                tracing::info!(error = %e, "in-sync set change not applied");
             }
         }
         // A primary behind one of its replicas (its data lost or older) hands the role
@@ -588,25 +590,14 @@ impl Coordinator {
                 }
             }
         }
-        let (state, live, pending) = {
+        let (state, live) = {
             let st = self.sm.state.lock();
-            let map = &st.map;
-            let n = map.nodes.get(node).ok_or_else(|| {
+            let n = st.map.nodes.get(node).ok_or_else(|| {
                 CoordinatorError::Map(crate::map::MapError::NotFound(format!(
                     "node {node:?} is not registered"
                 )))
             })?;
-            let pending: Vec<ShardKey> = ready
-                .iter()
-                .filter_map(|id| map.shard_named(&id.collection, id.collection_id, id.index))
-                .filter(|s| {
-                    s.replicas
-                        .iter()
-                        .any(|r| r.node == node && r.state == ReplicaState::Copying)
-                })
-                .map(|s| s.key.clone())
-                .collect();
-            (n.state, n.live_state(), pending)
+            (n.state, n.live_state())
         };
         let mut version = self.sm.state.lock().map.version;
         let wanted = match state {
@@ -619,14 +610,6 @@ impl Coordinator {
                     id: node.to_string(),
                     state: to,
                     from: vec![state],
-                })
-                .await?;
-        }
-        for shard in pending {
-            version = self
-                .write(Command::ReplicaReady {
-                    shard,
-                    node: node.to_string(),
                 })
                 .await?;
         }
@@ -740,6 +723,73 @@ impl Coordinator {
                 })
             })
             .collect()
+    }
+
+    /// Pure: the in-sync set changes a primary's report asks for (issue 16), as
+    /// conditional commands at the shard's epoch: its lagging serving backups leave the
+    /// set (where enough in-sync replicas stay), the copies it caught up and waits for
+    /// join it. Only the shard's primary at the map's epoch speaks for its set; the
+    /// lists are read no further than the shard has replicas.
+    fn in_sync_changes(
+        map: &ClusterMap,
+        s: &crate::map::Shard,
+        node: &str,
+        r: &shoal_proto::coordinator::ReplicaReport,
+    ) -> Vec<Command> {
+        if s.primary.as_deref() != Some(node) || r.epoch != s.epoch {
+            return Vec::new();
+        }
+        let state = |n: &str| s.replicas.iter().find(|x| x.node == n).map(|x| x.state);
+        let leave = r
+            .lagging
+            .iter()
+            .take(s.replicas.len())
+            .filter(|n| map.check_leave_in_sync(&s.key, n, s.epoch).is_ok())
+            .map(|n| Command::LeaveInSync {
+                shard: s.key.clone(),
+                node: n.clone(),
+                epoch: s.epoch,
+            });
+        let join = r
+            .in_sync
+            .iter()
+            .take(s.replicas.len())
+            .filter(|n| state(n) == Some(ReplicaState::Copying))
+            .map(|n| Command::JoinInSync {
+                shard: s.key.clone(),
+                node: n.clone(),
+                epoch: s.epoch,
+            });
+        leave.chain(join).collect()
+    }
+
+    /// Pure: serving backups on nodes that turned suspect or down leave their shards'
+    /// in-sync sets (issue 16), so their primaries stop waiting for them, wherever the
+    /// collection's write quorum of in-sync replicas stays; a shard short of it keeps
+    /// them (its writes could not be acknowledged anyway, and they stay promotable).
+    fn out_of_sync(map: &ClusterMap) -> Vec<Command> {
+        let away = |n: &str| {
+            map.nodes
+                .get(n)
+                .is_some_and(|n| matches!(n.state, NodeState::Suspect | NodeState::Down))
+        };
+        let mut out = Vec::new();
+        for s in map.shards.values() {
+            // One at a time per shard: each leaves only if the set stays large enough
+            // after the ones before it.
+            if let Some(r) = s.replicas.iter().find(|r| {
+                r.state == ReplicaState::Serving
+                    && away(&r.node)
+                    && map.check_leave_in_sync(&s.key, &r.node, s.epoch).is_ok()
+            }) {
+                out.push(Command::LeaveInSync {
+                    shard: s.key.clone(),
+                    node: r.node.clone(),
+                    epoch: s.epoch,
+                });
+            }
+        }
+        out
     }
 
     /// The shards whose primary is on `node`.
@@ -959,6 +1009,14 @@ impl Coordinator {
                 tracing::debug!(error = %e, "liveness update not applied");
             }
         }
+        // Backups away from their primaries leave the in-sync sets.
+        let map = self.sm.state.lock().map.clone();
+        for c in Self::out_of_sync(&map) {
+            tracing::warn!(change = ?c, "a backup on a node away leaves its in-sync set");
+            if let Err(e) = self.write(c).await {
+                tracing::info!(error = %e, "in-sync set change not applied");
+            }
+        }
         // Shards left without a live primary (none promotable at the down transition,
         // an evicted primary, a lost volume) get one as soon as a serving replica on a
         // live node has reported its position.
@@ -1035,7 +1093,7 @@ fn finish(r: Response) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::map::tests::map_with_nodes;
+    use crate::map::tests::{map_with_nodes, placed, spec};
 
     #[test]
     fn a_leader_without_its_lease_is_no_leader() {
@@ -1111,5 +1169,64 @@ mod tests {
                 .collect();
             assert_eq!(got, want, "{state:?} silent {silent_ms} ms");
         }
+    }
+
+    /// Issue 16: the in-sync changes a heartbeat asks for are taken only from the
+    /// shard's primary at the map's epoch; the leader takes backups on nodes away out of
+    /// their sets, one per shard per round, never below the write quorum.
+    #[test]
+    fn in_sync_changes_come_from_the_primary_and_the_leader() {
+        let mut m = map_with_nodes(3);
+        m.apply(&placed(&m, spec("c", 1, 3))).unwrap();
+        let s = m.shards_of("c").next().unwrap().clone();
+        let primary = s.primary.clone().unwrap();
+        let backups: Vec<String> = s
+            .replicas
+            .iter()
+            .map(|r| r.node.clone())
+            .filter(|n| *n != primary)
+            .collect();
+        let report = |epoch, lagging: Vec<String>, in_sync: Vec<String>| {
+            shoal_proto::coordinator::ReplicaReport {
+                epoch,
+                lagging,
+                in_sync,
+                ..Default::default()
+            }
+        };
+        let lag = report(s.epoch, backups.clone(), vec![]);
+        // From a backup, or at another epoch: nothing.
+        assert!(Coordinator::in_sync_changes(&m, &s, &backups[0], &lag).is_empty());
+        let stale = report(s.epoch + 1, backups.clone(), vec![]);
+        assert!(Coordinator::in_sync_changes(&m, &s, &primary, &stale).is_empty());
+        // From the primary: both ask to leave (the map lets only the first through).
+        let got = Coordinator::in_sync_changes(&m, &s, &primary, &lag);
+        assert_eq!(got.len(), 2);
+        m.apply(&got[0]).unwrap();
+        assert!(m.apply(&got[1]).is_err(), "below the write quorum");
+        // A copy it reports in sync joins; a serving one is no change.
+        let s = m.shards[&s.key].clone();
+        let join = report(s.epoch, vec![], backups.clone());
+        let got = Coordinator::in_sync_changes(&m, &s, &primary, &join);
+        assert_eq!(
+            got,
+            vec![Command::JoinInSync {
+                shard: s.key.clone(),
+                node: backups[0].clone(),
+                epoch: s.epoch,
+            }]
+        );
+        m.apply(&got[0]).unwrap();
+        // The leader: a backup on a suspect node leaves; the second one then stays.
+        assert!(Coordinator::out_of_sync(&m).is_empty(), "every node up");
+        for b in &backups {
+            m.nodes.get_mut(b).unwrap().state = NodeState::Suspect;
+        }
+        m.nodes.get_mut(&primary).unwrap().state = NodeState::Suspect;
+        let got = Coordinator::out_of_sync(&m);
+        assert_eq!(got.len(), 1, "{got:?}");
+        m.apply(&got[0]).unwrap();
+        assert!(Coordinator::out_of_sync(&m).is_empty(), "two in sync stay");
+        assert_eq!(m.shards[&s.key].primary.as_deref(), Some(primary.as_str()));
     }
 }

@@ -568,7 +568,6 @@ impl cpb::cluster_map_server::ClusterMap for ClusterMapService {
             .heartbeat(
                 &r.id,
                 &r.cluster_id,
-                &r.ready,
                 r.replicas,
                 (r.disk_free_bytes, r.disk_trash_bytes, r.disk_total_bytes),
             )

@@ -136,7 +136,7 @@ async fn register_up(client: &mut Client, id: &str, zone: &str) {
         })
         .await
         .expect("register");
-    heartbeat(client, id, vec![]).await;
+    heartbeat(client, id).await;
 }
 
 /// A shard as a node names it in its heartbeats.
@@ -152,16 +152,11 @@ fn sid_of(s: &shoal_coordinator::map::Shard) -> cpb::ShardId {
     sid(&s.key.collection, s.collection_id, s.key.index)
 }
 
-async fn heartbeat(
-    client: &mut Client,
-    id: &str,
-    ready: Vec<cpb::ShardId>,
-) -> cpb::HeartbeatResponse {
+async fn heartbeat(client: &mut Client, id: &str) -> cpb::HeartbeatResponse {
     send_heartbeat(
         client,
         cpb::HeartbeatRequest {
             id: id.into(),
-            ready,
             ..Default::default()
         },
     )
@@ -310,7 +305,7 @@ async fn a_leader_cut_off_from_the_others_stops_acting_as_leader() {
     let mut client = g.client();
     register_up(&mut client, "w1", "z1").await;
     // An answered heartbeat grants the node's primaries a lease of the suspect timeout.
-    let r = heartbeat(&mut client, "w1", vec![]).await;
+    let r = heartbeat(&mut client, "w1").await;
     assert_eq!(r.lease_ms, g.configs[l].suspect_after_ms);
 
     // The others stop: the Raft core still says it leads (openraft 0.9 has no
@@ -379,7 +374,7 @@ async fn a_leader_cut_off_from_the_others_stops_acting_as_leader() {
     g.leader(Duration::from_secs(10)).await;
     let mut client = g.client();
     client.patience = Duration::from_secs(20);
-    heartbeat(&mut client, "w1", vec![]).await;
+    heartbeat(&mut client, "w1").await;
     for i in 0..3 {
         g.stop_member(i).await;
     }
@@ -594,18 +589,9 @@ async fn silent_node_goes_suspect_then_down_and_its_replicas_move() {
     loop {
         for id in ["w1", "w2"] {
             let map = g.map(leader);
-            let ready: Vec<cpb::ShardId> = map
-                .shards
-                .values()
-                .filter(|s| {
-                    s.replicas.iter().any(|r| {
-                        r.node == id && r.state == shoal_coordinator::map::ReplicaState::Copying
-                    })
-                })
-                .map(sid_of)
-                .collect();
             // Every hosted replica reports its position, as a node does: the leader
-            // promotes only a replica whose position it knows.
+            // promotes only a replica whose position it knows. A primary reports its
+            // copies in sync (issue 16: they join on its word).
             let replicas = map
                 .shards
                 .values()
@@ -615,6 +601,15 @@ async fn silent_node_goes_suspect_then_down_and_its_replicas_move() {
                     applied_seq: 5,
                     last_epoch: 1,
                     epoch: s.epoch,
+                    in_sync: s
+                        .replicas
+                        .iter()
+                        .filter(|r| {
+                            s.primary.as_deref() == Some(id)
+                                && r.state == shoal_coordinator::map::ReplicaState::Copying
+                        })
+                        .map(|r| r.node.clone())
+                        .collect(),
                     ..Default::default()
                 })
                 .collect();
@@ -622,7 +617,6 @@ async fn silent_node_goes_suspect_then_down_and_its_replicas_move() {
                 &mut client,
                 cpb::HeartbeatRequest {
                     id: id.into(),
-                    ready,
                     replicas,
                     ..Default::default()
                 },
@@ -838,11 +832,11 @@ async fn a_draining_node_that_goes_silent_comes_back_draining() {
     use shoal_coordinator::map::NodeState;
     let t = Instant::now();
     while g.map(leader).nodes["w1"].state != NodeState::Suspect {
-        heartbeat(&mut client, "w2", vec![]).await;
+        heartbeat(&mut client, "w2").await;
         assert!(t.elapsed() < Duration::from_secs(10), "w1 never suspect");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let back = heartbeat(&mut client, "w1", vec![]).await;
+    let back = heartbeat(&mut client, "w1").await;
     assert_eq!(back.state, cpb::NodeState::Draining as i32);
     assert!(g.map(leader).nodes["w1"].draining);
     // A restart (re-registration) keeps it draining too.
@@ -1103,7 +1097,7 @@ async fn lost_volumes_stale_primaries_and_foreign_nodes() {
             .into_inner();
         assert!(!info.cluster_id.is_empty());
         cluster_id = info.cluster_id;
-        heartbeat(&mut client, id, vec![]).await;
+        heartbeat(&mut client, id).await;
     }
     let info = create(&mut client, "v", 2, 2).await.unwrap();
     let led_by_w1: Vec<String> = info
@@ -1165,7 +1159,6 @@ async fn lost_volumes_stale_primaries_and_foreign_nodes() {
         &mut client,
         cpb::HeartbeatRequest {
             id: "w1".into(),
-            ready: vec![sid_of(&s0)],
             replicas: vec![cpb::ReplicaReport {
                 shard: Some(sid_of(&s0)),
                 applied_seq: 9,
@@ -1189,6 +1182,9 @@ async fn lost_volumes_stale_primaries_and_foreign_nodes() {
                 last_epoch: 1,
                 epoch: s0.epoch,
                 ahead: "w1".into(),
+                // The primary caught w1's copy up (issue 16: a copy joins the in-sync
+                // set on its primary's word), then found it ahead.
+                in_sync: vec!["w1".into()],
                 ..Default::default()
             }],
             cluster_id: cluster_id.clone(),
@@ -1278,17 +1274,20 @@ async fn failed_replicas_leave_their_quorum() {
     let map = g.map(leader);
     let s2 = map.shards.values().next().unwrap();
     assert_eq!(s2, s, "the only serving replica was taken out");
-    // Reopened and caught up, the copy serves again.
-    send_heartbeat(
-        &mut client,
-        cpb::HeartbeatRequest {
-            id: primary.into(),
-            ready: vec![sid("f", info.collection.as_ref().unwrap().id, 0)],
-            replicas: vec![report("")],
-            ..Default::default()
-        },
-    )
-    .await;
+    // Reopened and caught up, the copy serves again once the new primary reports it in
+    // sync (its word at an older epoch is not taken).
+    let in_sync = |epoch: u64| cpb::HeartbeatRequest {
+        id: backup.into(),
+        replicas: vec![cpb::ReplicaReport {
+            epoch,
+            in_sync: vec![primary.into()],
+            ..report("")
+        }],
+        ..Default::default()
+    };
+    send_heartbeat(&mut client, in_sync(s2.epoch - 1)).await;
+    assert_eq!(g.map(leader).shards.values().next().unwrap(), s);
+    send_heartbeat(&mut client, in_sync(s2.epoch)).await;
     let map = g.map(leader);
     let s3 = map.shards.values().next().unwrap();
     assert!(

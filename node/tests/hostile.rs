@@ -935,6 +935,8 @@ fn every_rpc_survives_hostile_messages() {
         |(shard, applied_seq, serving_generation)| cpb::ReplicaReport {
             ahead: shard.collection.clone(),
             failed: shard.collection.clone(),
+            lagging: vec![shard.collection.clone(); (applied_seq % 5) as usize],
+            in_sync: vec![shard.collection.clone(); (serving_generation % 5) as usize],
             shard: Some(shard),
             applied_seq,
             last_epoch: applied_seq,
@@ -997,16 +999,14 @@ fn every_rpc_survives_hostile_messages() {
         "ClusterMap/Heartbeat",
         (
             hostile_string(),
-            prop::collection::vec(shard_id(), 0..4),
             prop::collection::vec(report, 0..4),
             prop_oneof![3 => Just(String::new()), 1 => hostile_string()],
         )
-            .prop_map(|(id, ready, replicas, cluster_id)| cpb::HeartbeatRequest {
+            .prop_map(|(id, replicas, cluster_id)| cpb::HeartbeatRequest {
                 disk_free_bytes: replicas.len() as u64,
                 disk_total_bytes: u64::MAX,
                 disk_trash_bytes: u64::MAX,
                 id,
-                ready,
                 replicas,
                 cluster_id,
             }),

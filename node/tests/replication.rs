@@ -23,6 +23,8 @@ use shoal_proto::replica as rpb;
 
 const DIM: usize = 8;
 const CALL: Duration = Duration::from_secs(10);
+/// The lag timeout here: a backup behind one target this long is reported lagging.
+const LAG: Duration = Duration::from_millis(300);
 
 /// One node's replica side: its replicas' actors and replication, answering on `net`.
 struct Node {
@@ -80,6 +82,7 @@ impl Node {
                     reserve: 0,
                 }),
                 self.lease.clone(),
+                LAG,
             )
         });
         let args = ReplicaArgs {
@@ -245,29 +248,35 @@ async fn a_cut_off_backup_catches_up_from_the_recent_log_then_by_snapshot() {
         .await;
         write(&a, 0..10).await.unwrap();
         assert_eq!(c.position(), (10, 1));
-        // c is partitioned away and the map says so (down): writes go on with b.
+        // c is partitioned away and the map takes it out of the in-sync set: writes
+        // go on with b.
         net.remove(&c.addr);
         pa.set_role(role(
             1,
             &a,
             &a,
-            vec![b.peer(true, true), c.peer(true, false)],
+            vec![b.peer(true, true), c.peer(false, false)],
             3,
         ));
         write(&a, 10..40).await.unwrap();
         assert_eq!(b.position(), (40, 1));
         assert_eq!(c.position(), (10, 1), "{what}: c was cut off");
-        // Back: c catches up without a write to prompt it.
+        // Back (its node up, still a copy): c catches up without a write to prompt it,
+        // and the primary reports it in sync.
         net.add(&c.addr, &c.local);
         pa.set_role(role(
             1,
             &a,
             &a,
-            vec![b.peer(true, true), c.peer(true, true)],
+            vec![b.peer(true, true), c.peer(false, true)],
             3,
         ));
         eventually(CALL, &format!("c catches up by {what}"), || {
             c.position().0 == 40
+        })
+        .await;
+        eventually(CALL, "the primary reports c in sync", || {
+            pa.in_sync_report().in_sync == ["c"]
         })
         .await;
         let rc = c.registry.read()[&key()].repl.clone();
@@ -350,14 +359,15 @@ async fn a_primary_behind_its_backups_overwrites_nothing_and_takes_no_writes() {
         Node::start("b", &net).await,
         Node::start("c", &net).await,
     );
-    // Epoch 1: a leads with b; c is away (down) and holds nothing.
+    // Epoch 1: a leads with b; c is away (down, out of the in-sync set) and holds
+    // nothing.
     a.open(
-        role(1, &a, &a, vec![b.peer(true, true), c.peer(true, false)], 3),
+        role(1, &a, &a, vec![b.peer(true, true), c.peer(false, false)], 3),
         1 << 20,
     )
     .await;
     b.open(
-        role(1, &a, &b, vec![a.peer(true, true), c.peer(true, false)], 3),
+        role(1, &a, &b, vec![a.peer(true, true), c.peer(false, false)], 3),
         1 << 20,
     )
     .await;
@@ -376,4 +386,142 @@ async fn a_primary_behind_its_backups_overwrites_nothing_and_takes_no_writes() {
     assert_eq!(a.position(), (20, 1));
     assert_eq!(b.position(), (20, 1));
     assert!(get(&a, "d19").await.unwrap());
+}
+
+/// Issue 16, the in-sync rule: a write waits for every in-sync backup, even one the map
+/// no longer counts as live; the primary reports it lagging after the lag timeout, and
+/// only the map's change (taking it out of the set) lets writes go on without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_waits_for_every_in_sync_backup_until_the_map_takes_it_out() {
+    let net = InProcessNet::default();
+    let (a, b, c) = (
+        Node::start("a", &net).await,
+        Node::start("b", &net).await,
+        Node::start("c", &net).await,
+    );
+    let with = |bc: (bool, bool)| vec![b.peer(true, true), c.peer(bc.0, bc.1)];
+    let pa = a
+        .open(role(1, &a, &a, with((true, true)), 3), 1 << 20)
+        .await;
+    b.open(
+        role(1, &a, &b, vec![a.peer(true, true), c.peer(true, true)], 3),
+        1 << 20,
+    )
+    .await;
+    c.open(
+        role(1, &a, &c, vec![a.peer(true, true), b.peer(true, true)], 3),
+        1 << 20,
+    )
+    .await;
+    write(&a, 0..5).await.unwrap();
+    assert_eq!(c.position(), (5, 1));
+    // c is cut off; its node even turns suspect in the map. Still in sync: the write
+    // is logged and held by b, but not acknowledged.
+    net.remove(&c.addr);
+    pa.set_role(role(1, &a, &a, with((true, false)), 3));
+    let pending = tokio::spawn({
+        let local = a.local.clone();
+        async move {
+            local
+                .write(
+                    rpb::WriteRequest {
+                        shard: shard_ref(),
+                        upserts: vec![doc(5)],
+                        deletes: vec![],
+                        request_id: "w5".into(),
+                    },
+                    CALL,
+                )
+                .await
+        }
+    });
+    // The heartbeat's report starts the lag clock (c is behind the primary's last).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(pa.in_sync_report().lagging.is_empty(), "not lagging yet");
+    tokio::time::sleep(LAG * 3).await;
+    assert!(
+        !pending.is_finished(),
+        "acknowledged without an in-sync backup"
+    );
+    assert_eq!(b.position(), (6, 1));
+    // The primary asks for c to leave the set; the coordinators' change takes it out
+    // and the write is acknowledged by the two copies left.
+    assert_eq!(pa.in_sync_report().lagging, ["c"]);
+    pa.set_role(role(1, &a, &a, with((false, false)), 3));
+    let r = tokio::time::timeout(CALL, pending)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!((r.seq, r.replicas), (6, 2));
+    // Out of the set, c holds nothing new; writes need two in-sync copies, so with b
+    // out too they are refused, not acknowledged by the primary alone.
+    assert_eq!(c.position(), (5, 1));
+    pa.set_role(role(
+        1,
+        &a,
+        &a,
+        vec![b.peer(false, true), c.peer(false, false)],
+        3,
+    ));
+    let e = write(&a, 6..7).await.unwrap_err();
+    assert!(
+        matches!(e, ReplicaError::Unavailable(ref m) if m.contains("in-sync")),
+        "{e:?}"
+    );
+}
+
+/// Issue 16: a copy joins the write quorum before the map counts it in sync. Once the
+/// primary has caught it up it waits for it on every write, and reports it only once it
+/// holds everything logged at that moment; an admitted copy that falls behind before it
+/// was reported is dropped again, so it never holds writes up for long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_is_waited_for_before_the_map_counts_it_in_sync() {
+    let net = InProcessNet::default();
+    let (a, b, c) = (
+        Node::start("a", &net).await,
+        Node::start("b", &net).await,
+        Node::start("c", &net).await,
+    );
+    let copy = vec![b.peer(true, true), c.peer(false, true)];
+    let pa = a.open(role(1, &a, &a, copy.clone(), 3), 1 << 20).await;
+    b.open(
+        role(1, &a, &b, vec![a.peer(true, true), c.peer(false, true)], 3),
+        1 << 20,
+    )
+    .await;
+    // c starts cut off: writes go on with b alone (c is a copy).
+    net.remove(&c.addr);
+    write(&a, 0..10).await.unwrap();
+    assert!(pa.in_sync_report().in_sync.is_empty());
+    // c opens and is reachable: caught up, admitted, reported.
+    c.open(
+        role(1, &a, &c, vec![a.peer(true, true), b.peer(true, true)], 3),
+        1 << 20,
+    )
+    .await;
+    net.add(&c.addr, &c.local);
+    eventually(CALL, "c reported in sync", || {
+        pa.in_sync_report().in_sync == ["c"]
+    })
+    .await;
+    // From now on every acknowledged write is on c, though the map still calls it a copy.
+    write(&a, 10..20).await.unwrap();
+    assert_eq!(c.position(), (20, 1));
+    // Reported, c stays in the quorum until the map changes: cut off, a write waits.
+    net.remove(&c.addr);
+    let e = tokio::time::timeout(LAG * 3, write(&a, 20..21)).await;
+    assert!(
+        e.is_err(),
+        "acknowledged without a copy reported in sync: {e:?}"
+    );
+    // A new epoch starts admissions afresh: c (a copy again, still cut off) is not
+    // waited for.
+    pa.set_role(role(2, &a, &a, copy.clone(), 3));
+    b.open(
+        role(2, &a, &b, vec![a.peer(true, true), c.peer(false, true)], 3),
+        1 << 20,
+    )
+    .await;
+    assert_eq!(write(&a, 21..22).await.unwrap(), 22);
 }

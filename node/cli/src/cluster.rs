@@ -96,6 +96,10 @@ pub struct NodeArgs {
     /// [default: 256 MiB].
     #[arg(long, env = "SHOAL_DISK_RESERVE_BYTES")]
     disk_reserve_bytes: Option<u64>,
+    /// A serving backup that has not caught up with its primary for this long leaves
+    /// its shard's in-sync set, so writes stop waiting for it [default: 3000].
+    #[arg(long, env = "SHOAL_IN_SYNC_LAG_MS")]
+    in_sync_lag_ms: Option<u64>,
 }
 
 impl NodeArgs {
@@ -135,6 +139,9 @@ impl NodeArgs {
         }
         if let Some(ms) = self.heartbeat_ms {
             c.heartbeat = Duration::from_millis(ms);
+        }
+        if let Some(ms) = self.in_sync_lag_ms {
+            c.in_sync_lag = Duration::from_millis(ms);
         }
         if let Some(s) = self.trash_grace_secs {
             c.trash_grace = Duration::from_secs(s);

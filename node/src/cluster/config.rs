@@ -68,6 +68,10 @@ pub struct NodeConfig {
     /// Writes are refused (RESOURCE_EXHAUSTED) while the data volume has less free
     /// space than this; 0 = never.
     pub disk_reserve_bytes: u64,
+    /// A serving backup that has not caught up with its primary for this long leaves
+    /// its shard's in-sync set (the primary reports it), so writes stop waiting for it.
+    #[serde(rename = "in_sync_lag_ms", deserialize_with = "millis")]
+    pub in_sync_lag: Duration,
 }
 
 impl Default for NodeConfig {
@@ -97,6 +101,7 @@ impl Default for NodeConfig {
             recent_log_bytes: replication::RECENT_LOG_BYTES,
             accept_cluster_id: None,
             disk_reserve_bytes: disk::DEFAULT_RESERVE_BYTES,
+            in_sync_lag: replication::LAG_TIMEOUT,
         }
     }
 }

@@ -1,6 +1,6 @@
 //! What a node tells the coordinators with each heartbeat: one report per hosted
-//! replica (position, generations, catch-up, failure, a replica found ahead) and the
-//! copies that finished filling. [`reports`] is pure, over [`ReplicaState`] snapshots
+//! replica (position, generations, catch-up, failure, a replica found ahead, and on a
+//! primary the in-sync set changes it asks for). [`reports`] is pure, over [`ReplicaState`] snapshots
 //! taken from the replicas' memory; `run` is the loop that sends them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,9 +16,8 @@ use super::disk::DiskGuard;
 use super::identity::Identity;
 use super::ids::ReplicaKey;
 use super::lease::Lease;
-use super::mapview::MapView;
 use super::replicas::Registry;
-use super::replication::Replication;
+use super::replication::{InSyncReport, Replication};
 use super::{register, replicas, NodeConfig};
 
 /// At most this much of a replica's failure travels (the coordinators keep 1 KiB).
@@ -37,6 +36,8 @@ pub struct ReplicaState {
     pub known_epoch: u64,
     pub ahead: Option<String>,
     pub failure: Option<String>,
+    /// On a primary: its in-sync set changes to ask for.
+    pub in_sync: InSyncReport,
 }
 
 impl ReplicaState {
@@ -48,6 +49,7 @@ impl ReplicaState {
             known_epoch: r.known_epoch(),
             ahead: r.ahead(),
             failure: r.failure(),
+            in_sync: r.in_sync_report(),
             ..Self::default()
         };
         if let Ok(shard) = r.shard() {
@@ -61,16 +63,10 @@ impl ReplicaState {
     }
 }
 
-/// Pure: the heartbeat's replica reports, and the replicas this node fills (`Copying`
-/// in `view`, the same collection incarnation) that have caught up with their primary.
-/// A replica that could not open reports only its failure (it has no position).
-pub fn reports(
-    replicas: &[ReplicaState],
-    view: &MapView,
-    me: &str,
-) -> (Vec<cpb::ReplicaReport>, Vec<cpb::ShardId>) {
+/// Pure: the heartbeat's replica reports. A replica that could not open reports only
+/// its failure (it has no position); a primary adds the in-sync set changes it asks for.
+pub fn reports(replicas: &[ReplicaState]) -> Vec<cpb::ReplicaReport> {
     let mut out = Vec::with_capacity(replicas.len());
-    let mut ready = Vec::new();
     for r in replicas {
         let mut failed = r.failure.clone().unwrap_or_default();
         failed.truncate(failed.floor_char_boundary(FAILURE_BYTES));
@@ -96,32 +92,17 @@ pub fn reports(
             epoch: r.known_epoch,
             ahead: r.ahead.clone().unwrap_or_default(),
             failed,
+            lagging: r.in_sync.lagging.clone(),
+            in_sync: r.in_sync.in_sync.clone(),
         });
-        let filling = view
-            .shards
-            .get(&(r.key.collection.clone(), r.key.index))
-            .filter(|_| {
-                view.collections
-                    .get(&r.key.collection)
-                    .is_some_and(|c| c.id == r.key.collection_id)
-            })
-            .is_some_and(|s| {
-                s.replicas
-                    .iter()
-                    .any(|x| x.node_id == me && x.state == cpb::ReplicaState::Copying as i32)
-            });
-        if filling && r.caught_up {
-            ready.push(r.key.shard_id());
-        }
     }
-    (out, ready)
+    out
 }
 
 /// Everything the heartbeat loop needs.
 pub(super) struct Heartbeat {
     pub cfg: NodeConfig,
     pub advertised: String,
-    pub view: Arc<RwLock<MapView>>,
     pub registry: Registry,
     pub identity: Arc<RwLock<Identity>>,
     pub disk: Arc<DiskGuard>,
@@ -152,7 +133,7 @@ impl Heartbeat {
                     .collect();
                 repls.iter().map(|r| ReplicaState::of(r)).collect()
             };
-            let (reports, ready) = reports(&states, &self.view.read(), &self.cfg.id);
+            let reports = reports(&states);
             let (dg, data_dir) = (self.disk.clone(), self.cfg.data_dir.clone());
             let (free, total, trash) = tokio::task::spawn_blocking(move || {
                 let (free, total) = dg.usage().unwrap_or((0, 0));
@@ -162,7 +143,6 @@ impl Heartbeat {
             .unwrap_or((0, 0, 0));
             let req = cpb::HeartbeatRequest {
                 id: self.cfg.id.clone(),
-                ready,
                 replicas: reports,
                 cluster_id: self.identity.read().cluster_id.clone(),
                 disk_free_bytes: free,
@@ -227,78 +207,30 @@ mod tests {
         }
     }
 
-    fn view(copying_on: &str, collection_id: u64) -> MapView {
-        let mut v = MapView::default();
-        v.collections.insert(
-            "c".into(),
-            cpb::Collection {
-                name: "c".into(),
-                id: collection_id,
-                ..Default::default()
-            },
-        );
-        v.shards.insert(
-            ("c".into(), 0),
-            cpb::Shard {
-                collection: "c".into(),
-                index: 0,
-                primary: "p".into(),
-                replicas: vec![
-                    cpb::Replica {
-                        node_id: "p".into(),
-                        state: cpb::ReplicaState::Serving as i32,
-                        ..Default::default()
-                    },
-                    cpb::Replica {
-                        node_id: copying_on.into(),
-                        state: cpb::ReplicaState::Copying as i32,
-                        ..Default::default()
-                    },
-                ],
-                ..Default::default()
-            },
-        );
-        v
-    }
-
-    fn open(collection_id: u64, caught_up: bool) -> ReplicaState {
-        ReplicaState {
-            key: key(collection_id),
+    #[test]
+    fn an_open_replica_reports_its_position_and_a_primary_its_in_sync_asks() {
+        let r = ReplicaState {
+            key: key(1),
             position: Some((7, 2)),
             serving_generation: 3,
             building_generation: 4,
             live_docs: 5,
-            caught_up,
+            caught_up: true,
             known_epoch: 2,
+            in_sync: InSyncReport {
+                lagging: vec!["b".into()],
+                in_sync: vec!["c".into()],
+            },
             ..Default::default()
-        }
-    }
-
-    #[test]
-    fn a_caught_up_copy_of_this_incarnation_is_ready_and_nothing_else_is() {
-        // (replica, map, what is ready)
-        let cases = [
-            (open(1, true), view("me", 1), true),
-            (open(1, false), view("me", 1), false),
-            // The map's copy is on another node.
-            (open(1, true), view("other", 1), false),
-            // The collection was dropped and created again: an old replica's catch-up
-            // must not mark the new incarnation's copy ready.
-            (open(1, true), view("me", 2), false),
-        ];
-        for (i, (r, v, want)) in cases.into_iter().enumerate() {
-            let (reports, ready) = reports(std::slice::from_ref(&r), &v, "me");
-            assert_eq!(reports.len(), 1, "case {i}");
-            let id = reports[0].shard.clone().unwrap();
-            assert_eq!((id.collection_id, id.index), (r.key.collection_id, 0));
-            assert_eq!(
-                (reports[0].applied_seq, reports[0].last_epoch),
-                (7, 2),
-                "case {i}"
-            );
-            assert_eq!(reports[0].building_generation, 4, "case {i}");
-            assert_eq!(ready.len(), usize::from(want), "case {i}");
-        }
+        };
+        let reports = reports(std::slice::from_ref(&r));
+        assert_eq!(reports.len(), 1);
+        let id = reports[0].shard.clone().unwrap();
+        assert_eq!((id.collection_id, id.index), (1, 0));
+        assert_eq!((reports[0].applied_seq, reports[0].last_epoch), (7, 2));
+        assert_eq!(reports[0].building_generation, 4);
+        assert_eq!(reports[0].lagging, vec!["b".to_string()]);
+        assert_eq!(reports[0].in_sync, vec!["c".to_string()]);
     }
 
     #[test]
@@ -313,10 +245,9 @@ mod tests {
             key: key(1),
             ..Default::default()
         };
-        let (reports, ready) = reports(&[closed, quiet], &view("me", 1), "me");
+        let reports = reports(&[closed, quiet]);
         assert_eq!(reports.len(), 1);
         assert_eq!(reports[0].failed.len(), FAILURE_BYTES);
         assert_eq!((reports[0].epoch, reports[0].applied_seq), (3, 0));
-        assert!(ready.is_empty());
     }
 }

@@ -283,6 +283,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         supervisor: supervisor.clone(),
         auto_rebuild_tail: cfg.auto_rebuild_tail,
         recent_log_bytes: cfg.recent_log_bytes,
+        in_sync_lag: cfg.in_sync_lag,
         kept: Default::default(),
         disk: disk_guard.clone(),
         lease: lease.clone(),
@@ -320,7 +321,6 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         heartbeat::Heartbeat {
             cfg: cfg.clone(),
             advertised: advertised.clone(),
-            view: view.clone(),
             registry: registry.clone(),
             identity: identity.clone(),
             disk: disk_guard.clone(),

@@ -39,14 +39,16 @@ pub fn role_of(view: &MapView, s: &cpb::Shard, me: &str) -> Role {
         .replicas
         .iter()
         .filter(|r| r.node_id != me)
-        .filter_map(|r| {
-            let n = view.nodes.get(&r.node_id)?;
-            Some(Peer {
+        .map(|r| {
+            // A replica on a node the view lacks still counts (the write quorum waits
+            // for every in-sync replica); unreachable, it lags and leaves the set.
+            let n = view.nodes.get(&r.node_id);
+            Peer {
                 node: r.node_id.clone(),
-                addr: n.addr.clone(),
+                addr: n.map(|n| n.addr.clone()).unwrap_or_default(),
                 serving: r.state == cpb::ReplicaState::Serving as i32,
-                live: cpb::NodeState::is_live_value(n.state),
-            })
+                live: n.is_some_and(|n| cpb::NodeState::is_live_value(n.state)),
+            }
         })
         .collect();
     Role {
@@ -85,6 +87,7 @@ pub(super) struct Reconciler {
     pub(super) supervisor: ActorRef<SupervisorMsg>,
     pub(super) auto_rebuild_tail: usize,
     pub(super) recent_log_bytes: usize,
+    pub(super) in_sync_lag: Duration,
     /// Replicas closed but kept on disk (the map showed no copy of their data
     /// elsewhere), re-checked on every map until it does.
     pub(super) kept: parking_lot::Mutex<HashMap<ReplicaKey, PathBuf>>,
@@ -131,6 +134,7 @@ impl Reconciler {
                     self.recent_log_bytes,
                     self.disk.clone(),
                     self.lease.clone(),
+                    self.in_sync_lag,
                 )
             });
             roles.push((key.clone(), role_of(view, s, &self.node_id)));

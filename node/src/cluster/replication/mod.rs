@@ -1,8 +1,16 @@
 //! Primary-backup replication of one shard. The map names a primary and an epoch per
 //! shard. The primary orders writes (sequence numbers in its log, stamped with the
 //! epoch), ships them to every backup in order, one replicator task per backup, and
-//! acknowledges a write once the write quorum holds it durably: every live serving
-//! replica, and at least two when the replication factor is two or more. A backup
+//! acknowledges a write once every replica of the shard's in-sync set holds it durably
+//! (issue 16, the PacificA / Kafka ISR rule). The set is the map's serving replicas; a
+//! replica leaves it only through a committed map change (its primary reports it
+//! lagging, its node turns suspect, it fails), never on the primary's own judgement, so
+//! a primary cut off from the coordinators cannot drop a backup and go on alone, and
+//! every serving replica, the only ones a promotion picks from, holds every
+//! acknowledged write. A copy joins the set on its primary's word: the primary first
+//! admits it (waits for it on every write from then on), then reports it once it holds
+//! everything logged at that moment, and only then does the map count it. Writes need
+//! at least two in-sync replicas at RF >= 2 (or the collection's write quorum). A backup
 //! accepts batches only from an epoch at least as new as any it has seen (so a
 //! deposed primary is fenced) and only when they follow its own history exactly; a
 //! backup that is behind catches up from the primary's recent log, and one whose log
@@ -55,7 +63,7 @@ pub mod recent;
 pub mod role;
 
 pub use backup::staging_dir;
-pub use role::{standing, Peer, Role, Standing};
+pub use role::{standing, Lag, Peer, Quorum, Role, Standing};
 
 use recent::Recent;
 
@@ -80,6 +88,30 @@ const APPEND_BYTES: usize = 2 << 20;
 const SNAPSHOT_CHUNK: usize = 1 << 20;
 /// An idle primary still tells its backups where it stands this often.
 const KEEPALIVE: Duration = Duration::from_millis(250);
+/// Default lag timeout: a serving backup that has not caught up with its primary for
+/// this long is reported lagging and leaves the in-sync set. Writes wait for it
+/// meanwhile, so with the heartbeat and the map change it stays well below the
+/// 10 s [`QUORUM_TIMEOUT`].
+pub const LAG_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A copy this primary waits for on every write (issue 16): admitted at `epoch` once
+/// it held the primary's last batch; reported in sync once it holds `from`, everything
+/// logged when it was admitted (so every write acknowledged without it, too).
+#[derive(Clone, Copy, Debug)]
+struct Admitted {
+    epoch: u64,
+    from: u64,
+    reported: bool,
+}
+
+/// What a primary tells the coordinators about its in-sync set with a heartbeat.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InSyncReport {
+    /// Serving backups lagging past the lag timeout: to leave the set.
+    pub lagging: Vec<String>,
+    /// Admitted copies that hold everything acknowledged: to join it.
+    pub in_sync: Vec<String>,
+}
 
 struct Replicator {
     epoch: u64,
@@ -123,6 +155,11 @@ pub struct Replication {
     lease: Arc<Lease>,
     /// On a primary: backups refusing batches for lack of disk space (node -> why).
     refusing: Mutex<HashMap<String, String>>,
+    /// On a primary: the copies it admitted to its write quorum (node -> admission).
+    admitted: Mutex<HashMap<String, Admitted>>,
+    /// On a primary: how far behind each member of its write quorum is.
+    lag: Mutex<Lag>,
+    lag_timeout: Duration,
     /// Why the replica could not be opened, until it is.
     open_failure: Mutex<Option<String>>,
 }
@@ -135,10 +172,14 @@ impl Replication {
         recent_log_bytes: usize,
         disk: Arc<DiskGuard>,
         lease: Arc<Lease>,
+        lag_timeout: Duration,
     ) -> Arc<Self> {
         Arc::new(Self {
             disk,
             lease,
+            admitted: Mutex::default(),
+            lag: Mutex::default(),
+            lag_timeout,
             key,
             node_id,
             shard: RwLock::new(None),
@@ -294,6 +335,13 @@ impl Replication {
             }
         }
         drop(reps);
+        // Admissions hold within their epoch, for copies that are still copies (one the
+        // map now serves is in the set anyway).
+        self.admitted.lock().retain(|node, a| {
+            role.is_primary
+                && a.epoch == role.epoch
+                && role.peers.iter().any(|p| &p.node == node && !p.serving)
+        });
         *self.role.write() = Some(role);
         // Writes waiting for their quorum re-read it.
         self.matched.send_modify(|_| {});
@@ -305,8 +353,13 @@ impl Replication {
         self.handing_over.store(true, Ordering::Release);
         let role = self.role().filter(|r| r.is_primary)?;
         let (last, last_epoch) = self.shard().ok()?.last();
-        // The backups that count towards writes: live and serving.
-        let (candidates, _) = role.quorum();
+        // In-sync backups on live nodes.
+        let candidates: Vec<String> = role
+            .peers
+            .iter()
+            .filter(|p| p.serving && p.live)
+            .map(|p| p.node.clone())
+            .collect();
         let mut rx = self.matched.subscribe();
         let wait = async {
             loop {
@@ -329,6 +382,102 @@ impl Replication {
             last_seq: last,
             last_epoch,
         })
+    }
+
+    /// The copies admitted to this primary's write quorum at `epoch`.
+    pub(super) fn admitted_at(&self, epoch: u64) -> Vec<String> {
+        self.admitted
+            .lock()
+            .iter()
+            .filter(|(_, a)| a.epoch == epoch)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Admits copy `node` to the write quorum once it holds `matched` >= this
+    /// primary's last batch (issue 16). Under the admission lock, which every write's
+    /// quorum check also takes: a write acknowledged without the copy was logged before
+    /// the admission, so at or below the `from` read here.
+    pub(super) fn admit(&self, node: &str, epoch: u64, matched: u64) {
+        let Some(role) = self.role().filter(|r| r.is_primary && r.epoch == epoch) else {
+            return;
+        };
+        if !role.peers.iter().any(|p| p.node == node && !p.serving) {
+            return;
+        }
+        let Ok(shard) = self.shard() else { return };
+        let mut a = self.admitted.lock();
+        if a.get(node).is_some_and(|a| a.epoch == epoch) || matched < shard.last().0 {
+            return;
+        }
+        let from = shard.last().0;
+        a.insert(
+            node.to_string(),
+            Admitted {
+                epoch,
+                from,
+                reported: false,
+            },
+        );
+        drop(a);
+        tracing::info!(shard = %self.key, copy = node, from, "copy caught up: writes wait for it from now on");
+        // Writes waiting re-read their quorum.
+        self.matched.send_modify(|_| {});
+    }
+
+    /// On a primary, for the heartbeat: its serving backups lagging past the lag
+    /// timeout, and the admitted copies that hold everything acknowledged (marked
+    /// reported: from now on only a map change takes them out of the write quorum). An
+    /// admitted copy that lags before it was reported is dropped from the quorum again.
+    pub fn in_sync_report(&self) -> InSyncReport {
+        let Some(role) = self.role().filter(|r| r.is_primary) else {
+            return InSyncReport::default();
+        };
+        let Ok(shard) = self.shard() else {
+            return InSyncReport::default();
+        };
+        let now = std::time::Instant::now();
+        let last = shard.last().0;
+        let matched = self.matched.borrow().clone();
+        let held = |n: &str| matched.get(n).copied().unwrap_or(0);
+        let mut admitted = self.admitted.lock();
+        let quorum = role.quorum(
+            &admitted
+                .iter()
+                .filter(|(_, a)| a.epoch == role.epoch)
+                .map(|(n, _)| n.clone())
+                .collect::<Vec<_>>(),
+        );
+        let mut lag = self.lag.lock();
+        lag.retain(|n| quorum.members.iter().any(|m| m == n));
+        for m in &quorum.members {
+            lag.observe(m, held(m), last, now);
+        }
+        let lagging = lag.lagging(now, self.lag_timeout);
+        let serving = |n: &str| role.peers.iter().any(|p| p.node == n && p.serving);
+        let before = admitted.len();
+        admitted.retain(|n, a| {
+            let drop = !a.reported && lagging.contains(n);
+            if drop {
+                tracing::info!(shard = %self.key, copy = %n, "admitted copy fell behind before it joined the in-sync set; writes stop waiting for it");
+            }
+            !drop
+        });
+        if admitted.len() < before {
+            self.matched.send_modify(|_| {});
+        }
+        let mut in_sync = Vec::new();
+        for (n, a) in admitted.iter_mut() {
+            if a.epoch == role.epoch && held(n) >= a.from {
+                a.reported = true;
+                in_sync.push(n.clone());
+            }
+        }
+        in_sync.sort();
+        InSyncReport {
+            lagging: lagging.into_iter().filter(|n| serving(n)).collect(),
+            in_sync,
+        }
     }
 
     /// Takes writes again (a handover that did not happen).

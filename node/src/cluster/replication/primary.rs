@@ -48,17 +48,17 @@ impl Replication {
                 self.node_id, self.key
             )));
         }
-        let (peers, needed) = role.quorum();
-        if peers.len() < needed {
+        let quorum = role.quorum(&self.admitted_at(role.epoch));
+        if quorum.short() {
             return Err(ReplicaError::Unavailable(format!(
-                "shard {} has {} live serving replica(s), writes need {}; \
+                "shard {} has {} in-sync replica(s), writes need {}; \
                  retry once the cluster restores its replicas",
                 self.key,
-                1 + peers.len(),
-                1 + needed
+                1 + quorum.members.len(),
+                quorum.min_copies
             )));
         }
-        self.wait_probed(&role, &peers, needed).await?;
+        self.wait_probed(&role, &quorum.members).await?;
         self.disk.check()?;
         let shard = self.shard()?;
         let epoch = role.epoch;
@@ -82,13 +82,12 @@ impl Replication {
     }
 
     /// Refuses writes while a backup is known to be ahead of this primary, and holds
-    /// the first writes of an epoch until the backups the quorum needs were probed: a
-    /// primary that lost data must not write past a backup that holds more.
+    /// the first writes of an epoch until every member of the write quorum was probed:
+    /// a primary that lost data must not write past a backup that holds more.
     pub(super) async fn wait_probed(
         &self,
         role: &Role,
         peers: &[String],
-        needed: usize,
     ) -> Result<(), ReplicaError> {
         let mut rx = self.matched.subscribe();
         let wait = async {
@@ -110,7 +109,7 @@ impl Replication {
                         .filter(|n| p.get(*n) == Some(&role.epoch))
                         .count()
                 };
-                if probed >= needed {
+                if probed >= peers.len() {
                     return Ok(());
                 }
                 if rx.changed().await.is_err() {
@@ -139,9 +138,9 @@ impl Replication {
         Ok(())
     }
 
-    /// Waits until the write quorum holds `seq`; returns how many backups hold it.
-    /// The quorum is re-read from the role on every change, so a backup whose node
-    /// the map stops counting as live no longer holds writes up.
+    /// Waits until every member of the write quorum holds `seq`; returns how many
+    /// backups hold it. The quorum is re-read on every change: a backup the map takes
+    /// out of the in-sync set no longer holds writes up, a copy admitted meanwhile does.
     pub(super) async fn wait_quorum(&self, seq: u64, epoch: u64) -> Result<usize, ReplicaError> {
         let mut rx = self.matched.subscribe();
         let holding = |m: &HashMap<String, u64>, peers: &[String]| {
@@ -156,25 +155,29 @@ impl Replication {
                 let role = self
                     .role()
                     .ok_or_else(|| ReplicaError::Unavailable("replica closed".into()))?;
-                let (peers, needed) = role.quorum();
-                if peers.len() < needed {
+                // Read under the admission lock (see `admit`).
+                let quorum = role.quorum(&self.admitted_at(epoch));
+                if quorum.short() {
                     return Err(ReplicaError::Unavailable(format!(
-                        "shard {}: write {seq} lost its quorum ({} live serving replica(s), \
+                        "shard {}: write {seq} lost its quorum ({} in-sync replica(s), \
                          {} needed); its outcome is unknown (retry with the same request id)",
                         self.key,
-                        1 + peers.len(),
-                        1 + needed
+                        1 + quorum.members.len(),
+                        quorum.min_copies
                     )));
                 }
-                let have = holding(&rx.borrow_and_update(), &peers);
-                if have >= needed {
+                let have = holding(&rx.borrow_and_update(), &quorum.members);
+                if have >= quorum.members.len() {
                     return Ok(have);
                 }
                 {
                     let refusing = self.refusing.lock();
-                    let able = peers.iter().filter(|n| !refusing.contains_key(*n)).count();
-                    if able < needed {
-                        let why: Vec<&String> = refusing.values().collect();
+                    let why: Vec<&String> = quorum
+                        .members
+                        .iter()
+                        .filter_map(|n| refusing.get(n))
+                        .collect();
+                    if !why.is_empty() {
                         return Err(ReplicaError::DiskFull(format!(
                             "shard {}: write {seq} cannot reach its quorum, a replica is out \
                              of disk space ({why:?}); its outcome is unknown (retry with the \
@@ -194,7 +197,7 @@ impl Replication {
                 let have = rx.borrow().clone();
                 let missing: Vec<String> = self
                     .role()
-                    .map(|r| r.quorum().0)
+                    .map(|r| r.quorum(&self.admitted_at(epoch)).members)
                     .unwrap_or_default()
                     .into_iter()
                     .filter(|n| have.get(n).is_none_or(|&m| m < seq))
@@ -316,6 +319,7 @@ impl Replication {
                 }
                 self.probed.lock().insert(node.to_string(), epoch);
                 self.set_matched(node, r.last_seq);
+                self.admit(node, epoch, r.last_seq);
                 // Writes waiting for their first probes re-check.
                 self.matched.send_modify(|_| {});
                 r.last_seq + 1
@@ -332,6 +336,7 @@ impl Replication {
                     *next = None;
                     return Ok(true);
                 }
+                self.admit(node, epoch, from - 1);
                 *next = Some(from);
                 return Ok(false);
             }
@@ -355,6 +360,7 @@ impl Replication {
             metrics::counter!("shoal_replication_batches_sent_total")
                 .increment(batches.len() as u64);
             self.set_matched(node, r.last_seq);
+            self.admit(node, epoch, r.last_seq);
             *next = Some(r.last_seq + 1);
         } else {
             *next = None;

@@ -1,5 +1,9 @@
-//! A replica's role in its replica set as the map has it, the write quorum, and the
-//! pure decisions of whose copy overwrites whose (issue 14). No I/O here.
+//! A replica's role in its replica set as the map has it, the write quorum under the
+//! in-sync rule, the lag that takes a backup out of it, and the pure decisions of whose
+//! copy overwrites whose (issues 14 and 16). No I/O here.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use shoal_engine::epoch_at;
 
@@ -8,9 +12,9 @@ use shoal_engine::epoch_at;
 pub struct Peer {
     pub node: String,
     pub addr: String,
-    /// Serving (not a copy in progress, not leaving): counts towards the quorum.
+    /// Serving: in the shard's in-sync set (not a copy in progress, not leaving).
     pub serving: bool,
-    /// Its node is up (or draining): the quorum waits for it.
+    /// Its node is up (or draining): a handover may go to it.
     pub live: bool,
 }
 
@@ -22,38 +26,108 @@ pub struct Role {
     pub is_primary: bool,
     pub peers: Vec<Peer>,
     pub replication_factor: u32,
-    /// The collection's write quorum (replicas, the primary included); 0 = default.
+    /// The collection's write quorum: the fewest in-sync replicas (the primary
+    /// included) writes need; 0 = 2 at RF >= 2, else 1.
     pub write_quorum: u32,
     /// An operator started this epoch accepting data loss: the primary's copy is the
     /// shard, replacing replicas that hold more.
     pub forced: bool,
 }
 
+/// Who a write waits for (issue 16, the in-sync rule): every backup of the in-sync set
+/// (serving in the map, whatever its node's liveness, since it leaves the set only
+/// through a committed map change) and every copy this primary admitted (caught up,
+/// and about to join the set); and how many in-sync replicas writes need at least.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Quorum {
+    pub members: Vec<String>,
+    pub min_copies: usize,
+}
+
+impl Quorum {
+    /// Too few in-sync replicas to take writes.
+    pub fn short(&self) -> bool {
+        1 + self.members.len() < self.min_copies
+    }
+}
+
 impl Role {
-    /// The backups that count towards a write's quorum (live and serving) and how
-    /// many of them must hold it: by default all of them, and at least one when the
-    /// replication factor is 2 or more; with an explicit quorum `q`, any `q - 1`.
-    pub fn quorum(&self) -> (Vec<String>, usize) {
-        let peers: Vec<String> = self
+    /// The fewest in-sync replicas (the primary included) writes need.
+    pub fn min_copies(&self) -> usize {
+        match self.write_quorum {
+            0 => self.replication_factor.min(2) as usize,
+            q => q as usize,
+        }
+    }
+
+    /// The write quorum: the serving backups and the `admitted` copies, each of which
+    /// must hold a write before it is acknowledged. Why every one: a promotion picks any
+    /// serving replica on a live node, so each must hold every acknowledged write.
+    pub fn quorum(&self, admitted: &[String]) -> Quorum {
+        let mut members: Vec<String> = self
             .peers
             .iter()
-            .filter(|p| p.serving && p.live)
+            .filter(|p| p.serving || admitted.contains(&p.node))
             .map(|p| p.node.clone())
             .collect();
-        let needed = match self.write_quorum {
-            0 => peers.len().max(usize::from(self.replication_factor >= 2)),
-            q => q as usize - 1,
-        };
-        (peers, needed)
+        members.dedup();
+        Quorum {
+            members,
+            min_copies: self.min_copies(),
+        }
     }
 
     /// Pure: whether this primary (at `epoch`) may overwrite what backup `node` holds
     /// past it: only on an operator's forced epoch, or when that backup is a copy
-    /// outside the quorum (a replica that failed and left it, or a move's target),
-    /// whose extra batches were never acknowledged. A serving backup ahead, never.
+    /// outside the in-sync set (a replica that failed or lagged and left it, or a
+    /// move's target), whose extra batches were never acknowledged. A serving backup
+    /// ahead, never.
     pub fn overwrites_ahead(&self, epoch: u64, node: &str) -> bool {
         self.epoch == epoch
             && (self.forced || self.peers.iter().any(|p| p.node == node && !p.serving))
+    }
+}
+
+/// Which backups lag their primary (Kafka's replica.lag.time.max): a backup is behind
+/// from the first moment it is seen short of the primary's last batch until it holds
+/// that batch; one behind the same target longer than the lag timeout lags, and leaves
+/// the in-sync set (so a slow, cut off or snapshot-receiving backup stops holding
+/// every write up). A backup that keeps up under a steady stream of writes reaches each
+/// target and is never lagging.
+#[derive(Clone, Debug, Default)]
+pub struct Lag {
+    behind: HashMap<String, (u64, Instant)>,
+}
+
+impl Lag {
+    /// `node` holds up to `matched`; the primary's last batch is `last`.
+    pub fn observe(&mut self, node: &str, matched: u64, last: u64, now: Instant) {
+        match self.behind.get(node) {
+            Some(&(target, _)) if matched < target => {}
+            _ if matched >= last => {
+                self.behind.remove(node);
+            }
+            _ => {
+                self.behind.insert(node.to_string(), (last, now));
+            }
+        }
+    }
+
+    /// The backups behind one target for longer than `timeout`.
+    pub fn lagging(&self, now: Instant, timeout: Duration) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .behind
+            .iter()
+            .filter(|(_, &(_, since))| now.saturating_duration_since(since) > timeout)
+            .map(|(n, _)| n.clone())
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Forgets every backup but `keep`.
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.behind.retain(|n, _| keep(n));
     }
 }
 
@@ -143,24 +217,70 @@ mod tests {
         assert!(forced.overwrites_ahead(1, "b0"));
     }
 
+    fn names(q: &Quorum) -> Vec<&str> {
+        q.members.iter().map(String::as_str).collect()
+    }
+
+    /// Issue 16: a write waits for every in-sync backup, live or not (only a committed
+    /// map change takes one out), and for the copies the primary admitted; writes need
+    /// at least two in-sync replicas at RF >= 2, or the explicit quorum.
     #[test]
-    fn default_quorum_is_every_live_serving_replica_and_at_least_two() {
-        // RF 3, all up: both backups.
-        let (peers, needed) = role(3, 0, &[(true, true), (true, true)]).quorum();
-        assert_eq!((peers.len(), needed), (2, 2));
-        // A backup on a suspect node and a copy in progress do not count.
-        let (peers, needed) = role(3, 0, &[(true, false), (false, true)]).quorum();
-        assert_eq!((peers.len(), needed), (0, 1), "still needs a second copy");
+    fn the_quorum_is_every_in_sync_replica() {
+        // RF 3, both backups in sync: both.
+        let q = role(3, 0, &[(true, true), (true, true)]).quorum(&[]);
+        assert_eq!((names(&q), q.short()), (vec!["b0", "b1"], false));
+        // A backup on a suspect node still counts until the map takes it out; a copy
+        // does not, unless admitted.
+        let r = role(3, 0, &[(true, false), (false, true)]);
+        assert_eq!(names(&r.quorum(&[])), vec!["b0"]);
+        assert_eq!(names(&r.quorum(&["b1".into()])), vec!["b0", "b1"]);
+        // No in-sync backup at RF 3: short of the two copies writes need.
+        let r = role(3, 0, &[(false, true), (false, true)]);
+        assert!(r.quorum(&[]).short());
+        assert!(!r.quorum(&["b0".into()]).short());
         // RF 1: the primary alone.
-        assert_eq!(role(1, 0, &[]).quorum(), (vec![], 0));
+        let q = role(1, 0, &[]).quorum(&[]);
+        assert_eq!((q.members.len(), q.short()), (0, false));
+        // An explicit quorum bounds the set from below, and never lets a write skip an
+        // in-sync backup: 1 of 3 writes alone once both backups left the set...
+        assert!(!role(3, 1, &[(false, true), (false, true)])
+            .quorum(&[])
+            .short());
+        // ...and 3 of 3 needs both backups in sync.
+        assert!(role(3, 3, &[(true, true), (false, true)])
+            .quorum(&[])
+            .short());
+        let q = role(3, 2, &[(true, true), (true, true)]).quorum(&[]);
+        assert_eq!(q.members.len(), 2, "every in-sync backup, not any one");
     }
 
     #[test]
-    fn explicit_quorum_counts_the_primary() {
-        let r = role(3, 2, &[(true, true), (true, true)]);
-        assert_eq!(r.quorum().1, 1, "any one backup");
-        assert_eq!(role(2, 1, &[(true, false)]).quorum().1, 0, "primary alone");
-        let (peers, needed) = role(3, 3, &[(true, true), (true, false)]).quorum();
-        assert!(peers.len() < needed, "3 of 3 with one down cannot be met");
+    fn a_backup_lags_when_it_misses_one_target_for_the_timeout() {
+        let t0 = Instant::now();
+        let s = |ms| t0 + Duration::from_millis(ms);
+        let timeout = Duration::from_millis(1000);
+        let mut lag = Lag::default();
+        // Caught up: never behind.
+        lag.observe("a", 10, 10, s(0));
+        // Behind target 20 from 0 ms; still short of it at 900 and 1500 ms.
+        lag.observe("b", 10, 20, s(0));
+        lag.observe("b", 15, 30, s(900));
+        assert!(lag.lagging(s(900), timeout).is_empty());
+        lag.observe("b", 19, 40, s(1500));
+        assert_eq!(lag.lagging(s(1500), timeout), vec!["b"]);
+        // Keeping up under a stream of writes: it reaches each target, new one each
+        // time, and never lags.
+        let mut lag = Lag::default();
+        for i in 0..10u64 {
+            lag.observe("c", 10 * i, 10 * i + 5, s(500 * i));
+            assert!(lag.lagging(s(500 * i), timeout).is_empty(), "step {i}");
+        }
+        // Reaching the target clears it; retain forgets replicas gone from the set.
+        let mut lag = Lag::default();
+        lag.observe("d", 0, 5, s(0));
+        lag.observe("e", 0, 5, s(0));
+        lag.observe("d", 5, 5, s(2000));
+        lag.retain(|n| n != "e");
+        assert!(lag.lagging(s(3000), timeout).is_empty());
     }
 }
