@@ -255,7 +255,10 @@ impl Cluster {
         .into_iter()
         .chain(spec.coordinator_flags.iter().cloned())
         .collect();
-        layout.node_flags = vec!["--heartbeat-ms".into(), "250".into()];
+        // A backup that lags its primary 1 s leaves the in-sync set (3 s by default).
+        layout.node_flags = ["--heartbeat-ms", "250", "--in-sync-lag-ms", "1000"]
+            .map(String::from)
+            .to_vec();
         std::fs::create_dir_all(dir.path().join("logs")).unwrap();
         let coords = (0..layout.coordinators.len())
             .map(|k| {

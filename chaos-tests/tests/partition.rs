@@ -200,3 +200,129 @@ async fn nodes_leave_a_coordinator_cut_off_from_its_group() {
     }
     net.heal(0);
 }
+
+/// Issue 16, the in-sync rule under a partial partition: a primary cut off from one of
+/// its two backups (both still heard by the coordinators) holds writes up until the map
+/// takes that backup out of the in-sync set on the primary's report (the lag timeout,
+/// 1 s here), then acknowledges with the backup it reaches. The cut-off backup is never
+/// promoted while out of sync; healed, it catches up and the primary brings it back.
+/// Every acknowledged write is on all three replicas at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_primary_cut_off_from_one_backup_goes_on_once_the_map_takes_it_out_of_sync() {
+    use shoal_chaos_tests::{ingest, Outcome};
+    use shoal_proto::coordinator as cpb;
+    assert!(
+        Net::available(),
+        "network namespaces need root and iproute2 (scripts/setup.sh installs it)"
+    );
+    let c = Cluster::start_spec(Spec {
+        nodes: 3,
+        netns: true,
+        ..Spec::default()
+    })
+    .await;
+    c.create_collection("q", 1, 3).await;
+    c.wait_replicated("q", 3, Duration::from_secs(30)).await;
+    let before = c.shard("q", 0).await;
+    let p = c.node_index(&before.primary);
+    let backups: Vec<usize> = (0..3).filter(|&i| i != p).collect();
+    let (b1, b2) = (backups[0], backups[1]);
+    let state_of = |s: &cpb::Shard, i: usize| {
+        s.replicas
+            .iter()
+            .find(|r| r.node_id == c.nodes[i].id)
+            .map(|r| r.state)
+    };
+    let serving = Some(cpb::ReplicaState::Serving as i32);
+
+    // Writers through every gateway (each forwards to the primary), retrying a batch
+    // with its request id until acknowledged.
+    let gateways = Arc::new(Mutex::new(
+        c.nodes.iter().map(|n| n.public.clone()).collect::<Vec<_>>(),
+    ));
+    let until = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..3u64)
+        .map(|w| {
+            tokio::spawn(ingest(
+                gateways.clone(),
+                "q".into(),
+                w * 1_000_000,
+                1_000_000,
+                4,
+                Duration::from_secs(30),
+                until.clone(),
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Cut the primary from b2 only, both ways.
+    let net = c.net.as_ref().unwrap();
+    net.cut(MEMBERS + p, MEMBERS + b2);
+    let cut = Instant::now();
+    let left = eventually(
+        Duration::from_secs(20),
+        "the cut-off backup leaves the in-sync set",
+        || async {
+            let s = c.shard("q", 0).await;
+            (state_of(&s, b2) == Some(cpb::ReplicaState::Copying as i32)).then_some(s)
+        },
+    )
+    .await;
+    let left_after = cut.elapsed();
+    assert_eq!(
+        (left.primary.as_str(), left.epoch),
+        (before.primary.as_str(), before.epoch),
+        "no promotion: the primary and its other backup are fine"
+    );
+    assert_eq!(state_of(&left, b1), serving, "b1 stays in sync");
+    // Writes go on with b1 meanwhile.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Healed, b2 catches up and the primary brings it back into the set.
+    net.heal(MEMBERS + b2);
+    let healed = Instant::now();
+    eventually(
+        Duration::from_secs(30),
+        "the backup rejoins the in-sync set",
+        || async {
+            let s = c.shard("q", 0).await;
+            (state_of(&s, b2) == serving).then_some(())
+        },
+    )
+    .await;
+    let rejoined_after = healed.elapsed();
+    until.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut docs = Vec::new();
+    let (mut acked_batches, mut unknown) = (0, 0);
+    for w in writers {
+        let rec = w.await.unwrap();
+        acked_batches += rec
+            .batches
+            .iter()
+            .filter(|(_, o)| *o == Outcome::Acknowledged)
+            .count();
+        unknown += rec
+            .batches
+            .iter()
+            .filter(|(_, o)| *o == Outcome::Unknown)
+            .count();
+        docs.extend(rec.acknowledged_docs());
+    }
+    eprintln!(
+        "b2 left the in-sync set {left_after:?} after the cut, rejoined {rejoined_after:?} \
+         after the heal; {acked_batches} batches acknowledged, {unknown} unknown"
+    );
+    println!(
+        "{{\"fault\":\"primary_cut_from_one_backup\",\"acked_batches\":{acked_batches},\"unknown\":{unknown},\"left_in_sync_after_cut_ms\":{},\"rejoined_after_heal_ms\":{}}}",
+        left_after.as_millis(),
+        rejoined_after.as_millis()
+    );
+    assert_eq!(unknown, 0, "every batch was acknowledged in the end");
+    let s = c.shard("q", 0).await;
+    assert_eq!(s.epoch, before.epoch, "no promotion at any point");
+    for i in 0..3 {
+        let n = check_acknowledged(&c.nodes[i].public, "q", &docs).await;
+        assert_eq!(n, docs.len(), "node {i}");
+    }
+}

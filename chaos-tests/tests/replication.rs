@@ -608,8 +608,9 @@ async fn promoted_backup_catches_the_other_up_from_its_log() {
 }
 
 /// The divergence path: with a write quorum of 1 the primary acknowledges writes its
-/// backup (paused) never got; an operator then promotes that backup, accepting the
-/// loss. The old primary is fenced at once and, when the new primary reaches it, its
+/// backup (paused) never got, once the map has taken the lagging backup out of the
+/// in-sync set (issue 16); an operator then promotes that backup, out of sync, accepting
+/// the loss (refused without). The old primary is fenced at once and, when the new primary reaches it, its
 /// history no longer matches (its last batch's epoch is one the new primary never
 /// wrote at that sequence number): it is replaced by a snapshot, truncating the writes
 /// its successor never had, and follows the new primary from then on.

@@ -285,7 +285,8 @@ pub enum Command {
         epoch: u64,
     },
     /// [`Command::Promote`] on an operator's word that writes the replica lacks may be
-    /// lost: the new epoch is marked forced ([`Shard::forced_epoch`]).
+    /// lost: the new epoch is marked forced ([`Shard::forced_epoch`]), and the replica
+    /// may be a copy outside the in-sync set.
     PromoteAcceptingLoss {
         shard: ShardKey,
         node: NodeId,
@@ -608,15 +609,25 @@ impl ClusterMap {
                         s.epoch
                     )));
                 }
-                if !s
-                    .replicas
-                    .iter()
-                    .any(|r| &r.node == node && r.state == ReplicaState::Serving)
-                {
+                // An in-sync (serving) replica; on an operator's word accepting the
+                // loss, also a copy outside the set (issue 16: Kafka's unclean leader
+                // election), which then serves.
+                let forced = matches!(cmd, Command::PromoteAcceptingLoss { .. });
+                let Some(r) = s.replicas.iter_mut().find(|r| {
+                    &r.node == node
+                        && (r.state == ReplicaState::Serving
+                            || (forced && r.state == ReplicaState::Copying))
+                }) else {
                     return Err(MapError::FailedPrecondition(format!(
-                        "shard {shard} has no serving replica on {node:?}"
+                        "shard {shard} has no in-sync (serving) replica on {node:?}{}",
+                        if forced {
+                            ""
+                        } else {
+                            " (a copy out of sync may be promoted only accepting data loss)"
+                        }
                     )));
-                }
+                };
+                r.state = ReplicaState::Serving;
                 s.primary = Some(node.clone());
                 s.epoch += 1;
                 if matches!(cmd, Command::PromoteAcceptingLoss { .. }) {
@@ -1314,6 +1325,31 @@ pub(crate) mod tests {
         assert_eq!(s2.epoch, s.epoch + 1);
         // The same decision applied twice does not bump the epoch again.
         assert!(m.apply(&promote(&backup, s.epoch)).is_err());
+        // A copy out of sync (the old primary, say) is promoted only accepting the loss.
+        let old = s.primary.clone().unwrap();
+        m.shards
+            .get_mut(&s.key)
+            .unwrap()
+            .replicas
+            .iter_mut()
+            .for_each(|r| {
+                if r.node == old {
+                    r.state = ReplicaState::Copying;
+                }
+            });
+        assert!(m.apply(&promote(&old, s.epoch + 1)).is_err());
+        m.apply(&Command::PromoteAcceptingLoss {
+            shard: s.key.clone(),
+            node: old.clone(),
+            epoch: s.epoch + 1,
+        })
+        .unwrap();
+        let s3 = &m.shards[&s.key];
+        assert_eq!(
+            (s3.primary.as_deref(), s3.forced_epoch),
+            (Some(old.as_str()), s.epoch + 2)
+        );
+        assert!(s3.replicas.iter().all(|r| r.state == ReplicaState::Serving));
     }
 
     #[test]
