@@ -344,8 +344,8 @@ impl Cluster {
             .await
     }
 
-    /// A collection whose writes are acknowledged once `write_quorum` replicas hold
-    /// them (0: the default, every live serving replica).
+    /// A collection that writes with at least `write_quorum` in-sync replicas (0: the
+    /// default, 2 at RF >= 2).
     pub async fn create_collection_with_quorum(
         &self,
         name: &str,

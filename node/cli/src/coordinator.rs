@@ -121,8 +121,8 @@ pub enum CollectionCmd {
         /// Copies of every shard (primary + backups).
         #[arg(long, default_value_t = 2)]
         replication_factor: u32,
-        /// Replicas (the primary included) that must hold a write before it is
-        /// acknowledged; 0 = every live serving replica, at least 2 at RF >= 2.
+        /// The fewest in-sync replicas (the primary included) the collection writes
+        /// with; every in-sync replica holds each acknowledged write. 0 = 2 at RF >= 2.
         #[arg(long, default_value_t = 0)]
         write_quorum: u32,
         #[arg(long, default_value_t = 0)]

@@ -167,7 +167,7 @@ impl Heartbeat {
                              heartbeat periods: primaries will refuse writes between heartbeats"
                         );
                     }
-                    self.lease.renew(sent, lease);
+                    self.lease.renew_at(sent, lease, r.map_version);
                     self.leader_version
                         .fetch_max(r.map_version, Ordering::AcqRel);
                     false

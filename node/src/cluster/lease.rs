@@ -7,10 +7,18 @@
 //! An isolated coordinator leader answers no heartbeats (its own lease, in
 //! `shoal-coordinator`), so it cannot renew this one.
 //!
+//! A grant takes effect only once this node has applied the map version the leader
+//! answered with (`renew_at`, then `applied` from the map watch): a node back from
+//! being declared down, whose map still shows it leading a shard that was promoted
+//! away meanwhile, acknowledges nothing as that shard's primary (issue 16: no primary
+//! of epoch e acknowledges after a newer epoch was committed, found by the seeded
+//! schedules in `node/tests/replication.rs`).
+//!
 //! Clock assumption: the node's and the coordinator leader's monotonic clocks advance
 //! at rates that differ by less than (down - suspect) / down (83% with the defaults of
 //! 5 s and 30 s, 50% with the tests' 1.5 s and 3 s); wall-clock time is not used.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -21,7 +29,14 @@ use crate::cluster::error::ReplicaError;
 pub struct Lease {
     /// Writes may be acknowledged until then; none until the first answered heartbeat.
     until: Mutex<Option<Instant>>,
+    /// Grants waiting for this node to apply a map version: (version, until).
+    pending: Mutex<Vec<(u64, Instant)>>,
+    /// The newest map version whose roles this node has applied.
+    applied: AtomicU64,
 }
+
+/// Grants kept waiting for the map at most (the newest ones).
+const PENDING: usize = 16;
 
 impl Lease {
     /// An answered heartbeat sent at `sent` granted `lease` (zero grants nothing).
@@ -33,8 +48,47 @@ impl Lease {
         *u = Some(later(*u, sent + lease));
     }
 
+    /// A heartbeat sent at `sent` was answered with a lease of `lease` by a leader at
+    /// map `version`: granted once this node has applied that version.
+    pub fn renew_at(&self, sent: Instant, lease: Duration, version: u64) {
+        if lease.is_zero() {
+            return;
+        }
+        let mut p = self.pending.lock();
+        if self.applied.load(Ordering::Acquire) >= version {
+            drop(p);
+            self.renew(sent, lease);
+        } else {
+            p.push((version, sent + lease));
+            if p.len() > PENDING {
+                p.remove(0);
+            }
+        }
+    }
+
+    /// This node has applied map `version` (its replicas have their roles from it):
+    /// the grants waiting for it take effect.
+    pub fn applied(&self, version: u64) {
+        self.applied.fetch_max(version, Ordering::AcqRel);
+        let granted = {
+            let mut p = self.pending.lock();
+            let granted = p
+                .iter()
+                .filter(|(v, _)| *v <= version)
+                .map(|(_, u)| *u)
+                .max();
+            p.retain(|(v, _)| *v > version);
+            granted
+        };
+        if let Some(g) = granted {
+            let mut u = self.until.lock();
+            *u = Some(later(*u, g));
+        }
+    }
+
     /// The coordinators declared this node down: its primaries stop at once.
     pub fn revoke(&self) {
+        self.pending.lock().clear();
         *self.until.lock() = None;
     }
 
@@ -109,5 +163,25 @@ mod tests {
         l.revoke();
         let e = l.check(&"c/0").unwrap_err();
         assert!(matches!(e, ReplicaError::Unavailable(ref m) if m.contains("holds no lease")));
+    }
+
+    #[test]
+    fn a_grant_waits_for_the_map_version_it_was_answered_with() {
+        let l = Lease::default();
+        l.applied(4);
+        l.renew_at(Instant::now(), Duration::from_secs(60), 5);
+        assert!(l.check(&"c/0").is_err(), "map 5 not applied yet");
+        l.applied(5);
+        assert!(l.check(&"c/0").is_ok());
+        // Applied already: at once.
+        l.revoke();
+        l.renew_at(Instant::now(), Duration::from_secs(60), 5);
+        assert!(l.check(&"c/0").is_ok());
+        // A revocation drops the grants still waiting.
+        l.revoke();
+        l.renew_at(Instant::now(), Duration::from_secs(60), 9);
+        l.revoke();
+        l.applied(9);
+        assert!(l.check(&"c/0").is_err());
     }
 }

@@ -303,6 +303,8 @@ pub(super) async fn follow_map(
                             }
                             let snapshot = v.read().clone();
                             reconciler.reconcile(&snapshot).await;
+                            // Roles now follow this version: leases granted at it hold.
+                            reconciler.lease.applied(snapshot.version);
                         }
                         _ => break,
                     },

@@ -9,6 +9,7 @@
 //! The models: Quickwit's `SearchServiceClient { Local, Grpc }` and Qdrant's
 //! `ShardOperation` (local and remote shards behind one trait).
 
+mod faults;
 mod local;
 
 use std::collections::HashMap;
@@ -25,7 +26,10 @@ use tonic::transport::Channel;
 use crate::cluster::error::ReplicaError;
 use crate::telemetry;
 
+pub use faults::Faults;
 pub use local::LocalReplicas;
+
+use faults::Faulty;
 
 /// A snapshot as it travels: the first chunk names the shard, epoch and manifest.
 pub type SnapshotStream = BoxStream<'static, Result<rpb::SnapshotChunk, ReplicaError>>;
@@ -69,24 +73,34 @@ pub trait ReplicaApi: Send + Sync {
 }
 
 /// Nodes living in one process, by address: a test's cluster without sockets. A node
-/// missing from it (never added, or taken out) is unreachable, as a partitioned one.
+/// missing from it (never added, or taken out) is unreachable, as a partitioned one;
+/// calls between nodes that name themselves ([`Transports::in_process_as`]) also pass
+/// through the net's [`Faults`].
 #[derive(Clone, Default)]
-pub struct InProcessNet(Arc<RwLock<HashMap<String, Weak<LocalReplicas>>>>);
+pub struct InProcessNet {
+    nodes: Arc<RwLock<HashMap<String, Weak<LocalReplicas>>>>,
+    faults: Arc<Mutex<Faults>>,
+}
 
 impl InProcessNet {
     pub fn add(&self, addr: &str, node: &Arc<LocalReplicas>) {
-        self.0
+        self.nodes
             .write()
             .insert(addr.to_string(), Arc::downgrade(node));
     }
 
     /// Takes a node off the network (its calls in and out fail UNAVAILABLE).
     pub fn remove(&self, addr: &str) {
-        self.0.write().remove(addr);
+        self.nodes.write().remove(addr);
+    }
+
+    /// The network's faults, to change.
+    pub fn faults(&self) -> parking_lot::MutexGuard<'_, Faults> {
+        self.faults.lock()
     }
 
     fn get(&self, addr: &str) -> Option<Arc<LocalReplicas>> {
-        self.0.read().get(addr)?.upgrade()
+        self.nodes.read().get(addr)?.upgrade()
     }
 }
 
@@ -97,6 +111,8 @@ pub struct Transports {
     /// transports, and this must not keep them alive).
     local: Mutex<Option<(String, Weak<LocalReplicas>)>>,
     net: Option<InProcessNet>,
+    /// In process: this node's own address on the net (its calls pass the faults).
+    from: Option<String>,
     /// gRPC channels, one per address.
     channels: Mutex<HashMap<String, Channel>>,
 }
@@ -107,6 +123,7 @@ impl Transports {
         Arc::new(Self {
             local: Mutex::default(),
             net: None,
+            from: None,
             channels: Mutex::default(),
         })
     }
@@ -116,6 +133,18 @@ impl Transports {
         Arc::new(Self {
             local: Mutex::default(),
             net: Some(net),
+            from: None,
+            channels: Mutex::default(),
+        })
+    }
+
+    /// Every node through `net`, as the node at address `me`: its calls to the others
+    /// pass through the net's faults.
+    pub fn in_process_as(net: InProcessNet, me: &str) -> Arc<Self> {
+        Arc::new(Self {
+            local: Mutex::default(),
+            net: Some(net),
+            from: Some(me.to_string()),
             channels: Mutex::default(),
         })
     }
@@ -135,12 +164,18 @@ impl Transports {
             }
         }
         if let Some(net) = &self.net {
-            return net
-                .get(addr)
-                .map(|l| l as Arc<dyn ReplicaApi>)
-                .ok_or_else(|| {
-                    ReplicaError::Unavailable(format!("node {node} at {addr} unreachable"))
-                });
+            let l = net.get(addr).ok_or_else(|| {
+                ReplicaError::Unavailable(format!("node {node} at {addr} unreachable"))
+            })?;
+            return Ok(match &self.from {
+                Some(from) => Arc::new(Faulty {
+                    inner: l,
+                    faults: net.faults.clone(),
+                    from: from.clone(),
+                    to: addr.to_string(),
+                }),
+                None => l,
+            });
         }
         let mut ch = self.channels.lock();
         let c = match ch.get(addr) {
