@@ -326,3 +326,80 @@ async fn a_primary_cut_off_from_one_backup_goes_on_once_the_map_takes_it_out_of_
         assert_eq!(n, docs.len(), "node {i}");
     }
 }
+
+/// A partition that heals mid-promotion: the primary is cut off from the coordinators,
+/// and the link comes back the moment its backup's promotion is committed, while the
+/// old primary may still hold a map that names it. Its lease lapsed at the cut, and a
+/// renewal takes effect only once its map shows the new epoch, so it acknowledges
+/// nothing as the old primary; it rejoins as a backup. Writers through both gateways
+/// (batches retried with their request ids) lose nothing, and one primary remains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partition_healing_mid_promotion_leaves_one_primary_and_loses_nothing() {
+    use shoal_chaos_tests::{ingest, Outcome};
+    let c = two_nodes_in_namespaces("h").await;
+    let before = c.shard("h", 0).await;
+    let p = c.node_index(&before.primary);
+    let b = 1 - p;
+    let gateways = Arc::new(Mutex::new(
+        c.nodes.iter().map(|n| n.public.clone()).collect::<Vec<_>>(),
+    ));
+    let until = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..2u64)
+        .map(|w| {
+            tokio::spawn(ingest(
+                gateways.clone(),
+                "h".into(),
+                w * 1_000_000,
+                1_000_000,
+                4,
+                Duration::from_secs(30),
+                until.clone(),
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let net = c.net.as_ref().unwrap();
+    let p_host = MEMBERS + p;
+    for k in 0..MEMBERS {
+        net.cut(p_host, k);
+    }
+    let cut = Instant::now();
+    let promoted = eventually(Duration::from_secs(30), "the backup promoted", || async {
+        let s = c.shard("h", 0).await;
+        (s.epoch > before.epoch).then_some(s)
+    })
+    .await;
+    net.heal(p_host);
+    let healed_after = cut.elapsed();
+    assert_eq!(promoted.primary, c.nodes[b].id);
+    c.wait_replicated("h", 2, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    until.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut docs = Vec::new();
+    let (mut batches, mut unknown) = (0, 0);
+    for w in writers {
+        let rec = w.await.unwrap();
+        batches += rec.batches.len();
+        unknown += rec
+            .batches
+            .iter()
+            .filter(|(_, o)| *o != Outcome::Acknowledged)
+            .count();
+        docs.extend(rec.acknowledged_docs());
+    }
+    let after = c.shard("h", 0).await;
+    println!(
+        "{{\"fault\":\"heal_mid_promotion\",\"healed_after_cut_ms\":{},\"batches\":{batches},\"not_acknowledged\":{unknown},\"epoch_before\":{},\"epoch_after\":{}}}",
+        healed_after.as_millis(),
+        before.epoch,
+        after.epoch
+    );
+    assert_eq!(unknown, 0, "a batch was never acknowledged");
+    assert_eq!(
+        (after.primary.as_str(), after.epoch),
+        (c.nodes[b].id.as_str(), promoted.epoch),
+        "one promotion, and the old primary did not take the role back"
+    );
+    check_acknowledged(&c.nodes[b].public, "h", &docs).await;
+    check_acknowledged(&c.nodes[p].public, "h", &docs).await;
+}

@@ -159,6 +159,9 @@ pub struct Replication {
     admitted: Mutex<HashMap<String, Admitted>>,
     /// On a primary: how far behind each member of its write quorum is.
     lag: Mutex<Lag>,
+    /// On a primary: backups a snapshot is being sent to (reported lagging at once:
+    /// a transfer may take minutes, and writes must not wait for it).
+    snapshotting: Mutex<std::collections::HashSet<String>>,
     lag_timeout: Duration,
     /// Why the replica could not be opened, until it is.
     open_failure: Mutex<Option<String>>,
@@ -179,6 +182,7 @@ impl Replication {
             lease,
             admitted: Mutex::default(),
             lag: Mutex::default(),
+            snapshotting: Mutex::default(),
             lag_timeout,
             key,
             node_id,
@@ -453,7 +457,10 @@ impl Replication {
         for m in &quorum.members {
             lag.observe(m, held(m), last, now);
         }
-        let lagging = lag.lagging(now, self.lag_timeout);
+        let mut lagging = lag.lagging(now, self.lag_timeout);
+        lagging.extend(self.snapshotting.lock().iter().cloned());
+        lagging.sort();
+        lagging.dedup();
         let serving = |n: &str| role.peers.iter().any(|p| p.node == n && p.serving);
         let before = admitted.len();
         admitted.retain(|n, a| {

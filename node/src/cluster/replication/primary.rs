@@ -19,6 +19,26 @@ use super::{
 use crate::cluster::error::ReplicaError;
 use crate::cluster::transport::ReplicaApi;
 
+/// Marks a backup as receiving a snapshot for as long as the transfer runs (also
+/// when the replicator is stopped mid-transfer).
+struct Sending<'a>(
+    &'a parking_lot::Mutex<std::collections::HashSet<String>>,
+    String,
+);
+
+impl<'a> Sending<'a> {
+    fn start(set: &'a parking_lot::Mutex<std::collections::HashSet<String>>, node: &str) -> Self {
+        set.lock().insert(node.to_string());
+        Self(set, node.to_string())
+    }
+}
+
+impl Drop for Sending<'_> {
+    fn drop(&mut self) {
+        self.0.lock().remove(&self.1);
+    }
+}
+
 /// How long one Append (or probe) may take at a backup.
 const APPEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a whole snapshot may take to travel and install.
@@ -463,6 +483,7 @@ impl Replication {
         let chunks = tokio_stream::wrappers::ReceiverStream::new(rx)
             .map(Ok)
             .boxed();
+        let _sending = Sending::start(&self.snapshotting, node);
         let r = to.install_snapshot(chunks, SNAPSHOT_TIMEOUT).await;
         match reader.await {
             Ok(Ok(())) => {}
