@@ -775,6 +775,64 @@ pub async fn ingest(
     rec
 }
 
+/// Concurrent writers, each ingesting batches of its own documents (writer `w` from
+/// document `w * 1_000_000`) through whichever of `gateways` answers, every batch
+/// retried with its request id for up to 30 s, until [`Writers::finish`].
+pub struct Writers {
+    until: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Record>>,
+}
+
+/// What the writers did: the documents acknowledged, batches sent, and batches never
+/// acknowledged (failed or unknown).
+pub struct Written {
+    pub docs: Vec<u64>,
+    pub batches: usize,
+    pub not_acknowledged: usize,
+}
+
+impl Writers {
+    pub fn start(gateways: Vec<String>, collection: &str, writers: u64, per_batch: u64) -> Self {
+        let gateways = Arc::new(Mutex::new(gateways));
+        let until = Arc::new(AtomicBool::new(false));
+        let tasks = (0..writers)
+            .map(|w| {
+                tokio::spawn(ingest(
+                    gateways.clone(),
+                    collection.to_string(),
+                    w * 1_000_000 / per_batch,
+                    1_000_000 / per_batch,
+                    per_batch,
+                    Duration::from_secs(30),
+                    until.clone(),
+                ))
+            })
+            .collect();
+        Self { until, tasks }
+    }
+
+    /// Stops the writers after the batch each has in flight, and tallies.
+    pub async fn finish(self) -> Written {
+        self.until.store(true, Ordering::Relaxed);
+        let mut w = Written {
+            docs: Vec::new(),
+            batches: 0,
+            not_acknowledged: 0,
+        };
+        for t in self.tasks {
+            let rec = t.await.expect("writer");
+            w.batches += rec.batches.len();
+            w.not_acknowledged += rec
+                .batches
+                .iter()
+                .filter(|(_, o)| *o != Outcome::Acknowledged)
+                .count();
+            w.docs.extend(rec.acknowledged_docs());
+        }
+        w
+    }
+}
+
 /// Outcomes of a query loop.
 #[derive(Default, Clone)]
 pub struct QueryStats {

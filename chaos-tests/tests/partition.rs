@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use shoal_chaos_tests::{
-    check_acknowledged, connect, doc_id, eventually, netns::Net, vector, Cluster, Spec, DOWN_MS,
-    SUSPECT_MS,
+    check_acknowledged, connect, doc_id, eventually, netns::Net, vector, Cluster, Spec, Writers,
+    Written, DOWN_MS, SUSPECT_MS,
 };
 use shoal_proto::v1 as pb;
 
@@ -209,7 +209,6 @@ async fn nodes_leave_a_coordinator_cut_off_from_its_group() {
 /// Every acknowledged write is on all three replicas at the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_primary_cut_off_from_one_backup_goes_on_once_the_map_takes_it_out_of_sync() {
-    use shoal_chaos_tests::{ingest, Outcome};
     use shoal_proto::coordinator as cpb;
     assert!(
         Net::available(),
@@ -237,23 +236,12 @@ async fn a_primary_cut_off_from_one_backup_goes_on_once_the_map_takes_it_out_of_
 
     // Writers through every gateway (each forwards to the primary), retrying a batch
     // with its request id until acknowledged.
-    let gateways = Arc::new(Mutex::new(
-        c.nodes.iter().map(|n| n.public.clone()).collect::<Vec<_>>(),
-    ));
-    let until = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writers: Vec<_> = (0..3u64)
-        .map(|w| {
-            tokio::spawn(ingest(
-                gateways.clone(),
-                "q".into(),
-                w * 1_000_000,
-                1_000_000,
-                4,
-                Duration::from_secs(30),
-                until.clone(),
-            ))
-        })
-        .collect();
+    let writers = Writers::start(
+        c.nodes.iter().map(|n| n.public.clone()).collect(),
+        "q",
+        3,
+        4,
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Cut the primary from b2 only, both ways.
@@ -292,26 +280,14 @@ async fn a_primary_cut_off_from_one_backup_goes_on_once_the_map_takes_it_out_of_
     )
     .await;
     let rejoined_after = healed.elapsed();
-    until.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut docs = Vec::new();
-    let (mut acked_batches, mut unknown) = (0, 0);
-    for w in writers {
-        let rec = w.await.unwrap();
-        acked_batches += rec
-            .batches
-            .iter()
-            .filter(|(_, o)| *o == Outcome::Acknowledged)
-            .count();
-        unknown += rec
-            .batches
-            .iter()
-            .filter(|(_, o)| *o == Outcome::Unknown)
-            .count();
-        docs.extend(rec.acknowledged_docs());
-    }
+    let Written {
+        docs,
+        batches: acked_batches,
+        not_acknowledged: unknown,
+    } = writers.finish().await;
     eprintln!(
         "b2 left the in-sync set {left_after:?} after the cut, rejoined {rejoined_after:?} \
-         after the heal; {acked_batches} batches acknowledged, {unknown} unknown"
+         after the heal; {acked_batches} batches, {unknown} not acknowledged"
     );
     println!(
         "{{\"fault\":\"primary_cut_from_one_backup\",\"acked_batches\":{acked_batches},\"unknown\":{unknown},\"left_in_sync_after_cut_ms\":{},\"rejoined_after_heal_ms\":{}}}",
@@ -335,28 +311,16 @@ async fn a_primary_cut_off_from_one_backup_goes_on_once_the_map_takes_it_out_of_
 /// (batches retried with their request ids) lose nothing, and one primary remains.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_partition_healing_mid_promotion_leaves_one_primary_and_loses_nothing() {
-    use shoal_chaos_tests::{ingest, Outcome};
     let c = two_nodes_in_namespaces("h").await;
     let before = c.shard("h", 0).await;
     let p = c.node_index(&before.primary);
     let b = 1 - p;
-    let gateways = Arc::new(Mutex::new(
-        c.nodes.iter().map(|n| n.public.clone()).collect::<Vec<_>>(),
-    ));
-    let until = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writers: Vec<_> = (0..2u64)
-        .map(|w| {
-            tokio::spawn(ingest(
-                gateways.clone(),
-                "h".into(),
-                w * 1_000_000,
-                1_000_000,
-                4,
-                Duration::from_secs(30),
-                until.clone(),
-            ))
-        })
-        .collect();
+    let writers = Writers::start(
+        c.nodes.iter().map(|n| n.public.clone()).collect(),
+        "h",
+        2,
+        4,
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     let net = c.net.as_ref().unwrap();
     let p_host = MEMBERS + p;
@@ -374,19 +338,11 @@ async fn a_partition_healing_mid_promotion_leaves_one_primary_and_loses_nothing(
     assert_eq!(promoted.primary, c.nodes[b].id);
     c.wait_replicated("h", 2, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    until.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut docs = Vec::new();
-    let (mut batches, mut unknown) = (0, 0);
-    for w in writers {
-        let rec = w.await.unwrap();
-        batches += rec.batches.len();
-        unknown += rec
-            .batches
-            .iter()
-            .filter(|(_, o)| *o != Outcome::Acknowledged)
-            .count();
-        docs.extend(rec.acknowledged_docs());
-    }
+    let Written {
+        docs,
+        batches,
+        not_acknowledged: unknown,
+    } = writers.finish().await;
     let after = c.shard("h", 0).await;
     println!(
         "{{\"fault\":\"heal_mid_promotion\",\"healed_after_cut_ms\":{},\"batches\":{batches},\"not_acknowledged\":{unknown},\"epoch_before\":{},\"epoch_after\":{}}}",

@@ -817,23 +817,12 @@ async fn draining_primaries_under_writers_loses_nothing() {
         *leads.entry(s.primary.clone()).or_default() += 1;
     }
     let (target, led) = leads.into_iter().max_by_key(|(_, n)| *n).unwrap();
-    let gateways = Arc::new(Mutex::new(
-        c.nodes.iter().map(|n| n.public.clone()).collect::<Vec<_>>(),
-    ));
-    let until = Arc::new(AtomicBool::new(false));
-    let writers: Vec<_> = (0..3u64)
-        .map(|w| {
-            tokio::spawn(ingest(
-                gateways.clone(),
-                COLLECTION.into(),
-                w * 1_000_000,
-                1_000_000,
-                5,
-                Duration::from_secs(30),
-                until.clone(),
-            ))
-        })
-        .collect();
+    let writers = Writers::start(
+        c.nodes.iter().map(|n| n.public.clone()).collect(),
+        COLLECTION,
+        3,
+        5,
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     let t = Instant::now();
     let req = cpb::DrainNodeRequest {
@@ -866,19 +855,11 @@ async fn draining_primaries_under_writers_loses_nothing() {
     .await;
     let drained = t.elapsed();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    until.store(true, Ordering::Relaxed);
-    let mut docs = Vec::new();
-    let (mut acked, mut unknown) = (0, 0);
-    for w in writers {
-        let rec = w.await.unwrap();
-        acked += rec.batches.len();
-        unknown += rec
-            .batches
-            .iter()
-            .filter(|(_, o)| *o != Outcome::Acknowledged)
-            .count();
-        docs.extend(rec.acknowledged_docs());
-    }
+    let Written {
+        docs,
+        batches: acked,
+        not_acknowledged: unknown,
+    } = writers.finish().await;
     for s in &before {
         let a = after.iter().find(|x| x.index == s.index).unwrap();
         if s.primary == target {
