@@ -564,6 +564,8 @@ mod schedules {
         up: Vec<bool>,
         /// The map version each node applied last.
         seen: Vec<u64>,
+        /// The collection's write quorum (0 = the default).
+        write_quorum: u32,
         /// Each committed epoch: its primary, when, and the primary it deposed after
         /// taking its lease (a failover; `None` for planned changes).
         epochs: Vec<(u64, String, Instant, Option<String>)>,
@@ -598,7 +600,7 @@ mod schedules {
                 is_primary: s.primary.as_deref() == Some(me.id.as_str()),
                 peers,
                 replication_factor: 3,
-                write_quorum: 0,
+                write_quorum: self.write_quorum,
                 forced: false,
             }
         }
@@ -739,7 +741,7 @@ mod schedules {
         }
     }
 
-    async fn start(seed: u64) -> (InProcessNet, Sim) {
+    async fn start(seed: u64, write_quorum: u32) -> (InProcessNet, Sim) {
         let net = InProcessNet::default();
         *net.faults() = Faults::seeded(seed);
         let mut nodes = Vec::new();
@@ -772,7 +774,7 @@ mod schedules {
                 shard_count: 1,
                 replication_factor: 3,
                 replica_memory_bytes: 1 << 20,
-                write_quorum: 0,
+                write_quorum,
             },
             placement: vec![vec!["a".into(), "b".into(), "c".into()]],
         })
@@ -784,6 +786,7 @@ mod schedules {
             seen: vec![0; 3],
             epochs: Vec::new(),
             fencing: None,
+            write_quorum,
         };
         let s = sim.map.shards[&shard_key()].clone();
         sim.epochs
@@ -796,10 +799,11 @@ mod schedules {
         (net, sim)
     }
 
-    /// One schedule; returns (writes acknowledged, epochs, writes sent).
-    async fn run(seed: u64, steps: usize) -> (usize, u64, usize) {
+    /// One schedule, for a collection of `write_quorum`; returns (writes acknowledged,
+    /// epochs, writes sent).
+    async fn run(seed: u64, steps: usize, write_quorum: u32) -> (usize, u64, usize) {
         let mut rng = StdRng::seed_from_u64(seed);
-        let (net, mut sim) = start(seed).await;
+        let (net, mut sim) = start(seed, write_quorum).await;
         {
             let mut f = net.faults();
             f.lose_request = 0.02;
@@ -958,8 +962,11 @@ mod schedules {
             .unwrap_or(1);
         let t = Instant::now();
         let (mut acked, mut sent, mut epochs) = (0, 0, 0);
+        // Every fourth schedule with an explicit quorum of 1 (the primary alone once
+        // both backups left the set), one in four with 3 (no backup may leave).
         for seed in first..first + n {
-            let (a, e, s) = run(seed, 150).await;
+            let q = [0, 1, 0, 3][(seed % 4) as usize];
+            let (a, e, s) = run(seed, 150, q).await;
             acked += a;
             sent += s;
             epochs += e;
