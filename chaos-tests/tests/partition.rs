@@ -19,23 +19,27 @@ use shoal_proto::v1 as pb;
 
 const MEMBERS: usize = 3;
 
-/// Three members and two nodes, each process in its own namespace, and `collection`
-/// (one shard, a replica on each node) fully replicated.
-async fn two_nodes_in_namespaces(collection: &str) -> Cluster {
+/// Three members and `nodes` nodes, each process in its own namespace, and
+/// `collection` (one shard, a replica on each node) fully replicated.
+async fn nodes_in_namespaces(nodes: usize, collection: &str) -> Cluster {
     assert!(
         Net::available(),
         "network namespaces need root and iproute2 (scripts/setup.sh installs it)"
     );
     let c = Cluster::start_spec(Spec {
-        nodes: 2,
+        nodes,
         netns: true,
         ..Spec::default()
     })
     .await;
-    c.create_collection(collection, 1, 2).await;
-    c.wait_replicated(collection, 2, Duration::from_secs(30))
+    c.create_collection(collection, 1, nodes as u32).await;
+    c.wait_replicated(collection, nodes, Duration::from_secs(30))
         .await;
     c
+}
+
+async fn two_nodes_in_namespaces(collection: &str) -> Cluster {
+    nodes_in_namespaces(2, collection).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -210,18 +214,7 @@ async fn nodes_leave_a_coordinator_cut_off_from_its_group() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_primary_cut_off_from_one_backup_goes_on_once_the_map_takes_it_out_of_sync() {
     use shoal_proto::coordinator as cpb;
-    assert!(
-        Net::available(),
-        "network namespaces need root and iproute2 (scripts/setup.sh installs it)"
-    );
-    let c = Cluster::start_spec(Spec {
-        nodes: 3,
-        netns: true,
-        ..Spec::default()
-    })
-    .await;
-    c.create_collection("q", 1, 3).await;
-    c.wait_replicated("q", 3, Duration::from_secs(30)).await;
+    let c = nodes_in_namespaces(3, "q").await;
     let before = c.shard("q", 0).await;
     let p = c.node_index(&before.primary);
     let backups: Vec<usize> = (0..3).filter(|&i| i != p).collect();

@@ -1149,6 +1149,18 @@ pub(crate) mod tests {
         Command::CreateCollectionPlaced { spec, placement }
     }
 
+    /// A shard's primary and its other replicas' nodes.
+    pub fn primary_and_backups(s: &Shard) -> (String, Vec<String>) {
+        let primary = s.primary.clone().unwrap();
+        let backups = s
+            .replicas
+            .iter()
+            .map(|r| r.node.clone())
+            .filter(|n| *n != primary)
+            .collect();
+        (primary, backups)
+    }
+
     pub fn map_with_nodes(n: usize) -> ClusterMap {
         let mut m = ClusterMap::default();
         for i in 0..n {
@@ -1482,13 +1494,7 @@ pub(crate) mod tests {
             sp.write_quorum = write_quorum;
             m.apply(&placed(&m, sp)).unwrap();
             let s = m.shards_of("c").next().unwrap().clone();
-            let primary = s.primary.clone().unwrap();
-            let backups: Vec<String> = s
-                .replicas
-                .iter()
-                .map(|r| r.node.clone())
-                .filter(|n| *n != primary)
-                .collect();
+            let (primary, backups) = primary_and_backups(&s);
             let leave = |node: &str, epoch| Command::LeaveInSync {
                 shard: s.key.clone(),
                 node: node.into(),

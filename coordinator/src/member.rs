@@ -1093,7 +1093,7 @@ fn finish(r: Response) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::map::tests::{map_with_nodes, placed, spec};
+    use crate::map::tests::{map_with_nodes, placed, primary_and_backups, spec};
 
     #[test]
     fn a_leader_without_its_lease_is_no_leader() {
@@ -1179,13 +1179,7 @@ mod tests {
         let mut m = map_with_nodes(3);
         m.apply(&placed(&m, spec("c", 1, 3))).unwrap();
         let s = m.shards_of("c").next().unwrap().clone();
-        let primary = s.primary.clone().unwrap();
-        let backups: Vec<String> = s
-            .replicas
-            .iter()
-            .map(|r| r.node.clone())
-            .filter(|n| *n != primary)
-            .collect();
+        let (primary, backups) = primary_and_backups(&s);
         let report = |epoch, lagging: Vec<String>, in_sync: Vec<String>| {
             shoal_proto::coordinator::ReplicaReport {
                 epoch,

@@ -41,7 +41,8 @@ pub struct ReplicaState {
 }
 
 impl ReplicaState {
-    /// Reads a replica's state (memory only: no disk I/O).
+    /// Reads a replica's state (memory only: no disk I/O). On a primary this takes its
+    /// in-sync report, which marks the copies it reports (`Replication::in_sync_report`).
     pub fn of(r: &Replication) -> Self {
         let mut s = Self {
             key: r.key.clone(),

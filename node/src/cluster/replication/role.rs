@@ -64,13 +64,12 @@ impl Role {
     /// must hold a write before it is acknowledged. Why every one: a promotion picks any
     /// serving replica on a live node, so each must hold every acknowledged write.
     pub fn quorum(&self, admitted: &[String]) -> Quorum {
-        let mut members: Vec<String> = self
+        let members = self
             .peers
             .iter()
             .filter(|p| p.serving || admitted.contains(&p.node))
             .map(|p| p.node.clone())
             .collect();
-        members.dedup();
         Quorum {
             members,
             min_copies: self.min_copies(),
