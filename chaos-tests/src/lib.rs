@@ -88,7 +88,21 @@ impl Proc {
         public: &str,
         metrics: &str,
     ) -> Proc {
-        let mut p = Proc {
+        let mut p = Proc::new(id, prefix, args, log, public, metrics);
+        p.spawn(bin);
+        p
+    }
+
+    /// A process not yet started.
+    fn new(
+        id: &str,
+        prefix: Vec<String>,
+        args: Vec<String>,
+        log: PathBuf,
+        public: &str,
+        metrics: &str,
+    ) -> Proc {
+        Proc {
             id: id.to_string(),
             prefix,
             args,
@@ -96,9 +110,7 @@ impl Proc {
             child: None,
             public: public.to_string(),
             metrics: metrics.to_string(),
-        };
-        p.spawn(bin);
-        p
+        }
     }
 
     fn spawn(&mut self, bin: &Path) {
@@ -189,6 +201,9 @@ pub struct Spec {
     /// Each process in its own network namespace ([`netns::Net`]: hosts 0-2 the
     /// coordinator members, then the nodes), so tests can cut links.
     pub netns: bool,
+    /// The last this many nodes are laid out but not started ([`Cluster::restart`]
+    /// starts one: a node added to a running cluster).
+    pub held_back: usize,
 }
 
 impl Default for Spec {
@@ -200,6 +215,7 @@ impl Default for Spec {
             coordinator_flags: Vec::new(),
             wait_up: true,
             netns: false,
+            held_back: 0,
         }
     }
 }
@@ -274,18 +290,22 @@ impl Cluster {
                 )
             })
             .collect();
+        let started = spec.nodes - spec.held_back;
         let nodes = (0..layout.nodes.len())
             .map(|j| {
                 let n = &layout.nodes[j];
-                Proc::start(
-                    &bin,
+                let mut p = Proc::new(
                     &n.id,
                     prefix(MEMBERS + j),
                     layout.node_args(j),
                     layout.log(&n.id),
                     &n.public,
                     &n.metrics,
-                )
+                );
+                if j < started {
+                    p.spawn(&bin);
+                }
+                p
             })
             .collect();
         let c = Cluster {
@@ -298,7 +318,7 @@ impl Cluster {
             net,
         };
         if spec.wait_up {
-            c.wait_up(spec.nodes, Duration::from_secs(60)).await;
+            c.wait_up(started, Duration::from_secs(60)).await;
         }
         c
     }

@@ -1,7 +1,8 @@
 //! Replication under faults, on a real cluster of processes (three coordinators,
 //! three nodes, RF 2): nodes killed during ingest, a primary paused past the failure
-//! timeout and fenced when it resumes, a node lost for good. A query loop runs
-//! through each fault. Short by default; `SHOAL_CHAOS_SOAK=1` runs longer.
+//! timeout and fenced when it resumes, a node lost for good; primaries moved under
+//! writers by a drain and by a scale-out. A query loop runs through each fault. Short
+//! by default; `SHOAL_CHAOS_SOAK=1` runs longer.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -883,4 +884,94 @@ async fn draining_primaries_under_writers_loses_nothing() {
         })
     );
     assert_eq!(unknown, 0, "a batch was never acknowledged");
+}
+
+/// Issue 16: scale-out under writers. A fourth node joins a cluster of three holding
+/// 4 shards at RF 2: placement moves replicas to it (a leaving primary stops its writes
+/// and hands its role to the copy that joins, through its in-sync report), then the
+/// leader evens out primaries by asking a primary to hand its role over (the planned
+/// move's own path: writes stop, the successor holds every write, then it leads).
+/// Three writers through every gateway lose nothing; the new node ends holding and
+/// leading shards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scale_out_under_writers_loses_nothing() {
+    let _g = SERIAL.lock().await;
+    let mut c = Cluster::start_spec(Spec {
+        nodes: 4,
+        held_back: 1,
+        coordinator_flags: vec!["--rebalance-settle-ms".into(), "2000".into()],
+        ..Spec::default()
+    })
+    .await;
+    c.create_collection(COLLECTION, 4, 2).await;
+    c.wait_replicated(COLLECTION, 2, Duration::from_secs(60))
+        .await;
+    let before = c.shards(COLLECTION).await;
+    let writers = Writers::start(
+        c.nodes[..3].iter().map(|n| n.public.clone()).collect(),
+        COLLECTION,
+        3,
+        5,
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t = Instant::now();
+    c.restart(3);
+    let new = c.nodes[3].id.clone();
+    let after = eventually(
+        Duration::from_secs(120),
+        "the new node holds replicas and leads a shard, and every replica serves",
+        || async {
+            let shards = c.shards(COLLECTION).await;
+            let holds = shards
+                .iter()
+                .filter(|s| s.replicas.iter().any(|r| r.node_id == new))
+                .count();
+            let settled = shards.iter().all(|s| {
+                s.replicas.len() == 2
+                    && s.replicas
+                        .iter()
+                        .all(|r| r.state == cpb::ReplicaState::Serving as i32)
+            });
+            let leads = shards.iter().any(|s| s.primary == new);
+            (holds >= 2 && settled && leads).then_some(shards)
+        },
+    )
+    .await;
+    let took = t.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let Written {
+        docs,
+        batches,
+        not_acknowledged,
+    } = writers.finish().await;
+    let moved: usize = after
+        .iter()
+        .map(|a| {
+            let b = before.iter().find(|b| b.index == a.index).unwrap();
+            a.replicas
+                .iter()
+                .filter(|r| !b.replicas.iter().any(|x| x.node_id == r.node_id))
+                .count()
+        })
+        .sum();
+    let new_primaries = after
+        .iter()
+        .filter(|a| {
+            let b = before.iter().find(|b| b.index == a.index).unwrap();
+            assert!(a.primary == b.primary || a.epoch > b.epoch, "{a:#?}");
+            a.primary != b.primary
+        })
+        .count();
+    check_acknowledged(&c.nodes[3].public, COLLECTION, &docs).await;
+    check_acknowledged(&c.nodes[0].public, COLLECTION, &docs).await;
+    println!(
+        "{}",
+        serde_json::json!({
+            "test": "scale_out_under_writers", "replicas_moved": moved,
+            "primaries_moved": new_primaries, "settled_s": took.as_secs_f64(),
+            "batches": batches, "not_acknowledged": not_acknowledged,
+            "docs_checked": docs.len(),
+        })
+    );
+    assert_eq!(not_acknowledged, 0, "a batch was never acknowledged");
 }

@@ -15,7 +15,7 @@ use shoal_proto::limits::Limits;
 
 use crate::config::Config;
 use crate::error::{CoordinatorError, Result};
-use crate::map::{ClusterMap, Command, MapError, NodeState, ReplicaState, ShardKey};
+use crate::map::{ClusterMap, Command, MapError, NodeId, NodeState, ReplicaState, Shard, ShardKey};
 use crate::network;
 use crate::placement;
 use crate::raft::{open, payload, Member, Raft, Request, Response};
@@ -72,6 +72,39 @@ pub fn may_take_over(
         ))),
         _ => Ok(()),
     }
+}
+
+/// How long a planned primary move is asked of the primary before the leader gives
+/// up (the primary keeps its role). The primary stops writes for a few seconds of it
+/// at most per attempt (the node's side).
+pub const ASK_FOR: Duration = Duration::from_secs(10);
+
+/// A planned move of a shard's primary role (an operator's promote, evening out
+/// primaries), asked of the primary at `epoch` with its heartbeat answers until
+/// `until`: it stops writes, waits until `to` holds every write it logged, and hands
+/// the role over ([`Coordinator::hand_over`]), so no write is acknowledged at `epoch`
+/// once `to` leads (issue 16; the map alone switching the primary would leave the old
+/// one acknowledging until it heard).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ask {
+    pub epoch: u64,
+    pub to: NodeId,
+    pub until: Instant,
+}
+
+/// Pure: the asks due to `node`'s primaries at `now` (for shards it still leads at
+/// the asked epoch), and whether each ask still stands (to prune the rest).
+pub fn asks_for<'a>(
+    map: &'a ClusterMap,
+    asks: &'a HashMap<ShardKey, Ask>,
+    node: &'a str,
+    now: Instant,
+) -> impl Iterator<Item = (&'a Shard, &'a Ask)> {
+    asks.iter().filter_map(move |(k, a)| {
+        let s = map.shards.get(k)?;
+        (s.primary.as_deref() == Some(node) && s.epoch == a.epoch && now < a.until)
+            .then_some((s, a))
+    })
 }
 
 /// A follower's forwarded write, as the leader answers it.
@@ -157,6 +190,9 @@ pub struct Coordinator {
     /// Each node's data volume against the disk watermarks, from its last heartbeat
     /// (leader memory, like `reports`).
     disks: Mutex<HashMap<String, placement::DiskLevel>>,
+    /// Planned primary moves asked of primaries, by shard (leader memory): each
+    /// primary named hands its role over itself (issue 16), see [`Ask`].
+    asks: Mutex<HashMap<ShardKey, Ask>>,
     /// Set when the member shuts down; long-lived streams watch it.
     pub stopping: tokio::sync::watch::Sender<bool>,
     pub limits: Limits,
@@ -171,6 +207,7 @@ impl Coordinator {
             sm,
             config,
             heartbeats: Mutex::default(),
+            asks: Mutex::default(),
             reports: Mutex::default(),
             disks: Mutex::default(),
             leader_since: Mutex::default(),
@@ -804,13 +841,62 @@ impl Coordinator {
     /// `node`, under a new epoch. Refused when that replica is behind the primary by
     /// the replicas' last reports, or its node is not up, unless `accept_data_loss`:
     /// the writes it lacks are then lost, and the old primary truncates them when it
-    /// rejoins as a backup.
+    /// rejoins as a backup. A primary on a live node is asked to hand its role over
+    /// itself ([`Ask`]); this waits until it has (or gave up within [`ASK_FOR`]).
     pub async fn promote(
         &self,
         shard: &ShardKey,
         node: &str,
         accept_data_loss: bool,
     ) -> Result<()> {
+        let Some(epoch) = self.start_promotion(shard, node, accept_data_loss).await? else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + ASK_FOR;
+        loop {
+            let now = {
+                let st = self.sm.state.lock();
+                st.map
+                    .shards
+                    .get(shard)
+                    .map(|s| (s.epoch, s.primary.clone()))
+            };
+            match now {
+                Some((e, p)) if e > epoch => {
+                    return if p.as_deref() == Some(node) {
+                        Ok(())
+                    } else {
+                        Err(MapError::FailedPrecondition(format!(
+                            "shard {shard} moved to {p:?} at epoch {e} meanwhile"
+                        ))
+                        .into())
+                    };
+                }
+                None => return Err(MapError::NotFound(format!("shard {shard} not found")).into()),
+                _ if Instant::now() >= deadline => {
+                    self.asks.lock().remove(shard);
+                    return Err(MapError::FailedPrecondition(format!(
+                        "the primary of shard {shard} did not hand its role to {node:?} within \
+                         {ASK_FOR:?} (it stops writes until that replica holds every write it \
+                         logged); it keeps the role: retry, or promote with accept_data_loss"
+                    ))
+                    .into());
+                }
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// Checks a promotion and starts it: a primary on a live node is asked to hand its
+    /// role over ([`Ask`], returns the epoch asked at); otherwise (no primary, one on a
+    /// node that is suspect or down, whose lease has lapsed, or the operator accepting
+    /// data loss) the promotion is committed at once (returns `None`).
+    async fn start_promotion(
+        &self,
+        shard: &ShardKey,
+        node: &str,
+        accept_data_loss: bool,
+    ) -> Result<Option<u64>> {
         self.require_leader()?;
         let map = self.read().await?;
         let s = map
@@ -831,6 +917,23 @@ impl Coordinator {
                 .as_deref()
                 .and_then(|p| reports.position(shard, p));
             may_take_over(&map, &reports, shard, node, primary, "promoting it")?;
+            let live = |n: &str| map.nodes.get(n).is_some_and(|n| n.state.is_live());
+            if s.primary.as_deref().is_some_and(live)
+                && s.replicas
+                    .iter()
+                    .any(|r| r.node == node && r.state == ReplicaState::Serving)
+            {
+                tracing::info!(shard = %shard, from = ?s.primary, to = node, epoch = s.epoch, "asking the primary to hand its role over");
+                self.asks.lock().insert(
+                    shard.clone(),
+                    Ask {
+                        epoch: s.epoch,
+                        to: node.to_string(),
+                        until: Instant::now() + ASK_FOR,
+                    },
+                );
+                return Ok(Some(s.epoch));
+            }
         }
         tracing::info!(shard = %shard, to = node, epoch = s.epoch + 1, accept_data_loss, "promoting a replica on request");
         let (shard, node, epoch) = (shard.clone(), node.to_string(), s.epoch);
@@ -840,7 +943,27 @@ impl Coordinator {
             Command::Promote { shard, node, epoch }
         })
         .await?;
-        Ok(())
+        Ok(None)
+    }
+
+    /// The planned moves to ask of `node`'s primaries with its heartbeat's answer
+    /// (dropping asks that no longer stand).
+    pub fn asks(&self, node: &str) -> Vec<shoal_proto::coordinator::HandOverAsk> {
+        let map = self.sm.state.lock().map.clone();
+        let now = Instant::now();
+        let mut asks = self.asks.lock();
+        asks.retain(|k, a| map.shards.get(k).is_some_and(|s| s.epoch == a.epoch) && now < a.until);
+        asks_for(&map, &asks, node, now)
+            .map(|(s, a)| shoal_proto::coordinator::HandOverAsk {
+                shard: Some(shoal_proto::coordinator::ShardId {
+                    collection: s.key.collection.clone(),
+                    collection_id: s.collection_id,
+                    index: s.key.index,
+                }),
+                epoch: a.epoch,
+                to: a.to.clone(),
+            })
+            .collect()
     }
 
     /// A primary's own handover (before its node shuts down): `to` leads `shard` under
@@ -1072,9 +1195,9 @@ impl Coordinator {
             return;
         }
         *self.uneven_since.lock() = None;
-        match self.promote(&shard, &to, false).await {
-            Ok(()) => {
-                tracing::info!(shard = %shard, to = %to, "primary handed over to even out primaries")
+        match self.start_promotion(&shard, &to, false).await {
+            Ok(_) => {
+                tracing::info!(shard = %shard, to = %to, "primary asked to hand over to even out primaries")
             }
             Err(e) => {
                 tracing::info!(shard = %shard, to = %to, error = %e, "primary rebalance skipped")

@@ -563,6 +563,7 @@ impl cpb::cluster_map_server::ClusterMap for ClusterMapService {
         let r = req.into_inner();
         check_name(&self.0, &r.id, "the node id")?;
         check_made_id(&r.cluster_id, "cluster_id")?;
+        let id = r.id.clone();
         let (version, state) = self
             .0
             .heartbeat(
@@ -583,6 +584,7 @@ impl cpb::cluster_map_server::ClusterMap for ClusterMapService {
             } else {
                 self.0.config.suspect_after_ms
             },
+            hand_over: self.0.asks(&id),
         }))
     }
 

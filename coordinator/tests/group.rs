@@ -3,7 +3,7 @@
 //! by snapshot, forwarding, API errors, watch, node liveness with re-assignment, and
 //! grpc.health turning NOT_SERVING once a member's Raft core stops.
 
-use shoal_coordinator::testing::free_port;
+use shoal_coordinator::testing::{eventually, free_port};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
@@ -181,7 +181,7 @@ async fn report_applied(
     shard: cpb::ShardId,
     epoch: u64,
     seq: u64,
-) {
+) -> cpb::HeartbeatResponse {
     let replicas = vec![cpb::ReplicaReport {
         shard: Some(shard),
         applied_seq: seq,
@@ -197,7 +197,7 @@ async fn report_applied(
             ..Default::default()
         },
     )
-    .await;
+    .await
 }
 
 fn create_req(name: &str, shards: u32, rf: u32) -> cpb::CreateCollectionRequest {
@@ -739,16 +739,44 @@ async fn promote_and_hand_over_refuse_a_lagging_backup_unless_told_to_lose_data(
     let s = call(promote(&backup, true)).await.unwrap();
     assert_eq!(s.primary, backup);
     assert_eq!(s.epoch, shard.epoch + 1);
-    // Caught up: the old primary may take the role back without the flag.
-    report_applied(
-        &mut client,
-        &primary,
-        sid("p", coll_id, 0),
-        shard.epoch + 1,
-        5,
-    )
+    // Caught up: the old primary may take the role back without the flag. Its
+    // primary (on a live node) is asked to hand the role over itself (issue 16): the
+    // ask rides on its heartbeat answers, the promotion waits for its HandOver.
+    let e1 = shard.epoch + 1;
+    report_applied(&mut client, &primary, sid("p", coll_id, 0), e1, 5).await;
+    let promoting = tokio::spawn(call(promote(&primary, false)));
+    let ask = eventually(Duration::from_secs(5), "the handover asked", || {
+        let mut client = client.clone();
+        let backup = backup.clone();
+        async move {
+            let r = report_applied(&mut client, &backup, sid("p", coll_id, 0), e1, 5).await;
+            r.hand_over.into_iter().next()
+        }
+    })
     .await;
-    let s = call(promote(&primary, false)).await.unwrap();
+    assert_eq!((ask.epoch, ask.to.as_str()), (e1, primary.as_str()));
+    let other = report_applied(&mut client, &primary, sid("p", coll_id, 0), e1, 5).await;
+    assert!(
+        other.hand_over.is_empty(),
+        "asked of a node that does not lead"
+    );
+    assert!(
+        !promoting.is_finished(),
+        "promoted before the primary handed over"
+    );
+    client
+        .hand_over(cpb::HandOverRequest {
+            node_id: backup.clone(),
+            shard: ask.shard.clone(),
+            epoch: e1,
+            to: primary.clone(),
+            last_seq: 5,
+            last_epoch: e1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let s = promoting.await.unwrap().unwrap();
     assert_eq!(
         (s.primary.as_str(), s.epoch),
         (primary.as_str(), shard.epoch + 2)
@@ -1000,7 +1028,7 @@ async fn uneven_primaries_are_handed_over_once_settled() {
                     ..Default::default()
                 })
                 .collect();
-            send_heartbeat(
+            let answer = send_heartbeat(
                 &mut client,
                 cpb::HeartbeatRequest {
                     id: node.into(),
@@ -1009,6 +1037,20 @@ async fn uneven_primaries_are_handed_over_once_settled() {
                 },
             )
             .await;
+            // The node's side of a planned move: hand over as asked (nothing to wait
+            // for: both replicas are at the same position).
+            for ask in answer.hand_over {
+                client
+                    .hand_over(cpb::HandOverRequest {
+                        node_id: node.into(),
+                        shard: ask.shard,
+                        epoch: ask.epoch,
+                        to: ask.to,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+            }
         }
         let now = (leads(&m, "w1"), leads(&m, "w2"));
         if seen.last() != Some(&now) {

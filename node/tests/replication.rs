@@ -140,6 +140,7 @@ fn role(epoch: u64, primary: &Node, me: &Node, peers: Vec<Peer>, rf: u32) -> Rol
         replication_factor: rf,
         write_quorum: 0,
         forced: false,
+        leaving: false,
     }
 }
 
@@ -602,6 +603,10 @@ mod schedules {
                 replication_factor: 3,
                 write_quorum: self.write_quorum,
                 forced: false,
+                leaving: s
+                    .replicas
+                    .iter()
+                    .any(|r| r.node == me.id && r.state == MapState::Leaving),
             }
         }
 
@@ -723,6 +728,45 @@ mod schedules {
                     node: id,
                     epoch: s.epoch,
                 });
+            }
+        }
+
+        /// A planned move of the primary role (an operator's promote, evening out
+        /// primaries) to the serving replica `pick` chooses, as the leader asks it: the
+        /// primary stops its writes, waits until the successor holds every write it
+        /// logged, and the leader promotes the successor if the primary still leads
+        /// at that epoch. The old primary is fenced by its own handover: the strict
+        /// check below covers it.
+        async fn hand_over(&mut self, pick: usize) {
+            let s = self.map.shards[&shard_key()].clone();
+            let Some(p) = s.primary.clone() else { return };
+            let i = self.idx(&p);
+            let candidates: Vec<String> = s
+                .replicas
+                .iter()
+                .filter(|r| r.node != p && r.state == MapState::Serving)
+                .filter(|r| self.up[self.idx(&r.node)])
+                .map(|r| r.node.clone())
+                .collect();
+            if !self.up[i] || candidates.is_empty() {
+                return;
+            }
+            let to = candidates[pick % candidates.len()].clone();
+            let r = self.repl(i);
+            match r
+                .prepare_handover(Duration::from_millis(300), Some(&to))
+                .await
+            {
+                Some(h) if h.epoch == self.map.shards[&shard_key()].epoch => {
+                    self.fencing = Some(p);
+                    self.apply(Command::Promote {
+                        shard: shard_key(),
+                        node: to,
+                        epoch: h.epoch,
+                    });
+                    self.fencing = None;
+                }
+                _ => r.cancel_handover(),
             }
         }
 
@@ -867,11 +911,12 @@ mod schedules {
                         sim.down(i, pick).await;
                     }
                 }
-                88..94 => {
+                88..92 => {
                     if let Some(i) = sim.up.iter().position(|u| !*u) {
                         sim.back(i);
                     }
                 }
+                92..95 => sim.hand_over(rng.random_range(0..2)).await,
                 _ => {
                     tokio::time::sleep(Duration::from_millis(rng.random_range(0..30))).await;
                 }
@@ -929,10 +974,11 @@ mod schedules {
                 );
             }
         }
-        // No acknowledgement from a primary after a failover deposed it (its lease
-        // taken first), unless it was promoted again since. (After a planned change,
-        // a primary that has not yet heard of it may still acknowledge, but only
-        // writes its successor holds: the in-sync rule, checked above.)
+        // No acknowledgement from a primary after a failover (its lease taken first) or
+        // its own handover deposed it, unless it was promoted again since. (After the
+        // map's own changes, the ahead rule, a primary that has not yet heard of it may
+        // still acknowledge, but only writes its successor holds: the in-sync rule,
+        // checked above.)
         for (d, by, at) in &acks {
             let before: Vec<_> = sim.epochs.iter().filter(|e| e.2 <= *at).collect();
             let led = before.iter().rposition(|e| &e.1 == by);

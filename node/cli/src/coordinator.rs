@@ -35,6 +35,10 @@ pub struct CoordinatorArgs {
     down_after_ms: Option<u64>,
     #[arg(long, env = "SHOAL_SNAPSHOT_EVERY")]
     snapshot_every: Option<u64>,
+    /// How long the cluster stays settled with uneven primaries before one is handed
+    /// over to even them out (one handover per period).
+    #[arg(long, env = "SHOAL_REBALANCE_SETTLE_MS")]
+    rebalance_settle_ms: Option<u64>,
     /// Used fraction of a node's volume over which it takes no new replica.
     #[arg(long, env = "SHOAL_DISK_LOW_WATERMARK")]
     disk_low_watermark: Option<f64>,
@@ -69,6 +73,7 @@ impl CoordinatorArgs {
             suspect_after_ms,
             down_after_ms,
             snapshot_every,
+            rebalance_settle_ms,
             disk_low_watermark,
             disk_high_watermark,
             disk_threshold_enabled

@@ -1,7 +1,8 @@
 //! What a node tells the coordinators with each heartbeat: one report per hosted
 //! replica (position, generations, catch-up, failure, a replica found ahead, and on a
 //! primary the in-sync set changes it asks for). [`reports`] is pure, over [`ReplicaState`] snapshots
-//! taken from the replicas' memory; `run` is the loop that sends them.
+//! taken from the replicas' memory; `run` is the loop that sends them and acts on the
+//! answer (the lease, planned handovers the leader asks for).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use shoal_proto::coordinator as cpb;
 use tokio::sync::watch;
 
 use super::disk::DiskGuard;
+use super::handover;
 use super::identity::Identity;
 use super::ids::ReplicaKey;
 use super::lease::Lease;
@@ -171,6 +173,13 @@ impl Heartbeat {
                     self.lease.renew_at(sent, lease, r.map_version);
                     self.leader_version
                         .fetch_max(r.map_version, Ordering::AcqRel);
+                    if !r.hand_over.is_empty() {
+                        let from = handover::From {
+                            node_id: self.cfg.id.clone(),
+                            cluster_id: self.identity.read().cluster_id.clone(),
+                        };
+                        handover::asked(&self.registry, &self.client, &from, r.hand_over);
+                    }
                     false
                 }
                 Err(s) if s.code() == tonic::Code::NotFound => true,

@@ -7,6 +7,7 @@ pub mod config;
 pub mod disk;
 pub mod error;
 pub mod gateway;
+pub mod handover;
 pub mod heartbeat;
 pub mod identity;
 pub mod ids;
@@ -87,45 +88,15 @@ impl NodeHandle {
             .collect();
         let mut client = Client::new(self.coordinators.clone());
         client.patience = Duration::from_secs(1);
+        let from = handover::From {
+            node_id: self.node_id.clone(),
+            cluster_id: self.identity.read().cluster_id.clone(),
+        };
         let mut moved = 0;
-        let cluster_id = self.identity.read().cluster_id.clone();
         for r in primaries {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let Some(h) = r.prepare_handover(left).await else {
-                r.cancel_handover();
-                tracing::warn!(shard = %r.key, "no backup holds every write; leaving the primary role to the down timeout");
-                continue;
-            };
-            let to = h.to.clone();
-            let req = cpb::HandOverRequest {
-                node_id: self.node_id.clone(),
-                cluster_id: cluster_id.clone(),
-                shard: Some(r.key.shard_id()),
-                epoch: h.epoch,
-                to: h.to,
-                last_seq: h.last_seq,
-                last_epoch: h.last_epoch,
-            };
-            // The leader checks the backup's report, which may be a heartbeat behind.
-            loop {
-                match client.hand_over(req.clone()).await {
-                    Ok(_) => {
-                        tracing::info!(shard = %r.key, to = %to, "primary role handed over");
-                        moved += 1;
-                        break;
-                    }
-                    Err(e)
-                        if e.code() == tonic::Code::FailedPrecondition
-                            && tokio::time::Instant::now() < deadline =>
-                    {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    Err(e) => {
-                        r.cancel_handover();
-                        tracing::warn!(shard = %r.key, to = %to, error = %e.message(), "primary role not handed over");
-                        break;
-                    }
-                }
+            if handover::hand_over(&mut client, &from, &r, None, left).await {
+                moved += 1;
             }
         }
         moved

@@ -59,6 +59,10 @@ pub fn role_of(view: &MapView, s: &cpb::Shard, me: &str) -> Role {
         replication_factor: rf,
         write_quorum,
         forced: s.forced_epoch == s.epoch && s.epoch > 0,
+        leaving: s
+            .replicas
+            .iter()
+            .any(|r| r.node_id == me && r.state == cpb::ReplicaState::Leaving as i32),
     }
 }
 

@@ -42,7 +42,7 @@
 //! ```
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -93,6 +93,10 @@ const KEEPALIVE: Duration = Duration::from_millis(250);
 /// meanwhile, so with the heartbeat and the map change it stays well below the
 /// 10 s [`QUORUM_TIMEOUT`].
 pub const LAG_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a leaving primary keeps its writes stopped for the copy that replaces it
+/// to be reported in sync and promoted (a heartbeat and a map change, well under a
+/// second in the chaos tests), before it takes writes again and tries later.
+pub const HANDOVER_PATIENCE: Duration = Duration::from_secs(5);
 
 /// A copy this primary waits for on every write (issue 16): admitted at `epoch` once
 /// it held the primary's last batch; reported in sync once it holds `from`, everything
@@ -140,9 +144,18 @@ pub struct Replication {
     apply: tokio::sync::Mutex<()>,
     /// How the primary reaches its backups.
     transports: Arc<Transports>,
-    /// The node is shutting down and handing this primary role over: new writes are
-    /// refused (retried by clients) so the backup can hold everything first.
-    handing_over: AtomicBool,
+    /// This primary is handing its role over (its node shutting down, a planned move
+    /// asked by the leader, or it leaves the shard): new writes are refused (retried by
+    /// clients) so the successor can hold everything first, and no write is
+    /// acknowledged meanwhile (one the successor holds is answered by it on a retry).
+    /// The epoch handed over (0 = none): a later epoch, as primary again, takes writes.
+    handing_over: AtomicU64,
+    /// Writes between their handover check and their local append: a handover waits
+    /// for none before it reads the last batch its successor must hold.
+    appending: AtomicUsize,
+    /// On a leaving primary: since when it has stopped writes for the copy joining the
+    /// in-sync set (see [`HANDOVER_PATIENCE`]).
+    leaving_since: Mutex<Option<std::time::Instant>>,
     /// On a primary: a backup found ahead of it (node, its seq, its epoch), at the
     /// role's epoch. No writes until another replica is promoted.
     ahead: Mutex<Option<(u64, String, u64, u64)>>,
@@ -196,7 +209,9 @@ impl Replication {
             replicators: Mutex::default(),
             apply: tokio::sync::Mutex::new(()),
             transports,
-            handing_over: AtomicBool::new(false),
+            handing_over: AtomicU64::new(0),
+            appending: AtomicUsize::new(0),
+            leaving_since: Mutex::new(None),
             ahead: Mutex::new(None),
             probed: Mutex::default(),
             refusing: Mutex::default(),
@@ -272,7 +287,7 @@ impl Replication {
     }
 
     pub fn known_epoch(&self) -> u64 {
-        self.known_epoch.load(Ordering::Acquire)
+        self.known_epoch.load(Ordering::SeqCst)
     }
 
     /// True on a primary; on a backup, once it has everything its primary sent.
@@ -295,7 +310,12 @@ impl Replication {
 
     /// Applies the map's view of this replica set: starts or stops the replicators.
     pub fn set_role(self: &Arc<Self>, role: Role) {
-        let previous = self.known_epoch.fetch_max(role.epoch, Ordering::AcqRel);
+        let previous = self.known_epoch.fetch_max(role.epoch, Ordering::SeqCst);
+        // After the epoch (a write at the old one, seeing no handover, sees it fenced).
+        if !(role.is_primary && role.leaving) && self.leaving_since.lock().take().is_some() {
+            // Handed over, or the move was undone (an undrain): as primary, writes again.
+            self.cancel_handover();
+        }
         if !role.is_primary && role.epoch > previous {
             // A new epoch: hear from the new primary before serving reads again.
             self.caught_up.store(false, Ordering::Release);
@@ -351,17 +371,26 @@ impl Replication {
         self.matched.send_modify(|_| {});
     }
 
-    /// Stops taking writes and waits (up to `within`) until a live serving backup
-    /// holds everything this primary logged; returns that backup and the position.
-    pub async fn prepare_handover(&self, within: Duration) -> Option<Handover> {
-        self.handing_over.store(true, Ordering::Release);
+    /// Stops taking writes and waits (up to `within`) until a live serving backup (`to`,
+    /// when named) holds everything this primary logged; returns that backup and the
+    /// position. Writes already past their check finish logging first, so the position
+    /// covers every write this primary logs at its epoch.
+    pub async fn prepare_handover(&self, within: Duration, to: Option<&str>) -> Option<Handover> {
         let role = self.role().filter(|r| r.is_primary)?;
+        self.handing_over.store(role.epoch, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + within;
+        while self.appending.load(Ordering::SeqCst) > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         let (last, last_epoch) = self.shard().ok()?.last();
         // In-sync backups on live nodes.
         let candidates: Vec<String> = role
             .peers
             .iter()
-            .filter(|p| p.serving && p.live)
+            .filter(|p| p.serving && p.live && to.is_none_or(|to| p.node == to))
             .map(|p| p.node.clone())
             .collect();
         let mut rx = self.matched.subscribe();
@@ -379,13 +408,26 @@ impl Replication {
                 }
             }
         };
-        let to = tokio::time::timeout(within, wait).await.ok().flatten()?;
+        let to = tokio::time::timeout_at(deadline, wait)
+            .await
+            .ok()
+            .flatten()?;
         Some(Handover {
             to,
             epoch: role.epoch,
             last_seq: last,
             last_epoch,
         })
+    }
+
+    /// Whether this primary is handing its role over (writes refused meanwhile).
+    pub fn handing_over(&self) -> bool {
+        self.handing_over_at(self.role().map_or(0, |r| r.epoch))
+    }
+
+    /// Whether this primary is handing over its role at `epoch`.
+    pub(super) fn handing_over_at(&self, epoch: u64) -> bool {
+        epoch > 0 && self.handing_over.load(Ordering::SeqCst) == epoch
     }
 
     /// The copies admitted to this primary's write quorum at `epoch`.
@@ -473,11 +515,17 @@ impl Replication {
         if admitted.len() < before {
             self.matched.send_modify(|_| {});
         }
-        let mut in_sync = Vec::new();
-        for (n, a) in admitted.iter_mut() {
-            if a.epoch == role.epoch && held(n) >= a.from {
+        let mut in_sync: Vec<String> = admitted
+            .iter()
+            .filter(|(n, a)| a.epoch == role.epoch && held(n) >= a.from)
+            .map(|(n, _)| n.clone())
+            .collect();
+        if role.leaving {
+            in_sync = self.leaving_hands_over(in_sync, role.epoch, &shard, &held);
+        }
+        for n in &in_sync {
+            if let Some(a) = admitted.get_mut(n) {
                 a.reported = true;
-                in_sync.push(n.clone());
             }
         }
         in_sync.sort();
@@ -487,9 +535,44 @@ impl Replication {
         }
     }
 
+    /// On a leaving primary (a drain or a move of its replica), the copies it may report
+    /// in sync: the copy that joins takes the primary role with the map change (issue
+    /// 16), so writes stop first, and a copy is reported only once it holds every write
+    /// logged. Writes resume if the map has not moved within [`HANDOVER_PATIENCE`].
+    fn leaving_hands_over(
+        &self,
+        ready: Vec<String>,
+        epoch: u64,
+        shard: &Shard,
+        held: &dyn Fn(&str) -> u64,
+    ) -> Vec<String> {
+        let mut since = self.leaving_since.lock();
+        let now = std::time::Instant::now();
+        match *since {
+            Some(t) if now.saturating_duration_since(t) > HANDOVER_PATIENCE => {
+                tracing::warn!(shard = %self.key, "the copy replacing this leaving primary was not promoted in time; taking writes again");
+                *since = None;
+                self.cancel_handover();
+                return Vec::new();
+            }
+            _ if ready.is_empty() => return ready,
+            Some(_) => {}
+            None => {
+                tracing::info!(shard = %self.key, copies = ?ready, "leaving primary stops writes to hand its role to the copy that joins");
+                *since = Some(now);
+                self.handing_over.store(epoch, Ordering::SeqCst);
+            }
+        }
+        if self.appending.load(Ordering::SeqCst) > 0 {
+            return Vec::new();
+        }
+        let last = shard.last().0;
+        ready.into_iter().filter(|n| held(n) >= last).collect()
+    }
+
     /// Takes writes again (a handover that did not happen).
     pub fn cancel_handover(&self) {
-        self.handing_over.store(false, Ordering::Release);
+        self.handing_over.store(0, Ordering::SeqCst);
     }
 
     /// Stops the replicators (the replica is closing).

@@ -39,6 +39,22 @@ impl Drop for Sending<'_> {
     }
 }
 
+/// Counts a write in [`Replication`]'s `appending` while it lives.
+struct Appending<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Appending<'a> {
+    fn enter(n: &'a std::sync::atomic::AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::SeqCst);
+        Self(n)
+    }
+}
+
+impl Drop for Appending<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// How long one Append (or probe) may take at a backup.
 const APPEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a whole snapshot may take to travel and install.
@@ -62,9 +78,12 @@ impl Replication {
         }
         self.check_fenced(role.epoch)?;
         self.lease.check(&self.key)?;
-        if self.handing_over.load(Ordering::Acquire) {
+        // Counted from before the handover check until logged: a handover reads the
+        // last batch its successor must hold only once no write is in between.
+        let appending = Appending::enter(&self.appending);
+        if self.handing_over_at(role.epoch) {
             return Err(ReplicaError::Unavailable(format!(
-                "node {} is shutting down and handing shard {} to a backup; retry",
+                "node {} is handing the primary role of shard {} to another replica; retry",
                 self.node_id, self.key
             )));
         }
@@ -92,8 +111,20 @@ impl Replication {
         })
         .await
         .map_err(ReplicaError::from)?;
+        drop(appending);
         self.appended.notify_waiters();
         let holders = self.wait_quorum(ack.seq, epoch).await?;
+        // A handover began meanwhile: the successor may lead before this answer
+        // arrives, and no primary acknowledges once a newer epoch may exist (issue 16).
+        // The write is logged; a retry with its request id is answered by whoever leads.
+        if self.handing_over_at(epoch) {
+            return Err(ReplicaError::Unavailable(format!(
+                "shard {}: write {} was logged while its primary began handing its role \
+                 over; its outcome is unknown (retry with the same request id)",
+                self.key, ack.seq
+            )));
+        }
+        self.check_fenced(epoch)?;
         // The lease may have lapsed while the quorum was gathered: a successor may be
         // promoted from now on, so this primary acknowledges nothing more (the write
         // is durable here and on its quorum; a retry with its request id answers it).

@@ -32,6 +32,9 @@ pub struct Role {
     /// An operator started this epoch accepting data loss: the primary's copy is the
     /// shard, replacing replicas that hold more.
     pub forced: bool,
+    /// This replica is leaving its shard (the source of a move: a drain, an even-out):
+    /// as primary, it hands its role to the copy that joins the in-sync set.
+    pub leaving: bool,
 }
 
 /// Who a write waits for (issue 16, the in-sync rule): every backup of the in-sync set
@@ -186,6 +189,7 @@ mod tests {
             replication_factor: rf,
             write_quorum,
             forced: false,
+            leaving: false,
         }
     }
 
