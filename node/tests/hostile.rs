@@ -702,6 +702,7 @@ fn every_rpc_survives_hostile_messages() {
                 offset,
                 data,
                 forced: epoch % 2 == 0,
+                resume: offset % 3 == 0,
             },
         );
     f.rpc(
@@ -710,6 +711,20 @@ fn every_rpc_survives_hostile_messages() {
         |chunks| {
             let mut s = ReplicaClient::new(internal.clone());
             async move { s.install_snapshot(req(tokio_stream::iter(chunks))).await }
+        },
+    );
+    f.rpc(
+        "Replica/SnapshotStaged",
+        (shard_ref(), hostile_u64(), hostile_string()).prop_map(|(shard, epoch, primary)| {
+            rpb::SnapshotStagedRequest {
+                shard,
+                epoch,
+                primary,
+            }
+        }),
+        |r| {
+            let mut s = ReplicaClient::new(internal.clone());
+            async move { s.snapshot_staged(req(r)).await }
         },
     );
     f.rpc(

@@ -89,6 +89,17 @@ const CHECKPOINTED_REQUESTS: usize = 4_096;
 /// A consistent copy of a shard's checkpointed state: its manifest (without an index
 /// generation: the receiver builds its own) and the prefixes of the segment files it
 /// names. The segments are append-only, so the prefixes stay valid while writes go on.
+/// A snapshot's files: the documents segment and the vectors, each up to its length.
+fn snapshot_files(m: &Manifest) -> Vec<(String, u64)> {
+    vec![
+        (DOCS_FILE.to_string(), m.docs_len),
+        (
+            VECTORS_FILE.to_string(),
+            m.rows * m.config.dimension as u64 * 4,
+        ),
+    ]
+}
+
 #[derive(Clone, Debug)]
 pub struct SnapshotSource {
     pub manifest: Vec<u8>,
@@ -648,20 +659,25 @@ impl Shard {
         checkpoint(&self.inner.dir, &mut w)?;
         let mut m = w.manifest.clone();
         m.serving = None;
-        let vector_bytes = m.rows * self.inner.config.dimension as u64 * 4;
         let manifest =
             serde_json::to_vec(&m).map_err(|e| ShardError::InvalidConfig(e.to_string()))?;
         Ok(SnapshotSource {
+            files: snapshot_files(&m),
             manifest,
-            files: vec![
-                (DOCS_FILE.to_string(), m.docs_len),
-                (VECTORS_FILE.to_string(), vector_bytes),
-            ],
             last_seq: m.applied_seq,
         })
     }
 
-    /// Writes a snapshot's manifest into `dir` (which holds its copied files).
+    /// The files a snapshot with this manifest carries, with their lengths: what a
+    /// receiver must hold before it installs it (a transfer cut short is not a
+    /// snapshot). Both are append-only, so a longer snapshot of the same shard starts
+    /// with the bytes of a shorter one (a transfer resumes from what arrived).
+    pub fn snapshot_files_of(manifest: &[u8]) -> Result<Vec<(String, u64)>> {
+        let m: Manifest = serde_json::from_slice(manifest)
+            .map_err(|e| ShardError::InvalidConfig(format!("snapshot manifest: {e}")))?;
+        Ok(snapshot_files(&m))
+    }
+
     /// A snapshot manifest's position: (last sequence number, epoch of that batch).
     pub fn manifest_position(manifest: &[u8]) -> Result<(u64, u64)> {
         let m: Manifest = serde_json::from_slice(manifest)
@@ -669,6 +685,7 @@ impl Shard {
         Ok((m.applied_seq, epoch_at(&m.epochs, m.applied_seq)))
     }
 
+    /// Writes a snapshot's manifest into `dir` (which holds its copied files).
     pub fn install_manifest(dir: &Path, manifest: &[u8]) -> Result<()> {
         let m: Manifest = serde_json::from_slice(manifest)
             .map_err(|e| ShardError::InvalidConfig(format!("snapshot manifest: {e}")))?;

@@ -159,6 +159,15 @@ impl rpb::replica_server::Replica for ReplicaService {
         Ok(Response::new(self.0.install_snapshot_now(stream).await?))
     }
 
+    async fn snapshot_staged(
+        &self,
+        req: Request<rpb::SnapshotStagedRequest>,
+    ) -> Result<Response<rpb::SnapshotStagedResponse>, Status> {
+        Ok(Response::new(
+            self.0.snapshot_staged_now(req.into_inner()).await?,
+        ))
+    }
+
     async fn search(
         &self,
         req: Request<rpb::ShardSearchRequest>,

@@ -90,21 +90,38 @@ impl Replication {
     }
 
     /// A backup's side of InstallSnapshot, after the first chunk was accepted: the
-    /// segment files are written into a staging dir beside the replica's (with the
-    /// primary's manifest), ready for the replica actor to swap in. Returns the dir
-    /// and the bytes received. Hold [`Self::lock_apply`] across this and the swap.
+    /// files are written into a staging dir beside the replica's (with the primary's
+    /// manifest), ready for the replica actor to swap in. Returns the dir and the bytes
+    /// received. Hold [`Self::lock_apply`] across this and the swap.
+    ///
+    /// Resumable (issue 16): a transfer cut short leaves its staged files, and the
+    /// next one (`first.resume`) continues each file from the offset its first chunk
+    /// names. Every file the manifest lists must arrive whole, and nothing past its
+    /// length is taken, before the snapshot is installed.
     pub async fn receive_snapshot(
         &self,
         first: &rpb::SnapshotChunk,
         stream: &mut SnapshotStream,
         max_files: usize,
     ) -> Result<(PathBuf, u64), ReplicaError> {
-        use tokio::io::AsyncWriteExt;
+        use tokio::io::{AsyncSeekExt, AsyncWriteExt};
         let staging = staging_dir(self.shard()?.dir());
         let io = |e: std::io::Error| ReplicaError::Internal(format!("writing the snapshot: {e}"));
-        let _ = tokio::fs::remove_dir_all(&staging).await;
+        let expected: HashMap<String, u64> = Shard::snapshot_files_of(&first.manifest)
+            .map_err(|e| ReplicaError::Invalid(e.to_string()))?
+            .into_iter()
+            .collect();
+        if expected.len() > max_files {
+            return Err(ReplicaError::Invalid(format!(
+                "a snapshot of {} files, over the limit snapshot_files = {max_files}",
+                expected.len()
+            )));
+        }
+        if !first.resume {
+            let _ = tokio::fs::remove_dir_all(&staging).await;
+        }
         tokio::fs::create_dir_all(&staging).await.map_err(io)?;
-        // Each file: its handle and the bytes written so far (chunks come in order).
+        // Each file: its handle and its length so far (chunks come in order).
         let mut files: HashMap<String, (tokio::fs::File, u64)> = HashMap::new();
         let mut bytes = 0u64;
         while let Some(chunk) = futures::StreamExt::next(stream).await {
@@ -116,17 +133,41 @@ impl Replication {
                     &chunk.file[..chunk.file.floor_char_boundary(64)]
                 )));
             }
+            let Some(&len) = expected.get(&chunk.file) else {
+                return Err(ReplicaError::Invalid(format!(
+                    "snapshot file {:?} is not one its manifest lists",
+                    chunk.file
+                )));
+            };
             if !files.contains_key(&chunk.file) {
-                if files.len() >= max_files {
+                let path = staging.join(&chunk.file);
+                let f = if chunk.offset == 0 {
+                    tokio::fs::File::create(&path).await.map_err(io)?
+                } else if first.resume {
+                    let mut f = tokio::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .await
+                        .map_err(io)?;
+                    let have = f.metadata().await.map_err(io)?.len();
+                    if have < chunk.offset {
+                        return Err(ReplicaError::Invalid(format!(
+                            "snapshot file {:?} resumes at offset {}, but {have} bytes are staged",
+                            chunk.file, chunk.offset
+                        )));
+                    }
+                    f.set_len(chunk.offset).await.map_err(io)?;
+                    f.seek(std::io::SeekFrom::Start(chunk.offset))
+                        .await
+                        .map_err(io)?;
+                    f
+                } else {
                     return Err(ReplicaError::Invalid(format!(
-                        "a snapshot of more than {max_files} files, over the limit \
-                         snapshot_files = {max_files}"
+                        "snapshot file {:?} starts at offset {} in a transfer that does not resume",
+                        chunk.file, chunk.offset
                     )));
-                }
-                let f = tokio::fs::File::create(staging.join(&chunk.file))
-                    .await
-                    .map_err(io)?;
-                files.insert(chunk.file.clone(), (f, 0));
+                };
+                files.insert(chunk.file.clone(), (f, chunk.offset));
             }
             let (f, written) = files.get_mut(&chunk.file).expect("opened above");
             if chunk.offset != *written {
@@ -135,9 +176,25 @@ impl Replication {
                     chunk.file, chunk.offset
                 )));
             }
+            if *written + chunk.data.len() as u64 > len {
+                return Err(ReplicaError::Invalid(format!(
+                    "snapshot file {:?} runs past the {len} bytes its manifest gives it",
+                    chunk.file
+                )));
+            }
             f.write_all(&chunk.data).await.map_err(io)?;
             *written += chunk.data.len() as u64;
             bytes += chunk.data.len() as u64;
+        }
+        for (name, &len) in &expected {
+            let got = files.get(name).map_or(0, |(_, w)| *w);
+            if got != len {
+                // Kept staged: the sender's next transfer resumes it.
+                return Err(ReplicaError::Unavailable(format!(
+                    "the snapshot transfer ended with {got} of the {len} bytes of {name:?}; \
+                     what arrived stays staged for the next transfer to resume"
+                )));
+            }
         }
         for (_, (f, _)) in files {
             f.sync_all().await.map_err(io)?;
@@ -147,6 +204,39 @@ impl Replication {
             .await
             .map_err(ReplicaError::from)?;
         Ok((staging, bytes))
+    }
+
+    /// What the staging dir holds of a snapshot an earlier transfer left unfinished:
+    /// each file's length and the crc32 of its bytes (read here: a node that crashed
+    /// mid-transfer may hold a tail the disk never got, which the sender then finds
+    /// not matching its own bytes). Empty when nothing is staged.
+    pub async fn staged_snapshot(
+        &self,
+        max_files: usize,
+    ) -> Result<Vec<rpb::StagedFile>, ReplicaError> {
+        let staging = staging_dir(self.shard()?.dir());
+        tokio::task::spawn_blocking(move || -> std::io::Result<Vec<rpb::StagedFile>> {
+            let Ok(dir) = std::fs::read_dir(&staging) else {
+                return Ok(Vec::new());
+            };
+            let mut out = Vec::new();
+            for entry in dir {
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !snapshot_file_name_ok(&name) || !entry.file_type()?.is_file() {
+                    continue;
+                }
+                if out.len() >= max_files {
+                    break;
+                }
+                let (bytes, crc32) = crc_of(&entry.path(), u64::MAX)?;
+                out.push(rpb::StagedFile { name, bytes, crc32 });
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| ReplicaError::Internal(format!("reading the staged snapshot: {e}")))?
+        .map_err(|e| ReplicaError::Internal(format!("reading the staged snapshot: {e}")))
     }
 
     /// Serialises snapshot installs with appends.
@@ -169,6 +259,24 @@ fn snapshot_file_name_ok(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+}
+
+/// The length read and crc32 of the first `up_to` bytes of `path` (all of it, when
+/// shorter).
+pub fn crc_of(path: &Path, up_to: u64) -> std::io::Result<(u64, u32)> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?.take(up_to);
+    let mut h = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf)?;
+        if k == 0 {
+            return Ok((n, h.finalize()));
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
 }
 
 /// Where a snapshot is assembled before it replaces the replica's directory.

@@ -57,8 +57,12 @@ impl Drop for Appending<'_> {
 
 /// How long one Append (or probe) may take at a backup.
 const APPEND_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a whole snapshot may take to travel and install.
-const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
+/// A snapshot transfer has no time limit of its own (it may carry hundreds of GB);
+/// it fails when the receiver takes no chunk for this long, and resumes where it
+/// stopped on the next attempt.
+const SNAPSHOT_STALL: Duration = Duration::from_secs(30);
+/// Once every chunk was taken: how long the receiver may take to sync and open it.
+const SNAPSHOT_INSTALL: Duration = Duration::from_secs(600);
 
 impl Replication {
     /// A write at the primary: ordered, logged, replicated to the quorum.
@@ -469,6 +473,29 @@ impl Replication {
         let src = shoal_engine::run_blocking(move || s.snapshot())
             .await
             .map_err(ReplicaError::from)?;
+        // What an earlier, unfinished transfer left staged there (none from a peer
+        // that cannot say: everything is sent).
+        let staged: HashMap<String, (u64, u32)> = match to
+            .snapshot_staged(
+                rpb::SnapshotStagedRequest {
+                    shard: Some(self.key.shard_id()),
+                    epoch,
+                    primary: self.node_id.clone(),
+                },
+                APPEND_TIMEOUT,
+            )
+            .await
+        {
+            Ok(r) => r
+                .files
+                .into_iter()
+                .map(|f| (f.name, (f.bytes, f.crc32)))
+                .collect(),
+            Err(e) => {
+                tracing::debug!(shard = %self.key, backup = node, error = %e, "no staged snapshot to resume");
+                HashMap::new()
+            }
+        };
         let dir = shard.dir().to_path_buf();
         let (tx, rx) = tokio::sync::mpsc::channel::<rpb::SnapshotChunk>(4);
         let first = rpb::SnapshotChunk {
@@ -481,48 +508,115 @@ impl Replication {
             // quorum that is ahead is neither overwritten nor promoted: issue 14's
             // rack-loss flake).
             forced: self.role().is_some_and(|r| r.overwrites_ahead(epoch, node)),
+            resume: !staged.is_empty(),
             ..Default::default()
         };
         let files = src.files.clone();
         let bytes: u64 = files.iter().map(|(_, n)| n).sum();
-        let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            use std::io::Read;
-            if tx.blocking_send(first).is_err() {
-                return Ok(());
-            }
-            for (name, len) in files {
-                let mut f = std::fs::File::open(dir.join(&name))?;
-                let mut offset = 0u64;
-                while offset < len {
-                    let n = ((len - offset) as usize).min(SNAPSHOT_CHUNK);
-                    let mut data = vec![0u8; n];
-                    f.read_exact(&mut data)?;
-                    let chunk = rpb::SnapshotChunk {
-                        file: name.clone(),
-                        offset,
-                        data,
-                        ..Default::default()
+        let resumed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let reader = {
+            let (resumed, sent) = (resumed.clone(), sent.clone());
+            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                use std::io::{Read, Seek};
+                if tx.blocking_send(first).is_err() {
+                    return Ok(());
+                }
+                for (name, len) in files {
+                    // Resumed from what the receiver holds, where its bytes are this
+                    // file's first bytes (both files only grow).
+                    let mut offset = match staged.get(&name) {
+                        Some(&(have, crc)) if have > 0 && have <= len => {
+                            let (n, mine) = super::backup::crc_of(&dir.join(&name), have)?;
+                            if n == have && mine == crc {
+                                have
+                            } else {
+                                0
+                            }
+                        }
+                        _ => 0,
                     };
-                    if tx.blocking_send(chunk).is_err() {
-                        return Ok(());
+                    resumed.fetch_add(offset, Ordering::Relaxed);
+                    let mut f = std::fs::File::open(dir.join(&name))?;
+                    f.seek(std::io::SeekFrom::Start(offset))?;
+                    // At least one chunk per file, so the receiver opens each.
+                    loop {
+                        let n = ((len - offset) as usize).min(SNAPSHOT_CHUNK);
+                        let mut data = vec![0u8; n];
+                        f.read_exact(&mut data)?;
+                        let chunk = rpb::SnapshotChunk {
+                            file: name.clone(),
+                            offset,
+                            data,
+                            ..Default::default()
+                        };
+                        if tx.blocking_send(chunk).is_err() {
+                            return Ok(());
+                        }
+                        sent.fetch_add(n as u64, Ordering::Relaxed);
+                        offset += n as u64;
+                        if offset >= len {
+                            break;
+                        }
                     }
-                    offset += n as u64;
+                }
+                Ok(())
+            })
+        };
+        // The receiver's progress: when it last took a chunk, and whether it took all.
+        let progress = Arc::new(parking_lot::Mutex::new((std::time::Instant::now(), false)));
+        let chunks = {
+            let (seen, end) = (progress.clone(), progress.clone());
+            tokio_stream::wrappers::ReceiverStream::new(rx)
+                .inspect(move |_| seen.lock().0 = std::time::Instant::now())
+                .chain(
+                    futures::stream::once(async move {
+                        *end.lock() = (std::time::Instant::now(), true);
+                        None
+                    })
+                    .filter_map(|c: Option<rpb::SnapshotChunk>| async move { c }),
+                )
+                .map(Ok)
+                .boxed()
+        };
+        let _sending = Sending::start(&self.snapshotting, node);
+        // The whole install's deadline is the stall watchdog's (and, once every chunk
+        // was taken, the install limit's): the call itself gets a day.
+        let install = to.install_snapshot(chunks, Duration::from_secs(24 * 3600));
+        let watchdog = async {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let (at, all) = *progress.lock();
+                let limit = if all {
+                    SNAPSHOT_INSTALL
+                } else {
+                    SNAPSHOT_STALL
+                };
+                if at.elapsed() > limit {
+                    return (all, limit);
                 }
             }
-            Ok(())
-        });
-        let chunks = tokio_stream::wrappers::ReceiverStream::new(rx)
-            .map(Ok)
-            .boxed();
-        let _sending = Sending::start(&self.snapshotting, node);
-        let r = to.install_snapshot(chunks, SNAPSHOT_TIMEOUT).await;
+        };
+        let r = tokio::select! {
+            r = install => r,
+            (all, limit) = watchdog => Err(ReplicaError::Unavailable(format!(
+                "snapshot of shard {} to {node}: {} for {limit:?}; the next transfer resumes it",
+                self.key,
+                if all { "not installed" } else { "no chunk taken" }
+            ))),
+        };
         match reader.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(ReplicaError::Internal(format!("reading the snapshot: {e}"))),
             Err(e) => return Err(ReplicaError::Internal(format!("snapshot reader: {e}"))),
         }
+        let resumed = resumed.load(Ordering::Relaxed);
+        metrics::counter!("shoal_replication_snapshot_bytes_total", "kind" => "resumed")
+            .increment(resumed);
+        metrics::counter!("shoal_replication_snapshot_bytes_total", "kind" => "sent")
+            .increment(sent.load(Ordering::Relaxed));
         let r = r?;
-        tracing::info!(shard = %self.key, backup = node, seq = r.last_seq, bytes, took_ms = t.elapsed().as_millis() as u64, "snapshot installed on backup");
+        tracing::info!(shard = %self.key, backup = node, seq = r.last_seq, bytes, resumed, took_ms = t.elapsed().as_millis() as u64, "snapshot installed on backup");
         self.set_matched(node, r.last_seq);
         Ok(())
     }

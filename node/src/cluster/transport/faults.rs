@@ -1,6 +1,7 @@
 //! Faults on the in-process network, for tests of the replication protocol (issue 16):
 //! links cut one way or both, calls lost before they reach the callee or after it
-//! acted (the ambiguous failure), and random delays (which reorder concurrent calls),
+//! acted (the ambiguous failure), random delays (which reorder concurrent calls) and
+//! snapshot streams reset partway,
 //! drawn from a seeded generator so a failing schedule can be replayed by its seed.
 //! Every call between nodes of an [`super::InProcessNet`] passes through [`Faulty`].
 
@@ -26,6 +27,10 @@ pub struct Faults {
     pub lose_reply: f64,
     /// Each message waits up to this long (uniformly) before it is delivered.
     pub max_delay: Duration,
+    /// Snapshot streams break (the connection resets) after this many chunks.
+    pub snapshot_breaks_after: Option<usize>,
+    /// File bytes carried by snapshot streams so far (a count, not a fault).
+    pub snapshot_bytes: Arc<std::sync::atomic::AtomicU64>,
     rng: StdRng,
 }
 
@@ -42,6 +47,8 @@ impl Faults {
             lose_request: 0.0,
             lose_reply: 0.0,
             max_delay: Duration::ZERO,
+            snapshot_breaks_after: None,
+            snapshot_bytes: Arc::default(),
             rng: StdRng::seed_from_u64(seed),
         }
     }
@@ -135,8 +142,37 @@ impl ReplicaApi for Faulty {
         chunks: SnapshotStream,
         timeout: Duration,
     ) -> Result<rpb::AppendResponse, ReplicaError> {
+        let (breaks_after, carried) = {
+            let f = self.faults.lock();
+            (f.snapshot_breaks_after, f.snapshot_bytes.clone())
+        };
+        let chunks = futures::StreamExt::boxed(futures::StreamExt::inspect(chunks, move |c| {
+            if let Ok(c) = c {
+                carried.fetch_add(c.data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+        }));
+        let chunks = match breaks_after {
+            Some(n) => {
+                use futures::StreamExt;
+                let broken = format!("{} -> {}: snapshot stream reset", self.from, self.to);
+                chunks
+                    .take(n)
+                    .chain(futures::stream::once(async move {
+                        Err(ReplicaError::Unavailable(broken))
+                    }))
+                    .boxed()
+            }
+            None => chunks,
+        };
         self.call(self.inner.install_snapshot(chunks, timeout))
             .await
+    }
+    async fn snapshot_staged(
+        &self,
+        req: rpb::SnapshotStagedRequest,
+        timeout: Duration,
+    ) -> Result<rpb::SnapshotStagedResponse, ReplicaError> {
+        self.call(self.inner.snapshot_staged(req, timeout)).await
     }
     async fn search(
         &self,

@@ -180,6 +180,26 @@ impl LocalReplicas {
         })
     }
 
+    /// What this backup holds of an unfinished snapshot from `req.primary` (fenced by
+    /// epoch like the snapshot itself).
+    pub async fn snapshot_staged_now(
+        &self,
+        req: rpb::SnapshotStagedRequest,
+    ) -> Result<rpb::SnapshotStagedResponse, ReplicaError> {
+        within!(
+            self.limits,
+            node_id_bytes,
+            req.primary.len(),
+            "the primary's id length"
+        )?;
+        let HostedReplica { repl, .. } = self.hosted(req.shard.as_ref())?;
+        let _g = repl.lock_apply().await;
+        repl.accept_epoch(req.epoch, &req.primary)?;
+        Ok(rpb::SnapshotStagedResponse {
+            files: repl.staged_snapshot(self.limits.snapshot_files).await?,
+        })
+    }
+
     /// One shard's generate-rank search, on a replica that holds every acknowledged
     /// write; its cost bounded before it runs.
     pub async fn search_now(
@@ -304,6 +324,14 @@ impl ReplicaApi for LocalReplicas {
         timeout: Duration,
     ) -> Result<rpb::AppendResponse, ReplicaError> {
         within_deadline(timeout, self.install_snapshot_now(chunks)).await
+    }
+
+    async fn snapshot_staged(
+        &self,
+        req: rpb::SnapshotStagedRequest,
+        timeout: Duration,
+    ) -> Result<rpb::SnapshotStagedResponse, ReplicaError> {
+        within_deadline(timeout, self.snapshot_staged_now(req)).await
     }
 
     async fn search(

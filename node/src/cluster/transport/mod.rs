@@ -55,6 +55,12 @@ pub trait ReplicaApi: Send + Sync {
         chunks: SnapshotStream,
         timeout: Duration,
     ) -> Result<rpb::AppendResponse, ReplicaError>;
+    /// What a backup holds of an unfinished snapshot (to resume it).
+    async fn snapshot_staged(
+        &self,
+        req: rpb::SnapshotStagedRequest,
+        timeout: Duration,
+    ) -> Result<rpb::SnapshotStagedResponse, ReplicaError>;
     async fn search(
         &self,
         req: rpb::ShardSearchRequest,
@@ -239,6 +245,7 @@ grpc_replica_api! {
     unary {
         write(rpb::WriteRequest) -> rpb::WriteResponse;
         append(rpb::AppendRequest) -> rpb::AppendResponse;
+        snapshot_staged(rpb::SnapshotStagedRequest) -> rpb::SnapshotStagedResponse;
         search(rpb::ShardSearchRequest) -> rpb::ShardSearchResponse;
         get(rpb::ShardGetRequest) -> rpb::ShardGetResponse;
         build(rpb::BuildRequest) -> rpb::BuildResponse;
