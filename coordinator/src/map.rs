@@ -158,6 +158,15 @@ pub enum ReplicaState {
     Leaving,
 }
 
+impl ReplicaState {
+    /// In the shard's in-sync set (issue 16): writes wait for it. A leaving replica
+    /// stays in it until its copy replaces it (or it lags and goes), but is never
+    /// promoted.
+    pub fn in_sync(self) -> bool {
+        matches!(self, ReplicaState::Serving | ReplicaState::Leaving)
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Replica {
     pub node: NodeId,
@@ -559,6 +568,10 @@ impl ClusterMap {
             Command::LeaveInSync { shard, node, epoch } => {
                 self.check_leave_in_sync(shard, node, *epoch)?;
                 let s = self.shards.get_mut(shard).expect("checked");
+                // A leaving replica (a move's source) goes: the copy replacing it
+                // fills from the primary, which holds every acknowledged write.
+                s.replicas
+                    .retain(|r| !(&r.node == node && r.state == ReplicaState::Leaving));
                 if let Some(r) = s.replicas.iter_mut().find(|r| &r.node == node) {
                     r.state = ReplicaState::Copying;
                 }
@@ -1030,10 +1043,10 @@ impl ClusterMap {
         if !s
             .replicas
             .iter()
-            .any(|r| r.node == node && r.state == ReplicaState::Serving)
+            .any(|r| r.node == node && r.state.in_sync())
         {
             return Err(MapError::FailedPrecondition(format!(
-                "shard {shard} has no in-sync (serving) replica on {node:?}"
+                "shard {shard} has no in-sync (serving or leaving) replica on {node:?}"
             )));
         }
         let min = self
@@ -1044,7 +1057,7 @@ impl ClusterMap {
         let stay = s
             .replicas
             .iter()
-            .filter(|r| r.node != node && r.state == ReplicaState::Serving)
+            .filter(|r| r.node != node && r.state.in_sync())
             .count();
         if stay < min {
             return Err(MapError::FailedPrecondition(format!(
@@ -1533,6 +1546,52 @@ pub(crate) mod tests {
                     .any(|r| r.node == c.node && r.state == ReplicaState::Serving));
             }
         }
+    }
+
+    /// Issue 16: a move's leaving source stays in the in-sync set (a backup's move at
+    /// RF 2 keeps the shard's write quorum of two), and when it lags it leaves the
+    /// shard (its copy fills from the primary), never below the write quorum.
+    #[test]
+    fn a_leaving_replica_counts_in_sync_until_it_lags() {
+        let mut m = map_with_nodes(3);
+        m.apply(&placed(&m, spec("c", 1, 2))).unwrap();
+        let s = m.shards_of("c").next().unwrap().clone();
+        let (primary, backups) = primary_and_backups(&s);
+        let third = ["n0", "n1", "n2"]
+            .into_iter()
+            .find(|n| !s.holds(n))
+            .unwrap()
+            .to_string();
+        m.apply(&Command::ApplyMoves(vec![Move::Add {
+            shard: s.key.clone(),
+            to: third.clone(),
+            from: Some(backups[0].clone()),
+        }]))
+        .unwrap();
+        let state = |m: &ClusterMap, n: &str| {
+            m.shards[&s.key]
+                .replicas
+                .iter()
+                .find(|r| r.node == n)
+                .map(|r| r.state)
+        };
+        assert_eq!(state(&m, &backups[0]), Some(ReplicaState::Leaving));
+        assert!(ReplicaState::Leaving.in_sync() && !ReplicaState::Copying.in_sync());
+        let leave = |node: &str| Command::LeaveInSync {
+            shard: s.key.clone(),
+            node: node.into(),
+            epoch: s.epoch,
+        };
+        // The copy is no member; the leaving backup is the write quorum's second.
+        assert!(m.apply(&leave(&third)).is_err());
+        let err = m.apply(&leave(&backups[0])).unwrap_err();
+        assert!(err.to_string().contains("below its write quorum"), "{err}");
+        // With an explicit quorum of 1 it may go: it leaves the shard, not to a copy.
+        m.collections.get_mut("c").unwrap().spec.write_quorum = 1;
+        m.apply(&leave(&backups[0])).unwrap();
+        assert_eq!(state(&m, &backups[0]), None);
+        assert_eq!(state(&m, &third), Some(ReplicaState::Copying));
+        assert_eq!(m.shards[&s.key].primary.as_deref(), Some(primary.as_str()));
     }
 
     /// A shard with no serving copy left is re-created empty only on an operator's

@@ -800,8 +800,8 @@ impl Coordinator {
         leave.chain(join).collect()
     }
 
-    /// Pure: serving backups on nodes that turned suspect or down leave their shards'
-    /// in-sync sets (issue 16), so their primaries stop waiting for them, wherever the
+    /// Pure: in-sync backups on nodes that turned suspect or down leave their shards'
+    /// in-sync sets (issue 16; a leaving one leaves its shard), so their primaries stop waiting for them, wherever the
     /// collection's write quorum of in-sync replicas stays; a shard short of it keeps
     /// them (its writes could not be acknowledged anyway, and they stay promotable).
     fn out_of_sync(map: &ClusterMap) -> Vec<Command> {
@@ -815,7 +815,7 @@ impl Coordinator {
             // One at a time per shard: each leaves only if the set stays large enough
             // after the ones before it.
             if let Some(r) = s.replicas.iter().find(|r| {
-                r.state == ReplicaState::Serving
+                r.state.in_sync()
                     && away(&r.node)
                     && map.check_leave_in_sync(&s.key, &r.node, s.epoch).is_ok()
             }) {

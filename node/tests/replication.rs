@@ -106,6 +106,7 @@ impl Node {
             node: self.id.clone(),
             addr: self.addr.clone(),
             serving,
+            leaving: false,
             live,
         }
     }
@@ -693,7 +694,10 @@ mod schedules {
                 .filter(|r| r.node != me.id)
                 .map(|r| {
                     let j = self.idx(&r.node);
-                    self.nodes[j].peer(r.state == MapState::Serving, self.up[j])
+                    Peer {
+                        leaving: r.state == MapState::Leaving,
+                        ..self.nodes[j].peer(r.state == MapState::Serving, self.up[j])
+                    }
                 })
                 .collect();
             Role {

@@ -47,6 +47,7 @@ pub fn role_of(view: &MapView, s: &cpb::Shard, me: &str) -> Role {
                 node: r.node_id.clone(),
                 addr: n.map(|n| n.addr.clone()).unwrap_or_default(),
                 serving: r.state == cpb::ReplicaState::Serving as i32,
+                leaving: r.state == cpb::ReplicaState::Leaving as i32,
                 live: n.is_some_and(|n| cpb::NodeState::is_live_value(n.state)),
             }
         })

@@ -364,7 +364,7 @@ impl Replication {
         self.admitted.lock().retain(|node, a| {
             role.is_primary
                 && a.epoch == role.epoch
-                && role.peers.iter().any(|p| &p.node == node && !p.serving)
+                && role.peers.iter().any(|p| &p.node == node && p.is_copy())
         });
         *self.role.write() = Some(role);
         // Writes waiting for their quorum re-read it.
@@ -448,7 +448,7 @@ impl Replication {
         let Some(role) = self.role().filter(|r| r.is_primary && r.epoch == epoch) else {
             return;
         };
-        if !role.peers.iter().any(|p| p.node == node && !p.serving) {
+        if !role.peers.iter().any(|p| p.node == node && p.is_copy()) {
             return;
         }
         let Ok(shard) = self.shard() else { return };
@@ -503,7 +503,7 @@ impl Replication {
         lagging.extend(self.snapshotting.lock().iter().cloned());
         lagging.sort();
         lagging.dedup();
-        let serving = |n: &str| role.peers.iter().any(|p| p.node == n && p.serving);
+        let member = |n: &str| role.peers.iter().any(|p| p.node == n && p.in_sync());
         let before = admitted.len();
         admitted.retain(|n, a| {
             let drop = !a.reported && lagging.contains(n);
@@ -530,7 +530,7 @@ impl Replication {
         }
         in_sync.sort();
         InSyncReport {
-            lagging: lagging.into_iter().filter(|n| serving(n)).collect(),
+            lagging: lagging.into_iter().filter(|n| member(n)).collect(),
             in_sync,
         }
     }

@@ -12,10 +12,25 @@ use shoal_engine::epoch_at;
 pub struct Peer {
     pub node: String,
     pub addr: String,
-    /// Serving: in the shard's in-sync set (not a copy in progress, not leaving).
+    /// Serving: in the shard's in-sync set, and promotable.
     pub serving: bool,
+    /// Leaving: the source of a move, still in the in-sync set (it holds every write
+    /// until the copy replacing it joins), not promotable.
+    pub leaving: bool,
     /// Its node is up (or draining): a handover may go to it.
     pub live: bool,
+}
+
+impl Peer {
+    /// In the in-sync set: every write waits for it.
+    pub fn in_sync(&self) -> bool {
+        self.serving || self.leaving
+    }
+
+    /// A copy being filled (a move's target, or a replica out of the in-sync set).
+    pub fn is_copy(&self) -> bool {
+        !self.in_sync()
+    }
 }
 
 /// This replica's place in its replica set, from the map.
@@ -63,14 +78,16 @@ impl Role {
         }
     }
 
-    /// The write quorum: the serving backups and the `admitted` copies, each of which
-    /// must hold a write before it is acknowledged. Why every one: a promotion picks any
-    /// serving replica on a live node, so each must hold every acknowledged write.
+    /// The write quorum: the in-sync backups (serving or leaving) and the `admitted`
+    /// copies, each of which must hold a write before it is acknowledged. Why every
+    /// one: a promotion picks any serving replica on a live node, so each must hold
+    /// every acknowledged write; a leaving one counts until its copy replaces it, so a
+    /// backup's move at RF 2 does not stop writes while the copy fills.
     pub fn quorum(&self, admitted: &[String]) -> Quorum {
         let members = self
             .peers
             .iter()
-            .filter(|p| p.serving || admitted.contains(&p.node))
+            .filter(|p| p.in_sync() || admitted.contains(&p.node))
             .map(|p| p.node.clone())
             .collect();
         Quorum {
@@ -86,7 +103,7 @@ impl Role {
     /// ahead, never.
     pub fn overwrites_ahead(&self, epoch: u64, node: &str) -> bool {
         self.epoch == epoch
-            && (self.forced || self.peers.iter().any(|p| p.node == node && !p.serving))
+            && (self.forced || self.peers.iter().any(|p| p.node == node && p.is_copy()))
     }
 }
 
@@ -183,6 +200,7 @@ mod tests {
                     node: format!("b{i}"),
                     addr: String::new(),
                     serving,
+                    leaving: false,
                     live,
                 })
                 .collect(),
@@ -285,5 +303,20 @@ mod tests {
         lag.observe("d", 5, 5, s(2000));
         lag.retain(|n| n != "e");
         assert!(lag.lagging(s(3000), timeout).is_empty());
+    }
+
+    /// A leaving backup (a move's source) is waited for until its copy replaces it, so
+    /// at RF 2 the quorum of two holds while the copy fills; the copy, admitted, joins.
+    #[test]
+    fn a_leaving_backup_stays_in_the_write_quorum() {
+        let mut r = role(2, 0, &[(false, true), (false, true)]);
+        r.peers[0].leaving = true;
+        let q = r.quorum(&[]);
+        assert_eq!(q.members, vec!["b0".to_string()]);
+        assert!(!q.short());
+        assert!(r.peers[0].in_sync() && r.peers[1].is_copy());
+        assert_eq!(r.quorum(&["b1".into()]).members.len(), 2);
+        // Never overwritten past the primary as a copy would be.
+        assert!(!r.overwrites_ahead(1, "b0") && r.overwrites_ahead(1, "b1"));
     }
 }
