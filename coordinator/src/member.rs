@@ -949,6 +949,10 @@ impl Coordinator {
     /// The planned moves to ask of `node`'s primaries with its heartbeat's answer
     /// (dropping asks that no longer stand).
     pub fn asks(&self, node: &str) -> Vec<shoal_proto::coordinator::HandOverAsk> {
+        // Nearly always none: no map copy per heartbeat then.
+        if self.asks.lock().is_empty() {
+            return Vec::new();
+        }
         let map = self.sm.state.lock().map.clone();
         let now = Instant::now();
         let mut asks = self.asks.lock();
@@ -1217,6 +1221,41 @@ fn finish(r: Response) -> Result<u64> {
 mod tests {
     use super::*;
     use crate::map::tests::{map_with_nodes, placed, primary_and_backups, spec};
+
+    /// Issue 16: a planned move is asked only of the node leading the shard at the
+    /// asked epoch, and only until the ask expires.
+    #[test]
+    fn asks_go_to_the_primary_at_their_epoch_until_they_expire() {
+        let mut m = map_with_nodes(3);
+        m.apply(&placed(&m, spec("c", 2, 2))).unwrap();
+        let shards: Vec<Shard> = m.shards_of("c").cloned().collect();
+        let now = Instant::now();
+        let (p0, b0) = primary_and_backups(&shards[0]);
+        let (p1, b1) = primary_and_backups(&shards[1]);
+        let ask = |s: &Shard, to: &str, epoch_off: u64, secs: u64| Ask {
+            epoch: s.epoch + epoch_off,
+            to: to.into(),
+            until: now + Duration::from_secs(secs),
+        };
+        let mut asks = HashMap::new();
+        asks.insert(shards[0].key.clone(), ask(&shards[0], &b0[0], 0, 10));
+        // An ask from an older view (the shard moved on since): never sent.
+        asks.insert(shards[1].key.clone(), ask(&shards[1], &b1[0], 1, 10));
+        let to = |node: &str, at: Instant| -> Vec<(ShardKey, NodeId)> {
+            asks_for(&m, &asks, node, at)
+                .map(|(s, a)| (s.key.clone(), a.to.clone()))
+                .collect()
+        };
+        assert_eq!(to(&p0, now), vec![(shards[0].key.clone(), b0[0].clone())]);
+        assert!(to(&b0[0], now).is_empty(), "asked of a backup");
+        if p1 != p0 {
+            assert!(to(&p1, now).is_empty(), "an ask at another epoch was sent");
+        }
+        assert!(
+            to(&p0, now + Duration::from_secs(11)).is_empty(),
+            "an expired ask was sent"
+        );
+    }
 
     #[test]
     fn a_leader_without_its_lease_is_no_leader() {
