@@ -12,6 +12,7 @@ pub mod clip;
 pub mod codec;
 pub mod limits;
 pub mod metric;
+pub mod tls;
 pub mod wire;
 
 /// The generated code, nested as the proto packages are, so that one package's
