@@ -204,6 +204,10 @@ pub struct Spec {
     /// The last this many nodes are laid out but not started ([`Cluster::restart`]
     /// starts one: a node added to a running cluster).
     pub held_back: usize,
+    /// Every process with TLS (a local CA; mutual TLS on the internal ports), and this
+    /// test process's connections too (for the rest of its life: one test binary runs
+    /// clusters with TLS or without).
+    pub tls: bool,
 }
 
 impl Default for Spec {
@@ -216,6 +220,7 @@ impl Default for Spec {
             wait_up: true,
             netns: false,
             held_back: 0,
+            tls: false,
         }
     }
 }
@@ -271,6 +276,14 @@ impl Cluster {
         .into_iter()
         .chain(spec.coordinator_flags.iter().cloned())
         .collect();
+        if spec.tls {
+            let dir = layout.make_tls().expect("making the test's certificates");
+            let f = shoal_proto::tls::TlsFiles::in_dir(&dir, "client");
+            shoal_proto::tls::use_for_clients(
+                shoal_proto::tls::client_config(&f.ca, Some((&f.cert, &f.key)), None)
+                    .expect("the test's client certificate"),
+            );
+        }
         // A backup that lags its primary 1 s leaves the in-sync set (3 s by default).
         layout.node_flags = ["--heartbeat-ms", "250", "--in-sync-lag-ms", "1000"]
             .map(String::from)
@@ -695,9 +708,9 @@ impl Cluster {
 }
 
 pub async fn connect(addr: &str) -> Option<ShoalClient<Channel>> {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+    // TLS when the cluster has it (`Spec::tls`).
+    let ch = shoal_proto::endpoint(addr)
         .ok()?
-        .connect_timeout(Duration::from_millis(500))
         .timeout(Duration::from_secs(15))
         .connect()
         .await

@@ -81,6 +81,9 @@ pub struct Config {
     pub disk_threshold_enabled: bool,
     /// Prometheus `/metrics` address; None: no endpoint.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// TLS on both ports and every connection this member opens (issue 17): the Raft
+    /// port requires a peer certificate from the cluster's CA. None: plaintext.
+    pub tls: Option<shoal_proto::tls::TlsFiles>,
     /// Limits over their defaults, as `NAME=VALUE` (`shoal limits` lists them).
     pub limits: Vec<String>,
 }
@@ -111,6 +114,7 @@ impl Default for Config {
             disk_high_watermark: 0.90,
             disk_threshold_enabled: true,
             metrics_listen: None,
+            tls: None,
             limits: Vec::new(),
         }
     }

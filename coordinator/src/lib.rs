@@ -106,6 +106,16 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
     config.validate()?;
     let limits = config.limits()?;
     let config = Arc::new(config);
+    // Before any connection is opened: every client of this process uses it.
+    let tls = match &config.tls {
+        Some(files) => Some(shoal_proto::tls::Tls::start(files).context("loading TLS")?),
+        None => {
+            tracing::warn!("TLS is off: both ports of this member take plaintext from anyone");
+            None
+        }
+    };
+    let tls_public = tls.as_ref().map(|t| t.public.clone());
+    let tls_raft = tls.as_ref().map(|t| t.internal.clone());
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
     let log = LogStore::open(&config.data_dir.join("raft-log.redb"))
@@ -139,13 +149,10 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
     let rx = stop_rx.clone();
     let l = limits.clone();
     tasks.push(tokio::spawn(async move {
-        let r = l
-            .server(l.coordinator_request_timeout())
-            .add_service(
-                RaftServer::new(service::RaftService(c)).max_decoding_message_size(MAX_MESSAGE),
-            )
-            .serve_with_incoming_shutdown(shoal_proto::incoming(raft_l), stopped(rx))
-            .await;
+        let r = l.server(l.coordinator_request_timeout()).add_service(
+            RaftServer::new(service::RaftService(c)).max_decoding_message_size(MAX_MESSAGE),
+        );
+        let r = shoal_proto::serve!(r, raft_l, tls_raft, stopped(rx));
         if let Err(e) = r {
             tracing::error!(error = %e, "raft server failed");
         }
@@ -176,9 +183,8 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
             .add_service(
                 ClusterMapServer::new(service::ClusterMapService(c))
                     .max_decoding_message_size(MAX_MESSAGE),
-            )
-            .serve_with_incoming_shutdown(shoal_proto::incoming(api), stopped(rx))
-            .await;
+            );
+        let r = shoal_proto::serve!(r, api, tls_public, stopped(rx));
         if let Err(e) = r {
             tracing::error!(error = %e, "api server failed");
         }

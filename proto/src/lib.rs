@@ -71,20 +71,31 @@ pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_milli
 
 /// The one way a shoal process opens a client connection to another (node to node,
 /// member to member, node or operator to the coordinators): connected lazily, on first
-/// use, within [`CONNECT_TIMEOUT`], with `TCP_NODELAY` (see [`incoming`]), and with
+/// use, within [`CONNECT_TIMEOUT`], with `TCP_NODELAY` (see [`incoming`]), over TLS
+/// when the process has it ([`tls::use_for_clients`]), and with
 /// `request_timeout` as every call's deadline where given (was three builders with
 /// different settings: the coordinator client's lacked `TCP_NODELAY`).
 pub fn channel(
     addr: &str,
     request_timeout: Option<std::time::Duration>,
 ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-    let mut e = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true);
+    let mut e = endpoint(addr)?;
     if let Some(t) = request_timeout {
         e = e.timeout(t);
     }
     Ok(e.connect_lazy())
+}
+
+/// The endpoint [`channel`] connects to (for a caller that connects at once): TLS when
+/// the process has it, `CONNECT_TIMEOUT`, `TCP_NODELAY`.
+pub fn endpoint(addr: &str) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
+    let e = match tls::for_clients() {
+        Some(tls) => {
+            tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?.tls_config(tls)?
+        }
+        None => tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?,
+    };
+    Ok(e.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true))
 }
 
 /// A bound listener as a server's stream of connections, each with `TCP_NODELAY`:

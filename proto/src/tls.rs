@@ -9,11 +9,13 @@
 //! the cluster's CA (mutual TLS); the public port may ask for none.
 //! [`dev`] makes a local CA and certificates for `shoal dev` and the tests.
 //!
-//! Not wired into the processes yet: see docs/ARCHITECTURE.md.
+//! A process with TLS configured ([`Tls::load`]) serves its internal ports with
+//! mutual TLS and its public port with TLS, and opens every client connection
+//! ([`crate::channel`]) over TLS with its own certificate ([`use_for_clients`]).
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, SystemTime};
 
 use rustls::server::WebPkiClientVerifier;
@@ -29,8 +31,10 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes in flight per listener; further connections wait to be accepted.
 pub const MAX_HANDSHAKES: usize = 256;
 
-/// Where a process finds its certificate, its key and the CA it trusts (PEM files).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Where a process finds its certificate, its key and the CA it trusts (PEM files;
+/// in a config file, a `[tls]` table with `ca`, `cert` and `key`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TlsFiles {
     pub ca: PathBuf,
     pub cert: PathBuf,
@@ -222,6 +226,73 @@ pub fn incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
+/// A process's TLS, from its files: the internal ports' server side (mutual TLS), the
+/// public port's (client certificates optional), and the client side for every
+/// connection it opens (its own certificate shown).
+#[derive(Clone)]
+pub struct Tls {
+    pub internal: Arc<ServerTls>,
+    pub public: Arc<ServerTls>,
+    pub client: tonic::transport::ClientTlsConfig,
+}
+
+/// How often a process re-reads its certificate files.
+pub const RELOAD_EVERY: Duration = Duration::from_secs(10);
+
+impl Tls {
+    pub fn load(files: &TlsFiles) -> Result<Self, TlsError> {
+        Ok(Self {
+            internal: ServerTls::load(files.clone(), ClientAuth::Required)?,
+            public: ServerTls::load(files.clone(), ClientAuth::Optional)?,
+            client: client_config(&files.ca, Some((&files.cert, &files.key)), None)?,
+        })
+    }
+
+    /// Loads, starts re-reading the files every [`RELOAD_EVERY`] and makes every
+    /// client connection of this process use TLS ([`use_for_clients`]).
+    pub fn start(files: &TlsFiles) -> Result<Self, TlsError> {
+        let tls = Self::load(files)?;
+        tls.internal.watch(RELOAD_EVERY);
+        tls.public.watch(RELOAD_EVERY);
+        use_for_clients(tls.client.clone());
+        Ok(tls)
+    }
+}
+
+static CLIENT: OnceLock<tonic::transport::ClientTlsConfig> = OnceLock::new();
+
+/// Every client connection this process opens from now on ([`crate::channel`]) uses
+/// TLS with `config` (set once, at start; later calls are ignored).
+pub fn use_for_clients(config: tonic::transport::ClientTlsConfig) {
+    let _ = CLIENT.set(config);
+}
+
+/// The client side of this process's TLS, when it has one.
+pub fn for_clients() -> Option<tonic::transport::ClientTlsConfig> {
+    CLIENT.get().cloned()
+}
+
+/// Serves a tonic router on a bound listener until `shutdown`: over TLS when `tls`
+/// is `Some(Arc<ServerTls>)` ([`incoming`]), else plain TCP ([`crate::incoming`]).
+#[macro_export]
+macro_rules! serve {
+    ($router:expr, $listener:expr, $tls:expr, $shutdown:expr) => {{
+        let router = $router;
+        match $tls {
+            Some(tls) => {
+                router
+                    .serve_with_incoming_shutdown($crate::tls::incoming($listener, tls), $shutdown)
+                    .await
+            }
+            None => {
+                router
+                    .serve_with_incoming_shutdown($crate::incoming($listener), $shutdown)
+                    .await
+            }
+        }
+    }};
+}
+
 /// A client's TLS: the CA it trusts, and the certificate it shows (every shoal
 /// process shows one; an operator's tool may go without). `domain`: the name the
 /// server's certificate must carry (the cluster's certificates name the hosts they
@@ -249,7 +320,7 @@ pub fn client_config(
     Ok(c)
 }
 
-/// [`crate::channel`] over TLS.
+/// [`crate::channel`] over TLS with `tls` (whatever the process's own).
 pub fn channel(
     addr: &str,
     request_timeout: Option<Duration>,

@@ -100,6 +100,9 @@ pub struct NodeArgs {
     /// its shard's in-sync set, so writes stop waiting for it [default: 3000].
     #[arg(long, env = "SHOAL_IN_SYNC_LAG_MS")]
     in_sync_lag_ms: Option<u64>,
+    /// From the global `--tls-*` flags.
+    #[arg(skip)]
+    pub tls: Option<shoal_proto::tls::TlsFiles>,
 }
 
 impl NodeArgs {
@@ -133,7 +136,13 @@ impl NodeArgs {
         macro_rules! set_some {
             ($($f:ident),*) => { $( if self.$f.is_some() { c.$f = self.$f; } )* };
         }
-        set_some!(advertise_addr, model_dir, metrics_listen, accept_cluster_id);
+        set_some!(
+            advertise_addr,
+            model_dir,
+            metrics_listen,
+            accept_cluster_id,
+            tls
+        );
         if !self.coordinators.is_empty() {
             c.coordinators = self.coordinators;
         }
@@ -291,11 +300,9 @@ pub struct NodeTarget {
 }
 
 async fn connect(node: &str) -> Result<ShoalClient<Channel>> {
-    let c = ShoalClient::connect(format!("http://{node}"))
-        .await
-        .with_context(|| {
-            format!("connecting to node {node} (is a cluster running? `shoal dev`)")
-        })?;
+    // Over TLS when the command was given it (`--tls-ca`).
+    let c = shoal_proto::channel(node, None).with_context(|| format!("node address {node:?}"))?;
+    let c = ShoalClient::new(c);
     Ok(c.max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20))
 }

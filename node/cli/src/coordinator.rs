@@ -54,6 +54,9 @@ pub struct CoordinatorArgs {
     /// A limit over its default, NAME=VALUE (repeatable; `shoal limits` lists them).
     #[arg(long = "limit", env = "SHOAL_LIMITS", value_delimiter = ',')]
     limits: Vec<String>,
+    /// From the global `--tls-*` flags.
+    #[arg(skip)]
+    pub tls: Option<shoal_proto::tls::TlsFiles>,
 }
 
 impl CoordinatorArgs {
@@ -83,6 +86,9 @@ impl CoordinatorArgs {
         }
         if self.metrics_listen.is_some() {
             c.metrics_listen = self.metrics_listen;
+        }
+        if self.tls.is_some() {
+            c.tls = self.tls;
         }
         c.limits.extend(self.limits);
         Ok(c)

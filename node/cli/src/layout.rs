@@ -42,6 +42,9 @@ pub struct Layout {
     pub coordinator_flags: Vec<String>,
     /// Flags appended to every node's (heartbeat period, model dir, ...).
     pub node_flags: Vec<String>,
+    /// TLS (issue 17): a dir of certificates from [`Layout::make_tls`]; every process
+    /// is given the CA and its own certificate.
+    pub tls: Option<PathBuf>,
 }
 
 /// The coordinator group's size: the layout is for the three-member group every
@@ -130,7 +133,46 @@ impl Layout {
             by_name,
             coordinator_flags: Vec::new(),
             node_flags: Vec::new(),
+            tls: None,
         }
+    }
+
+    /// Makes a local CA under `dir/tls` and a certificate per process (for its name,
+    /// its host, "localhost" and 127.0.0.1) and one for clients (`client`); from now
+    /// on every process is started with TLS.
+    pub fn make_tls(&mut self) -> std::io::Result<PathBuf> {
+        let dir = self.dir.join("tls");
+        let ca = shoal_proto::tls::dev::Ca::new("shoal local CA").map_err(std::io::Error::other)?;
+        ca.write(&dir, &["client"])?;
+        let host = |addr: &str| addr.rsplit_once(':').map_or(addr, |(h, _)| h).to_string();
+        let mut procs: Vec<(String, String)> = self
+            .coordinators
+            .iter()
+            .map(|c| (c.name.clone(), host(&c.api)))
+            .collect();
+        procs.extend(self.nodes.iter().map(|n| (n.id.clone(), host(&n.public))));
+        for (name, h) in procs {
+            let leaf = ca.issue(&[&name, &h]).map_err(std::io::Error::other)?;
+            shoal_proto::tls::dev::write_leaf(&dir, &name, &leaf)?;
+        }
+        self.tls = Some(dir.clone());
+        Ok(dir)
+    }
+
+    /// `--tls-*` flags for process `name`, when the layout has TLS.
+    fn tls_args(&self, name: &str) -> Vec<String> {
+        let Some(dir) = &self.tls else {
+            return Vec::new();
+        };
+        let f = shoal_proto::tls::TlsFiles::in_dir(dir, name);
+        vec![
+            "--tls-ca".into(),
+            f.ca.display().to_string(),
+            "--tls-cert".into(),
+            f.cert.display().to_string(),
+            "--tls-key".into(),
+            f.key.display().to_string(),
+        ]
     }
 
     /// An address as the other processes dial it.
@@ -184,6 +226,7 @@ impl Layout {
             "--metrics-listen".into(),
             c.metrics.clone(),
         ];
+        args.extend(self.tls_args(&c.name));
         args.extend(self.coordinator_flags.iter().cloned());
         args
     }
@@ -208,6 +251,7 @@ impl Layout {
             "--metrics-listen".into(),
             n.metrics.clone(),
         ];
+        args.extend(self.tls_args(&n.id));
         args.extend(self.node_flags.iter().cloned());
         args
     }

@@ -22,6 +22,49 @@ struct Cli {
     /// no export when unset. `shoal dev` passes it to the processes it starts.
     #[arg(long, global = true, env = "SHOAL_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+/// TLS (issue 17): the cluster's CA, and this process's certificate and key (PEM).
+/// `shoal node` and `shoal coordinator` serve every port over TLS with them (mutual
+/// TLS on the internal ones); every command's connections use them. Without
+/// `--tls-ca`, plaintext: unsafe outside a test.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct TlsArgs {
+    #[arg(long, global = true, env = "SHOAL_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    #[arg(long, global = true, env = "SHOAL_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, global = true, env = "SHOAL_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// A server's files: all three, or none.
+    fn files(&self) -> anyhow::Result<Option<shoal_proto::tls::TlsFiles>> {
+        match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
+            (None, None, None) => Ok(None),
+            (Some(ca), Some(cert), Some(key)) => Ok(Some(shoal_proto::tls::TlsFiles {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            })),
+            _ => anyhow::bail!(
+                "a node or coordinator with TLS needs --tls-ca, --tls-cert and --tls-key"
+            ),
+        }
+    }
+
+    /// A client command's connections: over TLS when `--tls-ca` is given (with the
+    /// certificate when one is).
+    fn use_for_clients(&self) -> anyhow::Result<()> {
+        if let Some(ca) = &self.tls_ca {
+            let identity = self.tls_cert.as_deref().zip(self.tls_key.as_deref());
+            shoal_proto::tls::use_for_clients(shoal_proto::tls::client_config(ca, identity, None)?);
+        }
+        Ok(())
+    }
 }
 
 #[derive(Subcommand)]
@@ -180,7 +223,21 @@ fn run_cli() -> anyhow::Result<()> {
     };
     let telemetry =
         rt.block_on(async { shoal_node::telemetry::init(service, cli.otlp_endpoint.as_deref()) })?;
-    let r = run(cli.cmd, cli.otlp_endpoint.as_deref(), &rt);
+    let cmd = match cli.cmd {
+        Cmd::Node(mut args) => {
+            args.tls = cli.tls.files()?;
+            Cmd::Node(args)
+        }
+        Cmd::Coordinator(mut args) => {
+            args.tls = cli.tls.files()?;
+            Cmd::Coordinator(args)
+        }
+        other => {
+            cli.tls.use_for_clients()?;
+            other
+        }
+    };
+    let r = run(cmd, cli.otlp_endpoint.as_deref(), &rt);
     // Flushes buffered spans while the runtime that drives the exporter still runs.
     drop(telemetry);
     r

@@ -58,6 +58,10 @@ pub struct NodeConfig {
     pub auto_rebuild_tail: usize,
     /// Prometheus `/metrics` address; None: no endpoint.
     pub metrics_listen: Option<SocketAddr>,
+    /// TLS on every port and every connection this node opens (issue 17): its
+    /// certificate and key, and the cluster's CA; internal ports require a peer
+    /// certificate from that CA. None: plaintext (unsafe outside a test).
+    pub tls: Option<shoal_proto::tls::TlsFiles>,
     /// Cap on each hosted replica's recent log, the batches a backup that fell behind
     /// catches up from (beyond it: a whole-shard snapshot).
     pub recent_log_bytes: usize,
@@ -98,6 +102,7 @@ impl Default for NodeConfig {
             search_deadline: Duration::from_secs(5),
             auto_rebuild_tail: 50_000,
             metrics_listen: None,
+            tls: None,
             recent_log_bytes: replication::RECENT_LOG_BYTES,
             accept_cluster_id: None,
             disk_reserve_bytes: disk::DEFAULT_RESERVE_BYTES,

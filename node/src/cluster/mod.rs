@@ -167,6 +167,16 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
             cfg.internal_listen
         );
     }
+    // Before any connection is opened: every client of this process uses it.
+    let tls = match &cfg.tls {
+        Some(files) => Some(shoal_proto::tls::Tls::start(files).context("loading TLS")?),
+        None => {
+            tracing::warn!("TLS is off: every port of this node takes plaintext from anyone");
+            None
+        }
+    };
+    let tls_public = tls.as_ref().map(|t| t.public.clone());
+    let tls_internal = tls.as_ref().map(|t| t.internal.clone());
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let mut me = Identity::load_or_create(&cfg.data_dir)?;
@@ -344,9 +354,8 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
             .add_service(
                 shoal_proto::v1::shoal_server::ShoalServer::new(service::ShoalService(gateway))
                     .max_decoding_message_size(max),
-            )
-            .serve_with_incoming_shutdown(shoal_proto::incoming(public), stopped(rx))
-            .await;
+            );
+        let r = shoal_proto::serve!(r, public, tls_public, stopped(rx));
         if let Err(e) = r {
             tracing::error!(error = %e, "public server failed");
         }
@@ -355,14 +364,11 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     let svc = service::ReplicaService(local.clone());
     let l = cfg.limits.clone();
     tasks.push(tokio::spawn(async move {
-        let r = l
-            .server(l.node_request_timeout())
-            .add_service(
-                shoal_proto::replica::replica_server::ReplicaServer::new(svc)
-                    .max_decoding_message_size(l.internal_message_bytes),
-            )
-            .serve_with_incoming_shutdown(shoal_proto::incoming(internal), stopped(rx))
-            .await;
+        let r = l.server(l.node_request_timeout()).add_service(
+            shoal_proto::replica::replica_server::ReplicaServer::new(svc)
+                .max_decoding_message_size(l.internal_message_bytes),
+        );
+        let r = shoal_proto::serve!(r, internal, tls_internal, stopped(rx));
         if let Err(e) = r {
             tracing::error!(error = %e, "internal server failed");
         }
