@@ -107,13 +107,8 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
     let limits = config.limits()?;
     let config = Arc::new(config);
     // Before any connection is opened: every client of this process uses it.
-    let tls = match &config.tls {
-        Some(files) => Some(shoal_proto::tls::Tls::start(files).context("loading TLS")?),
-        None => {
-            tracing::warn!("TLS is off: both ports of this member take plaintext from anyone");
-            None
-        }
-    };
+    let tls = shoal_proto::tls::start_or_plaintext(config.tls.as_ref(), "member")
+        .context("loading TLS")?;
     let tls_public = tls.as_ref().map(|t| t.public.clone());
     let tls_raft = tls.as_ref().map(|t| t.internal.clone());
     std::fs::create_dir_all(&config.data_dir)

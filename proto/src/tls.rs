@@ -259,6 +259,18 @@ impl Tls {
     }
 }
 
+/// A process's TLS from its optional files ([`Tls::start`]); without them, a warning
+/// that `what` serves plaintext, and `None`.
+pub fn start_or_plaintext(files: Option<&TlsFiles>, what: &str) -> Result<Option<Tls>, TlsError> {
+    match files {
+        Some(f) => Tls::start(f).map(Some),
+        None => {
+            tracing::warn!("TLS is off: every port of this {what} takes plaintext from anyone");
+            Ok(None)
+        }
+    }
+}
+
 static CLIENT: OnceLock<tonic::transport::ClientTlsConfig> = OnceLock::new();
 
 /// Every client connection this process opens from now on ([`crate::channel`]) uses

@@ -168,13 +168,8 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         );
     }
     // Before any connection is opened: every client of this process uses it.
-    let tls = match &cfg.tls {
-        Some(files) => Some(shoal_proto::tls::Tls::start(files).context("loading TLS")?),
-        None => {
-            tracing::warn!("TLS is off: every port of this node takes plaintext from anyone");
-            None
-        }
-    };
+    let tls =
+        shoal_proto::tls::start_or_plaintext(cfg.tls.as_ref(), "node").context("loading TLS")?;
     let tls_public = tls.as_ref().map(|t| t.public.clone());
     let tls_internal = tls.as_ref().map(|t| t.internal.clone());
     std::fs::create_dir_all(&cfg.data_dir)
