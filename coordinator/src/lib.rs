@@ -23,6 +23,7 @@ pub mod testing;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use shoal_proto::coordinator::{admin_server::AdminServer, cluster_map_server::ClusterMapServer};
@@ -86,6 +87,7 @@ pub struct Handle {
     pub raft_addr: SocketAddr,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    log: std::sync::Weak<redb::Database>,
 }
 
 impl Handle {
@@ -97,8 +99,21 @@ impl Handle {
         for t in self.tasks {
             let _ = t.await;
         }
+        // The raft log's file lock goes with its last clone; a member restarted in the same
+        // process (tests, an operator's in-process restart) must find it released.
+        drop(self.coordinator);
+        let deadline = tokio::time::Instant::now() + LOG_RELEASE;
+        while self.log.strong_count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if self.log.strong_count() > 0 {
+            tracing::warn!("the raft log is still open {LOG_RELEASE:?} after shutdown");
+        }
     }
 }
+
+/// How long [`Handle::shutdown`] waits for the raft log's last holder to let it go.
+const LOG_RELEASE: Duration = Duration::from_secs(10);
 
 /// Opens the member's storage under `config.data_dir`, binds both ports, starts Raft,
 /// and initialises a fresh group if this is its lowest-id initial member.
@@ -115,6 +130,7 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
     let log = LogStore::open(&config.data_dir.join("raft-log.redb"))
         .with_context(|| format!("opening the raft log in {}", config.data_dir.display()))?;
+    let log_closed = log.closed();
     let sm = StateMachine::open(&config.data_dir.join("snapshot"))?;
 
     let api = TcpListener::bind(&config.listen)
@@ -236,5 +252,6 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         raft_addr,
         stop,
         tasks,
+        log: log_closed,
     })
 }

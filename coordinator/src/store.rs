@@ -62,6 +62,13 @@ impl LogStore {
         Ok(Self { db: Arc::new(db) })
     }
 
+    /// A handle that tells when every clone of this store (openraft keeps log readers in
+    /// its replication tasks, which end a moment after the core) has been dropped and the
+    /// file's lock released.
+    pub fn closed(&self) -> std::sync::Weak<Database> {
+        Arc::downgrade(&self.db)
+    }
+
     fn get_meta<T: serde::de::DeserializeOwned>(
         &self,
         key: &str,
