@@ -18,11 +18,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use shoal_cli::layout::{Layout, MEMBERS};
+use shoal_proto::auth::Authed;
 use shoal_proto::client::Client;
 use shoal_proto::coordinator as cpb;
 use shoal_proto::v1 as pb;
 use shoal_proto::v1::shoal_client::ShoalClient;
-use tonic::transport::Channel;
 
 pub const DIM: usize = 8;
 
@@ -204,10 +204,35 @@ pub struct Spec {
     /// The last this many nodes are laid out but not started ([`Cluster::restart`]
     /// starts one: a node added to a running cluster).
     pub held_back: usize,
-    /// Every process with TLS (a local CA; mutual TLS on the internal ports), and this
-    /// test process's connections too (for the rest of its life: one test binary runs
-    /// clusters with TLS or without).
+    /// Every process with TLS (the test process's CA, [`test_security`]; mutual TLS
+    /// on the internal ports), and this test process's connections too (the default:
+    /// a test binary's clusters all run with TLS, or all without).
     pub tls: bool,
+    /// API keys on: every process takes the test process's root key, which this
+    /// process's clients carry (the default).
+    pub keys: bool,
+}
+
+/// The test process's CA and root key: its clients' TLS and key are set once per
+/// process, so every cluster it starts shares them. Made on first use, when this
+/// process's clients start using them.
+pub fn test_security() -> &'static (shoal_proto::tls::dev::Ca, String) {
+    static SECURITY: std::sync::OnceLock<(shoal_proto::tls::dev::Ca, String)> =
+        std::sync::OnceLock::new();
+    SECURITY.get_or_init(|| {
+        let ca = shoal_proto::tls::dev::Ca::new("shoal test CA").expect("making the test CA");
+        let root = shoal_proto::auth::generate_root();
+        let dir = std::env::temp_dir().join(format!("shoal-test-client-{}", std::process::id()));
+        ca.write(&dir, &["client"])
+            .expect("writing the test client's certificate");
+        let f = shoal_proto::tls::TlsFiles::in_dir(&dir, "client");
+        shoal_proto::tls::use_for_clients(
+            shoal_proto::tls::client_config(&f.ca, Some((&f.cert, &f.key)), None)
+                .expect("the test's client certificate"),
+        );
+        shoal_proto::auth::use_key(root.clone());
+        (ca, root)
+    })
 }
 
 impl Default for Spec {
@@ -220,7 +245,8 @@ impl Default for Spec {
             wait_up: true,
             netns: false,
             held_back: 0,
-            tls: false,
+            tls: true,
+            keys: true,
         }
     }
 }
@@ -276,14 +302,18 @@ impl Cluster {
         .into_iter()
         .chain(spec.coordinator_flags.iter().cloned())
         .collect();
-        if spec.tls {
-            let dir = layout.make_tls().expect("making the test's certificates");
-            let f = shoal_proto::tls::TlsFiles::in_dir(&dir, "client");
-            shoal_proto::tls::use_for_clients(
-                shoal_proto::tls::client_config(&f.ca, Some((&f.cert, &f.key)), None)
-                    .expect("the test's client certificate"),
-            );
+        if spec.tls || spec.keys {
+            let (ca, root) = test_security();
+            if spec.tls {
+                layout
+                    .make_tls_with(ca)
+                    .expect("making the test's certificates");
+            }
+            if spec.keys {
+                layout.make_keys_with(root).expect("writing the root key");
+            }
         }
+        layout.insecure = !(spec.tls && spec.keys);
         // A backup that lags its primary 1 s leaves the in-sync set (3 s by default).
         layout.node_flags = ["--heartbeat-ms", "250", "--in-sync-lag-ms", "1000"]
             .map(String::from)
@@ -592,16 +622,19 @@ impl Cluster {
 
     /// Coordinator `k`'s own status (its map version and applied log index).
     pub async fn coordinator_status(&self, k: usize) -> Option<cpb::ClusterStatusResponse> {
-        let ch = Channel::from_shared(format!("http://{}", self.coordinators[k]))
+        let ch = shoal_proto::endpoint(&self.coordinators[k])
             .ok()?
             .connect()
             .await
             .ok()?;
-        shoal_proto::coordinator::admin_client::AdminClient::new(ch)
-            .cluster_status(cpb::ClusterStatusRequest {})
-            .await
-            .ok()
-            .map(|r| r.into_inner())
+        shoal_proto::coordinator::admin_client::AdminClient::with_interceptor(
+            ch,
+            shoal_proto::auth::Attach::process(),
+        )
+        .cluster_status(cpb::ClusterStatusRequest {})
+        .await
+        .ok()
+        .map(|r| r.into_inner())
     }
 }
 
@@ -707,15 +740,15 @@ impl Cluster {
     }
 }
 
-pub async fn connect(addr: &str) -> Option<ShoalClient<Channel>> {
-    // TLS when the cluster has it (`Spec::tls`).
+pub async fn connect(addr: &str) -> Option<ShoalClient<Authed>> {
+    // TLS and the key when the cluster has them (`Spec::tls`, `Spec::keys`).
     let ch = shoal_proto::endpoint(addr)
         .ok()?
         .timeout(Duration::from_secs(15))
         .connect()
         .await
         .ok()?;
-    Some(ShoalClient::new(ch))
+    Some(shoal_proto::auth::shoal_client(ch))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -906,7 +939,7 @@ pub async fn query_loop(
     stop: Arc<AtomicBool>,
 ) {
     let mut turn = 0u64;
-    let mut clients: HashMap<String, ShoalClient<Channel>> = HashMap::new();
+    let mut clients: HashMap<String, ShoalClient<Authed>> = HashMap::new();
     while !stop.load(Ordering::Relaxed) {
         turn += 1;
         let addrs = nodes.lock().unwrap().clone();

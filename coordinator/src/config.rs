@@ -84,6 +84,11 @@ pub struct Config {
     /// TLS on both ports and every connection this member opens (issue 17): the Raft
     /// port requires a peer certificate from the cluster's CA. None: plaintext.
     pub tls: Option<shoal_proto::tls::TlsFiles>,
+    /// API keys (issue 17): the file holding the cluster's root key. With it, every
+    /// Admin call needs a key with the role it names; without it, keys are off.
+    pub root_key_file: Option<PathBuf>,
+    /// The audit log's file (JSON lines); without it, records go to the log only.
+    pub audit_log: Option<PathBuf>,
     /// Limits over their defaults, as `NAME=VALUE` (`shoal limits` lists them).
     pub limits: Vec<String>,
 }
@@ -115,6 +120,8 @@ impl Default for Config {
             disk_threshold_enabled: true,
             metrics_listen: None,
             tls: None,
+            root_key_file: None,
+            audit_log: None,
             limits: Vec::new(),
         }
     }

@@ -126,6 +126,12 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         .context("loading TLS")?;
     let tls_public = tls.as_ref().map(|t| t.public.clone());
     let tls_raft = tls.as_ref().map(|t| t.internal.clone());
+    let keys = shoal_proto::auth::Keys::start(
+        config.root_key_file.as_deref(),
+        config.audit_log.as_deref(),
+        "member",
+    )
+    .map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
     let log = LogStore::open(&config.data_dir.join("raft-log.redb"))
@@ -143,13 +149,10 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
 
     let raft_config = Arc::new(config.raft_config().validate()?);
     let raft = raft::Raft::new(config.id, raft_config, Network, log, sm.clone()).await?;
-    let coordinator = Arc::new(Coordinator::new(
-        config.id,
-        raft.clone(),
-        sm,
-        config.clone(),
-        limits.clone(),
-    ));
+    let coordinator = Arc::new(
+        Coordinator::new(config.id, raft.clone(), sm, config.clone(), limits.clone())
+            .with_keys(keys),
+    );
 
     let (stop, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+use shoal_proto::auth::KeyRecord;
 
 pub type NodeId = String;
 
@@ -345,7 +346,17 @@ pub enum Command {
         node: NodeId,
         epoch: u64,
     },
+    /// An API key (issue 17): its record, never its secret. Refused when the id is
+    /// taken or the map holds [`MAX_KEYS`] already.
+    PutKey(KeyRecord),
+    /// Revokes a key: every process refuses it once its map holds this change.
+    RevokeKey {
+        id: String,
+    },
 }
+
+/// Keys the map holds at most (each is checked against by id, not scanned).
+pub const MAX_KEYS: usize = 10_000;
 
 /// What a command changed, for watchers.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -354,6 +365,8 @@ pub enum Change {
     CollectionDropped(String),
     NodePut(Node),
     ShardPut(Shard),
+    KeyPut(KeyRecord),
+    KeyRevoked(String),
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -469,6 +482,8 @@ pub struct ClusterMap {
     pub collections: BTreeMap<String, Collection>,
     pub nodes: BTreeMap<NodeId, Node>,
     pub shards: BTreeMap<ShardKey, Shard>,
+    /// API keys by id (issue 17).
+    pub keys: BTreeMap<String, KeyRecord>,
 }
 
 impl ClusterMap {
@@ -576,6 +591,30 @@ impl ClusterMap {
                     r.state = ReplicaState::Copying;
                 }
                 vec![Change::ShardPut(s.clone())]
+            }
+            Command::PutKey(k) => {
+                if let Some(p) = k.problem() {
+                    return Err(invalid(p));
+                }
+                if self.keys.contains_key(&k.id) {
+                    return Err(MapError::AlreadyExists(format!("key {} exists", k.id)));
+                }
+                if self.keys.len() >= MAX_KEYS {
+                    return Err(MapError::FailedPrecondition(format!(
+                        "the map holds {MAX_KEYS} keys, the most it takes: revoke some first"
+                    )));
+                }
+                self.keys.insert(k.id.clone(), k.clone());
+                vec![Change::KeyPut(k.clone())]
+            }
+            Command::RevokeKey { id } => {
+                if self.keys.remove(id).is_none() {
+                    return Err(MapError::NotFound(format!(
+                        "key {:?} not found",
+                        id.chars().take(32).collect::<String>()
+                    )));
+                }
+                vec![Change::KeyRevoked(id.clone())]
             }
             Command::JoinInSync { shard, node, epoch } => {
                 let s = self

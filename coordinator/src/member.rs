@@ -196,6 +196,8 @@ pub struct Coordinator {
     /// Set when the member shuts down; long-lived streams watch it.
     pub stopping: tokio::sync::watch::Sender<bool>,
     pub limits: Limits,
+    /// API keys on or off, and the root key (issue 17); the keys are in the map.
+    pub keys: shoal_proto::auth::Keys,
 }
 
 impl Coordinator {
@@ -214,7 +216,14 @@ impl Coordinator {
             quorum_at: Mutex::default(),
             uneven_since: Mutex::default(),
             stopping: tokio::sync::watch::Sender::new(false),
+            keys: shoal_proto::auth::Keys::off(),
         }
+    }
+
+    /// With API keys on (see [`shoal_proto::auth::Keys`]).
+    pub fn with_keys(mut self, keys: shoal_proto::auth::Keys) -> Self {
+        self.keys = keys;
+        self
     }
 
     /// Commits `cmd` through the leader (forwarding if this member is a follower) and

@@ -17,6 +17,7 @@ use crate::map::{
 };
 use crate::member::{Coordinator, Reports};
 use crate::raft::{open, payload, Member};
+use shoal_proto::auth::{self, KeyRecord, Need, Principal, Role};
 use shoal_proto::wire::WireError;
 
 /// A peer's payload that cannot be used: another format is FAILED_PRECONDITION (the
@@ -154,6 +155,7 @@ fn map_pb(map: &ClusterMap) -> cpb::ClusterMapSnapshot {
         shards: map.shards.values().map(shard_pb).collect(),
         cluster_id: map.cluster_id.clone(),
         last_collection_id: map.next_collection_id,
+        keys: map.keys.values().map(|k| k.to_pb(true)).collect(),
     }
 }
 
@@ -165,6 +167,8 @@ fn change_pb(c: &Change, map: &ClusterMap) -> cpb::MapChange {
             Change::CollectionDropped(n) => C::CollectionDropped(n.clone()),
             Change::NodePut(n) => C::NodePut(node_pb(n, map)),
             Change::ShardPut(s) => C::ShardPut(shard_pb(s)),
+            Change::KeyPut(k) => C::KeyPut(k.to_pb(true)),
+            Change::KeyRevoked(id) => C::KeyRevoked(id.clone()),
         }),
     }
 }
@@ -266,36 +270,63 @@ impl cpb::admin_server::Admin for AdminService {
         &self,
         req: Request<cpb::CreateCollectionRequest>,
     ) -> Result<Response<cpb::CollectionInfo>, Status> {
-        check_name(&self.0, &req.get_ref().name, "the collection name")?;
-        let spec = spec_from_pb(req.into_inner())?;
-        shoal_proto::within!(
-            self.0.limits,
-            replication_factor,
-            spec.replication_factor,
-            "replication_factor"
+        let target = req.get_ref().name.clone();
+        let who = self.allow(
+            &req,
+            "CreateCollection",
+            &target,
+            Need::on(Role::Admin, &target),
         )?;
-        let name = spec.name.clone();
-        self.0.write(Command::CreateCollection(spec)).await?;
-        let map = self.0.read().await?;
-        Ok(Response::new(collection_info(&map, &name)?))
+        self.audited(who, "CreateCollection", target, async move {
+            check_name(&self.0, &req.get_ref().name, "the collection name")?;
+            let spec = spec_from_pb(req.into_inner())?;
+            shoal_proto::within!(
+                self.0.limits,
+                replication_factor,
+                spec.replication_factor,
+                "replication_factor"
+            )?;
+            let name = spec.name.clone();
+            self.0.write(Command::CreateCollection(spec)).await?;
+            let map = self.0.read().await?;
+            Ok(Response::new(collection_info(&map, &name)?))
+        })
+        .await
     }
 
     async fn drop_collection(
         &self,
         req: Request<cpb::DropCollectionRequest>,
     ) -> Result<Response<cpb::DropCollectionResponse>, Status> {
-        let name = req.into_inner().name;
-        check_name(&self.0, &name, "the collection name")?;
-        let v = self.0.write(Command::DropCollection { name }).await?;
-        Ok(Response::new(cpb::DropCollectionResponse {
-            map_version: v,
-        }))
+        let target = req.get_ref().name.clone();
+        let who = self.allow(
+            &req,
+            "DropCollection",
+            &target,
+            Need::on(Role::Admin, &target),
+        )?;
+        self.audited(who, "DropCollection", target, async move {
+            let name = req.into_inner().name;
+            check_name(&self.0, &name, "the collection name")?;
+            let v = self.0.write(Command::DropCollection { name }).await?;
+            Ok(Response::new(cpb::DropCollectionResponse {
+                map_version: v,
+            }))
+        })
+        .await
     }
 
     async fn describe_collection(
         &self,
         req: Request<cpb::DescribeCollectionRequest>,
     ) -> Result<Response<cpb::CollectionInfo>, Status> {
+        let target = req.get_ref().name.clone();
+        self.allow(
+            &req,
+            "DescribeCollection",
+            &target,
+            Need::on(Role::Read, &target),
+        )?;
         check_name(&self.0, &req.get_ref().name, "the collection name")?;
         let map = self.0.read().await?;
         Ok(Response::new(collection_info(
@@ -306,8 +337,9 @@ impl cpb::admin_server::Admin for AdminService {
 
     async fn list_collections(
         &self,
-        _: Request<cpb::ListCollectionsRequest>,
+        req: Request<cpb::ListCollectionsRequest>,
     ) -> Result<Response<cpb::ListCollectionsResponse>, Status> {
+        self.allow(&req, "ListCollections", "", Need::role(Role::Read))?;
         let map = self.0.read().await?;
         Ok(Response::new(cpb::ListCollectionsResponse {
             collections: map.collections.values().map(collection_pb).collect(),
@@ -317,8 +349,10 @@ impl cpb::admin_server::Admin for AdminService {
 
     async fn list_nodes(
         &self,
-        _: Request<cpb::ListNodesRequest>,
+        req: Request<cpb::ListNodesRequest>,
     ) -> Result<Response<cpb::ListNodesResponse>, Status> {
+        let target = String::new();
+        self.allow(&req, "ListNodes", &target, Need::role(Role::Read))?;
         let map = self.0.read().await?;
         Ok(Response::new(cpb::ListNodesResponse {
             nodes: map.nodes.values().map(|n| node_pb(n, &map)).collect(),
@@ -330,6 +364,17 @@ impl cpb::admin_server::Admin for AdminService {
         &self,
         req: Request<cpb::ListShardsRequest>,
     ) -> Result<Response<cpb::ListShardsResponse>, Status> {
+        let target = req.get_ref().collection.clone();
+        self.allow(
+            &req,
+            "ListShards",
+            &target,
+            if target.is_empty() {
+                Need::role(Role::Read)
+            } else {
+                Need::on(Role::Read, &target)
+            },
+        )?;
         let name = req.into_inner().collection;
         check_name(&self.0, &name, "the collection name")?;
         let map = self.0.read().await?;
@@ -351,8 +396,10 @@ impl cpb::admin_server::Admin for AdminService {
 
     async fn cluster_status(
         &self,
-        _: Request<cpb::ClusterStatusRequest>,
+        req: Request<cpb::ClusterStatusRequest>,
     ) -> Result<Response<cpb::ClusterStatusResponse>, Status> {
+        let target = String::new();
+        self.allow(&req, "ClusterStatus", &target, Need::role(Role::Read))?;
         Ok(Response::new(self.status()))
     }
 
@@ -360,108 +407,230 @@ impl cpb::admin_server::Admin for AdminService {
         &self,
         req: Request<cpb::AddLearnerRequest>,
     ) -> Result<Response<cpb::ClusterStatusResponse>, Status> {
-        self.0.require_leader()?;
-        let r = req.into_inner();
-        if r.id == 0 || r.raft_addr.is_empty() || r.api_addr.is_empty() {
-            return Err(Status::invalid_argument(
-                "learner needs a non-zero id, a raft_addr and an api_addr",
-            ));
-        }
-        let l = &self.0.limits;
-        shoal_proto::within!(l, addr_bytes, r.raft_addr.len(), "the raft_addr's length")?;
-        shoal_proto::within!(l, addr_bytes, r.api_addr.len(), "the api_addr's length")?;
-        let (members, known) = {
-            let metrics = self.0.raft.metrics();
-            let m = metrics.borrow();
-            let ids: Vec<u64> = m.membership_config.nodes().map(|(id, _)| *id).collect();
-            (ids.len(), ids.contains(&r.id))
-        };
-        if !known && members >= l.coordinator_members {
-            return Err(Status::resource_exhausted(format!(
-                "the group has {members} members, the limit coordinator_members = {}",
-                l.coordinator_members
-            )));
-        }
-        let member = Member {
-            raft_addr: r.raft_addr,
-            api_addr: r.api_addr,
-        };
-        self.0
-            .raft
-            .add_learner(r.id, member, true)
-            .await
-            .map_err(|e| Status::failed_precondition(format!("add learner {}: {e}", r.id)))?;
-        Ok(Response::new(self.status()))
+        let target = req.get_ref().id.to_string();
+        let who = self.allow(&req, "AddLearner", &target, Need::role(Role::Admin))?;
+        self.audited(who, "AddLearner", target, async move {
+            self.0.require_leader()?;
+            let r = req.into_inner();
+            if r.id == 0 || r.raft_addr.is_empty() || r.api_addr.is_empty() {
+                return Err(Status::invalid_argument(
+                    "learner needs a non-zero id, a raft_addr and an api_addr",
+                ));
+            }
+            let l = &self.0.limits;
+            shoal_proto::within!(l, addr_bytes, r.raft_addr.len(), "the raft_addr's length")?;
+            shoal_proto::within!(l, addr_bytes, r.api_addr.len(), "the api_addr's length")?;
+            let (members, known) = {
+                let metrics = self.0.raft.metrics();
+                let m = metrics.borrow();
+                let ids: Vec<u64> = m.membership_config.nodes().map(|(id, _)| *id).collect();
+                (ids.len(), ids.contains(&r.id))
+            };
+            if !known && members >= l.coordinator_members {
+                return Err(Status::resource_exhausted(format!(
+                    "the group has {members} members, the limit coordinator_members = {}",
+                    l.coordinator_members
+                )));
+            }
+            let member = Member {
+                raft_addr: r.raft_addr,
+                api_addr: r.api_addr,
+            };
+            self.0
+                .raft
+                .add_learner(r.id, member, true)
+                .await
+                .map_err(|e| Status::failed_precondition(format!("add learner {}: {e}", r.id)))?;
+            Ok(Response::new(self.status()))
+        })
+        .await
     }
 
     async fn change_membership(
         &self,
         req: Request<cpb::ChangeMembershipRequest>,
     ) -> Result<Response<cpb::ClusterStatusResponse>, Status> {
-        self.0.require_leader()?;
-        let voters: BTreeSet<u64> = req.into_inner().voters.into_iter().collect();
-        if voters.is_empty() {
-            return Err(Status::invalid_argument("voters must not be empty"));
-        }
-        self.0
-            .raft
-            .change_membership(voters.clone(), false)
-            .await
-            .map_err(|e| {
-                Status::failed_precondition(format!("change membership to {voters:?}: {e}"))
-            })?;
-        Ok(Response::new(self.status()))
+        let target = format!("{:?}", req.get_ref().voters);
+        let who = self.allow(&req, "ChangeMembership", &target, Need::role(Role::Admin))?;
+        self.audited(who, "ChangeMembership", target, async move {
+            self.0.require_leader()?;
+            let voters: BTreeSet<u64> = req.into_inner().voters.into_iter().collect();
+            if voters.is_empty() {
+                return Err(Status::invalid_argument("voters must not be empty"));
+            }
+            self.0
+                .raft
+                .change_membership(voters.clone(), false)
+                .await
+                .map_err(|e| {
+                    Status::failed_precondition(format!("change membership to {voters:?}: {e}"))
+                })?;
+            Ok(Response::new(self.status()))
+        })
+        .await
     }
 
     async fn drain_node(
         &self,
         req: Request<cpb::DrainNodeRequest>,
     ) -> Result<Response<cpb::NodeInfo>, Status> {
-        let r = req.into_inner();
-        check_name(&self.0, &r.id, "the node id")?;
-        let id = r.id;
-        let cmd = if r.undo {
-            Command::Undrain { id: id.clone() }
-        } else {
-            Command::SetNodeState {
-                id: id.clone(),
-                state: NodeState::Draining,
-                from: vec![NodeState::Up, NodeState::Joining, NodeState::Suspect],
-            }
-        };
-        self.0.write(cmd).await?;
-        let map = self.0.read().await?;
-        let n = map
-            .nodes
-            .get(&id)
-            .ok_or_else(|| Status::not_found(format!("node {id:?} not found")))?;
-        Ok(Response::new(node_pb(n, &map)))
+        let target = req.get_ref().id.clone();
+        let who = self.allow(&req, "DrainNode", &target, Need::role(Role::Admin))?;
+        self.audited(who, "DrainNode", target, async move {
+            let r = req.into_inner();
+            check_name(&self.0, &r.id, "the node id")?;
+            let id = r.id;
+            let cmd = if r.undo {
+                Command::Undrain { id: id.clone() }
+            } else {
+                Command::SetNodeState {
+                    id: id.clone(),
+                    state: NodeState::Draining,
+                    from: vec![NodeState::Up, NodeState::Joining, NodeState::Suspect],
+                }
+            };
+            self.0.write(cmd).await?;
+            let map = self.0.read().await?;
+            let n = map
+                .nodes
+                .get(&id)
+                .ok_or_else(|| Status::not_found(format!("node {id:?} not found")))?;
+            Ok(Response::new(node_pb(n, &map)))
+        })
+        .await
     }
 
     async fn promote_replica(
         &self,
         req: Request<cpb::PromoteReplicaRequest>,
     ) -> Result<Response<cpb::Shard>, Status> {
-        let r = req.into_inner();
-        let key = self.shard_target("promote", &r.collection, r.shard, &r.node_id)?;
-        self.0.promote(&key, &r.node_id, r.accept_data_loss).await?;
-        self.shard_answer(&key).await
+        let target = req.get_ref().collection.clone();
+        let who = self.allow(
+            &req,
+            "PromoteReplica",
+            &target,
+            Need::on(Role::Admin, &target),
+        )?;
+        self.audited(who, "PromoteReplica", target, async move {
+            let r = req.into_inner();
+            let key = self.shard_target("promote", &r.collection, r.shard, &r.node_id)?;
+            self.0.promote(&key, &r.node_id, r.accept_data_loss).await?;
+            self.shard_answer(&key).await
+        })
+        .await
     }
 
     async fn allocate_empty_shard(
         &self,
         req: Request<cpb::AllocateEmptyShardRequest>,
     ) -> Result<Response<cpb::Shard>, Status> {
-        let r = req.into_inner();
-        let key = self.shard_target("allocate-empty", &r.collection, r.shard, &r.node_id)?;
-        self.0
-            .allocate_empty(&key, &r.node_id, r.accept_data_loss)
-            .await?;
-        self.shard_answer(&key).await
+        let target = req.get_ref().collection.clone();
+        let who = self.allow(
+            &req,
+            "AllocateEmptyShard",
+            &target,
+            Need::on(Role::Admin, &target),
+        )?;
+        self.audited(who, "AllocateEmptyShard", target, async move {
+            let r = req.into_inner();
+            let key = self.shard_target("allocate-empty", &r.collection, r.shard, &r.node_id)?;
+            self.0
+                .allocate_empty(&key, &r.node_id, r.accept_data_loss)
+                .await?;
+            self.shard_answer(&key).await
+        })
+        .await
+    }
+
+    async fn create_key(
+        &self,
+        req: Request<cpb::CreateKeyRequest>,
+    ) -> Result<Response<cpb::CreateKeyResponse>, Status> {
+        let target = req.get_ref().name.clone();
+        let who = self.allow(&req, "CreateKey", &target, Need::role(Role::Admin))?;
+        self.audited(who, "CreateKey", target, async move {
+            let r = req.into_inner();
+            let role = Role::from_wire(r.role).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "role {} is not read (1), write (2) or admin (3)",
+                    r.role
+                ))
+            })?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let made = auth::generate(&r.name, role, r.collections, now);
+            if let Some(p) = made.record.problem() {
+                return Err(Status::invalid_argument(p));
+            }
+            self.0.write(Command::PutKey(made.record.clone())).await?;
+            Ok(Response::new(cpb::CreateKeyResponse {
+                key: made.key,
+                info: Some(made.record.to_pb(false)),
+            }))
+        })
+        .await
+    }
+
+    async fn list_keys(
+        &self,
+        req: Request<cpb::ListKeysRequest>,
+    ) -> Result<Response<cpb::ListKeysResponse>, Status> {
+        self.allow(&req, "ListKeys", "", Need::role(Role::Admin))?;
+        let map = self.0.read().await?;
+        Ok(Response::new(cpb::ListKeysResponse {
+            keys: map.keys.values().map(|k| k.to_pb(false)).collect(),
+        }))
+    }
+
+    async fn revoke_key(
+        &self,
+        req: Request<cpb::RevokeKeyRequest>,
+    ) -> Result<Response<cpb::ApiKey>, Status> {
+        let target = req.get_ref().id.clone();
+        let who = self.allow(&req, "RevokeKey", &target, Need::role(Role::Admin))?;
+        self.audited(who, "RevokeKey", target, async move {
+            let id = req.into_inner().id;
+            check_made_id(&id, "the key id")?;
+            let rec: Option<KeyRecord> = self.0.read().await?.keys.get(&id).cloned();
+            self.0.write(Command::RevokeKey { id: id.clone() }).await?;
+            let rec = rec.ok_or_else(|| Status::not_found(format!("key {id:?} not found")))?;
+            Ok(Response::new(rec.to_pb(false)))
+        })
+        .await
     }
 }
 
 impl AdminService {
+    /// The caller's key against what `action` needs ([`shoal_proto::auth`]), checked
+    /// with this member's map; a refusal is audited.
+    fn allow<T>(
+        &self,
+        req: &Request<T>,
+        action: &str,
+        target: &str,
+        need: Need,
+    ) -> Result<Principal, Status> {
+        let sm = &self.0.sm;
+        let lookup = |id: &str| sm.state.lock().map.keys.get(id).cloned();
+        self.0
+            .keys
+            .allow(req.metadata(), lookup, action, target, need)
+    }
+
+    /// Runs an admin action and audits its outcome.
+    async fn audited<T>(
+        &self,
+        who: Principal,
+        action: &str,
+        target: String,
+        f: impl std::future::Future<Output = Result<Response<T>, Status>>,
+    ) -> Result<Response<T>, Status> {
+        let out = f.await;
+        shoal_proto::audit::admin(&who, action, &target, &out);
+        out
+    }
+
     /// A shard command's target, checked: the shard's key (the node is the caller's).
     fn shard_target(
         &self,
@@ -498,6 +667,31 @@ impl AdminService {
 
 pub struct ClusterMapService(pub Arc<Coordinator>);
 
+impl ClusterMapService {
+    /// The cluster-map service is the nodes' (register, heartbeat, hand over, watch the
+    /// map with its key hashes): with TLS on, only callers showing a certificate of the
+    /// cluster's CA (the public port verifies any certificate it is shown), or an admin
+    /// key (an operator's tool watching the map).
+    fn cluster_member<T>(&self, req: &Request<T>, action: &str) -> Result<(), Status> {
+        if self.0.config.tls.is_none() || auth::has_cluster_certificate(req) {
+            return Ok(());
+        }
+        if self.0.keys.on() && auth::presented(req.metadata()).is_some() {
+            let sm = &self.0.sm;
+            let lookup = |id: &str| sm.state.lock().map.keys.get(id).cloned();
+            self.0
+                .keys
+                .allow(req.metadata(), lookup, action, "", Need::role(Role::Admin))?;
+            return Ok(());
+        }
+        let why = auth::Denied::Unauthenticated(format!(
+            "{action} is for the cluster's nodes: connect with a certificate from the cluster's CA"
+        ));
+        shoal_proto::audit::refused(None, action, "", &why);
+        Err(why.into())
+    }
+}
+
 type EventStream = Pin<Box<dyn Stream<Item = Result<cpb::MapEvent, Status>> + Send>>;
 
 fn full_event(map: &ClusterMap) -> cpb::MapEvent {
@@ -513,6 +707,7 @@ impl cpb::cluster_map_server::ClusterMap for ClusterMapService {
         &self,
         req: Request<cpb::RegisterNodeRequest>,
     ) -> Result<Response<cpb::NodeInfo>, Status> {
+        self.cluster_member(&req, "RegisterNode")?;
         let r = req.into_inner();
         let cap = r.capacity.unwrap_or_default();
         let l = &self.0.limits;
@@ -560,6 +755,7 @@ impl cpb::cluster_map_server::ClusterMap for ClusterMapService {
         &self,
         req: Request<cpb::HeartbeatRequest>,
     ) -> Result<Response<cpb::HeartbeatResponse>, Status> {
+        self.cluster_member(&req, "Heartbeat")?;
         let r = req.into_inner();
         check_name(&self.0, &r.id, "the node id")?;
         check_made_id(&r.cluster_id, "cluster_id")?;
@@ -592,6 +788,7 @@ impl cpb::cluster_map_server::ClusterMap for ClusterMapService {
         &self,
         req: Request<cpb::HandOverRequest>,
     ) -> Result<Response<cpb::HandOverResponse>, Status> {
+        self.cluster_member(&req, "HandOver")?;
         let r = req.into_inner();
         check_name(&self.0, &r.node_id, "the node id")?;
         check_name(&self.0, &r.to, "the target node id")?;
@@ -620,6 +817,7 @@ impl cpb::cluster_map_server::ClusterMap for ClusterMapService {
         &self,
         req: Request<cpb::WatchRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        self.cluster_member(&req, "Watch")?;
         let r = req.into_inner();
         check_made_id(&r.cluster_id, "cluster_id")?;
         self.0.check_cluster("the watcher", &r.cluster_id)?;

@@ -13,6 +13,7 @@ use crate::coordinator::cluster_map_client::ClusterMapClient;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
+use crate::auth::{Attach, Authed};
 use crate::coordinator as cpb;
 
 /// The header a follower sets on UNAVAILABLE to name the leader's public address.
@@ -41,6 +42,9 @@ pub struct Client {
     current: usize,
     /// How long one call keeps retrying through elections.
     pub patience: Duration,
+    /// The API key its calls carry (the process's, [`crate::auth::use_key`], unless
+    /// set with [`Client::with_key`]).
+    key: Option<std::sync::Arc<str>>,
 }
 
 impl Client {
@@ -49,7 +53,14 @@ impl Client {
             addrs: addrs.into_iter().map(Into::into).collect(),
             current: 0,
             patience: Duration::from_secs(15),
+            key: crate::auth::process_key(),
         }
+    }
+
+    /// Calls carry `key` (or none).
+    pub fn with_key(mut self, key: Option<&str>) -> Self {
+        self.key = key.map(Into::into);
+        self
     }
 
     fn channel(addr: &str) -> Result<Channel, Status> {
@@ -109,18 +120,22 @@ impl Client {
 
     pub async fn admin<T, F, Fut>(&mut self, mut f: F) -> Result<T, Status>
     where
-        F: FnMut(AdminClient<Channel>) -> Fut,
+        F: FnMut(AdminClient<Authed>) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
-        self.call(|ch| f(AdminClient::new(ch))).await
+        let key = Attach::key(self.key.clone());
+        self.call(|ch| f(AdminClient::with_interceptor(ch, key.clone())))
+            .await
     }
 
     pub async fn cluster<T, F, Fut>(&mut self, mut f: F) -> Result<T, Status>
     where
-        F: FnMut(ClusterMapClient<Channel>) -> Fut,
+        F: FnMut(ClusterMapClient<Authed>) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
-        self.call(|ch| f(ClusterMapClient::new(ch))).await
+        let key = Attach::key(self.key.clone());
+        self.call(|ch| f(ClusterMapClient::with_interceptor(ch, key.clone())))
+            .await
     }
 
     unary! {
@@ -136,6 +151,9 @@ impl Client {
         admin::drain_node(cpb::DrainNodeRequest) -> cpb::NodeInfo;
         admin::promote_replica(cpb::PromoteReplicaRequest) -> cpb::Shard;
         admin::allocate_empty_shard(cpb::AllocateEmptyShardRequest) -> cpb::Shard;
+        admin::create_key(cpb::CreateKeyRequest) -> cpb::CreateKeyResponse;
+        admin::list_keys(cpb::ListKeysRequest) -> cpb::ListKeysResponse;
+        admin::revoke_key(cpb::RevokeKeyRequest) -> cpb::ApiKey;
         cluster::register_node(cpb::RegisterNodeRequest) -> cpb::NodeInfo;
         cluster::heartbeat(cpb::HeartbeatRequest) -> cpb::HeartbeatResponse;
         cluster::hand_over(cpb::HandOverRequest) -> cpb::HandOverResponse;

@@ -7,6 +7,8 @@
 //! replica protocol (`shoal.internal.v1`), `raftpb` the coordinators' Raft
 //! (`shoal.raft.v1`).
 
+pub mod audit;
+pub mod auth;
 pub mod client;
 pub mod clip;
 pub mod codec;

@@ -12,11 +12,11 @@ use shoal_cli::layout::Layout;
 use shoal_eval::beir::{ndcg_at, read_jsonl, read_qrels, recall_at, Row};
 use shoal_eval::percentile;
 use shoal_node::cluster::NodeConfig;
+use shoal_proto::auth::Authed;
 use shoal_proto::client::Client;
 use shoal_proto::coordinator as cpb;
 use shoal_proto::v1 as pb;
 use shoal_proto::v1::shoal_client::ShoalClient;
-use tonic::transport::Channel;
 
 use crate::coordinator::Target;
 
@@ -103,6 +103,9 @@ pub struct NodeArgs {
     /// From the global `--tls-*` flags.
     #[arg(skip)]
     pub tls: Option<shoal_proto::tls::TlsFiles>,
+    /// From the global key flags.
+    #[arg(skip)]
+    pub security: crate::Security,
 }
 
 impl NodeArgs {
@@ -146,6 +149,14 @@ impl NodeArgs {
         if !self.coordinators.is_empty() {
             c.coordinators = self.coordinators;
         }
+        if self.security.root_key_file.is_some() {
+            c.root_key_file = self.security.root_key_file.clone();
+        }
+        if self.security.audit_log.is_some() {
+            c.audit_log = self.security.audit_log.clone();
+        }
+        self.security
+            .check(c.tls.is_some(), c.root_key_file.is_some(), "node")?;
         if let Some(ms) = self.heartbeat_ms {
             c.heartbeat = Duration::from_millis(ms);
         }
@@ -190,6 +201,11 @@ pub struct DevArgs {
     /// Start the nodes without an encoder (vectors only).
     #[arg(long)]
     no_model: bool,
+    /// Without TLS and API keys (the global `--insecure`). Otherwise the cluster gets
+    /// a local CA and certificates under DATA_DIR/tls and a root key in
+    /// DATA_DIR/keys/root.key, and `shoal dev` prints the variables clients need.
+    #[arg(skip)]
+    pub insecure: bool,
 }
 
 /// A child `shoal` process logging to `log`, exporting traces where the parent does.
@@ -245,6 +261,22 @@ pub async fn run_dev(a: DevArgs, otlp: Option<&str>) -> Result<()> {
             a.model_dir.to_string_lossy().to_string(),
         ];
     }
+    if a.insecure {
+        layout.insecure = true;
+    } else {
+        let tls = layout
+            .make_tls()
+            .context("making the local CA and certificates")?;
+        let key = layout.make_keys().context("making the root key")?;
+        let client = shoal_proto::tls::TlsFiles::in_dir(&tls, "client");
+        eprintln!(
+            "shoal dev: TLS and API keys on; for clients:\n  export SHOAL_TLS_CA={} SHOAL_TLS_CERT={} SHOAL_TLS_KEY={} SHOAL_API_KEY_FILE={}",
+            client.ca.display(),
+            client.cert.display(),
+            client.key.display(),
+            key.display()
+        );
+    }
     let mut children: Vec<(String, Child)> = Vec::new();
     for (k, c) in layout.coordinators.iter().enumerate() {
         let child = spawn_logged(&layout.coordinator_args(k), &layout.log(&c.name), otlp)?;
@@ -299,10 +331,10 @@ pub struct NodeTarget {
     pub node: String,
 }
 
-async fn connect(node: &str) -> Result<ShoalClient<Channel>> {
-    // Over TLS when the command was given it (`--tls-ca`).
+async fn connect(node: &str) -> Result<ShoalClient<Authed>> {
+    // Over TLS when the command was given it (`--tls-ca`), with its key (`--api-key`).
     let c = shoal_proto::channel(node, None).with_context(|| format!("node address {node:?}"))?;
-    let c = ShoalClient::new(c);
+    let c = shoal_proto::auth::shoal_client(c);
     Ok(c.max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20))
 }

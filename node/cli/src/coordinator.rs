@@ -57,6 +57,9 @@ pub struct CoordinatorArgs {
     /// From the global `--tls-*` flags.
     #[arg(skip)]
     pub tls: Option<shoal_proto::tls::TlsFiles>,
+    /// From the global key flags.
+    #[arg(skip)]
+    pub security: crate::Security,
 }
 
 impl CoordinatorArgs {
@@ -90,6 +93,14 @@ impl CoordinatorArgs {
         if self.tls.is_some() {
             c.tls = self.tls;
         }
+        if self.security.root_key_file.is_some() {
+            c.root_key_file = self.security.root_key_file.clone();
+        }
+        if self.security.audit_log.is_some() {
+            c.audit_log = self.security.audit_log.clone();
+        }
+        self.security
+            .check(c.tls.is_some(), c.root_key_file.is_some(), "coordinator")?;
         c.limits.extend(self.limits);
         Ok(c)
     }
@@ -459,5 +470,69 @@ pub async fn status(target: Target) -> anyhow::Result<()> {
         "nodes": nodes.nodes.iter().map(node_json).collect::<Vec<_>>(),
         "shards": shards.shards.iter().map(shard_json).collect::<Vec<_>>(),
     }));
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum KeysCmd {
+    /// Makes a key and prints it once (the cluster keeps only its hash).
+    Create {
+        /// Who or what holds it (shown in listings and audit records).
+        name: String,
+        /// read, write or admin.
+        #[arg(long, default_value = "read")]
+        role: String,
+        /// Limits the key to these collections (comma-separated); every one without.
+        #[arg(long, value_delimiter = ',')]
+        collections: Vec<String>,
+    },
+    /// Every key: id, name, role, collections (never a secret or a hash).
+    List,
+    /// Revokes a key by id: every process refuses it once its map holds the change.
+    Revoke { id: String },
+}
+
+fn key_json(k: &cpb::ApiKey) -> serde_json::Value {
+    serde_json::json!({
+        "id": k.id, "name": k.name,
+        "role": shoal_proto::auth::Role::from_wire(k.role).map_or("?", |r| r.name()),
+        "collections": k.collections, "created_ms": k.created_ms,
+    })
+}
+
+pub async fn keys(target: Target, cmd: KeysCmd) -> anyhow::Result<()> {
+    let mut client = Client::new(target.coordinators);
+    match cmd {
+        KeysCmd::Create {
+            name,
+            role,
+            collections,
+        } => {
+            let role = shoal_proto::auth::Role::parse(&role)
+                .ok_or_else(|| anyhow::anyhow!("--role {role:?}: read, write or admin"))?;
+            let r = client
+                .create_key(cpb::CreateKeyRequest {
+                    name,
+                    role: role.wire(),
+                    collections,
+                })
+                .await?;
+            let mut j = r.info.as_ref().map(key_json).unwrap_or_default();
+            j["key"] = serde_json::Value::String(r.key);
+            print_json(j);
+        }
+        KeysCmd::List => {
+            let r = client.list_keys(cpb::ListKeysRequest {}).await?;
+            print_json(serde_json::json!(r
+                .keys
+                .iter()
+                .map(key_json)
+                .collect::<Vec<_>>()));
+        }
+        KeysCmd::Revoke { id } => {
+            let k = client.revoke_key(cpb::RevokeKeyRequest { id }).await?;
+            print_json(key_json(&k));
+        }
+    }
     Ok(())
 }

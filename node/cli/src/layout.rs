@@ -45,6 +45,12 @@ pub struct Layout {
     /// TLS (issue 17): a dir of certificates from [`Layout::make_tls`]; every process
     /// is given the CA and its own certificate.
     pub tls: Option<PathBuf>,
+    /// API keys (issue 17): the root key's file from [`Layout::make_keys`]; every
+    /// process is given it, and writes an audit log next to its log.
+    pub root_key: Option<PathBuf>,
+    /// Processes without TLS or keys are started with `--insecure`: set to say so
+    /// (otherwise they refuse to start).
+    pub insecure: bool,
 }
 
 /// The coordinator group's size: the layout is for the three-member group every
@@ -134,6 +140,8 @@ impl Layout {
             coordinator_flags: Vec::new(),
             node_flags: Vec::new(),
             tls: None,
+            root_key: None,
+            insecure: false,
         }
     }
 
@@ -141,8 +149,14 @@ impl Layout {
     /// its host, "localhost" and 127.0.0.1) and one for clients (`client`); from now
     /// on every process is started with TLS.
     pub fn make_tls(&mut self) -> std::io::Result<PathBuf> {
-        let dir = self.dir.join("tls");
         let ca = shoal_proto::tls::dev::Ca::new("shoal local CA").map_err(std::io::Error::other)?;
+        self.make_tls_with(&ca)
+    }
+
+    /// [`Layout::make_tls`] with a given CA (a test process's clusters share one, as its
+    /// clients' TLS is set once per process).
+    pub fn make_tls_with(&mut self, ca: &shoal_proto::tls::dev::Ca) -> std::io::Result<PathBuf> {
+        let dir = self.dir.join("tls");
         ca.write(&dir, &["client"])?;
         let host = |addr: &str| addr.rsplit_once(':').map_or(addr, |(h, _)| h).to_string();
         let mut procs: Vec<(String, String)> = self
@@ -159,20 +173,61 @@ impl Layout {
         Ok(dir)
     }
 
-    /// `--tls-*` flags for process `name`, when the layout has TLS.
-    fn tls_args(&self, name: &str) -> Vec<String> {
-        let Some(dir) = &self.tls else {
-            return Vec::new();
-        };
-        let f = shoal_proto::tls::TlsFiles::in_dir(dir, name);
-        vec![
-            "--tls-ca".into(),
-            f.ca.display().to_string(),
-            "--tls-cert".into(),
-            f.cert.display().to_string(),
-            "--tls-key".into(),
-            f.key.display().to_string(),
-        ]
+    /// Makes a root key in `dir/keys/root.key` (readable by its owner only); from now
+    /// on every process is started with keys on. Returns the file.
+    pub fn make_keys(&mut self) -> std::io::Result<PathBuf> {
+        self.make_keys_with(&shoal_proto::auth::generate_root())
+    }
+
+    /// [`Layout::make_keys`] with a given root key.
+    pub fn make_keys_with(&mut self, root: &str) -> std::io::Result<PathBuf> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = self.dir.join("keys");
+        std::fs::create_dir_all(&dir)?;
+        let file = dir.join("root.key");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&file)?;
+        std::io::Write::write_all(&mut f, format!("{root}\n").as_bytes())?;
+        self.root_key = Some(file.clone());
+        Ok(file)
+    }
+
+    /// A process's audit log (JSON lines), next to its log.
+    pub fn audit_log(&self, name: &str) -> PathBuf {
+        self.dir.join("logs").join(format!("{name}.audit.jsonl"))
+    }
+
+    /// `--tls-*`, `--root-key-file` and `--audit-log` flags for process `name` (or
+    /// `--insecure`, when the layout says so).
+    fn security_args(&self, name: &str) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(dir) = &self.tls {
+            let f = shoal_proto::tls::TlsFiles::in_dir(dir, name);
+            args.extend([
+                "--tls-ca".into(),
+                f.ca.display().to_string(),
+                "--tls-cert".into(),
+                f.cert.display().to_string(),
+                "--tls-key".into(),
+                f.key.display().to_string(),
+            ]);
+        }
+        if let Some(k) = &self.root_key {
+            args.extend([
+                "--root-key-file".into(),
+                k.display().to_string(),
+                "--audit-log".into(),
+                self.audit_log(name).display().to_string(),
+            ]);
+        }
+        if self.insecure {
+            args.push("--insecure".into());
+        }
+        args
     }
 
     /// An address as the other processes dial it.
@@ -226,7 +281,7 @@ impl Layout {
             "--metrics-listen".into(),
             c.metrics.clone(),
         ];
-        args.extend(self.tls_args(&c.name));
+        args.extend(self.security_args(&c.name));
         args.extend(self.coordinator_flags.iter().cloned());
         args
     }
@@ -251,7 +306,7 @@ impl Layout {
             "--metrics-listen".into(),
             n.metrics.clone(),
         ];
-        args.extend(self.tls_args(&n.id));
+        args.extend(self.security_args(&n.id));
         args.extend(self.node_flags.iter().cloned());
         args
     }

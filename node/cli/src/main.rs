@@ -24,6 +24,92 @@ struct Cli {
     otlp_endpoint: Option<String>,
     #[command(flatten)]
     tls: TlsArgs,
+    #[command(flatten)]
+    keys: KeyArgs,
+}
+
+/// API keys (issue 17). Servers (`shoal node`, `shoal coordinator`): the cluster's root
+/// key file turns keys on, and without TLS and keys a server starts only with
+/// `--insecure`. Clients: the key every call carries.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct KeyArgs {
+    /// The API key this command's calls carry (`shoal keys create` makes one).
+    #[arg(long, global = true, env = "SHOAL_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// A file holding the API key (its first line), e.g. a mounted secret.
+    #[arg(
+        long,
+        global = true,
+        env = "SHOAL_API_KEY_FILE",
+        conflicts_with = "api_key"
+    )]
+    api_key_file: Option<PathBuf>,
+    /// Servers: the file holding the cluster's root key (an admin key every process
+    /// accepts; `shoal dev` makes one). With it, every call needs a key.
+    #[arg(long, global = true, env = "SHOAL_ROOT_KEY_FILE")]
+    root_key_file: Option<PathBuf>,
+    /// Servers: append audit records (admin actions, refused calls) to this file.
+    #[arg(long, global = true, env = "SHOAL_AUDIT_LOG")]
+    audit_log: Option<PathBuf>,
+    /// Servers: start without TLS or without API keys. UNSAFE: anyone who reaches a
+    /// port can read, write and drop everything, and join the cluster.
+    #[arg(long, global = true, env = "SHOAL_INSECURE")]
+    insecure: bool,
+}
+
+impl KeyArgs {
+    /// A client command's key, from the flag, the environment or the file.
+    fn use_for_clients(&self) -> anyhow::Result<()> {
+        let key = match (&self.api_key, &self.api_key_file) {
+            (Some(k), _) => Some(k.clone()),
+            (None, Some(f)) => {
+                Some(shoal_proto::auth::read_key_file(f).map_err(anyhow::Error::msg)?)
+            }
+            (None, None) => None,
+        };
+        if let Some(k) = key {
+            shoal_proto::auth::use_key(k);
+        }
+        Ok(())
+    }
+
+    /// A server's security settings.
+    fn server(&self) -> Security {
+        Security {
+            root_key_file: self.root_key_file.clone(),
+            audit_log: self.audit_log.clone(),
+            insecure: self.insecure,
+        }
+    }
+}
+
+/// A server's API keys and audit log, from the global flags, and whether it may run
+/// open.
+#[derive(Clone, Debug, Default)]
+pub struct Security {
+    pub root_key_file: Option<PathBuf>,
+    pub audit_log: Option<PathBuf>,
+    pub insecure: bool,
+}
+
+impl Security {
+    /// Refuses to start a server that would be open (no TLS, or no keys) unless the
+    /// operator said `--insecure`.
+    pub fn check(&self, tls: bool, keys: bool, what: &str) -> anyhow::Result<()> {
+        if (!tls || !keys) && !self.insecure {
+            anyhow::bail!(
+                "refusing to start this {what} {}: give --tls-ca/--tls-cert/--tls-key and \
+                 --root-key-file (`shoal dev` makes them; deploy/README.md explains \
+                 certificates and keys), or --insecure to run open (unsafe outside a test)",
+                match (tls, keys) {
+                    (false, false) => "without TLS and without API keys",
+                    (false, true) => "without TLS",
+                    _ => "without API keys",
+                }
+            );
+        }
+        Ok(())
+    }
 }
 
 /// TLS (issue 17): the cluster's CA, and this process's certificate and key (PEM).
@@ -137,6 +223,13 @@ enum Cmd {
     },
     /// Runs a worker node: shard replicas, the encoder, the public API as a gateway.
     Node(cluster::NodeArgs),
+    /// API keys: create (the key is printed once), list, revoke.
+    Keys {
+        #[command(flatten)]
+        target: coordinator::Target,
+        #[command(subcommand)]
+        cmd: coordinator::KeysCmd,
+    },
     /// Every limit a client or peer can hit: name, default value, what it bounds (set
     /// one with `--limit NAME=VALUE` on `shoal node` / `shoal coordinator`).
     Limits,
@@ -226,14 +319,21 @@ fn run_cli() -> anyhow::Result<()> {
     let cmd = match cli.cmd {
         Cmd::Node(mut args) => {
             args.tls = cli.tls.files()?;
+            args.security = cli.keys.server();
             Cmd::Node(args)
         }
         Cmd::Coordinator(mut args) => {
             args.tls = cli.tls.files()?;
+            args.security = cli.keys.server();
             Cmd::Coordinator(args)
+        }
+        Cmd::Dev(mut args) => {
+            args.insecure |= cli.keys.insecure;
+            Cmd::Dev(args)
         }
         other => {
             cli.tls.use_for_clients()?;
+            cli.keys.use_for_clients()?;
             other
         }
     };
@@ -262,6 +362,7 @@ fn run(cmd: Cmd, otlp: Option<&str>, rt: &tokio::runtime::Runtime) -> anyhow::Re
         Cmd::Members { target, cmd } => rt.block_on(coordinator::members(target, cmd)),
         Cmd::Drain { target, node, undo } => rt.block_on(coordinator::drain(target, node, undo)),
         Cmd::Node(args) => rt.block_on(cluster::run_node(args)),
+        Cmd::Keys { target, cmd } => rt.block_on(coordinator::keys(target, cmd)),
         Cmd::Limits => {
             use std::io::Write;
             // A closed pipe (`shoal limits | head`) ends the listing, not the process.

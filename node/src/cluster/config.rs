@@ -62,6 +62,11 @@ pub struct NodeConfig {
     /// certificate and key, and the cluster's CA; internal ports require a peer
     /// certificate from that CA. None: plaintext (unsafe outside a test).
     pub tls: Option<shoal_proto::tls::TlsFiles>,
+    /// API keys (issue 17): the cluster's root key file; with it, every call of the
+    /// public API needs a key with the role it names (the keys are in the map).
+    pub root_key_file: Option<PathBuf>,
+    /// The audit log's file (JSON lines): refused calls and index builds.
+    pub audit_log: Option<PathBuf>,
     /// Cap on each hosted replica's recent log, the batches a backup that fell behind
     /// catches up from (beyond it: a whole-shard snapshot).
     pub recent_log_bytes: usize,
@@ -103,6 +108,8 @@ impl Default for NodeConfig {
             auto_rebuild_tail: 50_000,
             metrics_listen: None,
             tls: None,
+            root_key_file: None,
+            audit_log: None,
             recent_log_bytes: replication::RECENT_LOG_BYTES,
             accept_cluster_id: None,
             disk_reserve_bytes: disk::DEFAULT_RESERVE_BYTES,

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use shoal_proto::auth::KeyRecord;
 use shoal_proto::coordinator as cpb;
 
 #[derive(Clone, Debug, Default)]
@@ -17,6 +18,8 @@ pub struct MapView {
     /// Every collection id up to this one was issued (ids only grow): a collection of
     /// a lower id absent from the map was dropped.
     pub last_collection_id: u64,
+    /// API keys by id (their hashes; issue 17).
+    pub keys: BTreeMap<String, KeyRecord>,
 }
 
 /// What a node does with a replica the map no longer assigns to it.
@@ -53,6 +56,12 @@ impl MapView {
                     .map(|c| (c.name.clone(), c))
                     .collect();
                 self.nodes = m.nodes.into_iter().map(|n| (n.id.clone(), n)).collect();
+                self.keys = m
+                    .keys
+                    .into_iter()
+                    .filter_map(KeyRecord::from_pb)
+                    .map(|k| (k.id.clone(), k))
+                    .collect();
                 self.shards = m
                     .shards
                     .into_iter()
@@ -79,6 +88,14 @@ impl MapView {
                         }
                         C::ShardPut(s) => {
                             self.shards.insert((s.collection.clone(), s.index), s);
+                        }
+                        C::KeyPut(k) => {
+                            if let Some(k) = KeyRecord::from_pb(k) {
+                                self.keys.insert(k.id.clone(), k);
+                            }
+                        }
+                        C::KeyRevoked(id) => {
+                            self.keys.remove(&id);
                         }
                     }
                 }

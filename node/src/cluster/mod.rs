@@ -170,6 +170,12 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     // Before any connection is opened: every client of this process uses it.
     let tls =
         shoal_proto::tls::start_or_plaintext(cfg.tls.as_ref(), "node").context("loading TLS")?;
+    let keys = shoal_proto::auth::Keys::start(
+        cfg.root_key_file.as_deref(),
+        cfg.audit_log.as_deref(),
+        "node",
+    )
+    .map_err(anyhow::Error::msg)?;
     let tls_public = tls.as_ref().map(|t| t.public.clone());
     let tls_internal = tls.as_ref().map(|t| t.internal.clone());
     std::fs::create_dir_all(&cfg.data_dir)
@@ -347,8 +353,10 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(
-                shoal_proto::v1::shoal_server::ShoalServer::new(service::ShoalService(gateway))
-                    .max_decoding_message_size(max),
+                shoal_proto::v1::shoal_server::ShoalServer::new(service::ShoalService(
+                    gateway, keys,
+                ))
+                .max_decoding_message_size(max),
             );
         let r = shoal_proto::serve!(r, public, tls_public, stopped(rx));
         if let Err(e) = r {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use shoal_proto::auth::{Keys, Need, Principal, Role};
 use shoal_proto::replica as rpb;
 use shoal_proto::v1 as pb;
 use tonic::{Request, Response, Status, Streaming};
@@ -22,7 +23,30 @@ fn span_for<T>(span: tracing::Span, req: &Request<T>) -> tracing::Span {
     span
 }
 
-pub struct ShoalService(pub Arc<Gateway>);
+/// The public API: the gateway, behind the caller's API key ([`shoal_proto::auth`]).
+pub struct ShoalService(pub Arc<Gateway>, pub Keys);
+
+impl ShoalService {
+    /// The caller's key against what `action` on `collection` needs, checked with
+    /// this node's map; a refusal is audited.
+    fn allow(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        action: &str,
+        collection: &str,
+        role: Role,
+    ) -> Result<Principal, Status> {
+        let view = &self.0.view;
+        let lookup = |id: &str| view.read().keys.get(id).cloned();
+        self.1.allow(
+            metadata,
+            lookup,
+            action,
+            collection,
+            Need::on(role, collection),
+        )
+    }
+}
 
 /// The caller's deadline (the `grpc-timeout` header), if any, cut to `max`.
 fn deadline<T>(req: &Request<T>, max: Duration) -> Option<Duration> {
@@ -36,6 +60,12 @@ impl pb::shoal_server::Shoal for ShoalService {
         &self,
         req: Request<pb::IngestRequest>,
     ) -> Result<Response<pb::IngestResponse>, Status> {
+        self.allow(
+            req.metadata(),
+            "Ingest",
+            &req.get_ref().collection,
+            Role::Write,
+        )?;
         let t = std::time::Instant::now();
         let span = span_for(
             tracing::info_span!("shoal.ingest", collection = %req.get_ref().collection, documents = req.get_ref().documents.len()),
@@ -55,10 +85,14 @@ impl pb::shoal_server::Shoal for ShoalService {
         &self,
         req: Request<Streaming<pb::IngestRequest>>,
     ) -> Result<Response<pb::IngestResponse>, Status> {
+        let metadata = req.metadata().clone();
         let mut stream = req.into_inner();
         let mut total = pb::IngestResponse::default();
         while let Some(batch) = stream.next().await {
-            let (n, t) = self.0.ingest(batch?).await.map_err(|s| {
+            let batch = batch?;
+            // Each batch names its collection: the key is checked for each.
+            self.allow(&metadata, "IngestStream", &batch.collection, Role::Write)?;
+            let (n, t) = self.0.ingest(batch).await.map_err(|s| {
                 Status::new(
                     s.code(),
                     format!(
@@ -78,6 +112,12 @@ impl pb::shoal_server::Shoal for ShoalService {
         &self,
         req: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
+        self.allow(
+            req.metadata(),
+            "Delete",
+            &req.get_ref().collection,
+            Role::Write,
+        )?;
         let span = span_for(
             tracing::info_span!("shoal.delete", collection = %req.get_ref().collection),
             &req,
@@ -87,6 +127,7 @@ impl pb::shoal_server::Shoal for ShoalService {
     }
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+        self.allow(req.metadata(), "Get", &req.get_ref().collection, Role::Read)?;
         let span = span_for(
             tracing::info_span!("shoal.get", collection = %req.get_ref().collection),
             &req,
@@ -100,6 +141,12 @@ impl pb::shoal_server::Shoal for ShoalService {
         &self,
         req: Request<pb::SearchRequest>,
     ) -> Result<Response<pb::SearchResponse>, Status> {
+        self.allow(
+            req.metadata(),
+            "Search",
+            &req.get_ref().collection,
+            Role::Read,
+        )?;
         let d = deadline(&req, self.0.limits.max_deadline());
         let t = std::time::Instant::now();
         let span = span_for(
@@ -122,7 +169,16 @@ impl pb::shoal_server::Shoal for ShoalService {
         &self,
         req: Request<pb::BuildIndexRequest>,
     ) -> Result<Response<pb::BuildIndexResponse>, Status> {
-        Ok(Response::new(self.0.build_index(req.into_inner()).await?))
+        let target = req.get_ref().collection.clone();
+        let who = self.allow(req.metadata(), "BuildIndex", &target, Role::Admin)?;
+        let out = self
+            .0
+            .build_index(req.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(Status::from);
+        shoal_proto::audit::admin(&who, "BuildIndex", &target, &out);
+        out
     }
 }
 
