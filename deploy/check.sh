@@ -26,7 +26,48 @@ if [[ ! -x $VENV/bin/kubernetes-validate ]]; then
 fi
 
 echo "deploy: kubernetes" >&2
-"$VENV/bin/kubernetes-validate" --strict --quiet deploy/kubernetes/coordinator.yaml deploy/kubernetes/node.yaml
+"$VENV/bin/kubernetes-validate" --strict --quiet deploy/kubernetes/coordinator.yaml deploy/kubernetes/node.yaml \
+  deploy/kubernetes/network-policy.yaml
+
+echo "deploy: security wiring" >&2
+# Every file a process is pointed at (TLS, the root key) lies under a read-only mount
+# of a Secret; the health probes use the plaintext health port, not a TLS one; each
+# internal port (a node's 7301, a coordinator's 7101) is reachable only from pods of
+# its own component, and every port a container exposes is named by a policy.
+"$VENV/bin/python3" - deploy/kubernetes/coordinator.yaml deploy/kubernetes/node.yaml deploy/kubernetes/network-policy.yaml <<'PY'
+import sys, yaml
+coord, node, netpol = sys.argv[1:]
+docs = lambda f: [d for d in yaml.safe_load_all(open(f)) if d]
+policies = {p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]: p for p in docs(netpol)}
+internal = {"node": 7301, "coordinator": 7101}
+for f in (coord, node):
+    for d in docs(f):
+        if d["kind"] != "StatefulSet":
+            continue
+        pod = d["spec"]["template"]["spec"]
+        comp = d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+        secrets = {v["name"] for v in pod.get("volumes", []) if "secret" in v}
+        for c in pod["containers"]:
+            env = {e["name"]: e.get("value", "") for e in c["env"]}
+            for var in ("SHOAL_TLS_CA", "SHOAL_TLS_CERT", "SHOAL_TLS_KEY", "SHOAL_ROOT_KEY_FILE"):
+                path = env.get(var)
+                assert path, f"{f}: {comp} has no {var}"
+                mounts = [m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+                assert mounts and mounts[0]["name"] in secrets and mounts[0].get("readOnly"), \
+                    f"{f}: {var}={path} is not under a read-only Secret mount"
+            health = int(env["SHOAL_HEALTH_LISTEN"].rsplit(":", 1)[1])
+            for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+                if probe in c:
+                    assert c[probe]["grpc"]["port"] == health, f"{f}: {probe} is not on the health port"
+            ports = {p["containerPort"] for p in c["ports"]}
+            rules = policies[comp]["spec"]["ingress"]
+            named = {p["port"] for r in rules for p in r["ports"]}
+            assert ports <= named, f"{comp}: ports {ports - named} in no NetworkPolicy rule"
+            for r in rules:
+                if internal[comp] in {p["port"] for p in r["ports"]}:
+                    sel = [s["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for s in r.get("from", [])]
+                    assert sel == [comp], f"{comp}: internal port {internal[comp]} open to {sel or 'anyone'}"
+PY
 if command -v kubectl >/dev/null; then
   kubectl kustomize deploy/kubernetes >"$tmp/rendered.yaml"
   "$VENV/bin/kubernetes-validate" --strict --quiet "$tmp/rendered.yaml"

@@ -11,6 +11,8 @@ cd "$(dirname "$0")/.."
 source scripts/env.sh
 ir="${SHOAL_IR_DIR:-../shared/data/ir}"
 bench="$CARGO_TARGET_DIR/release/shoal-bench"
+# The bench client speaks neither TLS nor keys yet: both clusters run open.
+export SHOAL_DEV_INSECURE=1
 [[ -x $bench ]] || { echo "build it first: cargo build --release -p shoal-bench" >&2; exit 1; }
 for shoal in "$@"; do
   data=$(mktemp -d)

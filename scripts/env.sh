@@ -9,12 +9,19 @@ mkdir -p "$CARGO_TARGET_DIR"
 # are up. Used by demo.sh and evals.sh.
 start_dev() {
   local data=$1
+  # SHOAL_DEV_INSECURE=1: without TLS and keys (the bench's clients speak neither yet).
+  [[ -n ${SHOAL_DEV_INSECURE:-} ]] && export SHOAL_INSECURE=1
   if [[ -n ${2:-} ]]; then
     "${shoal:?}" dev --data-dir "$data" >>"$2" 2>&1 &
   else
     "${shoal:?}" dev --data-dir "$data" &
   fi
   SHOAL_DEV_PID=$!
+  # What `shoal dev` makes for its clients (TLS and the root key), for the commands below.
+  if [[ -z ${SHOAL_DEV_INSECURE:-} ]]; then
+    export SHOAL_TLS_CA=$data/tls/ca.pem SHOAL_TLS_CERT=$data/tls/client.pem \
+      SHOAL_TLS_KEY=$data/tls/client.key SHOAL_API_KEY_FILE=$data/keys/root.key
+  fi
   trap 'kill -TERM $SHOAL_DEV_PID 2>/dev/null; wait $SHOAL_DEV_PID 2>/dev/null || true' EXIT
   for _ in $(seq 1 120); do
     if "$shoal" status 2>/dev/null | grep -c '"state": "up"' | grep -q 2; then return 0; fi

@@ -351,13 +351,7 @@ async fn the_13_byte_forward_is_refused_and_every_member_lives() {
         let ch = eventually(
             Duration::from_secs(30),
             format!("member {}'s Raft port", m.id),
-            || async {
-                tonic::transport::Endpoint::from_shared(format!("http://{}", m.raft))
-                    .unwrap()
-                    .connect()
-                    .await
-                    .ok()
-            },
+            || async { shoal_proto::endpoint(&m.raft).unwrap().connect().await.ok() },
         )
         .await;
         for format in [0, shoal_proto::wire::FORMAT, 0, shoal_proto::wire::FORMAT] {
@@ -387,7 +381,7 @@ async fn the_13_byte_forward_is_refused_and_every_member_lives() {
             "member {} exited after the message",
             m.id
         );
-        let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", m.api))
+        let ch = shoal_proto::endpoint(&m.api)
             .unwrap()
             .connect()
             .await

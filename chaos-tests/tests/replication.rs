@@ -406,7 +406,7 @@ async fn replica_client(
     addr: &str,
 ) -> shoal_proto::replica::replica_client::ReplicaClient<tonic::transport::Channel> {
     shoal_proto::replica::replica_client::ReplicaClient::new(
-        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        shoal_proto::endpoint(addr)
             .unwrap()
             .timeout(Duration::from_secs(15))
             .connect()
@@ -427,7 +427,7 @@ async fn try_held_by(
     shard: &cpb::ShardId,
     docs: &[u64],
 ) -> Result<Vec<u64>, tonic::Status> {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+    let ch = shoal_proto::endpoint(addr)
         .unwrap()
         .timeout(Duration::from_secs(15))
         .connect()

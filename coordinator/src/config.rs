@@ -79,6 +79,8 @@ pub struct Config {
     /// `cluster.routing.allocation.disk.threshold_enabled`); nodes still refuse writes
     /// under their reserve.
     pub disk_threshold_enabled: bool,
+    /// Plaintext grpc.health only (for probes that speak no TLS); None: none.
+    pub health_listen: Option<std::net::SocketAddr>,
     /// Prometheus `/metrics` address; None: no endpoint.
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// TLS on both ports and every connection this member opens (issue 17): the Raft
@@ -119,6 +121,7 @@ impl Default for Config {
             disk_high_watermark: 0.90,
             disk_threshold_enabled: true,
             metrics_listen: None,
+            health_listen: None,
             tls: None,
             root_key_file: None,
             audit_log: None,

@@ -185,6 +185,22 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         health,
         stop_rx.clone(),
     )));
+    if let Some(addr) = config.health_listen {
+        // Plaintext grpc.health alone, for probes that speak no TLS (Kubernetes').
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the health address {addr}"))?;
+        let (h, rx) = (health_service.clone(), stop_rx.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = tonic::transport::Server::builder()
+                .add_service(h)
+                .serve_with_incoming_shutdown(shoal_proto::incoming(l), stopped(rx))
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "health server failed");
+            }
+        }));
+    }
     let l = limits.clone();
     tasks.push(tokio::spawn(async move {
         let r = l

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use shoal_coordinator::map::ClusterMap;
 use shoal_coordinator::{start, Config, Handle, Peer};
+use shoal_proto::auth::Role;
 use shoal_proto::client::Client;
 use shoal_proto::coordinator as cpb;
 use tokio::sync::Mutex;
@@ -1366,4 +1367,177 @@ async fn new_collections_keep_off_nearly_full_volumes() {
     assert!(info.shards.iter().any(|s| s.primary == "w1"), "{info:#?}");
     let map = g.map(leader);
     assert_eq!(map.shards_of("spread").count(), 4);
+}
+
+/// Every Admin RPC, by the role it needs (issue 17). The rule (docs/ARCHITECTURE.md):
+/// whatever changes the cluster (collections, index builds, membership, drains,
+/// promotions, keys) is admin; reading the cluster's shape is read. A new RPC must be
+/// added to one list (the test compares them with the proto).
+const ADMIN_RPCS: &[&str] = &[
+    "CreateCollection",
+    "DropCollection",
+    "AddLearner",
+    "ChangeMembership",
+    "DrainNode",
+    "PromoteReplica",
+    "AllocateEmptyShard",
+    "CreateKey",
+    "ListKeys",
+    "RevokeKey",
+];
+const READ_RPCS: &[&str] = &[
+    "DescribeCollection",
+    "ListCollections",
+    "ListNodes",
+    "ListShards",
+    "ClusterStatus",
+];
+
+/// The RPCs of `service NAME { ... }` in a proto file's text.
+fn rpcs_of(proto: &str, service: &str) -> BTreeSet<String> {
+    let start = proto
+        .find(&format!("service {service} {{"))
+        .expect("the service");
+    let body = &proto[start..start + proto[start..].find("\n}").unwrap()];
+    body.lines()
+        .filter_map(|l| l.trim().strip_prefix("rpc "))
+        .map(|l| l[..l.find('(').unwrap()].to_string())
+        .collect()
+}
+
+/// Calls Admin RPC `rpc` with an empty request: the key is checked before anything.
+async fn call_admin(c: &mut Client, rpc: &str) -> Result<(), tonic::Status> {
+    match rpc {
+        "CreateCollection" => c.create_collection(Default::default()).await.map(drop),
+        "DropCollection" => c.drop_collection(Default::default()).await.map(drop),
+        "DescribeCollection" => c.describe_collection(Default::default()).await.map(drop),
+        "ListCollections" => c.list_collections(Default::default()).await.map(drop),
+        "ListNodes" => c.list_nodes(Default::default()).await.map(drop),
+        "ListShards" => c.list_shards(Default::default()).await.map(drop),
+        "ClusterStatus" => c.cluster_status(Default::default()).await.map(drop),
+        "AddLearner" => c.add_learner(Default::default()).await.map(drop),
+        "ChangeMembership" => c.change_membership(Default::default()).await.map(drop),
+        "DrainNode" => c.drain_node(Default::default()).await.map(drop),
+        "PromoteReplica" => c.promote_replica(Default::default()).await.map(drop),
+        "AllocateEmptyShard" => c.allocate_empty_shard(Default::default()).await.map(drop),
+        "CreateKey" => c.create_key(Default::default()).await.map(drop),
+        "ListKeys" => c.list_keys(Default::default()).await.map(drop),
+        "RevokeKey" => c.revoke_key(Default::default()).await.map(drop),
+        other => panic!("no call for {other}: add one"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admin_rpcs_refuse_every_key_but_admin_and_the_audit_log_says_so() {
+    let _serial = SERIAL.lock().await;
+    let proto = include_str!("../../proto/proto/shoal/coordinator.proto");
+    let listed: BTreeSet<String> = ADMIN_RPCS
+        .iter()
+        .chain(READ_RPCS)
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(
+        listed,
+        rpcs_of(proto, "Admin"),
+        "every Admin RPC is classified"
+    );
+
+    let secrets = tempfile::tempdir().unwrap();
+    let root = shoal_proto::auth::generate_root();
+    let root_file = secrets.path().join("root.key");
+    std::fs::write(&root_file, format!("{root}\n")).unwrap();
+    let audit = secrets.path().join("audit.jsonl");
+    let (rf, al) = (root_file.clone(), audit.clone());
+    let mut g = Group::start(move |c| {
+        c.root_key_file = Some(rf.clone());
+        c.audit_log = Some(al.clone());
+    })
+    .await;
+    g.leader(Duration::from_secs(10)).await;
+    let mut as_root = g.client().with_key(Some(&root));
+    let make = |role: Role| {
+        let req = cpb::CreateKeyRequest {
+            name: format!("{role:?}"),
+            role: role.wire(),
+            collections: vec![],
+        };
+        let mut c = as_root.clone();
+        async move { c.create_key(req).await.unwrap().key }
+    };
+    let (writer, reader) = (make(Role::Write).await, make(Role::Read).await);
+    // Every member checks keys with its own map: wait until all have both.
+    for i in 0..3 {
+        g.wait_applied(i, g.applied(g.leader(Duration::from_secs(5)).await))
+            .await;
+    }
+
+    for key in [&writer, &reader] {
+        let mut c = g.client().with_key(Some(key));
+        for rpc in ADMIN_RPCS {
+            let e = call_admin(&mut c, rpc).await.unwrap_err();
+            assert_eq!(e.code(), Code::PermissionDenied, "{rpc}: {e}");
+            assert!(e.message().contains("needs admin"), "{rpc}: {e}");
+        }
+        for rpc in READ_RPCS {
+            if let Err(e) = call_admin(&mut c, rpc).await {
+                assert!(
+                    !matches!(e.code(), Code::PermissionDenied | Code::Unauthenticated),
+                    "{rpc} refused a {key:.12}... key: {e}"
+                );
+            }
+        }
+    }
+    let mut anonymous = g.client().with_key(None);
+    for rpc in ADMIN_RPCS.iter().chain(READ_RPCS) {
+        let e = call_admin(&mut anonymous, rpc).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{rpc}: {e}");
+    }
+    // The root key passes the check (the empty request then fails on its own terms).
+    let e = call_admin(&mut as_root, "DropCollection")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+
+    // Revoked: refused.
+    let (id, _) = shoal_proto::auth::parse(&writer).unwrap();
+    as_root
+        .revoke_key(cpb::RevokeKeyRequest { id: id.into() })
+        .await
+        .unwrap();
+    let e = g
+        .client()
+        .with_key(Some(&writer))
+        .list_nodes(Default::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for rpc in ADMIN_RPCS {
+        assert!(
+            records.iter().any(|r| r["kind"] == "refused"
+                && r["action"] == *rpc
+                && r["outcome"] == "PermissionDenied"
+                && r["key"] == id),
+            "no refusal of {rpc} recorded"
+        );
+    }
+    let admin = |action: &str, outcome: &str| {
+        records.iter().any(|r| {
+            r["kind"] == "admin"
+                && r["action"] == action
+                && r["outcome"] == outcome
+                && r["key"] == "root"
+        })
+    };
+    assert!(admin("CreateKey", "ok"));
+    assert!(admin("RevokeKey", "ok"));
+    assert!(admin("DropCollection", "InvalidArgument"));
+    for i in 0..3 {
+        g.stop_member(i).await;
+    }
 }

@@ -73,6 +73,9 @@ pub struct NodeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, env = "SHOAL_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Serve plaintext grpc.health alone here (Kubernetes' gRPC probes speak no TLS).
+    #[arg(long, env = "SHOAL_HEALTH_LISTEN")]
+    health_listen: Option<std::net::SocketAddr>,
     /// How often the node reports to the coordinators (liveness, replica state)
     /// [default: 1000].
     #[arg(long, env = "SHOAL_HEARTBEAT_MS")]
@@ -143,6 +146,7 @@ impl NodeArgs {
             advertise_addr,
             model_dir,
             metrics_listen,
+            health_listen,
             accept_cluster_id,
             tls
         );

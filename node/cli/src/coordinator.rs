@@ -51,6 +51,9 @@ pub struct CoordinatorArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, env = "SHOAL_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Serve plaintext grpc.health alone here (Kubernetes' gRPC probes speak no TLS).
+    #[arg(long, env = "SHOAL_HEALTH_LISTEN")]
+    health_listen: Option<std::net::SocketAddr>,
     /// A limit over its default, NAME=VALUE (repeatable; `shoal limits` lists them).
     #[arg(long = "limit", env = "SHOAL_LIMITS", value_delimiter = ',')]
     limits: Vec<String>,
@@ -89,6 +92,9 @@ impl CoordinatorArgs {
         }
         if self.metrics_listen.is_some() {
             c.metrics_listen = self.metrics_listen;
+        }
+        if self.health_listen.is_some() {
+            c.health_listen = self.health_listen;
         }
         if self.tls.is_some() {
             c.tls = self.tls;

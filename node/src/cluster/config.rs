@@ -56,6 +56,8 @@ pub struct NodeConfig {
     pub search_deadline: Duration,
     /// Fresh rows that trigger a background index build per shard.
     pub auto_rebuild_tail: usize,
+    /// Plaintext grpc.health only (for probes that speak no TLS); None: none.
+    pub health_listen: Option<std::net::SocketAddr>,
     /// Prometheus `/metrics` address; None: no endpoint.
     pub metrics_listen: Option<SocketAddr>,
     /// TLS on every port and every connection this node opens (issue 17): its
@@ -107,6 +109,7 @@ impl Default for NodeConfig {
             search_deadline: Duration::from_secs(5),
             auto_rebuild_tail: 50_000,
             metrics_listen: None,
+            health_listen: None,
             tls: None,
             root_key_file: None,
             audit_log: None,

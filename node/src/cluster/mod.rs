@@ -347,6 +347,22 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         .register_encoded_file_descriptor_set(shoal_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building the reflection service")?;
+    if let Some(addr) = cfg.health_listen {
+        // Plaintext grpc.health alone, for probes that speak no TLS (Kubernetes').
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the health address {addr}"))?;
+        let (h, rx) = (health_service.clone(), stop_rx.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = tonic::transport::Server::builder()
+                .add_service(h)
+                .serve_with_incoming_shutdown(shoal_proto::incoming(l), stopped(rx))
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "health server failed");
+            }
+        }));
+    }
     tasks.push(tokio::spawn(async move {
         let r = limits
             .server(limits.node_request_timeout())
