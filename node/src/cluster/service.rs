@@ -175,8 +175,7 @@ impl pb::shoal_server::Shoal for ShoalService {
             .0
             .build_index(req.into_inner())
             .await
-            .map(Response::new)
-            .map_err(Status::from);
+            .map(Response::new);
         shoal_proto::audit::admin(&who, "BuildIndex", &target, &out);
         out
     }
