@@ -665,10 +665,27 @@ mod tests {
         node: NodeArgs,
     }
 
+    /// A node's config from its flags, started open (the refusal is tested below).
     fn config(args: &[&str]) -> Result<NodeConfig> {
-        Cli::try_parse_from(std::iter::once("shoal").chain(args.iter().copied()))?
-            .node
-            .into_config()
+        let mut node =
+            Cli::try_parse_from(std::iter::once("shoal").chain(args.iter().copied()))?.node;
+        node.security.insecure = true;
+        node.into_config()
+    }
+
+    #[test]
+    fn a_node_without_tls_or_keys_starts_only_when_told_it_is_insecure() {
+        let node = |insecure| {
+            let mut n = Cli::try_parse_from(["shoal", "--id", "n", "--data-dir", "/d"])
+                .unwrap()
+                .node;
+            n.security.insecure = insecure;
+            n.into_config()
+        };
+        let e = node(false).unwrap_err().to_string();
+        assert!(e.contains("without TLS and without API keys"), "{e}");
+        assert!(e.contains("--insecure"), "{e}");
+        assert!(node(true).is_ok());
     }
 
     #[test]
