@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 source scripts/env.sh
 ir="${SHOAL_IR_DIR:-../shared/data/ir}"
 bench="$CARGO_TARGET_DIR/release/shoal-bench"
-# The bench client speaks neither TLS nor keys yet: both clusters run open.
+# Both clusters run open: an older build may not know TLS or keys (scripts/compare-tls.sh
+# compares the two modes of one build).
 export SHOAL_DEV_INSECURE=1
 [[ -x $bench ]] || { echo "build it first: cargo build --release -p shoal-bench" >&2; exit 1; }
 for shoal in "$@"; do

@@ -50,6 +50,7 @@ pub fn run(a: IngestArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let tls = a.target.secure()?;
     let cluster = rt.block_on(cluster_rate(&a))?;
     println!("{cluster}");
     let engine = engine_rate(&a)?;
@@ -61,7 +62,7 @@ pub fn run(a: IngestArgs) -> Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "bench": "vector_ingest", "dimension": a.dimension, "batch": a.batch,
+            "bench": "vector_ingest", "tls": tls, "dimension": a.dimension, "batch": a.batch,
             "writers": a.writers, "shards": a.shards, "replication_factor": a.replication_factor,
             "cluster_docs_per_s": c, "engine_docs_per_s": e, "cluster_vs_engine": c / e,
             "cluster_batch_p50_ms": cluster["batch_p50_ms"], "cluster_batch_p99_ms": cluster["batch_p99_ms"],

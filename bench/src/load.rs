@@ -61,6 +61,7 @@ pub fn run(a: LoadArgs) -> Result<()> {
 }
 
 async fn run_async(a: LoadArgs) -> Result<()> {
+    let tls = a.target.secure()?;
     let name = a.collection.clone().unwrap_or_else(|| {
         a.dir
             .file_name()
@@ -144,7 +145,7 @@ async fn run_async(a: LoadArgs) -> Result<()> {
     all.latencies_ms.sort_by(f64::total_cmp);
     let answered = (n as u64 - all.errors).max(1) as f64;
     let search = serde_json::json!({
-        "bench": "search_load", "collection": name, "clients": a.clients,
+        "bench": "search_load", "collection": name, "clients": a.clients, "tls": tls,
         "duration_s": elapsed, "queries": n, "qps": n as f64 / elapsed,
         "p50_ms": percentile(&all.latencies_ms, 0.50), "p95_ms": percentile(&all.latencies_ms, 0.95),
         "p99_ms": percentile(&all.latencies_ms, 0.99), "errors": all.errors,

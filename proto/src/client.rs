@@ -138,8 +138,48 @@ impl Client {
             .await
     }
 
+    /// Creates a collection. A create retried after an outcome it could not know (a
+    /// member that lost its group while the write was pending answers UNAVAILABLE, and
+    /// the write may have committed) may find the collection made: when it is the one
+    /// asked for (same dimension, metric, shards, replication factor), that is success.
+    pub async fn create_collection(
+        &mut self,
+        req: cpb::CreateCollectionRequest,
+    ) -> Result<cpb::CollectionInfo, Status> {
+        let mut attempts = 0u32;
+        let r = self
+            .admin(|mut c| {
+                attempts += 1;
+                let r = req.clone();
+                async move { c.create_collection(r).await }
+            })
+            .await
+            .map(tonic::Response::into_inner);
+        match r {
+            Err(e) if e.code() == Code::AlreadyExists && attempts > 1 => {
+                let info = self
+                    .describe_collection(cpb::DescribeCollectionRequest {
+                        name: req.name.clone(),
+                    })
+                    .await?;
+                let ours = info.collection.as_ref().is_some_and(|c| {
+                    c.dimension == req.dimension
+                        && c.metric == req.metric
+                        && (req.shard_count == 0 || c.shard_count == req.shard_count)
+                        && (req.replication_factor == 0
+                            || c.replication_factor == req.replication_factor)
+                });
+                if ours {
+                    Ok(info)
+                } else {
+                    Err(e)
+                }
+            }
+            r => r,
+        }
+    }
+
     unary! {
-        admin::create_collection(cpb::CreateCollectionRequest) -> cpb::CollectionInfo;
         admin::drop_collection(cpb::DropCollectionRequest) -> cpb::DropCollectionResponse;
         admin::describe_collection(cpb::DescribeCollectionRequest) -> cpb::CollectionInfo;
         admin::list_collections(cpb::ListCollectionsRequest) -> cpb::ListCollectionsResponse;

@@ -332,6 +332,47 @@ pub fn client_config(
     Ok(c)
 }
 
+/// The first certificate of a PEM file, DER.
+pub fn certificate_in(path: &Path) -> Result<Vec<u8>, TlsError> {
+    Ok(certs(path)?.swap_remove(0).to_vec())
+}
+
+/// The certificate a server at `addr` presents on a TLS handshake (DER), verified
+/// against the CA file `ca` for the name "localhost": which certificate a process
+/// serves right now (an operator's check after a rotation, and the rotation test's).
+/// For ports that take clients without a certificate (the public ones).
+pub async fn served_certificate(addr: &str, ca: &Path) -> Result<Vec<u8>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in certs(ca)? {
+        roots.add(c).map_err(|e| file_error(ca, e))?;
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connect = async {
+        let tcp = TcpStream::connect(addr).await?;
+        let name = rustls_pki_types::ServerName::try_from("localhost")
+            .expect("a valid name")
+            .to_owned();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+    };
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, connect)
+        .await
+        .map_err(|_| TlsError::Config(format!("{addr}: the handshake timed out")))?
+        .map_err(|e| TlsError::Config(format!("{addr}: {e}")))?;
+    tls.get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.to_vec())
+        .ok_or_else(|| TlsError::Config(format!("{addr} presented no certificate")))
+}
+
 /// [`crate::channel`] over TLS with `tls` (whatever the process's own).
 pub fn channel(
     addr: &str,
