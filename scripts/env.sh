@@ -10,7 +10,7 @@ mkdir -p "$CARGO_TARGET_DIR"
 start_dev() {
   local data=$1
   # SHOAL_DEV_INSECURE=1: without TLS and keys (the bench's clients speak neither yet).
-  [[ -n ${SHOAL_DEV_INSECURE:-} ]] && export SHOAL_INSECURE=1
+  [[ -n ${SHOAL_DEV_INSECURE:-} ]] && export SHOAL_INSECURE=true
   if [[ -n ${2:-} ]]; then
     "${shoal:?}" dev --data-dir "$data" >>"$2" 2>&1 &
   else
