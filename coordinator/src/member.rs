@@ -858,7 +858,10 @@ impl Coordinator {
         node: &str,
         accept_data_loss: bool,
     ) -> Result<()> {
-        let Some(epoch) = self.start_promotion(shard, node, accept_data_loss).await? else {
+        let Some(epoch) = self
+            .start_promotion(shard, node, accept_data_loss, false)
+            .await?
+        else {
             return Ok(());
         };
         let deadline = Instant::now() + ASK_FOR;
@@ -900,11 +903,19 @@ impl Coordinator {
     /// role over ([`Ask`], returns the epoch asked at); otherwise (no primary, one on a
     /// node that is suspect or down, whose lease has lapsed, or the operator accepting
     /// data loss) the promotion is committed at once (returns `None`).
+    ///
+    /// `planned` (the even-out, not an operator): a replica behind the primary's last
+    /// report is still asked for. Under steady writes a backup's report nearly always
+    /// trails the primary's by a batch or two, so the even-out waited for reports that
+    /// happened to line up (a scale-out under writers settled in 3 s or in minutes);
+    /// the handover itself is what keeps it safe: the primary stops writes and waits
+    /// until the successor holds its last batch, and `HandOver` checks that position.
     async fn start_promotion(
         &self,
         shard: &ShardKey,
         node: &str,
         accept_data_loss: bool,
+        planned: bool,
     ) -> Result<Option<u64>> {
         self.require_leader()?;
         let map = self.read().await?;
@@ -920,18 +931,20 @@ impl Coordinator {
             .into());
         }
         if !accept_data_loss {
+            let live = |n: &str| map.nodes.get(n).is_some_and(|n| n.state.is_live());
+            let asked = s.primary.as_deref().is_some_and(live)
+                && s.replicas
+                    .iter()
+                    .any(|r| r.node == node && r.state == ReplicaState::Serving);
             let reports = self.reports.lock();
             let primary = s
                 .primary
                 .as_deref()
-                .and_then(|p| reports.position(shard, p));
+                .and_then(|p| reports.position(shard, p))
+                .filter(|_| !(asked && planned));
             may_take_over(&map, &reports, shard, node, primary, "promoting it")?;
-            let live = |n: &str| map.nodes.get(n).is_some_and(|n| n.state.is_live());
-            if s.primary.as_deref().is_some_and(live)
-                && s.replicas
-                    .iter()
-                    .any(|r| r.node == node && r.state == ReplicaState::Serving)
-            {
+            drop(reports);
+            if asked {
                 tracing::info!(shard = %shard, from = ?s.primary, to = node, epoch = s.epoch, "asking the primary to hand its role over");
                 self.asks.lock().insert(
                     shard.clone(),
@@ -1208,7 +1221,7 @@ impl Coordinator {
             return;
         }
         *self.uneven_since.lock() = None;
-        match self.start_promotion(&shard, &to, false).await {
+        match self.start_promotion(&shard, &to, false, true).await {
             Ok(_) => {
                 tracing::info!(shard = %shard, to = %to, "primary asked to hand over to even out primaries")
             }

@@ -4,6 +4,9 @@
 //! event under the target `shoal::audit`, and counted in
 //! `shoal_audit_records_total{kind, outcome}`.
 //!
+//! Refusals are recorded at most [`REFUSALS_PER_SECOND`] a second (a flood from
+//! anyone who reaches a port must not fill the disk); the rest are counted.
+//!
 //! Records are written synchronously under a lock: admin actions and refusals are rare
 //! next to the data path, and a record must be on its way before the answer is.
 
@@ -99,8 +102,44 @@ pub fn admin<T>(who: &Principal, action: &str, target: &str, out: &Result<T, ton
     });
 }
 
+/// Refusals written per second at most: anyone who reaches a port can be refused, and
+/// a flood of refusals must not fill the disk. Beyond it they are counted
+/// (`shoal_audit_suppressed_total`), and the next record written says how many.
+pub const REFUSALS_PER_SECOND: u64 = 100;
+
+/// Refusals in the current second, and those suppressed since the last written one.
+static REFUSALS: Mutex<(u64, u64, u64)> = Mutex::new((0, 0, 0));
+
+/// Whether this refusal is written, and how many were suppressed before it (pure over
+/// the (second, written this second, suppressed) state).
+fn admit(state: &mut (u64, u64, u64), second: u64) -> Option<u64> {
+    if state.0 != second {
+        *state = (second, 0, state.2);
+    }
+    if state.1 >= REFUSALS_PER_SECOND {
+        state.2 += 1;
+        return None;
+    }
+    state.1 += 1;
+    Some(std::mem::take(&mut state.2))
+}
+
 /// A refused call's record. `presented`: the key shown, of which only the id is kept.
 pub fn refused(presented: Option<&str>, action: &str, target: &str, why: &Denied) {
+    let admitted = {
+        let mut st = REFUSALS.lock().unwrap_or_else(|p| p.into_inner());
+        admit(&mut st, now_ms() / 1000)
+    };
+    let Some(suppressed) = admitted else {
+        metrics::counter!("shoal_audit_suppressed_total").increment(1);
+        return;
+    };
+    let detail = match suppressed {
+        0 => why.to_string(),
+        n => format!(
+            "{why} ({n} refusals before this one were not recorded: over {REFUSALS_PER_SECOND}/s)"
+        ),
+    };
     let key = presented
         .and_then(crate::auth::parse)
         .map_or("-", |(id, _)| id);
@@ -117,6 +156,24 @@ pub fn refused(presented: Option<&str>, action: &str, target: &str, why: &Denied
         action,
         target: clip(target),
         outcome,
-        detail: &why.to_string(),
+        detail: &detail,
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_recorded_up_to_the_rate_and_the_rest_counted() {
+        let mut st = (0, 0, 0);
+        for _ in 0..REFUSALS_PER_SECOND {
+            assert_eq!(admit(&mut st, 7), Some(0));
+        }
+        assert_eq!(admit(&mut st, 7), None);
+        assert_eq!(admit(&mut st, 7), None);
+        // The next second's first record carries the count.
+        assert_eq!(admit(&mut st, 8), Some(2));
+        assert_eq!(admit(&mut st, 8), Some(0));
+    }
 }
