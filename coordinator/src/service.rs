@@ -271,26 +271,26 @@ impl cpb::admin_server::Admin for AdminService {
         req: Request<cpb::CreateCollectionRequest>,
     ) -> Result<Response<cpb::CollectionInfo>, Status> {
         let target = req.get_ref().name.clone();
-        let who = self.allow(
-            &req,
+        self.admin(
+            req,
             "CreateCollection",
-            &target,
-            Need::on(Role::Admin, &target),
-        )?;
-        self.audited(who, "CreateCollection", target, async move {
-            check_name(&self.0, &req.get_ref().name, "the collection name")?;
-            let spec = spec_from_pb(req.into_inner())?;
-            shoal_proto::within!(
-                self.0.limits,
-                replication_factor,
-                spec.replication_factor,
-                "replication_factor"
-            )?;
-            let name = spec.name.clone();
-            self.0.write(Command::CreateCollection(spec)).await?;
-            let map = self.0.read().await?;
-            Ok(Response::new(collection_info(&map, &name)?))
-        })
+            target,
+            true,
+            move |req| async move {
+                check_name(&self.0, &req.get_ref().name, "the collection name")?;
+                let spec = spec_from_pb(req.into_inner())?;
+                shoal_proto::within!(
+                    self.0.limits,
+                    replication_factor,
+                    spec.replication_factor,
+                    "replication_factor"
+                )?;
+                let name = spec.name.clone();
+                self.0.write(Command::CreateCollection(spec)).await?;
+                let map = self.0.read().await?;
+                Ok(Response::new(collection_info(&map, &name)?))
+            },
+        )
         .await
     }
 
@@ -299,13 +299,7 @@ impl cpb::admin_server::Admin for AdminService {
         req: Request<cpb::DropCollectionRequest>,
     ) -> Result<Response<cpb::DropCollectionResponse>, Status> {
         let target = req.get_ref().name.clone();
-        let who = self.allow(
-            &req,
-            "DropCollection",
-            &target,
-            Need::on(Role::Admin, &target),
-        )?;
-        self.audited(who, "DropCollection", target, async move {
+        self.admin(req, "DropCollection", target, true, move |req| async move {
             let name = req.into_inner().name;
             check_name(&self.0, &name, "the collection name")?;
             let v = self.0.write(Command::DropCollection { name }).await?;
@@ -408,8 +402,7 @@ impl cpb::admin_server::Admin for AdminService {
         req: Request<cpb::AddLearnerRequest>,
     ) -> Result<Response<cpb::ClusterStatusResponse>, Status> {
         let target = req.get_ref().id.to_string();
-        let who = self.allow(&req, "AddLearner", &target, Need::role(Role::Admin))?;
-        self.audited(who, "AddLearner", target, async move {
+        self.admin(req, "AddLearner", target, false, move |req| async move {
             self.0.require_leader()?;
             let r = req.into_inner();
             if r.id == 0 || r.raft_addr.is_empty() || r.api_addr.is_empty() {
@@ -451,22 +444,27 @@ impl cpb::admin_server::Admin for AdminService {
         req: Request<cpb::ChangeMembershipRequest>,
     ) -> Result<Response<cpb::ClusterStatusResponse>, Status> {
         let target = format!("{:?}", req.get_ref().voters);
-        let who = self.allow(&req, "ChangeMembership", &target, Need::role(Role::Admin))?;
-        self.audited(who, "ChangeMembership", target, async move {
-            self.0.require_leader()?;
-            let voters: BTreeSet<u64> = req.into_inner().voters.into_iter().collect();
-            if voters.is_empty() {
-                return Err(Status::invalid_argument("voters must not be empty"));
-            }
-            self.0
-                .raft
-                .change_membership(voters.clone(), false)
-                .await
-                .map_err(|e| {
-                    Status::failed_precondition(format!("change membership to {voters:?}: {e}"))
-                })?;
-            Ok(Response::new(self.status()))
-        })
+        self.admin(
+            req,
+            "ChangeMembership",
+            target,
+            false,
+            move |req| async move {
+                self.0.require_leader()?;
+                let voters: BTreeSet<u64> = req.into_inner().voters.into_iter().collect();
+                if voters.is_empty() {
+                    return Err(Status::invalid_argument("voters must not be empty"));
+                }
+                self.0
+                    .raft
+                    .change_membership(voters.clone(), false)
+                    .await
+                    .map_err(|e| {
+                        Status::failed_precondition(format!("change membership to {voters:?}: {e}"))
+                    })?;
+                Ok(Response::new(self.status()))
+            },
+        )
         .await
     }
 
@@ -475,8 +473,7 @@ impl cpb::admin_server::Admin for AdminService {
         req: Request<cpb::DrainNodeRequest>,
     ) -> Result<Response<cpb::NodeInfo>, Status> {
         let target = req.get_ref().id.clone();
-        let who = self.allow(&req, "DrainNode", &target, Need::role(Role::Admin))?;
-        self.audited(who, "DrainNode", target, async move {
+        self.admin(req, "DrainNode", target, false, move |req| async move {
             let r = req.into_inner();
             check_name(&self.0, &r.id, "the node id")?;
             let id = r.id;
@@ -505,13 +502,7 @@ impl cpb::admin_server::Admin for AdminService {
         req: Request<cpb::PromoteReplicaRequest>,
     ) -> Result<Response<cpb::Shard>, Status> {
         let target = req.get_ref().collection.clone();
-        let who = self.allow(
-            &req,
-            "PromoteReplica",
-            &target,
-            Need::on(Role::Admin, &target),
-        )?;
-        self.audited(who, "PromoteReplica", target, async move {
+        self.admin(req, "PromoteReplica", target, true, move |req| async move {
             let r = req.into_inner();
             let key = self.shard_target("promote", &r.collection, r.shard, &r.node_id)?;
             self.0.promote(&key, &r.node_id, r.accept_data_loss).await?;
@@ -525,20 +516,21 @@ impl cpb::admin_server::Admin for AdminService {
         req: Request<cpb::AllocateEmptyShardRequest>,
     ) -> Result<Response<cpb::Shard>, Status> {
         let target = req.get_ref().collection.clone();
-        let who = self.allow(
-            &req,
+        self.admin(
+            req,
             "AllocateEmptyShard",
-            &target,
-            Need::on(Role::Admin, &target),
-        )?;
-        self.audited(who, "AllocateEmptyShard", target, async move {
-            let r = req.into_inner();
-            let key = self.shard_target("allocate-empty", &r.collection, r.shard, &r.node_id)?;
-            self.0
-                .allocate_empty(&key, &r.node_id, r.accept_data_loss)
-                .await?;
-            self.shard_answer(&key).await
-        })
+            target,
+            true,
+            move |req| async move {
+                let r = req.into_inner();
+                let key =
+                    self.shard_target("allocate-empty", &r.collection, r.shard, &r.node_id)?;
+                self.0
+                    .allocate_empty(&key, &r.node_id, r.accept_data_loss)
+                    .await?;
+                self.shard_answer(&key).await
+            },
+        )
         .await
     }
 
@@ -547,8 +539,7 @@ impl cpb::admin_server::Admin for AdminService {
         req: Request<cpb::CreateKeyRequest>,
     ) -> Result<Response<cpb::CreateKeyResponse>, Status> {
         let target = req.get_ref().name.clone();
-        let who = self.allow(&req, "CreateKey", &target, Need::role(Role::Admin))?;
-        self.audited(who, "CreateKey", target, async move {
+        self.admin(req, "CreateKey", target, false, move |req| async move {
             let r = req.into_inner();
             let role = Role::from_wire(r.role).ok_or_else(|| {
                 Status::invalid_argument(format!(
@@ -588,8 +579,7 @@ impl cpb::admin_server::Admin for AdminService {
         req: Request<cpb::RevokeKeyRequest>,
     ) -> Result<Response<cpb::ApiKey>, Status> {
         let target = req.get_ref().id.clone();
-        let who = self.allow(&req, "RevokeKey", &target, Need::role(Role::Admin))?;
-        self.audited(who, "RevokeKey", target, async move {
+        self.admin(req, "RevokeKey", target, false, move |req| async move {
             let id = req.into_inner().id;
             check_made_id(&id, "the key id")?;
             let rec: Option<KeyRecord> = self.0.read().await?.keys.get(&id).cloned();
@@ -618,15 +608,26 @@ impl AdminService {
             .allow(req.metadata(), lookup, action, target, need)
     }
 
-    /// Runs an admin action and audits its outcome.
-    async fn audited<T>(
+    /// An admin action: the caller's key must be an admin's (on `target`, a collection,
+    /// when `on_collection`), then `f` runs and its outcome is audited.
+    async fn admin<R, T, Fut>(
         &self,
-        who: Principal,
+        req: Request<R>,
         action: &str,
         target: String,
-        f: impl std::future::Future<Output = Result<Response<T>, Status>>,
-    ) -> Result<Response<T>, Status> {
-        let out = f.await;
+        on_collection: bool,
+        f: impl FnOnce(Request<R>) -> Fut,
+    ) -> Result<Response<T>, Status>
+    where
+        Fut: std::future::Future<Output = Result<Response<T>, Status>>,
+    {
+        let need = if on_collection {
+            Need::on(Role::Admin, &target)
+        } else {
+            Need::role(Role::Admin)
+        };
+        let who = self.allow(&req, action, &target, need)?;
+        let out = f(req).await;
         shoal_proto::audit::admin(&who, action, &target, &out);
         out
     }

@@ -153,14 +153,12 @@ impl NodeArgs {
         if !self.coordinators.is_empty() {
             c.coordinators = self.coordinators;
         }
-        if self.security.root_key_file.is_some() {
-            c.root_key_file = self.security.root_key_file.clone();
-        }
-        if self.security.audit_log.is_some() {
-            c.audit_log = self.security.audit_log.clone();
-        }
-        self.security
-            .check(c.tls.is_some(), c.root_key_file.is_some(), "node")?;
+        self.security.apply(
+            c.tls.is_some(),
+            &mut c.root_key_file,
+            &mut c.audit_log,
+            "node",
+        )?;
         if let Some(ms) = self.heartbeat_ms {
             c.heartbeat = Duration::from_millis(ms);
         }

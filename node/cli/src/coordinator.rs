@@ -99,14 +99,12 @@ impl CoordinatorArgs {
         if self.tls.is_some() {
             c.tls = self.tls;
         }
-        if self.security.root_key_file.is_some() {
-            c.root_key_file = self.security.root_key_file.clone();
-        }
-        if self.security.audit_log.is_some() {
-            c.audit_log = self.security.audit_log.clone();
-        }
-        self.security
-            .check(c.tls.is_some(), c.root_key_file.is_some(), "coordinator")?;
+        self.security.apply(
+            c.tls.is_some(),
+            &mut c.root_key_file,
+            &mut c.audit_log,
+            "coordinator",
+        )?;
         c.limits.extend(self.limits);
         Ok(c)
     }

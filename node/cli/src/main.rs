@@ -93,6 +93,24 @@ pub struct Security {
 }
 
 impl Security {
+    /// Puts the flags' key file and audit log over a config's, then refuses to start an
+    /// open server unless `--insecure` ([`Security::check`]).
+    pub fn apply(
+        &self,
+        tls: bool,
+        root_key_file: &mut Option<PathBuf>,
+        audit_log: &mut Option<PathBuf>,
+        what: &str,
+    ) -> anyhow::Result<()> {
+        if self.root_key_file.is_some() {
+            root_key_file.clone_from(&self.root_key_file);
+        }
+        if self.audit_log.is_some() {
+            audit_log.clone_from(&self.audit_log);
+        }
+        self.check(tls, root_key_file.is_some(), what)
+    }
+
     /// Refuses to start a server that would be open (no TLS, or no keys) unless the
     /// operator said `--insecure`.
     pub fn check(&self, tls: bool, keys: bool, what: &str) -> anyhow::Result<()> {
