@@ -162,7 +162,13 @@ fn clip(s: &str) -> &str {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    use std::fmt::Write;
+    // Every checked call hashes its key: one allocation, not one per byte.
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
 }
 
 /// The SHA-256 of a key's secret, hex.
