@@ -179,6 +179,9 @@ pub struct Cluster {
     pub coordinators: Vec<String>,
     coords: Vec<Proc>,
     pub nodes: Vec<Proc>,
+    /// Whether the processes run with TLS and with API keys ([`Spec`]).
+    tls: bool,
+    keys: bool,
     /// The network namespaces, when the spec asked for them. Declared last: dropped
     /// after the processes are killed.
     pub net: Option<netns::Net>,
@@ -222,7 +225,7 @@ pub fn test_security() -> &'static (shoal_proto::tls::dev::Ca, String) {
     SECURITY.get_or_init(|| {
         let ca = shoal_proto::tls::dev::Ca::new("shoal test CA").expect("making the test CA");
         let root = shoal_proto::auth::generate_root();
-        let dir = std::env::temp_dir().join(format!("shoal-test-client-{}", std::process::id()));
+        let dir = client_dir();
         ca.write(&dir, &["client"])
             .expect("writing the test client's certificate");
         let f = shoal_proto::tls::TlsFiles::in_dir(&dir, "client");
@@ -233,6 +236,11 @@ pub fn test_security() -> &'static (shoal_proto::tls::dev::Ca, String) {
         shoal_proto::auth::use_key(root.clone());
         (ca, root)
     })
+}
+
+/// Where [`test_security`] writes this test process's client certificate.
+fn client_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("shoal-test-client-{}", std::process::id()))
 }
 
 impl Default for Spec {
@@ -358,10 +366,31 @@ impl Cluster {
             layout,
             coords,
             nodes,
+            tls: spec.tls,
+            keys: spec.keys,
             net,
         };
         if spec.wait_up {
             c.wait_up(started, Duration::from_secs(60)).await;
+        }
+        c
+    }
+
+    /// A `shoal` client command (`import`, `collection`, ...) aimed at this cluster:
+    /// its coordinators, its first node as the gateway, and this test process's client
+    /// certificate and root key when the cluster runs with them.
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.env("SHOAL_COORDINATORS", self.coordinators.join(","))
+            .env("SHOAL_NODE", &self.nodes[0].public);
+        if self.tls {
+            let f = shoal_proto::tls::TlsFiles::in_dir(&client_dir(), "client");
+            c.env("SHOAL_TLS_CA", f.ca)
+                .env("SHOAL_TLS_CERT", f.cert)
+                .env("SHOAL_TLS_KEY", f.key);
+        }
+        if self.keys {
+            c.env("SHOAL_API_KEY", &test_security().1);
         }
         c
     }

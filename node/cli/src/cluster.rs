@@ -333,7 +333,7 @@ pub struct NodeTarget {
     pub node: String,
 }
 
-async fn connect(node: &str) -> Result<ShoalClient<Authed>> {
+pub(crate) fn connect(node: &str) -> Result<ShoalClient<Authed>> {
     // Over TLS when the command was given it (`--tls-ca`), with its key (`--api-key`).
     let c = shoal_proto::channel(node, None).with_context(|| format!("node address {node:?}"))?;
     let c = shoal_proto::auth::shoal_client(c);
@@ -416,7 +416,7 @@ pub struct IngestArgs {
 
 /// Sends `rows` in batches with a progress bar; returns docs/s.
 async fn ingest_rows(node: &str, collection: &str, rows: &[Row], batch: usize) -> Result<f64> {
-    let mut c = connect(node).await?;
+    let mut c = connect(node)?;
     let bar = indicatif::ProgressBar::new(rows.len() as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -485,7 +485,7 @@ pub struct SearchArgs {
 }
 
 pub async fn search(node: NodeTarget, a: SearchArgs) -> Result<()> {
-    let mut c = connect(&node.node).await?;
+    let mut c = connect(&node.node)?;
     let r = c
         .search(pb::SearchRequest {
             collection: a.collection,
@@ -555,8 +555,7 @@ pub async fn eval(target: Target, node: NodeTarget, a: EvalArgs) -> Result<()> {
         ingest_rate = Some(ingest_rows(&node.node, &name, &rows, a.batch).await?);
     }
     if a.build_index {
-        let b = connect(&node.node)
-            .await?
+        let b = connect(&node.node)?
             .build_index(pb::BuildIndexRequest {
                 collection: name.clone(),
             })
@@ -574,7 +573,7 @@ pub async fn eval(target: Target, node: NodeTarget, a: EvalArgs) -> Result<()> {
             }
         }
     }
-    let mut c = connect(&node.node).await?;
+    let mut c = connect(&node.node)?;
     let (mut ndcg, mut recall, mut lat, mut partial) = (0.0, 0.0, Vec::new(), 0usize);
     let mut shown = 0;
     for q in &queries {

@@ -4,6 +4,7 @@ mod cluster;
 mod coordinator;
 mod demo;
 mod embed;
+mod import;
 
 use std::path::PathBuf;
 
@@ -262,6 +263,17 @@ enum Cmd {
         #[command(flatten)]
         args: cluster::IngestArgs,
     },
+    /// Imports precomputed vectors (.npy with an optional ids file, .fvecs, .bvecs,
+    /// JSONL with a `vector` field) through the cluster: streamed, many requests in
+    /// flight, resumable (rerun the same command after an interruption).
+    Import {
+        #[command(flatten)]
+        target: coordinator::Target,
+        #[command(flatten)]
+        node: cluster::NodeTarget,
+        #[command(flatten)]
+        args: import::ImportArgs,
+    },
     /// Searches a collection by text through a node.
     Search {
         #[command(flatten)]
@@ -395,6 +407,7 @@ fn run(cmd: Cmd, otlp: Option<&str>, rt: &tokio::runtime::Runtime) -> anyhow::Re
         // Its processes export traces where this one does.
         Cmd::Dev(args) => rt.block_on(cluster::run_dev(args, otlp)),
         Cmd::Ingest { target, node, args } => rt.block_on(cluster::ingest(target, node, args)),
+        Cmd::Import { target, node, args } => rt.block_on(import::import(target, node, args)),
         Cmd::Search { node, args } => rt.block_on(cluster::search(node, args)),
         Cmd::Eval { target, node, args } => rt.block_on(cluster::eval(target, node, args)),
     }
