@@ -384,6 +384,92 @@ async fn writes_through_one_node_are_searched_got_and_deleted_through_the_other(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pipelined_stream_lands_every_batch_and_applies_one_ids_writes_in_order() {
+    let mut f = Fixture::start(false).await;
+    // 40 batches of 25; every fifth batch also rewrites "dup", each time with the
+    // next vector, so only stream order leaves the last one standing.
+    let batches: Vec<pb::IngestRequest> = (0..40u64)
+        .map(|b| {
+            let mut documents: Vec<pb::Document> = (0..25)
+                .map(|j| {
+                    let i = b * 25 + j;
+                    pb::Document {
+                        id: format!("s{i}"),
+                        vector: vector(i, 16),
+                        ..Default::default()
+                    }
+                })
+                .collect();
+            if b % 5 == 0 {
+                documents.push(pb::Document {
+                    id: "dup".into(),
+                    vector: vector(10_000 + b, 16),
+                    ..Default::default()
+                });
+            }
+            pb::IngestRequest {
+                collection: "vecs".into(),
+                documents,
+                ..Default::default()
+            }
+        })
+        .collect();
+    let r = f
+        .ga
+        .ingest_stream(tokio_stream::iter(batches))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.ingested, 1_000 + 8);
+    for id in ["s0", "s517", "s999"] {
+        let got = f
+            .gb
+            .get(pb::GetRequest {
+                collection: "vecs".into(),
+                id: id.into(),
+                with_vector: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(got.found, "{id}");
+    }
+    let dup = f
+        .gb
+        .get(pb::GetRequest {
+            collection: "vecs".into(),
+            id: "dup".into(),
+            with_vector: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(dup.document.unwrap().vector, vector(10_035, 16));
+    // A bad batch mid-stream fails the stream, saying how many were acknowledged.
+    let bad = (0..6u64).map(|b| pb::IngestRequest {
+        collection: "vecs".into(),
+        documents: vec![pb::Document {
+            id: format!("t{b}"),
+            vector: if b == 3 { vec![1.0; 3] } else { vector(b, 16) },
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    let e = f
+        .ga
+        .ingest_stream(tokio_stream::iter(bad))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message().contains("documents acknowledged") && e.message().contains("t3"),
+        "{}",
+        e.message()
+    );
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_requests_get_a_clear_status_and_write_nothing() {
     let mut f = Fixture::start(false).await;
     f.ingest_vectors(10).await;

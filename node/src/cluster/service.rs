@@ -48,6 +48,31 @@ impl ShoalService {
     }
 }
 
+/// Batches of one `IngestStream` written at once.
+const STREAM_PIPELINE: usize = 4;
+
+/// An id's hash: which ids a stream has in flight (a collision only serializes).
+fn id_hash(id: &str) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(id)
+}
+
+/// Counts a stream's finished batch and frees its ids.
+fn settle(
+    total: &mut pb::IngestResponse,
+    busy: &mut std::collections::HashSet<u64>,
+    r: Result<(u64, u64), Status>,
+    ids: Vec<u64>,
+) -> Result<(), Status> {
+    for h in ids {
+        busy.remove(&h);
+    }
+    let (n, t) = r?;
+    total.ingested += n;
+    total.truncated += t;
+    Ok(())
+}
+
 /// The caller's deadline (the `grpc-timeout` header), if any, cut to `max`.
 fn deadline<T>(req: &Request<T>, max: Duration) -> Option<Duration> {
     let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
@@ -88,22 +113,48 @@ impl pb::shoal_server::Shoal for ShoalService {
         let metadata = req.metadata().clone();
         let mut stream = req.into_inner();
         let mut total = pb::IngestResponse::default();
-        while let Some(batch) = stream.next().await {
-            let batch = batch?;
-            // Each batch names its collection: the key is checked for each.
-            self.allow(&metadata, "IngestStream", &batch.collection, Role::Write)?;
-            let (n, t) = self.0.ingest(batch).await.map_err(|s| {
-                Status::new(
-                    s.code(),
-                    format!(
-                        "after {} documents acknowledged: {}",
-                        total.ingested,
-                        s.message()
-                    ),
-                )
-            })?;
-            total.ingested += n;
-            total.truncated += t;
+        // Pipelined (issue 18): up to STREAM_PIPELINE batches are encoded and written at
+        // once, so a client streaming a bulk load is not held to one round trip per
+        // batch. A batch naming an id a batch in flight also names waits for the
+        // pipeline to empty: a stream's writes of one id apply in the stream's order.
+        let mut in_flight = futures::stream::FuturesUnordered::new();
+        let mut busy = std::collections::HashSet::<u64>::new();
+        let failed = |total: &pb::IngestResponse, s: Status| {
+            Status::new(
+                s.code(),
+                format!(
+                    "after {} documents acknowledged: {}",
+                    total.ingested,
+                    s.message()
+                ),
+            )
+        };
+        let mut ended = false;
+        loop {
+            tokio::select! {
+                batch = stream.next(), if !ended && in_flight.len() < STREAM_PIPELINE => {
+                    let Some(batch) = batch else {
+                        ended = true;
+                        continue;
+                    };
+                    let batch = batch?;
+                    // Each batch names its collection: the key is checked for each.
+                    self.allow(&metadata, "IngestStream", &batch.collection, Role::Write)?;
+                    let ids: Vec<u64> = batch.documents.iter().map(|d| id_hash(&d.id)).collect();
+                    if ids.iter().any(|h| busy.contains(h)) {
+                        while let Some((r, done)) = in_flight.next().await {
+                            settle(&mut total, &mut busy, r, done).map_err(|s| failed(&total, s))?;
+                        }
+                    }
+                    busy.extend(ids.iter().copied());
+                    let gateway = &self.0;
+                    in_flight.push(async move { (gateway.ingest(batch).await, ids) });
+                }
+                Some((r, done)) = in_flight.next(), if !in_flight.is_empty() => {
+                    settle(&mut total, &mut busy, r, done).map_err(|s| failed(&total, s))?;
+                }
+                else => break,
+            }
         }
         Ok(Response::new(total))
     }
