@@ -88,6 +88,17 @@ pub struct Collection {
     pub id: u64,
     pub spec: CollectionSpec,
     pub created_version: u64,
+    /// What may change after creation ([`Command::SetCollectionPolicy`]).
+    pub policy: CollectionPolicy,
+}
+
+/// A collection's settings that change at run time (issue 18); its spec never does.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct CollectionPolicy {
+    /// Rows written since a shard's serving index generation that start a rebuild of
+    /// it: `None` = the nodes' default (`--auto-rebuild-tail`), 0 = never (off during
+    /// a bulk load, then one build).
+    pub auto_rebuild_rows: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
@@ -353,6 +364,13 @@ pub enum Command {
     RevokeKey {
         id: String,
     },
+    /// Replaces a collection's policy, if `name` is still the collection `id` (one
+    /// dropped and re-created in between is another).
+    SetCollectionPolicy {
+        name: String,
+        id: u64,
+        policy: CollectionPolicy,
+    },
 }
 
 /// Keys the map holds at most (each is checked against by id, not scanned).
@@ -616,6 +634,17 @@ impl ClusterMap {
                 }
                 vec![Change::KeyRevoked(id.clone())]
             }
+            Command::SetCollectionPolicy { name, id, policy } => {
+                let c = self
+                    .collections
+                    .get_mut(name)
+                    .filter(|c| c.id == *id)
+                    .ok_or_else(|| {
+                        MapError::NotFound(format!("collection {name:?} (id {id}) not found"))
+                    })?;
+                c.policy = policy.clone();
+                vec![Change::CollectionPut(c.clone())]
+            }
             Command::JoinInSync { shard, node, epoch } => {
                 let s = self
                     .shards
@@ -759,6 +788,7 @@ impl ClusterMap {
             id,
             spec: spec.clone(),
             created_version: self.version + 1,
+            policy: CollectionPolicy::default(),
         };
         let mut changes = vec![Change::CollectionPut(collection.clone())];
         self.collections.insert(spec.name.clone(), collection);
@@ -1256,6 +1286,32 @@ pub(crate) mod tests {
         assert!(e.to_string().contains("not draining"), "{e}");
         assert!(m.apply(&Command::Undrain { id: "nx".into() }).is_err());
         assert_eq!(m.version, v, "a refused command changes nothing");
+    }
+
+    #[test]
+    fn a_collection_policy_changes_only_for_the_collection_it_names() {
+        let mut m = map_with_nodes(2);
+        m.apply(&placed(&m, spec("docs", 2, 1))).unwrap();
+        let id = m.collections["docs"].id;
+        let off = CollectionPolicy {
+            auto_rebuild_rows: Some(0),
+        };
+        let set = |name: &str, id: u64| Command::SetCollectionPolicy {
+            name: name.into(),
+            id,
+            policy: off.clone(),
+        };
+        let changes = m.apply(&set("docs", id)).unwrap();
+        assert!(
+            matches!(&changes[..], [Change::CollectionPut(c)] if c.policy == off),
+            "{changes:?}"
+        );
+        // Another incarnation of the name, or no such collection: refused, nothing changes.
+        let v = m.version;
+        assert!(m.apply(&set("docs", id + 1)).is_err());
+        assert!(m.apply(&set("nope", id)).is_err());
+        assert_eq!(m.version, v);
+        assert_eq!(m.collections["docs"].policy, off);
     }
 
     #[test]

@@ -12,8 +12,9 @@ use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
 
 use crate::map::{
-    Capacity, Change, ClusterMap, Collection, CollectionSpec, Command, EncoderRef, IndexParams,
-    Metric, Node, NodeState, ReplicaState, Shard, ShardKey, DEFAULT_REPLICA_MEMORY,
+    Capacity, Change, ClusterMap, Collection, CollectionPolicy, CollectionSpec, Command,
+    EncoderRef, IndexParams, Metric, Node, NodeState, ReplicaState, Shard, ShardKey,
+    DEFAULT_REPLICA_MEMORY,
 };
 use crate::member::{Coordinator, Reports};
 use crate::raft::{open, payload, Member};
@@ -73,6 +74,7 @@ pub fn collection_pb(c: &Collection) -> cpb::Collection {
         replica_memory_bytes: s.replica_memory_bytes,
         write_quorum: s.write_quorum,
         created_version: c.created_version,
+        auto_rebuild_rows: c.policy.auto_rebuild_rows,
     }
 }
 
@@ -572,6 +574,46 @@ impl cpb::admin_server::Admin for AdminService {
         Ok(Response::new(cpb::ListKeysResponse {
             keys: map.keys.values().map(|k| k.to_pb(false)).collect(),
         }))
+    }
+
+    async fn set_collection_policy(
+        &self,
+        req: Request<cpb::SetCollectionPolicyRequest>,
+    ) -> Result<Response<cpb::CollectionInfo>, Status> {
+        let target = req.get_ref().name.clone();
+        self.admin(
+            req,
+            "SetCollectionPolicy",
+            target,
+            true,
+            move |req| async move {
+                let req = req.into_inner();
+                check_name(&self.0, &req.name, "the collection name")?;
+                let id = self
+                    .0
+                    .read()
+                    .await?
+                    .collections
+                    .get(&req.name)
+                    .map(|c| c.id)
+                    .ok_or_else(|| {
+                        Status::not_found(format!("collection {:?} not found", req.name))
+                    })?;
+                let policy = CollectionPolicy {
+                    auto_rebuild_rows: req.auto_rebuild_rows,
+                };
+                self.0
+                    .write(Command::SetCollectionPolicy {
+                        name: req.name.clone(),
+                        id,
+                        policy,
+                    })
+                    .await?;
+                let map = self.0.read().await?;
+                Ok(Response::new(collection_info(&map, &req.name)?))
+            },
+        )
+        .await
     }
 
     async fn revoke_key(

@@ -1384,6 +1384,7 @@ const ADMIN_RPCS: &[&str] = &[
     "CreateKey",
     "ListKeys",
     "RevokeKey",
+    "SetCollectionPolicy",
 ];
 const READ_RPCS: &[&str] = &[
     "DescribeCollection",
@@ -1423,6 +1424,7 @@ async fn call_admin(c: &mut Client, rpc: &str) -> Result<(), tonic::Status> {
         "CreateKey" => c.create_key(Default::default()).await.map(drop),
         "ListKeys" => c.list_keys(Default::default()).await.map(drop),
         "RevokeKey" => c.revoke_key(Default::default()).await.map(drop),
+        "SetCollectionPolicy" => c.set_collection_policy(Default::default()).await.map(drop),
         other => panic!("no call for {other}: add one"),
     }
 }

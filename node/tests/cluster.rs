@@ -383,6 +383,90 @@ async fn writes_through_one_node_are_searched_got_and_deleted_through_the_other(
     f.stop().await;
 }
 
+/// Every replica of `vecs` on both nodes: (automatic rebuild rows, serving generation).
+fn vecs_replicas(f: &Fixture) -> Vec<(usize, Option<u64>)> {
+    [&f.a, &f.b]
+        .iter()
+        .flat_map(|n| {
+            n.registry
+                .read()
+                .iter()
+                .filter(|(k, _)| k.collection == "vecs")
+                .map(|(_, h)| {
+                    let s = h.repl.shard().unwrap();
+                    (s.auto_rebuild_tail(), s.stats().serving.map(|g| g.id))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+async fn set_auto_rebuild(f: &mut Fixture, rows: Option<u64>, want: usize) {
+    let info = f
+        .admin
+        .set_collection_policy(cpb::SetCollectionPolicyRequest {
+            name: "vecs".into(),
+            auto_rebuild_rows: rows,
+        })
+        .await
+        .unwrap();
+    assert_eq!(info.collection.unwrap().auto_rebuild_rows, rows);
+    let t = Instant::now();
+    while !vecs_replicas(f).iter().all(|&(tail, _)| tail == want) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "policy {rows:?} not applied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_collections_auto_rebuild_policy_changes_at_run_time_on_every_replica() {
+    let mut f = Fixture::start(false).await;
+    assert!(vecs_replicas(&f)
+        .iter()
+        .all(|&(tail, g)| tail == 50_000 && g.is_none()));
+    // Every 100 new rows: 600 rows (about 200 a shard) build every shard's index.
+    set_auto_rebuild(&mut f, Some(100), 100).await;
+    f.ingest_vectors(600).await;
+    let t = Instant::now();
+    while !vecs_replicas(&f).iter().all(|&(_, g)| g.is_some()) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            vecs_replicas(&f)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Off (a bulk load): 600 more rows build nothing.
+    set_auto_rebuild(&mut f, Some(0), 0).await;
+    let built = vecs_replicas(&f);
+    let more: Vec<pb::Document> = (1_000..1_600)
+        .map(|i| pb::Document {
+            id: format!("v{i}"),
+            vector: vector(i, 16),
+            ..Default::default()
+        })
+        .collect();
+    f.ga.ingest(pb::IngestRequest {
+        collection: "vecs".into(),
+        documents: more,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        vecs_replicas(&f),
+        built,
+        "a build ran with automatic rebuilds off"
+    );
+    // Back to the nodes' default.
+    set_auto_rebuild(&mut f, None, 50_000).await;
+    f.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_pipelined_stream_lands_every_batch_and_applies_one_ids_writes_in_order() {
     let mut f = Fixture::start(false).await;
@@ -414,17 +498,15 @@ async fn a_pipelined_stream_lands_every_batch_and_applies_one_ids_writes_in_orde
             }
         })
         .collect();
-    let r = f
-        .ga
-        .ingest_stream(tokio_stream::iter(batches))
-        .await
-        .unwrap()
-        .into_inner();
+    let r =
+        f.ga.ingest_stream(tokio_stream::iter(batches))
+            .await
+            .unwrap()
+            .into_inner();
     assert_eq!(r.ingested, 1_000 + 8);
     for id in ["s0", "s517", "s999"] {
-        let got = f
-            .gb
-            .get(pb::GetRequest {
+        let got =
+            f.gb.get(pb::GetRequest {
                 collection: "vecs".into(),
                 id: id.into(),
                 with_vector: false,
@@ -434,9 +516,8 @@ async fn a_pipelined_stream_lands_every_batch_and_applies_one_ids_writes_in_orde
             .into_inner();
         assert!(got.found, "{id}");
     }
-    let dup = f
-        .gb
-        .get(pb::GetRequest {
+    let dup =
+        f.gb.get(pb::GetRequest {
             collection: "vecs".into(),
             id: "dup".into(),
             with_vector: true,
@@ -455,11 +536,10 @@ async fn a_pipelined_stream_lands_every_batch_and_applies_one_ids_writes_in_orde
         }],
         ..Default::default()
     });
-    let e = f
-        .ga
-        .ingest_stream(tokio_stream::iter(bad))
-        .await
-        .unwrap_err();
+    let e =
+        f.ga.ingest_stream(tokio_stream::iter(bad))
+            .await
+            .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(
         e.message().contains("documents acknowledged") && e.message().contains("t3"),

@@ -194,6 +194,7 @@ impl Client {
         admin::create_key(cpb::CreateKeyRequest) -> cpb::CreateKeyResponse;
         admin::list_keys(cpb::ListKeysRequest) -> cpb::ListKeysResponse;
         admin::revoke_key(cpb::RevokeKeyRequest) -> cpb::ApiKey;
+        admin::set_collection_policy(cpb::SetCollectionPolicyRequest) -> cpb::CollectionInfo;
         cluster::register_node(cpb::RegisterNodeRequest) -> cpb::NodeInfo;
         cluster::heartbeat(cpb::HeartbeatRequest) -> cpb::HeartbeatResponse;
         cluster::hand_over(cpb::HandOverRequest) -> cpb::HandOverResponse;

@@ -172,6 +172,15 @@ pub enum CollectionCmd {
     Drop {
         name: String,
     },
+    /// Changes a collection's run-time policy: `--auto-rebuild off` before a bulk
+    /// load (then `shoal` BuildIndex once), `--auto-rebuild N` to rebuild a shard's
+    /// index once N rows are newer than it, `--auto-rebuild default` for the nodes'
+    /// `--auto-rebuild-tail`.
+    Policy {
+        name: String,
+        #[arg(long)]
+        auto_rebuild: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -250,6 +259,11 @@ fn collection_json(c: &cpb::Collection) -> serde_json::Value {
         "index": {"nlist": ix.nlist, "pq_m": ix.pq_m, "pq_nbits": ix.pq_nbits,
                   "nprobe": ix.nprobe, "refine": ix.refine},
         "encoder": c.encoder.as_ref().map(|e| e.model_id.clone()),
+        "auto_rebuild": match c.auto_rebuild_rows {
+            None => serde_json::json!("node default"),
+            Some(0) => serde_json::json!("off"),
+            Some(n) => serde_json::json!(n),
+        },
     })
 }
 
@@ -361,6 +375,25 @@ pub async fn collection(target: Target, cmd: CollectionCmd) -> anyhow::Result<()
                 .await?
                 .into_inner();
             print_json(serde_json::json!({"dropped": true, "map_version": r.map_version}));
+        }
+        CollectionCmd::Policy { name, auto_rebuild } => {
+            let auto_rebuild_rows = match auto_rebuild.as_str() {
+                "default" => None,
+                "off" => Some(0),
+                n => Some(n.parse::<u64>().map_err(|_| {
+                    anyhow::anyhow!("--auto-rebuild {n:?}: expected off, default or a row count")
+                })?),
+            };
+            let info = client
+                .set_collection_policy(cpb::SetCollectionPolicyRequest {
+                    name,
+                    auto_rebuild_rows,
+                })
+                .await?;
+            print_json(serde_json::json!({
+                "collection": info.collection.as_ref().map(collection_json),
+                "map_version": info.map_version,
+            }));
         }
     }
     Ok(())

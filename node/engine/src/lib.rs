@@ -21,7 +21,7 @@ use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -310,6 +310,10 @@ struct Inner {
     state: RwLock<State>,
     docs: DocsReader,
     building: Mutex<Option<u64>>,
+    /// Fresh rows that start a rebuild (0 = never): the manifest's value at open, then
+    /// whatever the collection's policy in the cluster map says
+    /// ([`Shard::set_auto_rebuild_tail`]; issue 18: off during a bulk load).
+    auto_rebuild_tail: AtomicUsize,
     poisoned: AtomicBool,
     /// Why a write poisoned this handle (not set by [`Shard::retire`]): reported to
     /// the coordinators so the replica leaves its shard's quorum until it is reopened.
@@ -456,6 +460,7 @@ impl Shard {
         Ok(Self {
             inner: Arc::new(Inner {
                 dir: dir.to_owned(),
+                auto_rebuild_tail: AtomicUsize::new(config.auto_rebuild_tail),
                 config,
                 writer: Mutex::new(writer),
                 state: RwLock::new(state),
@@ -876,9 +881,21 @@ impl Shard {
             .expect("spawn build thread")
     }
 
+    /// Sets how many fresh rows (written since the serving generation) start a rebuild;
+    /// 0 turns automatic rebuilds off. Not persisted: the cluster map holds the policy
+    /// and the node applies it to every replica it opens.
+    pub fn set_auto_rebuild_tail(&self, rows: usize) {
+        self.inner.auto_rebuild_tail.store(rows, Ordering::Relaxed);
+    }
+
+    pub fn auto_rebuild_tail(&self) -> usize {
+        self.inner.auto_rebuild_tail.load(Ordering::Relaxed)
+    }
+
     fn maybe_auto_rebuild(&self) {
         let cfg = &self.inner.config;
-        if cfg.auto_rebuild_tail == 0 || self.inner.building.lock().is_some() {
+        let tail = self.auto_rebuild_tail();
+        if tail == 0 || self.inner.building.lock().is_some() {
             return;
         }
         let (fresh, live) = {
@@ -886,7 +903,7 @@ impl Shard {
             let covered = st.serving.as_ref().map_or(0, |g| g.info.covered_rows);
             (st.rows.len() as u64 - covered, st.ids.len())
         };
-        if fresh as usize >= cfg.auto_rebuild_tail && live >= cfg.index.nlist {
+        if fresh as usize >= tail && live >= cfg.index.nlist {
             tracing::info!(
                 fresh_rows = fresh,
                 "fresh tail over threshold, rebuilding index"

@@ -67,7 +67,14 @@ pub fn role_of(view: &MapView, s: &cpb::Shard, me: &str) -> Role {
     }
 }
 
-fn shard_config(c: &cpb::Collection, auto_rebuild_tail: usize) -> CollectionConfig {
+/// Rows newer than the serving index that start a rebuild: the collection's policy in
+/// the map (issue 18), else the node's `--auto-rebuild-tail`.
+fn auto_rebuild_tail(c: &cpb::Collection, node_default: usize) -> usize {
+    c.auto_rebuild_rows
+        .map_or(node_default, |n| usize::try_from(n).unwrap_or(usize::MAX))
+}
+
+fn shard_config(c: &cpb::Collection, node_default: usize) -> CollectionConfig {
     // The map only holds metrics it validated; unspecified is the default.
     let metric = Metric::from_wire(c.metric).unwrap_or(Metric::InnerProduct);
     let mut cfg = CollectionConfig::new(c.dimension as usize, metric);
@@ -79,7 +86,7 @@ fn shard_config(c: &cpb::Collection, auto_rebuild_tail: usize) -> CollectionConf
         cfg.refine_factor = ix.refine as usize;
     }
     cfg.train_sample = cfg.train_sample.max(cfg.index.nlist);
-    cfg.auto_rebuild_tail = auto_rebuild_tail;
+    cfg.auto_rebuild_tail = auto_rebuild_tail(c, node_default);
     cfg
 }
 
@@ -114,7 +121,7 @@ impl Reconciler {
             }
         }
         let mut wanted: HashMap<ReplicaKey, ReplicaArgs> = HashMap::new();
-        let mut roles: Vec<(ReplicaKey, Role)> = Vec::new();
+        let mut roles: Vec<(ReplicaKey, Role, usize)> = Vec::new();
         for s in view.shards.values() {
             if !s.replicas.iter().any(|r| r.node_id == self.node_id) {
                 continue;
@@ -142,7 +149,11 @@ impl Reconciler {
                     self.in_sync_lag,
                 )
             });
-            roles.push((key.clone(), role_of(view, s, &self.node_id)));
+            roles.push((
+                key.clone(),
+                role_of(view, s, &self.node_id),
+                auto_rebuild_tail(c, self.auto_rebuild_tail),
+            ));
             wanted.insert(
                 key,
                 ReplicaArgs {
@@ -211,8 +222,14 @@ impl Reconciler {
         // Roles for the replicas that are open (one that failed to open gets its
         // role once it does).
         let hosted = self.registry.read().clone();
-        for (k, role) in roles {
+        for (k, role, tail) in roles {
             if let Some(h) = hosted.get(&k) {
+                if let Ok(shard) = h.repl.shard() {
+                    if shard.auto_rebuild_tail() != tail {
+                        tracing::info!(replica = %k, rows = tail, "automatic index rebuilds after this many new rows (0: off)");
+                        shard.set_auto_rebuild_tail(tail);
+                    }
+                }
                 if h.repl.role().as_ref() != Some(&role) {
                     tracing::info!(replica = %k, epoch = role.epoch, primary = %role.primary, is_primary = role.is_primary, "replica role");
                     h.repl.set_role(role);

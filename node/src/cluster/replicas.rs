@@ -83,7 +83,10 @@ pub fn open_replica(
             dir.display()
         )));
     }
+    let tail = config.auto_rebuild_tail;
     let shard = Shard::open_or_create(dir, config)?;
+    // The manifest holds the value at creation; the map's policy is what counts now.
+    shard.set_auto_rebuild_tail(tail);
     if let Some(m) = marker.filter(|m| !m.exists()) {
         let parent = m.parent().unwrap_or(dir);
         std::fs::create_dir_all(parent).map_err(io_at(parent))?;
@@ -214,6 +217,7 @@ impl Actor for ReplicaActor {
         match msg {
             ReplicaMsg::Install(staging, reply) => match install(h, staging).await {
                 Ok(new) => {
+                    new.set_auto_rebuild_tail(h.args.config.auto_rebuild_tail);
                     h.args.repl.set_shard(new.clone());
                     h.shard = Arc::new(new);
                     let _ = reply.send(Ok(()));
