@@ -13,6 +13,7 @@ pub mod map;
 pub mod member;
 pub mod metrics;
 pub mod network;
+pub mod operations;
 pub mod placement;
 pub mod raft;
 pub mod service;

@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
+use crate::operations::{self, Operation, OperationKind, Outcome, Step};
 use serde::{Deserialize, Serialize};
 use shoal_proto::auth::KeyRecord;
 
@@ -371,6 +372,26 @@ pub enum Command {
         id: u64,
         policy: CollectionPolicy,
     },
+    /// Starts an operation on collection `collection` (incarnation `collection_id`):
+    /// the map gives it the next id and a pending step per shard (from each shard's
+    /// serving generation now). Refused while one of its kind runs on the collection.
+    StartOperation {
+        kind: OperationKind,
+        collection: String,
+        collection_id: u64,
+        started_ms: u64,
+    },
+    /// A step's end reported by a node (a build that failed), while it is pending.
+    OperationStep {
+        id: u64,
+        shard: u32,
+        step: Step,
+    },
+    /// An operator ends a running operation.
+    CancelOperation {
+        id: u64,
+        reason: String,
+    },
 }
 
 /// Keys the map holds at most (each is checked against by id, not scanned).
@@ -385,6 +406,7 @@ pub enum Change {
     ShardPut(Shard),
     KeyPut(KeyRecord),
     KeyRevoked(String),
+    OperationPut(Operation),
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -502,6 +524,10 @@ pub struct ClusterMap {
     pub shards: BTreeMap<ShardKey, Shard>,
     /// API keys by id (issue 17).
     pub keys: BTreeMap<String, KeyRecord>,
+    /// Long-running operations by id (issue 18): the running ones and the last
+    /// [`operations::KEEP_FINISHED`] finished.
+    pub operations: BTreeMap<u64, Operation>,
+    pub next_operation_id: u64,
 }
 
 impl ClusterMap {
@@ -670,7 +696,63 @@ impl ClusterMap {
                 }
                 s.serving_generation = *serving;
                 s.building_generation = *building;
-                vec![Change::ShardPut(s.clone())]
+                let mut changes = vec![Change::ShardPut(s.clone())];
+                let version = self.version + 1;
+                for op in self.operations.values_mut() {
+                    if op.running()
+                        && op.collection == shard.collection
+                        && op.served(shard.index, *serving)
+                    {
+                        op.settle(version);
+                        changes.push(Change::OperationPut(op.clone()));
+                    }
+                }
+                operations::prune(&mut self.operations);
+                changes
+            }
+            Command::StartOperation {
+                kind,
+                collection,
+                collection_id,
+                started_ms,
+            } => self.start_operation(kind, collection, *collection_id, *started_ms)?,
+            Command::OperationStep { id, shard, step } => {
+                let version = self.version + 1;
+                let op = self
+                    .operations
+                    .get_mut(id)
+                    .filter(|o| o.running())
+                    .ok_or_else(|| MapError::NotFound(format!("no running operation {id}")))?;
+                if !matches!(op.steps.get(shard), Some(Step::Pending { .. })) {
+                    return Err(MapError::FailedPrecondition(format!(
+                        "operation {id} has no pending step for shard {shard}"
+                    )));
+                }
+                if matches!(step, Step::Pending { .. }) {
+                    return Err(invalid("a step can only end"));
+                }
+                op.steps.insert(*shard, step.clone());
+                op.settle(version);
+                let changes = vec![Change::OperationPut(op.clone())];
+                operations::prune(&mut self.operations);
+                changes
+            }
+            Command::CancelOperation { id, reason } => {
+                let version = self.version + 1;
+                let op = self
+                    .operations
+                    .get_mut(id)
+                    .filter(|o| o.running())
+                    .ok_or_else(|| MapError::NotFound(format!("no running operation {id}")))?;
+                op.end(
+                    Outcome::Cancelled {
+                        reason: reason.chars().take(256).collect(),
+                    },
+                    version,
+                );
+                let changes = vec![Change::OperationPut(op.clone())];
+                operations::prune(&mut self.operations);
+                changes
             }
             Command::ReplicaFailed {
                 shard,
@@ -824,7 +906,88 @@ impl ClusterMap {
             return Err(MapError::NotFound(format!("collection {name:?} not found")));
         }
         self.shards.retain(|k, _| k.collection != name);
-        Ok(vec![Change::CollectionDropped(name.to_string())])
+        let mut changes = vec![Change::CollectionDropped(name.to_string())];
+        let version = self.version + 1;
+        for op in self.operations.values_mut() {
+            if op.running() && op.collection == name {
+                op.end(
+                    Outcome::Cancelled {
+                        reason: "the collection was dropped".into(),
+                    },
+                    version,
+                );
+                changes.push(Change::OperationPut(op.clone()));
+            }
+        }
+        operations::prune(&mut self.operations);
+        Ok(changes)
+    }
+
+    fn start_operation(
+        &mut self,
+        kind: &OperationKind,
+        collection: &str,
+        collection_id: u64,
+        started_ms: u64,
+    ) -> Result<Vec<Change>> {
+        self.collections
+            .get(collection)
+            .filter(|c| c.id == collection_id)
+            .ok_or_else(|| {
+                MapError::NotFound(format!(
+                    "collection {collection:?} (id {collection_id}) not found"
+                ))
+            })?;
+        match kind {
+            OperationKind::BuildIndex(p) => {
+                if p.nlist == 0 || p.pq_m == 0 || p.pq_nbits == 0 || p.pq_nbits > 16 {
+                    return Err(invalid(format!("build parameters {p:?} are out of range")));
+                }
+                if p.train_sample < p.nlist as u64 {
+                    return Err(invalid(format!(
+                        "a training sample of {} cannot train {} lists",
+                        p.train_sample, p.nlist
+                    )));
+                }
+            }
+        }
+        if let Some(o) = self
+            .operations
+            .values()
+            .find(|o| o.running() && o.collection == collection && o.kind.name() == kind.name())
+        {
+            return Err(MapError::FailedPrecondition(format!(
+                "operation {} ({}) is running on {collection}: wait for it or cancel it",
+                o.id,
+                o.kind.name()
+            )));
+        }
+        let id = self.next_operation_id + 1;
+        self.next_operation_id = id;
+        let steps = self
+            .shards_of(collection)
+            .map(|s| {
+                (
+                    s.key.index,
+                    Step::Pending {
+                        from_generation: s.serving_generation,
+                    },
+                )
+            })
+            .collect();
+        let op = Operation {
+            id,
+            kind: kind.clone(),
+            collection: collection.to_string(),
+            collection_id,
+            started_ms,
+            started_version: self.version + 1,
+            steps,
+            outcome: None,
+            finished_version: 0,
+        };
+        self.operations.insert(id, op.clone());
+        Ok(vec![Change::OperationPut(op)])
     }
 
     fn register_node(

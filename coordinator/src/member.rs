@@ -574,6 +574,28 @@ impl Coordinator {
                         failed.push((key.clone(), r.failed.clone()));
                     }
                 }
+                // A build its primary could not make fails its operation's step.
+                if s.primary.as_deref() == Some(node)
+                    && r.build_operation != 0
+                    && !r.build_error.is_empty()
+                    && st.map.operations.get(&r.build_operation).is_some_and(|o| {
+                        o.running()
+                            && matches!(
+                                o.steps.get(&key.index),
+                                Some(crate::operations::Step::Pending { .. })
+                            )
+                    })
+                {
+                    let mut reason = r.build_error.clone();
+                    reason.truncate(reason.floor_char_boundary(1024));
+                    generations.push(Command::OperationStep {
+                        id: r.build_operation,
+                        shard: key.index,
+                        step: crate::operations::Step::Failed {
+                            reason: format!("on {node}: {reason}"),
+                        },
+                    });
+                }
                 {
                     if s.primary.as_deref() == Some(node)
                         && (r.serving_generation > s.serving_generation

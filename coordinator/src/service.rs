@@ -17,6 +17,7 @@ use crate::map::{
     DEFAULT_REPLICA_MEMORY,
 };
 use crate::member::{Coordinator, Reports};
+use crate::operations::{size_index, BuildParams, Operation, OperationKind, Outcome, Step};
 use crate::raft::{open, payload, Member};
 use shoal_proto::auth::{self, KeyRecord, Need, Principal, Role};
 use shoal_proto::wire::WireError;
@@ -158,6 +159,83 @@ fn map_pb(map: &ClusterMap) -> cpb::ClusterMapSnapshot {
         cluster_id: map.cluster_id.clone(),
         last_collection_id: map.next_collection_id,
         keys: map.keys.values().map(|k| k.to_pb(true)).collect(),
+        operations: map
+            .operations
+            .values()
+            .map(|o| operation_pb(o, map, None))
+            .collect(),
+    }
+}
+
+/// An operation on the wire; with the leader's reports, a pending build step says
+/// whether its primary is queued for a build slot or building.
+pub fn operation_pb(op: &Operation, map: &ClusterMap, reports: Option<&Reports>) -> cpb::Operation {
+    let steps = op
+        .steps
+        .iter()
+        .map(|(&index, step)| {
+            let key = ShardKey {
+                collection: op.collection.clone(),
+                index,
+            };
+            let node = map
+                .shards
+                .get(&key)
+                .and_then(|s| s.primary.clone())
+                .unwrap_or_default();
+            let mut out = cpb::OperationStep {
+                shard: index,
+                node: node.clone(),
+                ..Default::default()
+            };
+            match step {
+                Step::Pending { from_generation } => {
+                    out.from_generation = *from_generation;
+                    let r = reports.and_then(|r| r.get(&key, &node));
+                    out.state = match r {
+                        Some(r) if r.building_generation > 0 => "building",
+                        Some(r) if r.build_queued && r.build_operation == op.id => "queued",
+                        _ => "pending",
+                    }
+                    .into();
+                }
+                Step::Done { generation } => {
+                    out.state = "done".into();
+                    out.generation = *generation;
+                }
+                Step::Failed { reason } => {
+                    out.state = "failed".into();
+                    out.reason = reason.clone();
+                }
+            }
+            out
+        })
+        .collect();
+    let (state, reason) = match &op.outcome {
+        None => ("running", String::new()),
+        Some(Outcome::Succeeded) => ("succeeded", String::new()),
+        Some(Outcome::Failed { reason }) => ("failed", reason.clone()),
+        Some(Outcome::Cancelled { reason }) => ("cancelled", reason.clone()),
+    };
+    let OperationKind::BuildIndex(p) = &op.kind;
+    cpb::Operation {
+        id: op.id,
+        kind: op.kind.name().into(),
+        collection: op.collection.clone(),
+        collection_id: op.collection_id,
+        started_ms: op.started_ms,
+        started_version: op.started_version,
+        steps,
+        state: state.into(),
+        reason,
+        finished_version: op.finished_version,
+        build: Some(cpb::IndexBuild {
+            nlist: p.nlist,
+            pq_m: p.pq_m,
+            pq_nbits: p.pq_nbits,
+            train_sample: p.train_sample,
+            rows_per_shard: p.rows_per_shard,
+        }),
     }
 }
 
@@ -171,6 +249,7 @@ fn change_pb(c: &Change, map: &ClusterMap) -> cpb::MapChange {
             Change::ShardPut(s) => C::ShardPut(shard_pb(s)),
             Change::KeyPut(k) => C::KeyPut(k.to_pb(true)),
             Change::KeyRevoked(id) => C::KeyRevoked(id.clone()),
+            Change::OperationPut(o) => C::OperationPut(operation_pb(o, map, None)),
         }),
     }
 }
@@ -191,7 +270,8 @@ pub fn spec_from_pb(r: cpb::CreateCollectionRequest) -> Result<CollectionSpec, S
             content_hash: e.content_hash,
         }),
         index: IndexParams {
-            nlist: or(ix.nlist, d.nlist),
+            // 0: chosen from the shards' size when an index is built (issue 18).
+            nlist: ix.nlist,
             pq_m: or(ix.pq_m, d.pq_m),
             pq_nbits: or(ix.pq_nbits, d.pq_nbits),
             nprobe: or(ix.nprobe, d.nprobe.min(or(ix.nlist, d.nlist))),
@@ -207,6 +287,36 @@ pub fn spec_from_pb(r: cpb::CreateCollectionRequest) -> Result<CollectionSpec, S
             r.replica_memory_bytes
         },
     })
+}
+
+/// An index build's parameters: the request's, else the collection's, else sized from
+/// the largest shard ([`size_index`]); a training sample of at least 39 vectors a list
+/// (and the engine's 65,536 where the shard has them).
+pub fn build_params(
+    spec: &CollectionSpec,
+    rows: u64,
+    nlist: u32,
+    train_sample: u64,
+) -> BuildParams {
+    let nlist = [nlist, spec.index.nlist]
+        .into_iter()
+        .find(|&n| n > 0)
+        .unwrap_or_else(|| size_index(rows, 0).0);
+    let floor = 39 * nlist as u64;
+    let train_sample = if train_sample > 0 {
+        train_sample
+    } else {
+        floor.max(65_536.min(rows))
+    };
+    let d = IndexParams::defaults(spec.dimension.max(1));
+    let or = |v: u32, dflt: u32| if v == 0 { dflt } else { v };
+    BuildParams {
+        nlist,
+        pq_m: or(spec.index.pq_m, d.pq_m),
+        pq_nbits: or(spec.index.pq_nbits, d.pq_nbits),
+        train_sample,
+        rows_per_shard: rows,
+    }
 }
 
 fn collection_info(map: &ClusterMap, name: &str) -> Result<cpb::CollectionInfo, Status> {
@@ -611,6 +721,122 @@ impl cpb::admin_server::Admin for AdminService {
                     .await?;
                 let map = self.0.read().await?;
                 Ok(Response::new(collection_info(&map, &req.name)?))
+            },
+        )
+        .await
+    }
+
+    async fn start_index_build(
+        &self,
+        req: Request<cpb::StartIndexBuildRequest>,
+    ) -> Result<Response<cpb::Operation>, Status> {
+        let target = req.get_ref().collection.clone();
+        self.admin(
+            req,
+            "StartIndexBuild",
+            target,
+            true,
+            move |req| async move {
+                let req = req.into_inner();
+                check_name(&self.0, &req.collection, "the collection name")?;
+                let map = self.0.read().await?;
+                let c = map.collections.get(&req.collection).ok_or_else(|| {
+                    Status::not_found(format!("collection {:?} not found", req.collection))
+                })?;
+                // Sized by the largest shard, as its primary last reported it.
+                let rows = {
+                    let reports = self.0.reports.lock();
+                    map.shards_of(&req.collection)
+                        .filter_map(|s| {
+                            let p = s.primary.as_deref()?;
+                            reports.get(&s.key, p).map(|r| r.live_docs)
+                        })
+                        .max()
+                        .unwrap_or(0)
+                };
+                let params = build_params(&c.spec, rows, req.nlist, req.train_sample);
+                let started_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                let v = self
+                    .0
+                    .write(Command::StartOperation {
+                        kind: OperationKind::BuildIndex(params),
+                        collection: req.collection.clone(),
+                        collection_id: c.id,
+                        started_ms,
+                    })
+                    .await?;
+                let map = self.0.read().await?;
+                let op = map
+                    .operations
+                    .values()
+                    .find(|o| o.started_version == v)
+                    .ok_or_else(|| Status::internal("the started operation is not in the map"))?;
+                let reports = self.0.reports.lock();
+                Ok(Response::new(operation_pb(op, &map, Some(&reports))))
+            },
+        )
+        .await
+    }
+
+    async fn list_operations(
+        &self,
+        req: Request<cpb::ListOperationsRequest>,
+    ) -> Result<Response<cpb::ListOperationsResponse>, Status> {
+        let target = req.get_ref().collection.clone();
+        self.allow(
+            &req,
+            "ListOperations",
+            &target,
+            if target.is_empty() {
+                Need::role(Role::Read)
+            } else {
+                Need::on(Role::Read, &target)
+            },
+        )?;
+        let name = req.into_inner().collection;
+        if !name.is_empty() {
+            check_name(&self.0, &name, "the collection name")?;
+        }
+        let map = self.0.read().await?;
+        let reports = self.0.reports.lock();
+        Ok(Response::new(cpb::ListOperationsResponse {
+            operations: map
+                .operations
+                .values()
+                .filter(|o| name.is_empty() || o.collection == name)
+                .map(|o| operation_pb(o, &map, Some(&reports)))
+                .collect(),
+        }))
+    }
+
+    async fn cancel_operation(
+        &self,
+        req: Request<cpb::CancelOperationRequest>,
+    ) -> Result<Response<cpb::Operation>, Status> {
+        let target = req.get_ref().id.to_string();
+        self.admin(
+            req,
+            "CancelOperation",
+            target,
+            false,
+            move |req| async move {
+                let req = req.into_inner();
+                let reason = if req.reason.is_empty() {
+                    "cancelled by an operator".to_string()
+                } else {
+                    req.reason
+                };
+                self.0
+                    .write(Command::CancelOperation { id: req.id, reason })
+                    .await?;
+                let map = self.0.read().await?;
+                let op = map
+                    .operations
+                    .get(&req.id)
+                    .ok_or_else(|| Status::not_found(format!("operation {} not found", req.id)))?;
+                Ok(Response::new(operation_pb(op, &map, None)))
             },
         )
         .await

@@ -1385,6 +1385,8 @@ const ADMIN_RPCS: &[&str] = &[
     "ListKeys",
     "RevokeKey",
     "SetCollectionPolicy",
+    "StartIndexBuild",
+    "CancelOperation",
 ];
 const READ_RPCS: &[&str] = &[
     "DescribeCollection",
@@ -1392,6 +1394,7 @@ const READ_RPCS: &[&str] = &[
     "ListNodes",
     "ListShards",
     "ClusterStatus",
+    "ListOperations",
 ];
 
 /// The RPCs of `service NAME { ... }` in a proto file's text.
@@ -1425,6 +1428,9 @@ async fn call_admin(c: &mut Client, rpc: &str) -> Result<(), tonic::Status> {
         "ListKeys" => c.list_keys(Default::default()).await.map(drop),
         "RevokeKey" => c.revoke_key(Default::default()).await.map(drop),
         "SetCollectionPolicy" => c.set_collection_policy(Default::default()).await.map(drop),
+        "StartIndexBuild" => c.start_index_build(Default::default()).await.map(drop),
+        "ListOperations" => c.list_operations(Default::default()).await.map(drop),
+        "CancelOperation" => c.cancel_operation(Default::default()).await.map(drop),
         other => panic!("no call for {other}: add one"),
     }
 }

@@ -162,6 +162,7 @@ async fn wait_open(n: &NodeHandle, collection: &str, count: usize) {
 /// placed and open, and, with `text`, collection `texts` (384-d) with node a encoding.
 struct Fixture {
     _dir: tempfile::TempDir,
+    addrs: Vec<String>,
     coords: Vec<shoal_coordinator::Handle>,
     a: NodeHandle,
     b: NodeHandle,
@@ -272,6 +273,7 @@ impl Fixture {
             .unwrap();
         Fixture {
             _dir: dir,
+            addrs,
             coords,
             a,
             b,
@@ -781,6 +783,26 @@ async fn an_index_build_serves_every_shard_and_the_map_records_it() {
             .all(|s| s.error.is_empty() && s.generation >= 1),
         "{built:?}"
     );
+    // It ran as a cluster operation, with the collection's parameters on every shard.
+    assert_eq!(
+        (built.state.as_str(), built.nlist),
+        ("succeeded", 4),
+        "{built:?}"
+    );
+    let ops = f
+        .admin
+        .list_operations(cpb::ListOperationsRequest {
+            collection: "vecs".into(),
+        })
+        .await
+        .unwrap()
+        .operations;
+    assert!(
+        ops.iter().any(|o| o.id == built.operation
+            && o.state == "succeeded"
+            && o.steps.iter().all(|s| s.state == "done")),
+        "{ops:?}"
+    );
     // The primaries report their new generations; the map records them.
     let t = Instant::now();
     loop {
@@ -816,6 +838,85 @@ async fn an_index_build_serves_every_shard_and_the_map_records_it() {
     assert!(r.shards.iter().all(|s| s.generation >= 1), "{:?}", r.shards);
     assert_eq!(r.hits.len(), 300);
     f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_build_operation_survives_a_leader_change_and_a_node_restart() {
+    let mut f = Fixture::start(false).await;
+    f.ingest_vectors(300).await;
+    let Fixture {
+        _dir: dir,
+        addrs,
+        mut coords,
+        a,
+        b,
+        mut admin,
+        ..
+    } = f;
+    // Node b is away when the build is asked for: its shards' steps stay pending.
+    b.shutdown().await;
+    let op = admin
+        .start_index_build(cpb::StartIndexBuildRequest {
+            collection: "vecs".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(op.state, "running");
+    let on_b = op.steps.iter().filter(|s| s.node == "b").count();
+    assert!(on_b > 0, "{op:?}");
+    // A second build of the collection is refused while this one runs.
+    let e = admin
+        .start_index_build(cpb::StartIndexBuildRequest {
+            collection: "vecs".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    // The leader goes; node b comes back; the operation, in the map, completes.
+    let leader = loop {
+        let l = coords[0].coordinator.raft.metrics().borrow().current_leader;
+        if let Some(l) = l {
+            break (l - 1) as usize;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    coords.remove(leader).shutdown().await;
+    let b = node(dir.path(), "b", &addrs, false).await;
+    let t = Instant::now();
+    let done = loop {
+        let ops = admin
+            .list_operations(cpb::ListOperationsRequest {
+                collection: "vecs".into(),
+            })
+            .await
+            .map(|r| r.operations)
+            .unwrap_or_default();
+        if let Some(o) = ops
+            .into_iter()
+            .find(|o| o.id == op.id && o.state != "running")
+        {
+            break o;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the build did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(done.state, "succeeded", "{done:?}");
+    assert!(
+        done.steps
+            .iter()
+            .all(|s| s.state == "done" && s.generation >= 1),
+        "{done:?}"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+    for c in coords {
+        c.shutdown().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

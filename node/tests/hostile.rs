@@ -846,6 +846,54 @@ fn every_rpc_survives_hostile_messages() {
         let mut s = AdminClient::new(admin.clone());
         async move { s.cluster_status(req(cpb::ClusterStatusRequest {})).await }
     });
+    let coll_name = || prop_oneof![Just("fuzz".to_string()), hostile_string()];
+    f.rpc(
+        "Admin/SetCollectionPolicy",
+        (coll_name(), proptest::option::of(hostile_u64())),
+        |(name, auto_rebuild_rows)| {
+            let mut s = AdminClient::new(admin.clone());
+            async move {
+                s.set_collection_policy(req(cpb::SetCollectionPolicyRequest {
+                    name,
+                    auto_rebuild_rows,
+                }))
+                .await
+            }
+        },
+    );
+    f.rpc(
+        "Admin/StartIndexBuild",
+        (coll_name(), hostile_u32(), hostile_u64()),
+        |(collection, nlist, train_sample)| {
+            let mut s = AdminClient::new(admin.clone());
+            async move {
+                s.start_index_build(req(cpb::StartIndexBuildRequest {
+                    collection,
+                    nlist,
+                    train_sample,
+                }))
+                .await
+            }
+        },
+    );
+    f.rpc("Admin/ListOperations", hostile_string(), |collection| {
+        let mut s = AdminClient::new(admin.clone());
+        async move {
+            s.list_operations(req(cpb::ListOperationsRequest { collection }))
+                .await
+        }
+    });
+    f.rpc(
+        "Admin/CancelOperation",
+        (hostile_u64(), hostile_string()),
+        |(id, reason)| {
+            let mut s = AdminClient::new(admin.clone());
+            async move {
+                s.cancel_operation(req(cpb::CancelOperationRequest { id, reason }))
+                    .await
+            }
+        },
+    );
     f.rpc(
         "Admin/AddLearner",
         // Never its own id (1), whose membership a learner entry would rewrite.
@@ -950,6 +998,7 @@ fn every_rpc_survives_hostile_messages() {
         |(shard, applied_seq, serving_generation)| cpb::ReplicaReport {
             ahead: shard.collection.clone(),
             failed: shard.collection.clone(),
+            build_error: shard.collection.clone(),
             lagging: vec![shard.collection.clone(); (applied_seq % 5) as usize],
             in_sync: vec![shard.collection.clone(); (serving_generation % 5) as usize],
             shard: Some(shard),
@@ -960,6 +1009,8 @@ fn every_rpc_survives_hostile_messages() {
             live_docs: applied_seq,
             caught_up: true,
             epoch: serving_generation,
+            build_operation: serving_generation,
+            build_queued: applied_seq % 2 == 0,
         },
     );
     f.rpc(

@@ -195,6 +195,9 @@ impl Client {
         admin::list_keys(cpb::ListKeysRequest) -> cpb::ListKeysResponse;
         admin::revoke_key(cpb::RevokeKeyRequest) -> cpb::ApiKey;
         admin::set_collection_policy(cpb::SetCollectionPolicyRequest) -> cpb::CollectionInfo;
+        admin::start_index_build(cpb::StartIndexBuildRequest) -> cpb::Operation;
+        admin::list_operations(cpb::ListOperationsRequest) -> cpb::ListOperationsResponse;
+        admin::cancel_operation(cpb::CancelOperationRequest) -> cpb::Operation;
         cluster::register_node(cpb::RegisterNodeRequest) -> cpb::NodeInfo;
         cluster::heartbeat(cpb::HeartbeatRequest) -> cpb::HeartbeatResponse;
         cluster::hand_over(cpb::HandOverRequest) -> cpb::HandOverResponse;

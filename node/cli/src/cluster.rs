@@ -70,6 +70,13 @@ pub struct NodeArgs {
     /// Fresh rows per shard that trigger a background IVF-PQ build [default: 50000].
     #[arg(long, env = "SHOAL_AUTO_REBUILD_TAIL")]
     auto_rebuild_tail: Option<usize>,
+    /// Index builds run at once [default: 1].
+    #[arg(long, env = "SHOAL_BUILD_SLOTS")]
+    build_slots: Option<usize>,
+    /// Memory the index builds running at once may hold; a build that does not fit
+    /// waits [default: 0 = a quarter of the machine's memory].
+    #[arg(long, env = "SHOAL_BUILD_MEMORY_BYTES")]
+    build_memory_bytes: Option<u64>,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, env = "SHOAL_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
@@ -136,6 +143,8 @@ impl NodeArgs {
             zone,
             memory_bytes,
             auto_rebuild_tail,
+            build_slots,
+            build_memory_bytes,
             recent_log_bytes,
             disk_reserve_bytes
         );

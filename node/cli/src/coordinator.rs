@@ -501,13 +501,122 @@ pub async fn status(target: Target) -> anyhow::Result<()> {
         })
         .await?
         .into_inner();
+    let ops = leader
+        .list_operations(cpb::ListOperationsRequest::default())
+        .await?;
     print_json(serde_json::json!({
         "coordinators": group_json(&st),
         "map_version": nodes.map_version,
         "nodes": nodes.nodes.iter().map(node_json).collect::<Vec<_>>(),
         "shards": shards.shards.iter().map(shard_json).collect::<Vec<_>>(),
+        "operations_running": ops.operations.iter().filter(|o| o.state == "running")
+            .map(operation_json).collect::<Vec<_>>(),
     }));
     Ok(())
+}
+
+fn operation_json(o: &cpb::Operation) -> serde_json::Value {
+    let b = o.build.unwrap_or_default();
+    let count = |state: &str| o.steps.iter().filter(|s| s.state == state).count();
+    serde_json::json!({
+        "id": o.id, "kind": o.kind, "collection": o.collection, "state": o.state,
+        "reason": o.reason, "started_ms": o.started_ms,
+        "build": {"nlist": b.nlist, "pq_m": b.pq_m, "pq_nbits": b.pq_nbits,
+                  "train_sample": b.train_sample, "rows_per_shard": b.rows_per_shard},
+        "shards": {"total": o.steps.len(), "done": count("done"), "building": count("building"),
+                   "queued": count("queued"), "pending": count("pending"), "failed": count("failed")},
+        "steps": o.steps.iter().map(|s| serde_json::json!({
+            "shard": s.shard, "node": s.node, "state": s.state,
+            "generation": s.generation, "reason": s.reason,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+#[derive(Subcommand)]
+pub enum OperationsCmd {
+    /// Running operations and the last finished (per shard: pending, queued, building,
+    /// done, failed).
+    List {
+        #[arg(long, default_value = "")]
+        collection: String,
+    },
+    /// Ends a running operation (its shards' builds already running finish).
+    Cancel {
+        id: u64,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+pub async fn operations(target: Target, cmd: OperationsCmd) -> anyhow::Result<()> {
+    let mut client = Client::new(target.coordinators);
+    match cmd {
+        OperationsCmd::List { collection } => {
+            // Queued and building come from the replicas' reports, in the leader's memory.
+            let st = client.cluster_status(cpb::ClusterStatusRequest {}).await?;
+            let mut leader = if st.leader_api_addr.is_empty() {
+                client
+            } else {
+                Client::new(vec![st.leader_api_addr])
+            };
+            let r = leader
+                .list_operations(cpb::ListOperationsRequest { collection })
+                .await?;
+            print_json(serde_json::json!({
+                "operations": r.operations.iter().map(operation_json).collect::<Vec<_>>(),
+            }));
+        }
+        OperationsCmd::Cancel { id, reason } => {
+            let o = client
+                .cancel_operation(cpb::CancelOperationRequest { id, reason })
+                .await?;
+            print_json(operation_json(&o));
+        }
+    }
+    Ok(())
+}
+
+/// `shoal index build`: starts a collection's index build operation; with `--wait`,
+/// follows it to its end.
+pub async fn index_build(
+    target: Target,
+    collection: String,
+    nlist: u32,
+    train_sample: u64,
+    wait: bool,
+) -> anyhow::Result<()> {
+    let mut client = Client::new(target.coordinators);
+    let op = client
+        .start_index_build(cpb::StartIndexBuildRequest {
+            collection: collection.clone(),
+            nlist,
+            train_sample,
+        })
+        .await?;
+    if !wait {
+        print_json(operation_json(&op));
+        return Ok(());
+    }
+    let t = std::time::Instant::now();
+    loop {
+        let ops = client
+            .list_operations(cpb::ListOperationsRequest {
+                collection: collection.clone(),
+            })
+            .await?;
+        if let Some(o) = ops.operations.iter().find(|o| o.id == op.id) {
+            if o.state != "running" {
+                let mut v = operation_json(o);
+                v["seconds"] = t.elapsed().as_secs_f64().into();
+                print_json(v);
+                if o.state != "succeeded" {
+                    anyhow::bail!("index build {} {}: {}", o.id, o.state, o.reason);
+                }
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }
 
 #[derive(Subcommand)]

@@ -210,6 +210,29 @@ enum Cmd {
         #[command(subcommand)]
         cmd: coordinator::CollectionCmd,
     },
+    /// Long-running cluster operations (index builds): list, cancel.
+    Operations {
+        #[command(flatten)]
+        target: coordinator::Target,
+        #[command(subcommand)]
+        cmd: coordinator::OperationsCmd,
+    },
+    /// Builds a new IVF-PQ generation on every shard of COLLECTION (a cluster
+    /// operation: parameters chosen once from the shards' size unless given).
+    IndexBuild {
+        #[command(flatten)]
+        target: coordinator::Target,
+        collection: String,
+        /// IVF lists (0: the collection's, else about 4·sqrt(rows per shard)).
+        #[arg(long, default_value_t = 0)]
+        nlist: u32,
+        /// Training vectors (0: at least 39 per list).
+        #[arg(long, default_value_t = 0)]
+        train_sample: u64,
+        /// Follow the build to its end (the exit status says how it ended).
+        #[arg(long)]
+        wait: bool,
+    },
     /// Operator actions on one shard's replica set.
     Shard {
         #[command(flatten)]
@@ -388,6 +411,20 @@ fn run(cmd: Cmd, otlp: Option<&str>, rt: &tokio::runtime::Runtime) -> anyhow::Re
         Cmd::Coordinator(args) => rt.block_on(coordinator::run(args)),
         Cmd::Collection { target, cmd } => rt.block_on(coordinator::collection(target, cmd)),
         Cmd::Shard { target, cmd } => rt.block_on(coordinator::shard(target, cmd)),
+        Cmd::Operations { target, cmd } => rt.block_on(coordinator::operations(target, cmd)),
+        Cmd::IndexBuild {
+            target,
+            collection,
+            nlist,
+            train_sample,
+            wait,
+        } => rt.block_on(coordinator::index_build(
+            target,
+            collection,
+            nlist,
+            train_sample,
+            wait,
+        )),
         Cmd::Status { target } => rt.block_on(coordinator::status(target)),
         Cmd::Members { target, cmd } => rt.block_on(coordinator::members(target, cmd)),
         Cmd::Drain { target, node, undo } => rt.block_on(coordinator::drain(target, node, undo)),

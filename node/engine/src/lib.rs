@@ -314,6 +314,10 @@ struct Inner {
     /// whatever the collection's policy in the cluster map says
     /// ([`Shard::set_auto_rebuild_tail`]; issue 18: off during a bulk load).
     auto_rebuild_tail: AtomicUsize,
+    /// Build parameters and training sample chosen for the whole collection (issue 18:
+    /// the cluster's index build operation sizes them from the shards), used in place
+    /// of the manifest's by every build that names none. Not persisted.
+    build_params: Mutex<Option<(IvfPqParams, usize)>>,
     poisoned: AtomicBool,
     /// Why a write poisoned this handle (not set by [`Shard::retire`]): reported to
     /// the coordinators so the replica leaves its shard's quorum until it is reopened.
@@ -461,6 +465,7 @@ impl Shard {
             inner: Arc::new(Inner {
                 dir: dir.to_owned(),
                 auto_rebuild_tail: AtomicUsize::new(config.auto_rebuild_tail),
+                build_params: Mutex::new(None),
                 config,
                 writer: Mutex::new(writer),
                 state: RwLock::new(state),
@@ -848,7 +853,8 @@ impl Shard {
     /// Reads and writes continue meanwhile; writes during the build are either added
     /// to the new index before the swap or searched exactly as its fresh tail.
     pub fn rebuild(&self, params: Option<IvfPqParams>) -> Result<GenerationInfo> {
-        let params = params.unwrap_or(self.inner.config.index);
+        let (chosen, sample) = self.build_params();
+        let params = params.unwrap_or(chosen);
         params.validate(self.inner.config.dimension)?;
         let gen_id = {
             let mut b = self.inner.building.lock();
@@ -861,7 +867,7 @@ impl Shard {
             *b = Some(id);
             id
         };
-        let result = self.build_generation(gen_id, params);
+        let result = self.build_generation(gen_id, params, sample);
         *self.inner.building.lock() = None;
         if let Err(e) = &result {
             tracing::warn!(generation = gen_id, error = %e, "index build failed");
@@ -881,6 +887,20 @@ impl Shard {
             .expect("spawn build thread")
     }
 
+    /// Sets the parameters and training sample every build that names none uses (the
+    /// collection's, chosen by the cluster); `None` goes back to the manifest's.
+    pub fn set_build_params(&self, p: Option<(IvfPqParams, usize)>) {
+        *self.inner.build_params.lock() = p;
+    }
+
+    /// The parameters and training sample a build that names none uses.
+    pub fn build_params(&self) -> (IvfPqParams, usize) {
+        self.inner
+            .build_params
+            .lock()
+            .unwrap_or((self.inner.config.index, self.inner.config.train_sample))
+    }
+
     /// Sets how many fresh rows (written since the serving generation) start a rebuild;
     /// 0 turns automatic rebuilds off. Not persisted: the cluster map holds the policy
     /// and the node applies it to every replica it opens.
@@ -893,7 +913,6 @@ impl Shard {
     }
 
     fn maybe_auto_rebuild(&self) {
-        let cfg = &self.inner.config;
         let tail = self.auto_rebuild_tail();
         if tail == 0 || self.inner.building.lock().is_some() {
             return;
@@ -903,7 +922,7 @@ impl Shard {
             let covered = st.serving.as_ref().map_or(0, |g| g.info.covered_rows);
             (st.rows.len() as u64 - covered, st.ids.len())
         };
-        if fresh as usize >= tail && live >= cfg.index.nlist {
+        if fresh as usize >= tail && live >= self.build_params().0.nlist {
             tracing::info!(
                 fresh_rows = fresh,
                 "fresh tail over threshold, rebuilding index"
@@ -912,7 +931,12 @@ impl Shard {
         }
     }
 
-    fn build_generation(&self, gen_id: u64, params: IvfPqParams) -> Result<GenerationInfo> {
+    fn build_generation(
+        &self,
+        gen_id: u64,
+        params: IvfPqParams,
+        train_sample: usize,
+    ) -> Result<GenerationInfo> {
         let started = Instant::now();
         let cfg = &self.inner.config;
         let dim = cfg.dimension;
@@ -924,7 +948,7 @@ impl Shard {
             let live = st.live_rows(0..st.rows.len() as u64);
             (st.rows.len() as u64, live, st.vectors.clone())
         };
-        let picked: Vec<u64> = training_sample(cfg.seed, gen_id, live.len(), cfg.train_sample)
+        let picked: Vec<u64> = training_sample(cfg.seed, gen_id, live.len(), train_sample)
             .into_iter()
             .map(|i| live[i])
             .collect();
@@ -1035,6 +1059,21 @@ pub async fn run_blocking<T: Send + 'static>(
         Ok(r) => r,
         Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
+}
+
+/// Bytes a build of `rows` vectors of `dim` with `params` and a training sample of
+/// `sample` is estimated to hold beyond the shard's resident data (issue 18's admission
+/// control): the sample twice (gathered, and FAISS's residuals while training PQ), the
+/// coarse centroids, two add chunks, and the new generation's codes and ids with a
+/// quarter more for the inverted lists' slack.
+pub fn build_memory(rows: u64, dim: usize, params: IvfPqParams, sample: usize) -> u64 {
+    let dim = dim as u64;
+    let sample = (sample as u64).min(rows.max(params.nlist as u64));
+    let code = (params.m * params.nbits).div_ceil(8) as u64;
+    2 * sample * dim * 4
+        + params.nlist as u64 * dim * 4
+        + 2 * BUILD_CHUNK_ROWS as u64 * dim * 4
+        + rows * (code + 8) * 5 / 4
 }
 
 /// Positions (into the list of live rows, ascending) of the vectors that train

@@ -56,6 +56,11 @@ pub struct NodeConfig {
     pub search_deadline: Duration,
     /// Fresh rows that trigger a background index build per shard.
     pub auto_rebuild_tail: usize,
+    /// Index builds this node runs at once (issue 18's admission control).
+    pub build_slots: usize,
+    /// Memory the builds running at once may hold (estimated before each starts); a
+    /// build that does not fit waits. 0 = a quarter of the machine's memory.
+    pub build_memory_bytes: u64,
     /// Plaintext grpc.health only (for probes that speak no TLS); None: none.
     pub health_listen: Option<std::net::SocketAddr>,
     /// Prometheus `/metrics` address; None: no endpoint.
@@ -108,6 +113,8 @@ impl Default for NodeConfig {
             trash_grace: Duration::from_secs(24 * 3600),
             search_deadline: Duration::from_secs(5),
             auto_rebuild_tail: 50_000,
+            build_slots: 1,
+            build_memory_bytes: 0,
             metrics_listen: None,
             health_listen: None,
             tls: None,

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use futures::stream::{FuturesUnordered, StreamExt};
 use parking_lot::{Mutex, RwLock};
 use shoal_encoder::pool::{EncoderPool, PoolEncoded};
+use shoal_proto::client::Client;
 use shoal_proto::coordinator as cpb;
 use shoal_proto::limits::{vector_problem, Limits};
 use shoal_proto::metric::Metric;
@@ -29,8 +30,6 @@ use super::writes;
 const LATENCY_WINDOW: usize = 512;
 /// How long a shard's primary may take to acknowledge a write (its quorum included).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long one replica's index build may take.
-const BUILD_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// The shard a document id belongs to: crc32 of the id, mod the shard count. Stable
 /// across processes and releases (it decides where data lives).
@@ -78,6 +77,8 @@ pub struct Gateway {
     /// percentile is hedged to another replica.
     latencies: Mutex<VecDeque<f64>>,
     pub limits: Limits,
+    /// The coordinators: cluster operations (index builds) start there.
+    coordinators: Client,
 }
 
 /// Decrements a node's in-flight count when a call ends, however it ends.
@@ -105,8 +106,10 @@ impl Gateway {
         default_deadline: Duration,
         transports: Arc<Transports>,
         limits: Limits,
+        coordinators: Client,
     ) -> Self {
         Self {
+            coordinators,
             limits,
             node_id,
             view,
@@ -398,59 +401,67 @@ impl Gateway {
         })
     }
 
-    /// A new index generation on every shard, in parallel; per-shard failures (too few
-    /// vectors to train, a build already running) are reported, not fatal.
+    /// A new index generation on every shard: starts the collection's build operation
+    /// through the coordinators with the caller's key (or joins the one running), then
+    /// follows it in this node's map until it ends or `wait` runs out (the operation
+    /// goes on either way).
     pub async fn build_index(
         &self,
         req: pb::BuildIndexRequest,
+        key: Option<&str>,
+        wait: Duration,
     ) -> Result<pb::BuildIndexResponse, Status> {
-        let (coll, shards) = self.collection_shards(&req.collection)?;
-        let shards = &shards;
-        let builds = shards.iter().map(|s| {
-            let coll = &coll;
-            async move {
-                let mut out = pb::ShardBuild {
-                    shard: s.index,
-                    ..Default::default()
-                };
-                // Every replica builds its own generation; the primary's is reported.
-                let build = |node: String, addr: String| async move {
-                    let req = rpb::BuildRequest {
-                        shard: Some(Self::shard_id(coll, s.index)),
-                    };
-                    self.replicas(&node, &addr)?.build(req, BUILD_TIMEOUT).await
-                };
-                let backups = self
-                    .readers(s)
-                    .into_iter()
-                    .filter(|(n, _)| *n != s.primary)
-                    .map(|(n, addr)| {
-                        let b = build(n.clone(), addr);
-                        async move {
-                            if let Err(e) = b.await {
-                                tracing::warn!(shard = s.index, node = %n, error = %e.message(), "backup index build failed");
-                            }
-                        }
-                    });
-                let primary = async {
-                    let (node, addr) = self.primary(shards, s.index)?;
-                    out.node = node.clone();
-                    build(node, addr).await
-                };
-                let (r, _) = futures::join!(primary, futures::future::join_all(backups));
-                match r {
-                    Ok(b) => {
-                        out.generation = b.generation;
-                        out.indexed_vectors = b.indexed_vectors;
-                        out.build_seconds = b.build_seconds;
-                    }
-                    Err(e) => out.error = format!("{}: {}", e.kind(), e.message()),
-                }
-                out
+        let started = Instant::now();
+        let mut client = self.coordinators.clone().with_key(key);
+        let op = match client
+            .start_index_build(cpb::StartIndexBuildRequest {
+                collection: req.collection.clone(),
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(op) => op,
+            // One is running: this call follows it.
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => client
+                .list_operations(cpb::ListOperationsRequest {
+                    collection: req.collection.clone(),
+                })
+                .await?
+                .operations
+                .into_iter()
+                .rfind(|o| o.kind == "build_index" && o.state == "running")
+                .ok_or(s)?,
+            Err(s) => return Err(s),
+        };
+        let until = started + wait;
+        let op = loop {
+            let seen = self.view.read().operations.get(&op.id).cloned();
+            match seen {
+                Some(o) if o.state != "running" => break o,
+                seen if Instant::now() >= until => break seen.unwrap_or(op),
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
             }
-        });
+        };
+        let secs = started.elapsed().as_secs_f64();
+        let b = op.build.unwrap_or_default();
         Ok(pb::BuildIndexResponse {
-            shards: futures::future::join_all(builds).await,
+            shards: op
+                .steps
+                .iter()
+                .map(|s| pb::ShardBuild {
+                    shard: s.shard,
+                    node: s.node.clone(),
+                    generation: s.generation,
+                    indexed_vectors: 0,
+                    build_seconds: if s.state == "done" { secs } else { 0.0 },
+                    error: s.reason.clone(),
+                })
+                .collect(),
+            operation: op.id,
+            state: op.state,
+            reason: op.reason,
+            nlist: b.nlist,
+            train_sample: b.train_sample,
         })
     }
 

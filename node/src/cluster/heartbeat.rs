@@ -13,6 +13,7 @@ use shoal_proto::client::Client;
 use shoal_proto::coordinator as cpb;
 use tokio::sync::watch;
 
+use super::builds::{BuildReport, Builds};
 use super::disk::DiskGuard;
 use super::handover;
 use super::identity::Identity;
@@ -40,6 +41,8 @@ pub struct ReplicaState {
     pub failure: Option<String>,
     /// On a primary: its in-sync set changes to ask for.
     pub in_sync: InSyncReport,
+    /// Its build for a cluster operation: queued, or why it failed (issue 18).
+    pub build: BuildReport,
 }
 
 impl ReplicaState {
@@ -97,6 +100,13 @@ pub fn reports(replicas: &[ReplicaState]) -> Vec<cpb::ReplicaReport> {
             failed,
             lagging: r.in_sync.lagging.clone(),
             in_sync: r.in_sync.in_sync.clone(),
+            build_operation: r.build.operation,
+            build_queued: r.build.queued,
+            build_error: {
+                let mut e = r.build.error.clone();
+                e.truncate(e.floor_char_boundary(FAILURE_BYTES));
+                e
+            },
         });
     }
     out
@@ -113,6 +123,7 @@ pub(super) struct Heartbeat {
     /// The map version of the leader's last answer (the map watch compares).
     pub leader_version: Arc<AtomicU64>,
     pub client: Client,
+    pub builds: Arc<Builds>,
 }
 
 impl Heartbeat {
@@ -134,7 +145,14 @@ impl Heartbeat {
                     .values()
                     .map(|h| h.repl.clone())
                     .collect();
-                repls.iter().map(|r| ReplicaState::of(r)).collect()
+                repls
+                    .iter()
+                    .map(|r| {
+                        let mut s = ReplicaState::of(r);
+                        s.build = self.builds.report(&r.key);
+                        s
+                    })
+                    .collect()
             };
             let reports = reports(&states);
             let (dg, data_dir) = (self.disk.clone(), self.cfg.data_dir.clone());

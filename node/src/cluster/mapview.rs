@@ -20,6 +20,8 @@ pub struct MapView {
     pub last_collection_id: u64,
     /// API keys by id (their hashes; issue 17).
     pub keys: BTreeMap<String, KeyRecord>,
+    /// Cluster operations by id (issue 18): running ones and the last finished.
+    pub operations: BTreeMap<u64, cpb::Operation>,
 }
 
 /// What a node does with a replica the map no longer assigns to it.
@@ -67,6 +69,7 @@ impl MapView {
                     .into_iter()
                     .map(|s| ((s.collection.clone(), s.index), s))
                     .collect();
+                self.operations = m.operations.into_iter().map(|o| (o.id, o)).collect();
             }
             Some(cpb::map_event::Event::Changes(cs)) => {
                 for c in cs.changes.into_iter().filter_map(|c| c.change) {
@@ -96,6 +99,19 @@ impl MapView {
                         }
                         C::KeyRevoked(id) => {
                             self.keys.remove(&id);
+                        }
+                        C::OperationPut(o) => {
+                            self.operations.insert(o.id, o);
+                            // As the map: the last finished ones only.
+                            let finished: Vec<u64> = self
+                                .operations
+                                .values()
+                                .filter(|o| o.state != "running")
+                                .map(|o| o.id)
+                                .collect();
+                            for id in finished.iter().take(finished.len().saturating_sub(100)) {
+                                self.operations.remove(id);
+                            }
                         }
                     }
                 }

@@ -3,6 +3,7 @@
 //! each, under a supervisor), heartbeats, and serves the public `Shoal` API (as a
 //! gateway to every shard) and the internal `Replica` API (its own replicas).
 
+pub mod builds;
 pub mod config;
 pub mod disk;
 pub mod error;
@@ -154,6 +155,19 @@ async fn register(
     Ok(())
 }
 
+/// The machine's memory (MemTotal), for defaults sized by it; 8 GiB when unknown.
+fn machine_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(8 << 30, |kb| kb * 1024)
+}
+
 pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     cfg.validate()?;
     let wildcard = cfg
@@ -256,8 +270,15 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     });
     // Renewed by answered heartbeats; held by every primary before it acknowledges.
     let lease = Arc::new(lease::Lease::default());
+    // Index builds the map's operations ask for, under this node's admission control.
+    let build_memory = match cfg.build_memory_bytes {
+        0 => machine_memory() / 4,
+        b => b,
+    };
+    let builds = builds::Builds::new(cfg.build_slots, build_memory, registry.clone());
     // The map: whole, then changes; resume from the last version after a reconnect.
     let reconciler = reconcile::Reconciler {
+        builds: builds.clone(),
         node_id: cfg.id.clone(),
         data_dir: cfg.data_dir.clone(),
         registry: registry.clone(),
@@ -309,6 +330,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
             lease: lease.clone(),
             leader_version,
             client: client.clone(),
+            builds,
         }
         .run(stop_rx.clone()),
     ));
@@ -330,6 +352,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         cfg.search_deadline,
         transports.clone(),
         cfg.limits.clone(),
+        client.clone(),
     ));
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;

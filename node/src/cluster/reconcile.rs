@@ -92,6 +92,7 @@ fn shard_config(c: &cpb::Collection, node_default: usize) -> CollectionConfig {
 
 /// Opens and closes this node's replicas as the map says.
 pub(super) struct Reconciler {
+    pub(super) builds: Arc<super::builds::Builds>,
     pub(super) node_id: String,
     pub(super) data_dir: PathBuf,
     pub(super) registry: Registry,
@@ -236,6 +237,8 @@ impl Reconciler {
                 }
             }
         }
+        // Index builds the map's operations ask of these replicas.
+        self.builds.sync(view);
     }
 }
 

@@ -222,9 +222,16 @@ impl pb::shoal_server::Shoal for ShoalService {
     ) -> Result<Response<pb::BuildIndexResponse>, Status> {
         let target = req.get_ref().collection.clone();
         let who = self.allow(req.metadata(), "BuildIndex", &target, Role::Admin)?;
+        // The caller's key starts the operation at the coordinators (its role checked
+        // there too); the call follows it until its deadline at most.
+        let key = shoal_proto::auth::presented(req.metadata()).map(str::to_string);
+        let max = self.0.limits.node_request_timeout();
+        let wait = deadline(&req, max)
+            .unwrap_or(max)
+            .saturating_sub(Duration::from_secs(1));
         let out = self
             .0
-            .build_index(req.into_inner())
+            .build_index(req.into_inner(), key.as_deref(), wait)
             .await
             .map(Response::new);
         shoal_proto::audit::admin(&who, "BuildIndex", &target, &out);

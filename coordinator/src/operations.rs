@@ -1,0 +1,212 @@
+//! Long-running cluster operations (issue 18): what one is (kind, target, per-shard
+//! steps, outcome) and how it moves, as plain data and pure functions the map applies.
+//! An operation lives in the cluster map, so it survives leader changes, and nodes learn
+//! of it from the map watch, so it survives their restarts: a node that comes back finds
+//! the steps still pending for the shards it holds and takes them up again.
+//!
+//! Index builds are the first kind: [`OperationKind::BuildIndex`] carries parameters
+//! chosen once for the whole collection ([`size_index`]), each shard's step is pending
+//! until its primary serves a generation newer than the one it served when the build
+//! started (reported by heartbeat, committed by `SetGenerations`, which advances the
+//! operation in the same apply), or failed on its primary's report. The operation ends
+//! when no step is pending. The growth, rebuild and client issues add kinds.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Finished operations the map keeps (the oldest go first); running ones are bounded
+/// by one per kind and collection.
+pub const KEEP_FINISHED: usize = 100;
+
+/// Parameters of an index build, the same for every shard of the collection.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct BuildParams {
+    pub nlist: u32,
+    pub pq_m: u32,
+    pub pq_nbits: u32,
+    /// Vectors sampled to train the coarse quantizer and the PQ codebooks.
+    pub train_sample: u64,
+    /// The largest shard's live documents when the build was asked for (what sized it).
+    pub rows_per_shard: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum OperationKind {
+    BuildIndex(BuildParams),
+}
+
+impl OperationKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            OperationKind::BuildIndex(_) => "build_index",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Waiting for the shard's primary to serve a generation past `from_generation`.
+    Pending {
+        from_generation: u64,
+    },
+    Done {
+        generation: u64,
+    },
+    Failed {
+        reason: String,
+    },
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Succeeded,
+    Failed { reason: String },
+    Cancelled { reason: String },
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Operation {
+    pub id: u64,
+    pub kind: OperationKind,
+    pub collection: String,
+    pub collection_id: u64,
+    /// The leader's wall clock when it asked for the operation (for display only).
+    pub started_ms: u64,
+    pub started_version: u64,
+    pub steps: BTreeMap<u32, Step>,
+    /// `None` while running.
+    pub outcome: Option<Outcome>,
+    pub finished_version: u64,
+}
+
+impl Operation {
+    pub fn running(&self) -> bool {
+        self.outcome.is_none()
+    }
+
+    /// Ends the operation once no step is pending: succeeded when every step is done.
+    /// Returns whether it ended now.
+    pub fn settle(&mut self, version: u64) -> bool {
+        if !self.running()
+            || self
+                .steps
+                .values()
+                .any(|s| matches!(s, Step::Pending { .. }))
+        {
+            return false;
+        }
+        let failed: Vec<String> = self
+            .steps
+            .iter()
+            .filter_map(|(i, s)| match s {
+                Step::Failed { reason } => Some(format!("shard {i}: {reason}")),
+                _ => None,
+            })
+            .collect();
+        self.outcome = Some(if failed.is_empty() {
+            Outcome::Succeeded
+        } else {
+            Outcome::Failed {
+                reason: failed.join("; "),
+            }
+        });
+        self.finished_version = version;
+        true
+    }
+
+    /// A shard's primary now serves `generation`: its step is done if that is newer
+    /// than the one it served when the operation started. Returns whether it changed.
+    pub fn served(&mut self, shard: u32, generation: u64) -> bool {
+        match self.steps.get(&shard) {
+            Some(Step::Pending { from_generation }) if generation > *from_generation => {
+                self.steps.insert(shard, Step::Done { generation });
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn end(&mut self, outcome: Outcome, version: u64) {
+        self.outcome = Some(outcome);
+        self.finished_version = version;
+    }
+}
+
+/// Drops the oldest finished operations beyond [`KEEP_FINISHED`].
+pub fn prune(ops: &mut BTreeMap<u64, Operation>) {
+    let finished: Vec<u64> = ops
+        .values()
+        .filter(|o| !o.running())
+        .map(|o| o.id)
+        .collect();
+    for id in finished
+        .iter()
+        .take(finished.len().saturating_sub(KEEP_FINISHED))
+    {
+        ops.remove(id);
+    }
+}
+
+pub use shoal_proto::sizing::size_index;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(steps: &[(u32, u64)]) -> Operation {
+        Operation {
+            id: 1,
+            kind: OperationKind::BuildIndex(BuildParams {
+                nlist: 4,
+                pq_m: 4,
+                pq_nbits: 8,
+                train_sample: 1000,
+                rows_per_shard: 1000,
+            }),
+            collection: "c".into(),
+            collection_id: 1,
+            started_ms: 0,
+            started_version: 1,
+            steps: steps
+                .iter()
+                .map(|&(i, g)| (i, Step::Pending { from_generation: g }))
+                .collect(),
+            outcome: None,
+            finished_version: 0,
+        }
+    }
+
+    #[test]
+    fn a_build_ends_once_every_shard_served_a_newer_generation() {
+        let mut op = build(&[(0, 0), (1, 3)]);
+        assert!(op.served(0, 1));
+        assert!(!op.settle(5), "shard 1 still pending");
+        assert!(
+            !op.served(1, 3),
+            "the generation it started from is not new"
+        );
+        assert!(op.served(1, 4));
+        assert!(op.settle(6));
+        assert_eq!(op.outcome, Some(Outcome::Succeeded));
+        assert_eq!(op.finished_version, 6);
+        assert!(!op.served(0, 9), "a finished step does not move");
+    }
+
+    #[test]
+    fn a_failed_shard_fails_the_build_naming_it() {
+        let mut op = build(&[(0, 0), (1, 0)]);
+        op.steps.insert(
+            1,
+            Step::Failed {
+                reason: "too few vectors".into(),
+            },
+        );
+        assert!(!op.settle(2));
+        op.served(0, 1);
+        assert!(op.settle(3));
+        assert!(
+            matches!(&op.outcome, Some(Outcome::Failed { reason }) if reason == "shard 1: too few vectors")
+        );
+    }
+}
