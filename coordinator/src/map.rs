@@ -474,9 +474,10 @@ impl CollectionSpec {
             )));
         }
         let ix = &self.index;
-        if ix.nlist == 0 || ix.nlist > 1 << 20 {
+        // 0: chosen from the shards' size when an index is built (issue 18).
+        if ix.nlist > 1 << 20 {
             return Err(invalid(format!(
-                "nlist {} must be between 1 and 1048576",
+                "nlist {} must be at most 1048576 (0: sized from the data)",
                 ix.nlist
             )));
         }
@@ -492,7 +493,8 @@ impl CollectionSpec {
                 ix.pq_nbits
             )));
         }
-        if ix.nprobe == 0 || ix.nprobe > ix.nlist {
+        // nlist 0: sized at build time (issue 18); nprobe then bounds nothing here.
+        if ix.nprobe == 0 || (ix.nlist > 0 && ix.nprobe > ix.nlist) {
             return Err(invalid(format!(
                 "nprobe {} must be between 1 and nlist {}",
                 ix.nprobe, ix.nlist

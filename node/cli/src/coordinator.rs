@@ -173,7 +173,7 @@ pub enum CollectionCmd {
         name: String,
     },
     /// Changes a collection's run-time policy: `--auto-rebuild off` before a bulk
-    /// load (then `shoal` BuildIndex once), `--auto-rebuild N` to rebuild a shard's
+    /// load (then `shoal index-build` once), `--auto-rebuild N` to rebuild a shard's
     /// index once N rows are newer than it, `--auto-rebuild default` for the nodes'
     /// `--auto-rebuild-tail`.
     Policy {

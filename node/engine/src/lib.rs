@@ -772,13 +772,14 @@ impl Shard {
         let nlist = serving
             .as_ref()
             .map_or(cfg.index.nlist, |g| g.info.params.nlist);
-        if let Some(n) = p.nprobe {
-            if n == 0 || n > nlist {
-                return Err(ShardError::InvalidQuery(format!(
-                    "nprobe {n} must be between 1 and nlist {nlist}"
-                )));
-            }
+        if p.nprobe == Some(0) {
+            return Err(ShardError::InvalidQuery(
+                "nprobe 0: probe at least 1 list".into(),
+            ));
         }
+        // More lists than the generation has probes them all, as FAISS does (a
+        // collection that leaves nlist to shoal has shards sized apart until a cluster
+        // build; the gateway refuses nprobe over an nlist the collection names).
         let nprobe = p.nprobe.unwrap_or(cfg.nprobe).min(nlist);
         let metric = cfg.metric;
         let mut top = TopK::new(p.k, metric);

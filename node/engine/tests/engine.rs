@@ -202,7 +202,25 @@ fn t11_bad_input_is_refused_with_a_clear_error_and_writes_nothing() {
         nprobe: Some(17),
         ..SearchParams::top(5)
     };
-    assert!(query_err(p, &q).contains("nprobe 17 must be between 1 and nlist 16"));
+    // Over nlist: every list is probed, as FAISS does.
+    assert_eq!(
+        shard.search(&q, p).unwrap().hits,
+        shard
+            .search(
+                &q,
+                SearchParams {
+                    nprobe: Some(16),
+                    ..SearchParams::top(5)
+                }
+            )
+            .unwrap()
+            .hits
+    );
+    let p0 = SearchParams {
+        nprobe: Some(0),
+        ..SearchParams::top(5)
+    };
+    assert!(query_err(p0, &q).contains("nprobe 0"));
     assert!(query_err(SearchParams::top(5), &q[..8]).contains("dimension 8"));
     let mut nanq = q.clone();
     nanq[1] = f32::NAN;

@@ -73,12 +73,51 @@ pub struct Gateway {
     pub default_deadline: Duration,
     /// Shard calls in flight per node: reads go to the least loaded replica.
     inflight: Mutex<HashMap<String, usize>>,
-    /// Recent shard search latencies (seconds): a call slower than their 95th
-    /// percentile is hedged to another replica.
-    latencies: Mutex<VecDeque<f64>>,
+    /// Recent shard search latencies: a call slower than their 95th percentile is
+    /// hedged to another replica.
+    latencies: Mutex<Latencies>,
+    /// Each collection's route (its record and shards) as of a map version, shared by
+    /// the queries until the map moves (issue 18: not cloned per query).
+    routes: Mutex<HashMap<String, Arc<Route>>>,
     pub limits: Limits,
     /// The coordinators: cluster operations (index builds) start there.
     coordinators: Client,
+}
+
+/// A collection and its shards as of one map version.
+pub struct Route {
+    version: u64,
+    coll: cpb::Collection,
+    shards: Vec<cpb::Shard>,
+}
+
+/// The recent shard-call latencies and their 95th percentile, recomputed every
+/// [`LATENCY_RECOMPUTE`] calls rather than sorted on every call (issue 18).
+#[derive(Default)]
+struct Latencies {
+    window: VecDeque<f64>,
+    since: usize,
+    p95: Option<f64>,
+}
+
+/// Calls between two recomputations of the hedging percentile.
+const LATENCY_RECOMPUTE: usize = 32;
+
+impl Latencies {
+    fn record(&mut self, secs: f64) {
+        if self.window.len() == LATENCY_WINDOW {
+            self.window.pop_front();
+        }
+        self.window.push_back(secs);
+        self.since += 1;
+        if self.window.len() >= 32 && (self.since >= LATENCY_RECOMPUTE || self.p95.is_none()) {
+            self.since = 0;
+            let mut v: Vec<f64> = self.window.iter().copied().collect();
+            let at = (v.len() * 95) / 100;
+            v.select_nth_unstable_by(at, f64::total_cmp);
+            self.p95 = Some(v[at]);
+        }
+    }
 }
 
 /// Decrements a node's in-flight count when a call ends, however it ends.
@@ -118,28 +157,19 @@ impl Gateway {
             default_deadline,
             inflight: Mutex::default(),
             latencies: Mutex::default(),
+            routes: Mutex::default(),
         }
     }
 
     /// How long a shard search may take before it is hedged to another replica: the
     /// 95th percentile of recent calls (50 ms until there are enough), 5 ms to 1 s.
     fn hedge_delay(&self) -> Duration {
-        let l = self.latencies.lock();
-        if l.len() < 32 {
-            return Duration::from_millis(50);
-        }
-        let mut v: Vec<f64> = l.iter().copied().collect();
-        drop(l);
-        v.sort_by(f64::total_cmp);
-        Duration::from_secs_f64(v[(v.len() * 95) / 100].clamp(0.005, 1.0))
+        let p95 = self.latencies.lock().p95;
+        Duration::from_secs_f64(p95.unwrap_or(0.05).clamp(0.005, 1.0))
     }
 
     fn record_latency(&self, secs: f64) {
-        let mut l = self.latencies.lock();
-        if l.len() == LATENCY_WINDOW {
-            l.pop_front();
-        }
-        l.push_back(secs);
+        self.latencies.lock().record(secs);
     }
 
     /// Replicas that may serve a shard's reads, least loaded first: the primary and
@@ -172,8 +202,9 @@ impl Gateway {
         InFlight(&self.inflight, node.to_string())
     }
 
-    /// A collection and its shards, as this node's map has them now.
-    fn collection_shards(&self, name: &str) -> Result<(cpb::Collection, Vec<cpb::Shard>), Status> {
+    /// A collection and its shards, as this node's map has them now (shared until
+    /// the map moves).
+    fn collection_shards(&self, name: &str) -> Result<Arc<Route>, Status> {
         within!(
             self.limits,
             name_bytes,
@@ -188,8 +219,21 @@ impl Gateway {
                 self.node_id
             )));
         }
-        let c = collection(&v, name)?.clone();
-        Ok((c, v.shards_of(name).cloned().collect()))
+        let mut routes = self.routes.lock();
+        if let Some(r) = routes.get(name).filter(|r| r.version == v.version) {
+            return Ok(r.clone());
+        }
+        let route = Arc::new(Route {
+            version: v.version,
+            coll: collection(&v, name)?.clone(),
+            shards: v.shards_of(name).cloned().collect(),
+        });
+        // Routes of dropped collections go when the map moves past them.
+        routes.retain(|_, r| r.version == v.version);
+        if routes.len() < 4096 {
+            routes.insert(name.to_string(), route.clone());
+        }
+        Ok(route)
     }
 
     fn replicas(&self, node: &str, addr: &str) -> Result<Arc<dyn ReplicaApi>, ReplicaError> {
@@ -246,7 +290,8 @@ impl Gateway {
 
     /// Validates, encodes and routes a batch; returns (documents written, truncated).
     pub async fn ingest(&self, mut req: pb::IngestRequest) -> Result<(u64, u64), Status> {
-        let (coll, shards) = self.collection_shards(&req.collection)?;
+        let route = self.collection_shards(&req.collection)?;
+        let (coll, shards) = (&route.coll, &route.shards);
         if req.documents.is_empty() {
             return Err(Status::invalid_argument("no documents in the request"));
         }
@@ -300,8 +345,8 @@ impl Gateway {
         let rid = &req.request_id;
         let writes = by_shard.into_iter().map(|(index, upserts)| {
             self.write_shard(
-                &coll,
-                &shards,
+                coll,
+                shards,
                 index,
                 upserts,
                 Vec::new(),
@@ -315,7 +360,8 @@ impl Gateway {
     }
 
     pub async fn delete(&self, mut req: pb::DeleteRequest) -> Result<u64, Status> {
-        let (coll, shards) = self.collection_shards(&req.collection)?;
+        let route = self.collection_shards(&req.collection)?;
+        let (coll, shards) = (&route.coll, &route.shards);
         if req.ids.is_empty() {
             return Err(Status::invalid_argument("no ids to delete"));
         }
@@ -332,8 +378,8 @@ impl Gateway {
         let rid = &req.request_id;
         let writes = by_shard.into_iter().map(|(index, ids)| {
             self.write_shard(
-                &coll,
-                &shards,
+                coll,
+                shards,
                 index,
                 Vec::new(),
                 ids,
@@ -466,13 +512,14 @@ impl Gateway {
     }
 
     pub async fn get(&self, req: pb::GetRequest) -> Result<pb::GetResponse, Status> {
-        let (coll, shards) = self.collection_shards(&req.collection)?;
+        let route = self.collection_shards(&req.collection)?;
+        let (coll, shards) = (&route.coll, &route.shards);
         if req.id.is_empty() {
             return Err(Status::invalid_argument("id must not be empty"));
         }
         within!(self.limits, id_bytes, req.id.len(), "the id's length")?;
         let index = shard_of(&req.id, coll.shard_count);
-        let shard = Self::shard(&shards, index)?;
+        let shard = Self::shard(shards, index)?;
         let mut last = ReplicaError::Unavailable(format!(
             "shard {}/{index} has no replica on an up node",
             coll.name
@@ -481,7 +528,7 @@ impl Gateway {
         for (node, addr) in self.readers(shard) {
             let _f = self.begin(&node);
             let r = rpb::ShardGetRequest {
-                shard: Some(Self::shard_id(&coll, index)),
+                shard: Some(Self::shard_id(coll, index)),
                 id: req.id.clone(),
             };
             let get = async {
@@ -594,7 +641,8 @@ impl Gateway {
         deadline: Option<Duration>,
     ) -> Result<pb::SearchResponse, Status> {
         let t = Instant::now();
-        let (coll, shards) = self.collection_shards(&req.collection)?;
+        let route = self.collection_shards(&req.collection)?;
+        let (coll, shards) = (&route.coll, &route.shards);
         let l = &self.limits;
         if req.k == 0 {
             return Err(Status::invalid_argument("k = 0: k must be at least 1"));
@@ -619,7 +667,7 @@ impl Gateway {
             req.text.len(),
             "the query text's length"
         )?;
-        if req.nprobe > ix.nlist.max(1) {
+        if ix.nlist > 0 && req.nprobe > ix.nlist {
             return Err(Status::invalid_argument(format!(
                 "nprobe {} exceeds the collection's nlist {}",
                 req.nprobe, ix.nlist
@@ -649,7 +697,7 @@ impl Gateway {
         let shards = &shards;
         let calls = shards.iter().map(|s| {
             let req = rpb::ShardSearchRequest {
-                shard: Some(Self::shard_id(&coll, s.index)),
+                shard: Some(Self::shard_id(coll, s.index)),
                 vector: query.clone(),
                 k: req.k,
                 nprobe: req.nprobe,

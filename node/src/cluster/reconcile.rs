@@ -79,7 +79,11 @@ fn shard_config(c: &cpb::Collection, node_default: usize) -> CollectionConfig {
     let metric = Metric::from_wire(c.metric).unwrap_or(Metric::InnerProduct);
     let mut cfg = CollectionConfig::new(c.dimension as usize, metric);
     if let Some(ix) = &c.index {
-        cfg.index.nlist = ix.nlist as usize;
+        // 0: sized from the data (issue 18): the engine's default until a build's
+        // parameters arrive (`builds.rs`), which every build then uses.
+        if ix.nlist > 0 {
+            cfg.index.nlist = ix.nlist as usize;
+        }
         cfg.index.m = ix.pq_m as usize;
         cfg.index.nbits = ix.pq_nbits as usize;
         cfg.nprobe = ix.nprobe as usize;
