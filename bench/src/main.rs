@@ -6,6 +6,7 @@ mod ingest;
 mod ir;
 mod load;
 mod measure;
+mod scale;
 mod shard;
 mod target;
 
@@ -34,6 +35,10 @@ enum Cmd {
     Load(load::LoadArgs),
     /// Vector ingest through a running cluster next to the shard engine alone.
     Ingest(ingest::IngestArgs),
+    /// A seeded synthetic corpus through a local cluster of processes: import next to
+    /// the engine's ingest, builds next to raw FAISS, bytes per vector, recall next to
+    /// raw FAISS, latency (issue 18).
+    Scale(scale::ScaleArgs),
     /// Internal: opens a shard in a fresh process and reports its resident memory.
     #[command(hide = true)]
     ShardRss { dir: std::path::PathBuf },
@@ -54,6 +59,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Encoder(args) => encoder::run(args),
         Cmd::Load(args) => load::run(args),
         Cmd::Ingest(args) => ingest::run(args),
+        Cmd::Scale(args) => scale::run(args),
         Cmd::ShardRss { dir } => shard::rss_child(&dir),
         Cmd::TrainProbe { factory, sample } => shard::train_probe(&factory, sample),
     }

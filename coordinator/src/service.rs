@@ -754,6 +754,13 @@ impl cpb::admin_server::Admin for AdminService {
                         .max()
                         .unwrap_or(0)
                 };
+                if rows == 0 && req.nlist == 0 && c.spec.index.nlist == 0 {
+                    return Err(Status::failed_precondition(format!(
+                        "no shard of {} has reported documents yet, so its index cannot be \
+                     sized: retry after the next heartbeat, or give nlist",
+                        req.collection
+                    )));
+                }
                 let params = build_params(&c.spec, rows, req.nlist, req.train_sample);
                 let started_ms = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)

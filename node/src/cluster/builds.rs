@@ -86,15 +86,18 @@ fn build_op<'a>(view: &'a MapView, key: &ReplicaKey) -> Option<(&'a cpb::Operati
         })
 }
 
-/// The parameters a build operation chose, as the engine takes them.
+/// The parameters a build operation chose, as the engine takes them. The training
+/// sample is at least what FAISS needs for them (39 a list, and 2^nbits for each PQ
+/// codebook), whatever the sizing saw.
 fn params_of(b: &cpb::IndexBuild) -> (IvfPqParams, usize) {
+    let floor = (39 * b.nlist as u64).max(1 << b.pq_nbits.min(16));
     (
         IvfPqParams {
             nlist: b.nlist as usize,
             m: b.pq_m as usize,
             nbits: b.pq_nbits as usize,
         },
-        b.train_sample as usize,
+        b.train_sample.max(floor) as usize,
     )
 }
 

@@ -1,0 +1,654 @@
+//! `shoal-bench scale` (issue 18): a seeded synthetic corpus through a local cluster of
+//! processes, each figure next to its reference in the same run:
+//! - the data: N × D float32 as `.npy` with 24-byte string ids in a sidecar (a Gaussian
+//!   mixture: `--clusters` centres drawn N(0, 1), each row a centre plus N(0, σ²)
+//!   noise, σ = `--noise`; queries drawn the same way, not in the corpus), written once
+//!   and reused by later runs with the same parameters;
+//! - import: `shoal import` (a process, `--concurrency` requests over every node) into a
+//!   collection with automatic rebuilds off, vectors/s, next to one shard engine's own
+//!   durable ingest of the same rows in the same batches from four threads;
+//! - build: `shoal index-build --wait` (one cluster operation, every shard, parameters
+//!   sized from the data), next to raw FAISS building each shard's rows with the same
+//!   parameters one after another (the same work on the same cores), in alternating
+//!   order when `--build-rounds` > 1;
+//! - memory: the node processes' resident bytes per vector, over their idle baseline;
+//! - quality and latency: recall@10 against exact (FAISS Flat over the corpus) at
+//!   nprobe 1, 4, 16 through the cluster, next to raw FAISS IVF-PQ + exact re-ranking on
+//!   the same shards with the same parameters merged the same way; p50/p99 at 1 and 4
+//!   clients.
+//!
+//! The cluster is `shoal dev --no-model --insecure` under the work dir (its fixed ports:
+//! nothing else may run one). The harness checks free space first.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use faiss::index::autotune::ParameterSpace;
+use faiss::Index;
+use rand::{Rng, SeedableRng};
+use shoal_engine::{CollectionConfig, Document, Metadata, Metric, Shard, WriteOp};
+use shoal_eval::percentile;
+use shoal_proto::coordinator as cpb;
+use shoal_proto::v1 as pb;
+
+use crate::measure::recall_at;
+
+#[derive(Args)]
+pub struct ScaleArgs {
+    #[arg(long, default_value_t = 1_000_000)]
+    rows: u64,
+    #[arg(long, default_value_t = 384)]
+    dimension: usize,
+    #[arg(long, default_value_t = 4096)]
+    clusters: usize,
+    #[arg(long, default_value_t = 0.6)]
+    noise: f32,
+    #[arg(long, default_value_t = 20260101)]
+    seed: u64,
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    #[arg(long, default_value_t = 3)]
+    shards: u32,
+    #[arg(long, default_value_t = 1)]
+    replication_factor: u32,
+    /// Rows per import request, and requests in flight.
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Rows the engine reference ingests (timed the same way).
+    #[arg(long, default_value_t = 200_000)]
+    engine_rows: u64,
+    #[arg(long, default_value_t = 200)]
+    queries: usize,
+    #[arg(long, default_value_t = 1)]
+    build_rounds: usize,
+    /// Data, the cluster and the reference shard go here.
+    #[arg(long, default_value = "scale-work")]
+    work_dir: PathBuf,
+}
+
+fn emit(v: serde_json::Value) {
+    println!("{v}");
+}
+
+/// Row `i`'s id: 24 bytes.
+fn id_of(i: u64) -> String {
+    format!("doc-{i:020}")
+}
+
+fn row_of(id: &str) -> Option<i64> {
+    id.strip_prefix("doc-")?.parse().ok()
+}
+
+/// A standard normal draw (Box-Muller).
+fn normal(rng: &mut impl Rng) -> f32 {
+    let u1: f32 = rng.random_range(f32::EPSILON..1.0);
+    let u2: f32 = rng.random_range(0.0..1.0);
+    (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+}
+
+/// The generator: centres, then row `i` from its own seed (any row can be made alone).
+struct Gen {
+    centres: Vec<f32>,
+    dim: usize,
+    noise: f32,
+    seed: u64,
+    clusters: usize,
+}
+
+impl Gen {
+    fn new(a: &ScaleArgs) -> Gen {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
+        let centres = (0..a.clusters * a.dimension)
+            .map(|_| normal(&mut rng))
+            .collect();
+        Gen {
+            centres,
+            dim: a.dimension,
+            noise: a.noise,
+            seed: a.seed,
+            clusters: a.clusters,
+        }
+    }
+
+    /// Row `i` (queries use rows past the corpus).
+    fn row(&self, i: u64, out: &mut Vec<f32>) {
+        let mut rng =
+            rand::rngs::StdRng::seed_from_u64(self.seed ^ (i.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+        let c = rng.random_range(0..self.clusters);
+        let centre = &self.centres[c * self.dim..(c + 1) * self.dim];
+        out.extend(centre.iter().map(|x| x + self.noise * normal(&mut rng)));
+    }
+}
+
+fn free_bytes(dir: &Path) -> Result<u64> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs(3) on a NUL-terminated path into a zeroed struct.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        bail!("statvfs {}", dir.display());
+    }
+    Ok(s.f_bavail as u64 * s.f_frsize as u64)
+}
+
+fn shoal_bin() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let bin = exe.with_file_name("shoal");
+    if !bin.exists() {
+        bail!(
+            "{} not found: cargo build --release -p shoal",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// Resident bytes of every `shoal node` process under `dir`.
+fn nodes_rss(dir: &Path) -> u64 {
+    let needle = dir.to_string_lossy().to_string();
+    let mut total = 0;
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let p = e.path();
+        let Ok(cmd) = std::fs::read(p.join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(" node ") && cmd.contains(&needle) {
+            let status = std::fs::read_to_string(p.join("status")).unwrap_or_default();
+            total += status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+                .map_or(0, |kb| kb * 1024);
+        }
+    }
+    total
+}
+
+struct Dev(Child);
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child; `shoal dev` stops its processes on SIGTERM.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+fn shoal(bin: &Path) -> Command {
+    let mut c = Command::new(bin);
+    c.env("SHOAL_INSECURE", "true").stdin(Stdio::null());
+    c
+}
+
+fn last_json(out: &[u8]) -> Result<serde_json::Value> {
+    let text = String::from_utf8_lossy(out);
+    let start = text.find('{').context("no JSON in the output")?;
+    serde_json::from_str(&text[start..]).with_context(|| format!("parsing {}", &text[start..]))
+}
+
+pub fn run(a: ScaleArgs) -> Result<()> {
+    std::fs::create_dir_all(&a.work_dir)?;
+    let work = std::fs::canonicalize(&a.work_dir)?;
+    let vector_bytes = a.rows * a.dimension as u64 * 4;
+    // The file, the cluster's copies (segments + the log until checkpointed), the
+    // reference shard, and a margin.
+    let need = vector_bytes * (2 + 2 * a.replication_factor as u64) + (4 << 30);
+    let free = free_bytes(&work)?;
+    if free < need {
+        bail!(
+            "{} has {free} bytes free; this run needs about {need} (--rows {} × {} dims)",
+            work.display(),
+            a.rows,
+            a.dimension
+        );
+    }
+    let bin = shoal_bin()?;
+    let gen = Gen::new(&a);
+    let tag = format!(
+        "{}x{}-c{}-n{}-s{}",
+        a.rows, a.dimension, a.clusters, a.noise, a.seed
+    );
+    let npy = work.join(format!("data-{tag}.npy"));
+    let ids = work.join(format!("data-{tag}.ids"));
+    if !npy.exists() || !ids.exists() {
+        let t = Instant::now();
+        let part = npy.with_extension("npy.part");
+        shoal_cli::vectors::write_npy(&part, a.rows, a.dimension, |i, v| gen.row(i, v))?;
+        std::fs::write(
+            &ids,
+            (0..a.rows).map(|i| id_of(i) + "\n").collect::<String>(),
+        )?;
+        std::fs::rename(&part, &npy)?;
+        emit(
+            serde_json::json!({"step": "generate", "rows": a.rows, "seconds": t.elapsed().as_secs_f64()}),
+        );
+    }
+    let data = std::fs::read(&npy)?;
+    let offset = data.len() - vector_bytes as usize;
+    let base: &[f32] = bytemuck_f32(&data[offset..]);
+
+    // The engine's own durable ingest of the first rows, four writer threads.
+    let engine = engine_ingest(&a, base, &work)?;
+    emit(engine.clone());
+
+    // The cluster.
+    let dev_dir = work.join("dev");
+    let _ = std::fs::remove_dir_all(&dev_dir);
+    let log = std::fs::File::create(work.join("dev.log"))?;
+    let dev = Dev(shoal(&bin)
+        .args([
+            "dev",
+            "--no-model",
+            "--nodes",
+            &a.nodes.to_string(),
+            "--data-dir",
+        ])
+        .arg(&dev_dir)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?);
+    let nodes: Vec<String> = (0..a.nodes)
+        .map(|i| format!("127.0.0.1:{}", 7201 + i))
+        .collect();
+    let coords = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003";
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let name = "scale";
+    rt.block_on(async {
+        let mut c = shoal_proto::client::Client::new(coords.split(',').map(String::from));
+        c.patience = Duration::from_secs(60);
+        let t = Instant::now();
+        loop {
+            let up = c
+                .list_nodes(cpb::ListNodesRequest {})
+                .await
+                .map(|r| {
+                    r.nodes
+                        .iter()
+                        .filter(|n| n.state == cpb::NodeState::Up as i32)
+                        .count()
+                })
+                .unwrap_or(0);
+            if up == a.nodes {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                bail!(
+                    "the dev cluster did not come up (see {}/dev.log)",
+                    work.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        c.create_collection(cpb::CreateCollectionRequest {
+            name: name.into(),
+            dimension: a.dimension as u32,
+            metric: cpb::Metric::L2 as i32,
+            shard_count: a.shards,
+            replication_factor: a.replication_factor,
+            ..Default::default()
+        })
+        .await?;
+        c.set_collection_policy(cpb::SetCollectionPolicyRequest {
+            name: name.into(),
+            auto_rebuild_rows: Some(0),
+        })
+        .await?;
+        anyhow::Ok(())
+    })?;
+    std::thread::sleep(Duration::from_secs(2));
+    let idle_rss = nodes_rss(&dev_dir);
+
+    // Import.
+    let out = shoal(&bin)
+        .args(["import"])
+        .arg(&npy)
+        .arg("--ids")
+        .arg(&ids)
+        .args([
+            "--collection",
+            name,
+            "--batch",
+            &a.batch.to_string(),
+            "--concurrency",
+        ])
+        .arg(a.concurrency.to_string())
+        .args(["--gateways", &nodes.join(","), "--restart"])
+        .env("SHOAL_COORDINATORS", coords)
+        .env("SHOAL_NODE", &nodes[0])
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        bail!("shoal import failed");
+    }
+    let import = last_json(&out.stdout)?;
+    let import_rate = import["vectors_per_s"].as_f64().unwrap_or(0.0);
+    let engine_rate = engine["vectors_per_s"].as_f64().unwrap_or(1.0);
+    emit(serde_json::json!({
+        "step": "import", "rows": import["rows"], "seconds": import["seconds"],
+        "cluster_vectors_per_s": import_rate, "engine_vectors_per_s": engine_rate,
+        "cluster_vs_engine": import_rate / engine_rate,
+    }));
+
+    // The primaries' reports (heartbeats) size the build: wait until they hold
+    // every row.
+    rt.block_on(async {
+        // Reports live in the leader's memory: the most any member shows.
+        let t = Instant::now();
+        loop {
+            let mut live = 0u64;
+            for addr in coords.split(',') {
+                let mut c = shoal_proto::client::Client::new([addr.to_string()]);
+                c.patience = Duration::from_millis(500);
+                live = live.max(
+                    c.list_shards(cpb::ListShardsRequest {
+                        collection: name.into(),
+                    })
+                    .await
+                    .map(|r| {
+                        r.shards
+                            .iter()
+                            .filter_map(|s| s.replicas.iter().find(|x| x.node_id == s.primary))
+                            .map(|x| x.live_docs)
+                            .sum()
+                    })
+                    .unwrap_or(0),
+                );
+            }
+            if live >= a.rows || t.elapsed() > Duration::from_secs(30) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+
+    // Rows per shard, as the cluster routes them.
+    let mut by_shard: Vec<Vec<u64>> = vec![Vec::new(); a.shards as usize];
+    for i in 0..a.rows {
+        by_shard[shoal_node::cluster::gateway::shard_of(&id_of(i), a.shards) as usize].push(i);
+    }
+
+    // Build: the cluster operation, and raw FAISS on the same shards, alternating.
+    let mut cluster_s = Vec::new();
+    let mut faiss_s = Vec::new();
+    let mut params = serde_json::Value::Null;
+    let mut peers = Vec::new();
+    for round in 0..a.build_rounds {
+        let cluster_first = round % 2 == 0;
+        for turn in 0..2 {
+            if (turn == 0) == cluster_first {
+                let t = Instant::now();
+                let out = shoal(&bin)
+                    .args(["index-build", name, "--wait"])
+                    .env("SHOAL_COORDINATORS", coords)
+                    .output()?;
+                if !out.status.success() {
+                    bail!(
+                        "index build failed: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                cluster_s.push(t.elapsed().as_secs_f64());
+                params = last_json(&out.stdout)?["build"].clone();
+            } else {
+                if params.is_null() {
+                    // Sized as the cluster sizes them (the largest shard).
+                    let rows = by_shard.iter().map(|s| s.len()).max().unwrap_or(0) as u64;
+                    let (nlist, sample) = shoal_proto::sizing::size_index(rows, 0);
+                    let d = shoal_engine::CollectionConfig::new(a.dimension, Metric::L2).index;
+                    params = serde_json::json!({"nlist": nlist, "pq_m": d.m, "pq_nbits": d.nbits,
+                        "train_sample": (39 * nlist as u64).max(65_536.min(rows))});
+                    let _ = sample;
+                }
+                let t = Instant::now();
+                peers = by_shard
+                    .iter()
+                    .enumerate()
+                    .map(|(s, rows)| faiss_shard(&a, base, rows, &params, s as u64))
+                    .collect::<Result<Vec<_>>>()?;
+                faiss_s.push(t.elapsed().as_secs_f64());
+            }
+        }
+    }
+    let (cs, fs) = (mean(&cluster_s), mean(&faiss_s));
+    emit(serde_json::json!({
+        "step": "build", "params": params, "shards": a.shards, "rounds": a.build_rounds,
+        "cluster_s": cluster_s, "faiss_s": faiss_s, "cluster_vs_faiss": cs / fs,
+    }));
+    std::thread::sleep(Duration::from_secs(3));
+    let rss = nodes_rss(&dev_dir);
+    let copies = a.rows * a.replication_factor as u64;
+    emit(serde_json::json!({
+        "step": "memory", "nodes_rss_bytes": rss, "idle_rss_bytes": idle_rss,
+        "bytes_per_vector": (rss.saturating_sub(idle_rss)) as f64 / copies as f64,
+    }));
+
+    // Quality: exact top 10 by FAISS Flat over the corpus.
+    let nq = a.queries;
+    let mut queries = Vec::with_capacity(nq * a.dimension);
+    for q in 0..nq as u64 {
+        gen.row(a.rows + 1_000_000_000 + q, &mut queries);
+    }
+    let mut flat = faiss::index_factory(a.dimension as u32, "Flat", faiss::MetricType::L2)?;
+    flat.add(base)?;
+    let truth: Vec<Vec<i64>> = flat
+        .search(&queries, 10)?
+        .labels
+        .chunks(10)
+        .map(|c| c.iter().map(|l| l.get().map_or(-1, |v| v as i64)).collect())
+        .collect();
+    drop(flat);
+    let refine = 10usize; // the collection's default refine for this dimension
+    let mut quality = Vec::new();
+    for nprobe in [1u32, 4, 16] {
+        // Raw FAISS: each shard's IVF-PQ + exact re-rank, merged by distance.
+        let faiss_ids: Vec<Vec<i64>> = (0..nq)
+            .map(|q| {
+                let query = &queries[q * a.dimension..(q + 1) * a.dimension];
+                let mut all: Vec<(f32, i64)> = Vec::new();
+                for (s, index) in peers.iter_mut().enumerate() {
+                    let ps = ParameterSpace::new().expect("parameter space");
+                    ps.set_index_parameter(&*index, "nprobe", nprobe as f64)
+                        .expect("nprobe");
+                    ps.set_index_parameter(&*index, "k_factor_rf", refine as f64)
+                        .expect("k_factor");
+                    let r = index.search(query, 10).expect("search");
+                    for (d, l) in r.distances.iter().zip(&r.labels) {
+                        if let Some(v) = l.get() {
+                            all.push((*d, by_shard[s][v as usize] as i64));
+                        }
+                    }
+                }
+                all.sort_by(|x, y| x.0.total_cmp(&y.0));
+                all.into_iter().take(10).map(|(_, i)| i).collect()
+            })
+            .collect();
+        let faiss_recall = recall_at(10, &faiss_ids, &truth);
+        for clients in [1usize, 4] {
+            let (ids, lat) = rt.block_on(cluster_queries(
+                &nodes,
+                name,
+                &queries,
+                a.dimension,
+                nprobe,
+                clients,
+            ))?;
+            let recall = recall_at(10, &ids, &truth);
+            let v = serde_json::json!({
+                "step": "quality", "nprobe": nprobe, "clients": clients,
+                "recall_at_10": recall, "faiss_recall_at_10": faiss_recall,
+                "recall_diff": recall - faiss_recall,
+                "p50_ms": percentile(&lat, 0.5), "p99_ms": percentile(&lat, 0.99),
+            });
+            emit(v.clone());
+            quality.push(v);
+        }
+    }
+    drop(dev);
+    emit(serde_json::json!({
+        "bench": "scale", "rows": a.rows, "dimension": a.dimension, "clusters": a.clusters,
+        "noise": a.noise, "seed": a.seed, "nodes": a.nodes, "shards": a.shards,
+        "replication_factor": a.replication_factor,
+        "import_vectors_per_s": import_rate, "engine_vectors_per_s": engine_rate,
+        "import_vs_engine": import_rate / engine_rate,
+        "build_params": params, "build_cluster_s": cs, "build_faiss_s": fs, "build_cluster_vs_faiss": cs / fs,
+        "bytes_per_vector": (rss.saturating_sub(idle_rss)) as f64 / copies as f64,
+        "quality": quality,
+    }));
+    Ok(())
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+fn bytemuck_f32(b: &[u8]) -> &[f32] {
+    assert_eq!(
+        b.as_ptr() as usize % 4,
+        0,
+        "the .npy data is 4-byte aligned"
+    );
+    // SAFETY: f32 has no invalid bit patterns; length and alignment checked.
+    unsafe { std::slice::from_raw_parts(b.as_ptr() as *const f32, b.len() / 4) }
+}
+
+/// Raw FAISS on one shard's rows with the cluster's parameters: IVF-PQ with an exact
+/// re-ranking layer (what generate-rank does), the same training sample size and all
+/// cores.
+fn faiss_shard(
+    a: &ScaleArgs,
+    base: &[f32],
+    rows: &[u64],
+    params: &serde_json::Value,
+    seed: u64,
+) -> Result<faiss::index::IndexImpl> {
+    let d = a.dimension;
+    let nlist = params["nlist"].as_u64().unwrap_or(1);
+    let (m, nbits) = (
+        params["pq_m"].as_u64().unwrap_or(8),
+        params["pq_nbits"].as_u64().unwrap_or(8),
+    );
+    let sample = params["train_sample"]
+        .as_u64()
+        .unwrap_or(65_536)
+        .min(rows.len() as u64) as usize;
+    let factory = format!("IVF{nlist},PQ{m}x{nbits}np,RFlat");
+    let mut index = faiss::index_factory(d as u32, &factory, faiss::MetricType::L2)?;
+    let picked = shoal_engine::training_sample(seed, 1, rows.len(), sample);
+    let mut train = Vec::with_capacity(picked.len() * d);
+    for p in picked {
+        let r = rows[p] as usize;
+        train.extend_from_slice(&base[r * d..(r + 1) * d]);
+    }
+    index.train(&train)?;
+    drop(train);
+    for chunk in rows.chunks(65_536) {
+        let mut v = Vec::with_capacity(chunk.len() * d);
+        for &r in chunk {
+            let r = r as usize;
+            v.extend_from_slice(&base[r * d..(r + 1) * d]);
+        }
+        index.add(&v)?;
+    }
+    Ok(index)
+}
+
+fn engine_ingest(a: &ScaleArgs, base: &[f32], work: &Path) -> Result<serde_json::Value> {
+    let dir = tempfile::tempdir_in(work)?;
+    let mut cfg = CollectionConfig::new(a.dimension, Metric::L2);
+    cfg.auto_rebuild_tail = 0;
+    let shard = Shard::create(dir.path(), cfg)?;
+    let rows = a.engine_rows.min(a.rows);
+    let batches: Vec<u64> = (0..rows).step_by(a.batch).collect();
+    let d = a.dimension;
+    // SAFETY: sync(2) takes no arguments (the previous phase's writeback stays out).
+    unsafe { libc::sync() };
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for w in 0..4 {
+            let (shard, batches) = (&shard, &batches);
+            s.spawn(move || -> Result<()> {
+                for (n, &first) in batches.iter().enumerate().skip(w).step_by(4) {
+                    let ops = (first..(first + a.batch as u64).min(rows))
+                        .map(|i| {
+                            let i = i as usize;
+                            WriteOp::Upsert(Document {
+                                id: id_of(i as u64),
+                                text: None,
+                                metadata: Metadata::none(),
+                                vector: base[i * d..(i + 1) * d].to_vec(),
+                            })
+                        })
+                        .collect();
+                    shard.write_as(ops, 1, &format!("b{n}"))?;
+                }
+                Ok(())
+            });
+        }
+    });
+    let secs = t.elapsed().as_secs_f64();
+    Ok(serde_json::json!({
+        "step": "engine_ingest", "rows": rows, "seconds": secs, "vectors_per_s": rows as f64 / secs,
+        "writers": 4, "batch": a.batch,
+    }))
+}
+
+async fn cluster_queries(
+    nodes: &[String],
+    name: &str,
+    queries: &[f32],
+    dim: usize,
+    nprobe: u32,
+    clients: usize,
+) -> Result<(Vec<Vec<i64>>, Vec<f64>)> {
+    let nq = queries.len() / dim;
+    let tasks = (0..clients).map(|c| {
+        let addr = nodes[c % nodes.len()].clone();
+        async move {
+            let ch = shoal_proto::channel(&addr, None)?;
+            let mut g = shoal_proto::auth::shoal_client(ch).max_decoding_message_size(64 << 20);
+            let mut out = Vec::new();
+            for q in (c..nq).step_by(clients) {
+                let t = Instant::now();
+                let r = g
+                    .search(pb::SearchRequest {
+                        collection: name.into(),
+                        vector: queries[q * dim..(q + 1) * dim].to_vec(),
+                        k: 10,
+                        nprobe,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                if r.partial {
+                    bail!("a partial answer: {:?}", r.missing_shards);
+                }
+                out.push((
+                    q,
+                    r.hits
+                        .iter()
+                        .filter_map(|h| row_of(&h.id))
+                        .collect::<Vec<_>>(),
+                    ms,
+                ));
+            }
+            anyhow::Ok(out)
+        }
+    });
+    let mut all = Vec::new();
+    for r in futures::future::join_all(tasks).await {
+        all.extend(r?);
+    }
+    all.sort_by_key(|x| x.0);
+    let mut lat: Vec<f64> = all.iter().map(|x| x.2).collect();
+    lat.sort_by(f64::total_cmp);
+    Ok((all.into_iter().map(|x| x.1).collect(), lat))
+}
