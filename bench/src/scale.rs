@@ -66,6 +66,12 @@ pub struct ScaleArgs {
     queries: usize,
     #[arg(long, default_value_t = 1)]
     build_rounds: usize,
+    /// Query latency against shard count: collections of these shard counts, each
+    /// with the first `--sweep-rows` rows (empty: no sweep).
+    #[arg(long, value_delimiter = ',')]
+    sweep_shards: Vec<u32>,
+    #[arg(long, default_value_t = 1_000_000)]
+    sweep_rows: u64,
     /// Data, the cluster and the reference shard go here.
     #[arg(long, default_value = "scale-work")]
     work_dir: PathBuf,
@@ -147,10 +153,11 @@ fn shoal_bin() -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// Resident bytes of every `shoal node` process under `dir`.
-fn nodes_rss(dir: &Path) -> u64 {
+/// Resident bytes of every `shoal node` process under `dir`: (anonymous, file-backed:
+/// the mmapped vectors and segments).
+fn nodes_rss(dir: &Path) -> (u64, u64) {
     let needle = dir.to_string_lossy().to_string();
-    let mut total = 0;
+    let (mut anon, mut file) = (0, 0);
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let p = e.path();
         let Ok(cmd) = std::fs::read(p.join("cmdline")) else {
@@ -159,15 +166,19 @@ fn nodes_rss(dir: &Path) -> u64 {
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
         if cmd.contains(" node ") && cmd.contains(&needle) {
             let status = std::fs::read_to_string(p.join("status")).unwrap_or_default();
-            total += status
-                .lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-                .map_or(0, |kb| kb * 1024);
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find(|l| l.starts_with(name))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<u64>().ok())
+                    .map_or(0, |kb| kb * 1024)
+            };
+            anon += field("RssAnon:");
+            file += field("RssFile:");
         }
     }
-    total
+    (anon, file)
 }
 
 struct Dev(Child);
@@ -423,11 +434,14 @@ pub fn run(a: ScaleArgs) -> Result<()> {
         "cluster_s": cluster_s, "faiss_s": faiss_s, "cluster_vs_faiss": cs / fs,
     }));
     std::thread::sleep(Duration::from_secs(3));
-    let rss = nodes_rss(&dev_dir);
-    let copies = a.rows * a.replication_factor as u64;
+    let (anon, file) = nodes_rss(&dev_dir);
+    let copies = (a.rows * a.replication_factor as u64) as f64;
+    let anon_per_vector = anon.saturating_sub(idle_rss.0) as f64 / copies;
     emit(serde_json::json!({
-        "step": "memory", "nodes_rss_bytes": rss, "idle_rss_bytes": idle_rss,
-        "bytes_per_vector": (rss.saturating_sub(idle_rss)) as f64 / copies as f64,
+        "step": "memory", "nodes_rss_anon_bytes": anon, "nodes_rss_file_bytes": file,
+        "idle_rss_anon_bytes": idle_rss.0,
+        "anon_bytes_per_vector": anon_per_vector,
+        "file_bytes_per_vector": file.saturating_sub(idle_rss.1) as f64 / copies,
     }));
 
     // Quality: exact top 10 by FAISS Flat over the corpus.
@@ -491,18 +505,119 @@ pub fn run(a: ScaleArgs) -> Result<()> {
             quality.push(v);
         }
     }
+    let mut sweep = Vec::new();
+    for &shards in &a.sweep_shards {
+        let v = shard_sweep(&a, &bin, &rt, &npy, &ids, &nodes, coords, &queries, shards)?;
+        emit(v.clone());
+        sweep.push(v);
+    }
     drop(dev);
     emit(serde_json::json!({
-        "bench": "scale", "rows": a.rows, "dimension": a.dimension, "clusters": a.clusters,
+        "bench": "scale", "shard_sweep": sweep, "rows": a.rows, "dimension": a.dimension, "clusters": a.clusters,
         "noise": a.noise, "seed": a.seed, "nodes": a.nodes, "shards": a.shards,
         "replication_factor": a.replication_factor,
         "import_vectors_per_s": import_rate, "engine_vectors_per_s": engine_rate,
         "import_vs_engine": import_rate / engine_rate,
         "build_params": params, "build_cluster_s": cs, "build_faiss_s": fs, "build_cluster_vs_faiss": cs / fs,
-        "bytes_per_vector": (rss.saturating_sub(idle_rss)) as f64 / copies as f64,
+        "anon_bytes_per_vector": anon_per_vector,
         "quality": quality,
     }));
     Ok(())
+}
+
+/// One point of the shard-count sweep: a collection of `shards` shards holding the
+/// first `--sweep-rows` rows, built, then queried at nprobe 4 by 1 and 4 clients.
+#[allow(clippy::too_many_arguments)]
+fn shard_sweep(
+    a: &ScaleArgs,
+    bin: &Path,
+    rt: &tokio::runtime::Runtime,
+    npy: &Path,
+    ids: &Path,
+    nodes: &[String],
+    coords: &str,
+    queries: &[f32],
+    shards: u32,
+) -> Result<serde_json::Value> {
+    let name = format!("sweep-{shards}");
+    let rows = a.sweep_rows.min(a.rows);
+    rt.block_on(async {
+        let mut c = shoal_proto::client::Client::new(coords.split(',').map(String::from));
+        c.create_collection(cpb::CreateCollectionRequest {
+            name: name.clone(),
+            dimension: a.dimension as u32,
+            metric: cpb::Metric::L2 as i32,
+            shard_count: shards,
+            replication_factor: 1,
+            ..Default::default()
+        })
+        .await?;
+        c.set_collection_policy(cpb::SetCollectionPolicyRequest {
+            name: name.clone(),
+            auto_rebuild_rows: Some(0),
+        })
+        .await?;
+        anyhow::Ok(())
+    })?;
+    let progress = a.work_dir.join(format!("{name}.progress"));
+    let out = shoal(bin)
+        .arg("import")
+        .arg(npy)
+        .arg("--ids")
+        .arg(ids)
+        .args([
+            "--collection",
+            &name,
+            "--limit",
+            &rows.to_string(),
+            "--restart",
+        ])
+        .args([
+            "--concurrency",
+            &a.concurrency.to_string(),
+            "--gateways",
+            &nodes.join(","),
+        ])
+        .arg("--progress-file")
+        .arg(&progress)
+        .env("SHOAL_COORDINATORS", coords)
+        .env("SHOAL_NODE", &nodes[0])
+        .output()?;
+    if !out.status.success() {
+        bail!("sweep import: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // Sized by the reports: wait for them (as the main run does).
+    std::thread::sleep(Duration::from_secs(3));
+    let t = Instant::now();
+    let out = shoal(bin)
+        .args(["index-build", &name, "--wait"])
+        .env("SHOAL_COORDINATORS", coords)
+        .output()?;
+    if !out.status.success() {
+        bail!("sweep build: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let build_s = t.elapsed().as_secs_f64();
+    let params = last_json(&out.stdout)?["build"].clone();
+    let q = &queries[..(200 * a.dimension).min(queries.len())];
+    let mut points = Vec::new();
+    for clients in [1usize, 4] {
+        let t = Instant::now();
+        let (_, lat) = rt.block_on(cluster_queries(nodes, &name, q, a.dimension, 4, clients))?;
+        let secs = t.elapsed().as_secs_f64();
+        points.push(serde_json::json!({
+            "clients": clients, "qps": lat.len() as f64 / secs,
+            "p50_ms": percentile(&lat, 0.5), "p99_ms": percentile(&lat, 0.99),
+        }));
+    }
+    rt.block_on(async {
+        let mut c = shoal_proto::client::Client::new(coords.split(',').map(String::from));
+        c.drop_collection(cpb::DropCollectionRequest { name: name.clone() })
+            .await
+    })?;
+    Ok(serde_json::json!({
+        "step": "shard_sweep", "shards": shards, "rows": rows, "build_s": build_s,
+        "params": params, "nprobe": 4, "latency": points,
+    }))
 }
 
 fn mean(v: &[f64]) -> f64 {

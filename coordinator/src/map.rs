@@ -942,7 +942,13 @@ impl ClusterMap {
             })?;
         match kind {
             OperationKind::BuildIndex(p) => {
-                if p.nlist == 0 || p.pq_m == 0 || p.pq_nbits == 0 || p.pq_nbits > 16 {
+                if p.nlist == 0
+                    || p.nlist > 1 << 20
+                    || p.pq_m == 0
+                    || p.pq_nbits == 0
+                    || p.pq_nbits > 16
+                    || p.train_sample > 1 << 32
+                {
                     return Err(invalid(format!("build parameters {p:?} are out of range")));
                 }
                 if p.train_sample < p.nlist as u64 {

@@ -54,6 +54,9 @@ pub struct ImportArgs {
     /// Start from the first row whatever the progress file says.
     #[arg(long)]
     restart: bool,
+    /// Import only the file's first ROWS rows.
+    #[arg(long)]
+    limit: Option<u64>,
     /// How long one request is retried while the cluster answers UNAVAILABLE (a node
     /// restarting, a primary moving), with the same request id.
     #[arg(long, default_value_t = 120)]
@@ -79,6 +82,7 @@ struct Identity {
     collection: String,
     collection_id: u64,
     batch: usize,
+    limit: Option<u64>,
 }
 
 impl Identity {
@@ -297,6 +301,7 @@ pub async fn import(target: Target, node: NodeTarget, a: ImportArgs) -> Result<(
         collection: a.collection.clone(),
         collection_id,
         batch: a.batch,
+        limit: a.limit,
     };
     let tag = identity.tag();
     let progress_file = progress_path(&a);
@@ -305,7 +310,10 @@ pub async fn import(target: Target, node: NodeTarget, a: ImportArgs) -> Result<(
     } else {
         resume_from(&progress_file, &identity)?
     };
-    let total = reader.rows();
+    let total = match (reader.rows(), a.limit) {
+        (Some(r), Some(l)) => Some(r.min(l)),
+        (r, _) => r,
+    };
     if complete {
         eprintln!(
             "{} was imported into {} already ({done} rows; {}): nothing to do (--restart \
@@ -360,11 +368,17 @@ pub async fn import(target: Target, node: NodeTarget, a: ImportArgs) -> Result<(
         // The reader runs on a blocking thread, `concurrency` chunks ahead at most.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Chunk>>(a.concurrency);
         let batch = a.batch;
+        let limit = a.limit.unwrap_or(u64::MAX);
         let producer = tokio::task::spawn_blocking(move || {
             let mut index = first_chunk;
             loop {
                 let first_row = reader.position();
-                let r = reader.next_chunk(batch);
+                let want = batch.min(limit.saturating_sub(first_row) as usize);
+                let r = if want == 0 {
+                    Ok(Vec::new())
+                } else {
+                    reader.next_chunk(want)
+                };
                 let last = matches!(&r, Ok(rows) if rows.is_empty()) || r.is_err();
                 let item = r.map(|rows| Chunk {
                     index,

@@ -209,15 +209,17 @@ impl Builds {
                     },
                 );
             }
-            // Jobs of operations that ended, or of replicas gone, are forgotten (a
-            // running one finishes first).
+            // Jobs of replicas gone, or of operations cancelled, are forgotten (a
+            // running one finishes first); a queued one outlives its operation's end
+            // (a backup still builds once its primary's step ended the operation), and
+            // finished ones are kept while their operation runs (so none runs twice).
             st.jobs.retain(|k, j| {
                 j.phase == Phase::Running
                     || (hosted.iter().any(|(h, _)| h == k)
-                        && view
-                            .operations
-                            .get(&j.op)
-                            .is_some_and(|o| o.state == "running"))
+                        && view.operations.get(&j.op).is_some_and(|o| {
+                            o.state == "running"
+                                || (o.state != "cancelled" && j.phase == Phase::Queued)
+                        }))
             });
         }
         self.admit();
