@@ -210,7 +210,9 @@ async fn collection(target: &Target, a: &ImportArgs, dim: usize) -> Result<(u64,
 }
 
 /// Worth retrying with the same request id: the cluster may not have applied it, and
-/// will apply it at most once.
+/// will apply it at most once. NOT_FOUND too: the coordinators hold the collection
+/// (checked before the first chunk), so a node answering it has not yet received the
+/// map that made it.
 fn retryable(code: tonic::Code) -> bool {
     matches!(
         code,
@@ -218,6 +220,7 @@ fn retryable(code: tonic::Code) -> bool {
             | tonic::Code::DeadlineExceeded
             | tonic::Code::Cancelled
             | tonic::Code::Unknown
+            | tonic::Code::NotFound
     )
 }
 
