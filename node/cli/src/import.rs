@@ -363,7 +363,8 @@ pub async fn import(target: Target, node: NodeTarget, a: ImportArgs) -> Result<(
 
     let started = Instant::now();
     let mut sent = 0u64;
-    let mut rows_done = resumed;
+    // A finished import's rows end with its (possibly short) last chunk.
+    let mut rows_done = if complete { done } else { resumed };
     if !complete {
         if resumed > 0 {
             reader.skip(resumed)?;
