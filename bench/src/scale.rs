@@ -66,6 +66,10 @@ pub struct ScaleArgs {
     queries: usize,
     #[arg(long, default_value_t = 1)]
     build_rounds: usize,
+    /// Extra raw-FAISS peers trained on each shard's rows in other orders (the peer's
+    /// own spread in recall).
+    #[arg(long, default_value_t = 0)]
+    peer_orders: usize,
     /// Query latency against shard count: collections of these shard counts, each
     /// with the first `--sweep-rows` rows (empty: no sweep).
     #[arg(long, value_delimiter = ',')]
@@ -471,27 +475,7 @@ pub fn run(a: ScaleArgs) -> Result<()> {
     let nlist = params["nlist"].as_u64().unwrap_or(16) as u32;
     for nprobe in [1u32, 4, 16, nlist] {
         // Raw FAISS: each shard's IVF-PQ + exact re-rank, merged by distance.
-        let faiss_ids: Vec<Vec<i64>> = (0..nq)
-            .map(|q| {
-                let query = &queries[q * a.dimension..(q + 1) * a.dimension];
-                let mut all: Vec<(f32, i64)> = Vec::new();
-                for (s, index) in peers.iter_mut().enumerate() {
-                    let ps = ParameterSpace::new().expect("parameter space");
-                    ps.set_index_parameter(&*index, "nprobe", nprobe as f64)
-                        .expect("nprobe");
-                    ps.set_index_parameter(&*index, "k_factor_rf", refine as f64)
-                        .expect("k_factor");
-                    let r = index.search(query, 10).expect("search");
-                    for (d, l) in r.distances.iter().zip(&r.labels) {
-                        if let Some(v) = l.get() {
-                            all.push((*d, by_shard[s][v as usize] as i64));
-                        }
-                    }
-                }
-                all.sort_by(|x, y| x.0.total_cmp(&y.0));
-                all.into_iter().take(10).map(|(_, i)| i).collect()
-            })
-            .collect();
+        let faiss_ids = peer_ids(&mut peers, &by_shard, &queries, a.dimension, nprobe, refine);
         let faiss_recall = recall_at(10, &faiss_ids, &truth);
         for clients in [1usize, 4] {
             let (ids, lat) = rt.block_on(cluster_queries(
@@ -512,6 +496,38 @@ pub fn run(a: ScaleArgs) -> Result<()> {
             emit(v.clone());
             quality.push(v);
         }
+    }
+    // The peer's own spread: the same shards' rows in other orders (k-means sees the
+    // training rows in another order, as the cluster's arrival order differs).
+    for order in 1..=a.peer_orders {
+        let shuffled: Vec<Vec<u64>> = by_shard
+            .iter()
+            .map(|rows| {
+                let mut r = rows.clone();
+                rand::seq::SliceRandom::shuffle(
+                    &mut r[..],
+                    &mut rand::rngs::StdRng::seed_from_u64(order as u64),
+                );
+                r
+            })
+            .collect();
+        let mut p = shuffled
+            .iter()
+            .enumerate()
+            .map(|(s, rows)| faiss_shard(&a, base, rows, &params, s as u64))
+            .collect::<Result<Vec<_>>>()?;
+        let recalls: Vec<f64> = [1u32, 4, 16]
+            .iter()
+            .map(|&np| {
+                recall_at(
+                    10,
+                    &peer_ids(&mut p, &shuffled, &queries, a.dimension, np, refine),
+                    &truth,
+                )
+            })
+            .collect();
+        emit(serde_json::json!({"step": "peer_order", "order": order,
+            "faiss_recall_at_10_nprobe_1_4_16": recalls}));
     }
     let mut sweep = Vec::new();
     for &shards in &a.sweep_shards {
@@ -640,6 +656,39 @@ fn bytemuck_f32(b: &[u8]) -> &[f32] {
     );
     // SAFETY: f32 has no invalid bit patterns; length and alignment checked.
     unsafe { std::slice::from_raw_parts(b.as_ptr() as *const f32, b.len() / 4) }
+}
+
+/// Raw FAISS's top 10 per query: each shard's IVF-PQ + exact re-rank, merged by
+/// distance; `rows[s][i]` is the corpus row of shard s's i-th added vector.
+fn peer_ids(
+    peers: &mut [faiss::index::IndexImpl],
+    rows: &[Vec<u64>],
+    queries: &[f32],
+    dim: usize,
+    nprobe: u32,
+    refine: usize,
+) -> Vec<Vec<i64>> {
+    (0..queries.len() / dim)
+        .map(|q| {
+            let query = &queries[q * dim..(q + 1) * dim];
+            let mut all: Vec<(f32, i64)> = Vec::new();
+            for (s, index) in peers.iter_mut().enumerate() {
+                let ps = ParameterSpace::new().expect("parameter space");
+                ps.set_index_parameter(&*index, "nprobe", nprobe as f64)
+                    .expect("nprobe");
+                ps.set_index_parameter(&*index, "k_factor_rf", refine as f64)
+                    .expect("k_factor");
+                let r = index.search(query, 10).expect("search");
+                for (d, l) in r.distances.iter().zip(&r.labels) {
+                    if let Some(v) = l.get() {
+                        all.push((*d, rows[s][v as usize] as i64));
+                    }
+                }
+            }
+            all.sort_by(|x, y| x.0.total_cmp(&y.0));
+            all.into_iter().take(10).map(|(_, i)| i).collect()
+        })
+        .collect()
 }
 
 /// Raw FAISS on one shard's rows with the cluster's parameters: IVF-PQ with an exact
