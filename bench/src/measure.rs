@@ -47,7 +47,12 @@ pub fn recall_at(k: usize, got: &[Vec<i64>], truth: &[Vec<i64>]) -> f64 {
 
 /// Resident anonymous and file-backed bytes of this process, from /proc.
 pub fn rss() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    rss_of(std::path::Path::new("/proc/self"))
+}
+
+/// Resident anonymous and file-backed bytes of the process at `/proc/PID`.
+pub fn rss_of(proc_dir: &std::path::Path) -> (u64, u64) {
+    let status = std::fs::read_to_string(proc_dir.join("status")).unwrap_or_default();
     let field = |name: &str| {
         status
             .lines()

@@ -34,7 +34,7 @@ use shoal_eval::percentile;
 use shoal_proto::coordinator as cpb;
 use shoal_proto::v1 as pb;
 
-use crate::measure::recall_at;
+use crate::measure::{recall_at, rss_of};
 
 #[derive(Args)]
 pub struct ScaleArgs {
@@ -169,17 +169,9 @@ fn nodes_rss(dir: &Path) -> (u64, u64) {
         };
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
         if cmd.contains(" node ") && cmd.contains(&needle) {
-            let status = std::fs::read_to_string(p.join("status")).unwrap_or_default();
-            let field = |name: &str| {
-                status
-                    .lines()
-                    .find(|l| l.starts_with(name))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|kb| kb.parse::<u64>().ok())
-                    .map_or(0, |kb| kb * 1024)
-            };
-            anon += field("RssAnon:");
-            file += field("RssFile:");
+            let (a, f) = rss_of(&p);
+            anon += a;
+            file += f;
         }
     }
     (anon, file)

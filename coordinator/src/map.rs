@@ -720,11 +720,7 @@ impl ClusterMap {
             } => self.start_operation(kind, collection, *collection_id, *started_ms)?,
             Command::OperationStep { id, shard, step } => {
                 let version = self.version + 1;
-                let op = self
-                    .operations
-                    .get_mut(id)
-                    .filter(|o| o.running())
-                    .ok_or_else(|| MapError::NotFound(format!("no running operation {id}")))?;
+                let op = self.running_operation(*id)?;
                 if !matches!(op.steps.get(shard), Some(Step::Pending { .. })) {
                     return Err(MapError::FailedPrecondition(format!(
                         "operation {id} has no pending step for shard {shard}"
@@ -741,11 +737,7 @@ impl ClusterMap {
             }
             Command::CancelOperation { id, reason } => {
                 let version = self.version + 1;
-                let op = self
-                    .operations
-                    .get_mut(id)
-                    .filter(|o| o.running())
-                    .ok_or_else(|| MapError::NotFound(format!("no running operation {id}")))?;
+                let op = self.running_operation(*id)?;
                 op.end(
                     Outcome::Cancelled {
                         reason: reason.chars().take(256).collect(),
@@ -923,6 +915,13 @@ impl ClusterMap {
         }
         operations::prune(&mut self.operations);
         Ok(changes)
+    }
+
+    fn running_operation(&mut self, id: u64) -> Result<&mut Operation> {
+        self.operations
+            .get_mut(&id)
+            .filter(|o| o.running())
+            .ok_or_else(|| MapError::NotFound(format!("no running operation {id}")))
     }
 
     fn start_operation(

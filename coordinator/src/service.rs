@@ -289,6 +289,15 @@ pub fn spec_from_pb(r: cpb::CreateCollectionRequest) -> Result<CollectionSpec, S
     })
 }
 
+/// What a read of one collection, or of every collection (empty name), needs.
+fn read_need(collection: &str) -> Need<'_> {
+    if collection.is_empty() {
+        Need::role(Role::Read)
+    } else {
+        Need::on(Role::Read, collection)
+    }
+}
+
 /// An index build's parameters: the request's, else the collection's, else sized from
 /// the largest shard ([`size_index`]); a training sample of at least 39 vectors a list
 /// (and the engine's 65,536 where the shard has them).
@@ -471,16 +480,7 @@ impl cpb::admin_server::Admin for AdminService {
         req: Request<cpb::ListShardsRequest>,
     ) -> Result<Response<cpb::ListShardsResponse>, Status> {
         let target = req.get_ref().collection.clone();
-        self.allow(
-            &req,
-            "ListShards",
-            &target,
-            if target.is_empty() {
-                Need::role(Role::Read)
-            } else {
-                Need::on(Role::Read, &target)
-            },
-        )?;
+        self.allow(&req, "ListShards", &target, read_need(&target))?;
         let name = req.into_inner().collection;
         check_name(&self.0, &name, "the collection name")?;
         let map = self.0.read().await?;
@@ -792,16 +792,7 @@ impl cpb::admin_server::Admin for AdminService {
         req: Request<cpb::ListOperationsRequest>,
     ) -> Result<Response<cpb::ListOperationsResponse>, Status> {
         let target = req.get_ref().collection.clone();
-        self.allow(
-            &req,
-            "ListOperations",
-            &target,
-            if target.is_empty() {
-                Need::role(Role::Read)
-            } else {
-                Need::on(Role::Read, &target)
-            },
-        )?;
+        self.allow(&req, "ListOperations", &target, read_need(&target))?;
         let name = req.into_inner().collection;
         if !name.is_empty() {
             check_name(&self.0, &name, "the collection name")?;
