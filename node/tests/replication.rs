@@ -283,6 +283,13 @@ async fn a_cut_off_backup_catches_up_from_the_recent_log_then_by_snapshot() {
         beat.abort();
         assert_eq!(b.position(), (40, 1));
         assert_eq!(c.position(), (10, 1), "{what}: c was cut off");
+        // The primary's index: a snapshot carries it (a copy answers by IVF-PQ at once).
+        let small = shoal_engine::IvfPqParams {
+            nlist: 2,
+            m: 2,
+            nbits: 4,
+        };
+        let built = pa.shard().unwrap().rebuild(Some(small)).unwrap();
         // Back (its node up, still a copy): c catches up without a write to prompt it,
         // and the primary reports it in sync.
         net.add(&c.addr, &c.local);
@@ -303,6 +310,12 @@ async fn a_cut_off_backup_catches_up_from_the_recent_log_then_by_snapshot() {
         .await;
         let rc = c.registry.read()[&key()].repl.clone();
         eventually(CALL, "c reads again", || rc.caught_up()).await;
+        let serving = rc.shard().unwrap().stats().serving.map(|g| g.id);
+        if recent == 1 {
+            assert_eq!(serving, Some(built.id), "the snapshot carried the index");
+        } else {
+            assert_eq!(serving, None, "the log carries writes, not indexes");
+        }
         for i in [0, 10, 39] {
             assert!(
                 get(&c, &format!("d{i}")).await.unwrap(),
@@ -394,7 +407,7 @@ async fn a_broken_snapshot_transfer_resumes_where_it_broke() {
         .unwrap()
         .files
         .iter()
-        .map(|(_, n)| n)
+        .map(|(_, n, _)| n)
         .sum();
     eprintln!(
         "snapshot {total} B: {before} B staged before the heal, {after_heal} B carried after it"

@@ -86,25 +86,34 @@ const REMEMBERED_REQUESTS: usize = 100_000;
 /// Of those, the newest kept in the manifest across checkpoints.
 const CHECKPOINTED_REQUESTS: usize = 4_096;
 
-/// A consistent copy of a shard's checkpointed state: its manifest (without an index
-/// generation: the receiver builds its own) and the prefixes of the segment files it
-/// names. The segments are append-only, so the prefixes stay valid while writes go on.
-/// A snapshot's files: the documents segment and the vectors, each up to its length.
+/// A snapshot's files: the documents segment and the vectors, each up to its length,
+/// and the serving index generation's file whole (issue 18: a restored copy answers by
+/// IVF-PQ at once instead of scanning every row until something rebuilds it).
 fn snapshot_files(m: &Manifest) -> Vec<(String, u64)> {
-    vec![
+    let mut files = vec![
         (DOCS_FILE.to_string(), m.docs_len),
         (
             VECTORS_FILE.to_string(),
             m.rows * m.config.dimension as u64 * 4,
         ),
-    ]
+    ];
+    if let Some(g) = &m.serving {
+        files.push((g.file.clone(), g.bytes));
+    }
+    files
 }
 
+/// A consistent copy of a shard's checkpointed state: its manifest, the prefixes of
+/// the segment files it names and its serving index generation. The segments are
+/// append-only, so the prefixes stay valid while writes go on; an index file is
+/// immutable but removed when a rebuild swaps in its successor, so every file is
+/// opened while the manifest still names it and read through that handle (an open
+/// file outlives its name).
 #[derive(Clone, Debug)]
 pub struct SnapshotSource {
     pub manifest: Vec<u8>,
-    /// (file name in the shard dir, bytes to copy)
-    pub files: Vec<(String, u64)>,
+    /// (file name in the shard dir, bytes to copy, the file opened)
+    pub files: Vec<(String, u64, Arc<fs::File>)>,
     pub last_seq: u64,
 }
 
@@ -667,12 +676,19 @@ impl Shard {
         let mut w = self.inner.writer.lock();
         self.check_writable()?;
         checkpoint(&self.inner.dir, &mut w)?;
-        let mut m = w.manifest.clone();
-        m.serving = None;
+        let m = w.manifest.clone();
+        let files = snapshot_files(&m)
+            .into_iter()
+            .map(|(name, len)| {
+                let path = self.inner.dir.join(&name);
+                let f = fs::File::open(&path).map_err(ShardError::io(&path))?;
+                Ok((name, len, Arc::new(f)))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let manifest =
             serde_json::to_vec(&m).map_err(|e| ShardError::InvalidConfig(e.to_string()))?;
         Ok(SnapshotSource {
-            files: snapshot_files(&m),
+            files,
             manifest,
             last_seq: m.applied_seq,
         })

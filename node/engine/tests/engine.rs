@@ -808,11 +808,7 @@ fn t60_replication_primitives_epochs_request_ids_and_snapshots() {
     let snap = primary.snapshot().unwrap();
     assert_eq!(snap.last_seq, 3);
     let cd = tempfile::tempdir().unwrap();
-    for (name, len) in &snap.files {
-        let data = fs::read(pd.path().join(name)).unwrap();
-        fs::write(cd.path().join(name), &data[..*len as usize]).unwrap();
-    }
-    Shard::install_manifest(cd.path(), &snap.manifest).unwrap();
+    copy_snapshot(&snap, cd.path());
     let copy = Shard::open(cd.path()).unwrap();
     assert_eq!(copy.last(), (3, 2));
     assert_eq!(copy.len(), 3);
@@ -838,4 +834,64 @@ fn t60_replication_primitives_epochs_request_ids_and_snapshots() {
     assert_eq!(seqs, vec![(4, 2), (5, 2)]);
     assert_eq!(replayed[1].request_id, "req-e");
     assert!(primary.take_replayed().is_empty(), "taken once");
+}
+
+/// Copies a snapshot's files through its handles, as a transfer does, and installs it.
+fn copy_snapshot(snap: &shoal_engine::SnapshotSource, to: &Path) {
+    use std::os::unix::fs::FileExt;
+    for (name, len, f) in &snap.files {
+        let mut data = vec![0u8; *len as usize];
+        f.read_exact_at(&mut data, 0).unwrap();
+        fs::write(to.join(name), &data).unwrap();
+    }
+    Shard::install_manifest(to, &snap.manifest).unwrap();
+}
+
+#[test]
+fn t61_a_snapshot_carries_the_serving_index_even_past_its_successor() {
+    let pd = tempfile::tempdir().unwrap();
+    let primary = Shard::create(pd.path(), config(Metric::L2)).unwrap();
+    for chunk in docs("c", 2000).chunks(500) {
+        primary.upsert(chunk.to_vec()).unwrap();
+    }
+    let built = primary.rebuild(None).unwrap();
+    // Written after the build: the copy's fresh tail, as the primary's.
+    primary.upsert(docs("t", 30)).unwrap();
+    primary.delete(vec!["c7".into()]).unwrap();
+    let approx = SearchParams {
+        k: 10,
+        mode: SearchMode::Approximate,
+        ..SearchParams::default()
+    };
+    let queries = ["c7", "c100", "t3", "q-1", "q-2"];
+    let answer = |shard: &Shard, q: &str| -> Vec<String> {
+        let r = shard.search(&vector_for(q), approx).unwrap();
+        assert_eq!(r.generation, Some(built.id), "{q}");
+        assert_eq!(r.fresh_rows, 30, "{q}");
+        r.hits.into_iter().map(|h| h.id.to_string()).collect()
+    };
+    let want: Vec<Vec<String>> = queries.iter().map(|q| answer(&primary, q)).collect();
+    let snap = primary.snapshot().unwrap();
+    let names: Vec<&str> = snap.files.iter().map(|(n, _, _)| n.as_str()).collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert!(names[2].starts_with("gen-"), "{names:?}");
+    // A rebuild swaps in a successor and removes the file the snapshot names: the
+    // handle taken with the snapshot still reads it whole.
+    let next = primary.rebuild(None).unwrap();
+    assert!(next.id > built.id);
+    assert!(!pd.path().join(names[2]).exists());
+    let cd = tempfile::tempdir().unwrap();
+    copy_snapshot(&snap, cd.path());
+    let copy = Shard::open(cd.path()).unwrap();
+    let stats = copy.stats();
+    assert_eq!(stats.serving.as_ref().map(|g| g.id), Some(built.id));
+    // The copy answers by IVF-PQ at once, as the primary's same generation did: the
+    // same approximate hits, the same fresh tail, the deleted row gone.
+    for (q, want) in queries.iter().zip(&want) {
+        let got = answer(&copy, q);
+        assert!(got.iter().all(|id| id != "c7"), "deleted row served");
+        assert_eq!(&got, want, "{q}");
+    }
+    // Its own next build numbers on past the generation it received.
+    assert!(copy.rebuild(None).unwrap().id > built.id);
 }

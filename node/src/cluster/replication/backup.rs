@@ -264,19 +264,26 @@ fn snapshot_file_name_ok(name: &str) -> bool {
 /// The length read and crc32 of the first `up_to` bytes of `path` (all of it, when
 /// shorter).
 pub fn crc_of(path: &Path, up_to: u64) -> std::io::Result<(u64, u32)> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path)?.take(up_to);
+    crc_of_file(&std::fs::File::open(path)?, up_to)
+}
+
+/// [`crc_of`] through an open handle (positional reads: the handle's offset is not
+/// moved, so it may be shared).
+pub fn crc_of_file(f: &std::fs::File, up_to: u64) -> std::io::Result<(u64, u32)> {
+    use std::os::unix::fs::FileExt;
     let mut h = crc32fast::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut n = 0u64;
-    loop {
-        let k = f.read(&mut buf)?;
+    while n < up_to {
+        let want = (up_to - n).min(buf.len() as u64) as usize;
+        let k = f.read_at(&mut buf[..want], n)?;
         if k == 0 {
-            return Ok((n, h.finalize()));
+            break;
         }
         h.update(&buf[..k]);
         n += k as u64;
     }
+    Ok((n, h.finalize()))
 }
 
 /// Where a snapshot is assembled before it replaces the replica's directory.

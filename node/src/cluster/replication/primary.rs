@@ -496,7 +496,6 @@ impl Replication {
                 HashMap::new()
             }
         };
-        let dir = shard.dir().to_path_buf();
         let (tx, rx) = tokio::sync::mpsc::channel::<rpb::SnapshotChunk>(4);
         let first = rpb::SnapshotChunk {
             shard: Some(self.key.shard_id()),
@@ -512,22 +511,26 @@ impl Replication {
             ..Default::default()
         };
         let files = src.files.clone();
-        let bytes: u64 = files.iter().map(|(_, n)| n).sum();
+        let bytes: u64 = files.iter().map(|(_, n, _)| n).sum();
         let resumed = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let reader = {
             let (resumed, sent) = (resumed.clone(), sent.clone());
             tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-                use std::io::{Read, Seek};
+                use std::os::unix::fs::FileExt;
                 if tx.blocking_send(first).is_err() {
                     return Ok(());
                 }
-                for (name, len) in files {
+                // Read through the handles the snapshot opened: an index file a rebuild
+                // has since replaced is still there for them.
+                for (name, len, f) in files {
                     // Resumed from what the receiver holds, where its bytes are this
-                    // file's first bytes (both files only grow).
+                    // file's first bytes (the segments only grow; an index file never
+                    // changes, and one of the same name from another history fails
+                    // the checksum and is sent whole).
                     let mut offset = match staged.get(&name) {
                         Some(&(have, crc)) if have > 0 && have <= len => {
-                            let (n, mine) = super::backup::crc_of(&dir.join(&name), have)?;
+                            let (n, mine) = super::backup::crc_of_file(&f, have)?;
                             if n == have && mine == crc {
                                 have
                             } else {
@@ -537,13 +540,11 @@ impl Replication {
                         _ => 0,
                     };
                     resumed.fetch_add(offset, Ordering::Relaxed);
-                    let mut f = std::fs::File::open(dir.join(&name))?;
-                    f.seek(std::io::SeekFrom::Start(offset))?;
                     // At least one chunk per file, so the receiver opens each.
                     loop {
                         let n = ((len - offset) as usize).min(SNAPSHOT_CHUNK);
                         let mut data = vec![0u8; n];
-                        f.read_exact(&mut data)?;
+                        f.read_exact_at(&mut data, offset)?;
                         let chunk = rpb::SnapshotChunk {
                             file: name.clone(),
                             offset,
