@@ -150,6 +150,10 @@ impl AnnIndex {
         self.inner.ntotal()
     }
 
+    pub fn dim(&self) -> usize {
+        self.inner.d() as usize
+    }
+
     /// Top `k` rows by approximate (PQ) distance, best first.
     pub fn search(&self, query: &[f32], k: usize, nprobe: usize) -> Result<Vec<(u64, f32)>> {
         let (d, l) = search_shared(&self.inner, query, k, Some(nprobe))?;

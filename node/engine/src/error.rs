@@ -28,6 +28,10 @@ pub enum ShardError {
     NotEnoughVectors { have: usize, need: usize },
     #[error("an index build is already running (generation {0})")]
     BuildInProgress(u64),
+    /// A generation built elsewhere that this replica cannot take (another history,
+    /// not yet caught up, no longer served): refused, nothing changed.
+    #[error("index generation refused: {0}")]
+    GenerationRefused(String),
     #[error("shard at {0} is closed after a failed write; reopen it to recover from its log")]
     Poisoned(PathBuf),
     #[error("no shard at {0}: manifest.json is missing")]

@@ -109,6 +109,24 @@ fn snapshot_files(m: &Manifest) -> Vec<(String, u64)> {
 /// immutable but removed when a rebuild swaps in its successor, so every file is
 /// opened while the manifest still names it and read through that handle (an open
 /// file outlives its name).
+/// A piece of a served generation's file, as another replica fetches it.
+#[derive(Clone, Debug)]
+pub struct GenerationChunk {
+    /// Opaque to the caller: handed back to [`Shard::install_generation`].
+    pub meta: Vec<u8>,
+    pub data: Vec<u8>,
+    /// The file's whole length.
+    pub total: u64,
+}
+
+/// What travels with a generation's file: its manifest entry and the epoch of the
+/// last batch it covers (with `covered_seq`, the point where histories must agree).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct GenerationExport {
+    meta: GenerationMeta,
+    covered_epoch: u64,
+}
+
 #[derive(Clone, Debug)]
 pub struct SnapshotSource {
     pub manifest: Vec<u8>,
@@ -214,8 +232,12 @@ struct State {
 
 impl State {
     #[inline]
+    /// Rows past the end are not live (an index's labels are checked here, not
+    /// trusted: a generation may have been built elsewhere).
     fn is_live(&self, row: u64) -> bool {
-        self.live[(row / 64) as usize] & (1 << (row % 64)) != 0
+        self.live
+            .get((row / 64) as usize)
+            .is_some_and(|w| w & (1 << (row % 64)) != 0)
     }
 
     fn kill(&mut self, row: u64) {
@@ -978,12 +1000,17 @@ impl Shard {
         }
         // Catch up with writes that landed during the build, so the new generation
         // starts with a small fresh tail.
+        let mut covered_seq = 0;
         for _ in 0..4 {
             let (rows, view) = {
+                // Under the writer: the rows published are exactly those of the
+                // batches up to `last_seq`.
+                let w = self.inner.writer.lock();
                 let st = self.inner.state.read();
                 let end = st.rows.len() as u64;
                 let rows = st.live_rows(covered..end);
                 covered = end;
+                covered_seq = w.last_seq;
                 (rows, st.vectors.clone())
             };
             if rows.is_empty() {
@@ -1022,28 +1049,15 @@ impl Shard {
             params,
             build_seconds: info.build_seconds,
             indexed_vectors: info.indexed_vectors,
+            covered_seq,
         };
-        // Manifest first, then the in-memory swap: after a crash the manifest names a
-        // complete, checksummed file; readers see either N or N+1, never a mix.
-        let old = {
-            let mut w = self.inner.writer.lock();
-            // A retired handle (its directory replaced by a snapshot) never writes a
-            // manifest: the directory now belongs to another handle.
-            self.check_writable()?;
-            let old = w.manifest.serving.replace(meta);
-            w.manifest.store(&self.inner.dir)?;
-            let generation = Arc::new(Generation {
+        self.swap_in(
+            meta,
+            Generation {
                 info: info.clone(),
                 index,
-            });
-            let mut st = self.inner.state.write();
-            st.serving = Some(generation);
-            old
-        };
-        if let Some(old) = old {
-            let path = self.inner.dir.join(&old.file);
-            fs::remove_file(&path).map_err(ShardError::io(&path))?;
-        }
+            },
+        )?;
         tracing::info!(
             generation = gen_id,
             vectors = info.indexed_vectors,
@@ -1053,6 +1067,189 @@ impl Shard {
             index_bytes = bytes,
             "index generation swapped in"
         );
+        Ok(info)
+    }
+
+    /// Makes `generation` (its file already in the shard's directory, fsynced) the
+    /// serving one. Manifest first, then the in-memory swap: after a crash the
+    /// manifest names a complete, checksummed file; readers see either N or N+1, never
+    /// a mix. The caller holds the `building` claim.
+    fn swap_in(&self, meta: GenerationMeta, generation: Generation) -> Result<()> {
+        let old = {
+            let mut w = self.inner.writer.lock();
+            // A retired handle (its directory replaced by a snapshot) never writes a
+            // manifest: the directory now belongs to another handle.
+            self.check_writable()?;
+            w.manifest.next_generation = w.manifest.next_generation.max(meta.id + 1);
+            let old = w.manifest.serving.replace(meta);
+            w.manifest.store(&self.inner.dir)?;
+            let mut st = self.inner.state.write();
+            st.serving = Some(Arc::new(generation));
+            old
+        };
+        if let Some(old) = old {
+            let path = self.inner.dir.join(&old.file);
+            fs::remove_file(&path).map_err(ShardError::io(&path))?;
+        }
+        Ok(())
+    }
+
+    /// Up to `max` bytes of the serving generation `id`'s file from `offset`, with
+    /// what another replica of the shard needs to take it as built
+    /// ([`Shard::install_generation`]; issue 18: the primary trains once). Refused
+    /// once `id` is no longer served, and for a generation whose log position was not
+    /// recorded.
+    pub fn generation_chunk(&self, id: u64, offset: u64, max: usize) -> Result<GenerationChunk> {
+        let (export, f) = {
+            let w = self.inner.writer.lock();
+            let serving = w.manifest.serving.as_ref().map(|g| g.id);
+            let Some(g) = w.manifest.serving.clone().filter(|g| g.id == id) else {
+                return Err(ShardError::GenerationRefused(format!(
+                    "generation {id} is not served here (serving {serving:?})"
+                )));
+            };
+            if g.covered_seq == 0 && g.covered_rows > 0 {
+                return Err(ShardError::GenerationRefused(format!(
+                    "generation {id} was built before its log position was recorded"
+                )));
+            }
+            let covered_epoch = epoch_at(&w.manifest.epochs, g.covered_seq);
+            // Opened while the manifest names it: a later swap cannot pull it away.
+            let path = self.inner.dir.join(&g.file);
+            let f = fs::File::open(&path).map_err(ShardError::io(&path))?;
+            (
+                GenerationExport {
+                    meta: g,
+                    covered_epoch,
+                },
+                f,
+            )
+        };
+        let total = export.meta.bytes;
+        if offset > total {
+            return Err(ShardError::InvalidQuery(format!(
+                "offset {offset} past the {total} bytes of generation {id}"
+            )));
+        }
+        let n = ((total - offset) as usize).min(max);
+        let mut data = vec![0u8; n];
+        {
+            use std::os::unix::fs::FileExt;
+            let path = self.inner.dir.join(&export.meta.file);
+            f.read_exact_at(&mut data, offset)
+                .map_err(ShardError::io(&path))?;
+        }
+        Ok(GenerationChunk {
+            meta: serde_json::to_vec(&export).expect("generation meta serialises"),
+            data,
+            total,
+        })
+    }
+
+    /// Takes a generation another replica of this shard built (`meta` from its
+    /// [`Shard::generation_chunk`], its file whole at `file`, moved into the shard's
+    /// directory) as this replica's serving one, checked first: the histories agree up
+    /// to the last batch it covers (so the rows it names are this replica's rows), the
+    /// rows are here, the file's checksum and size are the builder's, and it is newer
+    /// than what is served. Refused with the reason otherwise, nothing changed.
+    pub fn install_generation(&self, meta: &[u8], file: &Path) -> Result<GenerationInfo> {
+        let export: GenerationExport = serde_json::from_slice(meta)
+            .map_err(|e| ShardError::GenerationRefused(format!("unreadable generation: {e}")))?;
+        let id = export.meta.id;
+        {
+            let mut b = self.inner.building.lock();
+            if let Some(g) = *b {
+                return Err(ShardError::BuildInProgress(g));
+            }
+            *b = Some(id);
+        }
+        let result = self.install_checked(export, file);
+        *self.inner.building.lock() = None;
+        result
+    }
+
+    fn install_checked(&self, export: GenerationExport, file: &Path) -> Result<GenerationInfo> {
+        let g = export.meta;
+        let refused = |why: String| Err(ShardError::GenerationRefused(format!("generation {}: {why}", g.id)));
+        if g.file != format!("gen-{:08}.faiss", g.id) {
+            return refused(format!("file name {:?} is not the generation's", g.file));
+        }
+        g.params.validate(self.inner.config.dimension)?;
+        {
+            let w = self.inner.writer.lock();
+            let st = self.inner.state.read();
+            let serving = w.manifest.serving.as_ref().map_or(0, |s| s.id);
+            if serving >= g.id {
+                return refused(format!("generation {serving} is already served"));
+            }
+            if w.last_seq < g.covered_seq {
+                return refused(format!(
+                    "it covers batches up to {}, this replica holds up to {}",
+                    g.covered_seq, w.last_seq
+                ));
+            }
+            let mine = epoch_at(&w.manifest.epochs, g.covered_seq);
+            if mine != export.covered_epoch {
+                return refused(format!(
+                    "histories differ at batch {} (epoch {} there, {mine} here)",
+                    g.covered_seq, export.covered_epoch
+                ));
+            }
+            if (st.rows.len() as u64) < g.covered_rows {
+                return refused(format!(
+                    "it covers {} rows, this replica has {}",
+                    g.covered_rows,
+                    st.rows.len()
+                ));
+            }
+        }
+        let (crc, bytes) = storage::file_crc(file)?;
+        if crc != g.crc32 || bytes != g.bytes {
+            return refused(format!(
+                "file checksum {crc:08x} ({bytes} bytes) is not the builder's {:08x} ({} bytes)",
+                g.crc32, g.bytes
+            ));
+        }
+        fs::File::open(file)
+            .and_then(|f| f.sync_all())
+            .map_err(ShardError::io(file))?;
+        let final_path = self.inner.dir.join(&g.file);
+        fs::rename(file, &final_path).map_err(ShardError::io(&final_path))?;
+        storage::sync_dir(&self.inner.dir)?;
+        let index = AnnIndex::read_verified(&final_path)?;
+        if index.dim() != self.inner.config.dimension || index.len() != g.indexed_vectors {
+            let _ = fs::remove_file(&final_path);
+            return refused(format!(
+                "the index holds {} vectors of {} dimensions, its manifest says {} of {}",
+                index.len(),
+                index.dim(),
+                g.indexed_vectors,
+                self.inner.config.dimension
+            ));
+        }
+        let info = GenerationInfo {
+            id: g.id,
+            covered_rows: g.covered_rows,
+            indexed_vectors: g.indexed_vectors,
+            params: g.params,
+            index_file_bytes: g.bytes,
+            build_seconds: g.build_seconds,
+        };
+        tracing::info!(
+            generation = g.id,
+            vectors = g.indexed_vectors,
+            covered_rows = g.covered_rows,
+            covered_seq = g.covered_seq,
+            index_bytes = g.bytes,
+            "index generation installed as built by another replica"
+        );
+        self.swap_in(
+            g,
+            Generation {
+                info: info.clone(),
+                index,
+            },
+        )?;
         Ok(info)
     }
 

@@ -25,6 +25,12 @@ pub struct GenerationMeta {
     pub bytes: u64,
     pub params: IvfPqParams,
     pub build_seconds: f64,
+    /// The last log sequence number whose rows are below `covered_rows`: a replica
+    /// whose history agrees up to it holds the same rows, so it can take this
+    /// generation as built (issue 18: the primary trains once). 0: unknown (built
+    /// before it was recorded), never shipped.
+    #[serde(default)]
+    pub covered_seq: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

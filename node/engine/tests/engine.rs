@@ -895,3 +895,79 @@ fn t61_a_snapshot_carries_the_serving_index_even_past_its_successor() {
     // Its own next build numbers on past the generation it received.
     assert!(copy.rebuild(None).unwrap().id > built.id);
 }
+
+/// Fetches generation `id` from `from` in small chunks, as a backup does, into a file
+/// under `to`; returns (meta, path).
+fn fetch_generation(from: &Shard, id: u64, to: &Path) -> (Vec<u8>, std::path::PathBuf) {
+    let path = to.join("incoming.faiss");
+    let mut data = Vec::new();
+    loop {
+        let c = from.generation_chunk(id, data.len() as u64, 100_000).unwrap();
+        data.extend_from_slice(&c.data);
+        if data.len() as u64 == c.total {
+            fs::write(&path, &data).unwrap();
+            return (c.meta, path);
+        }
+    }
+}
+
+#[test]
+fn t62_a_backup_takes_its_primarys_generation_only_with_the_same_history() {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let open = |i: usize| Shard::create(dirs[i].path(), config(Metric::L2)).unwrap();
+    let (primary, backup, other) = (open(0), open(1), open(2));
+    // The backup follows the primary batch by batch; `other` has the same documents
+    // written in another epoch (another history at the same positions).
+    for (i, chunk) in docs("c", 2000).chunks(250).enumerate() {
+        let ops: Vec<WriteOp> = chunk.iter().cloned().map(WriteOp::Upsert).collect();
+        let (_, batch) = primary.write_as(ops.clone(), 1, &format!("r{i}")).unwrap();
+        backup.append_replicated(&[(*batch.unwrap()).clone()]).unwrap();
+        other.write_as(ops, 2, &format!("r{i}")).unwrap();
+    }
+    let built = primary.rebuild(None).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (meta, file) = fetch_generation(&primary, built.id, tmp.path());
+    // Another history: refused by name, nothing changed.
+    let e = other.install_generation(&meta, &file).unwrap_err();
+    assert!(e.to_string().contains("histories differ"), "{e}");
+    assert!(other.stats().serving.is_none());
+    // A damaged transfer: refused on its checksum.
+    let mut bytes = fs::read(&file).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    let bad = tmp.path().join("bad.faiss");
+    fs::write(&bad, &bytes).unwrap();
+    let e = backup.install_generation(&meta, &bad).unwrap_err();
+    assert!(e.to_string().contains("checksum"), "{e}");
+    // A backup behind the rows it covers waits for them.
+    let behind_dir = tempfile::tempdir().unwrap();
+    let behind = Shard::create(behind_dir.path(), config(Metric::L2)).unwrap();
+    let e = behind.install_generation(&meta, &file).unwrap_err();
+    assert!(e.to_string().contains("holds up to 0"), "{e}");
+    // The same history: taken as built, answering exactly as the primary does.
+    let got = backup.install_generation(&meta, &file).unwrap();
+    assert_eq!((got.id, got.covered_rows), (built.id, built.covered_rows));
+    let approx = SearchParams {
+        k: 10,
+        mode: SearchMode::Approximate,
+        ..SearchParams::default()
+    };
+    for q in ["c1", "c999", "q-7"] {
+        let a = primary.search(&vector_for(q), approx).unwrap();
+        let b = backup.search(&vector_for(q), approx).unwrap();
+        assert_eq!(a.hits, b.hits, "{q}");
+        assert_eq!(b.generation, Some(built.id));
+    }
+    // Once served it is not taken again; it survives a reopen; the backup's own next
+    // build numbers past it.
+    let e = backup.install_generation(&meta, &file).unwrap_err();
+    assert!(e.to_string().contains("already served"), "{e}");
+    drop(backup);
+    let backup = Shard::open(dirs[1].path()).unwrap();
+    assert_eq!(backup.stats().serving.map(|g| g.id), Some(built.id));
+    assert!(backup.rebuild(None).unwrap().id > built.id);
+    // A generation no longer served is refused to a fetcher.
+    primary.rebuild(None).unwrap();
+    let e = primary.generation_chunk(built.id, 0, 10).unwrap_err();
+    assert!(e.to_string().contains("not served"), "{e}");
+}

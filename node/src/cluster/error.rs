@@ -171,7 +171,9 @@ impl From<ShardError> for ReplicaError {
             ShardError::InvalidDocument { .. }
             | ShardError::InvalidQuery(_)
             | ShardError::InvalidConfig(_) => Self::Invalid(e.to_string()),
-            ShardError::NotEnoughVectors { .. } | ShardError::BuildInProgress(_) => {
+            ShardError::NotEnoughVectors { .. }
+            | ShardError::BuildInProgress(_)
+            | ShardError::GenerationRefused(_) => {
                 Self::Refused(e.to_string())
             }
             e => Self::Internal(e.to_string()),
