@@ -17,6 +17,11 @@
 //!   the same shards with the same parameters merged the same way; p50/p99 at 1 and 4
 //!   clients.
 //!
+//! - at RF ≥ 2: the time until every backup serves its primary's generation after the
+//!   build (fetched, not trained); with `--restore`, a node SIGKILLed after the queries
+//!   and the time until every shard is back at its replication factor (declared down,
+//!   then copied), and the first queries on each restored copy, straight to its replica.
+//!
 //! The cluster is `shoal dev --no-model --insecure` under the work dir (its fixed ports:
 //! nothing else may run one). The harness checks free space first.
 
@@ -76,6 +81,10 @@ pub struct ScaleArgs {
     sweep_shards: Vec<u32>,
     #[arg(long, default_value_t = 1_000_000)]
     sweep_rows: u64,
+    /// After the queries, SIGKILL the last node and time the shards' return to their
+    /// replication factor (needs --replication-factor 2 or more).
+    #[arg(long)]
+    restore: bool,
     /// Data, the cluster and the reference shard go here.
     #[arg(long, default_value = "scale-work")]
     work_dir: PathBuf,
@@ -429,6 +438,16 @@ pub fn run(a: ScaleArgs) -> Result<()> {
         "step": "build", "params": params, "shards": a.shards, "rounds": a.build_rounds,
         "cluster_s": cluster_s, "faiss_s": faiss_s, "cluster_vs_faiss": cs / fs,
     }));
+    if a.replication_factor >= 2 {
+        // The operation ends with the primaries' generations; the backups then fetch
+        // theirs.
+        let t = Instant::now();
+        let all = rt.block_on(every_replica_serving(coords, name))?;
+        emit(serde_json::json!({
+            "step": "backups_serving", "after_build_s": t.elapsed().as_secs_f64(),
+            "replicas": all,
+        }));
+    }
     std::thread::sleep(Duration::from_secs(3));
     let (anon, file) = nodes_rss(&dev_dir);
     let copies = (a.rows * a.replication_factor as u64) as f64;
@@ -521,6 +540,21 @@ pub fn run(a: ScaleArgs) -> Result<()> {
         emit(serde_json::json!({"step": "peer_order", "order": order,
             "faiss_recall_at_10_nprobe_1_4_16": recalls}));
     }
+    let restore = if a.restore {
+        let v = rt.block_on(restore_after_node_loss(
+            coords,
+            name,
+            &dev_dir,
+            nodes.last().expect("a node"),
+            a.replication_factor as usize,
+            &queries,
+            a.dimension,
+        ))?;
+        emit(v.clone());
+        v
+    } else {
+        serde_json::Value::Null
+    };
     let mut sweep = Vec::new();
     for &shards in &a.sweep_shards {
         let v = shard_sweep(&a, &bin, &rt, &npy, &ids, &nodes, coords, &queries, shards)?;
@@ -536,7 +570,7 @@ pub fn run(a: ScaleArgs) -> Result<()> {
         "import_vs_engine": import_rate / engine_rate,
         "build_params": params, "build_cluster_s": cs, "build_faiss_s": fs, "build_cluster_vs_faiss": cs / fs,
         "anon_bytes_per_vector": anon_per_vector,
-        "quality": quality,
+        "quality": quality, "restore": restore,
     }));
     Ok(())
 }
@@ -842,4 +876,174 @@ async fn cluster_queries(
     let mut lat: Vec<f64> = all.iter().map(|x| x.2).collect();
     lat.sort_by(f64::total_cmp);
     Ok((all.into_iter().map(|x| x.1).collect(), lat))
+}
+
+/// Waits until every replica of `name` serves its primary's generation; returns how
+/// many replicas that is.
+async fn every_replica_serving(coords: &str, name: &str) -> Result<usize> {
+    let mut c = shoal_proto::client::Client::new(coords.split(',').map(String::from));
+    let t = Instant::now();
+    loop {
+        let shards = c
+            .list_shards(cpb::ListShardsRequest {
+                collection: name.into(),
+            })
+            .await?
+            .shards;
+        let serving = |s: &cpb::Shard| {
+            let primary = s
+                .replicas
+                .iter()
+                .find(|r| r.node_id == s.primary)
+                .map_or(0, |r| r.serving_generation);
+            primary > 0 && s.replicas.iter().all(|r| r.serving_generation == primary)
+        };
+        if shards.iter().all(serving) {
+            return Ok(shards.iter().map(|s| s.replicas.len()).sum());
+        }
+        if t.elapsed() > Duration::from_secs(3600) {
+            bail!("backups not serving their primaries' generations: {shards:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// SIGKILLs the node serving `public` (one of `dev`'s), times the coordinators'
+/// verdict and every shard's return to `rf` serving, caught-up replicas on nodes that
+/// are up, then sends the first queries to each restored copy's replica directly.
+async fn restore_after_node_loss(
+    coords: &str,
+    name: &str,
+    dev: &Path,
+    public: &str,
+    rf: usize,
+    queries: &[f32],
+    dim: usize,
+) -> Result<serde_json::Value> {
+    use shoal_proto::replica as rpb;
+    let mut c = shoal_proto::client::Client::new(coords.split(',').map(String::from));
+    let placed = |shards: &[cpb::Shard]| -> std::collections::HashSet<(u32, String)> {
+        shards
+            .iter()
+            .flat_map(|s| s.replicas.iter().map(|r| (s.index, r.node_id.clone())))
+            .collect()
+    };
+    let shards = |c: &mut shoal_proto::client::Client| {
+        let mut c = c.clone();
+        async move {
+            c.list_shards(cpb::ListShardsRequest {
+                collection: name.into(),
+            })
+            .await
+            .map(|r| r.shards)
+        }
+    };
+    let before = placed(&shards(&mut c).await?);
+    // The victim: its process (by its data dir and listen address) and its id.
+    let needle = dev.to_string_lossy().to_string();
+    let listen = format!("--listen {public} ");
+    let mut victim = None;
+    for e in std::fs::read_dir("/proc")?.flatten() {
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(" node ") && cmd.contains(&needle) && cmd.contains(&listen) {
+            let pid: i32 = e.file_name().to_string_lossy().parse()?;
+            let id = cmd
+                .split(" --id ")
+                .nth(1)
+                .and_then(|r| r.split(' ').next())
+                .context("the node's --id")?
+                .to_string();
+            victim = Some((pid, id));
+        }
+    }
+    let (pid, id) = victim.with_context(|| format!("no node process listening on {public}"))?;
+    // SAFETY: kill(2) on a process this harness's cluster started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let t = Instant::now();
+    let mut declared_down = None;
+    let restored = loop {
+        let nodes = c.list_nodes(cpb::ListNodesRequest {}).await?.nodes;
+        let up: Vec<&str> = nodes
+            .iter()
+            .filter(|n| n.state == cpb::NodeState::Up as i32)
+            .map(|n| n.id.as_str())
+            .collect();
+        if declared_down.is_none()
+            && nodes
+                .iter()
+                .any(|n| n.id == id && n.state == cpb::NodeState::Down as i32)
+        {
+            declared_down = Some(t.elapsed().as_secs_f64());
+        }
+        let now = shards(&mut c).await?;
+        let whole = now.iter().all(|s| {
+            s.replicas
+                .iter()
+                .filter(|r| {
+                    r.state == cpb::ReplicaState::Serving as i32
+                        && up.contains(&r.node_id.as_str())
+                        && r.lag == 0
+                })
+                .count()
+                >= rf
+        });
+        if declared_down.is_some() && whole {
+            break (t.elapsed().as_secs_f64(), now, nodes);
+        }
+        if t.elapsed() > Duration::from_secs(3 * 3600) {
+            bail!("not back at RF {rf}: {now:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let (restored_s, now, nodes) = restored;
+    let collection_id = c
+        .describe_collection(cpb::DescribeCollectionRequest { name: name.into() })
+        .await?
+        .collection
+        .map_or(0, |x| x.id);
+    // Each new copy: its first queries, straight to its replica.
+    let mut copies = Vec::new();
+    for (index, node) in placed(&now).difference(&before) {
+        let addr = &nodes
+            .iter()
+            .find(|n| &n.id == node)
+            .context("the copy's node")?
+            .addr;
+        let ch = shoal_proto::channel(addr, None)?;
+        let mut r = rpb::replica_client::ReplicaClient::new(ch);
+        let mut lat = Vec::new();
+        let mut generation = 0;
+        for q in 0..(queries.len() / dim).min(200) {
+            let t = Instant::now();
+            let a = r
+                .search(rpb::ShardSearchRequest {
+                    shard: Some(cpb::ShardId {
+                        collection: name.into(),
+                        collection_id,
+                        index: *index,
+                    }),
+                    vector: queries[q * dim..(q + 1) * dim].to_vec(),
+                    k: 10,
+                    nprobe: 4,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            lat.push(t.elapsed().as_secs_f64() * 1e3);
+            generation = a.generation;
+        }
+        let first = lat[0];
+        lat.sort_by(f64::total_cmp);
+        copies.push(serde_json::json!({
+            "shard": index, "node": node, "generation": generation,
+            "first_query_ms": first, "p50_ms": percentile(&lat, 0.5),
+        }));
+    }
+    Ok(serde_json::json!({
+        "step": "restore", "killed": id, "declared_down_s": declared_down,
+        "restored_s": restored_s, "copies": copies,
+    }))
 }

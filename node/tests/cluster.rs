@@ -841,6 +841,105 @@ async fn an_index_build_serves_every_shard_and_the_map_records_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backup_takes_its_primarys_index_instead_of_training_its_own() {
+    let mut f = Fixture::start(false).await;
+    f.admin
+        .create_collection(cpb::CreateCollectionRequest {
+            name: "rep".into(),
+            dimension: 16,
+            metric: cpb::Metric::InnerProduct as i32,
+            shard_count: 2,
+            replication_factor: 2,
+            index: Some(cpb::IndexParams {
+                nlist: 4,
+                pq_nbits: 4,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    wait_open(&f.a, "rep", 2).await;
+    wait_open(&f.b, "rep", 2).await;
+    let docs: Vec<pb::Document> = (0..400)
+        .map(|i| pb::Document {
+            id: format!("r{i}"),
+            vector: vector(i, 16),
+            ..Default::default()
+        })
+        .collect();
+    // Retried until both copies of every shard are in sync (writes need two).
+    let t = Instant::now();
+    while let Err(e) =
+        f.ga.ingest(pb::IngestRequest {
+            collection: "rep".into(),
+            documents: docs.clone(),
+            request_id: "rep-1".into(),
+        })
+        .await
+    {
+        assert!(t.elapsed() < Duration::from_secs(30), "{e}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let built =
+        f.gb.build_index(pb::BuildIndexRequest {
+            collection: "rep".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(built.state, "succeeded", "{built:?}");
+    // Each shard's two replicas serve one generation: the backup's is the primary's,
+    // down to its recorded build time (a backup training its own would differ).
+    type Served = Vec<(u32, Option<(u64, u64, u64)>)>;
+    let generations = |n: &NodeHandle| -> Served {
+        let mut v: Vec<_> = n
+            .registry
+            .read()
+            .iter()
+            .filter(|(k, _)| k.collection == "rep")
+            .map(|(k, h)| {
+                let g = h.repl.shard().ok().and_then(|s| s.stats().serving);
+                (
+                    k.index,
+                    g.map(|g| (g.id, g.covered_rows, g.build_seconds.to_bits())),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let t = Instant::now();
+    loop {
+        let (ga, gb) = (generations(&f.a), generations(&f.b));
+        if ga == gb && ga.len() == 2 && ga.iter().all(|(_, g)| g.is_some()) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the backups did not take their primaries' generations: a {ga:?}, b {gb:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Searched on either node, through either copy, the index answers.
+    for g in [&mut f.ga, &mut f.gb] {
+        let r = g
+            .search(pb::SearchRequest {
+                collection: "rep".into(),
+                vector: vector(7, 16),
+                k: 5,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.shards.iter().all(|s| s.generation >= 1), "{:?}", r.shards);
+        assert_eq!(r.hits[0].id, "r7");
+    }
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_build_operation_survives_a_leader_change_and_a_node_restart() {
     let mut f = Fixture::start(false).await;
     f.ingest_vectors(300).await;

@@ -728,6 +728,21 @@ fn every_rpc_survives_hostile_messages() {
         },
     );
     f.rpc(
+        "Replica/FetchGeneration",
+        (shard_ref(), hostile_u64(), hostile_u64(), hostile_u32()).prop_map(
+            |(shard, generation, offset, max_bytes)| rpb::FetchGenerationRequest {
+                shard,
+                generation,
+                offset,
+                max_bytes,
+            },
+        ),
+        |r| {
+            let mut s = ReplicaClient::new(internal.clone());
+            async move { s.fetch_generation(req(r)).await }
+        },
+    );
+    f.rpc(
         "Replica/Search",
         (
             shard_ref(),

@@ -1146,6 +1146,14 @@ impl Shard {
         })
     }
 
+    /// The last batch a fetched generation covers: a backup holds it before it
+    /// installs the generation.
+    pub fn generation_covered_seq(meta: &[u8]) -> Result<u64> {
+        let export: GenerationExport = serde_json::from_slice(meta)
+            .map_err(|e| ShardError::GenerationRefused(format!("unreadable generation: {e}")))?;
+        Ok(export.meta.covered_seq)
+    }
+
     /// Takes a generation another replica of this shard built (`meta` from its
     /// [`Shard::generation_chunk`], its file whole at `file`, moved into the shard's
     /// directory) as this replica's serving one, checked first: the histories agree up
@@ -1170,7 +1178,12 @@ impl Shard {
 
     fn install_checked(&self, export: GenerationExport, file: &Path) -> Result<GenerationInfo> {
         let g = export.meta;
-        let refused = |why: String| Err(ShardError::GenerationRefused(format!("generation {}: {why}", g.id)));
+        let refused = |why: String| {
+            Err(ShardError::GenerationRefused(format!(
+                "generation {}: {why}",
+                g.id
+            )))
+        };
         if g.file != format!("gen-{:08}.faiss", g.id) {
             return refused(format!("file name {:?} is not the generation's", g.file));
         }

@@ -902,7 +902,9 @@ fn fetch_generation(from: &Shard, id: u64, to: &Path) -> (Vec<u8>, std::path::Pa
     let path = to.join("incoming.faiss");
     let mut data = Vec::new();
     loop {
-        let c = from.generation_chunk(id, data.len() as u64, 100_000).unwrap();
+        let c = from
+            .generation_chunk(id, data.len() as u64, 100_000)
+            .unwrap();
         data.extend_from_slice(&c.data);
         if data.len() as u64 == c.total {
             fs::write(&path, &data).unwrap();
@@ -921,7 +923,9 @@ fn t62_a_backup_takes_its_primarys_generation_only_with_the_same_history() {
     for (i, chunk) in docs("c", 2000).chunks(250).enumerate() {
         let ops: Vec<WriteOp> = chunk.iter().cloned().map(WriteOp::Upsert).collect();
         let (_, batch) = primary.write_as(ops.clone(), 1, &format!("r{i}")).unwrap();
-        backup.append_replicated(&[(*batch.unwrap()).clone()]).unwrap();
+        backup
+            .append_replicated(&[(*batch.unwrap()).clone()])
+            .unwrap();
         other.write_as(ops, 2, &format!("r{i}")).unwrap();
     }
     let built = primary.rebuild(None).unwrap();

@@ -10,19 +10,33 @@
 //! step ends when the primary's heartbeat reports the new serving generation (the
 //! leader commits it), or fails on its report of the error.
 //!
-//! Every replica builds (the backups too, so reads they serve use the index); a
-//! restarted node finds the steps still pending in the map and queues them again.
+//! The primary trains once: a backup does not build for a step but waits for it to
+//! end, then fetches the primary's new generation (`FetchGeneration`, in pieces, to a
+//! temp file in its directory) and takes it as built (`Shard::install_generation`,
+//! which checks that their histories agree up to the last batch it covers). A fetch
+//! that fails or is refused (the primary moved on, another history) falls back to a
+//! local build under the same admission control. A restarted node finds the steps
+//! still pending in the map and queues them again.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use parking_lot::Mutex;
-use shoal_engine::IvfPqParams;
+use shoal_engine::{IvfPqParams, Shard};
 use shoal_proto::coordinator as cpb;
+use shoal_proto::replica as rpb;
 
 use super::ids::ReplicaKey;
 use super::mapview::MapView;
 use super::replicas::Registry;
+use super::transport::{ReplicaApi, Transports};
+
+/// One FetchGeneration call's deadline (a piece of at most 4 MiB).
+const FETCH_CALL: Duration = Duration::from_secs(60);
+/// How long a fetched generation waits for this backup to hold the batches it covers.
+const FETCH_CATCH_UP: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Phase {
@@ -32,9 +46,17 @@ enum Phase {
     Failed(String),
 }
 
+/// A primary (or a replica whose fetch failed) builds; a backup fetches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Build,
+    Fetch,
+}
+
 #[derive(Clone, Debug)]
 struct Job {
     op: u64,
+    kind: Kind,
     params: IvfPqParams,
     sample: usize,
     /// Bytes reserved while it runs.
@@ -61,7 +83,23 @@ pub struct Builds {
     slots: usize,
     memory_bytes: u64,
     registry: Registry,
+    transports: Arc<Transports>,
     state: Mutex<State>,
+}
+
+/// Whether `key`'s replica here is a backup, and its primary (node, address).
+fn primary_of(registry: &Registry, key: &ReplicaKey) -> Option<(String, String)> {
+    let role = registry.read().get(key)?.repl.role()?;
+    if role.is_primary {
+        return None;
+    }
+    let addr = role
+        .peers
+        .iter()
+        .find(|p| p.node == role.primary)?
+        .addr
+        .clone();
+    Some((role.primary, addr))
 }
 
 /// A running build operation's parameters for `key`'s collection incarnation, and
@@ -125,11 +163,17 @@ fn admit_one(memory: u64, running: usize, reserved: u64, slots: usize, budget: u
 }
 
 impl Builds {
-    pub fn new(slots: usize, memory_bytes: u64, registry: Registry) -> Arc<Self> {
+    pub fn new(
+        slots: usize,
+        memory_bytes: u64,
+        registry: Registry,
+        transports: Arc<Transports>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             slots: slots.max(1),
             memory_bytes,
             registry,
+            transports,
             state: Mutex::default(),
         })
     }
@@ -188,7 +232,16 @@ impl Builds {
                 let Some((o, true)) = op else {
                     continue;
                 };
-                if st.jobs.get(key).is_some_and(|j| j.op >= o.id) {
+                let kind = match primary_of(&self.registry, key) {
+                    Some(_) => Kind::Fetch,
+                    None => Kind::Build,
+                };
+                if let Some(j) = st.jobs.get_mut(key).filter(|j| j.op >= o.id) {
+                    // A replica whose role changed while its job waited: the new
+                    // primary builds, a new backup fetches.
+                    if j.phase == Phase::Queued {
+                        j.kind = kind;
+                    }
                     continue;
                 }
                 let (params, sample) = params_of(o.build.as_ref().expect("a build"));
@@ -202,6 +255,7 @@ impl Builds {
                     key.clone(),
                     Job {
                         op: o.id,
+                        kind,
                         params,
                         sample,
                         memory,
@@ -222,7 +276,80 @@ impl Builds {
                         }))
             });
         }
+        self.start_fetches(view);
         self.admit();
+    }
+
+    /// Starts the fetch of each backup's job whose step ended with its primary's new
+    /// generation; forgets one whose step failed.
+    fn start_fetches(self: &Arc<Self>, view: &MapView) {
+        let mut st = self.state.lock();
+        let waiting: Vec<(ReplicaKey, u64)> = st
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.kind == Kind::Fetch && j.phase == Phase::Queued)
+            .map(|(k, j)| (k.clone(), j.op))
+            .collect();
+        for (key, op) in waiting {
+            let step = view
+                .operations
+                .get(&op)
+                .and_then(|o| o.steps.iter().find(|s| s.shard == key.index));
+            let generation = match step {
+                Some(s) if s.state == "done" && s.generation > 0 => s.generation,
+                Some(s) if s.state == "failed" => {
+                    st.jobs.remove(&key);
+                    continue;
+                }
+                _ => continue,
+            };
+            let (Some((node, addr)), Some(shard)) = (
+                primary_of(&self.registry, &key),
+                self.registry
+                    .read()
+                    .get(&key)
+                    .and_then(|h| h.repl.shard().ok()),
+            ) else {
+                continue;
+            };
+            if shard.stats().serving.is_some_and(|g| g.id >= generation) {
+                st.jobs.get_mut(&key).expect("listed").phase = Phase::Done;
+                continue;
+            }
+            let from = match self.transports.to(&node, &addr) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::debug!(replica = %key, error = %e, "primary unreachable; fetch waits");
+                    continue;
+                }
+            };
+            st.jobs.get_mut(&key).expect("listed").phase = Phase::Running;
+            tracing::info!(replica = %key, operation = op, generation, primary = %node, "fetching the primary's index generation");
+            let me = self.clone();
+            tokio::spawn(async move {
+                let t = std::time::Instant::now();
+                let r = fetch_generation(&*from, &key, &shard, generation).await;
+                let mut st = me.state.lock();
+                let Some(job) = st.jobs.get_mut(&key).filter(|j| j.op == op) else {
+                    return;
+                };
+                match r {
+                    Ok(bytes) => {
+                        metrics::counter!("shoal_index_generations_fetched_total").increment(1);
+                        tracing::info!(replica = %key, operation = op, generation, bytes, took_ms = t.elapsed().as_millis() as u64, "index generation taken from the primary");
+                        job.phase = Phase::Done;
+                    }
+                    Err(e) => {
+                        // Built here instead, under admission control.
+                        tracing::warn!(replica = %key, operation = op, generation, error = %e, "fetching the primary's index failed; building here");
+                        job.kind = Kind::Build;
+                        job.phase = Phase::Queued;
+                        drop(st);
+                        me.admit();
+                    }
+                }
+            });
+        }
     }
 
     /// Starts queued builds while a slot is free and their memory fits.
@@ -231,7 +358,7 @@ impl Builds {
         let mut queued: Vec<(u64, ReplicaKey)> = st
             .jobs
             .iter()
-            .filter(|(_, j)| j.phase == Phase::Queued)
+            .filter(|(_, j)| j.kind == Kind::Build && j.phase == Phase::Queued)
             .map(|(k, j)| (j.op, k.clone()))
             .collect();
         queued.sort();
@@ -292,6 +419,74 @@ impl Builds {
             });
         }
     }
+}
+
+/// Fetches `generation` from the primary `from` into a temp file in the replica's
+/// directory (removed at open if a crash leaves it), waits for this backup to hold the
+/// batches it covers, and installs it. Returns the bytes fetched.
+async fn fetch_generation(
+    from: &dyn ReplicaApi,
+    key: &ReplicaKey,
+    shard: &Shard,
+    generation: u64,
+) -> Result<u64, String> {
+    use tokio::io::AsyncWriteExt;
+    let path = shard.dir().join(format!("fetch-gen-{generation:08}.tmp"));
+    let result = async {
+        let mut f = tokio::fs::File::create(&path)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut offset = 0u64;
+        let meta = loop {
+            let r = from
+                .fetch_generation(
+                    rpb::FetchGenerationRequest {
+                        shard: Some(key.shard_id()),
+                        generation,
+                        offset,
+                        max_bytes: 0,
+                    },
+                    FETCH_CALL,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            if offset + r.data.len() as u64 > r.total || (r.data.is_empty() && offset < r.total) {
+                return Err(format!(
+                    "a piece of {} bytes at {offset} of a {}-byte generation",
+                    r.data.len(),
+                    r.total
+                ));
+            }
+            f.write_all(&r.data).await.map_err(|e| e.to_string())?;
+            offset += r.data.len() as u64;
+            if offset == r.total {
+                break r.meta;
+            }
+        };
+        f.sync_all().await.map_err(|e| e.to_string())?;
+        drop(f);
+        let covered = Shard::generation_covered_seq(&meta).map_err(|e| e.to_string())?;
+        let t = std::time::Instant::now();
+        while shard.last().0 < covered {
+            if t.elapsed() > FETCH_CATCH_UP {
+                return Err(format!(
+                    "this backup holds batches up to {}, the generation covers up to {covered}",
+                    shard.last().0
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (s, p) = (shard.clone(), path.clone());
+        shoal_engine::run_blocking(move || s.install_generation(&meta, &p))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(offset)
+    }
+    .await;
+    if result.is_err() {
+        let _ = tokio::fs::remove_file(&path).await;
+    }
+    result
 }
 
 #[cfg(test)]

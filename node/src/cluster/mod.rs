@@ -275,7 +275,12 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         0 => machine_memory() / 4,
         b => b,
     };
-    let builds = builds::Builds::new(cfg.build_slots, build_memory, registry.clone());
+    let builds = builds::Builds::new(
+        cfg.build_slots,
+        build_memory,
+        registry.clone(),
+        transports.clone(),
+    );
     // The map: whole, then changes; resume from the last version after a reconnect.
     let reconciler = reconcile::Reconciler {
         builds: builds.clone(),

@@ -281,6 +281,15 @@ impl rpb::replica_server::Replica for ReplicaService {
         ))
     }
 
+    async fn fetch_generation(
+        &self,
+        req: Request<rpb::FetchGenerationRequest>,
+    ) -> Result<Response<rpb::FetchGenerationResponse>, Status> {
+        Ok(Response::new(
+            self.0.fetch_generation_now(req.into_inner()).await?,
+        ))
+    }
+
     async fn search(
         &self,
         req: Request<rpb::ShardSearchRequest>,

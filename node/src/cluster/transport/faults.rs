@@ -195,4 +195,11 @@ impl ReplicaApi for Faulty {
     ) -> Result<rpb::BuildResponse, ReplicaError> {
         self.call(self.inner.build(req, timeout)).await
     }
+    async fn fetch_generation(
+        &self,
+        req: rpb::FetchGenerationRequest,
+        timeout: Duration,
+    ) -> Result<rpb::FetchGenerationResponse, ReplicaError> {
+        self.call(self.inner.fetch_generation(req, timeout)).await
+    }
 }

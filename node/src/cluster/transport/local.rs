@@ -24,6 +24,8 @@ use crate::cluster::writes;
 
 /// How long a replica actor may take to answer one call.
 const ACTOR_CALL: Duration = Duration::from_secs(60);
+/// Bytes of an index generation one FetchGeneration answer carries at most.
+pub const GENERATION_CHUNK_BYTES: usize = 4 << 20;
 
 /// One node's hosted replicas (actor and replication, by key) and the limits its
 /// handlers check.
@@ -276,6 +278,27 @@ impl LocalReplicas {
         })
     }
 
+    /// A piece of this replica's serving generation `r.generation`: at most
+    /// [`GENERATION_CHUNK_BYTES`] from `r.offset`, read on the blocking pool.
+    pub async fn fetch_generation_now(
+        &self,
+        r: rpb::FetchGenerationRequest,
+    ) -> Result<rpb::FetchGenerationResponse, ReplicaError> {
+        let shard = self.hosted(r.shard.as_ref())?.repl.shard()?;
+        let max = match r.max_bytes as usize {
+            0 => GENERATION_CHUNK_BYTES,
+            n => n.min(GENERATION_CHUNK_BYTES),
+        };
+        let c =
+            shoal_engine::run_blocking(move || shard.generation_chunk(r.generation, r.offset, max))
+                .await?;
+        Ok(rpb::FetchGenerationResponse {
+            meta: c.meta,
+            data: c.data,
+            total: c.total,
+        })
+    }
+
     /// One document by id, from a replica that holds every acknowledged write.
     pub async fn get_now(
         &self,
@@ -366,5 +389,13 @@ impl ReplicaApi for LocalReplicas {
         within_deadline(timeout, self.build_now(req))
             .instrument(tracing::info_span!("replica.build"))
             .await
+    }
+
+    async fn fetch_generation(
+        &self,
+        req: rpb::FetchGenerationRequest,
+        timeout: Duration,
+    ) -> Result<rpb::FetchGenerationResponse, ReplicaError> {
+        within_deadline(timeout, self.fetch_generation_now(req)).await
     }
 }

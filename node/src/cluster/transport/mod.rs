@@ -76,6 +76,13 @@ pub trait ReplicaApi: Send + Sync {
         req: rpb::BuildRequest,
         timeout: Duration,
     ) -> Result<rpb::BuildResponse, ReplicaError>;
+    /// A piece of a replica's serving index generation (a backup fetching its
+    /// primary's).
+    async fn fetch_generation(
+        &self,
+        req: rpb::FetchGenerationRequest,
+        timeout: Duration,
+    ) -> Result<rpb::FetchGenerationResponse, ReplicaError>;
 }
 
 /// Nodes living in one process, by address: a test's cluster without sockets. A node
@@ -249,6 +256,7 @@ grpc_replica_api! {
         search(rpb::ShardSearchRequest) -> rpb::ShardSearchResponse;
         get(rpb::ShardGetRequest) -> rpb::ShardGetResponse;
         build(rpb::BuildRequest) -> rpb::BuildResponse;
+        fetch_generation(rpb::FetchGenerationRequest) -> rpb::FetchGenerationResponse;
     }
 
     async fn install_snapshot(
