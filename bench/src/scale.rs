@@ -81,6 +81,14 @@ pub struct ScaleArgs {
     sweep_shards: Vec<u32>,
     #[arg(long, default_value_t = 1_000_000)]
     sweep_rows: u64,
+    /// Import from Parquet (the same rows and ids, written once beside the .npy:
+    /// `id`, `vector` as a fixed-size list of float32) instead of .npy + ids.
+    #[arg(long)]
+    parquet: bool,
+    /// After the queries, SIGKILL the second node, drop the page cache, start it
+    /// again and time it back to complete answers.
+    #[arg(long)]
+    restart: bool,
     /// After the queries, SIGKILL the last node and time the shards' return to their
     /// replication factor (needs --replication-factor 2 or more).
     #[arg(long)]
@@ -214,7 +222,7 @@ pub fn run(a: ScaleArgs) -> Result<()> {
     let vector_bytes = a.rows * a.dimension as u64 * 4;
     // The file, the cluster's copies (segments + the log until checkpointed), the
     // reference shard, and a margin.
-    let need = vector_bytes * (2 + 2 * a.replication_factor as u64) + (4 << 30);
+    let need = vector_bytes * (2 + 2 * a.replication_factor as u64 + a.parquet as u64) + (4 << 30);
     let free = free_bytes(&work)?;
     if free < need {
         bail!(
@@ -245,6 +253,27 @@ pub fn run(a: ScaleArgs) -> Result<()> {
             serde_json::json!({"step": "generate", "rows": a.rows, "seconds": t.elapsed().as_secs_f64()}),
         );
     }
+    let parquet = work.join(format!("data-{tag}.parquet"));
+    if a.parquet && !parquet.exists() {
+        let t = Instant::now();
+        let part = parquet.with_extension("parquet.part.parquet");
+        let rows = (0..a.rows).map(|i| {
+            let mut vector = Vec::with_capacity(a.dimension);
+            gen.row(i, &mut vector);
+            shoal_cli::vectors::Row {
+                id: id_of(i),
+                vector,
+                text: String::new(),
+                metadata_json: String::new(),
+            }
+        });
+        shoal_cli::write_parquet(&part, rows, a.dimension, true, 65_536)?;
+        std::fs::rename(&part, &parquet)?;
+        emit(
+            serde_json::json!({"step": "generate_parquet", "rows": a.rows,
+            "bytes": std::fs::metadata(&parquet)?.len(), "seconds": t.elapsed().as_secs_f64()}),
+        );
+    }
     let data = std::fs::read(&npy)?;
     let offset = data.len() - vector_bytes as usize;
     let base: &[f32] = bytemuck_f32(&data[offset..]);
@@ -261,6 +290,7 @@ pub fn run(a: ScaleArgs) -> Result<()> {
         .args([
             "dev",
             "--no-model",
+            "--keep-going",
             "--nodes",
             &a.nodes.to_string(),
             "--data-dir",
@@ -323,11 +353,14 @@ pub fn run(a: ScaleArgs) -> Result<()> {
     let idle_rss = nodes_rss(&dev_dir);
 
     // Import.
-    let out = shoal(&bin)
-        .args(["import"])
-        .arg(&npy)
-        .arg("--ids")
-        .arg(&ids)
+    let mut import = shoal(&bin);
+    import.arg("import");
+    if a.parquet {
+        import.arg(&parquet);
+    } else {
+        import.arg(&npy).arg("--ids").arg(&ids);
+    }
+    let out = import
         .args([
             "--collection",
             name,
@@ -348,7 +381,8 @@ pub fn run(a: ScaleArgs) -> Result<()> {
     let import_rate = import["vectors_per_s"].as_f64().unwrap_or(0.0);
     let engine_rate = engine["vectors_per_s"].as_f64().unwrap_or(1.0);
     emit(serde_json::json!({
-        "step": "import", "rows": import["rows"], "seconds": import["seconds"],
+        "step": "import", "format": if a.parquet { "parquet" } else { "npy" },
+        "rows": import["rows"], "seconds": import["seconds"],
         "cluster_vectors_per_s": import_rate, "engine_vectors_per_s": engine_rate,
         "cluster_vs_engine": import_rate / engine_rate,
     }));
@@ -540,6 +574,15 @@ pub fn run(a: ScaleArgs) -> Result<()> {
         emit(serde_json::json!({"step": "peer_order", "order": order,
             "faiss_recall_at_10_nprobe_1_4_16": recalls}));
     }
+    let mut restarted = None;
+    let restart = if a.restart {
+        let (v, child) = rt.block_on(restart_node(coords, name, &dev_dir, &nodes[1]))?;
+        restarted = Some(Dev(child));
+        emit(v.clone());
+        v
+    } else {
+        serde_json::Value::Null
+    };
     let restore = if a.restore {
         let v = rt.block_on(restore_after_node_loss(
             coords,
@@ -561,6 +604,7 @@ pub fn run(a: ScaleArgs) -> Result<()> {
         emit(v.clone());
         sweep.push(v);
     }
+    drop(restarted);
     drop(dev);
     emit(serde_json::json!({
         "bench": "scale", "shard_sweep": sweep, "rows": a.rows, "dimension": a.dimension, "clusters": a.clusters,
@@ -570,7 +614,7 @@ pub fn run(a: ScaleArgs) -> Result<()> {
         "import_vs_engine": import_rate / engine_rate,
         "build_params": params, "build_cluster_s": cs, "build_faiss_s": fs, "build_cluster_vs_faiss": cs / fs,
         "anon_bytes_per_vector": anon_per_vector,
-        "quality": quality, "restore": restore,
+        "quality": quality, "restart": restart, "restore": restore,
     }));
     Ok(())
 }
@@ -939,27 +983,7 @@ async fn restore_after_node_loss(
         }
     };
     let before = placed(&shards(&mut c).await?);
-    // The victim: its process (by its data dir and listen address) and its id.
-    let needle = dev.to_string_lossy().to_string();
-    let listen = format!("--listen {public} ");
-    let mut victim = None;
-    for e in std::fs::read_dir("/proc")?.flatten() {
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains(" node ") && cmd.contains(&needle) && cmd.contains(&listen) {
-            let pid: i32 = e.file_name().to_string_lossy().parse()?;
-            let id = cmd
-                .split(" --id ")
-                .nth(1)
-                .and_then(|r| r.split(' ').next())
-                .context("the node's --id")?
-                .to_string();
-            victim = Some((pid, id));
-        }
-    }
-    let (pid, id) = victim.with_context(|| format!("no node process listening on {public}"))?;
+    let (pid, id, _) = node_process(dev, public)?;
     // SAFETY: kill(2) on a process this harness's cluster started.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let t = Instant::now();
@@ -1046,4 +1070,124 @@ async fn restore_after_node_loss(
         "step": "restore", "killed": id, "declared_down_s": declared_down,
         "restored_s": restored_s, "copies": copies,
     }))
+}
+
+/// The `shoal node` process of `dev`'s cluster serving `public`: (pid, node id, argv).
+fn node_process(dev: &Path, public: &str) -> Result<(i32, String, Vec<String>)> {
+    let needle = dev.to_string_lossy().to_string();
+    for e in std::fs::read_dir("/proc")?.flatten() {
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let argv: Vec<String> = raw
+            .split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let arg = |name: &str| {
+            argv.iter()
+                .position(|a| a == name)
+                .and_then(|i| argv.get(i + 1))
+                .cloned()
+        };
+        if argv.get(1).map(String::as_str) == Some("node")
+            && argv.iter().any(|a| a.contains(&needle))
+            && arg("--listen").as_deref() == Some(public)
+        {
+            let pid: i32 = e.file_name().to_string_lossy().parse()?;
+            let id = arg("--id").context("the node's --id")?;
+            return Ok((pid, id, argv));
+        }
+    }
+    bail!("no node process listening on {public}")
+}
+
+/// SIGKILLs the node serving `public`, drops the page cache, starts it again with the
+/// same arguments and times it back to complete answers: its replicas serving and
+/// caught up in the map, and a search through it answering from every shard.
+async fn restart_node(
+    coords: &str,
+    name: &str,
+    dev: &Path,
+    public: &str,
+) -> Result<(serde_json::Value, Child)> {
+    let (pid, id, argv) = node_process(dev, public)?;
+    // SAFETY: kill(2) on a process this harness's cluster started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A cold start: nothing of the node's files left in the page cache.
+    let _ = Command::new("sync").status();
+    let cold = std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok();
+    let log = dev.join("logs").join(format!("{id}.restarted.log"));
+    let f = std::fs::File::create(&log)?;
+    let t = Instant::now();
+    let child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .env("SHOAL_INSECURE", "true")
+        .stdin(Stdio::null())
+        .stdout(f.try_clone()?)
+        .stderr(f)
+        .spawn()?;
+    let mut c = shoal_proto::client::Client::new(coords.split(',').map(String::from));
+    let dim_probe = c
+        .describe_collection(cpb::DescribeCollectionRequest { name: name.into() })
+        .await?
+        .collection
+        .map_or(0, |x| x.dimension as usize);
+    let mut up_s = None;
+    loop {
+        if up_s.is_none() {
+            let nodes = c.list_nodes(cpb::ListNodesRequest {}).await?.nodes;
+            if nodes
+                .iter()
+                .any(|n| n.id == id && n.state == cpb::NodeState::Up as i32)
+            {
+                up_s = Some(t.elapsed().as_secs_f64());
+            }
+        }
+        let shards = c
+            .list_shards(cpb::ListShardsRequest {
+                collection: name.into(),
+            })
+            .await?
+            .shards;
+        let caught_up = shards.iter().all(|s| {
+            s.replicas
+                .iter()
+                .filter(|r| r.node_id == id)
+                .all(|r| r.state == cpb::ReplicaState::Serving as i32 && r.lag == 0 && r.caught_up)
+        });
+        if up_s.is_some() && caught_up {
+            let answered = async {
+                let ch = shoal_proto::channel(public, None)?;
+                let mut g = shoal_proto::auth::shoal_client(ch);
+                let r = g
+                    .search(pb::SearchRequest {
+                        collection: name.into(),
+                        vector: vec![0.0; dim_probe],
+                        k: 10,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                anyhow::Ok(!r.partial && !r.hits.is_empty())
+            }
+            .await
+            .unwrap_or(false);
+            if answered {
+                break;
+            }
+        }
+        if t.elapsed() > Duration::from_secs(3600) {
+            bail!("{id} not back within an hour");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let v = serde_json::json!({
+        "step": "restart", "node": id, "cold_page_cache": cold,
+        "up_s": up_s, "complete_answers_s": t.elapsed().as_secs_f64(),
+    });
+    Ok((v, child))
 }

@@ -1,6 +1,7 @@
 //! `shoal import` as an operator runs it (issue 18): the command as a process against a
-//! cluster of processes. Every format lands every row with its exact vector and id; a
-//! bad file stops with an error naming the file and the row; an import SIGKILLed midway
+//! cluster of processes. Every format (.npy, .fvecs, .bvecs, JSONL, Parquet) lands every
+//! row with its exact vector and id; a bad file stops with an error naming the file and
+//! the row; an import SIGKILLed midway
 //! and rerun with the same command resumes past what was acknowledged, and the
 //! collection ends with exactly the file's rows (no row skipped, none twice).
 
@@ -9,7 +10,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use shoal_chaos_tests::{connect, eventually, live_docs, Cluster, DIM};
-use shoal_cli::vectors::{write_npy, write_vecs};
+use shoal_cli::vectors::{write_npy, write_vecs, Row};
+use shoal_cli::write_parquet;
 use shoal_proto::v1 as pb;
 
 /// A distinct vector per row (small integers, so `.bvecs` holds them exactly).
@@ -163,6 +165,44 @@ async fn every_format_lands_every_row_and_a_bad_file_names_its_row() {
     assert_eq!(
         (d.text.as_str(), d.metadata_json.as_str()),
         ("row 5", "{\"i\":5}")
+    );
+
+    // Parquet, a fixed-size list column with ids, text and metadata, in row groups
+    // smaller than a batch.
+    let p = dir.path().join("v.parquet");
+    let rows = (0..n).map(|i| Row {
+        id: format!("pq-{i}"),
+        vector: vs[i as usize].clone(),
+        text: format!("parquet row {i}"),
+        metadata_json: format!("{{\"i\":{i}}}"),
+    });
+    write_parquet(&p, rows, DIM, true, 300).unwrap();
+    let (out, s) = run(import(&c, &p, "parquet", &["--batch", "128"]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(s["rows"].as_u64(), Some(n), "{s}");
+    let sample: Vec<(String, Vec<f32>)> = (0..n)
+        .step_by(43)
+        .map(|i| (format!("pq-{i}"), vs[i as usize].clone()))
+        .collect();
+    check(&c, "parquet", n, &sample).await;
+    let d = g
+        .get(pb::GetRequest {
+            collection: "parquet".into(),
+            id: "pq-7".into(),
+            with_vector: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .document
+        .unwrap();
+    assert_eq!(
+        (d.text.as_str(), d.metadata_json.as_str()),
+        ("parquet row 7", "{\"i\":7}")
     );
 
     // A bad row stops the import with the file and the row named; the rows before it

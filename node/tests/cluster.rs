@@ -940,6 +940,53 @@ async fn a_backup_takes_its_primarys_index_instead_of_training_its_own() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_scrubber_takes_a_replica_with_a_damaged_vector_out_of_service() {
+    use std::os::unix::fs::FileExt;
+    let mut f = Fixture::start(false).await;
+    f.ingest_vectors(300).await;
+    // One of node a's replicas: a byte of its first stored vector damaged on disk
+    // (open never reads the vectors; the scrubber does).
+    let (key, dir) = {
+        let reg = f.a.registry.read();
+        let (k, h) = reg
+            .iter()
+            .find(|(k, h)| k.collection == "vecs" && h.repl.shard().is_ok_and(|s| s.rows() > 0))
+            .expect("a replica with rows on a");
+        (k.clone(), h.repl.shard().unwrap().dir().to_path_buf())
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("vectors.f32"))
+        .unwrap();
+    let mut b = [0u8; 1];
+    file.read_exact_at(&mut b, 2).unwrap();
+    file.write_all_at(&[b[0] ^ 0x5a], 2).unwrap();
+    let t = Instant::now();
+    let why = loop {
+        let failure = f.a.registry.read().get(&key).and_then(|h| h.repl.failure());
+        if let Some(w) = failure {
+            break w;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the scrubber did not find the damaged vector"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        why.contains("vector of row 0") && why.contains("vectors.f32"),
+        "{why}"
+    );
+    // Not served again by a reopen: the replica stays out, its damage named.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let still = f.a.registry.read().get(&key).and_then(|h| h.repl.failure());
+    assert!(still.is_some_and(|w| w.contains("vector of row 0")));
+    assert!(dir.join("CORRUPT").exists());
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_build_operation_survives_a_leader_change_and_a_node_restart() {
     let mut f = Fixture::start(false).await;
     f.ingest_vectors(300).await;

@@ -77,6 +77,10 @@ pub struct NodeArgs {
     /// waits [default: 0 = a quarter of the machine's memory].
     #[arg(long, env = "SHOAL_BUILD_MEMORY_BYTES")]
     build_memory_bytes: Option<u64>,
+    /// Bytes of stored vectors the background scrubber checks per second; 0 = off
+    /// [default: 33554432].
+    #[arg(long, env = "SHOAL_SCRUB_BYTES_PER_SEC")]
+    scrub_bytes_per_sec: Option<u64>,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, env = "SHOAL_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
@@ -145,6 +149,7 @@ impl NodeArgs {
             auto_rebuild_tail,
             build_slots,
             build_memory_bytes,
+            scrub_bytes_per_sec,
             recent_log_bytes,
             disk_reserve_bytes
         );
@@ -212,6 +217,10 @@ pub struct DevArgs {
     /// Start the nodes without an encoder (vectors only).
     #[arg(long)]
     no_model: bool,
+    /// A process that exits is reported and the others go on (fault experiments: a
+    /// node killed on purpose); by default one exiting stops the cluster.
+    #[arg(long)]
+    keep_going: bool,
     /// Without TLS and API keys (the global `--insecure`). Otherwise the cluster gets
     /// a local CA and certificates under DATA_DIR/tls and a root key in
     /// DATA_DIR/keys/root.key, and `shoal dev` prints the variables clients need.
@@ -313,10 +322,14 @@ pub async fn run_dev(a: DevArgs, otlp: Option<&str>) -> Result<()> {
             _ = tokio::signal::ctrl_c() => break None,
             _ = term.recv() => break None,
             _ = tick.tick() => {
-                if let Some((n, s)) = children.iter_mut().find_map(|(n, c)| {
-                    c.try_wait().ok().flatten().map(|s| (n.clone(), s))
+                if let Some((i, n, s)) = children.iter_mut().enumerate().find_map(|(i, (n, c))| {
+                    c.try_wait().ok().flatten().map(|s| (i, n.clone(), s))
                 }) {
-                    break Some((n, s));
+                    if !a.keep_going {
+                        break Some((n, s));
+                    }
+                    eprintln!("shoal dev: {n} exited ({s}); the others go on (--keep-going)");
+                    children.remove(i);
                 }
             }
         }

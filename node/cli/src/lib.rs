@@ -4,4 +4,7 @@
 //! the vector file formats `shoal import` reads (the benchmark writes them).
 
 pub mod layout;
+mod parquet_rows;
 pub mod vectors;
+
+pub use parquet_rows::write_parquet;

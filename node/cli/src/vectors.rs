@@ -1,7 +1,8 @@
 //! Files of precomputed vectors, read a chunk at a time (issue 18's bulk import):
 //! `.npy` (float32, C order, two dimensions), `.fvecs` / `.bvecs` (the TEXMEX / BIGANN
-//! formats: each row a little-endian i32 dimension, then that many f32 or u8), and JSONL
-//! (one object a line: `vector`, optional `id` / `_id`, `text` / `title`, `metadata`).
+//! formats: each row a little-endian i32 dimension, then that many f32 or u8), JSONL
+//! (one object a line: `vector`, optional `id` / `_id`, `text` / `title`, `metadata`)
+//! and Parquet (the same columns; `parquet_rows.rs`).
 //! Ids come from the rows (JSONL), else from a sidecar file of one id a line, else the
 //! 0-based row number. Nothing is read whole: a [`Reader`] holds one buffered file (and
 //! the sidecar's) and hands out chunks of rows; [`Reader::skip`] seeks past rows already
@@ -24,6 +25,7 @@ pub enum Format {
     Fvecs,
     Bvecs,
     Jsonl,
+    Parquet,
 }
 
 impl Format {
@@ -39,13 +41,10 @@ impl Format {
             "fvecs" => Format::Fvecs,
             "bvecs" => Format::Bvecs,
             "jsonl" | "ndjson" | "json" => Format::Jsonl,
-            "parquet" => bail!(
-                "{}: Parquet import is not built yet (issue 18); convert to .npy with an ids \
-                 sidecar, .fvecs or JSONL",
-                path.display()
-            ),
+            "parquet" | "pq" => Format::Parquet,
             _ => bail!(
-                "{}: unknown vector file type {ext:?}: expected .npy, .fvecs, .bvecs or .jsonl",
+                "{}: unknown vector file type {ext:?}: expected .npy, .fvecs, .bvecs, .jsonl \
+                 or .parquet",
                 path.display()
             ),
         })
@@ -57,6 +56,7 @@ impl Format {
             Format::Fvecs => "fvecs",
             Format::Bvecs => "bvecs",
             Format::Jsonl => "jsonl",
+            Format::Parquet => "parquet",
         }
     }
 }
@@ -104,6 +104,7 @@ enum Body {
         /// The first row's dimension, which every row must have.
         dim: Option<usize>,
     },
+    Parquet(Box<crate::parquet_rows::ParquetRows>),
 }
 
 /// A sidecar of ids, one a line.
@@ -203,14 +204,18 @@ impl Reader {
                 line_no: 0,
                 dim: None,
             },
+            Format::Parquet => {
+                Body::Parquet(Box::new(crate::parquet_rows::ParquetRows::open(path, 0)?))
+            }
         };
         let ids = match ids {
             Some(p) => {
-                if format == Format::Jsonl {
+                if matches!(format, Format::Jsonl | Format::Parquet) {
                     bail!(
-                        "{}: JSONL rows carry their ids (`id`); a sidecar ids file is for \
+                        "{}: {} rows carry their ids (`id`); a sidecar ids file is for \
                          .npy, .fvecs and .bvecs",
-                        path.display()
+                        path.display(),
+                        format.name()
                     );
                 }
                 let f = File::open(p).with_context(|| format!("opening {}", p.display()))?;
@@ -241,6 +246,7 @@ impl Reader {
         match &self.body {
             Body::Fixed { layout, .. } => Some(layout.rows),
             Body::Jsonl { .. } => None,
+            Body::Parquet(p) => Some(p.rows()),
         }
     }
 
@@ -249,6 +255,7 @@ impl Reader {
         match &self.body {
             Body::Fixed { layout, .. } => Some(layout.dim),
             Body::Jsonl { dim, .. } => *dim,
+            Body::Parquet(p) => p.dimension(),
         }
     }
 
@@ -279,6 +286,10 @@ impl Reader {
                 }
                 self.row = target;
             }
+            Body::Parquet(p) => {
+                p.seek(target)?;
+                self.row = target;
+            }
             Body::Jsonl { .. } => {
                 while self.row < target {
                     if self.next_jsonl(false)?.is_none() {
@@ -298,9 +309,14 @@ impl Reader {
     pub fn next_chunk(&mut self, max: usize) -> Result<Vec<Row>> {
         let mut out = Vec::with_capacity(max.min(4096));
         while out.len() < max {
-            let row = match &self.body {
+            let row = match &mut self.body {
                 Body::Fixed { .. } => self.next_fixed()?,
                 Body::Jsonl { .. } => self.next_jsonl(true)?,
+                Body::Parquet(p) => {
+                    let r = p.next(self.row)?;
+                    self.row += r.is_some() as u64;
+                    r
+                }
             };
             match row {
                 Some(r) => out.push(r),
@@ -730,6 +746,158 @@ mod tests {
         assert_eq!(read_all(&mut r, 10)[0].vector, vec![5.0, 6.0]);
     }
 
+    fn rows(n: usize, dim: usize) -> Vec<Row> {
+        vectors(n, dim)
+            .into_iter()
+            .enumerate()
+            .map(|(i, vector)| Row {
+                id: format!("p-{i}"),
+                vector,
+                text: if i % 2 == 0 {
+                    format!("text {i}")
+                } else {
+                    String::new()
+                },
+                metadata_json: if i % 3 == 0 {
+                    format!("{{\"i\":{i}}}")
+                } else {
+                    String::new()
+                },
+            })
+            .collect()
+    }
+
+    #[test]
+    fn parquet_in_both_list_layouts_reads_every_column_and_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let want = rows(11, 3);
+        for fixed in [true, false] {
+            let p = dir.path().join(format!("v-{fixed}.parquet"));
+            // Row groups of 4: a resume lands inside one.
+            crate::write_parquet(&p, want.clone(), 3, fixed, 4).unwrap();
+            let mut r = Reader::open(&p, None).unwrap();
+            assert_eq!(r.rows(), Some(11));
+            assert_eq!(r.dimension(), fixed.then_some(3));
+            assert_eq!(read_all(&mut r, 4), want, "fixed {fixed}");
+            let mut r = Reader::open(&p, None).unwrap();
+            r.skip(6).unwrap();
+            assert_eq!(r.position(), 6);
+            assert_eq!(read_all(&mut r, 2), want[6..], "fixed {fixed}");
+            assert!(r.skip(1).is_err(), "past the end");
+        }
+    }
+
+    /// One record batch of the given columns as a Parquet file.
+    fn parquet_of(path: &Path, columns: Vec<(&str, arrow_array::ArrayRef)>) {
+        let batch = arrow_array::RecordBatch::try_from_iter(columns).unwrap();
+        let mut w = parquet::arrow::ArrowWriter::try_new(
+            std::fs::File::create(path).unwrap(),
+            batch.schema(),
+            None,
+        )
+        .unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+    }
+
+    #[test]
+    fn bad_parquet_files_are_refused_naming_the_file_the_column_and_the_row() {
+        use arrow_array::builder::{Float32Builder, ListBuilder};
+        use arrow_array::{ArrayRef, Int32Array, StringArray};
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let open_err = |p: &Path| format!("{:#}", Reader::open(p, None).err().expect("refused"));
+        let read_err = |p: &Path| {
+            let mut r = Reader::open(p, None).unwrap();
+            loop {
+                match r.next_chunk(2) {
+                    Err(e) => break format!("{e:#}"),
+                    Ok(c) if c.is_empty() => panic!("{} read without an error", p.display()),
+                    Ok(_) => {}
+                }
+            }
+        };
+        let list = |rows: &[&[f32]]| -> ArrayRef {
+            let mut b = ListBuilder::new(Float32Builder::new());
+            for r in rows {
+                b.values().append_slice(r);
+                b.append(true);
+            }
+            Arc::new(b.finish())
+        };
+        // Not Parquet at all.
+        let p = dir.path().join("x.parquet");
+        std::fs::write(&p, b"hello world").unwrap();
+        assert!(
+            open_err(&p).contains("x.parquet: not a readable Parquet file"),
+            "{}",
+            open_err(&p)
+        );
+        // No vector column; a vector column of integers.
+        let p = dir.path().join("novec.parquet");
+        parquet_of(
+            &p,
+            vec![("id", Arc::new(StringArray::from(vec!["a"])) as ArrayRef)],
+        );
+        let e = open_err(&p);
+        assert!(e.contains("no `vector`") && e.contains("[\"id\"]"), "{e}");
+        let p = dir.path().join("ints.parquet");
+        parquet_of(
+            &p,
+            vec![("vector", Arc::new(Int32Array::from(vec![1])) as ArrayRef)],
+        );
+        assert!(
+            open_err(&p).contains("a vector column is a list"),
+            "{}",
+            open_err(&p)
+        );
+        // A row whose dimension differs, named by row.
+        let p = dir.path().join("dims.parquet");
+        parquet_of(
+            &p,
+            vec![("vector", list(&[&[1.0, 2.0], &[1.0, 2.0], &[3.0]]))],
+        );
+        let e = read_err(&p);
+        assert!(
+            e.contains("dims.parquet: row 2") && e.contains("has 1 values, the file's first row 2"),
+            "{e}"
+        );
+        // Metadata that is not a JSON object, named by row.
+        let p = dir.path().join("meta.parquet");
+        parquet_of(
+            &p,
+            vec![
+                ("vector", list(&[&[1.0], &[2.0]])),
+                (
+                    "metadata",
+                    Arc::new(StringArray::from(vec![Some("{}"), Some("[1]")])) as ArrayRef,
+                ),
+            ],
+        );
+        let e = read_err(&p);
+        assert!(
+            e.contains("meta.parquet: row 1") && e.contains("must be a JSON object"),
+            "{e}"
+        );
+        // An id column of the wrong type; a sidecar with a Parquet file.
+        let p = dir.path().join("idf.parquet");
+        parquet_of(
+            &p,
+            vec![("vector", list(&[&[1.0]])), ("id", list(&[&[1.0]]))],
+        );
+        assert!(
+            open_err(&p).contains("`id`") && open_err(&p).contains("a string or an integer"),
+            "{}",
+            open_err(&p)
+        );
+        let good = dir.path().join("good.parquet");
+        crate::write_parquet(&good, rows(2, 2), 2, true, 10).unwrap();
+        let ids = dir.path().join("x.ids");
+        std::fs::write(&ids, "a\nb\n").unwrap();
+        let e = format!("{:#}", Reader::open(&good, Some(&ids)).err().unwrap());
+        assert!(e.contains("parquet rows carry their ids"), "{e}");
+    }
+
     #[test]
     fn bad_files_are_refused_naming_the_file_and_the_row() {
         let dir = tempfile::tempdir().unwrap();
@@ -814,7 +982,7 @@ mod tests {
         std::fs::write(&ids, "a\nb\nc\nd\n").unwrap();
         let e = err(&p, Some(&ids));
         assert!(e.contains("more ids than the 3 rows"), "{e}");
-        // An unknown extension, and Parquet (not built yet) named as such.
+        // An unknown extension.
         assert!(err(&dir.path().join("v.csv"), None).contains("unknown vector file type"));
     }
 }

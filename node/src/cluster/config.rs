@@ -61,6 +61,9 @@ pub struct NodeConfig {
     /// Memory the builds running at once may hold (estimated before each starts); a
     /// build that does not fit waits. 0 = a quarter of the machine's memory.
     pub build_memory_bytes: u64,
+    /// Bytes of stored vectors the scrubber checks per second (issue 18: open does
+    /// not read them; this finds a damaged one); 0 = off.
+    pub scrub_bytes_per_sec: u64,
     /// Plaintext grpc.health only (for probes that speak no TLS); None: none.
     pub health_listen: Option<std::net::SocketAddr>,
     /// Prometheus `/metrics` address; None: no endpoint.
@@ -115,6 +118,7 @@ impl Default for NodeConfig {
             auto_rebuild_tail: 50_000,
             build_slots: 1,
             build_memory_bytes: 0,
+            scrub_bytes_per_sec: 32 << 20,
             metrics_listen: None,
             health_listen: None,
             tls: None,

@@ -18,6 +18,7 @@ pub mod metrics;
 mod reconcile;
 pub mod replicas;
 pub mod replication;
+mod scrub;
 mod service;
 pub mod transport;
 pub mod writes;
@@ -306,6 +307,13 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         identity.clone(),
         leader_version.clone(),
         (cfg.heartbeat * 4).max(Duration::from_secs(3)),
+        stop_rx.clone(),
+    )));
+
+    // The scrubber: every stored vector checked against its checksum, rate-limited.
+    tasks.push(tokio::spawn(scrub::run(
+        registry.clone(),
+        cfg.scrub_bytes_per_sec,
         stop_rx.clone(),
     )));
 
