@@ -71,6 +71,27 @@ async fn check(c: &Cluster, collection: &str, n: u64, ids: &[(String, Vec<f32>)]
     }
 }
 
+/// The stored text and metadata of `id`, read back through a gateway.
+async fn assert_text_and_metadata(c: &Cluster, collection: &str, id: &str, text: &str, meta: &str) {
+    let mut g = connect(&c.nodes[0].public).await.unwrap();
+    let d = g
+        .get(pb::GetRequest {
+            collection: collection.into(),
+            id: id.into(),
+            with_vector: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .document
+        .unwrap();
+    assert_eq!(
+        (d.text.as_str(), d.metadata_json.as_str()),
+        (text, meta),
+        "{collection}: {id}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_format_lands_every_row_and_a_bad_file_names_its_row() {
     let c = Cluster::start(2).await;
@@ -150,22 +171,7 @@ async fn every_format_lands_every_row_and_a_bad_file_names_its_row() {
         String::from_utf8_lossy(&out.stderr)
     );
     check(&c, "jsonl", n, &[("j999".into(), vs[999].clone())]).await;
-    let mut g = connect(&c.nodes[0].public).await.unwrap();
-    let d = g
-        .get(pb::GetRequest {
-            collection: "jsonl".into(),
-            id: "j5".into(),
-            with_vector: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .document
-        .unwrap();
-    assert_eq!(
-        (d.text.as_str(), d.metadata_json.as_str()),
-        ("row 5", "{\"i\":5}")
-    );
+    assert_text_and_metadata(&c, "jsonl", "j5", "row 5", "{\"i\":5}").await;
 
     // Parquet, a fixed-size list column with ids, text and metadata, in row groups
     // smaller than a batch.
@@ -189,21 +195,7 @@ async fn every_format_lands_every_row_and_a_bad_file_names_its_row() {
         .map(|i| (format!("pq-{i}"), vs[i as usize].clone()))
         .collect();
     check(&c, "parquet", n, &sample).await;
-    let d = g
-        .get(pb::GetRequest {
-            collection: "parquet".into(),
-            id: "pq-7".into(),
-            with_vector: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .document
-        .unwrap();
-    assert_eq!(
-        (d.text.as_str(), d.metadata_json.as_str()),
-        ("parquet row 7", "{\"i\":7}")
-    );
+    assert_text_and_metadata(&c, "parquet", "pq-7", "parquet row 7", "{\"i\":7}").await;
 
     // A bad row stops the import with the file and the row named; the rows before it
     // that were acknowledged are recorded as done.

@@ -158,6 +158,27 @@ async fn wait_open(n: &NodeHandle, collection: &str, count: usize) {
     }
 }
 
+/// An inner-product collection with an index small shards can train (4 lists, 4-bit
+/// PQ: a ~100-vector shard trains it).
+async fn small_collection(admin: &mut Client, name: &str, dim: u32, shards: u32, rf: u32) {
+    admin
+        .create_collection(cpb::CreateCollectionRequest {
+            name: name.into(),
+            dimension: dim,
+            metric: cpb::Metric::InnerProduct as i32,
+            shard_count: shards,
+            replication_factor: rf,
+            index: Some(cpb::IndexParams {
+                nlist: 4,
+                pq_nbits: 4,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
 /// Three coordinators, nodes a and b, collection `vecs` (16-d, three shards, RF 1)
 /// placed and open, and, with `text`, collection `texts` (384-d) with node a encoding.
 struct Fixture {
@@ -222,23 +243,7 @@ impl Fixture {
             &[("vecs", 16)]
         };
         for &(name, dim) in collections {
-            admin
-                .create_collection(cpb::CreateCollectionRequest {
-                    name: name.into(),
-                    dimension: dim,
-                    metric: cpb::Metric::InnerProduct as i32,
-                    shard_count: 3,
-                    replication_factor: 1,
-                    // 4-bit PQ: a ~100-vector shard can train it.
-                    index: Some(cpb::IndexParams {
-                        nlist: 4,
-                        pq_nbits: 4,
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
+            small_collection(&mut admin, name, dim, 3, 1).await;
         }
         let placed = |n: &NodeHandle, c: &str| {
             n.view
@@ -843,22 +848,7 @@ async fn an_index_build_serves_every_shard_and_the_map_records_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_backup_takes_its_primarys_index_instead_of_training_its_own() {
     let mut f = Fixture::start(false).await;
-    f.admin
-        .create_collection(cpb::CreateCollectionRequest {
-            name: "rep".into(),
-            dimension: 16,
-            metric: cpb::Metric::InnerProduct as i32,
-            shard_count: 2,
-            replication_factor: 2,
-            index: Some(cpb::IndexParams {
-                nlist: 4,
-                pq_nbits: 4,
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    small_collection(&mut f.admin, "rep", 16, 2, 2).await;
     wait_open(&f.a, "rep", 2).await;
     wait_open(&f.b, "rep", 2).await;
     let docs: Vec<pb::Document> = (0..400)

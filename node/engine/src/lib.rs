@@ -472,27 +472,8 @@ impl Shard {
         // (a repaired file lifts the mark; a damaged one keeps the replica closed).
         let marker = dir.join(CORRUPT_MARKER);
         if marker.exists() {
-            let data = storage::map_file(&writer.docs.path)?;
-            let data: &[u8] = data.as_deref().unwrap_or_default();
-            for (row, r) in state.rows.iter().enumerate() {
-                let mut at = data.get(r.doc_offset as usize..).unwrap_or_default();
-                let crc = record::read_one(&mut at)
-                    .ok()
-                    .and_then(|p| storage::decode::<SegmentEntry>(&p).ok())
-                    .and_then(|e| match e {
-                        SegmentEntry::Put { vector_crc, .. } => Some(vector_crc),
-                        SegmentEntry::Delete { .. } => None,
-                    });
-                let v = state.vectors.get(row as u64);
-                if crc != Some(storage::vector_crc(v)) {
-                    return Err(bad_vector(
-                        &dir.join(VECTORS_FILE),
-                        row as u64,
-                        v.len(),
-                        &r.id,
-                    ));
-                }
-            }
+            let offsets: Vec<u64> = state.rows.iter().map(|r| r.doc_offset).collect();
+            check_vectors(dir, &state.vectors, 0, &offsets)?;
             tracing::warn!(dir = %dir.display(), "every vector of a replica marked corrupt checks out; the mark is lifted");
             fs::remove_file(&marker).map_err(ShardError::io(&marker))?;
         }
@@ -849,33 +830,7 @@ impl Shard {
         if offsets.is_empty() {
             return Ok((from, 0));
         }
-        let docs = self.inner.dir.join(DOCS_FILE);
-        let map = storage::map_file(&docs)?;
-        let data: &[u8] = map.as_deref().unwrap_or_default();
-        let vectors = self.inner.dir.join(VECTORS_FILE);
-        let mut bytes = 0;
-        for (i, &offset) in offsets.iter().enumerate() {
-            let row = from + i as u64;
-            let corrupt = |reason: String| ShardError::Corrupt {
-                file: docs.clone(),
-                offset,
-                reason,
-            };
-            let mut at = data
-                .get(offset as usize..)
-                .ok_or_else(|| corrupt(format!("row {row}'s record is past the file's end")))?;
-            let payload = record::read_one(&mut at).map_err(corrupt)?;
-            let SegmentEntry::Put { id, vector_crc, .. } =
-                storage::decode::<SegmentEntry>(&payload).map_err(corrupt)?
-            else {
-                return Err(corrupt(format!("row {row} points at a delete record")));
-            };
-            let v = view.get(row);
-            bytes += v.len() as u64 * 4;
-            if storage::vector_crc(v) != vector_crc {
-                return Err(bad_vector(&vectors, row, v.len(), &id));
-            }
-        }
+        let bytes = check_vectors(&self.inner.dir, &view, from, &offsets)?;
         Ok((from + offsets.len() as u64, bytes))
     }
 
@@ -1590,6 +1545,39 @@ fn bad_vector(path: &Path, row: u64, dim: usize, id: &str) -> ShardError {
         offset: row * dim as u64 * 4,
         reason: format!("vector of row {row} ({id:?}) fails its checksum"),
     }
+}
+
+/// Checks rows `from..` of `dir`'s shard (`offsets[i]`: row `from + i`'s record in the
+/// documents file) against the checksums their records hold; returns the bytes of
+/// vectors read. A damaged record or vector is `Corrupt`, naming its file and offset.
+fn check_vectors(dir: &Path, view: &VectorView, from: u64, offsets: &[u64]) -> Result<u64> {
+    let docs = dir.join(DOCS_FILE);
+    let map = storage::map_file(&docs)?;
+    let data: &[u8] = map.as_deref().unwrap_or_default();
+    let mut bytes = 0;
+    for (i, &offset) in offsets.iter().enumerate() {
+        let row = from + i as u64;
+        let corrupt = |reason: String| ShardError::Corrupt {
+            file: docs.clone(),
+            offset,
+            reason,
+        };
+        let mut at = data
+            .get(offset as usize..)
+            .ok_or_else(|| corrupt(format!("row {row}'s record is past the file's end")))?;
+        let payload = record::read_one(&mut at).map_err(corrupt)?;
+        let SegmentEntry::Put { id, vector_crc, .. } =
+            storage::decode::<SegmentEntry>(&payload).map_err(corrupt)?
+        else {
+            return Err(corrupt(format!("row {row} points at a delete record")));
+        };
+        let v = view.get(row);
+        bytes += v.len() as u64 * 4;
+        if storage::vector_crc(v) != vector_crc {
+            return Err(bad_vector(&dir.join(VECTORS_FILE), row, v.len(), &id));
+        }
+    }
+    Ok(bytes)
 }
 
 fn load_segment(path: &Path, vectors: &VectorStore, st: &mut State) -> Result<()> {
