@@ -93,6 +93,11 @@ pub struct ScaleArgs {
     /// replication factor (needs --replication-factor 2 or more).
     #[arg(long)]
     restore: bool,
+    /// Skip raw FAISS (its builds and its recall): for runs measuring the cluster
+    /// alone (restart and restore at a size whose reference build would double the
+    /// run); the build ratio and recall comparison come from runs without it.
+    #[arg(long)]
+    no_peer: bool,
     /// Data, the cluster and the reference shard go here.
     #[arg(long, default_value = "scale-work")]
     work_dir: PathBuf,
@@ -274,7 +279,10 @@ pub fn run(a: ScaleArgs) -> Result<()> {
             "bytes": std::fs::metadata(&parquet)?.len(), "seconds": t.elapsed().as_secs_f64()}),
         );
     }
-    let data = std::fs::read(&npy)?;
+    // Mapped, not read: at 10M x 384 the file is 15 GB of a 24 GB machine.
+    let file = std::fs::File::open(&npy)?;
+    // SAFETY: the harness wrote the file and nothing changes it while it runs.
+    let data = unsafe { memmap2::Mmap::map(&file)? };
     let offset = data.len() - vector_bytes as usize;
     let base: &[f32] = bytemuck_f32(&data[offset..]);
 
@@ -433,6 +441,9 @@ pub fn run(a: ScaleArgs) -> Result<()> {
     for round in 0..a.build_rounds {
         let cluster_first = round % 2 == 0;
         for turn in 0..2 {
+            if a.no_peer && (turn == 0) != cluster_first {
+                continue;
+            }
             if (turn == 0) == cluster_first {
                 let t = Instant::now();
                 let out = shoal(&bin)
@@ -499,15 +510,7 @@ pub fn run(a: ScaleArgs) -> Result<()> {
     for q in 0..nq as u64 {
         gen.row(a.rows + 1_000_000_000 + q, &mut queries);
     }
-    let mut flat = faiss::index_factory(a.dimension as u32, "Flat", faiss::MetricType::L2)?;
-    flat.add(base)?;
-    let truth: Vec<Vec<i64>> = flat
-        .search(&queries, 10)?
-        .labels
-        .chunks(10)
-        .map(|c| c.iter().map(|l| l.get().map_or(-1, |v| v as i64)).collect())
-        .collect();
-    drop(flat);
+    let truth = exact_top10(base, a.dimension, &queries)?;
     let refine = 10usize; // the collection's default refine for this dimension
     let mut quality = Vec::new();
     // The cluster's exact search checks ids, routing and the merge (recall 1 expected);
@@ -520,8 +523,13 @@ pub fn run(a: ScaleArgs) -> Result<()> {
     let nlist = params["nlist"].as_u64().unwrap_or(16) as u32;
     for nprobe in [1u32, 4, 16, nlist] {
         // Raw FAISS: each shard's IVF-PQ + exact re-rank, merged by distance.
-        let faiss_ids = peer_ids(&mut peers, &by_shard, &queries, a.dimension, nprobe, refine);
-        let faiss_recall = recall_at(10, &faiss_ids, &truth);
+        let faiss_recall = (!a.no_peer).then(|| {
+            recall_at(
+                10,
+                &peer_ids(&mut peers, &by_shard, base, &queries, nprobe, refine),
+                &truth,
+            )
+        });
         for clients in [1usize, 4] {
             let (ids, lat) = rt.block_on(cluster_queries(
                 &nodes,
@@ -535,7 +543,7 @@ pub fn run(a: ScaleArgs) -> Result<()> {
             let v = serde_json::json!({
                 "step": "quality", "nprobe": nprobe, "clients": clients,
                 "recall_at_10": recall, "faiss_recall_at_10": faiss_recall,
-                "recall_diff": recall - faiss_recall,
+                "recall_diff": faiss_recall.map(|f| recall - f),
                 "p50_ms": percentile(&lat, 0.5), "p99_ms": percentile(&lat, 0.99),
             });
             emit(v.clone());
@@ -566,7 +574,7 @@ pub fn run(a: ScaleArgs) -> Result<()> {
             .map(|&np| {
                 recall_at(
                     10,
-                    &peer_ids(&mut p, &shuffled, &queries, a.dimension, np, refine),
+                    &peer_ids(&mut p, &shuffled, base, &queries, np, refine),
                     &truth,
                 )
             })
@@ -728,32 +736,72 @@ fn bytemuck_f32(b: &[u8]) -> &[f32] {
     unsafe { std::slice::from_raw_parts(b.as_ptr() as *const f32, b.len() / 4) }
 }
 
-/// Raw FAISS's top 10 per query: each shard's IVF-PQ + exact re-rank, merged by
-/// distance; `rows[s][i]` is the corpus row of shard s's i-th added vector.
+/// The exact top 10 per query over the whole corpus, by FAISS Flat a million rows at a
+/// time (a Flat index copies what it holds: the corpus at once would not fit at 10M).
+fn exact_top10(base: &[f32], dim: usize, queries: &[f32]) -> Result<Vec<Vec<i64>>> {
+    const CHUNK_ROWS: usize = 1_000_000;
+    let nq = queries.len() / dim;
+    let mut best: Vec<Vec<(f32, i64)>> = vec![Vec::new(); nq];
+    for (c, chunk) in base.chunks(CHUNK_ROWS * dim).enumerate() {
+        let mut flat = faiss::index_factory(dim as u32, "Flat", faiss::MetricType::L2)?;
+        flat.add(chunk)?;
+        let r = flat.search(queries, 10)?;
+        for (q, hits) in best.iter_mut().enumerate() {
+            for i in q * 10..(q + 1) * 10 {
+                if let Some(l) = r.labels[i].get() {
+                    hits.push((r.distances[i], (c * CHUNK_ROWS) as i64 + l as i64));
+                }
+            }
+            hits.sort_by(|x, y| x.0.total_cmp(&y.0));
+            hits.truncate(10);
+        }
+    }
+    Ok(best
+        .into_iter()
+        .map(|h| h.into_iter().map(|(_, i)| i).collect())
+        .collect())
+}
+
+fn l2(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
+}
+
+/// Raw FAISS's top 10 per query: each shard's IVF-PQ gives k x refine candidates,
+/// re-ranked exactly against the full vectors (as generate-rank does; the vectors are
+/// read from the mapped corpus, not copied into an RFlat layer, which at 10M would hold
+/// the corpus in memory), merged by distance; `rows[s][i]` is the corpus row of shard
+/// s's i-th added vector.
 fn peer_ids(
     peers: &mut [faiss::index::IndexImpl],
     rows: &[Vec<u64>],
+    base: &[f32],
     queries: &[f32],
-    dim: usize,
     nprobe: u32,
     refine: usize,
 ) -> Vec<Vec<i64>> {
+    let dim = peers.first().map_or(1, |p| p.d() as usize);
+    for index in peers.iter_mut() {
+        let ps = ParameterSpace::new().expect("parameter space");
+        ps.set_index_parameter(&*index, "nprobe", nprobe as f64)
+            .expect("nprobe");
+    }
     (0..queries.len() / dim)
         .map(|q| {
             let query = &queries[q * dim..(q + 1) * dim];
             let mut all: Vec<(f32, i64)> = Vec::new();
             for (s, index) in peers.iter_mut().enumerate() {
-                let ps = ParameterSpace::new().expect("parameter space");
-                ps.set_index_parameter(&*index, "nprobe", nprobe as f64)
-                    .expect("nprobe");
-                ps.set_index_parameter(&*index, "k_factor_rf", refine as f64)
-                    .expect("k_factor");
-                let r = index.search(query, 10).expect("search");
-                for (d, l) in r.distances.iter().zip(&r.labels) {
-                    if let Some(v) = l.get() {
-                        all.push((*d, rows[s][v as usize] as i64));
-                    }
-                }
+                let r = index.search(query, 10 * refine).expect("search");
+                let mut shard: Vec<(f32, i64)> = r
+                    .labels
+                    .iter()
+                    .filter_map(|l| l.get())
+                    .map(|v| {
+                        let row = rows[s][v as usize] as usize;
+                        (l2(query, &base[row * dim..(row + 1) * dim]), row as i64)
+                    })
+                    .collect();
+                shard.sort_by(|x, y| x.0.total_cmp(&y.0));
+                all.extend(shard.into_iter().take(10));
             }
             all.sort_by(|x, y| x.0.total_cmp(&y.0));
             all.into_iter().take(10).map(|(_, i)| i).collect()
@@ -761,9 +809,8 @@ fn peer_ids(
         .collect()
 }
 
-/// Raw FAISS on one shard's rows with the cluster's parameters: IVF-PQ with an exact
-/// re-ranking layer (what generate-rank does), the same training sample size and all
-/// cores.
+/// Raw FAISS on one shard's rows with the cluster's parameters: IVF-PQ (re-ranked by
+/// [`peer_ids`], as generate-rank does), the same training sample size and all cores.
 fn faiss_shard(
     a: &ScaleArgs,
     base: &[f32],
@@ -781,7 +828,7 @@ fn faiss_shard(
         .as_u64()
         .unwrap_or(65_536)
         .min(rows.len() as u64) as usize;
-    let factory = format!("IVF{nlist},PQ{m}x{nbits}np,RFlat");
+    let factory = format!("IVF{nlist},PQ{m}x{nbits}np");
     let mut index = faiss::index_factory(d as u32, &factory, faiss::MetricType::L2)?;
     let picked = shoal_engine::training_sample(seed, 1, rows.len(), sample);
     let mut train = Vec::with_capacity(picked.len() * d);

@@ -845,32 +845,148 @@ async fn an_index_build_serves_every_shard_and_the_map_records_it() {
     f.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_backup_takes_its_primarys_index_instead_of_training_its_own() {
-    let mut f = Fixture::start(false).await;
-    small_collection(&mut f.admin, "rep", 16, 2, 2).await;
-    wait_open(&f.a, "rep", 2).await;
-    wait_open(&f.b, "rep", 2).await;
-    let docs: Vec<pb::Document> = (0..400)
+/// Each hosted replica of `collection` on `n`: its shard, and the generation it serves
+/// (id, rows covered, build time's bits: the same only for the same build).
+type Served = Vec<(u32, Option<(u64, u64, u64)>)>;
+
+fn served(n: &NodeHandle, collection: &str) -> Served {
+    let mut v: Vec<_> = n
+        .registry
+        .read()
+        .iter()
+        .filter(|(k, _)| k.collection == collection)
+        .map(|(k, h)| {
+            let g = h.repl.shard().ok().and_then(|s| s.stats().serving);
+            (
+                k.index,
+                g.map(|g| (g.id, g.covered_rows, g.build_seconds.to_bits())),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Ingests `n` 16-d documents `{prefix}{i}` into `collection` through `g`, retried
+/// until every shard has its write quorum.
+async fn ingest_until_accepted(
+    g: &mut ShoalClient<tonic::transport::Channel>,
+    collection: &str,
+    prefix: &str,
+    n: u64,
+) {
+    let docs: Vec<pb::Document> = (0..n)
         .map(|i| pb::Document {
-            id: format!("r{i}"),
+            id: format!("{prefix}{i}"),
             vector: vector(i, 16),
             ..Default::default()
         })
         .collect();
-    // Retried until both copies of every shard are in sync (writes need two).
     let t = Instant::now();
-    while let Err(e) =
-        f.ga.ingest(pb::IngestRequest {
-            collection: "rep".into(),
+    while let Err(e) = g
+        .ingest(pb::IngestRequest {
+            collection: collection.into(),
             documents: docs.clone(),
-            request_id: "rep-1".into(),
+            request_id: format!("{collection}-1"),
         })
         .await
     {
         assert!(t.elapsed() < Duration::from_secs(30), "{e}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A backup with no index while its primary serves one (here: node b back with an
+/// empty volume, its copy refilled from the primary's recent log, which ships no
+/// index) fetches the primary's generation instead of answering by exact scan until
+/// some later build.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_copy_filled_from_the_log_fetches_its_primarys_index() {
+    let mut f = Fixture::start(false).await;
+    small_collection(&mut f.admin, "cp", 16, 1, 2).await;
+    wait_open(&f.a, "cp", 1).await;
+    wait_open(&f.b, "cp", 1).await;
+    ingest_until_accepted(&mut f.ga, "cp", "c", 300).await;
+    let built =
+        f.ga.build_index(pb::BuildIndexRequest {
+            collection: "cp".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(built.state, "succeeded", "{built:?}");
+    let t = Instant::now();
+    let want = loop {
+        let (ga, gb) = (served(&f.a, "cp"), served(&f.b, "cp"));
+        if ga == gb && ga[0].1.is_some() {
+            break ga;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "a {ga:?}, b {gb:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let Fixture {
+        _dir: dir,
+        addrs,
+        coords,
+        a,
+        b,
+        mut ga,
+        ..
+    } = f;
+    b.shutdown().await;
+    // (Retried: a task of the stopped node may still be ending a file write.)
+    let t = Instant::now();
+    while let Err(e) = std::fs::remove_dir_all(dir.path().join("b")) {
+        assert!(t.elapsed() < Duration::from_secs(10), "{e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let b = node(dir.path(), "b", &addrs, false).await;
+    let t = Instant::now();
+    loop {
+        let gb = served(&b, "cp");
+        if gb == want {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the refilled copy did not take the primary's index: {gb:?}, primary {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // And it holds every document.
+    let stats = b
+        .registry
+        .read()
+        .iter()
+        .find(|(k, _)| k.collection == "cp")
+        .map(|(_, h)| h.repl.shard().unwrap().stats())
+        .unwrap();
+    assert_eq!(stats.live_docs, 300);
+    let r = ga
+        .search(pb::SearchRequest {
+            collection: "cp".into(),
+            vector: vector(7, 16),
+            k: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.hits[0].id, "c7");
+    a.shutdown().await;
+    b.shutdown().await;
+    for c in coords {
+        c.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backup_takes_its_primarys_index_instead_of_training_its_own() {
+    let mut f = Fixture::start(false).await;
+    small_collection(&mut f.admin, "rep", 16, 2, 2).await;
+    wait_open(&f.a, "rep", 2).await;
+    wait_open(&f.b, "rep", 2).await;
+    ingest_until_accepted(&mut f.ga, "rep", "r", 400).await;
     let built =
         f.gb.build_index(pb::BuildIndexRequest {
             collection: "rep".into(),
@@ -881,27 +997,9 @@ async fn a_backup_takes_its_primarys_index_instead_of_training_its_own() {
     assert_eq!(built.state, "succeeded", "{built:?}");
     // Each shard's two replicas serve one generation: the backup's is the primary's,
     // down to its recorded build time (a backup training its own would differ).
-    type Served = Vec<(u32, Option<(u64, u64, u64)>)>;
-    let generations = |n: &NodeHandle| -> Served {
-        let mut v: Vec<_> = n
-            .registry
-            .read()
-            .iter()
-            .filter(|(k, _)| k.collection == "rep")
-            .map(|(k, h)| {
-                let g = h.repl.shard().ok().and_then(|s| s.stats().serving);
-                (
-                    k.index,
-                    g.map(|g| (g.id, g.covered_rows, g.build_seconds.to_bits())),
-                )
-            })
-            .collect();
-        v.sort();
-        v
-    };
     let t = Instant::now();
     loop {
-        let (ga, gb) = (generations(&f.a), generations(&f.b));
+        let (ga, gb) = (served(&f.a, "rep"), served(&f.b, "rep"));
         if ga == gb && ga.len() == 2 && ga.iter().all(|(_, g)| g.is_some()) {
             break;
         }

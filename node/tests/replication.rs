@@ -42,10 +42,14 @@ struct Node {
 impl Node {
     async fn start(id: &str, net: &InProcessNet) -> Node {
         let registry: Registry = Arc::default();
-        let (supervisor, _) =
-            Actor::spawn(None, ReplicaSupervisor, (registry.clone(), Arc::default()))
-                .await
-                .unwrap();
+        let opened = Arc::new(tokio::sync::Notify::new());
+        let (supervisor, _) = Actor::spawn(
+            None,
+            ReplicaSupervisor,
+            (registry.clone(), Arc::default(), opened.clone()),
+        )
+        .await
+        .unwrap();
         let local = LocalReplicas::new(registry.clone(), Limits::default());
         let addr = format!("{id}.in-process");
         net.add(&addr, &local);
@@ -69,7 +73,23 @@ impl Node {
     /// recent log, and gives it `role`.
     async fn open(&self, role: Role, recent_log_bytes: usize) -> Arc<Replication> {
         let key = key();
-        let hosted = self.registry.read().get(&key).map(|h| h.repl.clone());
+        let args = self.args(&key, recent_log_bytes);
+        let repl = args.repl.clone();
+        self.supervisor
+            .cast(SupervisorMsg::Ensure(key.clone(), args))
+            .unwrap();
+        eventually(CALL, "the replica opened", || {
+            self.registry.read().contains_key(&key)
+        })
+        .await;
+        repl.set_role(role);
+        repl
+    }
+
+    /// What the supervisor opens replica `key` with: its directory under this node's,
+    /// and its replication (the hosted one's, or a new one).
+    fn args(&self, key: &ReplicaKey, recent_log_bytes: usize) -> ReplicaArgs {
+        let hosted = self.registry.read().get(key).map(|h| h.repl.clone());
         let repl = hosted.unwrap_or_else(|| {
             Replication::new(
                 key.clone(),
@@ -85,20 +105,20 @@ impl Node {
                 LAG,
             )
         });
-        let args = ReplicaArgs {
-            dir: self.dir.path().join("shards").join("c-1").join("0"),
+        ReplicaArgs {
+            dir: self.replica_dir(key),
             config: CollectionConfig::new(DIM, Metric::InnerProduct),
-            repl: repl.clone(),
+            repl,
             filling: false,
-        };
-        let r = self
-            .supervisor
-            .call(|p| SupervisorMsg::Ensure(key, args, p), Some(CALL))
-            .await
-            .unwrap();
-        assert!(matches!(r, ractor::rpc::CallResult::Success(Ok(()))));
-        repl.set_role(role);
-        repl
+        }
+    }
+
+    fn replica_dir(&self, key: &ReplicaKey) -> std::path::PathBuf {
+        self.dir
+            .path()
+            .join("shards")
+            .join(format!("{}-{}", key.collection, key.collection_id))
+            .join(key.index.to_string())
     }
 
     fn peer(&self, serving: bool, live: bool) -> Peer {
@@ -1161,4 +1181,94 @@ mod schedules {
         );
         assert!(acked > 0, "no write was acknowledged in any schedule");
     }
+}
+
+/// Replicas of a node open concurrently, off the supervisor's message loop: one whose
+/// open is stuck (its manifest a FIFO nobody has written yet) does not hold up another
+/// replica's open, and a close asked for meanwhile is carried out once that open ends
+/// (the reply waits for it; the replica is not left hosted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_open_holds_up_no_other_replica_and_a_close_waits_for_it() {
+    let net = InProcessNet::default();
+    let n = Node::start("a", &net).await;
+    // A real shard's files, its manifest to be delivered through a FIFO.
+    let stuck = ReplicaKey {
+        collection: "c".into(),
+        collection_id: 1,
+        index: 7,
+    };
+    let dir = n.replica_dir(&stuck);
+    let made = tempfile::tempdir().unwrap();
+    drop(
+        shoal_engine::Shard::create(
+            made.path(),
+            CollectionConfig::new(DIM, Metric::InnerProduct),
+        )
+        .unwrap(),
+    );
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut manifest = Vec::new();
+    for e in std::fs::read_dir(made.path()).unwrap() {
+        let e = e.unwrap();
+        if e.file_name() == "manifest.json" {
+            manifest = std::fs::read(e.path()).unwrap();
+        } else if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+    }
+    assert!(!manifest.is_empty());
+    let fifo = dir.join("manifest.json");
+    let made_fifo = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made_fifo.success());
+    n.supervisor
+        .cast(SupervisorMsg::Ensure(
+            stuck.clone(),
+            n.args(&stuck, 1 << 20),
+        ))
+        .unwrap();
+
+    // Another replica opens while that one is stuck.
+    n.open(role(1, &n, &n, vec![], 1), 1 << 20).await;
+    assert!(
+        !n.registry.read().contains_key(&stuck),
+        "the stuck open has not ended"
+    );
+
+    // A close of the opening replica waits for its open.
+    let sup = n.supervisor.clone();
+    let closing = stuck.clone();
+    let close = tokio::spawn(async move {
+        sup.call(|p| SupervisorMsg::Close(closing, false, p), Some(CALL))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!close.is_finished(), "the close waits for the open");
+    tokio::task::spawn_blocking(move || std::fs::write(&fifo, manifest))
+        .await
+        .unwrap()
+        .unwrap();
+    let closed = close.await.unwrap().unwrap();
+    assert!(matches!(closed, ractor::rpc::CallResult::Success(())));
+    assert!(
+        !n.registry.read().contains_key(&stuck),
+        "closed once opened"
+    );
+    assert!(
+        n.registry.read().contains_key(&key()),
+        "the other replica is untouched"
+    );
+    // Opened for real (then closed, its files kept): it opens again.
+    n.supervisor
+        .cast(SupervisorMsg::Ensure(
+            stuck.clone(),
+            n.args(&stuck, 1 << 20),
+        ))
+        .unwrap();
+    eventually(CALL, "the replica opened again", || {
+        n.registry.read().contains_key(&stuck)
+    })
+    .await;
 }

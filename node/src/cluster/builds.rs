@@ -55,7 +55,11 @@ enum Kind {
 
 #[derive(Clone, Debug)]
 struct Job {
+    /// The build operation; 0 for a catch-up fetch (a backup holding no index while
+    /// its primary serves one: a copy filled from the recent log, which ships none).
     op: u64,
+    /// A catch-up fetch's generation: the one its primary reported serving.
+    catch_up: u64,
     kind: Kind,
     params: IvfPqParams,
     sample: usize,
@@ -100,6 +104,14 @@ fn primary_of(registry: &Registry, key: &ReplicaKey) -> Option<(String, String)>
         .addr
         .clone();
     Some((role.primary, addr))
+}
+
+/// The generation `key`'s primary serves, as the map records it (the leader commits
+/// what the primary's heartbeats report; 0: none).
+fn primary_generation(view: &MapView, key: &ReplicaKey) -> u64 {
+    view.shards
+        .get(&(key.collection.clone(), key.index))
+        .map_or(0, |s| s.serving_generation)
 }
 
 /// A running build operation's parameters for `key`'s collection incarnation, and
@@ -181,6 +193,7 @@ impl Builds {
     pub fn report(&self, key: &ReplicaKey) -> BuildReport {
         match self.state.lock().jobs.get(key) {
             None => BuildReport::default(),
+            Some(j) if j.op == 0 => BuildReport::default(),
             Some(j) => BuildReport {
                 operation: j.op,
                 queued: j.phase == Phase::Queued,
@@ -255,6 +268,7 @@ impl Builds {
                     key.clone(),
                     Job {
                         op: o.id,
+                        catch_up: 0,
                         kind,
                         params,
                         sample,
@@ -267,7 +281,39 @@ impl Builds {
             // running one finishes first); a queued one outlives its operation's end
             // (a backup still builds once its primary's step ended the operation), and
             // finished ones are kept while their operation runs (so none runs twice).
+            for (key, shard) in &hosted {
+                if st.jobs.contains_key(key) {
+                    continue;
+                }
+                if let Some(generation) = self.catch_up_wanted(view, key, shard) {
+                    tracing::info!(replica = %key, generation, "this backup serves no index while its primary does: fetching the primary's");
+                    st.jobs.insert(
+                        key.clone(),
+                        Job {
+                            op: 0,
+                            catch_up: generation,
+                            kind: Kind::Fetch,
+                            params: shard.build_params().0,
+                            sample: 0,
+                            memory: 0,
+                            phase: Phase::Queued,
+                        },
+                    );
+                }
+            }
+            // A catch-up fetch is kept until it is done, and a failed one while its
+            // primary still serves that generation (tried again when it moves on).
+            let primary_serving = |k: &ReplicaKey| primary_generation(view, k);
             st.jobs.retain(|k, j| {
+                if j.op == 0 {
+                    return j.phase == Phase::Running
+                        || (hosted.iter().any(|(h, _)| h == k)
+                            && match &j.phase {
+                                Phase::Done => false,
+                                Phase::Failed(_) => primary_serving(k) == j.catch_up,
+                                _ => true,
+                            });
+                }
                 j.phase == Phase::Running
                     || (hosted.iter().any(|(h, _)| h == k)
                         && view.operations.get(&j.op).is_some_and(|o| {
@@ -280,8 +326,30 @@ impl Builds {
         self.admit();
     }
 
+    /// Pure but for reading the replica: the generation a backup that serves no index
+    /// should fetch from its primary (which reports serving it), when it is caught up
+    /// and no build operation is pending for its shard. Only a replica with no index
+    /// at all: replicas number their own automatic rebuilds, so generation ids of two
+    /// replicas that built apart do not compare.
+    fn catch_up_wanted(&self, view: &MapView, key: &ReplicaKey, shard: &Shard) -> Option<u64> {
+        if shard.stats().serving.is_some() {
+            return None;
+        }
+        let caught_up = self
+            .registry
+            .read()
+            .get(key)
+            .is_some_and(|h| h.repl.caught_up());
+        primary_of(&self.registry, key)?;
+        if !caught_up || build_op(view, key).is_some_and(|(_, pending)| pending) {
+            return None;
+        }
+        Some(primary_generation(view, key)).filter(|&g| g > 0)
+    }
+
     /// Starts the fetch of each backup's job whose step ended with its primary's new
-    /// generation; forgets one whose step failed.
+    /// generation (or, for a catch-up, the one its primary serves); forgets one whose
+    /// step failed.
     fn start_fetches(self: &Arc<Self>, view: &MapView) {
         let mut st = self.state.lock();
         let waiting: Vec<(ReplicaKey, u64)> = st
@@ -296,6 +364,7 @@ impl Builds {
                 .get(&op)
                 .and_then(|o| o.steps.iter().find(|s| s.shard == key.index));
             let generation = match step {
+                _ if op == 0 => st.jobs[&key].catch_up,
                 Some(s) if s.state == "done" && s.generation > 0 => s.generation,
                 Some(s) if s.state == "failed" => {
                     st.jobs.remove(&key);
@@ -338,6 +407,12 @@ impl Builds {
                         metrics::counter!("shoal_index_generations_fetched_total").increment(1);
                         tracing::info!(replica = %key, operation = op, generation, bytes, took_ms = t.elapsed().as_millis() as u64, "index generation taken from the primary");
                         job.phase = Phase::Done;
+                    }
+                    Err(e) if op == 0 => {
+                        // Serves by exact scan meanwhile; tried again once the primary
+                        // serves another generation.
+                        tracing::warn!(replica = %key, generation, error = %e, "fetching the primary's index failed");
+                        job.phase = Phase::Failed(e.to_string());
                     }
                     Err(e) => {
                         // Built here instead, under admission control.

@@ -246,12 +246,13 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     let transports = Transports::grpc();
     transports.set_local(&cfg.id, &local);
     let restarts = Arc::new(AtomicU64::new(0));
+    let opened = Arc::new(tokio::sync::Notify::new());
     // Unnamed: ractor's registry is per process, and a process may hold several nodes
     // (in-process tests) or a node restarting while its predecessor shuts down.
     let (supervisor, _) = Actor::spawn(
         None,
         ReplicaSupervisor,
-        (registry.clone(), restarts.clone()),
+        (registry.clone(), restarts.clone(), opened.clone()),
     )
     .await
     .map_err(|e| anyhow::anyhow!("starting the replica supervisor: {e}"))?;
@@ -296,6 +297,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         kept: Default::default(),
         disk: disk_guard.clone(),
         lease: lease.clone(),
+        opened,
     };
     // The map version the leader answers heartbeats with: a watch that stays behind
     // it moves to another coordinator member.

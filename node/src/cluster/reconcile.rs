@@ -110,6 +110,9 @@ pub(super) struct Reconciler {
     pub(super) kept: parking_lot::Mutex<HashMap<ReplicaKey, PathBuf>>,
     pub(super) disk: Arc<disk::DiskGuard>,
     pub(super) lease: Arc<Lease>,
+    /// The supervisor's word that a replica opened (its role is given on the next
+    /// reconcile, which this starts).
+    pub(super) opened: Arc<tokio::sync::Notify>,
 }
 
 impl Reconciler {
@@ -209,23 +212,23 @@ impl Reconciler {
                 }
             }
         }
+        // Opens run concurrently on the supervisor's tasks, not in this loop: the map
+        // watch goes on while a large replica opens, and each replica that opens
+        // wakes `follow_map` to reconcile again, which gives it its role.
         for (k, args) in wanted {
             if self.registry.read().contains_key(&k) {
                 continue;
             }
-            let res = self
+            if self
                 .supervisor
-                .call(
-                    |r| SupervisorMsg::Ensure(k.clone(), args, r),
-                    Some(Duration::from_secs(60)),
-                )
-                .await;
-            if !matches!(res, Ok(ractor::rpc::CallResult::Success(Ok(())))) {
-                tracing::error!(replica = %k, "replica could not be opened");
+                .cast(SupervisorMsg::Ensure(k.clone(), args))
+                .is_err()
+            {
+                tracing::error!(replica = %k, "the replica supervisor is gone: not opened");
             }
         }
-        // Roles for the replicas that are open (one that failed to open gets its
-        // role once it does).
+        // Roles for the replicas that are open (one still opening, or that failed to
+        // open, gets its role once it has).
         let hosted = self.registry.read().clone();
         for (k, role, tail) in roles {
             if let Some(h) = hosted.get(&k) {
@@ -337,6 +340,12 @@ pub(super) async fn follow_map(
                         }
                         _ => break,
                     },
+                    _ = reconciler.opened.notified() => {
+                        let snapshot = v.read().clone();
+                        if snapshot.version > 0 {
+                            reconciler.reconcile(&snapshot).await;
+                        }
+                    }
                     _ = repair.tick() => {
                         let snapshot = v.read().clone();
                         if snapshot.version > 0 {

@@ -261,7 +261,19 @@ impl Actor for ReplicaActor {
 }
 
 pub enum SupervisorMsg {
-    Ensure(ReplicaKey, ReplicaArgs, RpcReplyPort<Result<(), String>>),
+    /// Open this replica unless it is open or opening. The open runs on its own task
+    /// (replicas of a node open concurrently; the supervisor keeps taking messages)
+    /// and ends in `Opened`.
+    Ensure(ReplicaKey, ReplicaArgs),
+    /// An open started by `Ensure` ended: the replica is filed (or the failure logged,
+    /// to be tried again by the reconciler).
+    Opened(
+        ReplicaKey,
+        ReplicaArgs,
+        Result<ActorRef<ReplicaMsg>, String>,
+    ),
+    /// Close (and with `true`, move to the trash); a replica still opening is closed
+    /// as soon as its open ends, and the reply waits for that.
     Close(ReplicaKey, bool, RpcReplyPort<()>),
 }
 
@@ -284,7 +296,19 @@ pub struct SupervisorState {
     registry: Registry,
     args: HashMap<ReplicaKey, ReplicaArgs>,
     pub restarts: Arc<std::sync::atomic::AtomicU64>,
+    /// Replicas whose open is under way, with a close asked for meanwhile.
+    opening: HashMap<ReplicaKey, Option<(bool, RpcReplyPort<()>)>>,
+    /// Told when a replica is filed: the reconciler gives it its role at once.
+    opened: Arc<tokio::sync::Notify>,
 }
+
+/// What the supervisor starts with: the registry it writes, the restart counter, and
+/// whom to tell when a replica has opened.
+pub type SupervisorArgs = (
+    Registry,
+    Arc<std::sync::atomic::AtomicU64>,
+    Arc<tokio::sync::Notify>,
+);
 
 impl ReplicaSupervisor {
     async fn spawn(
@@ -297,22 +321,55 @@ impl ReplicaSupervisor {
             .map_err(|e| format!("opening replica {key}: {e}"))?;
         Ok(actor)
     }
+
+    /// Stops a hosted replica and releases its shard; with `delete`, its directory
+    /// goes to the trash.
+    async fn close(st: &mut SupervisorState, key: ReplicaKey, delete: bool) {
+        let hosted = st.registry.write().remove(&key);
+        let args = st.args.remove(&key);
+        if let Some(h) = hosted {
+            h.actor.stop_and_wait(None, None).await.ok();
+        }
+        if let Some(args) = &args {
+            args.repl.stop();
+            if delete {
+                args.repl.retire_shard();
+            } else {
+                args.repl.release_shard();
+            }
+        }
+        if let (true, Some(args)) = (delete, args) {
+            // Into the trash, not gone: a map event is not proof that the data
+            // lives elsewhere (issue 14); the trash is emptied after a grace period.
+            match move_to_trash(&args.dir) {
+                Ok(to) => {
+                    tracing::info!(replica = %key, trash = %to.display(), "replica dir moved to the trash")
+                }
+                Err(e) => {
+                    tracing::warn!(replica = %key, error = %e, "moving the replica dir to the trash")
+                }
+            }
+        }
+        tracing::info!(replica = %key, deleted = delete, "replica closed");
+    }
 }
 
 impl Actor for ReplicaSupervisor {
     type Msg = SupervisorMsg;
     type State = SupervisorState;
-    type Arguments = (Registry, Arc<std::sync::atomic::AtomicU64>);
+    type Arguments = SupervisorArgs;
 
     async fn pre_start(
         &self,
         _me: ActorRef<Self::Msg>,
-        (registry, restarts): Self::Arguments,
+        (registry, restarts, opened): Self::Arguments,
     ) -> Result<SupervisorState, ActorProcessingErr> {
         Ok(SupervisorState {
             registry,
             args: HashMap::new(),
             restarts,
+            opening: HashMap::new(),
+            opened,
         })
     }
 
@@ -323,48 +380,52 @@ impl Actor for ReplicaSupervisor {
         st: &mut SupervisorState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            SupervisorMsg::Ensure(key, args, reply) => {
-                if st.registry.read().contains_key(&key) {
-                    let _ = reply.send(Ok(()));
+            SupervisorMsg::Ensure(key, args) => {
+                if st.registry.read().contains_key(&key) || st.opening.contains_key(&key) {
                     return Ok(());
                 }
-                let r = Self::spawn(&me, &key, args.clone()).await.map(|actor| {
-                    tracing::info!(replica = %key, dir = %args.dir.display(), "replica opened");
-                    let repl = args.repl.clone();
-                    st.registry
-                        .write()
-                        .insert(key.clone(), HostedReplica { actor, repl });
-                    st.args.insert(key, args);
+                st.opening.insert(key.clone(), None);
+                // Opening reads the shard's records (and, for a replica marked corrupt,
+                // every vector): on its own task, so one large replica does not hold up
+                // the others or the supervisor's other messages.
+                tokio::spawn(async move {
+                    let r = Self::spawn(&me, &key, args.clone()).await;
+                    let _ = me.cast(SupervisorMsg::Opened(key, args, r));
                 });
-                let _ = reply.send(r);
+            }
+            SupervisorMsg::Opened(key, args, r) => {
+                let close = st.opening.remove(&key).flatten();
+                match r {
+                    Ok(actor) => {
+                        tracing::info!(replica = %key, dir = %args.dir.display(), "replica opened");
+                        let repl = args.repl.clone();
+                        st.registry
+                            .write()
+                            .insert(key.clone(), HostedReplica { actor, repl });
+                        st.args.insert(key.clone(), args);
+                        match close {
+                            Some((delete, reply)) => {
+                                Self::close(st, key, delete).await;
+                                let _ = reply.send(());
+                            }
+                            None => st.opened.notify_one(),
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(replica = %key, error = %e, "replica could not be opened");
+                        if let Some((_, reply)) = close {
+                            args.repl.stop();
+                            let _ = reply.send(());
+                        }
+                    }
+                }
             }
             SupervisorMsg::Close(key, delete, reply) => {
-                let hosted = st.registry.write().remove(&key);
-                let args = st.args.remove(&key);
-                if let Some(h) = hosted {
-                    h.actor.stop_and_wait(None, None).await.ok();
+                if let Some(pending) = st.opening.get_mut(&key) {
+                    *pending = Some((delete, reply));
+                    return Ok(());
                 }
-                if let Some(args) = &args {
-                    args.repl.stop();
-                    if delete {
-                        args.repl.retire_shard();
-                    } else {
-                        args.repl.release_shard();
-                    }
-                }
-                if let (true, Some(args)) = (delete, args) {
-                    // Into the trash, not gone: a map event is not proof that the data
-                    // lives elsewhere (issue 14); the trash is emptied after a grace period.
-                    match move_to_trash(&args.dir) {
-                        Ok(to) => {
-                            tracing::info!(replica = %key, trash = %to.display(), "replica dir moved to the trash")
-                        }
-                        Err(e) => {
-                            tracing::warn!(replica = %key, error = %e, "moving the replica dir to the trash")
-                        }
-                    }
-                }
-                tracing::info!(replica = %key, deleted = delete, "replica closed");
+                Self::close(st, key, delete).await;
                 let _ = reply.send(());
             }
         }
