@@ -1070,6 +1070,16 @@ async fn restore_after_node_loss(
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let (restored_s, now, nodes) = restored;
+    // Back at RF, then serving by IVF-PQ: a snapshot carries the primary's index; a
+    // copy filled from the recent log fetches it once caught up.
+    let indexed_s = tokio::time::timeout(
+        Duration::from_secs(300),
+        every_replica_serving(coords, name),
+    )
+    .await
+    .ok()
+    .transpose()?
+    .map(|_| t.elapsed().as_secs_f64());
     let collection_id = c
         .describe_collection(cpb::DescribeCollectionRequest { name: name.into() })
         .await?
@@ -1115,7 +1125,7 @@ async fn restore_after_node_loss(
     }
     Ok(serde_json::json!({
         "step": "restore", "killed": id, "declared_down_s": declared_down,
-        "restored_s": restored_s, "copies": copies,
+        "restored_s": restored_s, "indexed_s": indexed_s, "copies": copies,
     }))
 }
 
