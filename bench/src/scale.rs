@@ -225,9 +225,12 @@ pub fn run(a: ScaleArgs) -> Result<()> {
     std::fs::create_dir_all(&a.work_dir)?;
     let work = std::fs::canonicalize(&a.work_dir)?;
     let vector_bytes = a.rows * a.dimension as u64 * 4;
-    // The file, the cluster's copies (segments + the log until checkpointed), the
-    // reference shard, and a margin.
-    let need = vector_bytes * (2 + 2 * a.replication_factor as u64 + a.parquet as u64) + (4 << 30);
+    // The file, the cluster's copies (1.23x the vectors on disk after checkpoints at
+    // 1M: segments, records, the log; 1.5x for the log before one), the engine's
+    // reference rows, and a margin.
+    let need = vector_bytes * (2 + 3 * a.replication_factor as u64 + 2 * a.parquet as u64) / 2
+        + a.engine_rows * a.dimension as u64 * 8
+        + (4 << 30);
     let free = free_bytes(&work)?;
     if free < need {
         bail!(
