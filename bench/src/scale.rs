@@ -441,6 +441,10 @@ pub fn run(a: ScaleArgs) -> Result<()> {
     let mut faiss_s = Vec::new();
     let mut params = serde_json::Value::Null;
     let mut peers = Vec::new();
+    // The generation the cluster's last build made: the peer trains on the sample the
+    // engine draws for it (`training_sample`: keyed by the collection's seed, the
+    // generation and the documents' ids, so the same vectors in the same order).
+    let mut generation = 0;
     for round in 0..a.build_rounds {
         let cluster_first = round % 2 == 0;
         for turn in 0..2 {
@@ -461,6 +465,7 @@ pub fn run(a: ScaleArgs) -> Result<()> {
                 }
                 cluster_s.push(t.elapsed().as_secs_f64());
                 params = last_json(&out.stdout)?["build"].clone();
+                generation = rt.block_on(primary_generation(coords, name))?;
             } else {
                 if params.is_null() {
                     // Sized as the cluster sizes them (the largest shard).
@@ -472,10 +477,11 @@ pub fn run(a: ScaleArgs) -> Result<()> {
                     let _ = sample;
                 }
                 let t = Instant::now();
+                // Before the cluster's build of this round: the one it will make.
+                let g = generation + u64::from(!cluster_first);
                 peers = by_shard
                     .iter()
-                    .enumerate()
-                    .map(|(s, rows)| faiss_shard(&a, base, rows, &params, s as u64))
+                    .map(|rows| faiss_shard(&a, base, rows, &params, g))
                     .collect::<Result<Vec<_>>>()?;
                 faiss_s.push(t.elapsed().as_secs_f64());
             }
@@ -553,36 +559,24 @@ pub fn run(a: ScaleArgs) -> Result<()> {
             quality.push(v);
         }
     }
-    // The peer's own spread: the same shards' rows in other orders (k-means sees the
-    // training rows in another order, as the cluster's arrival order differs).
+    // The peer's own spread: the same shards trained on other samples of their rows
+    // (other generations' samples: what k-means variance alone moves recall by).
     for order in 1..=a.peer_orders {
-        let shuffled: Vec<Vec<u64>> = by_shard
+        let mut p = by_shard
             .iter()
-            .map(|rows| {
-                let mut r = rows.clone();
-                rand::seq::SliceRandom::shuffle(
-                    &mut r[..],
-                    &mut rand::rngs::StdRng::seed_from_u64(order as u64),
-                );
-                r
-            })
-            .collect();
-        let mut p = shuffled
-            .iter()
-            .enumerate()
-            .map(|(s, rows)| faiss_shard(&a, base, rows, &params, s as u64))
+            .map(|rows| faiss_shard(&a, base, rows, &params, generation + 1000 * order as u64))
             .collect::<Result<Vec<_>>>()?;
         let recalls: Vec<f64> = [1u32, 4, 16]
             .iter()
             .map(|&np| {
                 recall_at(
                     10,
-                    &peer_ids(&mut p, &shuffled, base, &queries, np, refine),
+                    &peer_ids(&mut p, &by_shard, base, &queries, np, refine),
                     &truth,
                 )
             })
             .collect();
-        emit(serde_json::json!({"step": "peer_order", "order": order,
+        emit(serde_json::json!({"step": "peer_order", "sample": order,
             "faiss_recall_at_10_nprobe_1_4_16": recalls}));
     }
     let mut restarted = None;
@@ -819,7 +813,7 @@ fn faiss_shard(
     base: &[f32],
     rows: &[u64],
     params: &serde_json::Value,
-    seed: u64,
+    generation: u64,
 ) -> Result<faiss::index::IndexImpl> {
     let d = a.dimension;
     let nlist = params["nlist"].as_u64().unwrap_or(1);
@@ -833,7 +827,10 @@ fn faiss_shard(
         .min(rows.len() as u64) as usize;
     let factory = format!("IVF{nlist},PQ{m}x{nbits}np");
     let mut index = faiss::index_factory(d as u32, &factory, faiss::MetricType::L2)?;
-    let picked = shoal_engine::training_sample(seed, 1, rows.len(), sample);
+    let seed = shoal_engine::CollectionConfig::new(d, Metric::L2).seed;
+    let ids: Vec<String> = rows.iter().map(|&r| id_of(r)).collect();
+    let picked = shoal_engine::training_sample(seed, generation, rows.len(), |i| &ids[i], sample);
+    drop(ids);
     let mut train = Vec::with_capacity(picked.len() * d);
     for p in picked {
         let r = rows[p] as usize;
@@ -970,6 +967,31 @@ async fn cluster_queries(
     let mut lat: Vec<f64> = all.iter().map(|x| x.2).collect();
     lat.sort_by(f64::total_cmp);
     Ok((all.into_iter().map(|x| x.1).collect(), lat))
+}
+
+/// The generation every shard's primary of `name` serves (they build together, so
+/// one number; an error when they differ).
+async fn primary_generation(coords: &str, name: &str) -> Result<u64> {
+    let mut c = shoal_proto::client::Client::new(coords.split(',').map(String::from));
+    let shards = c
+        .list_shards(cpb::ListShardsRequest {
+            collection: name.into(),
+        })
+        .await?
+        .shards;
+    let gens: std::collections::BTreeSet<u64> = shards
+        .iter()
+        .map(|s| {
+            s.replicas
+                .iter()
+                .find(|r| r.node_id == s.primary)
+                .map_or(0, |r| r.serving_generation)
+        })
+        .collect();
+    match gens.into_iter().collect::<Vec<_>>()[..] {
+        [g] if g > 0 => Ok(g),
+        ref g => bail!("the primaries of {name} serve generations {g:?}"),
+    }
 }
 
 /// Waits until every replica of `name` serves its primary's generation; returns how

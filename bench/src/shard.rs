@@ -271,9 +271,10 @@ pub fn run(args: ShardArgs) -> Result<()> {
     let factory = cfg.index.factory_string();
     let (mut shoal_total, mut faiss_total) = (0.0, 0.0);
     let mut last = None;
+    let ids: Vec<String> = (0..n).map(|i| i.to_string()).collect();
     for round in 0..args.build_rounds.max(1) {
         let generation = round as u64 + 1;
-        let sample_rows = training_sample(cfg.seed, generation, n, cfg.train_sample);
+        let sample_rows = training_sample(cfg.seed, generation, n, |i| &ids[i], cfg.train_sample);
         let shoal_build = || -> Result<_> {
             let started = Instant::now();
             let info = shard.rebuild(None)?;
@@ -437,7 +438,8 @@ pub fn rss_child(dir: &Path) -> Result<()> {
 /// Internal: times one FAISS training run (used to choose build settings).
 pub fn train_probe(factory: &str, sample: usize) -> Result<()> {
     let ds = datasets::fashion_mnist(Path::new(datasets::FASHION_MNIST_DIR))?;
-    let rows = training_sample(1, 1, ds.n_base(), sample);
+    let ids: Vec<String> = (0..ds.n_base()).map(|i| i.to_string()).collect();
+    let rows = training_sample(1, 1, ds.n_base(), |i| &ids[i], sample);
     build_peer(&ds, factory, &rows, 2)?;
     Ok(())
 }

@@ -26,7 +26,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use parking_lot::{Mutex, RwLock};
-use rand::{rngs::StdRng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 pub use ann::{search_shared, set_thread_omp_threads};
@@ -1041,15 +1040,16 @@ impl Shard {
         set_thread_omp_threads(cfg.build_threads);
 
         // Snapshot the live rows; rows are immutable, liveness only ever goes away.
-        let (mut covered, live, view) = {
+        let (mut covered, live, picked, view) = {
             let st = self.inner.state.read();
             let live = st.live_rows(0..st.rows.len() as u64);
-            (st.rows.len() as u64, live, st.vectors.clone())
+            let id = |i: usize| &*st.rows[live[i] as usize].id;
+            let picked: Vec<u64> = training_sample(cfg.seed, gen_id, live.len(), id, train_sample)
+                .into_iter()
+                .map(|i| live[i])
+                .collect();
+            (st.rows.len() as u64, live, picked, st.vectors.clone())
         };
-        let picked: Vec<u64> = training_sample(cfg.seed, gen_id, live.len(), train_sample)
-            .into_iter()
-            .map(|i| live[i])
-            .collect();
         let sample = gather(&view, &picked);
         let mut index = AnnIndex::train(dim, cfg.metric, params, &sample)?;
         drop(sample);
@@ -1362,14 +1362,58 @@ pub fn build_memory(rows: u64, dim: usize, params: IvfPqParams, sample: usize) -
         + rows * (code + 8) * 5 / 4
 }
 
-/// Positions (into the list of live rows, ascending) of the vectors that train
-/// generation `generation`: a seeded sample, so a benchmark peer or a replica given
-/// the same data trains on exactly the same vectors.
-pub fn training_sample(seed: u64, generation: u64, live: usize, sample: usize) -> Vec<usize> {
-    let mut rng = StdRng::seed_from_u64(seed ^ generation);
-    let mut picked = rand::seq::index::sample(&mut rng, live, sample.min(live)).into_vec();
-    picked.sort_unstable();
-    picked
+/// The vectors that train generation `generation` of a shard with `live` live rows,
+/// `id(i)` naming the document of the i-th: positions (into that list) of the `sample`
+/// ids that hash lowest under a key of `seed` and `generation`, in that hash order.
+/// A function of the shard's live ids, not of the order their rows arrived in: two
+/// replicas of a shard, or a benchmark's raw-FAISS peer holding the same documents in
+/// file order, train on the same vectors in the same order, so FAISS's k-means starts
+/// and ends the same. (Sampling row positions made the quantizers depend on arrival
+/// order, which moved recall@10 by up to 0.035 between otherwise equal indexes:
+/// docs/benchmarks.md, the scale section.) Costs one hash per live id: ~0.1 s for
+/// 3.3M ids, beside minutes of training.
+pub fn training_sample<'a>(
+    seed: u64,
+    generation: u64,
+    live: usize,
+    id: impl Fn(usize) -> &'a str,
+    sample: usize,
+) -> Vec<usize> {
+    let key = mix64(seed ^ mix64(generation));
+    let mut keyed: Vec<(u64, u32)> = (0..live).map(|i| (id_hash(key, id(i)), i as u32)).collect();
+    // Ties (a 64-bit collision) fall back to the ids themselves: still order-free.
+    let order = |a: &(u64, u32), b: &(u64, u32)| {
+        a.0.cmp(&b.0)
+            .then_with(|| id(a.1 as usize).cmp(id(b.1 as usize)))
+    };
+    let sample = sample.min(live);
+    if sample == 0 {
+        return Vec::new();
+    }
+    if sample < keyed.len() {
+        keyed.select_nth_unstable_by(sample - 1, order);
+        keyed.truncate(sample);
+    }
+    keyed.sort_unstable_by(order);
+    keyed.into_iter().map(|(_, i)| i as usize).collect()
+}
+
+/// FNV-1a over the id's bytes from a keyed start, then a 64-bit finaliser: stable
+/// across builds and platforms (std's hasher promises neither).
+fn id_hash(key: u64, id: &str) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325 ^ key;
+    for &b in id.as_bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    mix64(h)
+}
+
+/// splitmix64's finaliser.
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 fn gather(view: &VectorView, rows: &[u64]) -> Vec<f32> {

@@ -304,7 +304,19 @@ fn t20_generate_rank_search_and_read_your_writes() {
             let stored = shard.get(&h.id).unwrap().unwrap().vector;
             assert!((metric.score(q, &stored) - h.score).abs() < 1e-3);
         }
-        assert_eq!(r.hits[0], e.hits[0]);
+        // The best of 10 is the exact best for nearly every query (always when the
+        // true nearest is among the 100 candidates: their scores are exact).
+        let same_top = queries
+            .iter()
+            .filter(|q| {
+                let r = shard.search(q, SearchParams::top(10)).unwrap();
+                r.hits[0].id == shard.search(q, exact(10)).unwrap().hits[0].id
+            })
+            .count();
+        assert!(
+            same_top >= 45,
+            "{metric:?}: top hit exact for {same_top} of 50"
+        );
 
         // Writes after the build are visible at once through the fresh-tail scan.
         let mut fresh = doc("fresh");
@@ -323,6 +335,61 @@ fn t20_generate_rank_search_and_read_your_writes() {
         shard.delete(vec![indexed.clone()]).unwrap();
         let r = shard.search(q, SearchParams::top(100)).unwrap();
         assert!(r.hits.iter().all(|h| *h.id != *victim && *h.id != *indexed));
+    }
+}
+
+#[test]
+fn t21_a_generation_is_a_function_of_the_live_documents_not_their_arrival_order() {
+    // The same documents reach two shards in opposite orders, with a different
+    // history of replaced and deleted rows; each trains generation 1 on 4,096 of its
+    // 6,000 live rows. The training sample is keyed by the documents' ids, so both
+    // train the same quantizers on the same vectors in the same order and give the
+    // same approximate (PQ) scores. Sampling row positions, as before, picks other
+    // vectors in each and moves every score.
+    let all = docs("o", 6000);
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Shard::create(da.path(), config(Metric::L2)).unwrap();
+    let b = Shard::create(db.path(), config(Metric::L2)).unwrap();
+    for chunk in all.chunks(1000) {
+        a.upsert(chunk.to_vec()).unwrap();
+    }
+    let mut reversed = all.clone();
+    reversed.reverse();
+    b.upsert(docs("gone", 500)).unwrap();
+    for chunk in reversed.chunks(700) {
+        b.upsert(chunk.to_vec()).unwrap();
+    }
+    b.upsert(all[..300].to_vec()).unwrap();
+    b.delete((0..500).map(|i| format!("gone{i}")).collect())
+        .unwrap();
+    assert_eq!((a.len(), b.len()), (6000, 6000));
+    assert_eq!(
+        (a.rebuild(None).unwrap().id, b.rebuild(None).unwrap().id),
+        (1, 1)
+    );
+    let approx = SearchParams {
+        mode: SearchMode::Approximate,
+        nprobe: Some(2),
+        ..SearchParams::top(10)
+    };
+    for i in 0..50 {
+        let q = vector_for(&format!("query{i}"));
+        let scores = |s: &Shard| -> Vec<f32> {
+            s.search(&q, approx)
+                .unwrap()
+                .hits
+                .iter()
+                .map(|h| h.score)
+                .collect()
+        };
+        let (sa, sb) = (scores(&a), scores(&b));
+        assert_eq!(sa.len(), 10);
+        for (x, y) in sa.iter().zip(&sb) {
+            assert!(
+                (x - y).abs() <= 1e-3 * x.abs().max(1.0),
+                "query {i}: {sa:?} vs {sb:?}"
+            );
+        }
     }
 }
 
