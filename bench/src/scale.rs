@@ -988,6 +988,11 @@ async fn cluster_queries(
     Ok((all.into_iter().map(|x| x.1).collect(), lat))
 }
 
+/// The replica of `s` its primary holds, as the map lists it.
+fn primary_replica(s: &cpb::Shard) -> Option<&cpb::Replica> {
+    s.replicas.iter().find(|r| r.node_id == s.primary)
+}
+
 /// The generation every shard's primary of `name` serves (they build together, so
 /// one number; an error when they differ).
 async fn primary_generation(coords: &str, name: &str) -> Result<u64> {
@@ -1000,12 +1005,7 @@ async fn primary_generation(coords: &str, name: &str) -> Result<u64> {
         .shards;
     let gens: std::collections::BTreeSet<u64> = shards
         .iter()
-        .map(|s| {
-            s.replicas
-                .iter()
-                .find(|r| r.node_id == s.primary)
-                .map_or(0, |r| r.serving_generation)
-        })
+        .map(|s| primary_replica(s).map_or(0, |r| r.serving_generation))
         .collect();
     match gens.into_iter().collect::<Vec<_>>()[..] {
         [g] if g > 0 => Ok(g),
@@ -1026,11 +1026,7 @@ async fn every_replica_serving(coords: &str, name: &str) -> Result<usize> {
             .await?
             .shards;
         let serving = |s: &cpb::Shard| {
-            let primary = s
-                .replicas
-                .iter()
-                .find(|r| r.node_id == s.primary)
-                .map_or(0, |r| r.serving_generation);
+            let primary = primary_replica(s).map_or(0, |r| r.serving_generation);
             primary > 0 && s.replicas.iter().all(|r| r.serving_generation == primary)
         };
         if shards.iter().all(serving) {

@@ -1370,8 +1370,8 @@ pub fn build_memory(rows: u64, dim: usize, params: IvfPqParams, sample: usize) -
 /// file order, train on the same vectors in the same order, so FAISS's k-means starts
 /// and ends the same. (Sampling row positions made the quantizers depend on arrival
 /// order, which moved recall@10 by up to 0.035 between otherwise equal indexes:
-/// docs/benchmarks.md, the scale section.) Costs one hash per live id: ~0.1 s for
-/// 3.3M ids, beside minutes of training.
+/// docs/benchmarks.md, the scale section.) Costs one hash per live id and a partial
+/// sort, done by the build under the state's read lock (not timed separately).
 pub fn training_sample<'a>(
     seed: u64,
     generation: u64,
@@ -1380,12 +1380,10 @@ pub fn training_sample<'a>(
     sample: usize,
 ) -> Vec<usize> {
     let key = mix64(seed ^ mix64(generation));
-    let mut keyed: Vec<(u64, u32)> = (0..live).map(|i| (id_hash(key, id(i)), i as u32)).collect();
+    let mut keyed: Vec<(u64, usize)> = (0..live).map(|i| (id_hash(key, id(i)), i)).collect();
     // Ties (a 64-bit collision) fall back to the ids themselves: still order-free.
-    let order = |a: &(u64, u32), b: &(u64, u32)| {
-        a.0.cmp(&b.0)
-            .then_with(|| id(a.1 as usize).cmp(id(b.1 as usize)))
-    };
+    let order =
+        |a: &(u64, usize), b: &(u64, usize)| a.0.cmp(&b.0).then_with(|| id(a.1).cmp(id(b.1)));
     let sample = sample.min(live);
     if sample == 0 {
         return Vec::new();
@@ -1395,7 +1393,7 @@ pub fn training_sample<'a>(
         keyed.truncate(sample);
     }
     keyed.sort_unstable_by(order);
-    keyed.into_iter().map(|(_, i)| i as usize).collect()
+    keyed.into_iter().map(|(_, i)| i).collect()
 }
 
 /// FNV-1a over the id's bytes from a keyed start, then a 64-bit finaliser: stable
