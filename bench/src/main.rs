@@ -2,6 +2,7 @@
 //! line; every figure sits next to its reference peer measured in the same run.
 
 mod encoder;
+mod footprint;
 mod ingest;
 mod ir;
 mod load;
@@ -39,6 +40,20 @@ enum Cmd {
     /// the engine's ingest, builds next to raw FAISS, bytes per vector, recall next to
     /// raw FAISS, latency (issue 18).
     Scale(scale::ScaleArgs),
+    /// What a vector costs in memory: the id index and row table next to the
+    /// structure they replaced, and one shard after a reopen (issue 19).
+    Footprint(footprint::FootprintArgs),
+    /// Internal: fills one id structure in a fresh process (footprint).
+    #[command(hide = true)]
+    FootprintChild {
+        kind: String,
+        #[arg(long)]
+        rows: usize,
+        #[arg(long)]
+        id_bytes: usize,
+        #[arg(long)]
+        lookups: usize,
+    },
     /// Internal: opens a shard in a fresh process and reports its resident memory.
     #[command(hide = true)]
     ShardRss { dir: std::path::PathBuf },
@@ -60,6 +75,13 @@ fn main() -> anyhow::Result<()> {
         Cmd::Load(args) => load::run(args),
         Cmd::Ingest(args) => ingest::run(args),
         Cmd::Scale(args) => scale::run(args),
+        Cmd::Footprint(args) => footprint::run(args),
+        Cmd::FootprintChild {
+            kind,
+            rows,
+            id_bytes,
+            lookups,
+        } => footprint::child(&kind, rows, id_bytes, lookups),
         Cmd::ShardRss { dir } => shard::rss_child(&dir),
         Cmd::TrainProbe { factory, sample } => shard::train_probe(&factory, sample),
     }

@@ -36,6 +36,9 @@ pub enum ShardError {
     Poisoned(PathBuf),
     #[error("no shard at {0}: manifest.json is missing")]
     NotFound(PathBuf),
+    /// The batch would pass one of the shard's structural limits; nothing written.
+    #[error("shard full: {0}; compact the shard or give the collection more shards")]
+    Full(String),
 }
 
 impl ShardError {

@@ -13,9 +13,14 @@ mod error;
 mod manifest;
 mod metadata;
 mod record;
+mod rows;
 mod storage;
 mod topk;
 mod wal;
+
+use rows::Rows;
+/// The row table and id index, public for the footprint benchmark.
+pub use rows::{Rows as RowTable, MAX_DOC_OFFSET, MAX_ROWS};
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
@@ -208,11 +213,6 @@ pub struct ShardStats {
     pub building: Option<u64>,
 }
 
-struct Row {
-    id: Arc<str>,
-    doc_offset: u64,
-}
-
 /// The serving index of one generation; rows `>= covered_rows` are the fresh tail.
 struct Generation {
     info: GenerationInfo,
@@ -220,57 +220,10 @@ struct Generation {
 }
 
 struct State {
-    ids: HashMap<Arc<str>, u64>,
-    rows: Vec<Row>,
-    /// Liveness of each row as a bitset: re-scoring checks it for every candidate, and
-    /// 1M rows fit in 125 KiB of cache where a flag inside `Row` would miss per row.
-    live: Vec<u64>,
+    /// Ids, record offsets and liveness of every row, and the live ids' index.
+    rows: Rows,
     vectors: VectorView,
     serving: Option<Arc<Generation>>,
-}
-
-impl State {
-    #[inline]
-    /// Rows past the end are not live (an index's labels are checked here, not
-    /// trusted: a generation may have been built elsewhere).
-    fn is_live(&self, row: u64) -> bool {
-        self.live
-            .get((row / 64) as usize)
-            .is_some_and(|w| w & (1 << (row % 64)) != 0)
-    }
-
-    fn kill(&mut self, row: u64) {
-        self.live[(row / 64) as usize] &= !(1 << (row % 64));
-    }
-
-    /// Appends a live row for `id`, retiring the row of its previous version.
-    fn put(&mut self, id: Arc<str>, doc_offset: u64) -> u64 {
-        let row = self.rows.len() as u64;
-        if let Some(old) = self.ids.insert(id.clone(), row) {
-            self.kill(old);
-        }
-        if row.is_multiple_of(64) {
-            self.live.push(0);
-        }
-        self.live[(row / 64) as usize] |= 1 << (row % 64);
-        self.rows.push(Row { id, doc_offset });
-        row
-    }
-
-    /// Removes `id`; true when it was live.
-    fn remove(&mut self, id: &str) -> bool {
-        match self.ids.remove(id) {
-            Some(old) => {
-                self.kill(old);
-                true
-            }
-            None => false,
-        }
-    }
-
-    fn live_rows(&self, range: std::ops::Range<u64>) -> Vec<u64> {
-        range.filter(|&r| self.is_live(r)).collect()
-    }
 }
 
 struct Writer {
@@ -418,14 +371,12 @@ impl Shard {
         let docs = DocsFile::open(dir.join(DOCS_FILE), manifest.docs_len)?;
         let vectors = VectorStore::open(dir.join(VECTORS_FILE), config.dimension, manifest.rows)?;
         let mut state = State {
-            ids: HashMap::new(),
-            rows: Vec::with_capacity(manifest.rows as usize),
-            live: Vec::new(),
+            rows: Rows::with_capacity(manifest.rows as usize),
             vectors: vectors.view(),
             serving: None,
         };
         load_segment(&docs.path, &vectors, &mut state)?;
-        if state.rows.len() as u64 != manifest.rows {
+        if state.rows.len() != manifest.rows {
             return Err(ShardError::Corrupt {
                 file: docs.path.clone(),
                 offset: manifest.docs_len,
@@ -471,7 +422,9 @@ impl Shard {
         // (a repaired file lifts the mark; a damaged one keeps the replica closed).
         let marker = dir.join(CORRUPT_MARKER);
         if marker.exists() {
-            let offsets: Vec<u64> = state.rows.iter().map(|r| r.doc_offset).collect();
+            let offsets: Vec<u64> = (0..state.rows.len())
+                .map(|r| state.rows.doc_offset(r))
+                .collect();
             check_vectors(dir, &state.vectors, 0, &offsets)?;
             tracing::warn!(dir = %dir.display(), "every vector of a replica marked corrupt checks out; the mark is lifted");
             fs::remove_file(&marker).map_err(ShardError::io(&marker))?;
@@ -496,7 +449,7 @@ impl Shard {
         tracing::info!(
             dir = %dir.display(),
             rows = state.rows.len(),
-            live = state.ids.len(),
+            live = state.rows.live_len(),
             replayed_batches = replayed.len(),
             generation = writer.manifest.serving.as_ref().map(|g| g.id),
             took_ms = started.elapsed().as_millis() as u64,
@@ -641,6 +594,25 @@ impl Shard {
     /// poisons the shard: the log may hold a half-written frame or the segments a
     /// half-applied batch, so writes are refused until a reopen replays the log.
     fn log_and_apply(&self, w: &mut Writer, batch: &WalBatch) -> Result<WriteAck> {
+        // Refused before anything is written (and without poisoning): the row table's
+        // bounds (`rows::MAX_ROWS`, 48-bit record offsets).
+        let upserts = batch
+            .ops
+            .iter()
+            .filter(|op| matches!(op, WalOp::Upsert { .. }))
+            .count() as u64;
+        let rows = w.vectors.view().rows();
+        if rows + upserts > MAX_ROWS {
+            return Err(ShardError::Full(format!(
+                "the shard holds {rows} rows and the batch adds {upserts}: a shard holds at most {MAX_ROWS}"
+            )));
+        }
+        if w.docs.len() > MAX_DOC_OFFSET - (1 << 40) {
+            return Err(ShardError::Full(format!(
+                "the shard's document file is {} bytes, within 1 TiB of its {MAX_DOC_OFFSET}-byte limit",
+                w.docs.len()
+            )));
+        }
         let result: Result<WriteAck> = (|| {
             w.wal
                 .as_mut()
@@ -754,10 +726,10 @@ impl Shard {
     pub fn get(&self, id: &str) -> Result<Option<StoredDocument>> {
         let (offset, row, view) = {
             let st = self.inner.state.read();
-            let Some(&row) = st.ids.get(id) else {
+            let Some(row) = st.rows.get(id) else {
                 return Ok(None);
             };
-            (st.rows[row as usize].doc_offset, row, st.vectors.clone())
+            (st.rows.doc_offset(row), row, st.vectors.clone())
         };
         match self.inner.docs.read_at(offset)? {
             SegmentEntry::Put {
@@ -794,7 +766,7 @@ impl Shard {
     }
 
     pub fn len(&self) -> usize {
-        self.inner.state.read().ids.len()
+        self.inner.state.read().rows.live_len()
     }
 
     /// Takes this replica out of service for damaged data the scrubber found: writes
@@ -820,9 +792,9 @@ impl Shard {
     pub fn scrub(&self, from: u64, max_rows: u64) -> Result<(u64, u64)> {
         let (offsets, view) = {
             let st = self.inner.state.read();
-            let end = (from.saturating_add(max_rows)).min(st.rows.len() as u64);
+            let end = (from.saturating_add(max_rows)).min(st.rows.len());
             let offsets: Vec<u64> = (from.min(end)..end)
-                .map(|r| st.rows[r as usize].doc_offset)
+                .map(|r| st.rows.doc_offset(r))
                 .collect();
             (offsets, st.vectors.clone())
         };
@@ -839,7 +811,7 @@ impl Shard {
 
     /// Rows in the vector file, dead ones included: what an exact search scans.
     pub fn rows(&self) -> usize {
-        self.inner.state.read().rows.len()
+        self.inner.state.read().rows.len() as usize
     }
 
     /// Searches the shard; see [`SearchMode`].
@@ -890,7 +862,7 @@ impl Shard {
                 let candidates = g.index.search(query, want, nprobe)?;
                 let st = self.inner.state.read();
                 for (row, approx) in candidates {
-                    if !st.is_live(row) {
+                    if !st.rows.is_live(row) {
                         continue;
                     }
                     let score = match p.mode {
@@ -904,9 +876,9 @@ impl Shard {
             _ => (None, 0),
         };
         let st = self.inner.state.read();
-        let total = st.rows.len() as u64;
+        let total = st.rows.len();
         for row in covered..total {
-            if st.is_live(row) {
+            if st.rows.is_live(row) {
                 top.push(row, metric.score(query, st.vectors.get(row)));
             }
         }
@@ -914,7 +886,7 @@ impl Shard {
             .into_sorted()
             .into_iter()
             .map(|(row, score)| Hit {
-                id: st.rows[row as usize].id.clone(),
+                id: Arc::from(st.rows.id(row)),
                 score,
             })
             .collect();
@@ -934,9 +906,9 @@ impl Shard {
         let last_seq = self.inner.writer.lock().last_seq;
         let st = self.inner.state.read();
         let serving = st.serving.as_ref().map(|g| g.info.clone());
-        let rows = st.rows.len() as u64;
+        let rows = st.rows.len();
         ShardStats {
-            live_docs: st.ids.len(),
+            live_docs: st.rows.live_len(),
             rows,
             last_seq,
             fresh_rows: rows - serving.as_ref().map_or(0, |g| g.covered_rows),
@@ -1017,7 +989,7 @@ impl Shard {
         let (fresh, live) = {
             let st = self.inner.state.read();
             let covered = st.serving.as_ref().map_or(0, |g| g.info.covered_rows);
-            (st.rows.len() as u64 - covered, st.ids.len())
+            (st.rows.len() - covered, st.rows.live_len())
         };
         if fresh as usize >= tail && live >= self.build_params().0.nlist {
             tracing::info!(
@@ -1042,13 +1014,13 @@ impl Shard {
         // Snapshot the live rows; rows are immutable, liveness only ever goes away.
         let (mut covered, live, picked, view) = {
             let st = self.inner.state.read();
-            let live = st.live_rows(0..st.rows.len() as u64);
-            let id = |i: usize| &*st.rows[live[i] as usize].id;
+            let live = st.rows.live_rows(0..st.rows.len());
+            let id = |i: usize| st.rows.id(live[i]);
             let picked: Vec<u64> = training_sample(cfg.seed, gen_id, live.len(), id, train_sample)
                 .into_iter()
                 .map(|i| live[i])
                 .collect();
-            (st.rows.len() as u64, live, picked, st.vectors.clone())
+            (st.rows.len(), live, picked, st.vectors.clone())
         };
         let sample = gather(&view, &picked);
         let mut index = AnnIndex::train(dim, cfg.metric, params, &sample)?;
@@ -1066,8 +1038,8 @@ impl Shard {
                 // batches up to `last_seq`.
                 let w = self.inner.writer.lock();
                 let st = self.inner.state.read();
-                let end = st.rows.len() as u64;
-                let rows = st.live_rows(covered..end);
+                let end = st.rows.len();
+                let rows = st.rows.live_rows(covered..end);
                 covered = end;
                 covered_seq = w.last_seq;
                 (rows, st.vectors.clone())
@@ -1267,7 +1239,7 @@ impl Shard {
                     g.covered_seq, export.covered_epoch
                 ));
             }
-            if (st.rows.len() as u64) < g.covered_rows {
+            if st.rows.len() < g.covered_rows {
                 return refused(format!(
                     "it covers {} rows, this replica has {}",
                     g.covered_rows,
@@ -1490,7 +1462,7 @@ struct Staged {
 }
 
 enum StagedOp {
-    Put { id: Arc<str>, row: u64, offset: u64 },
+    Put { id: String, row: u64, offset: u64 },
     Delete(String),
 }
 
@@ -1513,7 +1485,7 @@ fn stage(w: &mut Writer, batch: &WalBatch, staged: &mut Staged) -> Result<()> {
                     vector_crc: storage::vector_crc(vector),
                 })?;
                 staged.ops.push(StagedOp::Put {
-                    id: Arc::from(id.as_str()),
+                    id: id.clone(),
                     row,
                     offset,
                 });
@@ -1536,11 +1508,11 @@ fn publish(st: &mut State, w: &Writer, staged: Staged) -> (usize, usize) {
     for op in staged.ops {
         match op {
             StagedOp::Put { id, row, offset } => {
-                let placed = st.put(id, offset);
+                let placed = st.rows.put(&id, offset);
                 debug_assert_eq!(placed, row);
                 up += 1;
             }
-            StagedOp::Delete(id) => del += usize::from(st.remove(&id)),
+            StagedOp::Delete(id) => del += usize::from(st.rows.remove(&id)),
         }
     }
     st.vectors = w.vectors.view();
@@ -1634,7 +1606,7 @@ fn load_segment(path: &Path, vectors: &VectorStore, st: &mut State) -> Result<()
     let end = record::scan(data, |offset, payload| {
         match storage::decode::<SegmentEntry>(payload)? {
             SegmentEntry::Put { row, id, .. } => {
-                if row != st.rows.len() as u64 || row >= view.rows() {
+                if row != st.rows.len() || row >= view.rows() {
                     return Err(format!(
                         "row {row} out of order (expected {})",
                         st.rows.len()
@@ -1643,10 +1615,10 @@ fn load_segment(path: &Path, vectors: &VectorStore, st: &mut State) -> Result<()
                 // The vector's checksum is not read here (issue 18: open time grew
                 // with the vectors, 1.55 GB read for a 1M-row shard); the scrubber
                 // and every read of the row check it.
-                st.put(Arc::from(id), offset);
+                st.rows.put(&id, offset);
             }
             SegmentEntry::Delete { id, .. } => {
-                st.remove(&id);
+                st.rows.remove(&id);
             }
         }
         Ok(())
