@@ -220,13 +220,14 @@ fn hash(bytes: &[u8]) -> u64 {
 }
 
 const EMPTY: u32 = 0;
-const DELETED: u32 = u32::MAX;
+const TAG_EMPTY: u8 = 0;
+const TAG_DELETED: u8 = 1;
 /// Grow past this share of slots used (live or deleted).
-const MAX_LOAD: f64 = 0.85;
+const MAX_LOAD: f64 = 0.75;
 
 /// Live rows by id: linear probing over a slot count that need not be a power of two
 /// (the home slot is the hash's high bits scaled to the length), each slot a row + 1
-/// (0 empty, `u32::MAX` deleted) with an 8-bit tag of its id's hash beside it.
+/// with a tag beside it: 0 empty, 1 deleted, else 2 + the id's hash mod 254.
 #[derive(Default)]
 struct IdIndex {
     slots: Vec<u32>,
@@ -236,9 +237,9 @@ struct IdIndex {
 }
 
 impl IdIndex {
-    /// Room for `n` ids at a load of 0.8.
+    /// Room for `n` ids at a load of 0.7.
     fn with_capacity(n: usize) -> Self {
-        Self::with_slots((n as f64 / 0.8) as usize)
+        Self::with_slots((n as f64 / 0.7) as usize)
     }
 
     fn with_slots(cap: usize) -> Self {
@@ -256,9 +257,10 @@ impl IdIndex {
         ((h as u128 * self.slots.len() as u128) >> 64) as usize
     }
 
+    /// 2..=255: 0 and 1 mark empty and deleted slots.
     #[inline]
     fn tag(h: u64) -> u8 {
-        h as u8
+        2 + (h % 254) as u8
     }
 
     fn row(&self, slot: usize) -> u64 {
@@ -269,7 +271,8 @@ impl IdIndex {
         self.slots[slot] = row as u32 + 1;
     }
 
-    /// The slot holding a row whose id `is` the one hashed to `h`.
+    /// The slot holding a row whose id `is` the one hashed to `h`. A miss reads only
+    /// the tags (64 slots a cache line) up to the first empty one.
     fn find(&self, h: u64, is: impl Fn(u64) -> bool) -> Option<usize> {
         if self.slots.is_empty() {
             return None;
@@ -277,10 +280,9 @@ impl IdIndex {
         let (n, tag) = (self.slots.len(), Self::tag(h));
         let mut i = self.home(h);
         loop {
-            match self.slots[i] {
-                EMPTY => return None,
-                DELETED => {}
-                s if self.tags[i] == tag && is(u64::from(s - 1)) => return Some(i),
+            match self.tags[i] {
+                TAG_EMPTY => return None,
+                t if t == tag && is(u64::from(self.slots[i] - 1)) => return Some(i),
                 _ => {}
             }
             i += 1;
@@ -299,9 +301,9 @@ impl IdIndex {
         let n = self.slots.len();
         let mut i = self.home(h);
         loop {
-            match self.slots[i] {
-                EMPTY => break,
-                DELETED => {
+            match self.tags[i] {
+                TAG_EMPTY => break,
+                TAG_DELETED => {
                     self.deleted -= 1;
                     break;
                 }
@@ -318,7 +320,7 @@ impl IdIndex {
     }
 
     fn delete(&mut self, slot: usize) {
-        self.slots[slot] = DELETED;
+        self.tags[slot] = TAG_DELETED;
         self.len -= 1;
         self.deleted += 1;
     }
@@ -327,8 +329,8 @@ impl IdIndex {
     /// deleted slots; `hash_of` gives a row's hash.
     fn grown(&self, hash_of: impl Fn(u64) -> u64) -> Self {
         let mut next = Self::with_slots(((self.len + 1) as f64 * 1.5 / MAX_LOAD) as usize);
-        for &s in &self.slots {
-            if s != EMPTY && s != DELETED {
+        for (&s, &t) in self.slots.iter().zip(&self.tags) {
+            if t > TAG_DELETED {
                 let row = u64::from(s - 1);
                 next.insert(hash_of(row), row);
             }
