@@ -36,6 +36,9 @@ pub enum ShardError {
     Poisoned(PathBuf),
     #[error("no shard at {0}: manifest.json is missing")]
     NotFound(PathBuf),
+    /// A compaction holds the shard's build claim (at this batch).
+    #[error("a compaction (at batch {0}) is in progress on this shard; retry when it ends")]
+    CompactionInProgress(u64),
     /// The batch would pass one of the shard's structural limits; nothing written.
     #[error("shard full: {0}; compact the shard or give the collection more shards")]
     Full(String),

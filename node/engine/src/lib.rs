@@ -8,22 +8,27 @@
 //! serves; the swap is one pointer store, and N is freed when its last reader drops it.
 
 mod ann;
+mod compact;
 mod config;
 mod error;
 mod manifest;
 mod metadata;
 mod record;
+mod requests;
 mod rows;
 mod storage;
 mod topk;
 mod wal;
 
+pub use compact::CompactionReport;
+use compact::RowMap;
+use manifest::{segment_files, CompactionPoint};
+use requests::RecentRequests;
 use rows::Rows;
 /// The row table and id index, public for the footprint benchmark.
 pub use rows::{Rows as RowTable, MAX_DOC_OFFSET, MAX_ROWS};
 
 use std::borrow::Borrow;
-use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -70,6 +75,8 @@ pub struct Document {
 pub enum WriteOp {
     Upsert(Document),
     Delete(String),
+    /// Drop the rows dead after this batch ([`compact`]); alone in its batch.
+    Compact,
 }
 
 /// What a durable write reports back.
@@ -85,24 +92,25 @@ pub struct WriteAck {
     pub duplicate: bool,
 }
 
-/// Request ids remembered per shard for idempotent retries (the oldest are forgotten).
-const REMEMBERED_REQUESTS: usize = 100_000;
-/// Of those, the newest kept in the manifest across checkpoints.
-const CHECKPOINTED_REQUESTS: usize = 4_096;
+/// Bytes of request ids remembered per shard for idempotent retries (the oldest are
+/// forgotten; [`requests`]): ~31,000 36-byte UUIDs, 6 minutes of batches at the bulk
+/// import's 90,000 vectors/s in batches of 1,000 on one shard (issue 18's measurement).
+const REMEMBERED_REQUEST_BYTES: usize = 4 << 20;
+/// Of those, the newest kept in the manifest across checkpoints (~3,900 UUIDs).
+const CHECKPOINTED_REQUEST_BYTES: usize = 512 << 10;
 
 /// A snapshot's files: the documents segment and the vectors, each up to its length,
 /// and the serving index generation's file whole (issue 18: a restored copy answers by
 /// IVF-PQ at once instead of scanning every row until something rebuilds it).
 fn snapshot_files(m: &Manifest) -> Vec<(String, u64)> {
+    let (docs, vectors) = m.segments();
     let mut files = vec![
-        (DOCS_FILE.to_string(), m.docs_len),
-        (
-            VECTORS_FILE.to_string(),
-            m.rows * m.config.dimension as u64 * 4,
-        ),
+        (docs, m.docs_len),
+        (vectors, m.rows * m.config.dimension as u64 * 4),
     ];
     if let Some(g) = &m.serving {
         files.push((g.file.clone(), g.bytes));
+        files.extend(g.remaps.iter().map(|r| (r.file.clone(), r.bytes)));
     }
     files
 }
@@ -216,13 +224,36 @@ pub struct ShardStats {
 /// The serving index of one generation; rows `>= covered_rows` are the fresh tail.
 struct Generation {
     info: GenerationInfo,
-    index: AnnIndex,
+    index: Arc<AnnIndex>,
+    /// Row maps of the compactions since it was built, oldest first: its labels are
+    /// the row numbers of its build's layout.
+    remaps: Vec<Arc<RowMap>>,
+}
+
+/// What holds a shard's build claim: one index build or one compaction at a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Work {
+    Build(u64),
+    Compact(u64),
+}
+
+impl Work {
+    fn busy(self) -> ShardError {
+        match self {
+            Work::Build(g) => ShardError::BuildInProgress(g),
+            Work::Compact(seq) => ShardError::CompactionInProgress(seq),
+        }
+    }
 }
 
 struct State {
     /// Ids, record offsets and liveness of every row, and the live ids' index.
     rows: Rows,
     vectors: VectorView,
+    /// The documents file the row table's offsets point into.
+    docs: DocsReader,
+    /// The manifest's `layout`: a compaction's swap changes every row number at once.
+    layout: u64,
     serving: Option<Arc<Generation>>,
 }
 
@@ -233,9 +264,8 @@ struct Writer {
     vectors: VectorStore,
     last_seq: u64,
     manifest: Manifest,
-    /// Recent request ids and their acks, oldest first in `request_order`.
-    requests: HashMap<String, WriteAck>,
-    request_order: std::collections::VecDeque<String>,
+    /// Recent request ids and their acks.
+    requests: RecentRequests,
 }
 
 impl Writer {
@@ -243,6 +273,14 @@ impl Writer {
     /// sequence number, its epoch in the history, its request id.
     fn finish(&mut self, batch: &WalBatch, upserted: usize, deleted: usize) -> WriteAck {
         self.last_seq = batch.seq;
+        if matches!(batch.ops.as_slice(), [WalOp::Compact]) {
+            // The latest point supersedes an earlier one not yet done (`compact`).
+            self.manifest.compacting = Some(CompactionPoint {
+                seq: batch.seq,
+                rows: self.vectors.view().rows(),
+                docs_len: self.docs.len(),
+            });
+        }
         let ack = WriteAck {
             seq: batch.seq,
             upserted,
@@ -257,15 +295,7 @@ impl Writer {
         if self.manifest.epochs.last().is_none_or(|&(e, _)| e != epoch) {
             self.manifest.epochs.push((epoch, ack.seq));
         }
-        if !request_id.is_empty() && !self.requests.contains_key(request_id) {
-            self.requests.insert(request_id.to_string(), ack);
-            self.request_order.push_back(request_id.to_string());
-            if self.request_order.len() > REMEMBERED_REQUESTS {
-                if let Some(old) = self.request_order.pop_front() {
-                    self.requests.remove(&old);
-                }
-            }
-        }
+        self.requests.insert(request_id, ack);
     }
 
     fn last_epoch(&self) -> u64 {
@@ -291,8 +321,9 @@ struct Inner {
     config: CollectionConfig,
     writer: Mutex<Writer>,
     state: RwLock<State>,
-    docs: DocsReader,
-    building: Mutex<Option<u64>>,
+    building: Mutex<Option<Work>>,
+    /// Whether a logged compaction starts its own thread (tests run it by hand).
+    auto_compact: AtomicBool,
     /// Fresh rows that start a rebuild (0 = never): the manifest's value at open, then
     /// whatever the collection's policy in the cluster map says
     /// ([`Shard::set_auto_rebuild_tail`]; issue 18: off during a bulk load).
@@ -327,10 +358,8 @@ pub struct Shard {
     inner: Arc<Inner>,
 }
 
-const DOCS_FILE: &str = "docs.dat";
 /// Written by [`Shard::mark_corrupt`]: the next open checks every vector first.
 const CORRUPT_MARKER: &str = "CORRUPT";
-const VECTORS_FILE: &str = "vectors.f32";
 
 impl Shard {
     /// Creates an empty shard in `dir` (which must not hold one already).
@@ -361,18 +390,33 @@ impl Shard {
         }
     }
 
-    /// Opens an existing shard and recovers it to exactly its acknowledged state.
+    /// Opens an existing shard and recovers it to exactly its acknowledged state; a
+    /// compaction it had logged and not done goes on in the background.
     pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_with(dir, true)
+    }
+
+    /// [`Shard::open`] leaving a pending compaction to the caller
+    /// ([`Shard::compact_pending`], or [`Shard::set_auto_compact`]): for tools and
+    /// tests that look at a shard as a crash left it.
+    pub fn open_manual(dir: &Path) -> Result<Self> {
+        Self::open_with(dir, false)
+    }
+
+    fn open_with(dir: &Path, auto_compact: bool) -> Result<Self> {
         let started = Instant::now();
         let manifest = Manifest::load(dir)?;
         let config = manifest.config.clone();
         manifest.remove_unreferenced_files(dir)?;
 
-        let docs = DocsFile::open(dir.join(DOCS_FILE), manifest.docs_len)?;
-        let vectors = VectorStore::open(dir.join(VECTORS_FILE), config.dimension, manifest.rows)?;
+        let (docs_name, vectors_name) = manifest.segments();
+        let docs = DocsFile::open(dir.join(docs_name), manifest.docs_len)?;
+        let vectors = VectorStore::open(dir.join(vectors_name), config.dimension, manifest.rows)?;
         let mut state = State {
             rows: Rows::with_capacity(manifest.rows as usize),
             vectors: vectors.view(),
+            docs: docs.reader()?,
+            layout: manifest.layout,
             serving: None,
         };
         load_segment(&docs.path, &vectors, &mut state)?;
@@ -388,15 +432,13 @@ impl Shard {
             });
         }
 
-        let docs_reader = docs.reader()?;
         let mut writer = Writer {
             wal: None,
             docs,
             vectors,
             last_seq: manifest.applied_seq,
             manifest,
-            requests: HashMap::new(),
-            request_order: Default::default(),
+            requests: RecentRequests::new(REMEMBERED_REQUEST_BYTES),
         };
         for (id, seq, upserted, deleted) in writer.manifest.requests.clone() {
             let ack = WriteAck {
@@ -405,8 +447,7 @@ impl Shard {
                 deleted,
                 duplicate: false,
             };
-            writer.requests.insert(id.clone(), ack);
-            writer.request_order.push_back(id);
+            writer.requests.insert(&id, ack);
         }
         let mut replayed = Vec::new();
         wal::replay(dir, writer.manifest.applied_seq, |batch| {
@@ -425,7 +466,7 @@ impl Shard {
             let offsets: Vec<u64> = (0..state.rows.len())
                 .map(|r| state.rows.doc_offset(r))
                 .collect();
-            check_vectors(dir, &state.vectors, 0, &offsets)?;
+            SegmentsRead::of(&state, dir).check_vectors(0, &offsets)?;
             tracing::warn!(dir = %dir.display(), "every vector of a replica marked corrupt checks out; the mark is lifted");
             fs::remove_file(&marker).map_err(ShardError::io(&marker))?;
         }
@@ -455,7 +496,7 @@ impl Shard {
             took_ms = started.elapsed().as_millis() as u64,
             "shard opened"
         );
-        Ok(Self {
+        let shard = Self {
             inner: Arc::new(Inner {
                 dir: dir.to_owned(),
                 auto_rebuild_tail: AtomicUsize::new(config.auto_rebuild_tail),
@@ -463,13 +504,25 @@ impl Shard {
                 config,
                 writer: Mutex::new(writer),
                 state: RwLock::new(state),
-                docs: docs_reader,
                 building: Mutex::new(None),
+                auto_compact: AtomicBool::new(auto_compact),
                 poisoned: AtomicBool::new(false),
                 failure: Mutex::new(None),
                 replayed: Mutex::new(replayed),
             }),
-        })
+        };
+        // A compaction logged before a crash or carried by a snapshot goes on.
+        shard.maybe_compact();
+        Ok(shard)
+    }
+
+    /// Whether a logged compaction starts its own thread (on by default; off, the
+    /// caller runs [`Shard::compact_pending`]).
+    pub fn set_auto_compact(&self, on: bool) {
+        self.inner.auto_compact.store(on, Ordering::Relaxed);
+        if on {
+            self.maybe_compact();
+        }
     }
 
     pub fn config(&self) -> &CollectionConfig {
@@ -516,11 +569,13 @@ impl Shard {
                     vector: d.vector,
                 },
                 WriteOp::Delete(id) => WalOp::Delete { id },
+                WriteOp::Compact => WalOp::Compact,
             };
             // The one rule for a client's write and a replicated one.
             validate_op(cfg, &op)?;
             logged.push(op);
         }
+        validate_batch_shape(&logged)?;
         if self.inner.poisoned.load(Ordering::Acquire) {
             return Err(ShardError::Poisoned(self.inner.dir.clone()));
         }
@@ -534,7 +589,7 @@ impl Shard {
             return Ok((
                 WriteAck {
                     duplicate: true,
-                    ..*ack
+                    ..ack
                 },
                 None,
             ));
@@ -548,6 +603,7 @@ impl Shard {
         let ack = self.log_and_apply(&mut w, &batch)?;
         drop(w);
         self.maybe_auto_rebuild();
+        self.maybe_compact();
         Ok((ack, Some(Arc::new(batch))))
     }
 
@@ -562,6 +618,7 @@ impl Shard {
         let cfg = &self.inner.config;
         for batch in batches.iter().map(Borrow::borrow) {
             validate_request_id(&batch.request_id)?;
+            validate_batch_shape(&batch.ops)?;
             for op in &batch.ops {
                 validate_op(cfg, op)?;
                 // A primary's own writes carry `Metadata`, checked where they entered;
@@ -586,6 +643,7 @@ impl Shard {
         let last = w.last_seq;
         drop(w);
         self.maybe_auto_rebuild();
+        self.maybe_compact();
         Ok(last)
     }
 
@@ -631,11 +689,18 @@ impl Shard {
             Ok(ack)
         })();
         if let Err(e) = &result {
-            tracing::error!(dir = %self.inner.dir.display(), seq = batch.seq, error = %e, "write failed, shard poisoned");
-            *self.inner.failure.lock() = Some(e.to_string());
-            self.inner.poisoned.store(true, Ordering::Release);
+            tracing::error!(dir = %self.inner.dir.display(), seq = batch.seq, "write failed");
+            self.poison(e);
         }
         result
+    }
+
+    /// Refuses every later write until a reopen replays the log: `e` left the files
+    /// or the log in a state only recovery may read.
+    fn poison(&self, e: &ShardError) {
+        tracing::error!(dir = %self.inner.dir.display(), error = %e, "shard poisoned");
+        *self.inner.failure.lock() = Some(e.to_string());
+        self.inner.poisoned.store(true, Ordering::Release);
     }
 
     /// Stops this handle from writing or checkpointing (its directory is about to be
@@ -724,14 +789,21 @@ impl Shard {
 
     /// Reads one live document back from the segment.
     pub fn get(&self, id: &str) -> Result<Option<StoredDocument>> {
-        let (offset, row, view) = {
+        let (offset, row, view, docs, layout) = {
             let st = self.inner.state.read();
             let Some(row) = st.rows.get(id) else {
                 return Ok(None);
             };
-            (st.rows.doc_offset(row), row, st.vectors.clone())
+            let docs = st.docs.clone();
+            (
+                st.rows.doc_offset(row),
+                row,
+                st.vectors.clone(),
+                docs,
+                st.layout,
+            )
         };
-        match self.inner.docs.read_at(offset)? {
+        match docs.read_at(offset)? {
             SegmentEntry::Put {
                 id,
                 text,
@@ -743,7 +815,7 @@ impl Shard {
                 let vector = view.get(row);
                 if storage::vector_crc(vector) != vector_crc {
                     return Err(bad_vector(
-                        &self.inner.dir.join(VECTORS_FILE),
+                        &self.inner.dir.join(segment_files(layout).1),
                         row,
                         vector.len(),
                         &id,
@@ -758,7 +830,7 @@ impl Shard {
                 }))
             }
             SegmentEntry::Delete { .. } => Err(ShardError::Corrupt {
-                file: self.inner.dir.join(DOCS_FILE),
+                file: docs.path().to_owned(),
                 offset,
                 reason: "row points at a delete record".into(),
             }),
@@ -790,18 +862,18 @@ impl Shard {
     /// vector that fails is a [`ShardError::Corrupt`] naming the vectors file, the
     /// row's offset in it, the row and its id.
     pub fn scrub(&self, from: u64, max_rows: u64) -> Result<(u64, u64)> {
-        let (offsets, view) = {
+        let (offsets, files) = {
             let st = self.inner.state.read();
             let end = (from.saturating_add(max_rows)).min(st.rows.len());
             let offsets: Vec<u64> = (from.min(end)..end)
                 .map(|r| st.rows.doc_offset(r))
                 .collect();
-            (offsets, st.vectors.clone())
+            (offsets, SegmentsRead::of(&st, &self.inner.dir))
         };
         if offsets.is_empty() {
             return Ok((from, 0));
         }
-        let bytes = check_vectors(&self.inner.dir, &view, from, &offsets)?;
+        let bytes = files.check_vectors(from, &offsets)?;
         Ok((from + offsets.len() as u64, bytes))
     }
 
@@ -836,7 +908,30 @@ impl Shard {
                 p.k * refine
             )));
         }
-        let serving = self.inner.state.read().serving.clone();
+        loop {
+            let (serving, layout) = {
+                let st = self.inner.state.read();
+                (st.serving.clone(), st.layout)
+            };
+            if let Some(r) = self.search_in(query, p, serving, layout)? {
+                return Ok(r);
+            }
+            // A compaction renumbered the rows between the index search and the
+            // re-scoring: asked again in the new numbering.
+        }
+    }
+
+    /// One search over the rows as numbered in `layout`; `None` if a compaction
+    /// changed that before the candidates were read.
+    fn search_in(
+        &self,
+        query: &[f32],
+        p: SearchParams,
+        serving: Option<Arc<Generation>>,
+        layout: u64,
+    ) -> Result<Option<SearchResult>> {
+        let cfg = &self.inner.config;
+        let refine = p.refine_factor.unwrap_or(cfg.refine_factor);
         let nlist = serving
             .as_ref()
             .map_or(cfg.index.nlist, |g| g.info.params.nlist);
@@ -861,10 +956,13 @@ impl Shard {
                 };
                 let candidates = g.index.search(query, want, nprobe)?;
                 let st = self.inner.state.read();
-                for (row, approx) in candidates {
-                    if !st.rows.is_live(row) {
+                if st.layout != layout {
+                    return Ok(None);
+                }
+                for (label, approx) in candidates {
+                    let Some(row) = g.row(label).filter(|&r| st.rows.is_live(r)) else {
                         continue;
-                    }
+                    };
                     let score = match p.mode {
                         SearchMode::Rerank => metric.score(query, st.vectors.get(row)),
                         _ => approx,
@@ -876,6 +974,9 @@ impl Shard {
             _ => (None, 0),
         };
         let st = self.inner.state.read();
+        if st.layout != layout {
+            return Ok(None);
+        }
         let total = st.rows.len();
         for row in covered..total {
             if st.rows.is_live(row) {
@@ -890,11 +991,11 @@ impl Shard {
                 score,
             })
             .collect();
-        Ok(SearchResult {
+        Ok(Some(SearchResult {
             hits,
             generation,
             fresh_rows: total - covered,
-        })
+        }))
     }
 
     pub fn stats(&self) -> ShardStats {
@@ -902,7 +1003,10 @@ impl Shard {
         // while taking the writer; a write holds the writer while taking the state).
         // `building` is read first and let go: holding the state while taking it
         // closed a cycle that could hang a replica and the heartbeat calling this.
-        let building = *self.inner.building.lock();
+        let building = match *self.inner.building.lock() {
+            Some(Work::Build(g)) => Some(g),
+            _ => None,
+        };
         let last_seq = self.inner.writer.lock().last_seq;
         let st = self.inner.state.read();
         let serving = st.serving.as_ref().map(|g| g.info.clone());
@@ -927,17 +1031,19 @@ impl Shard {
         params.validate(self.inner.config.dimension)?;
         let gen_id = {
             let mut b = self.inner.building.lock();
-            if let Some(g) = *b {
-                return Err(ShardError::BuildInProgress(g));
+            if let Some(work) = *b {
+                return Err(work.busy());
             }
             let mut w = self.inner.writer.lock();
             let id = w.manifest.next_generation;
             w.manifest.next_generation += 1;
-            *b = Some(id);
+            *b = Some(Work::Build(id));
             id
         };
         let result = self.build_generation(gen_id, params, sample);
         *self.inner.building.lock() = None;
+        // A compaction logged during the build waited for it.
+        self.maybe_compact();
         if let Err(e) = &result {
             tracing::warn!(generation = gen_id, error = %e, "index build failed");
         }
@@ -1081,12 +1187,15 @@ impl Shard {
             build_seconds: info.build_seconds,
             indexed_vectors: info.indexed_vectors,
             covered_seq,
+            layout: self.inner.state.read().layout,
+            remaps: Vec::new(),
         };
         self.swap_in(
             meta,
             Generation {
                 info: info.clone(),
-                index,
+                index: Arc::new(index),
+                remaps: Vec::new(),
             },
         )?;
         tracing::info!(
@@ -1119,8 +1228,10 @@ impl Shard {
             old
         };
         if let Some(old) = old {
-            let path = self.inner.dir.join(&old.file);
-            fs::remove_file(&path).map_err(ShardError::io(&path))?;
+            for file in std::iter::once(&old.file).chain(old.remaps.iter().map(|r| &r.file)) {
+                let path = self.inner.dir.join(file);
+                fs::remove_file(&path).map_err(ShardError::io(&path))?;
+            }
         }
         Ok(())
     }
@@ -1142,6 +1253,12 @@ impl Shard {
             if g.covered_seq == 0 && g.covered_rows > 0 {
                 return Err(ShardError::GenerationRefused(format!(
                     "generation {id} was built before its log position was recorded"
+                )));
+            }
+            if !g.remaps.is_empty() {
+                return Err(ShardError::GenerationRefused(format!(
+                    "generation {id} numbers rows as before the compaction at batch {}",
+                    w.manifest.layout
                 )));
             }
             let covered_epoch = epoch_at(&w.manifest.epochs, g.covered_seq);
@@ -1197,13 +1314,14 @@ impl Shard {
         let id = export.meta.id;
         {
             let mut b = self.inner.building.lock();
-            if let Some(g) = *b {
-                return Err(ShardError::BuildInProgress(g));
+            if let Some(work) = *b {
+                return Err(work.busy());
             }
-            *b = Some(id);
+            *b = Some(Work::Build(id));
         }
         let result = self.install_checked(export, file);
         *self.inner.building.lock() = None;
+        self.maybe_compact();
         result
     }
 
@@ -1230,6 +1348,13 @@ impl Shard {
                 return refused(format!(
                     "it covers batches up to {}, this replica holds up to {}",
                     g.covered_seq, w.last_seq
+                ));
+            }
+            // Row numbers agree only within one layout (`compact`).
+            if g.layout != w.manifest.layout || !g.remaps.is_empty() {
+                return refused(format!(
+                    "its rows are numbered as compacted at batch {}, this replica's at batch {}",
+                    g.layout, w.manifest.layout
                 ));
             }
             let mine = epoch_at(&w.manifest.epochs, g.covered_seq);
@@ -1291,7 +1416,8 @@ impl Shard {
             g,
             Generation {
                 info: info.clone(),
-                index,
+                index: Arc::new(index),
+                remaps: Vec::new(),
             },
         )?;
         Ok(info)
@@ -1452,7 +1578,18 @@ fn validate_op(cfg: &CollectionConfig, op: &WalOp) -> Result<()> {
             Ok(())
         }
         WalOp::Delete { id } => validate_id(id),
+        WalOp::Compact => Ok(()),
     }
+}
+
+/// A compaction travels alone in its batch: its point is the state after the batch.
+fn validate_batch_shape(ops: &[WalOp]) -> Result<()> {
+    if ops.len() > 1 && ops.iter().any(|op| matches!(op, WalOp::Compact)) {
+        return Err(ShardError::InvalidConfig(
+            "a compaction must be the only operation of its batch".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Segment positions of a batch, written but not yet visible to readers.
@@ -1497,6 +1634,8 @@ fn stage(w: &mut Writer, batch: &WalBatch, staged: &mut Staged) -> Result<()> {
                 })?;
                 staged.ops.push(StagedOp::Delete(id.clone()));
             }
+            // Recorded by `Writer::finish`; the files change later (`compact`).
+            WalOp::Compact => {}
         }
     }
     Ok(())
@@ -1534,15 +1673,11 @@ fn checkpoint(dir: &Path, w: &mut Writer) -> Result<()> {
     w.manifest.applied_seq = w.last_seq;
     w.manifest.docs_len = w.docs.len();
     w.manifest.rows = w.vectors.view().rows();
-    let keep = w.request_order.len().saturating_sub(CHECKPOINTED_REQUESTS);
     w.manifest.requests = w
-        .request_order
-        .iter()
-        .skip(keep)
-        .filter_map(|id| {
-            let a = w.requests.get(id)?;
-            Some((id.clone(), a.seq, a.upserted, a.deleted))
-        })
+        .requests
+        .newest(CHECKPOINTED_REQUEST_BYTES)
+        .into_iter()
+        .map(|(id, a)| (id, a.seq, a.upserted, a.deleted))
         .collect();
     w.manifest.store(dir)?;
     w.wal = Some(Wal::start(dir, w.last_seq + 1)?);
@@ -1561,12 +1696,35 @@ fn bad_vector(path: &Path, row: u64, dim: usize, id: &str) -> ShardError {
     }
 }
 
-/// Checks rows `from..` of `dir`'s shard (`offsets[i]`: row `from + i`'s record in the
-/// documents file) against the checksums their records hold; returns the bytes of
-/// vectors read. A damaged record or vector is `Corrupt`, naming its file and offset.
-fn check_vectors(dir: &Path, view: &VectorView, from: u64, offsets: &[u64]) -> Result<u64> {
-    let docs = dir.join(DOCS_FILE);
-    let map = storage::map_file(&docs)?;
+/// The segment files as of one layout, taken with row offsets into them (a
+/// compaction may swap new files in meanwhile; these stay readable).
+struct SegmentsRead {
+    docs: DocsReader,
+    vectors: VectorView,
+    vectors_path: PathBuf,
+}
+
+impl SegmentsRead {
+    fn of(st: &State, dir: &Path) -> Self {
+        Self {
+            docs: st.docs.clone(),
+            vectors: st.vectors.clone(),
+            vectors_path: dir.join(segment_files(st.layout).1),
+        }
+    }
+
+    /// Checks rows `from..` (`offsets[i]`: row `from + i`'s record in the documents
+    /// file) against the checksums their records hold; returns the bytes of vectors
+    /// read. A damaged record or vector is `Corrupt`, naming its file and offset.
+    fn check_vectors(&self, from: u64, offsets: &[u64]) -> Result<u64> {
+        check_vectors(self, from, offsets)
+    }
+}
+
+fn check_vectors(files: &SegmentsRead, from: u64, offsets: &[u64]) -> Result<u64> {
+    let docs = files.docs.path().to_owned();
+    let view = &files.vectors;
+    let map = files.docs.map()?;
     let data: &[u8] = map.as_deref().unwrap_or_default();
     let mut bytes = 0;
     for (i, &offset) in offsets.iter().enumerate() {
@@ -1588,7 +1746,7 @@ fn check_vectors(dir: &Path, view: &VectorView, from: u64, offsets: &[u64]) -> R
         let v = view.get(row);
         bytes += v.len() as u64 * 4;
         if storage::vector_crc(v) != vector_crc {
-            return Err(bad_vector(&dir.join(VECTORS_FILE), row, v.len(), &id));
+            return Err(bad_vector(&files.vectors_path, row, v.len(), &id));
         }
     }
     Ok(bytes)
@@ -1610,6 +1768,13 @@ fn load_segment(path: &Path, vectors: &VectorStore, st: &mut State) -> Result<()
                     return Err(format!(
                         "row {row} out of order (expected {})",
                         st.rows.len()
+                    ));
+                }
+                // The row table packs ids of at most MAX_ID_BYTES (the writer's limit).
+                if id.len() > MAX_ID_BYTES || offset > MAX_DOC_OFFSET {
+                    return Err(format!(
+                        "row {row}: id of {} bytes (limit {MAX_ID_BYTES}) at offset {offset}",
+                        id.len()
                     ));
                 }
                 // The vector's checksum is not read here (issue 18: open time grew
@@ -1646,7 +1811,12 @@ fn load_generation(dir: &Path, meta: &GenerationMeta) -> Result<Generation> {
             ),
         });
     }
-    let index = AnnIndex::read_verified(&path)?;
+    let index = Arc::new(AnnIndex::read_verified(&path)?);
+    let remaps = meta
+        .remaps
+        .iter()
+        .map(|r| compact::load_remap(dir, r).map(Arc::new))
+        .collect::<Result<Vec<_>>>()?;
     Ok(Generation {
         info: GenerationInfo {
             id: meta.id,
@@ -1657,5 +1827,6 @@ fn load_generation(dir: &Path, meta: &GenerationMeta) -> Result<Generation> {
             build_seconds: meta.build_seconds,
         },
         index,
+        remaps,
     })
 }

@@ -31,6 +31,49 @@ pub struct GenerationMeta {
     /// before it was recorded), never shipped.
     #[serde(default)]
     pub covered_seq: u64,
+    /// The layout its labels number rows in (the manifest's `layout` when it was
+    /// built); `remaps` carry them to the manifest's current layout.
+    #[serde(default)]
+    pub layout: u64,
+    /// One file per compaction since it was built, oldest first (`compact::RowMap`).
+    #[serde(default)]
+    pub remaps: Vec<RemapMeta>,
+}
+
+/// A compaction's row map, kept while a generation built before it serves.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RemapMeta {
+    pub file: String,
+    pub crc32: u32,
+    pub bytes: u64,
+}
+
+/// Where a compaction drops dead rows: the state after batch `seq`, which every
+/// replica of the shard reaches with the same rows and liveness; `rows` and
+/// `docs_len` locate it in this replica's segment files.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CompactionPoint {
+    pub seq: u64,
+    pub rows: u64,
+    pub docs_len: u64,
+}
+
+/// The segment files of a layout: the originals until the first compaction, then
+/// named by the batch the compaction happened at.
+pub fn segment_files(layout: u64) -> (String, String) {
+    if layout == 0 {
+        ("docs.dat".into(), "vectors.f32".into())
+    } else {
+        (
+            format!("docs-{layout:020}.dat"),
+            format!("vectors-{layout:020}.f32"),
+        )
+    }
+}
+
+/// A compaction's row map file.
+pub fn remap_file(layout: u64) -> String {
+    format!("remap-{layout:020}.bits")
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -50,6 +93,13 @@ pub struct Manifest {
     /// idempotent across a clean restart (the log holds the rest until checkpointed).
     #[serde(default)]
     pub requests: Vec<(String, u64, usize, usize)>,
+    /// The batch the segments were last compacted at (0: never): rows are numbered by
+    /// it, the same on every replica that compacted there (`compact`).
+    #[serde(default)]
+    pub layout: u64,
+    /// A compaction logged and not yet done.
+    #[serde(default)]
+    pub compacting: Option<CompactionPoint>,
 }
 
 impl Manifest {
@@ -64,6 +114,8 @@ impl Manifest {
             next_generation: 1,
             epochs: Vec::new(),
             requests: Vec::new(),
+            layout: 0,
+            compacting: None,
         }
     }
 
@@ -101,18 +153,31 @@ impl Manifest {
         write_atomic(&Self::path(dir), &json)
     }
 
-    /// Deletes leftovers of interrupted work: temp files and index files that the
-    /// manifest does not name (a build that crashed before its swap).
+    /// The segment files this manifest's layout reads.
+    pub fn segments(&self) -> (String, String) {
+        segment_files(self.layout)
+    }
+
+    /// Deletes leftovers of interrupted work: temp files, and index, row map and
+    /// segment files that the manifest does not name (a build or a compaction that
+    /// crashed before its swap, or after it and before removing what it replaced).
     pub fn remove_unreferenced_files(&self, dir: &Path) -> Result<()> {
-        let keep = self.serving.as_ref().map(|g| g.file.as_str());
+        let (docs, vectors) = self.segments();
+        let mut keep = vec![docs, vectors];
+        if let Some(g) = &self.serving {
+            keep.push(g.file.clone());
+            keep.extend(g.remaps.iter().map(|r| r.file.clone()));
+        }
         for entry in fs::read_dir(dir).map_err(ShardError::io(dir))? {
             let path = entry.map_err(ShardError::io(dir))?.path();
             let name = path
                 .file_name()
                 .and_then(|n| n.to_str())
                 .unwrap_or_default();
-            let stale_index = name.starts_with("gen-") && Some(name) != keep;
-            if stale_index || name.ends_with(".tmp") {
+            let ours = ["gen-", "remap-", "docs", "vectors"]
+                .iter()
+                .any(|p| name.starts_with(p));
+            if (ours && !keep.iter().any(|k| k == name)) || name.ends_with(".tmp") {
                 tracing::info!(file = %path.display(), "removing leftover of interrupted work");
                 fs::remove_file(&path).map_err(ShardError::io(&path))?;
             }

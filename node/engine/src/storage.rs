@@ -36,12 +36,19 @@ pub fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, String> {
 /// of any size without copying them onto the heap. `None` for an empty file.
 pub fn map_file(path: &Path) -> Result<Option<Mmap>> {
     let file = File::open(path).map_err(ShardError::io(path))?;
+    map_open(&file, path)
+}
+
+/// [`map_file`] of a file already open (it may have been unlinked since).
+pub fn map_open(file: &File, path: &Path) -> Result<Option<Mmap>> {
     if file.metadata().map_err(ShardError::io(path))?.len() == 0 {
         return Ok(None);
     }
-    // SAFETY: the shard owns its directory; nothing writes this file while it is
-    // being opened (the writer is created after recovery).
-    let map = unsafe { Mmap::map(&file) }.map_err(ShardError::io(path))?;
+    // SAFETY: segment files are append-only: bytes below a length the writer
+    // published are never written again, and readers read only those (recovery reads
+    // before the writer exists; a compaction or the scrubber up to lengths taken from
+    // the writer).
+    let map = unsafe { Mmap::map(file) }.map_err(ShardError::io(path))?;
     Ok(Some(map))
 }
 
@@ -152,6 +159,16 @@ pub struct DocsReader {
 }
 
 impl DocsReader {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The whole file mapped, through this handle (valid after a compaction unlinks
+    /// the file).
+    pub fn map(&self) -> Result<Option<Mmap>> {
+        map_open(&self.file, &self.path)
+    }
+
     pub fn read_at(&self, offset: u64) -> Result<SegmentEntry> {
         let corrupt = |reason| ShardError::Corrupt {
             file: self.path.clone(),

@@ -25,6 +25,8 @@ pub enum WalOp {
     Delete {
         id: String,
     },
+    /// Compact the shard at this batch (`compact`): alone in its batch.
+    Compact,
 }
 
 /// A batch shares one frame and one fsync: it is recovered whole or not at all.
@@ -52,6 +54,7 @@ impl WalBatch {
                 id.len() + text.as_ref().map_or(0, String::len) + metadata.len() + vector.len() * 4
             }
             WalOp::Delete { id } => id.len(),
+            WalOp::Compact => 0,
         };
         self.ops.iter().map(op).sum::<usize>() + self.request_id.len() + 64
     }

@@ -173,6 +173,7 @@ impl From<ShardError> for ReplicaError {
             | ShardError::InvalidConfig(_) => Self::Invalid(e.to_string()),
             ShardError::NotEnoughVectors { .. }
             | ShardError::BuildInProgress(_)
+            | ShardError::CompactionInProgress(_)
             | ShardError::GenerationRefused(_)
             | ShardError::Full(_) => Self::Refused(e.to_string()),
             e => Self::Internal(e.to_string()),
