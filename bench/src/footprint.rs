@@ -8,6 +8,10 @@
 //!   384-d, ids of `--id-bytes`): anonymous resident bytes per vector of a fresh
 //!   process that opened it and answered queries (the FAISS codes and ids, the row
 //!   table and id index, the request dedupe; the vectors are page cache, reported apart).
+//! - Then compaction (`--churn`): half the documents replaced and a quarter deleted,
+//!   disk and resident memory measured, the shard compacted (a `Compact` batch, then
+//!   the rewrite), measured again; disk is the files' allocated blocks, next to the
+//!   live documents' own bytes (their records and vectors).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -36,6 +40,9 @@ pub struct FootprintArgs {
     /// The id index and row table only (no shard ingest, build and reopen).
     #[arg(long)]
     index_only: bool,
+    /// After the shard's measurement: replace half, delete a quarter, compact.
+    #[arg(long)]
+    churn: bool,
     /// Where the shard is written (a temporary dir under it).
     #[arg(long, default_value = "/tmp")]
     work_dir: PathBuf,
@@ -194,6 +201,90 @@ impl Old {
 
 /// A shard of `rows` random unit vectors (inner product) with ids of `id_bytes`,
 /// built, closed, and reopened by a fresh process (`shard-rss`).
+fn random_doc(rng: &mut rand::rngs::StdRng, i: usize, a: &FootprintArgs) -> Document {
+    let mut v: Vec<f32> = (0..a.dimension)
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect();
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-6);
+    v.iter_mut().for_each(|x| *x /= norm);
+    Document {
+        id: id_of(i, a.id_bytes),
+        text: None,
+        metadata: Metadata::none(),
+        vector: v,
+    }
+}
+
+/// Allocated bytes of every file in `dir` (sparse preallocation not counted).
+fn dir_bytes(dir: &std::path::Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for e in std::fs::read_dir(dir)? {
+        total += e?.metadata()?.blocks() * 512;
+    }
+    Ok(total)
+}
+
+/// A reopened shard's resident memory, measured in a fresh process.
+fn shard_rss(dir: &std::path::Path) -> Result<serde_json::Value> {
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .arg("shard-rss")
+        .arg(dir)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "shard-rss failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// Replaces half the documents, deletes a quarter, measures, compacts, measures.
+fn churn_and_compact(a: &FootprintArgs, dir: &std::path::Path) -> Result<serde_json::Value> {
+    let shard = Shard::open_manual(dir)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+    for start in (0..a.rows / 2).step_by(10_000) {
+        let batch: Vec<Document> = (start..(start + 10_000).min(a.rows / 2))
+            .map(|i| random_doc(&mut rng, i, a))
+            .collect();
+        shard.upsert(batch)?;
+    }
+    let doomed: Vec<String> = (a.rows / 2..a.rows / 2 + a.rows / 4)
+        .map(|i| id_of(i, a.id_bytes))
+        .collect();
+    for chunk in doomed.chunks(10_000) {
+        shard.delete(chunk.to_vec())?;
+    }
+    let live = shard.len() as u64;
+    // Each live document's own bytes: its vector, and its record (id, seq, row, crc,
+    // framing: measured below from the compacted file, which holds only live rows).
+    let rows_before = shard.rows() as u64;
+    drop(shard);
+    let disk_before = dir_bytes(dir)?;
+    let rss_before = shard_rss(dir)?;
+    let shard = Shard::open_manual(dir)?;
+    let ack = shard.write(vec![shoal_engine::WriteOp::Compact])?;
+    let report = shard
+        .compact_pending()?
+        .context("the compaction just logged is pending")?;
+    anyhow::ensure!(report.seq == ack.seq && report.rows_after == live);
+    drop(shard);
+    let disk_after = dir_bytes(dir)?;
+    let rss_after = shard_rss(dir)?;
+    let live_bytes = report.bytes_after as f64;
+    let per =
+        |v: &serde_json::Value| v["anon_bytes_added"].as_f64().unwrap_or(f64::NAN) / live as f64;
+    Ok(json!({
+        "step": "compaction", "rows": a.rows, "replaced": a.rows / 2, "deleted": a.rows / 4,
+        "live": live, "rows_before": rows_before, "rows_after": report.rows_after,
+        "compaction_s": report.seconds,
+        "segment_bytes": {"before": report.bytes_before, "after": report.bytes_after},
+        "dir_bytes": {"before": disk_before, "after": disk_after},
+        "dir_vs_live_segments": {"before": disk_before as f64 / live_bytes, "after": disk_after as f64 / live_bytes},
+        "anon_bytes_per_live_vector": {"before": per(&rss_before), "after": per(&rss_after)},
+    }))
+}
+
 fn whole_shard(a: &FootprintArgs) -> Result<serde_json::Value> {
     let dir = tempfile::tempdir_in(&a.work_dir).context("creating the shard dir")?;
     let mut cfg = CollectionConfig::new(a.dimension, Metric::InnerProduct);
@@ -204,19 +295,7 @@ fn whole_shard(a: &FootprintArgs) -> Result<serde_json::Value> {
     let t = Instant::now();
     for start in (0..a.rows).step_by(10_000) {
         let batch: Vec<Document> = (start..(start + 10_000).min(a.rows))
-            .map(|i| {
-                let mut v: Vec<f32> = (0..a.dimension)
-                    .map(|_| rng.random_range(-1.0f32..1.0))
-                    .collect();
-                let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-6);
-                v.iter_mut().for_each(|x| *x /= norm);
-                Document {
-                    id: id_of(i, a.id_bytes),
-                    text: None,
-                    metadata: Metadata::none(),
-                    vector: v,
-                }
-            })
+            .map(|i| random_doc(&mut rng, i, a))
             .collect();
         shard.upsert(batch)?;
     }
@@ -225,17 +304,11 @@ fn whole_shard(a: &FootprintArgs) -> Result<serde_json::Value> {
     let info = shard.rebuild(None)?;
     let build_s = t.elapsed().as_secs_f64();
     drop(shard);
-    let out = std::process::Command::new(std::env::current_exe()?)
-        .arg("shard-rss")
-        .arg(dir.path())
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "shard-rss failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mem: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let mem = shard_rss(dir.path())?;
     let anon = mem["anon_bytes_added"].as_f64().unwrap_or(0.0);
+    if a.churn {
+        emit(churn_and_compact(a, dir.path())?);
+    }
     Ok(json!({
         "step": "shard", "rows": a.rows, "id_bytes": a.id_bytes, "metric": "inner_product",
         "index": index.factory_string(), "ingest_s": ingest_s, "build_s": build_s,

@@ -957,6 +957,7 @@ impl ClusterMap {
                     )));
                 }
             }
+            OperationKind::Compact => {}
         }
         if let Some(o) = self
             .operations

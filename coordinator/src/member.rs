@@ -596,6 +596,30 @@ impl Coordinator {
                         },
                     });
                 }
+                // A compaction its primary did ends its operation's step.
+                if s.primary.as_deref() == Some(node)
+                    && r.compacted_operation != 0
+                    && st
+                        .map
+                        .operations
+                        .get(&r.compacted_operation)
+                        .is_some_and(|o| {
+                            o.running()
+                                && o.kind == crate::operations::OperationKind::Compact
+                                && matches!(
+                                    o.steps.get(&key.index),
+                                    Some(crate::operations::Step::Pending { .. })
+                                )
+                        })
+                {
+                    generations.push(Command::OperationStep {
+                        id: r.compacted_operation,
+                        shard: key.index,
+                        step: crate::operations::Step::Done {
+                            generation: r.layout,
+                        },
+                    });
+                }
                 {
                     if s.primary.as_deref() == Some(node)
                         && (r.serving_generation > s.serving_generation

@@ -34,12 +34,16 @@ pub struct BuildParams {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum OperationKind {
     BuildIndex(BuildParams),
+    /// Compact every shard (issue 19): a shard's step is done once its primary
+    /// reports the compaction it logged for this operation done.
+    Compact,
 }
 
 impl OperationKind {
     pub fn name(&self) -> &'static str {
         match self {
             OperationKind::BuildIndex(_) => "build_index",
+            OperationKind::Compact => "compact",
         }
     }
 }
@@ -118,6 +122,9 @@ impl Operation {
     /// A shard's primary now serves `generation`: its step is done if that is newer
     /// than the one it served when the operation started. Returns whether it changed.
     pub fn served(&mut self, shard: u32, generation: u64) -> bool {
+        if !matches!(self.kind, OperationKind::BuildIndex(_)) {
+            return false;
+        }
         match self.steps.get(&shard) {
             Some(Step::Pending { from_generation }) if generation > *from_generation => {
                 self.steps.insert(shard, Step::Done { generation });
@@ -191,6 +198,14 @@ mod tests {
         assert_eq!(op.outcome, Some(Outcome::Succeeded));
         assert_eq!(op.finished_version, 6);
         assert!(!op.served(0, 9), "a finished step does not move");
+    }
+
+    #[test]
+    fn a_compaction_step_does_not_end_on_a_new_generation() {
+        let mut op = build(&[(0, 0)]);
+        op.kind = OperationKind::Compact;
+        assert!(!op.served(0, 5), "a new generation is not a compaction");
+        assert!(!op.settle(3));
     }
 
     #[test]

@@ -217,7 +217,16 @@ pub fn operation_pb(op: &Operation, map: &ClusterMap, reports: Option<&Reports>)
         Some(Outcome::Failed { reason }) => ("failed", reason.clone()),
         Some(Outcome::Cancelled { reason }) => ("cancelled", reason.clone()),
     };
-    let OperationKind::BuildIndex(p) = &op.kind;
+    let build = match &op.kind {
+        OperationKind::BuildIndex(p) => Some(cpb::IndexBuild {
+            nlist: p.nlist,
+            pq_m: p.pq_m,
+            pq_nbits: p.pq_nbits,
+            train_sample: p.train_sample,
+            rows_per_shard: p.rows_per_shard,
+        }),
+        OperationKind::Compact => None,
+    };
     cpb::Operation {
         id: op.id,
         kind: op.kind.name().into(),
@@ -229,13 +238,7 @@ pub fn operation_pb(op: &Operation, map: &ClusterMap, reports: Option<&Reports>)
         state: state.into(),
         reason,
         finished_version: op.finished_version,
-        build: Some(cpb::IndexBuild {
-            nlist: p.nlist,
-            pq_m: p.pq_m,
-            pq_nbits: p.pq_nbits,
-            train_sample: p.train_sample,
-            rows_per_shard: p.rows_per_shard,
-        }),
+        build,
     }
 }
 
@@ -345,6 +348,35 @@ fn collection_info(map: &ClusterMap, name: &str) -> Result<cpb::CollectionInfo, 
 pub struct AdminService(pub Arc<Coordinator>);
 
 impl AdminService {
+    /// Commits a new operation on `collection` and answers with it as the map holds it.
+    async fn start_operation(
+        &self,
+        kind: OperationKind,
+        collection: &str,
+        collection_id: u64,
+    ) -> Result<cpb::Operation, Status> {
+        let started_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let v = self
+            .0
+            .write(Command::StartOperation {
+                kind,
+                collection: collection.to_string(),
+                collection_id,
+                started_ms,
+            })
+            .await?;
+        let map = self.0.read().await?;
+        let op = map
+            .operations
+            .values()
+            .find(|o| o.started_version == v)
+            .ok_or_else(|| Status::internal("the started operation is not in the map"))?;
+        let reports = self.0.reports.lock();
+        Ok(operation_pb(op, &map, Some(&reports)))
+    }
+
     fn status(&self) -> cpb::ClusterStatusResponse {
         let c = &self.0;
         let m = c.raft.metrics().borrow().clone();
@@ -762,26 +794,39 @@ impl cpb::admin_server::Admin for AdminService {
                     )));
                 }
                 let params = build_params(&c.spec, rows, req.nlist, req.train_sample);
-                let started_ms = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64);
-                let v = self
-                    .0
-                    .write(Command::StartOperation {
-                        kind: OperationKind::BuildIndex(params),
-                        collection: req.collection.clone(),
-                        collection_id: c.id,
-                        started_ms,
-                    })
+                let started = self
+                    .start_operation(OperationKind::BuildIndex(params), &req.collection, c.id)
                     .await?;
-                let map = self.0.read().await?;
-                let op = map
-                    .operations
-                    .values()
-                    .find(|o| o.started_version == v)
-                    .ok_or_else(|| Status::internal("the started operation is not in the map"))?;
-                let reports = self.0.reports.lock();
-                Ok(Response::new(operation_pb(op, &map, Some(&reports))))
+                Ok(Response::new(started))
+            },
+        )
+        .await
+    }
+
+    async fn start_compaction(
+        &self,
+        req: Request<cpb::StartCompactionRequest>,
+    ) -> Result<Response<cpb::Operation>, Status> {
+        let target = req.get_ref().collection.clone();
+        self.admin(
+            req,
+            "StartCompaction",
+            target,
+            true,
+            move |req| async move {
+                let req = req.into_inner();
+                check_name(&self.0, &req.collection, "the collection name")?;
+                let id = {
+                    let map = self.0.read().await?;
+                    let c = map.collections.get(&req.collection).ok_or_else(|| {
+                        Status::not_found(format!("collection {:?} not found", req.collection))
+                    })?;
+                    c.id
+                };
+                let started = self
+                    .start_operation(OperationKind::Compact, &req.collection, id)
+                    .await?;
+                Ok(Response::new(started))
             },
         )
         .await

@@ -1386,6 +1386,7 @@ const ADMIN_RPCS: &[&str] = &[
     "RevokeKey",
     "SetCollectionPolicy",
     "StartIndexBuild",
+    "StartCompaction",
     "CancelOperation",
 ];
 const READ_RPCS: &[&str] = &[
@@ -1429,6 +1430,7 @@ async fn call_admin(c: &mut Client, rpc: &str) -> Result<(), tonic::Status> {
         "RevokeKey" => c.revoke_key(Default::default()).await.map(drop),
         "SetCollectionPolicy" => c.set_collection_policy(Default::default()).await.map(drop),
         "StartIndexBuild" => c.start_index_build(Default::default()).await.map(drop),
+        "StartCompaction" => c.start_compaction(Default::default()).await.map(drop),
         "ListOperations" => c.list_operations(Default::default()).await.map(drop),
         "CancelOperation" => c.cancel_operation(Default::default()).await.map(drop),
         other => panic!("no call for {other}: add one"),

@@ -1153,6 +1153,129 @@ async fn a_build_operation_survives_a_leader_change_and_a_node_restart() {
     }
 }
 
+/// Rows and live documents of every replica of `collection` on `n`.
+fn replica_rows(n: &NodeHandle, collection: &str) -> Vec<(u64, usize)> {
+    n.registry
+        .read()
+        .iter()
+        .filter(|(k, _)| k.collection == collection)
+        .filter_map(|(_, h)| h.repl.shard().ok())
+        .map(|s| (s.rows() as u64, s.len()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_compaction_operation_compacts_every_shard_and_loses_nothing() {
+    let mut f = Fixture::start(false).await;
+    f.ingest_vectors(300).await;
+    // Half replaced (other vectors), a quarter deleted.
+    let replaced: Vec<pb::Document> = (0..150u64)
+        .map(|i| pb::Document {
+            id: format!("v{i}"),
+            text: format!("doc {i} v2"),
+            vector: vector(i + 1000, 16),
+            ..Default::default()
+        })
+        .collect();
+    f.ga.ingest(pb::IngestRequest {
+        collection: "vecs".into(),
+        documents: replaced,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    f.gb.delete(pb::DeleteRequest {
+        collection: "vecs".into(),
+        ids: (150..225).map(|i| format!("v{i}")).collect(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let rows = |f: &Fixture| {
+        let mut all = replica_rows(&f.a, "vecs");
+        all.extend(replica_rows(&f.b, "vecs"));
+        all.iter()
+            .fold((0, 0), |(r, l), (rows, live)| (r + rows, l + live))
+    };
+    assert_eq!(rows(&f), (450, 225));
+
+    let op = f
+        .admin
+        .start_compaction(cpb::StartCompactionRequest {
+            collection: "vecs".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!((op.kind.as_str(), op.steps.len()), ("compact", 3), "{op:?}");
+    let t = Instant::now();
+    let done = loop {
+        let ops = f
+            .admin
+            .list_operations(cpb::ListOperationsRequest {
+                collection: "vecs".into(),
+            })
+            .await
+            .unwrap()
+            .operations;
+        if let Some(o) = ops
+            .into_iter()
+            .find(|o| o.id == op.id && o.state != "running")
+        {
+            break o;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the compaction did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(done.state, "succeeded", "{done:?}");
+    // Each step names the batch its shard was compacted at.
+    assert!(
+        done.steps
+            .iter()
+            .all(|s| s.state == "done" && s.generation > 0),
+        "{done:?}"
+    );
+    assert_eq!(rows(&f), (225, 225));
+    for i in 0..300u64 {
+        let got =
+            f.gb.get(pb::GetRequest {
+                collection: "vecs".into(),
+                id: format!("v{i}"),
+                with_vector: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        match i {
+            0..150 => assert_eq!(got.document.unwrap().vector, vector(i + 1000, 16)),
+            150..225 => assert!(!got.found, "v{i} deleted"),
+            _ => assert_eq!(got.document.unwrap().vector, vector(i, 16)),
+        }
+    }
+    for i in [3u64, 260] {
+        let want = if i < 150 { i + 1000 } else { i };
+        let r =
+            f.ga.search(pb::SearchRequest {
+                collection: "vecs".into(),
+                vector: vector(want, 16),
+                k: 5,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!r.partial);
+        assert!(
+            r.hits.iter().any(|h| h.id == format!("v{i}")),
+            "{:?}",
+            r.hits
+        );
+    }
+    f.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_text_query_is_encoded_once_and_traced_across_the_nodes() {
     // Traces go to a collector in this process; the trace context must cross gRPC.

@@ -891,6 +891,13 @@ fn every_rpc_survives_hostile_messages() {
             }
         },
     );
+    f.rpc("Admin/StartCompaction", coll_name(), |collection| {
+        let mut s = AdminClient::new(admin.clone());
+        async move {
+            s.start_compaction(req(cpb::StartCompactionRequest { collection }))
+                .await
+        }
+    });
     f.rpc("Admin/ListOperations", hostile_string(), |collection| {
         let mut s = AdminClient::new(admin.clone());
         async move {
@@ -1026,6 +1033,8 @@ fn every_rpc_survives_hostile_messages() {
             epoch: serving_generation,
             build_operation: serving_generation,
             build_queued: applied_seq % 2 == 0,
+            compacted_operation: serving_generation,
+            layout: applied_seq,
         },
     );
     f.rpc(

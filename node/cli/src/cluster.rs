@@ -73,6 +73,13 @@ pub struct NodeArgs {
     /// Index builds run at once [default: 1].
     #[arg(long, env = "SHOAL_BUILD_SLOTS")]
     build_slots: Option<usize>,
+    /// A primary compacts its shard once dead rows are this share of its rows; 0 = only
+    /// when asked (`shoal collection compact`) [default: 0.5].
+    #[arg(long, env = "SHOAL_COMPACT_DEAD_RATIO")]
+    compact_dead_ratio: Option<f64>,
+    /// ... and at least this many dead rows [default: 100000].
+    #[arg(long, env = "SHOAL_COMPACT_MIN_DEAD_ROWS")]
+    compact_min_dead_rows: Option<u64>,
     /// Memory the index builds running at once may hold; a build that does not fit
     /// waits [default: 0 = a quarter of the machine's memory].
     #[arg(long, env = "SHOAL_BUILD_MEMORY_BYTES")]
@@ -148,6 +155,8 @@ impl NodeArgs {
             memory_bytes,
             auto_rebuild_tail,
             build_slots,
+            compact_dead_ratio,
+            compact_min_dead_rows,
             build_memory_bytes,
             scrub_bytes_per_sec,
             recent_log_bytes,

@@ -181,6 +181,14 @@ pub enum CollectionCmd {
         #[arg(long)]
         auto_rebuild: String,
     },
+    /// Compacts every shard: each primary logs a compaction and every replica rewrites
+    /// its segments without replaced and deleted rows (reads and writes go on). With
+    /// `--wait`, follows the operation to its end.
+    Compact {
+        name: String,
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -395,8 +403,49 @@ pub async fn collection(target: Target, cmd: CollectionCmd) -> anyhow::Result<()
                 "map_version": info.map_version,
             }));
         }
+        CollectionCmd::Compact { name, wait } => {
+            let op = client
+                .start_compaction(cpb::StartCompactionRequest {
+                    collection: name.clone(),
+                })
+                .await?;
+            follow_operation(&mut client, op, &name, wait).await?;
+        }
     }
     Ok(())
+}
+
+/// Prints an operation; with `wait`, polls it to its end and fails unless it succeeded.
+async fn follow_operation(
+    client: &mut Client,
+    op: cpb::Operation,
+    collection: &str,
+    wait: bool,
+) -> anyhow::Result<()> {
+    if !wait {
+        print_json(operation_json(&op));
+        return Ok(());
+    }
+    let t = std::time::Instant::now();
+    loop {
+        let ops = client
+            .list_operations(cpb::ListOperationsRequest {
+                collection: collection.to_string(),
+            })
+            .await?;
+        if let Some(o) = ops.operations.iter().find(|o| o.id == op.id) {
+            if o.state != "running" {
+                let mut v = operation_json(o);
+                v["seconds"] = t.elapsed().as_secs_f64().into();
+                print_json(v);
+                if o.state != "succeeded" {
+                    anyhow::bail!("{} {} {}: {}", o.kind, o.id, o.state, o.reason);
+                }
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }
 
 /// `shoal status`: the coordinator group, the nodes, and every shard's replica set.
@@ -593,30 +642,7 @@ pub async fn index_build(
             train_sample,
         })
         .await?;
-    if !wait {
-        print_json(operation_json(&op));
-        return Ok(());
-    }
-    let t = std::time::Instant::now();
-    loop {
-        let ops = client
-            .list_operations(cpb::ListOperationsRequest {
-                collection: collection.clone(),
-            })
-            .await?;
-        if let Some(o) = ops.operations.iter().find(|o| o.id == op.id) {
-            if o.state != "running" {
-                let mut v = operation_json(o);
-                v["seconds"] = t.elapsed().as_secs_f64().into();
-                print_json(v);
-                if o.state != "succeeded" {
-                    anyhow::bail!("index build {} {}: {}", o.id, o.state, o.reason);
-                }
-                return Ok(());
-            }
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    }
+    follow_operation(&mut client, op, &collection, wait).await
 }
 
 #[derive(Subcommand)]

@@ -202,7 +202,7 @@ enum Cmd {
         batch: usize,
     },
     /// Runs one member of the Raft-replicated coordinator group.
-    Coordinator(coordinator::CoordinatorArgs),
+    Coordinator(Box<coordinator::CoordinatorArgs>),
     /// Creates, lists, describes and drops collections.
     Collection {
         #[command(flatten)]
@@ -264,7 +264,7 @@ enum Cmd {
         undo: bool,
     },
     /// Runs a worker node: shard replicas, the encoder, the public API as a gateway.
-    Node(cluster::NodeArgs),
+    Node(Box<cluster::NodeArgs>),
     /// API keys: create (the key is printed once), list, revoke.
     Keys {
         #[command(flatten)]
@@ -408,7 +408,7 @@ fn run(cmd: Cmd, otlp: Option<&str>, rt: &tokio::runtime::Runtime) -> anyhow::Re
             dataset_dir,
         }),
         Cmd::Embed { model_dir, batch } => embed::run(&model_dir, batch),
-        Cmd::Coordinator(args) => rt.block_on(coordinator::run(args)),
+        Cmd::Coordinator(args) => rt.block_on(coordinator::run(*args)),
         Cmd::Collection { target, cmd } => rt.block_on(coordinator::collection(target, cmd)),
         Cmd::Shard { target, cmd } => rt.block_on(coordinator::shard(target, cmd)),
         Cmd::Operations { target, cmd } => rt.block_on(coordinator::operations(target, cmd)),
@@ -428,7 +428,7 @@ fn run(cmd: Cmd, otlp: Option<&str>, rt: &tokio::runtime::Runtime) -> anyhow::Re
         Cmd::Status { target } => rt.block_on(coordinator::status(target)),
         Cmd::Members { target, cmd } => rt.block_on(coordinator::members(target, cmd)),
         Cmd::Drain { target, node, undo } => rt.block_on(coordinator::drain(target, node, undo)),
-        Cmd::Node(args) => rt.block_on(cluster::run_node(args)),
+        Cmd::Node(args) => rt.block_on(cluster::run_node(*args)),
         Cmd::Keys { target, cmd } => rt.block_on(coordinator::keys(target, cmd)),
         Cmd::Limits => {
             use std::io::Write;

@@ -471,7 +471,13 @@ impl Builds {
             let me = self.clone();
             tokio::task::spawn_blocking(move || {
                 shard.set_build_params(Some((j.params, j.sample)));
-                let r = shard.rebuild(None);
+                let mut r = shard.rebuild(None);
+                // A compaction holds the shard's build claim: the build follows it
+                // (the slot stays taken meanwhile).
+                while let Err(shoal_engine::ShardError::CompactionInProgress(_)) = r {
+                    std::thread::sleep(Duration::from_millis(500));
+                    r = shard.rebuild(None);
+                }
                 let phase = match r {
                     Ok(g) => {
                         tracing::info!(replica = %key, operation = j.op, generation = g.id, "index build done");

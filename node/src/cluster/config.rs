@@ -58,6 +58,11 @@ pub struct NodeConfig {
     pub auto_rebuild_tail: usize,
     /// Index builds this node runs at once (issue 18's admission control).
     pub build_slots: usize,
+    /// A primary compacts its shard on its own once dead rows (replaced or deleted
+    /// versions) are at least this share of its rows (issue 19); 0 = only when asked.
+    pub compact_dead_ratio: f64,
+    /// ... and at least this many.
+    pub compact_min_dead_rows: u64,
     /// Memory the builds running at once may hold (estimated before each starts); a
     /// build that does not fit waits. 0 = a quarter of the machine's memory.
     pub build_memory_bytes: u64,
@@ -117,6 +122,8 @@ impl Default for NodeConfig {
             search_deadline: Duration::from_secs(5),
             auto_rebuild_tail: 50_000,
             build_slots: 1,
+            compact_dead_ratio: 0.5,
+            compact_min_dead_rows: 100_000,
             build_memory_bytes: 0,
             scrub_bytes_per_sec: 32 << 20,
             metrics_listen: None,

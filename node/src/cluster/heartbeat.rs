@@ -43,6 +43,10 @@ pub struct ReplicaState {
     pub in_sync: InSyncReport,
     /// Its build for a cluster operation: queued, or why it failed (issue 18).
     pub build: BuildReport,
+    /// The newest compaction operation its primary has done, and the batch its
+    /// segments were last compacted at (issue 19).
+    pub compacted_operation: u64,
+    pub layout: u64,
 }
 
 impl ReplicaState {
@@ -100,6 +104,8 @@ pub fn reports(replicas: &[ReplicaState]) -> Vec<cpb::ReplicaReport> {
             failed,
             lagging: r.in_sync.lagging.clone(),
             in_sync: r.in_sync.in_sync.clone(),
+            compacted_operation: r.compacted_operation,
+            layout: r.layout,
             build_operation: r.build.operation,
             build_queued: r.build.queued,
             build_error: {
@@ -124,6 +130,7 @@ pub(super) struct Heartbeat {
     pub leader_version: Arc<AtomicU64>,
     pub client: Client,
     pub builds: Arc<Builds>,
+    pub compactions: Arc<super::compactions::Compactions>,
 }
 
 impl Heartbeat {
@@ -150,10 +157,14 @@ impl Heartbeat {
                     .map(|r| {
                         let mut s = ReplicaState::of(r);
                         s.build = self.builds.report(&r.key);
+                        (s.compacted_operation, s.layout) =
+                            self.compactions.report(&r.key, r.shard().ok().as_ref());
                         s
                     })
                     .collect()
             };
+            // Compactions due on this node's primaries are logged (in the background).
+            self.compactions.tick();
             let reports = reports(&states);
             let (dg, data_dir) = (self.disk.clone(), self.cfg.data_dir.clone());
             let (free, total, trash) = tokio::task::spawn_blocking(move || {

@@ -4,6 +4,7 @@
 //! gateway to every shard) and the internal `Replica` API (its own replicas).
 
 pub mod builds;
+pub mod compactions;
 pub mod config;
 pub mod disk;
 pub mod error;
@@ -283,9 +284,18 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         registry.clone(),
         transports.clone(),
     );
+    // Compactions the map's operations ask for, and those the dead rows call for.
+    let compactions = compactions::Compactions::new(
+        registry.clone(),
+        compactions::CompactPolicy {
+            dead_ratio: cfg.compact_dead_ratio,
+            min_dead_rows: cfg.compact_min_dead_rows,
+        },
+    );
     // The map: whole, then changes; resume from the last version after a reconnect.
     let reconciler = reconcile::Reconciler {
         builds: builds.clone(),
+        compactions: compactions.clone(),
         node_id: cfg.id.clone(),
         data_dir: cfg.data_dir.clone(),
         registry: registry.clone(),
@@ -346,6 +356,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
             leader_version,
             client: client.clone(),
             builds,
+            compactions,
         }
         .run(stop_rx.clone()),
     ));

@@ -97,6 +97,7 @@ fn shard_config(c: &cpb::Collection, node_default: usize) -> CollectionConfig {
 /// Opens and closes this node's replicas as the map says.
 pub(super) struct Reconciler {
     pub(super) builds: Arc<super::builds::Builds>,
+    pub(super) compactions: Arc<super::compactions::Compactions>,
     pub(super) node_id: String,
     pub(super) data_dir: PathBuf,
     pub(super) registry: Registry,
@@ -244,8 +245,9 @@ impl Reconciler {
                 }
             }
         }
-        // Index builds the map's operations ask of these replicas.
+        // Index builds and compactions the map's operations ask of these replicas.
         self.builds.sync(view);
+        self.compactions.sync(view);
     }
 }
 
