@@ -25,6 +25,7 @@
 
 use std::fs;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -34,6 +35,9 @@ use crate::record;
 use crate::rows::Rows;
 use crate::storage::{self, DocsFile, SegmentEntry, VectorStore, VectorView};
 use crate::{checkpoint, Generation, Shard, Work};
+
+/// How long automatic compactions wait after one failed.
+const COMPACT_RETRY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Row labels of one layout carried to the next: rows below `old_rows` whose bit is
 /// set are numbered densely from 0 in order; rows from `old_rows` on follow the kept
@@ -168,6 +172,8 @@ impl Shard {
     /// (reads and writes go on). `None`: nothing pending. Refused while a build or
     /// another compaction holds the claim (it runs when that one ends).
     pub fn compact_pending(&self) -> Result<Option<CompactionReport>> {
+        // A retired handle leaves the work to its successor.
+        self.check_writable()?;
         {
             let mut b = self.inner.building.lock();
             if let Some(work) = *b {
@@ -192,7 +198,8 @@ impl Shard {
         })();
         *self.inner.building.lock() = None;
         if let Err(e) = &result {
-            tracing::warn!(dir = %self.inner.dir.display(), error = %e, "compaction failed");
+            tracing::warn!(dir = %self.inner.dir.display(), error = %e, "compaction failed; retried later");
+            *self.inner.compact_failed.lock() = Some(Instant::now());
         }
         result
     }
@@ -206,6 +213,11 @@ impl Shard {
             .load(std::sync::atomic::Ordering::Relaxed)
             || self.inner.building.lock().is_some()
             || self.compaction_pending().is_none()
+            || self
+                .inner
+                .compact_failed
+                .lock()
+                .is_some_and(|t| t.elapsed() < COMPACT_RETRY)
         {
             return;
         }
@@ -232,18 +244,28 @@ impl Shard {
             let (d, v) = w.manifest.segments();
             (dir.join(d), dir.join(v))
         };
+        // Written under names of this attempt alone and renamed at the swap, under the
+        // writer and only by a handle still in service: a retired handle's attempt
+        // (its directory reopened by another) never touches the files its successor
+        // writes or names. An open removes the `.tmp` leftovers of a crash.
+        static ATTEMPT: AtomicU64 = AtomicU64::new(0);
+        let nonce = format!(
+            "{}-{}",
+            std::process::id(),
+            ATTEMPT.fetch_add(1, Ordering::Relaxed)
+        );
         let (docs_name, vectors_name) = segment_files(point.seq);
-        let remove_new = || {
-            for f in [&docs_name, &vectors_name] {
-                let _ = fs::remove_file(dir.join(f));
+        let tmp = |name: &str| dir.join(format!("{name}.{nonce}.tmp"));
+        let (docs_tmp, vectors_tmp) = (tmp(&docs_name), tmp(&vectors_name));
+        let remove_tmp = || {
+            for f in [&docs_tmp, &vectors_tmp] {
+                let _ = fs::remove_file(f);
             }
         };
-        // Leftovers of an attempt at this point that crashed.
-        remove_new();
         let rw = Rewrite {
             point,
-            docs: DocsFile::open(dir.join(&docs_name), 0)?,
-            vectors: VectorStore::open(dir.join(&vectors_name), self.inner.config.dimension, 0)?,
+            docs: DocsFile::open(docs_tmp.clone(), 0)?,
+            vectors: VectorStore::open(vectors_tmp.clone(), self.inner.config.dimension, 0)?,
             rows: Rows::with_capacity(0),
             map: RowMap::new(Vec::new(), 0),
             copied_to: point.docs_len,
@@ -251,7 +273,8 @@ impl Shard {
         let report = match self.rewrite(rw, &old_docs, started) {
             Ok(r) => r,
             Err(e) => {
-                remove_new();
+                // Nothing if the swap renamed them (a failure after it poisons).
+                remove_tmp();
                 return Err(e);
             }
         };
@@ -385,8 +408,16 @@ impl Shard {
             map,
             ..
         } = rw;
-        let rows_after = vectors.view().rows();
-        let bytes_after = docs.len() + rows_after * row_bytes;
+        let (docs_len, rows_after) = (docs.len(), vectors.view().rows());
+        let bytes_after = docs_len + rows_after * row_bytes;
+        let (docs_name, vectors_name) = segment_files(point.seq);
+        let (docs_path, vectors_path) = (dir.join(docs_name), dir.join(vectors_name));
+        fs::rename(&docs.path, &docs_path).map_err(ShardError::io(&docs_path))?;
+        fs::rename(&vectors.path, &vectors_path).map_err(ShardError::io(&vectors_path))?;
+        storage::sync_dir(dir)?;
+        drop((docs, vectors));
+        let docs = DocsFile::open(docs_path, docs_len)?;
+        let vectors = VectorStore::open(vectors_path, self.inner.config.dimension, rows_after)?;
         let docs_reader = docs.reader()?;
         // From here on the writer points at the new files: a failure poisons the
         // handle, and a reopen reads whichever manifest is on disk (the old one names

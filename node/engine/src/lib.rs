@@ -324,6 +324,9 @@ struct Inner {
     building: Mutex<Option<Work>>,
     /// Whether a logged compaction starts its own thread (tests run it by hand).
     auto_compact: AtomicBool,
+    /// When a compaction last failed: the automatic ones wait `COMPACT_RETRY` (a full
+    /// disk must not turn every write into a rewrite attempt).
+    compact_failed: Mutex<Option<Instant>>,
     /// Fresh rows that start a rebuild (0 = never): the manifest's value at open, then
     /// whatever the collection's policy in the cluster map says
     /// ([`Shard::set_auto_rebuild_tail`]; issue 18: off during a bulk load).
@@ -506,6 +509,7 @@ impl Shard {
                 state: RwLock::new(state),
                 building: Mutex::new(None),
                 auto_compact: AtomicBool::new(auto_compact),
+                compact_failed: Mutex::new(None),
                 poisoned: AtomicBool::new(false),
                 failure: Mutex::new(None),
                 replayed: Mutex::new(replayed),
@@ -706,6 +710,10 @@ impl Shard {
     /// Stops this handle from writing or checkpointing (its directory is about to be
     /// replaced by a snapshot); reads keep working until the last clone goes.
     pub fn retire(&self) {
+        // Under the writer: whatever checked the handle writable under it (a
+        // generation's or a compaction's swap) has finished, and nothing checks it so
+        // afterwards.
+        let _w = self.inner.writer.lock();
         self.inner.poisoned.store(true, Ordering::Release);
     }
 

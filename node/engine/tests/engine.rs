@@ -727,55 +727,68 @@ fn t50_child_writer() {
     }
 }
 
+/// Runs the ignored test `child` of this binary as a process writing into `dir` from
+/// batch `start`, printing "ack i" per acknowledged batch; kills it `after` its first
+/// acknowledgement. Returns the first and the later acknowledged batches.
+fn run_child_until_killed(child: &str, dir: &Path, start: u64, after: Duration) -> (u64, Vec<u64>) {
+    let exe = std::env::current_exe().unwrap();
+    let mut proc = Command::new(&exe)
+        .args([
+            "--exact",
+            child,
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("SHOAL_CRASH_DIR", dir)
+        .env("SHOAL_CRASH_START", start.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = proc.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            // libtest may print its "test ... " prefix on the same line.
+            if let Some(pos) = line.find("ack ") {
+                if tx
+                    .send(line[pos + 4..].trim().parse::<u64>().unwrap())
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }
+    });
+    // Wait for some progress, then kill at the moment asked.
+    let first = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("child acked nothing");
+    std::thread::sleep(after);
+    proc.kill().unwrap();
+    proc.wait().unwrap();
+    reader.join().unwrap();
+    (first, rx.try_iter().collect())
+}
+
 #[test]
 fn t50_sigkill_at_random_points_loses_no_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
-    let exe = std::env::current_exe().unwrap();
     let mut acked: Vec<u64> = Vec::new();
     let mut next = 0u64;
     let mut rounds_with_build = 0;
     let started = Instant::now();
     for round in 0..24u64 {
-        let mut child = Command::new(&exe)
-            .args([
-                "--exact",
-                "t50_child_writer",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("SHOAL_CRASH_DIR", dir.path())
-            .env("SHOAL_CRASH_START", next.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                // libtest may print its "test ... " prefix on the same line.
-                if let Some(pos) = line.find("ack ") {
-                    if tx
-                        .send(line[pos + 4..].trim().parse::<u64>().unwrap())
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-            }
-        });
-        // Wait for some progress, then kill at a pseudo-random moment.
-        let first = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("child acked nothing");
-        std::thread::sleep(Duration::from_millis(mix(round) % 400));
-        child.kill().unwrap();
-        child.wait().unwrap();
-        reader.join().unwrap();
+        let (first, rest) = run_child_until_killed(
+            "t50_child_writer",
+            dir.path(),
+            next,
+            Duration::from_millis(mix(round) % 400),
+        );
         let mut this_round = vec![first];
-        this_round.extend(rx.try_iter());
+        this_round.extend(rest);
         assert!(this_round.windows(2).all(|w| w[1] == w[0] + 1));
         let last = *this_round.last().unwrap();
         acked.extend(this_round);
@@ -1443,50 +1456,19 @@ fn churn_batch(i: u64) -> Vec<WriteOp> {
 #[test]
 fn t73_sigkill_during_compactions_loses_no_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
-    let exe = std::env::current_exe().unwrap();
     let mut acked: std::collections::BTreeSet<u64> = Default::default();
     let mut next = 0u64;
     let (mut layouts, mut pending_at_open) = (std::collections::BTreeSet::new(), 0);
     for round in 0..16u64 {
-        let mut child = Command::new(&exe)
-            .args([
-                "--exact",
-                "t73_child_writer",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("SHOAL_CRASH_DIR", dir.path())
-            .env("SHOAL_CRASH_START", next.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if let Some(pos) = line.find("ack ") {
-                    if tx
-                        .send(line[pos + 4..].trim().parse::<u64>().unwrap())
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-            }
-        });
-        let first = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("child acked nothing");
-        std::thread::sleep(Duration::from_millis(mix(round ^ 0x73) % 600));
-        child.kill().unwrap();
-        child.wait().unwrap();
-        reader.join().unwrap();
+        let (first, rest) = run_child_until_killed(
+            "t73_child_writer",
+            dir.path(),
+            next,
+            Duration::from_millis(mix(round ^ 0x73) % 600),
+        );
         let mut last = first;
         acked.insert(first);
-        for a in rx.try_iter() {
+        for a in rest {
             acked.insert(a);
             last = a;
         }
