@@ -1118,27 +1118,7 @@ async fn a_build_operation_survives_a_leader_change_and_a_node_restart() {
     };
     coords.remove(leader).shutdown().await;
     let b = node(dir.path(), "b", &addrs, false).await;
-    let t = Instant::now();
-    let done = loop {
-        let ops = admin
-            .list_operations(cpb::ListOperationsRequest {
-                collection: "vecs".into(),
-            })
-            .await
-            .map(|r| r.operations)
-            .unwrap_or_default();
-        if let Some(o) = ops
-            .into_iter()
-            .find(|o| o.id == op.id && o.state != "running")
-        {
-            break o;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the build did not finish"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let done = finished_operation(&mut admin, op.id, "the build").await;
     assert_eq!(done.state, "succeeded", "{done:?}");
     assert!(
         done.steps
@@ -1150,6 +1130,29 @@ async fn a_build_operation_survives_a_leader_change_and_a_node_restart() {
     b.shutdown().await;
     for c in coords {
         c.shutdown().await;
+    }
+}
+
+/// Operation `id` on `vecs` once it has ended (within 30 s; answers lost to a leader
+/// change are asked again).
+async fn finished_operation(admin: &mut Client, id: u64, what: &str) -> cpb::Operation {
+    let t = Instant::now();
+    loop {
+        let ops = admin
+            .list_operations(cpb::ListOperationsRequest {
+                collection: "vecs".into(),
+            })
+            .await
+            .map(|r| r.operations)
+            .unwrap_or_default();
+        if let Some(o) = ops.into_iter().find(|o| o.id == id && o.state != "running") {
+            return o;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{what} did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -1207,28 +1210,7 @@ async fn a_compaction_operation_compacts_every_shard_and_loses_nothing() {
         .await
         .unwrap();
     assert_eq!((op.kind.as_str(), op.steps.len()), ("compact", 3), "{op:?}");
-    let t = Instant::now();
-    let done = loop {
-        let ops = f
-            .admin
-            .list_operations(cpb::ListOperationsRequest {
-                collection: "vecs".into(),
-            })
-            .await
-            .unwrap()
-            .operations;
-        if let Some(o) = ops
-            .into_iter()
-            .find(|o| o.id == op.id && o.state != "running")
-        {
-            break o;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the compaction did not finish"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let done = finished_operation(&mut f.admin, op.id, "the compaction").await;
     assert_eq!(done.state, "succeeded", "{done:?}");
     // Each step names the batch its shard was compacted at.
     assert!(

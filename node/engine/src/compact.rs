@@ -297,11 +297,7 @@ impl Shard {
         let view = self.inner.state.read().vectors.clone();
         let map = storage::map_file(old_docs)?;
         let data: &[u8] = map.as_deref().unwrap_or_default();
-        let corrupt = |offset: u64, reason: String| ShardError::Corrupt {
-            file: old_docs.to_owned(),
-            offset,
-            reason,
-        };
+        let corrupt = corrupt_in(old_docs);
         if (data.len() as u64) < point.docs_len || view.rows() < point.rows {
             return Err(corrupt(
                 point.docs_len,
@@ -477,11 +473,7 @@ fn copy_put(
     old_docs: &Path,
     offset: u64,
 ) -> Result<()> {
-    let corrupt = |reason: String| ShardError::Corrupt {
-        file: old_docs.to_owned(),
-        offset,
-        reason,
-    };
+    let corrupt = |reason: String| corrupt_in(old_docs)(offset, reason);
     let SegmentEntry::Put {
         seq,
         id,
@@ -520,11 +512,7 @@ fn copy_tail(rw: &mut Rewrite, old_docs: &Path, end: u64, view: &VectorView) -> 
     }
     let map = storage::map_file(old_docs)?;
     let data: &[u8] = map.as_deref().unwrap_or_default();
-    let corrupt = |offset: u64, reason: String| ShardError::Corrupt {
-        file: old_docs.to_owned(),
-        offset,
-        reason,
-    };
+    let corrupt = corrupt_in(old_docs);
     if (data.len() as u64) < end {
         return Err(corrupt(end, "shorter than its writer's length".into()));
     }
@@ -598,6 +586,15 @@ fn scan_records(
     }
 }
 
+/// Damage at an offset of `file`, as the engine names it.
+fn corrupt_in(file: &Path) -> impl Fn(u64, String) -> ShardError + '_ {
+    move |offset, reason| ShardError::Corrupt {
+        file: file.to_owned(),
+        offset,
+        reason,
+    }
+}
+
 /// The offset in `docs` of its first record after batch `seq`, looked for from `from`
 /// (a record boundary at or before it); the file's length if there is none.
 fn offset_after(docs: &DocsFile, from: u64, seq: u64) -> Result<u64> {
@@ -615,11 +612,7 @@ fn offset_after(docs: &DocsFile, from: u64, seq: u64) -> Result<u64> {
         }
         Ok(())
     })
-    .map_err(|(offset, reason)| ShardError::Corrupt {
-        file: reader.path().to_owned(),
-        offset,
-        reason,
-    })?;
+    .map_err(|(offset, reason)| corrupt_in(reader.path())(offset, reason))?;
     Ok(found.unwrap_or(docs.len()))
 }
 
