@@ -27,6 +27,28 @@ pub struct NdcgArgs {
     batch: usize,
 }
 
+/// `texts` encoded in length order (less padding), returned in their order, with the
+/// count of texts the encoder truncated.
+pub fn encode_all(
+    encoder: &shoal_encoder::Encoder<shoal_encoder::CpuBackend>,
+    texts: &[String],
+    batch: usize,
+) -> Result<(Vec<Vec<f32>>, usize)> {
+    let mut order: Vec<usize> = (0..texts.len()).collect();
+    order.sort_by_key(|&i| texts[i].len());
+    let mut vectors = vec![Vec::new(); texts.len()];
+    let mut truncated = 0;
+    for chunk in order.chunks(batch) {
+        let batch: Vec<&str> = chunk.iter().map(|&i| texts[i].as_str()).collect();
+        let out = encoder.encode(&batch)?;
+        truncated += out.truncated;
+        for (&i, v) in chunk.iter().zip(out.vectors) {
+            vectors[i] = v;
+        }
+    }
+    Ok((vectors, truncated))
+}
+
 pub fn run(args: NdcgArgs) -> Result<()> {
     let corpus = read_jsonl(&args.dataset.join("corpus.jsonl"))?;
     let queries = read_jsonl(&args.dataset.join("queries.jsonl"))?;
@@ -35,19 +57,7 @@ pub fn run(args: NdcgArgs) -> Result<()> {
 
     let started = Instant::now();
     let texts: Vec<String> = corpus.iter().map(Row::text).collect();
-    // Encode in length order (less padding), then restore corpus order.
-    let mut order: Vec<usize> = (0..texts.len()).collect();
-    order.sort_by_key(|&i| texts[i].len());
-    let mut vectors = vec![Vec::new(); texts.len()];
-    let mut truncated = 0;
-    for chunk in order.chunks(args.batch) {
-        let batch: Vec<&str> = chunk.iter().map(|&i| texts[i].as_str()).collect();
-        let out = encoder.encode(&batch)?;
-        truncated += out.truncated;
-        for (&i, v) in chunk.iter().zip(out.vectors) {
-            vectors[i] = v;
-        }
-    }
+    let (vectors, truncated) = encode_all(&encoder, &texts, args.batch)?;
     let encode_s = started.elapsed().as_secs_f64();
 
     let dir = tempfile::tempdir()?;

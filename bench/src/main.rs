@@ -7,6 +7,7 @@ mod ingest;
 mod ir;
 mod load;
 mod measure;
+mod rerank;
 mod scale;
 mod shard;
 mod target;
@@ -31,6 +32,8 @@ enum Cmd {
     Encoder(encoder::EncoderArgs),
     /// Retrieval quality: nDCG@10 of the Burn encoder + exact search on a BEIR collection.
     Ndcg(ir::NdcgArgs),
+    /// Re-ranking from float32 vectors next to fp16 and SQ8 copies (issue 19).
+    Rerank(rerank::RerankArgs),
     /// A running cluster under a closed-loop search load (QPS, latency, recall against
     /// exact), then ingest next to the encoder alone.
     Load(load::LoadArgs),
@@ -71,6 +74,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Shard(args) => shard::run(args),
         Cmd::Ndcg(args) => ir::run(args),
+        Cmd::Rerank(args) => rerank::run(args),
         Cmd::Encoder(args) => encoder::run(args),
         Cmd::Load(args) => load::run(args),
         Cmd::Ingest(args) => ingest::run(args),

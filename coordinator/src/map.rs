@@ -20,6 +20,8 @@ pub const DEFAULT_REPLICA_MEMORY: u64 = 256 << 20;
 
 /// The shared metric (`shoal_proto::metric`): its variant order is the log's format.
 pub use shoal_proto::metric::Metric;
+/// The shared re-ranking precision (`shoal_proto::precision`), likewise.
+pub use shoal_proto::precision::Precision;
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct IndexParams {
@@ -28,6 +30,8 @@ pub struct IndexParams {
     pub pq_nbits: u32,
     pub nprobe: u32,
     pub refine: u32,
+    /// What re-ranking reads (issue 19); a build may choose another.
+    pub rerank: Precision,
 }
 
 impl IndexParams {
@@ -45,6 +49,7 @@ impl IndexParams {
             pq_nbits: 8,
             nprobe: 32,
             refine: 10,
+            rerank: Precision::F32,
         }
     }
 }

@@ -29,6 +29,9 @@ pub struct BuildParams {
     pub train_sample: u64,
     /// The largest shard's live documents when the build was asked for (what sized it).
     pub rows_per_shard: u64,
+    /// The generations' re-ranking precision (issue 19): the request's, else the last
+    /// build's, else the collection's.
+    pub rerank: shoal_proto::precision::Precision,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -170,6 +173,7 @@ mod tests {
                 pq_nbits: 8,
                 train_sample: 1000,
                 rows_per_shard: 1000,
+                rerank: Default::default(),
             }),
             collection: "c".into(),
             collection_id: 1,

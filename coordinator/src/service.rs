@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 
 use crate::map::{
     Capacity, Change, ClusterMap, Collection, CollectionPolicy, CollectionSpec, Command,
-    EncoderRef, IndexParams, Metric, Node, NodeState, ReplicaState, Shard, ShardKey,
+    EncoderRef, IndexParams, Metric, Node, NodeState, Precision, ReplicaState, Shard, ShardKey,
     DEFAULT_REPLICA_MEMORY,
 };
 use crate::member::{Coordinator, Reports};
@@ -69,6 +69,7 @@ pub fn collection_pb(c: &Collection) -> cpb::Collection {
             pq_nbits: s.index.pq_nbits,
             nprobe: s.index.nprobe,
             refine: s.index.refine,
+            rerank: s.index.rerank.wire(),
         }),
         shard_count: s.shard_count,
         replication_factor: s.replication_factor,
@@ -224,6 +225,7 @@ pub fn operation_pb(op: &Operation, map: &ClusterMap, reports: Option<&Reports>)
             pq_nbits: p.pq_nbits,
             train_sample: p.train_sample,
             rows_per_shard: p.rows_per_shard,
+            rerank: p.rerank.wire(),
         }),
         OperationKind::Compact => None,
     };
@@ -263,6 +265,7 @@ pub fn spec_from_pb(r: cpb::CreateCollectionRequest) -> Result<CollectionSpec, S
         .ok_or_else(|| Status::invalid_argument(format!("unknown metric {}", r.metric)))?;
     let d = IndexParams::defaults(r.dimension.max(1));
     let ix = r.index.unwrap_or_default();
+    let rerank = rerank_from_pb(ix.rerank)?.unwrap_or_default();
     let or = |v: u32, dflt: u32| if v == 0 { dflt } else { v };
     Ok(CollectionSpec {
         name: r.name,
@@ -279,6 +282,7 @@ pub fn spec_from_pb(r: cpb::CreateCollectionRequest) -> Result<CollectionSpec, S
             pq_nbits: or(ix.pq_nbits, d.pq_nbits),
             nprobe: or(ix.nprobe, d.nprobe.min(or(ix.nlist, d.nlist))),
             refine: or(ix.refine, d.refine),
+            rerank,
         },
         shard_count: r.shard_count,
         // Unset: two copies of every shard, so one lost node loses nothing.
@@ -289,6 +293,18 @@ pub fn spec_from_pb(r: cpb::CreateCollectionRequest) -> Result<CollectionSpec, S
         } else {
             r.replica_memory_bytes
         },
+    })
+}
+
+/// A request's re-ranking precision: `None` when unspecified, refused when unknown.
+fn rerank_from_pb(v: i32) -> Result<Option<Precision>, Status> {
+    if v == 0 {
+        return Ok(None);
+    }
+    Precision::from_wire(v).map(Some).ok_or_else(|| {
+        Status::invalid_argument(format!(
+            "unknown re-ranking precision {v} (float32 = 1, float16 = 2, sq8 = 3)"
+        ))
     })
 }
 
@@ -303,12 +319,14 @@ fn read_need(collection: &str) -> Need<'_> {
 
 /// An index build's parameters: the request's, else the collection's, else sized from
 /// the largest shard ([`size_index`]); a training sample of at least 39 vectors a list
-/// (and the engine's 65,536 where the shard has them).
+/// (and the engine's 65,536 where the shard has them); the re-ranking precision given
+/// (the caller's choice: the request's, the last build's or the collection's).
 pub fn build_params(
     spec: &CollectionSpec,
     rows: u64,
     nlist: u32,
     train_sample: u64,
+    rerank: Precision,
 ) -> BuildParams {
     let nlist = [nlist, spec.index.nlist]
         .into_iter()
@@ -328,6 +346,7 @@ pub fn build_params(
         pq_nbits: or(spec.index.pq_nbits, d.pq_nbits),
         train_sample,
         rows_per_shard: rows,
+        rerank,
     }
 }
 
@@ -793,7 +812,20 @@ impl cpb::admin_server::Admin for AdminService {
                         req.collection
                     )));
                 }
-                let params = build_params(&c.spec, rows, req.nlist, req.train_sample);
+                // A build that names no precision keeps the last build's (a rebuild
+                // chose it for the collection), else the collection's.
+                let last = map.operations.values().rev().find_map(|o| match &o.kind {
+                    OperationKind::BuildIndex(p)
+                        if o.collection == req.collection && o.collection_id == c.id =>
+                    {
+                        Some(p.rerank)
+                    }
+                    _ => None,
+                });
+                let rerank = rerank_from_pb(req.rerank)?
+                    .or(last)
+                    .unwrap_or(c.spec.index.rerank);
+                let params = build_params(&c.spec, rows, req.nlist, req.train_sample, rerank);
                 let started = self
                     .start_operation(OperationKind::BuildIndex(params), &req.collection, c.id)
                     .await?;

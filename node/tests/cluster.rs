@@ -1136,11 +1136,21 @@ async fn a_build_operation_survives_a_leader_change_and_a_node_restart() {
 /// Operation `id` on `vecs` once it has ended (within 30 s; answers lost to a leader
 /// change are asked again).
 async fn finished_operation(admin: &mut Client, id: u64, what: &str) -> cpb::Operation {
+    finished_operation_of(admin, "vecs", id, what).await
+}
+
+/// [`finished_operation`] on `collection`.
+async fn finished_operation_of(
+    admin: &mut Client,
+    collection: &str,
+    id: u64,
+    what: &str,
+) -> cpb::Operation {
     let t = Instant::now();
     loop {
         let ops = admin
             .list_operations(cpb::ListOperationsRequest {
-                collection: "vecs".into(),
+                collection: collection.into(),
             })
             .await
             .map(|r| r.operations)
@@ -1405,4 +1415,125 @@ async fn a_wildcard_internal_address_needs_an_advertised_one() {
     .err()
     .expect("a wildcard internal address without --advertise-addr is refused");
     assert!(err.to_string().contains("--advertise-addr"), "{err}");
+}
+
+/// The serving generation's re-ranking precision of every replica of `collection` on
+/// `n` (`None` for a replica serving no index).
+fn replica_rerank(n: &NodeHandle, collection: &str) -> Vec<Option<shoal_engine::Precision>> {
+    n.registry
+        .read()
+        .iter()
+        .filter(|(k, _)| k.collection == collection)
+        .filter_map(|(_, h)| h.repl.shard().ok())
+        .map(|s| s.stats().serving.map(|g| g.rerank))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebuild_gives_every_replica_its_reduced_precision_rerank_copy() {
+    let mut f = Fixture::start(false).await;
+    // Two shards, a copy of each on both nodes, re-ranking from fp16 copies.
+    f.admin
+        .create_collection(cpb::CreateCollectionRequest {
+            name: "rr".into(),
+            dimension: 16,
+            metric: cpb::Metric::InnerProduct as i32,
+            shard_count: 2,
+            replication_factor: 2,
+            index: Some(cpb::IndexParams {
+                nlist: 4,
+                pq_nbits: 4,
+                rerank: cpb::Rerank::Float16 as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // An unknown precision is refused by name.
+    let e = f
+        .admin
+        .create_collection(cpb::CreateCollectionRequest {
+            name: "bad".into(),
+            dimension: 16,
+            index: Some(cpb::IndexParams {
+                rerank: 9,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        e.code() == tonic::Code::InvalidArgument && e.message().contains("re-ranking precision 9"),
+        "{e}"
+    );
+    let docs: Vec<pb::Document> = (0..400u64)
+        .map(|i| pb::Document {
+            id: format!("r{i}"),
+            vector: vector(i, 16),
+            ..Default::default()
+        })
+        .collect();
+    let t = Instant::now();
+    loop {
+        let r =
+            f.ga.ingest(pb::IngestRequest {
+                collection: "rr".into(),
+                documents: docs.clone(),
+                ..Default::default()
+            })
+            .await;
+        match r {
+            Ok(r) => {
+                assert_eq!(r.into_inner().ingested, 400);
+                break;
+            }
+            Err(e) => assert!(t.elapsed() < Duration::from_secs(30), "ingest: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let build = |rerank: Option<cpb::Rerank>| cpb::StartIndexBuildRequest {
+        collection: "rr".into(),
+        rerank: rerank.map_or(0, |r| r as i32),
+        ..Default::default()
+    };
+    let every = |f: &Fixture| {
+        let mut all = replica_rerank(&f.a, "rr");
+        all.extend(replica_rerank(&f.b, "rr"));
+        all
+    };
+    // The collection's precision, then another chosen by a rebuild, which later
+    // builds keep.
+    for (ask, want) in [
+        (None, shoal_engine::Precision::F16),
+        (Some(cpb::Rerank::Sq8), shoal_engine::Precision::Sq8),
+        (None, shoal_engine::Precision::Sq8),
+    ] {
+        let op = f.admin.start_index_build(build(ask)).await.unwrap();
+        assert_eq!(op.build.as_ref().map(|b| b.rerank), Some(want.wire()));
+        let done = finished_operation_of(&mut f.admin, "rr", op.id, "the build").await;
+        assert_eq!(done.state, "succeeded", "{done:?}");
+        // The operation ends on the primaries' generations; backups fetch theirs.
+        let t = Instant::now();
+        while every(&f) != vec![Some(want); 4] {
+            assert!(t.elapsed() < Duration::from_secs(30), "{:?}", every(&f));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for i in [5u64, 77, 391] {
+            let r =
+                f.gb.search(pb::SearchRequest {
+                    collection: "rr".into(),
+                    vector: vector(i, 16),
+                    k: 3,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(!r.partial);
+            assert_eq!(r.hits[0].id, format!("r{i}"), "{want:?}: {:?}", r.hits);
+        }
+    }
+    f.stop().await;
 }

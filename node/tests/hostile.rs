@@ -812,6 +812,8 @@ fn every_rpc_survives_hostile_messages() {
                             pq_nbits,
                             nprobe,
                             refine: nprobe,
+                            // Any value: unknown precisions are refused by name.
+                            rerank: pq_m as i32,
                         }),
                         shard_count,
                         replication_factor: rf,
@@ -878,14 +880,15 @@ fn every_rpc_survives_hostile_messages() {
     );
     f.rpc(
         "Admin/StartIndexBuild",
-        (coll_name(), hostile_u32(), hostile_u64()),
-        |(collection, nlist, train_sample)| {
+        (coll_name(), hostile_u32(), hostile_u64(), hostile_u32()),
+        |(collection, nlist, train_sample, rerank)| {
             let mut s = AdminClient::new(admin.clone());
             async move {
                 s.start_index_build(req(cpb::StartIndexBuildRequest {
                     collection,
                     nlist,
                     train_sample,
+                    rerank: rerank as i32,
                 }))
                 .await
             }

@@ -14,6 +14,7 @@ pub mod clip;
 pub mod codec;
 pub mod limits;
 pub mod metric;
+pub mod precision;
 pub mod sizing;
 pub mod tls;
 pub mod wire;

@@ -6,6 +6,7 @@ use clap::{Args, Subcommand};
 use shoal_coordinator::{Config, Peer};
 use shoal_proto::client::Client;
 use shoal_proto::coordinator as cpb;
+use shoal_proto::precision::Precision;
 
 /// Flags for one member; each also reads `SHOAL_*` from the environment, and any left
 /// unset come from `--config FILE` (TOML with the same names) or the defaults.
@@ -161,6 +162,10 @@ pub enum CollectionCmd {
         nprobe: u32,
         #[arg(long, default_value_t = 0)]
         refine: u32,
+        /// What re-ranking reads: f32 (the stored vectors), f16 or sq8 (a copy each
+        /// index generation writes at 2 or 1 bytes a dimension).
+        #[arg(long, value_parser = parse_rerank)]
+        rerank: Option<Precision>,
         /// Encoder model id (e.g. all-MiniLM-L6-v2); none for precomputed vectors.
         #[arg(long)]
         model: Option<String>,
@@ -265,7 +270,8 @@ fn collection_json(c: &cpb::Collection) -> serde_json::Value {
         "shards": c.shard_count, "replication_factor": c.replication_factor,
         "write_quorum": c.write_quorum,
         "index": {"nlist": ix.nlist, "pq_m": ix.pq_m, "pq_nbits": ix.pq_nbits,
-                  "nprobe": ix.nprobe, "refine": ix.refine},
+                  "nprobe": ix.nprobe, "refine": ix.refine,
+                  "rerank": Precision::from_wire(ix.rerank).unwrap_or_default().name()},
         "encoder": c.encoder.as_ref().map(|e| e.model_id.clone()),
         "auto_rebuild": match c.auto_rebuild_rows {
             None => serde_json::json!("node default"),
@@ -311,6 +317,7 @@ pub async fn collection(target: Target, cmd: CollectionCmd) -> anyhow::Result<()
             pq_nbits,
             nprobe,
             refine,
+            rerank,
             model,
         } => {
             let metric = match metric.as_str() {
@@ -332,6 +339,7 @@ pub async fn collection(target: Target, cmd: CollectionCmd) -> anyhow::Result<()
                     pq_nbits,
                     nprobe,
                     refine,
+                    rerank: rerank.map_or(0, Precision::wire),
                 }),
                 shard_count: shards,
                 replication_factor,
@@ -571,7 +579,8 @@ fn operation_json(o: &cpb::Operation) -> serde_json::Value {
         "id": o.id, "kind": o.kind, "collection": o.collection, "state": o.state,
         "reason": o.reason, "started_ms": o.started_ms,
         "build": {"nlist": b.nlist, "pq_m": b.pq_m, "pq_nbits": b.pq_nbits,
-                  "train_sample": b.train_sample, "rows_per_shard": b.rows_per_shard},
+                  "train_sample": b.train_sample, "rows_per_shard": b.rows_per_shard,
+                  "rerank": Precision::from_wire(b.rerank).unwrap_or_default().name()},
         "shards": {"total": o.steps.len(), "done": count("done"), "building": count("building"),
                    "queued": count("queued"), "pending": count("pending"), "failed": count("failed")},
         "steps": o.steps.iter().map(|s| serde_json::json!({
@@ -625,6 +634,12 @@ pub async fn operations(target: Target, cmd: OperationsCmd) -> anyhow::Result<()
     Ok(())
 }
 
+/// A re-ranking precision as operators write it.
+pub fn parse_rerank(s: &str) -> Result<Precision, String> {
+    Precision::parse(s)
+        .ok_or_else(|| format!("unknown re-ranking precision {s:?}: use f32, f16 or sq8"))
+}
+
 /// `shoal index build`: starts a collection's index build operation; with `--wait`,
 /// follows it to its end.
 pub async fn index_build(
@@ -632,6 +647,7 @@ pub async fn index_build(
     collection: String,
     nlist: u32,
     train_sample: u64,
+    rerank: Option<Precision>,
     wait: bool,
 ) -> anyhow::Result<()> {
     let mut client = Client::new(target.coordinators);
@@ -640,6 +656,7 @@ pub async fn index_build(
             collection: collection.clone(),
             nlist,
             train_sample,
+            rerank: rerank.map_or(0, Precision::wire),
         })
         .await?;
     follow_operation(&mut client, op, &collection, wait).await

@@ -229,6 +229,10 @@ enum Cmd {
         /// Training vectors (0: at least 39 per list).
         #[arg(long, default_value_t = 0)]
         train_sample: u64,
+        /// Re-ranking precision of the new generations, kept by later builds: f32,
+        /// f16 or sq8 (default: the last build's, else the collection's).
+        #[arg(long, value_parser = coordinator::parse_rerank)]
+        rerank: Option<shoal_proto::precision::Precision>,
         /// Follow the build to its end (the exit status says how it ended).
         #[arg(long)]
         wait: bool,
@@ -417,12 +421,14 @@ fn run(cmd: Cmd, otlp: Option<&str>, rt: &tokio::runtime::Runtime) -> anyhow::Re
             collection,
             nlist,
             train_sample,
+            rerank,
             wait,
         } => rt.block_on(coordinator::index_build(
             target,
             collection,
             nlist,
             train_sample,
+            rerank,
             wait,
         )),
         Cmd::Status { target } => rt.block_on(coordinator::status(target)),

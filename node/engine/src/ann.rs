@@ -189,3 +189,31 @@ fn faiss_metric(m: Metric) -> faiss::MetricType {
         Metric::InnerProduct => faiss::MetricType::InnerProduct,
     }
 }
+
+/// FAISS's own codes for `vectors` from a standalone codec (`factory`: "SQ8",
+/// "SQfp16") trained on `sample`: the reference the re-ranking copy's codecs are
+/// checked against (`rerank.rs`).
+#[cfg(test)]
+pub fn faiss_sa_encode(dim: usize, factory: &str, sample: &[f32], vectors: &[f32]) -> Vec<u8> {
+    let mut index = faiss::index_factory(dim as u32, factory, faiss::MetricType::L2).unwrap();
+    index.train(sample).unwrap();
+    let mut size = 0usize;
+    // SAFETY: valid index pointer; `size` is written by FAISS.
+    assert_eq!(
+        unsafe { faiss_sys::faiss_Index_sa_code_size(index.inner_ptr(), &mut size) },
+        0
+    );
+    let n = vectors.len() / dim;
+    let mut codes = vec![0u8; n * size];
+    // SAFETY: `vectors` holds n * d floats and `codes` n * sa_code_size bytes.
+    let rc = unsafe {
+        faiss_sys::faiss_Index_sa_encode(
+            index.inner_ptr(),
+            n as faiss_sys::idx_t,
+            vectors.as_ptr(),
+            codes.as_mut_ptr(),
+        )
+    };
+    assert_eq!(rc, 0, "{}", last_error());
+    codes
+}

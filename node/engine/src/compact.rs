@@ -556,6 +556,7 @@ impl Generation {
         Self {
             info,
             index: self.index.clone(),
+            rerank: self.rerank.clone(),
             remaps,
         }
     }

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::error::ShardError;
+use super::rerank::Precision;
 
 /// Largest `k` a search may ask for: beyond it a scatter-gather query would move
 /// megabytes per shard for a result nobody reads.
@@ -129,6 +130,10 @@ pub struct CollectionConfig {
     /// on a 2-core node concurrent queries give the parallelism, and OpenMP teams
     /// per query would oversubscribe the cores (see ADR 0001).
     pub build_threads: usize,
+    /// What re-ranking reads for index candidates (issue 19): the full vectors, or a
+    /// reduced-precision copy each generation writes (`rerank.rs`).
+    #[serde(default)]
+    pub rerank: Precision,
 }
 
 impl CollectionConfig {
@@ -154,6 +159,7 @@ impl CollectionConfig {
             seed: 0x0051_40a1,
             auto_rebuild_tail: 50_000,
             build_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            rerank: Precision::F32,
         }
     }
 

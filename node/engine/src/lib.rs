@@ -15,6 +15,7 @@ mod manifest;
 mod metadata;
 mod record;
 mod requests;
+mod rerank;
 mod rows;
 mod storage;
 mod topk;
@@ -45,11 +46,13 @@ pub use config::{
 };
 pub use error::{Result, ShardError};
 pub use metadata::Metadata;
+pub use rerank::Precision;
 pub use storage::{sync_dir, write_atomic};
 pub use wal::{WalBatch, WalOp};
 
 use ann::AnnIndex;
-use manifest::{GenerationMeta, Manifest};
+use manifest::{GenerationMeta, Manifest, RerankMeta};
+use rerank::{Codec, RerankCopy};
 use storage::{DocsFile, DocsReader, SegmentEntry, VectorStore, VectorView};
 use topk::TopK;
 use wal::Wal;
@@ -109,8 +112,7 @@ fn snapshot_files(m: &Manifest) -> Vec<(String, u64)> {
         (vectors, m.rows * m.config.dimension as u64 * 4),
     ];
     if let Some(g) = &m.serving {
-        files.push((g.file.clone(), g.bytes));
-        files.extend(g.remaps.iter().map(|r| (r.file.clone(), r.bytes)));
+        files.extend(g.files().map(|(f, n)| (f.clone(), n)));
     }
     files
 }
@@ -137,6 +139,10 @@ pub struct GenerationChunk {
 struct GenerationExport {
     meta: GenerationMeta,
     covered_epoch: u64,
+    /// The trained codec of its re-ranking copy: the receiver encodes its own copy
+    /// from its own vectors (which equal the builder's up to `covered_seq`).
+    #[serde(default)]
+    codec: Option<Codec>,
 }
 
 #[derive(Clone, Debug)]
@@ -209,6 +215,8 @@ pub struct GenerationInfo {
     pub params: IvfPqParams,
     pub index_file_bytes: u64,
     pub build_seconds: f64,
+    /// What re-ranking reads for its candidates (`rerank.rs`).
+    pub rerank: Precision,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -225,6 +233,8 @@ pub struct ShardStats {
 struct Generation {
     info: GenerationInfo,
     index: Arc<AnnIndex>,
+    /// The reduced-precision copy re-ranking reads, indexed by label.
+    rerank: Option<Arc<RerankCopy>>,
     /// Row maps of the compactions since it was built, oldest first: its labels are
     /// the row numbers of its build's layout.
     remaps: Vec<Arc<RowMap>>,
@@ -335,6 +345,9 @@ struct Inner {
     /// the cluster's index build operation sizes them from the shards), used in place
     /// of the manifest's by every build that names none. Not persisted.
     build_params: Mutex<Option<(IvfPqParams, usize)>>,
+    /// The re-ranking precision the next build gives its generation: the manifest's
+    /// at open, then the collection's in the cluster map ([`Shard::set_rerank`]).
+    rerank: Mutex<Precision>,
     poisoned: AtomicBool,
     /// Why a write poisoned this handle (not set by [`Shard::retire`]): reported to
     /// the coordinators so the replica leaves its shard's quorum until it is reopened.
@@ -504,6 +517,7 @@ impl Shard {
                 dir: dir.to_owned(),
                 auto_rebuild_tail: AtomicUsize::new(config.auto_rebuild_tail),
                 build_params: Mutex::new(None),
+                rerank: Mutex::new(config.rerank),
                 config,
                 writer: Mutex::new(writer),
                 state: RwLock::new(state),
@@ -963,6 +977,7 @@ impl Shard {
                     p.k
                 };
                 let candidates = g.index.search(query, want, nprobe)?;
+                let mut decoded = vec![0f32; if g.rerank.is_some() { cfg.dimension } else { 0 }];
                 let st = self.inner.state.read();
                 if st.layout != layout {
                     return Ok(None);
@@ -971,8 +986,14 @@ impl Shard {
                     let Some(row) = g.row(label).filter(|&r| st.rows.is_live(r)) else {
                         continue;
                     };
-                    let score = match p.mode {
-                        SearchMode::Rerank => metric.score(query, st.vectors.get(row)),
+                    let score = match (p.mode, &g.rerank) {
+                        // From the generation's reduced-precision copy (by label), else
+                        // the full vectors (by row); a label past the copy is never
+                        // returned by its own index, and falls back all the same.
+                        (SearchMode::Rerank, Some(copy)) => copy
+                            .score(metric, query, label, &mut decoded)
+                            .unwrap_or_else(|| metric.score(query, st.vectors.get(row))),
+                        (SearchMode::Rerank, None) => metric.score(query, st.vectors.get(row)),
                         _ => approx,
                     };
                     top.push(row, score);
@@ -1084,6 +1105,18 @@ impl Shard {
             .unwrap_or((self.inner.config.index, self.inner.config.train_sample))
     }
 
+    /// Sets the re-ranking precision of the generations built from now on (issue 19:
+    /// chosen for the collection at its creation or by a rebuild). Not persisted: the
+    /// cluster map holds the choice; the one the shard was created with is the default.
+    pub fn set_rerank(&self, p: Precision) {
+        *self.inner.rerank.lock() = p;
+    }
+
+    /// The precision the next build gives its generation.
+    pub fn rerank(&self) -> Precision {
+        *self.inner.rerank.lock()
+    }
+
     /// Sets how many fresh rows (written since the serving generation) start a rebuild;
     /// 0 turns automatic rebuilds off. Not persisted: the cluster map holds the policy
     /// and the node applies it to every replica it opens.
@@ -1138,6 +1171,7 @@ impl Shard {
         };
         let sample = gather(&view, &picked);
         let mut index = AnnIndex::train(dim, cfg.metric, params, &sample)?;
+        let codec = Codec::train(self.rerank(), dim, &sample);
         drop(sample);
         let trained_s = started.elapsed().as_secs_f64();
         for chunk in live.chunks(BUILD_CHUNK_ROWS) {
@@ -1146,8 +1180,9 @@ impl Shard {
         // Catch up with writes that landed during the build, so the new generation
         // starts with a small fresh tail.
         let mut covered_seq = 0;
+        let mut view = view;
         for _ in 0..4 {
-            let (rows, view) = {
+            let (rows, latest) = {
                 // Under the writer: the rows published are exactly those of the
                 // batches up to `last_seq`.
                 let w = self.inner.writer.lock();
@@ -1158,6 +1193,7 @@ impl Shard {
                 covered_seq = w.last_seq;
                 (rows, st.vectors.clone())
             };
+            view = latest;
             if rows.is_empty() {
                 break;
             }
@@ -1165,6 +1201,10 @@ impl Shard {
                 index.add(&gather(&view, chunk), chunk)?;
             }
         }
+        let rerank = match &codec {
+            Some(codec) => Some(self.write_rerank(gen_id, codec, &view, covered)?),
+            None => None,
+        };
 
         let file = format!("gen-{gen_id:08}.faiss");
         let partial = self.inner.dir.join(format!("{file}.partial"));
@@ -1184,6 +1224,7 @@ impl Shard {
             params,
             index_file_bytes: bytes,
             build_seconds: started.elapsed().as_secs_f64(),
+            rerank: codec.as_ref().map_or(Precision::F32, |c| c.precision),
         };
         let meta = GenerationMeta {
             id: gen_id,
@@ -1197,12 +1238,14 @@ impl Shard {
             covered_seq,
             layout: self.inner.state.read().layout,
             remaps: Vec::new(),
+            rerank: rerank.as_ref().map(|(m, _)| m.clone()),
         };
         self.swap_in(
             meta,
             Generation {
                 info: info.clone(),
                 index: Arc::new(index),
+                rerank: rerank.map(|(_, c)| Arc::new(c)),
                 remaps: Vec::new(),
             },
         )?;
@@ -1216,6 +1259,38 @@ impl Shard {
             "index generation swapped in"
         );
         Ok(info)
+    }
+
+    /// Writes generation `gen_id`'s re-ranking copy of rows `0..rows` (the labels it
+    /// may return) and opens it.
+    fn write_rerank(
+        &self,
+        gen_id: u64,
+        codec: &Codec,
+        view: &VectorView,
+        rows: u64,
+    ) -> Result<(RerankMeta, RerankCopy)> {
+        let file = rerank::file_name(gen_id);
+        let partial = self.inner.dir.join(format!("{file}.partial"));
+        let written = rerank::write(&partial, codec, view, rows);
+        let (crc32, bytes) = match written {
+            Ok(w) => w,
+            Err(e) => {
+                rerank::remove(&partial);
+                return Err(e);
+            }
+        };
+        let path = self.inner.dir.join(&file);
+        fs::rename(&partial, &path).map_err(ShardError::io(&path))?;
+        storage::sync_dir(&self.inner.dir)?;
+        let copy = RerankCopy::load(&path, crc32, bytes, self.inner.config.dimension)?;
+        let meta = RerankMeta {
+            precision: codec.precision,
+            file,
+            crc32,
+            bytes,
+        };
+        Ok((meta, copy))
     }
 
     /// Makes `generation` (its file already in the shard's directory, fsynced) the
@@ -1236,7 +1311,7 @@ impl Shard {
             old
         };
         if let Some(old) = old {
-            for file in std::iter::once(&old.file).chain(old.remaps.iter().map(|r| &r.file)) {
+            for (file, _) in old.files() {
                 let path = self.inner.dir.join(file);
                 fs::remove_file(&path).map_err(ShardError::io(&path))?;
             }
@@ -1273,10 +1348,15 @@ impl Shard {
             // Opened while the manifest names it: a later swap cannot pull it away.
             let path = self.inner.dir.join(&g.file);
             let f = fs::File::open(&path).map_err(ShardError::io(&path))?;
+            // The serving generation in memory is the manifest's (both swap under
+            // the writer).
+            let codec = (self.inner.state.read().serving.as_ref())
+                .and_then(|s| s.rerank.as_ref().map(|c| c.codec().clone()));
             (
                 GenerationExport {
                     meta: g,
                     covered_epoch,
+                    codec,
                 },
                 f,
             )
@@ -1345,6 +1425,14 @@ impl Shard {
             return refused(format!("file name {:?} is not the generation's", g.file));
         }
         g.params.validate(self.inner.config.dimension)?;
+        if let Some(codec) = &export.codec {
+            if let Err(why) = codec.check(self.inner.config.dimension) {
+                return refused(format!("its re-ranking codec: {why}"));
+            }
+        }
+        if export.codec.as_ref().map(|c| c.precision) != g.rerank.as_ref().map(|r| r.precision) {
+            return refused("its re-ranking copy and codec disagree".into());
+        }
         {
             let w = self.inner.writer.lock();
             let st = self.inner.state.read();
@@ -1404,6 +1492,18 @@ impl Shard {
                 self.inner.config.dimension
             ));
         }
+        // The re-ranking copy is encoded here from this replica's own rows, which are
+        // the builder's up to `covered_rows` (the histories agree up to `covered_seq`).
+        let mut g = g;
+        let rerank = match &export.codec {
+            Some(codec) => {
+                let view = self.inner.state.read().vectors.clone();
+                let (meta, copy) = self.write_rerank(g.id, codec, &view, g.covered_rows)?;
+                g.rerank = Some(meta);
+                Some(Arc::new(copy))
+            }
+            None => None,
+        };
         let info = GenerationInfo {
             id: g.id,
             covered_rows: g.covered_rows,
@@ -1411,6 +1511,7 @@ impl Shard {
             params: g.params,
             index_file_bytes: g.bytes,
             build_seconds: g.build_seconds,
+            rerank: g.rerank.as_ref().map_or(Precision::F32, |r| r.precision),
         };
         tracing::info!(
             generation = g.id,
@@ -1425,6 +1526,7 @@ impl Shard {
             Generation {
                 info: info.clone(),
                 index: Arc::new(index),
+                rerank,
                 remaps: Vec::new(),
             },
         )?;
@@ -1825,6 +1927,15 @@ fn load_generation(dir: &Path, meta: &GenerationMeta) -> Result<Generation> {
         .iter()
         .map(|r| compact::load_remap(dir, r).map(Arc::new))
         .collect::<Result<Vec<_>>>()?;
+    let rerank = match &meta.rerank {
+        Some(r) => Some(Arc::new(RerankCopy::load(
+            &dir.join(&r.file),
+            r.crc32,
+            r.bytes,
+            index.dim(),
+        )?)),
+        None => None,
+    };
     Ok(Generation {
         info: GenerationInfo {
             id: meta.id,
@@ -1833,8 +1944,10 @@ fn load_generation(dir: &Path, meta: &GenerationMeta) -> Result<Generation> {
             params: meta.params,
             index_file_bytes: meta.bytes,
             build_seconds: meta.build_seconds,
+            rerank: meta.rerank.as_ref().map_or(Precision::F32, |r| r.precision),
         },
         index,
+        rerank,
         remaps,
     })
 }

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::config::{CollectionConfig, IvfPqParams};
 use super::error::{Result, ShardError};
+use super::rerank::Precision;
 use super::storage::write_atomic;
 
 const FORMAT: u32 = 1;
@@ -38,6 +39,29 @@ pub struct GenerationMeta {
     /// One file per compaction since it was built, oldest first (`compact::RowMap`).
     #[serde(default)]
     pub remaps: Vec<RemapMeta>,
+    /// Its reduced-precision re-ranking copy (`rerank.rs`), if it was built with one.
+    #[serde(default)]
+    pub rerank: Option<RerankMeta>,
+}
+
+/// A generation's re-ranking copy: its precision and file. The file is this
+/// replica's own encoding of its vectors (a generation taken from another replica
+/// gets its copy encoded here), so its checksum is never compared across replicas.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RerankMeta {
+    pub precision: Precision,
+    pub file: String,
+    pub crc32: u32,
+    pub bytes: u64,
+}
+
+impl GenerationMeta {
+    /// Every file of the generation: its index, its re-ranking copy, its row maps.
+    pub fn files(&self) -> impl Iterator<Item = (&String, u64)> {
+        std::iter::once((&self.file, self.bytes))
+            .chain(self.rerank.iter().map(|r| (&r.file, r.bytes)))
+            .chain(self.remaps.iter().map(|r| (&r.file, r.bytes)))
+    }
 }
 
 /// A compaction's row map, kept while a generation built before it serves.
@@ -165,8 +189,7 @@ impl Manifest {
         let (docs, vectors) = self.segments();
         let mut keep = vec![docs, vectors];
         if let Some(g) = &self.serving {
-            keep.push(g.file.clone());
-            keep.extend(g.remaps.iter().map(|r| r.file.clone()));
+            keep.extend(g.files().map(|(f, _)| f.clone()));
         }
         for entry in fs::read_dir(dir).map_err(ShardError::io(dir))? {
             let path = entry.map_err(ShardError::io(dir))?.path();

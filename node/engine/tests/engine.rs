@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use shoal_engine::{
-    CollectionConfig, Document, IvfPqParams, Metadata, Metric, Scoring, SearchMode, SearchParams,
-    Shard, ShardError, WalOp, WriteOp,
+    CollectionConfig, Document, IvfPqParams, Metadata, Metric, Precision, Scoring, SearchMode,
+    SearchParams, Shard, ShardError, WalOp, WriteOp,
 };
 
 /// The id of a batch's first operation.
@@ -1514,4 +1514,169 @@ fn t73_sigkill_during_compactions_loses_no_acknowledged_write() {
         layouts.len() > 2,
         "compactions never completed: {layouts:?}"
     );
+}
+
+// ---- reduced-precision re-ranking copies (issue 19) ----
+
+/// The shard's file names.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn t80_reduced_precision_copies_rerank_close_to_full_precision() {
+    let queries: Vec<_> = (0..50).map(|i| vector_for(&format!("query{i}"))).collect();
+    for metric in [Metric::L2, Metric::InnerProduct] {
+        let mut recalls = Vec::new();
+        for p in [Precision::F32, Precision::F16, Precision::Sq8] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut cfg = config(metric);
+            cfg.rerank = p;
+            let shard = Shard::create(dir.path(), cfg).unwrap();
+            for chunk in docs("v", 6000).chunks(1000) {
+                shard.upsert(chunk.to_vec()).unwrap();
+            }
+            let info = shard.rebuild(None).unwrap();
+            assert_eq!(info.rerank, p);
+            // One code per covered row after a 64-byte-aligned header (SQ8's ranges
+            // in it), only when there is a copy.
+            let copy = dir.path().join("gen-00000001.rerank");
+            match p {
+                Precision::F32 => assert!(!copy.exists(), "{:?}", names_in(dir.path())),
+                _ => {
+                    let header = if p == Precision::Sq8 { 320 } else { 64 };
+                    let want = header + 6000 * p.code_bytes(DIM) as u64;
+                    assert_eq!(fs::metadata(&copy).unwrap().len(), want, "{p:?}");
+                }
+            }
+            recalls.push(recall(&shard, &queries, SearchParams::top(10)));
+            // Scores come from the copy: close to exact, not equal for SQ8.
+            let q = &queries[3];
+            let hits = shard.search(q, SearchParams::top(10)).unwrap().hits;
+            let mut worst = 0f32;
+            for h in &hits {
+                let stored = shard.get(&h.id).unwrap().unwrap().vector;
+                let exact = metric.score(q, &stored);
+                worst = worst.max((exact - h.score).abs() / exact.abs().max(1.0));
+            }
+            let bound = match p {
+                Precision::F32 => 1e-4,
+                Precision::F16 => 1e-2,
+                Precision::Sq8 => 0.1,
+            };
+            eprintln!("t80 {metric:?} {p:?}: worst relative score error {worst:.5}");
+            assert!(worst <= bound, "{metric:?} {p:?}: score error {worst}");
+            // Reopened, the copy is loaded and answers the same.
+            drop(shard);
+            let shard = Shard::open(dir.path()).unwrap();
+            assert_eq!(shard.stats().serving.map(|g| g.rerank), Some(p));
+            assert_eq!(shard.search(q, SearchParams::top(10)).unwrap().hits, hits);
+        }
+        eprintln!(
+            "t80 {metric:?}: recall@10 f32 {:.3} f16 {:.3} sq8 {:.3}",
+            recalls[0], recalls[1], recalls[2]
+        );
+        assert!(recalls[0] >= 0.9, "{recalls:?}");
+        assert!(recalls[1] >= recalls[0] - 0.01, "{recalls:?}");
+        assert!(recalls[2] >= recalls[0] - 0.05, "{recalls:?}");
+    }
+}
+
+#[test]
+fn t81_a_copy_follows_rebuilds_backups_snapshots_compactions_and_damage() {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let primary = Shard::create(dirs[0].path(), config(Metric::L2)).unwrap();
+    let backup = Shard::create(dirs[1].path(), config(Metric::L2)).unwrap();
+    primary.set_auto_compact(false);
+    backup.set_auto_compact(false);
+    let follow = |ops: Vec<WriteOp>, i: &mut usize| {
+        *i += 1;
+        let (_, batch) = primary.write_as(ops, 1, &format!("r{i}")).unwrap();
+        backup
+            .append_replicated(&[(*batch.unwrap()).clone()])
+            .unwrap();
+    };
+    let mut n = 0;
+    for chunk in docs("c", 2000).chunks(500) {
+        follow(chunk.iter().cloned().map(WriteOp::Upsert).collect(), &mut n);
+    }
+    // Chosen by a rebuild: the next generation has a copy, the one after it none
+    // and the file goes with the generation it belonged to.
+    assert_eq!(primary.rebuild(None).unwrap().rerank, Precision::F32);
+    primary.set_rerank(Precision::Sq8);
+    let built = primary.rebuild(None).unwrap();
+    assert_eq!((built.id, built.rerank), (2, Precision::Sq8));
+    assert!(names_in(dirs[0].path()).contains(&"gen-00000002.rerank".to_string()));
+
+    // A backup taking the generation encodes its own copy, identical to the builder's.
+    let tmp = tempfile::tempdir().unwrap();
+    let (meta, file) = fetch_generation(&primary, built.id, tmp.path());
+    assert_eq!(
+        backup.rerank(),
+        Precision::F32,
+        "the backup's own choice is not asked"
+    );
+    let got = backup.install_generation(&meta, &file).unwrap();
+    assert_eq!(got.rerank, Precision::Sq8);
+    let copy = |d: &Path| fs::read(d.join("gen-00000002.rerank")).unwrap();
+    assert_eq!(copy(dirs[0].path()), copy(dirs[1].path()));
+    let queries: Vec<Vec<f32>> = ["c1", "c999", "q-7", "q-8"]
+        .iter()
+        .map(|q| vector_for(q))
+        .collect();
+    let top = |s: &Shard| -> Vec<Vec<shoal_engine::Hit>> {
+        queries
+            .iter()
+            .map(|q| s.search(q, SearchParams::top(10)).unwrap().hits)
+            .collect()
+    };
+    let want = top(&primary);
+    assert_eq!(top(&backup), want);
+
+    // A snapshot carries the copy; the restored shard answers the same.
+    let snap = primary.snapshot().unwrap();
+    let names: Vec<&str> = snap.files.iter().map(|(n, _, _)| n.as_str()).collect();
+    assert!(names.contains(&"gen-00000002.rerank"), "{names:?}");
+    copy_snapshot(&snap, dirs[2].path());
+    let restored = Shard::open(dirs[2].path()).unwrap();
+    assert_eq!(top(&restored), want);
+    drop(restored);
+
+    // A compaction keeps the copy serving through the row map: labels, not rows,
+    // index it. The deleted rows go from the answers, nothing else changes.
+    follow(
+        vec![WriteOp::Delete("c1".into()), WriteOp::Delete("c2".into())],
+        &mut n,
+    );
+    let want: Vec<Vec<shoal_engine::Hit>> = top(&primary);
+    assert!(want.iter().flatten().all(|h| &*h.id != "c1"));
+    follow(vec![WriteOp::Compact], &mut n);
+    primary.compact_pending().unwrap().expect("compacted");
+    backup.compact_pending().unwrap().expect("compacted");
+    assert_eq!(top(&primary), want);
+    assert_eq!(top(&backup), want);
+    assert!(names_in(dirs[0].path()).contains(&"gen-00000002.rerank".to_string()));
+
+    // A damaged copy is refused at open, by name; nothing is served from it.
+    drop(backup);
+    flip_byte(&dirs[1].path().join("gen-00000002.rerank"), 1000);
+    let e = Shard::open(dirs[1].path())
+        .err()
+        .expect("a damaged copy is refused");
+    assert!(
+        matches!(e, ShardError::Corrupt { ref file, .. } if file.ends_with("gen-00000002.rerank")),
+        "{e}"
+    );
+
+    // Back to full precision: the next generation has no copy, the old one's goes.
+    primary.set_rerank(Precision::F32);
+    assert_eq!(primary.rebuild(None).unwrap().rerank, Precision::F32);
+    assert!(!names_in(dirs[0].path())
+        .iter()
+        .any(|n| n.ends_with(".rerank")));
 }

@@ -242,6 +242,17 @@ impl Builds {
                 if let Some(p) = chosen.filter(|&p| shard.build_params() != p) {
                     shard.set_build_params(Some(p));
                 }
+                // The re-ranking precision likewise: the last build's, else the
+                // collection's (issue 19).
+                let rerank = op
+                    .and_then(|(o, _)| o.build.as_ref())
+                    .map(|b| b.rerank)
+                    .or_else(|| c.index.as_ref().map(|ix| ix.rerank))
+                    .and_then(shoal_engine::Precision::from_wire)
+                    .unwrap_or_default();
+                if shard.rerank() != rerank {
+                    shard.set_rerank(rerank);
+                }
                 let Some((o, true)) = op else {
                     continue;
                 };

@@ -88,6 +88,7 @@ fn shard_config(c: &cpb::Collection, node_default: usize) -> CollectionConfig {
         cfg.index.nbits = ix.pq_nbits as usize;
         cfg.nprobe = ix.nprobe as usize;
         cfg.refine_factor = ix.refine as usize;
+        cfg.rerank = shoal_engine::Precision::from_wire(ix.rerank).unwrap_or_default();
     }
     cfg.train_sample = cfg.train_sample.max(cfg.index.nlist);
     cfg.auto_rebuild_tail = auto_rebuild_tail(c, node_default);
