@@ -22,8 +22,9 @@ const K: usize = 10;
 
 #[derive(Args, Debug)]
 pub struct RerankArgs {
-    /// `fashion-mnist` (60,000 x 784, L2) or a BEIR-layout directory, encoded with
-    /// shoal's Burn encoder (inner product).
+    /// `fashion-mnist` (60,000 x 784, L2), `synthetic` (`--n` x 384, inner product,
+    /// clustered) or a BEIR-layout directory, encoded with shoal's Burn encoder (inner
+    /// product).
     #[arg(long, default_value = "fashion-mnist")]
     dataset: String,
     #[arg(
@@ -44,6 +45,15 @@ pub struct RerankArgs {
     /// Search threads for the QPS figures.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Rows of the synthetic set.
+    #[arg(long, default_value_t = 1_000_000)]
+    n: usize,
+    /// Queries run under a page-cache budget of this many bytes (0: none): each
+    /// shard's files are dropped from the page cache and its queries run in a memory
+    /// cgroup (v1) of that size, so the rows re-ranking reads and that do not fit are
+    /// read from disk again: the case the reduced copies are for.
+    #[arg(long, default_value_t = 0)]
+    cache_limit: u64,
     /// Where the shards are written (temporary dirs under it).
     #[arg(long, default_value = "/tmp")]
     work_dir: PathBuf,
@@ -61,17 +71,23 @@ struct Data {
 }
 
 fn load(args: &RerankArgs) -> Result<Data> {
-    if args.dataset == "fashion-mnist" {
-        let ds = datasets::fashion_mnist(Path::new(datasets::FASHION_MNIST_DIR))?;
-        return Ok(Data {
-            name: ds.name.clone(),
-            dim: ds.dim,
-            metric: ds.metric,
-            ids: (0..ds.n_base()).map(|i| i.to_string()).collect(),
-            base: (0..ds.n_base()).map(|i| ds.row(i).to_vec()).collect(),
-            queries: (0..ds.n_queries()).map(|i| ds.query(i).to_vec()).collect(),
-            judged: None,
-        });
+    // Vector sets: ids are row numbers, the truth is the shard's exact search.
+    let vectors = |ds: datasets::Dataset| Data {
+        name: ds.name.clone(),
+        dim: ds.dim,
+        metric: ds.metric,
+        ids: (0..ds.n_base()).map(|i| i.to_string()).collect(),
+        base: (0..ds.n_base()).map(|i| ds.row(i).to_vec()).collect(),
+        queries: (0..ds.n_queries()).map(|i| ds.query(i).to_vec()).collect(),
+        judged: None,
+    };
+    match args.dataset.as_str() {
+        "synthetic" => return Ok(vectors(datasets::synthetic(args.n, 10_000, 384, 42))),
+        "fashion-mnist" => {
+            let dir = Path::new(datasets::FASHION_MNIST_DIR);
+            return Ok(vectors(datasets::fashion_mnist(dir)?));
+        }
+        _ => {}
     }
     let dir = PathBuf::from(&args.dataset);
     let corpus = read_jsonl(&dir.join("corpus.jsonl"))?;
@@ -191,6 +207,19 @@ pub fn run(args: RerankArgs) -> Result<()> {
             ids_of(&shard, &data.queries[i], approx)
         });
         let top = SearchParams::top(K);
+        // Under a budget the shard is closed (its maps let go of the pages), its files
+        // dropped from the page cache, and opened again inside the cgroup: what it
+        // holds and reads from then on counts against the budget.
+        let (shard, limit) = match args.cache_limit {
+            0 => (shard, None),
+            bytes => {
+                drop(shard);
+                evict(&dir)?;
+                let limit = CacheLimit::enter(bytes)?;
+                (Shard::open(&dir)?, Some(limit))
+            }
+        };
+        let faults_before = major_faults();
         // Warm-up, then the best of three timed passes.
         run_queries(nq.min(200), args.threads, |i| {
             ids_of(&shard, &data.queries[i], top)
@@ -202,6 +231,9 @@ pub fn run(args: RerankArgs) -> Result<()> {
             got = g;
             qps = qps.max(q);
         }
+        let faults = major_faults() - faults_before;
+        drop(shard);
+        drop(limit);
         let recall = got
             .iter()
             .zip(&truth)
@@ -242,6 +274,8 @@ pub fn run(args: RerankArgs) -> Result<()> {
                    "rerank_bytes_vs_f32": rerank_bytes as f64 / vectors_bytes as f64,
                    "disk_bytes_per_vector": disk / n as f64,
                    "same_ivfpq_candidates": same_candidates,
+                   "cache_limit_bytes": args.cache_limit,
+                   "major_faults_per_query": faults as f64 / (nq * 3 + nq.min(200)) as f64,
                    "build_s": build_s, "generation": info.id})
         );
         if baseline.is_none() {
@@ -259,4 +293,61 @@ fn ids_of(shard: &Shard, q: &[f32], p: SearchParams) -> Vec<String> {
         .into_iter()
         .map(|h| h.id.to_string())
         .collect()
+}
+
+/// Drops a shard's files from the page cache (`POSIX_FADV_DONTNEED`, no privilege
+/// needed): its next reads come from disk, charged to the cgroup they happen in.
+fn evict(dir: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    for e in std::fs::read_dir(dir)? {
+        let f = std::fs::File::open(e?.path())?;
+        f.sync_all().ok();
+        // SAFETY: a valid descriptor; advice only.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    }
+    Ok(())
+}
+
+/// Major page faults of this process so far (pages read from disk).
+fn major_faults() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command's closing parenthesis; majflt is the 12th field.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(9))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// This process inside a child memory cgroup (v1) of `limit` bytes while it lives:
+/// pages it faults in from then on (the re-ranked rows) count against the limit; what
+/// it held before stays charged where it was.
+struct CacheLimit {
+    dir: PathBuf,
+    parent: PathBuf,
+}
+
+impl CacheLimit {
+    fn enter(limit: u64) -> Result<Self> {
+        let cgroups = std::fs::read_to_string("/proc/self/cgroup")?;
+        let path = cgroups
+            .lines()
+            .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_owned()))
+            .context("no v1 memory cgroup for this process")?;
+        let parent = Path::new("/sys/fs/cgroup/memory").join(path.trim_start_matches('/'));
+        let dir = parent.join(format!("shoal-rerank-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).context("creating the memory cgroup")?;
+        std::fs::write(dir.join("memory.limit_in_bytes"), limit.to_string())?;
+        std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())?;
+        Ok(Self { dir, parent })
+    }
+}
+
+impl Drop for CacheLimit {
+    fn drop(&mut self) {
+        let _ = std::fs::write(
+            self.parent.join("cgroup.procs"),
+            std::process::id().to_string(),
+        );
+        let _ = std::fs::remove_dir(&self.dir);
+    }
 }

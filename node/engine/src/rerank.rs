@@ -154,8 +154,18 @@ impl Codec {
         match self.precision {
             Precision::F32 => unreachable!("no copy at full precision"),
             Precision::F16 => {
-                for (c, o) in code.chunks_exact(2).zip(out.iter_mut()) {
-                    *o = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                use half::slice::HalfFloatSliceExt;
+                // Through half's slice conversion: F16C instructions where the CPU has
+                // them (detected at run time); one value at a time decoded in software
+                // made fp16 re-ranking 0.89x float32's queries per second on
+                // Fashion-MNIST.
+                match bytemuck_f16(code) {
+                    Some(h) => h.convert_to_f32_slice(out),
+                    None => {
+                        for (c, o) in code.chunks_exact(2).zip(out.iter_mut()) {
+                            *o = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                        }
+                    }
                 }
             }
             Precision::Sq8 => {
@@ -262,6 +272,19 @@ impl RerankCopy {
         self.codec.decode(&self.map[at..at + n], buf);
         Some(metric.score(query, buf))
     }
+}
+
+/// `code` as half floats, when it is 2-byte aligned (codes in a copy always are: the
+/// map is page aligned, the header 64 bytes, each code 2 bytes a dimension).
+#[inline]
+fn bytemuck_f16(code: &[u8]) -> Option<&[half::f16]> {
+    if !(code.as_ptr() as usize).is_multiple_of(2) || !code.len().is_multiple_of(2) {
+        return None;
+    }
+    // SAFETY: aligned and sized for u16s as checked; `f16` is a transparent u16 and
+    // every bit pattern is a valid f16; little-endian hosts only (storage.rs refuses
+    // big-endian ones), so the stored bytes are the value.
+    Some(unsafe { std::slice::from_raw_parts(code.as_ptr().cast::<half::f16>(), code.len() / 2) })
 }
 
 fn parse_header(b: &[u8]) -> std::result::Result<(Codec, u64, usize), String> {

@@ -17,11 +17,18 @@
 //! that fails or is refused (the primary moved on, another history) falls back to a
 //! local build under the same admission control. A restarted node finds the steps
 //! still pending in the map and queues them again.
+//!
+//! Compactions (issue 19) run under the same admission control: a replica whose log
+//! holds a compaction not yet done (`Shard::compaction_pending`, on every replica,
+//! backups included) queues one, which takes a slot and its estimated memory
+//! ([`shoal_engine::compaction_memory`]) like a build; a failed one is tried again after
+//! [`COMPACT_RETRY`], counted in `shoal_compaction_failures_total`. The engine's own
+//! compaction thread is off on a node's replicas (`replicas.rs` opens them manual).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use shoal_engine::{IvfPqParams, Shard};
@@ -37,6 +44,12 @@ use super::transport::{ReplicaApi, Transports};
 const FETCH_CALL: Duration = Duration::from_secs(60);
 /// How long a fetched generation waits for this backup to hold the batches it covers.
 const FETCH_CATCH_UP: Duration = Duration::from_secs(60);
+/// A failed compaction waits this long before the next attempt (a full disk must not
+/// turn every reconcile into a rewrite).
+const COMPACT_RETRY: Duration = Duration::from_secs(60);
+/// A compaction that found the shard's build claim taken (a build the engine started
+/// on its own) is asked again this soon.
+const COMPACT_BUSY_RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Phase {
@@ -76,11 +89,21 @@ pub struct BuildReport {
     pub error: String,
 }
 
+/// A compaction a replica's log asked for, waiting for or holding a slot.
+#[derive(Clone, Debug)]
+struct CompactJob {
+    memory: u64,
+    running: bool,
+    /// After a failure (or a busy shard): not started before this.
+    not_before: Option<Instant>,
+}
+
 #[derive(Default)]
 struct State {
     running: usize,
     reserved: u64,
     jobs: HashMap<ReplicaKey, Job>,
+    compactions: HashMap<ReplicaKey, CompactJob>,
 }
 
 pub struct Builds {
@@ -312,6 +335,22 @@ impl Builds {
                     );
                 }
             }
+            // Compactions the replicas' logs hold and no job runs yet; jobs of replicas
+            // gone are forgotten (a running one finishes first).
+            for (key, shard) in &hosted {
+                if shard.compaction_pending().is_some() && !st.compactions.contains_key(key) {
+                    st.compactions.insert(
+                        key.clone(),
+                        CompactJob {
+                            memory: shoal_engine::compaction_memory(shard.rows() as u64),
+                            running: false,
+                            not_before: None,
+                        },
+                    );
+                }
+            }
+            st.compactions
+                .retain(|k, j| j.running || hosted.iter().any(|(h, _)| h == k));
             // A catch-up fetch is kept until it is done, and a failed one while its
             // primary still serves that generation (tried again when it moves on).
             let primary_serving = |k: &ReplicaKey| primary_generation(view, k);
@@ -448,6 +487,7 @@ impl Builds {
             .map(|(k, j)| (j.op, k.clone()))
             .collect();
         queued.sort();
+        let mut build_waits = false;
         for (_, key) in queued {
             let j = st.jobs.get(&key).expect("listed").clone();
             match admit_one(
@@ -459,8 +499,11 @@ impl Builds {
             ) {
                 Admit::Start => {}
                 // Waits for a running build to give its slot or memory back (in order:
-                // a later, smaller one does not overtake it).
-                Admit::Wait => break,
+                // a later, smaller one does not overtake it, nor does a compaction).
+                Admit::Wait => {
+                    build_waits = true;
+                    break;
+                }
                 Admit::Never(e) => {
                     tracing::warn!(replica = %key, operation = j.op, "{e}");
                     st.jobs.get_mut(&key).expect("listed").phase = Phase::Failed(e);
@@ -505,6 +548,87 @@ impl Builds {
                     st.reserved -= j.memory;
                     if let Some(job) = st.jobs.get_mut(&key).filter(|x| x.op == j.op) {
                         job.phase = phase;
+                    }
+                }
+                me.admit();
+            });
+        }
+        // Builds first, in operation order; then compactions, in the slots left.
+        if !build_waits {
+            self.admit_compactions(&mut st);
+        }
+    }
+
+    fn admit_compactions(self: &Arc<Self>, st: &mut State) {
+        let now = Instant::now();
+        let ready: Vec<ReplicaKey> = st
+            .compactions
+            .iter()
+            .filter(|(_, j)| !j.running && j.not_before.is_none_or(|t| t <= now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in ready {
+            let memory = st.compactions[&key].memory;
+            match admit_one(
+                memory,
+                st.running,
+                st.reserved,
+                self.slots,
+                self.memory_bytes,
+            ) {
+                Admit::Start => {}
+                Admit::Wait => break,
+                // Dead rows only grow: a shard too big for the budget compacts alone.
+                Admit::Never(_) if st.running == 0 => {}
+                Admit::Never(_) => break,
+            }
+            let Some(shard) = self
+                .registry
+                .read()
+                .get(&key)
+                .and_then(|h| h.repl.shard().ok())
+            else {
+                st.compactions.remove(&key);
+                continue;
+            };
+            st.running += 1;
+            st.reserved += memory;
+            st.compactions.get_mut(&key).expect("listed").running = true;
+            tracing::info!(replica = %key, memory, "compaction started");
+            let me = self.clone();
+            tokio::task::spawn_blocking(move || {
+                let r = shard.compact_pending();
+                {
+                    let mut st = me.state.lock();
+                    st.running -= 1;
+                    st.reserved -= memory;
+                    let retry = match &r {
+                        Ok(done) => {
+                            if let Some(c) = done {
+                                tracing::info!(replica = %key, seq = c.seq, rows_before = c.rows_before, rows_after = c.rows_after, seconds = c.seconds, "compaction done");
+                            }
+                            None
+                        }
+                        Err(
+                            shoal_engine::ShardError::BuildInProgress(_)
+                            | shoal_engine::ShardError::CompactionInProgress(_),
+                        ) => Some(COMPACT_BUSY_RETRY),
+                        Err(e) => {
+                            metrics::counter!("shoal_compaction_failures_total").increment(1);
+                            tracing::warn!(replica = %key, error = %e, "compaction failed; tried again later");
+                            Some(COMPACT_RETRY)
+                        }
+                    };
+                    match retry {
+                        None => {
+                            st.compactions.remove(&key);
+                        }
+                        Some(after) => {
+                            if let Some(j) = st.compactions.get_mut(&key) {
+                                j.running = false;
+                                j.not_before = Some(Instant::now() + after);
+                            }
+                        }
                     }
                 }
                 me.admit();

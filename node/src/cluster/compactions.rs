@@ -11,8 +11,8 @@
 //! - dead rows past the node's policy ([`compaction_due`]), checked every heartbeat,
 //!   never while one is pending.
 //!
-//! Nothing here waits on the rewrite: the engine runs it on its own thread, after
-//! any build that holds the shard's build claim.
+//! Nothing here waits on the rewrite: every replica's node runs it under its build
+//! slots (`builds.rs`), after any build that holds the shard's build claim.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -84,7 +84,15 @@ pub fn open_replica(
         )));
     }
     let tail = config.auto_rebuild_tail;
-    let shard = Shard::open_or_create(dir, config)?;
+    // Compactions run under the node's build slots (`builds.rs`), not on the engine's
+    // own thread: opened manual, a pending one waits for them.
+    let shard = if exists {
+        Shard::open_manual(dir)?
+    } else {
+        let shard = Shard::create(dir, config)?;
+        shard.set_auto_compact(false);
+        shard
+    };
     // The manifest holds the value at creation; the map's policy is what counts now.
     shard.set_auto_rebuild_tail(tail);
     if let Some(m) = marker.filter(|m| !m.exists()) {
@@ -168,7 +176,8 @@ async fn install(h: &Hosted, staging: PathBuf) -> Result<Shard, ShardError> {
     let dir = h.args.dir.clone();
     tokio::task::spawn_blocking(move || {
         swap_in(&dir, &staging)?;
-        Shard::open(&dir)
+        // A snapshot may carry a compaction pending: the node's slots run it.
+        Shard::open_manual(&dir)
     })
     .await
     .map_err(|e| ShardError::InvalidConfig(format!("install task: {e}")))?
