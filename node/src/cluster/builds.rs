@@ -114,6 +114,11 @@ pub struct Builds {
     state: Mutex<State>,
 }
 
+/// `key`'s replica here, while it is open.
+fn hosted_shard(registry: &Registry, key: &ReplicaKey) -> Option<Shard> {
+    registry.read().get(key).and_then(|h| h.repl.shard().ok())
+}
+
 /// Whether `key`'s replica here is a backup, and its primary (node, address).
 fn primary_of(registry: &Registry, key: &ReplicaKey) -> Option<(String, String)> {
     let role = registry.read().get(key)?.repl.role()?;
@@ -424,10 +429,7 @@ impl Builds {
             };
             let (Some((node, addr)), Some(shard)) = (
                 primary_of(&self.registry, &key),
-                self.registry
-                    .read()
-                    .get(&key)
-                    .and_then(|h| h.repl.shard().ok()),
+                hosted_shard(&self.registry, &key),
             ) else {
                 continue;
             };
@@ -510,12 +512,7 @@ impl Builds {
                     continue;
                 }
             }
-            let Some(shard) = self
-                .registry
-                .read()
-                .get(&key)
-                .and_then(|h| h.repl.shard().ok())
-            else {
+            let Some(shard) = hosted_shard(&self.registry, &key) else {
                 continue;
             };
             st.running += 1;
@@ -582,12 +579,7 @@ impl Builds {
                 Admit::Never(_) if st.running == 0 => {}
                 Admit::Never(_) => break,
             }
-            let Some(shard) = self
-                .registry
-                .read()
-                .get(&key)
-                .and_then(|h| h.repl.shard().ok())
-            else {
+            let Some(shard) = hosted_shard(&self.registry, &key) else {
                 st.compactions.remove(&key);
                 continue;
             };
