@@ -15,6 +15,7 @@ pub mod codec;
 pub mod limits;
 pub mod metric;
 pub mod precision;
+pub mod routing;
 pub mod sizing;
 pub mod tls;
 pub mod wire;

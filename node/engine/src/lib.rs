@@ -29,6 +29,7 @@ use rows::Rows;
 /// The row table and id index, public for the footprint benchmark.
 pub use rows::{Rows as RowTable, MAX_DOC_OFFSET, MAX_ROWS};
 
+use shoal_proto::routing::Routing;
 use std::borrow::Borrow;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -80,6 +81,11 @@ pub enum WriteOp {
     Delete(String),
     /// Drop the rows dead after this batch ([`compact`]); alone in its batch.
     Compact,
+    /// Delete every live document this routing sends elsewhere (issue 19: both halves
+    /// of a split shard log one, so each keeps only its own ids); alone in its batch.
+    /// What it deletes is decided by the rows it finds, which every replica at the
+    /// same log position holds alike.
+    Retain(Routing),
 }
 
 /// What a durable write reports back.
@@ -348,6 +354,10 @@ struct Inner {
     /// The re-ranking precision the next build gives its generation: the manifest's
     /// at open, then the collection's in the cluster map ([`Shard::set_rerank`]).
     rerank: Mutex<Precision>,
+    /// The ids this replica answers for (issue 19): after a split, until its retain
+    /// batch deletes the other half, reads skip rows routed to the sibling. Set from
+    /// the cluster map ([`Shard::set_routing`]); not persisted.
+    routing: Mutex<Option<Routing>>,
     poisoned: AtomicBool,
     /// Why a write poisoned this handle (not set by [`Shard::retire`]): reported to
     /// the coordinators so the replica leaves its shard's quorum until it is reopened.
@@ -518,6 +528,7 @@ impl Shard {
                 auto_rebuild_tail: AtomicUsize::new(config.auto_rebuild_tail),
                 build_params: Mutex::new(None),
                 rerank: Mutex::new(config.rerank),
+                routing: Mutex::new(None),
                 config,
                 writer: Mutex::new(writer),
                 state: RwLock::new(state),
@@ -588,6 +599,10 @@ impl Shard {
                 },
                 WriteOp::Delete(id) => WalOp::Delete { id },
                 WriteOp::Compact => WalOp::Compact,
+                WriteOp::Retain(r) => WalOp::Retain {
+                    modulus: r.modulus,
+                    residue: r.residue,
+                },
             };
             // The one rule for a client's write and a replicated one.
             validate_op(cfg, &op)?;
@@ -695,7 +710,9 @@ impl Shard {
                 .expect("open shard has a log")
                 .append(batch)?;
             let mut staged = Staged::default();
-            stage(w, batch, &mut staged)?;
+            // The writer lock is held: no other batch changes the rows meanwhile.
+            let away = retained_away(batch, &self.inner.state.read().rows);
+            stage(w, batch, away, &mut staged)?;
             let (upserted, deleted) = publish(&mut self.inner.state.write(), w, staged);
             let ack = w.finish(batch, upserted, deleted);
             if w.wal
@@ -785,6 +802,53 @@ impl Shard {
         })
     }
 
+    /// Copies this shard as it stands into `dest`, a directory that must not exist yet
+    /// (issue 19: an online split forks each shard on every node that holds it, at one
+    /// log position, instead of moving it over the network). The copy is a snapshot
+    /// (checkpointed segments up to their lengths, the serving generation) written
+    /// into `dest.partial`, synced, then renamed: `dest` either holds a whole shard or
+    /// does not exist. Returns the copy's position (last sequence number, its epoch).
+    /// Its request ids, epochs and generation are the source's: the two histories are
+    /// one up to that position.
+    pub fn clone_into(&self, dest: &Path) -> Result<(u64, u64)> {
+        if dest.exists() {
+            return Err(ShardError::InvalidConfig(format!(
+                "cannot clone a shard into {}: it exists",
+                dest.display()
+            )));
+        }
+        let name = dest
+            .file_name()
+            .ok_or_else(|| ShardError::InvalidConfig(format!("bad clone target {}", dest.display())))?;
+        let parent = dest.parent().unwrap_or(Path::new("."));
+        let partial = parent.join(format!("{}.partial", name.to_string_lossy()));
+        if partial.exists() {
+            fs::remove_dir_all(&partial).map_err(ShardError::io(&partial))?;
+        }
+        fs::create_dir_all(&partial).map_err(ShardError::io(&partial))?;
+        let src = self.snapshot()?;
+        for (file, len, handle) in &src.files {
+            let path = partial.join(file);
+            let mut out = fs::File::create(&path).map_err(ShardError::io(&path))?;
+            // `copy_file_range` underneath (a reflink where the file system has them).
+            let copied = std::io::copy(&mut std::io::Read::take(&**handle, *len), &mut out)
+                .map_err(ShardError::io(&path))?;
+            if copied != *len {
+                return Err(ShardError::Corrupt {
+                    file: self.inner.dir.join(file),
+                    offset: copied,
+                    reason: format!("{copied} bytes where the snapshot names {len}"),
+                });
+            }
+            out.sync_all().map_err(ShardError::io(&path))?;
+        }
+        Self::install_manifest(&partial, &src.manifest)?;
+        sync_dir(&partial)?;
+        fs::rename(&partial, dest).map_err(ShardError::io(dest))?;
+        sync_dir(parent)?;
+        Self::manifest_position(&src.manifest)
+    }
+
     /// The files a snapshot with this manifest carries, with their lengths: what a
     /// receiver must hold before it installs it (a transfer cut short is not a
     /// snapshot). Both are append-only, so a longer snapshot of the same shard starts
@@ -811,6 +875,9 @@ impl Shard {
 
     /// Reads one live document back from the segment.
     pub fn get(&self, id: &str) -> Result<Option<StoredDocument>> {
+        if self.routing().is_some_and(|r| !r.holds(id)) {
+            return Ok(None);
+        }
         let (offset, row, view, docs, layout) = {
             let st = self.inner.state.read();
             let Some(row) = st.rows.get(id) else {
@@ -968,6 +1035,11 @@ impl Shard {
         let nprobe = p.nprobe.unwrap_or(cfg.nprobe).min(nlist);
         let metric = cfg.metric;
         let mut top = TopK::new(p.k, metric);
+        let routing = self.routing();
+        // Live, and this replica's to answer for (`set_routing`).
+        let ours = |st: &State, row: u64| {
+            st.rows.is_live(row) && routing.is_none_or(|r| r.holds(st.rows.id(row)))
+        };
 
         let (generation, covered) = match (&serving, p.mode) {
             (Some(g), SearchMode::Rerank | SearchMode::Approximate) => {
@@ -983,7 +1055,7 @@ impl Shard {
                     return Ok(None);
                 }
                 for (label, approx) in candidates {
-                    let Some(row) = g.row(label).filter(|&r| st.rows.is_live(r)) else {
+                    let Some(row) = g.row(label).filter(|&r| ours(&st, r)) else {
                         continue;
                     };
                     let score = match (p.mode, &g.rerank) {
@@ -1008,7 +1080,7 @@ impl Shard {
         }
         let total = st.rows.len();
         for row in covered..total {
-            if st.rows.is_live(row) {
+            if ours(&st, row) {
                 top.push(row, metric.score(query, st.vectors.get(row)));
             }
         }
@@ -1120,6 +1192,17 @@ impl Shard {
     /// Sets how many fresh rows (written since the serving generation) start a rebuild;
     /// 0 turns automatic rebuilds off. Not persisted: the cluster map holds the policy
     /// and the node applies it to every replica it opens.
+    /// Reads answer only for ids this routing sends here (`None`: every id). A split's
+    /// halves set it at the cut-over, so neither serves the other's documents while
+    /// they are still rows of both.
+    pub fn set_routing(&self, routing: Option<Routing>) {
+        *self.inner.routing.lock() = routing;
+    }
+
+    pub fn routing(&self) -> Option<Routing> {
+        *self.inner.routing.lock()
+    }
+
     pub fn set_auto_rebuild_tail(&self, rows: usize) {
         self.inner.auto_rebuild_tail.store(rows, Ordering::Relaxed);
     }
@@ -1697,17 +1780,43 @@ fn validate_op(cfg: &CollectionConfig, op: &WalOp) -> Result<()> {
         }
         WalOp::Delete { id } => validate_id(id),
         WalOp::Compact => Ok(()),
+        WalOp::Retain { modulus, residue } => Routing {
+            modulus: *modulus,
+            residue: *residue,
+        }
+        .check()
+        .map_err(ShardError::InvalidConfig),
     }
 }
 
-/// A compaction travels alone in its batch: its point is the state after the batch.
+/// A compaction travels alone in its batch (its point is the state after the batch),
+/// and so does a retain (what it deletes is the state before it).
 fn validate_batch_shape(ops: &[WalOp]) -> Result<()> {
-    if ops.len() > 1 && ops.iter().any(|op| matches!(op, WalOp::Compact)) {
+    if ops.len() > 1
+        && ops
+            .iter()
+            .any(|op| matches!(op, WalOp::Compact | WalOp::Retain { .. }))
+    {
         return Err(ShardError::InvalidConfig(
-            "a compaction must be the only operation of its batch".into(),
+            "a compaction or a retain must be the only operation of its batch".into(),
         ));
     }
     Ok(())
+}
+
+/// The live ids a retain batch deletes (none for any other batch), in row order.
+fn retained_away(batch: &WalBatch, rows: &Rows) -> Vec<String> {
+    let [WalOp::Retain { modulus, residue }] = batch.ops.as_slice() else {
+        return Vec::new();
+    };
+    let keep = Routing {
+        modulus: *modulus,
+        residue: *residue,
+    };
+    (0..rows.len())
+        .filter(|&r| rows.is_live(r) && !keep.holds(rows.id(r)))
+        .map(|r| rows.id(r).to_owned())
+        .collect()
 }
 
 /// Segment positions of a batch, written but not yet visible to readers.
@@ -1721,7 +1830,15 @@ enum StagedOp {
     Delete(String),
 }
 
-fn stage(w: &mut Writer, batch: &WalBatch, staged: &mut Staged) -> Result<()> {
+/// Writes a batch's records; `away` are the ids a retain deletes ([`retained_away`]).
+fn stage(w: &mut Writer, batch: &WalBatch, away: Vec<String>, staged: &mut Staged) -> Result<()> {
+    for id in away {
+        w.docs.append(&SegmentEntry::Delete {
+            seq: batch.seq,
+            id: id.clone(),
+        })?;
+        staged.ops.push(StagedOp::Delete(id));
+    }
     for op in &batch.ops {
         match op {
             WalOp::Upsert {
@@ -1754,6 +1871,8 @@ fn stage(w: &mut Writer, batch: &WalBatch, staged: &mut Staged) -> Result<()> {
             }
             // Recorded by `Writer::finish`; the files change later (`compact`).
             WalOp::Compact => {}
+            // Its deletes were written first (`away`).
+            WalOp::Retain { .. } => {}
         }
     }
     Ok(())
@@ -1778,7 +1897,7 @@ fn publish(st: &mut State, w: &Writer, staged: Staged) -> (usize, usize) {
 
 fn apply(w: &mut Writer, st: &mut State, batch: &WalBatch) -> Result<()> {
     let mut staged = Staged::default();
-    stage(w, batch, &mut staged)?;
+    stage(w, batch, retained_away(batch, &st.rows), &mut staged)?;
     let (upserted, deleted) = publish(st, w, staged);
     w.finish(batch, upserted, deleted);
     Ok(())

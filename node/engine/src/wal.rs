@@ -27,6 +27,10 @@ pub enum WalOp {
     },
     /// Compact the shard at this batch (`compact`): alone in its batch.
     Compact,
+    /// Delete every live id `shoal_proto::routing::shard_of(id, modulus)` does not send
+    /// to `residue` (a split shard's half; issue 19): alone in its batch. A variant
+    /// added last: the log names variants by index.
+    Retain { modulus: u32, residue: u32 },
 }
 
 /// A batch shares one frame and one fsync: it is recovered whole or not at all.
@@ -54,7 +58,7 @@ impl WalBatch {
                 id.len() + text.as_ref().map_or(0, String::len) + metadata.len() + vector.len() * 4
             }
             WalOp::Delete { id } => id.len(),
-            WalOp::Compact => 0,
+            WalOp::Compact | WalOp::Retain { .. } => 0,
         };
         self.ops.iter().map(op).sum::<usize>() + self.request_id.len() + 64
     }

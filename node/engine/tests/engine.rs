@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use shoal_proto::routing::{shard_of, Routing};
 use shoal_engine::{
     CollectionConfig, Document, IvfPqParams, Metadata, Metric, Precision, Scoring, SearchMode,
     SearchParams, Shard, ShardError, WalOp, WriteOp,
@@ -19,7 +20,7 @@ use shoal_engine::{
 fn b1_id(b: &shoal_engine::WalBatch) -> String {
     match &b.ops[0] {
         WalOp::Upsert { id, .. } | WalOp::Delete { id } => id.clone(),
-        WalOp::Compact => String::new(),
+        WalOp::Compact | WalOp::Retain { .. } => String::new(),
     }
 }
 
@@ -1679,4 +1680,116 @@ fn t81_a_copy_follows_rebuilds_backups_snapshots_compactions_and_damage() {
     assert!(!names_in(dirs[0].path())
         .iter()
         .any(|n| n.ends_with(".rerank")));
+}
+
+/// Issue 19, the engine's half of an online split: a shard cloned at one position into
+/// two, each half retaining its routing's ids, answers together exactly as the one
+/// shard did (no hit lost, none twice), before and after the retain batches, after a
+/// reopen and after compacting the deleted half away; the routing filter hides the
+/// sibling's rows before the retain lands; a retain is refused in a batch with others.
+#[test]
+fn t82_a_shard_cloned_and_retained_in_halves_answers_as_the_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let src_dir = dir.path().join("s0");
+    let shard = Shard::create(&src_dir, config(Metric::InnerProduct)).unwrap();
+    for chunk in docs("d", 1200).chunks(200) {
+        shard.upsert(chunk.to_vec()).unwrap();
+    }
+    shard.rebuild(None).unwrap();
+    shard.upsert(docs("t", 100)).unwrap(); // a fresh tail past the generation
+    shard.delete(vec!["d5".into(), "t7".into()]).unwrap();
+    let (seq, epoch) = shard.last();
+    let whole: Vec<Vec<(String, f32)>> = (0..20)
+        .map(|q| {
+            let v = vector_for(&format!("q{q}"));
+            let hits = shard.search(&v, exact(10)).unwrap().hits;
+            hits.into_iter().map(|h| (h.id.to_string(), h.score)).collect()
+        })
+        .collect();
+
+    let twin_dir = dir.path().join("s1");
+    assert_eq!(shard.clone_into(&twin_dir).unwrap(), (seq, epoch));
+    assert!(!dir.path().join("s1.partial").exists());
+    assert!(matches!(
+        shard.clone_into(&twin_dir),
+        Err(ShardError::InvalidConfig(_))
+    ));
+    let twin = Shard::open(&twin_dir).unwrap();
+    assert_eq!(twin.last(), (seq, epoch));
+    assert_eq!(twin.stats().serving.map(|g| g.id), shard.stats().serving.map(|g| g.id));
+
+    let halves = [(shard, 0u32), (twin, 1u32)];
+    // Merged answers of the two halves, by exact and by IVF-PQ + re-ranking.
+    let merged = |halves: &[(Shard, u32)], mode: SearchMode| -> Vec<Vec<(String, f32)>> {
+        (0..20)
+            .map(|q| {
+                let v = vector_for(&format!("q{q}"));
+                let mut all: Vec<(String, f32)> = halves
+                    .iter()
+                    .flat_map(|(s, _)| {
+                        let p = SearchParams { k: 10, mode, refine_factor: Some(50), nprobe: Some(16), ..SearchParams::default() };
+                        s.search(&v, p).unwrap().hits
+                    })
+                    .map(|h| (h.id.to_string(), h.score))
+                    .collect();
+                all.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+                all.truncate(10);
+                all
+            })
+            .collect()
+    };
+    // The routing filter alone: each half answers for its ids only.
+    for (s, residue) in &halves {
+        s.set_routing(Some(Routing::of_shard(*residue, 2)));
+    }
+    assert_eq!(merged(&halves, SearchMode::Exact), whole);
+    assert_eq!(merged(&halves, SearchMode::Rerank), whole, "nprobe 16 of 16 lists: exact candidates");
+    for i in [0, 1, 2, 3, 1100] {
+        let id = format!("d{i}");
+        let owner = shard_of(&id, 2) as usize;
+        assert!(halves[owner].0.get(&id).unwrap().is_some(), "{id}");
+        assert!(halves[1 - owner].0.get(&id).unwrap().is_none(), "{id}");
+    }
+    // A retain travels alone and names a routing that exists.
+    for (s, residue) in &halves {
+        assert!(s
+            .write(vec![WriteOp::Retain(Routing::of_shard(*residue, 2)), WriteOp::Delete("d1".into())])
+            .is_err());
+        assert!(s
+            .write(vec![WriteOp::Retain(Routing { modulus: 2, residue: 2 })])
+            .is_err());
+    }
+    // Then the retain batches, with the filter off: the deletes alone keep the halves apart.
+    let live = halves[0].0.len();
+    let mut deleted = 0;
+    for (s, residue) in &halves {
+        s.set_routing(None);
+        let ack = s.write(vec![WriteOp::Retain(Routing::of_shard(*residue, 2))]).unwrap();
+        assert_eq!(ack.seq, seq + 1);
+        deleted += ack.deleted;
+    }
+    assert_eq!(deleted, live, "each live document deleted from exactly one half");
+    assert_eq!(halves[0].0.len() + halves[1].0.len(), live);
+    assert_eq!(merged(&halves, SearchMode::Exact), whole);
+    // Durable: a reopen replays or reads the same halves.
+    let halves: Vec<(Shard, u32)> = halves
+        .into_iter()
+        .map(|(s, r)| {
+            let d = s.dir().to_owned();
+            drop(s);
+            (Shard::open_manual(&d).unwrap(), r)
+        })
+        .collect();
+    assert_eq!(merged(&halves, SearchMode::Exact), whole);
+    // A compaction reclaims the deleted half of each.
+    for (s, _) in &halves {
+        let rows = s.stats().rows;
+        s.write(vec![WriteOp::Compact]).unwrap();
+        s.compact_pending().unwrap();
+        let after = s.stats();
+        assert_eq!(after.rows, after.live_docs as u64);
+        assert!(after.rows * 10 < rows * 6, "{rows} -> {}", after.rows);
+    }
+    assert_eq!(merged(&halves, SearchMode::Exact), whole);
+    assert_eq!(merged(&halves, SearchMode::Rerank), whole);
 }

@@ -31,11 +31,8 @@ const LATENCY_WINDOW: usize = 512;
 /// How long a shard's primary may take to acknowledge a write (its quorum included).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The shard a document id belongs to: crc32 of the id, mod the shard count. Stable
-/// across processes and releases (it decides where data lives).
-pub fn shard_of(id: &str, shard_count: u32) -> u32 {
-    crc32fast::hash(id.as_bytes()) % shard_count.max(1)
-}
+/// The shard a document id belongs to (the one routing rule, `shoal_proto::routing`).
+pub use shoal_proto::routing::shard_of;
 
 /// The shards' hits merged into the global top k, best first by the collection's
 /// metric; ties broken by id so the order is deterministic.
