@@ -438,6 +438,7 @@ async fn try_held_by(
     for &i in docs {
         let r = rc
             .get(rpb::ShardGetRequest {
+                shard_count: 0,
                 shard: Some(shard.clone()),
                 id: doc_id(i),
             })

@@ -33,6 +33,7 @@ async fn health(ch: tonic::transport::Channel) -> Result<(), tonic::Status> {
 async fn replica_get(ch: tonic::transport::Channel) -> Result<(), tonic::Status> {
     ReplicaClient::new(ch)
         .get(rpb::ShardGetRequest {
+            shard_count: 0,
             shard: None,
             id: "x".into(),
         })

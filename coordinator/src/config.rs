@@ -69,6 +69,10 @@ pub struct Config {
     /// the clock restarts, so at most one handover per period. Longer than the
     /// suspect timeout: a node that is shutting down goes suspect first.
     pub rebalance_settle_ms: u64,
+    /// How long a split's sources may stay sealed (their writes waiting) before the
+    /// leader cancels the split (issue 19): a replica that cannot make its fork in that
+    /// time (its node stopped, its disk full) must not keep a collection unwritable.
+    pub split_seal_timeout_ms: u64,
     /// Disk watermarks, as used fractions of a node's data volume (its trash counted
     /// as free): over `disk_low_watermark` a node takes no new replica; over
     /// `disk_high_watermark` its replicas move elsewhere. The flood stage, where a node
@@ -116,6 +120,7 @@ impl Default for Config {
             max_moves_per_step: 16,
             max_copies_in_flight: 8,
             rebalance_settle_ms: 30_000,
+            split_seal_timeout_ms: 120_000,
             // Elasticsearch's defaults.
             disk_low_watermark: 0.85,
             disk_high_watermark: 0.90,

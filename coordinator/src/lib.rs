@@ -17,6 +17,7 @@ pub mod operations;
 pub mod placement;
 pub mod raft;
 pub mod service;
+pub mod split;
 pub mod store;
 #[cfg(feature = "testsuite")]
 pub mod testing;

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use crate::operations::{self, Operation, OperationKind, Outcome, Step};
+pub use crate::split::{SealPoint, SplitRole};
 use serde::{Deserialize, Serialize};
 use shoal_proto::auth::KeyRecord;
 
@@ -220,6 +221,8 @@ pub struct Shard {
     /// where a replica holds more (issue 14: otherwise a replica ahead is never
     /// overwritten).
     pub forced_epoch: u64,
+    /// Its part in a running split (issue 19, `split.rs`), if any.
+    pub split: Option<SplitRole>,
 }
 
 impl Shard {
@@ -397,6 +400,26 @@ pub enum Command {
         id: u64,
         reason: String,
     },
+    /// Starts doubling a collection's shard count (issue 19, `split.rs`): its shards
+    /// sealed, their siblings forking on the same nodes.
+    StartSplit {
+        collection: String,
+        collection_id: u64,
+        started_ms: u64,
+    },
+    /// A sealed source's primary holds nothing in flight and its log ends at `at`.
+    SplitSealed {
+        shard: ShardKey,
+        operation: u64,
+        at: SealPoint,
+    },
+    /// The split's cut-over: the shard count doubles; `replicas` are each sibling's
+    /// replicas that hold their source's seal point (the leader's decision,
+    /// `split::cut_over`).
+    CutOverSplit {
+        operation: u64,
+        replicas: BTreeMap<u32, Vec<NodeId>>,
+    },
 }
 
 /// Keys the map holds at most (each is checked against by id, not scanned).
@@ -412,6 +435,8 @@ pub enum Change {
     KeyPut(KeyRecord),
     KeyRevoked(String),
     OperationPut(Operation),
+    /// A shard left the map without its collection (a cancelled split's sibling).
+    ShardDropped(ShardKey),
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -426,7 +451,7 @@ pub enum MapError {
     FailedPrecondition(String),
 }
 
-type Result<T> = std::result::Result<T, MapError>;
+pub(crate) type Result<T> = std::result::Result<T, MapError>;
 
 /// A conditional command's epoch against the shard's.
 fn at_epoch(s: &Shard, epoch: u64) -> Result<()> {
@@ -439,7 +464,7 @@ fn at_epoch(s: &Shard, epoch: u64) -> Result<()> {
     Ok(())
 }
 
-fn invalid(msg: impl Into<String>) -> MapError {
+pub(crate) fn invalid(msg: impl Into<String>) -> MapError {
     MapError::InvalidArgument(msg.into())
 }
 
@@ -749,10 +774,27 @@ impl ClusterMap {
                     },
                     version,
                 );
-                let changes = vec![Change::OperationPut(op.clone())];
+                let mut changes = vec![Change::OperationPut(op.clone())];
+                if matches!(op.kind, OperationKind::Split { .. }) {
+                    changes.extend(self.undo_split(*id));
+                }
                 operations::prune(&mut self.operations);
                 changes
             }
+            Command::StartSplit {
+                collection,
+                collection_id,
+                started_ms,
+            } => self.start_split(collection, *collection_id, *started_ms)?,
+            Command::SplitSealed {
+                shard,
+                operation,
+                at,
+            } => self.split_sealed(shard, *operation, *at)?,
+            Command::CutOverSplit {
+                operation,
+                replicas,
+            } => self.cut_over_split(*operation, replicas)?,
             Command::ReplicaFailed {
                 shard,
                 node,
@@ -893,6 +935,7 @@ impl ClusterMap {
                 serving_generation: 0,
                 building_generation: 0,
                 forced_epoch: 0,
+                split: None,
             };
             changes.push(Change::ShardPut(shard.clone()));
             self.shards.insert(key, shard);
@@ -963,6 +1006,15 @@ impl ClusterMap {
                 }
             }
             OperationKind::Compact => {}
+            OperationKind::Split { .. } => {
+                return Err(invalid("a split starts by its own command (StartSplit)"));
+            }
+        }
+        if let Some(o) = self.running_split(collection) {
+            return Err(MapError::FailedPrecondition(format!(
+                "split {} is running on {collection}: other operations wait for it",
+                o.id
+            )));
         }
         if let Some(o) = self
             .operations

@@ -184,6 +184,9 @@ pub struct Coordinator {
     leader_since: Mutex<Option<Instant>>,
     /// Since when the settled cluster's primaries have been uneven (leader only).
     uneven_since: Mutex<Option<Instant>>,
+    /// Since when this leader has seen each running split (leader memory: a new
+    /// leader gives a split the whole `split_seal_timeout_ms` again).
+    splits_since: Mutex<HashMap<u64, Instant>>,
     /// Each hosted replica's last report, by (shard, node): sequence numbers, index
     /// generation. Leader memory, rebuilt from heartbeats after a failover.
     pub reports: Mutex<Reports>,
@@ -215,6 +218,7 @@ impl Coordinator {
             leader_since: Mutex::default(),
             quorum_at: Mutex::default(),
             uneven_since: Mutex::default(),
+            splits_since: Mutex::default(),
             stopping: tokio::sync::watch::Sender::new(false),
             keys: shoal_proto::auth::Keys::off(),
         }
@@ -595,6 +599,25 @@ impl Coordinator {
                             reason: format!("on {node}: {reason}"),
                         },
                     });
+                }
+                // A sealed primary with nothing in flight names where its log ends.
+                if let Some(crate::split::SplitRole::Sealed { operation, .. }) = &s.split {
+                    let at = crate::split::SealPoint {
+                        epoch: s.epoch,
+                        seq: r.applied_seq,
+                        batch_epoch: r.last_epoch,
+                    };
+                    if s.primary.as_deref() == Some(node)
+                        && r.sealed
+                        && r.epoch == s.epoch
+                        && s.seal_point() != Some(at)
+                    {
+                        generations.push(Command::SplitSealed {
+                            shard: key.clone(),
+                            operation: *operation,
+                            at,
+                        });
+                    }
                 }
                 // A compaction its primary did ends its operation's step.
                 if s.primary.as_deref() == Some(node)
@@ -1222,13 +1245,21 @@ impl Coordinator {
                 tracing::warn!(error = %e, "promotion not applied");
             }
         }
+        self.advance_splits().await;
         let map = self.sm.state.lock().map.clone();
         let opts = placement::Options {
             max_moves: self.config.max_moves_per_step,
             max_in_flight: self.config.max_copies_in_flight,
             disk: self.disk_levels(),
         };
-        let moves = placement::plan(&map, &opts);
+        // A splitting collection's replicas stay where its forks are being made.
+        let moves: Vec<_> = placement::plan(&map, &opts)
+            .into_iter()
+            .filter(|m| {
+                let (crate::map::Move::Add { shard, .. } | crate::map::Move::Evict { shard, .. }) = m;
+                map.running_split(&shard.collection).is_none()
+            })
+            .collect();
         if !moves.is_empty() {
             let shards: BTreeSet<String> = moves
                 .iter()
@@ -1248,6 +1279,49 @@ impl Coordinator {
         self.rebalance_primaries(&map, now).await;
     }
 
+    /// Cuts over each running split whose forks are made (`split::cut_over`), and
+    /// cancels one whose sources have been sealed past `split_seal_timeout_ms`.
+    async fn advance_splits(&self) {
+        let map = self.sm.state.lock().map.clone();
+        let now = Instant::now();
+        let running: Vec<&crate::operations::Operation> = map
+            .operations
+            .values()
+            .filter(|o| o.running() && matches!(o.kind, crate::operations::OperationKind::Split { .. }))
+            .collect();
+        self.splits_since
+            .lock()
+            .retain(|id, _| running.iter().any(|o| o.id == *id));
+        for op in running {
+            let decided = {
+                let reports = self.reports.lock();
+                crate::split::cut_over(&map, op, |k, n| reports.position(k, n))
+            };
+            let since = *self.splits_since.lock().entry(op.id).or_insert(now);
+            let timeout = Duration::from_millis(self.config.split_seal_timeout_ms);
+            let cmd = match decided {
+                Some(cmd) => {
+                    tracing::info!(operation = op.id, collection = %op.collection, "split: every fork holds its source's seal point; cutting over");
+                    cmd
+                }
+                None if now.saturating_duration_since(since) > timeout => {
+                    tracing::warn!(operation = op.id, collection = %op.collection, "split: forks not made in time; cancelling it");
+                    Command::CancelOperation {
+                        id: op.id,
+                        reason: format!(
+                            "the shards' forks were not all made within {} s of sealing (split_seal_timeout_ms); writes resumed",
+                            timeout.as_secs()
+                        ),
+                    }
+                }
+                None => continue,
+            };
+            if let Err(e) = self.write(cmd).await {
+                tracing::warn!(operation = op.id, error = %e, "split step not applied");
+            }
+        }
+    }
+
     /// Hands one primary role to a less loaded node once the cluster has been settled
     /// with uneven primaries for `rebalance_settle_ms` (see
     /// [`placement::rebalance_primary`]); the target must have reported holding
@@ -1256,6 +1330,7 @@ impl Coordinator {
         let Some((shard, to)) = placement::settled(map)
             .then(|| placement::rebalance_primary(map))
             .flatten()
+            .filter(|(shard, _)| map.running_split(&shard.collection).is_none())
         else {
             *self.uneven_since.lock() = None;
             return;

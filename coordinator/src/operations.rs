@@ -40,6 +40,9 @@ pub enum OperationKind {
     /// Compact every shard (issue 19): a shard's step is done once its primary
     /// reports the compaction it logged for this operation done.
     Compact,
+    /// Double the shard count from `from_shards` (issue 19, `split.rs`): one step per
+    /// source shard, all done at the cut-over.
+    Split { from_shards: u32 },
 }
 
 impl OperationKind {
@@ -47,6 +50,7 @@ impl OperationKind {
         match self {
             OperationKind::BuildIndex(_) => "build_index",
             OperationKind::Compact => "compact",
+            OperationKind::Split { .. } => "split",
         }
     }
 }

@@ -12,6 +12,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
 
 use crate::map::{
+    SplitRole,
     Capacity, Change, ClusterMap, Collection, CollectionPolicy, CollectionSpec, Command,
     EncoderRef, IndexParams, Metric, Node, NodeState, Precision, ReplicaState, Shard, ShardKey,
     DEFAULT_REPLICA_MEMORY,
@@ -148,6 +149,23 @@ pub fn shard_pb_with(s: &Shard, reports: &Reports) -> cpb::Shard {
         serving_generation: s.serving_generation,
         building_generation: s.building_generation,
         forced_epoch: s.forced_epoch,
+        sealed_by: match &s.split {
+            Some(SplitRole::Sealed { operation, .. }) => *operation,
+            _ => 0,
+        },
+        seal: s.seal_point().map(|p| cpb::SealPoint {
+            epoch: p.epoch,
+            seq: p.seq,
+            batch_epoch: p.batch_epoch,
+        }),
+        forking_from: match &s.split {
+            Some(SplitRole::Forking { from, .. }) => Some(*from),
+            _ => None,
+        },
+        forking_for: match &s.split {
+            Some(SplitRole::Forking { operation, .. }) => *operation,
+            _ => 0,
+        },
     }
 }
 
@@ -227,7 +245,7 @@ pub fn operation_pb(op: &Operation, map: &ClusterMap, reports: Option<&Reports>)
             rows_per_shard: p.rows_per_shard,
             rerank: p.rerank.wire(),
         }),
-        OperationKind::Compact => None,
+        OperationKind::Compact | OperationKind::Split { .. } => None,
     };
     cpb::Operation {
         id: op.id,
@@ -255,6 +273,11 @@ fn change_pb(c: &Change, map: &ClusterMap) -> cpb::MapChange {
             Change::KeyPut(k) => C::KeyPut(k.to_pb(true)),
             Change::KeyRevoked(id) => C::KeyRevoked(id.clone()),
             Change::OperationPut(o) => C::OperationPut(operation_pb(o, map, None)),
+            Change::ShardDropped(k) => C::ShardDropped(cpb::ShardId {
+                collection: k.collection.clone(),
+                collection_id: map.collections.get(&k.collection).map_or(0, |c| c.id),
+                index: k.index,
+            }),
         }),
     }
 }
@@ -377,15 +400,20 @@ impl AdminService {
         let started_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let v = self
-            .0
-            .write(Command::StartOperation {
+        let cmd = match kind {
+            OperationKind::Split { .. } => Command::StartSplit {
+                collection: collection.to_string(),
+                collection_id,
+                started_ms,
+            },
+            kind => Command::StartOperation {
                 kind,
                 collection: collection.to_string(),
                 collection_id,
                 started_ms,
-            })
-            .await?;
+            },
+        };
+        let v = self.0.write(cmd).await?;
         let map = self.0.read().await?;
         let op = map
             .operations
@@ -861,6 +889,29 @@ impl cpb::admin_server::Admin for AdminService {
                 Ok(Response::new(started))
             },
         )
+        .await
+    }
+
+    async fn start_split(
+        &self,
+        req: Request<cpb::StartSplitRequest>,
+    ) -> Result<Response<cpb::Operation>, Status> {
+        let target = req.get_ref().collection.clone();
+        self.admin(req, "StartSplit", target, true, move |req| async move {
+            let req = req.into_inner();
+            check_name(&self.0, &req.collection, "the collection name")?;
+            let (id, from_shards) = {
+                let map = self.0.read().await?;
+                let c = map.collections.get(&req.collection).ok_or_else(|| {
+                    Status::not_found(format!("collection {:?} not found", req.collection))
+                })?;
+                (c.id, c.spec.shard_count)
+            };
+            let started = self
+                .start_operation(OperationKind::Split { from_shards }, &req.collection, id)
+                .await?;
+            Ok(Response::new(started))
+        })
         .await
     }
 

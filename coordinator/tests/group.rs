@@ -1387,6 +1387,7 @@ const ADMIN_RPCS: &[&str] = &[
     "SetCollectionPolicy",
     "StartIndexBuild",
     "StartCompaction",
+    "StartSplit",
     "CancelOperation",
 ];
 const READ_RPCS: &[&str] = &[
@@ -1431,6 +1432,7 @@ async fn call_admin(c: &mut Client, rpc: &str) -> Result<(), tonic::Status> {
         "SetCollectionPolicy" => c.set_collection_policy(Default::default()).await.map(drop),
         "StartIndexBuild" => c.start_index_build(Default::default()).await.map(drop),
         "StartCompaction" => c.start_compaction(Default::default()).await.map(drop),
+        "StartSplit" => c.start_split(Default::default()).await.map(drop),
         "ListOperations" => c.list_operations(Default::default()).await.map(drop),
         "CancelOperation" => c.cancel_operation(Default::default()).await.map(drop),
         other => panic!("no call for {other}: add one"),

@@ -595,6 +595,8 @@ fn every_rpc_survives_hostile_messages() {
             hostile_string(),
         )
             .prop_map(|(shard, upserts, deletes, request_id)| rpb::WriteRequest {
+                // 0 (unsaid), or a count no replica of it has: refused by name.
+                shard_count: (request_id.len() % 3) as u32 * 1000,
                 shard,
                 upserts,
                 deletes,
@@ -752,6 +754,7 @@ fn every_rpc_survives_hostile_messages() {
         )
             .prop_map(|(shard, vector, (k, nprobe, refine), exact)| {
                 rpb::ShardSearchRequest {
+                    shard_count: k % 3,
                     shard,
                     vector,
                     k,
@@ -767,7 +770,11 @@ fn every_rpc_survives_hostile_messages() {
     );
     f.rpc(
         "Replica/Get",
-        (shard_ref(), hostile_string()).prop_map(|(shard, id)| rpb::ShardGetRequest { shard, id }),
+        (shard_ref(), hostile_string()).prop_map(|(shard, id)| rpb::ShardGetRequest {
+            shard_count: (id.len() % 3) as u32,
+            shard,
+            id,
+        }),
         |r| {
             let mut s = ReplicaClient::new(internal.clone());
             async move { s.get(req(r)).await }
@@ -900,6 +907,11 @@ fn every_rpc_survives_hostile_messages() {
             s.start_compaction(req(cpb::StartCompactionRequest { collection }))
                 .await
         }
+    });
+    // Never the test's own collection: a split of it is the cluster tests' subject.
+    f.rpc("Admin/StartSplit", hostile_string(), |collection| {
+        let mut s = AdminClient::new(admin.clone());
+        async move { s.start_split(req(cpb::StartSplitRequest { collection })).await }
     });
     f.rpc("Admin/ListOperations", hostile_string(), |collection| {
         let mut s = AdminClient::new(admin.clone());
@@ -1038,6 +1050,7 @@ fn every_rpc_survives_hostile_messages() {
             build_queued: applied_seq % 2 == 0,
             compacted_operation: serving_generation,
             layout: applied_seq,
+            sealed: applied_seq % 3 == 0,
         },
     );
     f.rpc(

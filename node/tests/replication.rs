@@ -161,6 +161,7 @@ fn shard_ref() -> Option<cpb::ShardId> {
 
 fn role(epoch: u64, primary: &Node, me: &Node, peers: Vec<Peer>, rf: u32) -> Role {
     Role {
+        sealed: false,
         epoch,
         primary: primary.id.clone(),
         is_primary: primary.id == me.id,
@@ -192,6 +193,7 @@ async fn write(node: &Node, range: std::ops::Range<u32>) -> Result<u64, ReplicaE
             .local
             .write(
                 rpb::WriteRequest {
+                    shard_count: 0,
                     shard: shard_ref(),
                     upserts: vec![doc(i)],
                     deletes: vec![],
@@ -210,6 +212,7 @@ async fn get(node: &Node, id: &str) -> Result<bool, ReplicaError> {
         .local
         .get(
             rpb::ShardGetRequest {
+                shard_count: 0,
                 shard: shard_ref(),
                 id: id.into(),
             },
@@ -366,6 +369,7 @@ async fn a_broken_snapshot_transfer_resumes_where_it_broke() {
         a.local
             .write(
                 rpb::WriteRequest {
+                    shard_count: 0,
                     shard: shard_ref(),
                     upserts,
                     deletes: vec![],
@@ -581,6 +585,7 @@ async fn a_write_waits_for_every_in_sync_backup_until_the_map_takes_it_out() {
             local
                 .write(
                     rpb::WriteRequest {
+                        shard_count: 0,
                         shard: shard_ref(),
                         upserts: vec![doc(5)],
                         deletes: vec![],
@@ -754,6 +759,7 @@ mod schedules {
                 })
                 .collect();
             Role {
+                sealed: false,
                 epoch: s.epoch,
                 primary: s.primary.clone().unwrap_or_default(),
                 is_primary: s.primary.as_deref() == Some(me.id.as_str()),
@@ -1030,6 +1036,7 @@ mod schedules {
                         let r = local
                             .write(
                                 rpb::WriteRequest {
+                                    shard_count: 0,
                                     shard: shard_ref(),
                                     upserts: vec![doc(d)],
                                     deletes: vec![],

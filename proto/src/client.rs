@@ -197,6 +197,7 @@ impl Client {
         admin::set_collection_policy(cpb::SetCollectionPolicyRequest) -> cpb::CollectionInfo;
         admin::start_index_build(cpb::StartIndexBuildRequest) -> cpb::Operation;
         admin::start_compaction(cpb::StartCompactionRequest) -> cpb::Operation;
+        admin::start_split(cpb::StartSplitRequest) -> cpb::Operation;
         admin::list_operations(cpb::ListOperationsRequest) -> cpb::ListOperationsResponse;
         admin::cancel_operation(cpb::CancelOperationRequest) -> cpb::Operation;
         cluster::register_node(cpb::RegisterNodeRequest) -> cpb::NodeInfo;

@@ -194,6 +194,16 @@ pub enum CollectionCmd {
         #[arg(long)]
         wait: bool,
     },
+    /// Doubles the collection's shard count online (issue 19): each shard forks a
+    /// sibling on the nodes that hold it (writes wait while the forks are copied,
+    /// searches go on), then shard i keeps the ids routed to i among twice the shards
+    /// and its sibling i + S the rest. Placement spreads the new shards afterwards.
+    /// With `--wait`, follows the operation to its end.
+    Split {
+        name: String,
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -414,6 +424,14 @@ pub async fn collection(target: Target, cmd: CollectionCmd) -> anyhow::Result<()
         CollectionCmd::Compact { name, wait } => {
             let op = client
                 .start_compaction(cpb::StartCompactionRequest {
+                    collection: name.clone(),
+                })
+                .await?;
+            follow_operation(&mut client, op, &name, wait).await?;
+        }
+        CollectionCmd::Split { name, wait } => {
+            let op = client
+                .start_split(cpb::StartSplitRequest {
                     collection: name.clone(),
                 })
                 .await?;

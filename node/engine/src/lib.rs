@@ -849,6 +849,23 @@ impl Shard {
         Self::manifest_position(&src.manifest)
     }
 
+    /// The position a closed shard's manifest records (last sequence number, its
+    /// epoch): a clone's ([`Shard::clone_into`] leaves no log past it).
+    pub fn stored_position(dir: &Path) -> Result<(u64, u64)> {
+        let path = Manifest::path(dir);
+        let bytes = fs::read(&path).map_err(ShardError::io(&path))?;
+        Self::manifest_position(&bytes)
+    }
+
+    /// Live documents this routing sends elsewhere: what a [`WriteOp::Retain`] of it
+    /// would delete (0 once one has, or when nothing ever split).
+    pub fn foreign_live(&self, routing: Routing) -> usize {
+        let st = self.inner.state.read();
+        (0..st.rows.len())
+            .filter(|&r| st.rows.is_live(r) && !routing.holds(st.rows.id(r)))
+            .count()
+    }
+
     /// The files a snapshot with this manifest carries, with their lengths: what a
     /// receiver must hold before it installs it (a transfer cut short is not a
     /// snapshot). Both are append-only, so a longer snapshot of the same shard starts

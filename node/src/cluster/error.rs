@@ -34,6 +34,11 @@ pub enum ReplicaError {
     /// retry, may answer.
     #[error("{0}")]
     Unavailable(String),
+    /// The shard is splitting (issue 19): sealed while its forks are made, or the
+    /// caller routed by another shard count than this replica's map holds. The map
+    /// moves within seconds; gateways retry these on their own (UNAVAILABLE).
+    #[error("{0}")]
+    Moving(String),
     /// The sender's epoch is older than one this replica has seen: a newer primary
     /// exists.
     #[error("{0}")]
@@ -66,6 +71,7 @@ impl ReplicaError {
             Self::TooCostly(_) => "too_costly",
             Self::DiskFull(_) => "disk_full",
             Self::Unavailable(_) => "unavailable",
+            Self::Moving(_) => "moving",
             Self::StaleEpoch(_) => "stale_epoch",
             Self::Refused(_) => "refused",
             Self::Deadline(_) => "deadline",
@@ -79,6 +85,7 @@ impl ReplicaError {
             | Self::TooCostly(m)
             | Self::DiskFull(m)
             | Self::Unavailable(m)
+            | Self::Moving(m)
             | Self::StaleEpoch(m)
             | Self::Refused(m)
             | Self::Deadline(m)
@@ -99,6 +106,7 @@ impl ReplicaError {
             Self::TooCostly(_) => Self::TooCostly(m),
             Self::DiskFull(_) => Self::DiskFull(m),
             Self::Unavailable(_) => Self::Unavailable(m),
+            Self::Moving(_) => Self::Moving(m),
             Self::StaleEpoch(_) => Self::StaleEpoch(m),
             Self::Refused(_) => Self::Refused(m),
             Self::Deadline(_) => Self::Deadline(m),
@@ -110,7 +118,7 @@ impl ReplicaError {
         match self {
             Self::Invalid(_) => Code::InvalidArgument,
             Self::TooCostly(_) | Self::DiskFull(_) => Code::ResourceExhausted,
-            Self::Unavailable(_) => Code::Unavailable,
+            Self::Unavailable(_) | Self::Moving(_) => Code::Unavailable,
             Self::StaleEpoch(_) | Self::Refused(_) => Code::FailedPrecondition,
             Self::Deadline(_) => Code::DeadlineExceeded,
             Self::Internal(_) => Code::Internal,
@@ -145,6 +153,7 @@ impl From<Status> for ReplicaError {
             (Some("too_costly"), _) => Self::TooCostly(m),
             (Some("disk_full"), _) | (None, Code::ResourceExhausted) => Self::DiskFull(m),
             (Some("stale_epoch"), _) => Self::StaleEpoch(m),
+            (Some("moving"), _) => Self::Moving(m),
             (Some("refused"), _) | (None, Code::FailedPrecondition) => Self::Refused(m),
             (Some("deadline"), _) | (None, Code::DeadlineExceeded) => Self::Deadline(m),
             (Some("internal"), _) | (None, Code::Internal | Code::DataLoss) => Self::Internal(m),

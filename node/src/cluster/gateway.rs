@@ -220,10 +220,16 @@ impl Gateway {
         if let Some(r) = routes.get(name).filter(|r| r.version == v.version) {
             return Ok(r.clone());
         }
+        let c = collection(&v, name)?;
         let route = Arc::new(Route {
             version: v.version,
-            coll: collection(&v, name)?.clone(),
-            shards: v.shards_of(name).cloned().collect(),
+            coll: c.clone(),
+            // A split's siblings are routed to from its cut-over on (issue 19).
+            shards: v
+                .shards_of(name)
+                .filter(|s| s.index < c.shard_count)
+                .cloned()
+                .collect(),
         });
         // Routes of dropped collections go when the map moves past them.
         routes.retain(|_, r| r.version == v.version);
@@ -327,33 +333,89 @@ impl Gateway {
             }
         }
         let n = docs.len() as u64;
-        let mut by_shard: HashMap<u32, Vec<rpb::StoredDoc>> = HashMap::new();
-        for d in docs {
-            by_shard
-                .entry(shard_of(&d.id, coll.shard_count))
-                .or_default()
-                .push(rpb::StoredDoc {
-                    id: d.id,
-                    text: d.text,
-                    metadata_json: d.metadata_json,
-                    vector: d.vector,
-                });
-        }
-        let rid = &req.request_id;
-        let writes = by_shard.into_iter().map(|(index, upserts)| {
-            self.write_shard(
-                coll,
-                shards,
-                index,
-                upserts,
-                Vec::new(),
-                shard_request(rid, index),
-            )
-        });
-        for r in futures::future::join_all(writes).await {
-            r?;
-        }
+        let _ = (coll, shards);
+        let upserts = docs
+            .into_iter()
+            .map(|d| rpb::StoredDoc {
+                id: d.id,
+                text: d.text,
+                metadata_json: d.metadata_json,
+                vector: d.vector,
+            })
+            .collect();
+        self.write_all(&req.collection, &req.request_id, upserts, Vec::new())
+            .await?;
         Ok((n, truncated))
+    }
+
+    /// Routes a validated write to its shards' primaries. A shard that answers
+    /// [`ReplicaError::Moving`] (sealed by a split, or routed by a shard count the
+    /// split changed) has its part routed again by the map as it is then and sent
+    /// again, until `WRITE_TIMEOUT` passes: clients see a split as latency, not as
+    /// errors. Each shard's part carries the request id with its shard index, so a
+    /// part sent again to the same shard applies once. Returns the deletes applied.
+    async fn write_all(
+        &self,
+        collection: &str,
+        request_id: &str,
+        mut upserts: Vec<rpb::StoredDoc>,
+        mut deletes: Vec<String>,
+    ) -> Result<u64, Status> {
+        let until = Instant::now() + WRITE_TIMEOUT;
+        let mut pause = Duration::from_millis(20);
+        let mut deleted = 0;
+        loop {
+            let route = self.collection_shards(collection)?;
+            let (coll, shards) = (&route.coll, &route.shards);
+            let mut by_shard: HashMap<u32, (Vec<rpb::StoredDoc>, Vec<String>)> = HashMap::new();
+            for d in upserts.drain(..) {
+                by_shard
+                    .entry(shard_of(&d.id, coll.shard_count))
+                    .or_default()
+                    .0
+                    .push(d);
+            }
+            for id in deletes.drain(..) {
+                by_shard
+                    .entry(shard_of(&id, coll.shard_count))
+                    .or_default()
+                    .1
+                    .push(id);
+            }
+            let writes = by_shard.into_iter().map(|(index, (ups, dels))| async move {
+                let r = self
+                    .write_shard(
+                        coll,
+                        shards,
+                        index,
+                        ups.clone(),
+                        dels.clone(),
+                        shard_request(request_id, index),
+                    )
+                    .await;
+                (r, ups, dels)
+            });
+            let mut failed = None;
+            for (r, ups, dels) in futures::future::join_all(writes).await {
+                match r {
+                    Ok(w) => deleted += w.deleted,
+                    Err(ReplicaError::Moving(m)) if Instant::now() < until => {
+                        tracing::debug!(reason = %m, "write part re-routed after a split's move");
+                        upserts.extend(ups);
+                        deletes.extend(dels);
+                    }
+                    Err(e) => failed = Some(e),
+                }
+            }
+            if let Some(e) = failed {
+                return Err(e.into());
+            }
+            if upserts.is_empty() && deletes.is_empty() {
+                return Ok(deleted);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
     }
 
     pub async fn delete(&self, mut req: pb::DeleteRequest) -> Result<u64, Status> {
@@ -365,29 +427,10 @@ impl Gateway {
         let l = &self.limits;
         writes::check_batch(l, 0, req.ids.len(), &req.request_id, 0)?;
         writes::check_ids(l, &req.ids)?;
-        let mut by_shard: HashMap<u32, Vec<String>> = HashMap::new();
-        for id in std::mem::take(&mut req.ids) {
-            by_shard
-                .entry(shard_of(&id, coll.shard_count))
-                .or_default()
-                .push(id);
-        }
-        let rid = &req.request_id;
-        let writes = by_shard.into_iter().map(|(index, ids)| {
-            self.write_shard(
-                coll,
-                shards,
-                index,
-                Vec::new(),
-                ids,
-                shard_request(rid, index),
-            )
-        });
-        let mut deleted = 0;
-        for r in futures::future::join_all(writes).await {
-            deleted += r?.deleted;
-        }
-        Ok(deleted)
+        let _ = (coll, shards);
+        let ids = std::mem::take(&mut req.ids);
+        self.write_all(&req.collection, &req.request_id, Vec::new(), ids)
+            .await
     }
 
     fn shard_id(coll: &cpb::Collection, index: u32) -> cpb::ShardId {
@@ -428,7 +471,7 @@ impl Gateway {
         upserts: Vec<rpb::StoredDoc>,
         deletes: Vec<String>,
         request_id: String,
-    ) -> Result<rpb::WriteResponse, Status> {
+    ) -> Result<rpb::WriteResponse, ReplicaError> {
         let (node, addr) = self.primary(shards, index)?;
         let span = tracing::info_span!("shard.write", shard = index, node = %node);
         let req = rpb::WriteRequest {
@@ -436,12 +479,13 @@ impl Gateway {
             upserts,
             deletes,
             request_id,
+            shard_count: coll.shard_count,
         };
         let write = async { self.replicas(&node, &addr)?.write(req, WRITE_TIMEOUT).await };
-        write.instrument(span).await.map_err(|e| {
-            e.context(format_args!("shard {}/{index} on node {node}", coll.name))
-                .into()
-        })
+        write
+            .instrument(span)
+            .await
+            .map_err(|e| e.context(format_args!("shard {}/{index} on node {node}", coll.name)))
     }
 
     /// A new index generation on every shard: starts the collection's build operation
@@ -527,6 +571,7 @@ impl Gateway {
             let r = rpb::ShardGetRequest {
                 shard: Some(Self::shard_id(coll, index)),
                 id: req.id.clone(),
+                shard_count: coll.shard_count,
             };
             let get = async {
                 self.replicas(&node, &addr)?
@@ -700,6 +745,7 @@ impl Gateway {
                 nprobe: req.nprobe,
                 refine: req.refine,
                 exact: req.exact,
+                shard_count: coll.shard_count,
             };
             self.search_shard(s, req, budget)
                 .instrument(tracing::info_span!("shard.search", shard = s.index))

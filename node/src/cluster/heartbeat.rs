@@ -47,6 +47,8 @@ pub struct ReplicaState {
     /// segments were last compacted at (issue 19).
     pub compacted_operation: u64,
     pub layout: u64,
+    /// A primary sealed by a split with no write in flight (issue 19).
+    pub sealed: bool,
 }
 
 impl ReplicaState {
@@ -57,6 +59,7 @@ impl ReplicaState {
             key: r.key.clone(),
             caught_up: r.caught_up(),
             known_epoch: r.known_epoch(),
+            sealed: r.sealed_and_drained(),
             ahead: r.ahead(),
             failure: r.failure(),
             in_sync: r.in_sync_report(),
@@ -106,6 +109,7 @@ pub fn reports(replicas: &[ReplicaState]) -> Vec<cpb::ReplicaReport> {
             in_sync: r.in_sync.in_sync.clone(),
             compacted_operation: r.compacted_operation,
             layout: r.layout,
+            sealed: r.sealed,
             build_operation: r.build.operation,
             build_queued: r.build.queued,
             build_error: {
@@ -131,6 +135,8 @@ pub(super) struct Heartbeat {
     pub client: Client,
     pub builds: Arc<Builds>,
     pub compactions: Arc<super::compactions::Compactions>,
+    /// Split forks made here (issue 19), reported as their siblings' replicas.
+    pub forks: Arc<super::forks::Forks>,
 }
 
 impl Heartbeat {
@@ -165,7 +171,8 @@ impl Heartbeat {
             };
             // Compactions due on this node's primaries are logged (in the background).
             self.compactions.tick();
-            let reports = reports(&states);
+            let mut reports = reports(&states);
+            reports.extend(self.forks.reports());
             let (dg, data_dir) = (self.disk.clone(), self.cfg.data_dir.clone());
             let (free, total, trash) = tokio::task::spawn_blocking(move || {
                 let (free, total) = dg.usage().unwrap_or((0, 0));

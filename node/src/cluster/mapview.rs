@@ -92,6 +92,9 @@ impl MapView {
                         C::ShardPut(s) => {
                             self.shards.insert((s.collection.clone(), s.index), s);
                         }
+                        C::ShardDropped(id) => {
+                            self.shards.remove(&(id.collection, id.index));
+                        }
                         C::KeyPut(k) => {
                             if let Some(k) = KeyRecord::from_pb(k) {
                                 self.keys.insert(k.id.clone(), k);

@@ -7,6 +7,7 @@ pub mod builds;
 pub mod compactions;
 pub mod config;
 pub mod disk;
+pub mod forks;
 pub mod error;
 pub mod gateway;
 pub mod handover;
@@ -293,7 +294,9 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         },
     );
     // The map: whole, then changes; resume from the last version after a reconnect.
+    let forks = forks::Forks::new();
     let reconciler = reconcile::Reconciler {
+        forks: forks.clone(),
         builds: builds.clone(),
         compactions: compactions.clone(),
         node_id: cfg.id.clone(),
@@ -357,6 +360,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
             client: client.clone(),
             builds,
             compactions,
+            forks,
         }
         .run(stop_rx.clone()),
     ));

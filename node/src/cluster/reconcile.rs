@@ -60,6 +60,7 @@ pub fn role_of(view: &MapView, s: &cpb::Shard, me: &str) -> Role {
         replication_factor: rf,
         write_quorum,
         forced: s.forced_epoch == s.epoch && s.epoch > 0,
+        sealed: s.sealed_by != 0,
         leaving: s
             .replicas
             .iter()
@@ -97,6 +98,7 @@ fn shard_config(c: &cpb::Collection, node_default: usize) -> CollectionConfig {
 
 /// Opens and closes this node's replicas as the map says.
 pub(super) struct Reconciler {
+    pub(super) forks: Arc<super::forks::Forks>,
     pub(super) builds: Arc<super::builds::Builds>,
     pub(super) compactions: Arc<super::compactions::Compactions>,
     pub(super) node_id: String,
@@ -133,7 +135,8 @@ impl Reconciler {
         let mut wanted: HashMap<ReplicaKey, ReplicaArgs> = HashMap::new();
         let mut roles: Vec<(ReplicaKey, Role, usize)> = Vec::new();
         for s in view.shards.values() {
-            if !s.replicas.iter().any(|r| r.node_id == self.node_id) {
+            // A split's sibling is forked here (`forks.rs`), opened once cut over.
+            if s.forking_from.is_some() || !s.replicas.iter().any(|r| r.node_id == self.node_id) {
                 continue;
             }
             let Some(c) = view.collections.get(&s.collection) else {
@@ -159,6 +162,7 @@ impl Reconciler {
                     self.in_sync_lag,
                 )
             });
+            repl.set_routing(shoal_proto::routing::Routing::of_shard(s.index, c.shard_count));
             roles.push((
                 key.clone(),
                 role_of(view, s, &self.node_id),
@@ -246,6 +250,9 @@ impl Reconciler {
                 }
             }
         }
+        // Split forks, routings, retains (issue 19).
+        self.forks
+            .sync(view, &self.node_id, &self.registry, |k| self.replica_dir(k));
         // Index builds and compactions the map's operations ask of these replicas.
         self.builds.sync(view);
         self.compactions.sync(view);

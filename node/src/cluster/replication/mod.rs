@@ -150,6 +150,14 @@ pub struct Replication {
     /// acknowledged meanwhile (one the successor holds is answered by it on a retry).
     /// The epoch handed over (0 = none): a later epoch, as primary again, takes writes.
     handing_over: AtomicU64,
+    /// The epoch this primary is sealed at by a split (0 = none; issue 19): new writes
+    /// refused (retried by gateways) until the cut-over. Apart from the role so a
+    /// write's check after it counts itself in `appending` pairs with
+    /// [`Replication::sealed_and_drained`]'s reading of both.
+    sealed: AtomicU64,
+    /// The ids this replica answers for: its shard of the collection's current shard
+    /// count (issue 19), from the map; given to every engine handle it opens.
+    routing: Mutex<Option<shoal_proto::routing::Routing>>,
     /// Writes between their handover check and their local append: a handover waits
     /// for none before it reads the last batch its successor must hold.
     appending: AtomicUsize,
@@ -210,6 +218,8 @@ impl Replication {
             apply: tokio::sync::Mutex::new(()),
             transports,
             handing_over: AtomicU64::new(0),
+            sealed: AtomicU64::new(0),
+            routing: Mutex::new(None),
             appending: AtomicUsize::new(0),
             leaving_since: Mutex::new(None),
             ahead: Mutex::new(None),
@@ -261,7 +271,43 @@ impl Replication {
         let mut r = self.recent.lock();
         *r = Recent::new(r.cap, s.last().0);
         r.remember(replayed);
+        s.set_routing(*self.routing.lock());
         *self.shard.write() = Some(s);
+    }
+
+    /// The shard's routing now (the map's shard count); the engine's reads skip ids it
+    /// sends elsewhere (a split's other half, until the retain deletes it).
+    pub fn set_routing(&self, r: shoal_proto::routing::Routing) {
+        let mut cur = self.routing.lock();
+        if *cur != Some(r) {
+            *cur = Some(r);
+            if let Some(s) = self.shard.read().as_ref() {
+                s.set_routing(Some(r));
+            }
+        }
+    }
+
+    pub fn routing(&self) -> Option<shoal_proto::routing::Routing> {
+        *self.routing.lock()
+    }
+
+    /// A request routed by `shard_count` shards (0: the caller does not say) against
+    /// this replica's: another count means one side's map is behind a split's
+    /// cut-over, and answering would miss or double half a shard (issue 19). Retryable.
+    pub fn check_routing(&self, shard_count: u32) -> Result<(), ReplicaError> {
+        match self.routing() {
+            _ if shard_count == 0 => Ok(()),
+            Some(r) if r.modulus == shard_count => Ok(()),
+            Some(r) => Err(ReplicaError::Moving(format!(
+                "shard {} was routed to by {shard_count} shards, and its collection has {} \
+                 here: a map is behind a split; retry",
+                self.key, r.modulus
+            ))),
+            None => Err(ReplicaError::Moving(format!(
+                "replica {} does not know its routing yet; retry",
+                self.key
+            ))),
+        }
     }
 
     /// Takes the engine out and retires it, so a dropped handle never checkpoints
@@ -366,6 +412,10 @@ impl Replication {
                 && a.epoch == role.epoch
                 && role.peers.iter().any(|p| &p.node == node && p.is_copy())
         });
+        self.sealed.store(
+            if role.sealed && role.is_primary { role.epoch } else { 0 },
+            Ordering::SeqCst,
+        );
         *self.role.write() = Some(role);
         // Writes waiting for their quorum re-read it.
         self.matched.send_modify(|_| {});
@@ -418,6 +468,19 @@ impl Replication {
             last_seq: last,
             last_epoch,
         })
+    }
+
+    /// A sealed primary with no write between its checks and its log (issue 19): its
+    /// last batch is where the shard's log ends until the split's cut-over.
+    pub fn sealed_and_drained(&self) -> bool {
+        let epoch = self.role().filter(|r| r.is_primary).map_or(0, |r| r.epoch);
+        epoch > 0
+            && self.sealed.load(Ordering::SeqCst) == epoch
+            && self.appending.load(Ordering::SeqCst) == 0
+    }
+
+    pub(super) fn sealed_at(&self, epoch: u64) -> bool {
+        epoch > 0 && self.sealed.load(Ordering::SeqCst) == epoch
     }
 
     /// Whether this primary is handing its role over (writes refused meanwhile).

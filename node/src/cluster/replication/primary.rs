@@ -91,6 +91,12 @@ impl Replication {
                 self.node_id, self.key
             )));
         }
+        if self.sealed_at(role.epoch) {
+            return Err(ReplicaError::Moving(format!(
+                "shard {} is sealed while it splits (its forks are being made); retry",
+                self.key
+            )));
+        }
         let quorum = role.quorum(&self.admitted_at(role.epoch));
         if quorum.short() {
             return Err(ReplicaError::Unavailable(format!(

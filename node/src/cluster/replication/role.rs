@@ -50,6 +50,9 @@ pub struct Role {
     /// This replica is leaving its shard (the source of a move: a drain, an even-out):
     /// as primary, it hands its role to the copy that joins the in-sync set.
     pub leaving: bool,
+    /// A split seals the shard (issue 19): as primary it takes no writes until the
+    /// cut-over, so every replica can fork it at one position.
+    pub sealed: bool,
 }
 
 /// Who a write waits for (issue 16, the in-sync rule): every backup of the in-sync set
@@ -190,6 +193,7 @@ mod tests {
 
     fn role(rf: u32, write_quorum: u32, peers: &[(bool, bool)]) -> Role {
         Role {
+            sealed: false,
             epoch: 1,
             primary: "p".into(),
             is_primary: true,

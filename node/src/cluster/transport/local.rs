@@ -92,6 +92,7 @@ impl LocalReplicas {
         )?;
         writes::check_ids(l, &r.deletes)?;
         let repl = self.hosted(r.shard.as_ref())?.repl;
+        repl.check_routing(r.shard_count)?;
         let mut ops = Vec::with_capacity(r.upserts.len() + r.deletes.len());
         for (i, d) in r.upserts.into_iter().enumerate() {
             let metadata = writes::check_document(
@@ -210,6 +211,7 @@ impl LocalReplicas {
     ) -> Result<rpb::ShardSearchResponse, ReplicaError> {
         let HostedReplica { actor, repl } = self.hosted(r.shard.as_ref())?;
         repl.check_readable()?;
+        repl.check_routing(r.shard_count)?;
         let l = &self.limits;
         if r.k == 0 {
             return Err(ReplicaError::Invalid("k = 0: k must be at least 1".into()));
@@ -306,6 +308,7 @@ impl LocalReplicas {
     ) -> Result<rpb::ShardGetResponse, ReplicaError> {
         let HostedReplica { actor, repl } = self.hosted(r.shard.as_ref())?;
         repl.check_readable()?;
+        repl.check_routing(r.shard_count)?;
         let doc = Self::call(actor, |reply| ReplicaMsg::Get(r.id, reply)).await?;
         Ok(rpb::ShardGetResponse {
             found: doc.is_some(),
