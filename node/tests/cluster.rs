@@ -1537,3 +1537,264 @@ async fn a_rebuild_gives_every_replica_its_reduced_precision_rerank_copy() {
     }
     f.stop().await;
 }
+
+/// Live documents of `collection` over both nodes' replicas, and each replica's
+/// (index, live) for messages.
+fn live_docs(f: &Fixture, collection: &str) -> (usize, Vec<(u32, usize, usize)>) {
+    let mut per = Vec::new();
+    for n in [&f.a, &f.b] {
+        for (k, h) in n.registry.read().iter() {
+            if k.collection == collection {
+                if let Ok(s) = h.repl.shard() {
+                    let foreign = h.repl.routing().map_or(0, |r| s.foreign_live(r));
+                    per.push((k.index, s.len(), foreign));
+                }
+            }
+        }
+    }
+    per.sort();
+    (per.iter().map(|p| p.1).sum(), per)
+}
+
+/// Writers through both gateways, until `stop`: each writes batches of 5 documents
+/// with small vectors (they never enter an original document's top 10) and deletes
+/// every fourth batch's first document again; returns (ids acknowledged live, ids
+/// acknowledged deleted, when each failed write failed, and why).
+#[allow(clippy::type_complexity)]
+fn writers(
+    f: &Fixture,
+    n: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<(Vec<String>, Vec<String>, Vec<(Instant, String)>)>> {
+    (0..n)
+        .map(|t| {
+            let mut g = if t % 2 == 0 { f.ga.clone() } else { f.gb.clone() };
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let (mut live, mut deleted, mut errors) = (Vec::new(), Vec::new(), Vec::new());
+                let mut batch = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let ids: Vec<String> = (0..5).map(|j| format!("w{t}-{batch}-{j}")).collect();
+                    let docs = ids
+                        .iter()
+                        .enumerate()
+                        .map(|(j, id)| pb::Document {
+                            id: id.clone(),
+                            vector: vector(10_000 + batch * 5 + j as u64 + t as u64 * 1_000_000, 16)
+                                .into_iter()
+                                .map(|x| x * 0.01)
+                                .collect(),
+                            ..Default::default()
+                        })
+                        .collect();
+                    match g
+                        .ingest(pb::IngestRequest {
+                            collection: "vecs".into(),
+                            documents: docs,
+                            request_id: format!("w{t}-{batch}"),
+                        })
+                        .await
+                    {
+                        Ok(_) => live.extend(ids.iter().cloned()),
+                        Err(e) => {
+                            errors.push((Instant::now(), format!("writer {t}: {e}")));
+                            continue; // its outcome is unknown: no delete of it
+                        }
+                    }
+                    if batch % 4 == 3 {
+                        let id = ids[0].clone();
+                        match g
+                            .delete(pb::DeleteRequest {
+                                collection: "vecs".into(),
+                                ids: vec![id.clone()],
+                                request_id: format!("w{t}-{batch}-del"),
+                            })
+                            .await
+                        {
+                            Ok(_) => {
+                                live.retain(|x| *x != id);
+                                deleted.push(id);
+                            }
+                            Err(e) => {
+                                // Its outcome is unknown: neither live nor deleted.
+                                live.retain(|x| *x != id);
+                                errors.push((Instant::now(), format!("writer {t} delete: {e}")));
+                            }
+                        }
+                    }
+                    batch += 1;
+                }
+                (live, deleted, errors)
+            })
+        })
+        .collect()
+}
+
+/// The exact top 10 of `vecs` for original document `i`'s vector, as ids.
+async fn exact_top(g: &mut ShoalClient<tonic::transport::Channel>, i: u64) -> Option<Vec<String>> {
+    let r = g
+        .search(pb::SearchRequest {
+            collection: "vecs".into(),
+            vector: vector(i, 16),
+            k: 10,
+            exact: true,
+            ..Default::default()
+        })
+        .await
+        .ok()?
+        .into_inner();
+    let ids: Vec<String> = r.hits.into_iter().map(|h| h.id).collect();
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), ids.len(), "a hit twice: {ids:?}");
+    (!r.partial).then_some(ids)
+}
+
+/// Waits until `vecs` has `shards` shards in both nodes' maps, one replica each
+/// (placement's moves done), none holding a document routed elsewhere (the retains
+/// done), and `live` documents in all (a range: a write that failed may have landed
+/// on some of its shards).
+async fn settled_split(f: &Fixture, shards: u32, live: std::ops::RangeInclusive<usize>) {
+    let t = Instant::now();
+    loop {
+        let counts = [&f.a, &f.b].map(|n| n.view.read().collections.get("vecs").map(|c| c.shard_count));
+        let (total, per) = live_docs(f, "vecs");
+        if counts == [Some(shards); 2]
+            && live.contains(&total)
+            && per.len() == shards as usize
+            && per.iter().all(|p| p.2 == 0)
+        {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "split not settled: counts {counts:?}, live {total} of {live:?}, replicas (index, live, routed elsewhere) {per:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_split_under_concurrent_writers_loses_nothing_and_answers_whole() {
+    let mut f = Fixture::start(false).await;
+    f.ingest_vectors(300).await;
+    let queries: Vec<u64> = (0..300).step_by(37).collect();
+    let mut want = Vec::new();
+    for &q in &queries {
+        want.push(exact_top(&mut f.ga, q).await.expect("complete before the split"));
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ws = writers(&f, 3, stop.clone());
+    // Searches all along: every complete answer is the whole answer.
+    let searching = {
+        let (mut g, stop, queries, want) = (f.gb.clone(), stop.clone(), queries.clone(), want.clone());
+        tokio::spawn(async move {
+            let (mut complete, mut partial) = (0, 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for (q, w) in queries.iter().zip(&want) {
+                    match exact_top(&mut g, *q).await {
+                        Some(ids) => {
+                            assert_eq!(&ids, w, "query {q}: a complete answer differs");
+                            complete += 1;
+                        }
+                        None => partial += 1,
+                    }
+                }
+            }
+            (complete, partial)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    let op = f
+        .admin
+        .start_split(cpb::StartSplitRequest {
+            collection: "vecs".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!((op.kind.as_str(), op.steps.len()), ("split", 3), "{op:?}");
+    // A second split waits for this one.
+    let e = f
+        .admin
+        .start_split(cpb::StartSplitRequest {
+            collection: "vecs".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    let t = Instant::now();
+    let done = finished_operation(&mut f.admin, op.id, "the split").await;
+    assert_eq!(done.state, "succeeded", "{done:?}");
+    let ended = Instant::now();
+    eprintln!("split took {:.2}s", t.elapsed().as_secs_f64());
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut live, mut deleted, mut errors) = (Vec::new(), Vec::new(), Vec::new());
+    for w in ws {
+        let (l, d, e) = w.await.unwrap();
+        live.extend(l);
+        deleted.extend(d);
+        errors.extend(e);
+    }
+    let (complete, partial) = searching.await.unwrap();
+    eprintln!(
+        "writes: {} live, {} deleted, {} failed; searches: {complete} complete, {partial} partial",
+        live.len(),
+        deleted.len(),
+        errors.len()
+    );
+    // The gateways ride out the seal and the cut-over. (After it, placement moves
+    // new shards to even the nodes out, and a leaving primary refuses writes while
+    // its copy takes over, as any move does.)
+    let during: Vec<&String> = errors
+        .iter()
+        .filter(|(t, _)| *t >= started && *t <= ended)
+        .map(|(_, e)| e)
+        .collect();
+    assert!(during.is_empty(), "writes failed during the split: {during:?}");
+    assert!(complete > 0);
+    // Every acknowledged write there once, every acknowledged delete gone.
+    // A failed write may have landed on some of its shards (at most its 5 documents),
+    // a failed delete may have left its document.
+    let unknown = errors
+        .iter()
+        .map(|(_, e)| if e.contains("delete") { 1 } else { 5 })
+        .sum::<usize>();
+    settled_split(&f, 6, 300 + live.len()..=300 + live.len() + unknown).await;
+    for id in &live {
+        let got =
+            f.ga.get(pb::GetRequest {
+                collection: "vecs".into(),
+                id: id.clone(),
+                with_vector: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(got.found, "{id} acknowledged, not found");
+    }
+    for id in &deleted {
+        let got =
+            f.gb.get(pb::GetRequest {
+                collection: "vecs".into(),
+                id: id.clone(),
+                with_vector: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!got.found, "{id} deleted, found");
+    }
+    for (q, w) in queries.iter().zip(&want) {
+        assert_eq!(exact_top(&mut f.ga, *q).await.as_ref(), Some(w));
+    }
+    // Each new shard has its source's replica set; writes route by six shards.
+    let view = f.a.view.read().clone();
+    assert_eq!(view.shards_of("vecs").count(), 6);
+    for s in view.shards_of("vecs") {
+        assert!(s.sealed_by == 0 && s.forking_from.is_none(), "{s:?}");
+    }
+    f.stop().await;
+}

@@ -296,6 +296,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     // The map: whole, then changes; resume from the last version after a reconnect.
     let forks = forks::Forks::new();
     let reconciler = reconcile::Reconciler {
+        local: local.clone(),
         forks: forks.clone(),
         builds: builds.clone(),
         compactions: compactions.clone(),

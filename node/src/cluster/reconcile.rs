@@ -98,6 +98,7 @@ fn shard_config(c: &cpb::Collection, node_default: usize) -> CollectionConfig {
 
 /// Opens and closes this node's replicas as the map says.
 pub(super) struct Reconciler {
+    pub(super) local: Arc<super::transport::LocalReplicas>,
     pub(super) forks: Arc<super::forks::Forks>,
     pub(super) builds: Arc<super::builds::Builds>,
     pub(super) compactions: Arc<super::compactions::Compactions>,
@@ -180,6 +181,7 @@ impl Reconciler {
                 },
             );
         }
+        *self.local.placed.write() = wanted.keys().cloned().collect();
         let have: Vec<ReplicaKey> = self.registry.read().keys().cloned().collect();
         for k in have {
             if !wanted.contains_key(&k) {

@@ -32,6 +32,11 @@ pub const GENERATION_CHUNK_BYTES: usize = 4 << 20;
 pub struct LocalReplicas {
     pub registry: Registry,
     pub limits: Limits,
+    /// The replicas the map places here (the reconciler's last pass): one of them not
+    /// open yet is opening (a split's sibling just cut over, a restart), and a call
+    /// to it is answered [`ReplicaError::Moving`] (retried by gateways), not plain
+    /// UNAVAILABLE.
+    pub placed: parking_lot::RwLock<std::collections::HashSet<ReplicaKey>>,
 }
 
 /// `fut` within `timeout`, or DEADLINE_EXCEEDED (what a gRPC caller would hear).
@@ -50,14 +55,26 @@ async fn within_deadline<T>(
 
 impl LocalReplicas {
     pub fn new(registry: Registry, limits: Limits) -> Arc<Self> {
-        Arc::new(Self { registry, limits })
+        Arc::new(Self {
+            registry,
+            limits,
+            placed: Default::default(),
+        })
     }
 
     fn hosted(&self, r: Option<&cpb::ShardId>) -> Result<HostedReplica, ReplicaError> {
         let key = ReplicaKey::from_wire(r)?;
-        self.registry.read().get(&key).cloned().ok_or_else(|| {
-            ReplicaError::Unavailable(format!("replica {key} is not open on this node"))
-        })
+        if let Some(h) = self.registry.read().get(&key).cloned() {
+            return Ok(h);
+        }
+        if self.placed.read().contains(&key) {
+            return Err(ReplicaError::Moving(format!(
+                "replica {key} is opening on this node; retry"
+            )));
+        }
+        Err(ReplicaError::Unavailable(format!(
+            "replica {key} is not open on this node"
+        )))
     }
 
     async fn call<T>(
