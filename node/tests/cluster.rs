@@ -1540,9 +1540,9 @@ async fn a_rebuild_gives_every_replica_its_reduced_precision_rerank_copy() {
 
 /// Live documents of `collection` over both nodes' replicas, and each replica's
 /// (index, live) for messages.
-fn live_docs(f: &Fixture, collection: &str) -> (usize, Vec<(u32, usize, usize)>) {
+fn live_docs(nodes: &[&NodeHandle], collection: &str) -> (usize, Vec<(u32, usize, usize)>) {
     let mut per = Vec::new();
-    for n in [&f.a, &f.b] {
+    for n in nodes {
         for (k, h) in n.registry.read().iter() {
             if k.collection == collection {
                 if let Ok(s) = h.repl.shard() {
@@ -1598,6 +1598,8 @@ fn writers(
                         Ok(_) => live.extend(ids.iter().cloned()),
                         Err(e) => {
                             errors.push((Instant::now(), format!("writer {t}: {e}")));
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            batch += 1;
                             continue; // its outcome is unknown: no delete of it
                         }
                     }
@@ -1655,11 +1657,11 @@ async fn exact_top(g: &mut ShoalClient<tonic::transport::Channel>, i: u64) -> Op
 /// (placement's moves done), none holding a document routed elsewhere (the retains
 /// done), and `live` documents in all (a range: a write that failed may have landed
 /// on some of its shards).
-async fn settled_split(f: &Fixture, shards: u32, live: std::ops::RangeInclusive<usize>) {
+async fn settled_split(nodes: [&NodeHandle; 2], shards: u32, live: std::ops::RangeInclusive<usize>) {
     let t = Instant::now();
     loop {
-        let counts = [&f.a, &f.b].map(|n| n.view.read().collections.get("vecs").map(|c| c.shard_count));
-        let (total, per) = live_docs(f, "vecs");
+        let counts = nodes.map(|n| n.view.read().collections.get("vecs").map(|c| c.shard_count));
+        let (total, per) = live_docs(&nodes, "vecs");
         if counts == [Some(shards); 2]
             && live.contains(&total)
             && per.len() == shards as usize
@@ -1754,6 +1756,9 @@ async fn a_split_under_concurrent_writers_loses_nothing_and_answers_whole() {
         .map(|(_, e)| e)
         .collect();
     assert!(during.is_empty(), "writes failed during the split: {during:?}");
+    for (_, e) in &errors {
+        eprintln!("after: {e}");
+    }
     assert!(complete > 0);
     // Every acknowledged write there once, every acknowledged delete gone.
     // A failed write may have landed on some of its shards (at most its 5 documents),
@@ -1762,7 +1767,7 @@ async fn a_split_under_concurrent_writers_loses_nothing_and_answers_whole() {
         .iter()
         .map(|(_, e)| if e.contains("delete") { 1 } else { 5 })
         .sum::<usize>();
-    settled_split(&f, 6, 300 + live.len()..=300 + live.len() + unknown).await;
+    settled_split([&f.a, &f.b], 6, 300 + live.len()..=300 + live.len() + unknown).await;
     for id in &live {
         let got =
             f.ga.get(pb::GetRequest {
@@ -1797,4 +1802,115 @@ async fn a_split_under_concurrent_writers_loses_nothing_and_answers_whole() {
         assert!(s.sealed_by == 0 && s.forking_from.is_none(), "{s:?}");
     }
     f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_split_survives_a_node_restart_and_a_leader_change() {
+    let mut f = Fixture::start(false).await;
+    f.ingest_vectors(300).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ws = writers(&f, 2, stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let Fixture {
+        _dir: dir,
+        addrs,
+        mut coords,
+        a,
+        b,
+        mut admin,
+        mut ga,
+        ..
+    } = f;
+    // Node b stops: its shards can neither seal nor fork until it is back.
+    b.shutdown().await;
+    let op = admin
+        .start_split(cpb::StartSplitRequest {
+            collection: "vecs".into(),
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The leader goes while the split waits for b.
+    let leader = loop {
+        let l = coords[0].coordinator.raft.metrics().borrow().current_leader;
+        if let Some(l) = l {
+            break (l - 1) as usize;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    coords.remove(leader).shutdown().await;
+    let still = finished_or_running(&mut admin, op.id).await;
+    assert_eq!(still.state, "running", "waits for b: {still:?}");
+    // b comes back: it seals, forks, and the new leader cuts over.
+    let b = node(dir.path(), "b", &addrs, false).await;
+    let done = finished_operation(&mut admin, op.id, "the split").await;
+    assert_eq!(done.state, "succeeded", "{done:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut live, mut deleted, mut errors) = (Vec::new(), Vec::new(), Vec::new());
+    for w in ws {
+        let (l, d, e) = w.await.unwrap();
+        live.extend(l);
+        deleted.extend(d);
+        errors.extend(e);
+    }
+    eprintln!(
+        "writes: {} live, {} deleted, {} failed (b away)",
+        live.len(),
+        deleted.len(),
+        errors.len()
+    );
+    let unknown = errors
+        .iter()
+        .map(|(_, e)| if e.contains("delete") { 1 } else { 5 })
+        .sum::<usize>();
+    settled_split([&a, &b], 6, 300 + live.len()..=300 + live.len() + unknown).await;
+    let originals: Vec<String> = (0..300).map(|i| format!("v{i}")).collect();
+    for id in live.iter().chain(&originals) {
+        let got = ga
+            .get(pb::GetRequest {
+                collection: "vecs".into(),
+                id: id.clone(),
+                with_vector: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(got.found, "{id} acknowledged, not found");
+    }
+    for id in &deleted {
+        let got = ga
+            .get(pb::GetRequest {
+                collection: "vecs".into(),
+                id: id.clone(),
+                with_vector: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!got.found, "{id} deleted, found");
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+    for c in coords {
+        c.shutdown().await;
+    }
+}
+
+/// Operation `id` on `vecs` as the map shows it now (answers lost to a leader change
+/// asked again).
+async fn finished_or_running(admin: &mut Client, id: u64) -> cpb::Operation {
+    loop {
+        if let Ok(r) = admin
+            .list_operations(cpb::ListOperationsRequest {
+                collection: "vecs".into(),
+            })
+            .await
+        {
+            if let Some(o) = r.operations.into_iter().find(|o| o.id == id) {
+                return o;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

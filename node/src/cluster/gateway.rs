@@ -682,6 +682,28 @@ impl Gateway {
         req: pb::SearchRequest,
         deadline: Option<Duration>,
     ) -> Result<pb::SearchResponse, Status> {
+        // A shard that answers Moving (a split's cut-over between this node's map and
+        // the replica's) is asked again, the whole query routed anew, a few times
+        // within the deadline before the answer goes out partial (issue 19).
+        let t = Instant::now();
+        let budget = deadline.unwrap_or(self.default_deadline);
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let r = self.search_once(req.clone(), deadline).await?;
+            let moving = r.shards.iter().any(|a| !a.answered && a.error.starts_with("moving"));
+            if !moving || t.elapsed() + pause * 2 >= budget / 2 {
+                return Ok(r);
+            }
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+        }
+    }
+
+    async fn search_once(
+        &self,
+        req: pb::SearchRequest,
+        deadline: Option<Duration>,
+    ) -> Result<pb::SearchResponse, Status> {
         let t = Instant::now();
         let route = self.collection_shards(&req.collection)?;
         let (coll, shards) = (&route.coll, &route.shards);

@@ -86,7 +86,8 @@ impl Replication {
         // last batch its successor must hold only once no write is in between.
         let appending = Appending::enter(&self.appending);
         if self.handing_over_at(role.epoch) {
-            return Err(ReplicaError::Unavailable(format!(
+            // Moving: the gateway sends it again once the map names the successor.
+            return Err(ReplicaError::Moving(format!(
                 "node {} is handing the primary role of shard {} to another replica; retry",
                 self.node_id, self.key
             )));
@@ -128,7 +129,8 @@ impl Replication {
         // arrives, and no primary acknowledges once a newer epoch may exist (issue 16).
         // The write is logged; a retry with its request id is answered by whoever leads.
         if self.handing_over_at(epoch) {
-            return Err(ReplicaError::Unavailable(format!(
+            // Moving: sent again with its request id, the successor answers it once.
+            return Err(ReplicaError::Moving(format!(
                 "shard {}: write {} was logged while its primary began handing its role \
                  over; its outcome is unknown (retry with the same request id)",
                 self.key, ack.seq
