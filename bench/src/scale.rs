@@ -93,6 +93,15 @@ pub struct ScaleArgs {
     /// replication factor (needs --replication-factor 2 or more).
     #[arg(long)]
     restore: bool,
+    /// After the queries, double the shard count online (`shoal collection split`)
+    /// under query load (2 clients) and ingest load (one writer of new rows): the
+    /// split's duration, failed and partial queries and failed writes, and query
+    /// latency before, during and after (issue 19).
+    #[arg(long)]
+    split: bool,
+    /// Seconds of load measured before and after the split.
+    #[arg(long, default_value_t = 15)]
+    split_window: u64,
     /// Skip raw FAISS (its builds and its recall): for runs measuring the cluster
     /// alone (restart and restore at a size whose reference build would double the
     /// run); the build ratio and recall comparison come from runs without it.
@@ -580,6 +589,13 @@ pub fn run(a: ScaleArgs) -> Result<()> {
         emit(serde_json::json!({"step": "peer_order", "sample": order,
             "faiss_recall_at_10_nprobe_1_4_16": recalls}));
     }
+    let split = if a.split {
+        let v = rt.block_on(split_under_load(&a, &gen, coords, &nodes, name, &queries))?;
+        emit(v.clone());
+        v
+    } else {
+        serde_json::Value::Null
+    };
     let mut restarted = None;
     let restart = if a.restart {
         let (v, child) = rt.block_on(restart_node(coords, name, &dev_dir, &nodes[1]))?;
@@ -620,7 +636,7 @@ pub fn run(a: ScaleArgs) -> Result<()> {
         "import_vs_engine": import_rate / engine_rate,
         "build_params": params, "build_cluster_s": cs, "build_faiss_s": fs, "build_cluster_vs_faiss": cs / fs,
         "anon_bytes_per_vector": anon_per_vector,
-        "quality": quality, "restart": restart, "restore": restore,
+        "quality": quality, "restart": restart, "restore": restore, "split": split,
     }));
     Ok(())
 }
@@ -1287,4 +1303,174 @@ async fn restart_node(
         "up_s": up_s, "complete_answers_s": t.elapsed().as_secs_f64(),
     });
     Ok((v, child))
+}
+
+/// One load phase's query outcomes: latencies of complete answers (ms), partial
+/// answers, failed queries.
+#[derive(Default)]
+struct Phase {
+    lat: Vec<f64>,
+    partial: u64,
+    failed: u64,
+}
+
+impl Phase {
+    fn json(mut self) -> serde_json::Value {
+        self.lat.sort_by(f64::total_cmp);
+        serde_json::json!({"queries": self.lat.len() as u64 + self.partial + self.failed,
+            "complete": self.lat.len(), "partial": self.partial, "failed": self.failed,
+            "p50_ms": percentile(&self.lat, 0.5), "p99_ms": percentile(&self.lat, 0.99)})
+    }
+}
+
+/// `--split`: the collection's shard count doubled online while 2 clients query (nprobe
+/// 16) and one writer ingests new rows; then the rows every primary holds, once the
+/// retains are done, against what was acknowledged.
+async fn split_under_load(
+    a: &ScaleArgs,
+    gen: &Gen,
+    coords: &str,
+    nodes: &[String],
+    name: &str,
+    queries: &[f32],
+) -> Result<serde_json::Value> {
+    use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let dim = a.dimension;
+    // 0 before, 1 during, 2 after; the phase a query ends in counts it.
+    let phase = Arc::new(AtomicU8::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..2usize {
+        let (addr, phase, stop) = (nodes[c % nodes.len()].clone(), phase.clone(), stop.clone());
+        let qs = queries.to_vec();
+        let name = name.to_string();
+        clients.push(tokio::spawn(async move {
+            let ch = shoal_proto::channel(&addr, None)?;
+            let mut g = shoal_proto::auth::shoal_client(ch).max_decoding_message_size(64 << 20);
+            let mut out: [Phase; 3] = Default::default();
+            let nq = qs.len() / dim;
+            let mut q = c;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let r = g
+                    .search(pb::SearchRequest {
+                        collection: name.clone(),
+                        vector: qs[q * dim..(q + 1) * dim].to_vec(),
+                        k: 10,
+                        nprobe: 16,
+                        ..Default::default()
+                    })
+                    .await;
+                let p = &mut out[phase.load(Ordering::Relaxed) as usize];
+                match r {
+                    Ok(r) if r.get_ref().partial => p.partial += 1,
+                    Ok(_) => p.lat.push(t.elapsed().as_secs_f64() * 1e3),
+                    Err(_) => p.failed += 1,
+                }
+                q = (q + 2) % nq;
+            }
+            anyhow::Ok(out)
+        }));
+    }
+    // The writer: batches of 64 new rows (ids past the corpus), acknowledged or not.
+    let acked = Arc::new(AtomicU64::new(0));
+    let write_failed = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (addr, stop, acked, failed) = (nodes[0].clone(), stop.clone(), acked.clone(), write_failed.clone());
+        let (rows, name) = (a.rows, name.to_string());
+        let batches: Vec<Vec<pb::Document>> = (0..2000u64)
+            .map(|b| {
+                (0..64u64)
+                    .map(|j| {
+                        let i = rows + b * 64 + j;
+                        let mut v = Vec::with_capacity(dim);
+                        gen.row(i, &mut v);
+                        pb::Document { id: id_of(i), vector: v, ..Default::default() }
+                    })
+                    .collect()
+            })
+            .collect();
+        tokio::spawn(async move {
+            let ch = shoal_proto::channel(&addr, None)?;
+            let mut g = shoal_proto::auth::shoal_client(ch).max_decoding_message_size(64 << 20);
+            for (b, docs) in batches.into_iter().enumerate() {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let n = docs.len() as u64;
+                match g
+                    .ingest(pb::IngestRequest {
+                        collection: name.clone(),
+                        documents: docs,
+                        request_id: format!("split-bench-{b}"),
+                    })
+                    .await
+                {
+                    Ok(_) => acked.fetch_add(n, Ordering::Relaxed),
+                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                };
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            anyhow::Ok(())
+        })
+    };
+    let window = Duration::from_secs(a.split_window);
+    tokio::time::sleep(window).await;
+    let mut c = shoal_proto::client::Client::new(coords.split(',').map(String::from));
+    c.patience = Duration::from_secs(60);
+    phase.store(1, Ordering::Relaxed);
+    let t = Instant::now();
+    let op = c
+        .start_split(cpb::StartSplitRequest { collection: name.into() })
+        .await?;
+    let done = loop {
+        let ops = c
+            .list_operations(cpb::ListOperationsRequest { collection: name.into() })
+            .await?;
+        if let Some(o) = ops.operations.into_iter().find(|o| o.id == op.id && o.state != "running") {
+            break o;
+        }
+        if t.elapsed() > Duration::from_secs(600) {
+            bail!("the split did not end in 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let split_s = t.elapsed().as_secs_f64();
+    phase.store(2, Ordering::Relaxed);
+    tokio::time::sleep(window).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await??;
+    let mut phases: [Phase; 3] = Default::default();
+    for cl in clients {
+        for (i, p) in cl.await??.into_iter().enumerate() {
+            phases[i].lat.extend(p.lat);
+            phases[i].partial += p.partial;
+            phases[i].failed += p.failed;
+        }
+    }
+    // The retains done: the primaries hold the corpus and the acknowledged rows once.
+    let want = a.rows + acked.load(Ordering::Relaxed);
+    let t2 = Instant::now();
+    let (shards, held) = loop {
+        let r = c.list_shards(cpb::ListShardsRequest { collection: name.into() }).await?;
+        let held: u64 = r
+            .shards
+            .iter()
+            .filter_map(|s| s.replicas.iter().find(|x| x.node_id == s.primary))
+            .map(|x| x.live_docs)
+            .sum();
+        if held == want || t2.elapsed() > Duration::from_secs(120) {
+            break (r.shards.len(), held);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let [before, during, after] = phases;
+    Ok(serde_json::json!({
+        "step": "split", "outcome": done.state, "reason": done.reason,
+        "from_shards": a.shards, "to_shards": shards, "split_s": split_s,
+        "rows_before": a.rows, "rows_acknowledged_during_load": want - a.rows,
+        "rows_held_after": held, "writes_failed": write_failed.load(Ordering::Relaxed),
+        "queries_before": before.json(), "queries_during": during.json(), "queries_after": after.json(),
+    }))
 }

@@ -1256,7 +1256,8 @@ impl Coordinator {
         let moves: Vec<_> = placement::plan(&map, &opts)
             .into_iter()
             .filter(|m| {
-                let (crate::map::Move::Add { shard, .. } | crate::map::Move::Evict { shard, .. }) = m;
+                let (crate::map::Move::Add { shard, .. } | crate::map::Move::Evict { shard, .. }) =
+                    m;
                 map.running_split(&shard.collection).is_none()
             })
             .collect();
@@ -1287,7 +1288,9 @@ impl Coordinator {
         let running: Vec<&crate::operations::Operation> = map
             .operations
             .values()
-            .filter(|o| o.running() && matches!(o.kind, crate::operations::OperationKind::Split { .. }))
+            .filter(|o| {
+                o.running() && matches!(o.kind, crate::operations::OperationKind::Split { .. })
+            })
             .collect();
         self.splits_since
             .lock()

@@ -42,7 +42,9 @@ pub enum OperationKind {
     Compact,
     /// Double the shard count from `from_shards` (issue 19, `split.rs`): one step per
     /// source shard, all done at the cut-over.
-    Split { from_shards: u32 },
+    Split {
+        from_shards: u32,
+    },
 }
 
 impl OperationKind {

@@ -12,10 +12,9 @@ use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
 
 use crate::map::{
-    SplitRole,
     Capacity, Change, ClusterMap, Collection, CollectionPolicy, CollectionSpec, Command,
     EncoderRef, IndexParams, Metric, Node, NodeState, Precision, ReplicaState, Shard, ShardKey,
-    DEFAULT_REPLICA_MEMORY,
+    SplitRole, DEFAULT_REPLICA_MEMORY,
 };
 use crate::member::{Coordinator, Reports};
 use crate::operations::{size_index, BuildParams, Operation, OperationKind, Outcome, Step};

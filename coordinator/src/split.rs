@@ -33,8 +33,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::map::{
-    invalid, Change, ClusterMap, MapError, NodeId, Replica, ReplicaState, Result, Shard,
-    ShardKey, MAX_SHARDS,
+    invalid, Change, ClusterMap, MapError, NodeId, Replica, ReplicaState, Result, Shard, ShardKey,
+    MAX_SHARDS,
 };
 use crate::operations::{self, Operation, OperationKind, Outcome, Step};
 
@@ -81,7 +81,9 @@ impl ClusterMap {
     /// The running split of `collection`, if any.
     pub fn running_split(&self, collection: &str) -> Option<&Operation> {
         self.operations.values().find(|o| {
-            o.running() && o.collection == collection && matches!(o.kind, OperationKind::Split { .. })
+            o.running()
+                && o.collection == collection
+                && matches!(o.kind, OperationKind::Split { .. })
         })
     }
 
@@ -257,7 +259,11 @@ impl ClusterMap {
             let ready = replicas.get(&sib_key.index).cloned().unwrap_or_default();
             if ready.len() < min
                 || ready.iter().any(|n| !sib.holds(n))
-                || ready.iter().collect::<std::collections::BTreeSet<_>>().len() != ready.len()
+                || ready
+                    .iter()
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len()
+                    != ready.len()
             {
                 return Err(MapError::FailedPrecondition(format!(
                     "split {operation}: shard {sib_key} needs at least {min} distinct replicas of its own holding the seal point, not {ready:?}"
@@ -296,7 +302,10 @@ impl ClusterMap {
             }
             changes.push(Change::ShardPut(sib.clone()));
         }
-        let c = self.collections.get_mut(&collection).expect("the operation's");
+        let c = self
+            .collections
+            .get_mut(&collection)
+            .expect("the operation's");
         c.spec.shard_count = from_shards * 2;
         changes.push(Change::CollectionPut(c.clone()));
         let op = self.operations.get_mut(&operation).expect("checked");
@@ -351,7 +360,11 @@ pub fn cut_over(
     for i in 0..from_shards {
         let src = map.shard_named(&operation.collection, operation.collection_id, i)?;
         let at = src.seal_point()?;
-        let sib = map.shard_named(&operation.collection, operation.collection_id, i + from_shards)?;
+        let sib = map.shard_named(
+            &operation.collection,
+            operation.collection_id,
+            i + from_shards,
+        )?;
         let mut ready = Vec::new();
         for r in &sib.replicas {
             let live = map.nodes.get(&r.node).is_some_and(|n| n.state.is_live());
@@ -359,7 +372,7 @@ pub fn cut_over(
             match (live, holds) {
                 (_, true) => ready.push(r.node.clone()),
                 (true, false) => return None, // a live replica still cloning
-                (false, false) => {}         // away: left out, placement re-creates it
+                (false, false) => {}          // away: left out, placement re-creates it
             }
         }
         if ready.len() < min {
@@ -417,13 +430,25 @@ mod tests {
     #[test]
     fn a_split_seals_forks_in_place_and_cuts_over_to_twice_the_shards() {
         let (mut m, op) = splitting();
-        assert_eq!(m.collections["c"].spec.shard_count, 2, "routing unchanged until the cut-over");
+        assert_eq!(
+            m.collections["c"].spec.shard_count, 2,
+            "routing unchanged until the cut-over"
+        );
         for i in 0..2 {
             let (src, sib) = (&m.shards[&key(i)], &m.shards[&key(i + 2)]);
-            assert!(matches!(src.split, Some(SplitRole::Sealed { at: None, .. })));
+            assert!(matches!(
+                src.split,
+                Some(SplitRole::Sealed { at: None, .. })
+            ));
             assert!(sib.forking());
-            assert_eq!(sib.replicas, src.replicas, "forked on the nodes holding the source");
-            assert_eq!((sib.primary.clone(), sib.epoch), (src.primary.clone(), src.epoch));
+            assert_eq!(
+                sib.replicas, src.replicas,
+                "forked on the nodes holding the source"
+            );
+            assert_eq!(
+                (sib.primary.clone(), sib.epoch),
+                (src.primary.clone(), src.epoch)
+            );
         }
         // Another operation waits for the split, and a second split is refused.
         let id = m.collections["c"].id;
@@ -448,7 +473,16 @@ mod tests {
         // Not before every source has a seal point.
         let all = |m: &ClusterMap| -> BTreeMap<u32, Vec<NodeId>> {
             (2..4)
-                .map(|i| (i, m.shards[&key(i)].replicas.iter().map(|r| r.node.clone()).collect()))
+                .map(|i| {
+                    (
+                        i,
+                        m.shards[&key(i)]
+                            .replicas
+                            .iter()
+                            .map(|r| r.node.clone())
+                            .collect(),
+                    )
+                })
                 .collect()
         };
         let cut = Command::CutOverSplit {
@@ -463,7 +497,13 @@ mod tests {
         // A seal point from an older epoch is stale: a promotion makes it so.
         seal(&mut m, op, 1, 7).unwrap();
         let s1 = m.shards[&key(1)].clone();
-        let backup = s1.replicas.iter().find(|r| Some(&r.node) != s1.primary.as_ref()).unwrap().node.clone();
+        let backup = s1
+            .replicas
+            .iter()
+            .find(|r| Some(&r.node) != s1.primary.as_ref())
+            .unwrap()
+            .node
+            .clone();
         m.apply(&Command::Promote {
             shard: key(1),
             node: backup.clone(),
@@ -477,10 +517,20 @@ mod tests {
         // Too few replicas, or a node not holding the sibling, are refused.
         let mut short = all(&m);
         short.get_mut(&2).unwrap().truncate(1);
-        assert!(m.apply(&Command::CutOverSplit { operation: op, replicas: short }).is_err());
+        assert!(m
+            .apply(&Command::CutOverSplit {
+                operation: op,
+                replicas: short
+            })
+            .is_err());
         let mut foreign = all(&m);
         foreign.get_mut(&2).unwrap()[0] = "n-none".into();
-        assert!(m.apply(&Command::CutOverSplit { operation: op, replicas: foreign }).is_err());
+        assert!(m
+            .apply(&Command::CutOverSplit {
+                operation: op,
+                replicas: foreign
+            })
+            .is_err());
 
         m.apply(&cut).unwrap();
         assert_eq!(m.collections["c"].spec.shard_count, 4);
@@ -488,7 +538,10 @@ mod tests {
         // Shard 3's source changed primary: the sibling follows the source's primary
         // under the source's epoch (one history).
         let (s1, s3) = (&m.shards[&key(1)], &m.shards[&key(3)]);
-        assert_eq!((s3.primary.as_deref(), s3.epoch), (Some(backup.as_str()), s1.epoch));
+        assert_eq!(
+            (s3.primary.as_deref(), s3.epoch),
+            (Some(backup.as_str()), s1.epoch)
+        );
         let o = &m.operations[&op];
         assert_eq!(o.outcome, Some(Outcome::Succeeded));
         // Once cut over, another split may start (from four shards).
@@ -519,7 +572,10 @@ mod tests {
         assert_eq!(m.shards.len(), 2);
         assert!(m.shards.values().all(|s| s.split.is_none()));
         assert_eq!(m.collections["c"].spec.shard_count, 2);
-        assert!(matches!(m.operations[&op].outcome, Some(Outcome::Cancelled { .. })));
+        assert!(matches!(
+            m.operations[&op].outcome,
+            Some(Outcome::Cancelled { .. })
+        ));
     }
 
     #[test]
@@ -533,13 +589,19 @@ mod tests {
             started_ms: 0,
         };
         let before = m.clone();
-        assert!(matches!(m.apply(&start), Err(MapError::InvalidArgument(_))), "1,200 shards pass the limit");
+        assert!(
+            matches!(m.apply(&start), Err(MapError::InvalidArgument(_))),
+            "1,200 shards pass the limit"
+        );
         assert_eq!(m, before);
         let mut m = map_with_nodes(3);
         m.apply(&placed(&m, spec("c", 2, 1))).unwrap();
         let id = m.collections["c"].id;
         let holder = m.shards[&key(0)].replicas[0].node.clone();
-        let to = ["n0", "n1", "n2"].into_iter().find(|n| *n != holder).unwrap();
+        let to = ["n0", "n1", "n2"]
+            .into_iter()
+            .find(|n| *n != holder)
+            .unwrap();
         m.apply(&Command::ApplyMoves(vec![crate::map::Move::Add {
             shard: key(0),
             to: to.into(),
@@ -551,7 +613,10 @@ mod tests {
             collection_id: id,
             started_ms: 0,
         };
-        assert!(matches!(m.apply(&start), Err(MapError::FailedPrecondition(_))), "a move in flight");
+        assert!(
+            matches!(m.apply(&start), Err(MapError::FailedPrecondition(_))),
+            "a move in flight"
+        );
     }
 
     #[test]
@@ -559,7 +624,10 @@ mod tests {
         let (mut m, op) = splitting();
         seal(&mut m, op, 0, 10).unwrap();
         let operation = m.operations[&op].clone();
-        assert!(cut_over(&m, &operation, |_, _| Some((1, 10))).is_none(), "shard 1 not sealed");
+        assert!(
+            cut_over(&m, &operation, |_, _| Some((1, 10))).is_none(),
+            "shard 1 not sealed"
+        );
         seal(&mut m, op, 1, 4).unwrap();
         let at = |i: u32| m.shards[&key(i)].seal_point().unwrap();
         let (p0, p1) = (at(0), at(1));
@@ -574,7 +642,13 @@ mod tests {
         assert_eq!(replicas[&2].len(), 2);
         // One fork behind on a live node: wait.
         let lagging = m.shards[&key(3)].replicas[1].node.clone();
-        let behind = |k: &ShardKey, n: &str| if k.index == 3 && n == lagging { Some((1, 3)) } else { holds(k, n) };
+        let behind = |k: &ShardKey, n: &str| {
+            if k.index == 3 && n == lagging {
+                Some((1, 3))
+            } else {
+                holds(k, n)
+            }
+        };
         assert!(cut_over(&m, &operation, behind).is_none());
         // The same node down: left out, while the write quorum (2 at RF 2) is not met.
         m.apply(&Command::SetNodeState {
@@ -583,6 +657,9 @@ mod tests {
             from: vec![],
         })
         .unwrap();
-        assert!(cut_over(&m, &operation, behind).is_none(), "one fork is below the quorum of 2");
+        assert!(
+            cut_over(&m, &operation, behind).is_none(),
+            "one fork is below the quorum of 2"
+        );
     }
 }

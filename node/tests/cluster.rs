@@ -1568,7 +1568,11 @@ fn writers(
 ) -> Vec<tokio::task::JoinHandle<(Vec<String>, Vec<String>, Vec<(Instant, String)>)>> {
     (0..n)
         .map(|t| {
-            let mut g = if t % 2 == 0 { f.ga.clone() } else { f.gb.clone() };
+            let mut g = if t % 2 == 0 {
+                f.ga.clone()
+            } else {
+                f.gb.clone()
+            };
             let stop = stop.clone();
             tokio::spawn(async move {
                 let (mut live, mut deleted, mut errors) = (Vec::new(), Vec::new(), Vec::new());
@@ -1580,10 +1584,13 @@ fn writers(
                         .enumerate()
                         .map(|(j, id)| pb::Document {
                             id: id.clone(),
-                            vector: vector(10_000 + batch * 5 + j as u64 + t as u64 * 1_000_000, 16)
-                                .into_iter()
-                                .map(|x| x * 0.01)
-                                .collect(),
+                            vector: vector(
+                                10_000 + batch * 5 + j as u64 + t as u64 * 1_000_000,
+                                16,
+                            )
+                            .into_iter()
+                            .map(|x| x * 0.01)
+                            .collect(),
                             ..Default::default()
                         })
                         .collect();
@@ -1657,7 +1664,11 @@ async fn exact_top(g: &mut ShoalClient<tonic::transport::Channel>, i: u64) -> Op
 /// (placement's moves done), none holding a document routed elsewhere (the retains
 /// done), and `live` documents in all (a range: a write that failed may have landed
 /// on some of its shards).
-async fn settled_split(nodes: [&NodeHandle; 2], shards: u32, live: std::ops::RangeInclusive<usize>) {
+async fn settled_split(
+    nodes: [&NodeHandle; 2],
+    shards: u32,
+    live: std::ops::RangeInclusive<usize>,
+) {
     let t = Instant::now();
     loop {
         let counts = nodes.map(|n| n.view.read().collections.get("vecs").map(|c| c.shard_count));
@@ -1684,13 +1695,18 @@ async fn a_split_under_concurrent_writers_loses_nothing_and_answers_whole() {
     let queries: Vec<u64> = (0..300).step_by(37).collect();
     let mut want = Vec::new();
     for &q in &queries {
-        want.push(exact_top(&mut f.ga, q).await.expect("complete before the split"));
+        want.push(
+            exact_top(&mut f.ga, q)
+                .await
+                .expect("complete before the split"),
+        );
     }
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let ws = writers(&f, 3, stop.clone());
     // Searches all along: every complete answer is the whole answer.
     let searching = {
-        let (mut g, stop, queries, want) = (f.gb.clone(), stop.clone(), queries.clone(), want.clone());
+        let (mut g, stop, queries, want) =
+            (f.gb.clone(), stop.clone(), queries.clone(), want.clone());
         tokio::spawn(async move {
             let (mut complete, mut partial) = (0, 0);
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -1755,7 +1771,10 @@ async fn a_split_under_concurrent_writers_loses_nothing_and_answers_whole() {
         .filter(|(t, _)| *t >= started && *t <= ended)
         .map(|(_, e)| e)
         .collect();
-    assert!(during.is_empty(), "writes failed during the split: {during:?}");
+    assert!(
+        during.is_empty(),
+        "writes failed during the split: {during:?}"
+    );
     for (_, e) in &errors {
         eprintln!("after: {e}");
     }
@@ -1767,7 +1786,12 @@ async fn a_split_under_concurrent_writers_loses_nothing_and_answers_whole() {
         .iter()
         .map(|(_, e)| if e.contains("delete") { 1 } else { 5 })
         .sum::<usize>();
-    settled_split([&f.a, &f.b], 6, 300 + live.len()..=300 + live.len() + unknown).await;
+    settled_split(
+        [&f.a, &f.b],
+        6,
+        300 + live.len()..=300 + live.len() + unknown,
+    )
+    .await;
     for id in &live {
         let got =
             f.ga.get(pb::GetRequest {

@@ -911,7 +911,10 @@ fn every_rpc_survives_hostile_messages() {
     // Never the test's own collection: a split of it is the cluster tests' subject.
     f.rpc("Admin/StartSplit", hostile_string(), |collection| {
         let mut s = AdminClient::new(admin.clone());
-        async move { s.start_split(req(cpb::StartSplitRequest { collection })).await }
+        async move {
+            s.start_split(req(cpb::StartSplitRequest { collection }))
+                .await
+        }
     });
     f.rpc("Admin/ListOperations", hostile_string(), |collection| {
         let mut s = AdminClient::new(admin.clone());

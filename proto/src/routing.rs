@@ -60,7 +60,10 @@ mod tests {
             let id = format!("doc-{i}");
             let before = shard_of(&id, 6);
             let after = shard_of(&id, 12);
-            assert!(after == before || after == before + 6, "{id}: {before} -> {after}");
+            assert!(
+                after == before || after == before + 6,
+                "{id}: {before} -> {after}"
+            );
             assert!(Routing::of_shard(after, 12).holds(&id));
         }
         // Each old shard gives away about half.
@@ -72,8 +75,23 @@ mod tests {
 
     #[test]
     fn a_routing_names_one_of_its_shards() {
-        assert!(Routing { modulus: 4, residue: 3 }.check().is_ok());
-        assert!(Routing { modulus: 4, residue: 4 }.check().is_err());
-        assert!(Routing { modulus: 0, residue: 0 }.check().is_err());
+        assert!(Routing {
+            modulus: 4,
+            residue: 3
+        }
+        .check()
+        .is_ok());
+        assert!(Routing {
+            modulus: 4,
+            residue: 4
+        }
+        .check()
+        .is_err());
+        assert!(Routing {
+            modulus: 0,
+            residue: 0
+        }
+        .check()
+        .is_err());
     }
 }

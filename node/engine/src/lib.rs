@@ -817,9 +817,9 @@ impl Shard {
                 dest.display()
             )));
         }
-        let name = dest
-            .file_name()
-            .ok_or_else(|| ShardError::InvalidConfig(format!("bad clone target {}", dest.display())))?;
+        let name = dest.file_name().ok_or_else(|| {
+            ShardError::InvalidConfig(format!("bad clone target {}", dest.display()))
+        })?;
         let parent = dest.parent().unwrap_or(Path::new("."));
         let partial = parent.join(format!("{}.partial", name.to_string_lossy()));
         if partial.exists() {

@@ -30,7 +30,10 @@ pub enum WalOp {
     /// Delete every live id `shoal_proto::routing::shard_of(id, modulus)` does not send
     /// to `residue` (a split shard's half; issue 19): alone in its batch. A variant
     /// added last: the log names variants by index.
-    Retain { modulus: u32, residue: u32 },
+    Retain {
+        modulus: u32,
+        residue: u32,
+    },
 }
 
 /// A batch shares one frame and one fsync: it is recovered whole or not at all.

@@ -10,11 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use shoal_proto::routing::{shard_of, Routing};
 use shoal_engine::{
     CollectionConfig, Document, IvfPqParams, Metadata, Metric, Precision, Scoring, SearchMode,
     SearchParams, Shard, ShardError, WalOp, WriteOp,
 };
+use shoal_proto::routing::{shard_of, Routing};
 
 /// The id of a batch's first operation.
 fn b1_id(b: &shoal_engine::WalBatch) -> String {
@@ -1703,7 +1703,9 @@ fn t82_a_shard_cloned_and_retained_in_halves_answers_as_the_whole() {
         .map(|q| {
             let v = vector_for(&format!("q{q}"));
             let hits = shard.search(&v, exact(10)).unwrap().hits;
-            hits.into_iter().map(|h| (h.id.to_string(), h.score)).collect()
+            hits.into_iter()
+                .map(|h| (h.id.to_string(), h.score))
+                .collect()
         })
         .collect();
 
@@ -1716,7 +1718,10 @@ fn t82_a_shard_cloned_and_retained_in_halves_answers_as_the_whole() {
     ));
     let twin = Shard::open(&twin_dir).unwrap();
     assert_eq!(twin.last(), (seq, epoch));
-    assert_eq!(twin.stats().serving.map(|g| g.id), shard.stats().serving.map(|g| g.id));
+    assert_eq!(
+        twin.stats().serving.map(|g| g.id),
+        shard.stats().serving.map(|g| g.id)
+    );
 
     let halves = [(shard, 0u32), (twin, 1u32)];
     // Merged answers of the two halves, by exact and by IVF-PQ + re-ranking.
@@ -1727,7 +1732,13 @@ fn t82_a_shard_cloned_and_retained_in_halves_answers_as_the_whole() {
                 let mut all: Vec<(String, f32)> = halves
                     .iter()
                     .flat_map(|(s, _)| {
-                        let p = SearchParams { k: 10, mode, refine_factor: Some(50), nprobe: Some(16), ..SearchParams::default() };
+                        let p = SearchParams {
+                            k: 10,
+                            mode,
+                            refine_factor: Some(50),
+                            nprobe: Some(16),
+                            ..SearchParams::default()
+                        };
                         s.search(&v, p).unwrap().hits
                     })
                     .map(|h| (h.id.to_string(), h.score))
@@ -1743,7 +1754,11 @@ fn t82_a_shard_cloned_and_retained_in_halves_answers_as_the_whole() {
         s.set_routing(Some(Routing::of_shard(*residue, 2)));
     }
     assert_eq!(merged(&halves, SearchMode::Exact), whole);
-    assert_eq!(merged(&halves, SearchMode::Rerank), whole, "nprobe 16 of 16 lists: exact candidates");
+    assert_eq!(
+        merged(&halves, SearchMode::Rerank),
+        whole,
+        "nprobe 16 of 16 lists: exact candidates"
+    );
     for i in [0, 1, 2, 3, 1100] {
         let id = format!("d{i}");
         let owner = shard_of(&id, 2) as usize;
@@ -1753,10 +1768,16 @@ fn t82_a_shard_cloned_and_retained_in_halves_answers_as_the_whole() {
     // A retain travels alone and names a routing that exists.
     for (s, residue) in &halves {
         assert!(s
-            .write(vec![WriteOp::Retain(Routing::of_shard(*residue, 2)), WriteOp::Delete("d1".into())])
+            .write(vec![
+                WriteOp::Retain(Routing::of_shard(*residue, 2)),
+                WriteOp::Delete("d1".into())
+            ])
             .is_err());
         assert!(s
-            .write(vec![WriteOp::Retain(Routing { modulus: 2, residue: 2 })])
+            .write(vec![WriteOp::Retain(Routing {
+                modulus: 2,
+                residue: 2
+            })])
             .is_err());
     }
     // Then the retain batches, with the filter off: the deletes alone keep the halves apart.
@@ -1764,11 +1785,16 @@ fn t82_a_shard_cloned_and_retained_in_halves_answers_as_the_whole() {
     let mut deleted = 0;
     for (s, residue) in &halves {
         s.set_routing(None);
-        let ack = s.write(vec![WriteOp::Retain(Routing::of_shard(*residue, 2))]).unwrap();
+        let ack = s
+            .write(vec![WriteOp::Retain(Routing::of_shard(*residue, 2))])
+            .unwrap();
         assert_eq!(ack.seq, seq + 1);
         deleted += ack.deleted;
     }
-    assert_eq!(deleted, live, "each live document deleted from exactly one half");
+    assert_eq!(
+        deleted, live,
+        "each live document deleted from exactly one half"
+    );
     assert_eq!(halves[0].0.len() + halves[1].0.len(), live);
     assert_eq!(merged(&halves, SearchMode::Exact), whole);
     // Durable: a reopen replays or reads the same halves.

@@ -125,7 +125,11 @@ impl Forks {
             if self.made.lock().get(&d.sibling) == Some(&d.at) {
                 continue;
             }
-            let Some(source) = registry.read().get(&d.source).and_then(|h| h.repl.shard().ok()) else {
+            let Some(source) = registry
+                .read()
+                .get(&d.source)
+                .and_then(|h| h.repl.shard().ok())
+            else {
                 continue;
             };
             if source.last() != d.at || !self.busy.lock().insert(d.sibling.clone()) {
@@ -139,7 +143,9 @@ impl Forks {
                         tracing::info!(fork = %d.sibling, from = %d.source, seq = d.at.0, epoch = d.at.1, "split: fork made");
                         this.made.lock().insert(d.sibling.clone(), d.at);
                     }
-                    Err(e) => tracing::warn!(fork = %d.sibling, error = %e, "split: fork not made; retried on the next map"),
+                    Err(e) => {
+                        tracing::warn!(fork = %d.sibling, error = %e, "split: fork not made; retried on the next map")
+                    }
                 }
                 this.busy.lock().remove(&d.sibling);
             });
@@ -151,7 +157,11 @@ impl Forks {
             .map(|(k, h)| (k.clone(), h.repl.clone()))
             .collect();
         for (k, repl) in hosted {
-            let Some(c) = view.collections.get(&k.collection).filter(|c| c.id == k.collection_id) else {
+            let Some(c) = view
+                .collections
+                .get(&k.collection)
+                .filter(|c| c.id == k.collection_id)
+            else {
                 continue;
             };
             if k.index >= c.shard_count {

@@ -690,7 +690,10 @@ impl Gateway {
         let mut pause = Duration::from_millis(20);
         loop {
             let r = self.search_once(req.clone(), deadline).await?;
-            let moving = r.shards.iter().any(|a| !a.answered && a.error.starts_with("moving"));
+            let moving = r
+                .shards
+                .iter()
+                .any(|a| !a.answered && a.error.starts_with("moving"));
             if !moving || t.elapsed() + pause * 2 >= budget / 2 {
                 return Ok(r);
             }

@@ -163,7 +163,10 @@ impl Reconciler {
                     self.in_sync_lag,
                 )
             });
-            repl.set_routing(shoal_proto::routing::Routing::of_shard(s.index, c.shard_count));
+            repl.set_routing(shoal_proto::routing::Routing::of_shard(
+                s.index,
+                c.shard_count,
+            ));
             roles.push((
                 key.clone(),
                 role_of(view, s, &self.node_id),

@@ -413,7 +413,11 @@ impl Replication {
                 && role.peers.iter().any(|p| &p.node == node && p.is_copy())
         });
         self.sealed.store(
-            if role.sealed && role.is_primary { role.epoch } else { 0 },
+            if role.sealed && role.is_primary {
+                role.epoch
+            } else {
+                0
+            },
             Ordering::SeqCst,
         );
         *self.role.write() = Some(role);
