@@ -1737,7 +1737,6 @@ fn t82_a_shard_cloned_and_retained_in_halves_answers_as_the_whole() {
                             mode,
                             refine_factor: Some(50),
                             nprobe: Some(16),
-                            ..SearchParams::default()
                         };
                         s.search(&v, p).unwrap().hits
                     })
