@@ -1334,7 +1334,7 @@ async fn split_under_load(
     name: &str,
     queries: &[f32],
 ) -> Result<serde_json::Value> {
-    use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
     use std::sync::Arc;
     let dim = a.dimension;
     // 0 before, 1 during, 2 after; the phase a query ends in counts it.
@@ -1377,7 +1377,12 @@ async fn split_under_load(
     let acked = Arc::new(AtomicU64::new(0));
     let write_failed = Arc::new(AtomicU64::new(0));
     let writer = {
-        let (addr, stop, acked, failed) = (nodes[0].clone(), stop.clone(), acked.clone(), write_failed.clone());
+        let (addr, stop, acked, failed) = (
+            nodes[0].clone(),
+            stop.clone(),
+            acked.clone(),
+            write_failed.clone(),
+        );
         let (rows, name) = (a.rows, name.to_string());
         let batches: Vec<Vec<pb::Document>> = (0..2000u64)
             .map(|b| {
@@ -1386,7 +1391,11 @@ async fn split_under_load(
                         let i = rows + b * 64 + j;
                         let mut v = Vec::with_capacity(dim);
                         gen.row(i, &mut v);
-                        pb::Document { id: id_of(i), vector: v, ..Default::default() }
+                        pb::Document {
+                            id: id_of(i),
+                            vector: v,
+                            ..Default::default()
+                        }
                     })
                     .collect()
             })
@@ -1422,13 +1431,21 @@ async fn split_under_load(
     phase.store(1, Ordering::Relaxed);
     let t = Instant::now();
     let op = c
-        .start_split(cpb::StartSplitRequest { collection: name.into() })
+        .start_split(cpb::StartSplitRequest {
+            collection: name.into(),
+        })
         .await?;
     let done = loop {
         let ops = c
-            .list_operations(cpb::ListOperationsRequest { collection: name.into() })
+            .list_operations(cpb::ListOperationsRequest {
+                collection: name.into(),
+            })
             .await?;
-        if let Some(o) = ops.operations.into_iter().find(|o| o.id == op.id && o.state != "running") {
+        if let Some(o) = ops
+            .operations
+            .into_iter()
+            .find(|o| o.id == op.id && o.state != "running")
+        {
             break o;
         }
         if t.elapsed() > Duration::from_secs(600) {
@@ -1453,7 +1470,11 @@ async fn split_under_load(
     let want = a.rows + acked.load(Ordering::Relaxed);
     let t2 = Instant::now();
     let (shards, held) = loop {
-        let r = c.list_shards(cpb::ListShardsRequest { collection: name.into() }).await?;
+        let r = c
+            .list_shards(cpb::ListShardsRequest {
+                collection: name.into(),
+            })
+            .await?;
         let held: u64 = r
             .shards
             .iter()
