@@ -219,6 +219,7 @@ fn fork(source: &Shard, dir: &std::path::Path, at: (u64, u64)) -> shoal_engine::
         trash(dir)?;
     }
     let made = source.clone_into(dir)?;
+    replicas::mark_created(dir)?;
     if made != at {
         // The source moved past the seal point (a new epoch's writes): not this fork.
         trash(dir)?;

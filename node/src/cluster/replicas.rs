@@ -95,13 +95,21 @@ pub fn open_replica(
     };
     // The manifest holds the value at creation; the map's policy is what counts now.
     shard.set_auto_rebuild_tail(tail);
-    if let Some(m) = marker.filter(|m| !m.exists()) {
+    mark_created(dir)?;
+    Ok(shard)
+}
+
+/// Records that this node holds the replica in `dir` (see [`marker_of`]): from now
+/// on a missing directory is data lost, never a replica to create empty. A split's
+/// fork is marked once made (issue 19), before the cut-over can name it.
+pub fn mark_created(dir: &Path) -> Result<(), ShardError> {
+    if let Some(m) = marker_of(dir).filter(|m| !m.exists()) {
         let parent = m.parent().unwrap_or(dir);
         std::fs::create_dir_all(parent).map_err(io_at(parent))?;
         std::fs::write(&m, b"").map_err(io_at(&m))?;
         shoal_engine::sync_dir(parent)?;
     }
-    Ok(shard)
+    Ok(())
 }
 
 pub struct ReplicaActor;
