@@ -1010,3 +1010,68 @@ async fn a_coordinator_restarted_behind_moves_nothing_backwards() {
                            "unknown_outcome": unknown.len()}),
     );
 }
+
+/// Issue 19: a collection's shard count doubled online (3 to 6, RF 2) under three
+/// writers and the verifying query loop, with a node SIGKILLed while the shards are
+/// sealed and forking and the coordinator leader SIGKILLed too; both come back. The
+/// split completes; every acknowledged document is present once with its exact vector,
+/// and no answer that claimed completeness missed one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_split_with_a_node_and_the_leader_killed_loses_nothing() {
+    let _g = SERIAL.lock().await;
+    let mut c = cluster().await;
+    let mut acked = first_round(&c).await;
+    let nodes = Arc::new(Mutex::new(c.all_nodes()));
+    let verify = Verify::start(&nodes, &acked);
+    let writers = Writers::start(&nodes, 100, 1_000);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut admin = c.admin();
+    let t = Instant::now();
+    let op = admin
+        .start_split(cpb::StartSplitRequest {
+            collection: COLLECTION.into(),
+        })
+        .await
+        .unwrap();
+    let i = c.node_index("node-2");
+    c.kill(i);
+    let leader = c.coordinator_status(0).await.expect("status").leader;
+    let l = leader as usize - 1;
+    c.kill_coordinator(l);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c.restart(i);
+    c.start_coordinator(l);
+    let done = loop {
+        let ops = admin
+            .list_operations(cpb::ListOperationsRequest {
+                collection: COLLECTION.into(),
+            })
+            .await
+            .map(|r| r.operations)
+            .unwrap_or_default();
+        if let Some(o) = ops.into_iter().find(|o| o.id == op.id && o.state != "running") {
+            break o;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "the split did not end"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let split_s = t.elapsed();
+    assert_eq!(done.state, "succeeded", "{done:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (during, unknown) = writers.finish().await;
+    let v = verify.finish().await;
+    acked.extend(&during);
+    let shards = c.shards(COLLECTION).await;
+    assert_eq!(shards.len(), 6, "{shards:#?}");
+    final_check(&c, &acked, &unknown).await;
+    assert!(v.silent_misses.is_empty(), "{:?}", v.silent_misses);
+    figures(
+        "split",
+        acked.len(),
+        &v,
+        serde_json::json!({"split_s": split_s.as_secs_f64(), "unknown_outcome": unknown.len()}),
+    );
+}
