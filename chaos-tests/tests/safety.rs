@@ -1049,7 +1049,10 @@ async fn a_split_with_a_node_and_the_leader_killed_loses_nothing() {
             .await
             .map(|r| r.operations)
             .unwrap_or_default();
-        if let Some(o) = ops.into_iter().find(|o| o.id == op.id && o.state != "running") {
+        if let Some(o) = ops
+            .into_iter()
+            .find(|o| o.id == op.id && o.state != "running")
+        {
             break o;
         }
         assert!(

@@ -564,6 +564,13 @@ impl Coordinator {
                     continue;
                 };
                 let key = s.key.clone();
+                // A split's fork (issue 19): its position is all the leader reads
+                // (`split::cut_over`); it has no in-sync set, generations or
+                // operations of its own until the cut-over.
+                if s.forking() {
+                    mine.insert(key, r);
+                    continue;
+                }
                 in_sync.extend(Self::in_sync_changes(&st.map, s, node, &r));
                 if s.primary.as_deref() == Some(node) && !r.ahead.is_empty() {
                     superseded.push((key.clone(), (r.last_epoch, r.applied_seq)));
@@ -889,7 +896,7 @@ impl Coordinator {
                 .is_some_and(|n| matches!(n.state, NodeState::Suspect | NodeState::Down))
         };
         let mut out = Vec::new();
-        for s in map.shards.values() {
+        for s in map.shards.values().filter(|s| !s.forking()) {
             // One at a time per shard: each leaves only if the set stays large enough
             // after the ones before it.
             if let Some(r) = s.replicas.iter().find(|r| {
@@ -911,7 +918,8 @@ impl Coordinator {
     fn led_by<'a>(map: &'a ClusterMap, node: &'a str) -> impl Iterator<Item = &'a ShardKey> {
         map.shards
             .values()
-            .filter(move |s| s.primary.as_deref() == Some(node))
+            // A split's forking sibling has no role of its own until the cut-over.
+            .filter(move |s| s.primary.as_deref() == Some(node) && !s.forking())
             .map(|s| &s.key)
     }
 
@@ -1239,7 +1247,8 @@ impl Coordinator {
         // an evicted primary, a lost volume) get one as soon as a serving replica on a
         // live node has reported its position.
         let map = self.sm.state.lock().map.clone();
-        let headless = placement::headless(&map);
+        let mut headless = placement::headless(&map);
+        headless.retain(|k| map.shards.get(k).is_some_and(|s| !s.forking()));
         for p in self.promotions(&map, &headless) {
             if let Err(e) = self.write(p).await {
                 tracing::warn!(error = %e, "promotion not applied");

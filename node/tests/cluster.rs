@@ -1704,25 +1704,49 @@ async fn a_split_under_concurrent_writers_loses_nothing_and_answers_whole() {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let ws = writers(&f, 3, stop.clone());
     // Searches all along: every complete answer is the whole answer.
-    let searching = {
-        let (mut g, stop, queries, want) =
-            (f.gb.clone(), stop.clone(), queries.clone(), want.clone());
-        tokio::spawn(async move {
-            let (mut complete, mut partial) = (0, 0);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                for (q, w) in queries.iter().zip(&want) {
-                    match exact_top(&mut g, *q).await {
-                        Some(ids) => {
-                            assert_eq!(&ids, w, "query {q}: a complete answer differs");
-                            complete += 1;
+    let searching =
+        {
+            let (mut g, stop, queries, want) =
+                (f.gb.clone(), stop.clone(), queries.clone(), want.clone());
+            let dbg = [
+                (f.a.view.clone(), f.a.registry.clone()),
+                (f.b.view.clone(), f.b.registry.clone()),
+            ];
+            tokio::spawn(async move {
+                let (mut complete, mut partial) = (0, 0);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for (q, w) in queries.iter().zip(&want) {
+                        match exact_top(&mut g, *q).await {
+                            Some(ids) => {
+                                if &ids != w {
+                                    for (v, r) in &dbg {
+                                        let v = v.read();
+                                        eprintln!(
+                                            "view {} count {:?}",
+                                            v.version,
+                                            v.collections.get("vecs").map(|c| c.shard_count)
+                                        );
+                                        for (k, h) in r.read().iter() {
+                                            eprintln!(
+                                            "  {k}: routing {:?} engine {:?} live {:?} role {:?}",
+                                            h.repl.routing(),
+                                            h.repl.shard().ok().and_then(|s| s.routing()),
+                                            h.repl.shard().ok().map(|s| s.len()),
+                                            h.repl.role().map(|r| (r.epoch, r.is_primary, r.sealed))
+                                        );
+                                        }
+                                    }
+                                }
+                                assert_eq!(&ids, w, "query {q}: a complete answer differs");
+                                complete += 1;
+                            }
+                            None => partial += 1,
                         }
-                        None => partial += 1,
                     }
                 }
-            }
-            (complete, partial)
-        })
-    };
+                (complete, partial)
+            })
+        };
     tokio::time::sleep(Duration::from_millis(500)).await;
     let started = Instant::now();
     let op = f

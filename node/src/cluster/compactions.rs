@@ -144,7 +144,7 @@ impl Compactions {
                 .insert(key.clone(), Logged { op, seq: None });
             let me = self.clone();
             tokio::spawn(async move {
-                let r = repl.write(vec![WriteOp::Compact], request_id).await;
+                let r = repl.write(vec![WriteOp::Compact], request_id, 0).await;
                 let mut st = me.state.lock();
                 match r {
                     Ok((ack, _)) => {

@@ -69,30 +69,40 @@ pub(super) struct Forks {
     busy: Mutex<HashSet<ReplicaKey>>,
     /// The routing each primary here has retained at (this process).
     retained: Mutex<HashMap<ReplicaKey, Routing>>,
+    /// Wakes the reconciler: a fork made is opened at once, not at the next map.
+    reconcile: Arc<tokio::sync::Notify>,
 }
 
 impl Forks {
-    pub fn new() -> Arc<Self> {
+    pub fn new(reconcile: Arc<tokio::sync::Notify>) -> Arc<Self> {
         Arc::new(Self {
             made: Mutex::default(),
             busy: Mutex::default(),
             retained: Mutex::default(),
+            reconcile,
         })
     }
 
-    /// The heartbeat's reports of the forks made here, as replicas of their siblings.
-    pub fn reports(&self) -> Vec<cpb::ReplicaReport> {
-        self.made
-            .lock()
-            .iter()
-            .map(|(k, &(seq, epoch))| cpb::ReplicaReport {
-                shard: Some(k.shard_id()),
-                applied_seq: seq,
-                last_epoch: epoch,
-                epoch,
-                ..Default::default()
-            })
-            .collect()
+    /// Whether forking shard `s`'s fork here is made at its source's current seal
+    /// point: then the reconciler opens it as a replica (sealed: it takes no write),
+    /// whose heartbeat report carries the position the leader's cut-over checks.
+    pub fn made_now(&self, view: &MapView, s: &cpb::Shard) -> bool {
+        let (Some(from), Some(c)) = (s.forking_from, view.collections.get(&s.collection)) else {
+            return false;
+        };
+        let Some(seal) = view
+            .shards
+            .get(&(s.collection.clone(), from))
+            .and_then(|src| src.seal.filter(|p| p.epoch == src.epoch))
+        else {
+            return false;
+        };
+        let key = ReplicaKey {
+            collection: c.name.clone(),
+            collection_id: c.id,
+            index: s.index,
+        };
+        self.made.lock().get(&key) == Some(&(seal.seq, seal.batch_epoch))
     }
 
     /// One pass over the map: forks made, stale ones made again, routings given,
@@ -109,11 +119,12 @@ impl Forks {
         // (the sibling is gone from the map: its copy goes to the trash).
         self.made.lock().retain(|k, _| {
             let still = due.iter().any(|d| &d.sibling == k);
+            let dir = dir_of(k);
             if !still
+                && dir.exists()
                 && !view.shards.contains_key(&(k.collection.clone(), k.index))
                 && !registry.read().contains_key(k)
             {
-                let dir = dir_of(k);
                 match replicas::move_to_trash(&dir) {
                     Ok(to) => tracing::info!(replica = %k, trash = %to.display(), "a cancelled split's fork moved to the trash"),
                     Err(e) => tracing::warn!(replica = %k, error = %e, "moving a cancelled fork to the trash"),
@@ -123,6 +134,10 @@ impl Forks {
         });
         for d in due {
             if self.made.lock().get(&d.sibling) == Some(&d.at) {
+                continue;
+            }
+            // An open fork at an older seal point is closed by the reconciler first.
+            if registry.read().contains_key(&d.sibling) {
                 continue;
             }
             let Some(source) = registry
@@ -142,6 +157,7 @@ impl Forks {
                     Ok(()) => {
                         tracing::info!(fork = %d.sibling, from = %d.source, seq = d.at.0, epoch = d.at.1, "split: fork made");
                         this.made.lock().insert(d.sibling.clone(), d.at);
+                        this.reconcile.notify_one();
                     }
                     Err(e) => {
                         tracing::warn!(fork = %d.sibling, error = %e, "split: fork not made; retried on the next map")
@@ -189,7 +205,7 @@ impl Forks {
                     true
                 } else {
                     let id = format!("retain-{}-{}", routing.modulus, routing.residue);
-                    match repl.write(vec![WriteOp::Retain(routing)], id).await {
+                    match repl.write(vec![WriteOp::Retain(routing)], id, 0).await {
                         Ok((ack, _)) => {
                             tracing::info!(replica = %k, deleted = ack.deleted, modulus = routing.modulus, "split: the other half's documents deleted");
                             true

@@ -135,8 +135,6 @@ pub(super) struct Heartbeat {
     pub client: Client,
     pub builds: Arc<Builds>,
     pub compactions: Arc<super::compactions::Compactions>,
-    /// Split forks made here (issue 19), reported as their siblings' replicas.
-    pub forks: Arc<super::forks::Forks>,
 }
 
 impl Heartbeat {
@@ -171,8 +169,7 @@ impl Heartbeat {
             };
             // Compactions due on this node's primaries are logged (in the background).
             self.compactions.tick();
-            let mut reports = reports(&states);
-            reports.extend(self.forks.reports());
+            let reports = reports(&states);
             let (dg, data_dir) = (self.disk.clone(), self.cfg.data_dir.clone());
             let (free, total, trash) = tokio::task::spawn_blocking(move || {
                 let (free, total) = dg.usage().unwrap_or((0, 0));

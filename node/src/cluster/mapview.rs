@@ -138,7 +138,13 @@ impl MapView {
             _ => return Removal::Keep,
         }
         let Some(s) = self.shards.get(&(collection.to_string(), index)) else {
-            return Removal::Keep;
+            // Past the collection's shard count and gone from the map: a cancelled
+            // split's fork (issue 19), a copy of a source that holds all of it.
+            let past = self
+                .collections
+                .get(collection)
+                .is_some_and(|c| index >= c.shard_count);
+            return if past { Removal::Trash } else { Removal::Keep };
         };
         let served_elsewhere = s.replicas.iter().any(|r| {
             r.node_id != me

@@ -294,7 +294,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         },
     );
     // The map: whole, then changes; resume from the last version after a reconnect.
-    let forks = forks::Forks::new();
+    let forks = forks::Forks::new(opened.clone());
     let reconciler = reconcile::Reconciler {
         local: local.clone(),
         forks: forks.clone(),
@@ -361,7 +361,6 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
             client: client.clone(),
             builds,
             compactions,
-            forks,
         }
         .run(stop_rx.clone()),
     ));

@@ -60,7 +60,9 @@ pub fn role_of(view: &MapView, s: &cpb::Shard, me: &str) -> Role {
         replication_factor: rf,
         write_quorum,
         forced: s.forced_epoch == s.epoch && s.epoch > 0,
-        sealed: s.sealed_by != 0,
+        // A split's sealed source, or its fork (which takes no write before the
+        // cut-over: its position is the seal point the cut-over checks).
+        sealed: s.sealed_by != 0 || s.forking_from.is_some(),
         leaving: s
             .replicas
             .iter()
@@ -136,8 +138,12 @@ impl Reconciler {
         let mut wanted: HashMap<ReplicaKey, ReplicaArgs> = HashMap::new();
         let mut roles: Vec<(ReplicaKey, Role, usize)> = Vec::new();
         for s in view.shards.values() {
-            // A split's sibling is forked here (`forks.rs`), opened once cut over.
-            if s.forking_from.is_some() || !s.replicas.iter().any(|r| r.node_id == self.node_id) {
+            // A split's sibling is forked here (`forks.rs`) and opened once its fork is
+            // made at the current seal point, before the cut-over (so it serves at once
+            // after it); a fork at an older one is closed and made again.
+            if !s.replicas.iter().any(|r| r.node_id == self.node_id)
+                || (s.forking_from.is_some() && !self.forks.made_now(view, s))
+            {
                 continue;
             }
             let Some(c) = view.collections.get(&s.collection) else {
@@ -163,10 +169,12 @@ impl Reconciler {
                     self.in_sync_lag,
                 )
             });
-            repl.set_routing(shoal_proto::routing::Routing::of_shard(
-                s.index,
-                c.shard_count,
-            ));
+            if s.index < c.shard_count {
+                repl.set_routing(shoal_proto::routing::Routing::of_shard(
+                    s.index,
+                    c.shard_count,
+                ));
+            }
             roles.push((
                 key.clone(),
                 role_of(view, s, &self.node_id),

@@ -65,11 +65,16 @@ const SNAPSHOT_STALL: Duration = Duration::from_secs(30);
 const SNAPSHOT_INSTALL: Duration = Duration::from_secs(600);
 
 impl Replication {
-    /// A write at the primary: ordered, logged, replicated to the quorum.
+    /// A write at the primary: ordered, logged, replicated to the quorum. `shard_count`
+    /// is the count the caller routed its ids by (0: the node's own writes, which are
+    /// not routed): checked after the seal, so a write routed by a count a split has
+    /// just doubled never lands after the cut-over (the node changes a replica's
+    /// routing before it unseals it; issue 19).
     pub async fn write(
         &self,
         ops: Vec<WriteOp>,
         request_id: String,
+        shard_count: u32,
     ) -> Result<(WriteAck, u32), ReplicaError> {
         let role = self.role().ok_or_else(|| {
             ReplicaError::Unavailable(format!("replica {} has no role yet", self.key))
@@ -98,6 +103,7 @@ impl Replication {
                 self.key
             )));
         }
+        self.check_routing(shard_count)?;
         let quorum = role.quorum(&self.admitted_at(role.epoch));
         if quorum.short() {
             return Err(ReplicaError::Unavailable(format!(

@@ -109,6 +109,7 @@ impl LocalReplicas {
         )?;
         writes::check_ids(l, &r.deletes)?;
         let repl = self.hosted(r.shard.as_ref())?.repl;
+        // Checked early for a clear refusal; `write` checks again after the seal.
         repl.check_routing(r.shard_count)?;
         let mut ops = Vec::with_capacity(r.upserts.len() + r.deletes.len());
         for (i, d) in r.upserts.into_iter().enumerate() {
@@ -127,7 +128,7 @@ impl LocalReplicas {
             }));
         }
         ops.extend(r.deletes.into_iter().map(WriteOp::Delete));
-        let (ack, replicas) = repl.write(ops, r.request_id).await?;
+        let (ack, replicas) = repl.write(ops, r.request_id, r.shard_count).await?;
         Ok(rpb::WriteResponse {
             seq: ack.seq,
             upserted: ack.upserted as u64,
@@ -270,6 +271,9 @@ impl LocalReplicas {
             },
         };
         let res = Self::call(actor, |reply| ReplicaMsg::Search(r.vector, p, reply)).await?;
+        // Routing changed during the search (a split's cut-over reached this node):
+        // the engine may have filtered or retained by the new one. Asked again.
+        repl.check_routing(r.shard_count)?;
         Ok(rpb::ShardSearchResponse {
             hits: res
                 .hits
@@ -327,6 +331,7 @@ impl LocalReplicas {
         repl.check_readable()?;
         repl.check_routing(r.shard_count)?;
         let doc = Self::call(actor, |reply| ReplicaMsg::Get(r.id, reply)).await?;
+        repl.check_routing(r.shard_count)?;
         Ok(rpb::ShardGetResponse {
             found: doc.is_some(),
             doc: doc.map(|d| rpb::StoredDoc {
