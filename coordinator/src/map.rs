@@ -965,6 +965,15 @@ impl ClusterMap {
         Ok(changes)
     }
 
+    /// Collection `name` while it is incarnation `id` (commands name both, so one
+    /// meant for a dropped collection never touches its successor).
+    pub(crate) fn incarnation(&self, name: &str, id: u64) -> Result<&Collection> {
+        self.collections
+            .get(name)
+            .filter(|c| c.id == id)
+            .ok_or_else(|| MapError::NotFound(format!("collection {name:?} (id {id}) not found")))
+    }
+
     fn running_operation(&mut self, id: u64) -> Result<&mut Operation> {
         self.operations
             .get_mut(&id)
@@ -979,14 +988,7 @@ impl ClusterMap {
         collection_id: u64,
         started_ms: u64,
     ) -> Result<Vec<Change>> {
-        self.collections
-            .get(collection)
-            .filter(|c| c.id == collection_id)
-            .ok_or_else(|| {
-                MapError::NotFound(format!(
-                    "collection {collection:?} (id {collection_id}) not found"
-                ))
-            })?;
+        self.incarnation(collection, collection_id)?;
         match kind {
             OperationKind::BuildIndex(p) => {
                 if p.nlist == 0

@@ -93,16 +93,10 @@ impl ClusterMap {
         collection_id: u64,
         started_ms: u64,
     ) -> Result<Vec<Change>> {
-        let c = self
-            .collections
-            .get(collection)
-            .filter(|c| c.id == collection_id)
-            .ok_or_else(|| {
-                MapError::NotFound(format!(
-                    "collection {collection:?} (id {collection_id}) not found"
-                ))
-            })?;
-        let from = c.spec.shard_count;
+        let from = self
+            .incarnation(collection, collection_id)?
+            .spec
+            .shard_count;
         if from * 2 > MAX_SHARDS {
             return Err(invalid(format!(
                 "collection {collection:?} has {from} shards: a split to {} would pass the limit of {MAX_SHARDS}",

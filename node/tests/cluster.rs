@@ -1639,6 +1639,35 @@ fn writers(
         .collect()
 }
 
+/// Every acknowledged document of `vecs` found by id, every acknowledged delete not.
+async fn check_writes(
+    g: &mut ShoalClient<tonic::transport::Channel>,
+    live: &[String],
+    deleted: &[String],
+) {
+    for (id, want) in live
+        .iter()
+        .map(|i| (i, true))
+        .chain(deleted.iter().map(|i| (i, false)))
+    {
+        let got = g
+            .get(pb::GetRequest {
+                collection: "vecs".into(),
+                id: id.clone(),
+                with_vector: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            got.found,
+            want,
+            "{id}: acknowledged {}",
+            if want { "live" } else { "deleted" }
+        );
+    }
+}
+
 /// The exact top 10 of `vecs` for original document `i`'s vector, as ids.
 async fn exact_top(g: &mut ShoalClient<tonic::transport::Channel>, i: u64) -> Option<Vec<String>> {
     let r = g
@@ -1816,30 +1845,7 @@ async fn a_split_under_concurrent_writers_loses_nothing_and_answers_whole() {
         300 + live.len()..=300 + live.len() + unknown,
     )
     .await;
-    for id in &live {
-        let got =
-            f.ga.get(pb::GetRequest {
-                collection: "vecs".into(),
-                id: id.clone(),
-                with_vector: false,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(got.found, "{id} acknowledged, not found");
-    }
-    for id in &deleted {
-        let got =
-            f.gb.get(pb::GetRequest {
-                collection: "vecs".into(),
-                id: id.clone(),
-                with_vector: false,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(!got.found, "{id} deleted, found");
-    }
+    check_writes(&mut f.ga, &live, &deleted).await;
     for (q, w) in queries.iter().zip(&want) {
         assert_eq!(exact_top(&mut f.ga, *q).await.as_ref(), Some(w));
     }
@@ -1914,30 +1920,8 @@ async fn a_split_survives_a_node_restart_and_a_leader_change() {
         .sum::<usize>();
     settled_split([&a, &b], 6, 300 + live.len()..=300 + live.len() + unknown).await;
     let originals: Vec<String> = (0..300).map(|i| format!("v{i}")).collect();
-    for id in live.iter().chain(&originals) {
-        let got = ga
-            .get(pb::GetRequest {
-                collection: "vecs".into(),
-                id: id.clone(),
-                with_vector: false,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(got.found, "{id} acknowledged, not found");
-    }
-    for id in &deleted {
-        let got = ga
-            .get(pb::GetRequest {
-                collection: "vecs".into(),
-                id: id.clone(),
-                with_vector: false,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(!got.found, "{id} deleted, found");
-    }
+    let acknowledged: Vec<String> = live.into_iter().chain(originals).collect();
+    check_writes(&mut ga, &acknowledged, &deleted).await;
     a.shutdown().await;
     b.shutdown().await;
     for c in coords {
