@@ -137,14 +137,10 @@ impl MapView {
             None if collection_id <= self.last_collection_id => return Removal::Trash,
             _ => return Removal::Keep,
         }
+        // Not listed (a map restored from before a split, or a cancelled split's fork,
+        // which `forks.rs` trashes itself as the split it made it for): kept.
         let Some(s) = self.shards.get(&(collection.to_string(), index)) else {
-            // Past the collection's shard count and gone from the map: a cancelled
-            // split's fork (issue 19), a copy of a source that holds all of it.
-            let past = self
-                .collections
-                .get(collection)
-                .is_some_and(|c| index >= c.shard_count);
-            return if past { Removal::Trash } else { Removal::Keep };
+            return Removal::Keep;
         };
         let served_elsewhere = s.replicas.iter().any(|r| {
             r.node_id != me
