@@ -223,6 +223,10 @@ pub struct Shard {
     pub forced_epoch: u64,
     /// Its part in a running split (issue 19, `split.rs`), if any.
     pub split: Option<SplitRole>,
+    /// The restore operation (issue 20) its primary is writing its data from, until its
+    /// step is done: meanwhile no node creates it empty, and after a failed restore
+    /// only an operator's `AllocateEmpty` (or dropping the collection) ends the wait.
+    pub restoring: Option<u64>,
 }
 
 impl Shard {
@@ -420,7 +424,31 @@ pub enum Command {
         operation: u64,
         replicas: BTreeMap<u32, Vec<NodeId>>,
     },
+    /// A collection restored from a backup (issue 20): created as
+    /// `CreateCollectionPlaced` would (the leader placed it), each shard at the epoch its
+    /// backup ends in (so the restored history goes on in it), its first node the
+    /// primary, which restores the shard from the repository, and the others copies
+    /// filled from it once it serves; with a `Restore` operation, a step per shard.
+    RestoreCollection {
+        spec: CollectionSpec,
+        placement: Vec<Vec<NodeId>>,
+        epochs: Vec<u64>,
+        url: String,
+        backup: String,
+        started_ms: u64,
+    },
+    /// A fresh group takes an exported map back (issue 20: the coordinator group's
+    /// disaster recovery): only while its own map has no nodes and no collections. It
+    /// becomes the exported cluster, versions [`IMPORT_VERSION_GAP`] past the export's,
+    /// so its nodes, which saw versions after the export, take it as newer.
+    ImportMap {
+        map: Box<ClusterMap>,
+    },
 }
+
+/// How far an imported map's version jumps past the exported one's: past any version a
+/// node of that cluster saw after the export (each command is one version).
+pub const IMPORT_VERSION_GAP: u64 = 1 << 32;
 
 /// Keys the map holds at most (each is checked against by id, not scanned).
 pub const MAX_KEYS: usize = 10_000;
@@ -437,6 +465,8 @@ pub enum Change {
     OperationPut(Operation),
     /// A shard left the map without its collection (a cancelled split's sibling).
     ShardDropped(ShardKey),
+    /// The whole map was replaced ([`Command::ImportMap`]): watchers take it whole.
+    Imported,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -761,7 +791,20 @@ impl ClusterMap {
                 }
                 op.steps.insert(*shard, step.clone());
                 op.settle(version);
-                let changes = vec![Change::OperationPut(op.clone())];
+                let mut changes = vec![Change::OperationPut(op.clone())];
+                // A restored shard's data is in place: its wait ends (issue 20).
+                if matches!(op.kind, OperationKind::Restore { .. })
+                    && matches!(step, Step::Done { .. })
+                {
+                    let key = ShardKey {
+                        collection: op.collection.clone(),
+                        index: *shard,
+                    };
+                    if let Some(s) = self.shards.get_mut(&key).filter(|s| s.restoring == Some(*id)) {
+                        s.restoring = None;
+                        changes.push(Change::ShardPut(s.clone()));
+                    }
+                }
                 operations::prune(&mut self.operations);
                 changes
             }
@@ -795,6 +838,73 @@ impl ClusterMap {
                 operation,
                 replicas,
             } => self.cut_over_split(*operation, replicas)?,
+            Command::ImportMap { map } => {
+                if !self.nodes.is_empty() || !self.collections.is_empty() {
+                    return Err(MapError::FailedPrecondition(format!(
+                        "this group's map holds {} node(s) and {} collection(s): a map is \
+                         imported only into a fresh group",
+                        self.nodes.len(),
+                        self.collections.len()
+                    )));
+                }
+                if map.cluster_id.is_empty() || map.version == 0 {
+                    return Err(invalid("the imported map names no cluster"));
+                }
+                let version = self.version.max(map.version) + IMPORT_VERSION_GAP;
+                *self = (**map).clone();
+                // `apply` adds one below.
+                self.version = version - 1;
+                vec![Change::Imported]
+            }
+            Command::RestoreCollection {
+                spec,
+                placement,
+                epochs,
+                url,
+                backup,
+                started_ms,
+            } => {
+                self.check_new_collection(spec)?;
+                self.check_placement(spec, placement)?;
+                crate::operations::check_target(url, backup).map_err(invalid)?;
+                if epochs.len() != placement.len() || epochs.iter().any(|&e| e == 0) {
+                    return Err(invalid(format!(
+                        "a restore names {} epochs (none 0) for {} shards",
+                        epochs.len(),
+                        placement.len()
+                    )));
+                }
+                let mut changes = self.create_collection(spec, placement.clone())?;
+                for c in &mut changes {
+                    if let Change::ShardPut(s) = c {
+                        s.epoch = epochs[s.key.index as usize];
+                        for r in &mut s.replicas {
+                            if Some(&r.node) != s.primary.as_ref() {
+                                r.state = ReplicaState::Copying;
+                            }
+                        }
+                        self.shards.insert(s.key.clone(), s.clone());
+                    }
+                }
+                let id = self.collections[&spec.name].id;
+                let op = self.next_operation_id + 1;
+                for c in &mut changes {
+                    if let Change::ShardPut(s) = c {
+                        s.restoring = Some(op);
+                        self.shards.insert(s.key.clone(), s.clone());
+                    }
+                }
+                changes.extend(self.insert_operation(
+                    &OperationKind::Restore {
+                        url: url.clone(),
+                        backup: backup.clone(),
+                    },
+                    &spec.name,
+                    id,
+                    *started_ms,
+                ));
+                changes
+            }
             Command::ReplicaFailed {
                 shard,
                 node,
@@ -936,6 +1046,7 @@ impl ClusterMap {
                 building_generation: 0,
                 forced_epoch: 0,
                 split: None,
+                restoring: None,
             };
             changes.push(Change::ShardPut(shard.clone()));
             self.shards.insert(key, shard);
@@ -1011,6 +1122,24 @@ impl ClusterMap {
             OperationKind::Split { .. } => {
                 return Err(invalid("a split starts by its own command (StartSplit)"));
             }
+            OperationKind::Backup { url, backup } => {
+                crate::operations::check_target(url, backup).map_err(invalid)?;
+                if let Some(o) = self.operations.values().find(|o| {
+                    o.running()
+                        && matches!(&o.kind, OperationKind::Backup { url: u, backup: b }
+                            if u == url && b == backup)
+                }) {
+                    return Err(MapError::FailedPrecondition(format!(
+                        "operation {} is writing backup {backup} to {url}",
+                        o.id
+                    )));
+                }
+            }
+            OperationKind::Restore { .. } => {
+                return Err(invalid(
+                    "a restore starts by its own command (RestoreCollection)",
+                ));
+            }
         }
         if let Some(o) = self.running_split(collection) {
             return Err(MapError::FailedPrecondition(format!(
@@ -1029,6 +1158,17 @@ impl ClusterMap {
                 o.kind.name()
             )));
         }
+        Ok(self.insert_operation(kind, collection, collection_id, started_ms))
+    }
+
+    /// A new running operation with a pending step per shard (checked by the caller).
+    fn insert_operation(
+        &mut self,
+        kind: &OperationKind,
+        collection: &str,
+        collection_id: u64,
+        started_ms: u64,
+    ) -> Vec<Change> {
         let id = self.next_operation_id + 1;
         self.next_operation_id = id;
         let steps = self
@@ -1054,7 +1194,7 @@ impl ClusterMap {
             finished_version: 0,
         };
         self.operations.insert(id, op.clone());
-        Ok(vec![Change::OperationPut(op)])
+        vec![Change::OperationPut(op)]
     }
 
     fn register_node(
@@ -1124,8 +1264,10 @@ impl ClusterMap {
             .shards
             .get_mut(shard)
             .ok_or_else(|| MapError::NotFound(format!("shard {shard} not found")))?;
+        // A shard still waiting for its restore has no data anywhere to promote.
         if let Some(r) = s.replicas.iter().find(|r| {
-            r.state == ReplicaState::Serving
+            s.restoring.is_none()
+                && r.state == ReplicaState::Serving
                 && nodes.get(&r.node).is_some_and(|n| n.state.is_live())
         }) {
             return Err(MapError::FailedPrecondition(format!(
@@ -1143,6 +1285,7 @@ impl ClusterMap {
         s.primary = Some(node.to_string());
         s.epoch += 1;
         s.forced_epoch = s.epoch;
+        s.restoring = None;
         Ok(vec![Change::ShardPut(s.clone())])
     }
 

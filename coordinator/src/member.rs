@@ -321,6 +321,7 @@ impl Coordinator {
     /// Commands only the leader may propose (it decides what they leave open).
     fn needs_leader(cmd: &Command) -> bool {
         matches!(cmd, Command::CreateCollection(_))
+            || matches!(cmd, Command::RestoreCollection { placement, .. } if placement.is_empty())
     }
 
     /// Who leads, as this member's Raft metrics and its lease say now.
@@ -380,6 +381,29 @@ impl Coordinator {
                 let placement = placement::initial(&st.map, &spec, &disk)
                     .map_err(MapError::FailedPrecondition)?;
                 Command::CreateCollectionPlaced { spec, placement }
+            }
+            // A restore is placed as a new collection is (issue 20).
+            Command::RestoreCollection {
+                spec,
+                placement,
+                epochs,
+                url,
+                backup,
+                started_ms,
+            } if placement.is_empty() => {
+                let disk = self.disk_levels();
+                let st = self.sm.state.lock();
+                st.map.check_new_collection(&spec)?;
+                let placement = placement::initial(&st.map, &spec, &disk)
+                    .map_err(MapError::FailedPrecondition)?;
+                Command::RestoreCollection {
+                    spec,
+                    placement,
+                    epochs,
+                    url,
+                    backup,
+                    started_ms,
+                }
             }
             other => other,
         })
@@ -649,6 +673,42 @@ impl Coordinator {
                             generation: r.layout,
                         },
                     });
+                }
+                // A backup or restore its primary finished, or could not (issue 20).
+                if s.primary.as_deref() == Some(node) {
+                    let pending = |id: u64| {
+                        st.map.operations.get(&id).is_some_and(|o| {
+                            o.running()
+                                && matches!(
+                                    o.kind,
+                                    crate::operations::OperationKind::Backup { .. }
+                                        | crate::operations::OperationKind::Restore { .. }
+                                )
+                                && matches!(
+                                    o.steps.get(&key.index),
+                                    Some(crate::operations::Step::Pending { .. })
+                                )
+                        })
+                    };
+                    if r.finished_operation != 0 && pending(r.finished_operation) {
+                        generations.push(Command::OperationStep {
+                            id: r.finished_operation,
+                            shard: key.index,
+                            step: crate::operations::Step::Done {
+                                generation: r.applied_seq,
+                            },
+                        });
+                    } else if r.failed_operation != 0 && pending(r.failed_operation) {
+                        let mut reason = r.operation_error.clone();
+                        reason.truncate(reason.floor_char_boundary(1024));
+                        generations.push(Command::OperationStep {
+                            id: r.failed_operation,
+                            shard: key.index,
+                            step: crate::operations::Step::Failed {
+                                reason: format!("on {node}: {reason}"),
+                            },
+                        });
+                    }
                 }
                 {
                     if s.primary.as_deref() == Some(node)

@@ -45,6 +45,14 @@ pub enum OperationKind {
     Split {
         from_shards: u32,
     },
+    /// A backup of every shard into a repository (issue 20, `shoal_node::backup`): a
+    /// shard's step is done once its primary reports its shard stored (the record
+    /// written), with the sequence number it was stored at.
+    Backup { url: String, backup: String },
+    /// A collection restored from a repository (issue 20): created by
+    /// `RestoreCollection` with this operation; a shard's step is done once its
+    /// primary reports its copy restored and open.
+    Restore { url: String, backup: String },
 }
 
 impl OperationKind {
@@ -53,6 +61,8 @@ impl OperationKind {
             OperationKind::BuildIndex(_) => "build_index",
             OperationKind::Compact => "compact",
             OperationKind::Split { .. } => "split",
+            OperationKind::Backup { .. } => "backup",
+            OperationKind::Restore { .. } => "restore",
         }
     }
 }
@@ -165,6 +175,29 @@ pub fn prune(ops: &mut BTreeMap<u64, Operation>) {
 }
 
 pub use shoal_proto::sizing::size_index;
+
+/// A repository URL and backup id an operation may carry: bounded, the id a plain name
+/// (it becomes a path in the repository).
+pub fn check_target(url: &str, backup: &str) -> Result<(), String> {
+    if url.is_empty() || url.len() > 1024 {
+        return Err(format!(
+            "the repository URL must be 1 to 1024 bytes, not {}",
+            url.len()
+        ));
+    }
+    if backup.is_empty()
+        || backup.len() > 128
+        || backup.starts_with('.')
+        || !backup
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    {
+        return Err(format!(
+            "backup id {backup:?}: 1 to 128 of [A-Za-z0-9._-], not starting with '.'"
+        ));
+    }
+    Ok(())
+}
 
 #[cfg(test)]
 mod tests {

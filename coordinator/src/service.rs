@@ -165,6 +165,7 @@ pub fn shard_pb_with(s: &Shard, reports: &Reports) -> cpb::Shard {
             Some(SplitRole::Forking { operation, .. }) => *operation,
             _ => 0,
         },
+        restoring: s.restoring.unwrap_or(0),
     }
 }
 
@@ -244,7 +245,16 @@ pub fn operation_pb(op: &Operation, map: &ClusterMap, reports: Option<&Reports>)
             rows_per_shard: p.rows_per_shard,
             rerank: p.rerank.wire(),
         }),
-        OperationKind::Compact | OperationKind::Split { .. } => None,
+        _ => None,
+    };
+    let backup = match &op.kind {
+        OperationKind::Backup { url, backup } | OperationKind::Restore { url, backup } => {
+            Some(cpb::BackupTarget {
+                url: url.clone(),
+                backup: backup.clone(),
+            })
+        }
+        _ => None,
     };
     cpb::Operation {
         id: op.id,
@@ -258,13 +268,17 @@ pub fn operation_pb(op: &Operation, map: &ClusterMap, reports: Option<&Reports>)
         reason,
         finished_version: op.finished_version,
         build,
+        backup,
     }
 }
 
-fn change_pb(c: &Change, map: &ClusterMap) -> cpb::MapChange {
+/// A change as the watch sends it; `None` for an imported map (its version jumps, so
+/// every watcher is sent the whole map).
+fn change_pb(c: &Change, map: &ClusterMap) -> Option<cpb::MapChange> {
     use cpb::map_change::Change as C;
-    cpb::MapChange {
+    Some(cpb::MapChange {
         change: Some(match c {
+            Change::Imported => return None,
             Change::CollectionPut(c) => C::CollectionPut(collection_pb(c)),
             Change::CollectionDropped(n) => C::CollectionDropped(n.clone()),
             Change::NodePut(n) => C::NodePut(node_pb(n, map)),
@@ -278,7 +292,7 @@ fn change_pb(c: &Change, map: &ClusterMap) -> cpb::MapChange {
                 index: k.index,
             }),
         }),
-    }
+    })
 }
 
 /// A create request as a spec: zero index fields take the defaults for the dimension.
@@ -914,6 +928,137 @@ impl cpb::admin_server::Admin for AdminService {
         .await
     }
 
+    async fn start_backup(
+        &self,
+        req: Request<cpb::StartBackupRequest>,
+    ) -> Result<Response<cpb::Operation>, Status> {
+        let target = req.get_ref().collection.clone();
+        self.admin(req, "StartBackup", target, true, move |req| async move {
+            let req = req.into_inner();
+            check_name(&self.0, &req.collection, "the collection name")?;
+            crate::operations::check_target(&req.url, &req.backup)
+                .map_err(Status::invalid_argument)?;
+            let id = {
+                let map = self.0.read().await?;
+                let c = map.collections.get(&req.collection).ok_or_else(|| {
+                    Status::not_found(format!("collection {:?} not found", req.collection))
+                })?;
+                c.id
+            };
+            let kind = OperationKind::Backup {
+                url: req.url,
+                backup: req.backup,
+            };
+            Ok(Response::new(
+                self.start_operation(kind, &req.collection, id).await?,
+            ))
+        })
+        .await
+    }
+
+    async fn restore_collection(
+        &self,
+        req: Request<cpb::RestoreCollectionRequest>,
+    ) -> Result<Response<cpb::Operation>, Status> {
+        let target = req
+            .get_ref()
+            .collection
+            .as_ref()
+            .map_or(String::new(), |c| c.name.clone());
+        self.admin(req, "RestoreCollection", target, true, move |req| async move {
+            let req = req.into_inner();
+            let create = req
+                .collection
+                .ok_or_else(|| Status::invalid_argument("a restore names its collection"))?;
+            check_name(&self.0, &create.name, "the collection name")?;
+            crate::operations::check_target(&req.url, &req.backup)
+                .map_err(Status::invalid_argument)?;
+            let spec = spec_from_pb(create)?;
+            shoal_proto::within!(
+                self.0.limits,
+                replication_factor,
+                spec.replication_factor,
+                "replication_factor"
+            )?;
+            if req.epochs.len() != spec.shard_count as usize {
+                return Err(Status::invalid_argument(format!(
+                    "a restore names {} shard epochs for {} shards",
+                    req.epochs.len(),
+                    spec.shard_count
+                )));
+            }
+            let started_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let v = self
+                .0
+                .write(Command::RestoreCollection {
+                    spec,
+                    placement: Vec::new(),
+                    epochs: req.epochs,
+                    url: req.url,
+                    backup: req.backup,
+                    started_ms,
+                })
+                .await?;
+            let map = self.0.read().await?;
+            let op = map
+                .operations
+                .values()
+                .find(|o| o.started_version == v)
+                .ok_or_else(|| Status::internal("the restore is not in the map"))?;
+            let reports = self.0.reports.lock();
+            Ok(Response::new(operation_pb(op, &map, Some(&reports))))
+        })
+        .await
+    }
+
+    async fn export_map(
+        &self,
+        req: Request<cpb::ExportMapRequest>,
+    ) -> Result<Response<cpb::ExportMapResponse>, Status> {
+        self.admin(req, "ExportMap", String::new(), false, move |_| async move {
+            let map = self.0.read().await?;
+            Ok(Response::new(cpb::ExportMapResponse {
+                cluster_id: map.cluster_id.clone(),
+                map_version: map.version,
+                map: shoal_proto::wire::encode(&map),
+                format: shoal_proto::wire::FORMAT,
+            }))
+        })
+        .await
+    }
+
+    async fn import_map(
+        &self,
+        req: Request<cpb::ImportMapRequest>,
+    ) -> Result<Response<cpb::ExportMapResponse>, Status> {
+        self.admin(req, "ImportMap", String::new(), false, move |req| async move {
+            let req = req.into_inner();
+            if req.format != shoal_proto::wire::FORMAT {
+                return Err(Status::failed_precondition(format!(
+                    "the map was exported in format {}; this coordinator reads {}",
+                    req.format,
+                    shoal_proto::wire::FORMAT
+                )));
+            }
+            let map: ClusterMap = shoal_proto::wire::decode(&req.map)
+                .map_err(|e| Status::invalid_argument(format!("the exported map: {e}")))?;
+            let v = self
+                .0
+                .write(Command::ImportMap { map: Box::new(map) })
+                .await?;
+            let map = self.0.read().await?;
+            Ok(Response::new(cpb::ExportMapResponse {
+                cluster_id: map.cluster_id.clone(),
+                map_version: v,
+                map: Vec::new(),
+                format: shoal_proto::wire::FORMAT,
+            }))
+        })
+        .await
+    }
+
     async fn list_operations(
         &self,
         req: Request<cpb::ListOperationsRequest>,
@@ -1245,7 +1390,7 @@ impl cpb::cluster_map_server::ClusterMap for ClusterMapService {
                         cpb::MapEvent {
                             version: v,
                             event: Some(cpb::map_event::Event::Changes(cpb::ChangeSet {
-                                changes: changes.iter().map(|c| change_pb(c, &st.map)).collect(),
+                                changes: changes.iter().filter_map(|c| change_pb(c, &st.map)).collect(),
                             })),
                         }
                     }

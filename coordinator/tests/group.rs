@@ -1388,6 +1388,10 @@ const ADMIN_RPCS: &[&str] = &[
     "StartIndexBuild",
     "StartCompaction",
     "StartSplit",
+    "StartBackup",
+    "RestoreCollection",
+    "ExportMap",
+    "ImportMap",
     "CancelOperation",
 ];
 const READ_RPCS: &[&str] = &[
@@ -1433,6 +1437,10 @@ async fn call_admin(c: &mut Client, rpc: &str) -> Result<(), tonic::Status> {
         "StartIndexBuild" => c.start_index_build(Default::default()).await.map(drop),
         "StartCompaction" => c.start_compaction(Default::default()).await.map(drop),
         "StartSplit" => c.start_split(Default::default()).await.map(drop),
+        "StartBackup" => c.start_backup(Default::default()).await.map(drop),
+        "RestoreCollection" => c.restore_collection(Default::default()).await.map(drop),
+        "ExportMap" => c.export_map(Default::default()).await.map(drop),
+        "ImportMap" => c.import_map(Default::default()).await.map(drop),
         "ListOperations" => c.list_operations(Default::default()).await.map(drop),
         "CancelOperation" => c.cancel_operation(Default::default()).await.map(drop),
         other => panic!("no call for {other}: add one"),

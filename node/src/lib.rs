@@ -2,5 +2,6 @@
 //! primary-backup replication, the gateway and the gRPC services (`cluster`), and the
 //! process's telemetry.
 
+pub mod backup;
 pub mod cluster;
 pub mod telemetry;

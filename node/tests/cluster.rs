@@ -1946,3 +1946,336 @@ async fn finished_or_running(admin: &mut Client, id: u64) -> cpb::Operation {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Backups (issue 20): the repository a test writes to, and restores from.
+fn repo_url(dir: &tempfile::TempDir) -> String {
+    dir.path().join("repo").display().to_string()
+}
+
+/// The top 10 of `collection` for original document `i`'s vector, IVF-PQ and re-ranked
+/// (or exact), as (id, score bits) so two answers compare exactly.
+async fn top_of(
+    g: &mut ShoalClient<tonic::transport::Channel>,
+    collection: &str,
+    i: u64,
+    exact: bool,
+) -> Vec<(String, u32)> {
+    let r = g
+        .search(pb::SearchRequest {
+            collection: collection.into(),
+            vector: vector(i, 16),
+            k: 10,
+            exact,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!r.partial, "{collection}: partial answer {r:?}");
+    r.hits.into_iter().map(|h| (h.id, h.score.to_bits())).collect()
+}
+
+/// Restores backup `backup` from `url` into the cluster `admin` reaches, as `name`,
+/// and waits for the operation to end.
+async fn restore(admin: &mut Client, url: &str, backup: &str, name: &str) -> cpb::Operation {
+    let repo = shoal_node::backup::Repository::open(url).unwrap();
+    let (c, shards) = repo.records(backup, None).await.unwrap();
+    let op = admin
+        .restore_collection(cpb::RestoreCollectionRequest {
+            collection: Some(c.create_request(name, None)),
+            url: url.into(),
+            backup: backup.into(),
+            epochs: shards.iter().map(|s| s.epoch.max(1)).collect(),
+        })
+        .await
+        .unwrap();
+    assert_eq!((op.kind.as_str(), op.steps.len()), ("restore", 3), "{op:?}");
+    finished_operation_of(admin, name, op.id, "the restore").await
+}
+
+/// Every document of `vecs` in `from` with its exact vector, text and metadata in
+/// `name` in `to`, and nothing else there (checked by count).
+async fn same_documents(
+    from: &mut ShoalClient<tonic::transport::Channel>,
+    to: &mut ShoalClient<tonic::transport::Channel>,
+    name: &str,
+    ids: &[String],
+) {
+    for id in ids {
+        let get = |c: &str| pb::GetRequest {
+            collection: c.into(),
+            id: id.clone(),
+            with_vector: true,
+        };
+        let a = from.get(get("vecs")).await.unwrap().into_inner();
+        let b = to.get(get(name)).await.unwrap().into_inner();
+        assert!(a.found && b.found, "{id}: found {} / {}", a.found, b.found);
+        let (a, b) = (a.document.unwrap(), b.document.unwrap());
+        assert_eq!(
+            (a.text, a.metadata_json, a.vector.iter().map(|x| x.to_bits()).collect::<Vec<_>>()),
+            (b.text, b.metadata_json, b.vector.iter().map(|x| x.to_bits()).collect::<Vec<_>>()),
+            "{id}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backup_under_writes_restores_into_another_cluster_with_the_same_answers() {
+    let mut f = Fixture::start(false).await;
+    f.ingest_vectors(300).await;
+    // An index generation, so the backup carries one and the restore serves it.
+    f.gb.build_index(pb::BuildIndexRequest {
+        collection: "vecs".into(),
+    })
+    .await
+    .unwrap();
+    let repo_dir = tempfile::tempdir().unwrap();
+    let url = repo_url(&repo_dir);
+    // Chunks of 16 KiB (16 MiB by default): the test's files span several, so a second
+    // backup shares the ones before each file's growing end.
+    let settings = shoal_node::backup::Repository::create(&url)
+        .unwrap()
+        .init(16 << 10)
+        .await
+        .unwrap();
+    assert_eq!(settings.chunk_bytes, 16 << 10);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ws = writers(&f, 2, stop.clone());
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let op = f
+        .admin
+        .start_backup(cpb::StartBackupRequest {
+            collection: "vecs".into(),
+            url: url.clone(),
+            backup: "b1".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!((op.kind.as_str(), op.steps.len()), ("backup", 3), "{op:?}");
+    let done = finished_operation(&mut f.admin, op.id, "the backup").await;
+    assert_eq!(done.state, "succeeded", "{done:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut live = Vec::new();
+    for w in ws {
+        live.extend(w.await.unwrap().0);
+    }
+    assert!(!live.is_empty());
+    // The same id again is refused by the map while it runs, and by the nodes after.
+    let repo = shoal_node::backup::Repository::open(&url).unwrap();
+    let list = repo.list().await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert!(list[0].complete, "{list:?}");
+    let (_, records) = repo.records("b1", None).await.unwrap();
+
+    // A second cluster takes it.
+    let mut g = Fixture::start(false).await;
+    let restored = restore(&mut g.admin, &url, "b1", "restored").await;
+    assert_eq!(restored.state, "succeeded", "{restored:?}");
+    // Each shard holds exactly its recorded position: the documents the backup
+    // counted, the originals among them with their exact vectors, text and metadata.
+    let t = Instant::now();
+    loop {
+        let (total, per) = live_docs(&[&g.a, &g.b], "restored");
+        let want: Vec<usize> = records.iter().map(|r| r.live_docs as usize).collect();
+        if per.iter().map(|p| p.1).collect::<Vec<_>>() == want {
+            assert_eq!(total as u64, records.iter().map(|r| r.live_docs).sum::<u64>());
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "restored {per:?}, want {want:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let originals: Vec<String> = (0..300).map(|i| format!("v{i}")).collect();
+    same_documents(&mut f.ga, &mut g.ga, "restored", &originals).await;
+    // The same answers, exact and through the restored index generation.
+    for q in (0..300).step_by(29) {
+        for exact in [true, false] {
+            assert_eq!(
+                top_of(&mut f.ga, "vecs", q, exact).await,
+                top_of(&mut g.gb, "restored", q, exact).await,
+                "query {q} (exact {exact})"
+            );
+        }
+    }
+    let served: Vec<u64> = g
+        .a
+        .view
+        .read()
+        .shards_of("restored")
+        .map(|s| s.serving_generation)
+        .collect();
+    let t = Instant::now();
+    while g.a.view.read().shards_of("restored").any(|s| s.serving_generation == 0) {
+        assert!(t.elapsed() < Duration::from_secs(10), "generations {served:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The restored collection takes writes and serves them.
+    g.ga.ingest(pb::IngestRequest {
+        collection: "restored".into(),
+        documents: vec![pb::Document {
+            id: "after".into(),
+            vector: vector(99_999, 16),
+            ..Default::default()
+        }],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(
+        g.gb.get(pb::GetRequest {
+            collection: "restored".into(),
+            id: "after".into(),
+            with_vector: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .found
+    );
+
+    // A second backup after more writes stores only the chunks that changed.
+    let before = repo.blobs().await.unwrap();
+    f.ingest_vectors(20).await; // v0..v19 again: replaced rows
+    let op = f
+        .admin
+        .start_backup(cpb::StartBackupRequest {
+            collection: "vecs".into(),
+            url: url.clone(),
+            backup: "b2".into(),
+        })
+        .await
+        .unwrap();
+    let done = finished_operation(&mut f.admin, op.id, "the second backup").await;
+    assert_eq!(done.state, "succeeded", "{done:?}");
+    let after = repo.blobs().await.unwrap();
+    let (_, second) = repo.records("b2", None).await.unwrap();
+    let new_bytes: u64 = after
+        .iter()
+        .filter(|(h, _)| !before.contains_key(*h))
+        .map(|(_, n)| n)
+        .sum();
+    let uploaded: u64 = second.iter().map(|r| r.uploaded_bytes).sum();
+    let total: u64 = second.iter().map(|r| r.bytes).sum();
+    eprintln!("second backup: {total} bytes, {uploaded} uploaded, {new_bytes} new in the repository");
+    assert_eq!(uploaded, new_bytes, "uploaded is what the repository gained");
+    // Segment files only grow: every whole chunk of the first backup's length is
+    // shared, not sent again; the generation file is shared whole.
+    let mut shared = 0;
+    for (r1, r2) in records.iter().zip(&second) {
+        for f2 in &r2.files {
+            let Some(f1) = r1.files.iter().find(|f| f.name == f2.name) else {
+                continue;
+            };
+            let whole = (f1.len / (16 << 10)) as usize;
+            assert_eq!(f2.chunks[..whole], f1.chunks[..whole], "shard {} {}", r2.shard, f2.name);
+            assert!(f2.chunks[..whole].iter().all(|c| before.contains_key(&c.sha256)));
+            shared += whole;
+        }
+    }
+    assert!(shared > 0, "no chunk shared with the first backup");
+    assert!(uploaded < total, "{uploaded} of {total}");
+    assert!(repo.verify(None).await.unwrap().problems.is_empty());
+
+    // A corrupted chunk: verify names it, and a restore from it fails naming it.
+    let victim = second[1]
+        .files
+        .iter()
+        .find(|f| f.name.starts_with("vectors"))
+        .unwrap()
+        .chunks[0]
+        .sha256
+        .clone();
+    let path = repo_dir.path().join("repo/blobs").join(&victim);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[7] ^= 0x40;
+    std::fs::write(&path, bytes).unwrap();
+    let report = repo.verify(Some("b2")).await.unwrap();
+    assert_eq!(report.problems.len(), 1, "{report:?}");
+    assert!(
+        report.problems[0].contains(&victim) && report.problems[0].contains("shard 1"),
+        "{report:?}"
+    );
+    let failed = restore(&mut g.admin, &url, "b2", "broken").await;
+    assert_eq!(failed.state, "failed", "{failed:?}");
+    assert!(failed.reason.contains(&victim), "{failed:?}");
+    // Nothing created empty in its place: shard 1 of `broken` has no replica open.
+    assert!(!g
+        .a
+        .registry
+        .read()
+        .keys()
+        .chain(g.b.registry.read().keys())
+        .any(|k| k.collection == "broken" && k.index == 1));
+
+    // Retention: keeping the newest drops b1 and the chunks only it named.
+    let pruned = repo.prune(1, Duration::ZERO).await.unwrap();
+    assert_eq!(pruned.deleted_backups, vec!["b1".to_string()], "{pruned:?}");
+    assert!(pruned.deleted_blobs > 0, "{pruned:?}");
+    let left = repo.list().await.unwrap();
+    assert_eq!(left.iter().map(|b| b.backup.as_str()).collect::<Vec<_>>(), ["b2"]);
+    // b2 still whole (but for the chunk corrupted above).
+    assert_eq!(repo.verify(Some("b2")).await.unwrap().problems.len(), 1);
+    f.stop().await;
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backup_waits_out_a_node_restart_and_a_leader_change() {
+    let mut f = Fixture::start(false).await;
+    f.ingest_vectors(300).await;
+    let repo_dir = tempfile::tempdir().unwrap();
+    let url = repo_url(&repo_dir);
+    let Fixture {
+        _dir: dir,
+        addrs,
+        mut coords,
+        a,
+        b,
+        mut admin,
+        mut ga,
+        ..
+    } = f;
+    // Node b stops: the shards it leads cannot be stored until it is back.
+    b.shutdown().await;
+    let op = admin
+        .start_backup(cpb::StartBackupRequest {
+            collection: "vecs".into(),
+            url: url.clone(),
+            backup: "b".into(),
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let leader = loop {
+        let l = coords[0].coordinator.raft.metrics().borrow().current_leader;
+        if let Some(l) = l {
+            break (l - 1) as usize;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    coords.remove(leader).shutdown().await;
+    let still = finished_or_running(&mut admin, op.id).await;
+    assert_eq!(still.state, "running", "waits for b: {still:?}");
+    assert!(
+        still.steps.iter().any(|s| s.state == "done"),
+        "a's shards stored meanwhile: {still:?}"
+    );
+    let b = node(dir.path(), "b", &addrs, false).await;
+    let done = finished_operation(&mut admin, op.id, "the backup").await;
+    assert_eq!(done.state, "succeeded", "{done:?}");
+    let repo = shoal_node::backup::Repository::open(&url).unwrap();
+    let (_, records) = repo.records("b", None).await.unwrap();
+    assert_eq!(records.iter().map(|r| r.live_docs).sum::<u64>(), 300);
+    assert!(repo.verify(Some("b")).await.unwrap().problems.is_empty());
+    // Restored into the same cluster under another name: every document there.
+    let restored = restore(&mut admin, &url, "b", "copy").await;
+    assert_eq!(restored.state, "succeeded", "{restored:?}");
+    let originals: Vec<String> = (0..300).map(|i| format!("v{i}")).collect();
+    let mut ga2 = ga.clone();
+    same_documents(&mut ga, &mut ga2, "copy", &originals).await;
+    a.shutdown().await;
+    b.shutdown().await;
+    for c in coords {
+        c.shutdown().await;
+    }
+}

@@ -916,6 +916,52 @@ fn every_rpc_survives_hostile_messages() {
                 .await
         }
     });
+    f.rpc(
+        "Admin/StartBackup",
+        (hostile_string(), hostile_string(), hostile_string()),
+        |(collection, url, backup)| {
+            let mut s = AdminClient::new(admin.clone());
+            async move {
+                s.start_backup(req(cpb::StartBackupRequest {
+                    collection,
+                    url,
+                    backup,
+                }))
+                .await
+            }
+        },
+    );
+    // A restore names a repository that does not exist: created, its shards fail.
+    f.rpc(
+        "Admin/RestoreCollection",
+        (hostile_string(), hostile_u32(), hostile_string(), hostile_u64()),
+        |(name, shard_count, backup, epoch)| {
+            let mut s = AdminClient::new(admin.clone());
+            async move {
+                s.restore_collection(req(cpb::RestoreCollectionRequest {
+                    collection: Some(cpb::CreateCollectionRequest {
+                        name,
+                        dimension: 8,
+                        shard_count,
+                        replication_factor: 1,
+                        ..Default::default()
+                    }),
+                    url: "/nonexistent/shoal-fuzz-repository".into(),
+                    backup,
+                    epochs: vec![epoch; (shard_count % 4) as usize],
+                }))
+                .await
+            }
+        },
+    );
+    f.rpc(
+        "Admin/ImportMap",
+        (prop::collection::vec(any::<u8>(), 0..64), hostile_u32()),
+        |(map, format)| {
+            let mut s = AdminClient::new(admin.clone());
+            async move { s.import_map(req(cpb::ImportMapRequest { map, format })).await }
+        },
+    );
     f.rpc("Admin/ListOperations", hostile_string(), |collection| {
         let mut s = AdminClient::new(admin.clone());
         async move {
@@ -1054,6 +1100,9 @@ fn every_rpc_survives_hostile_messages() {
             compacted_operation: serving_generation,
             layout: applied_seq,
             sealed: applied_seq % 3 == 0,
+            finished_operation: serving_generation,
+            failed_operation: applied_seq,
+            operation_error: String::new(),
         },
     );
     f.rpc(

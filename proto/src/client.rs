@@ -198,6 +198,10 @@ impl Client {
         admin::start_index_build(cpb::StartIndexBuildRequest) -> cpb::Operation;
         admin::start_compaction(cpb::StartCompactionRequest) -> cpb::Operation;
         admin::start_split(cpb::StartSplitRequest) -> cpb::Operation;
+        admin::start_backup(cpb::StartBackupRequest) -> cpb::Operation;
+        admin::restore_collection(cpb::RestoreCollectionRequest) -> cpb::Operation;
+        admin::export_map(cpb::ExportMapRequest) -> cpb::ExportMapResponse;
+        admin::import_map(cpb::ImportMapRequest) -> cpb::ExportMapResponse;
         admin::list_operations(cpb::ListOperationsRequest) -> cpb::ListOperationsResponse;
         admin::cancel_operation(cpb::CancelOperationRequest) -> cpb::Operation;
         cluster::register_node(cpb::RegisterNodeRequest) -> cpb::NodeInfo;

@@ -58,6 +58,9 @@ pub struct CoordinatorArgs {
     /// A limit over its default, NAME=VALUE (repeatable; `shoal limits` lists them).
     #[arg(long = "limit", env = "SHOAL_LIMITS", value_delimiter = ',')]
     limits: Vec<String>,
+    /// The coordinator group's disaster recovery (issue 20), instead of running a member.
+    #[command(subcommand)]
+    pub action: Option<CoordinatorAction>,
     /// From the global `--tls-*` flags.
     #[arg(skip)]
     pub tls: Option<shoal_proto::tls::TlsFiles>,
@@ -111,7 +114,76 @@ impl CoordinatorArgs {
     }
 }
 
+/// `shoal coordinator backup|restore`: the map itself, not a collection's data.
+#[derive(Subcommand)]
+pub enum CoordinatorAction {
+    /// Writes the cluster map (cluster id, nodes and their volumes, collections,
+    /// shards and replica sets, keys, operations) to FILE, as the group holds it now.
+    Backup {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Gives a group rebuilt from nothing the map in FILE: it becomes that cluster, so
+    /// its nodes, which refuse a group of another cluster id, come back with their
+    /// data. Refused by a group that has nodes or collections already.
+    Restore {
+        #[command(flatten)]
+        target: Target,
+        file: PathBuf,
+    },
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> anyhow::Result<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || !s.is_ascii() {
+        anyhow::bail!("the map is not hex");
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|e| anyhow::anyhow!("the map: {e}")))
+        .collect()
+}
+
+pub async fn action(a: CoordinatorAction) -> anyhow::Result<()> {
+    match a {
+        CoordinatorAction::Backup { target, to } => {
+            let mut client = Client::new(target.coordinators);
+            let r = client.export_map(cpb::ExportMapRequest {}).await?;
+            let doc = serde_json::json!({
+                "cluster_id": r.cluster_id, "map_version": r.map_version,
+                "format": r.format, "map": hex(&r.map),
+            });
+            let tmp = to.with_extension("partial");
+            std::fs::write(&tmp, serde_json::to_vec(&doc)?)?;
+            std::fs::rename(&tmp, &to)?;
+            print_json(serde_json::json!({
+                "file": to, "cluster_id": r.cluster_id, "map_version": r.map_version,
+                "bytes": r.map.len(),
+            }));
+        }
+        CoordinatorAction::Restore { target, file } => {
+            let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&file)?)?;
+            let map = unhex(doc["map"].as_str().unwrap_or_default())?;
+            let format = doc["format"].as_u64().unwrap_or(0) as u32;
+            let mut client = Client::new(target.coordinators);
+            let r = client.import_map(cpb::ImportMapRequest { map, format }).await?;
+            print_json(serde_json::json!({
+                "restored": true, "cluster_id": r.cluster_id, "map_version": r.map_version,
+            }));
+        }
+    }
+    Ok(())
+}
+
 pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
+    if let Some(a) = args.action {
+        return action(a).await;
+    }
     let handle = shoal_coordinator::start(args.into_config()?).await?;
     crate::shutdown_signal().await;
     tracing::info!("shutting down");
@@ -268,7 +340,7 @@ pub async fn shard(target: Target, cmd: ShardCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_json(v: serde_json::Value) {
+pub(crate) fn print_json(v: serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(&v).expect("json"));
 }
 
@@ -442,7 +514,7 @@ pub async fn collection(target: Target, cmd: CollectionCmd) -> anyhow::Result<()
 }
 
 /// Prints an operation; with `wait`, polls it to its end and fails unless it succeeded.
-async fn follow_operation(
+pub(crate) async fn follow_operation(
     client: &mut Client,
     op: cpb::Operation,
     collection: &str,
@@ -596,6 +668,7 @@ fn operation_json(o: &cpb::Operation) -> serde_json::Value {
     serde_json::json!({
         "id": o.id, "kind": o.kind, "collection": o.collection, "state": o.state,
         "reason": o.reason, "started_ms": o.started_ms,
+        "backup": o.backup.as_ref().map(|b| serde_json::json!({"url": b.url, "backup": b.backup})),
         "build": {"nlist": b.nlist, "pq_m": b.pq_m, "pq_nbits": b.pq_nbits,
                   "train_sample": b.train_sample, "rows_per_shard": b.rows_per_shard,
                   "rerank": Precision::from_wire(b.rerank).unwrap_or_default().name()},

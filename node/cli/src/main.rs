@@ -1,5 +1,6 @@
 //! The `shoal` command. Thin: parses flags and calls library functions.
 
+mod backup;
 mod cluster;
 mod coordinator;
 mod demo;
@@ -210,6 +211,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: coordinator::CollectionCmd,
     },
+    /// Collection backups (issue 20): create, restore, list, verify, prune.
+    Backup {
+        #[command(subcommand)]
+        cmd: backup::BackupCmd,
+    },
     /// Long-running cluster operations (index builds): list, cancel.
     Operations {
         #[command(flatten)]
@@ -379,6 +385,11 @@ fn run_cli() -> anyhow::Result<()> {
             args.security = cli.keys.server();
             Cmd::Node(args)
         }
+        Cmd::Coordinator(args) if args.action.is_some() => {
+            cli.tls.use_for_clients()?;
+            cli.keys.use_for_clients()?;
+            Cmd::Coordinator(args)
+        }
         Cmd::Coordinator(mut args) => {
             args.tls = cli.tls.files()?;
             args.security = cli.keys.server();
@@ -416,6 +427,7 @@ fn run(cmd: Cmd, otlp: Option<&str>, rt: &tokio::runtime::Runtime) -> anyhow::Re
         Cmd::Collection { target, cmd } => rt.block_on(coordinator::collection(target, cmd)),
         Cmd::Shard { target, cmd } => rt.block_on(coordinator::shard(target, cmd)),
         Cmd::Operations { target, cmd } => rt.block_on(coordinator::operations(target, cmd)),
+        Cmd::Backup { cmd } => rt.block_on(backup::run(cmd)),
         Cmd::IndexBuild {
             target,
             collection,

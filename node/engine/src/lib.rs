@@ -157,6 +157,8 @@ pub struct SnapshotSource {
     /// (file name in the shard dir, bytes to copy, the file opened)
     pub files: Vec<(String, u64, Arc<fs::File>)>,
     pub last_seq: u64,
+    /// Live documents at `last_seq` (a backup's record counts them, issue 20).
+    pub live_docs: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -795,10 +797,13 @@ impl Shard {
             .collect::<Result<Vec<_>>>()?;
         let manifest =
             serde_json::to_vec(&m).map_err(|e| ShardError::InvalidConfig(e.to_string()))?;
+        // Under the writer's lock: the rows are the ones at `applied_seq`.
+        let live_docs = self.inner.state.read().rows.live_len() as u64;
         Ok(SnapshotSource {
             files,
             manifest,
             last_seq: m.applied_seq,
+            live_docs,
         })
     }
 

@@ -49,6 +49,10 @@ pub struct ReplicaState {
     pub layout: u64,
     /// A primary sealed by a split with no write in flight (issue 19).
     pub sealed: bool,
+    /// A backup or restore step its primary finished, or failed, and why (issue 20).
+    pub finished_operation: u64,
+    pub failed_operation: u64,
+    pub operation_error: String,
 }
 
 impl ReplicaState {
@@ -110,6 +114,13 @@ pub fn reports(replicas: &[ReplicaState]) -> Vec<cpb::ReplicaReport> {
             compacted_operation: r.compacted_operation,
             layout: r.layout,
             sealed: r.sealed,
+            finished_operation: r.finished_operation,
+            failed_operation: r.failed_operation,
+            operation_error: {
+                let mut e = r.operation_error.clone();
+                e.truncate(e.floor_char_boundary(FAILURE_BYTES));
+                e
+            },
             build_operation: r.build.operation,
             build_queued: r.build.queued,
             build_error: {
@@ -135,6 +146,7 @@ pub(super) struct Heartbeat {
     pub client: Client,
     pub builds: Arc<Builds>,
     pub compactions: Arc<super::compactions::Compactions>,
+    pub backups: Arc<super::backups::Backups>,
 }
 
 impl Heartbeat {
@@ -163,13 +175,18 @@ impl Heartbeat {
                         s.build = self.builds.report(&r.key);
                         (s.compacted_operation, s.layout) =
                             self.compactions.report(&r.key, r.shard().ok().as_ref());
+                        (s.finished_operation, s.failed_operation, s.operation_error) =
+                            self.backups.report(&r.key);
                         s
                     })
                     .collect()
             };
             // Compactions due on this node's primaries are logged (in the background).
             self.compactions.tick();
-            let reports = reports(&states);
+            let mut reports = reports(&states);
+            // A restore that failed before its replica opened reports on its own.
+            let hosted = states.iter().map(|s| s.key.clone()).collect();
+            reports.extend(self.backups.unhosted_failures(&hosted));
             let (dg, data_dir) = (self.disk.clone(), self.cfg.data_dir.clone());
             let (free, total, trash) = tokio::task::spawn_blocking(move || {
                 let (free, total) = dg.usage().unwrap_or((0, 0));

@@ -4,6 +4,7 @@
 //! gateway to every shard) and the internal `Replica` API (its own replicas).
 
 pub mod builds;
+pub mod backups;
 pub mod compactions;
 pub mod config;
 pub mod disk;
@@ -295,9 +296,11 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     );
     // The map: whole, then changes; resume from the last version after a reconnect.
     let forks = forks::Forks::new(opened.clone());
+    let backups = backups::Backups::new(registry.clone(), opened.clone());
     let reconciler = reconcile::Reconciler {
         local: local.clone(),
         forks: forks.clone(),
+        backups: backups.clone(),
         builds: builds.clone(),
         compactions: compactions.clone(),
         node_id: cfg.id.clone(),
@@ -361,6 +364,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
             client: client.clone(),
             builds,
             compactions,
+            backups,
         }
         .run(stop_rx.clone()),
     ));

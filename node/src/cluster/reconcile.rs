@@ -102,6 +102,7 @@ fn shard_config(c: &cpb::Collection, node_default: usize) -> CollectionConfig {
 pub(super) struct Reconciler {
     pub(super) local: Arc<super::transport::LocalReplicas>,
     pub(super) forks: Arc<super::forks::Forks>,
+    pub(super) backups: Arc<super::backups::Backups>,
     pub(super) builds: Arc<super::builds::Builds>,
     pub(super) compactions: Arc<super::compactions::Compactions>,
     pub(super) node_id: String,
@@ -155,6 +156,11 @@ impl Reconciler {
                 index: s.index,
             };
             let dir = self.replica_dir(&key);
+            // A shard restored from a backup (issue 20) is opened once its directory
+            // is written (`backups.rs`), never created empty before.
+            if s.restoring != 0 && s.primary == self.node_id && !dir.exists() {
+                continue;
+            }
             // A hosted replica keeps its replication; a new one gets its own, which
             // the supervisor files with the actor once the replica opens.
             let hosted = self.registry.read().get(&key).map(|h| h.repl.clone());
@@ -269,6 +275,9 @@ impl Reconciler {
         // Index builds and compactions the map's operations ask of these replicas.
         self.builds.sync(view);
         self.compactions.sync(view);
+        // Backups and restores of the shards led here (issue 20).
+        self.backups
+            .sync(view, &self.node_id, |k| self.replica_dir(k));
     }
 }
 
