@@ -23,3 +23,14 @@ if ! python3 -m pip --version >/dev/null 2>&1; then
 fi
 
 command -v cargo >/dev/null || { echo "setup: cargo not found: install Rust (rustup) first" >&2; exit 1; }
+
+# An S3-compatible server for the backup repository's tests (issue 20): moto's, from
+# PyPI, in its own virtual environment (python3-venv where Debian splits it out).
+MOTO="$HOME/.cache/shoal/moto"
+if [[ ! -x $MOTO/bin/moto_server ]]; then
+  python3 -m venv --help >/dev/null 2>&1 && python3 -c "import ensurepip" 2>/dev/null \
+    || apt_install setup python3-venv
+  rm -rf "$MOTO"
+  python3 -m venv "$MOTO"
+  "$MOTO/bin/pip" install --quiet --disable-pip-version-check "moto[server]==5.*"
+fi

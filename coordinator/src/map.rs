@@ -800,7 +800,11 @@ impl ClusterMap {
                         collection: op.collection.clone(),
                         index: *shard,
                     };
-                    if let Some(s) = self.shards.get_mut(&key).filter(|s| s.restoring == Some(*id)) {
+                    if let Some(s) = self
+                        .shards
+                        .get_mut(&key)
+                        .filter(|s| s.restoring == Some(*id))
+                    {
                         s.restoring = None;
                         changes.push(Change::ShardPut(s.clone()));
                     }
@@ -867,7 +871,7 @@ impl ClusterMap {
                 self.check_new_collection(spec)?;
                 self.check_placement(spec, placement)?;
                 crate::operations::check_target(url, backup).map_err(invalid)?;
-                if epochs.len() != placement.len() || epochs.iter().any(|&e| e == 0) {
+                if epochs.len() != placement.len() || epochs.contains(&0) {
                     return Err(invalid(format!(
                         "a restore names {} epochs (none 0) for {} shards",
                         epochs.len(),

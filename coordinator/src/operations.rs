@@ -48,11 +48,17 @@ pub enum OperationKind {
     /// A backup of every shard into a repository (issue 20, `shoal_node::backup`): a
     /// shard's step is done once its primary reports its shard stored (the record
     /// written), with the sequence number it was stored at.
-    Backup { url: String, backup: String },
+    Backup {
+        url: String,
+        backup: String,
+    },
     /// A collection restored from a repository (issue 20): created by
     /// `RestoreCollection` with this operation; a shard's step is done once its
     /// primary reports its copy restored and open.
-    Restore { url: String, backup: String },
+    Restore {
+        url: String,
+        backup: String,
+    },
 }
 
 impl OperationKind {

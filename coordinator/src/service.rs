@@ -965,51 +965,57 @@ impl cpb::admin_server::Admin for AdminService {
             .collection
             .as_ref()
             .map_or(String::new(), |c| c.name.clone());
-        self.admin(req, "RestoreCollection", target, true, move |req| async move {
-            let req = req.into_inner();
-            let create = req
-                .collection
-                .ok_or_else(|| Status::invalid_argument("a restore names its collection"))?;
-            check_name(&self.0, &create.name, "the collection name")?;
-            crate::operations::check_target(&req.url, &req.backup)
-                .map_err(Status::invalid_argument)?;
-            let spec = spec_from_pb(create)?;
-            shoal_proto::within!(
-                self.0.limits,
-                replication_factor,
-                spec.replication_factor,
-                "replication_factor"
-            )?;
-            if req.epochs.len() != spec.shard_count as usize {
-                return Err(Status::invalid_argument(format!(
-                    "a restore names {} shard epochs for {} shards",
-                    req.epochs.len(),
-                    spec.shard_count
-                )));
-            }
-            let started_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
-            let v = self
-                .0
-                .write(Command::RestoreCollection {
-                    spec,
-                    placement: Vec::new(),
-                    epochs: req.epochs,
-                    url: req.url,
-                    backup: req.backup,
-                    started_ms,
-                })
-                .await?;
-            let map = self.0.read().await?;
-            let op = map
-                .operations
-                .values()
-                .find(|o| o.started_version == v)
-                .ok_or_else(|| Status::internal("the restore is not in the map"))?;
-            let reports = self.0.reports.lock();
-            Ok(Response::new(operation_pb(op, &map, Some(&reports))))
-        })
+        self.admin(
+            req,
+            "RestoreCollection",
+            target,
+            true,
+            move |req| async move {
+                let req = req.into_inner();
+                let create = req
+                    .collection
+                    .ok_or_else(|| Status::invalid_argument("a restore names its collection"))?;
+                check_name(&self.0, &create.name, "the collection name")?;
+                crate::operations::check_target(&req.url, &req.backup)
+                    .map_err(Status::invalid_argument)?;
+                let spec = spec_from_pb(create)?;
+                shoal_proto::within!(
+                    self.0.limits,
+                    replication_factor,
+                    spec.replication_factor,
+                    "replication_factor"
+                )?;
+                if req.epochs.len() != spec.shard_count as usize {
+                    return Err(Status::invalid_argument(format!(
+                        "a restore names {} shard epochs for {} shards",
+                        req.epochs.len(),
+                        spec.shard_count
+                    )));
+                }
+                let started_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                let v = self
+                    .0
+                    .write(Command::RestoreCollection {
+                        spec,
+                        placement: Vec::new(),
+                        epochs: req.epochs,
+                        url: req.url,
+                        backup: req.backup,
+                        started_ms,
+                    })
+                    .await?;
+                let map = self.0.read().await?;
+                let op = map
+                    .operations
+                    .values()
+                    .find(|o| o.started_version == v)
+                    .ok_or_else(|| Status::internal("the restore is not in the map"))?;
+                let reports = self.0.reports.lock();
+                Ok(Response::new(operation_pb(op, &map, Some(&reports))))
+            },
+        )
         .await
     }
 
@@ -1017,15 +1023,21 @@ impl cpb::admin_server::Admin for AdminService {
         &self,
         req: Request<cpb::ExportMapRequest>,
     ) -> Result<Response<cpb::ExportMapResponse>, Status> {
-        self.admin(req, "ExportMap", String::new(), false, move |_| async move {
-            let map = self.0.read().await?;
-            Ok(Response::new(cpb::ExportMapResponse {
-                cluster_id: map.cluster_id.clone(),
-                map_version: map.version,
-                map: shoal_proto::wire::encode(&map),
-                format: shoal_proto::wire::FORMAT,
-            }))
-        })
+        self.admin(
+            req,
+            "ExportMap",
+            String::new(),
+            false,
+            move |_| async move {
+                let map = self.0.read().await?;
+                Ok(Response::new(cpb::ExportMapResponse {
+                    cluster_id: map.cluster_id.clone(),
+                    map_version: map.version,
+                    map: shoal_proto::wire::encode(&map),
+                    format: shoal_proto::wire::FORMAT,
+                }))
+            },
+        )
         .await
     }
 
@@ -1033,29 +1045,35 @@ impl cpb::admin_server::Admin for AdminService {
         &self,
         req: Request<cpb::ImportMapRequest>,
     ) -> Result<Response<cpb::ExportMapResponse>, Status> {
-        self.admin(req, "ImportMap", String::new(), false, move |req| async move {
-            let req = req.into_inner();
-            if req.format != shoal_proto::wire::FORMAT {
-                return Err(Status::failed_precondition(format!(
-                    "the map was exported in format {}; this coordinator reads {}",
-                    req.format,
-                    shoal_proto::wire::FORMAT
-                )));
-            }
-            let map: ClusterMap = shoal_proto::wire::decode(&req.map)
-                .map_err(|e| Status::invalid_argument(format!("the exported map: {e}")))?;
-            let v = self
-                .0
-                .write(Command::ImportMap { map: Box::new(map) })
-                .await?;
-            let map = self.0.read().await?;
-            Ok(Response::new(cpb::ExportMapResponse {
-                cluster_id: map.cluster_id.clone(),
-                map_version: v,
-                map: Vec::new(),
-                format: shoal_proto::wire::FORMAT,
-            }))
-        })
+        self.admin(
+            req,
+            "ImportMap",
+            String::new(),
+            false,
+            move |req| async move {
+                let req = req.into_inner();
+                if req.format != shoal_proto::wire::FORMAT {
+                    return Err(Status::failed_precondition(format!(
+                        "the map was exported in format {}; this coordinator reads {}",
+                        req.format,
+                        shoal_proto::wire::FORMAT
+                    )));
+                }
+                let map: ClusterMap = shoal_proto::wire::decode(&req.map)
+                    .map_err(|e| Status::invalid_argument(format!("the exported map: {e}")))?;
+                let v = self
+                    .0
+                    .write(Command::ImportMap { map: Box::new(map) })
+                    .await?;
+                let map = self.0.read().await?;
+                Ok(Response::new(cpb::ExportMapResponse {
+                    cluster_id: map.cluster_id.clone(),
+                    map_version: v,
+                    map: Vec::new(),
+                    format: shoal_proto::wire::FORMAT,
+                }))
+            },
+        )
         .await
     }
 
@@ -1390,7 +1408,10 @@ impl cpb::cluster_map_server::ClusterMap for ClusterMapService {
                         cpb::MapEvent {
                             version: v,
                             event: Some(cpb::map_event::Event::Changes(cpb::ChangeSet {
-                                changes: changes.iter().filter_map(|c| change_pb(c, &st.map)).collect(),
+                                changes: changes
+                                    .iter()
+                                    .filter_map(|c| change_pb(c, &st.map))
+                                    .collect(),
                             })),
                         }
                     }

@@ -75,7 +75,7 @@ pub enum RepoError {
         #[source]
         source: object_store::Error,
     },
-    #[error("{0} is missing from the repository")]
+    #[error("{0} is missing")]
     Missing(String),
     #[error("{0}")]
     Corrupt(String),
@@ -127,9 +127,11 @@ impl CollectionRecord {
             name: name.to_string(),
             dimension: c.dimension,
             metric: c.metric,
-            encoder: (!c.model_id.is_empty() || !c.model_hash.is_empty()).then(|| cpb::EncoderRef {
-                model_id: c.model_id.clone(),
-                content_hash: c.model_hash.clone(),
+            encoder: (!c.model_id.is_empty() || !c.model_hash.is_empty()).then(|| {
+                cpb::EncoderRef {
+                    model_id: c.model_id.clone(),
+                    content_hash: c.model_hash.clone(),
+                }
             }),
             index: Some(cpb::IndexParams {
                 nlist: c.nlist,
@@ -325,7 +327,9 @@ impl Repository {
 
     fn err(&self, source: object_store::Error) -> RepoError {
         match source {
-            object_store::Error::NotFound { path, .. } => RepoError::Missing(path),
+            object_store::Error::NotFound { path, .. } => {
+                RepoError::Missing(format!("{path} (in {})", self.url))
+            }
             source => RepoError::Store {
                 url: self.url.clone(),
                 source,
@@ -398,8 +402,11 @@ impl Repository {
             format: FORMAT,
             chunk_bytes,
         };
-        self.put("repository.json", serde_json::to_vec_pretty(&s).expect("serializes"))
-            .await?;
+        self.put(
+            "repository.json",
+            serde_json::to_vec_pretty(&s).expect("serializes"),
+        )
+        .await?;
         Ok(s)
     }
 
@@ -492,7 +499,10 @@ impl Repository {
                         .map_err(|e| self.err(e))?;
                     uploaded += n;
                 }
-                chunks.push(ChunkRecord { sha256: sha, len: n });
+                chunks.push(ChunkRecord {
+                    sha256: sha,
+                    len: n,
+                });
                 offset += n;
                 bytes += n;
             }
@@ -713,7 +723,8 @@ impl Repository {
             for r in records {
                 for f in &r.files {
                     for (n, c) in f.chunks.iter().enumerate() {
-                        let what = format!("backup {id} shard {} file {} chunk {n}", r.shard, f.name);
+                        let what =
+                            format!("backup {id} shard {} file {} chunk {n}", r.shard, f.name);
                         if !seen.insert(c.sha256.clone()) {
                             continue;
                         }
@@ -752,8 +763,8 @@ impl Repository {
             .unwrap_or(u64::MAX);
         let mut report = PruneReport::default();
         for b in &all {
-            let keep_it = kept_complete.contains(&b.backup)
-                || (!b.complete && b.started_ms >= oldest_kept);
+            let keep_it =
+                kept_complete.contains(&b.backup) || (!b.complete && b.started_ms >= oldest_kept);
             if keep_it {
                 report.kept_backups.push(b.backup.clone());
                 continue;
@@ -776,7 +787,9 @@ impl Repository {
         // Blobs every remaining backup (listed or still being written) names.
         let mut named = BTreeSet::new();
         for id in self.ids().await? {
-            let Ok(c) = self.collection(&id).await else { continue };
+            let Ok(c) = self.collection(&id).await else {
+                continue;
+            };
             for i in 0..c.shard_count {
                 if let Ok(r) = self.shard(&id, i).await {
                     for f in r.files {
@@ -793,7 +806,9 @@ impl Repository {
             .await
             .map_err(|e| self.err(e))?;
         for o in blobs {
-            let Some(name) = o.location.filename() else { continue };
+            let Some(name) = o.location.filename() else {
+                continue;
+            };
             let age = now.saturating_sub(o.last_modified.timestamp_millis().max(0) as u64);
             if named.contains(name) || age < grace.as_millis() as u64 {
                 continue;

@@ -1972,7 +1972,10 @@ async fn top_of(
         .unwrap()
         .into_inner();
     assert!(!r.partial, "{collection}: partial answer {r:?}");
-    r.hits.into_iter().map(|h| (h.id, h.score.to_bits())).collect()
+    r.hits
+        .into_iter()
+        .map(|h| (h.id, h.score.to_bits()))
+        .collect()
 }
 
 /// Restores backup `backup` from `url` into the cluster `admin` reaches, as `name`,
@@ -2012,8 +2015,16 @@ async fn same_documents(
         assert!(a.found && b.found, "{id}: found {} / {}", a.found, b.found);
         let (a, b) = (a.document.unwrap(), b.document.unwrap());
         assert_eq!(
-            (a.text, a.metadata_json, a.vector.iter().map(|x| x.to_bits()).collect::<Vec<_>>()),
-            (b.text, b.metadata_json, b.vector.iter().map(|x| x.to_bits()).collect::<Vec<_>>()),
+            (
+                a.text,
+                a.metadata_json,
+                a.vector.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            ),
+            (
+                b.text,
+                b.metadata_json,
+                b.vector.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            ),
             "{id}"
         );
     }
@@ -2079,10 +2090,16 @@ async fn a_backup_under_writes_restores_into_another_cluster_with_the_same_answe
         let (total, per) = live_docs(&[&g.a, &g.b], "restored");
         let want: Vec<usize> = records.iter().map(|r| r.live_docs as usize).collect();
         if per.iter().map(|p| p.1).collect::<Vec<_>>() == want {
-            assert_eq!(total as u64, records.iter().map(|r| r.live_docs).sum::<u64>());
+            assert_eq!(
+                total as u64,
+                records.iter().map(|r| r.live_docs).sum::<u64>()
+            );
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(20), "restored {per:?}, want {want:?}");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "restored {per:?}, want {want:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let originals: Vec<String> = (0..300).map(|i| format!("v{i}")).collect();
@@ -2097,16 +2114,24 @@ async fn a_backup_under_writes_restores_into_another_cluster_with_the_same_answe
             );
         }
     }
-    let served: Vec<u64> = g
+    let served: Vec<u64> =
+        g.a.view
+            .read()
+            .shards_of("restored")
+            .map(|s| s.serving_generation)
+            .collect();
+    let t = Instant::now();
+    while g
         .a
         .view
         .read()
         .shards_of("restored")
-        .map(|s| s.serving_generation)
-        .collect();
-    let t = Instant::now();
-    while g.a.view.read().shards_of("restored").any(|s| s.serving_generation == 0) {
-        assert!(t.elapsed() < Duration::from_secs(10), "generations {served:?}");
+        .any(|s| s.serving_generation == 0)
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "generations {served:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The restored collection takes writes and serves them.
@@ -2156,8 +2181,13 @@ async fn a_backup_under_writes_restores_into_another_cluster_with_the_same_answe
         .sum();
     let uploaded: u64 = second.iter().map(|r| r.uploaded_bytes).sum();
     let total: u64 = second.iter().map(|r| r.bytes).sum();
-    eprintln!("second backup: {total} bytes, {uploaded} uploaded, {new_bytes} new in the repository");
-    assert_eq!(uploaded, new_bytes, "uploaded is what the repository gained");
+    eprintln!(
+        "second backup: {total} bytes, {uploaded} uploaded, {new_bytes} new in the repository"
+    );
+    assert_eq!(
+        uploaded, new_bytes,
+        "uploaded is what the repository gained"
+    );
     // Segment files only grow: every whole chunk of the first backup's length is
     // shared, not sent again; the generation file is shared whole.
     let mut shared = 0;
@@ -2167,8 +2197,16 @@ async fn a_backup_under_writes_restores_into_another_cluster_with_the_same_answe
                 continue;
             };
             let whole = (f1.len / (16 << 10)) as usize;
-            assert_eq!(f2.chunks[..whole], f1.chunks[..whole], "shard {} {}", r2.shard, f2.name);
-            assert!(f2.chunks[..whole].iter().all(|c| before.contains_key(&c.sha256)));
+            assert_eq!(
+                f2.chunks[..whole],
+                f1.chunks[..whole],
+                "shard {} {}",
+                r2.shard,
+                f2.name
+            );
+            assert!(f2.chunks[..whole]
+                .iter()
+                .all(|c| before.contains_key(&c.sha256)));
             shared += whole;
         }
     }
@@ -2212,7 +2250,10 @@ async fn a_backup_under_writes_restores_into_another_cluster_with_the_same_answe
     assert_eq!(pruned.deleted_backups, vec!["b1".to_string()], "{pruned:?}");
     assert!(pruned.deleted_blobs > 0, "{pruned:?}");
     let left = repo.list().await.unwrap();
-    assert_eq!(left.iter().map(|b| b.backup.as_str()).collect::<Vec<_>>(), ["b2"]);
+    assert_eq!(
+        left.iter().map(|b| b.backup.as_str()).collect::<Vec<_>>(),
+        ["b2"]
+    );
     // b2 still whole (but for the chunk corrupted above).
     assert_eq!(repo.verify(Some("b2")).await.unwrap().problems.len(), 1);
     f.stop().await;
@@ -2273,6 +2314,131 @@ async fn a_backup_waits_out_a_node_restart_and_a_leader_change() {
     let originals: Vec<String> = (0..300).map(|i| format!("v{i}")).collect();
     let mut ga2 = ga.clone();
     same_documents(&mut ga, &mut ga2, "copy", &originals).await;
+    a.shutdown().await;
+    b.shutdown().await;
+    for c in coords {
+        c.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_coordinator_group_rebuilt_from_its_map_backup_takes_its_nodes_back() {
+    let mut f = Fixture::start(false).await;
+    f.ingest_vectors(300).await;
+    let exported = f.admin.export_map(cpb::ExportMapRequest {}).await.unwrap();
+    assert!(!exported.cluster_id.is_empty() && !exported.map.is_empty());
+    // Writes after the export: the map backup is older than what the nodes saw.
+    let op = f
+        .admin
+        .start_compaction(cpb::StartCompactionRequest {
+            collection: "vecs".into(),
+        })
+        .await
+        .unwrap();
+    finished_operation(&mut f.admin, op.id, "the compaction").await;
+    let Fixture {
+        _dir: dir,
+        addrs,
+        coords,
+        a,
+        b,
+        mut ga,
+        ..
+    } = f;
+    // The whole group is lost: every member stopped, its volume gone.
+    let peers: Vec<shoal_coordinator::Peer> = coords
+        .iter()
+        .enumerate()
+        .map(|(i, c)| shoal_coordinator::Peer {
+            id: i as u64 + 1,
+            raft_addr: c.raft_addr.to_string(),
+            api_addr: c.api_addr.to_string(),
+        })
+        .collect();
+    for c in coords {
+        c.shutdown().await;
+    }
+    for i in 1..=3 {
+        std::fs::remove_dir_all(dir.path().join(format!("c{i}"))).unwrap();
+    }
+    let mut coords = Vec::new();
+    for p in &peers {
+        coords.push(
+            shoal_coordinator::start(shoal_coordinator::Config {
+                id: p.id,
+                listen: p.api_addr.clone(),
+                raft_listen: p.raft_addr.clone(),
+                data_dir: dir.path().join(format!("c{}", p.id)),
+                peers: peers.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap(),
+        );
+    }
+    let mut admin = Client::new(addrs.clone());
+    // The fresh group names a new cluster: the nodes refuse it and keep their data.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let nodes = admin.list_nodes(cpb::ListNodesRequest {}).await.unwrap();
+    assert!(nodes.nodes.is_empty(), "{nodes:?}");
+    assert_eq!(live_docs(&[&a, &b], "vecs").0, 300);
+    // The map backup brings the cluster back.
+    let r = admin
+        .import_map(cpb::ImportMapRequest {
+            map: exported.map.clone(),
+            format: exported.format,
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.cluster_id, exported.cluster_id);
+    assert!(
+        r.map_version > exported.map_version + (1 << 32) - 1,
+        "{r:?}"
+    );
+    let t = Instant::now();
+    loop {
+        let nodes = admin.list_nodes(cpb::ListNodesRequest {}).await.unwrap();
+        let up = nodes
+            .nodes
+            .iter()
+            .filter(|n| n.state == cpb::NodeState::Up as i32)
+            .count();
+        let done = exact_top(&mut ga, 7).await.is_some()
+            && ga
+                .ingest(pb::IngestRequest {
+                    collection: "vecs".into(),
+                    documents: vec![pb::Document {
+                        id: "after".into(),
+                        vector: vector(77_777, 16),
+                        ..Default::default()
+                    }],
+                    request_id: "after-import".into(),
+                })
+                .await
+                .is_ok();
+        if up == 2 && done {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "nodes not back: {nodes:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let originals: Vec<String> = (0..300)
+        .map(|i| format!("v{i}"))
+        .chain(["after".to_string()])
+        .collect();
+    check_writes(&mut ga, &originals, &[]).await;
+    // A group that holds a cluster takes no other map.
+    let e = admin
+        .import_map(cpb::ImportMapRequest {
+            map: exported.map,
+            format: exported.format,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
     a.shutdown().await;
     b.shutdown().await;
     for c in coords {

@@ -934,7 +934,12 @@ fn every_rpc_survives_hostile_messages() {
     // A restore names a repository that does not exist: created, its shards fail.
     f.rpc(
         "Admin/RestoreCollection",
-        (hostile_string(), hostile_u32(), hostile_string(), hostile_u64()),
+        (
+            hostile_string(),
+            hostile_u32(),
+            hostile_string(),
+            hostile_u64(),
+        ),
         |(name, shard_count, backup, epoch)| {
             let mut s = AdminClient::new(admin.clone());
             async move {
@@ -959,7 +964,10 @@ fn every_rpc_survives_hostile_messages() {
         (prop::collection::vec(any::<u8>(), 0..64), hostile_u32()),
         |(map, format)| {
             let mut s = AdminClient::new(admin.clone());
-            async move { s.import_map(req(cpb::ImportMapRequest { map, format })).await }
+            async move {
+                s.import_map(req(cpb::ImportMapRequest { map, format }))
+                    .await
+            }
         },
     );
     f.rpc("Admin/ListOperations", hostile_string(), |collection| {

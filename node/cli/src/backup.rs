@@ -83,9 +83,8 @@ pub async fn run(cmd: BackupCmd) -> anyhow::Result<()> {
             chunk_mib,
             wait,
         } => {
-            let backup = id.unwrap_or_else(|| {
-                format!("{collection}-{}", shoal_node::backup::now_ms())
-            });
+            let backup =
+                id.unwrap_or_else(|| format!("{collection}-{}", shoal_node::backup::now_ms()));
             shoal_node::backup::check_id(&backup)?;
             // The CLI opens it too: a URL no node could read fails here first.
             Repository::create(&to)?.init(chunk_mib << 20).await?;

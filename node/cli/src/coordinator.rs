@@ -171,7 +171,9 @@ pub async fn action(a: CoordinatorAction) -> anyhow::Result<()> {
             let map = unhex(doc["map"].as_str().unwrap_or_default())?;
             let format = doc["format"].as_u64().unwrap_or(0) as u32;
             let mut client = Client::new(target.coordinators);
-            let r = client.import_map(cpb::ImportMapRequest { map, format }).await?;
+            let r = client
+                .import_map(cpb::ImportMapRequest { map, format })
+                .await?;
             print_json(serde_json::json!({
                 "restored": true, "cluster_id": r.cluster_id, "map_version": r.map_version,
             }));

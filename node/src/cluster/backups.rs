@@ -81,8 +81,13 @@ pub fn jobs_due(view: &MapView, me: &str) -> Vec<Job> {
 }
 
 /// The collection record a backup stores, from the map's collection.
-pub fn collection_record(c: &cpb::Collection, op: u64, backup: &str, started_ms: u64) -> CollectionRecord {
-    let ix = c.index.clone().unwrap_or_default();
+pub fn collection_record(
+    c: &cpb::Collection,
+    op: u64,
+    backup: &str,
+    started_ms: u64,
+) -> CollectionRecord {
+    let ix = c.index.unwrap_or_default();
     let enc = c.encoder.clone().unwrap_or_default();
     CollectionRecord {
         format: FORMAT,
@@ -149,7 +154,8 @@ impl Backups {
         // What the map no longer asks for is forgotten (its step ended).
         let keep: HashSet<(ReplicaKey, u64)> = due.iter().map(|j| (j.key.clone(), j.op)).collect();
         st.finished.retain(|k, op| keep.contains(&(k.clone(), *op)));
-        st.failed.retain(|k, (op, _)| keep.contains(&(k.clone(), *op)));
+        st.failed
+            .retain(|k, (op, _)| keep.contains(&(k.clone(), *op)));
         for job in due {
             if st.running.contains(&job.key)
                 || st.finished.get(&job.key) == Some(&job.op)
@@ -160,10 +166,7 @@ impl Backups {
             st.running.insert(job.key.clone());
             let me = self.clone();
             let dir = dir_of(&job.key);
-            let started_ms = view
-                .operations
-                .get(&job.op)
-                .map_or(0, |o| o.started_ms);
+            let started_ms = view.operations.get(&job.op).map_or(0, |o| o.started_ms);
             let collection = view.collections.get(&job.key.collection).cloned();
             tokio::spawn(async move {
                 let r = if job.restore {

@@ -3,8 +3,8 @@
 //! each, under a supervisor), heartbeats, and serves the public `Shoal` API (as a
 //! gateway to every shard) and the internal `Replica` API (its own replicas).
 
-pub mod builds;
 pub mod backups;
+pub mod builds;
 pub mod compactions;
 pub mod config;
 pub mod disk;
