@@ -99,9 +99,16 @@ pub struct ScaleArgs {
     /// latency before, during and after (issue 19).
     #[arg(long)]
     split: bool,
-    /// Seconds of load measured before and after the split.
+    /// Seconds of load measured before and after the split (and the backup).
     #[arg(long, default_value_t = 15)]
     split_window: u64,
+    /// After the queries, back the collection up into a directory repository under 2
+    /// query clients (issue 20), back it up again (nothing changed: the incremental
+    /// cost), copy the same shard directories with `cp -r` (the reference), and
+    /// restore the backup as a new collection: throughput of each, query latency
+    /// before, during and after the backup.
+    #[arg(long)]
+    backup: bool,
     /// Skip raw FAISS (its builds and its recall): for runs measuring the cluster
     /// alone (restart and restore at a size whose reference build would double the
     /// run); the build ratio and recall comparison come from runs without it.
@@ -596,6 +603,15 @@ pub fn run(a: ScaleArgs) -> Result<()> {
     } else {
         serde_json::Value::Null
     };
+    let backup = if a.backup {
+        let v = rt.block_on(backup_under_load(
+            &a, coords, &nodes, name, &queries, &dev_dir, &work,
+        ))?;
+        emit(v.clone());
+        v
+    } else {
+        serde_json::Value::Null
+    };
     let mut restarted = None;
     let restart = if a.restart {
         let (v, child) = rt.block_on(restart_node(coords, name, &dev_dir, &nodes[1]))?;
@@ -636,7 +652,7 @@ pub fn run(a: ScaleArgs) -> Result<()> {
         "import_vs_engine": import_rate / engine_rate,
         "build_params": params, "build_cluster_s": cs, "build_faiss_s": fs, "build_cluster_vs_faiss": cs / fs,
         "anon_bytes_per_vector": anon_per_vector,
-        "quality": quality, "restart": restart, "restore": restore, "split": split,
+        "quality": quality, "restart": restart, "restore": restore, "split": split, "backup": backup,
     }));
     Ok(())
 }
@@ -1493,5 +1509,227 @@ async fn split_under_load(
         "rows_before": a.rows, "rows_acknowledged_during_load": want - a.rows,
         "rows_held_after": held, "writes_failed": write_failed.load(Ordering::Relaxed),
         "queries_before": before.json(), "queries_during": during.json(), "queries_after": after.json(),
+    }))
+}
+
+/// Polls operation `id` on `name` to its end.
+async fn wait_operation(
+    c: &mut shoal_proto::client::Client,
+    name: &str,
+    id: u64,
+) -> Result<cpb::Operation> {
+    let t = Instant::now();
+    loop {
+        let ops = c
+            .list_operations(cpb::ListOperationsRequest {
+                collection: name.into(),
+            })
+            .await?;
+        if let Some(o) = ops
+            .operations
+            .into_iter()
+            .find(|o| o.id == id && o.state != "running")
+        {
+            return Ok(o);
+        }
+        if t.elapsed() > Duration::from_secs(3600) {
+            bail!("operation {id} did not end in an hour");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Bytes under `dir` (files only).
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(_) => e.metadata().map_or(0, |m| m.len()),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// `--backup`: a backup under query load (2 clients, nprobe 16), a second one of the
+/// unchanged collection, the same shard directories copied by `cp -r`, and a restore.
+async fn backup_under_load(
+    a: &ScaleArgs,
+    coords: &str,
+    nodes: &[String],
+    name: &str,
+    queries: &[f32],
+    dev: &Path,
+    work: &Path,
+) -> Result<serde_json::Value> {
+    use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+    use std::sync::Arc;
+    let dim = a.dimension;
+    let phase = Arc::new(AtomicU8::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..2usize {
+        let (addr, phase, stop) = (nodes[c % nodes.len()].clone(), phase.clone(), stop.clone());
+        let qs = queries.to_vec();
+        let name = name.to_string();
+        clients.push(tokio::spawn(async move {
+            let ch = shoal_proto::channel(&addr, None)?;
+            let mut g = shoal_proto::auth::shoal_client(ch).max_decoding_message_size(64 << 20);
+            let mut out: [Phase; 3] = Default::default();
+            let nq = qs.len() / dim;
+            let mut q = c;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let r = g
+                    .search(pb::SearchRequest {
+                        collection: name.clone(),
+                        vector: qs[q * dim..(q + 1) * dim].to_vec(),
+                        k: 10,
+                        nprobe: 16,
+                        ..Default::default()
+                    })
+                    .await;
+                let p = &mut out[phase.load(Ordering::Relaxed) as usize];
+                match r {
+                    Ok(r) if r.get_ref().partial => p.partial += 1,
+                    Ok(_) => p.lat.push(t.elapsed().as_secs_f64() * 1e3),
+                    Err(_) => p.failed += 1,
+                }
+                q = (q + 2) % nq;
+            }
+            anyhow::Ok(out)
+        }));
+    }
+    let repo_dir = work.join("backup-repo");
+    let _ = std::fs::remove_dir_all(&repo_dir);
+    let url = repo_dir.display().to_string();
+    let window = Duration::from_secs(a.split_window);
+    tokio::time::sleep(window).await;
+    let mut c = shoal_proto::client::Client::new(coords.split(',').map(String::from));
+    c.patience = Duration::from_secs(60);
+    phase.store(1, Ordering::Relaxed);
+    let t = Instant::now();
+    let op = c
+        .start_backup(cpb::StartBackupRequest {
+            collection: name.into(),
+            url: url.clone(),
+            backup: "bench-1".into(),
+        })
+        .await?;
+    let first = wait_operation(&mut c, name, op.id).await?;
+    let backup_s = t.elapsed().as_secs_f64();
+    phase.store(2, Ordering::Relaxed);
+    tokio::time::sleep(window).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut phases: [Phase; 3] = Default::default();
+    for cl in clients {
+        for (i, p) in cl.await??.into_iter().enumerate() {
+            phases[i].lat.extend(p.lat);
+            phases[i].partial += p.partial;
+            phases[i].failed += p.failed;
+        }
+    }
+    let repo = shoal_node::backup::Repository::open(&url)?;
+    let (_, records) = repo.records("bench-1", None).await?;
+    let bytes: u64 = records.iter().map(|r| r.bytes).sum();
+    let docs: u64 = records.iter().map(|r| r.live_docs).sum();
+    // The same collection again: nothing changed, nothing to send.
+    let t = Instant::now();
+    let op = c
+        .start_backup(cpb::StartBackupRequest {
+            collection: name.into(),
+            url: url.clone(),
+            backup: "bench-2".into(),
+        })
+        .await?;
+    let second = wait_operation(&mut c, name, op.id).await?;
+    let second_s = t.elapsed().as_secs_f64();
+    let (_, again) = repo.records("bench-2", None).await?;
+    let second_uploaded: u64 = again.iter().map(|r| r.uploaded_bytes).sum();
+    // The reference: the collection's shard directories copied as files.
+    let copy_dir = work.join("plain-copy");
+    let _ = std::fs::remove_dir_all(&copy_dir);
+    std::fs::create_dir_all(&copy_dir)?;
+    let mut dirs = Vec::new();
+    for n in std::fs::read_dir(dev)?.flatten() {
+        let shards = n.path().join("shards");
+        for d in std::fs::read_dir(&shards).into_iter().flatten().flatten() {
+            if d.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{name}-"))
+            {
+                dirs.push(d.path());
+            }
+        }
+    }
+    let t = Instant::now();
+    for (i, d) in dirs.iter().enumerate() {
+        let st = Command::new("cp")
+            .args(["-r", "--reflink=never"])
+            .arg(d)
+            .arg(copy_dir.join(i.to_string()))
+            .status()?;
+        anyhow::ensure!(st.success(), "cp -r {} failed", d.display());
+    }
+    Command::new("sync").status()?;
+    let copy_s = t.elapsed().as_secs_f64();
+    let copy_bytes = dir_bytes(&copy_dir);
+    let _ = std::fs::remove_dir_all(&copy_dir);
+    // A restore of the first backup as a new collection, to complete answers.
+    let restored = format!("{name}-restored");
+    let (rec, shards) = repo.records("bench-1", None).await?;
+    let t = Instant::now();
+    let op = c
+        .restore_collection(cpb::RestoreCollectionRequest {
+            collection: Some(rec.create_request(&restored, None)),
+            url: url.clone(),
+            backup: "bench-1".into(),
+            epochs: shards.iter().map(|s| s.epoch.max(1)).collect(),
+        })
+        .await?;
+    let rdone = wait_operation(&mut c, &restored, op.id).await?;
+    let restore_s = t.elapsed().as_secs_f64();
+    let ch = shoal_proto::channel(&nodes[0], None)?;
+    let mut g = shoal_proto::auth::shoal_client(ch).max_decoding_message_size(64 << 20);
+    let answered = loop {
+        let r = g
+            .search(pb::SearchRequest {
+                collection: restored.clone(),
+                vector: queries[..dim].to_vec(),
+                k: 10,
+                nprobe: 16,
+                ..Default::default()
+            })
+            .await;
+        if r.is_ok_and(|r| !r.get_ref().partial) || t.elapsed() > Duration::from_secs(600) {
+            break t.elapsed().as_secs_f64();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _ = c
+        .drop_collection(cpb::DropCollectionRequest {
+            name: restored.clone(),
+        })
+        .await;
+    let _ = std::fs::remove_dir_all(&repo_dir);
+    let mb = |b: u64, s: f64| b as f64 / s / 1e6;
+    let [before, during, after] = phases;
+    Ok(serde_json::json!({
+        "step": "backup", "outcome": first.state, "reason": first.reason,
+        "shards": records.len(), "documents": docs, "bytes": bytes,
+        "backup_s": backup_s, "backup_mb_per_s": mb(bytes, backup_s),
+        "backup_vectors_per_s": docs as f64 / backup_s,
+        "second_backup_outcome": second.state, "second_backup_s": second_s,
+        "second_backup_uploaded_bytes": second_uploaded,
+        "copy_bytes": copy_bytes, "copy_s": copy_s, "copy_mb_per_s": mb(copy_bytes, copy_s),
+        "backup_vs_copy": mb(bytes, backup_s) / mb(copy_bytes, copy_s),
+        "restore_outcome": rdone.state, "restore_reason": rdone.reason, "restore_s": restore_s,
+        "restore_mb_per_s": mb(bytes, restore_s), "restore_vectors_per_s": docs as f64 / restore_s,
+        "restore_vs_copy": mb(bytes, restore_s) / mb(copy_bytes, copy_s),
+        "restored_complete_answers_s": answered,
+        "queries_before": before.json(), "queries_during_backup": during.json(),
+        "queries_after": after.json(),
     }))
 }

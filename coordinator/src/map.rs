@@ -2105,6 +2105,118 @@ pub(crate) mod tests {
         assert!(s.holds(&holder));
     }
 
+    /// A restored collection (issue 20): each shard at its backup's epoch, its first
+    /// node the primary restoring it, the others copies; no shard of it is created
+    /// empty until its step is done, or an operator allocates it empty.
+    #[test]
+    fn a_restored_collection_waits_for_its_data_and_only_an_operator_ends_the_wait() {
+        let mut m = map_with_nodes(3);
+        let Command::CreateCollectionPlaced { spec, placement } = placed(&m, spec("r", 2, 2))
+        else {
+            unreachable!()
+        };
+        let restore = |epochs: Vec<u64>, url: &str| Command::RestoreCollection {
+            spec: spec.clone(),
+            placement: placement.clone(),
+            epochs,
+            url: url.into(),
+            backup: "b1".into(),
+            started_ms: 0,
+        };
+        // Refused whole: an epoch per shard, none 0, a bounded URL.
+        for bad in [
+            restore(vec![3], "/r"),
+            restore(vec![3, 0], "/r"),
+            restore(vec![3, 4], ""),
+        ] {
+            let before = m.clone();
+            assert!(m.apply(&bad).is_err());
+            assert_eq!(m, before);
+        }
+        m.apply(&restore(vec![3, 7], "/r")).unwrap();
+        let op = m.operations.values().next().unwrap().clone();
+        assert_eq!(op.kind.name(), "restore");
+        let shards: Vec<Shard> = m.shards_of("r").cloned().collect();
+        for (s, epoch) in shards.iter().zip([3, 7]) {
+            assert_eq!((s.epoch, s.restoring), (epoch, Some(op.id)));
+            for r in &s.replicas {
+                let want = if Some(&r.node) == s.primary.as_ref() {
+                    ReplicaState::Serving
+                } else {
+                    ReplicaState::Copying
+                };
+                assert_eq!(r.state, want, "{s:?}");
+            }
+        }
+        // Shard 0 restored; shard 1 failed: it keeps waiting.
+        m.apply(&Command::OperationStep {
+            id: op.id,
+            shard: 0,
+            step: Step::Done { generation: 10 },
+        })
+        .unwrap();
+        m.apply(&Command::OperationStep {
+            id: op.id,
+            shard: 1,
+            step: Step::Failed {
+                reason: "blob corrupt".into(),
+            },
+        })
+        .unwrap();
+        let (s0, s1) = (&m.shards[&shards[0].key], &m.shards[&shards[1].key]);
+        assert_eq!((s0.restoring, s1.restoring), (None, Some(op.id)));
+        assert!(matches!(
+            m.operations[&op.id].outcome,
+            Some(Outcome::Failed { .. })
+        ));
+        // The operator's word: shard 1 empty on its primary's node, the wait over.
+        let node = s1.primary.clone().unwrap();
+        m.apply(&Command::AllocateEmpty {
+            shard: shards[1].key.clone(),
+            node,
+        })
+        .unwrap();
+        assert_eq!(m.shards[&shards[1].key].restoring, None);
+        assert_eq!(m.shards[&shards[1].key].epoch, 8);
+    }
+
+    /// A map is imported only into a fresh group, which becomes that cluster at a
+    /// version past any its nodes saw.
+    #[test]
+    fn an_exported_map_is_imported_only_into_a_fresh_group() {
+        let mut old = map_with_nodes(2);
+        old.apply(&Command::InitCluster { id: "old".into() })
+            .unwrap();
+        old.apply(&placed(&old, spec("c", 2, 1))).unwrap();
+        let mut fresh = ClusterMap::default();
+        fresh
+            .apply(&Command::InitCluster { id: "new".into() })
+            .unwrap();
+        let import = Command::ImportMap {
+            map: Box::new(old.clone()),
+        };
+        let changes = fresh.apply(&import).unwrap();
+        assert_eq!(changes, vec![Change::Imported]);
+        assert_eq!(fresh.cluster_id, "old");
+        assert_eq!(fresh.version, old.version + IMPORT_VERSION_GAP);
+        assert_eq!(
+            (fresh.collections.clone(), fresh.shards.clone()),
+            (old.collections.clone(), old.shards.clone())
+        );
+        // Not again, and never into a group that holds a cluster.
+        let before = fresh.clone();
+        assert!(fresh.apply(&import).is_err());
+        assert_eq!(fresh, before);
+        assert!(old.clone().apply(&import).is_err());
+        // A map naming no cluster is refused.
+        let mut fresh = ClusterMap::default();
+        assert!(fresh
+            .apply(&Command::ImportMap {
+                map: Box::new(ClusterMap::default())
+            })
+            .is_err());
+    }
+
     #[test]
     fn the_cluster_is_named_once() {
         let mut m = ClusterMap::default();

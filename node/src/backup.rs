@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as Key;
 use object_store::{ObjectStore, PutPayload};
 use serde::{Deserialize, Serialize};
@@ -38,6 +38,10 @@ use shoal_proto::coordinator as cpb;
 /// says otherwise ([`Repository::init`]). 16 MiB: a 1M-vector 384-d shard's vectors are
 /// ~92 chunks, a backup of a shard grown by a few rows uploads one or two of them.
 pub const CHUNK: u64 = 16 << 20;
+
+/// Chunks a backup or a restore of one shard has in flight (read, hashed, sent): the
+/// disk, the hashing and the store overlap; 4 × 16 MiB of buffers at most.
+const IN_FLIGHT: usize = 4;
 
 /// The repository's own settings, at its root, written once when it is first used.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -469,42 +473,24 @@ impl Repository {
         let chunk = self.init(CHUNK).await?.chunk_bytes;
         let (mut files, mut bytes, mut uploaded) = (Vec::new(), 0u64, 0u64);
         for (name, len, handle) in &snapshot.files {
-            let mut chunks = Vec::new();
-            let mut offset = 0u64;
-            while offset < *len {
-                let n = chunk.min(len - offset);
-                let h = handle.clone();
-                let buf = tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0u8; n as usize];
-                    h.read_exact_at(&mut buf, offset).map(|_| buf)
+            // Up to IN_FLIGHT chunks read, hashed and stored at once (in order).
+            let work: Vec<_> = (0..*len)
+                .step_by(chunk as usize)
+                .map(|offset| {
+                    self.store_chunk(handle.clone(), name, offset, chunk.min(len - offset))
                 })
-                .await
-                .expect("a read task does not panic")
-                .map_err(|e| RepoError::Io {
-                    path: PathBuf::from(name),
-                    source: e,
-                })?;
-                let buf = bytes::Bytes::from(buf);
-                let hashed = buf.clone();
-                let sha = tokio::task::spawn_blocking(move || sha256_hex(&hashed))
-                    .await
-                    .expect("hashing does not panic");
-                // Stored once by content: a blob already there (an earlier backup's,
-                // or this one's before a restart) is not sent again.
-                let rel = Self::blob_rel(&sha);
-                if !self.exists(&rel).await? {
-                    self.store
-                        .put(&self.key(&rel), PutPayload::from(buf))
-                        .await
-                        .map_err(|e| self.err(e))?;
-                    uploaded += n;
+                .collect();
+            let stored: Vec<(ChunkRecord, bool)> = futures::stream::iter(work)
+                .buffered(IN_FLIGHT)
+                .try_collect()
+                .await?;
+            let mut chunks = Vec::with_capacity(stored.len());
+            for (c, sent) in stored {
+                bytes += c.len;
+                if sent {
+                    uploaded += c.len;
                 }
-                chunks.push(ChunkRecord {
-                    sha256: sha,
-                    len: n,
-                });
-                offset += n;
-                bytes += n;
+                chunks.push(c);
             }
             files.push(FileRecord {
                 name: name.clone(),
@@ -530,6 +516,61 @@ impl Repository {
         let out = serde_json::to_vec_pretty(&record).expect("a record serializes");
         self.put(&Self::shard_rel(backup, shard), out).await?;
         Ok(record)
+    }
+
+    /// Reads `n` bytes of `file` at `offset`, hashes them and stores them unless a blob of
+    /// that hash is there (an earlier backup's, or this one's before a restart). Returns
+    /// the chunk and whether it was sent.
+    async fn store_chunk(
+        &self,
+        file: Arc<fs::File>,
+        name: &str,
+        offset: u64,
+        n: u64,
+    ) -> Result<(ChunkRecord, bool), RepoError> {
+        let (buf, sha) = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; n as usize];
+            file.read_exact_at(&mut buf, offset)?;
+            let sha = sha256_hex(&buf);
+            Ok::<_, std::io::Error>((buf, sha))
+        })
+        .await
+        .expect("a read task does not panic")
+        .map_err(|e| RepoError::Io {
+            path: PathBuf::from(name),
+            source: e,
+        })?;
+        let rel = Self::blob_rel(&sha);
+        let sent = !self.exists(&rel).await?;
+        if sent {
+            self.store
+                .put(&self.key(&rel), PutPayload::from(buf))
+                .await
+                .map_err(|e| self.err(e))?;
+        }
+        Ok((
+            ChunkRecord {
+                sha256: sha,
+                len: n,
+            },
+            sent,
+        ))
+    }
+
+    /// Fetches chunk `c`, checks it and writes it at `at` in `file`.
+    async fn restore_chunk(
+        &self,
+        c: &ChunkRecord,
+        what: String,
+        file: Arc<fs::File>,
+        path: PathBuf,
+        at: u64,
+    ) -> Result<(), RepoError> {
+        let bytes = self.checked_blob(c, &what).await?;
+        tokio::task::spawn_blocking(move || file.write_all_at(&bytes, at))
+            .await
+            .expect("a write task does not panic")
+            .map_err(|e| RepoError::Io { path, source: e })
     }
 
     /// Fetches a blob and checks it hashes to its name and has the length the record
@@ -585,20 +626,30 @@ impl Repository {
             check_file_name(&f.name)?;
             let path = partial.join(&f.name);
             let file = Arc::new(fs::File::create(&path).map_err(io(&path))?);
+            let mut at = Vec::with_capacity(f.chunks.len());
             let mut offset = 0u64;
-            for (n, c) in f.chunks.iter().enumerate() {
-                let what = format!(
-                    "backup {} shard {} file {} chunk {n}",
-                    record.backup, record.shard, f.name
-                );
-                let bytes = self.checked_blob(c, &what).await?;
-                let (h, p) = (file.clone(), path.clone());
-                tokio::task::spawn_blocking(move || h.write_all_at(&bytes, offset))
-                    .await
-                    .expect("a write task does not panic")
-                    .map_err(io(&p))?;
+            for c in &f.chunks {
+                at.push(offset);
                 offset += c.len;
             }
+            // Up to IN_FLIGHT chunks fetched, checked and written at once.
+            let work: Vec<_> = f
+                .chunks
+                .iter()
+                .zip(at)
+                .enumerate()
+                .map(|(n, (c, at))| {
+                    let what = format!(
+                        "backup {} shard {} file {} chunk {n}",
+                        record.backup, record.shard, f.name
+                    );
+                    self.restore_chunk(c, what, file.clone(), path.clone(), at)
+                })
+                .collect();
+            futures::stream::iter(work)
+                .buffer_unordered(IN_FLIGHT)
+                .try_collect::<Vec<()>>()
+                .await?;
             if offset != f.len {
                 return Err(RepoError::Corrupt(format!(
                     "backup {} shard {} file {}: chunks of {offset} bytes, the record names {}",
