@@ -1981,11 +1981,22 @@ async fn top_of(
 /// Restores backup `backup` from `url` into the cluster `admin` reaches, as `name`,
 /// and waits for the operation to end.
 async fn restore(admin: &mut Client, url: &str, backup: &str, name: &str) -> cpb::Operation {
+    restore_rf(admin, url, backup, name, None).await
+}
+
+/// [`restore`] with `rf` replicas a shard (default: the backup's).
+async fn restore_rf(
+    admin: &mut Client,
+    url: &str,
+    backup: &str,
+    name: &str,
+    rf: Option<u32>,
+) -> cpb::Operation {
     let repo = shoal_node::backup::Repository::open(url).unwrap();
     let (c, shards) = repo.records(backup, None).await.unwrap();
     let op = admin
         .restore_collection(cpb::RestoreCollectionRequest {
-            collection: Some(c.create_request(name, None)),
+            collection: Some(c.create_request(name, rf)),
             url: url.into(),
             backup: backup.into(),
             epochs: shards.iter().map(|s| s.epoch.max(1)).collect(),
@@ -2308,12 +2319,32 @@ async fn a_backup_waits_out_a_node_restart_and_a_leader_change() {
     let (_, records) = repo.records("b", None).await.unwrap();
     assert_eq!(records.iter().map(|r| r.live_docs).sum::<u64>(), 300);
     assert!(repo.verify(Some("b")).await.unwrap().problems.is_empty());
-    // Restored into the same cluster under another name: every document there.
-    let restored = restore(&mut admin, &url, "b", "copy").await;
+    // Restored into the same cluster under another name, with two replicas a shard
+    // (the backup's collection had one): each primary restores its shard, and its
+    // backup is filled from it, then serves in sync.
+    let restored = restore_rf(&mut admin, &url, "b", "copy", Some(2)).await;
     assert_eq!(restored.state, "succeeded", "{restored:?}");
     let originals: Vec<String> = (0..300).map(|i| format!("v{i}")).collect();
     let mut ga2 = ga.clone();
     same_documents(&mut ga, &mut ga2, "copy", &originals).await;
+    let t = Instant::now();
+    loop {
+        let (_, per) = live_docs(&[&a, &b], "copy");
+        let serving = a.view.read().shards_of("copy").all(|s| {
+            s.replicas.len() == 2
+                && s.replicas
+                    .iter()
+                    .all(|r| r.state == cpb::ReplicaState::Serving as i32)
+        });
+        if serving && per.len() == 6 && per.iter().map(|p| p.1).sum::<usize>() == 600 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "copies not filled: {per:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     a.shutdown().await;
     b.shutdown().await;
     for c in coords {

@@ -129,6 +129,15 @@ pub async fn run(cmd: BackupCmd) -> anyhow::Result<()> {
                     epochs: shards.iter().map(|s| s.epoch.max(1)).collect(),
                 })
                 .await?;
+            // The collection's run-time policy as it was backed up.
+            if c.auto_rebuild_rows.is_some() {
+                client
+                    .set_collection_policy(cpb::SetCollectionPolicyRequest {
+                        name: name.clone(),
+                        auto_rebuild_rows: c.auto_rebuild_rows,
+                    })
+                    .await?;
+            }
             follow_operation(&mut client, op, &name, wait).await
         }
         BackupCmd::List { url } => {

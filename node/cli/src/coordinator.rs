@@ -665,15 +665,15 @@ pub async fn status(target: Target) -> anyhow::Result<()> {
 }
 
 fn operation_json(o: &cpb::Operation) -> serde_json::Value {
-    let b = o.build.unwrap_or_default();
     let count = |state: &str| o.steps.iter().filter(|s| s.state == state).count();
     serde_json::json!({
         "id": o.id, "kind": o.kind, "collection": o.collection, "state": o.state,
         "reason": o.reason, "started_ms": o.started_ms,
         "backup": o.backup.as_ref().map(|b| serde_json::json!({"url": b.url, "backup": b.backup})),
-        "build": {"nlist": b.nlist, "pq_m": b.pq_m, "pq_nbits": b.pq_nbits,
-                  "train_sample": b.train_sample, "rows_per_shard": b.rows_per_shard,
-                  "rerank": Precision::from_wire(b.rerank).unwrap_or_default().name()},
+        "build": o.build.map(|b| serde_json::json!({"nlist": b.nlist, "pq_m": b.pq_m,
+                  "pq_nbits": b.pq_nbits, "train_sample": b.train_sample,
+                  "rows_per_shard": b.rows_per_shard,
+                  "rerank": Precision::from_wire(b.rerank).unwrap_or_default().name()})),
         "shards": {"total": o.steps.len(), "done": count("done"), "building": count("building"),
                    "queued": count("queued"), "pending": count("pending"), "failed": count("failed")},
         "steps": o.steps.iter().map(|s| serde_json::json!({
