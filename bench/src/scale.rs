@@ -1339,23 +1339,17 @@ impl Phase {
     }
 }
 
-/// `--split`: the collection's shard count doubled online while 2 clients query (nprobe
-/// 16) and one writer ingests new rows; then the rows every primary holds, once the
-/// retains are done, against what was acknowledged.
-async fn split_under_load(
-    a: &ScaleArgs,
-    gen: &Gen,
-    coords: &str,
+/// The load phases' query clients: 2 closed-loop clients (nprobe 16, k 10) until
+/// `stop`, each query counted in the phase (0, 1, 2) it ended in.
+fn query_clients(
     nodes: &[String],
     name: &str,
     queries: &[f32],
-) -> Result<serde_json::Value> {
-    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-    use std::sync::Arc;
-    let dim = a.dimension;
-    // 0 before, 1 during, 2 after; the phase a query ends in counts it.
-    let phase = Arc::new(AtomicU8::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
+    dim: usize,
+    phase: &std::sync::Arc<std::sync::atomic::AtomicU8>,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Result<[Phase; 3]>>> {
+    use std::sync::atomic::Ordering;
     let mut clients = Vec::new();
     for c in 0..2usize {
         let (addr, phase, stop) = (nodes[c % nodes.len()].clone(), phase.clone(), stop.clone());
@@ -1389,6 +1383,42 @@ async fn split_under_load(
             anyhow::Ok(out)
         }));
     }
+    clients
+}
+
+/// The clients' phases merged.
+async fn join_phases(
+    clients: Vec<tokio::task::JoinHandle<Result<[Phase; 3]>>>,
+) -> Result<[Phase; 3]> {
+    let mut phases: [Phase; 3] = Default::default();
+    for cl in clients {
+        for (i, p) in cl.await??.into_iter().enumerate() {
+            phases[i].lat.extend(p.lat);
+            phases[i].partial += p.partial;
+            phases[i].failed += p.failed;
+        }
+    }
+    Ok(phases)
+}
+
+/// `--split`: the collection's shard count doubled online while 2 clients query (nprobe
+/// 16) and one writer ingests new rows; then the rows every primary holds, once the
+/// retains are done, against what was acknowledged.
+async fn split_under_load(
+    a: &ScaleArgs,
+    gen: &Gen,
+    coords: &str,
+    nodes: &[String],
+    name: &str,
+    queries: &[f32],
+) -> Result<serde_json::Value> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+    use std::sync::Arc;
+    let dim = a.dimension;
+    // 0 before, 1 during, 2 after; the phase a query ends in counts it.
+    let phase = Arc::new(AtomicU8::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = query_clients(nodes, name, queries, dim, &phase, &stop);
     // The writer: batches of 64 new rows (ids past the corpus), acknowledged or not.
     let acked = Arc::new(AtomicU64::new(0));
     let write_failed = Arc::new(AtomicU64::new(0));
@@ -1451,37 +1481,13 @@ async fn split_under_load(
             collection: name.into(),
         })
         .await?;
-    let done = loop {
-        let ops = c
-            .list_operations(cpb::ListOperationsRequest {
-                collection: name.into(),
-            })
-            .await?;
-        if let Some(o) = ops
-            .operations
-            .into_iter()
-            .find(|o| o.id == op.id && o.state != "running")
-        {
-            break o;
-        }
-        if t.elapsed() > Duration::from_secs(600) {
-            bail!("the split did not end in 10 minutes");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let done = wait_operation(&mut c, name, op.id).await?;
     let split_s = t.elapsed().as_secs_f64();
     phase.store(2, Ordering::Relaxed);
     tokio::time::sleep(window).await;
     stop.store(true, Ordering::Relaxed);
     writer.await??;
-    let mut phases: [Phase; 3] = Default::default();
-    for cl in clients {
-        for (i, p) in cl.await??.into_iter().enumerate() {
-            phases[i].lat.extend(p.lat);
-            phases[i].partial += p.partial;
-            phases[i].failed += p.failed;
-        }
-    }
+    let phases = join_phases(clients).await?;
     // The retains done: the primaries hold the corpus and the acknowledged rows once.
     let want = a.rows + acked.load(Ordering::Relaxed);
     let t2 = Instant::now();
@@ -1569,39 +1575,7 @@ async fn backup_under_load(
     let dim = a.dimension;
     let phase = Arc::new(AtomicU8::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let mut clients = Vec::new();
-    for c in 0..2usize {
-        let (addr, phase, stop) = (nodes[c % nodes.len()].clone(), phase.clone(), stop.clone());
-        let qs = queries.to_vec();
-        let name = name.to_string();
-        clients.push(tokio::spawn(async move {
-            let ch = shoal_proto::channel(&addr, None)?;
-            let mut g = shoal_proto::auth::shoal_client(ch).max_decoding_message_size(64 << 20);
-            let mut out: [Phase; 3] = Default::default();
-            let nq = qs.len() / dim;
-            let mut q = c;
-            while !stop.load(Ordering::Relaxed) {
-                let t = Instant::now();
-                let r = g
-                    .search(pb::SearchRequest {
-                        collection: name.clone(),
-                        vector: qs[q * dim..(q + 1) * dim].to_vec(),
-                        k: 10,
-                        nprobe: 16,
-                        ..Default::default()
-                    })
-                    .await;
-                let p = &mut out[phase.load(Ordering::Relaxed) as usize];
-                match r {
-                    Ok(r) if r.get_ref().partial => p.partial += 1,
-                    Ok(_) => p.lat.push(t.elapsed().as_secs_f64() * 1e3),
-                    Err(_) => p.failed += 1,
-                }
-                q = (q + 2) % nq;
-            }
-            anyhow::Ok(out)
-        }));
-    }
+    let clients = query_clients(nodes, name, queries, dim, &phase, &stop);
     let repo_dir = work.join("backup-repo");
     let _ = std::fs::remove_dir_all(&repo_dir);
     let url = repo_dir.display().to_string();
@@ -1623,14 +1597,7 @@ async fn backup_under_load(
     phase.store(2, Ordering::Relaxed);
     tokio::time::sleep(window).await;
     stop.store(true, Ordering::Relaxed);
-    let mut phases: [Phase; 3] = Default::default();
-    for cl in clients {
-        for (i, p) in cl.await??.into_iter().enumerate() {
-            phases[i].lat.extend(p.lat);
-            phases[i].partial += p.partial;
-            phases[i].failed += p.failed;
-        }
-    }
+    let phases = join_phases(clients).await?;
     let repo = shoal_node::backup::Repository::open(&url)?;
     let (_, records) = repo.records("bench-1", None).await?;
     let bytes: u64 = records.iter().map(|r| r.bytes).sum();

@@ -375,11 +375,7 @@ impl Coordinator {
     fn decide(&self, cmd: Command) -> Result<Command> {
         Ok(match cmd {
             Command::CreateCollection(spec) => {
-                let disk = self.disk_levels();
-                let st = self.sm.state.lock();
-                st.map.check_new_collection(&spec)?;
-                let placement = placement::initial(&st.map, &spec, &disk)
-                    .map_err(MapError::FailedPrecondition)?;
+                let placement = self.place_new(&spec)?;
                 Command::CreateCollectionPlaced { spec, placement }
             }
             // A restore is placed as a new collection is (issue 20).
@@ -391,11 +387,7 @@ impl Coordinator {
                 backup,
                 started_ms,
             } if placement.is_empty() => {
-                let disk = self.disk_levels();
-                let st = self.sm.state.lock();
-                st.map.check_new_collection(&spec)?;
-                let placement = placement::initial(&st.map, &spec, &disk)
-                    .map_err(MapError::FailedPrecondition)?;
+                let placement = self.place_new(&spec)?;
                 Command::RestoreCollection {
                     spec,
                     placement,
@@ -407,6 +399,14 @@ impl Coordinator {
             }
             other => other,
         })
+    }
+
+    /// A new collection's replicas, placed on the map as it stands (with the disk levels).
+    fn place_new(&self, spec: &crate::map::CollectionSpec) -> Result<Vec<Vec<String>>> {
+        let disk = self.disk_levels();
+        let st = self.sm.state.lock();
+        st.map.check_new_collection(spec)?;
+        Ok(placement::initial(&st.map, spec, &disk).map_err(MapError::FailedPrecondition)?)
     }
 
     /// Nodes whose data volume is over a disk watermark, by their last heartbeat.

@@ -223,6 +223,38 @@ pub struct PruneReport {
     pub deleted_bytes: u64,
 }
 
+/// A pace for a node's backup and restore traffic: each chunk reserves its bytes'
+/// share of a second after the last reservation, and waits for it (reservations, not
+/// a bucket, so an idle spell grants no burst). Shared by every shard on the node.
+#[derive(Debug)]
+pub struct Pace {
+    bytes_per_sec: u64,
+    next: parking_lot::Mutex<tokio::time::Instant>,
+}
+
+impl Pace {
+    /// `bytes_per_sec` 0: no waiting.
+    pub fn new(bytes_per_sec: u64) -> Self {
+        Self {
+            bytes_per_sec,
+            next: parking_lot::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    pub async fn take(&self, bytes: u64) {
+        if self.bytes_per_sec == 0 {
+            return;
+        }
+        let at = {
+            let mut next = self.next.lock();
+            let at = (*next).max(tokio::time::Instant::now());
+            *next = at + Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec as f64);
+            at
+        };
+        tokio::time::sleep_until(at).await;
+    }
+}
+
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -456,6 +488,7 @@ impl Repository {
         backup: &str,
         shard: u32,
         snapshot: SnapshotSource,
+        pace: &Pace,
     ) -> Result<ShardRecord, RepoError> {
         check_id(backup)?;
         let started = std::time::Instant::now();
@@ -477,7 +510,7 @@ impl Repository {
             let work: Vec<_> = (0..*len)
                 .step_by(chunk as usize)
                 .map(|offset| {
-                    self.store_chunk(handle.clone(), name, offset, chunk.min(len - offset))
+                    self.store_chunk(handle.clone(), name, offset, chunk.min(len - offset), pace)
                 })
                 .collect();
             let stored: Vec<(ChunkRecord, bool)> = futures::stream::iter(work)
@@ -527,7 +560,9 @@ impl Repository {
         name: &str,
         offset: u64,
         n: u64,
+        pace: &Pace,
     ) -> Result<(ChunkRecord, bool), RepoError> {
+        pace.take(n).await;
         let (buf, sha) = tokio::task::spawn_blocking(move || {
             let mut buf = vec![0u8; n as usize];
             file.read_exact_at(&mut buf, offset)?;
@@ -565,7 +600,9 @@ impl Repository {
         file: Arc<fs::File>,
         path: PathBuf,
         at: u64,
+        pace: &Pace,
     ) -> Result<(), RepoError> {
+        pace.take(c.len).await;
         let bytes = self.checked_blob(c, &what).await?;
         tokio::task::spawn_blocking(move || file.write_all_at(&bytes, at))
             .await
@@ -601,7 +638,12 @@ impl Repository {
     /// from its checked chunks in `dest.partial`, synced, its manifest installed, then
     /// renamed, so `dest` either holds the whole shard or does not exist. Returns the
     /// bytes written.
-    pub async fn restore_shard(&self, record: &ShardRecord, dest: &Path) -> Result<u64, RepoError> {
+    pub async fn restore_shard(
+        &self,
+        record: &ShardRecord,
+        dest: &Path,
+        pace: &Pace,
+    ) -> Result<u64, RepoError> {
         let io = |p: &Path| {
             let p = p.to_path_buf();
             move |e| RepoError::Io { path: p, source: e }
@@ -643,7 +685,7 @@ impl Repository {
                         "backup {} shard {} file {} chunk {n}",
                         record.backup, record.shard, f.name
                     );
-                    self.restore_chunk(c, what, file.clone(), path.clone(), at)
+                    self.restore_chunk(c, what, file.clone(), path.clone(), at, pace)
                 })
                 .collect();
             futures::stream::iter(work)

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use shoal_engine::{CollectionConfig, Document, Metric, Shard};
-use shoal_node::backup::{RepoError, Repository};
+use shoal_node::backup::{Pace, RepoError, Repository};
 
 fn vector(seed: u64, d: usize) -> Vec<f32> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -73,7 +73,7 @@ async fn exercise(url: &str, scratch: &Path, corrupt: impl Fn(&str)) {
     assert_eq!(repo.init(1 << 20).await.unwrap().chunk_bytes, 4096);
     let s = shard(&scratch.join("src"), 500);
     let first = repo
-        .backup_shard("one", 0, s.snapshot().unwrap())
+        .backup_shard("one", 0, s.snapshot().unwrap(), &Pace::new(0))
         .await
         .unwrap();
     assert_eq!((first.seq, first.live_docs), (s.last().0, 500));
@@ -83,18 +83,20 @@ async fn exercise(url: &str, scratch: &Path, corrupt: impl Fn(&str)) {
     );
     // Restored and opened: the same documents at the same position, the same index.
     let restored = scratch.join("restored");
-    repo.restore_shard(&first, &restored).await.unwrap();
+    repo.restore_shard(&first, &restored, &Pace::new(0))
+        .await
+        .unwrap();
     same(&s, &Shard::open(&restored).unwrap(), 500);
     // Into an existing directory: refused.
     assert!(matches!(
-        repo.restore_shard(&first, &restored).await,
+        repo.restore_shard(&first, &restored, &Pace::new(0)).await,
         Err(RepoError::Invalid(_))
     ));
 
     // The shard grows; a second backup stores the new tail and no more.
     s.upsert(docs(500..520)).unwrap();
     let second = repo
-        .backup_shard("two", 0, s.snapshot().unwrap())
+        .backup_shard("two", 0, s.snapshot().unwrap(), &Pace::new(0))
         .await
         .unwrap();
     let shared_prefix: u64 = first.files.iter().map(|f| f.len / 4096 * 4096).sum();
@@ -106,7 +108,9 @@ async fn exercise(url: &str, scratch: &Path, corrupt: impl Fn(&str)) {
     );
     assert!(second.uploaded_bytes > 0);
     let again = scratch.join("again");
-    repo.restore_shard(&second, &again).await.unwrap();
+    repo.restore_shard(&second, &again, &Pace::new(0))
+        .await
+        .unwrap();
     same(&s, &Shard::open(&again).unwrap(), 520);
 
     // List: both, incomplete (no collection record: only the shard layer ran here).
@@ -129,7 +133,10 @@ async fn exercise(url: &str, scratch: &Path, corrupt: impl Fn(&str)) {
         .clone();
     corrupt(&victim);
     let bad = scratch.join("bad");
-    let e = repo.restore_shard(&second, &bad).await.unwrap_err();
+    let e = repo
+        .restore_shard(&second, &bad, &Pace::new(0))
+        .await
+        .unwrap_err();
     assert!(
         matches!(&e, RepoError::Corrupt(m) if m.contains(&victim) && m.contains("vectors")),
         "{e}"
@@ -257,4 +264,26 @@ async fn a_shard_stored_in_s3_restores_whole_and_a_bad_chunk_is_named() {
         .unwrap_err();
     assert!(e.to_string().contains("s3://no-such-bucket/x"), "{e}");
     drop(moto);
+}
+
+/// A node's pace: chunks wait for their share of a second after the last one's (so a
+/// throttled backup takes at least its bytes over the rate), and 0 never waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pace_spaces_chunks_by_their_bytes() {
+    let pace = Pace::new(4000);
+    let t = Instant::now();
+    for _ in 0..3 {
+        pace.take(1000).await;
+    }
+    assert!(
+        t.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    let free = Pace::new(0);
+    let t = Instant::now();
+    for _ in 0..1000 {
+        free.take(1 << 30).await;
+    }
+    assert!(t.elapsed() < Duration::from_secs(1));
 }

@@ -88,6 +88,10 @@ pub struct NodeArgs {
     /// [default: 33554432].
     #[arg(long, env = "SHOAL_SCRUB_BYTES_PER_SEC")]
     scrub_bytes_per_sec: Option<u64>,
+    /// Bytes a second this node's backups and restores move, all shards together;
+    /// 0 = unthrottled [default: 0].
+    #[arg(long, env = "SHOAL_BACKUP_BYTES_PER_SEC")]
+    backup_bytes_per_sec: Option<u64>,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, env = "SHOAL_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
@@ -159,6 +163,7 @@ impl NodeArgs {
             compact_min_dead_rows,
             build_memory_bytes,
             scrub_bytes_per_sec,
+            backup_bytes_per_sec,
             recent_log_bytes,
             disk_reserve_bytes
         );

@@ -25,7 +25,7 @@ use shoal_proto::coordinator as cpb;
 use super::ids::ReplicaKey;
 use super::mapview::MapView;
 use super::replicas::{self, Registry};
-use crate::backup::{CollectionRecord, Repository, FORMAT};
+use crate::backup::{CollectionRecord, Pace, Repository, FORMAT};
 
 /// A step the map asks of this node.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -128,15 +128,22 @@ struct State {
 pub(super) struct Backups {
     registry: Registry,
     state: Mutex<State>,
+    /// Every backup and restore on this node together (`--backup-bytes-per-sec`).
+    pace: Pace,
     /// Wakes the reconciler: a restored shard is opened at once.
     reconcile: Arc<tokio::sync::Notify>,
 }
 
 impl Backups {
-    pub fn new(registry: Registry, reconcile: Arc<tokio::sync::Notify>) -> Arc<Self> {
+    pub fn new(
+        registry: Registry,
+        reconcile: Arc<tokio::sync::Notify>,
+        bytes_per_sec: u64,
+    ) -> Arc<Self> {
         Arc::new(Self {
             registry,
             state: Mutex::default(),
+            pace: Pace::new(bytes_per_sec),
             reconcile,
         })
     }
@@ -238,7 +245,7 @@ impl Backups {
                 .map_err(|e| e.to_string())?
         };
         let rec = repo
-            .backup_shard(&job.backup, job.key.index, snap)
+            .backup_shard(&job.backup, job.key.index, snap, &self.pace)
             .await
             .map_err(|e| e.to_string())?;
         Ok(Some(format!(
@@ -267,7 +274,7 @@ impl Backups {
             std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
         }
         let bytes = repo
-            .restore_shard(&rec, &dir)
+            .restore_shard(&rec, &dir, &self.pace)
             .await
             .map_err(|e| e.to_string())?;
         replicas::mark_created(&dir).map_err(|e| e.to_string())?;

@@ -69,6 +69,10 @@ pub struct NodeConfig {
     /// Bytes of stored vectors the scrubber checks per second (issue 18: open does
     /// not read them; this finds a damaged one); 0 = off.
     pub scrub_bytes_per_sec: u64,
+    /// Bytes a second this node's backups and restores read and write, all shards
+    /// together (issue 20: a backup hashes and copies every byte, and on a small node
+    /// that takes cores from queries); 0 = as fast as the disk goes.
+    pub backup_bytes_per_sec: u64,
     /// Plaintext grpc.health only (for probes that speak no TLS); None: none.
     pub health_listen: Option<std::net::SocketAddr>,
     /// Prometheus `/metrics` address; None: no endpoint.
@@ -126,6 +130,7 @@ impl Default for NodeConfig {
             compact_min_dead_rows: 100_000,
             build_memory_bytes: 0,
             scrub_bytes_per_sec: 32 << 20,
+            backup_bytes_per_sec: 0,
             metrics_listen: None,
             health_listen: None,
             tls: None,

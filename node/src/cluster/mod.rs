@@ -296,7 +296,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     );
     // The map: whole, then changes; resume from the last version after a reconnect.
     let forks = forks::Forks::new(opened.clone());
-    let backups = backups::Backups::new(registry.clone(), opened.clone());
+    let backups = backups::Backups::new(registry.clone(), opened.clone(), cfg.backup_bytes_per_sec);
     let reconciler = reconcile::Reconciler {
         local: local.clone(),
         forks: forks.clone(),
