@@ -444,6 +444,20 @@ pub enum Command {
     ImportMap {
         map: Box<ClusterMap>,
     },
+    /// Shards whose every copy is lost, restored from a backup into their collection
+    /// (issue 20: an operator accepting the writes after the backup's position, instead
+    /// of `AllocateEmpty`'s all): each on the node named (up, holding no replica of it),
+    /// its primary under a new forced epoch past the backup's, `restoring` until its
+    /// step of the `Restore` operation started here (one step per shard named) is done.
+    RestoreShards {
+        collection: String,
+        collection_id: u64,
+        /// shard -> (node, the backup's newest epoch of that shard)
+        shards: BTreeMap<u32, (NodeId, u64)>,
+        url: String,
+        backup: String,
+        started_ms: u64,
+    },
 }
 
 /// How far an imported map's version jumps past the exported one's: past any version a
@@ -842,6 +856,16 @@ impl ClusterMap {
                 operation,
                 replicas,
             } => self.cut_over_split(*operation, replicas)?,
+            Command::RestoreShards {
+                collection,
+                collection_id,
+                shards,
+                url,
+                backup,
+                started_ms,
+            } => {
+                self.restore_shards(collection, *collection_id, shards, url, backup, *started_ms)?
+            }
             Command::ImportMap { map } => {
                 if !self.nodes.is_empty() || !self.collections.is_empty() {
                     return Err(MapError::FailedPrecondition(format!(
@@ -1251,6 +1275,101 @@ impl ClusterMap {
         };
         self.nodes.insert(id.to_string(), node.clone());
         changes.insert(0, Change::NodePut(node));
+        Ok(changes)
+    }
+
+    fn restore_shards(
+        &mut self,
+        collection: &str,
+        collection_id: u64,
+        shards: &BTreeMap<u32, (NodeId, u64)>,
+        url: &str,
+        backup: &str,
+        started_ms: u64,
+    ) -> Result<Vec<Change>> {
+        self.incarnation(collection, collection_id)?;
+        crate::operations::check_target(url, backup).map_err(invalid)?;
+        if shards.is_empty() {
+            return Err(invalid("a shard restore names at least one shard"));
+        }
+        if let Some(o) = self
+            .operations
+            .values()
+            .find(|o| o.running() && o.collection == collection)
+        {
+            return Err(MapError::FailedPrecondition(format!(
+                "operation {} ({}) is running on {collection}: wait for it or cancel it",
+                o.id,
+                o.kind.name()
+            )));
+        }
+        for (&index, (node, epoch)) in shards {
+            let key = ShardKey {
+                collection: collection.to_string(),
+                index,
+            };
+            let s = self
+                .shards
+                .get(&key)
+                .ok_or_else(|| MapError::NotFound(format!("shard {key} not found")))?;
+            if *epoch == 0 {
+                return Err(invalid(format!("shard {key}: the backup names epoch 0")));
+            }
+            if !self
+                .nodes
+                .get(node)
+                .is_some_and(|n| n.state.accepts_replicas())
+            {
+                return Err(MapError::FailedPrecondition(format!(
+                    "node {node:?} is not up and cannot take shard {key}"
+                )));
+            }
+            if s.holds(node) {
+                return Err(MapError::FailedPrecondition(format!(
+                    "node {node:?} holds a replica of shard {key}: restore onto another"
+                )));
+            }
+            if let Some(r) = s.replicas.iter().find(|r| {
+                r.state == ReplicaState::Serving
+                    && self.nodes.get(&r.node).is_some_and(|n| n.state.is_live())
+            }) {
+                return Err(MapError::FailedPrecondition(format!(
+                    "shard {key} has a serving replica on live node {:?}: it is not lost",
+                    r.node
+                )));
+            }
+        }
+        let op = self.next_operation_id + 1;
+        let mut changes = Vec::new();
+        for (&index, (node, epoch)) in shards {
+            let key = ShardKey {
+                collection: collection.to_string(),
+                index,
+            };
+            let s = self.shards.get_mut(&key).expect("checked above");
+            s.replicas.push(Replica {
+                node: node.clone(),
+                state: ReplicaState::Serving,
+            });
+            s.primary = Some(node.clone());
+            s.epoch = s.epoch.max(*epoch) + 1;
+            s.forced_epoch = s.epoch;
+            s.restoring = Some(op);
+            changes.push(Change::ShardPut(s.clone()));
+        }
+        // A step for each shard named only.
+        self.insert_operation(
+            &OperationKind::Restore {
+                url: url.to_string(),
+                backup: backup.to_string(),
+            },
+            collection,
+            collection_id,
+            started_ms,
+        );
+        let o = self.operations.get_mut(&op).expect("just inserted");
+        o.steps.retain(|i, _| shards.contains_key(i));
+        changes.push(Change::OperationPut(o.clone()));
         Ok(changes)
     }
 
@@ -2178,6 +2297,52 @@ pub(crate) mod tests {
         .unwrap();
         assert_eq!(m.shards[&shards[1].key].restoring, None);
         assert_eq!(m.shards[&shards[1].key].epoch, 8);
+    }
+
+    /// Lost shards restored into their collection: only where no serving copy is on a
+    /// live node, onto an up node holding none of it, under a forced epoch past the
+    /// backup's; the operation has a step for those shards only.
+    #[test]
+    fn lost_shards_are_restored_only_where_every_copy_is_gone() {
+        let mut m = map_with_nodes(3);
+        m.apply(&placed(&m, spec("c", 3, 1))).unwrap();
+        let id = m.collections["c"].id;
+        let key = |i| ShardKey {
+            collection: "c".into(),
+            index: i,
+        };
+        let holder = m.shards[&key(1)].primary.clone().unwrap();
+        let other = m.nodes.keys().find(|n| **n != holder).unwrap().clone();
+        let cmd = |node: &str, epoch| Command::RestoreShards {
+            collection: "c".into(),
+            collection_id: id,
+            shards: [(1, (node.to_string(), epoch))].into(),
+            url: "/r".into(),
+            backup: "b".into(),
+            started_ms: 0,
+        };
+        // Its copy is on a live node: not lost.
+        let err = m.apply(&cmd(&other, 5)).unwrap_err();
+        assert!(err.to_string().contains("not lost"), "{err}");
+        m.apply(&Command::SetNodeState {
+            id: holder.clone(),
+            state: NodeState::Down,
+            from: vec![],
+        })
+        .unwrap();
+        // Not onto a node holding it, nor with epoch 0.
+        let before = m.clone();
+        assert!(m.apply(&cmd(&holder, 5)).is_err());
+        assert!(m.apply(&cmd(&other, 0)).is_err());
+        assert_eq!(m, before);
+        m.apply(&cmd(&other, 5)).unwrap();
+        let s = &m.shards[&key(1)];
+        let op = m.operations.values().last().unwrap();
+        assert_eq!(s.primary.as_deref(), Some(other.as_str()));
+        assert_eq!((s.epoch, s.forced_epoch, s.restoring), (6, 6, Some(op.id)));
+        assert_eq!(op.steps.keys().copied().collect::<Vec<_>>(), vec![1]);
+        // The old copy stays listed: if its node comes back, the forced epoch rules.
+        assert!(s.holds(&holder));
     }
 
     /// A map is imported only into a fresh group, which becomes that cluster at a

@@ -1,7 +1,7 @@
 //! gRPC services: the public Admin and ClusterMap services, and the internal Raft
 //! service (peer traffic, forwarded writes, read-index), with proto conversions.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -1016,6 +1016,101 @@ impl cpb::admin_server::Admin for AdminService {
                 Ok(Response::new(operation_pb(op, &map, Some(&reports))))
             },
         )
+        .await
+    }
+
+    async fn restore_shards(
+        &self,
+        req: Request<cpb::RestoreShardsRequest>,
+    ) -> Result<Response<cpb::Operation>, Status> {
+        let target = req.get_ref().collection.clone();
+        self.admin(req, "RestoreShards", target, true, move |req| async move {
+            let req = req.into_inner();
+            check_name(&self.0, &req.collection, "the collection name")?;
+            crate::operations::check_target(&req.url, &req.backup)
+                .map_err(Status::invalid_argument)?;
+            if !req.accept_data_loss {
+                return Err(Status::failed_precondition(
+                    "restoring a shard gives up every write after the backup's position: \
+                     set accept_data_loss",
+                ));
+            }
+            if req.shards.is_empty() || req.shards.len() != req.epochs.len() {
+                return Err(Status::invalid_argument(format!(
+                    "{} shards and {} epochs: one epoch per shard, at least one shard",
+                    req.shards.len(),
+                    req.epochs.len()
+                )));
+            }
+            let map = self.0.read().await?;
+            let c = map.collections.get(&req.collection).ok_or_else(|| {
+                Status::not_found(format!("collection {:?} not found", req.collection))
+            })?;
+            if req.shards.iter().any(|&i| i >= c.spec.shard_count) {
+                return Err(Status::invalid_argument(format!(
+                    "collection {:?} has {} shards",
+                    req.collection, c.spec.shard_count
+                )));
+            }
+            // Each shard onto the up node holding fewest replicas that holds none of it
+            // (the map checks the choice again when it applies the command).
+            let mut load: BTreeMap<&str, usize> = map
+                .nodes
+                .values()
+                .filter(|n| n.state == crate::map::NodeState::Up)
+                .map(|n| (n.id.as_str(), 0))
+                .collect();
+            for s in map.shards.values() {
+                for r in &s.replicas {
+                    if let Some(l) = load.get_mut(r.node.as_str()) {
+                        *l += 1;
+                    }
+                }
+            }
+            let mut shards = BTreeMap::new();
+            for (&i, &epoch) in req.shards.iter().zip(&req.epochs) {
+                let key = ShardKey {
+                    collection: req.collection.clone(),
+                    index: i,
+                };
+                let s = map
+                    .shards
+                    .get(&key)
+                    .ok_or_else(|| Status::not_found(format!("shard {key} not found")))?;
+                let node = load
+                    .iter()
+                    .filter(|(n, _)| !s.holds(n))
+                    .min_by_key(|(n, l)| (**l, **n))
+                    .map(|(n, _)| n.to_string())
+                    .ok_or_else(|| {
+                        Status::failed_precondition(format!(
+                            "no up node without a replica of shard {key} to restore it onto"
+                        ))
+                    })?;
+                *load.get_mut(node.as_str()).expect("listed") += 1;
+                shards.insert(i, (node, epoch));
+            }
+            let cmd = Command::RestoreShards {
+                collection: req.collection.clone(),
+                collection_id: c.id,
+                shards,
+                url: req.url,
+                backup: req.backup,
+                started_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+            };
+            drop(map);
+            let v = self.0.write(cmd).await?;
+            let map = self.0.read().await?;
+            let op = map
+                .operations
+                .values()
+                .find(|o| o.started_version == v)
+                .ok_or_else(|| Status::internal("the restore is not in the map"))?;
+            let reports = self.0.reports.lock();
+            Ok(Response::new(operation_pb(op, &map, Some(&reports))))
+        })
         .await
     }
 

@@ -50,6 +50,10 @@ pub struct RepositorySettings {
     pub chunk_bytes: u64,
 }
 
+/// The file a restored shard's directory holds naming the restore that wrote it (the
+/// node's `cluster/backups.rs` writes the operation's id).
+pub const RESTORED_MARKER: &str = "restored-by";
+
 /// The repository records' format; a record of another is refused by name.
 pub const FORMAT: u32 = 1;
 
@@ -638,11 +642,14 @@ impl Repository {
     /// from its checked chunks in `dest.partial`, synced, its manifest installed, then
     /// renamed, so `dest` either holds the whole shard or does not exist. Returns the
     /// bytes written.
+    /// `marker`, when not empty, is written into the directory as [`RESTORED_MARKER`]
+    /// before it is renamed into place: what says which restore made it.
     pub async fn restore_shard(
         &self,
         record: &ShardRecord,
         dest: &Path,
         pace: &Pace,
+        marker: &[u8],
     ) -> Result<u64, RepoError> {
         let io = |p: &Path| {
             let p = p.to_path_buf();
@@ -703,6 +710,13 @@ impl Repository {
         }
         let manifest = serde_json::to_vec(&record.manifest).expect("JSON serializes");
         Shard::install_manifest(&partial, &manifest)?;
+        if !marker.is_empty() {
+            let m = partial.join(RESTORED_MARKER);
+            fs::write(&m, marker).map_err(io(&m))?;
+            fs::File::open(&m)
+                .and_then(|f| f.sync_all())
+                .map_err(io(&m))?;
+        }
         shoal_engine::sync_dir(&partial)?;
         fs::rename(&partial, dest).map_err(io(dest))?;
         shoal_engine::sync_dir(&parent)?;

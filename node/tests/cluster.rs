@@ -2476,3 +2476,124 @@ async fn a_coordinator_group_rebuilt_from_its_map_backup_takes_its_nodes_back() 
         c.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shard_whose_every_copy_is_lost_is_restored_into_its_collection() {
+    let mut f = Fixture::start(false).await;
+    f.ingest_vectors(300).await;
+    let repo_dir = tempfile::tempdir().unwrap();
+    let url = repo_url(&repo_dir);
+    let op = f
+        .admin
+        .start_backup(cpb::StartBackupRequest {
+            collection: "vecs".into(),
+            url: url.clone(),
+            backup: "b".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        finished_operation(&mut f.admin, op.id, "the backup")
+            .await
+            .state,
+        "succeeded"
+    );
+    // Writes after the backup.
+    let late: Vec<String> = (0..60).map(|i| format!("late{i}")).collect();
+    f.ga.ingest(pb::IngestRequest {
+        collection: "vecs".into(),
+        documents: late
+            .iter()
+            .enumerate()
+            .map(|(i, id)| pb::Document {
+                id: id.clone(),
+                vector: vector(50_000 + i as u64, 16),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let Fixture {
+        _dir,
+        coords,
+        a,
+        b,
+        mut admin,
+        mut ga,
+        ..
+    } = f;
+    // Node b and its volume are gone: the shards it held (RF 1) have no copy left.
+    let lost: Vec<u32> = a
+        .view
+        .read()
+        .shards_of("vecs")
+        .filter(|s| s.primary == "b")
+        .map(|s| s.index)
+        .collect();
+    assert!(!lost.is_empty());
+    b.shutdown().await;
+    let t = Instant::now();
+    while admin
+        .list_nodes(cpb::ListNodesRequest {})
+        .await
+        .unwrap()
+        .nodes
+        .iter()
+        .any(|n| n.id == "b" && n.state == cpb::NodeState::Up as i32)
+    {
+        assert!(t.elapsed() < Duration::from_secs(30), "b still up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let repo = shoal_node::backup::Repository::open(&url).unwrap();
+    let (_, records) = repo.records("b", Some(&lost)).await.unwrap();
+    let request = |accept_data_loss| cpb::RestoreShardsRequest {
+        collection: "vecs".into(),
+        shards: lost.clone(),
+        epochs: records.iter().map(|r| r.epoch).collect(),
+        url: url.clone(),
+        backup: "b".into(),
+        accept_data_loss,
+    };
+    // Only on the operator's word that the later writes are given up.
+    let e = admin.restore_shards(request(false)).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    let op = admin.restore_shards(request(true)).await.unwrap();
+    assert_eq!(op.steps.len(), lost.len(), "{op:?}");
+    let done = finished_operation(&mut admin, op.id, "the shard restore").await;
+    assert_eq!(done.state, "succeeded", "{done:?}");
+    // Complete answers again; every document of the backup there, and the later writes
+    // on the surviving shard; those on the lost shards gone (the loss accepted).
+    let t = Instant::now();
+    while exact_top(&mut ga, 3).await.is_none() {
+        assert!(t.elapsed() < Duration::from_secs(20), "still partial");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let originals: Vec<String> = (0..300).map(|i| format!("v{i}")).collect();
+    let (kept, given_up): (Vec<String>, Vec<String>) = late
+        .into_iter()
+        .partition(|id| !lost.contains(&shoal_proto::routing::shard_of(id, 3)));
+    assert!(!given_up.is_empty());
+    let live: Vec<String> = originals.into_iter().chain(kept).collect();
+    check_writes(&mut ga, &live, &given_up).await;
+    // Its new primary takes writes.
+    ga.ingest(pb::IngestRequest {
+        collection: "vecs".into(),
+        documents: given_up
+            .iter()
+            .map(|id| pb::Document {
+                id: id.clone(),
+                vector: vector(7, 16),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    a.shutdown().await;
+    for c in coords {
+        c.shutdown().await;
+    }
+}

@@ -959,6 +959,30 @@ fn every_rpc_survives_hostile_messages() {
             }
         },
     );
+    // Never the test's own collection: a hostile name, or shards out of range.
+    f.rpc(
+        "Admin/RestoreShards",
+        (
+            hostile_string(),
+            hostile_u32(),
+            hostile_u64(),
+            any::<bool>(),
+        ),
+        |(collection, shard, epoch, accept_data_loss)| {
+            let mut s = AdminClient::new(admin.clone());
+            async move {
+                s.restore_shards(req(cpb::RestoreShardsRequest {
+                    collection,
+                    shards: vec![shard],
+                    epochs: vec![epoch],
+                    url: "/nonexistent/shoal-fuzz-repository".into(),
+                    backup: "b".into(),
+                    accept_data_loss,
+                }))
+                .await
+            }
+        },
+    );
     f.rpc(
         "Admin/ImportMap",
         (prop::collection::vec(any::<u8>(), 0..64), hostile_u32()),

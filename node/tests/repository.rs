@@ -83,13 +83,14 @@ async fn exercise(url: &str, scratch: &Path, corrupt: impl Fn(&str)) {
     );
     // Restored and opened: the same documents at the same position, the same index.
     let restored = scratch.join("restored");
-    repo.restore_shard(&first, &restored, &Pace::new(0))
+    repo.restore_shard(&first, &restored, &Pace::new(0), b"")
         .await
         .unwrap();
     same(&s, &Shard::open(&restored).unwrap(), 500);
     // Into an existing directory: refused.
     assert!(matches!(
-        repo.restore_shard(&first, &restored, &Pace::new(0)).await,
+        repo.restore_shard(&first, &restored, &Pace::new(0), b"")
+            .await,
         Err(RepoError::Invalid(_))
     ));
 
@@ -108,7 +109,7 @@ async fn exercise(url: &str, scratch: &Path, corrupt: impl Fn(&str)) {
     );
     assert!(second.uploaded_bytes > 0);
     let again = scratch.join("again");
-    repo.restore_shard(&second, &again, &Pace::new(0))
+    repo.restore_shard(&second, &again, &Pace::new(0), b"")
         .await
         .unwrap();
     same(&s, &Shard::open(&again).unwrap(), 520);
@@ -134,7 +135,7 @@ async fn exercise(url: &str, scratch: &Path, corrupt: impl Fn(&str)) {
     corrupt(&victim);
     let bad = scratch.join("bad");
     let e = repo
-        .restore_shard(&second, &bad, &Pace::new(0))
+        .restore_shard(&second, &bad, &Pace::new(0), b"")
         .await
         .unwrap_err();
     assert!(

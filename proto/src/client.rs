@@ -200,6 +200,7 @@ impl Client {
         admin::start_split(cpb::StartSplitRequest) -> cpb::Operation;
         admin::start_backup(cpb::StartBackupRequest) -> cpb::Operation;
         admin::restore_collection(cpb::RestoreCollectionRequest) -> cpb::Operation;
+        admin::restore_shards(cpb::RestoreShardsRequest) -> cpb::Operation;
         admin::export_map(cpb::ExportMapRequest) -> cpb::ExportMapResponse;
         admin::import_map(cpb::ImportMapRequest) -> cpb::ExportMapResponse;
         admin::list_operations(cpb::ListOperationsRequest) -> cpb::ListOperationsResponse;

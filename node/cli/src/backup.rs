@@ -38,6 +38,9 @@ pub enum BackupCmd {
     /// Creates collection NAME from a backup (the newest complete one unless
     /// `--backup`), in this cluster or another: same spec, each shard's documents,
     /// vectors and index generation as stored, every chunk checked against its hash.
+    /// With `--shards`, NAME is an existing collection whose named shards lost every
+    /// copy: they are restored into it from the backup (`--accept-data-loss`: the
+    /// writes after the backup's position are given up), each onto an up node.
     Restore {
         #[command(flatten)]
         target: Target,
@@ -49,6 +52,11 @@ pub enum BackupCmd {
         /// Replicas per shard in the new collection (default: the backup's).
         #[arg(long)]
         replication_factor: Option<u32>,
+        /// Shards to restore into the existing collection NAME, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        shards: Vec<u32>,
+        #[arg(long)]
+        accept_data_loss: bool,
         #[arg(long)]
         wait: bool,
     },
@@ -104,6 +112,8 @@ pub async fn run(cmd: BackupCmd) -> anyhow::Result<()> {
             name,
             backup,
             replication_factor,
+            shards: only,
+            accept_data_loss,
             wait,
         } => {
             let repo = Repository::open(&url)?;
@@ -118,6 +128,39 @@ pub async fn run(cmd: BackupCmd) -> anyhow::Result<()> {
                     .map(|b| b.backup)
                     .ok_or_else(|| anyhow::anyhow!("{url} holds no complete backup"))?,
             };
+            if !only.is_empty() {
+                let (c, shards) = repo.records(&backup, Some(&only)).await?;
+                let mut client = Client::new(target.coordinators);
+                // The backup must be of a collection laid out as this one.
+                let info = client
+                    .describe_collection(cpb::DescribeCollectionRequest { name: name.clone() })
+                    .await?;
+                let have = info.collection.unwrap_or_default();
+                if (have.dimension, have.metric, have.shard_count)
+                    != (c.dimension, c.metric, c.shard_count)
+                {
+                    anyhow::bail!(
+                        "backup {backup} is of {} ({} dimensions, {} shards); {name} has {} \
+                         dimensions and {} shards",
+                        c.collection,
+                        c.dimension,
+                        c.shard_count,
+                        have.dimension,
+                        have.shard_count
+                    );
+                }
+                let op = client
+                    .restore_shards(cpb::RestoreShardsRequest {
+                        collection: name.clone(),
+                        shards: only,
+                        epochs: shards.iter().map(|s| s.epoch.max(1)).collect(),
+                        url,
+                        backup,
+                        accept_data_loss,
+                    })
+                    .await?;
+                return follow_operation(&mut client, op, &name, wait).await;
+            }
             // Every shard's record must be there and readable before anything is created.
             let (c, shards) = repo.records(&backup, None).await?;
             let mut client = Client::new(target.coordinators);

@@ -25,7 +25,7 @@ use shoal_proto::coordinator as cpb;
 use super::ids::ReplicaKey;
 use super::mapview::MapView;
 use super::replicas::{self, Registry};
-use crate::backup::{CollectionRecord, Pace, Repository, FORMAT};
+use crate::backup::{CollectionRecord, Pace, Repository, FORMAT, RESTORED_MARKER};
 
 /// A step the map asks of this node.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,6 +78,11 @@ pub fn jobs_due(view: &MapView, me: &str) -> Vec<Job> {
         }
     }
     out
+}
+
+/// Whether `dir` holds a shard restore operation `op` wrote (its marker names it).
+pub fn restored_by(dir: &std::path::Path, op: u64) -> bool {
+    std::fs::read(dir.join(RESTORED_MARKER)).is_ok_and(|m| m == op.to_string().as_bytes())
 }
 
 /// The collection record a backup stores, from the map's collection.
@@ -255,7 +260,7 @@ impl Backups {
     }
 
     async fn restore(&self, job: &Job, dir: PathBuf) -> Result<Option<String>, String> {
-        if dir.exists() {
+        if restored_by(&dir, job.op) {
             // Restored before (this process, or one before a restart): opened by the
             // reconciler; done once it is hosted.
             self.reconcile.notify_one();
@@ -264,6 +269,15 @@ impl Backups {
                 .read()
                 .contains_key(&job.key)
                 .then(|| "shard restored and open".to_string()));
+        }
+        if dir.exists() {
+            // Files this restore did not write (a replica this node held once and kept):
+            // the operator's restore replaces them; they go to the trash, not away.
+            if self.registry.read().contains_key(&job.key) {
+                return Ok(None); // the reconciler closes it first
+            }
+            let to = replicas::move_to_trash(&dir).map_err(|e| e.to_string())?;
+            tracing::warn!(replica = %job.key, trash = %to.display(), "a restore replaces files kept here: moved to the trash");
         }
         let repo = Repository::open(&job.url).map_err(|e| e.to_string())?;
         let rec = repo
@@ -274,7 +288,7 @@ impl Backups {
             std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
         }
         let bytes = repo
-            .restore_shard(&rec, &dir, &self.pace)
+            .restore_shard(&rec, &dir, &self.pace, job.op.to_string().as_bytes())
             .await
             .map_err(|e| e.to_string())?;
         replicas::mark_created(&dir).map_err(|e| e.to_string())?;

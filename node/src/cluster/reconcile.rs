@@ -158,7 +158,10 @@ impl Reconciler {
             let dir = self.replica_dir(&key);
             // A shard restored from a backup (issue 20) is opened once its directory
             // is written (`backups.rs`), never created empty before.
-            if s.restoring != 0 && s.primary == self.node_id && !dir.exists() {
+            if s.restoring != 0
+                && s.primary == self.node_id
+                && !super::backups::restored_by(&dir, s.restoring)
+            {
                 continue;
             }
             // A hosted replica keeps its replication; a new one gets its own, which
