@@ -903,22 +903,17 @@ impl ClusterMap {
                     )));
                 }
                 let mut changes = self.create_collection(spec, placement.clone())?;
+                let id = self.collections[&spec.name].id;
+                let op = self.next_operation_id + 1;
                 for c in &mut changes {
                     if let Change::ShardPut(s) = c {
                         s.epoch = epochs[s.key.index as usize];
+                        s.restoring = Some(op);
                         for r in &mut s.replicas {
                             if Some(&r.node) != s.primary.as_ref() {
                                 r.state = ReplicaState::Copying;
                             }
                         }
-                        self.shards.insert(s.key.clone(), s.clone());
-                    }
-                }
-                let id = self.collections[&spec.name].id;
-                let op = self.next_operation_id + 1;
-                for c in &mut changes {
-                    if let Change::ShardPut(s) = c {
-                        s.restoring = Some(op);
                         self.shards.insert(s.key.clone(), s.clone());
                     }
                 }

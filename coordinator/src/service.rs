@@ -427,6 +427,11 @@ impl AdminService {
             },
         };
         let v = self.0.write(cmd).await?;
+        self.started(v).await
+    }
+
+    /// The operation the command applied at map version `v` started.
+    async fn started(&self, v: u64) -> Result<cpb::Operation, Status> {
         let map = self.0.read().await?;
         let op = map
             .operations
@@ -1006,14 +1011,7 @@ impl cpb::admin_server::Admin for AdminService {
                         started_ms,
                     })
                     .await?;
-                let map = self.0.read().await?;
-                let op = map
-                    .operations
-                    .values()
-                    .find(|o| o.started_version == v)
-                    .ok_or_else(|| Status::internal("the restore is not in the map"))?;
-                let reports = self.0.reports.lock();
-                Ok(Response::new(operation_pb(op, &map, Some(&reports))))
+                Ok(Response::new(self.started(v).await?))
             },
         )
         .await
@@ -1102,14 +1100,7 @@ impl cpb::admin_server::Admin for AdminService {
             };
             drop(map);
             let v = self.0.write(cmd).await?;
-            let map = self.0.read().await?;
-            let op = map
-                .operations
-                .values()
-                .find(|o| o.started_version == v)
-                .ok_or_else(|| Status::internal("the restore is not in the map"))?;
-            let reports = self.0.reports.lock();
-            Ok(Response::new(operation_pb(op, &map, Some(&reports))))
+            Ok(Response::new(self.started(v).await?))
         })
         .await
     }
