@@ -383,7 +383,7 @@ impl Shard {
         let dir = &self.inner.dir;
         // A generation built before this compaction keeps its labels; the row map
         // carries them to the new numbers.
-        let remap = match &w.manifest.serving {
+        let remap = match w.manifest.generations().next() {
             Some(_) => {
                 let bytes = rw.map.to_bytes();
                 let file = remap_file(point.seq);
@@ -422,9 +422,17 @@ impl Shard {
         w.vectors = vectors;
         w.manifest.layout = point.seq;
         w.manifest.compacting = next;
-        if let (Some(g), Some(r)) = (w.manifest.serving.as_mut(), remap) {
-            g.covered_rows = map.map_end(g.covered_rows);
-            g.remaps.push(r);
+        // Every generation held (a rebuild's staged and kept ones too, issue 21)
+        // shares the row map.
+        if let Some(r) = remap {
+            let m = &mut w.manifest;
+            for g in [&mut m.serving, &mut m.staged, &mut m.previous]
+                .into_iter()
+                .flatten()
+            {
+                g.covered_rows = map.map_end(g.covered_rows);
+                g.remaps.push(r.clone());
+            }
         }
         if let Err(e) = checkpoint(dir, &mut w) {
             self.poison(&e);
@@ -436,8 +444,12 @@ impl Shard {
             st.vectors = w.vectors.view();
             st.docs = docs_reader;
             st.layout = point.seq;
-            if let Some(g) = st.serving.take() {
-                st.serving = Some(Arc::new(g.remapped(Arc::new(map))));
+            let map = Arc::new(map);
+            let st = &mut *st;
+            for held in [&mut st.serving, &mut st.staged, &mut st.previous] {
+                if let Some(g) = held.take() {
+                    *held = Some(Arc::new(g.remapped(map.clone())));
+                }
             }
         }
         drop(w);

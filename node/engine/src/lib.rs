@@ -11,6 +11,7 @@ mod ann;
 mod compact;
 mod config;
 mod error;
+mod generations;
 mod manifest;
 mod metadata;
 mod record;
@@ -21,6 +22,7 @@ mod storage;
 mod topk;
 mod wal;
 
+pub use generations::{gate_settled, GateConfig, GateReport, RECENT_QUERIES};
 pub use compact::CompactionReport;
 use compact::RowMap;
 use manifest::{segment_files, CompactionPoint};
@@ -225,6 +227,8 @@ pub struct GenerationInfo {
     pub build_seconds: f64,
     /// What re-ranking reads for its candidates (`rerank.rs`).
     pub rerank: Precision,
+    /// The cluster operation that built it (0: none; issue 21).
+    pub tag: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -235,6 +239,10 @@ pub struct ShardStats {
     pub serving: Option<GenerationInfo>,
     pub fresh_rows: u64,
     pub building: Option<u64>,
+    /// A rebuild's generation built beside the serving one, and the one a switch
+    /// replaced, kept until the rebuild is committed (issue 21).
+    pub staged: Option<GenerationInfo>,
+    pub previous: Option<GenerationInfo>,
 }
 
 /// The serving index of one generation; rows `>= covered_rows` are the fresh tail.
@@ -273,6 +281,10 @@ struct State {
     /// The manifest's `layout`: a compaction's swap changes every row number at once.
     layout: u64,
     serving: Option<Arc<Generation>>,
+    /// A rebuild's generation not yet switched to, and the one its switch replaced
+    /// (issue 21, `generations.rs`): the manifest's `staged` and `previous`, loaded.
+    staged: Option<Arc<Generation>>,
+    previous: Option<Arc<Generation>>,
 }
 
 struct Writer {
@@ -366,6 +378,8 @@ struct Inner {
     failure: Mutex<Option<String>>,
     /// The batches the log replayed at open, until replication takes them.
     replayed: Mutex<Vec<Arc<WalBatch>>>,
+    /// The newest query vectors searched here (issue 21: a rebuild's gate replays them).
+    recent: Mutex<std::collections::VecDeque<Vec<f32>>>,
 }
 
 impl Drop for Inner {
@@ -446,6 +460,8 @@ impl Shard {
             docs: docs.reader()?,
             layout: manifest.layout,
             serving: None,
+            staged: None,
+            previous: None,
         };
         load_segment(&docs.path, &vectors, &mut state)?;
         if state.rows.len() != manifest.rows {
@@ -487,6 +503,9 @@ impl Shard {
         if let Some(meta) = writer.manifest.serving.clone() {
             state.serving = Some(Arc::new(load_generation(dir, &meta)?));
         }
+        // A rebuild's staged or kept generation that does not load is dropped, not the
+        // replica: the serving one is what answers (issue 21).
+        generations::load_kept(dir, &mut writer.manifest, &mut state);
         // Marked corrupt by the scrubber: every vector checked before it serves again
         // (a repaired file lifts the mark; a damaged one keeps the replica closed).
         let marker = dir.join(CORRUPT_MARKER);
@@ -540,6 +559,7 @@ impl Shard {
                 poisoned: AtomicBool::new(false),
                 failure: Mutex::new(None),
                 replayed: Mutex::new(replayed),
+                recent: Mutex::default(),
             }),
         };
         // A compaction logged before a crash or carried by a snapshot goes on.
@@ -786,7 +806,11 @@ impl Shard {
         let mut w = self.inner.writer.lock();
         self.check_writable()?;
         checkpoint(&self.inner.dir, &mut w)?;
-        let m = w.manifest.clone();
+        let mut m = w.manifest.clone();
+        // A copy takes the serving generation only: a rebuild's staged and kept ones
+        // are this replica's (issue 21).
+        m.staged = None;
+        m.previous = None;
         let files = snapshot_files(&m)
             .into_iter()
             .map(|(name, len)| {
@@ -1019,6 +1043,9 @@ impl Shard {
                 p.k * refine
             )));
         }
+        if p.mode != SearchMode::Exact {
+            self.remember_query(query);
+        }
         loop {
             let (serving, layout) = {
                 let st = self.inner.state.read();
@@ -1141,6 +1168,8 @@ impl Shard {
             fresh_rows: rows - serving.as_ref().map_or(0, |g| g.covered_rows),
             serving,
             building,
+            staged: st.staged.as_ref().map(|g| g.info.clone()),
+            previous: st.previous.as_ref().map(|g| g.info.clone()),
         }
     }
 
@@ -1150,7 +1179,12 @@ impl Shard {
     /// to the new index before the swap or searched exactly as its fresh tail.
     pub fn rebuild(&self, params: Option<IvfPqParams>) -> Result<GenerationInfo> {
         let (chosen, sample) = self.build_params();
-        let params = params.unwrap_or(chosen);
+        self.build(params.unwrap_or(chosen), sample, None)
+    }
+
+    /// Builds a generation with `params` and swaps it in (`tag` None) or stages it
+    /// beside the serving one for the cluster operation `tag` (issue 21).
+    fn build(&self, params: IvfPqParams, sample: usize, tag: Option<u64>) -> Result<GenerationInfo> {
         params.validate(self.inner.config.dimension)?;
         let gen_id = {
             let mut b = self.inner.building.lock();
@@ -1163,7 +1197,7 @@ impl Shard {
             *b = Some(Work::Build(id));
             id
         };
-        let result = self.build_generation(gen_id, params, sample);
+        let result = self.build_generation(gen_id, params, sample, tag);
         *self.inner.building.lock() = None;
         // A compaction logged during the build waited for it.
         self.maybe_compact();
@@ -1238,8 +1272,14 @@ impl Shard {
         if tail == 0 || self.inner.building.lock().is_some() {
             return;
         }
+
         let (fresh, live) = {
             let st = self.inner.state.read();
+            // A rebuild in progress (a staged or kept generation) holds them: its
+            // operation decides what serves (issue 21).
+            if st.staged.is_some() || st.previous.is_some() {
+                return;
+            }
             let covered = st.serving.as_ref().map_or(0, |g| g.info.covered_rows);
             (st.rows.len() - covered, st.rows.live_len())
         };
@@ -1257,6 +1297,7 @@ impl Shard {
         gen_id: u64,
         params: IvfPqParams,
         train_sample: usize,
+        tag: Option<u64>,
     ) -> Result<GenerationInfo> {
         let started = Instant::now();
         let cfg = &self.inner.config;
@@ -1330,6 +1371,7 @@ impl Shard {
             index_file_bytes: bytes,
             build_seconds: started.elapsed().as_secs_f64(),
             rerank: codec.as_ref().map_or(Precision::F32, |c| c.precision),
+            tag: tag.unwrap_or(0),
         };
         let meta = GenerationMeta {
             id: gen_id,
@@ -1344,16 +1386,26 @@ impl Shard {
             layout: self.inner.state.read().layout,
             remaps: Vec::new(),
             rerank: rerank.as_ref().map(|(m, _)| m.clone()),
+            tag: tag.unwrap_or(0),
         };
-        self.swap_in(
-            meta,
-            Generation {
-                info: info.clone(),
-                index: Arc::new(index),
-                rerank: rerank.map(|(_, c)| Arc::new(c)),
-                remaps: Vec::new(),
-            },
-        )?;
+        let generation = Generation {
+            info: info.clone(),
+            index: Arc::new(index),
+            rerank: rerank.map(|(_, c)| Arc::new(c)),
+            remaps: Vec::new(),
+        };
+        if tag.is_some() {
+            self.stage_in(meta, generation)?;
+            tracing::info!(
+                generation = gen_id,
+                vectors = info.indexed_vectors,
+                tag = info.tag,
+                total_s = info.build_seconds,
+                "index generation staged beside the serving one"
+            );
+            return Ok(info);
+        }
+        self.swap_in(meta, generation)?;
         tracing::info!(
             generation = gen_id,
             vectors = info.indexed_vectors,
@@ -1403,7 +1455,7 @@ impl Shard {
     /// manifest names a complete, checksummed file; readers see either N or N+1, never
     /// a mix. The caller holds the `building` claim.
     fn swap_in(&self, meta: GenerationMeta, generation: Generation) -> Result<()> {
-        let old = {
+        let gone = {
             let mut w = self.inner.writer.lock();
             // A retired handle (its directory replaced by a snapshot) never writes a
             // manifest: the directory now belongs to another handle.
@@ -1413,12 +1465,20 @@ impl Shard {
             w.manifest.store(&self.inner.dir)?;
             let mut st = self.inner.state.write();
             st.serving = Some(Arc::new(generation));
-            old
+            old.map(|o| w.manifest.unshared_files(&o))
         };
-        if let Some(old) = old {
-            for (file, _) in old.files() {
-                let path = self.inner.dir.join(file);
-                fs::remove_file(&path).map_err(ShardError::io(&path))?;
+        self.remove_files(gone.unwrap_or_default())
+    }
+
+    /// Deletes files of a generation the manifest no longer names (after it was stored).
+    fn remove_files(&self, files: Vec<String>) -> Result<()> {
+        for file in files {
+            let path = self.inner.dir.join(file);
+            match fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(ShardError::io(&path)(e))
+                }
+                _ => {}
             }
         }
         Ok(())
@@ -1433,7 +1493,10 @@ impl Shard {
         let (export, f) = {
             let w = self.inner.writer.lock();
             let serving = w.manifest.serving.as_ref().map(|g| g.id);
-            let Some(g) = w.manifest.serving.clone().filter(|g| g.id == id) else {
+            // The serving generation, or a rebuild's staged one (issue 21).
+            let staged = w.manifest.staged.clone().filter(|g| g.id == id);
+            let is_staged = staged.is_some();
+            let Some(g) = w.manifest.serving.clone().filter(|g| g.id == id).or(staged) else {
                 return Err(ShardError::GenerationRefused(format!(
                     "generation {id} is not served here (serving {serving:?})"
                 )));
@@ -1455,8 +1518,12 @@ impl Shard {
             let f = fs::File::open(&path).map_err(ShardError::io(&path))?;
             // The serving generation in memory is the manifest's (both swap under
             // the writer).
-            let codec = (self.inner.state.read().serving.as_ref())
-                .and_then(|s| s.rerank.as_ref().map(|c| c.codec().clone()));
+            let codec = {
+                let st = self.inner.state.read();
+                let held = if is_staged { &st.staged } else { &st.serving };
+                held.as_ref()
+                    .and_then(|s| s.rerank.as_ref().map(|c| c.codec().clone()))
+            };
             (
                 GenerationExport {
                     meta: g,
@@ -1502,6 +1569,16 @@ impl Shard {
     /// rows are here, the file's checksum and size are the builder's, and it is newer
     /// than what is served. Refused with the reason otherwise, nothing changed.
     pub fn install_generation(&self, meta: &[u8], file: &Path) -> Result<GenerationInfo> {
+        self.install(meta, file, false)
+    }
+
+    /// [`Shard::install_generation`], staged beside the serving generation instead of
+    /// served (issue 21: a backup takes its primary's rebuild before the switch).
+    pub fn install_staged(&self, meta: &[u8], file: &Path) -> Result<GenerationInfo> {
+        self.install(meta, file, true)
+    }
+
+    fn install(&self, meta: &[u8], file: &Path, stage: bool) -> Result<GenerationInfo> {
         let export: GenerationExport = serde_json::from_slice(meta)
             .map_err(|e| ShardError::GenerationRefused(format!("unreadable generation: {e}")))?;
         let id = export.meta.id;
@@ -1512,13 +1589,18 @@ impl Shard {
             }
             *b = Some(Work::Build(id));
         }
-        let result = self.install_checked(export, file);
+        let result = self.install_checked(export, file, stage);
         *self.inner.building.lock() = None;
         self.maybe_compact();
         result
     }
 
-    fn install_checked(&self, export: GenerationExport, file: &Path) -> Result<GenerationInfo> {
+    fn install_checked(
+        &self,
+        export: GenerationExport,
+        file: &Path,
+        stage: bool,
+    ) -> Result<GenerationInfo> {
         let g = export.meta;
         let refused = |why: String| {
             Err(ShardError::GenerationRefused(format!(
@@ -1542,8 +1624,13 @@ impl Shard {
             let w = self.inner.writer.lock();
             let st = self.inner.state.read();
             let serving = w.manifest.serving.as_ref().map_or(0, |s| s.id);
-            if serving >= g.id {
+            if !stage && serving >= g.id {
                 return refused(format!("generation {serving} is already served"));
+            }
+            // Its file name must be free here (replicas number their own automatic
+            // rebuilds, so a backup may hold a generation of that id).
+            if stage && w.manifest.generations().any(|x| x.id == g.id) {
+                return refused(format!("a generation {} is already held here", g.id));
             }
             if w.last_seq < g.covered_seq {
                 return refused(format!(
@@ -1617,7 +1704,19 @@ impl Shard {
             index_file_bytes: g.bytes,
             build_seconds: g.build_seconds,
             rerank: g.rerank.as_ref().map_or(Precision::F32, |r| r.precision),
+            tag: g.tag,
         };
+        let generation = Generation {
+            info: info.clone(),
+            index: Arc::new(index),
+            rerank,
+            remaps: Vec::new(),
+        };
+        if stage {
+            self.stage_in(g, generation)?;
+            tracing::info!(generation = info.id, tag = info.tag, "index generation staged as built by another replica");
+            return Ok(info);
+        }
         tracing::info!(
             generation = g.id,
             vectors = g.indexed_vectors,
@@ -1626,15 +1725,7 @@ impl Shard {
             index_bytes = g.bytes,
             "index generation installed as built by another replica"
         );
-        self.swap_in(
-            g,
-            Generation {
-                info: info.clone(),
-                index: Arc::new(index),
-                rerank,
-                remaps: Vec::new(),
-            },
-        )?;
+        self.swap_in(g, generation)?;
         Ok(info)
     }
 
@@ -2094,6 +2185,7 @@ fn load_generation(dir: &Path, meta: &GenerationMeta) -> Result<Generation> {
             index_file_bytes: meta.bytes,
             build_seconds: meta.build_seconds,
             rerank: meta.rerank.as_ref().map_or(Precision::F32, |r| r.precision),
+            tag: meta.tag,
         },
         index,
         rerank,

@@ -42,6 +42,10 @@ pub struct GenerationMeta {
     /// Its reduced-precision re-ranking copy (`rerank.rs`), if it was built with one.
     #[serde(default)]
     pub rerank: Option<RerankMeta>,
+    /// The cluster operation that built it (issue 21: a rebuild's generation is staged,
+    /// switched to, rolled back by its operation's id); 0: none.
+    #[serde(default)]
+    pub tag: u64,
 }
 
 /// A generation's re-ranking copy: its precision and file. The file is this
@@ -124,6 +128,14 @@ pub struct Manifest {
     /// A compaction logged and not yet done.
     #[serde(default)]
     pub compacting: Option<CompactionPoint>,
+    /// A rebuild's generation (issue 21), built beside the serving one and not yet
+    /// switched to: searched only by the gate.
+    #[serde(default)]
+    pub staged: Option<GenerationMeta>,
+    /// The generation a rebuild's switch replaced, kept until the operation is committed
+    /// (a rollback serves it again at once).
+    #[serde(default)]
+    pub previous: Option<GenerationMeta>,
 }
 
 impl Manifest {
@@ -140,7 +152,26 @@ impl Manifest {
             requests: Vec::new(),
             layout: 0,
             compacting: None,
+            staged: None,
+            previous: None,
         }
+    }
+
+    /// Every generation this manifest names: serving, staged, previous.
+    pub fn generations(&self) -> impl Iterator<Item = &GenerationMeta> {
+        self.serving
+            .iter()
+            .chain(self.staged.iter())
+            .chain(self.previous.iter())
+    }
+
+    /// `old`'s files that no generation this manifest names still uses (a compaction's
+    /// row map is shared by every generation built before it).
+    pub fn unshared_files(&self, old: &GenerationMeta) -> Vec<String> {
+        old.files()
+            .map(|(f, _)| f.clone())
+            .filter(|f| !self.generations().any(|g| g.files().any(|(x, _)| x == f)))
+            .collect()
     }
 
     pub fn path(dir: &Path) -> PathBuf {
@@ -188,7 +219,7 @@ impl Manifest {
     pub fn remove_unreferenced_files(&self, dir: &Path) -> Result<()> {
         let (docs, vectors) = self.segments();
         let mut keep = vec![docs, vectors];
-        if let Some(g) = &self.serving {
+        for g in self.generations() {
             keep.extend(g.files().map(|(f, _)| f.clone()));
         }
         for entry in fs::read_dir(dir).map_err(ShardError::io(dir))? {

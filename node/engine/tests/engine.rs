@@ -1818,3 +1818,149 @@ fn t82_a_shard_cloned_and_retained_in_halves_answers_as_the_whole() {
     assert_eq!(merged(&halves, SearchMode::Exact), whole);
     assert_eq!(merged(&halves, SearchMode::Rerank), whole);
 }
+
+fn query_answers(shard: &Shard, p: SearchParams) -> Vec<Vec<String>> {
+    (0..40)
+        .map(|i| {
+            let r = shard.search(&vector_for(&format!("q{i}")), p).unwrap();
+            r.hits.into_iter().map(|h| h.id.to_string()).collect()
+        })
+        .collect()
+}
+
+#[test]
+fn t90_a_rebuild_stages_gates_switches_rolls_back_and_commits() {
+    use shoal_engine::GateConfig;
+    let pd = tempfile::tempdir().unwrap();
+    let primary = Shard::create(pd.path(), config(Metric::L2)).unwrap();
+    primary.set_auto_compact(false);
+    for chunk in docs("c", 3000).chunks(500) {
+        primary.upsert(chunk.to_vec()).unwrap();
+    }
+    let old = primary.rebuild(None).unwrap();
+    let approx = SearchParams {
+        k: 10,
+        mode: SearchMode::Approximate,
+        ..SearchParams::default()
+    };
+    let before = query_answers(&primary, approx);
+    // A good rebuild (more lists): staged beside the serving one, which still answers.
+    let good = IvfPqParams {
+        nlist: 32,
+        m: 8,
+        nbits: 8,
+    };
+    let staged = primary.build_staged(good, 4096, 7).unwrap();
+    assert_eq!(staged.tag, 7);
+    let stats = primary.stats();
+    assert_eq!(stats.serving.as_ref().map(|g| g.id), Some(old.id));
+    assert_eq!(stats.staged.as_ref().map(|g| g.id), Some(staged.id));
+    assert_eq!(query_answers(&primary, approx), before, "staging changes no answer");
+    let gate = GateConfig {
+        staged: (Some(8), None),
+        ..GateConfig::default()
+    };
+    let report = primary.gate(7, &gate).unwrap();
+    assert!(report.passed, "{report}");
+    assert!(report.queries >= 200, "{report}");
+    assert!(report.recent_queries > 0, "the ring's real queries replayed: {report}");
+    assert!(primary.gate(8, &gate).is_err(), "another operation's");
+    // Writes go on; the switch keeps the old generation, the reopen keeps both.
+    primary.upsert(docs("w", 50)).unwrap();
+    primary.switch_staged(7).unwrap();
+    primary.switch_staged(7).unwrap(); // again: nothing to do
+    let stats = primary.stats();
+    assert_eq!(stats.serving.as_ref().map(|g| g.id), Some(staged.id));
+    assert_eq!(stats.previous.as_ref().map(|g| g.id), Some(old.id));
+    let after = query_answers(&primary, approx);
+    drop(primary);
+    let primary = Shard::open(pd.path()).unwrap();
+    assert_eq!(query_answers(&primary, approx), after, "reopened: the switched generation");
+    // A compaction while both are held renumbers rows for both.
+    primary.delete((0..500).map(|i| format!("c{i}")).collect()).unwrap();
+    primary.write(vec![WriteOp::Compact]).unwrap();
+    primary.compact_pending().unwrap().expect("a compaction ran");
+    let after = query_answers(&primary, approx);
+    // Rollback serves the kept generation at once: exactly the answers it gave (the
+    // rows written since are the fresh tail of both).
+    primary.roll_back(7).unwrap();
+    let back = query_answers(&primary, approx);
+    assert_eq!(primary.stats().serving.unwrap().id, old.id);
+    assert!(primary.stats().previous.is_none());
+    assert_ne!(back, after, "another index answers");
+    primary.switch_staged(7).unwrap_err();
+    // A bad rebuild (PQ with m = 2, one list probed) is refused by the gate.
+    let bad = IvfPqParams {
+        nlist: 64,
+        m: 2,
+        nbits: 4,
+    };
+    primary.build_staged(bad, 4096, 9).unwrap();
+    let bad_gate = GateConfig {
+        staged: (Some(1), Some(1)),
+        ..GateConfig::default()
+    };
+    let report = primary.gate(9, &bad_gate).unwrap();
+    assert!(!report.passed, "{report}");
+    assert!(report.recall_staged < report.recall_serving - 0.01, "{report}");
+    primary.roll_back(9).unwrap();
+    assert!(primary.stats().staged.is_none());
+    // Commit drops the kept generation's files.
+    primary.build_staged(good, 4096, 11).unwrap();
+    primary.switch_staged(11).unwrap();
+    let kept = primary.stats().previous.unwrap().id;
+    primary.commit(11).unwrap();
+    assert!(primary.stats().previous.is_none());
+    assert!(!pd.path().join(format!("gen-{kept:08}.faiss")).exists());
+    primary.roll_back(11).unwrap_err();
+    drop(primary);
+    let reopened = Shard::open(pd.path()).unwrap();
+    assert_eq!(reopened.stats().serving.unwrap().tag, 11);
+    // Nothing but the serving generation's files is left.
+    let gens: Vec<String> = fs::read_dir(pd.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("gen-"))
+        .collect();
+    assert_eq!(gens.len(), 1, "{gens:?}");
+}
+
+#[test]
+fn t91_a_backup_stages_its_primarys_rebuild_and_a_snapshot_carries_only_the_serving_one() {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let open = |i: usize| Shard::create(dirs[i].path(), config(Metric::L2)).unwrap();
+    let (primary, backup) = (open(0), open(1));
+    for (i, chunk) in docs("c", 2000).chunks(250).enumerate() {
+        let ops: Vec<WriteOp> = chunk.iter().cloned().map(WriteOp::Upsert).collect();
+        let (_, batch) = primary.write_as(ops, 1, &format!("r{i}")).unwrap();
+        backup.append_replicated(&[(*batch.unwrap()).clone()]).unwrap();
+    }
+    primary.rebuild(None).unwrap();
+    let params = IvfPqParams {
+        nlist: 32,
+        m: 8,
+        nbits: 8,
+    };
+    let staged = primary.build_staged(params, 4096, 5).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (meta, file) = fetch_generation(&primary, staged.id, tmp.path());
+    let got = backup.install_staged(&meta, &file).unwrap();
+    assert_eq!((got.id, got.tag), (staged.id, 5));
+    assert!(backup.stats().serving.is_none(), "staged, not served");
+    backup.switch_staged(5).unwrap();
+    let approx = SearchParams {
+        k: 10,
+        mode: SearchMode::Approximate,
+        ..SearchParams::default()
+    };
+    primary.switch_staged(5).unwrap();
+    assert_eq!(query_answers(&backup, approx), query_answers(&primary, approx));
+    // A snapshot ships the serving generation, not the kept one.
+    let snap = primary.snapshot().unwrap();
+    let gens = snap.files.iter().filter(|(n, _, _)| n.starts_with("gen-")).count();
+    assert_eq!(gens, 1);
+    copy_snapshot(&snap, dirs[2].path());
+    let copy = Shard::open(dirs[2].path()).unwrap();
+    assert!(copy.stats().previous.is_none());
+    assert_eq!(copy.stats().serving.unwrap().tag, 5);
+}
