@@ -16,6 +16,7 @@ pub mod network;
 pub mod operations;
 pub mod placement;
 pub mod raft;
+pub mod rebuild;
 pub mod service;
 pub mod split;
 pub mod store;

@@ -458,7 +458,34 @@ pub enum Command {
         backup: String,
         started_ms: u64,
     },
+    /// A rebuild's switch (issue 21, `rebuild.rs`): the leader's, once every shard is
+    /// staged and every serving replica holds its staged generation; the collection's
+    /// index parameters become the rebuild's.
+    SwitchRebuild {
+        operation: u64,
+    },
+    /// An operator keeps a switched rebuild: the previous generations may be deleted.
+    CommitRebuild {
+        collection: String,
+        operation: u64,
+    },
+    /// An operator undoes a rebuild: the previous generations and parameters serve
+    /// again (before the switch: the staged generations are dropped). Refused once
+    /// committed.
+    RollbackRebuild {
+        collection: String,
+        operation: u64,
+    },
+    /// Points `alias` at `collection` (issue 21; `None` removes it): searches and writes
+    /// may name an alias. One command, so it switches atomically.
+    SetAlias {
+        alias: String,
+        collection: Option<String>,
+    },
 }
+
+/// Aliases the map holds at most.
+pub const MAX_ALIASES: usize = 10_000;
 
 /// How far an imported map's version jumps past the exported one's: past any version a
 /// node of that cluster saw after the export (each command is one version).
@@ -479,6 +506,8 @@ pub enum Change {
     OperationPut(Operation),
     /// A shard left the map without its collection (a cancelled split's sibling).
     ShardDropped(ShardKey),
+    /// An alias now names a collection, or (`None`) nothing.
+    AliasPut(String, Option<String>),
     /// The whole map was replaced ([`Command::ImportMap`]): watchers take it whole.
     Imported,
 }
@@ -604,6 +633,8 @@ pub struct ClusterMap {
     /// [`operations::KEEP_FINISHED`] finished.
     pub operations: BTreeMap<u64, Operation>,
     pub next_operation_id: u64,
+    /// Collection aliases (issue 21): alias -> collection name.
+    pub aliases: BTreeMap<String, String>,
 }
 
 impl ClusterMap {
@@ -829,6 +860,12 @@ impl ClusterMap {
             Command::CancelOperation { id, reason } => {
                 let version = self.version + 1;
                 let op = self.running_operation(*id)?;
+                if matches!(&op.kind, OperationKind::Rebuild(p) if p.phase != crate::operations::RebuildPhase::Building)
+                {
+                    return Err(MapError::FailedPrecondition(format!(
+                        "rebuild {id} has switched: commit it or roll it back"
+                    )));
+                }
                 op.end(
                     Outcome::Cancelled {
                         reason: reason.chars().take(256).collect(),
@@ -847,6 +884,18 @@ impl ClusterMap {
                 collection_id,
                 started_ms,
             } => self.start_split(collection, *collection_id, *started_ms)?,
+            Command::SwitchRebuild { operation } => self.switch_rebuild(*operation)?,
+            Command::CommitRebuild {
+                collection,
+                operation,
+            } => self.commit_rebuild(collection, *operation)?,
+            Command::RollbackRebuild {
+                collection,
+                operation,
+            } => self.rollback_rebuild(collection, *operation)?,
+            Command::SetAlias { alias, collection } => {
+                self.set_alias(alias, collection.as_deref())?
+            }
             Command::SplitSealed {
                 shard,
                 operation,
@@ -986,6 +1035,12 @@ impl ClusterMap {
                 spec.name
             )));
         }
+        if let Some(c) = self.aliases.get(&spec.name) {
+            return Err(MapError::AlreadyExists(format!(
+                "{:?} is an alias of collection {c:?}: remove the alias first",
+                spec.name
+            )));
+        }
         let up = self
             .nodes
             .values()
@@ -1083,6 +1138,16 @@ impl ClusterMap {
         }
         self.shards.retain(|k, _| k.collection != name);
         let mut changes = vec![Change::CollectionDropped(name.to_string())];
+        // Its aliases go with it: a collection created later under the name is
+        // another one, and an alias never silently names it.
+        let aliased: Vec<String> = (self.aliases.iter())
+            .filter(|(_, c)| *c == name)
+            .map(|(a, _)| a.clone())
+            .collect();
+        for a in aliased {
+            self.aliases.remove(&a);
+            changes.push(Change::AliasPut(a, None));
+        }
         let version = self.version + 1;
         for op in self.operations.values_mut() {
             if op.running() && op.collection == name {
@@ -1097,6 +1162,44 @@ impl ClusterMap {
         }
         operations::prune(&mut self.operations);
         Ok(changes)
+    }
+
+    /// The collection a search or a write names: an alias's, else `name` itself.
+    pub fn resolve<'a>(&'a self, name: &'a str) -> &'a str {
+        self.aliases.get(name).map_or(name, |c| c.as_str())
+    }
+
+    fn set_alias(&mut self, alias: &str, collection: Option<&str>) -> Result<Vec<Change>> {
+        if alias.is_empty() || alias.len() > 128 {
+            return Err(invalid("an alias must be 1 to 128 characters"));
+        }
+        if self.collections.contains_key(alias) {
+            return Err(MapError::AlreadyExists(format!(
+                "{alias:?} is a collection's name: an alias cannot hide it"
+            )));
+        }
+        match collection {
+            None => {
+                if self.aliases.remove(alias).is_none() {
+                    return Err(MapError::NotFound(format!("alias {alias:?} not found")));
+                }
+            }
+            Some(c) => {
+                if !self.collections.contains_key(c) {
+                    return Err(MapError::NotFound(format!("collection {c:?} not found")));
+                }
+                if !self.aliases.contains_key(alias) && self.aliases.len() >= MAX_ALIASES {
+                    return Err(invalid(format!(
+                        "the map holds {MAX_ALIASES} aliases, the most it takes"
+                    )));
+                }
+                self.aliases.insert(alias.to_string(), c.to_string());
+            }
+        }
+        Ok(vec![Change::AliasPut(
+            alias.to_string(),
+            collection.map(str::to_string),
+        )])
     }
 
     /// Collection `name` while it is incarnation `id` (commands name both, so one
@@ -1162,6 +1265,30 @@ impl ClusterMap {
                 return Err(invalid(
                     "a restore starts by its own command (RestoreCollection)",
                 ));
+            }
+            OperationKind::Rebuild(p) => {
+                let c = self.incarnation(collection, collection_id)?;
+                crate::rebuild::check_params(p, c.spec.dimension)?;
+                if p.previous != c.spec.index {
+                    return Err(MapError::FailedPrecondition(format!(
+                        "the collection's index parameters changed since the rebuild was asked for ({:?}, not {:?})",
+                        c.spec.index, p.previous
+                    )));
+                }
+            }
+        }
+        // A build and a rebuild both make the shards' next generation: one at a time.
+        let builds = ["build_index", "rebuild"];
+        if builds.contains(&kind.name()) {
+            if let Some(o) = self.operations.values().find(|o| {
+                o.running() && o.collection == collection && builds.contains(&o.kind.name())
+            }) {
+                return Err(MapError::FailedPrecondition(format!(
+                    "operation {} ({}) is running on {collection}: wait for it, or end it \
+                     (cancel; a switched rebuild: commit or rollback)",
+                    o.id,
+                    o.kind.name()
+                )));
             }
         }
         if let Some(o) = self.running_split(collection) {

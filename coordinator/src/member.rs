@@ -631,6 +631,30 @@ impl Coordinator {
                         },
                     });
                 }
+                // A rebuild's generation its primary staged and gated (issue 21).
+                if s.primary.as_deref() == Some(node)
+                    && r.staged_operation != 0
+                    && !r.gate.is_empty()
+                    && st.map.operations.get(&r.staged_operation).is_some_and(|o| {
+                        o.running()
+                            && matches!(o.kind, crate::operations::OperationKind::Rebuild(_))
+                            && matches!(
+                                o.steps.get(&key.index),
+                                Some(crate::operations::Step::Pending { .. })
+                            )
+                    })
+                {
+                    let mut gate = r.gate.clone();
+                    gate.truncate(gate.floor_char_boundary(1024));
+                    generations.push(Command::OperationStep {
+                        id: r.staged_operation,
+                        shard: key.index,
+                        step: crate::operations::Step::Staged {
+                            generation: r.staged_generation,
+                            gate: format!("on {node}: {gate}"),
+                        },
+                    });
+                }
                 // A sealed primary with nothing in flight names where its log ends.
                 if let Some(crate::split::SplitRole::Sealed { operation, .. }) = &s.split {
                     let at = crate::split::SealPoint {
@@ -1315,6 +1339,7 @@ impl Coordinator {
             }
         }
         self.advance_splits().await;
+        self.switch_rebuilds().await;
         let map = self.sm.state.lock().map.clone();
         let opts = placement::Options {
             max_moves: self.config.max_moves_per_step,
@@ -1347,6 +1372,27 @@ impl Coordinator {
             return;
         }
         self.rebalance_primaries(&map, now).await;
+    }
+
+    /// Switches each rebuild whose every serving replica holds its staged generation
+    /// (`rebuild::ready_to_switch`): one command for the whole collection.
+    async fn switch_rebuilds(&self) {
+        let map = self.sm.state.lock().map.clone();
+        let ready = {
+            let reports = self.reports.lock();
+            crate::rebuild::ready_to_switch(&map, |k, n| {
+                reports.get(k, n).map_or(0, |r| r.staged_operation)
+            })
+        };
+        for operation in ready {
+            tracing::info!(
+                operation,
+                "rebuild: every replica holds its staged generation; switching the collection"
+            );
+            if let Err(e) = self.write(Command::SwitchRebuild { operation }).await {
+                tracing::warn!(operation, error = %e, "rebuild switch not applied");
+            }
+        }
     }
 
     /// Cuts over each running split whose forks are made (`split::cut_over`), and

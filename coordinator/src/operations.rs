@@ -59,6 +59,51 @@ pub enum OperationKind {
         url: String,
         backup: String,
     },
+    /// A rebuild of every shard's index to new parameters (issue 21, `rebuild.rs`): each
+    /// shard's primary builds a generation beside the serving one and gates it against
+    /// the serving one (its step `Staged` with the gate's figures, or failed with them);
+    /// the backups take it staged; once every serving replica holds it the leader
+    /// switches the whole collection in one command; commit or rollback end it.
+    Rebuild(RebuildParams),
+}
+
+/// A rebuild's parameters and where it stands (issue 21).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct RebuildParams {
+    pub build: BuildParams,
+    /// Search parameters the new generations serve with.
+    pub nprobe: u32,
+    pub refine: u32,
+    /// The gate compares recall@`gate_k`; the new generation may lose at most
+    /// `margin_bp` / 10,000 of it.
+    pub gate_k: u32,
+    pub margin_bp: u32,
+    /// The collection's index parameters before (a rollback restores them).
+    pub previous: crate::map::IndexParams,
+    pub phase: RebuildPhase,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RebuildPhase {
+    /// Shards build and gate; nothing serves the new generations yet.
+    Building,
+    /// The collection serves the new generations; the previous ones are kept.
+    Switched,
+    /// The previous generations are gone (the operation succeeded).
+    Committed,
+    /// The previous generations serve again (the operation is cancelled).
+    RolledBack,
+}
+
+impl RebuildPhase {
+    pub fn name(self) -> &'static str {
+        match self {
+            RebuildPhase::Building => "building",
+            RebuildPhase::Switched => "switched",
+            RebuildPhase::Committed => "committed",
+            RebuildPhase::RolledBack => "rolled_back",
+        }
+    }
 }
 
 impl OperationKind {
@@ -69,6 +114,7 @@ impl OperationKind {
             OperationKind::Split { .. } => "split",
             OperationKind::Backup { .. } => "backup",
             OperationKind::Restore { .. } => "restore",
+            OperationKind::Rebuild(_) => "rebuild",
         }
     }
 }
@@ -84,6 +130,12 @@ pub enum Step {
     },
     Failed {
         reason: String,
+    },
+    /// A rebuild's shard (issue 21): its primary built `generation` beside the serving
+    /// one and the gate let it through, with the figures.
+    Staged {
+        generation: u64,
+        gate: String,
     },
 }
 
@@ -123,6 +175,12 @@ impl Operation {
                 .values()
                 .any(|s| matches!(s, Step::Pending { .. }))
         {
+            return false;
+        }
+        let failed = |s: &Step| matches!(s, Step::Failed { .. });
+        // A rebuild whose shards all staged waits for its switch, then its commit or
+        // rollback (`rebuild.rs`); one whose gate refused a shard fails.
+        if matches!(self.kind, OperationKind::Rebuild(_)) && !self.steps.values().any(failed) {
             return false;
         }
         let failed: Vec<String> = self

@@ -17,7 +17,9 @@ use crate::map::{
     SplitRole, DEFAULT_REPLICA_MEMORY,
 };
 use crate::member::{Coordinator, Reports};
-use crate::operations::{size_index, BuildParams, Operation, OperationKind, Outcome, Step};
+use crate::operations::{
+    size_index, BuildParams, Operation, OperationKind, Outcome, RebuildParams, RebuildPhase, Step,
+};
 use crate::raft::{open, payload, Member};
 use shoal_proto::auth::{self, KeyRecord, Need, Principal, Role};
 use shoal_proto::wire::WireError;
@@ -63,14 +65,7 @@ pub fn collection_pb(c: &Collection) -> cpb::Collection {
             model_id: e.model_id.clone(),
             content_hash: e.content_hash.clone(),
         }),
-        index: Some(cpb::IndexParams {
-            nlist: s.index.nlist,
-            pq_m: s.index.pq_m,
-            pq_nbits: s.index.pq_nbits,
-            nprobe: s.index.nprobe,
-            refine: s.index.refine,
-            rerank: s.index.rerank.wire(),
-        }),
+        index: Some(index_pb(&s.index)),
         shard_count: s.shard_count,
         replication_factor: s.replication_factor,
         replica_memory_bytes: s.replica_memory_bytes,
@@ -183,6 +178,38 @@ fn map_pb(map: &ClusterMap) -> cpb::ClusterMapSnapshot {
             .values()
             .map(|o| operation_pb(o, map, None))
             .collect(),
+        aliases: map
+            .aliases
+            .iter()
+            .map(|(a, c)| cpb::Alias {
+                alias: a.clone(),
+                collection: c.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn aliases_pb(map: &ClusterMap) -> cpb::ListAliasesResponse {
+    cpb::ListAliasesResponse {
+        aliases: map
+            .aliases
+            .iter()
+            .map(|(a, c)| cpb::Alias {
+                alias: a.clone(),
+                collection: c.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn index_pb(ix: &IndexParams) -> cpb::IndexParams {
+    cpb::IndexParams {
+        nlist: ix.nlist,
+        pq_m: ix.pq_m,
+        pq_nbits: ix.pq_nbits,
+        nprobe: ix.nprobe,
+        refine: ix.refine,
+        rerank: ix.rerank.wire(),
     }
 }
 
@@ -226,6 +253,11 @@ pub fn operation_pb(op: &Operation, map: &ClusterMap, reports: Option<&Reports>)
                     out.state = "failed".into();
                     out.reason = reason.clone();
                 }
+                Step::Staged { generation, gate } => {
+                    out.state = "staged".into();
+                    out.generation = *generation;
+                    out.gate = gate.clone();
+                }
             }
             out
         })
@@ -237,14 +269,16 @@ pub fn operation_pb(op: &Operation, map: &ClusterMap, reports: Option<&Reports>)
         Some(Outcome::Cancelled { reason }) => ("cancelled", reason.clone()),
     };
     let build = match &op.kind {
-        OperationKind::BuildIndex(p) => Some(cpb::IndexBuild {
-            nlist: p.nlist,
-            pq_m: p.pq_m,
-            pq_nbits: p.pq_nbits,
-            train_sample: p.train_sample,
-            rows_per_shard: p.rows_per_shard,
-            rerank: p.rerank.wire(),
-        }),
+        OperationKind::BuildIndex(p) | OperationKind::Rebuild(RebuildParams { build: p, .. }) => {
+            Some(cpb::IndexBuild {
+                nlist: p.nlist,
+                pq_m: p.pq_m,
+                pq_nbits: p.pq_nbits,
+                train_sample: p.train_sample,
+                rows_per_shard: p.rows_per_shard,
+                rerank: p.rerank.wire(),
+            })
+        }
         _ => None,
     };
     let backup = match &op.kind {
@@ -269,6 +303,17 @@ pub fn operation_pb(op: &Operation, map: &ClusterMap, reports: Option<&Reports>)
         finished_version: op.finished_version,
         build,
         backup,
+        rebuild: match &op.kind {
+            OperationKind::Rebuild(p) => Some(cpb::Rebuild {
+                nprobe: p.nprobe,
+                refine: p.refine,
+                gate_k: p.gate_k,
+                margin: p.margin_bp as f64 / 10_000.0,
+                phase: p.phase.name().into(),
+                previous: Some(index_pb(&p.previous)),
+            }),
+            _ => None,
+        },
     }
 }
 
@@ -286,6 +331,10 @@ fn change_pb(c: &Change, map: &ClusterMap) -> Option<cpb::MapChange> {
             Change::KeyPut(k) => C::KeyPut(k.to_pb(true)),
             Change::KeyRevoked(id) => C::KeyRevoked(id.clone()),
             Change::OperationPut(o) => C::OperationPut(operation_pb(o, map, None)),
+            Change::AliasPut(a, c) => C::AliasPut(cpb::Alias {
+                alias: a.clone(),
+                collection: c.clone().unwrap_or_default(),
+            }),
             Change::ShardDropped(k) => C::ShardDropped(cpb::ShardId {
                 collection: k.collection.clone(),
                 collection_id: map.collections.get(&k.collection).map_or(0, |c| c.id),
@@ -404,6 +453,71 @@ pub struct AdminService(pub Arc<Coordinator>);
 
 impl AdminService {
     /// Commits a new operation on `collection` and answers with it as the map holds it.
+    /// The largest shard of `collection`, in live documents its primary last reported.
+    fn largest_shard(&self, map: &ClusterMap, collection: &str) -> u64 {
+        let reports = self.0.reports.lock();
+        map.shards_of(collection)
+            .filter_map(|s| {
+                let p = s.primary.as_deref()?;
+                reports.get(&s.key, p).map(|r| r.live_docs)
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Commits (`commit`) or rolls back a collection's rebuild (the newest unless named).
+    async fn end_rebuild(
+        &self,
+        req: Request<cpb::EndRebuildRequest>,
+        commit: bool,
+    ) -> Result<Response<cpb::Operation>, Status> {
+        let target = req.get_ref().collection.clone();
+        let what = if commit {
+            "CommitRebuild"
+        } else {
+            "RollbackRebuild"
+        };
+        self.admin(req, what, target, true, move |req| async move {
+            let req = req.into_inner();
+            check_name(&self.0, &req.collection, "the collection name")?;
+            let operation = match req.operation {
+                0 => {
+                    let map = self.0.read().await?;
+                    map.rebuild_of(&req.collection)
+                        .map(|o| o.id)
+                        .ok_or_else(|| {
+                            Status::not_found(format!(
+                                "collection {:?} has no rebuild",
+                                req.collection
+                            ))
+                        })?
+                }
+                id => id,
+            };
+            let collection = req.collection.clone();
+            self.0
+                .write(if commit {
+                    Command::CommitRebuild {
+                        collection,
+                        operation,
+                    }
+                } else {
+                    Command::RollbackRebuild {
+                        collection,
+                        operation,
+                    }
+                })
+                .await?;
+            let map = self.0.read().await?;
+            let op = map
+                .operations
+                .get(&operation)
+                .ok_or_else(|| Status::not_found(format!("operation {operation} not found")))?;
+            Ok(Response::new(operation_pb(op, &map, None)))
+        })
+        .await
+    }
+
     async fn start_operation(
         &self,
         kind: OperationKind,
@@ -1214,6 +1328,107 @@ impl cpb::admin_server::Admin for AdminService {
             },
         )
         .await
+    }
+
+    async fn start_rebuild(
+        &self,
+        req: Request<cpb::StartRebuildRequest>,
+    ) -> Result<Response<cpb::Operation>, Status> {
+        let target = req.get_ref().collection.clone();
+        self.admin(req, "StartRebuild", target, true, move |req| async move {
+            let req = req.into_inner();
+            check_name(&self.0, &req.collection, "the collection name")?;
+            let map = self.0.read().await?;
+            let c = map.collections.get(&req.collection).ok_or_else(|| {
+                Status::not_found(format!("collection {:?} not found", req.collection))
+            })?;
+            let rows = self.largest_shard(&map, &req.collection);
+            let ix = &c.spec.index;
+            let or = |v: u32, dflt: u32| if v == 0 { dflt } else { v };
+            let rerank = rerank_from_pb(req.rerank)?.unwrap_or(ix.rerank);
+            let mut spec = c.spec.clone();
+            spec.index.pq_m = or(req.pq_m, ix.pq_m);
+            spec.index.pq_nbits = or(req.pq_nbits, ix.pq_nbits);
+            if rows == 0 && req.nlist == 0 && ix.nlist == 0 {
+                return Err(Status::failed_precondition(format!(
+                    "no shard of {} has reported documents yet, so its index cannot be sized: \
+                     retry after the next heartbeat, or give nlist",
+                    req.collection
+                )));
+            }
+            let build = build_params(&spec, rows, req.nlist, req.train_sample, rerank);
+            let margin = req.margin.unwrap_or(0.01);
+            if !(0.0..=1.0).contains(&margin) {
+                return Err(Status::invalid_argument(format!(
+                    "margin {margin}: a recall difference, 0 to 1"
+                )));
+            }
+            let params = RebuildParams {
+                nprobe: or(req.nprobe, ix.nprobe.min(build.nlist)),
+                refine: or(req.refine, ix.refine),
+                gate_k: or(req.gate_k, 10),
+                margin_bp: (margin * 10_000.0).round() as u32,
+                previous: ix.clone(),
+                phase: RebuildPhase::Building,
+                build,
+            };
+            let id = c.id;
+            drop(map);
+            let started = self
+                .start_operation(OperationKind::Rebuild(params), &req.collection, id)
+                .await?;
+            Ok(Response::new(started))
+        })
+        .await
+    }
+
+    async fn commit_rebuild(
+        &self,
+        req: Request<cpb::EndRebuildRequest>,
+    ) -> Result<Response<cpb::Operation>, Status> {
+        self.end_rebuild(req, true).await
+    }
+
+    async fn rollback_rebuild(
+        &self,
+        req: Request<cpb::EndRebuildRequest>,
+    ) -> Result<Response<cpb::Operation>, Status> {
+        self.end_rebuild(req, false).await
+    }
+
+    async fn set_alias(
+        &self,
+        req: Request<cpb::SetAliasRequest>,
+    ) -> Result<Response<cpb::ListAliasesResponse>, Status> {
+        let target = req.get_ref().alias.clone();
+        self.admin(req, "SetAlias", target, true, move |req| async move {
+            let req = req.into_inner();
+            check_name(&self.0, &req.alias, "the alias")?;
+            let collection = if req.collection.is_empty() {
+                None
+            } else {
+                check_name(&self.0, &req.collection, "the collection name")?;
+                Some(req.collection)
+            };
+            self.0
+                .write(Command::SetAlias {
+                    alias: req.alias,
+                    collection,
+                })
+                .await?;
+            let map = self.0.read().await?;
+            Ok(Response::new(aliases_pb(&map)))
+        })
+        .await
+    }
+
+    async fn list_aliases(
+        &self,
+        req: Request<cpb::ListAliasesRequest>,
+    ) -> Result<Response<cpb::ListAliasesResponse>, Status> {
+        self.allow(&req, "ListAliases", "", read_need(""))?;
+        let map = self.0.read().await?;
+        Ok(Response::new(aliases_pb(&map)))
     }
 
     async fn revoke_key(

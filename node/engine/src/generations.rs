@@ -337,7 +337,10 @@ impl Shard {
                     if row >= st.rows.len() || !st.rows.is_live(row) {
                         continue;
                     }
-                    (st.vectors.get(row).to_vec(), Some(st.rows.id(row).to_owned()))
+                    (
+                        st.vectors.get(row).to_vec(),
+                        Some(st.rows.id(row).to_owned()),
+                    )
                 }
             };
             let Some((old, new)) = self.gate_one(&query, own.as_deref(), &staged, c)? else {
@@ -374,7 +377,10 @@ impl Shard {
         c: &GateConfig,
     ) -> Result<Option<(f64, f64)>> {
         let k = c.k + usize::from(own.is_some());
-        let run = |g: Option<Arc<Generation>>, mode: SearchMode, (nprobe, refine): (Option<usize>, Option<usize>)| -> Result<Vec<Arc<str>>> {
+        let run = |g: Option<Arc<Generation>>,
+                   mode: SearchMode,
+                   (nprobe, refine): (Option<usize>, Option<usize>)|
+         -> Result<Vec<Arc<str>>> {
             let p = SearchParams {
                 k,
                 nprobe,

@@ -22,9 +22,9 @@ mod storage;
 mod topk;
 mod wal;
 
-pub use generations::{gate_settled, GateConfig, GateReport, RECENT_QUERIES};
 pub use compact::CompactionReport;
 use compact::RowMap;
+pub use generations::{gate_settled, GateConfig, GateReport, RECENT_QUERIES};
 use manifest::{segment_files, CompactionPoint};
 use requests::RecentRequests;
 use rows::Rows;
@@ -1184,7 +1184,12 @@ impl Shard {
 
     /// Builds a generation with `params` and swaps it in (`tag` None) or stages it
     /// beside the serving one for the cluster operation `tag` (issue 21).
-    fn build(&self, params: IvfPqParams, sample: usize, tag: Option<u64>) -> Result<GenerationInfo> {
+    fn build(
+        &self,
+        params: IvfPqParams,
+        sample: usize,
+        tag: Option<u64>,
+    ) -> Result<GenerationInfo> {
         params.validate(self.inner.config.dimension)?;
         let gen_id = {
             let mut b = self.inner.building.lock();
@@ -1714,7 +1719,11 @@ impl Shard {
         };
         if stage {
             self.stage_in(g, generation)?;
-            tracing::info!(generation = info.id, tag = info.tag, "index generation staged as built by another replica");
+            tracing::info!(
+                generation = info.id,
+                tag = info.tag,
+                "index generation staged as built by another replica"
+            );
             return Ok(info);
         }
         tracing::info!(

@@ -1855,7 +1855,11 @@ fn t90_a_rebuild_stages_gates_switches_rolls_back_and_commits() {
     let stats = primary.stats();
     assert_eq!(stats.serving.as_ref().map(|g| g.id), Some(old.id));
     assert_eq!(stats.staged.as_ref().map(|g| g.id), Some(staged.id));
-    assert_eq!(query_answers(&primary, approx), before, "staging changes no answer");
+    assert_eq!(
+        query_answers(&primary, approx),
+        before,
+        "staging changes no answer"
+    );
     let gate = GateConfig {
         staged: (Some(8), None),
         ..GateConfig::default()
@@ -1863,7 +1867,10 @@ fn t90_a_rebuild_stages_gates_switches_rolls_back_and_commits() {
     let report = primary.gate(7, &gate).unwrap();
     assert!(report.passed, "{report}");
     assert!(report.queries >= 200, "{report}");
-    assert!(report.recent_queries > 0, "the ring's real queries replayed: {report}");
+    assert!(
+        report.recent_queries > 0,
+        "the ring's real queries replayed: {report}"
+    );
     assert!(primary.gate(8, &gate).is_err(), "another operation's");
     // Writes go on; the switch keeps the old generation, the reopen keeps both.
     primary.upsert(docs("w", 50)).unwrap();
@@ -1875,11 +1882,20 @@ fn t90_a_rebuild_stages_gates_switches_rolls_back_and_commits() {
     let after = query_answers(&primary, approx);
     drop(primary);
     let primary = Shard::open(pd.path()).unwrap();
-    assert_eq!(query_answers(&primary, approx), after, "reopened: the switched generation");
+    assert_eq!(
+        query_answers(&primary, approx),
+        after,
+        "reopened: the switched generation"
+    );
     // A compaction while both are held renumbers rows for both.
-    primary.delete((0..500).map(|i| format!("c{i}")).collect()).unwrap();
+    primary
+        .delete((0..500).map(|i| format!("c{i}")).collect())
+        .unwrap();
     primary.write(vec![WriteOp::Compact]).unwrap();
-    primary.compact_pending().unwrap().expect("a compaction ran");
+    primary
+        .compact_pending()
+        .unwrap()
+        .expect("a compaction ran");
     let after = query_answers(&primary, approx);
     // Rollback serves the kept generation at once: exactly the answers it gave (the
     // rows written since are the fresh tail of both).
@@ -1902,7 +1918,10 @@ fn t90_a_rebuild_stages_gates_switches_rolls_back_and_commits() {
     };
     let report = primary.gate(9, &bad_gate).unwrap();
     assert!(!report.passed, "{report}");
-    assert!(report.recall_staged < report.recall_serving - 0.01, "{report}");
+    assert!(
+        report.recall_staged < report.recall_serving - 0.01,
+        "{report}"
+    );
     primary.roll_back(9).unwrap();
     assert!(primary.stats().staged.is_none());
     // Commit drops the kept generation's files.
@@ -1933,7 +1952,9 @@ fn t91_a_backup_stages_its_primarys_rebuild_and_a_snapshot_carries_only_the_serv
     for (i, chunk) in docs("c", 2000).chunks(250).enumerate() {
         let ops: Vec<WriteOp> = chunk.iter().cloned().map(WriteOp::Upsert).collect();
         let (_, batch) = primary.write_as(ops, 1, &format!("r{i}")).unwrap();
-        backup.append_replicated(&[(*batch.unwrap()).clone()]).unwrap();
+        backup
+            .append_replicated(&[(*batch.unwrap()).clone()])
+            .unwrap();
     }
     primary.rebuild(None).unwrap();
     let params = IvfPqParams {
@@ -1954,10 +1975,17 @@ fn t91_a_backup_stages_its_primarys_rebuild_and_a_snapshot_carries_only_the_serv
         ..SearchParams::default()
     };
     primary.switch_staged(5).unwrap();
-    assert_eq!(query_answers(&backup, approx), query_answers(&primary, approx));
+    assert_eq!(
+        query_answers(&backup, approx),
+        query_answers(&primary, approx)
+    );
     // A snapshot ships the serving generation, not the kept one.
     let snap = primary.snapshot().unwrap();
-    let gens = snap.files.iter().filter(|(n, _, _)| n.starts_with("gen-")).count();
+    let gens = snap
+        .files
+        .iter()
+        .filter(|(n, _, _)| n.starts_with("gen-"))
+        .count();
     assert_eq!(gens, 1);
     copy_snapshot(&snap, dirs[2].path());
     let copy = Shard::open(dirs[2].path()).unwrap();
