@@ -1394,6 +1394,10 @@ const ADMIN_RPCS: &[&str] = &[
     "ExportMap",
     "ImportMap",
     "CancelOperation",
+    "StartRebuild",
+    "CommitRebuild",
+    "RollbackRebuild",
+    "SetAlias",
 ];
 const READ_RPCS: &[&str] = &[
     "DescribeCollection",
@@ -1402,6 +1406,7 @@ const READ_RPCS: &[&str] = &[
     "ListShards",
     "ClusterStatus",
     "ListOperations",
+    "ListAliases",
 ];
 
 /// The RPCs of `service NAME { ... }` in a proto file's text.
@@ -1444,6 +1449,11 @@ async fn call_admin(c: &mut Client, rpc: &str) -> Result<(), tonic::Status> {
         "ExportMap" => c.export_map(Default::default()).await.map(drop),
         "ImportMap" => c.import_map(Default::default()).await.map(drop),
         "ListOperations" => c.list_operations(Default::default()).await.map(drop),
+        "StartRebuild" => c.start_rebuild(Default::default()).await.map(drop),
+        "CommitRebuild" => c.commit_rebuild(Default::default()).await.map(drop),
+        "RollbackRebuild" => c.rollback_rebuild(Default::default()).await.map(drop),
+        "SetAlias" => c.set_alias(Default::default()).await.map(drop),
+        "ListAliases" => c.list_aliases(Default::default()).await.map(drop),
         "CancelOperation" => c.cancel_operation(Default::default()).await.map(drop),
         other => panic!("no call for {other}: add one"),
     }

@@ -2597,3 +2597,455 @@ async fn a_shard_whose_every_copy_is_lost_is_restored_into_its_collection() {
         c.shutdown().await;
     }
 }
+
+/// The rebuild tag of each replica of `collection` on `n` (serving, staged, kept).
+fn rebuild_tags(n: &NodeHandle, collection: &str) -> Vec<(u32, u64, u64, bool)> {
+    let mut v: Vec<_> = n
+        .registry
+        .read()
+        .iter()
+        .filter(|(k, _)| k.collection == collection)
+        .filter_map(|(k, h)| {
+            let s = h.repl.shard().ok()?.stats();
+            Some((
+                k.index,
+                s.serving.map_or(0, |g| g.tag),
+                s.staged.map_or(0, |g| g.tag),
+                s.previous.is_some(),
+            ))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Waits until every replica of `vecs` on both nodes satisfies `ok` (within 60 s).
+async fn wait_tags(f: &Fixture, what: &str, ok: impl Fn(&(u32, u64, u64, bool)) -> bool) {
+    let t = Instant::now();
+    loop {
+        let (a, b) = (rebuild_tags(&f.a, "vecs"), rebuild_tags(&f.b, "vecs"));
+        if a.len() + b.len() == 4 && a.iter().chain(&b).all(&ok) {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{what}: a {a:?} b {b:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Searches `vecs` for original documents 0..20 through `g`: each answer's hits and
+/// the generation each shard answered from.
+async fn answers_of(
+    g: &mut ShoalClient<tonic::transport::Channel>,
+) -> Vec<(Vec<String>, Vec<(u32, u64)>)> {
+    let mut out = Vec::new();
+    for i in 0..20 {
+        let r = g
+            .search(pb::SearchRequest {
+                collection: "vecs".into(),
+                vector: vector(i, 16),
+                k: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!r.partial, "{r:?}");
+        let mut gens: Vec<(u32, u64)> = r.shards.iter().map(|s| (s.shard, s.generation)).collect();
+        gens.sort();
+        out.push((r.hits.into_iter().map(|h| h.id).collect(), gens));
+    }
+    out
+}
+
+/// Closed-loop searches through both nodes until `stop`: (queries, failed, partial).
+fn searchers(
+    f: &Fixture,
+    collection: &'static str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<(u64, Vec<String>, u64)>> {
+    [f.ga.clone(), f.gb.clone()]
+        .into_iter()
+        .enumerate()
+        .map(|(t, mut g)| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let (mut n, mut failed, mut partial) = (0u64, Vec::new(), 0u64);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let r = g
+                        .search(pb::SearchRequest {
+                            collection: collection.into(),
+                            vector: vector(n * 2 + t as u64, 16),
+                            k: 10,
+                            ..Default::default()
+                        })
+                        .await;
+                    match r {
+                        Ok(r) if r.get_ref().partial => partial += 1,
+                        Ok(_) => {}
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                    n += 1;
+                }
+                (n, failed, partial)
+            })
+        })
+        .collect()
+}
+
+/// `vecs` again as two shards at RF 2 (each node holds every shard: primaries build
+/// and gate, backups take the staged generation), `n` documents, one index build.
+async fn replicated_vecs(f: &mut Fixture, n: u64) {
+    f.admin
+        .drop_collection(cpb::DropCollectionRequest {
+            name: "vecs".into(),
+        })
+        .await
+        .unwrap();
+    small_collection(&mut f.admin, "vecs", 16, 2, 2).await;
+    let t = Instant::now();
+    while f
+        .a
+        .view
+        .read()
+        .collections
+        .get("vecs")
+        .is_none_or(|c| c.replication_factor != 2)
+    {
+        assert!(t.elapsed() < Duration::from_secs(20));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_open(&f.a, "vecs", 2).await;
+    wait_open(&f.b, "vecs", 2).await;
+    ingest_until_accepted(&mut f.ga, "vecs", "v", n).await;
+    let op = f
+        .admin
+        .start_index_build(cpb::StartIndexBuildRequest {
+            collection: "vecs".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let done = finished_operation(&mut f.admin, op.id, "the build").await;
+    assert_eq!(done.state, "succeeded", "{done:?}");
+}
+
+/// Issue 21: a rebuild to new parameters under queries and writes, through a leader
+/// change and a node restart while it builds: staged beside the serving generations,
+/// gated, switched for the whole collection at once; rolled back to the exact previous
+/// answers; a second one committed, after which a rollback is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebuild_switches_under_load_rolls_back_exactly_and_commits() {
+    let mut f = Fixture::start(false).await;
+    replicated_vecs(&mut f, 2000).await;
+    let before = answers_of(&mut f.ga).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers = searchers(&f, "vecs", stop.clone());
+    let writes = writers(&f, 2, stop.clone());
+    let rebuild = |nlist: u32| cpb::StartRebuildRequest {
+        collection: "vecs".into(),
+        nlist,
+        nprobe: 8,
+        margin: Some(0.05),
+        ..Default::default()
+    };
+    // Node b (leading a shard) is away when the rebuild is asked for: that shard's
+    // step waits for it, so the leader change and b's return come mid-operation.
+    let Fixture {
+        _dir,
+        addrs,
+        mut coords,
+        a,
+        b,
+        mut admin,
+        ga,
+        ..
+    } = f;
+    b.shutdown().await;
+    let op = admin.start_rebuild(rebuild(16)).await.unwrap();
+    assert_eq!(op.rebuild.as_ref().unwrap().phase, "building");
+    // A build of the collection waits for it.
+    let e = admin
+        .start_index_build(cpb::StartIndexBuildRequest {
+            collection: "vecs".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    let leader = loop {
+        let l = coords[0].coordinator.raft.metrics().borrow().current_leader;
+        if let Some(l) = l {
+            break (l - 1) as usize;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    coords.remove(leader).shutdown().await;
+    let o = finished_or_running(&mut admin, op.id).await;
+    assert_eq!(o.rebuild.as_ref().unwrap().phase, "building", "{o:?}");
+    assert!(o.steps.iter().any(|s| s.state != "staged"), "{o:?}");
+    let b = node(_dir.path(), "b", &addrs, false).await;
+    let gb = ShoalClient::connect(format!("http://{}", b.public_addr))
+        .await
+        .unwrap();
+    let mut f = Fixture {
+        _dir,
+        addrs,
+        coords,
+        a,
+        b,
+        admin,
+        ga,
+        gb,
+    };
+    // Queries from here on (node b back, its map and replicas open), across the
+    // switch: every one whole.
+    wait_open(&f.b, "vecs", 2).await;
+    let switch_readers = searchers(&f, "vecs", stop.clone());
+    // Every replica switches to the rebuild's generation, the previous one kept.
+    wait_tags(&f, "switched", |&(_, serving, staged, kept)| {
+        serving == op.id && staged == 0 && kept
+    })
+    .await;
+    let ops = f
+        .admin
+        .list_operations(cpb::ListOperationsRequest {
+            collection: "vecs".into(),
+        })
+        .await
+        .unwrap();
+    let o = ops.operations.iter().find(|o| o.id == op.id).unwrap();
+    assert_eq!(o.rebuild.as_ref().unwrap().phase, "switched", "{o:?}");
+    assert!(
+        o.steps
+            .iter()
+            .all(|s| s.state == "staged" && s.gate.contains("recall@10")),
+        "{o:?}"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut live, mut deleted) = (Vec::new(), Vec::new());
+    for w in writes {
+        let (l, d, errors) = w.await.unwrap();
+        // Writes during the restart may fail (UNAVAILABLE); acknowledged ones count.
+        let _ = errors;
+        live.extend(l);
+        deleted.extend(d);
+    }
+    for r in readers {
+        // Across node b's restart: queries through it fail while it is away.
+        assert!(r.await.unwrap().0 > 0);
+    }
+    for r in switch_readers {
+        let (n, failed, partial) = r.await.unwrap();
+        assert!(n > 0);
+        assert!(failed.is_empty(), "{failed:?}");
+        assert_eq!(partial, 0);
+    }
+    check_writes(&mut f.ga, &live, &deleted).await;
+    let collection = f
+        .admin
+        .describe_collection(cpb::DescribeCollectionRequest {
+            name: "vecs".into(),
+        })
+        .await
+        .unwrap()
+        .collection
+        .unwrap();
+    assert_eq!(collection.index.unwrap().nlist, 16);
+    assert_eq!(collection.index.unwrap().nprobe, 8);
+    // Writes stopped: the answers now, then after a rollback exactly those before
+    // the rebuild's switch save the documents written since (fresh in both).
+    let switched = answers_of(&mut f.ga).await;
+    f.admin
+        .rollback_rebuild(cpb::EndRebuildRequest {
+            collection: "vecs".into(),
+            operation: 0,
+        })
+        .await
+        .unwrap();
+    wait_tags(&f, "rolled back", |&(_, serving, staged, kept)| {
+        serving != op.id && staged == 0 && !kept
+    })
+    .await;
+    let back = answers_of(&mut f.ga).await;
+    for (b, s) in back.iter().zip(&switched) {
+        assert_ne!(b.1, s.1, "the previous generations answer again");
+    }
+    for (b, o) in back.iter().zip(&before) {
+        assert_eq!(b.1, o.1, "the generations that answered before the rebuild");
+        // The writers' documents are small vectors: never in an original's top 10.
+        assert_eq!(b.0, o.0, "the exact previous answers");
+    }
+    let collection = f
+        .admin
+        .describe_collection(cpb::DescribeCollectionRequest {
+            name: "vecs".into(),
+        })
+        .await
+        .unwrap()
+        .collection
+        .unwrap();
+    assert_eq!(
+        collection.index.unwrap().nlist,
+        4,
+        "previous parameters back"
+    );
+    // Another, committed: the previous generations deleted, a rollback refused.
+    let op = f.admin.start_rebuild(rebuild(32)).await.unwrap();
+    wait_tags(&f, "switched again", |&(_, serving, _, kept)| {
+        serving == op.id && kept
+    })
+    .await;
+    f.admin
+        .commit_rebuild(cpb::EndRebuildRequest {
+            collection: "vecs".into(),
+            operation: 0,
+        })
+        .await
+        .unwrap();
+    wait_tags(&f, "committed", |&(_, serving, _, kept)| {
+        serving == op.id && !kept
+    })
+    .await;
+    let e = f
+        .admin
+        .rollback_rebuild(cpb::EndRebuildRequest {
+            collection: "vecs".into(),
+            operation: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("committed"), "{e}");
+    f.stop().await;
+}
+
+/// Issue 21: a generation that builds fine but answers badly (PQ with 2 sub-quantizers
+/// of 2 bits, one list probed, no re-ranking depth) is refused by the gate, shard by
+/// shard, and the serving generations stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_gate_refuses_a_generation_that_answers_badly_and_the_serving_one_stays() {
+    let mut f = Fixture::start(false).await;
+    replicated_vecs(&mut f, 2000).await;
+    let before = answers_of(&mut f.ga).await;
+    let op = f
+        .admin
+        .start_rebuild(cpb::StartRebuildRequest {
+            collection: "vecs".into(),
+            nlist: 64,
+            pq_m: 2,
+            pq_nbits: 2,
+            nprobe: 1,
+            refine: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let done = finished_operation(&mut f.admin, op.id, "the rebuild").await;
+    assert_eq!(done.state, "failed", "{done:?}");
+    assert!(done.reason.contains("the gate refused"), "{}", done.reason);
+    assert!(
+        done.reason.contains("shard 0") && done.reason.contains("shard 1"),
+        "{}",
+        done.reason
+    );
+    // Nothing of it stays; the same generations answer as before.
+    wait_tags(&f, "dropped", |&(_, serving, staged, kept)| {
+        serving != op.id && staged == 0 && !kept
+    })
+    .await;
+    assert_eq!(answers_of(&mut f.ga).await, before);
+    f.stop().await;
+}
+
+/// Issue 21: an alias switched between two collections under a query load: every query
+/// through it answers whole, from one collection or the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_alias_switched_under_load_answers_every_query() {
+    let mut f = Fixture::start(false).await;
+    f.ingest_vectors(300).await;
+    small_collection(&mut f.admin, "vecs2", 16, 2, 1).await;
+    let t = Instant::now();
+    while f.a.view.read().shards_of("vecs2").count() < 2
+        || f.b.view.read().shards_of("vecs2").count() < 2
+    {
+        assert!(t.elapsed() < Duration::from_secs(20));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ingest_until_accepted(&mut f.ga, "vecs2", "x", 100).await;
+    let set = |c: &str| cpb::SetAliasRequest {
+        alias: "live".into(),
+        collection: c.into(),
+    };
+    f.admin.set_alias(set("vecs")).await.unwrap();
+    let t = Instant::now();
+    while f.b.view.read().aliases.get("live").is_none()
+        || f.a.view.read().aliases.get("live").is_none()
+    {
+        assert!(t.elapsed() < Duration::from_secs(20));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers = searchers(&f, "live", stop.clone());
+    for i in 0..10 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        f.admin
+            .set_alias(set(if i % 2 == 0 { "vecs2" } else { "vecs" }))
+            .await
+            .unwrap();
+    }
+    // A write through the alias lands in the collection it names now (vecs).
+    f.ga.ingest(pb::IngestRequest {
+        collection: "live".into(),
+        documents: vec![pb::Document {
+            id: "through-alias".into(),
+            vector: vector(1, 16),
+            ..Default::default()
+        }],
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        let (n, failed, partial) = r.await.unwrap();
+        assert!(n > 10, "{n}");
+        assert!(failed.is_empty(), "{failed:?}");
+        assert_eq!(partial, 0);
+    }
+    let got =
+        f.ga.get(pb::GetRequest {
+            collection: "vecs".into(),
+            id: "through-alias".into(),
+            with_vector: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(got.found, "the alias named vecs last");
+    // An alias cannot hide a collection; dropping a collection drops its aliases.
+    let e = f
+        .admin
+        .set_alias(cpb::SetAliasRequest {
+            alias: "vecs2".into(),
+            collection: "vecs".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e}");
+    f.admin
+        .drop_collection(cpb::DropCollectionRequest {
+            name: "vecs".into(),
+        })
+        .await
+        .unwrap();
+    let aliases = f
+        .admin
+        .list_aliases(cpb::ListAliasesRequest {})
+        .await
+        .unwrap();
+    assert!(aliases.aliases.is_empty(), "{aliases:?}");
+    f.stop().await;
+}

@@ -931,6 +931,56 @@ fn every_rpc_survives_hostile_messages() {
             }
         },
     );
+    // Never the test's own collection: a rebuild of it is the cluster tests' subject.
+    f.rpc(
+        "Admin/StartRebuild",
+        (
+            hostile_string(),
+            hostile_u32(),
+            hostile_u32(),
+            hostile_u32(),
+        ),
+        |(collection, nlist, pq_m, nprobe)| {
+            let mut s = AdminClient::new(admin.clone());
+            async move {
+                s.start_rebuild(req(cpb::StartRebuildRequest {
+                    collection,
+                    nlist,
+                    pq_m,
+                    nprobe,
+                    refine: nlist,
+                    margin: Some(f64::from(pq_m) - 1e9),
+                    ..Default::default()
+                }))
+                .await
+            }
+        },
+    );
+    f.rpc(
+        "Admin/RollbackRebuild",
+        (hostile_string(), hostile_u64()),
+        |(collection, operation)| {
+            let mut s = AdminClient::new(admin.clone());
+            async move {
+                s.rollback_rebuild(req(cpb::EndRebuildRequest {
+                    collection,
+                    operation,
+                }))
+                .await
+            }
+        },
+    );
+    f.rpc(
+        "Admin/SetAlias",
+        (hostile_string(), hostile_string()),
+        |(alias, collection)| {
+            let mut s = AdminClient::new(admin.clone());
+            async move {
+                s.set_alias(req(cpb::SetAliasRequest { alias, collection }))
+                    .await
+            }
+        },
+    );
     // A restore names a repository that does not exist: created, its shards fail.
     f.rpc(
         "Admin/RestoreCollection",
@@ -1117,6 +1167,7 @@ fn every_rpc_survives_hostile_messages() {
             ahead: shard.collection.clone(),
             failed: shard.collection.clone(),
             build_error: shard.collection.clone(),
+            gate: shard.collection.clone(),
             lagging: vec![shard.collection.clone(); (applied_seq % 5) as usize],
             in_sync: vec![shard.collection.clone(); (serving_generation % 5) as usize],
             shard: Some(shard),
@@ -1135,6 +1186,8 @@ fn every_rpc_survives_hostile_messages() {
             finished_operation: serving_generation,
             failed_operation: applied_seq,
             operation_error: String::new(),
+            staged_operation: serving_generation,
+            staged_generation: applied_seq,
         },
     );
     f.rpc(

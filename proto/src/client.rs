@@ -203,6 +203,11 @@ impl Client {
         admin::restore_shards(cpb::RestoreShardsRequest) -> cpb::Operation;
         admin::export_map(cpb::ExportMapRequest) -> cpb::ExportMapResponse;
         admin::import_map(cpb::ImportMapRequest) -> cpb::ExportMapResponse;
+        admin::start_rebuild(cpb::StartRebuildRequest) -> cpb::Operation;
+        admin::commit_rebuild(cpb::EndRebuildRequest) -> cpb::Operation;
+        admin::rollback_rebuild(cpb::EndRebuildRequest) -> cpb::Operation;
+        admin::set_alias(cpb::SetAliasRequest) -> cpb::ListAliasesResponse;
+        admin::list_aliases(cpb::ListAliasesRequest) -> cpb::ListAliasesResponse;
         admin::list_operations(cpb::ListOperationsRequest) -> cpb::ListOperationsResponse;
         admin::cancel_operation(cpb::CancelOperationRequest) -> cpb::Operation;
         cluster::register_node(cpb::RegisterNodeRequest) -> cpb::NodeInfo;

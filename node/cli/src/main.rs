@@ -211,6 +211,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: coordinator::CollectionCmd,
     },
+    /// Collection aliases (issue 21): set, remove, list.
+    Alias {
+        #[command(flatten)]
+        target: coordinator::Target,
+        #[command(subcommand)]
+        cmd: coordinator::AliasCmd,
+    },
     /// Collection backups (issue 20): create, restore, list, verify, prune.
     Backup {
         #[command(subcommand)]
@@ -428,6 +435,7 @@ fn run(cmd: Cmd, otlp: Option<&str>, rt: &tokio::runtime::Runtime) -> anyhow::Re
         Cmd::Shard { target, cmd } => rt.block_on(coordinator::shard(target, cmd)),
         Cmd::Operations { target, cmd } => rt.block_on(coordinator::operations(target, cmd)),
         Cmd::Backup { cmd } => rt.block_on(backup::run(cmd)),
+        Cmd::Alias { target, cmd } => rt.block_on(coordinator::alias(target, cmd)),
         Cmd::IndexBuild {
             target,
             collection,

@@ -37,6 +37,7 @@ use shoal_proto::replica as rpb;
 
 use super::ids::ReplicaKey;
 use super::mapview::MapView;
+use super::rebuilds::{self, Action};
 use super::replicas::Registry;
 use super::transport::{ReplicaApi, Transports};
 
@@ -79,6 +80,12 @@ struct Job {
     /// Bytes reserved while it runs.
     memory: u64,
     phase: Phase,
+    /// A rebuild's job (issue 21): the generation is staged beside the serving one,
+    /// tagged with the operation; a primary's is gated with this configuration.
+    stage: bool,
+    gate: Option<shoal_engine::GateConfig>,
+    /// The gate's figures once it let the generation through.
+    gate_report: String,
 }
 
 /// What a replica's heartbeat says of its build (issue 18).
@@ -87,6 +94,8 @@ pub struct BuildReport {
     pub operation: u64,
     pub queued: bool,
     pub error: String,
+    /// A rebuild's primary: the gate's figures, once it let the generation through.
+    pub gate: String,
 }
 
 /// A compaction a replica's log asked for, waiting for or holding a slot.
@@ -100,6 +109,8 @@ struct CompactJob {
 
 #[derive(Default)]
 struct State {
+    /// Replicas whose rebuild switch, commit or rollback is being written.
+    transitions: std::collections::HashSet<ReplicaKey>,
     running: usize,
     reserved: u64,
     jobs: HashMap<ReplicaKey, Job>,
@@ -168,15 +179,7 @@ fn build_op<'a>(view: &'a MapView, key: &ReplicaKey) -> Option<(&'a cpb::Operati
 /// sample is at least what FAISS needs for them (39 a list, and 2^nbits for each PQ
 /// codebook), whatever the sizing saw.
 fn params_of(b: &cpb::IndexBuild) -> (IvfPqParams, usize) {
-    let floor = (39 * b.nlist as u64).max(1 << b.pq_nbits.min(16));
-    (
-        IvfPqParams {
-            nlist: b.nlist as usize,
-            m: b.pq_m as usize,
-            nbits: b.pq_nbits as usize,
-        },
-        b.train_sample.max(floor) as usize,
-    )
+    rebuilds::build_params(b)
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -229,6 +232,10 @@ impl Builds {
                     Phase::Failed(e) => e.clone(),
                     _ => String::new(),
                 },
+                gate: match j.phase {
+                    Phase::Done => j.gate_report.clone(),
+                    _ => String::new(),
+                },
             },
         }
     }
@@ -249,10 +256,20 @@ impl Builds {
                     continue;
                 };
                 let op = build_op(view, key);
+                // A rebuild that switched the collection (issue 21) chose its
+                // parameters, unless a build came after it.
+                let rebuilt = rebuilds::rebuild_op(view, key)
+                    .filter(|r| {
+                        r.rebuild
+                            .as_ref()
+                            .is_some_and(|x| x.phase == "switched" || x.phase == "committed")
+                    })
+                    .filter(|r| op.is_none_or(|(b, _)| r.id > b.id))
+                    .and_then(|r| r.build.as_ref());
                 // The collection's chosen parameters for every build that names none
                 // (automatic rebuilds too); before any cluster build, a collection
                 // that leaves nlist to shoal sizes each shard by its own rows.
-                let chosen = match op.and_then(|(o, _)| o.build.as_ref()) {
+                let chosen = match rebuilt.or(op.and_then(|(o, _)| o.build.as_ref())) {
                     Some(b) => Some(params_of(b)),
                     None => c.index.as_ref().filter(|ix| ix.nlist == 0).map(|ix| {
                         let (nlist, sample) =
@@ -281,6 +298,7 @@ impl Builds {
                 if shard.rerank() != rerank {
                     shard.set_rerank(rerank);
                 }
+                self.rebuild_step(&mut st, view, key, shard, c);
                 let Some((o, true)) = op else {
                     continue;
                 };
@@ -313,6 +331,9 @@ impl Builds {
                         sample,
                         memory,
                         phase: Phase::Queued,
+                        stage: false,
+                        gate: None,
+                        gate_report: String::new(),
                     },
                 );
             }
@@ -336,6 +357,9 @@ impl Builds {
                             sample: 0,
                             memory: 0,
                             phase: Phase::Queued,
+                            stage: false,
+                            gate: None,
+                            gate_report: String::new(),
                         },
                     );
                 }
@@ -381,6 +405,88 @@ impl Builds {
         self.admit();
     }
 
+    /// Follows `key`'s collection's newest rebuild (issue 21, `rebuilds::action`):
+    /// queues its staged build or fetch, or writes its switch, commit or rollback.
+    fn rebuild_step(
+        self: &Arc<Self>,
+        st: &mut State,
+        view: &MapView,
+        key: &ReplicaKey,
+        shard: &Shard,
+        c: &cpb::Collection,
+    ) {
+        let Some(op) = rebuilds::rebuild_op(view, key) else {
+            return;
+        };
+        let Some(role) = self.registry.read().get(key).and_then(|h| h.repl.role()) else {
+            return;
+        };
+        let action = rebuilds::action(op, key.index, role.is_primary, rebuilds::Held::of(shard));
+        match action {
+            Action::None => {}
+            Action::Stage | Action::Fetch { .. } => {
+                if st.jobs.get(key).is_some_and(|j| j.op >= op.id) {
+                    return;
+                }
+                let (Some(b), Some(r)) = (op.build.as_ref(), op.rebuild.as_ref()) else {
+                    return;
+                };
+                let (params, sample) = params_of(b);
+                let stage = action == Action::Stage;
+                let memory = if stage {
+                    shoal_engine::build_memory(
+                        shard.len() as u64,
+                        c.dimension as usize,
+                        params,
+                        sample,
+                    )
+                } else {
+                    0
+                };
+                let previous = r.previous.clone().unwrap_or_default();
+                st.jobs.insert(
+                    key.clone(),
+                    Job {
+                        op: op.id,
+                        catch_up: 0,
+                        kind: if stage { Kind::Build } else { Kind::Fetch },
+                        params,
+                        sample,
+                        memory,
+                        phase: Phase::Queued,
+                        stage: true,
+                        gate: stage.then(|| rebuilds::gate_config(op, &previous)),
+                        gate_report: String::new(),
+                    },
+                );
+            }
+            Action::Switch | Action::Commit | Action::RollBack => {
+                if !st.transitions.insert(key.clone()) {
+                    return;
+                }
+                let (me, key, shard, id) = (self.clone(), key.clone(), shard.clone(), op.id);
+                tokio::task::spawn_blocking(move || {
+                    let r = match action {
+                        Action::Switch => shard.switch_staged(id),
+                        Action::Commit => shard.commit(id),
+                        _ => shard.roll_back(id),
+                    };
+                    match r {
+                        Ok(()) => {
+                            metrics::counter!("shoal_rebuild_transitions_total", "action" => format!("{action:?}").to_lowercase()).increment(1);
+                            tracing::info!(replica = %key, operation = id, ?action, "rebuild step written");
+                        }
+                        // Tried again at the next reconcile (a build holding the claim).
+                        Err(e) => {
+                            tracing::warn!(replica = %key, operation = id, ?action, error = %e, "rebuild step not written")
+                        }
+                    }
+                    me.state.lock().transitions.remove(&key);
+                });
+            }
+        }
+    }
+
     /// Pure but for reading the replica: the generation a backup that serves no index
     /// should fetch from its primary (which reports serving it), when it is caught up
     /// and no build operation is pending for its shard. Only a replica with no index
@@ -420,7 +526,9 @@ impl Builds {
                 .and_then(|o| o.steps.iter().find(|s| s.shard == key.index));
             let generation = match step {
                 _ if op == 0 => st.jobs[&key].catch_up,
-                Some(s) if s.state == "done" && s.generation > 0 => s.generation,
+                Some(s) if (s.state == "done" || s.state == "staged") && s.generation > 0 => {
+                    s.generation
+                }
                 Some(s) if s.state == "failed" => {
                     st.jobs.remove(&key);
                     continue;
@@ -433,7 +541,15 @@ impl Builds {
             ) else {
                 continue;
             };
-            if shard.stats().serving.is_some_and(|g| g.id >= generation) {
+            let stage = st.jobs[&key].stage;
+            let held = shard.stats();
+            let done = if stage {
+                held.staged.is_some_and(|g| g.tag == op)
+                    || held.serving.is_some_and(|g| g.tag == op)
+            } else {
+                held.serving.is_some_and(|g| g.id >= generation)
+            };
+            if done {
                 st.jobs.get_mut(&key).expect("listed").phase = Phase::Done;
                 continue;
             }
@@ -449,7 +565,7 @@ impl Builds {
             let me = self.clone();
             tokio::spawn(async move {
                 let t = std::time::Instant::now();
-                let r = fetch_generation(&*from, &key, &shard, generation).await;
+                let r = fetch_generation(&*from, &key, &shard, generation, stage).await;
                 let mut st = me.state.lock();
                 let Some(job) = st.jobs.get_mut(&key).filter(|j| j.op == op) else {
                     return;
@@ -521,17 +637,48 @@ impl Builds {
             tracing::info!(replica = %key, operation = j.op, nlist = j.params.nlist, train_sample = j.sample, memory = j.memory, "index build started");
             let me = self.clone();
             tokio::task::spawn_blocking(move || {
-                shard.set_build_params(Some((j.params, j.sample)));
-                let mut r = shard.rebuild(None);
+                let build = || {
+                    if j.stage {
+                        // A rebuild's (issue 21): beside the serving generation; one
+                        // staged before a restart is gated again, not rebuilt.
+                        match shard.stats().staged.filter(|g| g.tag == j.op) {
+                            Some(g) => Ok(g),
+                            None => shard.build_staged(j.params, j.sample, j.op),
+                        }
+                    } else {
+                        shard.set_build_params(Some((j.params, j.sample)));
+                        shard.rebuild(None)
+                    }
+                };
+                let mut r = build();
                 // A compaction holds the shard's build claim: the build follows it
                 // (the slot stays taken meanwhile).
                 while let Err(shoal_engine::ShardError::CompactionInProgress(_)) = r {
                     std::thread::sleep(Duration::from_millis(500));
-                    r = shard.rebuild(None);
+                    r = build();
+                }
+                let mut gate_report = String::new();
+                if let (Ok(g), Some(gate)) = (&r, &j.gate) {
+                    let t = Instant::now();
+                    match shard.gate(j.op, gate) {
+                        Ok(report) => {
+                            metrics::histogram!("shoal_rebuild_gate_seconds")
+                                .record(t.elapsed().as_secs_f64());
+                            tracing::info!(replica = %key, operation = j.op, generation = g.id, passed = report.passed, "rebuild gate: {report}");
+                            if report.passed {
+                                gate_report = report.to_string();
+                            } else {
+                                r = Err(shoal_engine::ShardError::GenerationRefused(format!(
+                                    "the gate refused the new generation: {report}"
+                                )));
+                            }
+                        }
+                        Err(e) => r = Err(e),
+                    }
                 }
                 let phase = match r {
                     Ok(g) => {
-                        tracing::info!(replica = %key, operation = j.op, generation = g.id, "index build done");
+                        tracing::info!(replica = %key, operation = j.op, generation = g.id, staged = j.stage, "index build done");
                         Phase::Done
                     }
                     // A build already running (an automatic one, with these parameters)
@@ -545,6 +692,7 @@ impl Builds {
                     st.reserved -= j.memory;
                     if let Some(job) = st.jobs.get_mut(&key).filter(|x| x.op == j.op) {
                         job.phase = phase;
+                        job.gate_report = gate_report;
                     }
                 }
                 me.admit();
@@ -637,6 +785,7 @@ async fn fetch_generation(
     key: &ReplicaKey,
     shard: &Shard,
     generation: u64,
+    stage: bool,
 ) -> Result<u64, String> {
     use tokio::io::AsyncWriteExt;
     let path = shard.dir().join(format!("fetch-gen-{generation:08}.tmp"));
@@ -685,9 +834,15 @@ async fn fetch_generation(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let (s, p) = (shard.clone(), path.clone());
-        shoal_engine::run_blocking(move || s.install_generation(&meta, &p))
-            .await
-            .map_err(|e| e.to_string())?;
+        shoal_engine::run_blocking(move || {
+            if stage {
+                s.install_staged(&meta, &p)
+            } else {
+                s.install_generation(&meta, &p)
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())?;
         Ok(offset)
     }
     .await;

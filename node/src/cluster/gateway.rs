@@ -220,13 +220,15 @@ impl Gateway {
         if let Some(r) = routes.get(name).filter(|r| r.version == v.version) {
             return Ok(r.clone());
         }
-        let c = collection(&v, name)?;
+        // An alias routes to its collection (issue 21), as of this map version.
+        let real = v.resolve(name);
+        let c = collection(&v, real)?;
         let route = Arc::new(Route {
             version: v.version,
             coll: c.clone(),
             // A split's siblings are routed to from its cut-over on (issue 19).
             shards: v
-                .shards_of(name)
+                .shards_of(real)
                 .filter(|s| s.index < c.shard_count)
                 .cloned()
                 .collect(),
@@ -343,7 +345,9 @@ impl Gateway {
                 vector: d.vector,
             })
             .collect();
-        self.write_all(&req.collection, &req.request_id, upserts, Vec::new())
+        // Resolved once: a retry never follows an alias switched meanwhile (issue 21).
+        let name = route.coll.name.clone();
+        self.write_all(&name, &req.request_id, upserts, Vec::new())
             .await?;
         Ok((n, truncated))
     }
@@ -427,9 +431,10 @@ impl Gateway {
         let l = &self.limits;
         writes::check_batch(l, 0, req.ids.len(), &req.request_id, 0)?;
         writes::check_ids(l, &req.ids)?;
-        let _ = (coll, shards);
+        let _ = shards;
         let ids = std::mem::take(&mut req.ids);
-        self.write_all(&req.collection, &req.request_id, Vec::new(), ids)
+        let name = coll.name.clone();
+        self.write_all(&name, &req.request_id, Vec::new(), ids)
             .await
     }
 
@@ -767,8 +772,14 @@ impl Gateway {
                 shard: Some(Self::shard_id(coll, s.index)),
                 vector: query.clone(),
                 k: req.k,
-                nprobe: req.nprobe,
-                refine: req.refine,
+                // The collection's search parameters unless the query names its own
+                // (a rebuild changes them with its generations, issue 21).
+                nprobe: if req.nprobe == 0 {
+                    ix.nprobe
+                } else {
+                    req.nprobe
+                },
+                refine,
                 exact: req.exact,
                 shard_count: coll.shard_count,
             };

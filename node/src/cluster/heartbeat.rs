@@ -53,6 +53,9 @@ pub struct ReplicaState {
     pub finished_operation: u64,
     pub failed_operation: u64,
     pub operation_error: String,
+    /// The rebuild operation whose generation it holds staged, and that one's id
+    /// (issue 21).
+    pub staged: (u64, u64),
 }
 
 impl ReplicaState {
@@ -75,6 +78,7 @@ impl ReplicaState {
             s.serving_generation = stats.serving.map_or(0, |g| g.id);
             s.building_generation = stats.building.unwrap_or(0);
             s.live_docs = stats.live_docs as u64;
+            s.staged = stats.staged.map_or((0, 0), |g| (g.tag, g.id));
         }
         s
     }
@@ -120,6 +124,13 @@ pub fn reports(replicas: &[ReplicaState]) -> Vec<cpb::ReplicaReport> {
                 let mut e = r.operation_error.clone();
                 e.truncate(e.floor_char_boundary(FAILURE_BYTES));
                 e
+            },
+            staged_operation: r.staged.0,
+            staged_generation: r.staged.1,
+            gate: {
+                let mut g = r.build.gate.clone();
+                g.truncate(g.floor_char_boundary(FAILURE_BYTES));
+                g
             },
             build_operation: r.build.operation,
             build_queued: r.build.queued,

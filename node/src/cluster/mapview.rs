@@ -22,6 +22,8 @@ pub struct MapView {
     pub keys: BTreeMap<String, KeyRecord>,
     /// Cluster operations by id (issue 18): running ones and the last finished.
     pub operations: BTreeMap<u64, cpb::Operation>,
+    /// Collection aliases (issue 21): alias -> collection.
+    pub aliases: BTreeMap<String, String>,
 }
 
 /// What a node does with a replica the map no longer assigns to it.
@@ -70,6 +72,11 @@ impl MapView {
                     .map(|s| ((s.collection.clone(), s.index), s))
                     .collect();
                 self.operations = m.operations.into_iter().map(|o| (o.id, o)).collect();
+                self.aliases = m
+                    .aliases
+                    .into_iter()
+                    .map(|a| (a.alias, a.collection))
+                    .collect();
             }
             Some(cpb::map_event::Event::Changes(cs)) => {
                 for c in cs.changes.into_iter().filter_map(|c| c.change) {
@@ -91,6 +98,12 @@ impl MapView {
                         }
                         C::ShardPut(s) => {
                             self.shards.insert((s.collection.clone(), s.index), s);
+                        }
+                        C::AliasPut(a) if a.collection.is_empty() => {
+                            self.aliases.remove(&a.alias);
+                        }
+                        C::AliasPut(a) => {
+                            self.aliases.insert(a.alias, a.collection);
                         }
                         C::ShardDropped(id) => {
                             self.shards.remove(&(id.collection, id.index));
@@ -155,6 +168,11 @@ impl MapView {
         } else {
             Removal::Keep
         }
+    }
+
+    /// The collection a request names: an alias's, else the name itself.
+    pub fn resolve<'a>(&'a self, name: &'a str) -> &'a str {
+        self.aliases.get(name).map_or(name, |c| c.as_str())
     }
 
     pub fn shards_of<'a>(&'a self, collection: &'a str) -> impl Iterator<Item = &'a cpb::Shard> {

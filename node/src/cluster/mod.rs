@@ -18,6 +18,7 @@ pub mod ids;
 pub mod lease;
 pub mod mapview;
 pub mod metrics;
+pub mod rebuilds;
 mod reconcile;
 pub mod replicas;
 pub mod replication;

@@ -37,13 +37,16 @@ impl ShoalService {
         role: Role,
     ) -> Result<Principal, Status> {
         let view = &self.0.view;
+        // A key's collections are collections: an alias is checked as the one it
+        // names now (issue 21).
+        let resolved = view.read().resolve(collection).to_string();
         let lookup = |id: &str| view.read().keys.get(id).cloned();
         self.1.allow(
             metadata,
             lookup,
             action,
             collection,
-            Need::on(role, collection),
+            Need::on(role, &resolved),
         )
     }
 }
