@@ -7,6 +7,7 @@ mod ingest;
 mod ir;
 mod load;
 mod measure;
+mod rebuild;
 mod rerank;
 mod scale;
 mod shard;
@@ -43,6 +44,8 @@ enum Cmd {
     /// the engine's ingest, builds next to raw FAISS, bytes per vector, recall next to
     /// raw FAISS, latency (issue 18).
     Scale(scale::ScaleArgs),
+    /// An online rebuild of a loaded collection under query load (issue 21).
+    Rebuild(rebuild::RebuildArgs),
     /// What a vector costs in memory: the id index and row table next to the
     /// structure they replaced, and one shard after a reopen (issue 19).
     Footprint(footprint::FootprintArgs),
@@ -79,6 +82,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Load(args) => load::run(args),
         Cmd::Ingest(args) => ingest::run(args),
         Cmd::Scale(args) => scale::run(args),
+        Cmd::Rebuild(args) => rebuild::run(args),
         Cmd::Footprint(args) => footprint::run(args),
         Cmd::FootprintChild {
             kind,

@@ -1324,14 +1324,14 @@ async fn restart_node(
 /// One load phase's query outcomes: latencies of complete answers (ms), partial
 /// answers, failed queries.
 #[derive(Default)]
-struct Phase {
+pub(crate) struct Phase {
     lat: Vec<f64>,
     partial: u64,
     failed: u64,
 }
 
 impl Phase {
-    fn json(mut self) -> serde_json::Value {
+    pub(crate) fn json(mut self) -> serde_json::Value {
         self.lat.sort_by(f64::total_cmp);
         serde_json::json!({"queries": self.lat.len() as u64 + self.partial + self.failed,
             "complete": self.lat.len(), "partial": self.partial, "failed": self.failed,
@@ -1339,13 +1339,14 @@ impl Phase {
     }
 }
 
-/// The load phases' query clients: 2 closed-loop clients (nprobe 16, k 10) until
+/// The load phases' query clients: 2 closed-loop clients (k 10, `nprobe`; 0: the collection's) until
 /// `stop`, each query counted in the phase (0, 1, 2) it ended in.
-fn query_clients(
+pub(crate) fn query_clients(
     nodes: &[String],
     name: &str,
     queries: &[f32],
     dim: usize,
+    nprobe: u32,
     phase: &std::sync::Arc<std::sync::atomic::AtomicU8>,
     stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> Vec<tokio::task::JoinHandle<Result<[Phase; 3]>>> {
@@ -1368,7 +1369,7 @@ fn query_clients(
                         collection: name.clone(),
                         vector: qs[q * dim..(q + 1) * dim].to_vec(),
                         k: 10,
-                        nprobe: 16,
+                        nprobe,
                         ..Default::default()
                     })
                     .await;
@@ -1387,7 +1388,7 @@ fn query_clients(
 }
 
 /// The clients' phases merged.
-async fn join_phases(
+pub(crate) async fn join_phases(
     clients: Vec<tokio::task::JoinHandle<Result<[Phase; 3]>>>,
 ) -> Result<[Phase; 3]> {
     let mut phases: [Phase; 3] = Default::default();
@@ -1418,7 +1419,7 @@ async fn split_under_load(
     // 0 before, 1 during, 2 after; the phase a query ends in counts it.
     let phase = Arc::new(AtomicU8::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let clients = query_clients(nodes, name, queries, dim, &phase, &stop);
+    let clients = query_clients(nodes, name, queries, dim, 16, &phase, &stop);
     // The writer: batches of 64 new rows (ids past the corpus), acknowledged or not.
     let acked = Arc::new(AtomicU64::new(0));
     let write_failed = Arc::new(AtomicU64::new(0));
@@ -1519,7 +1520,7 @@ async fn split_under_load(
 }
 
 /// Polls operation `id` on `name` to its end.
-async fn wait_operation(
+pub(crate) async fn wait_operation(
     c: &mut shoal_proto::client::Client,
     name: &str,
     id: u64,
@@ -1546,7 +1547,7 @@ async fn wait_operation(
 }
 
 /// Bytes under `dir` (files only).
-fn dir_bytes(dir: &Path) -> u64 {
+pub(crate) fn dir_bytes(dir: &Path) -> u64 {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return 0;
     };
@@ -1575,7 +1576,7 @@ async fn backup_under_load(
     let dim = a.dimension;
     let phase = Arc::new(AtomicU8::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let clients = query_clients(nodes, name, queries, dim, &phase, &stop);
+    let clients = query_clients(nodes, name, queries, dim, 16, &phase, &stop);
     let repo_dir = work.join("backup-repo");
     let _ = std::fs::remove_dir_all(&repo_dir);
     let url = repo_dir.display().to_string();

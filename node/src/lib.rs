@@ -4,4 +4,5 @@
 
 pub mod backup;
 pub mod cluster;
+pub mod model;
 pub mod telemetry;

@@ -3049,3 +3049,71 @@ async fn an_alias_switched_under_load_answers_every_query() {
     assert!(aliases.aliases.is_empty(), "{aliases:?}");
     f.stop().await;
 }
+
+/// Issue 21: a collection names its model by content hash; a node holding another
+/// model (the same dimension) refuses to encode text for it, naming both hashes and
+/// where its own came from, and encodes for a collection of its own model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_holding_another_model_refuses_to_encode_for_the_collection() {
+    let mut f = Fixture::start(true).await;
+    let ours = shoal_node::model::content_hash(&model_dir()).unwrap();
+    for (name, hash) in [
+        ("other-model", "sha256:00ff"),
+        ("same-model", ours.as_str()),
+    ] {
+        f.admin
+            .create_collection(cpb::CreateCollectionRequest {
+                name: name.into(),
+                dimension: 384,
+                metric: cpb::Metric::InnerProduct as i32,
+                encoder: Some(cpb::EncoderRef {
+                    model_id: "all-MiniLM-L6-v2".into(),
+                    content_hash: hash.into(),
+                }),
+                shard_count: 1,
+                replication_factor: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let t = Instant::now();
+    let search = |name: &str| pb::SearchRequest {
+        collection: name.into(),
+        text: "a query".into(),
+        k: 3,
+        ..Default::default()
+    };
+    let e = loop {
+        match f.ga.search(search("other-model")).await {
+            Err(e) if e.code() == tonic::Code::FailedPrecondition => break e,
+            r => {
+                assert!(t.elapsed() < Duration::from_secs(20), "{r:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert!(e.message().contains("sha256:00ff"), "{e}");
+    assert!(e.message().contains(&ours), "{e}");
+    assert!(e.message().contains("all-MiniLM-L6-v2"), "{e}");
+    let e =
+        f.ga.ingest(pb::IngestRequest {
+            collection: "other-model".into(),
+            documents: vec![pb::Document {
+                id: "d".into(),
+                text: "some text".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    // Its own model: encoded and answered.
+    let t = Instant::now();
+    while let Err(e) = f.ga.search(search("same-model")).await {
+        assert!(t.elapsed() < Duration::from_secs(20), "{e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    f.stop().await;
+}

@@ -405,17 +405,23 @@ async fn ensure_collection(target: &Target, name: &str, shards: u32, nlist: u32)
         Err(s) if s.code() == tonic::Code::NotFound => {}
         Err(s) => bail!("describing {name}: {}", s.message()),
     }
+    // The nodes' model (SHOAL_MODEL_DIR, as theirs): its hash names the collection's.
+    let model_dir = std::path::PathBuf::from(
+        std::env::var("SHOAL_MODEL_DIR")
+            .unwrap_or_else(|_| shoal_encoder::DEFAULT_MODEL_DIR.into()),
+    );
     c.admin(|mut a| {
         let name = name.to_string();
+        let model_dir = model_dir.clone();
         async move {
             a.create_collection(cpb::CreateCollectionRequest {
                 name,
                 dimension: 384,
                 metric: cpb::Metric::InnerProduct as i32,
-                encoder: Some(cpb::EncoderRef {
-                    model_id: "all-MiniLM-L6-v2".into(),
-                    content_hash: String::new(),
-                }),
+                encoder: Some(crate::coordinator::encoder_ref(
+                    "all-MiniLM-L6-v2",
+                    &model_dir,
+                )),
                 index: Some(cpb::IndexParams {
                     nlist,
                     ..Default::default()

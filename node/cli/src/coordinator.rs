@@ -243,6 +243,10 @@ pub enum CollectionCmd {
         /// Encoder model id (e.g. all-MiniLM-L6-v2); none for precomputed vectors.
         #[arg(long)]
         model: Option<String>,
+        /// The model's directory: its content hash is the collection's (issue 21), and
+        /// a node encodes the collection's text only with exactly that model.
+        #[arg(long, env = "SHOAL_MODEL_DIR", default_value = shoal_encoder::DEFAULT_MODEL_DIR)]
+        model_dir: std::path::PathBuf,
     },
     List,
     Describe {
@@ -353,6 +357,25 @@ pub async fn alias(target: Target, cmd: AliasCmd) -> anyhow::Result<()> {
         "aliases": r.aliases.iter().map(|a| (a.alias.clone(), serde_json::Value::from(a.collection.clone()))).collect::<serde_json::Map<_, _>>(),
     }));
     Ok(())
+}
+
+/// A collection's model: its id and the content hash of `dir` (issue 21). Without the
+/// directory here the hash stays empty (nodes then check only the dimension), said once.
+pub(crate) fn encoder_ref(model_id: &str, dir: &std::path::Path) -> cpb::EncoderRef {
+    let content_hash = match shoal_node::model::content_hash(dir) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!(
+                "warning: model dir {} unreadable ({e}): the collection names its model without a content hash",
+                dir.display()
+            );
+            String::new()
+        }
+    };
+    cpb::EncoderRef {
+        model_id: model_id.to_string(),
+        content_hash,
+    }
 }
 
 /// Rows a 2-core node indexes a second in a build (docs/benchmarks.md: a 1M-vector
@@ -550,6 +573,7 @@ pub async fn collection(target: Target, cmd: CollectionCmd) -> anyhow::Result<()
             refine,
             rerank,
             model,
+            model_dir,
         } => {
             let metric = match metric.as_str() {
                 "ip" | "inner_product" | "cosine" => cpb::Metric::InnerProduct,
@@ -560,10 +584,7 @@ pub async fn collection(target: Target, cmd: CollectionCmd) -> anyhow::Result<()
                 name,
                 dimension,
                 metric: metric as i32,
-                encoder: model.map(|m| cpb::EncoderRef {
-                    model_id: m,
-                    content_hash: String::new(),
-                }),
+                encoder: model.map(|m| encoder_ref(&m, &model_dir)),
                 index: Some(cpb::IndexParams {
                     nlist,
                     pq_m,

@@ -64,7 +64,7 @@ pub fn check_vector(v: &[f32], dimension: u32, what: &str) -> Result<(), Status>
 pub struct Gateway {
     pub node_id: String,
     pub view: Arc<RwLock<MapView>>,
-    pub encoder: Option<Arc<EncoderPool>>,
+    pub encoder: Option<(Arc<EncoderPool>, crate::model::ModelIdentity)>,
     /// How shard calls reach a node's replicas (its own node's directly).
     transports: Arc<Transports>,
     pub default_deadline: Duration,
@@ -138,7 +138,7 @@ impl Gateway {
     pub fn new(
         node_id: String,
         view: Arc<RwLock<MapView>>,
-        encoder: Option<Arc<EncoderPool>>,
+        encoder: Option<(Arc<EncoderPool>, crate::model::ModelIdentity)>,
         default_deadline: Duration,
         transports: Arc<Transports>,
         limits: Limits,
@@ -246,12 +246,31 @@ impl Gateway {
     }
 
     /// Vectors for `texts` from this node's encoder, and how many texts it truncated.
-    async fn encode(&self, texts: Vec<String>, dimension: u32) -> Result<PoolEncoded, Status> {
-        let enc = self.encoder.as_ref().ok_or_else(|| {
+    async fn encode(
+        &self,
+        texts: Vec<String>,
+        dimension: u32,
+        encoder_ref: Option<&cpb::EncoderRef>,
+    ) -> Result<PoolEncoded, Status> {
+        let (enc, model) = self.encoder.as_ref().ok_or_else(|| {
             Status::failed_precondition(
                 "this node has no encoder (started without a model dir): send vectors",
             )
         })?;
+        // The collection's vectors came from one model: this node must hold exactly
+        // it, not just a model of the same dimension (issue 21).
+        if let Some(want) = encoder_ref.filter(|e| !e.content_hash.is_empty()) {
+            if want.content_hash != model.content_hash {
+                return Err(Status::failed_precondition(format!(
+                    "the collection's vectors come from model {} ({}); this node holds {} \
+                     (loaded from {}): start it with that model's --model-dir, or send vectors",
+                    want.model_id,
+                    want.content_hash,
+                    model.content_hash,
+                    model.dir.display()
+                )));
+            }
+        }
         if enc.dimension() != dimension as usize {
             return Err(Status::failed_precondition(format!(
                 "the encoder makes {}-d vectors, the collection holds {dimension}-d",
@@ -328,7 +347,9 @@ impl Gateway {
         let mut truncated = 0u64;
         if !to_encode.is_empty() {
             let texts: Vec<String> = to_encode.iter().map(|&i| docs[i].text.clone()).collect();
-            let out = self.encode(texts, coll.dimension).await?;
+            let out = self
+                .encode(texts, coll.dimension, coll.encoder.as_ref())
+                .await?;
             truncated = out.truncated as u64;
             for (i, v) in to_encode.into_iter().zip(out.vectors) {
                 docs[i].vector = v;
@@ -747,7 +768,11 @@ impl Gateway {
         }
         let query = match (req.text.trim().is_empty(), req.vector.is_empty()) {
             (false, true) => self
-                .encode(vec![req.text.clone()], coll.dimension)
+                .encode(
+                    vec![req.text.clone()],
+                    coll.dimension,
+                    coll.encoder.as_ref(),
+                )
                 .await?
                 .vectors
                 .pop()

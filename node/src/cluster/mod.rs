@@ -222,6 +222,20 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         .clone()
         .unwrap_or_else(|| internal_addr.to_string());
 
+    // The model's identity (issue 21): a collection's content hash is checked against it.
+    let model = match &cfg.model_dir {
+        Some(dir) => {
+            let d = dir.clone();
+            let content_hash =
+                tokio::task::spawn_blocking(move || crate::model::content_hash(&d)).await??;
+            tracing::info!(dir = %dir.display(), %content_hash, "model");
+            Some(crate::model::ModelIdentity {
+                content_hash,
+                dir: dir.clone(),
+            })
+        }
+        None => None,
+    };
     let encoder = match &cfg.model_dir {
         Some(dir) => {
             let dir = dir.clone();
@@ -383,7 +397,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     let gateway = Arc::new(Gateway::new(
         cfg.id.clone(),
         view.clone(),
-        encoder,
+        encoder.map(|e| (e, model.expect("a model with its encoder"))),
         cfg.search_deadline,
         transports.clone(),
         cfg.limits.clone(),
