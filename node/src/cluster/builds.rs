@@ -443,7 +443,7 @@ impl Builds {
                 } else {
                     0
                 };
-                let previous = r.previous.clone().unwrap_or_default();
+                let previous = r.previous.unwrap_or_default();
                 st.jobs.insert(
                     key.clone(),
                     Job {
