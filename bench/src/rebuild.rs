@@ -20,7 +20,7 @@ use shoal_proto::coordinator as cpb;
 use shoal_proto::v1 as pb;
 
 use crate::ir::encode_all;
-use crate::scale::{dir_bytes, join_phases, query_clients};
+use crate::scale::{collection_bytes, join_phases, query_clients};
 
 #[derive(Args)]
 pub struct RebuildArgs {
@@ -96,26 +96,6 @@ async fn ndcg(
     Ok(total / queries.len() as f64)
 }
 
-/// The collection's shard directories' bytes on every node of the dev cluster.
-fn shard_bytes(dev: &std::path::Path, name: &str) -> u64 {
-    let mut total = 0;
-    for n in std::fs::read_dir(dev).into_iter().flatten().flatten() {
-        for d in std::fs::read_dir(n.path().join("shards"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if d.file_name()
-                .to_string_lossy()
-                .starts_with(&format!("{name}-"))
-            {
-                total += dir_bytes(&d.path());
-            }
-        }
-    }
-    total
-}
-
 async fn operation(
     c: &mut shoal_proto::client::Client,
     name: &str,
@@ -183,7 +163,7 @@ pub fn run(a: RebuildArgs) -> Result<()> {
         } else {
             serde_json::Value::Null
         };
-        let bytes_before = shard_bytes(&a.dev_dir, &name);
+        let bytes_before = collection_bytes(&a.dev_dir, &name);
         let phase = Arc::new(AtomicU8::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let clients = query_clients(&nodes, &name, &flat, dim, 0, &phase, &stop);
@@ -204,7 +184,7 @@ pub fn run(a: RebuildArgs) -> Result<()> {
         // nodes wrote it: a moment later), sampling the disk.
         let mut peak = bytes_before;
         let switched = loop {
-            peak = peak.max(shard_bytes(&a.dev_dir, &name));
+            peak = peak.max(collection_bytes(&a.dev_dir, &name));
             let o = operation(&mut c, &name, op.id).await?;
             let phase_now = o.rebuild.as_ref().map_or("", |r| r.phase.as_str()).to_string();
             if o.state != "running" && phase_now != "switched" {
@@ -220,7 +200,7 @@ pub fn run(a: RebuildArgs) -> Result<()> {
         };
         let switch_s = t.elapsed().as_secs_f64();
         for _ in 0..10 {
-            peak = peak.max(shard_bytes(&a.dev_dir, &name));
+            peak = peak.max(collection_bytes(&a.dev_dir, &name));
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         phase.store(2, Ordering::Relaxed);
@@ -258,7 +238,7 @@ pub fn run(a: RebuildArgs) -> Result<()> {
         c.commit_rebuild(cpb::EndRebuildRequest { collection: name.clone(), operation: op2.id })
             .await?;
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let bytes_committed = shard_bytes(&a.dev_dir, &name);
+        let bytes_committed = collection_bytes(&a.dev_dir, &name);
         let ndcg_committed = ndcg(&nodes[0], &name, &scored, &qrels).await?;
         println!(
             "{}",

@@ -109,6 +109,17 @@ pub struct ScaleArgs {
     /// before, during and after the backup.
     #[arg(long)]
     backup: bool,
+    /// After the queries, rebuild the collection online to other parameters (issue
+    /// 21) under 2 query clients (the collection's own nprobe): the gate's figures, the
+    /// time to the switch, query latency before, during and after, recall@10 before and
+    /// after, the shard directories' bytes before, at their peak and after the commit.
+    #[arg(long)]
+    rebuild: bool,
+    /// The rebuild's nlist and nprobe (0: twice the collection's).
+    #[arg(long, default_value_t = 0)]
+    rebuild_nlist: u32,
+    #[arg(long, default_value_t = 0)]
+    rebuild_nprobe: u32,
     /// Skip raw FAISS (its builds and its recall): for runs measuring the cluster
     /// alone (restart and restore at a size whose reference build would double the
     /// run); the build ratio and recall comparison come from runs without it.
@@ -612,6 +623,15 @@ pub fn run(a: ScaleArgs) -> Result<()> {
     } else {
         serde_json::Value::Null
     };
+    let rebuild = if a.rebuild {
+        let v = rt.block_on(rebuild_under_load(
+            &a, coords, &nodes, name, &queries, &truth, &dev_dir,
+        ))?;
+        emit(v.clone());
+        v
+    } else {
+        serde_json::Value::Null
+    };
     let mut restarted = None;
     let restart = if a.restart {
         let (v, child) = rt.block_on(restart_node(coords, name, &dev_dir, &nodes[1]))?;
@@ -653,6 +673,7 @@ pub fn run(a: ScaleArgs) -> Result<()> {
         "build_params": params, "build_cluster_s": cs, "build_faiss_s": fs, "build_cluster_vs_faiss": cs / fs,
         "anon_bytes_per_vector": anon_per_vector,
         "quality": quality, "restart": restart, "restore": restore, "split": split, "backup": backup,
+        "rebuild": rebuild,
     }));
     Ok(())
 }
@@ -1558,6 +1579,131 @@ pub(crate) fn dir_bytes(dir: &Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
+}
+
+/// The bytes of `name`'s shard directories on every node of the dev cluster.
+pub(crate) fn collection_bytes(dev: &Path, name: &str) -> u64 {
+    let mut total = 0;
+    for n in std::fs::read_dir(dev).into_iter().flatten().flatten() {
+        for d in std::fs::read_dir(n.path().join("shards"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if d.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{name}-"))
+            {
+                total += dir_bytes(&d.path());
+            }
+        }
+    }
+    total
+}
+
+/// `--rebuild`: an online rebuild under query load, committed.
+async fn rebuild_under_load(
+    a: &ScaleArgs,
+    coords: &str,
+    nodes: &[String],
+    name: &str,
+    queries: &[f32],
+    truth: &[Vec<i64>],
+    dev: &Path,
+) -> Result<serde_json::Value> {
+    use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+    use std::sync::Arc;
+    let dim = a.dimension;
+    let mut c = shoal_proto::client::Client::new(coords.split(',').map(String::from));
+    c.patience = Duration::from_secs(60);
+    let ix = c
+        .describe_collection(cpb::DescribeCollectionRequest { name: name.into() })
+        .await?
+        .collection
+        .and_then(|c| c.index)
+        .unwrap_or_default();
+    let nlist = if a.rebuild_nlist > 0 {
+        a.rebuild_nlist
+    } else {
+        ix.nlist.max(1) * 2
+    };
+    let nprobe = if a.rebuild_nprobe > 0 {
+        a.rebuild_nprobe
+    } else {
+        ix.nprobe.max(1) * 2
+    };
+    let (ids, _) = cluster_queries(nodes, name, queries, dim, 0, 1).await?;
+    let recall_before = recall_at(10, &ids, truth);
+    let bytes_before = collection_bytes(dev, name);
+    let phase = Arc::new(AtomicU8::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = query_clients(nodes, name, queries, dim, 0, &phase, &stop);
+    let window = Duration::from_secs(a.split_window);
+    tokio::time::sleep(window).await;
+    phase.store(1, Ordering::Relaxed);
+    let t = Instant::now();
+    let op = c
+        .start_rebuild(cpb::StartRebuildRequest {
+            collection: name.into(),
+            nlist,
+            nprobe,
+            ..Default::default()
+        })
+        .await?;
+    let mut peak = bytes_before;
+    let switched = loop {
+        peak = peak.max(collection_bytes(dev, name));
+        let ops = c
+            .list_operations(cpb::ListOperationsRequest {
+                collection: name.into(),
+            })
+            .await?;
+        let o = ops
+            .operations
+            .into_iter()
+            .find(|o| o.id == op.id)
+            .context("the rebuild is listed")?;
+        let ph = o
+            .rebuild
+            .as_ref()
+            .map_or("", |r| r.phase.as_str())
+            .to_string();
+        if ph == "switched" {
+            break o;
+        }
+        if o.state != "running" {
+            bail!("rebuild {} {}: {}", o.id, o.state, o.reason);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let switch_s = t.elapsed().as_secs_f64();
+    phase.store(2, Ordering::Relaxed);
+    let t2 = Instant::now();
+    while t2.elapsed() < window {
+        peak = peak.max(collection_bytes(dev, name));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let [before, during, after] = join_phases(clients).await?;
+    let (ids, _) = cluster_queries(nodes, name, queries, dim, 0, 1).await?;
+    let recall_after = recall_at(10, &ids, truth);
+    c.commit_rebuild(cpb::EndRebuildRequest {
+        collection: name.into(),
+        operation: op.id,
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let bytes_committed = collection_bytes(dev, name);
+    Ok(serde_json::json!({
+        "step": "rebuild", "from": {"nlist": ix.nlist, "nprobe": ix.nprobe},
+        "to": {"nlist": nlist, "nprobe": nprobe}, "switch_s": switch_s,
+        "gate": switched.steps.iter().map(|s| serde_json::json!({"shard": s.shard, "gate": s.gate})).collect::<Vec<_>>(),
+        "recall_at_10_before": recall_before, "recall_at_10_after": recall_after,
+        "queries_before": before.json(), "queries_during": during.json(), "queries_after": after.json(),
+        "collection_bytes_before": bytes_before, "collection_bytes_peak": peak,
+        "extra_disk_at_peak": peak.saturating_sub(bytes_before),
+        "collection_bytes_after_commit": bytes_committed,
+    }))
 }
 
 /// `--backup`: a backup under query load (2 clients, nprobe 16), a second one of the

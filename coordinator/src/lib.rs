@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod error;
+pub mod index;
 pub mod map;
 pub mod member;
 pub mod metrics;

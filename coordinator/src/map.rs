@@ -19,41 +19,12 @@ pub const MAX_DIMENSION: u32 = 4096;
 pub const MAX_SHARDS: u32 = 1024;
 pub const DEFAULT_REPLICA_MEMORY: u64 = 256 << 20;
 
+/// A collection's index parameters (`index.rs`: below the map, which operations share).
+pub use crate::index::IndexParams;
 /// The shared metric (`shoal_proto::metric`): its variant order is the log's format.
 pub use shoal_proto::metric::Metric;
 /// The shared re-ranking precision (`shoal_proto::precision`), likewise.
 pub use shoal_proto::precision::Precision;
-
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct IndexParams {
-    pub nlist: u32,
-    pub pq_m: u32,
-    pub pq_nbits: u32,
-    pub nprobe: u32,
-    pub refine: u32,
-    /// What re-ranking reads (issue 19); a build may choose another.
-    pub rerank: Precision,
-}
-
-impl IndexParams {
-    /// Defaults for a dimension, matching the shard engine's (IVF1024, PQ d/8 x 8 bits,
-    /// nprobe 32, re-rank 10x); `m` falls back to the largest divisor of `d` at most d/8.
-    pub fn defaults(dimension: u32) -> Self {
-        let target = (dimension / 8).max(1);
-        let pq_m = (1..=target)
-            .rev()
-            .find(|m| dimension.is_multiple_of(*m))
-            .unwrap_or(1);
-        Self {
-            nlist: 1024,
-            pq_m,
-            pq_nbits: 8,
-            nprobe: 32,
-            refine: 10,
-            rerank: Precision::F32,
-        }
-    }
-}
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct EncoderRef {
@@ -1268,7 +1239,7 @@ impl ClusterMap {
             }
             OperationKind::Rebuild(p) => {
                 let c = self.incarnation(collection, collection_id)?;
-                crate::rebuild::check_params(p, c.spec.dimension)?;
+                p.check(c.spec.dimension)?;
                 if p.previous != c.spec.index {
                     return Err(MapError::FailedPrecondition(format!(
                         "the collection's index parameters changed since the rebuild was asked for ({:?}, not {:?})",

@@ -609,51 +609,10 @@ impl Coordinator {
                         failed.push((key.clone(), r.failed.clone()));
                     }
                 }
-                // A build its primary could not make fails its operation's step.
-                if s.primary.as_deref() == Some(node)
-                    && r.build_operation != 0
-                    && !r.build_error.is_empty()
-                    && st.map.operations.get(&r.build_operation).is_some_and(|o| {
-                        o.running()
-                            && matches!(
-                                o.steps.get(&key.index),
-                                Some(crate::operations::Step::Pending { .. })
-                            )
-                    })
-                {
-                    let mut reason = r.build_error.clone();
-                    reason.truncate(reason.floor_char_boundary(1024));
-                    generations.push(Command::OperationStep {
-                        id: r.build_operation,
-                        shard: key.index,
-                        step: crate::operations::Step::Failed {
-                            reason: format!("on {node}: {reason}"),
-                        },
-                    });
-                }
-                // A rebuild's generation its primary staged and gated (issue 21).
-                if s.primary.as_deref() == Some(node)
-                    && r.staged_operation != 0
-                    && !r.gate.is_empty()
-                    && st.map.operations.get(&r.staged_operation).is_some_and(|o| {
-                        o.running()
-                            && matches!(o.kind, crate::operations::OperationKind::Rebuild(_))
-                            && matches!(
-                                o.steps.get(&key.index),
-                                Some(crate::operations::Step::Pending { .. })
-                            )
-                    })
-                {
-                    let mut gate = r.gate.clone();
-                    gate.truncate(gate.floor_char_boundary(1024));
-                    generations.push(Command::OperationStep {
-                        id: r.staged_operation,
-                        shard: key.index,
-                        step: crate::operations::Step::Staged {
-                            generation: r.staged_generation,
-                            gate: format!("on {node}: {gate}"),
-                        },
-                    });
+                // The operation steps its primary's report ends (builds, rebuilds,
+                // compactions, backups and restores).
+                if s.primary.as_deref() == Some(node) {
+                    generations.extend(operation_steps(&st.map, &key, node, &r));
                 }
                 // A sealed primary with nothing in flight names where its log ends.
                 if let Some(crate::split::SplitRole::Sealed { operation, .. }) = &s.split {
@@ -671,66 +630,6 @@ impl Coordinator {
                             shard: key.clone(),
                             operation: *operation,
                             at,
-                        });
-                    }
-                }
-                // A compaction its primary did ends its operation's step.
-                if s.primary.as_deref() == Some(node)
-                    && r.compacted_operation != 0
-                    && st
-                        .map
-                        .operations
-                        .get(&r.compacted_operation)
-                        .is_some_and(|o| {
-                            o.running()
-                                && o.kind == crate::operations::OperationKind::Compact
-                                && matches!(
-                                    o.steps.get(&key.index),
-                                    Some(crate::operations::Step::Pending { .. })
-                                )
-                        })
-                {
-                    generations.push(Command::OperationStep {
-                        id: r.compacted_operation,
-                        shard: key.index,
-                        step: crate::operations::Step::Done {
-                            generation: r.layout,
-                        },
-                    });
-                }
-                // A backup or restore its primary finished, or could not (issue 20).
-                if s.primary.as_deref() == Some(node) {
-                    let pending = |id: u64| {
-                        st.map.operations.get(&id).is_some_and(|o| {
-                            o.running()
-                                && matches!(
-                                    o.kind,
-                                    crate::operations::OperationKind::Backup { .. }
-                                        | crate::operations::OperationKind::Restore { .. }
-                                )
-                                && matches!(
-                                    o.steps.get(&key.index),
-                                    Some(crate::operations::Step::Pending { .. })
-                                )
-                        })
-                    };
-                    if r.finished_operation != 0 && pending(r.finished_operation) {
-                        generations.push(Command::OperationStep {
-                            id: r.finished_operation,
-                            shard: key.index,
-                            step: crate::operations::Step::Done {
-                                generation: r.applied_seq,
-                            },
-                        });
-                    } else if r.failed_operation != 0 && pending(r.failed_operation) {
-                        let mut reason = r.operation_error.clone();
-                        reason.truncate(reason.floor_char_boundary(1024));
-                        generations.push(Command::OperationStep {
-                            id: r.failed_operation,
-                            shard: key.index,
-                            step: crate::operations::Step::Failed {
-                                reason: format!("on {node}: {reason}"),
-                            },
                         });
                     }
                 }
@@ -1478,10 +1377,181 @@ fn finish(r: Response) -> Result<u64> {
     }
 }
 
+/// Pure: the operation steps a shard's primary's report ends (issue 18-21): a build or
+/// rebuild it could not make (failed, with its error), a rebuild's generation it
+/// staged and gated (`Staged`, with the gate's figures), a compaction it did, a backup
+/// or restore it finished or could not. Each only while its step is pending.
+pub fn operation_steps(
+    map: &ClusterMap,
+    key: &ShardKey,
+    node: &str,
+    r: &shoal_proto::coordinator::ReplicaReport,
+) -> Vec<Command> {
+    use crate::operations::{OperationKind as K, Step};
+    let pending = |id: u64, kind: &dyn Fn(&K) -> bool| {
+        id != 0
+            && map.operations.get(&id).is_some_and(|o| {
+                o.running()
+                    && kind(&o.kind)
+                    && matches!(o.steps.get(&key.index), Some(Step::Pending { .. }))
+            })
+    };
+    // A node's words in a step: at most 1 KiB, naming the node.
+    let said = |text: &str| {
+        let mut t = text.to_string();
+        t.truncate(t.floor_char_boundary(1024));
+        format!("on {node}: {t}")
+    };
+    let step = |id: u64, step: Step| Command::OperationStep {
+        id,
+        shard: key.index,
+        step,
+    };
+    let mut out = Vec::new();
+    if !r.build_error.is_empty() && pending(r.build_operation, &|_| true) {
+        let reason = said(&r.build_error);
+        out.push(step(r.build_operation, Step::Failed { reason }));
+    }
+    if !r.gate.is_empty() && pending(r.staged_operation, &|k| matches!(k, K::Rebuild(_))) {
+        let gate = said(&r.gate);
+        out.push(step(
+            r.staged_operation,
+            Step::Staged {
+                generation: r.staged_generation,
+                gate,
+            },
+        ));
+    }
+    if pending(r.compacted_operation, &|k| *k == K::Compact) {
+        out.push(step(
+            r.compacted_operation,
+            Step::Done {
+                generation: r.layout,
+            },
+        ));
+    }
+    let stored = |k: &K| matches!(k, K::Backup { .. } | K::Restore { .. });
+    if pending(r.finished_operation, &stored) {
+        out.push(step(
+            r.finished_operation,
+            Step::Done {
+                generation: r.applied_seq,
+            },
+        ));
+    } else if pending(r.failed_operation, &stored) {
+        let reason = said(&r.operation_error);
+        out.push(step(r.failed_operation, Step::Failed { reason }));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::map::tests::{map_with_nodes, placed, primary_and_backups, spec};
+
+    /// Issues 18-21: a primary's report ends the steps it names, each only while
+    /// pending and of an operation of the right kind.
+    #[test]
+    fn a_primarys_report_ends_the_pending_steps_it_names() {
+        use crate::operations::{BuildParams, OperationKind, RebuildParams, RebuildPhase, Step};
+        use shoal_proto::coordinator::ReplicaReport;
+        let mut m = map_with_nodes(2);
+        m.apply(&placed(&m, spec("c", 1, 1))).unwrap();
+        let id = m.collections["c"].id;
+        let index = m.collections["c"].spec.index.clone();
+        let start = |m: &mut ClusterMap, kind: OperationKind| {
+            m.apply(&Command::StartOperation {
+                kind,
+                collection: "c".into(),
+                collection_id: id,
+                started_ms: 0,
+            })
+            .unwrap();
+            m.next_operation_id
+        };
+        let compact = start(&mut m, OperationKind::Compact);
+        let build = BuildParams {
+            nlist: 16,
+            pq_m: 48,
+            pq_nbits: 8,
+            train_sample: 1000,
+            rows_per_shard: 1000,
+            rerank: Default::default(),
+        };
+        let rebuild = start(
+            &mut m,
+            OperationKind::Rebuild(RebuildParams {
+                build,
+                nprobe: 8,
+                refine: 10,
+                gate_k: 10,
+                margin_bp: 100,
+                previous: index,
+                phase: RebuildPhase::Building,
+            }),
+        );
+        let key = ShardKey {
+            collection: "c".into(),
+            index: 0,
+        };
+        let steps = |r: ReplicaReport| -> Vec<(u64, Step)> {
+            operation_steps(&m, &key, "n0", &r)
+                .into_iter()
+                .map(|c| match c {
+                    Command::OperationStep { id, step, .. } => (id, step),
+                    c => panic!("{c:?}"),
+                })
+                .collect()
+        };
+        // A gate's figures end the rebuild's step as staged; the compaction's report
+        // ends its own; a staged report without figures (a backup's) ends nothing.
+        let r = ReplicaReport {
+            staged_operation: rebuild,
+            staged_generation: 4,
+            gate: "recall@10 0.99 -> 0.99".into(),
+            compacted_operation: compact,
+            layout: 7,
+            ..Default::default()
+        };
+        assert_eq!(
+            steps(r.clone()),
+            vec![
+                (
+                    rebuild,
+                    Step::Staged {
+                        generation: 4,
+                        gate: "on n0: recall@10 0.99 -> 0.99".into()
+                    }
+                ),
+                (compact, Step::Done { generation: 7 }),
+            ]
+        );
+        assert!(steps(ReplicaReport {
+            gate: String::new(),
+            compacted_operation: 0,
+            ..r.clone()
+        })
+        .is_empty());
+        // A rebuild's report does not end a compaction, nor a finished report a
+        // rebuild (only backups and restores).
+        assert!(steps(ReplicaReport {
+            staged_operation: compact,
+            finished_operation: rebuild,
+            compacted_operation: rebuild,
+            ..r.clone()
+        })
+        .is_empty());
+        // A build error fails the step, clipped to 1 KiB.
+        let failed = steps(ReplicaReport {
+            build_operation: rebuild,
+            build_error: "x".repeat(5000),
+            ..Default::default()
+        });
+        assert!(
+            matches!(&failed[..], [(id, Step::Failed { reason })] if *id == rebuild && reason.len() < 1100)
+        );
+    }
 
     /// Issue 16: a planned move is asked only of the node leading the shard at the
     /// asked epoch, and only until the ask expires.

@@ -79,7 +79,7 @@ pub struct RebuildParams {
     pub gate_k: u32,
     pub margin_bp: u32,
     /// The collection's index parameters before (a rollback restores them).
-    pub previous: crate::map::IndexParams,
+    pub previous: crate::index::IndexParams,
     pub phase: RebuildPhase,
 }
 

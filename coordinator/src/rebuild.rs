@@ -31,8 +31,14 @@ pub fn switched_params(p: &RebuildParams) -> IndexParams {
     }
 }
 
-/// Checks a rebuild's parameters against the collection's dimension.
-pub fn check_params(p: &RebuildParams, dimension: u32) -> Result<()> {
+impl RebuildParams {
+    /// Checks a rebuild's parameters against the collection's dimension.
+    pub fn check(&self, dimension: u32) -> Result<()> {
+        check_params(self, dimension)
+    }
+}
+
+fn check_params(p: &RebuildParams, dimension: u32) -> Result<()> {
     let b = &p.build;
     if b.nlist == 0 || b.nlist > 1 << 20 {
         return Err(invalid(format!("nlist {}: 1 to 2^20", b.nlist)));
@@ -118,7 +124,12 @@ impl ClusterMap {
         })
     }
 
-    fn rebuild_mut(&mut self, operation: u64) -> Result<(&mut Operation, RebuildPhase)> {
+    /// Rebuild `operation`, and its phase; with `collection`, only a rebuild of it.
+    fn rebuild_mut(
+        &mut self,
+        operation: u64,
+        collection: Option<&str>,
+    ) -> Result<(&mut Operation, RebuildPhase)> {
         let op = self
             .operations
             .get_mut(&operation)
@@ -126,6 +137,12 @@ impl ClusterMap {
         let OperationKind::Rebuild(p) = &op.kind else {
             return Err(invalid(format!("operation {operation} is not a rebuild")));
         };
+        if let Some(c) = collection.filter(|c| *c != op.collection) {
+            return Err(invalid(format!(
+                "operation {operation} rebuilds {}, not {c}",
+                op.collection
+            )));
+        }
         let phase = p.phase;
         Ok((op, phase))
     }
@@ -140,7 +157,7 @@ impl ClusterMap {
 
     /// `SwitchRebuild`: the collection serves the rebuild's generations.
     pub(crate) fn switch_rebuild(&mut self, operation: u64) -> Result<Vec<Change>> {
-        let (op, phase) = self.rebuild_mut(operation)?;
+        let (op, phase) = self.rebuild_mut(operation, None)?;
         if !op.running() || phase != RebuildPhase::Building {
             return Err(MapError::FailedPrecondition(format!(
                 "rebuild {operation} is {} ({}): nothing to switch",
@@ -159,7 +176,7 @@ impl ClusterMap {
         }
         let (name, id) = (op.collection.clone(), op.collection_id);
         self.incarnation(&name, id)?;
-        let (op, _) = self.rebuild_mut(operation)?;
+        let (op, _) = self.rebuild_mut(operation, None)?;
         let p = Self::set_phase(op, RebuildPhase::Switched);
         let op = op.clone();
         let c = self.collections.get_mut(&name).expect("checked");
@@ -177,13 +194,7 @@ impl ClusterMap {
         operation: u64,
     ) -> Result<Vec<Change>> {
         let version = self.version + 1;
-        let (op, phase) = self.rebuild_mut(operation)?;
-        if op.collection != collection {
-            return Err(invalid(format!(
-                "operation {operation} rebuilds {}, not {collection}",
-                op.collection
-            )));
-        }
+        let (op, phase) = self.rebuild_mut(operation, Some(collection))?;
         match phase {
             RebuildPhase::Switched => {}
             RebuildPhase::Building if op.running() => {
@@ -211,13 +222,7 @@ impl ClusterMap {
         operation: u64,
     ) -> Result<Vec<Change>> {
         let version = self.version + 1;
-        let (op, phase) = self.rebuild_mut(operation)?;
-        if op.collection != collection {
-            return Err(invalid(format!(
-                "operation {operation} rebuilds {}, not {collection}",
-                op.collection
-            )));
-        }
+        let (op, phase) = self.rebuild_mut(operation, Some(collection))?;
         match phase {
             RebuildPhase::Committed => {
                 return Err(MapError::FailedPrecondition(format!(

@@ -955,16 +955,7 @@ impl cpb::admin_server::Admin for AdminService {
                     Status::not_found(format!("collection {:?} not found", req.collection))
                 })?;
                 // Sized by the largest shard, as its primary last reported it.
-                let rows = {
-                    let reports = self.0.reports.lock();
-                    map.shards_of(&req.collection)
-                        .filter_map(|s| {
-                            let p = s.primary.as_deref()?;
-                            reports.get(&s.key, p).map(|r| r.live_docs)
-                        })
-                        .max()
-                        .unwrap_or(0)
-                };
+                let rows = self.largest_shard(&map, &req.collection);
                 if rows == 0 && req.nlist == 0 && c.spec.index.nlist == 0 {
                     return Err(Status::failed_precondition(format!(
                         "no shard of {} has reported documents yet, so its index cannot be \

@@ -3050,16 +3050,48 @@ async fn an_alias_switched_under_load_answers_every_query() {
     f.stop().await;
 }
 
-/// Issue 21: a collection names its model by content hash; a node holding another
-/// model (the same dimension) refuses to encode text for it, naming both hashes and
-/// where its own came from, and encodes for a collection of its own model.
+/// Issue 21: a collection names its model by content hash. A node encodes a
+/// collection's text only with exactly that model: one holding several (`--model-dir`
+/// and `--extra-model-dir`) picks the one the collection names; a model of the same
+/// dimension and other bytes is refused, naming the hash wanted and what the node holds
+/// where.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_node_holding_another_model_refuses_to_encode_for_the_collection() {
+async fn a_node_encodes_each_collection_with_the_model_it_names_and_refuses_another() {
     let mut f = Fixture::start(true).await;
+    // A second model dir: the same weights with another README, so another hash.
+    let other = f._dir.path().join("other-model");
+    let copy = std::process::Command::new("cp")
+        .args(["-r"])
+        .arg(model_dir())
+        .arg(&other)
+        .status()
+        .unwrap();
+    assert!(copy.success());
+    std::fs::write(other.join("README.md"), "another model").unwrap();
     let ours = shoal_node::model::content_hash(&model_dir()).unwrap();
+    let theirs = shoal_node::model::content_hash(&other).unwrap();
+    assert_ne!(ours, theirs);
+    // Node m holds both; node a (the fixture's) only the first.
+    let m = cluster::start(NodeConfig {
+        id: "m".into(),
+        listen: format!("127.0.0.1:{}", free_port()),
+        internal_listen: format!("127.0.0.1:{}", free_port()),
+        coordinators: f.addrs.clone(),
+        data_dir: f._dir.path().join("m"),
+        model_dir: Some(model_dir()),
+        extra_model_dirs: vec![other.clone()],
+        heartbeat: Duration::from_millis(200),
+        ..NodeConfig::default()
+    })
+    .await
+    .expect("node m starts");
+    let mut gm = ShoalClient::connect(format!("http://{}", m.public_addr))
+        .await
+        .unwrap();
     for (name, hash) in [
-        ("other-model", "sha256:00ff"),
-        ("same-model", ours.as_str()),
+        ("unknown-model", "sha256:00ff"),
+        ("first-model", ours.as_str()),
+        ("second-model", theirs.as_str()),
     ] {
         f.admin
             .create_collection(cpb::CreateCollectionRequest {
@@ -3077,28 +3109,46 @@ async fn a_node_holding_another_model_refuses_to_encode_for_the_collection() {
             .await
             .unwrap();
     }
-    let t = Instant::now();
     let search = |name: &str| pb::SearchRequest {
         collection: name.into(),
         text: "a query".into(),
         k: 3,
         ..Default::default()
     };
-    let e = loop {
-        match f.ga.search(search("other-model")).await {
-            Err(e) if e.code() == tonic::Code::FailedPrecondition => break e,
-            r => {
-                assert!(t.elapsed() < Duration::from_secs(20), "{r:?}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+    let refused = |g: &mut ShoalClient<tonic::transport::Channel>, name: &'static str| {
+        let mut g = g.clone();
+        async move {
+            let t = Instant::now();
+            loop {
+                match g.search(search(name)).await {
+                    Err(e) if e.code() == tonic::Code::FailedPrecondition => return e,
+                    r => {
+                        assert!(t.elapsed() < Duration::from_secs(20), "{r:?}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
             }
         }
     };
-    assert!(e.message().contains("sha256:00ff"), "{e}");
-    assert!(e.message().contains(&ours), "{e}");
-    assert!(e.message().contains("all-MiniLM-L6-v2"), "{e}");
+    let e = refused(&mut gm, "unknown-model").await;
+    for part in [
+        "sha256:00ff",
+        ours.as_str(),
+        theirs.as_str(),
+        "all-MiniLM-L6-v2",
+    ] {
+        assert!(e.message().contains(part), "{part}: {e}");
+    }
+    assert!(e.message().contains(&*other.to_string_lossy()), "{e}");
+    // Node a holds only the first model: the second's collection is refused there.
+    let e = refused(&mut f.ga, "second-model").await;
+    assert!(
+        e.message().contains(&theirs) && e.message().contains(&ours),
+        "{e}"
+    );
     let e =
         f.ga.ingest(pb::IngestRequest {
-            collection: "other-model".into(),
+            collection: "second-model".into(),
             documents: vec![pb::Document {
                 id: "d".into(),
                 text: "some text".into(),
@@ -3109,11 +3159,14 @@ async fn a_node_holding_another_model_refuses_to_encode_for_the_collection() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
-    // Its own model: encoded and answered.
-    let t = Instant::now();
-    while let Err(e) = f.ga.search(search("same-model")).await {
-        assert!(t.elapsed() < Duration::from_secs(20), "{e}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    // Node m encodes each of the two with its own model.
+    for name in ["first-model", "second-model"] {
+        let t = Instant::now();
+        while let Err(e) = gm.search(search(name)).await {
+            assert!(t.elapsed() < Duration::from_secs(20), "{name}: {e}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
+    m.shutdown().await;
     f.stop().await;
 }

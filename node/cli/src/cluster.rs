@@ -52,6 +52,10 @@ pub struct NodeArgs {
     /// Sentence-transformers model dir; without one the node takes vectors only.
     #[arg(long, env = "SHOAL_MODEL_DIR")]
     model_dir: Option<PathBuf>,
+    /// More model dirs this node encodes with (issue 21): each collection is encoded
+    /// by the model whose content hash it names.
+    #[arg(long, env = "SHOAL_EXTRA_MODEL_DIRS", value_delimiter = ',')]
+    extra_model_dir: Vec<PathBuf>,
     /// Where the encoder runs: cpu, cuda or cuda:N (CUDA needs a build with
     /// `--features cuda`) [default: cpu].
     #[arg(long, env = "SHOAL_ENCODER_DEVICE")]
@@ -167,6 +171,9 @@ impl NodeArgs {
             recent_log_bytes,
             disk_reserve_bytes
         );
+        if !self.extra_model_dir.is_empty() {
+            c.extra_model_dirs = self.extra_model_dir.clone();
+        }
         macro_rules! set_some {
             ($($f:ident),*) => { $( if self.$f.is_some() { c.$f = self.$f; } )* };
         }

@@ -1,6 +1,12 @@
 //! BERT as a Burn module, generic over the backend. Field names mirror the Hugging
 //! Face checkpoint (`encoder.layer.N.attention.self.query`, ...) so weights load by
 //! path; `LayerNorm` and `self` are renamed on load (see `Bert::load`).
+//!
+//! MPNet (issue 21: all-mpnet-base-v2, the second model) is the same layer stack with
+//! its attention weights named `attention.attn.{q,k,v,o}` (mapped onto BERT's on load),
+//! no token-type embeddings, position ids counted from past the padding id, and one
+//! relative-position bias (`encoder.relative_attention_bias`, T5-style buckets) added
+//! to every layer's attention scores.
 
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
@@ -8,7 +14,7 @@ use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Int, Tensor};
+use burn::tensor::{Bool, Int, Tensor, TensorData};
 use burn_store::{
     HalfPrecisionAdapter, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore,
 };
@@ -21,7 +27,8 @@ use crate::{AttentionMask, Precision};
 pub struct Embeddings<B: Backend> {
     word_embeddings: Embedding<B>,
     position_embeddings: Embedding<B>,
-    token_type_embeddings: Embedding<B>,
+    /// BERT's; MPNet has none.
+    token_type_embeddings: Option<Embedding<B>>,
     layer_norm: LayerNorm<B>,
 }
 
@@ -59,6 +66,8 @@ pub struct Layer<B: Backend> {
 #[derive(Module, Debug)]
 pub struct LayerStack<B: Backend> {
     layer: Vec<Layer<B>>,
+    /// MPNet's relative-position bias: `[buckets, heads]`.
+    relative_attention_bias: Option<Embedding<B>>,
 }
 
 #[derive(Module, Debug)]
@@ -73,6 +82,9 @@ pub struct Bert<B: Backend> {
     model: BertModel<B>,
     heads: usize,
     pub mask: AttentionMask,
+    /// MPNet: its position ids start at `pad_token_id + 1`, and its attention adds the
+    /// relative-position bias of this many buckets.
+    mpnet: Option<(usize, usize)>,
 }
 
 /// Padding as the backend's attention takes it (see [`AttentionMask`]).
@@ -86,9 +98,14 @@ enum Padding<B: Backend> {
 }
 
 impl<B: Backend> Padding<B> {
-    /// The part of the mask for heads `r` (a bias is shared by every head).
+    /// The part of the mask for heads `r` (a bias of one head is shared by every head;
+    /// MPNet's has one per head).
     fn heads(&self, r: std::ops::Range<usize>) -> Self {
         match self {
+            Padding::Bias(t) if t.dims()[1] > 1 => {
+                let [b, _, s, _] = t.dims();
+                Padding::Bias(t.clone().slice([0..b, r, 0..s, 0..s]))
+            }
             Padding::Bias(t) => Padding::Bias(t.clone()),
             Padding::Bool(t) => {
                 let [b, _, s, _] = t.dims();
@@ -141,10 +158,17 @@ impl<B: Backend> BertModel<B> {
             embeddings: Embeddings {
                 word_embeddings: EmbeddingConfig::new(c.vocab_size, h).init(d),
                 position_embeddings: EmbeddingConfig::new(c.max_position_embeddings, h).init(d),
-                token_type_embeddings: EmbeddingConfig::new(c.type_vocab_size, h).init(d),
+                token_type_embeddings: (!c.is_mpnet())
+                    .then(|| EmbeddingConfig::new(c.type_vocab_size, h).init(d)),
                 layer_norm: norm(c, d),
             },
-            encoder: LayerStack { layer },
+            encoder: LayerStack {
+                layer,
+                relative_attention_bias: c.is_mpnet().then(|| {
+                    EmbeddingConfig::new(c.relative_attention_num_buckets, c.num_attention_heads)
+                        .init(d)
+                }),
+            },
         }
     }
 }
@@ -162,6 +186,17 @@ impl<B: Backend> Bert<B> {
             Precision::F16 => {
                 store.with_from_adapter(PyTorchToBurnAdapter.chain(HalfPrecisionAdapter::new()))
             }
+        };
+        // MPNet's attention names, onto BERT's (before the general renames below).
+        let store = if spec.bert.is_mpnet() {
+            store
+                .with_key_remapping(r"attention\.attn\.q\.", "attention.self_attn.query.")
+                .with_key_remapping(r"attention\.attn\.k\.", "attention.self_attn.key.")
+                .with_key_remapping(r"attention\.attn\.v\.", "attention.self_attn.value.")
+                .with_key_remapping(r"attention\.attn\.o\.", "attention.output.dense.")
+                .with_key_remapping(r"attention\.LayerNorm", "attention.output.layer_norm")
+        } else {
+            store
         };
         let mut store = store
             .with_key_remapping(r"\.self\.", ".self_attn.")
@@ -192,6 +227,10 @@ impl<B: Backend> Bert<B> {
             model,
             heads: spec.bert.num_attention_heads,
             mask: AttentionMask::default(),
+            mpnet: spec.bert.is_mpnet().then_some((
+                spec.bert.pad_token_id,
+                spec.bert.relative_attention_num_buckets,
+            )),
         })
     }
 
@@ -207,13 +246,16 @@ impl<B: Backend> Bert<B> {
         let [b, s] = ids.dims();
         let device = ids.device();
         let e = &self.model.embeddings;
-        let positions = Tensor::<B, 1, Int>::arange(0..s as i64, &device)
+        // MPNet counts positions from past the padding id (padded positions get other
+        // ids there, but they are masked keys and not pooled).
+        let first = self.mpnet.map_or(0, |(pad, _)| pad as i64 + 1);
+        let positions = Tensor::<B, 1, Int>::arange(first..first + s as i64, &device)
             .reshape([1, s])
             .expand([b, s]);
-        let types = Tensor::<B, 2, Int>::zeros([b, s], &device);
-        let x = e.word_embeddings.forward(ids)
-            + e.position_embeddings.forward(positions)
-            + e.token_type_embeddings.forward(types);
+        let mut x = e.word_embeddings.forward(ids) + e.position_embeddings.forward(positions);
+        if let Some(types) = &e.token_type_embeddings {
+            x = x + types.forward(Tensor::<B, 2, Int>::zeros([b, s], &device));
+        }
         let h = x.dims()[2];
         let mut x = e.layer_norm.forward(x).reshape([b * s, h]);
         // Padding keys get a large negative bias: softmax gives them exactly 0 weight.
@@ -223,11 +265,13 @@ impl<B: Backend> Bert<B> {
         // tile per sequence for every head, where an expanded [b, heads, s, s] view
         // would be copied out whole in every layer.
         let pad = (mask.ones_like() - mask).reshape([b, 1, 1, s]);
-        let padding = match self.mask {
-            AttentionMask::Bias => {
+        let padding = match (self.mask, self.position_bias(s, &device)) {
+            // MPNet: the relative-position bias per head, plus the padding's.
+            (_, Some(positions)) => Padding::Bias(positions + pad.mul_scalar(-1.0e4)),
+            (AttentionMask::Bias, None) => {
                 Padding::Bias(Tensor::<B, 4>::zeros([b, 1, s, s], &device) + pad.mul_scalar(-1.0e4))
             }
-            AttentionMask::Bool => Padding::Bool(
+            (AttentionMask::Bool, None) => Padding::Bool(
                 (Tensor::<B, 4>::zeros([b, self.heads, s, s], &device) + pad).greater_elem(0.5),
             ),
         };
@@ -240,6 +284,24 @@ impl<B: Backend> Bert<B> {
             x = self.layer_forward(layer, x, &padding, b, split);
         }
         x.reshape([b, s, h])
+    }
+
+    /// MPNet's relative-position bias for `s` tokens, `[1, heads, s, s]` (None for BERT).
+    fn position_bias(&self, s: usize, device: &B::Device) -> Option<Tensor<B, 4>> {
+        let (_, buckets) = self.mpnet?;
+        let table = self.model.encoder.relative_attention_bias.as_ref()?;
+        let ids: Vec<i64> = (0..s)
+            .flat_map(|q| (0..s).map(move |k| relative_bucket(k as i64 - q as i64, buckets, 128)))
+            .collect();
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [s * s]), device)
+            .reshape([1, s * s]);
+        // [1, s*s, heads] -> [1, heads, s, s]
+        let v = table.forward(ids);
+        Some(
+            v.reshape([s, s, self.heads])
+                .permute([2, 0, 1])
+                .unsqueeze::<4>(),
+        )
     }
 
     /// One encoder layer over `x` flattened to `[batch * seq, hidden]`: every linear is
@@ -326,6 +388,25 @@ impl<B: Backend> Bert<B> {
     }
 }
 
+/// MPNet's bucket of a relative position (key minus query), as its reference computes
+/// it (T5's bidirectional buckets: half for each direction, exact up to a quarter of
+/// them, then logarithmic up to `max_distance`), in f32 as torch does.
+pub fn relative_bucket(relative: i64, buckets: usize, max_distance: usize) -> i64 {
+    let half = (buckets / 2) as i64;
+    let n = -relative;
+    let mut ret = if n < 0 { half } else { 0 };
+    let n = n.abs();
+    let max_exact = half / 2;
+    if n < max_exact {
+        return ret + n;
+    }
+    let large = max_exact
+        + ((n as f32 / max_exact as f32).ln() / (max_distance as f32 / max_exact as f32).ln()
+            * (half - max_exact) as f32) as i64;
+    ret += large.min(half - 1);
+    ret
+}
+
 /// How one sequence's layer spreads over two threads (a batch of several is split by
 /// rows before the model). A CPU backend runs attention and element-wise kernels on
 /// one core, and matrix products under ~7M multiply-adds too.
@@ -359,4 +440,20 @@ fn split_columns<B: Backend>(
     };
     let (a, b) = rayon::join(|| part(0..half), || part(half..o));
     Tensor::cat(vec![a, b], 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::relative_bucket;
+
+    #[test]
+    fn mpnets_buckets_are_t5s_bidirectional_ones() {
+        // Exact for |distance| < 8, the sign in the upper half, logarithmic to 128.
+        let b = |r| relative_bucket(r, 32, 128);
+        assert_eq!((b(0), b(1), b(7), b(-1), b(-7)), (0, 17, 23, 1, 7));
+        assert_eq!((b(8), b(-8)), (24, 8));
+        // (Python's own figures for the reference's formula.)
+        assert_eq!((b(-15), b(-16), b(-127), b(-500)), (9, 10, 15, 15));
+        assert_eq!((b(127), b(500)), (31, 31));
+    }
 }

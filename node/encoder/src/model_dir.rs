@@ -26,6 +26,24 @@ pub struct BertConfig {
     pub model_type: Option<String>,
     #[serde(default)]
     pub position_embedding_type: Option<String>,
+    /// MPNet (issue 21): buckets of its relative-position attention bias.
+    #[serde(default = "default_buckets")]
+    pub relative_attention_num_buckets: usize,
+    /// The padding token id; MPNet's position ids start past it.
+    #[serde(default)]
+    pub pad_token_id: usize,
+}
+
+impl BertConfig {
+    /// An MPNet model (all-mpnet-base-v2): BERT's layers with a relative-position
+    /// bias shared by every layer, RoBERTa-style position ids and no token types.
+    pub fn is_mpnet(&self) -> bool {
+        self.model_type.as_deref() == Some("mpnet")
+    }
+}
+
+fn default_buckets() -> usize {
+    32
 }
 
 fn default_type_vocab() -> usize {
@@ -121,9 +139,13 @@ impl ModelSpec {
             });
         }
         let bert: BertConfig = read_json(dir, "config.json")?;
-        if bert.model_type.as_deref().is_some_and(|t| t != "bert") {
+        if bert
+            .model_type
+            .as_deref()
+            .is_some_and(|t| t != "bert" && t != "mpnet")
+        {
             return Err(EncoderError::Unsupported(format!(
-                "model_type {:?}, only bert is supported",
+                "model_type {:?}, only bert and mpnet are supported",
                 bert.model_type
             )));
         }

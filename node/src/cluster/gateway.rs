@@ -64,7 +64,8 @@ pub fn check_vector(v: &[f32], dimension: u32, what: &str) -> Result<(), Status>
 pub struct Gateway {
     pub node_id: String,
     pub view: Arc<RwLock<MapView>>,
-    pub encoder: Option<(Arc<EncoderPool>, crate::model::ModelIdentity)>,
+    /// Every model this node encodes with (issue 21: a collection names its own).
+    pub encoders: Vec<(Arc<EncoderPool>, crate::model::ModelIdentity)>,
     /// How shard calls reach a node's replicas (its own node's directly).
     transports: Arc<Transports>,
     pub default_deadline: Duration,
@@ -138,7 +139,7 @@ impl Gateway {
     pub fn new(
         node_id: String,
         view: Arc<RwLock<MapView>>,
-        encoder: Option<(Arc<EncoderPool>, crate::model::ModelIdentity)>,
+        encoders: Vec<(Arc<EncoderPool>, crate::model::ModelIdentity)>,
         default_deadline: Duration,
         transports: Arc<Transports>,
         limits: Limits,
@@ -149,7 +150,7 @@ impl Gateway {
             limits,
             node_id,
             view,
-            encoder,
+            encoders,
             transports,
             default_deadline,
             inflight: Mutex::default(),
@@ -252,31 +253,14 @@ impl Gateway {
         dimension: u32,
         encoder_ref: Option<&cpb::EncoderRef>,
     ) -> Result<PoolEncoded, Status> {
-        let (enc, model) = self.encoder.as_ref().ok_or_else(|| {
-            Status::failed_precondition(
-                "this node has no encoder (started without a model dir): send vectors",
-            )
-        })?;
         // The collection's vectors came from one model: this node must hold exactly
         // it, not just a model of the same dimension (issue 21).
-        if let Some(want) = encoder_ref.filter(|e| !e.content_hash.is_empty()) {
-            if want.content_hash != model.content_hash {
-                return Err(Status::failed_precondition(format!(
-                    "the collection's vectors come from model {} ({}); this node holds {} \
-                     (loaded from {}): start it with that model's --model-dir, or send vectors",
-                    want.model_id,
-                    want.content_hash,
-                    model.content_hash,
-                    model.dir.display()
-                )));
-            }
-        }
-        if enc.dimension() != dimension as usize {
-            return Err(Status::failed_precondition(format!(
-                "the encoder makes {}-d vectors, the collection holds {dimension}-d",
-                enc.dimension()
-            )));
-        }
+        let models: Vec<crate::model::ModelIdentity> =
+            self.encoders.iter().map(|(_, m)| m.clone()).collect();
+        let want = encoder_ref.map(|e| (e.model_id.as_str(), e.content_hash.as_str()));
+        let i = crate::model::pick(&models, want, dimension as usize)
+            .map_err(Status::failed_precondition)?;
+        let enc = &self.encoders[i].0;
         let n = texts.len();
         // In parts the encoder's queue can take whole, one after another: a request
         // larger than the queue would otherwise be refused however often it is retried.

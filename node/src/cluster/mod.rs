@@ -222,40 +222,38 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         .clone()
         .unwrap_or_else(|| internal_addr.to_string());
 
-    // The model's identity (issue 21): a collection's content hash is checked against it.
-    let model = match &cfg.model_dir {
-        Some(dir) => {
-            let d = dir.clone();
-            let content_hash =
-                tokio::task::spawn_blocking(move || crate::model::content_hash(&d)).await??;
-            tracing::info!(dir = %dir.display(), %content_hash, "model");
-            Some(crate::model::ModelIdentity {
+    // Every model this node encodes with (issue 21): its main one and any extra, each
+    // known by its content hash, which a collection's names.
+    let mut encoders = Vec::new();
+    for dir in cfg.model_dir.iter().chain(&cfg.extra_model_dirs) {
+        let (d, device) = (dir.clone(), cfg.encoder_device);
+        let (enc, content_hash) = tokio::task::spawn_blocking(move || {
+            anyhow::Ok((
+                shoal_encoder::load_on(&d, device)?,
+                crate::model::content_hash(&d)?,
+            ))
+        })
+        .await??;
+        let dimension = enc.dimension();
+        tracing::info!(%device, dir = %dir.display(), %content_hash, dimension, "encoder loaded");
+        let pool = EncoderPool::start(
+            vec![enc],
+            PoolConfig {
+                max_queue: cfg.encoder_queue.max(1),
+                ..PoolConfig::default()
+            },
+        )
+        .await?;
+        encoders.push((
+            Arc::new(pool),
+            crate::model::ModelIdentity {
                 content_hash,
                 dir: dir.clone(),
-            })
-        }
-        None => None,
-    };
-    let encoder = match &cfg.model_dir {
-        Some(dir) => {
-            let dir = dir.clone();
-            let device = cfg.encoder_device;
-            let enc =
-                tokio::task::spawn_blocking(move || shoal_encoder::load_on(&dir, device)).await??;
-            tracing::info!(%device, "encoder loaded");
-            Some(Arc::new(
-                EncoderPool::start(
-                    vec![enc],
-                    PoolConfig {
-                        max_queue: cfg.encoder_queue.max(1),
-                        ..PoolConfig::default()
-                    },
-                )
-                .await?,
-            ))
-        }
-        None => None,
-    };
+                dimension,
+            },
+        ));
+    }
+    let encoder = encoders.first().map(|(e, _)| e.clone());
 
     let registry: Registry = Arc::default();
     // The replica protocol: this node's own replicas answered in process, others
@@ -397,7 +395,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     let gateway = Arc::new(Gateway::new(
         cfg.id.clone(),
         view.clone(),
-        encoder.map(|e| (e, model.expect("a model with its encoder"))),
+        encoders,
         cfg.search_deadline,
         transports.clone(),
         cfg.limits.clone(),
