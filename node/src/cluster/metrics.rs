@@ -63,6 +63,15 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
         "shoal_encoder_rejected_total",
         "requests refused because the queue was full"
     );
+    describe_histogram!(
+        "shoal_rebuild_gate_seconds",
+        Unit::Seconds,
+        "a rebuild's shadow gate on one primary (issue 21)"
+    );
+    describe_counter!(
+        "shoal_rebuild_transitions_total",
+        "rebuild steps written on this node's replicas, by action (switch, commit, rollback)"
+    );
     describe_gauge!("shoal_node_replicas", "shard replicas open on this node");
     describe_counter!(
         "shoal_node_replica_restarts_total",
