@@ -625,7 +625,7 @@ pub fn run(a: ScaleArgs) -> Result<()> {
     };
     let rebuild = if a.rebuild {
         let v = rt.block_on(rebuild_under_load(
-            &a, coords, &nodes, name, &queries, &truth, &dev_dir,
+            &a, coords, &nodes, name, &queries, &truth, &dev_dir, nlist,
         ))?;
         emit(v.clone());
         v
@@ -1602,6 +1602,7 @@ pub(crate) fn collection_bytes(dev: &Path, name: &str) -> u64 {
 }
 
 /// `--rebuild`: an online rebuild under query load, committed.
+#[allow(clippy::too_many_arguments)]
 async fn rebuild_under_load(
     a: &ScaleArgs,
     coords: &str,
@@ -1610,6 +1611,7 @@ async fn rebuild_under_load(
     queries: &[f32],
     truth: &[Vec<i64>],
     dev: &Path,
+    built_nlist: u32,
 ) -> Result<serde_json::Value> {
     use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
     use std::sync::Arc;
@@ -1622,10 +1624,12 @@ async fn rebuild_under_load(
         .collection
         .and_then(|c| c.index)
         .unwrap_or_default();
+    // The collection may leave nlist to shoal (0): the build chose `built_nlist`.
+    let from_nlist = if ix.nlist > 0 { ix.nlist } else { built_nlist };
     let nlist = if a.rebuild_nlist > 0 {
         a.rebuild_nlist
     } else {
-        ix.nlist.max(1) * 2
+        from_nlist.max(1) * 2
     };
     let nprobe = if a.rebuild_nprobe > 0 {
         a.rebuild_nprobe
@@ -1695,7 +1699,7 @@ async fn rebuild_under_load(
     tokio::time::sleep(Duration::from_secs(3)).await;
     let bytes_committed = collection_bytes(dev, name);
     Ok(serde_json::json!({
-        "step": "rebuild", "from": {"nlist": ix.nlist, "nprobe": ix.nprobe},
+        "step": "rebuild", "from": {"nlist": from_nlist, "nprobe": ix.nprobe},
         "to": {"nlist": nlist, "nprobe": nprobe}, "switch_s": switch_s,
         "gate": switched.steps.iter().map(|s| serde_json::json!({"shard": s.shard, "gate": s.gate})).collect::<Vec<_>>(),
         "recall_at_10_before": recall_before, "recall_at_10_after": recall_after,
