@@ -70,7 +70,8 @@ pub struct Collection {
     pub policy: CollectionPolicy,
 }
 
-/// A collection's settings that change at run time (issue 18); its spec never does.
+/// A collection's settings that change at run time (issue 18); of its spec, only the
+/// index parameters change, by a rebuild's switch or rollback (issue 21, `rebuild.rs`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 pub struct CollectionPolicy {
     /// Rows written since a shard's serving index generation that start a rebuild of

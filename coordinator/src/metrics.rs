@@ -47,6 +47,14 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
         "shoal_coordinator_replicas_copying",
         "replicas being copied (placement moves in flight)"
     );
+    describe_gauge!(
+        "shoal_coordinator_operation_steps",
+        "shard steps of running operations, by kind and state (pending, staged, done, failed)"
+    );
+    describe_gauge!(
+        "shoal_coordinator_rebuilds_switched",
+        "rebuilds serving their new generations and awaiting commit or rollback (issue 21)"
+    );
     Ok(())
 }
 
@@ -60,7 +68,22 @@ pub struct MapHealth {
     pub under_replicated: u64,
     pub unavailable: u64,
     pub copying: u64,
+    /// Shard steps of running operations: (kind, state) -> count, every pair present.
+    pub steps: Vec<((&'static str, &'static str), u64)>,
+    pub rebuilds_switched: u64,
 }
+
+/// Operation kinds and step states the step gauges name (every pair is set, so an
+/// operation that ends takes its counts to 0).
+const KINDS: [&str; 6] = [
+    "build_index",
+    "compact",
+    "split",
+    "backup",
+    "restore",
+    "rebuild",
+];
+const STEP_STATES: [&str; 4] = ["pending", "staged", "done", "failed"];
 
 pub fn map_health(map: &ClusterMap) -> MapHealth {
     let states = [
@@ -103,6 +126,35 @@ pub fn map_health(map: &ClusterMap) -> MapHealth {
             .filter(|r| r.state == ReplicaState::Copying)
             .count() as u64;
     }
+    use crate::operations::{OperationKind, RebuildPhase, Step};
+    let running: Vec<_> = map.operations.values().filter(|o| o.running()).collect();
+    h.steps = KINDS
+        .iter()
+        .flat_map(|&k| STEP_STATES.iter().map(move |&st| (k, st)))
+        .map(|(kind, state)| {
+            let n = running
+                .iter()
+                .filter(|o| o.kind.name() == kind)
+                .flat_map(|o| o.steps.values())
+                .filter(|s| {
+                    state
+                        == match s {
+                            Step::Pending { .. } => "pending",
+                            Step::Staged { .. } => "staged",
+                            Step::Done { .. } => "done",
+                            Step::Failed { .. } => "failed",
+                        }
+                })
+                .count();
+            ((kind, state), n as u64)
+        })
+        .collect();
+    h.rebuilds_switched = running
+        .iter()
+        .filter(
+            |o| matches!(&o.kind, OperationKind::Rebuild(p) if p.phase == RebuildPhase::Switched),
+        )
+        .count() as u64;
     h
 }
 
@@ -137,6 +189,11 @@ pub async fn refresh(
         gauge!("shoal_coordinator_shards_under_replicated").set(h.under_replicated as f64);
         gauge!("shoal_coordinator_shards_unavailable").set(h.unavailable as f64);
         gauge!("shoal_coordinator_replicas_copying").set(h.copying as f64);
+        for ((kind, state), n) in &h.steps {
+            gauge!("shoal_coordinator_operation_steps", "kind" => *kind, "state" => *state)
+                .set(*n as f64);
+        }
+        gauge!("shoal_coordinator_rebuilds_switched").set(h.rebuilds_switched as f64);
     }
 }
 
@@ -185,5 +242,23 @@ mod tests {
         set(&mut m, "n0", NodeState::Draining);
         set(&mut m, "n1", NodeState::Up);
         assert_eq!(map_health(&m).under_replicated, 0);
+        // A running compaction's steps, by state; every (kind, state) pair is named.
+        let id = m.collections["docs"].id;
+        m.apply(&Command::StartOperation {
+            kind: crate::operations::OperationKind::Compact,
+            collection: "docs".into(),
+            collection_id: id,
+            started_ms: 0,
+        })
+        .unwrap();
+        let h = map_health(&m);
+        assert_eq!(h.steps.len(), KINDS.len() * STEP_STATES.len());
+        assert!(
+            h.steps.contains(&(("compact", "pending"), 6)),
+            "{:?}",
+            h.steps
+        );
+        assert!(h.steps.contains(&(("rebuild", "staged"), 0)));
+        assert_eq!(h.rebuilds_switched, 0);
     }
 }

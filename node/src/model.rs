@@ -78,6 +78,9 @@ pub fn pick(
                 .join(", ")
         }
     };
+    if models.is_empty() {
+        return Err("this node has no encoder (started without a model dir): send vectors".into());
+    }
     match want.filter(|(_, hash)| !hash.is_empty()) {
         Some((id, hash)) => models
             .iter()
@@ -125,9 +128,7 @@ mod tests {
         assert_eq!(pick(&models, Some(("minilm", "")), 768), Ok(1));
         assert_eq!(pick(&models, None, 384), Ok(0));
         assert!(pick(&models, None, 512).unwrap_err().contains("512-d"));
-        assert!(pick(&[], None, 384)
-            .unwrap_err()
-            .contains("without --model-dir"));
+        assert!(pick(&[], None, 384).unwrap_err().contains("no encoder"));
     }
 
     #[test]
