@@ -164,6 +164,13 @@ pub fn run(a: RebuildArgs) -> Result<()> {
             serde_json::Value::Null
         };
         let bytes_before = collection_bytes(&a.dev_dir, &name);
+        let request = cpb::StartRebuildRequest {
+            collection: name.clone(),
+            nlist: a.nlist,
+            pq_m: a.pq_m,
+            nprobe: a.nprobe,
+            ..Default::default()
+        };
         let phase = Arc::new(AtomicU8::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let clients = query_clients(&nodes, &name, &flat, dim, 0, &phase, &stop);
@@ -172,13 +179,7 @@ pub fn run(a: RebuildArgs) -> Result<()> {
         phase.store(1, Ordering::Relaxed);
         let t = Instant::now();
         let op = c
-            .start_rebuild(cpb::StartRebuildRequest {
-                collection: name.clone(),
-                nlist: a.nlist,
-                pq_m: a.pq_m,
-                nprobe: a.nprobe,
-                ..Default::default()
-            })
+            .start_rebuild(request.clone())
             .await?;
         // Until every replica serves the new generations (the phase switched, and the
         // nodes wrote it: a moment later), sampling the disk.
@@ -217,13 +218,7 @@ pub fn run(a: RebuildArgs) -> Result<()> {
         let ndcg_rolled_back = ndcg(&nodes[0], &name, &scored, &qrels).await?;
         let rollback_s = tr.elapsed().as_secs_f64();
         let op2 = c
-            .start_rebuild(cpb::StartRebuildRequest {
-                collection: name.clone(),
-                nlist: a.nlist,
-                pq_m: a.pq_m,
-                nprobe: a.nprobe,
-                ..Default::default()
-            })
+            .start_rebuild(request.clone())
             .await?;
         loop {
             let o = operation(&mut c, &name, op2.id).await?;

@@ -1581,24 +1581,30 @@ pub(crate) fn dir_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
+/// `name`'s shard directories on every node of the dev cluster.
+fn collection_dirs(dev: &Path, name: &str) -> Vec<PathBuf> {
+    let prefix = format!("{name}-");
+    std::fs::read_dir(dev)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|n| {
+            std::fs::read_dir(n.path().join("shards"))
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .filter(|d| d.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|d| d.path())
+        .collect()
+}
+
 /// The bytes of `name`'s shard directories on every node of the dev cluster.
 pub(crate) fn collection_bytes(dev: &Path, name: &str) -> u64 {
-    let mut total = 0;
-    for n in std::fs::read_dir(dev).into_iter().flatten().flatten() {
-        for d in std::fs::read_dir(n.path().join("shards"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if d.file_name()
-                .to_string_lossy()
-                .starts_with(&format!("{name}-"))
-            {
-                total += dir_bytes(&d.path());
-            }
-        }
-    }
-    total
+    collection_dirs(dev, name)
+        .iter()
+        .map(|d| dir_bytes(d))
+        .sum()
 }
 
 /// `--rebuild`: an online rebuild under query load, committed.
@@ -1770,18 +1776,7 @@ async fn backup_under_load(
     let copy_dir = work.join("plain-copy");
     let _ = std::fs::remove_dir_all(&copy_dir);
     std::fs::create_dir_all(&copy_dir)?;
-    let mut dirs = Vec::new();
-    for n in std::fs::read_dir(dev)?.flatten() {
-        let shards = n.path().join("shards");
-        for d in std::fs::read_dir(&shards).into_iter().flatten().flatten() {
-            if d.file_name()
-                .to_string_lossy()
-                .starts_with(&format!("{name}-"))
-            {
-                dirs.push(d.path());
-            }
-        }
-    }
+    let dirs = collection_dirs(dev, name);
     let t = Instant::now();
     for (i, d) in dirs.iter().enumerate() {
         let st = Command::new("cp")

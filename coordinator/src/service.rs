@@ -178,14 +178,7 @@ fn map_pb(map: &ClusterMap) -> cpb::ClusterMapSnapshot {
             .values()
             .map(|o| operation_pb(o, map, None))
             .collect(),
-        aliases: map
-            .aliases
-            .iter()
-            .map(|(a, c)| cpb::Alias {
-                alias: a.clone(),
-                collection: c.clone(),
-            })
-            .collect(),
+        aliases: aliases_pb(map).aliases,
     }
 }
 

@@ -166,7 +166,7 @@ impl Shard {
     /// the previous (the one kept before is deleted). Already switched: nothing to do.
     /// Refused when no generation of `tag` is staged here.
     pub fn switch_staged(&self, tag: u64) -> Result<()> {
-        let _claim = self.claim(tag)?;
+        let _claim = self.claim()?;
         let gone = {
             let mut w = self.inner.writer.lock();
             self.check_writable()?;
@@ -197,15 +197,11 @@ impl Shard {
     /// is deleted), a staged one is deleted. Nothing of `tag` held: nothing to do.
     /// Refused when `tag`'s generation serves and none was kept.
     pub fn roll_back(&self, tag: u64) -> Result<()> {
-        let _claim = self.claim(tag)?;
-        let gone = {
-            let mut w = self.inner.writer.lock();
-            self.check_writable()?;
-            let m = &mut w.manifest;
+        let dropped = self.drop_generations(|m, st| {
             let mut gone = Vec::new();
             if m.staged.as_ref().is_some_and(|g| g.tag == tag) {
                 gone.extend(m.staged.take());
-                self.inner.state.write().staged = None;
+                st.staged = None;
             }
             if m.serving.as_ref().is_some_and(|g| g.tag == tag) {
                 if m.previous.is_none() {
@@ -215,53 +211,62 @@ impl Shard {
                 }
                 gone.extend(m.serving.take());
                 m.serving = m.previous.take();
-                let mut st = self.inner.state.write();
-                let st = &mut *st;
                 st.serving = st.previous.take();
             }
-            if gone.is_empty() {
-                return Ok(());
-            }
-            m.store(&self.inner.dir)?;
-            gone.iter()
-                .flat_map(|o| w.manifest.unshared_files(o))
-                .collect::<Vec<_>>()
-        };
-        tracing::info!(dir = %self.inner.dir.display(), tag, "rolled back the rebuild's generation");
-        self.remove_files(gone)
+            Ok(gone)
+        })?;
+        if dropped {
+            tracing::info!(dir = %self.inner.dir.display(), tag, "rolled back the rebuild's generation");
+        }
+        Ok(())
     }
 
     /// Ends operation `tag` here for good: the generation its switch replaced is deleted
     /// (a staged one of `tag` too, had it never switched).
     pub fn commit(&self, tag: u64) -> Result<()> {
-        let _claim = self.claim(tag)?;
-        let gone = {
-            let mut w = self.inner.writer.lock();
-            self.check_writable()?;
-            let m = &mut w.manifest;
+        self.drop_generations(|m, st| {
             let mut gone = Vec::new();
             if m.serving.as_ref().is_some_and(|g| g.tag == tag) {
                 gone.extend(m.previous.take());
-                self.inner.state.write().previous = None;
+                st.previous = None;
             }
             if m.staged.as_ref().is_some_and(|g| g.tag == tag) {
                 gone.extend(m.staged.take());
-                self.inner.state.write().staged = None;
+                st.staged = None;
             }
+            Ok(gone)
+        })
+        .map(drop)
+    }
+
+    /// Under the build claim and the writer: `take` moves generations out of the
+    /// manifest and the state (returning the ones it dropped); the manifest is stored,
+    /// then the dropped generations' files no other generation names are deleted.
+    /// Returns whether anything was dropped.
+    fn drop_generations(
+        &self,
+        take: impl FnOnce(&mut Manifest, &mut State) -> Result<Vec<GenerationMeta>>,
+    ) -> Result<bool> {
+        let _claim = self.claim()?;
+        let files = {
+            let mut w = self.inner.writer.lock();
+            self.check_writable()?;
+            let gone = take(&mut w.manifest, &mut self.inner.state.write())?;
             if gone.is_empty() {
-                return Ok(());
+                return Ok(false);
             }
-            m.store(&self.inner.dir)?;
+            w.manifest.store(&self.inner.dir)?;
             gone.iter()
                 .flat_map(|o| w.manifest.unshared_files(o))
                 .collect::<Vec<_>>()
         };
-        self.remove_files(gone)
+        self.remove_files(files)?;
+        Ok(true)
     }
 
     /// The shard's build claim for a generation step (a build or a compaction holds
     /// it: the step waits for them, as they would for it).
-    fn claim(&self, tag: u64) -> Result<impl Drop + '_> {
+    fn claim(&self) -> Result<impl Drop + '_> {
         struct Claim<'a>(&'a Shard);
         impl Drop for Claim<'_> {
             fn drop(&mut self) {
@@ -272,17 +277,21 @@ impl Shard {
         if let Some(work) = *b {
             return Err(work.busy());
         }
-        let _ = tag;
         *b = Some(Work::Build(0));
         Ok(Claim(self))
     }
 
     pub(crate) fn remember_query(&self, query: &[f32]) {
         let mut r = self.inner.recent.lock();
-        if r.len() >= RECENT_QUERIES {
-            r.pop_front();
-        }
-        r.push_back(query.to_vec());
+        // A full ring reuses its oldest buffer: no allocation per search once warm.
+        let mut v = if r.len() >= RECENT_QUERIES {
+            r.pop_front().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        v.clear();
+        v.extend_from_slice(query);
+        r.push_back(v);
     }
 
     /// The shadow gate for operation `tag`'s staged generation (see the module's

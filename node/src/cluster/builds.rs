@@ -175,13 +175,6 @@ fn build_op<'a>(view: &'a MapView, key: &ReplicaKey) -> Option<(&'a cpb::Operati
         })
 }
 
-/// The parameters a build operation chose, as the engine takes them. The training
-/// sample is at least what FAISS needs for them (39 a list, and 2^nbits for each PQ
-/// codebook), whatever the sizing saw.
-fn params_of(b: &cpb::IndexBuild) -> (IvfPqParams, usize) {
-    rebuilds::build_params(b)
-}
-
 #[derive(Debug, PartialEq, Eq)]
 enum Admit {
     Start,
@@ -270,7 +263,7 @@ impl Builds {
                 // (automatic rebuilds too); before any cluster build, a collection
                 // that leaves nlist to shoal sizes each shard by its own rows.
                 let chosen = match rebuilt.or(op.and_then(|(o, _)| o.build.as_ref())) {
-                    Some(b) => Some(params_of(b)),
+                    Some(b) => Some(rebuilds::build_params(b)),
                     None => c.index.as_ref().filter(|ix| ix.nlist == 0).map(|ix| {
                         let (nlist, sample) =
                             shoal_proto::sizing::size_index(shard.len() as u64, 65_536);
@@ -314,7 +307,7 @@ impl Builds {
                     }
                     continue;
                 }
-                let (params, sample) = params_of(o.build.as_ref().expect("a build"));
+                let (params, sample) = rebuilds::build_params(o.build.as_ref().expect("a build"));
                 let memory = shoal_engine::build_memory(
                     shard.len() as u64,
                     c.dimension as usize,
@@ -431,7 +424,7 @@ impl Builds {
                 let (Some(b), Some(r)) = (op.build.as_ref(), op.rebuild.as_ref()) else {
                     return;
                 };
-                let (params, sample) = params_of(b);
+                let (params, sample) = rebuilds::build_params(b);
                 let stage = action == Action::Stage;
                 let memory = if stage {
                     shoal_engine::build_memory(

@@ -64,8 +64,10 @@ pub fn check_vector(v: &[f32], dimension: u32, what: &str) -> Result<(), Status>
 pub struct Gateway {
     pub node_id: String,
     pub view: Arc<RwLock<MapView>>,
-    /// Every model this node encodes with (issue 21: a collection names its own).
-    pub encoders: Vec<(Arc<EncoderPool>, crate::model::ModelIdentity)>,
+    /// Every model this node encodes with (issue 21: a collection names its own), and
+    /// each one's identity, in the same order.
+    pub encoders: Vec<Arc<EncoderPool>>,
+    models: Vec<crate::model::ModelIdentity>,
     /// How shard calls reach a node's replicas (its own node's directly).
     transports: Arc<Transports>,
     pub default_deadline: Duration,
@@ -150,7 +152,8 @@ impl Gateway {
             limits,
             node_id,
             view,
-            encoders,
+            models: encoders.iter().map(|(_, m)| m.clone()).collect(),
+            encoders: encoders.into_iter().map(|(e, _)| e).collect(),
             transports,
             default_deadline,
             inflight: Mutex::default(),
@@ -255,12 +258,10 @@ impl Gateway {
     ) -> Result<PoolEncoded, Status> {
         // The collection's vectors came from one model: this node must hold exactly
         // it, not just a model of the same dimension (issue 21).
-        let models: Vec<crate::model::ModelIdentity> =
-            self.encoders.iter().map(|(_, m)| m.clone()).collect();
         let want = encoder_ref.map(|e| (e.model_id.as_str(), e.content_hash.as_str()));
-        let i = crate::model::pick(&models, want, dimension as usize)
+        let i = crate::model::pick(&self.models, want, dimension as usize)
             .map_err(Status::failed_precondition)?;
-        let enc = &self.encoders[i].0;
+        let enc = &self.encoders[i];
         let n = texts.len();
         // In parts the encoder's queue can take whole, one after another: a request
         // larger than the queue would otherwise be refused however often it is retried.

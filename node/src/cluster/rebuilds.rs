@@ -111,7 +111,9 @@ pub fn gate_config(op: &cpb::Operation, previous: &cpb::IndexParams) -> GateConf
     }
 }
 
-/// The build parameters of a rebuild (or a build) operation.
+/// The parameters a build or rebuild operation chose, as the engine takes them. The
+/// training sample is at least what FAISS needs for them (39 a list, and 2^nbits for
+/// each PQ codebook), whatever the sizing saw.
 pub fn build_params(b: &cpb::IndexBuild) -> (IvfPqParams, usize) {
     let floor = (39 * b.nlist as u64).max(1 << b.pq_nbits.min(16));
     (
