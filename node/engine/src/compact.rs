@@ -179,9 +179,13 @@ impl Shard {
             if let Some(work) = *b {
                 return Err(work.busy());
             }
-            let Some(p) = self.inner.writer.lock().manifest.compacting else {
+            let w = self.inner.writer.lock();
+            // A re-embed's vector set holds compactions: its rows keep their numbers
+            // until it is committed or dropped (`vector_set.rs`).
+            let (Some(p), None) = (w.manifest.compacting, &w.set) else {
                 return Ok(None);
             };
+            drop(w);
             *b = Some(Work::Compact(p.seq));
         }
         // A compaction logged during another's rewrite runs next, from the new files.
@@ -212,7 +216,10 @@ impl Shard {
             .auto_compact
             .load(std::sync::atomic::Ordering::Relaxed)
             || self.inner.building.lock().is_some()
-            || self.compaction_pending().is_none()
+            || {
+                let w = self.inner.writer.lock();
+                w.manifest.compacting.is_none() || w.set.is_some()
+            }
             || self
                 .inner
                 .compact_failed
@@ -262,10 +269,11 @@ impl Shard {
                 let _ = fs::remove_file(f);
             }
         };
+        let dim = self.inner.writer.lock().manifest.config.dimension;
         let rw = Rewrite {
             point,
             docs: DocsFile::open(docs_tmp.clone(), 0)?,
-            vectors: VectorStore::open(vectors_tmp.clone(), self.inner.config.dimension, 0)?,
+            vectors: VectorStore::open(vectors_tmp.clone(), dim, 0)?,
             rows: Rows::with_capacity(0),
             map: RowMap::new(Vec::new(), 0),
             copied_to: point.docs_len,
@@ -293,7 +301,8 @@ impl Shard {
         started: Instant,
     ) -> Result<CompactionReport> {
         let point = rw.point;
-        let row_bytes = self.inner.config.dimension as u64 * 4;
+        let dim = self.inner.writer.lock().manifest.config.dimension;
+        let row_bytes = dim as u64 * 4;
         let view = self.inner.state.read().vectors.clone();
         let map = storage::map_file(old_docs)?;
         let data: &[u8] = map.as_deref().unwrap_or_default();
@@ -364,6 +373,12 @@ impl Shard {
         // The swap, under the writer: the last rows, then files, manifest and state.
         let mut w = self.inner.writer.lock();
         self.check_writable()?;
+        if let Some(s) = &w.set {
+            return Err(ShardError::VectorSet(format!(
+                "operation {}'s vector set began during the compaction, which waits for it",
+                s.meta.tag
+            )));
+        }
         let rows_before = w.vectors.view().rows();
         let bytes_before = w.docs.len() + rows_before * row_bytes;
         let view = self.inner.state.read().vectors.clone();
@@ -413,7 +428,7 @@ impl Shard {
         storage::sync_dir(dir)?;
         drop((docs, vectors));
         let docs = DocsFile::open(docs_path, docs_len)?;
-        let vectors = VectorStore::open(vectors_path, self.inner.config.dimension, rows_after)?;
+        let vectors = VectorStore::open(vectors_path, dim, rows_after)?;
         let docs_reader = docs.reader()?;
         // From here on the writer points at the new files: a failure poisons the
         // handle, and a reopen reads whichever manifest is on disk (the old one names

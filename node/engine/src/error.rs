@@ -42,6 +42,10 @@ pub enum ShardError {
     /// The batch would pass one of the shard's structural limits; nothing written.
     #[error("shard full: {0}; compact the shard or give the collection more shards")]
     Full(String),
+    /// A re-embed's vector set refused the request (issue 21): the write or query
+    /// does not match the set's state; nothing changed.
+    #[error("vector set: {0}")]
+    VectorSet(String),
 }
 
 impl ShardError {

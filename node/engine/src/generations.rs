@@ -303,7 +303,18 @@ impl Shard {
                 "no generation of operation {tag} is staged here"
             )));
         };
-        let recent: Vec<Vec<f32>> = {
+        // A re-embed's generation indexes its vector set: each stored row asks with its
+        // vector of each model, and the ring's queries (the old model's) are not used.
+        let over_set = self
+            .inner
+            .state
+            .read()
+            .set
+            .as_ref()
+            .is_some_and(|s| s.tag == tag);
+        let recent: Vec<Vec<f32>> = if over_set {
+            Vec::new()
+        } else {
             let r = self.inner.recent.lock();
             r.iter().rev().take(c.max_queries / 2).cloned().collect()
         };
@@ -338,21 +349,32 @@ impl Shard {
         let mut stored = picks.into_iter();
         let mut recent = recent.into_iter();
         while !gate_settled(&diffs, c.margin, c.min_queries, c.max_queries) {
-            let (query, own) = match recent.next() {
-                Some(q) => (q, None),
+            let (query, query_set, own) = match recent.next() {
+                Some(q) => (q, None, None),
                 None => {
                     let Some(row) = stored.next() else { break };
                     let st = self.inner.state.read();
                     if row >= st.rows.len() || !st.rows.is_live(row) {
                         continue;
                     }
+                    let in_set = match &st.set {
+                        Some(s) if over_set && row < s.vectors.rows() => {
+                            Some(s.vectors.get(row).to_vec())
+                        }
+                        _ => None,
+                    };
+                    if over_set && in_set.is_none() {
+                        continue;
+                    }
                     (
                         st.vectors.get(row).to_vec(),
+                        in_set,
                         Some(st.rows.id(row).to_owned()),
                     )
                 }
             };
-            let Some((old, new)) = self.gate_one(&query, own.as_deref(), &staged, c)? else {
+            let set = (over_set, query_set.as_deref());
+            let Some((old, new)) = self.gate_one(&query, set, own.as_deref(), &staged, c)? else {
                 continue;
             };
             sum_old += old;
@@ -378,23 +400,30 @@ impl Shard {
     /// One query's recall@k under the serving and the staged generation, against an
     /// exact scan; `own` (a stored vector's id) is left out of all three. `None`: the
     /// shard has no other live row.
+    /// `set`: whether the staged generation indexes the re-embed's vector set, and the
+    /// query's vector in it (the staged generation and its exact answer use it).
     fn gate_one(
         &self,
         query: &[f32],
+        (over_set, query_set): (bool, Option<&[f32]>),
         own: Option<&str>,
         staged: &Arc<Generation>,
         c: &GateConfig,
     ) -> Result<Option<(f64, f64)>> {
         let k = c.k + usize::from(own.is_some());
-        let run = |g: Option<Arc<Generation>>,
+        let tag = staged.info.tag;
+        let run = |query: &[f32],
+                   g: Option<Arc<Generation>>,
                    mode: SearchMode,
-                   (nprobe, refine): (Option<usize>, Option<usize>)|
+                   (nprobe, refine): (Option<usize>, Option<usize>),
+                   set: Option<u64>|
          -> Result<Vec<Arc<str>>> {
             let p = SearchParams {
                 k,
                 nprobe,
                 refine_factor: refine,
                 mode,
+                set,
             };
             loop {
                 let layout = self.inner.state.read().layout;
@@ -406,17 +435,42 @@ impl Shard {
                 }
             }
         };
-        let exact = run(None, SearchMode::Exact, (None, None))?;
+        let exact = run(query, None, SearchMode::Exact, (None, None), None)?;
         if exact.is_empty() {
             return Ok(None);
         }
         let serving = self.inner.state.read().serving.clone();
-        let old = run(serving, SearchMode::Rerank, c.serving)?;
-        let new = run(Some(staged.clone()), SearchMode::Rerank, c.staged)?;
-        let recall = |got: &[Arc<str>]| {
+        let old = run(query, serving, SearchMode::Rerank, c.serving, None)?;
+        let (new, exact_new) = match (over_set, query_set) {
+            (true, Some(q)) => (
+                run(
+                    q,
+                    Some(staged.clone()),
+                    SearchMode::Rerank,
+                    c.staged,
+                    Some(tag),
+                )?,
+                run(q, None, SearchMode::Exact, (None, None), Some(tag))?,
+            ),
+            (true, None) => return Ok(None),
+            (false, _) => (
+                run(
+                    query,
+                    Some(staged.clone()),
+                    SearchMode::Rerank,
+                    c.staged,
+                    None,
+                )?,
+                exact.clone(),
+            ),
+        };
+        if exact_new.is_empty() {
+            return Ok(None);
+        }
+        let recall = |got: &[Arc<str>], exact: &[Arc<str>]| {
             got.iter().filter(|id| exact.contains(id)).count() as f64 / exact.len() as f64
         };
-        Ok(Some((recall(&old), recall(&new))))
+        Ok(Some((recall(&old, &exact), recall(&new, &exact_new))))
     }
 }
 

@@ -20,6 +20,7 @@ mod rerank;
 mod rows;
 mod storage;
 mod topk;
+mod vector_set;
 mod wal;
 
 pub use compact::CompactionReport;
@@ -51,6 +52,7 @@ pub use error::{Result, ShardError};
 pub use metadata::Metadata;
 pub use rerank::Precision;
 pub use storage::{sync_dir, write_atomic};
+pub use vector_set::{PendingRow, VectorSetInfo};
 pub use wal::{WalBatch, WalOp};
 
 use ann::AnnIndex;
@@ -88,6 +90,22 @@ pub enum WriteOp {
     /// What it deletes is decided by the rows it finds, which every replica at the
     /// same log position holds alike.
     Retain(Routing),
+    /// A re-embed's vector set (issue 21, [`vector_set`]): begin it, give a row its
+    /// vector (`version` 0: the upsert just before), drop it, commit it.
+    SetBegin {
+        tag: u64,
+        model: String,
+        from_model: String,
+        dimension: usize,
+    },
+    SetVector {
+        tag: u64,
+        id: String,
+        version: u64,
+        vector: Vec<f32>,
+    },
+    SetDrop(u64),
+    SetCommit(u64),
 }
 
 /// What a durable write reports back.
@@ -121,6 +139,11 @@ fn snapshot_files(m: &Manifest) -> Vec<(String, u64)> {
     ];
     if let Some(g) = &m.serving {
         files.extend(g.files().map(|(f, n)| (f.clone(), n)));
+    }
+    // A re-embed's vector set travels with the rows it is aligned with (issue 21): a
+    // copy made mid-re-embed goes on filling it from the log.
+    if let Some(s) = &m.vector_set {
+        files.push((s.file.clone(), m.rows * s.dimension as u64 * 4));
     }
     files
 }
@@ -180,6 +203,9 @@ pub struct SearchParams {
     pub nprobe: Option<usize>,
     pub refine_factor: Option<usize>,
     pub mode: SearchMode,
+    /// A re-embed's vector set to search instead of the stored vectors
+    /// ([`Shard::set_for_model`]).
+    pub set: Option<u64>,
 }
 
 impl SearchParams {
@@ -243,6 +269,8 @@ pub struct ShardStats {
     /// replaced, kept until the rebuild is committed (issue 21).
     pub staged: Option<GenerationInfo>,
     pub previous: Option<GenerationInfo>,
+    /// A re-embed's vector set and how far it is filled (issue 21).
+    pub vector_set: Option<VectorSetInfo>,
 }
 
 /// The serving index of one generation; rows `>= covered_rows` are the fresh tail.
@@ -285,6 +313,11 @@ struct State {
     /// (issue 21, `generations.rs`): the manifest's `staged` and `previous`, loaded.
     staged: Option<Arc<Generation>>,
     previous: Option<Arc<Generation>>,
+    /// The stored vectors' dimension and model (a re-embed's commit changes both).
+    dim: usize,
+    model: Arc<str>,
+    /// A re-embed's vector set (`vector_set.rs`).
+    set: Option<vector_set::SetView>,
 }
 
 struct Writer {
@@ -296,6 +329,7 @@ struct Writer {
     manifest: Manifest,
     /// Recent request ids and their acks.
     requests: RecentRequests,
+    set: Option<vector_set::SetWriter>,
 }
 
 impl Writer {
@@ -462,6 +496,9 @@ impl Shard {
             serving: None,
             staged: None,
             previous: None,
+            dim: config.dimension,
+            model: Arc::from(manifest.model.as_str()),
+            set: None,
         };
         load_segment(&docs.path, &vectors, &mut state)?;
         if state.rows.len() != manifest.rows {
@@ -476,6 +513,8 @@ impl Shard {
             });
         }
 
+        let set = vector_set::open(dir, &manifest, &state.rows)?;
+        state.set = set.as_ref().map(|s| s.view(manifest.rows));
         let mut writer = Writer {
             wal: None,
             docs,
@@ -483,6 +522,7 @@ impl Shard {
             last_seq: manifest.applied_seq,
             manifest,
             requests: RecentRequests::new(REMEMBERED_REQUEST_BYTES),
+            set,
         };
         for (id, seq, upserted, deleted) in writer.manifest.requests.clone() {
             let ack = WriteAck {
@@ -495,7 +535,7 @@ impl Shard {
         }
         let mut replayed = Vec::new();
         wal::replay(dir, writer.manifest.applied_seq, |batch| {
-            apply(&mut writer, &mut state, &batch)?;
+            apply(dir, &mut writer, &mut state, &batch)?;
             replayed.push(Arc::new(batch));
             Ok(())
         })?;
@@ -608,7 +648,6 @@ impl Shard {
         epoch: u64,
         request_id: &str,
     ) -> Result<(WriteAck, Option<Arc<WalBatch>>)> {
-        let cfg = &self.inner.config;
         validate_request_id(request_id)?;
         let mut logged = Vec::with_capacity(ops.len());
         for op in ops {
@@ -625,9 +664,33 @@ impl Shard {
                     modulus: r.modulus,
                     residue: r.residue,
                 },
+                WriteOp::SetBegin {
+                    tag,
+                    model,
+                    from_model,
+                    dimension,
+                } => WalOp::SetBegin {
+                    tag,
+                    model,
+                    from_model,
+                    dimension: dimension as u32,
+                },
+                WriteOp::SetVector {
+                    tag,
+                    id,
+                    version,
+                    vector,
+                } => WalOp::SetVector {
+                    tag,
+                    id,
+                    version,
+                    vector,
+                },
+                WriteOp::SetDrop(tag) => WalOp::SetDrop { tag },
+                WriteOp::SetCommit(tag) => WalOp::SetCommit { tag },
             };
             // The one rule for a client's write and a replicated one.
-            validate_op(cfg, &op)?;
+            validate_op(&op)?;
             logged.push(op);
         }
         validate_batch_shape(&logged)?;
@@ -670,12 +733,11 @@ impl Shard {
         }
         // Every batch checked as a primary's write is, before any is logged: a peer's
         // bytes are input like a client's, and a batch is applied whole or not at all.
-        let cfg = &self.inner.config;
         for batch in batches.iter().map(Borrow::borrow) {
             validate_request_id(&batch.request_id)?;
             validate_batch_shape(&batch.ops)?;
             for op in &batch.ops {
-                validate_op(cfg, op)?;
+                validate_op(op)?;
                 // A primary's own writes carry `Metadata`, checked where they entered;
                 // a peer's are checked here (`null`: none, from builds before it).
                 if let WalOp::Upsert { id, metadata, .. } = op {
@@ -726,22 +788,34 @@ impl Shard {
                 w.docs.len()
             )));
         }
+        // The re-embed's rules (vector dimensions, paired upserts, one set at a time).
+        vector_set::check(w, w.manifest.config.dimension, batch)?;
         let result: Result<WriteAck> = (|| {
             w.wal
                 .as_mut()
                 .expect("open shard has a log")
                 .append(batch)?;
+            let dir = &self.inner.dir;
             let mut staged = Staged::default();
             // The writer lock is held: no other batch changes the rows meanwhile.
-            let away = retained_away(batch, &self.inner.state.read().rows);
-            stage(w, batch, away, &mut staged)?;
+            {
+                let st = self.inner.state.read();
+                let away = retained_away(batch, &st.rows);
+                let targets = vector_set::targets(w, &st, batch)?;
+                let live = st.rows.live_len();
+                drop(st);
+                stage(dir, w, batch, away, &targets, live, &mut staged)?;
+            }
             let (upserted, deleted) = publish(&mut self.inner.state.write(), w, staged);
             let ack = w.finish(batch, upserted, deleted);
-            if w.wal
+            if let Some(gone) = finish_set_op(dir, w, &mut self.inner.state.write(), batch)? {
+                self.remove_files(gone)?;
+            } else if w
+                .wal
                 .as_ref()
                 .is_some_and(|l| l.bytes() > WAL_CHECKPOINT_BYTES)
             {
-                checkpoint(&self.inner.dir, w)?;
+                checkpoint(dir, w)?;
             }
             Ok(ack)
         })();
@@ -1024,7 +1098,8 @@ impl Shard {
     /// Searches the shard; see [`SearchMode`].
     pub fn search(&self, query: &[f32], p: SearchParams) -> Result<SearchResult> {
         let cfg = &self.inner.config;
-        validate_vector(cfg, query).map_err(ShardError::InvalidQuery)?;
+        // The vector's length is checked against what it searches (`search_in`).
+        validate_vector(query.len(), query).map_err(ShardError::InvalidQuery)?;
         if p.k == 0 || p.k > MAX_TOP_K {
             return Err(ShardError::InvalidQuery(format!(
                 "top_k {} must be between 1 and {MAX_TOP_K}",
@@ -1043,13 +1118,18 @@ impl Shard {
                 p.k * refine
             )));
         }
-        if p.mode != SearchMode::Exact {
+        if p.mode != SearchMode::Exact && p.set.is_none() {
             self.remember_query(query);
         }
         loop {
             let (serving, layout) = {
                 let st = self.inner.state.read();
-                (st.serving.clone(), st.layout)
+                // A set is searched through the generation staged over it, if any.
+                let g = match p.set {
+                    None => st.serving.clone(),
+                    Some(tag) => st.staged.clone().filter(|g| g.info.tag == tag),
+                };
+                (g, st.layout)
             };
             if let Some(r) = self.search_in(query, p, serving, layout)? {
                 return Ok(r);
@@ -1089,6 +1169,34 @@ impl Shard {
         let ours = |st: &State, row: u64| {
             st.rows.is_live(row) && routing.is_none_or(|r| r.holds(st.rows.id(row)))
         };
+        // The vectors searched: the stored ones, or a re-embed's complete set.
+        let vectors = |st: &State| -> Result<VectorView> {
+            let (v, dim) = match p.set {
+                None => (st.vectors.clone(), st.dim),
+                Some(tag) => match &st.set {
+                    Some(s) if s.tag == tag && s.missing == 0 => (s.vectors.clone(), s.dim),
+                    Some(s) if s.tag == tag => {
+                        return Err(ShardError::VectorSet(format!(
+                            "{} live documents still lack the new model's vector",
+                            s.missing
+                        )))
+                    }
+                    _ => {
+                        return Err(ShardError::VectorSet(format!(
+                            "no vector set of operation {tag} here"
+                        )))
+                    }
+                },
+            };
+            if query.len() != dim {
+                return Err(ShardError::InvalidQuery(format!(
+                    "vector has dimension {}, the collection's is {dim}",
+                    query.len()
+                )));
+            }
+            Ok(v)
+        };
+        vectors(&self.inner.state.read())?;
 
         let (generation, covered) = match (&serving, p.mode) {
             (Some(g), SearchMode::Rerank | SearchMode::Approximate) => {
@@ -1098,11 +1206,12 @@ impl Shard {
                     p.k
                 };
                 let candidates = g.index.search(query, want, nprobe)?;
-                let mut decoded = vec![0f32; if g.rerank.is_some() { cfg.dimension } else { 0 }];
+                let mut decoded = vec![0f32; if g.rerank.is_some() { query.len() } else { 0 }];
                 let st = self.inner.state.read();
                 if st.layout != layout {
                     return Ok(None);
                 }
+                let vecs = vectors(&st)?;
                 for (label, approx) in candidates {
                     let Some(row) = g.row(label).filter(|&r| ours(&st, r)) else {
                         continue;
@@ -1113,8 +1222,8 @@ impl Shard {
                         // returned by its own index, and falls back all the same.
                         (SearchMode::Rerank, Some(copy)) => copy
                             .score(metric, query, label, &mut decoded)
-                            .unwrap_or_else(|| metric.score(query, st.vectors.get(row))),
-                        (SearchMode::Rerank, None) => metric.score(query, st.vectors.get(row)),
+                            .unwrap_or_else(|| metric.score(query, vecs.get(row))),
+                        (SearchMode::Rerank, None) => metric.score(query, vecs.get(row)),
                         _ => approx,
                     };
                     top.push(row, score);
@@ -1127,10 +1236,11 @@ impl Shard {
         if st.layout != layout {
             return Ok(None);
         }
+        let vecs = vectors(&st)?;
         let total = st.rows.len();
         for row in covered..total {
             if ours(&st, row) {
-                top.push(row, metric.score(query, st.vectors.get(row)));
+                top.push(row, metric.score(query, vecs.get(row)));
             }
         }
         let hits = top
@@ -1170,6 +1280,7 @@ impl Shard {
             building,
             staged: st.staged.as_ref().map(|g| g.info.clone()),
             previous: st.previous.as_ref().map(|g| g.info.clone()),
+            vector_set: st.set.as_ref().map(vector_set::SetView::info),
         }
     }
 
@@ -1190,7 +1301,6 @@ impl Shard {
         sample: usize,
         tag: Option<u64>,
     ) -> Result<GenerationInfo> {
-        params.validate(self.inner.config.dimension)?;
         let gen_id = {
             let mut b = self.inner.building.lock();
             if let Some(work) = *b {
@@ -1306,8 +1416,26 @@ impl Shard {
     ) -> Result<GenerationInfo> {
         let started = Instant::now();
         let cfg = &self.inner.config;
-        let dim = cfg.dimension;
         set_thread_omp_threads(cfg.build_threads);
+        // A re-embed's generation (its tag names the shard's vector set) indexes the
+        // set's vectors: every live row has one (refused otherwise), and every row
+        // written since has one too (`vector_set::check`).
+        let vectors_of = |st: &State| -> Result<(VectorView, usize)> {
+            match (&st.set, tag) {
+                (Some(s), Some(t)) if s.tag == t => {
+                    if s.missing > 0 {
+                        return Err(ShardError::VectorSet(format!(
+                            "{} live documents still lack the new model's vector",
+                            s.missing
+                        )));
+                    }
+                    Ok((s.vectors.clone(), s.dim))
+                }
+                _ => Ok((st.vectors.clone(), st.dim)),
+            }
+        };
+        let dim = vectors_of(&self.inner.state.read())?.1;
+        params.validate(dim)?;
 
         // Snapshot the live rows; rows are immutable, liveness only ever goes away.
         let (mut covered, live, picked, view) = {
@@ -1318,7 +1446,7 @@ impl Shard {
                 .into_iter()
                 .map(|i| live[i])
                 .collect();
-            (st.rows.len(), live, picked, st.vectors.clone())
+            (st.rows.len(), live, picked, vectors_of(&st)?.0)
         };
         let sample = gather(&view, &picked);
         let mut index = AnnIndex::train(dim, cfg.metric, params, &sample)?;
@@ -1342,7 +1470,7 @@ impl Shard {
                 let rows = st.rows.live_rows(covered..end);
                 covered = end;
                 covered_seq = w.last_seq;
-                (rows, st.vectors.clone())
+                (rows, vectors_of(&st)?.0)
             };
             view = latest;
             if rows.is_empty() {
@@ -1353,7 +1481,7 @@ impl Shard {
             }
         }
         let rerank = match &codec {
-            Some(codec) => Some(self.write_rerank(gen_id, codec, &view, covered)?),
+            Some(codec) => Some(self.write_rerank(gen_id, codec, &view, covered, dim)?),
             None => None,
         };
 
@@ -1431,6 +1559,7 @@ impl Shard {
         codec: &Codec,
         view: &VectorView,
         rows: u64,
+        dim: usize,
     ) -> Result<(RerankMeta, RerankCopy)> {
         let file = rerank::file_name(gen_id);
         let partial = self.inner.dir.join(format!("{file}.partial"));
@@ -1445,7 +1574,7 @@ impl Shard {
         let path = self.inner.dir.join(&file);
         fs::rename(&partial, &path).map_err(ShardError::io(&path))?;
         storage::sync_dir(&self.inner.dir)?;
-        let copy = RerankCopy::load(&path, crc32, bytes, self.inner.config.dimension)?;
+        let copy = RerankCopy::load(&path, crc32, bytes, dim)?;
         let meta = RerankMeta {
             precision: codec.precision,
             file,
@@ -1616,9 +1745,16 @@ impl Shard {
         if g.file != format!("gen-{:08}.faiss", g.id) {
             return refused(format!("file name {:?} is not the generation's", g.file));
         }
-        g.params.validate(self.inner.config.dimension)?;
+        // A re-embed's generation indexes this replica's vector set of its tag.
+        let gen_tag = g.tag;
+        let vectors_of = |st: &State| match &st.set {
+            Some(s) if stage && s.tag == gen_tag => (s.vectors.clone(), s.dim),
+            _ => (st.vectors.clone(), st.dim),
+        };
+        let dim = vectors_of(&self.inner.state.read()).1;
+        g.params.validate(dim)?;
         if let Some(codec) = &export.codec {
-            if let Err(why) = codec.check(self.inner.config.dimension) {
+            if let Err(why) = codec.check(dim) {
                 return refused(format!("its re-ranking codec: {why}"));
             }
         }
@@ -1679,14 +1815,14 @@ impl Shard {
         fs::rename(file, &final_path).map_err(ShardError::io(&final_path))?;
         storage::sync_dir(&self.inner.dir)?;
         let index = AnnIndex::read_verified(&final_path)?;
-        if index.dim() != self.inner.config.dimension || index.len() != g.indexed_vectors {
+        if index.dim() != dim || index.len() != g.indexed_vectors {
             let _ = fs::remove_file(&final_path);
             return refused(format!(
                 "the index holds {} vectors of {} dimensions, its manifest says {} of {}",
                 index.len(),
                 index.dim(),
                 g.indexed_vectors,
-                self.inner.config.dimension
+                dim
             ));
         }
         // The re-ranking copy is encoded here from this replica's own rows, which are
@@ -1694,8 +1830,8 @@ impl Shard {
         let mut g = g;
         let rerank = match &export.codec {
             Some(codec) => {
-                let view = self.inner.state.read().vectors.clone();
-                let (meta, copy) = self.write_rerank(g.id, codec, &view, g.covered_rows)?;
+                let view = vectors_of(&self.inner.state.read()).0;
+                let (meta, copy) = self.write_rerank(g.id, codec, &view, g.covered_rows, dim)?;
                 g.rerank = Some(meta);
                 Some(Arc::new(copy))
             }
@@ -1872,16 +2008,21 @@ fn validate_request_id(request_id: &str) -> Result<()> {
 
 /// The shared vector rule (`shoal_proto::limits::vector_problem`): right length,
 /// finite, and a norm whose scores cannot overflow.
-fn validate_vector(cfg: &CollectionConfig, v: &[f32]) -> std::result::Result<(), String> {
-    match shoal_proto::limits::vector_problem(v, cfg.dimension) {
+fn validate_vector(dim: usize, v: &[f32]) -> std::result::Result<(), String> {
+    match shoal_proto::limits::vector_problem(v, dim) {
         Some(p) => Err(format!("vector {p}")),
         None => Ok(()),
     }
 }
 
+/// Most bytes of a model's name (a content hash) in a logged operation.
+const MAX_MODEL_BYTES: usize = 256;
+
 /// One logged operation, checked before anything is logged: id, vector, size. Used for
-/// a primary's writes and for the batches a backup is sent alike.
-fn validate_op(cfg: &CollectionConfig, op: &WalOp) -> Result<()> {
+/// a primary's writes and for the batches a backup is sent alike. A vector's length
+/// is checked against the shard's dimension under the writer (`vector_set::check`):
+/// a re-embed's commit changes it.
+fn validate_op(op: &WalOp) -> Result<()> {
     match op {
         WalOp::Upsert {
             id,
@@ -1890,7 +2031,7 @@ fn validate_op(cfg: &CollectionConfig, op: &WalOp) -> Result<()> {
             vector,
         } => {
             validate_id(id)?;
-            validate_vector(cfg, vector).map_err(|r| ShardError::invalid_doc(id, r))?;
+            validate_vector(vector.len(), vector).map_err(|r| ShardError::invalid_doc(id, r))?;
             let size = text.as_ref().map_or(0, |t| t.len()) + metadata.len();
             if size > MAX_DOC_BYTES {
                 return Err(ShardError::invalid_doc(
@@ -1901,13 +2042,45 @@ fn validate_op(cfg: &CollectionConfig, op: &WalOp) -> Result<()> {
             Ok(())
         }
         WalOp::Delete { id } => validate_id(id),
-        WalOp::Compact => Ok(()),
+        WalOp::Compact | WalOp::SetDrop { .. } | WalOp::SetCommit { .. } => Ok(()),
         WalOp::Retain { modulus, residue } => Routing {
             modulus: *modulus,
             residue: *residue,
         }
         .check()
         .map_err(ShardError::InvalidConfig),
+        WalOp::SetBegin {
+            model,
+            from_model,
+            dimension,
+            ..
+        } => {
+            if *dimension == 0 || *dimension > 65_536 {
+                return Err(ShardError::InvalidConfig(format!(
+                    "vector set dimension {dimension} must be between 1 and 65536"
+                )));
+            }
+            if model.is_empty()
+                || model.len() > MAX_MODEL_BYTES
+                || from_model.len() > MAX_MODEL_BYTES
+            {
+                return Err(ShardError::InvalidConfig(format!(
+                    "a vector set's model names are 1 to {MAX_MODEL_BYTES} bytes"
+                )));
+            }
+            Ok(())
+        }
+        WalOp::SetVector { id, vector, .. } => {
+            validate_id(id)?;
+            validate_vector(vector.len(), vector).map_err(|r| ShardError::invalid_doc(id, r))?;
+            if vector.is_empty() || vector.len() > 65_536 || vector.iter().all(|&x| x == 0.0) {
+                return Err(ShardError::invalid_doc(
+                    id,
+                    "a vector set's vector has 1 to 65536 values, not all zero",
+                ));
+            }
+            Ok(())
+        }
     }
 }
 
@@ -1915,13 +2088,34 @@ fn validate_op(cfg: &CollectionConfig, op: &WalOp) -> Result<()> {
 /// and so does a retain (what it deletes is the state before it).
 fn validate_batch_shape(ops: &[WalOp]) -> Result<()> {
     if ops.len() > 1
-        && ops
-            .iter()
-            .any(|op| matches!(op, WalOp::Compact | WalOp::Retain { .. }))
+        && ops.iter().any(|op| {
+            matches!(
+                op,
+                WalOp::Compact
+                    | WalOp::Retain { .. }
+                    | WalOp::SetBegin { .. }
+                    | WalOp::SetDrop { .. }
+                    | WalOp::SetCommit { .. }
+            )
+        })
     {
         return Err(ShardError::InvalidConfig(
-            "a compaction or a retain must be the only operation of its batch".into(),
+            "a compaction, a retain or a vector set's begin, drop or commit must be the only \
+             operation of its batch"
+                .into(),
         ));
+    }
+    // A new write's set vector (version 0) belongs to the upsert right before it.
+    for (i, op) in ops.iter().enumerate() {
+        if let WalOp::SetVector { id, version: 0, .. } = op {
+            let follows = i > 0 && matches!(&ops[i - 1], WalOp::Upsert { id: up, .. } if up == id);
+            if !follows {
+                return Err(ShardError::invalid_doc(
+                    id,
+                    "a new write's set vector must follow the upsert of the same id",
+                ));
+            }
+        }
     }
     Ok(())
 }
@@ -1948,12 +2142,28 @@ struct Staged {
 }
 
 enum StagedOp {
-    Put { id: String, row: u64, offset: u64 },
+    Put {
+        id: String,
+        row: u64,
+        offset: u64,
+    },
     Delete(String),
+    /// A vector set's vector written to this row.
+    SetVector(u64),
 }
 
-/// Writes a batch's records; `away` are the ids a retain deletes ([`retained_away`]).
-fn stage(w: &mut Writer, batch: &WalBatch, away: Vec<String>, staged: &mut Staged) -> Result<()> {
+/// Writes a batch's records; `away` are the ids a retain deletes ([`retained_away`]),
+/// `targets` the rows its re-encodings write ([`vector_set::targets`]), `live` the
+/// live rows before it (a set begun here lacks all of them).
+fn stage(
+    dir: &Path,
+    w: &mut Writer,
+    batch: &WalBatch,
+    away: Vec<String>,
+    targets: &[Option<u64>],
+    live: usize,
+    staged: &mut Staged,
+) -> Result<()> {
     for id in away {
         w.docs.append(&SegmentEntry::Delete {
             seq: batch.seq,
@@ -1961,7 +2171,8 @@ fn stage(w: &mut Writer, batch: &WalBatch, away: Vec<String>, staged: &mut Stage
         })?;
         staged.ops.push(StagedOp::Delete(id));
     }
-    for op in &batch.ops {
+    let mut last_put = None;
+    for (i, op) in batch.ops.iter().enumerate() {
         match op {
             WalOp::Upsert {
                 id,
@@ -1970,6 +2181,9 @@ fn stage(w: &mut Writer, batch: &WalBatch, away: Vec<String>, staged: &mut Stage
                 vector,
             } => {
                 let row = w.vectors.append(vector)?;
+                if let Some(s) = w.set.as_mut() {
+                    s.store.ensure(row + 1)?;
+                }
                 let offset = w.docs.append(&SegmentEntry::Put {
                     seq: batch.seq,
                     row,
@@ -1983,6 +2197,7 @@ fn stage(w: &mut Writer, batch: &WalBatch, away: Vec<String>, staged: &mut Stage
                     row,
                     offset,
                 });
+                last_put = Some(row);
             }
             WalOp::Delete { id } => {
                 w.docs.append(&SegmentEntry::Delete {
@@ -1995,40 +2210,203 @@ fn stage(w: &mut Writer, batch: &WalBatch, away: Vec<String>, staged: &mut Stage
             WalOp::Compact => {}
             // Its deletes were written first (`away`).
             WalOp::Retain { .. } => {}
+            WalOp::SetBegin {
+                tag,
+                model,
+                from_model,
+                dimension,
+            } => {
+                vector_set::begin(dir, w, live, *tag, model, *dimension as usize)?;
+                if w.manifest.model.is_empty() {
+                    w.manifest.model = from_model.clone();
+                }
+            }
+            WalOp::SetVector {
+                tag,
+                version,
+                vector,
+                ..
+            } => {
+                let row = if *version == 0 { last_put } else { targets[i] };
+                if let (Some(row), Some(s)) = (row, w.set.as_mut()) {
+                    if s.meta.tag == *tag {
+                        s.store.write(row, vector)?;
+                        staged.ops.push(StagedOp::SetVector(row));
+                    }
+                }
+            }
+            WalOp::SetDrop { tag } => {
+                if w.set.as_ref().is_some_and(|s| s.meta.tag == *tag) {
+                    w.set = None;
+                }
+            }
+            // Done once the batch is published (`finish_set_op`).
+            WalOp::SetCommit { .. } => {}
         }
     }
     Ok(())
 }
 
 /// Makes a staged batch visible; returns (upserted, deleted).
-fn publish(st: &mut State, w: &Writer, staged: Staged) -> (usize, usize) {
+fn publish(st: &mut State, w: &mut Writer, staged: Staged) -> (usize, usize) {
     let (mut up, mut del) = (0, 0);
     for op in staged.ops {
         match op {
             StagedOp::Put { id, row, offset } => {
+                let old = st.rows.get(&id);
                 let placed = st.rows.put(&id, offset);
                 debug_assert_eq!(placed, row);
+                vector_set::on_put(w, old, placed);
                 up += 1;
             }
-            StagedOp::Delete(id) => del += usize::from(st.rows.remove(&id)),
+            StagedOp::Delete(id) => {
+                let old = st.rows.get(&id);
+                if st.rows.remove(&id) {
+                    del += 1;
+                    if let Some(row) = old {
+                        vector_set::on_delete(w, row);
+                    }
+                }
+            }
+            StagedOp::SetVector(row) => vector_set::on_vector(w, row),
         }
     }
     st.vectors = w.vectors.view();
+    let rows = st.vectors.rows();
+    st.model = Arc::from(w.manifest.model.as_str());
+    st.set = w.set.as_ref().map(|s| s.view(rows));
     (up, del)
 }
 
-fn apply(w: &mut Writer, st: &mut State, batch: &WalBatch) -> Result<()> {
+fn apply(dir: &Path, w: &mut Writer, st: &mut State, batch: &WalBatch) -> Result<()> {
     let mut staged = Staged::default();
-    stage(w, batch, retained_away(batch, &st.rows), &mut staged)?;
+    let targets = vector_set::targets(w, st, batch)?;
+    let live = st.rows.live_len();
+    stage(
+        dir,
+        w,
+        batch,
+        retained_away(batch, &st.rows),
+        &targets,
+        live,
+        &mut staged,
+    )?;
     let (upserted, deleted) = publish(st, w, staged);
     w.finish(batch, upserted, deleted);
+    if let Some(gone) = finish_set_op(dir, w, st, batch)? {
+        for f in gone {
+            let _ = fs::remove_file(dir.join(f));
+        }
+    }
     Ok(())
+}
+
+/// After a vector set's begin, drop or commit: a checkpoint, so the manifest names
+/// exactly the set the log has made (its file is created, deleted or renamed here).
+/// Returns the files no longer named, to delete; `None` for any other batch.
+fn finish_set_op(
+    dir: &Path,
+    w: &mut Writer,
+    st: &mut State,
+    batch: &WalBatch,
+) -> Result<Option<Vec<String>>> {
+    match batch.ops.as_slice() {
+        [WalOp::SetBegin { .. }] => {
+            checkpoint(dir, w)?;
+            Ok(Some(Vec::new()))
+        }
+        [WalOp::SetDrop { tag }] => {
+            let gone = w
+                .manifest
+                .vector_set
+                .as_ref()
+                .filter(|s| s.tag == *tag)
+                .map(|s| s.file.clone());
+            checkpoint(dir, w)?;
+            Ok(Some(gone.into_iter().collect()))
+        }
+        [WalOp::SetCommit { tag }] => commit_set(dir, w, st, *tag, batch.seq).map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// `SetCommit`: the set's file becomes the vectors of a new layout named by the
+/// commit's batch (the documents file linked under its name: same records, same row
+/// numbers), the dimension and model become the set's, a generation staged over the
+/// set serves; the old vectors and generations are deleted. Every replica does the
+/// same at the same log position.
+fn commit_set(
+    dir: &Path,
+    w: &mut Writer,
+    st: &mut State,
+    tag: u64,
+    seq: u64,
+) -> Result<Vec<String>> {
+    let Some(mut set) = w.set.take().filter(|s| s.meta.tag == tag) else {
+        return Ok(Vec::new());
+    };
+    let rows = w.vectors.view().rows();
+    set.store.finish(rows)?;
+    w.docs.sync()?;
+    let (old_docs, old_vectors) = w.manifest.segments();
+    let (docs_name, vectors_name) = segment_files(seq);
+    let (docs_path, vectors_path) = (dir.join(&docs_name), dir.join(&vectors_name));
+    // Links, not renames: until the checkpoint below stores the manifest naming them,
+    // the old names stay what a crash recovers from (the replayed commit links again).
+    for (from, to) in [
+        (dir.join(&old_docs), &docs_path),
+        (set.store.path.clone(), &vectors_path),
+    ] {
+        if !to.exists() {
+            fs::hard_link(&from, to).map_err(ShardError::io(to))?;
+        }
+    }
+    storage::sync_dir(dir)?;
+    let set_file = set.meta.file.clone();
+    let docs_len = w.docs.len();
+    w.docs = DocsFile::open(docs_path, docs_len)?;
+    w.vectors = VectorStore::open(vectors_path, set.meta.dimension, rows)?;
+    let m = &mut w.manifest;
+    let mut gone: Vec<manifest::GenerationMeta> = Vec::new();
+    gone.extend(m.serving.take());
+    gone.extend(m.previous.take());
+    let over_set = m.staged.take_if(|g| g.tag == tag);
+    gone.extend(m.staged.take());
+    m.serving = over_set.map(|mut g| {
+        g.layout = seq;
+        g
+    });
+    m.config.dimension = set.meta.dimension;
+    m.model = set.meta.model.clone();
+    m.layout = seq;
+    m.vector_set = None;
+    checkpoint(dir, w)?;
+    let mut files: Vec<String> = gone
+        .iter()
+        .flat_map(|g| w.manifest.unshared_files(g))
+        .collect();
+    files.extend([old_docs, old_vectors, set_file]);
+    st.serving = st.staged.take().filter(|g| g.info.tag == tag);
+    st.previous = None;
+    st.staged = None;
+    st.vectors = w.vectors.view();
+    st.docs = w.docs.reader()?;
+    st.layout = seq;
+    st.dim = set.meta.dimension;
+    st.model = Arc::from(set.meta.model.as_str());
+    st.set = None;
+    tracing::info!(dir = %dir.display(), tag, seq, dimension = st.dim, "re-embed committed: the vector set is the stored vectors");
+    Ok(files)
 }
 
 /// Makes the segments durable, records them in the manifest, restarts the log.
 fn checkpoint(dir: &Path, w: &mut Writer) -> Result<()> {
     w.docs.sync()?;
     w.vectors.sync()?;
+    if let Some(s) = &w.set {
+        s.store.sync()?;
+    }
+    w.manifest.vector_set = w.set.as_ref().map(|s| s.meta.clone());
     w.manifest.applied_seq = w.last_seq;
     w.manifest.docs_len = w.docs.len();
     w.manifest.rows = w.vectors.view().rows();

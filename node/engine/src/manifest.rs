@@ -136,6 +136,29 @@ pub struct Manifest {
     /// (a rollback serves it again at once).
     #[serde(default)]
     pub previous: Option<GenerationMeta>,
+    /// A re-embed's second vector set (issue 21, `vector_set.rs`), row-aligned with
+    /// the segments' rows, filled until every live row has one.
+    #[serde(default)]
+    pub vector_set: Option<VectorSetMeta>,
+    /// The content hash of the model the stored vectors come from, once known (a
+    /// re-embed names it; empty: never said). Queries naming another are refused.
+    #[serde(default)]
+    pub model: String,
+}
+
+/// A re-embed's vector set: the model it holds vectors of, their dimension, its file.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VectorSetMeta {
+    /// The re-embed operation's id.
+    pub tag: u64,
+    pub model: String,
+    pub dimension: usize,
+    pub file: String,
+}
+
+/// A vector set's file name.
+pub fn vector_set_file(tag: u64) -> String {
+    format!("vectors-set-{tag:020}.f32")
 }
 
 impl Manifest {
@@ -154,6 +177,8 @@ impl Manifest {
             compacting: None,
             staged: None,
             previous: None,
+            vector_set: None,
+            model: String::new(),
         }
     }
 
@@ -219,6 +244,7 @@ impl Manifest {
     pub fn remove_unreferenced_files(&self, dir: &Path) -> Result<()> {
         let (docs, vectors) = self.segments();
         let mut keep = vec![docs, vectors];
+        keep.extend(self.vector_set.iter().map(|s| s.file.clone()));
         for g in self.generations() {
             keep.extend(g.files().map(|(f, _)| f.clone()));
         }

@@ -341,3 +341,106 @@ pub fn file_crc(path: &Path) -> Result<(u32, u64)> {
     }
     Ok((h.finalize(), n))
 }
+
+/// A re-embed's vector set file (issue 21, `vector_set.rs`): row-aligned with the
+/// segments' rows, each row written once, at any time after its row exists (the
+/// re-encoder fills old rows in the background; new rows get theirs with their
+/// upsert). Unwritten rows read as zeros; a row is read only once written (the set
+/// answers no query while a live row lacks its vector).
+pub struct SetStore {
+    pub path: PathBuf,
+    file: File,
+    dim: usize,
+    capacity_rows: u64,
+    map: Option<Arc<Mmap>>,
+}
+
+impl SetStore {
+    /// Opens the set's file holding at least `rows` rows; `fresh` empties it first (a
+    /// set begun again by a log replay).
+    pub fn open(path: PathBuf, dim: usize, rows: u64, fresh: bool) -> Result<Self> {
+        let (file, actual) = open_segment(&path)?;
+        let row_bytes = (dim * 4) as u64;
+        if fresh {
+            file.set_len(0).map_err(ShardError::io(&path))?;
+        } else if actual < rows * row_bytes {
+            return Err(ShardError::Corrupt {
+                file: path,
+                offset: actual,
+                reason: format!("vector set file holds fewer than its {rows} rows"),
+            });
+        }
+        let mut store = Self {
+            path,
+            file,
+            dim,
+            capacity_rows: 0,
+            map: None,
+        };
+        store.ensure(rows)?;
+        Ok(store)
+    }
+
+    /// Room (zeros) for rows below `rows`.
+    pub fn ensure(&mut self, rows: u64) -> Result<()> {
+        if rows <= self.capacity_rows && self.map.is_some() {
+            return Ok(());
+        }
+        let row_bytes = (self.dim * 4) as u64;
+        let step = (GROW_BYTES / row_bytes).max(1);
+        let cap = rows.div_ceil(step).max(1) * step;
+        let len = self
+            .file
+            .metadata()
+            .map_err(ShardError::io(&self.path))?
+            .len();
+        if len < cap * row_bytes {
+            self.file
+                .set_len(cap * row_bytes)
+                .map_err(ShardError::io(&self.path))?;
+        }
+        // SAFETY: only this store writes the file (under the shard's writer lock), a
+        // row is read only after it was written, and the file never shrinks while a
+        // view of it is published.
+        let map = unsafe { Mmap::map(&self.file) }.map_err(ShardError::io(&self.path))?;
+        self.map = Some(Arc::new(map));
+        self.capacity_rows = cap;
+        Ok(())
+    }
+
+    pub fn write(&mut self, row: u64, v: &[f32]) -> Result<()> {
+        debug_assert_eq!(v.len(), self.dim);
+        self.ensure(row + 1)?;
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.file
+            .write_all_at(&bytes, row * (self.dim * 4) as u64)
+            .map_err(ShardError::io(&self.path))
+    }
+
+    /// Whether row `row` was written (a set's vectors are never all zeros).
+    pub fn written(&self, row: u64) -> bool {
+        row < self.capacity_rows && self.view(row + 1).get(row).iter().any(|&x| x != 0.0)
+    }
+
+    pub fn view(&self, rows: u64) -> VectorView {
+        VectorView {
+            map: self.map.clone(),
+            dim: self.dim,
+            rows: rows.min(self.capacity_rows),
+        }
+    }
+
+    /// Cuts the file to exactly `rows` rows and makes it durable (before it becomes a
+    /// layout's vectors file).
+    pub fn finish(&mut self, rows: u64) -> Result<()> {
+        self.map = None;
+        self.file
+            .set_len(rows * (self.dim * 4) as u64)
+            .map_err(ShardError::io(&self.path))?;
+        self.sync()
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync_data().map_err(ShardError::io(&self.path))
+    }
+}

@@ -34,6 +34,33 @@ pub enum WalOp {
         modulus: u32,
         residue: u32,
     },
+    /// Issue 21, re-embedding (`vector_set.rs`): start the vector set of operation
+    /// `tag` for `model`'s vectors of `dimension` (`from_model`: the stored vectors'
+    /// model); alone in its batch.
+    SetBegin {
+        tag: u64,
+        model: String,
+        from_model: String,
+        dimension: u32,
+    },
+    /// The set's vector of `id`'s live row, if that row was written by batch `version`
+    /// (0: by the upsert just before it in this batch); otherwise nothing (a stale
+    /// re-encoding is dropped alike on every replica).
+    SetVector {
+        tag: u64,
+        id: String,
+        version: u64,
+        vector: Vec<f32>,
+    },
+    /// Drop the set (a rollback); alone in its batch.
+    SetDrop {
+        tag: u64,
+    },
+    /// The set becomes the stored vectors (a commit); alone in its batch, refused
+    /// while a live row lacks its vector.
+    SetCommit {
+        tag: u64,
+    },
 }
 
 /// A batch shares one frame and one fsync: it is recovered whole or not at all.
@@ -61,7 +88,14 @@ impl WalBatch {
                 id.len() + text.as_ref().map_or(0, String::len) + metadata.len() + vector.len() * 4
             }
             WalOp::Delete { id } => id.len(),
-            WalOp::Compact | WalOp::Retain { .. } => 0,
+            WalOp::SetVector { id, vector, .. } => id.len() + vector.len() * 4,
+            WalOp::SetBegin {
+                model, from_model, ..
+            } => model.len() + from_model.len(),
+            WalOp::Compact
+            | WalOp::Retain { .. }
+            | WalOp::SetDrop { .. }
+            | WalOp::SetCommit { .. } => 0,
         };
         self.ops.iter().map(op).sum::<usize>() + self.request_id.len() + 64
     }

@@ -19,8 +19,8 @@ use shoal_proto::routing::{shard_of, Routing};
 /// The id of a batch's first operation.
 fn b1_id(b: &shoal_engine::WalBatch) -> String {
     match &b.ops[0] {
-        WalOp::Upsert { id, .. } | WalOp::Delete { id } => id.clone(),
-        WalOp::Compact | WalOp::Retain { .. } => String::new(),
+        WalOp::Upsert { id, .. } | WalOp::Delete { id } | WalOp::SetVector { id, .. } => id.clone(),
+        _ => String::new(),
     }
 }
 
@@ -1737,6 +1737,7 @@ fn t82_a_shard_cloned_and_retained_in_halves_answers_as_the_whole() {
                             mode,
                             refine_factor: Some(50),
                             nprobe: Some(16),
+                            set: None,
                         };
                         s.search(&v, p).unwrap().hits
                     })
@@ -2001,4 +2002,299 @@ fn t91_a_backup_stages_its_primarys_rebuild_and_a_snapshot_carries_only_the_serv
     let copy = Shard::open(dirs[2].path()).unwrap();
     assert!(copy.stats().previous.is_none());
     assert_eq!(copy.stats().serving.unwrap().tag, 5);
+}
+
+/// Another "model": 48-d vectors of the same keys, clustered differently.
+fn vector2_for(key: &str) -> Vec<f32> {
+    let h = hash(key) ^ 0xabcdef;
+    let centre = h % 16;
+    (0..48)
+        .map(|i| {
+            let c = (mix(centre * 7000 + i as u64) % 1000) as f32 / 100.0;
+            let n = (mix(h ^ (i as u64) << 40) % 1000) as f32 / 1000.0 - 0.5;
+            c + n
+        })
+        .collect()
+}
+
+/// An upsert as a gateway sends it during a re-embed: both models' vectors.
+fn dual(tag: u64, id: &str, key: &str) -> Vec<WriteOp> {
+    let mut d = doc(id);
+    d.vector = vector_for(key);
+    vec![
+        WriteOp::Upsert(d),
+        WriteOp::SetVector {
+            tag,
+            id: id.into(),
+            version: 0,
+            vector: vector2_for(key),
+        },
+    ]
+}
+
+fn set_search(k: usize, set: Option<u64>) -> SearchParams {
+    SearchParams {
+        k,
+        mode: SearchMode::Exact,
+        set,
+        ..SearchParams::default()
+    }
+}
+
+#[test]
+fn t92_a_re_embed_fills_a_vector_set_drops_stale_re_encodings_and_commits_it() {
+    use shoal_engine::GateConfig;
+    let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let primary = Shard::create(dirs[0].path(), config(Metric::L2)).unwrap();
+    let backup = Shard::create(dirs[1].path(), config(Metric::L2)).unwrap();
+    primary.set_auto_compact(false);
+    backup.set_auto_compact(false);
+    let n = std::cell::Cell::new(0);
+    // Every write on the primary is replicated to the backup at once.
+    let write = |p: &Shard, ops: Vec<WriteOp>| -> Result<shoal_engine::WriteAck, ShardError> {
+        n.set(n.get() + 1);
+        let (ack, batch) = p.write_as(ops, 1, &format!("r{}", n.get()))?;
+        backup
+            .append_replicated(&[(*batch.unwrap()).clone()])
+            .unwrap();
+        Ok(ack)
+    };
+    for chunk in docs("c", 2000).chunks(250) {
+        write(
+            &primary,
+            chunk.iter().cloned().map(WriteOp::Upsert).collect(),
+        )
+        .unwrap();
+    }
+    primary.rebuild(None).unwrap();
+    let begin = WriteOp::SetBegin {
+        tag: 3,
+        model: "m2".into(),
+        from_model: "m1".into(),
+        dimension: 48,
+    };
+    write(&primary, vec![begin]).unwrap();
+    assert_eq!(primary.vector_set().unwrap().missing, 2000);
+    assert_eq!(primary.set_for_model("m2").unwrap(), Some(3));
+    assert_eq!(primary.set_for_model("m1").unwrap(), None);
+    assert!(matches!(
+        primary.set_for_model("m3"),
+        Err(ShardError::VectorSet(_))
+    ));
+    // A second re-embed, a plain upsert, a set vector of the wrong size: refused,
+    // nothing written.
+    let last = primary.last();
+    let another = WriteOp::SetBegin {
+        tag: 4,
+        model: "m3".into(),
+        from_model: "m1".into(),
+        dimension: 48,
+    };
+    assert!(matches!(
+        primary.write(vec![another]),
+        Err(ShardError::VectorSet(_))
+    ));
+    assert!(matches!(
+        primary.upsert(vec![doc("plain")]),
+        Err(ShardError::VectorSet(_))
+    ));
+    let short = WriteOp::SetVector {
+        tag: 3,
+        id: "c1".into(),
+        version: 0,
+        vector: vec![1.0; 47],
+    };
+    assert!(primary
+        .write(vec![WriteOp::Upsert(doc("c1")), short])
+        .is_err());
+    assert_eq!(primary.last(), last);
+    // New writes carry both vectors.
+    write(&primary, dual(3, "new0", "new0")).unwrap();
+    assert_eq!(primary.vector_set().unwrap().missing, 2000);
+
+    // The re-encoder: rows lacking a vector, in row order, read with their version.
+    let (first, next) = primary.set_pending(3, 0, 300).unwrap();
+    assert_eq!(first.len(), 300);
+    assert!(first.iter().all(|r| r.text.is_some() && r.version > 0));
+    // Meanwhile a client updates one of them and deletes another: the re-encodings
+    // read before are stale and dropped on both replicas.
+    let (updated, deleted) = (first[0].id.clone(), first[1].id.clone());
+    write(&primary, dual(3, &updated, "updated")).unwrap();
+    write(&primary, vec![WriteOp::Delete(deleted.clone())]).unwrap();
+    let encode = |rows: &[shoal_engine::PendingRow]| -> Vec<WriteOp> {
+        rows.iter()
+            .map(|r| WriteOp::SetVector {
+                tag: 3,
+                id: r.id.clone(),
+                version: r.version,
+                vector: vector2_for(&r.id),
+            })
+            .collect()
+    };
+    write(&primary, encode(&first)).unwrap();
+    // 2,000 lacking, less the updated and deleted rows, less 298 re-encodings applied.
+    assert_eq!(primary.vector_set().unwrap().missing, 2000 - 2 - 298);
+    assert_eq!(backup.vector_set(), primary.vector_set());
+    // Reopened mid-way: which rows have a vector is read back from the file.
+    let before = primary.vector_set();
+    drop(primary);
+    let primary = Shard::open(dirs[0].path()).unwrap();
+    primary.set_auto_compact(false);
+    assert_eq!(primary.vector_set(), before);
+    // A copy made now carries the set and goes on from the log.
+    copy_snapshot(&primary.snapshot().unwrap(), dirs[2].path());
+    let copy = Shard::open(dirs[2].path()).unwrap();
+    assert_eq!(copy.vector_set(), before);
+    // The set is not searched while incomplete; compactions wait for it.
+    let q2 = vector2_for("c1500");
+    assert!(matches!(
+        primary.search(&q2, set_search(5, Some(3))),
+        Err(ShardError::VectorSet(_))
+    ));
+    write(&primary, vec![WriteOp::Compact]).unwrap();
+    assert!(
+        primary.compact_pending().unwrap().is_none(),
+        "held by the set"
+    );
+    let mut from = next;
+    loop {
+        let (rows, next) = primary.set_pending(3, from, 500).unwrap();
+        if rows.is_empty() {
+            break;
+        }
+        write(&primary, encode(&rows)).unwrap();
+        from = next;
+    }
+    // The first 300 came back no more: the updated row has its dual write's vector.
+    let (again, _) = primary.set_pending(3, 0, 10).unwrap();
+    assert!(again.is_empty(), "{again:?}");
+    assert_eq!(primary.vector_set().unwrap().missing, 0);
+    assert_eq!(backup.vector_set(), primary.vector_set());
+    // The set answers by the new model's vectors; the stored ones by the old.
+    for (p, name) in [(&primary, "primary"), (&backup, "backup")] {
+        let top = |q: &[f32], set| {
+            p.search(q, set_search(1, set)).unwrap().hits[0]
+                .id
+                .to_string()
+        };
+        assert_eq!(top(&vector2_for("c1500"), Some(3)), "c1500", "{name}");
+        assert_eq!(top(&vector2_for("updated"), Some(3)), updated, "{name}");
+        assert_eq!(top(&vector_for("c1500"), None), "c1500", "{name}");
+        let hits = p
+            .search(&vector2_for(&deleted), set_search(2000, Some(3)))
+            .unwrap();
+        assert!(
+            hits.hits.iter().all(|h| *h.id != *deleted),
+            "{name}: deleted stays deleted"
+        );
+        assert!(
+            p.search(&vector_for("c1"), set_search(1, Some(3))).is_err(),
+            "old dimension"
+        );
+    }
+    // A generation over the set, gated against exact search in the set.
+    let params = IvfPqParams {
+        nlist: 16,
+        m: 8,
+        nbits: 8,
+    };
+    let staged = primary.build_staged(params, 4096, 3).unwrap();
+    let report = primary.gate(3, &GateConfig::default()).unwrap();
+    assert!(report.passed && report.recent_queries == 0, "{report}");
+    let approx = SearchParams {
+        k: 10,
+        mode: SearchMode::Rerank,
+        set: Some(3),
+        ..SearchParams::default()
+    };
+    let r = primary.search(&vector2_for("c700"), approx).unwrap();
+    assert_eq!(r.generation, Some(staged.id));
+    assert_eq!(&*r.hits[0].id, "c700");
+
+    // Commit: the set becomes the stored vectors, on both replicas at one log position.
+    write(&primary, vec![WriteOp::SetCommit(3)]).unwrap();
+    for (p, name) in [(&primary, "primary"), (&backup, "backup")] {
+        assert!(p.vector_set().is_none(), "{name}");
+        assert_eq!(p.model(), "m2", "{name}");
+        assert_eq!(
+            top_id(p, &vector2_for("c1500"), exact(1)),
+            "c1500",
+            "{name}"
+        );
+        assert!(
+            p.search(&vector_for("c1500"), exact(1)).is_err(),
+            "{name}: old dimension"
+        );
+        assert_eq!(p.set_for_model("m2").unwrap(), None);
+        assert!(
+            p.set_for_model("m1").is_err(),
+            "{name}: the old model's queries refused"
+        );
+    }
+    assert_eq!(primary.stats().serving.unwrap().id, staged.id);
+    // Plain 48-d upserts again; the held compaction runs now.
+    write(&primary, {
+        let mut d = doc("after");
+        d.vector = vector2_for("after");
+        vec![WriteOp::Upsert(d)]
+    })
+    .unwrap();
+    primary
+        .compact_pending()
+        .unwrap()
+        .expect("the compaction ran");
+    let answers = primary
+        .search(&vector2_for("c3"), approx_set_none())
+        .unwrap()
+        .hits;
+    drop(primary);
+    let primary = Shard::open(dirs[0].path()).unwrap();
+    assert_eq!(
+        primary
+            .search(&vector2_for("c3"), approx_set_none())
+            .unwrap()
+            .hits,
+        answers
+    );
+    assert_eq!(
+        primary.get("after").unwrap().unwrap().vector,
+        vector2_for("after")
+    );
+    let names: Vec<String> = fs::read_dir(dirs[0].path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("vectors"))
+        .collect();
+    assert_eq!(names.len(), 1, "only the current vectors file: {names:?}");
+    drop(backup);
+    let backup = Shard::open(dirs[1].path()).unwrap();
+    assert_eq!(top_id(&backup, &vector2_for("c9"), exact(1)), "c9");
+
+    // A rollback drops the set: its file goes, plain upserts are taken again.
+    let small = Shard::create(dirs[3].path(), config(Metric::L2)).unwrap();
+    small.upsert(docs("s", 20)).unwrap();
+    small
+        .write(vec![WriteOp::SetBegin {
+            tag: 9,
+            model: "m2".into(),
+            from_model: "m1".into(),
+            dimension: 48,
+        }])
+        .unwrap();
+    let file = dirs[3].path().join(format!("vectors-set-{:020}.f32", 9));
+    assert!(file.exists());
+    small.write(vec![WriteOp::SetDrop(9)]).unwrap();
+    assert!(!file.exists() && small.vector_set().is_none());
+    small.upsert(vec![doc("plain")]).unwrap();
+    assert!(
+        small.write(vec![WriteOp::SetCommit(9)]).is_err(),
+        "nothing to commit"
+    );
+}
+
+fn approx_set_none() -> SearchParams {
+    SearchParams {
+        k: 10,
+        ..SearchParams::default()
+    }
 }
