@@ -1194,6 +1194,7 @@ async fn restore_after_node_loss(
             let t = Instant::now();
             let a = r
                 .search(rpb::ShardSearchRequest {
+                    model: String::new(),
                     shard: Some(cpb::ShardId {
                         collection: name.into(),
                         collection_id,

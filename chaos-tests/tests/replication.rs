@@ -187,6 +187,7 @@ async fn paused_primary_is_fenced_and_acknowledged_writes_survive() {
     let late = replica_client(&internal)
         .await
         .write(rpb::WriteRequest {
+            set_tag: 0,
             shard: Some(cpb::ShardId {
                 collection: COLLECTION.into(),
                 collection_id: coll_id,

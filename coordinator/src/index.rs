@@ -1,6 +1,6 @@
-//! A collection's index parameters: what a collection is created with, what a build
-//! or a rebuild (issue 21) changes. Below the map and the operations, which both name
-//! them.
+//! A collection's index parameters and model: what a collection is created with, what
+//! a build, a rebuild or a re-embed (issue 21) changes. Below the map and the
+//! operations, which both name them.
 
 use serde::{Deserialize, Serialize};
 use shoal_proto::precision::Precision;
@@ -34,4 +34,21 @@ impl IndexParams {
             rerank: Precision::F32,
         }
     }
+}
+
+/// The model a collection's vectors come from, known by content hash (issue 21).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct EncoderRef {
+    pub model_id: String,
+    pub content_hash: String,
+}
+
+/// A re-embed's change of model (issue 21): the collection's model and dimension after
+/// the switch, and before it (a rollback restores them).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ModelChange {
+    pub encoder: EncoderRef,
+    pub dimension: u32,
+    pub previous: Option<EncoderRef>,
+    pub previous_dimension: u32,
 }

@@ -19,18 +19,13 @@ pub const MAX_DIMENSION: u32 = 4096;
 pub const MAX_SHARDS: u32 = 1024;
 pub const DEFAULT_REPLICA_MEMORY: u64 = 256 << 20;
 
-/// A collection's index parameters (`index.rs`: below the map, which operations share).
-pub use crate::index::IndexParams;
+/// A collection's index parameters and model (`index.rs`: below the map, which
+/// operations share).
+pub use crate::index::{EncoderRef, IndexParams};
 /// The shared metric (`shoal_proto::metric`): its variant order is the log's format.
 pub use shoal_proto::metric::Metric;
 /// The shared re-ranking precision (`shoal_proto::precision`), likewise.
 pub use shoal_proto::precision::Precision;
-
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct EncoderRef {
-    pub model_id: String,
-    pub content_hash: String,
-}
 
 /// What a user asks for; validated by [`CollectionSpec::validate`].
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]

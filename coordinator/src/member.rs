@@ -1489,6 +1489,7 @@ mod tests {
                 margin_bp: 100,
                 previous: index,
                 phase: RebuildPhase::Building,
+                model: None,
             }),
         );
         let key = ShardKey {

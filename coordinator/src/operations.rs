@@ -81,6 +81,10 @@ pub struct RebuildParams {
     /// The collection's index parameters before (a rollback restores them).
     pub previous: crate::index::IndexParams,
     pub phase: RebuildPhase,
+    /// A re-embed: every document re-encoded by another model, into a vector set each
+    /// shard keeps beside its stored vectors until the commit (`shoal_engine`'s
+    /// `vector_set`). `None`: the model stays.
+    pub model: Option<crate::index::ModelChange>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]

@@ -32,10 +32,50 @@ pub fn switched_params(p: &RebuildParams) -> IndexParams {
 }
 
 impl RebuildParams {
-    /// Checks a rebuild's parameters against the collection's dimension.
+    /// Checks a rebuild's parameters against the collection's dimension (a re-embed's:
+    /// against its model's).
     pub fn check(&self, dimension: u32) -> Result<()> {
+        let dimension = match &self.model {
+            Some(m) => {
+                check_model(m, dimension)?;
+                m.dimension
+            }
+            None => dimension,
+        };
         check_params(self, dimension)
     }
+
+    /// Whether it re-embeds (changes the model), or only rebuilds the index.
+    pub fn reembeds(&self) -> bool {
+        self.model.is_some()
+    }
+}
+
+fn check_model(m: &crate::index::ModelChange, dimension: u32) -> Result<()> {
+    if m.dimension == 0 || m.dimension > 65_536 {
+        return Err(invalid(format!(
+            "the new model's dimension {}: 1 to 65536",
+            m.dimension
+        )));
+    }
+    let hash = &m.encoder.content_hash;
+    if hash.is_empty() || hash.len() > 128 || m.encoder.model_id.len() > 1024 {
+        return Err(invalid(
+            "a re-embed names its model by content hash (1 to 128 bytes)",
+        ));
+    }
+    if m.previous.as_ref().is_some_and(|p| p.content_hash == *hash) {
+        return Err(invalid(format!(
+            "the collection's vectors already come from model {hash}"
+        )));
+    }
+    if m.previous_dimension != dimension {
+        return Err(invalid(format!(
+            "the re-embed says the collection's dimension is {}, it is {dimension}",
+            m.previous_dimension
+        )));
+    }
+    Ok(())
 }
 
 fn check_params(p: &RebuildParams, dimension: u32) -> Result<()> {
@@ -181,6 +221,11 @@ impl ClusterMap {
         let op = op.clone();
         let c = self.collections.get_mut(&name).expect("checked");
         c.spec.index = switched_params(&p);
+        // A re-embed's queries are encoded by the new model from this map version on.
+        if let Some(m) = &p.model {
+            c.spec.encoder = Some(m.encoder.clone());
+            c.spec.dimension = m.dimension;
+        }
         Ok(vec![
             Change::OperationPut(op),
             Change::CollectionPut(c.clone()),
@@ -257,6 +302,10 @@ impl ClusterMap {
         if phase == RebuildPhase::Switched {
             if let Some(c) = self.collections.get_mut(&name).filter(|c| c.id == id) {
                 c.spec.index = p.previous;
+                if let Some(m) = p.model {
+                    c.spec.encoder = m.previous;
+                    c.spec.dimension = m.previous_dimension;
+                }
                 changes.push(Change::CollectionPut(c.clone()));
             }
         }
@@ -289,6 +338,7 @@ mod tests {
                 margin_bp: 100,
                 previous,
                 phase: RebuildPhase::Building,
+                model: None,
             }),
             collection: "c".into(),
             collection_id: id,

@@ -54,6 +54,13 @@ fn check_made_id(v: &str, what: &str) -> Result<(), Status> {
 
 // ---- conversions ---------------------------------------------------------------
 
+pub fn encoder_pb(e: &EncoderRef) -> cpb::EncoderRef {
+    cpb::EncoderRef {
+        model_id: e.model_id.clone(),
+        content_hash: e.content_hash.clone(),
+    }
+}
+
 pub fn collection_pb(c: &Collection) -> cpb::Collection {
     let s = &c.spec;
     cpb::Collection {
@@ -61,10 +68,7 @@ pub fn collection_pb(c: &Collection) -> cpb::Collection {
         id: c.id,
         dimension: s.dimension,
         metric: Metric::wire(s.metric),
-        encoder: s.encoder.as_ref().map(|e| cpb::EncoderRef {
-            model_id: e.model_id.clone(),
-            content_hash: e.content_hash.clone(),
-        }),
+        encoder: s.encoder.as_ref().map(encoder_pb),
         index: Some(index_pb(&s.index)),
         shard_count: s.shard_count,
         replication_factor: s.replication_factor,
@@ -304,6 +308,12 @@ pub fn operation_pb(op: &Operation, map: &ClusterMap, reports: Option<&Reports>)
                 margin: p.margin_bp as f64 / 10_000.0,
                 phase: p.phase.name().into(),
                 previous: Some(index_pb(&p.previous)),
+                model: p.model.as_ref().map(|m| cpb::ModelChange {
+                    encoder: Some(encoder_pb(&m.encoder)),
+                    dimension: m.dimension,
+                    previous: m.previous.as_ref().map(encoder_pb),
+                    previous_dimension: m.previous_dimension,
+                }),
             }),
             _ => None,
         },
@@ -1331,6 +1341,35 @@ impl cpb::admin_server::Admin for AdminService {
             let or = |v: u32, dflt: u32| if v == 0 { dflt } else { v };
             let rerank = rerank_from_pb(req.rerank)?.unwrap_or(ix.rerank);
             let mut spec = c.spec.clone();
+            // A re-embed (issue 21): the new model's dimension sizes the index.
+            let model = match req.encoder {
+                Some(e) if !e.content_hash.is_empty() => {
+                    if req.dimension == 0 {
+                        return Err(Status::invalid_argument(
+                            "a re-embed gives its model's dimension",
+                        ));
+                    }
+                    let m = crate::index::ModelChange {
+                        encoder: EncoderRef {
+                            model_id: e.model_id,
+                            content_hash: e.content_hash,
+                        },
+                        dimension: req.dimension,
+                        previous: c.spec.encoder.clone(),
+                        previous_dimension: c.spec.dimension,
+                    };
+                    spec.dimension = m.dimension;
+                    if req.pq_m == 0 && !m.dimension.is_multiple_of(ix.pq_m) {
+                        return Err(Status::invalid_argument(format!(
+                            "the collection's pq_m {} does not divide the new model's dimension \
+                             {}: give pq_m",
+                            ix.pq_m, m.dimension
+                        )));
+                    }
+                    Some(m)
+                }
+                _ => None,
+            };
             spec.index.pq_m = or(req.pq_m, ix.pq_m);
             spec.index.pq_nbits = or(req.pq_nbits, ix.pq_nbits);
             if rows == 0 && req.nlist == 0 && ix.nlist == 0 {
@@ -1355,6 +1394,7 @@ impl cpb::admin_server::Admin for AdminService {
                 previous: ix.clone(),
                 phase: RebuildPhase::Building,
                 build,
+                model,
             };
             let id = c.id;
             drop(map);

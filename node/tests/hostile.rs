@@ -583,6 +583,8 @@ fn every_rpc_survives_hostile_messages() {
             id: d.id,
             text: d.text,
             metadata_json: d.metadata_json,
+            // A re-embed's set vector for a set no replica has (issue 21).
+            set_vector: d.vector.iter().rev().copied().collect(),
             vector: d.vector,
         })
     };
@@ -597,6 +599,7 @@ fn every_rpc_survives_hostile_messages() {
             .prop_map(|(shard, upserts, deletes, request_id)| rpb::WriteRequest {
                 // 0 (unsaid), or a count no replica of it has: refused by name.
                 shard_count: (request_id.len() % 3) as u32 * 1000,
+                set_tag: request_id.len() as u64 % 2,
                 shard,
                 upserts,
                 deletes,
@@ -755,6 +758,8 @@ fn every_rpc_survives_hostile_messages() {
             .prop_map(|(shard, vector, (k, nprobe, refine), exact)| {
                 rpb::ShardSearchRequest {
                     shard_count: k % 3,
+                    // A model no replica holds vectors of, or none (issue 21).
+                    model: if exact { String::new() } else { format!("sha256:{nprobe}") },
                     shard,
                     vector,
                     k,

@@ -178,6 +178,7 @@ fn doc(i: u32) -> rpb::StoredDoc {
     vector[(i as usize) % DIM] = 1.0;
     vector[(i as usize + 1) % DIM] = 0.5;
     rpb::StoredDoc {
+        set_vector: Vec::new(),
         id: format!("d{i}"),
         text: String::new(),
         metadata_json: String::new(),
@@ -193,6 +194,7 @@ async fn write(node: &Node, range: std::ops::Range<u32>) -> Result<u64, ReplicaE
             .local
             .write(
                 rpb::WriteRequest {
+                    set_tag: 0,
                     shard_count: 0,
                     shard: shard_ref(),
                     upserts: vec![doc(i)],
@@ -362,6 +364,7 @@ async fn a_broken_snapshot_transfer_resumes_where_it_broke() {
     for batch in 0..40u32 {
         let upserts = (batch * 500..(batch + 1) * 500)
             .map(|i| rpb::StoredDoc {
+                set_vector: Vec::new(),
                 text: format!("{i:0300}"),
                 ..doc(i)
             })
@@ -369,6 +372,7 @@ async fn a_broken_snapshot_transfer_resumes_where_it_broke() {
         a.local
             .write(
                 rpb::WriteRequest {
+                    set_tag: 0,
                     shard_count: 0,
                     shard: shard_ref(),
                     upserts,
@@ -585,6 +589,7 @@ async fn a_write_waits_for_every_in_sync_backup_until_the_map_takes_it_out() {
             local
                 .write(
                     rpb::WriteRequest {
+                        set_tag: 0,
                         shard_count: 0,
                         shard: shard_ref(),
                         upserts: vec![doc(5)],
@@ -1036,6 +1041,7 @@ mod schedules {
                         let r = local
                             .write(
                                 rpb::WriteRequest {
+                                    set_tag: 0,
                                     shard_count: 0,
                                     shard: shard_ref(),
                                     upserts: vec![doc(d)],

@@ -77,6 +77,10 @@ pub struct NodeArgs {
     /// Index builds run at once [default: 1].
     #[arg(long, env = "SHOAL_BUILD_SLOTS")]
     build_slots: Option<usize>,
+    /// Share of the time a re-embed's re-encoding runs (the rest it rests, so queries
+    /// keep their latency) [default: 0.5].
+    #[arg(long, env = "SHOAL_REEMBED_DUTY")]
+    reembed_duty: Option<f64>,
     /// A primary compacts its shard once dead rows are this share of its rows; 0 = only
     /// when asked (`shoal collection compact`) [default: 0.5].
     #[arg(long, env = "SHOAL_COMPACT_DEAD_RATIO")]
@@ -163,6 +167,7 @@ impl NodeArgs {
             memory_bytes,
             auto_rebuild_tail,
             build_slots,
+            reembed_duty,
             compact_dead_ratio,
             compact_min_dead_rows,
             build_memory_bytes,

@@ -314,6 +314,40 @@ pub enum CollectionCmd {
         #[arg(long)]
         wait: bool,
     },
+    /// Re-embeds every document with another model online (issue 21): each shard's
+    /// primary re-encodes its stored texts (throttled: `--reembed-duty` on the nodes)
+    /// into a vector set beside the stored vectors, backups receive it by replication,
+    /// new writes are encoded with both models; then an index over the new vectors is
+    /// built and gated as a rebuild's, and the whole collection switches at once:
+    /// queries are encoded by the new model from then on. `commit` makes the new
+    /// vectors the stored ones; `rollback` goes back to the old model. Refused when
+    /// documents were stored without text, or a node serving the collection lacks the
+    /// model. `--dry-run` prints the disk and time it will take.
+    Reembed {
+        name: String,
+        /// The new model's directory (hashed here: every node must hold the same files).
+        #[arg(long)]
+        model_dir: std::path::PathBuf,
+        /// The model's name as the collection shows it [default: the directory's name].
+        #[arg(long)]
+        model_id: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        nlist: u32,
+        #[arg(long, default_value_t = 0)]
+        pq_m: u32,
+        #[arg(long, default_value_t = 0)]
+        nprobe: u32,
+        #[arg(long, default_value_t = 0)]
+        refine: u32,
+        /// Recall@k the new index may lose against exact search over the new vectors,
+        /// beside the serving index's against the old ones.
+        #[arg(long, default_value_t = 0.01)]
+        margin: f64,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        wait: bool,
+    },
     /// Keeps a switched rebuild: every shard's previous generation is deleted (a
     /// rollback is refused after this).
     Commit {
@@ -376,6 +410,66 @@ pub(crate) fn encoder_ref(model_id: &str, dir: &std::path::Path) -> cpb::Encoder
         model_id: model_id.to_string(),
         content_hash,
     }
+}
+
+/// Follows rebuild (or re-embed) `id` until it switches or ends; prints it.
+async fn follow_rebuild(client: &mut Client, name: &str, id: u64) -> anyhow::Result<()> {
+    let t = std::time::Instant::now();
+    loop {
+        let ops = client
+            .list_operations(cpb::ListOperationsRequest {
+                collection: name.to_string(),
+            })
+            .await?;
+        if let Some(o) = ops.operations.iter().find(|o| o.id == id) {
+            let phase = o.rebuild.as_ref().map_or("", |r| r.phase.as_str());
+            if o.state != "running" || phase != "building" {
+                let mut v = operation_json(o);
+                v["seconds"] = t.elapsed().as_secs_f64().into();
+                print_json(v);
+                if o.state != "running" && o.state != "succeeded" {
+                    anyhow::bail!("rebuild {} {}: {}", o.id, o.state, o.reason);
+                }
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+/// Texts a 2-core node encodes a second with MiniLM-L6 (docs/benchmarks.md: the Burn
+/// encoder's CPU throughput); a model's cost grows with its hidden size and layers.
+const ENCODE_TEXTS_PER_SEC: f64 = 150.0;
+
+/// `collection reembed --dry-run`: per shard, the rows its primary re-encodes, the
+/// disk its vector set takes on each replica (rows × dimension × 4 bytes, held until
+/// the commit), and the time at the measured rate (scaled by 768-d models' ~8x cost).
+fn reembed_plan(shards: &[cpb::Shard], dimension: u32, encoder: &cpb::EncoderRef) -> serde_json::Value {
+    let rate = ENCODE_TEXTS_PER_SEC * (384.0 / dimension.max(1) as f64).powi(3).min(1.0).max(0.125);
+    let mut total_disk = 0u64;
+    let mut busiest: std::collections::BTreeMap<String, f64> = Default::default();
+    let per_shard: Vec<serde_json::Value> = shards
+        .iter()
+        .map(|s| {
+            let rows = s
+                .replicas
+                .iter()
+                .find(|r| r.node_id == s.primary)
+                .map_or(0, |r| r.live_docs);
+            let disk = rows * dimension as u64 * 4;
+            total_disk += disk * s.replicas.len() as u64;
+            let secs = rows as f64 / rate;
+            *busiest.entry(s.primary.clone()).or_default() += secs;
+            serde_json::json!({"shard": s.index, "primary": s.primary, "rows": rows,
+                "vector_set_disk_bytes_per_replica": disk, "replicas": s.replicas.len(),
+                "encode_seconds_estimate": secs})
+        })
+        .collect();
+    let seconds = busiest.values().copied().fold(0.0, f64::max);
+    serde_json::json!({"model": encoder.content_hash, "model_id": encoder.model_id,
+        "dimension": dimension, "shards": per_shard, "extra_disk_bytes": total_disk,
+        "encode_texts_per_sec_assumed": rate, "seconds_estimate": seconds,
+        "note": "each primary encodes its shard's texts once, throttled by the nodes' --reembed-duty; the estimate assumes duty 1"})
 }
 
 /// Rows a 2-core node indexes a second in a build (docs/benchmarks.md: a 1M-vector
@@ -724,33 +818,71 @@ pub async fn collection(target: Target, cmd: CollectionCmd) -> anyhow::Result<()
                     rerank: rerank.map_or(0, Precision::wire),
                     gate_k,
                     margin: Some(margin),
+                    encoder: None,
+                    dimension: 0,
                 })
                 .await?;
             if !wait {
                 print_json(operation_json(&op));
                 return Ok(());
             }
-            let t = std::time::Instant::now();
-            loop {
-                let ops = client
-                    .list_operations(cpb::ListOperationsRequest {
+            follow_rebuild(&mut client, &name, op.id).await?;
+        }
+        CollectionCmd::Reembed {
+            name,
+            model_dir,
+            model_id,
+            nlist,
+            pq_m,
+            nprobe,
+            refine,
+            margin,
+            dry_run,
+            wait,
+        } => {
+            let dimension = shoal_encoder::ModelSpec::load(&model_dir)
+                .map_err(|e| anyhow::anyhow!("model dir {}: {e}", model_dir.display()))?
+                .dimension() as u32;
+            let id = model_id.unwrap_or_else(|| {
+                model_dir
+                    .file_name()
+                    .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned())
+            });
+            let encoder = encoder_ref(&id, &model_dir);
+            if encoder.content_hash.is_empty() {
+                anyhow::bail!("model dir {} could not be hashed", model_dir.display());
+            }
+            if dry_run {
+                let shards = client
+                    .list_shards(cpb::ListShardsRequest {
                         collection: name.clone(),
                     })
-                    .await?;
-                if let Some(o) = ops.operations.iter().find(|o| o.id == op.id) {
-                    let phase = o.rebuild.as_ref().map_or("", |r| r.phase.as_str());
-                    if o.state != "running" || phase != "building" {
-                        let mut v = operation_json(o);
-                        v["seconds"] = t.elapsed().as_secs_f64().into();
-                        print_json(v);
-                        if o.state != "running" && o.state != "succeeded" {
-                            anyhow::bail!("rebuild {} {}: {}", o.id, o.state, o.reason);
-                        }
-                        return Ok(());
-                    }
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    .await?
+                    .shards;
+                print_json(reembed_plan(&shards, dimension, &encoder));
+                return Ok(());
             }
+            let op = client
+                .start_rebuild(cpb::StartRebuildRequest {
+                    collection: name.clone(),
+                    nlist,
+                    pq_m,
+                    pq_nbits: 0,
+                    nprobe,
+                    refine,
+                    train_sample: 0,
+                    rerank: 0,
+                    gate_k: 10,
+                    margin: Some(margin),
+                    encoder: Some(encoder),
+                    dimension,
+                })
+                .await?;
+            if !wait {
+                print_json(operation_json(&op));
+                return Ok(());
+            }
+            follow_rebuild(&mut client, &name, op.id).await?;
         }
         CollectionCmd::Commit { name } => {
             let o = client

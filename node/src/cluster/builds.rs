@@ -38,6 +38,7 @@ use shoal_proto::replica as rpb;
 use super::ids::ReplicaKey;
 use super::mapview::MapView;
 use super::rebuilds::{self, Action};
+use super::reembeds::Reembeds;
 use super::replicas::Registry;
 use super::transport::{ReplicaApi, Transports};
 
@@ -122,6 +123,8 @@ pub struct Builds {
     memory_bytes: u64,
     registry: Registry,
     transports: Arc<Transports>,
+    /// A re-embed's fills and ends (issue 21), which a rebuild step may call for.
+    reembeds: Arc<Reembeds>,
     state: Mutex<State>,
 }
 
@@ -204,17 +207,28 @@ impl Builds {
         memory_bytes: u64,
         registry: Registry,
         transports: Arc<Transports>,
+        reembeds: Arc<Reembeds>,
     ) -> Arc<Self> {
         Arc::new(Self {
             slots: slots.max(1),
             memory_bytes,
             registry,
             transports,
+            reembeds,
             state: Mutex::default(),
         })
     }
 
     pub fn report(&self, key: &ReplicaKey) -> BuildReport {
+        // A re-embed's fill that cannot go on fails its step (issue 21).
+        let fill = self.reembeds.failed_op(key);
+        if let Some((op, error)) = fill {
+            return BuildReport {
+                operation: op,
+                error,
+                ..BuildReport::default()
+            };
+        }
         match self.state.lock().jobs.get(key) {
             None => BuildReport::default(),
             Some(j) if j.op == 0 => BuildReport::default(),
@@ -408,15 +422,29 @@ impl Builds {
         shard: &Shard,
         c: &cpb::Collection,
     ) {
-        let Some(op) = rebuilds::rebuild_op(view, key) else {
+        let Some(role) = self.registry.read().get(key).and_then(|h| h.repl.role()) else {
             return;
         };
-        let Some(role) = self.registry.read().get(key).and_then(|h| h.repl.role()) else {
+        let op = rebuilds::rebuild_op(view, key);
+        // A re-embed's vector set whose operation the view no longer shows: the
+        // collection's model says how it ended (issue 21).
+        if let Some(set) = shard.vector_set() {
+            if role.is_primary && op.is_none_or(|o| o.id != set.tag) {
+                let commit = rebuilds::orphan_set_action(&set.model, c) == Action::CommitSet;
+                self.reembeds.end(key, set.tag, commit);
+                return;
+            }
+        }
+        let Some(op) = op else {
             return;
         };
         let action = rebuilds::action(op, key.index, role.is_primary, rebuilds::Held::of(shard));
         match action {
             Action::None => {}
+            Action::Fill => self.reembeds.fill(key, op),
+            Action::CommitSet | Action::DropSet => {
+                self.reembeds.end(key, op.id, action == Action::CommitSet)
+            }
             Action::Stage | Action::Fetch { .. } => {
                 if st.jobs.get(key).is_some_and(|j| j.op >= op.id) {
                     return;

@@ -62,6 +62,9 @@ pub struct NodeConfig {
     pub auto_rebuild_tail: usize,
     /// Index builds this node runs at once (issue 18's admission control).
     pub build_slots: usize,
+    /// Share of the time a re-embed's fill encodes on this node (issue 21; the rest it
+    /// rests, so queries keep their latency), 0 < duty <= 1.
+    pub reembed_duty: f64,
     /// A primary compacts its shard on its own once dead rows (replaced or deleted
     /// versions) are at least this share of its rows (issue 19); 0 = only when asked.
     pub compact_dead_ratio: f64,
@@ -131,6 +134,7 @@ impl Default for NodeConfig {
             search_deadline: Duration::from_secs(5),
             auto_rebuild_tail: 50_000,
             build_slots: 1,
+            reembed_duty: 0.5,
             compact_dead_ratio: 0.5,
             compact_min_dead_rows: 100_000,
             build_memory_bytes: 0,

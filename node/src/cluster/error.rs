@@ -185,6 +185,9 @@ impl From<ShardError> for ReplicaError {
             | ShardError::CompactionInProgress(_)
             | ShardError::GenerationRefused(_)
             | ShardError::Full(_) => Self::Refused(e.to_string()),
+            // A re-embed's state moved between the caller's map and this replica's
+            // (issue 21): the caller asks again once its map has moved too.
+            ShardError::VectorSet(_) => Self::Moving(e.to_string()),
             e => Self::Internal(e.to_string()),
         }
     }

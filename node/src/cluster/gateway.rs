@@ -131,6 +131,55 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// An upsert on its way to its shard: where its main vector came from, and the
+/// re-embed whose set vector it carries (0: none).
+struct Upsert {
+    doc: rpb::StoredDoc,
+    main: Main,
+    set_tag: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Main {
+    /// The client's own vector.
+    Client,
+    /// Text not encoded yet.
+    Pending,
+    /// Encoded by the model of this content hash ("": a collection naming none).
+    By(String),
+}
+
+/// A re-embed in progress on a collection (issue 21): until it is committed or rolled
+/// back, every upsert carries the stored vectors' model's vector (`main`) and the new
+/// model's (`encoder`, into the shards' vector set `tag`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DualWrite {
+    pub tag: u64,
+    pub main: Option<cpb::EncoderRef>,
+    pub main_dimension: u32,
+    pub encoder: cpb::EncoderRef,
+    pub dimension: u32,
+}
+
+/// Pure: the collection's re-embed that new writes must feed, if any: its newest
+/// rebuild, running, with a model change, building or switched.
+pub fn dual_write(view: &MapView, coll: &cpb::Collection) -> Option<DualWrite> {
+    let op = view.operations.values().rev().find(|o| {
+        o.kind == "rebuild" && o.collection == coll.name && o.collection_id == coll.id
+    })?;
+    let r = op.rebuild.as_ref()?;
+    let m = r.model.as_ref()?;
+    (op.state == "running" && (r.phase == "building" || r.phase == "switched")).then(|| {
+        DualWrite {
+            tag: op.id,
+            main: m.previous.clone(),
+            main_dimension: m.previous_dimension,
+            encoder: m.encoder.clone().unwrap_or_default(),
+            dimension: m.dimension,
+        }
+    })
+}
+
 fn collection<'a>(view: &'a MapView, name: &str) -> Result<&'a cpb::Collection, Status> {
     view.collections
         .get(name)
@@ -329,61 +378,127 @@ impl Gateway {
                 )?;
             }
         }
-        let mut truncated = 0u64;
-        if !to_encode.is_empty() {
-            let texts: Vec<String> = to_encode.iter().map(|&i| docs[i].text.clone()).collect();
-            let out = self
-                .encode(texts, coll.dimension, coll.encoder.as_ref())
-                .await?;
-            truncated = out.truncated as u64;
-            for (i, v) in to_encode.into_iter().zip(out.vectors) {
-                docs[i].vector = v;
-            }
-        }
         let n = docs.len() as u64;
-        let _ = (coll, shards);
+        let _ = (coll, shards, to_encode);
+        // Texts are encoded where the write is routed (`prepare`): a re-embed changes
+        // which models they need.
         let upserts = docs
             .into_iter()
-            .map(|d| rpb::StoredDoc {
-                id: d.id,
-                text: d.text,
-                metadata_json: d.metadata_json,
-                vector: d.vector,
+            .map(|d| Upsert {
+                main: if d.vector.is_empty() {
+                    Main::Pending
+                } else {
+                    Main::Client
+                },
+                doc: rpb::StoredDoc {
+                    id: d.id,
+                    text: d.text,
+                    metadata_json: d.metadata_json,
+                    vector: d.vector,
+                    set_vector: Vec::new(),
+                },
+                set_tag: 0,
             })
             .collect();
         // Resolved once: a retry never follows an alias switched meanwhile (issue 21).
         let name = route.coll.name.clone();
-        self.write_all(&name, &req.request_id, upserts, Vec::new())
+        let (_, truncated) = self
+            .write_all(&name, &req.request_id, upserts, Vec::new())
             .await?;
         Ok((n, truncated))
     }
 
+    /// Encodes what the upserts need for the collection as the map has it now: the
+    /// stored vectors' model, and during a re-embed (issue 21) the new model's too,
+    /// into its vector set. A text encoded before by another model (the map moved
+    /// between two attempts) is encoded again. Returns the texts truncated.
+    async fn prepare(
+        &self,
+        coll: &cpb::Collection,
+        dual: Option<&DualWrite>,
+        upserts: &mut [Upsert],
+    ) -> Result<u64, Status> {
+        let (main, main_dim) = match dual {
+            Some(d) => (d.main.as_ref(), d.main_dimension),
+            None => (coll.encoder.as_ref(), coll.dimension),
+        };
+        let main_hash = Main::By(main.map_or_else(String::new, |e| e.content_hash.clone()));
+        let mut want_main = Vec::new();
+        let mut want_set = Vec::new();
+        for (i, u) in upserts.iter_mut().enumerate() {
+            match (&u.main, dual) {
+                (Main::Client, Some(d)) => {
+                    return Err(Status::failed_precondition(format!(
+                        "collection {} is being re-embedded (operation {}): send text, not \
+                         vectors, until it is committed or rolled back (document {:?})",
+                        coll.name, d.tag, u.doc.id
+                    )))
+                }
+                (Main::Client, None) => {}
+                (by, _) if *by != main_hash => want_main.push(i),
+                _ => {}
+            }
+            match dual {
+                Some(d) if u.set_tag != d.tag => want_set.push(i),
+                Some(_) => {}
+                None => {
+                    u.set_tag = 0;
+                    u.doc.set_vector = Vec::new();
+                }
+            }
+        }
+        let mut truncated = 0;
+        if !want_main.is_empty() {
+            let texts = want_main.iter().map(|&i| upserts[i].doc.text.clone()).collect();
+            let out = self.encode(texts, main_dim, main).await?;
+            truncated += out.truncated as u64;
+            for (&i, v) in want_main.iter().zip(out.vectors) {
+                upserts[i].doc.vector = v;
+                upserts[i].main = main_hash.clone();
+            }
+        }
+        if let (Some(d), false) = (dual, want_set.is_empty()) {
+            let texts = want_set.iter().map(|&i| upserts[i].doc.text.clone()).collect();
+            let out = self.encode(texts, d.dimension, Some(&d.encoder)).await?;
+            for (&i, v) in want_set.iter().zip(out.vectors) {
+                upserts[i].doc.set_vector = v;
+                upserts[i].set_tag = d.tag;
+            }
+        }
+        Ok(truncated)
+    }
+
     /// Routes a validated write to its shards' primaries. A shard that answers
     /// [`ReplicaError::Moving`] (sealed by a split, or routed by a shard count the
-    /// split changed) has its part routed again by the map as it is then and sent
-    /// again, until `WRITE_TIMEOUT` passes: clients see a split as latency, not as
-    /// errors. Each shard's part carries the request id with its shard index, so a
-    /// part sent again to the same shard applies once. Returns the deletes applied.
+    /// split changed, or a re-embed's state moved under this node's map) has its part
+    /// routed again by the map as it is then, encoded again if the models it needs
+    /// changed ([`Gateway::prepare`]), and sent again, until `WRITE_TIMEOUT` passes:
+    /// clients see a split or a re-embed as latency, not as errors. Each shard's part
+    /// carries the request id with its shard index, so a part sent again to the same
+    /// shard applies once. Returns the deletes applied and the texts truncated.
     async fn write_all(
         &self,
         collection: &str,
         request_id: &str,
-        mut upserts: Vec<rpb::StoredDoc>,
+        mut upserts: Vec<Upsert>,
         mut deletes: Vec<String>,
-    ) -> Result<u64, Status> {
+    ) -> Result<(u64, u64), Status> {
         let until = Instant::now() + WRITE_TIMEOUT;
         let mut pause = Duration::from_millis(20);
-        let mut deleted = 0;
+        let (mut deleted, mut truncated) = (0, 0);
         loop {
             let route = self.collection_shards(collection)?;
             let (coll, shards) = (&route.coll, &route.shards);
-            let mut by_shard: HashMap<u32, (Vec<rpb::StoredDoc>, Vec<String>)> = HashMap::new();
-            for d in upserts.drain(..) {
+            let dual = dual_write(&self.view.read(), coll);
+            truncated += self.prepare(coll, dual.as_ref(), &mut upserts).await?;
+            let set_tag = dual.as_ref().map_or(0, |d| d.tag);
+            let mut by_shard: HashMap<u32, (Vec<Upsert>, Vec<String>)> = HashMap::new();
+            for u in upserts.drain(..) {
                 by_shard
-                    .entry(shard_of(&d.id, coll.shard_count))
+                    .entry(shard_of(&u.doc.id, coll.shard_count))
                     .or_default()
                     .0
-                    .push(d);
+                    .push(u);
             }
             for id in deletes.drain(..) {
                 by_shard
@@ -398,7 +513,7 @@ impl Gateway {
                         coll,
                         shards,
                         index,
-                        ups.clone(),
+                        (ups.iter().map(|u| u.doc.clone()).collect(), set_tag),
                         dels.clone(),
                         shard_request(request_id, index),
                     )
@@ -410,7 +525,7 @@ impl Gateway {
                 match r {
                     Ok(w) => deleted += w.deleted,
                     Err(ReplicaError::Moving(m)) if Instant::now() < until => {
-                        tracing::debug!(reason = %m, "write part re-routed after a split's move");
+                        tracing::debug!(reason = %m, "write part routed again after a move");
                         upserts.extend(ups);
                         deletes.extend(dels);
                     }
@@ -421,7 +536,7 @@ impl Gateway {
                 return Err(e.into());
             }
             if upserts.is_empty() && deletes.is_empty() {
-                return Ok(deleted);
+                return Ok((deleted, truncated));
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(500));
@@ -442,6 +557,7 @@ impl Gateway {
         let name = coll.name.clone();
         self.write_all(&name, &req.request_id, Vec::new(), ids)
             .await
+            .map(|(deleted, _)| deleted)
     }
 
     fn shard_id(coll: &cpb::Collection, index: u32) -> cpb::ShardId {
@@ -479,7 +595,7 @@ impl Gateway {
         coll: &cpb::Collection,
         shards: &[cpb::Shard],
         index: u32,
-        upserts: Vec<rpb::StoredDoc>,
+        (upserts, set_tag): (Vec<rpb::StoredDoc>, u64),
         deletes: Vec<String>,
         request_id: String,
     ) -> Result<rpb::WriteResponse, ReplicaError> {
@@ -491,6 +607,7 @@ impl Gateway {
             deletes,
             request_id,
             shard_count: coll.shard_count,
+            set_tag,
         };
         let write = async { self.replicas(&node, &addr)?.write(req, WRITE_TIMEOUT).await };
         write
@@ -792,6 +909,12 @@ impl Gateway {
                 refine,
                 exact: req.exact,
                 shard_count: coll.shard_count,
+                // The model the query was encoded with (a client's vector: the
+                // collection's), so each replica answers from that model's vectors.
+                model: coll
+                    .encoder
+                    .as_ref()
+                    .map_or_else(String::new, |e| e.content_hash.clone()),
             };
             self.search_shard(s, req, budget)
                 .instrument(tracing::info_span!("shard.search", shard = s.index))

@@ -20,6 +20,7 @@ pub mod mapview;
 pub mod metrics;
 pub mod rebuilds;
 mod reconcile;
+pub mod reembeds;
 pub mod replicas;
 pub mod replication;
 mod scrub;
@@ -293,11 +294,14 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         0 => machine_memory() / 4,
         b => b,
     };
+    // A re-embed's fills encode on this node's models (issue 21).
+    let reembeds = reembeds::Reembeds::new(registry.clone(), encoders.clone(), cfg.reembed_duty);
     let builds = builds::Builds::new(
         cfg.build_slots,
         build_memory,
         registry.clone(),
         transports.clone(),
+        reembeds,
     );
     // Compactions the map's operations ask for, and those the dead rows call for.
     let compactions = compactions::Compactions::new(

@@ -30,6 +30,13 @@ pub enum Action {
     Commit,
     /// The kept generation serves again (or the staged one goes).
     RollBack,
+    /// A re-embed's primary (issue 21, `reembeds.rs`): begins the shard's vector set
+    /// and re-encodes the stored texts into it until every live row has its vector.
+    Fill,
+    /// A re-embed's primary logs its set's commit (the set becomes the stored
+    /// vectors) or its drop; backups follow from the log.
+    CommitSet,
+    DropSet,
 }
 
 /// What a replica holds of a rebuild: its staged and serving generations' tags and
@@ -39,6 +46,9 @@ pub struct Held {
     pub staged: u64,
     pub serving: u64,
     pub previous: bool,
+    /// A re-embed's vector set: its operation, and live rows still without a vector.
+    pub set: u64,
+    pub set_missing: u64,
 }
 
 impl Held {
@@ -48,7 +58,57 @@ impl Held {
             staged: s.staged.map_or(0, |g| g.tag),
             serving: s.serving.map_or(0, |g| g.tag),
             previous: s.previous.is_some(),
+            set: s.vector_set.as_ref().map_or(0, |v| v.tag),
+            set_missing: s.vector_set.as_ref().map_or(0, |v| v.missing),
         }
+    }
+}
+
+/// Pure: what a re-embed's replica does (see [`action`]). The set is filled and
+/// committed or dropped by the primary through the log; the generation over it is
+/// staged and fetched as a rebuild's, but never switched to in the engine: queries
+/// name their model and the replica answers from the set ([`Shard::set_for_model`]).
+fn reembed_action(
+    op: &cpb::Operation,
+    phase: &str,
+    step: Option<&cpb::OperationStep>,
+    primary: bool,
+    held: Held,
+) -> Action {
+    let id = op.id;
+    match (op.state.as_str(), phase) {
+        ("running", "building") => match step.map(|s| s.state.as_str()) {
+            Some("pending" | "queued" | "building") if primary => {
+                if held.set != id || held.set_missing > 0 {
+                    Action::Fill
+                } else {
+                    Action::Stage
+                }
+            }
+            Some("staged") if !primary && held.staged != id && held.set == id => Action::Fetch {
+                generation: step.map_or(0, |s| s.generation),
+            },
+            _ => Action::None,
+        },
+        (_, "committed") if primary && held.set == id => Action::CommitSet,
+        (_, "rolled_back") | ("failed" | "cancelled", "building") if held.staged == id => {
+            Action::RollBack
+        }
+        (_, "rolled_back") | ("failed" | "cancelled", "building") if primary && held.set == id => {
+            Action::DropSet
+        }
+        _ => Action::None,
+    }
+}
+
+/// Pure: what a primary does with a re-embed's vector set whose operation the map no
+/// longer shows (another operation replaced it in the node's view while this replica
+/// was away): the collection's model says how it ended. Its vectors' model named by
+/// the collection: committed; otherwise: rolled back or failed.
+pub fn orphan_set_action(set_model: &str, collection: &cpb::Collection) -> Action {
+    match &collection.encoder {
+        Some(e) if e.content_hash == set_model => Action::CommitSet,
+        _ => Action::DropSet,
     }
 }
 
@@ -60,6 +120,9 @@ pub fn action(op: &cpb::Operation, shard_index: u32, is_primary: bool, held: Hel
     };
     let id = op.id;
     let step = op.steps.iter().find(|s| s.shard == shard_index);
+    if r.model.is_some() {
+        return reembed_action(op, &r.phase, step, is_primary, held);
+    }
     let mine = held.staged == id || held.serving == id;
     match (op.state.as_str(), r.phase.as_str()) {
         ("running", "building") => match step.map(|s| s.state.as_str()) {

@@ -120,12 +120,20 @@ impl LocalReplicas {
                 &d.text,
                 d.metadata_json,
             )?;
+            // During a re-embed (issue 21) the new model's vector follows its upsert.
+            let set = (r.set_tag != 0 && !d.set_vector.is_empty()).then(|| WriteOp::SetVector {
+                tag: r.set_tag,
+                id: d.id.clone(),
+                version: 0,
+                vector: d.set_vector,
+            });
             ops.push(WriteOp::Upsert(Document {
                 id: d.id,
                 text: (!d.text.is_empty()).then_some(d.text),
                 metadata,
                 vector: d.vector,
             }));
+            ops.extend(set);
         }
         ops.extend(r.deletes.into_iter().map(WriteOp::Delete));
         let (ack, replicas) = repl.write(ops, r.request_id, r.shard_count).await?;
@@ -259,8 +267,12 @@ impl LocalReplicas {
                 format!("k × refine ({} × {refine})", r.k)
             )?;
         }
+        // Answered from the vectors of the query's model (issue 21: a re-embed's set, or
+        // the stored ones), or refused: never a query of one model against another's.
+        let set = shard.set_for_model(&r.model)?;
         drop(shard);
         let p = SearchParams {
+            set,
             k: r.k as usize,
             nprobe: (r.nprobe > 0).then_some(r.nprobe as usize),
             refine_factor: (r.refine > 0).then_some(r.refine as usize),
@@ -339,6 +351,7 @@ impl LocalReplicas {
                 text: d.text.unwrap_or_default(),
                 metadata_json: d.metadata.into_string(),
                 vector: d.vector,
+                set_vector: Vec::new(),
             }),
         })
     }
