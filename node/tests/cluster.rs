@@ -121,7 +121,23 @@ fn vector(seed: u64, d: usize) -> Vec<f32> {
 }
 
 async fn node(dir: &std::path::Path, id: &str, coords: &[String], model: bool) -> NodeHandle {
+    let models = if model { vec![model_dir()] } else { Vec::new() };
+    node_models(dir, id, coords, models).await
+}
+
+/// A node encoding with `models` (the first its main one; issue 21: several).
+async fn node_models(
+    dir: &std::path::Path,
+    id: &str,
+    coords: &[String],
+    models: Vec<PathBuf>,
+) -> NodeHandle {
+    let mut models = models.into_iter();
     cluster::start(NodeConfig {
+        model_dir: models.next(),
+        extra_model_dirs: models.collect(),
+        // A re-embed's fill runs flat out here: the tests time nothing.
+        reembed_duty: 1.0,
         // Small enough that the test can send an oversized request cheaply.
         limits: shoal_proto::limits::Limits {
             message_bytes: 1 << 20,
@@ -132,7 +148,6 @@ async fn node(dir: &std::path::Path, id: &str, coords: &[String], model: bool) -
         internal_listen: format!("127.0.0.1:{}", free_port()),
         coordinators: coords.to_vec(),
         data_dir: dir.join(id),
-        model_dir: model.then(model_dir),
         heartbeat: Duration::from_millis(200),
         ..NodeConfig::default()
     })
@@ -194,6 +209,11 @@ struct Fixture {
 
 impl Fixture {
     async fn start(text: bool) -> Fixture {
+        Self::start_with(text, None).await
+    }
+
+    /// With `both`: nodes a and b both encode, with the fixture's model and this one.
+    async fn start_with(text: bool, both: Option<PathBuf>) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let peers: Vec<shoal_coordinator::Peer> = (1..=3)
             .map(|id| shoal_coordinator::Peer {
@@ -218,8 +238,19 @@ impl Fixture {
             );
         }
         let addrs: Vec<String> = peers.iter().map(|p| p.api_addr.clone()).collect();
-        let a = node(dir.path(), "a", &addrs, text).await;
-        let b = node(dir.path(), "b", &addrs, false).await;
+        let (a, b) = match &both {
+            Some(extra) => {
+                let models = vec![model_dir(), extra.clone()];
+                (
+                    node_models(dir.path(), "a", &addrs, models.clone()).await,
+                    node_models(dir.path(), "b", &addrs, models).await,
+                )
+            }
+            None => (
+                node(dir.path(), "a", &addrs, text).await,
+                node(dir.path(), "b", &addrs, false).await,
+            ),
+        };
         let mut admin = Client::new(addrs.clone());
         // Both nodes must be up before a collection can be placed on both.
         let t = Instant::now();
@@ -3169,4 +3200,551 @@ async fn a_node_encodes_each_collection_with_the_model_it_names_and_refuses_anot
     }
     m.shutdown().await;
     f.stop().await;
+}
+
+/// A second real model for re-embedding (issue 21): the fixture's MiniLM weights with
+/// CLS pooling instead of mean pooling: other vectors, another content hash, the same
+/// cost (MPNet, the benchmark's, is 8x MiniLM's: kept out of CI).
+fn cls_model(dir: &std::path::Path) -> PathBuf {
+    let cls = dir.join("minilm-cls");
+    let copy = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(model_dir())
+        .arg(&cls)
+        .status()
+        .unwrap();
+    assert!(copy.success());
+    std::fs::write(
+        cls.join("1_Pooling/config.json"),
+        r#"{"word_embedding_dimension": 384, "pooling_mode_cls_token": true, "pooling_mode_mean_tokens": false}"#,
+    )
+    .unwrap();
+    cls
+}
+
+fn sentence(i: u64) -> String {
+    const WORDS: &[&str] = &[
+        "protein",
+        "folding",
+        "river",
+        "delta",
+        "sediment",
+        "neural",
+        "network",
+        "vaccine",
+        "trial",
+        "galaxy",
+        "cluster",
+        "enzyme",
+        "kinetics",
+        "glacier",
+        "melt",
+        "market",
+        "volatility",
+        "soil",
+        "nitrogen",
+        "compiler",
+        "cache",
+        "orbit",
+        "comet",
+        "coral",
+    ];
+    let w = |k: u64| WORDS[((i * 7 + k * 13) ^ (i >> 2)) as usize % WORDS.len()];
+    format!("{} {} and {} {} in study {i}", w(0), w(1), w(2), w(3))
+}
+
+/// Searches `docs` by text through `g`: (hit ids, scores) of each of 12 queries.
+async fn text_answers(
+    g: &mut ShoalClient<tonic::transport::Channel>,
+) -> Vec<(Vec<String>, Vec<f32>)> {
+    let mut out = Vec::new();
+    for i in 0..12 {
+        let r = g
+            .search(pb::SearchRequest {
+                collection: "docs".into(),
+                text: sentence(i * 17),
+                k: 5,
+                exact: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!r.partial, "{r:?}");
+        out.push((
+            r.hits.iter().map(|h| h.id.clone()).collect(),
+            r.hits.iter().map(|h| h.score).collect(),
+        ));
+    }
+    out
+}
+
+/// Every answer's scores are `model`'s: the query's and each hit's stored text encoded
+/// by it, in this process, give the score the cluster returned.
+fn scored_by(
+    model: &shoal_encoder::Encoder<shoal_encoder::CpuBackend>,
+    answers: &[(Vec<String>, Vec<f32>)],
+    texts: &std::collections::HashMap<String, String>,
+) {
+    for (i, (ids, scores)) in answers.iter().enumerate() {
+        let q = sentence(i as u64 * 17);
+        let mut all = vec![q.as_str()];
+        all.extend(ids.iter().map(|id| texts[id].as_str()));
+        let v = model.encode(&all).unwrap().vectors;
+        for (j, s) in scores.iter().enumerate() {
+            let dot: f32 = v[0].iter().zip(&v[j + 1]).map(|(a, b)| a * b).sum();
+            assert!(
+                (dot - s).abs() < 2e-3,
+                "query {i} hit {}: score {s}, this model's {dot}",
+                ids[j]
+            );
+        }
+    }
+}
+
+/// Issue 21, re-embedding: every document encoded again by another model while the
+/// collection takes text queries and writes, through a coordinator leader's failover
+/// and a node's restart; the whole collection switches to the new model at once (every
+/// answer's scores are one model's, before and after); a rollback goes back to the
+/// old model's answers exactly; a second re-embed is committed (the stored vectors are
+/// the new model's) and cannot be rolled back. A model no node holds, and documents
+/// stored without text, are refused with the reason, nothing switched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_re_embed_under_load_switches_models_rolls_back_exactly_and_commits() {
+    let models_dir = tempfile::tempdir().unwrap();
+    let cls = cls_model(models_dir.path());
+    let mean_hash = shoal_node::model::content_hash(&model_dir()).unwrap();
+    let cls_hash = shoal_node::model::content_hash(&cls).unwrap();
+    let mean_model = shoal_encoder::load_cpu(&model_dir()).unwrap();
+    let cls_model_enc = shoal_encoder::load_cpu(&cls).unwrap();
+    let f = Fixture::start_with(false, Some(cls.clone())).await;
+    let Fixture {
+        _dir,
+        addrs,
+        mut coords,
+        a,
+        b,
+        mut admin,
+        mut ga,
+        gb,
+    } = f;
+    for (name, rf) in [("docs", 2), ("bare", 1)] {
+        admin
+            .create_collection(cpb::CreateCollectionRequest {
+                name: name.into(),
+                dimension: 384,
+                metric: cpb::Metric::InnerProduct as i32,
+                encoder: Some(cpb::EncoderRef {
+                    model_id: "all-MiniLM-L6-v2".into(),
+                    content_hash: mean_hash.clone(),
+                }),
+                shard_count: 2,
+                replication_factor: rf,
+                index: Some(cpb::IndexParams {
+                    nlist: 4,
+                    pq_m: 8,
+                    pq_nbits: 4,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    wait_open(&a, "docs", 2).await;
+    wait_open(&b, "docs", 2).await;
+    let mut texts = std::collections::HashMap::new();
+    for chunk in (0..240u64).collect::<Vec<_>>().chunks(40) {
+        let docs: Vec<pb::Document> = chunk
+            .iter()
+            .map(|&i| {
+                texts.insert(format!("d{i}"), sentence(i));
+                pb::Document {
+                    id: format!("d{i}"),
+                    text: sentence(i),
+                    ..Default::default()
+                }
+            })
+            .collect();
+        ga.ingest(pb::IngestRequest {
+            collection: "docs".into(),
+            documents: docs,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    // Refused, nothing begun: a model no node holds; a document stored without text.
+    let reembed = |collection: &str, hash: &str| cpb::StartRebuildRequest {
+        collection: collection.into(),
+        nlist: 4,
+        nprobe: 4,
+        margin: Some(0.3),
+        encoder: Some(cpb::EncoderRef {
+            model_id: "minilm-cls".into(),
+            content_hash: hash.into(),
+        }),
+        dimension: 384,
+        ..Default::default()
+    };
+    let ended = |admin: &mut Client, collection: &'static str, id: u64| {
+        let mut admin = admin.clone();
+        async move {
+            let t = Instant::now();
+            loop {
+                let r = admin
+                    .list_operations(cpb::ListOperationsRequest {
+                        collection: collection.into(),
+                    })
+                    .await;
+                if let Some(o) = r
+                    .ok()
+                    .and_then(|r| r.operations.into_iter().find(|o| o.id == id))
+                {
+                    if o.state != "running" {
+                        return o;
+                    }
+                }
+                assert!(
+                    t.elapsed() < Duration::from_secs(60),
+                    "operation {id} did not end"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let op = admin
+        .start_rebuild(reembed("docs", "sha256:00ff"))
+        .await
+        .unwrap();
+    let o = ended(&mut admin, "docs", op.id).await;
+    assert_eq!(o.state, "failed", "{o:?}");
+    let why = format!("{o:?}");
+    assert!(
+        why.contains("sha256:00ff") && why.contains(&mean_hash),
+        "{why}"
+    );
+    ga.ingest(pb::IngestRequest {
+        collection: "bare".into(),
+        documents: vec![
+            pb::Document {
+                id: "t".into(),
+                text: "with text".into(),
+                ..Default::default()
+            },
+            pb::Document {
+                id: "v".into(),
+                vector: mean_model.encode(&["no text"]).unwrap().vectors.remove(0),
+                ..Default::default()
+            },
+        ],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let op = admin
+        .start_rebuild(reembed("bare", &cls_hash))
+        .await
+        .unwrap();
+    let o = ended(&mut admin, "bare", op.id).await;
+    assert_eq!(o.state, "failed", "{o:?}");
+    assert!(format!("{o:?}").contains("without text"), "{o:?}");
+
+    let before = text_answers(&mut ga).await;
+    scored_by(&mean_model, &before, &texts);
+    // Writers: text documents through both nodes, and deletes, all along.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // (acknowledged writes, acknowledged deletes, every write tried: an unanswered
+    // one may have landed, and its text scores it).
+    type Written = (Vec<(String, String)>, Vec<String>, Vec<(String, String)>);
+    let written = std::sync::Arc::new(parking_lot::Mutex::new(Written::default()));
+    let mut writers = Vec::new();
+    for (t, g) in [ga.clone(), gb.clone()].into_iter().enumerate() {
+        let (stop, written) = (stop.clone(), written.clone());
+        writers.push(tokio::spawn(async move {
+            let mut g = g;
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let id = format!("w{t}-{n}");
+                let text = sentence(1000 + n * 2 + t as u64);
+                written.lock().2.push((id.clone(), text.clone()));
+                let r = g
+                    .ingest(pb::IngestRequest {
+                        collection: "docs".into(),
+                        documents: vec![pb::Document {
+                            id: id.clone(),
+                            text: text.clone(),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    })
+                    .await;
+                if r.is_ok() {
+                    written.lock().0.push((id, text));
+                }
+                if n % 5 == 4 {
+                    let gone = format!("d{}", (n / 5) * 3 + t as u64 * 100);
+                    if g.delete(pb::DeleteRequest {
+                        collection: "docs".into(),
+                        ids: vec![gone.clone()],
+                        ..Default::default()
+                    })
+                    .await
+                    .is_ok()
+                    {
+                        written.lock().1.push(gone);
+                    }
+                }
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }));
+    }
+    // The re-embed; node b away meanwhile and the coordinators' leader stopped.
+    let op = admin
+        .start_rebuild(reembed("docs", &cls_hash))
+        .await
+        .unwrap();
+    assert!(op.rebuild.as_ref().unwrap().model.is_some(), "{op:?}");
+    b.shutdown().await;
+    let leader = loop {
+        let l = coords[0].coordinator.raft.metrics().borrow().current_leader;
+        if let Some(l) = l {
+            break (l - 1) as usize;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    coords.remove(leader).shutdown().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let b = node_models(_dir.path(), "b", &addrs, vec![model_dir(), cls.clone()]).await;
+    let gb = ShoalClient::connect(format!("http://{}", b.public_addr))
+        .await
+        .unwrap();
+    wait_open(&b, "docs", 2).await;
+    // From here on (b back), queries through both nodes across the switch: every one
+    // whole and encoded by one model.
+    let readers: Vec<_> = [ga.clone(), gb.clone()]
+        .into_iter()
+        .map(|mut g| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let (mut n, mut failed, mut partial) = (0u64, Vec::new(), 0u64);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match g
+                        .search(pb::SearchRequest {
+                            collection: "docs".into(),
+                            text: sentence(n % 97),
+                            k: 5,
+                            ..Default::default()
+                        })
+                        .await
+                    {
+                        Ok(r) if r.get_ref().partial => partial += 1,
+                        Ok(_) => {}
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                    n += 1;
+                }
+                (n, failed, partial)
+            })
+        })
+        .collect();
+    let switched = |admin: &mut Client, id: u64| {
+        let mut admin = admin.clone();
+        async move {
+            let t = Instant::now();
+            loop {
+                let r = admin
+                    .list_operations(cpb::ListOperationsRequest {
+                        collection: "docs".into(),
+                    })
+                    .await;
+                if let Some(o) = r
+                    .ok()
+                    .and_then(|r| r.operations.into_iter().find(|o| o.id == id))
+                {
+                    assert_eq!(o.state, "running", "{o:?}");
+                    if o.rebuild.as_ref().unwrap().phase == "switched" {
+                        return o;
+                    }
+                }
+                assert!(
+                    t.elapsed() < Duration::from_secs(120),
+                    "re-embed {id} did not switch"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let o = switched(&mut admin, op.id).await;
+    assert!(
+        o.steps.iter().all(|s| s.gate.contains("recall@10")),
+        "{o:?}"
+    );
+    // Writes go on past the switch, then stop.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    for r in readers {
+        let (n, failed, partial) = r.await.unwrap();
+        assert!(n > 0);
+        assert!(failed.is_empty(), "{failed:?}");
+        assert_eq!(partial, 0);
+    }
+    let (live, deleted, tried) = written.lock().clone();
+    for (id, text) in &tried {
+        texts.insert(id.clone(), text.clone());
+    }
+    for id in &deleted {
+        texts.remove(id);
+    }
+    let coll = admin
+        .describe_collection(cpb::DescribeCollectionRequest {
+            name: "docs".into(),
+        })
+        .await
+        .unwrap()
+        .collection
+        .unwrap();
+    assert_eq!(coll.encoder.unwrap().content_hash, cls_hash);
+    // Switched: the new model's answers, over every document (re-encoded or written
+    // during the operation, none deleted).
+    let new = text_answers(&mut ga).await;
+    scored_by(&cls_model_enc, &new, &texts);
+    for (ids, _) in &new {
+        assert!(ids.iter().all(|id| !deleted.contains(id)), "{ids:?}");
+    }
+    assert_eq!(
+        text_answers(&mut gb.clone()).await,
+        new,
+        "both gateways alike"
+    );
+    // Rolled back: the old model's exact answers (the writers' documents aside).
+    admin
+        .rollback_rebuild(cpb::EndRebuildRequest {
+            collection: "docs".into(),
+            operation: 0,
+        })
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let back = loop {
+        let r = text_answers(&mut ga).await;
+        if r.iter().zip(&new).all(|(x, y)| x != y) || t.elapsed() > Duration::from_secs(20) {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    scored_by(&mean_model, &back, &texts);
+    // Every replica dropped its set.
+    let t = Instant::now();
+    while [&a, &b].iter().any(|n| {
+        n.registry
+            .read()
+            .values()
+            .filter_map(|h| h.repl.shard().ok())
+            .any(|s| s.vector_set().is_some())
+    }) {
+        assert!(t.elapsed() < Duration::from_secs(20), "sets not dropped");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Another re-embed, committed: the stored vectors are the new model's.
+    let op = admin
+        .start_rebuild(reembed("docs", &cls_hash))
+        .await
+        .unwrap();
+    switched(&mut admin, op.id).await;
+    admin
+        .commit_rebuild(cpb::EndRebuildRequest {
+            collection: "docs".into(),
+            operation: 0,
+        })
+        .await
+        .unwrap();
+    let e = admin
+        .rollback_rebuild(cpb::EndRebuildRequest {
+            collection: "docs".into(),
+            operation: op.id,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    let t = Instant::now();
+    loop {
+        let committed = [&a, &b].iter().all(|n| {
+            n.registry
+                .read()
+                .iter()
+                .filter(|(k, _)| k.collection == "docs")
+                .filter_map(|(_, h)| h.repl.shard().ok())
+                .all(|s| s.vector_set().is_none() && s.model() == cls_hash)
+        });
+        if committed {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "not committed on every replica"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (id, text) = live.first().cloned().unwrap_or(("d1".into(), sentence(1)));
+    let got = ga
+        .get(pb::GetRequest {
+            collection: "docs".into(),
+            id: id.clone(),
+            with_vector: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .document
+        .unwrap();
+    let want = cls_model_enc
+        .encode(&[text.as_str()])
+        .unwrap()
+        .vectors
+        .remove(0);
+    let diff: f32 = got
+        .vector
+        .iter()
+        .zip(&want)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    assert!(
+        diff < 1e-3,
+        "{id}'s stored vector is the new model's (max diff {diff})"
+    );
+    // Writes after the commit: one model again.
+    ga.ingest(pb::IngestRequest {
+        collection: "docs".into(),
+        documents: vec![pb::Document {
+            id: "after".into(),
+            text: sentence(5000),
+            ..Default::default()
+        }],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    texts.insert("after".into(), sentence(5000));
+    scored_by(&cls_model_enc, &text_answers(&mut ga).await, &texts);
+    for (id, want) in live
+        .iter()
+        .map(|(i, _)| (i, true))
+        .chain(deleted.iter().map(|i| (i, false)))
+    {
+        let got = ga
+            .get(pb::GetRequest {
+                collection: "docs".into(),
+                id: id.clone(),
+                with_vector: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.found, want, "{id}");
+    }
 }

@@ -759,7 +759,11 @@ fn every_rpc_survives_hostile_messages() {
                 rpb::ShardSearchRequest {
                     shard_count: k % 3,
                     // A model no replica holds vectors of, or none (issue 21).
-                    model: if exact { String::new() } else { format!("sha256:{nprobe}") },
+                    model: if exact {
+                        String::new()
+                    } else {
+                        format!("sha256:{nprobe}")
+                    },
                     shard,
                     vector,
                     k,

@@ -444,8 +444,16 @@ const ENCODE_TEXTS_PER_SEC: f64 = 150.0;
 /// `collection reembed --dry-run`: per shard, the rows its primary re-encodes, the
 /// disk its vector set takes on each replica (rows × dimension × 4 bytes, held until
 /// the commit), and the time at the measured rate (scaled by 768-d models' ~8x cost).
-fn reembed_plan(shards: &[cpb::Shard], dimension: u32, encoder: &cpb::EncoderRef) -> serde_json::Value {
-    let rate = ENCODE_TEXTS_PER_SEC * (384.0 / dimension.max(1) as f64).powi(3).min(1.0).max(0.125);
+fn reembed_plan(
+    shards: &[cpb::Shard],
+    dimension: u32,
+    encoder: &cpb::EncoderRef,
+) -> serde_json::Value {
+    let rate = ENCODE_TEXTS_PER_SEC
+        * (384.0 / dimension.max(1) as f64)
+            .powi(3)
+            .min(1.0)
+            .max(0.125);
     let mut total_disk = 0u64;
     let mut busiest: std::collections::BTreeMap<String, f64> = Default::default();
     let per_shard: Vec<serde_json::Value> = shards

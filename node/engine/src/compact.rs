@@ -155,6 +155,8 @@ struct Rewrite {
     map: RowMap,
     /// The old documents file is copied up to here.
     copied_to: u64,
+    /// The old layout's checksum table (a re-embed's commit made it), if any.
+    crcs: Option<Arc<Vec<u32>>>,
 }
 
 impl Shard {
@@ -277,6 +279,7 @@ impl Shard {
             rows: Rows::with_capacity(0),
             map: RowMap::new(Vec::new(), 0),
             copied_to: point.docs_len,
+            crcs: self.inner.state.read().crcs.clone(),
         };
         let report = match self.rewrite(rw, &old_docs, started) {
             Ok(r) => r,
@@ -286,6 +289,8 @@ impl Shard {
                 return Err(e);
             }
         };
+        let old_crcs = crate::storage::crc_file(&old_vectors);
+        let _ = fs::remove_file(&old_crcs);
         for f in [&old_docs, &old_vectors] {
             if let Err(e) = fs::remove_file(f) {
                 tracing::warn!(file = %f.display(), error = %e, "a compacted segment stays until the next open");
@@ -437,6 +442,8 @@ impl Shard {
         w.vectors = vectors;
         w.manifest.layout = point.seq;
         w.manifest.compacting = next;
+        // The records carry every row's checksum again.
+        w.manifest.vector_crcs = 0;
         // Every generation held (a rebuild's staged and kept ones too, issue 21)
         // shares the row map.
         if let Some(r) = remap {
@@ -459,6 +466,7 @@ impl Shard {
             st.vectors = w.vectors.view();
             st.docs = docs_reader;
             st.layout = point.seq;
+            st.crcs = None;
             let map = Arc::new(map);
             let st = &mut *st;
             for held in [&mut st.serving, &mut st.staged, &mut st.previous] {
@@ -518,6 +526,9 @@ fn copy_put(
         )));
     }
     let new_row = rw.vectors.append(view.get(row))?;
+    // A re-embed's committed layout keeps its rows' checksums in a table: the new
+    // records take them (the rewrite's layout has none).
+    let vector_crc = crate::expected_crc(rw.crcs.as_deref(), row, vector_crc);
     let offset = rw.docs.append(&SegmentEntry::Put {
         seq,
         row: new_row,

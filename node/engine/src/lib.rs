@@ -144,6 +144,10 @@ fn snapshot_files(m: &Manifest) -> Vec<(String, u64)> {
     // copy made mid-re-embed goes on filling it from the log.
     if let Some(s) = &m.vector_set {
         files.push((s.file.clone(), m.rows * s.dimension as u64 * 4));
+        files.push((format!("{}.crc", s.file), m.rows * 4));
+    }
+    if m.vector_crcs > 0 {
+        files.push((format!("{}.crc", m.segments().1), m.vector_crcs * 4));
     }
     files
 }
@@ -318,6 +322,15 @@ struct State {
     model: Arc<str>,
     /// A re-embed's vector set (`vector_set.rs`).
     set: Option<vector_set::SetView>,
+    /// The layout's checksum table, after a re-embed's commit (rows below its length).
+    crcs: Option<Arc<Vec<u32>>>,
+}
+
+/// The checksum row `row`'s vector must have: the layout's table's (a re-embed's
+/// commit), else its record's.
+fn expected_crc(crcs: Option<&Vec<u32>>, row: u64, record: u32) -> u32 {
+    crcs.and_then(|t| t.get(row as usize).copied())
+        .unwrap_or(record)
 }
 
 struct Writer {
@@ -487,7 +500,7 @@ impl Shard {
 
         let (docs_name, vectors_name) = manifest.segments();
         let docs = DocsFile::open(dir.join(docs_name), manifest.docs_len)?;
-        let vectors = VectorStore::open(dir.join(vectors_name), config.dimension, manifest.rows)?;
+        let vectors = VectorStore::open(dir.join(&vectors_name), config.dimension, manifest.rows)?;
         let mut state = State {
             rows: Rows::with_capacity(manifest.rows as usize),
             vectors: vectors.view(),
@@ -499,6 +512,13 @@ impl Shard {
             dim: config.dimension,
             model: Arc::from(manifest.model.as_str()),
             set: None,
+            crcs: match manifest.vector_crcs {
+                0 => None,
+                n => Some(Arc::new(storage::read_crcs(
+                    &storage::crc_file(&dir.join(&vectors_name)),
+                    n,
+                )?)),
+            },
         };
         load_segment(&docs.path, &vectors, &mut state)?;
         if state.rows.len() != manifest.rows {
@@ -998,7 +1018,7 @@ impl Shard {
         if self.routing().is_some_and(|r| !r.holds(id)) {
             return Ok(None);
         }
-        let (offset, row, view, docs, layout) = {
+        let (offset, row, view, docs, layout, crcs) = {
             let st = self.inner.state.read();
             let Some(row) = st.rows.get(id) else {
                 return Ok(None);
@@ -1010,6 +1030,7 @@ impl Shard {
                 st.vectors.clone(),
                 docs,
                 st.layout,
+                st.crcs.clone(),
             )
         };
         match docs.read_at(offset)? {
@@ -1022,7 +1043,7 @@ impl Shard {
                 ..
             } => {
                 let vector = view.get(row);
-                if storage::vector_crc(vector) != vector_crc {
+                if storage::vector_crc(vector) != expected_crc(crcs.as_deref(), row, vector_crc) {
                     return Err(bad_vector(
                         &self.inner.dir.join(segment_files(layout).1),
                         row,
@@ -2323,7 +2344,11 @@ fn finish_set_op(
                 .filter(|s| s.tag == *tag)
                 .map(|s| s.file.clone());
             checkpoint(dir, w)?;
-            Ok(Some(gone.into_iter().collect()))
+            Ok(Some(
+                gone.into_iter()
+                    .flat_map(|f| [format!("{f}.crc"), f])
+                    .collect(),
+            ))
         }
         [WalOp::SetCommit { tag }] => commit_set(dir, w, st, *tag, batch.seq).map(Some),
         _ => Ok(None),
@@ -2346,6 +2371,13 @@ fn commit_set(
         return Ok(Vec::new());
     };
     let rows = w.vectors.view().rows();
+    // Dead rows that never got a vector read as zeros: the table says so.
+    let zeros = storage::vector_crc(&vec![0.0; set.meta.dimension]);
+    for row in 0..rows {
+        if !set.has(row) {
+            set.store.write_crc(row, zeros)?;
+        }
+    }
     set.store.finish(rows)?;
     w.docs.sync()?;
     let (old_docs, old_vectors) = w.manifest.segments();
@@ -2353,9 +2385,11 @@ fn commit_set(
     let (docs_path, vectors_path) = (dir.join(&docs_name), dir.join(&vectors_name));
     // Links, not renames: until the checkpoint below stores the manifest naming them,
     // the old names stay what a crash recovers from (the replayed commit links again).
+    let crcs_path = storage::crc_file(&vectors_path);
     for (from, to) in [
         (dir.join(&old_docs), &docs_path),
         (set.store.path.clone(), &vectors_path),
+        (storage::crc_file(&set.store.path), &crcs_path),
     ] {
         if !to.exists() {
             fs::hard_link(&from, to).map_err(ShardError::io(to))?;
@@ -2380,12 +2414,23 @@ fn commit_set(
     m.model = set.meta.model.clone();
     m.layout = seq;
     m.vector_set = None;
+    // The records hold the old vectors' checksums: the set's table holds the new ones'.
+    m.vector_crcs = rows;
+    let crcs = storage::read_crcs(&crcs_path, rows)?;
     checkpoint(dir, w)?;
     let mut files: Vec<String> = gone
         .iter()
         .flat_map(|g| w.manifest.unshared_files(g))
         .collect();
-    files.extend([old_docs, old_vectors, set_file]);
+    let old_crcs = format!("{old_vectors}.crc");
+    files.extend([
+        old_docs,
+        old_vectors,
+        old_crcs,
+        format!("{set_file}.crc"),
+        set_file,
+    ]);
+    st.crcs = Some(Arc::new(crcs));
     st.serving = st.staged.take().filter(|g| g.info.tag == tag);
     st.previous = None;
     st.staged = None;
@@ -2439,6 +2484,7 @@ struct SegmentsRead {
     docs: DocsReader,
     vectors: VectorView,
     vectors_path: PathBuf,
+    crcs: Option<Arc<Vec<u32>>>,
 }
 
 impl SegmentsRead {
@@ -2447,6 +2493,7 @@ impl SegmentsRead {
             docs: st.docs.clone(),
             vectors: st.vectors.clone(),
             vectors_path: dir.join(segment_files(st.layout).1),
+            crcs: st.crcs.clone(),
         }
     }
 
@@ -2482,7 +2529,7 @@ fn check_vectors(files: &SegmentsRead, from: u64, offsets: &[u64]) -> Result<u64
         };
         let v = view.get(row);
         bytes += v.len() as u64 * 4;
-        if storage::vector_crc(v) != vector_crc {
+        if storage::vector_crc(v) != expected_crc(files.crcs.as_deref(), row, vector_crc) {
             return Err(bad_vector(&files.vectors_path, row, v.len(), &id));
         }
     }

@@ -144,6 +144,11 @@ pub struct Manifest {
     /// re-embed names it; empty: never said). Queries naming another are refused.
     #[serde(default)]
     pub model: String,
+    /// Rows below this have their vectors' checksums in the layout's checksum table
+    /// (`<vectors file>.crc`), not in their records: a re-embed's commit made their
+    /// vectors; a compaction writes them into the records again. 0: none.
+    #[serde(default)]
+    pub vector_crcs: u64,
 }
 
 /// A re-embed's vector set: the model it holds vectors of, their dimension, its file.
@@ -179,6 +184,7 @@ impl Manifest {
             previous: None,
             vector_set: None,
             model: String::new(),
+            vector_crcs: 0,
         }
     }
 
@@ -243,8 +249,15 @@ impl Manifest {
     /// crashed before its swap, or after it and before removing what it replaced).
     pub fn remove_unreferenced_files(&self, dir: &Path) -> Result<()> {
         let (docs, vectors) = self.segments();
-        let mut keep = vec![docs, vectors];
-        keep.extend(self.vector_set.iter().map(|s| s.file.clone()));
+        let mut keep = vec![docs, vectors.clone()];
+        keep.extend(
+            self.vector_set
+                .iter()
+                .flat_map(|s| [s.file.clone(), format!("{}.crc", s.file)]),
+        );
+        if self.vector_crcs > 0 {
+            keep.push(format!("{vectors}.crc"));
+        }
         for g in self.generations() {
             keep.extend(g.files().map(|(f, _)| f.clone()));
         }

@@ -350,9 +350,36 @@ pub fn file_crc(path: &Path) -> Result<(u32, u64)> {
 pub struct SetStore {
     pub path: PathBuf,
     file: File,
+    /// Each row's checksum (4 bytes a row, `crc_file`): the records hold the stored
+    /// vectors' checksums, and these become the layout's at a commit.
+    crcs: File,
     dim: usize,
     capacity_rows: u64,
     map: Option<Arc<Mmap>>,
+}
+
+/// The checksum table beside a vectors file whose rows' checksums are not the records'
+/// (a re-embed's set, and the layout its commit makes).
+pub fn crc_file(vectors: &Path) -> PathBuf {
+    let mut p = vectors.as_os_str().to_owned();
+    p.push(".crc");
+    PathBuf::from(p)
+}
+
+/// Reads a checksum table of `rows` rows.
+pub fn read_crcs(path: &Path, rows: u64) -> Result<Vec<u32>> {
+    let bytes = fs::read(path).map_err(ShardError::io(path))?;
+    if (bytes.len() as u64) < rows * 4 {
+        return Err(ShardError::Corrupt {
+            file: path.to_owned(),
+            offset: bytes.len() as u64,
+            reason: format!("checksum table holds fewer than its {rows} rows"),
+        });
+    }
+    Ok(bytes[..rows as usize * 4]
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
 }
 
 impl SetStore {
@@ -360,10 +387,13 @@ impl SetStore {
     /// set begun again by a log replay).
     pub fn open(path: PathBuf, dim: usize, rows: u64, fresh: bool) -> Result<Self> {
         let (file, actual) = open_segment(&path)?;
+        let crc_path = crc_file(&path);
+        let (crcs, crc_len) = open_segment(&crc_path)?;
         let row_bytes = (dim * 4) as u64;
         if fresh {
             file.set_len(0).map_err(ShardError::io(&path))?;
-        } else if actual < rows * row_bytes {
+            crcs.set_len(0).map_err(ShardError::io(&crc_path))?;
+        } else if actual < rows * row_bytes || crc_len < rows * 4 {
             return Err(ShardError::Corrupt {
                 file: path,
                 offset: actual,
@@ -373,6 +403,7 @@ impl SetStore {
         let mut store = Self {
             path,
             file,
+            crcs,
             dim,
             capacity_rows: 0,
             map: None,
@@ -398,6 +429,9 @@ impl SetStore {
             self.file
                 .set_len(cap * row_bytes)
                 .map_err(ShardError::io(&self.path))?;
+            self.crcs
+                .set_len(cap * 4)
+                .map_err(ShardError::io(crc_file(&self.path)))?;
         }
         // SAFETY: only this store writes the file (under the shard's writer lock), a
         // row is read only after it was written, and the file never shrinks while a
@@ -414,7 +448,18 @@ impl SetStore {
         let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
         self.file
             .write_all_at(&bytes, row * (self.dim * 4) as u64)
-            .map_err(ShardError::io(&self.path))
+            .map_err(ShardError::io(&self.path))?;
+        self.crcs
+            .write_all_at(&vector_crc(v).to_le_bytes(), row * 4)
+            .map_err(ShardError::io(crc_file(&self.path)))
+    }
+
+    /// Sets row `row`'s checksum without writing its vector (a dead row that never got
+    /// one reads as zeros: its checksum is theirs).
+    pub fn write_crc(&mut self, row: u64, crc: u32) -> Result<()> {
+        self.crcs
+            .write_all_at(&crc.to_le_bytes(), row * 4)
+            .map_err(ShardError::io(crc_file(&self.path)))
     }
 
     /// Whether row `row` was written (a set's vectors are never all zeros).
@@ -437,10 +482,16 @@ impl SetStore {
         self.file
             .set_len(rows * (self.dim * 4) as u64)
             .map_err(ShardError::io(&self.path))?;
+        self.crcs
+            .set_len(rows * 4)
+            .map_err(ShardError::io(crc_file(&self.path)))?;
         self.sync()
     }
 
     pub fn sync(&self) -> Result<()> {
-        self.file.sync_data().map_err(ShardError::io(&self.path))
+        self.file.sync_data().map_err(ShardError::io(&self.path))?;
+        self.crcs
+            .sync_data()
+            .map_err(ShardError::io(crc_file(&self.path)))
     }
 }

@@ -2232,6 +2232,16 @@ fn t92_a_re_embed_fills_a_vector_set_drops_stale_re_encodings_and_commits_it() {
         );
     }
     assert_eq!(primary.stats().serving.unwrap().id, staged.id);
+    // The records hold the old vectors' checksums; the commit's table the new ones'.
+    assert_eq!(
+        primary.get("c1500").unwrap().unwrap().vector,
+        vector2_for("c1500")
+    );
+    assert_eq!(
+        backup.get(&updated).unwrap().unwrap().vector,
+        vector2_for("updated")
+    );
+    primary.scrub(0, u64::MAX).unwrap();
     // Plain 48-d upserts again; the held compaction runs now.
     write(&primary, {
         let mut d = doc("after");
@@ -2269,6 +2279,15 @@ fn t92_a_re_embed_fills_a_vector_set_drops_stale_re_encodings_and_commits_it() {
     drop(backup);
     let backup = Shard::open(dirs[1].path()).unwrap();
     assert_eq!(top_id(&backup, &vector2_for("c9"), exact(1)), "c9");
+    assert_eq!(backup.get("c9").unwrap().unwrap().vector, vector2_for("c9"));
+    // A copy of the committed layout carries its checksum table.
+    fs::create_dir_all(dirs[2].path().join("c")).unwrap();
+    copy_snapshot(
+        &backup.snapshot().unwrap(),
+        dirs[2].path().join("c").as_path(),
+    );
+    let copy = Shard::open(&dirs[2].path().join("c")).unwrap();
+    assert_eq!(copy.get("c9").unwrap().unwrap().vector, vector2_for("c9"));
 
     // A rollback drops the set: its file goes, plain upserts are taken again.
     let small = Shard::create(dirs[3].path(), config(Metric::L2)).unwrap();

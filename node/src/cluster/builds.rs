@@ -222,14 +222,17 @@ impl Builds {
     pub fn report(&self, key: &ReplicaKey) -> BuildReport {
         // A re-embed's fill that cannot go on fails its step (issue 21).
         let fill = self.reembeds.failed_op(key);
-        if let Some((op, error)) = fill {
+        let st = self.state.lock();
+        if let Some((op, error)) =
+            fill.filter(|(op, _)| st.jobs.get(key).is_none_or(|j| j.op < *op))
+        {
             return BuildReport {
                 operation: op,
                 error,
                 ..BuildReport::default()
             };
         }
-        match self.state.lock().jobs.get(key) {
+        match st.jobs.get(key) {
             None => BuildReport::default(),
             Some(j) if j.op == 0 => BuildReport::default(),
             Some(j) => BuildReport {

@@ -164,19 +164,18 @@ pub struct DualWrite {
 /// Pure: the collection's re-embed that new writes must feed, if any: its newest
 /// rebuild, running, with a model change, building or switched.
 pub fn dual_write(view: &MapView, coll: &cpb::Collection) -> Option<DualWrite> {
-    let op = view.operations.values().rev().find(|o| {
-        o.kind == "rebuild" && o.collection == coll.name && o.collection_id == coll.id
-    })?;
+    let op =
+        view.operations.values().rev().find(|o| {
+            o.kind == "rebuild" && o.collection == coll.name && o.collection_id == coll.id
+        })?;
     let r = op.rebuild.as_ref()?;
     let m = r.model.as_ref()?;
-    (op.state == "running" && (r.phase == "building" || r.phase == "switched")).then(|| {
-        DualWrite {
-            tag: op.id,
-            main: m.previous.clone(),
-            main_dimension: m.previous_dimension,
-            encoder: m.encoder.clone().unwrap_or_default(),
-            dimension: m.dimension,
-        }
+    (op.state == "running" && (r.phase == "building" || r.phase == "switched")).then(|| DualWrite {
+        tag: op.id,
+        main: m.previous.clone(),
+        main_dimension: m.previous_dimension,
+        encoder: m.encoder.clone().unwrap_or_default(),
+        dimension: m.dimension,
     })
 }
 
@@ -449,7 +448,10 @@ impl Gateway {
         }
         let mut truncated = 0;
         if !want_main.is_empty() {
-            let texts = want_main.iter().map(|&i| upserts[i].doc.text.clone()).collect();
+            let texts = want_main
+                .iter()
+                .map(|&i| upserts[i].doc.text.clone())
+                .collect();
             let out = self.encode(texts, main_dim, main).await?;
             truncated += out.truncated as u64;
             for (&i, v) in want_main.iter().zip(out.vectors) {
@@ -458,7 +460,10 @@ impl Gateway {
             }
         }
         if let (Some(d), false) = (dual, want_set.is_empty()) {
-            let texts = want_set.iter().map(|&i| upserts[i].doc.text.clone()).collect();
+            let texts = want_set
+                .iter()
+                .map(|&i| upserts[i].doc.text.clone())
+                .collect();
             let out = self.encode(texts, d.dimension, Some(&d.encoder)).await?;
             for (&i, v) in want_set.iter().zip(out.vectors) {
                 upserts[i].doc.set_vector = v;

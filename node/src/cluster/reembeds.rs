@@ -82,6 +82,8 @@ impl Reembeds {
         if self.failure(key, op.id).is_some() || !self.claim(key, op.id) {
             return;
         }
+        // An earlier operation's refusal is not this one's.
+        self.failed.lock().remove(key);
         let Some(model) = op.rebuild.as_ref().and_then(|r| r.model.clone()) else {
             self.running.lock().remove(key);
             return;
