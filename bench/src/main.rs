@@ -8,6 +8,7 @@ mod ir;
 mod load;
 mod measure;
 mod rebuild;
+mod reembed;
 mod rerank;
 mod scale;
 mod shard;
@@ -46,6 +47,8 @@ enum Cmd {
     Scale(scale::ScaleArgs),
     /// An online rebuild of a loaded collection under query load (issue 21).
     Rebuild(rebuild::RebuildArgs),
+    /// A loaded collection re-embedded with another model under query load (issue 21).
+    Reembed(reembed::ReembedArgs),
     /// What a vector costs in memory: the id index and row table next to the
     /// structure they replaced, and one shard after a reopen (issue 19).
     Footprint(footprint::FootprintArgs),
@@ -83,6 +86,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Ingest(args) => ingest::run(args),
         Cmd::Scale(args) => scale::run(args),
         Cmd::Rebuild(args) => rebuild::run(args),
+        Cmd::Reembed(args) => reembed::run(args),
         Cmd::Footprint(args) => footprint::run(args),
         Cmd::FootprintChild {
             kind,

@@ -20,7 +20,7 @@ use shoal_proto::coordinator as cpb;
 use shoal_proto::v1 as pb;
 
 use crate::ir::encode_all;
-use crate::scale::{collection_bytes, join_phases, query_clients};
+use crate::scale::{collection_bytes, join_phases, query_clients, Queries};
 
 #[derive(Args)]
 pub struct RebuildArgs {
@@ -61,22 +61,23 @@ pub struct RebuildArgs {
     reference_ndcg: f64,
 }
 
-/// nDCG@10 of `queries` (vectors, judged ids) through node `addr`, the collection's
-/// own search parameters.
-async fn ndcg(
+/// nDCG@10 of `queries` (judged ids, and a vector or a text the gateway encodes)
+/// through node `addr`, the collection's own search parameters.
+pub(crate) async fn ndcg(
     addr: &str,
     name: &str,
-    queries: &[(String, Vec<f32>)],
+    queries: &[(String, Vec<f32>, String)],
     qrels: &std::collections::HashMap<String, std::collections::HashMap<String, u32>>,
 ) -> Result<f64> {
     let ch = shoal_proto::channel(addr, None)?;
     let mut g = shoal_proto::auth::shoal_client(ch);
     let mut total = 0.0;
-    for (id, v) in queries {
+    for (id, v, text) in queries {
         let r = g
             .search(pb::SearchRequest {
                 collection: name.into(),
                 vector: v.clone(),
+                text: text.clone(),
                 k: 11,
                 ..Default::default()
             })
@@ -96,7 +97,7 @@ async fn ndcg(
     Ok(total / queries.len() as f64)
 }
 
-async fn operation(
+pub(crate) async fn operation(
     c: &mut shoal_proto::client::Client,
     name: &str,
     id: u64,
@@ -124,10 +125,11 @@ pub fn run(a: RebuildArgs) -> Result<()> {
     let (vectors, _) = encode_all(&encoder, &texts, 32)?;
     let dim = encoder.dimension();
     drop(encoder);
-    let scored: Vec<(String, Vec<f32>)> = judged
+    let scored: Vec<(String, Vec<f32>, String)> = judged
         .iter()
         .map(|q| q.id.clone())
         .zip(vectors.iter().cloned())
+        .map(|(id, v)| (id, v, String::new()))
         .collect();
     let flat: Vec<f32> = vectors.concat();
     let nodes: Vec<String> = a.nodes.split(',').map(String::from).collect();
@@ -173,7 +175,7 @@ pub fn run(a: RebuildArgs) -> Result<()> {
         };
         let phase = Arc::new(AtomicU8::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let clients = query_clients(&nodes, &name, &flat, dim, 0, &phase, &stop);
+        let clients = query_clients(&nodes, &name, Queries::Vectors(&flat, dim), 0, &phase, &stop);
         let window = Duration::from_secs(a.window);
         tokio::time::sleep(window).await;
         phase.store(1, Ordering::Relaxed);

@@ -1361,35 +1361,57 @@ impl Phase {
     }
 }
 
+/// What the load clients ask: stored vectors (flat, of `dim`), or texts the gateway
+/// encodes (issue 21's re-embed changes the model under them).
+#[derive(Clone, Copy)]
+pub(crate) enum Queries<'a> {
+    Vectors(&'a [f32], usize),
+    Texts(&'a [String]),
+}
+
+impl Queries<'_> {
+    /// Each query as (vector, text), one of them empty.
+    fn each(self) -> Vec<(Vec<f32>, String)> {
+        match self {
+            Queries::Vectors(flat, dim) => flat
+                .chunks_exact(dim)
+                .map(|v| (v.to_vec(), String::new()))
+                .collect(),
+            Queries::Texts(texts) => texts.iter().map(|t| (Vec::new(), t.clone())).collect(),
+        }
+    }
+}
+
 /// The load phases' query clients: 2 closed-loop clients (k 10, `nprobe`; 0: the collection's) until
 /// `stop`, each query counted in the phase (0, 1, 2) it ended in.
 pub(crate) fn query_clients(
     nodes: &[String],
     name: &str,
-    queries: &[f32],
-    dim: usize,
+    queries: Queries<'_>,
     nprobe: u32,
     phase: &std::sync::Arc<std::sync::atomic::AtomicU8>,
     stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> Vec<tokio::task::JoinHandle<Result<[Phase; 3]>>> {
     use std::sync::atomic::Ordering;
+    let qs = std::sync::Arc::new(queries.each());
     let mut clients = Vec::new();
     for c in 0..2usize {
         let (addr, phase, stop) = (nodes[c % nodes.len()].clone(), phase.clone(), stop.clone());
-        let qs = queries.to_vec();
+        let qs = qs.clone();
         let name = name.to_string();
         clients.push(tokio::spawn(async move {
             let ch = shoal_proto::channel(&addr, None)?;
             let mut g = shoal_proto::auth::shoal_client(ch).max_decoding_message_size(64 << 20);
             let mut out: [Phase; 3] = Default::default();
-            let nq = qs.len() / dim;
             let mut q = c;
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
+                let (vector, text) = qs[q].clone();
                 let r = g
                     .search(pb::SearchRequest {
                         collection: name.clone(),
-                        vector: qs[q * dim..(q + 1) * dim].to_vec(),
+                        vector,
+                        text,
                         k: 10,
                         nprobe,
                         ..Default::default()
@@ -1401,7 +1423,7 @@ pub(crate) fn query_clients(
                     Ok(_) => p.lat.push(t.elapsed().as_secs_f64() * 1e3),
                     Err(_) => p.failed += 1,
                 }
-                q = (q + 2) % nq;
+                q = (q + 2) % qs.len();
             }
             anyhow::Ok(out)
         }));
@@ -1441,7 +1463,14 @@ async fn split_under_load(
     // 0 before, 1 during, 2 after; the phase a query ends in counts it.
     let phase = Arc::new(AtomicU8::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let clients = query_clients(nodes, name, queries, dim, 16, &phase, &stop);
+    let clients = query_clients(
+        nodes,
+        name,
+        Queries::Vectors(queries, dim),
+        16,
+        &phase,
+        &stop,
+    );
     // The writer: batches of 64 new rows (ids past the corpus), acknowledged or not.
     let acked = Arc::new(AtomicU64::new(0));
     let write_failed = Arc::new(AtomicU64::new(0));
@@ -1648,7 +1677,14 @@ async fn rebuild_under_load(
     let bytes_before = collection_bytes(dev, name);
     let phase = Arc::new(AtomicU8::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let clients = query_clients(nodes, name, queries, dim, 0, &phase, &stop);
+    let clients = query_clients(
+        nodes,
+        name,
+        Queries::Vectors(queries, dim),
+        0,
+        &phase,
+        &stop,
+    );
     let window = Duration::from_secs(a.split_window);
     tokio::time::sleep(window).await;
     phase.store(1, Ordering::Relaxed);
@@ -1733,7 +1769,14 @@ async fn backup_under_load(
     let dim = a.dimension;
     let phase = Arc::new(AtomicU8::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let clients = query_clients(nodes, name, queries, dim, 16, &phase, &stop);
+    let clients = query_clients(
+        nodes,
+        name,
+        Queries::Vectors(queries, dim),
+        16,
+        &phase,
+        &stop,
+    );
     let repo_dir = work.join("backup-repo");
     let _ = std::fs::remove_dir_all(&repo_dir);
     let url = repo_dir.display().to_string();

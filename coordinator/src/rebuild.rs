@@ -321,6 +321,15 @@ mod tests {
     use crate::operations::BuildParams;
 
     fn start(m: &mut ClusterMap, nlist: u32, previous: IndexParams) -> Result<u64> {
+        start_with(m, nlist, previous, None)
+    }
+
+    fn start_with(
+        m: &mut ClusterMap,
+        nlist: u32,
+        previous: IndexParams,
+        model: Option<crate::index::ModelChange>,
+    ) -> Result<u64> {
         let id = m.collections["c"].id;
         m.apply(&Command::StartOperation {
             kind: OperationKind::Rebuild(RebuildParams {
@@ -338,7 +347,7 @@ mod tests {
                 margin_bp: 100,
                 previous,
                 phase: RebuildPhase::Building,
-                model: None,
+                model,
             }),
             collection: "c".into(),
             collection_id: id,
@@ -490,5 +499,62 @@ mod tests {
             .unwrap();
         assert!(m.aliases.is_empty(), "dropped with its collection");
         assert!(m.apply(&set("live", None)).is_err(), "already gone");
+    }
+
+    #[test]
+    fn a_re_embed_switches_the_collections_model_and_a_rollback_restores_it() {
+        use crate::index::{EncoderRef, ModelChange};
+        let mut m = map_with_nodes(2);
+        m.apply(&placed(&m, spec("c", 2, 1))).unwrap();
+        let before = m.collections["c"].spec.clone();
+        let model = |hash: &str, previous_dimension: u32| ModelChange {
+            encoder: EncoderRef {
+                model_id: "mpnet".into(),
+                content_hash: hash.into(),
+            },
+            dimension: 768,
+            previous: before.encoder.clone(),
+            previous_dimension,
+        };
+        let dim = before.dimension;
+        // The new model's dimension is checked (PQ m divides it), and what the
+        // collection holds now.
+        assert!(start_with(&mut m, 64, before.index.clone(), Some(model("", dim))).is_err());
+        assert!(start_with(
+            &mut m,
+            64,
+            before.index.clone(),
+            Some(model("sha256:b", dim + 1))
+        )
+        .is_err());
+        let op = start_with(
+            &mut m,
+            64,
+            before.index.clone(),
+            Some(model("sha256:b", dim)),
+        )
+        .unwrap();
+        stage(&mut m, op, 0);
+        stage(&mut m, op, 1);
+        m.apply(&Command::SwitchRebuild { operation: op }).unwrap();
+        let c = &m.collections["c"].spec;
+        assert_eq!(
+            (
+                c.dimension,
+                c.encoder.as_ref().unwrap().content_hash.as_str()
+            ),
+            (768, "sha256:b")
+        );
+        m.apply(&Command::RollbackRebuild {
+            collection: "c".into(),
+            operation: op,
+        })
+        .unwrap();
+        let c = &m.collections["c"].spec;
+        assert_eq!(
+            (c.dimension, &c.encoder),
+            (before.dimension, &before.encoder)
+        );
+        assert_eq!(c.index, before.index);
     }
 }

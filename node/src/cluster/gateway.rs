@@ -1060,4 +1060,59 @@ mod tests {
         let e = check_vector(&[1.0, f32::NAN], 2, "v").unwrap_err();
         assert!(e.message().contains("position 1"));
     }
+
+    #[test]
+    fn writes_feed_a_re_embed_only_while_it_builds_or_is_switched() {
+        let coll = cpb::Collection {
+            name: "c".into(),
+            id: 3,
+            ..Default::default()
+        };
+        let op = |id: u64, state: &str, phase: &str, model: bool| cpb::Operation {
+            id,
+            kind: "rebuild".into(),
+            collection: "c".into(),
+            collection_id: 3,
+            state: state.into(),
+            rebuild: Some(cpb::Rebuild {
+                phase: phase.into(),
+                model: model.then(|| cpb::ModelChange {
+                    encoder: Some(cpb::EncoderRef {
+                        content_hash: "sha256:new".into(),
+                        ..Default::default()
+                    }),
+                    dimension: 768,
+                    previous: Some(cpb::EncoderRef {
+                        content_hash: "sha256:old".into(),
+                        ..Default::default()
+                    }),
+                    previous_dimension: 384,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let view = |ops: Vec<cpb::Operation>| MapView {
+            operations: ops.into_iter().map(|o| (o.id, o)).collect(),
+            ..MapView::default()
+        };
+        let d = dual_write(&view(vec![op(5, "running", "building", true)]), &coll).unwrap();
+        assert_eq!((d.tag, d.dimension, d.main_dimension), (5, 768, 384));
+        assert_eq!(d.main.unwrap().content_hash, "sha256:old");
+        assert!(dual_write(&view(vec![op(5, "running", "switched", true)]), &coll).is_some());
+        assert!(dual_write(&view(vec![op(5, "succeeded", "committed", true)]), &coll).is_none());
+        assert!(dual_write(&view(vec![op(5, "cancelled", "rolled_back", true)]), &coll).is_none());
+        assert!(dual_write(&view(vec![op(5, "running", "building", false)]), &coll).is_none());
+        // Only the collection's newest rebuild counts, and only this incarnation's.
+        let newer = vec![
+            op(5, "running", "building", true),
+            op(6, "running", "building", false),
+        ];
+        assert!(dual_write(&view(newer), &coll).is_none());
+        let other = cpb::Collection {
+            id: 4,
+            ..coll.clone()
+        };
+        assert!(dual_write(&view(vec![op(5, "running", "building", true)]), &other).is_none());
+    }
 }

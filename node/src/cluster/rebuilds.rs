@@ -298,4 +298,110 @@ mod tests {
             Action::None
         );
     }
+
+    #[test]
+    fn a_re_embeds_primary_fills_then_stages_and_ends_its_set_through_the_log() {
+        let reembed = |state: &str, phase: &str, step: &str| {
+            let mut o = op(state, phase, step);
+            o.rebuild.as_mut().unwrap().model = Some(cpb::ModelChange::default());
+            o
+        };
+        let none = Held::default();
+        let filling = Held {
+            set: 7,
+            set_missing: 10,
+            ..Held::default()
+        };
+        let filled = Held {
+            set: 7,
+            ..Held::default()
+        };
+        let staged = Held {
+            set: 7,
+            staged: 7,
+            ..Held::default()
+        };
+        let b = |state, phase, step| reembed(state, phase, step);
+        // Building: the primary fills until no live row lacks its vector, then stages.
+        assert_eq!(
+            action(&b("running", "building", "pending"), 0, true, none),
+            Action::Fill
+        );
+        assert_eq!(
+            action(&b("running", "building", "building"), 0, true, filling),
+            Action::Fill
+        );
+        assert_eq!(
+            action(&b("running", "building", "building"), 0, true, filled),
+            Action::Stage
+        );
+        assert_eq!(
+            action(&b("running", "building", "pending"), 0, false, none),
+            Action::None
+        );
+        // A backup fetches the staged generation once its set (from the log) exists.
+        assert_eq!(
+            action(&b("running", "building", "staged"), 0, false, filled),
+            Action::Fetch { generation: 12 }
+        );
+        assert_eq!(
+            action(&b("running", "building", "staged"), 0, false, none),
+            Action::None
+        );
+        // Switched: nothing switches in the engine (queries pick the vectors).
+        assert_eq!(
+            action(&b("running", "switched", "staged"), 0, true, staged),
+            Action::None
+        );
+        assert_eq!(
+            action(&b("running", "switched", "staged"), 0, false, staged),
+            Action::None
+        );
+        // Committed: the primary logs the commit; backups follow from the log.
+        assert_eq!(
+            action(&b("succeeded", "committed", "staged"), 0, true, staged),
+            Action::CommitSet
+        );
+        assert_eq!(
+            action(&b("succeeded", "committed", "staged"), 0, false, staged),
+            Action::None
+        );
+        assert_eq!(
+            action(&b("succeeded", "committed", "staged"), 0, true, none),
+            Action::None
+        );
+        // Rolled back or failed: the staged generation goes, then the primary drops the set.
+        assert_eq!(
+            action(&b("cancelled", "rolled_back", "staged"), 0, true, staged),
+            Action::RollBack
+        );
+        assert_eq!(
+            action(&b("cancelled", "rolled_back", "staged"), 0, true, filled),
+            Action::DropSet
+        );
+        assert_eq!(
+            action(&b("cancelled", "rolled_back", "staged"), 0, false, filled),
+            Action::None
+        );
+        assert_eq!(
+            action(&b("failed", "building", "failed"), 0, true, filling),
+            Action::DropSet
+        );
+        // A set whose operation left the view: the collection's model says how it ended.
+        let coll = |hash: &str| cpb::Collection {
+            encoder: Some(cpb::EncoderRef {
+                content_hash: hash.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            orphan_set_action("sha256:new", &coll("sha256:new")),
+            Action::CommitSet
+        );
+        assert_eq!(
+            orphan_set_action("sha256:new", &coll("sha256:old")),
+            Action::DropSet
+        );
+    }
 }
