@@ -18,6 +18,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     tonic_prost_build::configure()
         .codec_path("crate::codec::Codec")
+        // An operation (with a re-embed's models, issue 21) is the largest change a
+        // map event carries: boxed, so every other change stays small.
+        .boxed(".shoal.coordinator.v1.MapChange.change.operation_put")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -1598,14 +1598,17 @@ pub(crate) async fn wait_operation(
 }
 
 /// Bytes under `dir` (files only).
+/// Disk a directory tree takes: its files' allocated blocks (the vector files grow in
+/// sparse 64 MiB steps, so their lengths overstate it; a file linked twice counts twice).
 pub(crate) fn dir_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
     let Ok(rd) = std::fs::read_dir(dir) else {
         return 0;
     };
     rd.flatten()
         .map(|e| match e.file_type() {
             Ok(t) if t.is_dir() => dir_bytes(&e.path()),
-            Ok(_) => e.metadata().map_or(0, |m| m.len()),
+            Ok(_) => e.metadata().map_or(0, |m| m.blocks() * 512),
             Err(_) => 0,
         })
         .sum()

@@ -333,7 +333,7 @@ fn change_pb(c: &Change, map: &ClusterMap) -> Option<cpb::MapChange> {
             Change::ShardPut(s) => C::ShardPut(shard_pb(s)),
             Change::KeyPut(k) => C::KeyPut(k.to_pb(true)),
             Change::KeyRevoked(id) => C::KeyRevoked(id.clone()),
-            Change::OperationPut(o) => C::OperationPut(operation_pb(o, map, None)),
+            Change::OperationPut(o) => C::OperationPut(Box::new(operation_pb(o, map, None))),
             Change::AliasPut(a, c) => C::AliasPut(cpb::Alias {
                 alias: a.clone(),
                 collection: c.clone().unwrap_or_default(),

@@ -437,9 +437,16 @@ async fn follow_rebuild(client: &mut Client, name: &str, id: u64) -> anyhow::Res
     }
 }
 
-/// Texts a 2-core node encodes a second with MiniLM-L6 (docs/benchmarks.md: the Burn
-/// encoder's CPU throughput); a model's cost grows with its hidden size and layers.
-const ENCODE_TEXTS_PER_SEC: f64 = 150.0;
+/// Texts a 2-core node encodes a second (docs/benchmarks.md, Cranfield-length
+/// abstracts): MiniLM-L6 (384-d) 18 through ingest; MPNet (768-d) 1.8 in the re-embed
+/// benchmark's fill (at duty 0.5: 0.9). Other dimensions are scaled from these.
+fn encode_rate(dimension: u32) -> f64 {
+    if dimension <= 384 {
+        18.0
+    } else {
+        1.8 * (768.0 / dimension as f64).powi(2)
+    }
+}
 
 /// `collection reembed --dry-run`: per shard, the rows its primary re-encodes, the
 /// disk its vector set takes on each replica (rows × dimension × 4 bytes, held until
@@ -449,11 +456,7 @@ fn reembed_plan(
     dimension: u32,
     encoder: &cpb::EncoderRef,
 ) -> serde_json::Value {
-    let rate = ENCODE_TEXTS_PER_SEC
-        * (384.0 / dimension.max(1) as f64)
-            .powi(3)
-            .min(1.0)
-            .max(0.125);
+    let rate = encode_rate(dimension);
     let mut total_disk = 0u64;
     let mut busiest: std::collections::BTreeMap<String, f64> = Default::default();
     let per_shard: Vec<serde_json::Value> = shards
@@ -477,7 +480,7 @@ fn reembed_plan(
     serde_json::json!({"model": encoder.content_hash, "model_id": encoder.model_id,
         "dimension": dimension, "shards": per_shard, "extra_disk_bytes": total_disk,
         "encode_texts_per_sec_assumed": rate, "seconds_estimate": seconds,
-        "note": "each primary encodes its shard's texts once, throttled by the nodes' --reembed-duty; the estimate assumes duty 1"})
+        "note": "each primary encodes its shard's texts once, a node's shards one after another through its encoder; throttled by the nodes' --reembed-duty (the estimate assumes 1: divide by the duty)"})
 }
 
 /// Rows a 2-core node indexes a second in a build (docs/benchmarks.md: a 1M-vector

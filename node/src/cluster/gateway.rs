@@ -348,14 +348,13 @@ impl Gateway {
     /// Validates, encodes and routes a batch; returns (documents written, truncated).
     pub async fn ingest(&self, mut req: pb::IngestRequest) -> Result<(u64, u64), Status> {
         let route = self.collection_shards(&req.collection)?;
-        let (coll, shards) = (&route.coll, &route.shards);
+        let coll = &route.coll;
         if req.documents.is_empty() {
             return Err(Status::invalid_argument("no documents in the request"));
         }
         let l = &self.limits;
         writes::check_batch(l, req.documents.len(), 0, &req.request_id, 0)?;
         let mut docs = std::mem::take(&mut req.documents);
-        let mut to_encode = Vec::new();
         for (i, d) in docs.iter_mut().enumerate() {
             let metadata = std::mem::take(&mut d.metadata_json);
             d.metadata_json =
@@ -368,7 +367,6 @@ impl Gateway {
                         d.id
                     )));
                 }
-                to_encode.push(i);
             } else {
                 check_vector(
                     &d.vector,
@@ -378,7 +376,6 @@ impl Gateway {
             }
         }
         let n = docs.len() as u64;
-        let _ = (coll, shards, to_encode);
         // Texts are encoded where the write is routed (`prepare`): a re-embed changes
         // which models they need.
         let upserts = docs

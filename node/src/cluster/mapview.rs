@@ -117,7 +117,7 @@ impl MapView {
                             self.keys.remove(&id);
                         }
                         C::OperationPut(o) => {
-                            self.operations.insert(o.id, o);
+                            self.operations.insert(o.id, *o);
                             // As the map: the last finished ones only.
                             let finished: Vec<u64> = self
                                 .operations

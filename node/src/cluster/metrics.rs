@@ -70,7 +70,15 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
     );
     describe_counter!(
         "shoal_rebuild_transitions_total",
-        "rebuild steps written on this node's replicas, by action (switch, commit, rollback)"
+        "rebuild steps written on this node's replicas, by action (switch, commit, rollback; a re-embed's commit_set, drop_set)"
+    );
+    describe_counter!(
+        "shoal_reembed_rows_total",
+        "documents a re-embed's fill re-encoded on this node's primaries (issue 21)"
+    );
+    describe_gauge!(
+        "shoal_reembed_rows_missing",
+        "live documents of a replica still without the re-embed's vector, by replica"
     );
     describe_gauge!("shoal_node_replicas", "shard replicas open on this node");
     describe_counter!(
