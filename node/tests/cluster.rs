@@ -141,6 +141,7 @@ async fn node_models(
         // Small enough that the test can send an oversized request cheaply.
         limits: shoal_proto::limits::Limits {
             message_bytes: 1 << 20,
+            payload_bytes: 256 << 10,
             ..Default::default()
         },
         id: id.into(),
@@ -380,7 +381,76 @@ async fn writes_through_one_node_are_searched_got_and_deleted_through_the_other(
         );
         assert!(r.hits.windows(2).all(|w| w[0].score >= w[1].score));
         assert!(r.hits.iter().all(|h| h.text.starts_with("doc ")));
+        assert!(
+            r.hits.iter().all(|h| h.metadata_json.is_empty()),
+            "not asked"
+        );
     }
+    // Payloads (issue 22): each hit's text and metadata from the shard that found it,
+    // in the same answer; nothing of them unasked.
+    let search = |with_text: bool, with_payload: bool| pb::SearchRequest {
+        collection: "vecs".into(),
+        vector: vector(7, 16),
+        k: 10,
+        with_text,
+        with_payload,
+        ..Default::default()
+    };
+    let r = f.ga.search(search(true, true)).await.unwrap().into_inner();
+    assert_eq!(r.hits.len(), 10);
+    for h in &r.hits {
+        let i: u64 = h.id[1..].parse().unwrap();
+        assert_eq!(h.text, format!("doc {i}"));
+        assert_eq!(h.metadata_json, format!("{{\"i\":{i}}}"));
+    }
+    let r = f.ga.search(search(false, true)).await.unwrap().into_inner();
+    assert!(r
+        .hits
+        .iter()
+        .all(|h| h.text.is_empty() && h.metadata_json.starts_with("{\"i\":")));
+    let r =
+        f.ga.search(search(false, false))
+            .await
+            .unwrap()
+            .into_inner();
+    assert!(r
+        .hits
+        .iter()
+        .all(|h| h.text.is_empty() && h.metadata_json.is_empty()));
+    // Over the payload limit (256 KiB here): refused whole, naming the limit.
+    for id in ["big1", "big2"] {
+        f.ga.ingest(pb::IngestRequest {
+            collection: "vecs".into(),
+            documents: vec![pb::Document {
+                id: id.into(),
+                text: "x".repeat(200_000),
+                vector: vector(9_999, 16),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let big = |with_text| pb::SearchRequest {
+        collection: "vecs".into(),
+        vector: vector(9_999, 16),
+        k: 2,
+        with_text,
+        exact: true,
+        ..Default::default()
+    };
+    let e = f.ga.search(big(true)).await.unwrap_err();
+    assert!(e.message().contains("payload_bytes"), "{e}");
+    let r = f.ga.search(big(false)).await.unwrap().into_inner();
+    assert_eq!(r.hits.len(), 2);
+    f.ga.delete(pb::DeleteRequest {
+        collection: "vecs".into(),
+        ids: vec!["big1".into(), "big2".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let got =
         f.gb.get(pb::GetRequest {
             collection: "vecs".into(),

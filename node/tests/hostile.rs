@@ -532,6 +532,7 @@ fn every_rpc_survives_hostile_messages() {
                     k,
                     nprobe,
                     refine,
+                    with_payload: with_text && exact,
                     with_text,
                     exact,
                 }
@@ -764,6 +765,9 @@ fn every_rpc_survives_hostile_messages() {
                     } else {
                         format!("sha256:{nprobe}")
                     },
+                    // Texts and metadata of the hits (issue 22), within payload_bytes.
+                    with_text: k % 2 == 0,
+                    with_payload: k % 3 == 0,
                     shard,
                     vector,
                     k,

@@ -89,8 +89,9 @@ limits! {
     candidates: usize = 100_000;
     /// Rows one shard scans for one exact search (its cost limit).
     exact_rows: usize = 10_000_000;
-    /// Concurrent document fetches for a search's `with_text`.
-    with_text_fetches: usize = 32;
+    /// Bytes of texts and metadata one search returns with its hits (`with_text`,
+    /// `with_payload`; issue 22): each shard's part, and the merged answer.
+    payload_bytes: usize = 16 << 20;
     /// Largest gRPC message a public server decodes (bytes).
     message_bytes: usize = 32 << 20;
     /// Largest gRPC message an internal server decodes (bytes): replica traffic.

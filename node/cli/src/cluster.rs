@@ -536,6 +536,10 @@ pub struct SearchArgs {
     k: u32,
     #[arg(long, default_value_t = 0)]
     nprobe: u32,
+    /// Print each hit's metadata too (read by the shard that found it, in the same
+    /// round trip).
+    #[arg(long)]
+    with_payload: bool,
 }
 
 pub async fn search(node: NodeTarget, a: SearchArgs) -> Result<()> {
@@ -547,6 +551,7 @@ pub async fn search(node: NodeTarget, a: SearchArgs) -> Result<()> {
             k: a.k,
             nprobe: a.nprobe,
             with_text: true,
+            with_payload: a.with_payload,
             ..Default::default()
         })
         .await
@@ -555,6 +560,9 @@ pub async fn search(node: NodeTarget, a: SearchArgs) -> Result<()> {
     for (i, h) in r.hits.iter().enumerate() {
         let snippet: String = h.text.chars().take(100).collect();
         println!("{:>3}. {:<12} {:.4}  {snippet}", i + 1, h.id, h.score);
+        if a.with_payload {
+            println!("     {}", h.metadata_json);
+        }
     }
     println!(
         "shards answered {}/{}{}; {:.1} ms",

@@ -237,6 +237,13 @@ pub struct SearchResult {
     pub fresh_rows: u64,
 }
 
+/// A document's text and metadata (JSON), as a search's hit carries them (issue 22).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Payload {
+    pub text: Option<String>,
+    pub metadata: String,
+}
+
 /// A stored document read back.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StoredDocument {
@@ -1014,6 +1021,42 @@ impl Shard {
     }
 
     /// Reads one live document back from the segment.
+    /// The text and metadata (JSON) of each id's live document, in order (`None`: not
+    /// live here): a search's hits read where they were found (issue 22), one record
+    /// each, no vector.
+    pub fn payloads(&self, ids: &[&str]) -> Result<Vec<Option<Payload>>> {
+        let routing = self.routing();
+        let (offsets, docs) = {
+            let st = self.inner.state.read();
+            let offsets: Vec<Option<u64>> = ids
+                .iter()
+                .map(|id| {
+                    st.rows
+                        .get(id)
+                        .filter(|_| routing.is_none_or(|r| r.holds(id)))
+                        .map(|row| st.rows.doc_offset(row))
+                })
+                .collect();
+            (offsets, st.docs.clone())
+        };
+        offsets
+            .into_iter()
+            .map(|o| match o {
+                None => Ok(None),
+                Some(offset) => match docs.read_at(offset)? {
+                    SegmentEntry::Put { text, metadata, .. } => {
+                        Ok(Some(Payload { text, metadata }))
+                    }
+                    SegmentEntry::Delete { .. } => Err(ShardError::Corrupt {
+                        file: docs.path().to_owned(),
+                        offset,
+                        reason: "a live row points at a delete record".into(),
+                    }),
+                },
+            })
+            .collect()
+    }
+
     pub fn get(&self, id: &str) -> Result<Option<StoredDocument>> {
         if self.routing().is_some_and(|r| !r.holds(id)) {
             return Ok(None);

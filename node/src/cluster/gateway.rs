@@ -917,6 +917,8 @@ impl Gateway {
                     .encoder
                     .as_ref()
                     .map_or_else(String::new, |e| e.content_hash.clone()),
+                with_text: req.with_text,
+                with_payload: req.with_payload,
             };
             self.search_shard(s, req, budget)
                 .instrument(tracing::info_span!("shard.search", shard = s.index))
@@ -932,7 +934,8 @@ impl Gateway {
                         id: h.id,
                         score: h.score,
                         shard: index,
-                        text: String::new(),
+                        text: h.text,
+                        metadata_json: h.metadata_json,
                     }));
                     answers.push(pb::ShardAnswer {
                         shard: index,
@@ -969,33 +972,18 @@ impl Gateway {
             )));
         }
         let metric = Metric::from_wire(coll.metric).unwrap_or(Metric::InnerProduct);
-        let mut hits = merge(hits, req.k as usize, metric);
-        if req.with_text {
-            // Texts live with their documents on the shards: fetched concurrently, at
-            // most `with_text_fetches` at a time.
-            let gets: Vec<_> = hits
-                .iter()
-                .map(|h| {
-                    self.get(pb::GetRequest {
-                        collection: coll.name.clone(),
-                        id: h.id.clone(),
-                        with_vector: false,
-                    })
-                })
-                .collect();
-            let docs: Vec<_> = futures::stream::iter(gets)
-                .buffered(self.limits.with_text_fetches.max(1))
-                .collect()
-                .await;
-            for (h, doc) in hits.iter_mut().zip(docs) {
-                if let Ok(pb::GetResponse {
-                    document: Some(d), ..
-                }) = doc
-                {
-                    h.text = d.text;
-                }
-            }
-        }
+        // Each shard's part is bounded by `payload_bytes`; so is the merged answer.
+        let hits = merge(hits, req.k as usize, metric);
+        let bytes: usize = hits
+            .iter()
+            .map(|h| h.text.len() + h.metadata_json.len())
+            .sum();
+        within!(
+            self.limits,
+            payload_bytes,
+            bytes,
+            format!("bytes of the {} hits' texts and metadata", hits.len())
+        )?;
         Ok(pb::SearchResponse {
             hits,
             shards_answered: (answers.len() - missing.len()) as u32,
@@ -1018,6 +1006,7 @@ mod tests {
             score,
             shard: 0,
             text: String::new(),
+            metadata_json: String::new(),
         }
     }
 

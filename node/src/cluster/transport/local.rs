@@ -286,15 +286,44 @@ impl LocalReplicas {
         // Routing changed during the search (a split's cut-over reached this node):
         // the engine may have filtered or retained by the new one. Asked again.
         repl.check_routing(r.shard_count)?;
+        let mut hits: Vec<rpb::ShardHit> = res
+            .hits
+            .iter()
+            .map(|h| rpb::ShardHit {
+                id: h.id.to_string(),
+                score: h.score,
+                ..Default::default()
+            })
+            .collect();
+        if r.with_text || r.with_payload {
+            // The hits' documents, read here in the same round trip (issue 22).
+            let shard = repl.shard()?;
+            let ids: Vec<String> = hits.iter().map(|h| h.id.clone()).collect();
+            let docs = shoal_engine::run_blocking(move || {
+                shard.payloads(&ids.iter().map(String::as_str).collect::<Vec<_>>())
+            })
+            .await?;
+            let mut bytes = 0usize;
+            for (h, d) in hits.iter_mut().zip(docs) {
+                let Some(d) = d else { continue };
+                if r.with_text {
+                    h.text = d.text.unwrap_or_default();
+                }
+                if r.with_payload {
+                    h.metadata_json = d.metadata;
+                }
+                bytes += h.text.len() + h.metadata_json.len();
+            }
+            within!(
+                self.limits,
+                payload_bytes,
+                bytes,
+                format!("bytes of the {} hits' texts and metadata", hits.len())
+            )
+            .map_err(|e| ReplicaError::TooCostly(e.to_string()))?;
+        }
         Ok(rpb::ShardSearchResponse {
-            hits: res
-                .hits
-                .into_iter()
-                .map(|h| rpb::ShardHit {
-                    id: h.id.to_string(),
-                    score: h.score,
-                })
-                .collect(),
+            hits,
             generation: res.generation.unwrap_or(0),
         })
     }
