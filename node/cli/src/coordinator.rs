@@ -412,31 +412,6 @@ pub(crate) fn encoder_ref(model_id: &str, dir: &std::path::Path) -> cpb::Encoder
     }
 }
 
-/// Follows rebuild (or re-embed) `id` until it switches or ends; prints it.
-async fn follow_rebuild(client: &mut Client, name: &str, id: u64) -> anyhow::Result<()> {
-    let t = std::time::Instant::now();
-    loop {
-        let ops = client
-            .list_operations(cpb::ListOperationsRequest {
-                collection: name.to_string(),
-            })
-            .await?;
-        if let Some(o) = ops.operations.iter().find(|o| o.id == id) {
-            let phase = o.rebuild.as_ref().map_or("", |r| r.phase.as_str());
-            if o.state != "running" || phase != "building" {
-                let mut v = operation_json(o);
-                v["seconds"] = t.elapsed().as_secs_f64().into();
-                print_json(v);
-                if o.state != "running" && o.state != "succeeded" {
-                    anyhow::bail!("rebuild {} {}: {}", o.id, o.state, o.reason);
-                }
-                return Ok(());
-            }
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    }
-}
-
 /// Texts a 2-core node encodes a second (docs/benchmarks.md, Cranfield-length
 /// abstracts): MiniLM-L6 (384-d) 18 through ingest; MPNet (768-d) 1.8 in the re-embed
 /// benchmark's fill (at duty 0.5: 0.9). Other dimensions are scaled from these.
@@ -833,11 +808,7 @@ pub async fn collection(target: Target, cmd: CollectionCmd) -> anyhow::Result<()
                     dimension: 0,
                 })
                 .await?;
-            if !wait {
-                print_json(operation_json(&op));
-                return Ok(());
-            }
-            follow_rebuild(&mut client, &name, op.id).await?;
+            follow_until(&mut client, op, &name, wait, switched_or_ended).await?;
         }
         CollectionCmd::Reembed {
             name,
@@ -889,11 +860,7 @@ pub async fn collection(target: Target, cmd: CollectionCmd) -> anyhow::Result<()
                     dimension,
                 })
                 .await?;
-            if !wait {
-                print_json(operation_json(&op));
-                return Ok(());
-            }
-            follow_rebuild(&mut client, &name, op.id).await?;
+            follow_until(&mut client, op, &name, wait, switched_or_ended).await?;
         }
         CollectionCmd::Commit { name } => {
             let o = client
@@ -924,6 +891,23 @@ pub(crate) async fn follow_operation(
     collection: &str,
     wait: bool,
 ) -> anyhow::Result<()> {
+    follow_until(client, op, collection, wait, |o| o.state != "running").await
+}
+
+/// A rebuild (or re-embed) is followed until it switches or ends.
+fn switched_or_ended(o: &cpb::Operation) -> bool {
+    o.state != "running" || o.rebuild.as_ref().is_some_and(|r| r.phase != "building")
+}
+
+/// Prints an operation; with `wait`, polls it until `settled` and fails if it ended
+/// other than succeeded.
+async fn follow_until(
+    client: &mut Client,
+    op: cpb::Operation,
+    collection: &str,
+    wait: bool,
+    settled: fn(&cpb::Operation) -> bool,
+) -> anyhow::Result<()> {
     if !wait {
         print_json(operation_json(&op));
         return Ok(());
@@ -936,11 +920,11 @@ pub(crate) async fn follow_operation(
             })
             .await?;
         if let Some(o) = ops.operations.iter().find(|o| o.id == op.id) {
-            if o.state != "running" {
+            if settled(o) {
                 let mut v = operation_json(o);
                 v["seconds"] = t.elapsed().as_secs_f64().into();
                 print_json(v);
-                if o.state != "succeeded" {
+                if o.state != "running" && o.state != "succeeded" {
                     anyhow::bail!("{} {} {}: {}", o.kind, o.id, o.state, o.reason);
                 }
                 return Ok(());

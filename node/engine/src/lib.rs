@@ -2337,7 +2337,10 @@ fn publish(st: &mut State, w: &mut Writer, staged: Staged) -> (usize, usize) {
     }
     st.vectors = w.vectors.view();
     let rows = st.vectors.rows();
-    st.model = Arc::from(w.manifest.model.as_str());
+    // Changed only by a vector set's begin or commit: no allocation per batch.
+    if *st.model != *w.manifest.model {
+        st.model = Arc::from(w.manifest.model.as_str());
+    }
     st.set = w.set.as_ref().map(|s| s.view(rows));
     (up, del)
 }

@@ -228,6 +228,12 @@ pub struct VectorStore {
 /// Growth step of the file and its map (rows are 1.5 KiB at d = 384: 64 MiB steps).
 const GROW_BYTES: u64 = 64 << 20;
 
+/// The rows a vector file grown to hold `rows` has room for: whole growth steps.
+fn grown_capacity(rows: u64, row_bytes: u64) -> u64 {
+    let step = (GROW_BYTES / row_bytes).max(1);
+    rows.div_ceil(step).max(1) * step
+}
+
 impl VectorStore {
     /// Opens `vectors.f32` with exactly `rows` committed rows.
     pub fn open(path: PathBuf, dim: usize, rows: u64) -> Result<Self> {
@@ -264,8 +270,7 @@ impl VectorStore {
         if rows <= self.capacity_rows && self.map.is_some() {
             return Ok(());
         }
-        let step = (GROW_BYTES / self.row_bytes()).max(1);
-        let cap = rows.div_ceil(step).max(1) * step;
+        let cap = grown_capacity(rows, self.row_bytes());
         self.file
             .set_len(cap * self.row_bytes())
             .map_err(ShardError::io(&self.path))?;
@@ -418,8 +423,7 @@ impl SetStore {
             return Ok(());
         }
         let row_bytes = (self.dim * 4) as u64;
-        let step = (GROW_BYTES / row_bytes).max(1);
-        let cap = rows.div_ceil(step).max(1) * step;
+        let cap = grown_capacity(rows, row_bytes);
         let len = self
             .file
             .metadata()
@@ -460,11 +464,6 @@ impl SetStore {
         self.crcs
             .write_all_at(&crc.to_le_bytes(), row * 4)
             .map_err(ShardError::io(crc_file(&self.path)))
-    }
-
-    /// Whether row `row` was written (a set's vectors are never all zeros).
-    pub fn written(&self, row: u64) -> bool {
-        row < self.capacity_rows && self.view(row + 1).get(row).iter().any(|&x| x != 0.0)
     }
 
     pub fn view(&self, rows: u64) -> VectorView {

@@ -37,6 +37,8 @@ use super::{Shard, State, Writer};
 /// The set as the writer keeps it: its file and which rows have their vector.
 pub(crate) struct SetWriter {
     pub meta: VectorSetMeta,
+    /// `meta.model`, shared with every view published.
+    model: Arc<str>,
     pub store: SetStore,
     /// A bit per row: written.
     have: Vec<u64>,
@@ -63,7 +65,7 @@ impl SetWriter {
     pub fn view(&self, rows: u64) -> SetView {
         SetView {
             tag: self.meta.tag,
-            model: Arc::from(self.meta.model.as_str()),
+            model: self.model.clone(),
             dim: self.meta.dimension,
             vectors: self.store.view(rows),
             missing: self.missing,
@@ -118,13 +120,15 @@ pub(crate) fn open(dir: &std::path::Path, m: &Manifest, rows: &Rows) -> Result<O
     };
     let store = SetStore::open(dir.join(&meta.file), meta.dimension, m.rows, false)?;
     let mut set = SetWriter {
+        model: Arc::from(meta.model.as_str()),
         meta,
         store,
         have: Vec::new(),
         missing: 0,
     };
-    for row in 0..m.rows {
-        if set.store.written(row) {
+    let view = set.store.view(m.rows);
+    for row in 0..view.rows() {
+        if view.get(row).iter().any(|&x| x != 0.0) {
             set.mark(row);
         } else if rows.is_live(row) {
             set.missing += 1;
@@ -270,6 +274,7 @@ pub(crate) fn begin(
     let rows = w.vectors.view().rows();
     let store = SetStore::open(dir.join(&meta.file), dimension, rows, true)?;
     w.set = Some(SetWriter {
+        model: Arc::from(model),
         meta,
         store,
         have: Vec::new(),

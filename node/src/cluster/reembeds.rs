@@ -54,15 +54,6 @@ impl Reembeds {
         })
     }
 
-    /// Why `key`'s fill for `op` stopped for good, if it did.
-    pub fn failure(&self, key: &ReplicaKey, op: u64) -> Option<String> {
-        self.failed
-            .lock()
-            .get(key)
-            .filter(|(o, _)| *o == op)
-            .map(|(_, e)| e.clone())
-    }
-
     /// The operation and error of `key`'s fill that stopped for good, if any.
     pub fn failed_op(&self, key: &ReplicaKey) -> Option<(u64, String)> {
         self.failed.lock().get(key).cloned()
@@ -79,7 +70,7 @@ impl Reembeds {
 
     /// Starts filling `key`'s vector set for re-embed `op` unless it runs already.
     pub fn fill(self: &Arc<Self>, key: &ReplicaKey, op: &cpb::Operation) {
-        if self.failure(key, op.id).is_some() || !self.claim(key, op.id) {
+        if self.failed_op(key).is_some_and(|(o, _)| o == op.id) || !self.claim(key, op.id) {
             return;
         }
         // An earlier operation's refusal is not this one's.
