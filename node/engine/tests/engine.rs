@@ -2156,6 +2156,13 @@ fn t92_a_re_embed_fills_a_vector_set_drops_stale_re_encodings_and_commits_it() {
         primary.compact_pending().unwrap().is_none(),
         "held by the set"
     );
+    // Nor committed: live rows would be left without vectors.
+    let last = primary.last();
+    assert!(matches!(
+        primary.write(vec![WriteOp::SetCommit(3)]),
+        Err(ShardError::VectorSet(_))
+    ));
+    assert_eq!(primary.last(), last, "nothing logged");
     let mut from = next;
     loop {
         let (rows, next) = primary.set_pending(3, from, 500).unwrap();
