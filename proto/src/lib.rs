@@ -12,6 +12,7 @@ pub mod auth;
 pub mod client;
 pub mod clip;
 pub mod codec;
+pub mod filter;
 pub mod limits;
 pub mod metric;
 pub mod precision;

@@ -92,6 +92,11 @@ limits! {
     /// Bytes of texts and metadata one search returns with its hits (`with_text`,
     /// `with_payload`; issue 22): each shard's part, and the merged answer.
     payload_bytes: usize = 16 << 20;
+    /// Conditions and listed values in one search filter (issue 22), nested ones
+    /// included.
+    filter_terms: usize = 1_024;
+    /// Metadata fields one collection indexes for filters (issue 22).
+    payload_fields: usize = 64;
     /// Largest gRPC message a public server decodes (bytes).
     message_bytes: usize = 32 << 20;
     /// Largest gRPC message an internal server decodes (bytes): replica traffic.

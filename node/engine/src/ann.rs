@@ -68,23 +68,84 @@ pub fn search_shared(
     k: usize,
     nprobe: Option<usize>,
 ) -> Result<(Vec<f32>, Vec<Idx>)> {
+    search_with(index, queries, k, nprobe, None)
+}
+
+/// Per-call IVF search parameters, optionally restricted to the ids set in a dense
+/// bitmap (FAISS's `IDSelectorBitmap`, which reads the bitmap without copying it: it
+/// must outlive the search). Freed on drop; the `faiss` crate's own constructor leaks
+/// the selector.
+struct IvfParams<'a> {
+    params: *mut faiss_sys::FaissSearchParametersIVF,
+    selector: *mut faiss_sys::FaissIDSelectorBitmap,
+    _bitmap: std::marker::PhantomData<&'a [u8]>,
+}
+
+impl<'a> IvfParams<'a> {
+    fn new(nprobe: usize, bitmap: Option<&'a [u8]>) -> Result<Self> {
+        let mut p = IvfParams {
+            params: std::ptr::null_mut(),
+            selector: std::ptr::null_mut(),
+            _bitmap: std::marker::PhantomData,
+        };
+        // SAFETY: out-pointers to fresh objects; the bitmap's length is passed in bytes
+        // as `IDSelectorBitmap(n, bitmap)` takes it, and it outlives `p` ('a).
+        unsafe {
+            if let Some(b) = bitmap {
+                if faiss_sys::faiss_IDSelectorBitmap_new(&mut p.selector, b.len(), b.as_ptr()) != 0
+                {
+                    return Err(ShardError::Faiss(last_error()));
+                }
+            }
+            if faiss_sys::faiss_SearchParametersIVF_new_with(
+                &mut p.params,
+                p.selector.cast(),
+                nprobe,
+                0,
+            ) != 0
+            {
+                return Err(ShardError::Faiss(last_error()));
+            }
+        }
+        Ok(p)
+    }
+}
+
+impl Drop for IvfParams<'_> {
+    fn drop(&mut self) {
+        // SAFETY: each pointer is null or an object made in `new` and freed once here;
+        // the parameters do not own the selector.
+        unsafe {
+            if !self.params.is_null() {
+                faiss_sys::faiss_SearchParametersIVF_free(self.params);
+            }
+            if !self.selector.is_null() {
+                faiss_sys::faiss_IDSelectorBitmap_free(self.selector);
+            }
+        }
+    }
+}
+
+fn search_with(
+    index: &IndexImpl,
+    queries: &[f32],
+    k: usize,
+    nprobe: Option<usize>,
+    selected: Option<&[u8]>,
+) -> Result<(Vec<f32>, Vec<Idx>)> {
     ensure_single_threaded_search();
     let d = index.d() as usize;
     assert_eq!(queries.len() % d, 0, "query buffer is not a multiple of d");
     let nq = queries.len() / d;
     let mut distances = vec![0f32; nq * k];
     let mut labels = vec![Idx::none(); nq * k];
-    let params = match nprobe {
-        Some(p) => {
-            let mut params = faiss::search_params::SearchParametersIVF::new()?;
-            params.set_nprobe(p);
-            Some(params)
-        }
-        None => None,
+    let params = match (nprobe, selected) {
+        (None, None) => None,
+        (nprobe, selected) => Some(IvfParams::new(nprobe.unwrap_or(1), selected)?),
     };
     let params_ptr = params
         .as_ref()
-        .map_or(std::ptr::null(), |p| p.inner_ptr() as *const _);
+        .map_or(std::ptr::null(), |p| p.params as *const _);
     // SAFETY: buffers are sized nq * k and nq * d as FAISS expects; the index pointer is
     // valid for the borrow; concurrent const searches are thread-safe in FAISS.
     let rc = unsafe {
@@ -154,9 +215,17 @@ impl AnnIndex {
         self.inner.d() as usize
     }
 
-    /// Top `k` rows by approximate (PQ) distance, best first.
-    pub fn search(&self, query: &[f32], k: usize, nprobe: usize) -> Result<Vec<(u64, f32)>> {
-        let (d, l) = search_shared(&self.inner, query, k, Some(nprobe))?;
+    /// Top `k` rows by approximate (PQ) distance, best first, among the labels set in
+    /// `selected` when given (a dense bitmap, bit
+    /// `label % 8` of byte `label / 8`).
+    pub fn search_selected(
+        &self,
+        query: &[f32],
+        k: usize,
+        nprobe: usize,
+        selected: Option<&[u8]>,
+    ) -> Result<Vec<(u64, f32)>> {
+        let (d, l) = search_with(&self.inner, query, k, Some(nprobe), selected)?;
         Ok(l.iter()
             .zip(d)
             .filter_map(|(l, d)| l.get().map(|r| (r, d)))

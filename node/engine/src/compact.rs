@@ -462,6 +462,7 @@ impl Shard {
         }
         {
             let mut st = self.inner.state.write();
+            st.payload = st.payload.remapped(&map, rows.len());
             st.rows = rows;
             st.vectors = w.vectors.view();
             st.docs = docs_reader;

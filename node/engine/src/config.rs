@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ShardError;
 use super::rerank::Precision;
+use shoal_proto::filter::PayloadField;
 
 /// Largest `k` a search may ask for: beyond it a scatter-gather query would move
 /// megabytes per shard for a result nobody reads.
@@ -134,6 +135,18 @@ pub struct CollectionConfig {
     /// reduced-precision copy each generation writes (`rerank.rs`).
     #[serde(default)]
     pub rerank: Precision,
+    /// The metadata fields the payload index keeps for filters (issue 22,
+    /// `payload_index.rs`); changed by [`crate::Shard::set_payload_fields`].
+    #[serde(default)]
+    pub payload_fields: Vec<PayloadField>,
+    /// A filtered search admitting at most this many rows scores them all exactly
+    /// instead of asking the index (`crate::plan_filter`).
+    #[serde(default = "default_exact_filter_rows")]
+    pub exact_filter_rows: u64,
+}
+
+fn default_exact_filter_rows() -> u64 {
+    crate::EXACT_FILTER_ROWS
 }
 
 impl CollectionConfig {
@@ -160,6 +173,8 @@ impl CollectionConfig {
             auto_rebuild_tail: 50_000,
             build_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             rerank: Precision::F32,
+            payload_fields: Vec::new(),
+            exact_filter_rows: crate::EXACT_FILTER_ROWS,
         }
     }
 

@@ -424,10 +424,11 @@ impl Shard {
                 refine_factor: refine,
                 mode,
                 set,
+                filter: None,
             };
             loop {
                 let layout = self.inner.state.read().layout;
-                if let Some(r) = self.search_in(query, p, g.clone(), layout)? {
+                if let Some(r) = self.search_in(query, &p, g.clone(), layout)? {
                     let mut ids: Vec<Arc<str>> = r.hits.into_iter().map(|h| h.id).collect();
                     ids.retain(|id| Some(&**id) != own);
                     ids.truncate(c.k);

@@ -14,6 +14,7 @@ mod error;
 mod generations;
 mod manifest;
 mod metadata;
+mod payload_index;
 mod record;
 mod requests;
 mod rerank;
@@ -50,6 +51,8 @@ pub use config::{
 };
 pub use error::{Result, ShardError};
 pub use metadata::Metadata;
+pub use shoal_proto::filter::{Filter, PayloadField};
+use payload_index::{PayloadIndex, RowValues};
 pub use rerank::Precision;
 pub use storage::{sync_dir, write_atomic};
 pub use vector_set::{PendingRow, VectorSetInfo};
@@ -201,7 +204,7 @@ pub enum SearchMode {
     Exact,
 }
 
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct SearchParams {
     pub k: usize,
     pub nprobe: Option<usize>,
@@ -210,6 +213,65 @@ pub struct SearchParams {
     /// A re-embed's vector set to search instead of the stored vectors
     /// ([`Shard::set_for_model`]).
     pub set: Option<u64>,
+    /// Only rows whose metadata passes (issue 22), checked against the collection's
+    /// indexed fields by the caller; the plan is chosen per search ([`FilterPlan`]).
+    pub filter: Option<Arc<Filter>>,
+}
+
+/// How a filtered search ran, chosen from how many rows the filter admits
+/// ([`plan_filter`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FilterPlan {
+    /// Every admitted row scored exactly (few admitted, or an exact search).
+    Exact,
+    /// IVF-PQ restricted to the admitted rows (FAISS `IDSelectorBitmap`), with more
+    /// lists probed the fewer rows are admitted, then re-scored.
+    IvfFiltered,
+    /// IVF-PQ over every row asked for more candidates, the unadmitted dropped (most
+    /// rows admitted, or a generation a compaction renumbered).
+    PostFiltered,
+}
+
+impl FilterPlan {
+    pub fn name(self) -> &'static str {
+        match self {
+            FilterPlan::Exact => "exact",
+            FilterPlan::IvfFiltered => "ivf-filtered",
+            FilterPlan::PostFiltered => "post-filtered",
+        }
+    }
+}
+
+/// Admitted rows at or below which a filtered search scores them all exactly by
+/// default (`CollectionConfig::exact_filter_rows`): 10,000
+/// rows of 384 floats are ~4 M multiply-adds, about what IVF-PQ spends probing its
+/// lists (docs/benchmarks.md, "Filtered search").
+pub const EXACT_FILTER_ROWS: u64 = 10_000;
+/// Admitted fraction of the rows at or above which a filtered search post-filters.
+pub const POST_FILTER_FRACTION: f64 = 0.5;
+
+/// The plan for a filter admitting `admitted` of `rows` rows on an index whose labels
+/// are still row numbers (`renumbered` false), exact at or below `exact_rows`, and the factor by which it widens the
+/// candidates and lists probed (1 / the admitted fraction, for the plans that use the
+/// index). A pure decision: tested alone, and reported with each answer.
+pub fn plan_filter(
+    admitted: u64,
+    rows: u64,
+    renumbered: bool,
+    exact_rows: u64,
+) -> (FilterPlan, f64) {
+    let fraction = admitted as f64 / rows.max(1) as f64;
+    if admitted <= exact_rows || fraction == 0.0 {
+        (FilterPlan::Exact, 1.0)
+    } else if fraction >= POST_FILTER_FRACTION {
+        (FilterPlan::PostFiltered, 1.0 / fraction)
+    } else if !renumbered {
+        (FilterPlan::IvfFiltered, 1.0 / fraction)
+    } else if fraction >= 0.1 {
+        (FilterPlan::PostFiltered, 1.0 / fraction)
+    } else {
+        (FilterPlan::Exact, 1.0)
+    }
 }
 
 impl SearchParams {
@@ -235,6 +297,8 @@ pub struct SearchResult {
     pub generation: Option<u64>,
     /// Rows newer than that generation, scanned exactly.
     pub fresh_rows: u64,
+    /// How a filtered search ran (None: no filter).
+    pub plan: Option<FilterPlan>,
 }
 
 /// A document's text and metadata (JSON), as a search's hit carries them (issue 22).
@@ -331,6 +395,8 @@ struct State {
     set: Option<vector_set::SetView>,
     /// The layout's checksum table, after a re-embed's commit (rows below its length).
     crcs: Option<Arc<Vec<u32>>>,
+    /// The indexed metadata fields' values by row (issue 22, `payload_index.rs`).
+    payload: PayloadIndex,
 }
 
 /// The checksum row `row`'s vector must have: the layout's table's (a re-embed's
@@ -526,6 +592,7 @@ impl Shard {
                     n,
                 )?)),
             },
+            payload: PayloadIndex::new(&config.payload_fields),
         };
         load_segment(&docs.path, &vectors, &mut state)?;
         if state.rows.len() != manifest.rows {
@@ -1182,7 +1249,7 @@ impl Shard {
                 p.k * refine
             )));
         }
-        if p.mode != SearchMode::Exact && p.set.is_none() {
+        if p.mode != SearchMode::Exact && p.set.is_none() && p.filter.is_none() {
             self.remember_query(query);
         }
         loop {
@@ -1195,7 +1262,7 @@ impl Shard {
                 };
                 (g, st.layout)
             };
-            if let Some(r) = self.search_in(query, p, serving, layout)? {
+            if let Some(r) = self.search_in(query, &p, serving, layout)? {
                 return Ok(r);
             }
             // A compaction renumbered the rows between the index search and the
@@ -1208,7 +1275,7 @@ impl Shard {
     fn search_in(
         &self,
         query: &[f32],
-        p: SearchParams,
+        p: &SearchParams,
         serving: Option<Arc<Generation>>,
         layout: u64,
     ) -> Result<Option<SearchResult>> {
@@ -1260,16 +1327,61 @@ impl Shard {
             }
             Ok(v)
         };
-        vectors(&self.inner.state.read())?;
+        // The rows the filter admits, in this layout's numbering, and the plan.
+        let (admitted, plan, widen) = {
+            let st = self.inner.state.read();
+            if st.layout != layout {
+                return Ok(None);
+            }
+            vectors(&st)?;
+            match &p.filter {
+                None => (None, None, 1.0),
+                Some(f) => {
+                    let admitted = st.payload.eval(f).map_err(ShardError::InvalidQuery)?;
+                    let renumbered = serving.as_ref().is_some_and(|g| !g.remaps.is_empty());
+                    let (plan, widen) = match (&serving, p.mode) {
+                        (Some(_), SearchMode::Rerank | SearchMode::Approximate) => {
+                            plan_filter(
+                                admitted.len(),
+                                st.rows.len(),
+                                renumbered,
+                                cfg.exact_filter_rows,
+                            )
+                        }
+                        _ => (FilterPlan::Exact, 1.0),
+                    };
+                    (Some(admitted), Some(plan), widen)
+                }
+            }
+        };
+        let passes = |row: u64| {
+            admitted
+                .as_ref()
+                .is_none_or(|a| u32::try_from(row).is_ok_and(|r| a.contains(r)))
+        };
 
-        let (generation, covered) = match (&serving, p.mode) {
-            (Some(g), SearchMode::Rerank | SearchMode::Approximate) => {
+        let (generation, covered) = match (&serving, p.mode, plan) {
+            (_, _, Some(FilterPlan::Exact)) => (serving.as_ref().map(|g| g.info.id), 0),
+            (Some(g), SearchMode::Rerank | SearchMode::Approximate, _) => {
                 let want = if p.mode == SearchMode::Rerank {
                     p.k * refine
                 } else {
                     p.k
                 };
-                let candidates = g.index.search(query, want, nprobe)?;
+                // A filter widens the candidates and the lists probed by 1 / the
+                // admitted fraction: about as many admitted candidates come back as
+                // an unfiltered search finds.
+                let want = ((want as f64 * widen).ceil() as usize).max(want);
+                let nprobe = ((nprobe as f64 * widen).ceil() as usize).clamp(nprobe, nlist.max(1));
+                let selected = match (plan, &admitted) {
+                    (Some(FilterPlan::IvfFiltered), Some(a)) => {
+                        Some(payload_index::dense_bitmap(a, g.info.covered_rows))
+                    }
+                    _ => None,
+                };
+                let candidates = g
+                    .index
+                    .search_selected(query, want, nprobe, selected.as_deref())?;
                 let mut decoded = vec![0f32; if g.rerank.is_some() { query.len() } else { 0 }];
                 let st = self.inner.state.read();
                 if st.layout != layout {
@@ -1277,7 +1389,7 @@ impl Shard {
                 }
                 let vecs = vectors(&st)?;
                 for (label, approx) in candidates {
-                    let Some(row) = g.row(label).filter(|&r| ours(&st, r)) else {
+                    let Some(row) = g.row(label).filter(|&r| ours(&st, r) && passes(r)) else {
                         continue;
                     };
                     let score = match (p.mode, &g.rerank) {
@@ -1302,9 +1414,22 @@ impl Shard {
         }
         let vecs = vectors(&st)?;
         let total = st.rows.len();
-        for row in covered..total {
-            if ours(&st, row) {
-                top.push(row, metric.score(query, vecs.get(row)));
+        match &admitted {
+            // The admitted rows past what the index answered for.
+            Some(a) => {
+                for r in a.range(u32::try_from(covered).unwrap_or(u32::MAX)..) {
+                    let row = u64::from(r);
+                    if row < total && ours(&st, row) {
+                        top.push(row, metric.score(query, vecs.get(row)));
+                    }
+                }
+            }
+            None => {
+                for row in covered..total {
+                    if ours(&st, row) {
+                        top.push(row, metric.score(query, vecs.get(row)));
+                    }
+                }
             }
         }
         let hits = top
@@ -1319,6 +1444,7 @@ impl Shard {
             hits,
             generation,
             fresh_rows: total - covered,
+            plan,
         }))
     }
 
@@ -1410,6 +1536,52 @@ impl Shard {
             .build_params
             .lock()
             .unwrap_or((self.inner.config.index, self.inner.config.train_sample))
+    }
+
+    /// The metadata fields the payload index keeps (issue 22).
+    pub fn payload_fields(&self) -> Vec<PayloadField> {
+        self.inner.state.read().payload.fields().to_vec()
+    }
+
+    /// Sets the metadata fields the payload index keeps (issue 22: the collection's
+    /// policy, from the map). When they differ from the shard's, every live row's
+    /// metadata is read again while writes wait (a million rows of small metadata in
+    /// about a second), and the manifest records the list, so `open` indexes the same
+    /// fields. Returns whether anything changed.
+    pub fn set_payload_fields(&self, fields: &[PayloadField]) -> Result<bool> {
+        let mut w = self.inner.writer.lock();
+        if w.manifest.config.payload_fields == fields {
+            return Ok(false);
+        }
+        self.check_writable()?;
+        let (docs, slots) = {
+            let st = self.inner.state.read();
+            let slots: Vec<Option<u64>> = (0..st.rows.len())
+                .map(|r| st.rows.is_live(r).then(|| st.rows.doc_offset(r)))
+                .collect();
+            (st.docs.clone(), slots)
+        };
+        let mut index = PayloadIndex::new(fields);
+        for (row, slot) in slots.into_iter().enumerate() {
+            let values = match slot {
+                None => RowValues::default(),
+                Some(offset) => match docs.read_at(offset)? {
+                    SegmentEntry::Put { metadata, .. } => PayloadIndex::extract(fields, &metadata),
+                    SegmentEntry::Delete { .. } => {
+                        return Err(ShardError::Corrupt {
+                            file: docs.path().to_owned(),
+                            offset,
+                            reason: "a live row points at a delete record".into(),
+                        })
+                    }
+                },
+            };
+            index.push(row as u64, values);
+        }
+        w.manifest.config.payload_fields = fields.to_vec();
+        checkpoint(&self.inner.dir, &mut w)?;
+        self.inner.state.write().payload = index;
+        Ok(true)
     }
 
     /// Sets the re-ranking precision of the generations built from now on (issue 19:
@@ -2210,6 +2382,7 @@ enum StagedOp {
         id: String,
         row: u64,
         offset: u64,
+        values: RowValues,
     },
     Delete(String),
     /// A vector set's vector written to this row.
@@ -2260,6 +2433,10 @@ fn stage(
                     id: id.clone(),
                     row,
                     offset,
+                    values: PayloadIndex::extract(
+                        &w.manifest.config.payload_fields,
+                        metadata.as_str(),
+                    ),
                 });
                 last_put = Some(row);
             }
@@ -2316,10 +2493,16 @@ fn publish(st: &mut State, w: &mut Writer, staged: Staged) -> (usize, usize) {
     let (mut up, mut del) = (0, 0);
     for op in staged.ops {
         match op {
-            StagedOp::Put { id, row, offset } => {
+            StagedOp::Put {
+                id,
+                row,
+                offset,
+                values,
+            } => {
                 let old = st.rows.get(&id);
                 let placed = st.rows.put(&id, offset);
                 debug_assert_eq!(placed, row);
+                st.payload.push(placed, values);
                 vector_set::on_put(w, old, placed);
                 up += 1;
             }
@@ -2593,7 +2776,9 @@ fn load_segment(path: &Path, vectors: &VectorStore, st: &mut State) -> Result<()
     };
     let end = record::scan(data, |offset, payload| {
         match storage::decode::<SegmentEntry>(payload)? {
-            SegmentEntry::Put { row, id, .. } => {
+            SegmentEntry::Put {
+                row, id, metadata, ..
+            } => {
                 if row != st.rows.len() || row >= view.rows() {
                     return Err(format!(
                         "row {row} out of order (expected {})",
@@ -2611,6 +2796,8 @@ fn load_segment(path: &Path, vectors: &VectorStore, st: &mut State) -> Result<()
                 // with the vectors, 1.55 GB read for a 1M-row shard); the scrubber
                 // and every read of the row check it.
                 st.rows.put(&id, offset);
+                let values = PayloadIndex::extract(st.payload.fields(), &metadata);
+                st.payload.push(row, values);
             }
             SegmentEntry::Delete { id, .. } => {
                 st.rows.remove(&id);

@@ -87,7 +87,7 @@ fn exact(k: usize) -> SearchParams {
 }
 
 fn top_id(shard: &Shard, v: &[f32], p: SearchParams) -> String {
-    shard.search(v, p).unwrap().hits[0].id.to_string()
+    shard.search(v, p.clone()).unwrap().hits[0].id.to_string()
 }
 
 #[test]
@@ -197,7 +197,7 @@ fn t11_bad_input_is_refused_with_a_clear_error_and_writes_nothing() {
     assert_eq!((after.rows, after.last_seq), (before.rows, before.last_seq));
 
     let q = vector_for("q");
-    let query_err = |p: SearchParams, v: &[f32]| shard.search(v, p).unwrap_err().to_string();
+    let query_err = |p: SearchParams, v: &[f32]| shard.search(v, p.clone()).unwrap_err().to_string();
     assert!(query_err(SearchParams::top(0), &q).contains("top_k 0 must be between 1 and 10000"));
     assert!(query_err(SearchParams::top(10_001), &q).contains("top_k 10001"));
     let p = SearchParams {
@@ -206,7 +206,7 @@ fn t11_bad_input_is_refused_with_a_clear_error_and_writes_nothing() {
     };
     // Over nlist: every list is probed, as FAISS does.
     assert_eq!(
-        shard.search(&q, p).unwrap().hits,
+        shard.search(&q, p.clone()).unwrap().hits,
         shard
             .search(
                 &q,
@@ -261,7 +261,7 @@ fn recall(shard: &Shard, queries: &[Vec<f32>], p: SearchParams) -> f64 {
     let mut hit = 0;
     for q in queries {
         let truth: Vec<_> = shard.search(q, exact(p.k)).unwrap().hits;
-        let got = shard.search(q, p).unwrap().hits;
+        let got = shard.search(q, p.clone()).unwrap().hits;
         hit += got
             .iter()
             .filter(|h| truth.iter().any(|t| t.id == h.id))
@@ -377,7 +377,7 @@ fn t21_a_generation_is_a_function_of_the_live_documents_not_their_arrival_order(
     for i in 0..50 {
         let q = vector_for(&format!("query{i}"));
         let scores = |s: &Shard| -> Vec<f32> {
-            s.search(&q, approx)
+            s.search(&q, approx.clone())
                 .unwrap()
                 .hits
                 .iter()
@@ -970,7 +970,7 @@ fn t61_a_snapshot_carries_the_serving_index_even_past_its_successor() {
     };
     let queries = ["c7", "c100", "t3", "q-1", "q-2"];
     let answer = |shard: &Shard, q: &str| -> Vec<String> {
-        let r = shard.search(&vector_for(q), approx).unwrap();
+        let r = shard.search(&vector_for(q), approx.clone()).unwrap();
         assert_eq!(r.generation, Some(built.id), "{q}");
         assert_eq!(r.fresh_rows, 30, "{q}");
         r.hits.into_iter().map(|h| h.id.to_string()).collect()
@@ -1062,8 +1062,8 @@ fn t62_a_backup_takes_its_primarys_generation_only_with_the_same_history() {
         ..SearchParams::default()
     };
     for q in ["c1", "c999", "q-7"] {
-        let a = primary.search(&vector_for(q), approx).unwrap();
-        let b = backup.search(&vector_for(q), approx).unwrap();
+        let a = primary.search(&vector_for(q), approx.clone()).unwrap();
+        let b = backup.search(&vector_for(q), approx.clone()).unwrap();
         assert_eq!(a.hits, b.hits, "{q}");
         assert_eq!(b.generation, Some(built.id));
     }
@@ -1236,7 +1236,7 @@ fn t71_a_compaction_under_concurrent_writes_deletes_and_queries() {
                     .unwrap_or_else(|| panic!("{id} lost"));
                 assert_eq!(got.vector, vector_for(id));
                 for p in [exact(1), SearchParams::top(1)] {
-                    let hits = shard.search(&vector_for(id), p).unwrap().hits;
+                    let hits = shard.search(&vector_for(id), p.clone()).unwrap().hits;
                     assert_eq!(&*hits[0].id, id.as_str(), "{p:?}");
                 }
                 n += 1;
@@ -1408,13 +1408,13 @@ fn t72_replicas_and_snapshots_number_rows_alike_across_compactions() {
         ..SearchParams::default()
     };
     for q in ["c1", "c999", "d7", "e70", "q-7"] {
-        let a = primary.search(&vector_for(q), approx).unwrap().hits;
+        let a = primary.search(&vector_for(q), approx.clone()).unwrap().hits;
         assert_eq!(
             a,
-            backup.search(&vector_for(q), approx).unwrap().hits,
+            backup.search(&vector_for(q), approx.clone()).unwrap().hits,
             "{q}"
         );
-        assert_eq!(a, copy.search(&vector_for(q), approx).unwrap().hits, "{q}");
+        assert_eq!(a, copy.search(&vector_for(q), approx.clone()).unwrap().hits, "{q}");
     }
     // A generation from before a compaction is not shipped: its labels are another
     // numbering.
@@ -1543,7 +1543,7 @@ fn t80_reduced_precision_copies_rerank_close_to_full_precision() {
                 shard.upsert(chunk.to_vec()).unwrap();
             }
             let info = shard.rebuild(None).unwrap();
-            assert_eq!(info.rerank, p);
+            assert_eq!(info.rerank, p.clone());
             // One code per covered row after a 64-byte-aligned header (SQ8's ranges
             // in it), only when there is a copy.
             let copy = dir.path().join("gen-00000001.rerank");
@@ -1738,8 +1738,9 @@ fn t82_a_shard_cloned_and_retained_in_halves_answers_as_the_whole() {
                             refine_factor: Some(50),
                             nprobe: Some(16),
                             set: None,
+                            filter: None,
                         };
-                        s.search(&v, p).unwrap().hits
+                        s.search(&v, p.clone()).unwrap().hits
                     })
                     .map(|h| (h.id.to_string(), h.score))
                     .collect();
@@ -1823,7 +1824,7 @@ fn t82_a_shard_cloned_and_retained_in_halves_answers_as_the_whole() {
 fn query_answers(shard: &Shard, p: SearchParams) -> Vec<Vec<String>> {
     (0..40)
         .map(|i| {
-            let r = shard.search(&vector_for(&format!("q{i}")), p).unwrap();
+            let r = shard.search(&vector_for(&format!("q{i}")), p.clone()).unwrap();
             r.hits.into_iter().map(|h| h.id.to_string()).collect()
         })
         .collect()
@@ -1844,7 +1845,7 @@ fn t90_a_rebuild_stages_gates_switches_rolls_back_and_commits() {
         mode: SearchMode::Approximate,
         ..SearchParams::default()
     };
-    let before = query_answers(&primary, approx);
+    let before = query_answers(&primary, approx.clone());
     // A good rebuild (more lists): staged beside the serving one, which still answers.
     let good = IvfPqParams {
         nlist: 32,
@@ -1857,7 +1858,7 @@ fn t90_a_rebuild_stages_gates_switches_rolls_back_and_commits() {
     assert_eq!(stats.serving.as_ref().map(|g| g.id), Some(old.id));
     assert_eq!(stats.staged.as_ref().map(|g| g.id), Some(staged.id));
     assert_eq!(
-        query_answers(&primary, approx),
+        query_answers(&primary, approx.clone()),
         before,
         "staging changes no answer"
     );
@@ -1880,11 +1881,11 @@ fn t90_a_rebuild_stages_gates_switches_rolls_back_and_commits() {
     let stats = primary.stats();
     assert_eq!(stats.serving.as_ref().map(|g| g.id), Some(staged.id));
     assert_eq!(stats.previous.as_ref().map(|g| g.id), Some(old.id));
-    let after = query_answers(&primary, approx);
+    let after = query_answers(&primary, approx.clone());
     drop(primary);
     let primary = Shard::open(pd.path()).unwrap();
     assert_eq!(
-        query_answers(&primary, approx),
+        query_answers(&primary, approx.clone()),
         after,
         "reopened: the switched generation"
     );
@@ -1897,18 +1898,18 @@ fn t90_a_rebuild_stages_gates_switches_rolls_back_and_commits() {
         .compact_pending()
         .unwrap()
         .expect("a compaction ran");
-    let after = query_answers(&primary, approx);
+    let after = query_answers(&primary, approx.clone());
     // Rollback serves the kept generation at once: exactly the answers it gave (the
     // rows written since are the fresh tail of both).
     primary.roll_back(7).unwrap();
-    let back = query_answers(&primary, approx);
+    let back = query_answers(&primary, approx.clone());
     // The rolled-back generation's files went, not the compaction's row map the kept
     // one shares with it: the shard reopens and answers alike.
     drop(primary);
     let primary = Shard::open(pd.path()).unwrap();
     primary.set_auto_compact(false);
     assert_eq!(
-        query_answers(&primary, approx),
+        query_answers(&primary, approx.clone()),
         back,
         "reopened after the rollback"
     );
@@ -1987,8 +1988,8 @@ fn t91_a_backup_stages_its_primarys_rebuild_and_a_snapshot_carries_only_the_serv
     };
     primary.switch_staged(5).unwrap();
     assert_eq!(
-        query_answers(&backup, approx),
-        query_answers(&primary, approx)
+        query_answers(&backup, approx.clone()),
+        query_answers(&primary, approx.clone())
     );
     // A snapshot ships the serving generation, not the kept one.
     let snap = primary.snapshot().unwrap();
@@ -2214,7 +2215,7 @@ fn t92_a_re_embed_fills_a_vector_set_drops_stale_re_encodings_and_commits_it() {
         set: Some(3),
         ..SearchParams::default()
     };
-    let r = primary.search(&vector2_for("c700"), approx).unwrap();
+    let r = primary.search(&vector2_for("c700"), approx.clone()).unwrap();
     assert_eq!(r.generation, Some(staged.id));
     assert_eq!(&*r.hits[0].id, "c700");
 
@@ -2323,4 +2324,185 @@ fn approx_set_none() -> SearchParams {
         k: 10,
         ..SearchParams::default()
     }
+}
+
+/// Metadata for filter tests: a number, a keyword, a list of keywords, sometimes none.
+fn filter_doc(i: usize, round: usize) -> Document {
+    let id = format!("f{i}");
+    let groups = ["a", "b", "c"];
+    let metadata = if i % 17 == 0 {
+        json!({})
+    } else {
+        json!({
+            "n": (i * 7 + round) % 100,
+            "g": groups[(i + round) % 3],
+            "tags": [format!("t{}", i % 5), format!("t{}", (i + 2) % 5)],
+            "year": 1990 + (i % 30),
+        })
+    };
+    Document {
+        id: id.clone(),
+        text: None,
+        metadata: Metadata::from_value(&metadata).unwrap(),
+        vector: vector_for(&format!("{id}/{round}")),
+    }
+}
+
+/// The exact filtered top `k` over `live` (the test's own record of every live
+/// document): the oracle every plan is measured against.
+fn filtered_truth(
+    live: &std::collections::BTreeMap<String, Document>,
+    fields: &[shoal_engine::PayloadField],
+    f: &shoal_engine::Filter,
+    q: &[f32],
+    k: usize,
+) -> Vec<String> {
+    let mut scored: Vec<(f32, String)> = live
+        .values()
+        .filter(|d| f.matches(fields, &d.metadata.to_value()))
+        .map(|d| {
+            let s: f32 = q.iter().zip(&d.vector).map(|(a, b)| (a - b) * (a - b)).sum();
+            (s, d.id.clone())
+        })
+        .collect();
+    scored.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    scored.into_iter().take(k).map(|(_, id)| id).collect()
+}
+
+#[test]
+fn t93_filtered_search_agrees_with_the_oracle_under_each_plan_across_replay_compaction_and_snapshots(
+) {
+    use shoal_engine::{Filter, FilterPlan, PayloadField};
+    use std::collections::BTreeMap;
+    let dir = tempfile::tempdir().unwrap();
+    let fields: Vec<PayloadField> = ["n:number", "g:keyword", "tags:keyword"]
+        .iter()
+        .map(|s| PayloadField::parse(s).unwrap())
+        .collect();
+    let mut cfg = config(Metric::L2);
+    cfg.payload_fields = fields.clone();
+    cfg.exact_filter_rows = 150;
+    let shard = Shard::create(dir.path(), cfg).unwrap();
+    shard.set_auto_compact(false);
+    let mut live: BTreeMap<String, Document> = BTreeMap::new();
+    let put = |shard: &Shard, docs: Vec<Document>, live: &mut BTreeMap<String, Document>| {
+        shard.upsert(docs.clone()).unwrap();
+        for d in docs {
+            live.insert(d.id.clone(), d);
+        }
+    };
+    for chunk in (0..3000).map(|i| filter_doc(i, 0)).collect::<Vec<_>>().chunks(500) {
+        put(&shard, chunk.to_vec(), &mut live);
+    }
+    shard.rebuild(None).unwrap();
+    // Updates (new rows, new values), deletes and a fresh tail past the index.
+    put(&shard, (0..600).map(|i| filter_doc(i * 5, 1)).collect(), &mut live);
+    let gone: Vec<String> = (0..300).map(|i| format!("f{}", i * 7 + 1)).collect();
+    shard.delete(gone.clone()).unwrap();
+    for id in &gone {
+        live.remove(id);
+    }
+    let filters: Vec<(&str, Option<FilterPlan>)> = vec![
+        // ~1% of the rows: scored exactly.
+        (r#"{"must": [{"key": "n", "match": 3}]}"#, Some(FilterPlan::Exact)),
+        // ~10-30%: the index restricted to them.
+        (r#"{"must": [{"key": "g", "match": "a"}]}"#, Some(FilterPlan::IvfFiltered)),
+        (
+            r#"{"must": [{"key": "n", "range": {"gte": 10, "lt": 40}}], "must_not": [{"key": "tags", "in": ["t1"]}]}"#,
+            Some(FilterPlan::IvfFiltered),
+        ),
+        // Most rows: post-filtered.
+        (r#"{"must_not": [{"key": "g", "match": "c"}]}"#, Some(FilterPlan::PostFiltered)),
+        (
+            r#"{"should": [{"key": "n", "exists": false}, {"filter": {"must": [{"key": "tags", "match": "t2"}, {"key": "n", "range": {"gt": 50}}]}}]}"#,
+            None,
+        ),
+    ];
+    let queries: Vec<Vec<f32>> = (0..20).map(|i| vector_for(&format!("fq{i}"))).collect();
+    let approx = SearchParams {
+        k: 10,
+        nprobe: Some(4),
+        refine_factor: Some(8),
+        mode: SearchMode::Rerank,
+        ..SearchParams::default()
+    };
+    // Every hit passes, the exact mode is the oracle, the index plans find nearly all.
+    let check = |shard: &Shard, live: &BTreeMap<String, Document>, expect_plans: bool| {
+        for (text, want_plan) in &filters {
+            let f = Arc::new(Filter::from_json(text).unwrap());
+            f.check(&fields, &shoal_proto::limits::Limits::default()).unwrap();
+            let (mut found, mut total) = (0usize, 0usize);
+            for q in &queries {
+                let truth = filtered_truth(live, &fields, &f, q, 10);
+                let p = SearchParams {
+                    filter: Some(f.clone()),
+                    mode: SearchMode::Exact,
+                    ..approx.clone()
+                };
+                let exact_hits: Vec<String> =
+                    shard.search(q, p).unwrap().hits.iter().map(|h| h.id.to_string()).collect();
+                assert_eq!(exact_hits, truth, "{text}: exact filtered search");
+                let r = shard
+                    .search(q, SearchParams { filter: Some(f.clone()), ..approx.clone() })
+                    .unwrap();
+                if expect_plans {
+                    if let Some(want) = want_plan {
+                        assert_eq!(r.plan, Some(*want), "{text}");
+                    }
+                }
+                for h in &r.hits {
+                    let d = live.get(&*h.id).expect("a live document");
+                    assert!(f.matches(&fields, &d.metadata.to_value()), "{text}: {} fails", h.id);
+                }
+                total += truth.len();
+                found += r.hits.iter().filter(|h| truth.iter().any(|t| *t == *h.id)).count();
+            }
+            let recall = found as f64 / total.max(1) as f64;
+            assert!(recall >= 0.9, "{text}: recall {recall:.3}");
+        }
+    };
+    check(&shard, &live, true);
+    // Reopened: the index rebuilt from the segments and the replayed log.
+    drop(shard);
+    let shard = Shard::open(dir.path()).unwrap();
+    shard.set_auto_compact(false);
+    check(&shard, &live, true);
+    // Compacted: the rows renumbered (the index plans fall back where labels moved).
+    shard.write(vec![WriteOp::Compact]).unwrap();
+    shard.compact_pending().unwrap().expect("a compaction ran");
+    check(&shard, &live, false);
+    put(&shard, (0..50).map(|i| filter_doc(i + 5000, 2)).collect(), &mut live);
+    check(&shard, &live, false);
+    // A snapshot's copy indexes the same rows.
+    let snap = shard.snapshot().unwrap();
+    let cd = tempfile::tempdir().unwrap();
+    copy_snapshot(&snap, cd.path());
+    let copy = Shard::open(cd.path()).unwrap();
+    check(&copy, &live, false);
+    // A field added later: every row's metadata read again, kept across a reopen.
+    let mut more = fields.clone();
+    more.push(PayloadField::parse("year:number").unwrap());
+    assert!(copy.set_payload_fields(&more).unwrap());
+    assert!(!copy.set_payload_fields(&more).unwrap());
+    let f = Arc::new(Filter::from_json(r#"{"must": [{"key": "year", "range": {"lt": 1995}}]}"#).unwrap());
+    let q = &queries[0];
+    let want = filtered_truth(&live, &more, &f, q, 10);
+    let p = SearchParams {
+        filter: Some(f.clone()),
+        mode: SearchMode::Exact,
+        ..approx.clone()
+    };
+    let got: Vec<String> = copy.search(q, p.clone()).unwrap().hits.iter().map(|h| h.id.to_string()).collect();
+    assert_eq!(got, want);
+    drop(copy);
+    let copy = Shard::open(cd.path()).unwrap();
+    assert_eq!(copy.payload_fields(), more);
+    let got: Vec<String> = copy.search(q, p).unwrap().hits.iter().map(|h| h.id.to_string()).collect();
+    assert_eq!(got, want);
+    // A field the replica does not index is refused by name.
+    let f = Arc::new(Filter::from_json(r#"{"must": [{"key": "zz", "exists": true}]}"#).unwrap());
+    let e = shard
+        .search(q, SearchParams { filter: Some(f), ..approx.clone() })
+        .unwrap_err();
+    assert!(e.to_string().contains("zz"), "{e}");
 }
