@@ -195,7 +195,7 @@ pub fn run(args: RerankArgs) -> Result<()> {
                 ..SearchParams::top(K)
             };
             let (t, _) = run_queries(nq, args.threads.max(2), |i| {
-                ids_of(&shard, &data.queries[i], exact)
+                ids_of(&shard, &data.queries[i], exact.clone())
             });
             truth = t;
         }
@@ -204,7 +204,7 @@ pub fn run(args: RerankArgs) -> Result<()> {
             ..SearchParams::top(K)
         };
         let (candidates, _) = run_queries(nq, args.threads, |i| {
-            ids_of(&shard, &data.queries[i], approx)
+            ids_of(&shard, &data.queries[i], approx.clone())
         });
         let top = SearchParams::top(K);
         // Under a budget the shard is closed (its maps let go of the pages), its files
@@ -222,12 +222,12 @@ pub fn run(args: RerankArgs) -> Result<()> {
         let faults_before = major_faults();
         // Warm-up, then the best of three timed passes.
         run_queries(nq.min(200), args.threads, |i| {
-            ids_of(&shard, &data.queries[i], top)
+            ids_of(&shard, &data.queries[i], top.clone())
         });
         let mut got = Vec::new();
         let mut qps = 0f64;
         for _ in 0..3 {
-            let (g, q) = run_queries(nq, args.threads, |i| ids_of(&shard, &data.queries[i], top));
+            let (g, q) = run_queries(nq, args.threads, |i| ids_of(&shard, &data.queries[i], top.clone()));
             got = g;
             qps = qps.max(q);
         }

@@ -383,6 +383,7 @@ pub fn run(a: ScaleArgs) -> Result<()> {
         c.set_collection_policy(cpb::SetCollectionPolicyRequest {
             name: name.into(),
             auto_rebuild_rows: Some(0),
+            payload_fields: Vec::new(),
         })
         .await?;
         anyhow::Ok(())
@@ -708,6 +709,7 @@ fn shard_sweep(
         c.set_collection_policy(cpb::SetCollectionPolicyRequest {
             name: name.clone(),
             auto_rebuild_rows: Some(0),
+            payload_fields: Vec::new(),
         })
         .await?;
         anyhow::Ok(())

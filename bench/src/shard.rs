@@ -139,11 +139,11 @@ fn shoal_run(
 ) -> Run {
     // Warm-up pass over a slice of the queries, then the timed pass.
     run_queries(nq.min(200), threads, |i| {
-        shard.search(ds.query(i), p).unwrap()
+        shard.search(ds.query(i), p.clone()).unwrap()
     });
     let (res, qps) = run_queries(nq, threads, |i| {
         shard
-            .search(ds.query(i), p)
+            .search(ds.query(i), p.clone())
             .unwrap()
             .hits
             .into_iter()
@@ -191,11 +191,11 @@ fn compare(
     let mut best: (Option<Run>, Option<Run>) = (None, None);
     for round in 0..3 {
         let (s, f) = if round % 2 == 0 {
-            let s = shoal_run(shard, ds, nq, threads, p, gt);
+            let s = shoal_run(shard, ds, nq, threads, p.clone(), gt);
             (s, faiss_run(peer, ds, nq, threads, gt))
         } else {
             let f = faiss_run(peer, ds, nq, threads, gt);
-            (shoal_run(shard, ds, nq, threads, p, gt), f)
+            (shoal_run(shard, ds, nq, threads, p.clone(), gt), f)
         };
         if best.0.as_ref().is_none_or(|b| s.qps > b.qps) {
             best.0 = Some(s);
@@ -328,14 +328,14 @@ pub fn run(args: ShardArgs) -> Result<()> {
     for t in [1, 2] {
         set_param(&ivfpq, "nprobe", cfg.nprobe as f64)?;
         set_param(&refine, "nprobe", cfg.nprobe as f64)?;
-        let (s, f) = compare(&shard, &ivfpq, &ds, nq, t, approx, &gt);
+        let (s, f) = compare(&shard, &ivfpq, &ds, nq, t, approx.clone(), &gt);
         ratios_ivfpq.push(s.qps / f.qps);
         emit(
             json!({"section": "search", "mode": "ivfpq", "threads": t, "nprobe": cfg.nprobe,
             "shoal_qps": s.qps, "faiss_qps": f.qps, "qps_ratio": s.qps / f.qps,
             "shoal_recall_at_10": s.recall, "faiss_recall_at_10": f.recall}),
         );
-        let (s, f) = compare(&shard, &refine, &ds, nq, t, rerank, &gt);
+        let (s, f) = compare(&shard, &refine, &ds, nq, t, rerank.clone(), &gt);
         ratios_refine.push(s.qps / f.qps);
         emit(
             json!({"section": "search", "mode": "generate_rank", "threads": t, "nprobe": cfg.nprobe,
@@ -359,7 +359,7 @@ pub fn run(args: ShardArgs) -> Result<()> {
             set_param(&refine, "nprobe", nprobe as f64)?;
             let p = SearchParams {
                 nprobe: Some(nprobe),
-                ..rerank
+                ..rerank.clone()
             };
             let (s, f) = compare(&shard, &refine, &ds, nq_curve, 1, p, &gt[..nq_curve]);
             emit(json!({"section": "curve", "nprobe": nprobe, "threads": 1,

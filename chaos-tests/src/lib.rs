@@ -306,6 +306,13 @@ impl Cluster {
             spec.suspect_ms.to_string(),
             "--down-after-ms".into(),
             spec.down_ms.to_string(),
+            // Placement must not depend on how full the host running the tests is
+            // (`shoal_coordinator::testing::member_config`): a node's own small volume
+            // (the full-disk tests' tmpfs) is what the reserve tests use.
+            "--disk-low-watermark".into(),
+            "0.98".into(),
+            "--disk-high-watermark".into(),
+            "0.99".into(),
         ]
         .into_iter()
         .chain(spec.coordinator_flags.iter().cloned())

@@ -12,6 +12,7 @@ use crate::operations::{self, Operation, OperationKind, Outcome, Step};
 pub use crate::split::{SealPoint, SplitRole};
 use serde::{Deserialize, Serialize};
 use shoal_proto::auth::KeyRecord;
+use shoal_proto::filter::PayloadField;
 
 pub type NodeId = String;
 
@@ -73,6 +74,9 @@ pub struct CollectionPolicy {
     /// it: `None` = the nodes' default (`--auto-rebuild-tail`), 0 = never (off during
     /// a bulk load, then one build).
     pub auto_rebuild_rows: Option<u64>,
+    /// The metadata fields every shard indexes for filters (issue 22); a change makes
+    /// each replica re-read its documents' metadata (`Shard::set_payload_fields`).
+    pub payload_fields: Vec<PayloadField>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
@@ -735,6 +739,7 @@ impl ClusterMap {
                 vec![Change::KeyRevoked(id.clone())]
             }
             Command::SetCollectionPolicy { name, id, policy } => {
+                PayloadField::check_paths(&policy.payload_fields).map_err(MapError::InvalidArgument)?;
                 let c = self
                     .collections
                     .get_mut(name)
@@ -1880,6 +1885,7 @@ pub(crate) mod tests {
         let id = m.collections["docs"].id;
         let off = CollectionPolicy {
             auto_rebuild_rows: Some(0),
+            payload_fields: Vec::new(),
         };
         let set = |name: &str, id: u64| Command::SetCollectionPolicy {
             name: name.into(),

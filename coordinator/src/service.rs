@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
+use shoal_proto::filter::PayloadField;
 use shoal_proto::coordinator as cpb;
 use shoal_proto::raft as raftpb;
 use tokio::sync::broadcast::error::RecvError;
@@ -76,7 +77,19 @@ pub fn collection_pb(c: &Collection) -> cpb::Collection {
         write_quorum: s.write_quorum,
         created_version: c.created_version,
         auto_rebuild_rows: c.policy.auto_rebuild_rows,
+        payload_fields: c.policy.payload_fields.iter().map(PayloadField::wire).collect(),
     }
+}
+
+/// A request's indexed fields, checked against this process's limits.
+fn payload_fields(c: &Coordinator, fields: &[cpb::PayloadField]) -> Result<Vec<PayloadField>, Status> {
+    let fields = fields
+        .iter()
+        .map(PayloadField::from_wire)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(Status::invalid_argument)?;
+    PayloadField::check_all(&fields, &c.limits).map_err(Status::invalid_argument)?;
+    Ok(fields)
 }
 
 fn node_state_pb(s: NodeState) -> i32 {
@@ -613,6 +626,7 @@ impl cpb::admin_server::Admin for AdminService {
             true,
             move |req| async move {
                 check_name(&self.0, &req.get_ref().name, "the collection name")?;
+                let fields = payload_fields(&self.0, &req.get_ref().payload_fields)?;
                 let spec = spec_from_pb(req.into_inner())?;
                 shoal_proto::within!(
                     self.0.limits,
@@ -622,6 +636,38 @@ impl cpb::admin_server::Admin for AdminService {
                 )?;
                 let name = spec.name.clone();
                 self.0.write(Command::CreateCollection(spec)).await?;
+                // The indexed fields are the new collection's policy: set by a second
+                // command conditional on its id (as SetCollectionPolicy would; a
+                // failure here leaves the collection without them, and says so).
+                if !fields.is_empty() {
+                    let id = self.0.read().await?.collections.get(&name).map(|c| c.id);
+                    let Some(id) = id else {
+                        return Err(Status::aborted(format!(
+                            "collection {name:?} was dropped while it was created"
+                        )));
+                    };
+                    let policy = CollectionPolicy {
+                        payload_fields: fields,
+                        ..CollectionPolicy::default()
+                    };
+                    self.0
+                        .write(Command::SetCollectionPolicy {
+                            name: name.clone(),
+                            id,
+                            policy,
+                        })
+                        .await
+                        .map_err(|e| {
+                            let e = Status::from(e);
+                            Status::new(
+                                e.code(),
+                                format!(
+                                    "collection {name:?} was created, but its indexed fields were not set ({}); set them with SetCollectionPolicy",
+                                    e.message()
+                                ),
+                            )
+                        })?;
+                }
                 let map = self.0.read().await?;
                 Ok(Response::new(collection_info(&map, &name)?))
             },
@@ -913,6 +959,7 @@ impl cpb::admin_server::Admin for AdminService {
             move |req| async move {
                 let req = req.into_inner();
                 check_name(&self.0, &req.name, "the collection name")?;
+                let fields = payload_fields(&self.0, &req.payload_fields)?;
                 let id = self
                     .0
                     .read()
@@ -925,6 +972,7 @@ impl cpb::admin_server::Admin for AdminService {
                     })?;
                 let policy = CollectionPolicy {
                     auto_rebuild_rows: req.auto_rebuild_rows,
+                    payload_fields: fields,
                 };
                 self.0
                     .write(Command::SetCollectionPolicy {

@@ -6,6 +6,19 @@ use std::net::TcpListener;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+/// A member's configuration for tests that boot clusters on the host's disk: the disk
+/// watermarks near full, so placement does not depend on how full the machine running
+/// the tests is (a build directory on the same volume pushed it past the default 85%
+/// and a test's collection found no node with room). Tests of the watermarks set
+/// their own, on volumes of their own size.
+pub fn member_config() -> crate::Config {
+    crate::Config {
+        disk_low_watermark: 0.98,
+        disk_high_watermark: 0.99,
+        ..crate::Config::default()
+    }
+}
+
 /// A loopback port free right now, taken from below Linux's ephemeral range (32768
 /// and up): a port the kernel handed out by binding port 0 can be taken again by an
 /// outgoing connection's source port before the test binds it, which made member

@@ -212,6 +212,7 @@ fn create_req(name: &str, shards: u32, rf: u32) -> cpb::CreateCollectionRequest 
         replication_factor: rf,
         replica_memory_bytes: 0,
         write_quorum: 0,
+        payload_fields: Vec::new(),
     }
 }
 

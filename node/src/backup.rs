@@ -31,6 +31,7 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as Key;
 use object_store::{ObjectStore, PutPayload};
 use serde::{Deserialize, Serialize};
+use shoal_proto::filter::PayloadField;
 use shoal_engine::{Shard, SnapshotSource};
 use shoal_proto::coordinator as cpb;
 
@@ -125,6 +126,9 @@ pub struct CollectionRecord {
     pub replica_memory_bytes: u64,
     pub write_quorum: u32,
     pub auto_rebuild_rows: Option<u64>,
+    /// The fields indexed for filters (issue 22; absent in older backups: none).
+    #[serde(default)]
+    pub payload_fields: Vec<PayloadField>,
 }
 
 impl CollectionRecord {
@@ -156,6 +160,7 @@ impl CollectionRecord {
                 Some(rf) => c.write_quorum.min(rf),
                 None => c.write_quorum,
             },
+            payload_fields: c.payload_fields.iter().map(PayloadField::wire).collect(),
         }
     }
 }

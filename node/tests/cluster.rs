@@ -232,7 +232,7 @@ impl Fixture {
                     raft_listen: p.raft_addr.clone(),
                     data_dir: dir.path().join(format!("c{}", p.id)),
                     peers: peers.clone(),
-                    ..Default::default()
+                    ..shoal_coordinator::testing::member_config()
                 })
                 .await
                 .unwrap(),
@@ -491,6 +491,159 @@ async fn writes_through_one_node_are_searched_got_and_deleted_through_the_other(
     f.stop().await;
 }
 
+/// The indexed fields of every replica of `vecs` on both nodes.
+fn vecs_fields(f: &Fixture) -> Vec<Vec<shoal_engine::PayloadField>> {
+    [&f.a, &f.b]
+        .iter()
+        .flat_map(|n| {
+            n.registry
+                .read()
+                .iter()
+                .filter(|(k, _)| k.collection == "vecs")
+                .map(|(_, h)| h.repl.shard().unwrap().payload_fields())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+async fn set_fields(f: &mut Fixture, fields: &[&str]) {
+    let want: Vec<shoal_engine::PayloadField> = fields
+        .iter()
+        .map(|s| shoal_engine::PayloadField::parse(s).unwrap())
+        .collect();
+    let info = f
+        .admin
+        .set_collection_policy(cpb::SetCollectionPolicyRequest {
+            name: "vecs".into(),
+            auto_rebuild_rows: None,
+            payload_fields: want.iter().map(|f| f.wire()).collect(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(info.collection.unwrap().payload_fields.len(), want.len());
+    let t = Instant::now();
+    while !vecs_fields(f).iter().all(|got| *got == want) {
+        assert!(t.elapsed() < Duration::from_secs(10), "fields {fields:?} not indexed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_filtered_search_answers_from_every_shard_exactly_what_the_filter_admits() {
+    let mut f = Fixture::start(false).await;
+    let meta = |i: u64| {
+        serde_json::json!({"i": i, "half": if i < 600 { "lo" } else { "hi" },
+                           "tags": [format!("t{}", i % 3), "all"]})
+    };
+    let docs: Vec<pb::Document> = (0..1200)
+        .map(|i| pb::Document {
+            id: format!("v{i}"),
+            metadata_json: meta(i).to_string(),
+            vector: vector(i, 16),
+            ..Default::default()
+        })
+        .collect();
+    f.ga.ingest(pb::IngestRequest {
+        collection: "vecs".into(),
+        documents: docs,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // Not indexed yet: refused by name, before any shard is asked.
+    let filtered = |json: &str, exact: bool| pb::SearchRequest {
+        collection: "vecs".into(),
+        vector: vector(5_000, 16),
+        k: 10,
+        exact,
+        filter: Some(shoal_engine::Filter::from_json(json).unwrap().wire()),
+        ..Default::default()
+    };
+    let e = f
+        .ga
+        .search(filtered(r#"{"must": [{"key": "i", "range": {"lt": 100}}]}"#, false))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("indexes no fields"), "{e}");
+    // Indexed at run time: every replica reads its documents' metadata again.
+    set_fields(&mut f, &["i:number", "half:keyword"]).await;
+    let fields = vecs_fields(&f)[0].clone();
+    let ip = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    let q = vector(5_000, 16);
+    let cases = [
+        r#"{"must": [{"key": "i", "range": {"lt": 100}}]}"#,
+        r#"{"must": [{"key": "half", "match": "hi"}], "must_not": [{"key": "i", "in": [700, 701, 702]}]}"#,
+        r#"{"should": [{"key": "i", "range": {"gte": 1190}}, {"key": "i", "match": 3}]}"#,
+    ];
+    for json in cases {
+        let filter = shoal_engine::Filter::from_json(json).unwrap();
+        let mut truth: Vec<(f32, String)> = (0..1200u64)
+            .filter(|&i| filter.matches(&fields, &meta(i)))
+            .map(|i| (ip(&q, &vector(i, 16)), format!("v{i}")))
+            .collect();
+        truth.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let want: std::collections::BTreeSet<String> =
+            truth.iter().take(10).map(|t| t.1.clone()).collect();
+        for exact in [true, false] {
+            let r = f.gb.search(filtered(json, exact)).await.unwrap().into_inner();
+            assert_eq!((r.shards_answered, r.partial), (3, false), "{json}");
+            assert!(r.shards.iter().all(|s| s.plan == "exact"), "{:?}", r.shards);
+            for h in &r.hits {
+                let i: u64 = h.id[1..].parse().unwrap();
+                assert!(filter.matches(&fields, &meta(i)), "{json}: {} passed", h.id);
+            }
+            let got: std::collections::BTreeSet<String> =
+                r.hits.iter().map(|h| h.id.clone()).collect();
+            assert_eq!(got, want, "{json} (exact {exact})");
+        }
+    }
+    // Bad filters: the field's name, the kind's rule, the limit.
+    for (json, says) in [
+        (r#"{"must": [{"key": "tags", "match": "t1"}]}"#, "not indexed"),
+        (r#"{"must": [{"key": "half", "range": {"gt": 1}}]}"#, "keyword"),
+        (r#"{"must": [{"key": "i", "match": "x"}]}"#, "number"),
+    ] {
+        let e = f.ga.search(filtered(json, false)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{json}");
+        assert!(e.message().contains(says), "{json}: {e}");
+    }
+    let many: Vec<String> = (0..2_000).map(|i| i.to_string()).collect();
+    let e = f
+        .ga
+        .search(filtered(
+            &format!(r#"{{"must": [{{"key": "i", "in": [{}]}}]}}"#, many.join(",")),
+            false,
+        ))
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("filter_terms"), "{e}");
+    // A field added later (arrays: any element matches); writes after it indexed too.
+    set_fields(&mut f, &["i:number", "half:keyword", "tags:keyword"]).await;
+    f.ga.ingest(pb::IngestRequest {
+        collection: "vecs".into(),
+        documents: vec![pb::Document {
+            id: "late".into(),
+            metadata_json: r#"{"tags": ["late"]}"#.into(),
+            vector: vector(5_000, 16),
+            ..Default::default()
+        }],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let r =
+        f.ga.search(filtered(r#"{"must": [{"key": "tags", "in": ["t1", "late"]}]}"#, false))
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(r.hits[0].id, "late");
+    assert!(r.hits[1..]
+        .iter()
+        .all(|h| h.id[1..].parse::<u64>().unwrap() % 3 == 1));
+    f.stop().await;
+}
+
 /// Every replica of `vecs` on both nodes: (automatic rebuild rows, serving generation).
 fn vecs_replicas(f: &Fixture) -> Vec<(usize, Option<u64>)> {
     [&f.a, &f.b]
@@ -515,6 +668,7 @@ async fn set_auto_rebuild(f: &mut Fixture, rows: Option<u64>, want: usize) {
         .set_collection_policy(cpb::SetCollectionPolicyRequest {
             name: "vecs".into(),
             auto_rebuild_rows: rows,
+            payload_fields: Vec::new(),
         })
         .await
         .unwrap();
@@ -2502,7 +2656,7 @@ async fn a_coordinator_group_rebuilt_from_its_map_backup_takes_its_nodes_back() 
                 raft_listen: p.raft_addr.clone(),
                 data_dir: dir.path().join(format!("c{}", p.id)),
                 peers: peers.clone(),
-                ..Default::default()
+                ..shoal_coordinator::testing::member_config()
             })
             .await
             .unwrap(),

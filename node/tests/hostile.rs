@@ -127,6 +127,70 @@ fn hostile_f32() -> impl Strategy<Value = f32> {
     ]
 }
 
+/// Filters (issue 22): indexed and unknown keys, values of the wrong kind, NaN and
+/// unbounded ranges, empty and huge `in` lists, missing tests, deep nesting.
+fn hostile_filter() -> impl Strategy<Value = Option<cpb::Filter>> {
+    use cpb::condition::Test;
+    use cpb::field_value::Value as V;
+    let key = prop_oneof![
+        3 => prop::sample::select(vec!["n".to_string(), "k".to_string(), String::new()]),
+        1 => hostile_string(),
+    ];
+    let value = prop_oneof![
+        (-5.0f64..5.0).prop_map(|x| cpb::FieldValue { value: Some(V::Number(x)) }),
+        Just(cpb::FieldValue { value: Some(V::Number(f64::NAN)) }),
+        hostile_string().prop_map(|s| cpb::FieldValue { value: Some(V::Keyword(s)) }),
+        any::<bool>().prop_map(|b| cpb::FieldValue { value: Some(V::Flag(b)) }),
+        Just(cpb::FieldValue { value: None }),
+    ];
+    let bound = prop_oneof![
+        Just(None),
+        (-5.0f64..5.0).prop_map(Some),
+        Just(Some(f64::INFINITY)),
+        Just(Some(f64::NAN))
+    ];
+    let test = prop_oneof![
+        value.clone().prop_map(|v| Some(Test::Match(v))),
+        (prop::sample::select(vec![0usize, 1, 3]), value)
+            .prop_map(|(n, v)| Some(Test::Any(cpb::ValueList { values: vec![v; n] }))),
+        // Long lists of small values (a long list of long strings is the message
+        // limit's case, and would be built in this process first).
+        (-5.0f64..5.0).prop_map(|x| Some(Test::Any(cpb::ValueList {
+            values: vec![cpb::FieldValue { value: Some(V::Number(x)) }; 5_000]
+        }))),
+        (bound.clone(), bound.clone(), bound.clone(), bound).prop_map(|(gt, gte, lt, lte)| {
+            Some(Test::Range(cpb::Range { gt, gte, lt, lte }))
+        }),
+        any::<bool>().prop_map(|e| Some(Test::Exists(e))),
+        Just(None),
+    ];
+    let leaf = (key, test).prop_map(|(key, test)| cpb::Condition { key, test });
+    let condition = leaf.prop_recursive(12, 64, 4, |inner| {
+        (prop::collection::vec(inner.clone(), 0..3), prop::collection::vec(inner, 0..2)).prop_map(
+            |(must, must_not)| cpb::Condition {
+                key: String::new(),
+                test: Some(Test::Filter(cpb::Filter {
+                    must,
+                    should: Vec::new(),
+                    must_not,
+                })),
+            },
+        )
+    });
+    proptest::option::of(
+        (
+            prop::collection::vec(condition.clone(), 0..4),
+            prop::collection::vec(condition.clone(), 0..3),
+            prop::collection::vec(condition, 0..2),
+        )
+            .prop_map(|(must, should, must_not)| cpb::Filter {
+                must,
+                should,
+                must_not,
+            }),
+    )
+}
+
 fn hostile_vector() -> impl Strategy<Value = Vec<f32>> {
     prop_oneof![
         2 => prop::collection::vec(-1.0f32..1.0, DIM),
@@ -301,7 +365,7 @@ async fn coordinator_group(
                 raft_listen: p.raft_addr.clone(),
                 data_dir: dir.join(format!("{tag}{}", p.id)),
                 peers: peers.clone(),
-                ..Default::default()
+                ..shoal_coordinator::testing::member_config()
             })
             .await
             .unwrap(),
@@ -324,6 +388,11 @@ async fn create(admin: &mut Client, name: &'static str) {
                     pq_nbits: 4,
                     ..Default::default()
                 }),
+                // Indexed for filters (issue 22): the fuzzed filters name these too.
+                payload_fields: ["n:number", "k:keyword"]
+                    .iter()
+                    .map(|f| shoal_proto::filter::PayloadField::parse(f).unwrap().wire())
+                    .collect(),
                 ..Default::default()
             })
             .await
@@ -521,10 +590,10 @@ fn every_rpc_survives_hostile_messages() {
         (coll(), prop_oneof![Just(String::new()), hostile_string()]),
         prop_oneof![Just(Vec::new()), hostile_vector()],
         (hostile_u32(), hostile_u32(), hostile_u32()),
-        (any::<bool>(), any::<bool>()),
+        (any::<bool>(), any::<bool>(), hostile_filter()),
     )
         .prop_map(
-            |((collection, text), vector, (k, nprobe, refine), (with_text, exact))| {
+            |((collection, text), vector, (k, nprobe, refine), (with_text, exact, filter))| {
                 pb::SearchRequest {
                     collection,
                     text,
@@ -535,6 +604,7 @@ fn every_rpc_survives_hostile_messages() {
                     with_payload: with_text && exact,
                     with_text,
                     exact,
+                    filter,
                 }
             },
         );
@@ -754,9 +824,9 @@ fn every_rpc_survives_hostile_messages() {
             shard_ref(),
             hostile_vector(),
             (hostile_u32(), hostile_u32(), hostile_u32()),
-            any::<bool>(),
+            (any::<bool>(), hostile_filter()),
         )
-            .prop_map(|(shard, vector, (k, nprobe, refine), exact)| {
+            .prop_map(|(shard, vector, (k, nprobe, refine), (exact, filter))| {
                 rpb::ShardSearchRequest {
                     shard_count: k % 3,
                     // A model no replica holds vectors of, or none (issue 21).
@@ -774,6 +844,7 @@ fn every_rpc_survives_hostile_messages() {
                     nprobe,
                     refine,
                     exact,
+                    filter,
                 }
             }),
         |r| {
@@ -839,6 +910,7 @@ fn every_rpc_survives_hostile_messages() {
                         replication_factor: rf,
                         replica_memory_bytes: mem,
                         write_quorum: wq,
+                        payload_fields: Vec::new(),
                     }
                 },
             ),
@@ -893,6 +965,7 @@ fn every_rpc_survives_hostile_messages() {
                 s.set_collection_policy(req(cpb::SetCollectionPolicyRequest {
                     name,
                     auto_rebuild_rows,
+                    payload_fields: Vec::new(),
                 }))
                 .await
             }
@@ -1457,6 +1530,8 @@ fn every_limit_is_refused_by_name_and_nothing_is_half_applied() {
             "refine=20",
             "candidates=100",
             "exact_rows=30",
+            "filter_terms=4",
+            "payload_fields=2",
             "name_bytes=64",
             "node_id_bytes=12",
             "addr_bytes=24",
@@ -1479,7 +1554,7 @@ fn every_limit_is_refused_by_name_and_nothing_is_half_applied() {
             data_dir: dir.path().join("c1"),
             peers: vec![peer.clone()],
             limits: small.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
+            ..shoal_coordinator::testing::member_config()
         })
         .await
         .unwrap();
@@ -1684,6 +1759,35 @@ fn every_limit_is_refused_by_name_and_nothing_is_half_applied() {
             s.search(q(5, 1, "text number 3", true)).await,
             Code::ResourceExhausted,
             "exact_rows = 30",
+        );
+        // Filters (issue 22): the fields one collection indexes, the terms one filter
+        // holds (a condition and each value it lists).
+        let three: Vec<cpb::PayloadField> = ["n:number", "k:keyword", "x:number"]
+            .iter()
+            .map(|f| shoal_proto::filter::PayloadField::parse(f).unwrap().wire())
+            .collect();
+        refused(
+            admin
+                .set_collection_policy(cpb::SetCollectionPolicyRequest {
+                    name: "kept".into(),
+                    auto_rebuild_rows: None,
+                    payload_fields: three,
+                })
+                .await,
+            Code::InvalidArgument,
+            "payload_fields = 2",
+        );
+        let five_terms =
+            shoal_proto::filter::Filter::from_json(r#"{"must": [{"key": "n", "in": [1, 2, 3, 4]}]}"#)
+                .unwrap();
+        refused(
+            s.search(pb::SearchRequest {
+                filter: Some(five_terms.wire()),
+                ..q(1, 1, "text number 1", false)
+            })
+            .await,
+            Code::InvalidArgument,
+            "filter_terms = 4",
         );
         // A grpc-timeout of 8 digits of hours (the spec's largest) is cut, not a panic.
         let mut rq = tonic::Request::new(q(1, 1, "text number 1", false));

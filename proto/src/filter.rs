@@ -74,12 +74,23 @@ impl PayloadField {
         })
     }
 
-    /// A collection's whole list: each path well formed, none twice, at most the limit.
+    /// A collection's whole list as a client sends it: within the limits, and
+    /// [`PayloadField::check_paths`].
     pub fn check_all(fields: &[PayloadField], limits: &Limits) -> Result<(), String> {
         crate::within!(limits, payload_fields, fields.len(), "indexed fields")
             .map_err(|e| e.to_string())?;
+        for f in fields {
+            crate::within!(limits, name_bytes, f.path.len(), "bytes in a field path")
+                .map_err(|e| e.to_string())?;
+        }
+        PayloadField::check_paths(fields)
+    }
+
+    /// Each path well formed, none twice: what the cluster map checks on apply (no
+    /// process's limits there, so every member decides alike).
+    pub fn check_paths(fields: &[PayloadField]) -> Result<(), String> {
         for (i, f) in fields.iter().enumerate() {
-            check_path(&f.path, limits)?;
+            check_path(&f.path)?;
             if fields[..i].iter().any(|g| g.path == f.path) {
                 return Err(format!("field {:?} is indexed twice", f.path));
             }
@@ -121,9 +132,7 @@ impl fmt::Display for PayloadField {
     }
 }
 
-fn check_path(path: &str, limits: &Limits) -> Result<(), String> {
-    crate::within!(limits, name_bytes, path.len(), "bytes in a field path")
-        .map_err(|e| e.to_string())?;
+fn check_path(path: &str) -> Result<(), String> {
     let segments = path.split('.').count();
     if path.is_empty() || path.split('.').any(str::is_empty) {
         return Err(format!(
@@ -756,7 +765,7 @@ mod tests {
             &l
         )
         .is_err());
-        assert!(PayloadField::check_all(&fields().repeat(2), &l)
+        assert!(PayloadField::check_all(&[fields(), fields()].concat(), &l)
             .unwrap_err()
             .contains("twice"));
     }

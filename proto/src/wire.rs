@@ -20,7 +20,7 @@ use serde::Serialize;
 
 /// The encoding of internal payloads. Bump it with any change to a type that crosses
 /// the network as bincode.
-pub const FORMAT: u32 = 8;
+pub const FORMAT: u32 = 9;
 
 /// In-memory bytes a decode may claim per input byte (see the module comment).
 pub const CLAIM_FACTOR: usize = 16;

@@ -173,11 +173,12 @@ pub async fn run(cmd: BackupCmd) -> anyhow::Result<()> {
                 })
                 .await?;
             // The collection's run-time policy as it was backed up.
-            if c.auto_rebuild_rows.is_some() {
+            if c.auto_rebuild_rows.is_some() || !c.payload_fields.is_empty() {
                 client
                     .set_collection_policy(cpb::SetCollectionPolicyRequest {
                         name: name.clone(),
                         auto_rebuild_rows: c.auto_rebuild_rows,
+                        payload_fields: c.payload_fields.iter().map(|f| f.wire()).collect(),
                     })
                     .await?;
             }

@@ -1,6 +1,7 @@
 //! `shoal node`, `shoal dev` (a local cluster of processes), and the data commands
 //! that talk to any node: `ingest`, `search`, `eval`.
 
+use shoal_proto::filter::Filter;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -442,6 +443,7 @@ async fn ensure_collection(target: &Target, name: &str, shards: u32, nlist: u32)
                 replication_factor: 1,
                 replica_memory_bytes: 0,
                 write_quorum: 0,
+                payload_fields: Vec::new(),
             })
             .await
         }
@@ -540,10 +542,16 @@ pub struct SearchArgs {
     /// round trip).
     #[arg(long)]
     with_payload: bool,
+    /// Only documents whose metadata passes this filter (JSON: {"must": [{"key":
+    /// "year", "range": {"gte": 2000}}, {"key": "lang", "match": "en"}], "should":
+    /// [...], "must_not": [...]}; the fields must be indexed: `--index-field`).
+    #[arg(long, value_parser = Filter::from_json)]
+    filter: Option<Filter>,
 }
 
 pub async fn search(node: NodeTarget, a: SearchArgs) -> Result<()> {
     let mut c = connect(&node.node)?;
+    let filtered = a.filter.is_some();
     let r = c
         .search(pb::SearchRequest {
             collection: a.collection,
@@ -552,6 +560,7 @@ pub async fn search(node: NodeTarget, a: SearchArgs) -> Result<()> {
             nprobe: a.nprobe,
             with_text: true,
             with_payload: a.with_payload,
+            filter: a.filter.as_ref().map(Filter::wire),
             ..Default::default()
         })
         .await
@@ -571,6 +580,15 @@ pub async fn search(node: NodeTarget, a: SearchArgs) -> Result<()> {
         if r.partial { " (PARTIAL)" } else { "" },
         r.took_ms
     );
+    if filtered {
+        let plans: Vec<String> = r
+            .shards
+            .iter()
+            .filter(|s| s.answered)
+            .map(|s| format!("{}: {}", s.shard, s.plan))
+            .collect();
+        println!("filter plans by shard: {}", plans.join(", "));
+    }
     Ok(())
 }
 

@@ -1,5 +1,6 @@
 //! `shoal coordinator` (run a member) and the admin commands that talk to the group.
 
+use shoal_proto::filter::PayloadField;
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
@@ -247,6 +248,10 @@ pub enum CollectionCmd {
         /// a node encodes the collection's text only with exactly that model.
         #[arg(long, env = "SHOAL_MODEL_DIR", default_value = shoal_encoder::DEFAULT_MODEL_DIR)]
         model_dir: std::path::PathBuf,
+        /// A metadata field indexed for filters, as PATH:KIND (`year:number`,
+        /// `lang:keyword`, `author.name:keyword`); repeat for more.
+        #[arg(long = "index-field", value_parser = PayloadField::parse)]
+        index_fields: Vec<PayloadField>,
     },
     List,
     Describe {
@@ -259,10 +264,17 @@ pub enum CollectionCmd {
     /// load (then `shoal index-build` once), `--auto-rebuild N` to rebuild a shard's
     /// index once N rows are newer than it, `--auto-rebuild default` for the nodes'
     /// `--auto-rebuild-tail`.
+    /// `--index-field PATH:KIND` (repeated) replaces the fields indexed for filters
+    /// (each replica re-reads its documents' metadata); `--no-index-fields` drops them.
+    /// What is not given stays as it is.
     Policy {
         name: String,
         #[arg(long)]
-        auto_rebuild: String,
+        auto_rebuild: Option<String>,
+        #[arg(long = "index-field", value_parser = PayloadField::parse)]
+        index_fields: Vec<PayloadField>,
+        #[arg(long, conflicts_with = "index_fields")]
+        no_index_fields: bool,
     },
     /// Compacts every shard: each primary logs a compaction and every replica rewrites
     /// its segments without replaced and deleted rows (reads and writes go on). With
@@ -612,6 +624,9 @@ fn collection_json(c: &cpb::Collection) -> serde_json::Value {
             Some(0) => serde_json::json!("off"),
             Some(n) => serde_json::json!(n),
         },
+        "index_fields": c.payload_fields.iter()
+            .map(|f| PayloadField::from_wire(f).map_or_else(|e| e, |f| f.to_string()))
+            .collect::<Vec<_>>(),
     })
 }
 
@@ -654,6 +669,7 @@ pub async fn collection(target: Target, cmd: CollectionCmd) -> anyhow::Result<()
             rerank,
             model,
             model_dir,
+            index_fields,
         } => {
             let metric = match metric.as_str() {
                 "ip" | "inner_product" | "cosine" => cpb::Metric::InnerProduct,
@@ -677,6 +693,7 @@ pub async fn collection(target: Target, cmd: CollectionCmd) -> anyhow::Result<()
                 replication_factor,
                 replica_memory_bytes: 0,
                 write_quorum,
+                payload_fields: index_fields.iter().map(PayloadField::wire).collect(),
             };
             let info = client.create_collection(req).await?;
             print_json(serde_json::json!({
@@ -724,18 +741,45 @@ pub async fn collection(target: Target, cmd: CollectionCmd) -> anyhow::Result<()
                 .into_inner();
             print_json(serde_json::json!({"dropped": true, "map_version": r.map_version}));
         }
-        CollectionCmd::Policy { name, auto_rebuild } => {
-            let auto_rebuild_rows = match auto_rebuild.as_str() {
-                "default" => None,
-                "off" => Some(0),
-                n => Some(n.parse::<u64>().map_err(|_| {
+        CollectionCmd::Policy {
+            name,
+            auto_rebuild,
+            index_fields,
+            no_index_fields,
+        } => {
+            // The request replaces the whole policy: what is not given is kept.
+            let current = client
+                .admin(|mut a| {
+                    let name = name.clone();
+                    async move {
+                        a.describe_collection(cpb::DescribeCollectionRequest { name })
+                            .await
+                    }
+                })
+                .await?
+                .into_inner()
+                .collection
+                .ok_or_else(|| anyhow::anyhow!("collection {name:?} not described"))?;
+            let auto_rebuild_rows = match auto_rebuild.as_deref() {
+                None => current.auto_rebuild_rows,
+                Some("default") => None,
+                Some("off") => Some(0),
+                Some(n) => Some(n.parse::<u64>().map_err(|_| {
                     anyhow::anyhow!("--auto-rebuild {n:?}: expected off, default or a row count")
                 })?),
+            };
+            let payload_fields = if no_index_fields {
+                Vec::new()
+            } else if index_fields.is_empty() {
+                current.payload_fields
+            } else {
+                index_fields.iter().map(PayloadField::wire).collect()
             };
             let info = client
                 .set_collection_policy(cpb::SetCollectionPolicyRequest {
                     name,
                     auto_rebuild_rows,
+                    payload_fields,
                 })
                 .await?;
             print_json(serde_json::json!({

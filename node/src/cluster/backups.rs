@@ -116,6 +116,11 @@ pub fn collection_record(
         replica_memory_bytes: c.replica_memory_bytes,
         write_quorum: c.write_quorum,
         auto_rebuild_rows: c.auto_rebuild_rows,
+        payload_fields: c
+            .payload_fields
+            .iter()
+            .filter_map(|f| shoal_proto::filter::PayloadField::from_wire(f).ok())
+            .collect(),
     }
 }
 

@@ -12,6 +12,7 @@ use parking_lot::{Mutex, RwLock};
 use shoal_encoder::pool::{EncoderPool, PoolEncoded};
 use shoal_proto::client::Client;
 use shoal_proto::coordinator as cpb;
+use shoal_proto::filter::{Filter, PayloadField};
 use shoal_proto::limits::{vector_problem, Limits};
 use shoal_proto::metric::Metric;
 use shoal_proto::replica as rpb;
@@ -870,6 +871,7 @@ impl Gateway {
                 req.nprobe, ix.nlist
             )));
         }
+        let filter = check_filter(req.filter.as_ref(), coll, l)?;
         let query = match (req.text.trim().is_empty(), req.vector.is_empty()) {
             (false, true) => self
                 .encode(
@@ -919,6 +921,7 @@ impl Gateway {
                     .map_or_else(String::new, |e| e.content_hash.clone()),
                 with_text: req.with_text,
                 with_payload: req.with_payload,
+                filter: filter.clone(),
             };
             self.search_shard(s, req, budget)
                 .instrument(tracing::info_span!("shard.search", shard = s.index))
@@ -943,6 +946,7 @@ impl Gateway {
                         node,
                         generation: r.generation,
                         error: String::new(),
+                        plan: r.plan,
                     });
                 }
                 // A limit or a bad argument is the request's fault, the same on every
@@ -961,6 +965,7 @@ impl Gateway {
                         node,
                         generation: 0,
                         error: format!("{}: {}", e.kind(), e.message()),
+                        plan: String::new(),
                     });
                 }
             }
@@ -994,6 +999,31 @@ impl Gateway {
             took_ms: t.elapsed().as_secs_f64() * 1e3,
         })
     }
+}
+
+/// A search's filter (issue 22), checked against the collection's indexed fields and
+/// the limits: INVALID_ARGUMENT naming the problem. An empty filter is none.
+fn check_filter(
+    filter: Option<&cpb::Filter>,
+    coll: &cpb::Collection,
+    limits: &Limits,
+) -> Result<Option<cpb::Filter>, Status> {
+    let Some(wire) = filter else {
+        return Ok(None);
+    };
+    let f = Filter::from_wire(wire).map_err(|e| Status::invalid_argument(format!("filter: {e}")))?;
+    if f.is_empty() {
+        return Ok(None);
+    }
+    let fields: Vec<PayloadField> = coll
+        .payload_fields
+        .iter()
+        .filter_map(|f| PayloadField::from_wire(f).ok())
+        .collect();
+    f.check(&fields, limits).map_err(|e| {
+        Status::invalid_argument(format!("filter on collection {:?}: {e}", coll.name))
+    })?;
+    Ok(Some(wire.clone()))
 }
 
 #[cfg(test)]
@@ -1102,3 +1132,4 @@ mod tests {
         assert!(dual_write(&view(vec![op(5, "running", "building", true)]), &other).is_none());
     }
 }
+

@@ -4,6 +4,7 @@
 //! ones the map no longer places here (into the trash only when the map shows their
 //! data dropped or served elsewhere, otherwise kept on disk and re-checked).
 
+use shoal_proto::filter::PayloadField;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -77,6 +78,15 @@ fn auto_rebuild_tail(c: &cpb::Collection, node_default: usize) -> usize {
         .map_or(node_default, |n| usize::try_from(n).unwrap_or(usize::MAX))
 }
 
+/// The metadata fields the collection's shards index for filters (issue 22).
+fn payload_fields(c: &cpb::Collection) -> Vec<PayloadField> {
+    // The map only holds fields it validated.
+    c.payload_fields
+        .iter()
+        .filter_map(|f| PayloadField::from_wire(f).ok())
+        .collect()
+}
+
 fn shard_config(c: &cpb::Collection, node_default: usize) -> CollectionConfig {
     // The map only holds metrics it validated; unspecified is the default.
     let metric = Metric::from_wire(c.metric).unwrap_or(Metric::InnerProduct);
@@ -95,6 +105,7 @@ fn shard_config(c: &cpb::Collection, node_default: usize) -> CollectionConfig {
     }
     cfg.train_sample = cfg.train_sample.max(cfg.index.nlist);
     cfg.auto_rebuild_tail = auto_rebuild_tail(c, node_default);
+    cfg.payload_fields = payload_fields(c);
     cfg
 }
 
@@ -137,7 +148,7 @@ impl Reconciler {
             }
         }
         let mut wanted: HashMap<ReplicaKey, ReplicaArgs> = HashMap::new();
-        let mut roles: Vec<(ReplicaKey, Role, usize)> = Vec::new();
+        let mut roles: Vec<(ReplicaKey, Role, usize, Vec<PayloadField>)> = Vec::new();
         for s in view.shards.values() {
             // A split's sibling is forked here (`forks.rs`) and opened once its fork is
             // made at the current seal point, before the cut-over (so it serves at once
@@ -188,6 +199,7 @@ impl Reconciler {
                 key.clone(),
                 role_of(view, s, &self.node_id),
                 auto_rebuild_tail(c, self.auto_rebuild_tail),
+                payload_fields(c),
             ));
             wanted.insert(
                 key,
@@ -258,12 +270,25 @@ impl Reconciler {
         // Roles for the replicas that are open (one still opening, or that failed to
         // open, gets its role once it has).
         let hosted = self.registry.read().clone();
-        for (k, role, tail) in roles {
+        for (k, role, tail, fields) in roles {
             if let Some(h) = hosted.get(&k) {
                 if let Ok(shard) = h.repl.shard() {
                     if shard.auto_rebuild_tail() != tail {
                         tracing::info!(replica = %k, rows = tail, "automatic index rebuilds after this many new rows (0: off)");
                         shard.set_auto_rebuild_tail(tail);
+                    }
+                    // The collection's indexed fields changed (or the replica was
+                    // made with others): its metadata read again, off the runtime.
+                    if shard.payload_fields() != fields {
+                        let k = k.clone();
+                        tokio::task::spawn_blocking(move || {
+                            let t = std::time::Instant::now();
+                            match shard.set_payload_fields(&fields) {
+                                Ok(true) => tracing::info!(replica = %k, fields = fields.len(), took_ms = t.elapsed().as_millis() as u64, "payload index rebuilt for the collection's fields"),
+                                Ok(false) => {}
+                                Err(e) => tracing::warn!(replica = %k, error = %e, "payload index not rebuilt"),
+                            }
+                        });
                     }
                 }
                 if h.repl.role().as_ref() != Some(&role) {

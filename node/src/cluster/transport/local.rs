@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use ractor::rpc::CallResult;
-use shoal_engine::{Document, SearchMode, SearchParams, ShardError, WriteOp};
+use shoal_engine::{Document, Filter, SearchMode, SearchParams, ShardError, WriteOp};
 use shoal_proto::coordinator as cpb;
 use shoal_proto::limits::Limits;
 use shoal_proto::replica as rpb;
@@ -270,8 +270,21 @@ impl LocalReplicas {
         // Answered from the vectors of the query's model (issue 21: a re-embed's set, or
         // the stored ones), or refused: never a query of one model against another's.
         let set = shard.set_for_model(&r.model)?;
+        // The filter (issue 22), checked by the gateway against the map's indexed
+        // fields: a replica that has not indexed one yet (the map's change reaches it
+        // after the gateway's) cannot answer it, and says so; another may.
+        let filter = match &r.filter {
+            None => None,
+            Some(f) => {
+                let f = Filter::from_wire(f).map_err(ReplicaError::Invalid)?;
+                f.check(&shard.payload_fields(), l)
+                    .map_err(|e| ReplicaError::Unavailable(format!("shard {}: {e}", repl.key)))?;
+                Some(Arc::new(f))
+            }
+        };
         drop(shard);
         let p = SearchParams {
+            filter,
             set,
             k: r.k as usize,
             nprobe: (r.nprobe > 0).then_some(r.nprobe as usize),
@@ -325,6 +338,7 @@ impl LocalReplicas {
         Ok(rpb::ShardSearchResponse {
             hits,
             generation: res.generation.unwrap_or(0),
+            plan: res.plan.map(|p| p.name().to_string()).unwrap_or_default(),
         })
     }
 
