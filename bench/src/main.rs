@@ -2,6 +2,7 @@
 //! line; every figure sits next to its reference peer measured in the same run.
 
 mod encoder;
+mod filter;
 mod footprint;
 mod ingest;
 mod ir;
@@ -30,6 +31,9 @@ struct Cli {
 enum Cmd {
     /// The shard engine next to raw FAISS (IVF-PQ and IVF-PQ + RFlat).
     Shard(shard::ShardArgs),
+    /// Filtered search on one shard (issue 22): each plan's recall@10 against the exact
+    /// filtered answer and its QPS next to unfiltered search.
+    Filter(filter::FilterArgs),
     /// The Burn encoder next to candle-transformers' BERT on the same weights.
     Encoder(encoder::EncoderArgs),
     /// Retrieval quality: nDCG@10 of the Burn encoder + exact search on a BEIR collection.
@@ -79,6 +83,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().cmd {
         Cmd::Shard(args) => shard::run(args),
+        Cmd::Filter(args) => filter::run(args),
         Cmd::Ndcg(args) => ir::run(args),
         Cmd::Rerank(args) => rerank::run(args),
         Cmd::Encoder(args) => encoder::run(args),

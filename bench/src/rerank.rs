@@ -227,7 +227,9 @@ pub fn run(args: RerankArgs) -> Result<()> {
         let mut got = Vec::new();
         let mut qps = 0f64;
         for _ in 0..3 {
-            let (g, q) = run_queries(nq, args.threads, |i| ids_of(&shard, &data.queries[i], top.clone()));
+            let (g, q) = run_queries(nq, args.threads, |i| {
+                ids_of(&shard, &data.queries[i], top.clone())
+            });
             got = g;
             qps = qps.max(q);
         }

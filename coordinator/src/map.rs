@@ -739,7 +739,8 @@ impl ClusterMap {
                 vec![Change::KeyRevoked(id.clone())]
             }
             Command::SetCollectionPolicy { name, id, policy } => {
-                PayloadField::check_paths(&policy.payload_fields).map_err(MapError::InvalidArgument)?;
+                PayloadField::check_paths(&policy.payload_fields)
+                    .map_err(MapError::InvalidArgument)?;
                 let c = self
                     .collections
                     .get_mut(name)
@@ -1903,6 +1904,35 @@ pub(crate) mod tests {
         assert!(m.apply(&set("nope", id)).is_err());
         assert_eq!(m.version, v);
         assert_eq!(m.collections["docs"].policy, off);
+        // Indexed fields (issue 22): a malformed or repeated path is refused whole.
+        let field = |p: &str| PayloadField::parse(p).unwrap();
+        for bad in [
+            vec![field("a..b:number")],
+            vec![field("year:number"), field("year:keyword")],
+            vec![field(".x:keyword")],
+        ] {
+            let cmd = Command::SetCollectionPolicy {
+                name: "docs".into(),
+                id,
+                policy: CollectionPolicy {
+                    payload_fields: bad,
+                    ..off.clone()
+                },
+            };
+            assert!(m.apply(&cmd).is_err());
+            assert_eq!(m.version, v);
+        }
+        let fields = vec![field("year:number"), field("author.name:keyword")];
+        let cmd = Command::SetCollectionPolicy {
+            name: "docs".into(),
+            id,
+            policy: CollectionPolicy {
+                payload_fields: fields.clone(),
+                ..off.clone()
+            },
+        };
+        m.apply(&cmd).unwrap();
+        assert_eq!(m.collections["docs"].policy.payload_fields, fields);
     }
 
     #[test]

@@ -6,8 +6,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
-use shoal_proto::filter::PayloadField;
 use shoal_proto::coordinator as cpb;
+use shoal_proto::filter::PayloadField;
 use shoal_proto::raft as raftpb;
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
@@ -77,12 +77,20 @@ pub fn collection_pb(c: &Collection) -> cpb::Collection {
         write_quorum: s.write_quorum,
         created_version: c.created_version,
         auto_rebuild_rows: c.policy.auto_rebuild_rows,
-        payload_fields: c.policy.payload_fields.iter().map(PayloadField::wire).collect(),
+        payload_fields: c
+            .policy
+            .payload_fields
+            .iter()
+            .map(PayloadField::wire)
+            .collect(),
     }
 }
 
 /// A request's indexed fields, checked against this process's limits.
-fn payload_fields(c: &Coordinator, fields: &[cpb::PayloadField]) -> Result<Vec<PayloadField>, Status> {
+fn payload_fields(
+    c: &Coordinator,
+    fields: &[cpb::PayloadField],
+) -> Result<Vec<PayloadField>, Status> {
     let fields = fields
         .iter()
         .map(PayloadField::from_wire)

@@ -31,9 +31,9 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as Key;
 use object_store::{ObjectStore, PutPayload};
 use serde::{Deserialize, Serialize};
-use shoal_proto::filter::PayloadField;
 use shoal_engine::{Shard, SnapshotSource};
 use shoal_proto::coordinator as cpb;
+use shoal_proto::filter::PayloadField;
 
 /// The largest chunk a file is stored in, unless the repository's `repository.json`
 /// says otherwise ([`Repository::init`]). 16 MiB: a 1M-vector 384-d shard's vectors are

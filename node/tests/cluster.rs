@@ -523,7 +523,10 @@ async fn set_fields(f: &mut Fixture, fields: &[&str]) {
     assert_eq!(info.collection.unwrap().payload_fields.len(), want.len());
     let t = Instant::now();
     while !vecs_fields(f).iter().all(|got| *got == want) {
-        assert!(t.elapsed() < Duration::from_secs(10), "fields {fields:?} not indexed");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "fields {fields:?} not indexed"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -559,9 +562,11 @@ async fn a_filtered_search_answers_from_every_shard_exactly_what_the_filter_admi
         filter: Some(shoal_engine::Filter::from_json(json).unwrap().wire()),
         ..Default::default()
     };
-    let e = f
-        .ga
-        .search(filtered(r#"{"must": [{"key": "i", "range": {"lt": 100}}]}"#, false))
+    let e =
+        f.ga.search(filtered(
+            r#"{"must": [{"key": "i", "range": {"lt": 100}}]}"#,
+            false,
+        ))
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
@@ -586,7 +591,11 @@ async fn a_filtered_search_answers_from_every_shard_exactly_what_the_filter_admi
         let want: std::collections::BTreeSet<String> =
             truth.iter().take(10).map(|t| t.1.clone()).collect();
         for exact in [true, false] {
-            let r = f.gb.search(filtered(json, exact)).await.unwrap().into_inner();
+            let r =
+                f.gb.search(filtered(json, exact))
+                    .await
+                    .unwrap()
+                    .into_inner();
             assert_eq!((r.shards_answered, r.partial), (3, false), "{json}");
             assert!(r.shards.iter().all(|s| s.plan == "exact"), "{:?}", r.shards);
             for h in &r.hits {
@@ -600,8 +609,14 @@ async fn a_filtered_search_answers_from_every_shard_exactly_what_the_filter_admi
     }
     // Bad filters: the field's name, the kind's rule, the limit.
     for (json, says) in [
-        (r#"{"must": [{"key": "tags", "match": "t1"}]}"#, "not indexed"),
-        (r#"{"must": [{"key": "half", "range": {"gt": 1}}]}"#, "keyword"),
+        (
+            r#"{"must": [{"key": "tags", "match": "t1"}]}"#,
+            "not indexed",
+        ),
+        (
+            r#"{"must": [{"key": "half", "range": {"gt": 1}}]}"#,
+            "keyword",
+        ),
         (r#"{"must": [{"key": "i", "match": "x"}]}"#, "number"),
     ] {
         let e = f.ga.search(filtered(json, false)).await.unwrap_err();
@@ -609,10 +624,12 @@ async fn a_filtered_search_answers_from_every_shard_exactly_what_the_filter_admi
         assert!(e.message().contains(says), "{json}: {e}");
     }
     let many: Vec<String> = (0..2_000).map(|i| i.to_string()).collect();
-    let e = f
-        .ga
-        .search(filtered(
-            &format!(r#"{{"must": [{{"key": "i", "in": [{}]}}]}}"#, many.join(",")),
+    let e =
+        f.ga.search(filtered(
+            &format!(
+                r#"{{"must": [{{"key": "i", "in": [{}]}}]}}"#,
+                many.join(",")
+            ),
             false,
         ))
         .await
@@ -633,14 +650,245 @@ async fn a_filtered_search_answers_from_every_shard_exactly_what_the_filter_admi
     .await
     .unwrap();
     let r =
-        f.ga.search(filtered(r#"{"must": [{"key": "tags", "in": ["t1", "late"]}]}"#, false))
-            .await
-            .unwrap()
-            .into_inner();
+        f.ga.search(filtered(
+            r#"{"must": [{"key": "tags", "in": ["t1", "late"]}]}"#,
+            false,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.hits[0].id, "late");
     assert!(r.hits[1..]
         .iter()
         .all(|h| h.id[1..].parse::<u64>().unwrap() % 3 == 1));
+    f.stop().await;
+}
+
+/// BM25 computed over the whole corpus in one place: what every shard must score when
+/// the gateway sums the shards' statistics (issue 22).
+fn bm25_whole(corpus: &[(&str, &str)], query: &str) -> Vec<(String, f32)> {
+    use shoal_engine::{bm25_idf, tokenize, Bm25};
+    let docs: Vec<(String, Vec<String>)> = corpus
+        .iter()
+        .map(|(id, t)| (id.to_string(), tokenize(t)))
+        .collect();
+    let n = docs.len() as u64;
+    let avg = docs.iter().map(|d| d.1.len()).sum::<usize>() as f32 / n as f32;
+    let q = tokenize(query);
+    let bm = Bm25::default();
+    let mut out: Vec<(String, f32)> = docs
+        .iter()
+        .map(|(id, toks)| {
+            let len = toks.len() as f32;
+            let s: f32 = q
+                .iter()
+                .map(|t| {
+                    let df = docs.iter().filter(|d| d.1.contains(t)).count() as u64;
+                    let tf = toks.iter().filter(|x| *x == t).count() as f32;
+                    if tf == 0.0 {
+                        0.0
+                    } else {
+                        bm25_idf(n, df) * tf / (tf + bm.k1 * (1.0 - bm.b + bm.b * len / avg))
+                    }
+                })
+                .sum();
+            (id.clone(), s)
+        })
+        .filter(|(_, s)| *s > 0.0)
+        .collect();
+    out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lexical_hybrid_and_feedback_searches_score_as_one_collection_across_shards() {
+    let mut f = Fixture::start(true).await;
+    let corpus: Vec<(&str, &str)> = vec![
+        (
+            "d1",
+            "The mitochondria is the powerhouse of the cell and makes energy.",
+        ),
+        (
+            "d2",
+            "Stock markets fell sharply after the interest rate decision.",
+        ),
+        (
+            "d3",
+            "A recipe for sourdough bread with a crisp crust and an open crumb.",
+        ),
+        (
+            "d4",
+            "Cells divide by mitosis; mitochondria divide on their own.",
+        ),
+        (
+            "d5",
+            "Interest rates rose again, and bond markets sold off.",
+        ),
+        (
+            "d6",
+            "Bread, butter and jam: a breakfast of crumbs and crusts.",
+        ),
+        (
+            "d7",
+            "Photosynthesis makes energy for plant cells from light.",
+        ),
+        (
+            "d8",
+            "The central bank kept rates on hold for the third meeting.",
+        ),
+        ("d9", "Baking rye bread needs a sour starter and patience."),
+        (
+            "d10",
+            "Energy markets: oil prices and the interest of traders.",
+        ),
+    ];
+    f.ga.ingest(pb::IngestRequest {
+        collection: "texts".into(),
+        documents: corpus
+            .iter()
+            .map(|(id, t)| pb::Document {
+                id: (*id).into(),
+                text: (*t).into(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let ask = |text: &str, mode: pb::RetrievalMode| pb::SearchRequest {
+        collection: "texts".into(),
+        text: text.into(),
+        k: 10,
+        mode: mode as i32,
+        ..Default::default()
+    };
+    // Lexical: every shard scores with the collection's statistics, so the merged
+    // answer is BM25 over the whole corpus (three shards here).
+    for q in [
+        "interest rates markets",
+        "bread crust",
+        "mitochondria energy cells",
+    ] {
+        let r =
+            f.gb.search(ask(q, pb::RetrievalMode::Lexical))
+                .await
+                .unwrap()
+                .into_inner();
+        assert_eq!((r.shards_answered, r.partial), (3, false));
+        let want = bm25_whole(&corpus, q);
+        assert_eq!(r.hits.len(), want.len(), "{q}");
+        for (h, (id, s)) in r.hits.iter().zip(&want) {
+            assert_eq!(&h.id, id, "{q}");
+            assert!(
+                (h.score - s).abs() < 1e-4,
+                "{q}: {} {} vs {s}",
+                h.id,
+                h.score
+            );
+        }
+    }
+    // Hybrid (RRF): the fusion of the dense and lexical lists asked alone.
+    let q = "bread crust";
+    let mut dense = ask(q, pb::RetrievalMode::Dense);
+    dense.k = 100;
+    let d = f.ga.search(dense).await.unwrap().into_inner().hits;
+    let mut lex = ask(q, pb::RetrievalMode::Lexical);
+    lex.k = 100;
+    let l = f.ga.search(lex).await.unwrap().into_inner().hits;
+    let h =
+        f.ga.search(ask(q, pb::RetrievalMode::Hybrid))
+            .await
+            .unwrap()
+            .into_inner();
+    assert!(!h.partial);
+    let rank = |list: &[pb::Hit], id: &str| list.iter().position(|x| x.id == id);
+    for hit in &h.hits {
+        let want: f32 = [rank(&d, &hit.id), rank(&l, &hit.id)]
+            .iter()
+            .flatten()
+            .map(|r| 1.0 / (60.0 + *r as f32 + 1.0))
+            .sum();
+        assert!(
+            (hit.score - want).abs() < 1e-6,
+            "{}: {} vs {want}",
+            hit.id,
+            hit.score
+        );
+    }
+    assert!(h.hits.windows(2).all(|w| w[0].score >= w[1].score));
+    // Linear, all weight on the dense side: the dense order.
+    let mut linear = ask(q, pb::RetrievalMode::Hybrid);
+    linear.fusion = pb::Fusion::Linear as i32;
+    linear.dense_weight = Some(1.0);
+    linear.k = 5;
+    let only_dense: Vec<String> =
+        f.ga.search(linear)
+            .await
+            .unwrap()
+            .into_inner()
+            .hits
+            .into_iter()
+            .map(|h| h.id)
+            .collect();
+    let first: Vec<String> = d.iter().take(5).map(|h| h.id.clone()).collect();
+    assert_eq!(only_dense, first);
+    // Pseudo-relevance feedback: alpha 1, beta 0 is the query itself; the defaults
+    // move it (the answer is whole either way).
+    let prf = |alpha: Option<f32>, beta: Option<f32>| {
+        let mut r = ask("how do cells make energy?", pb::RetrievalMode::Dense);
+        r.prf = Some(pb::Prf {
+            enabled: true,
+            depth: 0,
+            alpha,
+            beta,
+        });
+        r
+    };
+    let plain: Vec<String> =
+        f.ga.search(ask("how do cells make energy?", pb::RetrievalMode::Dense))
+            .await
+            .unwrap()
+            .into_inner()
+            .hits
+            .into_iter()
+            .map(|h| h.id)
+            .collect();
+    let same =
+        f.ga.search(prf(Some(1.0), Some(0.0)))
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(
+        same.hits.iter().map(|h| h.id.clone()).collect::<Vec<_>>(),
+        plain
+    );
+    let moved = f.ga.search(prf(None, None)).await.unwrap().into_inner();
+    assert_eq!((moved.hits.len(), moved.partial), (10, false));
+    // Bad combinations: named.
+    let mut bad = ask("x", pb::RetrievalMode::Lexical);
+    bad.prf = Some(pb::Prf {
+        enabled: true,
+        ..Default::default()
+    });
+    let e = f.ga.search(bad).await.unwrap_err();
+    assert!(e.message().contains("feedback"), "{e}");
+    let mut bad = ask("x", pb::RetrievalMode::Hybrid);
+    bad.fusion = pb::Fusion::Linear as i32;
+    bad.dense_weight = Some(2.0);
+    let e = f.ga.search(bad).await.unwrap_err();
+    assert!(e.message().contains("dense_weight"), "{e}");
+    let e =
+        f.ga.search(pb::SearchRequest {
+            collection: "texts".into(),
+            vector: vec![0.1; 384],
+            k: 3,
+            mode: pb::RetrievalMode::Lexical as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
     f.stop().await;
 }
 

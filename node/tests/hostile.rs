@@ -137,10 +137,18 @@ fn hostile_filter() -> impl Strategy<Value = Option<cpb::Filter>> {
         1 => hostile_string(),
     ];
     let value = prop_oneof![
-        (-5.0f64..5.0).prop_map(|x| cpb::FieldValue { value: Some(V::Number(x)) }),
-        Just(cpb::FieldValue { value: Some(V::Number(f64::NAN)) }),
-        hostile_string().prop_map(|s| cpb::FieldValue { value: Some(V::Keyword(s)) }),
-        any::<bool>().prop_map(|b| cpb::FieldValue { value: Some(V::Flag(b)) }),
+        (-5.0f64..5.0).prop_map(|x| cpb::FieldValue {
+            value: Some(V::Number(x))
+        }),
+        Just(cpb::FieldValue {
+            value: Some(V::Number(f64::NAN))
+        }),
+        hostile_string().prop_map(|s| cpb::FieldValue {
+            value: Some(V::Keyword(s))
+        }),
+        any::<bool>().prop_map(|b| cpb::FieldValue {
+            value: Some(V::Flag(b))
+        }),
         Just(cpb::FieldValue { value: None }),
     ];
     let bound = prop_oneof![
@@ -156,26 +164,32 @@ fn hostile_filter() -> impl Strategy<Value = Option<cpb::Filter>> {
         // Long lists of small values (a long list of long strings is the message
         // limit's case, and would be built in this process first).
         (-5.0f64..5.0).prop_map(|x| Some(Test::Any(cpb::ValueList {
-            values: vec![cpb::FieldValue { value: Some(V::Number(x)) }; 5_000]
+            values: vec![
+                cpb::FieldValue {
+                    value: Some(V::Number(x))
+                };
+                5_000
+            ]
         }))),
-        (bound.clone(), bound.clone(), bound.clone(), bound).prop_map(|(gt, gte, lt, lte)| {
-            Some(Test::Range(cpb::Range { gt, gte, lt, lte }))
-        }),
+        (bound.clone(), bound.clone(), bound.clone(), bound)
+            .prop_map(|(gt, gte, lt, lte)| { Some(Test::Range(cpb::Range { gt, gte, lt, lte })) }),
         any::<bool>().prop_map(|e| Some(Test::Exists(e))),
         Just(None),
     ];
     let leaf = (key, test).prop_map(|(key, test)| cpb::Condition { key, test });
     let condition = leaf.prop_recursive(12, 64, 4, |inner| {
-        (prop::collection::vec(inner.clone(), 0..3), prop::collection::vec(inner, 0..2)).prop_map(
-            |(must, must_not)| cpb::Condition {
+        (
+            prop::collection::vec(inner.clone(), 0..3),
+            prop::collection::vec(inner, 0..2),
+        )
+            .prop_map(|(must, must_not)| cpb::Condition {
                 key: String::new(),
                 test: Some(Test::Filter(cpb::Filter {
                     must,
                     should: Vec::new(),
                     must_not,
                 })),
-            },
-        )
+            })
     });
     proptest::option::of(
         (
@@ -586,15 +600,46 @@ fn every_rpc_survives_hostile_messages() {
             async move { s.get(req(r)).await }
         },
     );
+    // Retrieval modes (issue 22): unknown enums, weights and PRF settings of any value.
+    let retrieval = (
+        (hostile_u32(), hostile_u32()),
+        proptest::option::of(hostile_f32()),
+        (hostile_u32(), hostile_u32()),
+        proptest::option::of((
+            any::<bool>(),
+            hostile_u32(),
+            proptest::option::of(hostile_f32()),
+            proptest::option::of(hostile_f32()),
+        )),
+    );
     let search = (
         (coll(), prop_oneof![Just(String::new()), hostile_string()]),
         prop_oneof![Just(Vec::new()), hostile_vector()],
         (hostile_u32(), hostile_u32(), hostile_u32()),
         (any::<bool>(), any::<bool>(), hostile_filter()),
+        retrieval,
     )
         .prop_map(
-            |((collection, text), vector, (k, nprobe, refine), (with_text, exact, filter))| {
+            |(
+                (collection, text),
+                vector,
+                (k, nprobe, refine),
+                (with_text, exact, filter),
+                ((mode, fusion), dense_weight, (rrf_k, fusion_depth), prf),
+            )| {
                 pb::SearchRequest {
+                    // Mostly known modes, so the lexical and hybrid paths run.
+                    mode: (mode % 4) as i32,
+                    fusion: (fusion % 3) as i32,
+                    dense_weight,
+                    rrf_k,
+                    fusion_depth,
+                    prf: prf.map(|(enabled, depth, alpha, beta)| pb::Prf {
+                        enabled,
+                        depth,
+                        alpha,
+                        beta,
+                    }),
                     collection,
                     text,
                     vector,
@@ -825,28 +870,48 @@ fn every_rpc_survives_hostile_messages() {
             hostile_vector(),
             (hostile_u32(), hostile_u32(), hostile_u32()),
             (any::<bool>(), hostile_filter()),
+            proptest::option::of((
+                prop::collection::vec(hostile_string(), 0..4),
+                any::<bool>(),
+                prop::collection::vec(hostile_f32(), 0..5),
+                (hostile_f32(), hostile_f32(), hostile_f32()),
+            )),
         )
-            .prop_map(|(shard, vector, (k, nprobe, refine), (exact, filter))| {
-                rpb::ShardSearchRequest {
-                    shard_count: k % 3,
-                    // A model no replica holds vectors of, or none (issue 21).
-                    model: if exact {
-                        String::new()
-                    } else {
-                        format!("sha256:{nprobe}")
-                    },
-                    // Texts and metadata of the hits (issue 22), within payload_bytes.
-                    with_text: k % 2 == 0,
-                    with_payload: k % 3 == 0,
-                    shard,
-                    vector,
-                    k,
-                    nprobe,
-                    refine,
-                    exact,
-                    filter,
-                }
-            }),
+            .prop_map(
+                |(shard, vector, (k, nprobe, refine), (exact, filter), lexical)| {
+                    rpb::ShardSearchRequest {
+                        // BM25 (issue 22): terms, weights and parameters of any value.
+                        lexical: lexical.map(|(terms, stats_only, idf, (avg_len, k1, b))| {
+                            rpb::LexicalQuery {
+                                terms,
+                                stats_only,
+                                idf,
+                                avg_len,
+                                k1,
+                                b,
+                            }
+                        }),
+                        with_vectors: refine % 2 == 0,
+                        shard_count: k % 3,
+                        // A model no replica holds vectors of, or none (issue 21).
+                        model: if exact {
+                            String::new()
+                        } else {
+                            format!("sha256:{nprobe}")
+                        },
+                        // Texts and metadata of the hits (issue 22), within payload_bytes.
+                        with_text: k % 2 == 0,
+                        with_payload: k % 3 == 0,
+                        shard,
+                        vector,
+                        k,
+                        nprobe,
+                        refine,
+                        exact,
+                        filter,
+                    }
+                },
+            ),
         |r| {
             let mut s = ReplicaClient::new(internal.clone());
             async move { s.search(req(r)).await }
@@ -1777,9 +1842,10 @@ fn every_limit_is_refused_by_name_and_nothing_is_half_applied() {
             Code::InvalidArgument,
             "payload_fields = 2",
         );
-        let five_terms =
-            shoal_proto::filter::Filter::from_json(r#"{"must": [{"key": "n", "in": [1, 2, 3, 4]}]}"#)
-                .unwrap();
+        let five_terms = shoal_proto::filter::Filter::from_json(
+            r#"{"must": [{"key": "n", "in": [1, 2, 3, 4]}]}"#,
+        )
+        .unwrap();
         refused(
             s.search(pb::SearchRequest {
                 filter: Some(five_terms.wire()),

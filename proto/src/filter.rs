@@ -208,11 +208,23 @@ impl Range {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Condition {
-    Match { key: String, value: Value },
-    In { key: String, values: Vec<Value> },
-    Range { key: String, range: Range },
+    Match {
+        key: String,
+        value: Value,
+    },
+    In {
+        key: String,
+        values: Vec<Value>,
+    },
+    Range {
+        key: String,
+        range: Range,
+    },
     /// `exists: true`: the field has a value of its kind; false: none.
-    Exists { key: String, exists: bool },
+    Exists {
+        key: String,
+        exists: bool,
+    },
     Nested(Filter),
 }
 
@@ -238,8 +250,13 @@ impl Filter {
     pub fn check(&self, fields: &[PayloadField], limits: &Limits) -> Result<(), String> {
         let mut terms = 0usize;
         self.check_at(fields, limits, 1, &mut terms)?;
-        crate::within!(limits, filter_terms, terms, "conditions and values in a filter")
-            .map_err(|e| e.to_string())
+        crate::within!(
+            limits,
+            filter_terms,
+            terms,
+            "conditions and values in a filter"
+        )
+        .map_err(|e| e.to_string())
     }
 
     fn check_at(
@@ -411,8 +428,9 @@ impl Condition {
             Condition::Match { key, value } => {
                 field_values(metadata, key, kind(key)).any(|x| x.equals(value))
             }
-            Condition::In { key, values } => field_values(metadata, key, kind(key))
-                .any(|x| values.iter().any(|v| x.equals(v))),
+            Condition::In { key, values } => {
+                field_values(metadata, key, kind(key)).any(|x| values.iter().any(|v| x.equals(v)))
+            }
             Condition::Range { key, range } => {
                 field_values(metadata, key, kind(key)).any(|x| match x {
                     Leaf::Number(n) => range.contains(n),
@@ -502,7 +520,10 @@ impl Condition {
             if obj.len() != 1 {
                 return Err("a nested {\"filter\": ...} condition takes nothing else".into());
             }
-            return Ok(Condition::Nested(Filter::from_json_value(inner, depth + 1)?));
+            return Ok(Condition::Nested(Filter::from_json_value(
+                inner,
+                depth + 1,
+            )?));
         }
         let key = obj
             .get("key")
@@ -531,14 +552,14 @@ impl Condition {
                 key,
             },
             "range" => {
-                let r = arg
-                    .as_object()
-                    .ok_or_else(|| format!("field {key:?}: a range is an object of gt/gte/lt/lte"))?;
+                let r = arg.as_object().ok_or_else(|| {
+                    format!("field {key:?}: a range is an object of gt/gte/lt/lte")
+                })?;
                 let mut range = Range::default();
                 for (b, x) in r {
-                    let x = x
-                        .as_f64()
-                        .ok_or_else(|| format!("field {key:?}: range bound {b} must be a number"))?;
+                    let x = x.as_f64().ok_or_else(|| {
+                        format!("field {key:?}: range bound {b} must be a number")
+                    })?;
                     match b.as_str() {
                         "gt" => range.gt = Some(x),
                         "gte" => range.gte = Some(x),
@@ -682,10 +703,16 @@ mod tests {
     use serde_json::json;
 
     fn fields() -> Vec<PayloadField> {
-        ["year:number", "lang:keyword", "tags:keyword", "a.b:number", "ok:keyword"]
-            .iter()
-            .map(|s| PayloadField::parse(s).unwrap())
-            .collect()
+        [
+            "year:number",
+            "lang:keyword",
+            "tags:keyword",
+            "a.b:number",
+            "ok:keyword",
+        ]
+        .iter()
+        .map(|s| PayloadField::parse(s).unwrap())
+        .collect()
     }
 
     #[test]
@@ -694,7 +721,14 @@ mod tests {
         let nums: Vec<Leaf> = field_values(&m, "a.b", Some(FieldKind::Number)).collect();
         assert_eq!(nums, [Leaf::Number(1.0), Leaf::Number(2.0)]);
         let kws: Vec<Leaf> = field_values(&m, "tags", Some(FieldKind::Keyword)).collect();
-        assert_eq!(kws, [Leaf::Keyword("p"), Leaf::Keyword("q"), Leaf::Keyword("true")]);
+        assert_eq!(
+            kws,
+            [
+                Leaf::Keyword("p"),
+                Leaf::Keyword("q"),
+                Leaf::Keyword("true")
+            ]
+        );
         assert_eq!(field_values(&m, "a", Some(FieldKind::Number)).count(), 0);
         assert_eq!(field_values(&m, "a.b", None).count(), 0);
     }
@@ -735,8 +769,10 @@ mod tests {
         assert!(bad(r#"{"must": [{"key": "year", "match": "x"}]}"#).contains("number"));
         assert!(bad(r#"{"must": [{"key": "year", "range": {}}]}"#).contains("bound"));
         assert!(bad(r#"{"must": [{"key": "year", "in": []}]}"#).contains("no values"));
-        assert!(bad(r#"{"must": [{"key": "year", "match": 1, "exists": true}]}"#)
-            .contains("exactly one"));
+        assert!(
+            bad(r#"{"must": [{"key": "year", "match": 1, "exists": true}]}"#)
+                .contains("exactly one")
+        );
         assert!(bad(r#"{"may": []}"#).contains("unknown clause"));
         assert!(bad(r#"{"must": [{"key": "year", "between": 1}]}"#).contains("unknown test"));
         let mut deep = r#"{"key": "year", "match": 1}"#.to_string();
@@ -760,11 +796,9 @@ mod tests {
         };
         assert!(Filter::from_wire(&no_test).unwrap_err().contains("no test"));
         assert!(PayloadField::parse("year:date").is_err());
-        assert!(PayloadField::check_all(
-            &[PayloadField::parse("a..b:number").unwrap()],
-            &l
-        )
-        .is_err());
+        assert!(
+            PayloadField::check_all(&[PayloadField::parse("a..b:number").unwrap()], &l).is_err()
+        );
         assert!(PayloadField::check_all(&[fields(), fields()].concat(), &l)
             .unwrap_err()
             .contains("twice"));

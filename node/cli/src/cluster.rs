@@ -529,6 +529,55 @@ pub async fn ingest(target: Target, node: NodeTarget, a: IngestArgs) -> Result<(
     Ok(())
 }
 
+/// How a search retrieves (issue 22), for `shoal search` and `shoal eval`.
+#[derive(Args, Clone, Debug)]
+pub struct RetrievalArgs {
+    /// dense (the vector index), lexical (BM25 over the stored text) or hybrid (both,
+    /// fused).
+    #[arg(long, default_value = "dense", value_parser = ["dense", "lexical", "hybrid"])]
+    mode: String,
+    /// hybrid: rrf (reciprocal ranks, k = 60) or linear (normalised scores, weighted).
+    #[arg(long, default_value = "rrf", value_parser = ["rrf", "linear"])]
+    fusion: String,
+    /// linear: the dense side's weight in [0, 1] (default 0.5).
+    #[arg(long)]
+    dense_weight: Option<f32>,
+    /// Vector pseudo-relevance feedback (dense, hybrid): Rocchio over the top 3
+    /// documents' vectors (alpha 0.4, beta 0.6), then searched again.
+    #[arg(long)]
+    prf: bool,
+}
+
+impl RetrievalArgs {
+    fn apply(&self, r: &mut pb::SearchRequest) {
+        r.mode = match self.mode.as_str() {
+            "lexical" => pb::RetrievalMode::Lexical,
+            "hybrid" => pb::RetrievalMode::Hybrid,
+            _ => pb::RetrievalMode::Dense,
+        } as i32;
+        r.fusion = match self.fusion.as_str() {
+            "linear" => pb::Fusion::Linear,
+            _ => pb::Fusion::Rrf,
+        } as i32;
+        r.dense_weight = self.dense_weight;
+        r.prf = self.prf.then(|| pb::Prf {
+            enabled: true,
+            ..Default::default()
+        });
+    }
+
+    /// How it is named in the eval's summary.
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "mode": self.mode,
+            "fusion": (self.mode == "hybrid").then_some(self.fusion.as_str()),
+            "dense_weight": (self.mode == "hybrid" && self.fusion == "linear")
+                .then_some(self.dense_weight.unwrap_or(0.5)),
+            "prf": self.prf,
+        })
+    }
+}
+
 #[derive(Args)]
 pub struct SearchArgs {
     text: String,
@@ -547,22 +596,26 @@ pub struct SearchArgs {
     /// [...], "must_not": [...]}; the fields must be indexed: `--index-field`).
     #[arg(long, value_parser = Filter::from_json)]
     filter: Option<Filter>,
+    #[command(flatten)]
+    retrieval: RetrievalArgs,
 }
 
 pub async fn search(node: NodeTarget, a: SearchArgs) -> Result<()> {
     let mut c = connect(&node.node)?;
     let filtered = a.filter.is_some();
+    let mut req = pb::SearchRequest {
+        collection: a.collection,
+        text: a.text,
+        k: a.k,
+        nprobe: a.nprobe,
+        with_text: true,
+        with_payload: a.with_payload,
+        filter: a.filter.as_ref().map(Filter::wire),
+        ..Default::default()
+    };
+    a.retrieval.apply(&mut req);
     let r = c
-        .search(pb::SearchRequest {
-            collection: a.collection,
-            text: a.text,
-            k: a.k,
-            nprobe: a.nprobe,
-            with_text: true,
-            with_payload: a.with_payload,
-            filter: a.filter.as_ref().map(Filter::wire),
-            ..Default::default()
-        })
+        .search(req)
         .await
         .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
         .into_inner();
@@ -612,6 +665,12 @@ pub struct EvalArgs {
     /// below their automatic build threshold answer by exact scan).
     #[arg(long)]
     build_index: bool,
+    #[command(flatten)]
+    retrieval: RetrievalArgs,
+    /// Each query's nDCG@10 as JSON lines here (for paired significance tests between
+    /// modes: `scripts/reference/paired.py`).
+    #[arg(long)]
+    per_query: Option<PathBuf>,
 }
 
 /// Creates and fills the collection if needed, runs every judged query through the
@@ -655,33 +714,34 @@ pub async fn eval(target: Target, node: NodeTarget, a: EvalArgs) -> Result<()> {
     }
     let mut c = connect(&node.node)?;
     let (mut ndcg, mut recall, mut lat, mut partial) = (0.0, 0.0, Vec::new(), 0usize);
+    let mut per_query = Vec::new();
     let mut shown = 0;
     for q in &queries {
         let t = Instant::now();
+        let mut req = pb::SearchRequest {
+            collection: name.clone(),
+            text: q.text.clone(),
+            k: 100,
+            ..Default::default()
+        };
+        a.retrieval.apply(&mut req);
         let mut r = c
-            .search(pb::SearchRequest {
-                collection: name.clone(),
-                text: q.text.clone(),
-                k: 100,
-                ..Default::default()
-            })
+            .search(req)
             .await
             .with_context(|| format!("query {}", q.id))?
             .into_inner();
         lat.push(t.elapsed().as_secs_f64() * 1e3);
         if shown < a.show {
             // Texts for display only, outside the timed query.
-            let shown_hits = c
-                .search(pb::SearchRequest {
-                    collection: name.clone(),
-                    text: q.text.clone(),
-                    k: 3,
-                    with_text: true,
-                    ..Default::default()
-                })
-                .await?
-                .into_inner()
-                .hits;
+            let mut show = pb::SearchRequest {
+                collection: name.clone(),
+                text: q.text.clone(),
+                k: 3,
+                with_text: true,
+                ..Default::default()
+            };
+            a.retrieval.apply(&mut show);
+            let shown_hits = c.search(show).await?.into_inner().hits;
             for (h, s) in r.hits.iter_mut().zip(shown_hits) {
                 h.text = s.text;
             }
@@ -695,7 +755,9 @@ pub async fn eval(target: Target, node: NodeTarget, a: EvalArgs) -> Result<()> {
             .filter(|d| *d != q.id)
             .collect();
         let rels: &HashMap<String, u32> = &qrels[&q.id];
-        ndcg += ndcg_at(10, &ranked, rels);
+        let this = ndcg_at(10, &ranked, rels);
+        ndcg += this;
+        per_query.push(serde_json::json!({"query": q.id, "ndcg_at_10": this}));
         recall += recall_at(100, &ranked, rels);
         if shown < a.show {
             shown += 1;
@@ -708,6 +770,11 @@ pub async fn eval(target: Target, node: NodeTarget, a: EvalArgs) -> Result<()> {
         }
     }
     let n = queries.len().max(1) as f64;
+    if let Some(path) = &a.per_query {
+        let lines: Vec<String> = per_query.iter().map(|v| v.to_string()).collect();
+        std::fs::write(path, lines.join("\n") + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     lat.sort_by(f64::total_cmp);
     let (p50, p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
     println!("| collection | queries | nDCG@10 | recall@100 | p50 ms | p99 ms | partial |");
@@ -722,6 +789,7 @@ pub async fn eval(target: Target, node: NodeTarget, a: EvalArgs) -> Result<()> {
         "{}",
         serde_json::json!({
             "collection": name, "queries": queries.len(),
+            "retrieval": a.retrieval.describe(),
             "ndcg_at_10": ndcg / n, "recall_at_100": recall / n,
             "p50_ms": p50, "p99_ms": p99, "partial_results": partial,
             "ingest_docs_per_s": ingest_rate,

@@ -463,6 +463,7 @@ impl Shard {
         {
             let mut st = self.inner.state.write();
             st.payload = st.payload.remapped(&map, rows.len());
+            st.lexical = st.lexical.remapped(&map, rows.len());
             st.rows = rows;
             st.vectors = w.vectors.view();
             st.docs = docs_reader;

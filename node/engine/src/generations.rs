@@ -425,6 +425,7 @@ impl Shard {
                 mode,
                 set,
                 filter: None,
+                plan: None,
             };
             loop {
                 let layout = self.inner.state.read().layout;

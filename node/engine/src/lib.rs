@@ -12,6 +12,7 @@ mod compact;
 mod config;
 mod error;
 mod generations;
+mod lexical;
 mod manifest;
 mod metadata;
 mod payload_index;
@@ -50,10 +51,12 @@ pub use config::{
     MAX_REQUEST_ID_BYTES, MAX_TOP_K,
 };
 pub use error::{Result, ShardError};
+pub use lexical::{idf as bm25_idf, tokenize, Bm25, LexicalStats};
+use lexical::{LexicalIndex, RowTerms};
 pub use metadata::Metadata;
-pub use shoal_proto::filter::{Filter, PayloadField};
 use payload_index::{PayloadIndex, RowValues};
 pub use rerank::Precision;
+pub use shoal_proto::filter::{Filter, PayloadField};
 pub use storage::{sync_dir, write_atomic};
 pub use vector_set::{PendingRow, VectorSetInfo};
 pub use wal::{WalBatch, WalOp};
@@ -216,6 +219,10 @@ pub struct SearchParams {
     /// Only rows whose metadata passes (issue 22), checked against the collection's
     /// indexed fields by the caller; the plan is chosen per search ([`FilterPlan`]).
     pub filter: Option<Arc<Filter>>,
+    /// Forces a filtered search's plan (benchmarks compare them; `None`: chosen by
+    /// [`plan_filter`]). IVF-filtered on a generation a compaction renumbered is not
+    /// possible and falls back to the chosen plan.
+    pub plan: Option<FilterPlan>,
 }
 
 /// How a filtered search ran, chosen from how many rows the filter admits
@@ -227,8 +234,8 @@ pub enum FilterPlan {
     /// IVF-PQ restricted to the admitted rows (FAISS `IDSelectorBitmap`), with more
     /// lists probed the fewer rows are admitted, then re-scored.
     IvfFiltered,
-    /// IVF-PQ over every row asked for more candidates, the unadmitted dropped (most
-    /// rows admitted, or a generation a compaction renumbered).
+    /// IVF-PQ over every row asked for more candidates, the unadmitted dropped (a
+    /// tenth of the rows admitted or more).
     PostFiltered,
 }
 
@@ -247,8 +254,11 @@ impl FilterPlan {
 /// rows of 384 floats are ~4 M multiply-adds, about what IVF-PQ spends probing its
 /// lists (docs/benchmarks.md, "Filtered search").
 pub const EXACT_FILTER_ROWS: u64 = 10_000;
-/// Admitted fraction of the rows at or above which a filtered search post-filters.
-pub const POST_FILTER_FRACTION: f64 = 0.5;
+/// Admitted fraction of the rows at or above which a filtered search post-filters:
+/// on a million rows post-filtering answered 10% and 50% filters faster than the
+/// restricted index (376 vs 308 and 192 vs 150 queries/s, keyword 10%: 911 vs 642),
+/// at recall@10 0.9985-1.0 (docs/benchmarks.md, "Filtered search").
+pub const POST_FILTER_FRACTION: f64 = 0.1;
 
 /// The plan for a filter admitting `admitted` of `rows` rows on an index whose labels
 /// are still row numbers (`renumbered` false), exact at or below `exact_rows`, and the factor by which it widens the
@@ -267,8 +277,6 @@ pub fn plan_filter(
         (FilterPlan::PostFiltered, 1.0 / fraction)
     } else if !renumbered {
         (FilterPlan::IvfFiltered, 1.0 / fraction)
-    } else if fraction >= 0.1 {
-        (FilterPlan::PostFiltered, 1.0 / fraction)
     } else {
         (FilterPlan::Exact, 1.0)
     }
@@ -397,6 +405,8 @@ struct State {
     crcs: Option<Arc<Vec<u32>>>,
     /// The indexed metadata fields' values by row (issue 22, `payload_index.rs`).
     payload: PayloadIndex,
+    /// The stored texts' terms by row, for BM25 (issue 22, `lexical.rs`).
+    lexical: LexicalIndex,
 }
 
 /// The checksum row `row`'s vector must have: the layout's table's (a re-embed's
@@ -593,6 +603,7 @@ impl Shard {
                 )?)),
             },
             payload: PayloadIndex::new(&config.payload_fields),
+            lexical: LexicalIndex::default(),
         };
         load_segment(&docs.path, &vectors, &mut state)?;
         if state.rows.len() != manifest.rows {
@@ -1124,6 +1135,102 @@ impl Shard {
             .collect()
     }
 
+    /// The vectors of `ids` (None: not here) from the stored vectors or a re-embed's
+    /// complete set `set` (issue 22: a search's pseudo-relevance feedback reads its top
+    /// documents' vectors of the query's model).
+    pub fn vectors_of(&self, ids: &[&str], set: Option<u64>) -> Result<Vec<Option<Vec<f32>>>> {
+        let routing = self.routing();
+        let st = self.inner.state.read();
+        let view = match set {
+            None => st.vectors.clone(),
+            Some(tag) => match &st.set {
+                Some(s) if s.tag == tag && s.missing == 0 => s.vectors.clone(),
+                _ => {
+                    return Err(ShardError::VectorSet(format!(
+                        "no complete vector set of operation {tag} here"
+                    )))
+                }
+            },
+        };
+        Ok(ids
+            .iter()
+            .map(|id| {
+                st.rows
+                    .get(id)
+                    .filter(|_| routing.is_none_or(|r| r.holds(id)))
+                    .map(|row| view.get(row).to_vec())
+            })
+            .collect())
+    }
+
+    /// This replica's part of the collection's BM25 statistics for `terms` (issue 22):
+    /// its live rows with text, their total length, and each term's document count.
+    pub fn lexical_stats(&self, terms: &[String]) -> LexicalStats {
+        let routing = self.routing();
+        let st = self.inner.state.read();
+        st.lexical.stats(terms, |r| {
+            st.rows.is_live(r) && routing.is_none_or(|x| x.holds(st.rows.id(r)))
+        })
+    }
+
+    /// The top `k` live rows by BM25 for `terms` (issue 22), each weighted by the
+    /// collection's `idf` and lengths normalised by its mean `avg_len` (the sums of
+    /// every shard's [`Shard::lexical_stats`]), among the rows `filter` admits.
+    pub fn lexical_search(
+        &self,
+        terms: &[String],
+        idf: &[f32],
+        avg_len: f32,
+        bm25: Bm25,
+        k: usize,
+        filter: Option<&Filter>,
+    ) -> Result<SearchResult> {
+        if k == 0 || k > MAX_TOP_K {
+            return Err(ShardError::InvalidQuery(format!(
+                "top_k {k} must be between 1 and {MAX_TOP_K}"
+            )));
+        }
+        if idf.len() != terms.len() || idf.iter().any(|w| !w.is_finite() || *w < 0.0) {
+            return Err(ShardError::InvalidQuery(format!(
+                "{} terms need as many finite, non-negative idf weights (got {})",
+                terms.len(),
+                idf.len()
+            )));
+        }
+        let ok = |x: f32, lo: f32, hi: f32| x.is_finite() && (lo..=hi).contains(&x);
+        if !ok(avg_len, 0.0, 1e9) || !ok(bm25.k1, 0.0, 100.0) || !ok(bm25.b, 0.0, 1.0) {
+            return Err(ShardError::InvalidQuery(format!(
+                "BM25 needs a finite mean length and 0 <= k1 <= 100, 0 <= b <= 1 (got {avg_len}, {}, {})",
+                bm25.k1, bm25.b
+            )));
+        }
+        let routing = self.routing();
+        let st = self.inner.state.read();
+        let admitted = filter
+            .map(|f| st.payload.eval(f))
+            .transpose()
+            .map_err(ShardError::InvalidQuery)?;
+        let top = st.lexical.search(terms, idf, avg_len, bm25, k, |r| {
+            st.rows.is_live(r)
+                && routing.is_none_or(|x| x.holds(st.rows.id(r)))
+                && admitted
+                    .as_ref()
+                    .is_none_or(|a| u32::try_from(r).is_ok_and(|r| a.contains(r)))
+        });
+        Ok(SearchResult {
+            hits: top
+                .into_iter()
+                .map(|(row, score)| Hit {
+                    id: Arc::from(st.rows.id(row)),
+                    score,
+                })
+                .collect(),
+            generation: None,
+            fresh_rows: 0,
+            plan: filter.map(|_| FilterPlan::Exact),
+        })
+    }
+
     pub fn get(&self, id: &str) -> Result<Option<StoredDocument>> {
         if self.routing().is_some_and(|r| !r.holds(id)) {
             return Ok(None);
@@ -1341,12 +1448,20 @@ impl Shard {
                     let renumbered = serving.as_ref().is_some_and(|g| !g.remaps.is_empty());
                     let (plan, widen) = match (&serving, p.mode) {
                         (Some(_), SearchMode::Rerank | SearchMode::Approximate) => {
-                            plan_filter(
+                            let chosen = plan_filter(
                                 admitted.len(),
                                 st.rows.len(),
                                 renumbered,
                                 cfg.exact_filter_rows,
-                            )
+                            );
+                            match p.plan {
+                                None => chosen,
+                                Some(FilterPlan::IvfFiltered) if renumbered => chosen,
+                                Some(FilterPlan::Exact) => (FilterPlan::Exact, 1.0),
+                                Some(forced) => {
+                                    (forced, st.rows.len() as f64 / admitted.len().max(1) as f64)
+                                }
+                            }
                         }
                         _ => (FilterPlan::Exact, 1.0),
                     };
@@ -1368,20 +1483,32 @@ impl Shard {
                 } else {
                     p.k
                 };
-                // A filter widens the candidates and the lists probed by 1 / the
-                // admitted fraction: about as many admitted candidates come back as
-                // an unfiltered search finds.
-                let want = ((want as f64 * widen).ceil() as usize).max(want);
-                let nprobe = ((nprobe as f64 * widen).ceil() as usize).clamp(nprobe, nlist.max(1));
+                // A filter widens the candidates by 1 / the admitted fraction (about
+                // as many admitted candidates come back as an unfiltered search
+                // finds) and the lists probed by its square root: the admitted top k
+                // lie about as deep as the unfiltered top k / fraction, in lists
+                // nearer the query than that count suggests. Probing 1 / fraction
+                // times the lists cost 2x at 10% admitted on a million rows for no
+                // recall (1.0 either way, docs/benchmarks.md).
+                // Never more than the rows there are (or, restricted, are admitted).
+                let most = match (plan, &admitted) {
+                    (Some(FilterPlan::IvfFiltered), Some(a)) => a.len(),
+                    _ => g.info.covered_rows,
+                };
+                let want = ((want as f64 * widen).ceil() as usize)
+                    .min(most.max(1) as usize)
+                    .max(want);
+                let nprobe =
+                    ((nprobe as f64 * widen.sqrt()).ceil() as usize).clamp(nprobe, nlist.max(1));
                 let selected = match (plan, &admitted) {
                     (Some(FilterPlan::IvfFiltered), Some(a)) => {
                         Some(payload_index::dense_bitmap(a, g.info.covered_rows))
                     }
                     _ => None,
                 };
-                let candidates = g
-                    .index
-                    .search_selected(query, want, nprobe, selected.as_deref())?;
+                let candidates =
+                    g.index
+                        .search_selected(query, want, nprobe, selected.as_deref())?;
                 let mut decoded = vec![0f32; if g.rerank.is_some() { query.len() } else { 0 }];
                 let st = self.inner.state.read();
                 if st.layout != layout {
@@ -2383,6 +2510,7 @@ enum StagedOp {
         row: u64,
         offset: u64,
         values: RowValues,
+        terms: RowTerms,
     },
     Delete(String),
     /// A vector set's vector written to this row.
@@ -2437,6 +2565,7 @@ fn stage(
                         &w.manifest.config.payload_fields,
                         metadata.as_str(),
                     ),
+                    terms: RowTerms::of(text.as_deref()),
                 });
                 last_put = Some(row);
             }
@@ -2498,11 +2627,13 @@ fn publish(st: &mut State, w: &mut Writer, staged: Staged) -> (usize, usize) {
                 row,
                 offset,
                 values,
+                terms,
             } => {
                 let old = st.rows.get(&id);
                 let placed = st.rows.put(&id, offset);
                 debug_assert_eq!(placed, row);
                 st.payload.push(placed, values);
+                st.lexical.push(placed, terms);
                 vector_set::on_put(w, old, placed);
                 up += 1;
             }
@@ -2777,7 +2908,11 @@ fn load_segment(path: &Path, vectors: &VectorStore, st: &mut State) -> Result<()
     let end = record::scan(data, |offset, payload| {
         match storage::decode::<SegmentEntry>(payload)? {
             SegmentEntry::Put {
-                row, id, metadata, ..
+                row,
+                id,
+                metadata,
+                text,
+                ..
             } => {
                 if row != st.rows.len() || row >= view.rows() {
                     return Err(format!(
@@ -2798,6 +2933,7 @@ fn load_segment(path: &Path, vectors: &VectorStore, st: &mut State) -> Result<()
                 st.rows.put(&id, offset);
                 let values = PayloadIndex::extract(st.payload.fields(), &metadata);
                 st.payload.push(row, values);
+                st.lexical.push(row, RowTerms::of(text.as_deref()));
             }
             SegmentEntry::Delete { id, .. } => {
                 st.rows.remove(&id);

@@ -197,7 +197,8 @@ fn t11_bad_input_is_refused_with_a_clear_error_and_writes_nothing() {
     assert_eq!((after.rows, after.last_seq), (before.rows, before.last_seq));
 
     let q = vector_for("q");
-    let query_err = |p: SearchParams, v: &[f32]| shard.search(v, p.clone()).unwrap_err().to_string();
+    let query_err =
+        |p: SearchParams, v: &[f32]| shard.search(v, p.clone()).unwrap_err().to_string();
     assert!(query_err(SearchParams::top(0), &q).contains("top_k 0 must be between 1 and 10000"));
     assert!(query_err(SearchParams::top(10_001), &q).contains("top_k 10001"));
     let p = SearchParams {
@@ -1414,7 +1415,11 @@ fn t72_replicas_and_snapshots_number_rows_alike_across_compactions() {
             backup.search(&vector_for(q), approx.clone()).unwrap().hits,
             "{q}"
         );
-        assert_eq!(a, copy.search(&vector_for(q), approx.clone()).unwrap().hits, "{q}");
+        assert_eq!(
+            a,
+            copy.search(&vector_for(q), approx.clone()).unwrap().hits,
+            "{q}"
+        );
     }
     // A generation from before a compaction is not shipped: its labels are another
     // numbering.
@@ -1739,6 +1744,7 @@ fn t82_a_shard_cloned_and_retained_in_halves_answers_as_the_whole() {
                             nprobe: Some(16),
                             set: None,
                             filter: None,
+                            plan: None,
                         };
                         s.search(&v, p.clone()).unwrap().hits
                     })
@@ -1824,7 +1830,9 @@ fn t82_a_shard_cloned_and_retained_in_halves_answers_as_the_whole() {
 fn query_answers(shard: &Shard, p: SearchParams) -> Vec<Vec<String>> {
     (0..40)
         .map(|i| {
-            let r = shard.search(&vector_for(&format!("q{i}")), p.clone()).unwrap();
+            let r = shard
+                .search(&vector_for(&format!("q{i}")), p.clone())
+                .unwrap();
             r.hits.into_iter().map(|h| h.id.to_string()).collect()
         })
         .collect()
@@ -2215,7 +2223,9 @@ fn t92_a_re_embed_fills_a_vector_set_drops_stale_re_encodings_and_commits_it() {
         set: Some(3),
         ..SearchParams::default()
     };
-    let r = primary.search(&vector2_for("c700"), approx.clone()).unwrap();
+    let r = primary
+        .search(&vector2_for("c700"), approx.clone())
+        .unwrap();
     assert_eq!(r.generation, Some(staged.id));
     assert_eq!(&*r.hits[0].id, "c700");
 
@@ -2330,7 +2340,7 @@ fn approx_set_none() -> SearchParams {
 fn filter_doc(i: usize, round: usize) -> Document {
     let id = format!("f{i}");
     let groups = ["a", "b", "c"];
-    let metadata = if i % 17 == 0 {
+    let metadata = if i.is_multiple_of(17) {
         json!({})
     } else {
         json!({
@@ -2361,7 +2371,11 @@ fn filtered_truth(
         .values()
         .filter(|d| f.matches(fields, &d.metadata.to_value()))
         .map(|d| {
-            let s: f32 = q.iter().zip(&d.vector).map(|(a, b)| (a - b) * (a - b)).sum();
+            let s: f32 = q
+                .iter()
+                .zip(&d.vector)
+                .map(|(a, b)| (a - b) * (a - b))
+                .sum();
             (s, d.id.clone())
         })
         .collect();
@@ -2391,12 +2405,20 @@ fn t93_filtered_search_agrees_with_the_oracle_under_each_plan_across_replay_comp
             live.insert(d.id.clone(), d);
         }
     };
-    for chunk in (0..3000).map(|i| filter_doc(i, 0)).collect::<Vec<_>>().chunks(500) {
+    for chunk in (0..3000)
+        .map(|i| filter_doc(i, 0))
+        .collect::<Vec<_>>()
+        .chunks(500)
+    {
         put(&shard, chunk.to_vec(), &mut live);
     }
     shard.rebuild(None).unwrap();
     // Updates (new rows, new values), deletes and a fresh tail past the index.
-    put(&shard, (0..600).map(|i| filter_doc(i * 5, 1)).collect(), &mut live);
+    put(
+        &shard,
+        (0..600).map(|i| filter_doc(i * 5, 1)).collect(),
+        &mut live,
+    );
     let gone: Vec<String> = (0..300).map(|i| format!("f{}", i * 7 + 1)).collect();
     shard.delete(gone.clone()).unwrap();
     for id in &gone {
@@ -2404,15 +2426,28 @@ fn t93_filtered_search_agrees_with_the_oracle_under_each_plan_across_replay_comp
     }
     let filters: Vec<(&str, Option<FilterPlan>)> = vec![
         // ~1% of the rows: scored exactly.
-        (r#"{"must": [{"key": "n", "match": 3}]}"#, Some(FilterPlan::Exact)),
-        // ~10-30%: the index restricted to them.
-        (r#"{"must": [{"key": "g", "match": "a"}]}"#, Some(FilterPlan::IvfFiltered)),
         (
-            r#"{"must": [{"key": "n", "range": {"gte": 10, "lt": 40}}], "must_not": [{"key": "tags", "in": ["t1"]}]}"#,
+            r#"{"must": [{"key": "n", "match": 3}]}"#,
+            Some(FilterPlan::Exact),
+        ),
+        // ~8%: the index restricted to them.
+        (
+            r#"{"must": [{"key": "n", "range": {"lt": 8}}]}"#,
             Some(FilterPlan::IvfFiltered),
         ),
-        // Most rows: post-filtered.
-        (r#"{"must_not": [{"key": "g", "match": "c"}]}"#, Some(FilterPlan::PostFiltered)),
+        // A tenth of the rows or more: post-filtered.
+        (
+            r#"{"must": [{"key": "g", "match": "a"}]}"#,
+            Some(FilterPlan::PostFiltered),
+        ),
+        (
+            r#"{"must": [{"key": "n", "range": {"gte": 10, "lt": 40}}], "must_not": [{"key": "tags", "in": ["t1"]}]}"#,
+            Some(FilterPlan::PostFiltered),
+        ),
+        (
+            r#"{"must_not": [{"key": "g", "match": "c"}]}"#,
+            Some(FilterPlan::PostFiltered),
+        ),
         (
             r#"{"should": [{"key": "n", "exists": false}, {"filter": {"must": [{"key": "tags", "match": "t2"}, {"key": "n", "range": {"gt": 50}}]}}]}"#,
             None,
@@ -2430,7 +2465,8 @@ fn t93_filtered_search_agrees_with_the_oracle_under_each_plan_across_replay_comp
     let check = |shard: &Shard, live: &BTreeMap<String, Document>, expect_plans: bool| {
         for (text, want_plan) in &filters {
             let f = Arc::new(Filter::from_json(text).unwrap());
-            f.check(&fields, &shoal_proto::limits::Limits::default()).unwrap();
+            f.check(&fields, &shoal_proto::limits::Limits::default())
+                .unwrap();
             let (mut found, mut total) = (0usize, 0usize);
             for q in &queries {
                 let truth = filtered_truth(live, &fields, &f, q, 10);
@@ -2439,11 +2475,22 @@ fn t93_filtered_search_agrees_with_the_oracle_under_each_plan_across_replay_comp
                     mode: SearchMode::Exact,
                     ..approx.clone()
                 };
-                let exact_hits: Vec<String> =
-                    shard.search(q, p).unwrap().hits.iter().map(|h| h.id.to_string()).collect();
+                let exact_hits: Vec<String> = shard
+                    .search(q, p)
+                    .unwrap()
+                    .hits
+                    .iter()
+                    .map(|h| h.id.to_string())
+                    .collect();
                 assert_eq!(exact_hits, truth, "{text}: exact filtered search");
                 let r = shard
-                    .search(q, SearchParams { filter: Some(f.clone()), ..approx.clone() })
+                    .search(
+                        q,
+                        SearchParams {
+                            filter: Some(f.clone()),
+                            ..approx.clone()
+                        },
+                    )
                     .unwrap();
                 if expect_plans {
                     if let Some(want) = want_plan {
@@ -2452,10 +2499,18 @@ fn t93_filtered_search_agrees_with_the_oracle_under_each_plan_across_replay_comp
                 }
                 for h in &r.hits {
                     let d = live.get(&*h.id).expect("a live document");
-                    assert!(f.matches(&fields, &d.metadata.to_value()), "{text}: {} fails", h.id);
+                    assert!(
+                        f.matches(&fields, &d.metadata.to_value()),
+                        "{text}: {} fails",
+                        h.id
+                    );
                 }
                 total += truth.len();
-                found += r.hits.iter().filter(|h| truth.iter().any(|t| *t == *h.id)).count();
+                found += r
+                    .hits
+                    .iter()
+                    .filter(|h| truth.iter().any(|t| *t == *h.id))
+                    .count();
             }
             let recall = found as f64 / total.max(1) as f64;
             assert!(recall >= 0.9, "{text}: recall {recall:.3}");
@@ -2471,7 +2526,11 @@ fn t93_filtered_search_agrees_with_the_oracle_under_each_plan_across_replay_comp
     shard.write(vec![WriteOp::Compact]).unwrap();
     shard.compact_pending().unwrap().expect("a compaction ran");
     check(&shard, &live, false);
-    put(&shard, (0..50).map(|i| filter_doc(i + 5000, 2)).collect(), &mut live);
+    put(
+        &shard,
+        (0..50).map(|i| filter_doc(i + 5000, 2)).collect(),
+        &mut live,
+    );
     check(&shard, &live, false);
     // A snapshot's copy indexes the same rows.
     let snap = shard.snapshot().unwrap();
@@ -2484,7 +2543,9 @@ fn t93_filtered_search_agrees_with_the_oracle_under_each_plan_across_replay_comp
     more.push(PayloadField::parse("year:number").unwrap());
     assert!(copy.set_payload_fields(&more).unwrap());
     assert!(!copy.set_payload_fields(&more).unwrap());
-    let f = Arc::new(Filter::from_json(r#"{"must": [{"key": "year", "range": {"lt": 1995}}]}"#).unwrap());
+    let f = Arc::new(
+        Filter::from_json(r#"{"must": [{"key": "year", "range": {"lt": 1995}}]}"#).unwrap(),
+    );
     let q = &queries[0];
     let want = filtered_truth(&live, &more, &f, q, 10);
     let p = SearchParams {
@@ -2492,17 +2553,35 @@ fn t93_filtered_search_agrees_with_the_oracle_under_each_plan_across_replay_comp
         mode: SearchMode::Exact,
         ..approx.clone()
     };
-    let got: Vec<String> = copy.search(q, p.clone()).unwrap().hits.iter().map(|h| h.id.to_string()).collect();
+    let got: Vec<String> = copy
+        .search(q, p.clone())
+        .unwrap()
+        .hits
+        .iter()
+        .map(|h| h.id.to_string())
+        .collect();
     assert_eq!(got, want);
     drop(copy);
     let copy = Shard::open(cd.path()).unwrap();
     assert_eq!(copy.payload_fields(), more);
-    let got: Vec<String> = copy.search(q, p).unwrap().hits.iter().map(|h| h.id.to_string()).collect();
+    let got: Vec<String> = copy
+        .search(q, p)
+        .unwrap()
+        .hits
+        .iter()
+        .map(|h| h.id.to_string())
+        .collect();
     assert_eq!(got, want);
     // A field the replica does not index is refused by name.
     let f = Arc::new(Filter::from_json(r#"{"must": [{"key": "zz", "exists": true}]}"#).unwrap());
     let e = shard
-        .search(q, SearchParams { filter: Some(f), ..approx.clone() })
+        .search(
+            q,
+            SearchParams {
+                filter: Some(f),
+                ..approx.clone()
+            },
+        )
         .unwrap_err();
     assert!(e.to_string().contains("zz"), "{e}");
 }

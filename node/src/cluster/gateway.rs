@@ -23,6 +23,7 @@ use tonic::Status;
 use tracing::Instrument;
 
 use super::error::ReplicaError;
+use super::fusion;
 use super::mapview::MapView;
 use super::transport::{ReplicaApi, Transports};
 use super::writes;
@@ -872,113 +873,191 @@ impl Gateway {
             )));
         }
         let filter = check_filter(req.filter.as_ref(), coll, l)?;
-        let query = match (req.text.trim().is_empty(), req.vector.is_empty()) {
-            (false, true) => self
-                .encode(
-                    vec![req.text.clone()],
-                    coll.dimension,
-                    coll.encoder.as_ref(),
-                )
-                .await?
-                .vectors
-                .pop()
-                .expect("one vector per text"),
-            (true, false) => {
-                check_vector(&req.vector, coll.dimension, "the query vector")?;
-                req.vector.clone()
-            }
-            (true, true) => {
-                return Err(Status::invalid_argument(
-                    "the query is empty: give text or a vector",
-                ))
-            }
-            (false, false) => {
-                return Err(Status::invalid_argument("give text or a vector, not both"))
-            }
-        };
+        let plan = RetrievalPlan::of(&req, l)?;
         let budget = deadline.unwrap_or(self.default_deadline);
-        let shards = &shards;
-        let calls = shards.iter().map(|s| {
-            let req = rpb::ShardSearchRequest {
-                shard: Some(Self::shard_id(coll, s.index)),
-                vector: query.clone(),
-                k: req.k,
-                // The collection's search parameters unless the query names its own
-                // (a rebuild changes them with its generations, issue 21).
-                nprobe: if req.nprobe == 0 {
-                    ix.nprobe
-                } else {
-                    req.nprobe
-                },
-                refine,
-                exact: req.exact,
-                shard_count: coll.shard_count,
-                // The model the query was encoded with (a client's vector: the
-                // collection's), so each replica answers from that model's vectors.
-                model: coll
-                    .encoder
-                    .as_ref()
-                    .map_or_else(String::new, |e| e.content_hash.clone()),
-                with_text: req.with_text,
-                with_payload: req.with_payload,
-                filter: filter.clone(),
+        let metric = Metric::from_wire(coll.metric).unwrap_or(Metric::InnerProduct);
+        let dense = async {
+            if plan.mode == pb::RetrievalMode::Lexical {
+                return Ok(None);
+            }
+            let query = match (req.text.trim().is_empty(), req.vector.is_empty()) {
+                (false, true) => self
+                    .encode(
+                        vec![req.text.clone()],
+                        coll.dimension,
+                        coll.encoder.as_ref(),
+                    )
+                    .await?
+                    .vectors
+                    .pop()
+                    .expect("one vector per text"),
+                (true, false) => {
+                    check_vector(&req.vector, coll.dimension, "the query vector")?;
+                    req.vector.clone()
+                }
+                (true, true) => {
+                    return Err(Status::invalid_argument(
+                        "the query is empty: give text or a vector",
+                    ))
+                }
+                (false, false) => {
+                    return Err(Status::invalid_argument("give text or a vector, not both"))
+                }
             };
-            self.search_shard(s, req, budget)
-                .instrument(tracing::info_span!("shard.search", shard = s.index))
-        });
-        let results = futures::future::join_all(calls).await;
-        let mut hits = Vec::new();
-        let mut answers = Vec::new();
-        let mut missing = Vec::new();
-        for (index, node, res) in results {
-            match res {
-                Ok(r) => {
-                    hits.extend(r.hits.into_iter().map(|h| pb::Hit {
-                        id: h.id,
-                        score: h.score,
-                        shard: index,
-                        text: h.text,
-                        metadata_json: h.metadata_json,
-                    }));
-                    answers.push(pb::ShardAnswer {
-                        shard: index,
-                        answered: true,
-                        node,
-                        generation: r.generation,
-                        error: String::new(),
-                        plan: r.plan,
-                    });
+            let ask = |vector: Vec<f32>, k: u32, with_vectors: bool| {
+                let filter = filter.clone();
+                move |s: &cpb::Shard| rpb::ShardSearchRequest {
+                    shard: Some(Self::shard_id(coll, s.index)),
+                    vector: vector.clone(),
+                    k,
+                    // The collection's search parameters unless the query names its
+                    // own (a rebuild changes them with its generations, issue 21).
+                    nprobe: if req.nprobe == 0 {
+                        ix.nprobe
+                    } else {
+                        req.nprobe
+                    },
+                    refine,
+                    exact: req.exact,
+                    shard_count: coll.shard_count,
+                    // The model the query was encoded with (a client's vector: the
+                    // collection's), so each replica answers from that model's vectors.
+                    model: coll
+                        .encoder
+                        .as_ref()
+                        .map_or_else(String::new, |e| e.content_hash.clone()),
+                    with_text: req.with_text && !with_vectors,
+                    with_payload: req.with_payload && !with_vectors,
+                    filter: filter.clone(),
+                    lexical: None,
+                    with_vectors,
                 }
-                // A limit or a bad argument is the request's fault, the same on every
-                // replica: the caller hears it, not a partial answer.
-                Err(e) if e.is_request_fault() => {
-                    return Err(e
-                        .context(format_args!("shard {}/{index}", coll.name))
-                        .into());
+            };
+            let mut rounds = Vec::new();
+            let mut query = query;
+            if let Some(prf) = plan.prf {
+                // Pseudo-relevance feedback: the top documents' vectors of the
+                // query's model, then the query moved toward them (`fusion::rocchio`).
+                let first = self
+                    .fan_out(coll, shards, budget, ask(query.clone(), prf.depth, true))
+                    .await?;
+                let top = merge(first.hits(), prf.depth as usize, metric);
+                let vectors: HashMap<&str, &Vec<f32>> = first
+                    .parts
+                    .iter()
+                    .flat_map(|(_, r)| r.hits.iter().map(|h| (h.id.as_str(), &h.vector)))
+                    .collect();
+                let feedback: Vec<Vec<f32>> = top
+                    .iter()
+                    .filter_map(|h| vectors.get(h.id.as_str()))
+                    .filter(|v| v.len() == query.len())
+                    .map(|v| (*v).clone())
+                    .collect();
+                query = fusion::rocchio(&query, &feedback, prf.alpha, prf.beta);
+                rounds.push(first);
+            }
+            let last = self
+                .fan_out(coll, shards, budget, ask(query, plan.depth, false))
+                .await?;
+            let hits = merge(last.hits(), plan.depth as usize, metric);
+            rounds.push(last);
+            Ok(Some((hits, rounds)))
+        };
+        let lexical = async {
+            if plan.mode == pb::RetrievalMode::Dense {
+                return Ok(None);
+            }
+            if req.text.trim().is_empty() || !req.vector.is_empty() {
+                return Err(Status::invalid_argument(
+                    "lexical and hybrid search need the query's text (and no vector)",
+                ));
+            }
+            let terms = shoal_engine::tokenize(&req.text);
+            let ask = |q: rpb::LexicalQuery, k: u32| {
+                let filter = filter.clone();
+                move |s: &cpb::Shard| rpb::ShardSearchRequest {
+                    shard: Some(Self::shard_id(coll, s.index)),
+                    k,
+                    shard_count: coll.shard_count,
+                    with_text: req.with_text,
+                    with_payload: req.with_payload,
+                    filter: filter.clone(),
+                    lexical: Some(q.clone()),
+                    ..Default::default()
                 }
-                Err(e) => {
-                    tracing::warn!(collection = %coll.name, shard = index, node = %node, error = %e.message(), "shard did not answer");
-                    missing.push(index);
-                    answers.push(pb::ShardAnswer {
-                        shard: index,
-                        answered: false,
-                        node,
-                        generation: 0,
-                        error: format!("{}: {}", e.kind(), e.message()),
-                        plan: String::new(),
-                    });
+            };
+            // The collection's statistics: every shard's part, summed, so each
+            // shard scores with the same weights.
+            let stats_q = rpb::LexicalQuery {
+                terms: terms.clone(),
+                stats_only: true,
+                ..Default::default()
+            };
+            let stats = self.fan_out(coll, shards, budget, ask(stats_q, 1)).await?;
+            let (mut docs, mut total) = (0u64, 0u64);
+            let mut df = vec![0u64; terms.len()];
+            for (_, r) in &stats.parts {
+                let s = r.stats.clone().unwrap_or_default();
+                docs += s.docs;
+                total += s.total_len;
+                for (d, x) in df.iter_mut().zip(&s.df) {
+                    *d += x;
                 }
             }
-        }
-        if answers.iter().all(|a| !a.answered) && !answers.is_empty() {
-            return Err(Status::unavailable(format!(
-                "no shard of {:?} answered: {}",
-                coll.name, answers[0].error
-            )));
-        }
-        let metric = Metric::from_wire(coll.metric).unwrap_or(Metric::InnerProduct);
+            let bm25 = shoal_engine::Bm25::default();
+            let q = rpb::LexicalQuery {
+                idf: df
+                    .iter()
+                    .map(|&d| shoal_engine::bm25_idf(docs, d))
+                    .collect(),
+                avg_len: if docs == 0 {
+                    1.0
+                } else {
+                    total as f32 / docs as f32
+                },
+                k1: bm25.k1,
+                b: bm25.b,
+                terms,
+                stats_only: false,
+            };
+            let found = self
+                .fan_out(coll, shards, budget, ask(q, plan.depth))
+                .await?;
+            let hits = merge(found.hits(), plan.depth as usize, Metric::InnerProduct);
+            Ok(Some((hits, vec![stats, found])))
+        };
+        let (dense, lexical) = tokio::try_join!(dense, lexical)?;
+        let mut rounds = Vec::new();
+        let k = req.k as usize;
+        let hits = match (dense, lexical) {
+            (Some((d, r)), None) => {
+                rounds.extend(r);
+                merge(d, k, metric)
+            }
+            (None, Some((x, r))) => {
+                rounds.extend(r);
+                merge(x, k, Metric::InnerProduct)
+            }
+            (Some((d, rd)), Some((x, rx))) => {
+                rounds.extend(rd);
+                rounds.extend(rx);
+                fusion::fuse(&d, &x, metric, plan.fusion, k)
+            }
+            (None, None) => unreachable!("a mode asks one side at least"),
+        };
+        // A shard that missed any round is missing from the answer.
+        let mut missing: Vec<u32> = rounds
+            .iter()
+            .flat_map(|r| r.missing.iter().copied())
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        let answers: Vec<pb::ShardAnswer> = rounds
+            .into_iter()
+            .last()
+            .map(|r| r.answers)
+            .unwrap_or_default();
         // Each shard's part is bounded by `payload_bytes`; so is the merged answer.
-        let hits = merge(hits, req.k as usize, metric);
         let bytes: usize = hits
             .iter()
             .map(|h| h.text.len() + h.metadata_json.len())
@@ -991,12 +1070,198 @@ impl Gateway {
         )?;
         Ok(pb::SearchResponse {
             hits,
-            shards_answered: (answers.len() - missing.len()) as u32,
-            shards_total: answers.len() as u32,
+            shards_answered: (shards.len() - missing.len()) as u32,
+            shards_total: shards.len() as u32,
             partial: !missing.is_empty(),
             missing_shards: missing,
             shards: answers,
             took_ms: t.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// One round of a search: every shard asked `make(shard)` within the budget (each
+    /// through its least loaded readable replica, hedged). A request's own fault fails
+    /// the whole search; a shard no replica answered is missing; none answering is
+    /// UNAVAILABLE.
+    async fn fan_out(
+        &self,
+        coll: &cpb::Collection,
+        shards: &[cpb::Shard],
+        budget: Duration,
+        make: impl Fn(&cpb::Shard) -> rpb::ShardSearchRequest,
+    ) -> Result<Round, Status> {
+        let calls = shards.iter().map(|s| {
+            self.search_shard(s, make(s), budget)
+                .instrument(tracing::info_span!("shard.search", shard = s.index))
+        });
+        let results = futures::future::join_all(calls).await;
+        let mut round = Round::default();
+        for (index, node, res) in results {
+            match res {
+                Ok(r) => {
+                    round.answers.push(pb::ShardAnswer {
+                        shard: index,
+                        answered: true,
+                        node,
+                        generation: r.generation,
+                        error: String::new(),
+                        plan: r.plan.clone(),
+                    });
+                    round.parts.push((index, r));
+                }
+                // A limit or a bad argument is the request's fault, the same on every
+                // replica: the caller hears it, not a partial answer.
+                Err(e) if e.is_request_fault() => {
+                    return Err(e
+                        .context(format_args!("shard {}/{index}", coll.name))
+                        .into());
+                }
+                Err(e) => {
+                    tracing::warn!(collection = %coll.name, shard = index, node = %node, error = %e.message(), "shard did not answer");
+                    round.missing.push(index);
+                    round.answers.push(pb::ShardAnswer {
+                        shard: index,
+                        answered: false,
+                        node,
+                        generation: 0,
+                        error: format!("{}: {}", e.kind(), e.message()),
+                        plan: String::new(),
+                    });
+                }
+            }
+        }
+        if round.parts.is_empty() && !round.answers.is_empty() {
+            return Err(Status::unavailable(format!(
+                "no shard of {:?} answered: {}",
+                coll.name, round.answers[0].error
+            )));
+        }
+        Ok(round)
+    }
+}
+
+/// The shards' answers to one round of a search.
+#[derive(Default)]
+struct Round {
+    parts: Vec<(u32, rpb::ShardSearchResponse)>,
+    answers: Vec<pb::ShardAnswer>,
+    missing: Vec<u32>,
+}
+
+impl Round {
+    /// Every shard's hits, named by shard (unmerged).
+    fn hits(&self) -> Vec<pb::Hit> {
+        self.parts
+            .iter()
+            .flat_map(|(index, r)| {
+                r.hits.iter().map(move |h| pb::Hit {
+                    id: h.id.clone(),
+                    score: h.score,
+                    shard: *index,
+                    text: h.text.clone(),
+                    metadata_json: h.metadata_json.clone(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// What a search retrieves with and how (issue 22), checked: the mode, each side's
+/// depth, the fusion and the pseudo-relevance feedback.
+struct RetrievalPlan {
+    mode: pb::RetrievalMode,
+    /// Hits asked of each side (k alone, or the fusion depth).
+    depth: u32,
+    fusion: fusion::Fusion,
+    prf: Option<Prf>,
+}
+
+#[derive(Clone, Copy)]
+struct Prf {
+    depth: u32,
+    alpha: f32,
+    beta: f32,
+}
+
+impl RetrievalPlan {
+    fn of(req: &pb::SearchRequest, l: &Limits) -> Result<RetrievalPlan, Status> {
+        let bad = |m: String| Err(Status::invalid_argument(m));
+        let Ok(mode) = pb::RetrievalMode::try_from(req.mode) else {
+            return bad(format!(
+                "unknown retrieval mode {} (dense, lexical, hybrid)",
+                req.mode
+            ));
+        };
+        let fusion = match pb::Fusion::try_from(req.fusion) {
+            Ok(pb::Fusion::Rrf) => fusion::Fusion::Rrf {
+                k: if req.rrf_k == 0 {
+                    fusion::RRF_K
+                } else {
+                    req.rrf_k
+                },
+            },
+            Ok(pb::Fusion::Linear) => {
+                let w = req.dense_weight.unwrap_or(fusion::DENSE_WEIGHT);
+                if !(0.0..=1.0).contains(&w) {
+                    return bad(format!("dense_weight {w} must be between 0 and 1"));
+                }
+                fusion::Fusion::Linear { dense_weight: w }
+            }
+            Err(_) => return bad(format!("unknown fusion {} (rrf, linear)", req.fusion)),
+        };
+        if req.rrf_k > 100_000 {
+            return bad(format!("rrf_k {} exceeds 100000", req.rrf_k));
+        }
+        let depth = if mode == pb::RetrievalMode::Hybrid {
+            let d = if req.fusion_depth == 0 {
+                req.k.max(fusion::FUSION_DEPTH)
+            } else {
+                req.fusion_depth.max(req.k)
+            };
+            within!(
+                l,
+                k,
+                d,
+                "fusion_depth (hits each side of a hybrid search gathers)"
+            )?;
+            d
+        } else {
+            req.k
+        };
+        let prf = match &req.prf {
+            Some(p) if p.enabled => {
+                if mode == pb::RetrievalMode::Lexical {
+                    return bad(
+                        "pseudo-relevance feedback applies to dense and hybrid search".into(),
+                    );
+                }
+                let depth = if p.depth == 0 {
+                    fusion::PRF_DEPTH
+                } else {
+                    p.depth
+                };
+                within!(l, k, depth, "prf.depth")?;
+                let (alpha, beta) = (
+                    p.alpha.unwrap_or(fusion::PRF_ALPHA),
+                    p.beta.unwrap_or(fusion::PRF_BETA),
+                );
+                if ![alpha, beta]
+                    .iter()
+                    .all(|x| x.is_finite() && (0.0..=10.0).contains(x))
+                {
+                    return bad(format!(
+                        "prf alpha {alpha} and beta {beta} must be between 0 and 10"
+                    ));
+                }
+                Some(Prf { depth, alpha, beta })
+            }
+            _ => None,
+        };
+        Ok(RetrievalPlan {
+            mode,
+            depth,
+            fusion,
+            prf,
         })
     }
 }
@@ -1011,7 +1276,8 @@ fn check_filter(
     let Some(wire) = filter else {
         return Ok(None);
     };
-    let f = Filter::from_wire(wire).map_err(|e| Status::invalid_argument(format!("filter: {e}")))?;
+    let f =
+        Filter::from_wire(wire).map_err(|e| Status::invalid_argument(format!("filter: {e}")))?;
     if f.is_empty() {
         return Ok(None);
     }
@@ -1132,4 +1398,3 @@ mod tests {
         assert!(dual_write(&view(vec![op(5, "running", "building", true)]), &other).is_none());
     }
 }
-

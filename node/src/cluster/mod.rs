@@ -10,6 +10,7 @@ pub mod config;
 pub mod disk;
 pub mod error;
 pub mod forks;
+pub mod fusion;
 pub mod gateway;
 pub mod handover;
 pub mod heartbeat;

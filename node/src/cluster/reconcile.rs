@@ -284,9 +284,13 @@ impl Reconciler {
                         tokio::task::spawn_blocking(move || {
                             let t = std::time::Instant::now();
                             match shard.set_payload_fields(&fields) {
-                                Ok(true) => tracing::info!(replica = %k, fields = fields.len(), took_ms = t.elapsed().as_millis() as u64, "payload index rebuilt for the collection's fields"),
+                                Ok(true) => {
+                                    tracing::info!(replica = %k, fields = fields.len(), took_ms = t.elapsed().as_millis() as u64, "payload index rebuilt for the collection's fields")
+                                }
                                 Ok(false) => {}
-                                Err(e) => tracing::warn!(replica = %k, error = %e, "payload index not rebuilt"),
+                                Err(e) => {
+                                    tracing::warn!(replica = %k, error = %e, "payload index not rebuilt")
+                                }
                             }
                         });
                     }

@@ -20,6 +20,7 @@ use tracing::Instrument;
 use super::{ReplicaApi, SnapshotStream};
 use crate::cluster::error::ReplicaError;
 use crate::cluster::replicas::{HostedReplica, Registry, ReplicaKey, ReplicaMsg};
+use crate::cluster::replication::Replication;
 use crate::cluster::writes;
 
 /// How long a replica actor may take to answer one call.
@@ -233,7 +234,7 @@ impl LocalReplicas {
     /// write; its cost bounded before it runs.
     pub async fn search_now(
         &self,
-        r: rpb::ShardSearchRequest,
+        mut r: rpb::ShardSearchRequest,
     ) -> Result<rpb::ShardSearchResponse, ReplicaError> {
         let HostedReplica { actor, repl } = self.hosted(r.shard.as_ref())?;
         repl.check_readable()?;
@@ -245,7 +246,13 @@ impl LocalReplicas {
         within!(l, k, r.k, "k")?;
         within!(l, refine, r.refine, "refine")?;
         let shard = repl.shard()?;
-        if r.exact {
+        let lexical = r.lexical.take();
+        if let Some(q) = &lexical {
+            // The terms come from a query text the gateway bounded; a peer's are
+            // bounded the same way.
+            let bytes: usize = q.terms.iter().map(String::len).sum();
+            within!(l, query_text_bytes, bytes, "bytes of the query's terms")?;
+        } else if r.exact {
             // An exact search reads every row: its cost, bounded by the row count.
             within!(
                 l,
@@ -282,6 +289,29 @@ impl LocalReplicas {
                 Some(Arc::new(f))
             }
         };
+        if let Some(q) = lexical {
+            let res = if q.stats_only {
+                let s =
+                    shoal_engine::run_blocking(move || Ok(shard.lexical_stats(&q.terms))).await?;
+                return Ok(rpb::ShardSearchResponse {
+                    stats: Some(rpb::LexicalStats {
+                        docs: s.docs,
+                        total_len: s.total_len,
+                        df: s.df,
+                    }),
+                    ..Default::default()
+                });
+            } else {
+                let k = r.k as usize;
+                shoal_engine::run_blocking(move || {
+                    let bm25 = shoal_engine::Bm25 { k1: q.k1, b: q.b };
+                    shard.lexical_search(&q.terms, &q.idf, q.avg_len, bm25, k, filter.as_deref())
+                })
+                .await?
+            };
+            repl.check_routing(r.shard_count)?;
+            return self.answer(&repl, &r, res, set).await;
+        }
         drop(shard);
         let p = SearchParams {
             filter,
@@ -294,11 +324,25 @@ impl LocalReplicas {
             } else {
                 SearchMode::Rerank
             },
+            plan: None,
         };
-        let res = Self::call(actor, |reply| ReplicaMsg::Search(r.vector, p, reply)).await?;
+        let vector = std::mem::take(&mut r.vector);
+        let res = Self::call(actor, |reply| ReplicaMsg::Search(vector, p, reply)).await?;
         // Routing changed during the search (a split's cut-over reached this node):
         // the engine may have filtered or retained by the new one. Asked again.
         repl.check_routing(r.shard_count)?;
+        self.answer(&repl, &r, res, set).await
+    }
+
+    /// A shard search's hits as they travel: with their texts, metadata and vectors
+    /// when asked, read here in the same round trip (issue 22), within `payload_bytes`.
+    async fn answer(
+        &self,
+        repl: &Arc<Replication>,
+        r: &rpb::ShardSearchRequest,
+        res: shoal_engine::SearchResult,
+        set: Option<u64>,
+    ) -> Result<rpb::ShardSearchResponse, ReplicaError> {
         let mut hits: Vec<rpb::ShardHit> = res
             .hits
             .iter()
@@ -335,10 +379,24 @@ impl LocalReplicas {
             )
             .map_err(|e| ReplicaError::TooCostly(e.to_string()))?;
         }
+        if r.with_vectors {
+            // The vectors of the model the query was searched with (issue 22: a
+            // re-embed's set while one serves the query's model).
+            let shard = repl.shard()?;
+            let ids: Vec<String> = hits.iter().map(|h| h.id.clone()).collect();
+            let vectors = shoal_engine::run_blocking(move || {
+                shard.vectors_of(&ids.iter().map(String::as_str).collect::<Vec<_>>(), set)
+            })
+            .await?;
+            for (h, v) in hits.iter_mut().zip(vectors) {
+                h.vector = v.unwrap_or_default();
+            }
+        }
         Ok(rpb::ShardSearchResponse {
             hits,
             generation: res.generation.unwrap_or(0),
             plan: res.plan.map(|p| p.name().to_string()).unwrap_or_default(),
+            stats: None,
         })
     }
 
