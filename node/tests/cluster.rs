@@ -865,6 +865,35 @@ async fn lexical_hybrid_and_feedback_searches_score_as_one_collection_across_sha
     );
     let moved = f.ga.search(prf(None, None)).await.unwrap().into_inner();
     assert_eq!((moved.hits.len(), moved.partial), (10, false));
+    // More like this: a stored document is the query, and is not among the hits.
+    for mode in [pb::RetrievalMode::Dense, pb::RetrievalMode::Lexical, pb::RetrievalMode::Hybrid] {
+        let r = f
+            .gb
+            .search(pb::SearchRequest {
+                collection: "texts".into(),
+                like_id: "d3".into(),
+                k: 3,
+                mode: mode as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.hits.len(), 3, "{mode:?}");
+        assert!(r.hits.iter().all(|h| h.id != "d3"), "{mode:?}");
+        assert!(["d6", "d9"].contains(&r.hits[0].id.as_str()), "{mode:?}: {:?}", r.hits);
+    }
+    let e = f
+        .ga
+        .search(pb::SearchRequest {
+            collection: "texts".into(),
+            like_id: "nope".into(),
+            k: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
     // Bad combinations: named.
     let mut bad = ask("x", pb::RetrievalMode::Lexical);
     bad.prf = Some(pb::Prf {

@@ -580,7 +580,12 @@ impl RetrievalArgs {
 
 #[derive(Args)]
 pub struct SearchArgs {
-    text: String,
+    /// The query (or --like ID).
+    #[arg(required_unless_present = "like")]
+    text: Option<String>,
+    /// More like this stored document: its vector (and text, lexically) is the query.
+    #[arg(long, conflicts_with = "text")]
+    like: Option<String>,
     #[arg(long)]
     collection: String,
     #[arg(short, long, default_value_t = 10)]
@@ -605,7 +610,8 @@ pub async fn search(node: NodeTarget, a: SearchArgs) -> Result<()> {
     let filtered = a.filter.is_some();
     let mut req = pb::SearchRequest {
         collection: a.collection,
-        text: a.text,
+        text: a.text.unwrap_or_default(),
+        like_id: a.like.unwrap_or_default(),
         k: a.k,
         nprobe: a.nprobe,
         with_text: true,

@@ -876,11 +876,19 @@ impl Gateway {
         let plan = RetrievalPlan::of(&req, l)?;
         let budget = deadline.unwrap_or(self.default_deadline);
         let metric = Metric::from_wire(coll.metric).unwrap_or(Metric::InnerProduct);
+        // More like this (issue 22): a stored document's vector (dense) and text
+        // (lexical) are the query; the document itself is left out of the answer.
+        let like = match req.like_id.as_str() {
+            "" => None,
+            id => Some(self.like(coll, id, &req).await?),
+        };
+        let like_ref = like.as_ref();
         let dense = async {
             if plan.mode == pb::RetrievalMode::Lexical {
                 return Ok(None);
             }
             let query = match (req.text.trim().is_empty(), req.vector.is_empty()) {
+                _ if like_ref.is_some() => like_ref.map(|d| d.vector.clone()).unwrap_or_default(),
                 (false, true) => self
                     .encode(
                         vec![req.text.clone()],
@@ -967,12 +975,22 @@ impl Gateway {
             if plan.mode == pb::RetrievalMode::Dense {
                 return Ok(None);
             }
-            if req.text.trim().is_empty() || !req.vector.is_empty() {
-                return Err(Status::invalid_argument(
-                    "lexical and hybrid search need the query's text (and no vector)",
-                ));
-            }
-            let terms = shoal_engine::tokenize(&req.text);
+            let text = match like_ref {
+                Some(d) if d.text.is_empty() => {
+                    return Err(Status::invalid_argument(format!(
+                        "document {:?} has no text to search lexically by",
+                        req.like_id
+                    )))
+                }
+                Some(d) => d.text.as_str(),
+                None if req.text.trim().is_empty() || !req.vector.is_empty() => {
+                    return Err(Status::invalid_argument(
+                        "lexical and hybrid search need the query's text (and no vector)",
+                    ))
+                }
+                None => req.text.as_str(),
+            };
+            let terms = shoal_engine::tokenize(text);
             let ask = |q: rpb::LexicalQuery, k: u32| {
                 let filter = filter.clone();
                 move |s: &cpb::Shard| rpb::ShardSearchRequest {
@@ -1029,6 +1047,16 @@ impl Gateway {
         let (dense, lexical) = tokio::try_join!(dense, lexical)?;
         let mut rounds = Vec::new();
         let k = req.k as usize;
+        let without = |mut hits: Vec<pb::Hit>| {
+            if like.is_some() {
+                hits.retain(|h| h.id != req.like_id);
+            }
+            hits
+        };
+        let (dense, lexical) = (
+            dense.map(|(h, r)| (without(h), r)),
+            lexical.map(|(h, r)| (without(h), r)),
+        );
         let hits = match (dense, lexical) {
             (Some((d, r)), None) => {
                 rounds.extend(r);
@@ -1076,6 +1104,41 @@ impl Gateway {
             missing_shards: missing,
             shards: answers,
             took_ms: t.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// The document a more-like-this search starts from, with its vector and text.
+    async fn like(
+        &self,
+        coll: &cpb::Collection,
+        id: &str,
+        req: &pb::SearchRequest,
+    ) -> Result<pb::Document, Status> {
+        if !req.text.is_empty() || !req.vector.is_empty() {
+            return Err(Status::invalid_argument(
+                "like_id is the query: give no text or vector with it",
+            ));
+        }
+        // During a re-embed the stored vectors are the previous model's while queries
+        // may be the next one's: refused rather than compared across models.
+        if dual_write(&self.view.read(), coll).is_some() {
+            return Err(Status::failed_precondition(format!(
+                "collection {:?} is being re-embedded: more-like-this waits for it to commit or roll back",
+                coll.name
+            )));
+        }
+        let got = self
+            .get(pb::GetRequest {
+                collection: coll.name.clone(),
+                id: id.to_string(),
+                with_vector: true,
+            })
+            .await?;
+        got.document.filter(|_| got.found).ok_or_else(|| {
+            Status::not_found(format!(
+                "document {id:?} not found in collection {:?}",
+                coll.name
+            ))
         })
     }
 
@@ -1212,7 +1275,9 @@ impl RetrievalPlan {
         if req.rrf_k > 100_000 {
             return bad(format!("rrf_k {} exceeds 100000", req.rrf_k));
         }
-        let depth = if mode == pb::RetrievalMode::Hybrid {
+        // More like this asks one more: the document itself is dropped.
+        let extra = u32::from(!req.like_id.is_empty());
+        let depth = extra + if mode == pb::RetrievalMode::Hybrid {
             let d = if req.fusion_depth == 0 {
                 req.k.max(fusion::FUSION_DEPTH)
             } else {
@@ -1228,6 +1293,9 @@ impl RetrievalPlan {
         } else {
             req.k
         };
+        if extra > 0 {
+            within!(l, id_bytes, req.like_id.len(), "like_id's length")?;
+        }
         let prf = match &req.prf {
             Some(p) if p.enabled => {
                 if mode == pb::RetrievalMode::Lexical {
