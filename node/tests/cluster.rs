@@ -607,6 +607,62 @@ async fn a_filtered_search_answers_from_every_shard_exactly_what_the_filter_admi
             assert_eq!(got, want, "{json} (exact {exact})");
         }
     }
+    // Count and scroll (issue 22): every shard's part.
+    let count = |json: Option<&str>| pb::CountRequest {
+        collection: "vecs".into(),
+        filter: json.map(|j| shoal_engine::Filter::from_json(j).unwrap().wire()),
+    };
+    assert_eq!(
+        f.ga.count(count(None)).await.unwrap().into_inner().count,
+        1200
+    );
+    let c =
+        f.gb.count(count(Some(
+            r#"{"must": [{"key": "i", "range": {"lt": 100}}]}"#,
+        )))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((c.count, c.partial), (100, false));
+    let hi =
+        shoal_engine::Filter::from_json(r#"{"must": [{"key": "half", "match": "hi"}]}"#).unwrap();
+    let (mut seen, mut cursor, mut pages) = (std::collections::BTreeSet::new(), String::new(), 0);
+    loop {
+        let page =
+            f.ga.scroll(pb::ScrollRequest {
+                collection: "vecs".into(),
+                filter: Some(hi.wire()),
+                limit: 70,
+                cursor: cursor.clone(),
+                with_payload: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        assert!(page.documents.len() <= 70);
+        for d in &page.documents {
+            let i: u64 = d.id[1..].parse().unwrap();
+            assert!(i >= 600, "{} passed the filter", d.id);
+            assert_eq!(d.metadata_json, meta(i).to_string());
+            assert!(seen.insert(d.id.clone()), "{} twice", d.id);
+        }
+        if page.cursor.is_empty() {
+            break;
+        }
+        cursor = page.cursor;
+    }
+    assert_eq!((seen.len(), pages), (600, 9));
+    let e =
+        f.ga.scroll(pb::ScrollRequest {
+            collection: "vecs".into(),
+            cursor: "scroll:7:0:0:0".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
     // Bad filters: the field's name, the kind's rule, the limit.
     for (json, says) in [
         (
@@ -866,10 +922,13 @@ async fn lexical_hybrid_and_feedback_searches_score_as_one_collection_across_sha
     let moved = f.ga.search(prf(None, None)).await.unwrap().into_inner();
     assert_eq!((moved.hits.len(), moved.partial), (10, false));
     // More like this: a stored document is the query, and is not among the hits.
-    for mode in [pb::RetrievalMode::Dense, pb::RetrievalMode::Lexical, pb::RetrievalMode::Hybrid] {
-        let r = f
-            .gb
-            .search(pb::SearchRequest {
+    for mode in [
+        pb::RetrievalMode::Dense,
+        pb::RetrievalMode::Lexical,
+        pb::RetrievalMode::Hybrid,
+    ] {
+        let r =
+            f.gb.search(pb::SearchRequest {
                 collection: "texts".into(),
                 like_id: "d3".into(),
                 k: 3,
@@ -881,11 +940,14 @@ async fn lexical_hybrid_and_feedback_searches_score_as_one_collection_across_sha
             .into_inner();
         assert_eq!(r.hits.len(), 3, "{mode:?}");
         assert!(r.hits.iter().all(|h| h.id != "d3"), "{mode:?}");
-        assert!(["d6", "d9"].contains(&r.hits[0].id.as_str()), "{mode:?}: {:?}", r.hits);
+        assert!(
+            ["d6", "d9"].contains(&r.hits[0].id.as_str()),
+            "{mode:?}: {:?}",
+            r.hits
+        );
     }
-    let e = f
-        .ga
-        .search(pb::SearchRequest {
+    let e =
+        f.ga.search(pb::SearchRequest {
             collection: "texts".into(),
             like_id: "nope".into(),
             k: 3,

@@ -587,6 +587,54 @@ fn every_rpc_survives_hostile_messages() {
         },
     );
     f.rpc(
+        "Shoal/Count",
+        (coll(), hostile_filter())
+            .prop_map(|(collection, filter)| pb::CountRequest { collection, filter }),
+        |r| {
+            let mut s = ShoalClient::new(public.clone());
+            async move { s.count(req(r)).await }
+        },
+    );
+    f.rpc(
+        "Shoal/Scroll",
+        (
+            (coll(), hostile_filter()),
+            (
+                hostile_u32(),
+                prop_oneof![
+                    Just(String::new()),
+                    hostile_string(),
+                    Just("scroll:2:1:0:5".to_string()),
+                    Just("scroll:2:9:0:0".to_string()),
+                    Just("scroll:3:0:0:0".to_string()),
+                    Just("scroll:2:0:99:18446744073709551615".to_string())
+                ],
+            ),
+            (any::<bool>(), any::<bool>(), any::<bool>()),
+        )
+            .prop_map(
+                |(
+                    (collection, filter),
+                    (limit, cursor),
+                    (with_text, with_payload, with_vector),
+                )| {
+                    pb::ScrollRequest {
+                        collection,
+                        filter,
+                        limit,
+                        cursor,
+                        with_text,
+                        with_payload,
+                        with_vector,
+                    }
+                },
+            ),
+        |r| {
+            let mut s = ShoalClient::new(public.clone());
+            async move { s.scroll(req(r)).await }
+        },
+    );
+    f.rpc(
         "Shoal/Get",
         (coll(), hostile_string(), any::<bool>()).prop_map(|(collection, id, with_vector)| {
             pb::GetRequest {
@@ -627,7 +675,14 @@ fn every_rpc_survives_hostile_messages() {
                 (with_text, exact, filter),
                 ((mode, fusion), dense_weight, (rrf_k, fusion_depth), prf),
             )| {
+                // More like this: sometimes the (hostile) text names the document.
+                let like_id = if nprobe % 7 == 0 {
+                    text.clone()
+                } else {
+                    String::new()
+                };
                 pb::SearchRequest {
+                    like_id,
                     // Mostly known modes, so the lexical and hybrid paths run.
                     mode: (mode % 4) as i32,
                     fusion: (fusion % 3) as i32,
@@ -892,6 +947,12 @@ fn every_rpc_survives_hostile_messages() {
                             }
                         }),
                         with_vectors: refine % 2 == 0,
+                        // Count and scroll (issue 22) through the same call.
+                        count_only: k % 5 == 0,
+                        scroll: (k % 7 == 0).then_some(rpb::ScrollQuery {
+                            layout: (nprobe % 2 == 0).then_some(u64::from(nprobe)),
+                            from_row: u64::from(refine),
+                        }),
                         shard_count: k % 3,
                         // A model no replica holds vectors of, or none (issue 21).
                         model: if exact {

@@ -652,6 +652,80 @@ pub async fn search(node: NodeTarget, a: SearchArgs) -> Result<()> {
 }
 
 #[derive(Args)]
+pub struct CountArgs {
+    collection: String,
+    /// As `shoal search --filter`.
+    #[arg(long, value_parser = Filter::from_json)]
+    filter: Option<Filter>,
+}
+
+pub async fn count(node: NodeTarget, a: CountArgs) -> Result<()> {
+    let r = connect(&node.node)?
+        .count(pb::CountRequest {
+            collection: a.collection.clone(),
+            filter: a.filter.as_ref().map(Filter::wire),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    println!(
+        "{}",
+        serde_json::json!({"collection": a.collection, "count": r.count,
+                           "partial": r.partial, "missing_shards": r.missing_shards})
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ScrollArgs {
+    collection: String,
+    #[arg(long, value_parser = Filter::from_json)]
+    filter: Option<Filter>,
+    /// Documents per page.
+    #[arg(long, default_value_t = 500)]
+    page: u32,
+    #[arg(long)]
+    with_vector: bool,
+}
+
+pub async fn scroll(node: NodeTarget, a: ScrollArgs) -> Result<()> {
+    use std::io::Write;
+    let mut c = connect(&node.node)?;
+    let mut cursor = String::new();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    loop {
+        let r = c
+            .scroll(pb::ScrollRequest {
+                collection: a.collection.clone(),
+                filter: a.filter.as_ref().map(Filter::wire),
+                limit: a.page,
+                cursor: cursor.clone(),
+                with_text: true,
+                with_payload: true,
+                with_vector: a.with_vector,
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        for d in &r.documents {
+            let metadata: serde_json::Value =
+                serde_json::from_str(&d.metadata_json).unwrap_or(serde_json::Value::Null);
+            let mut line = serde_json::json!({"_id": d.id, "text": d.text, "metadata": metadata});
+            if a.with_vector {
+                line["vector"] = serde_json::json!(d.vector);
+            }
+            writeln!(out, "{line}")?;
+        }
+        if r.cursor.is_empty() {
+            break;
+        }
+        cursor = r.cursor;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+#[derive(Args)]
 pub struct EvalArgs {
     /// A BEIR dir: corpus.jsonl, queries.jsonl, qrels/test.tsv.
     dir: PathBuf,

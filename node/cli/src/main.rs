@@ -321,6 +321,21 @@ enum Cmd {
         #[command(flatten)]
         args: cluster::SearchArgs,
     },
+    /// Counts a collection's documents (those passing --filter) through a node.
+    Count {
+        #[command(flatten)]
+        node: cluster::NodeTarget,
+        #[command(flatten)]
+        args: cluster::CountArgs,
+    },
+    /// Writes a collection's documents (those passing --filter) as JSON lines to
+    /// stdout, page by page (export and re-processing).
+    Scroll {
+        #[command(flatten)]
+        node: cluster::NodeTarget,
+        #[command(flatten)]
+        args: cluster::ScrollArgs,
+    },
     /// Runs a BEIR collection's judged queries through the cluster (creating and
     /// ingesting it first if needed): nDCG@10, recall@100, latency; JSON last.
     Eval {
@@ -472,6 +487,8 @@ fn run(cmd: Cmd, otlp: Option<&str>, rt: &tokio::runtime::Runtime) -> anyhow::Re
         Cmd::Ingest { target, node, args } => rt.block_on(cluster::ingest(target, node, args)),
         Cmd::Import { target, node, args } => rt.block_on(import::import(target, node, args)),
         Cmd::Search { node, args } => rt.block_on(cluster::search(node, args)),
+        Cmd::Count { node, args } => rt.block_on(cluster::count(node, args)),
+        Cmd::Scroll { node, args } => rt.block_on(cluster::scroll(node, args)),
         Cmd::Eval { target, node, args } => rt.block_on(cluster::eval(target, node, args)),
     }
 }

@@ -46,6 +46,9 @@ pub enum ShardError {
     /// does not match the set's state; nothing changed.
     #[error("vector set: {0}")]
     VectorSet(String),
+    /// A scroll's row numbers no longer hold (a compaction renumbered the rows).
+    #[error("scroll: {0}")]
+    ScrollStale(String),
 }
 
 impl ShardError {

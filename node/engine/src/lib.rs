@@ -309,6 +309,16 @@ pub struct SearchResult {
     pub plan: Option<FilterPlan>,
 }
 
+/// One page of [`Shard::scroll`].
+#[derive(Clone, Debug)]
+pub struct ScrollPage {
+    pub ids: Vec<Arc<str>>,
+    /// The layout the rows are numbered in.
+    pub layout: u64,
+    /// Where the next page begins; None: this was the last.
+    pub next_row: Option<u64>,
+}
+
 /// A document's text and metadata (JSON), as a search's hit carries them (issue 22).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Payload {
@@ -1161,6 +1171,68 @@ impl Shard {
                     .map(|row| view.get(row).to_vec())
             })
             .collect())
+    }
+
+    /// Live rows (this replica's to answer for) whose metadata passes `filter` (all
+    /// live rows without one): a collection's `Count` (issue 22).
+    pub fn count(&self, filter: Option<&Filter>) -> Result<u64> {
+        let routing = self.routing();
+        let st = self.inner.state.read();
+        let ours = |r: u64| st.rows.is_live(r) && routing.is_none_or(|x| x.holds(st.rows.id(r)));
+        Ok(match filter {
+            None if routing.is_none() => st.rows.live_len() as u64,
+            None => (0..st.rows.len()).filter(|&r| ours(r)).count() as u64,
+            Some(f) => {
+                let admitted = st.payload.eval(f).map_err(ShardError::InvalidQuery)?;
+                admitted.iter().filter(|&r| ours(u64::from(r))).count() as u64
+            }
+        })
+    }
+
+    /// A page of a scroll through the live rows (issue 22: export and re-processing):
+    /// the ids of at most `limit` rows passing `filter`, in row order from `from_row`,
+    /// and the row to go on from (None: no more). Row numbers hold within a layout:
+    /// `layout` is the one the scroll began in (None: the current one); after a
+    /// compaction since then it is refused ([`ShardError::ScrollStale`]: begin again).
+    pub fn scroll(
+        &self,
+        layout: Option<u64>,
+        from_row: u64,
+        limit: usize,
+        filter: Option<&Filter>,
+    ) -> Result<ScrollPage> {
+        let routing = self.routing();
+        let st = self.inner.state.read();
+        if layout.is_some_and(|l| l != st.layout) {
+            return Err(ShardError::ScrollStale(format!(
+                "the shard was compacted since the scroll began (layout {} now, {} then): begin it again",
+                st.layout,
+                layout.unwrap_or_default()
+            )));
+        }
+        let admitted = filter
+            .map(|f| st.payload.eval(f))
+            .transpose()
+            .map_err(ShardError::InvalidQuery)?;
+        let total = st.rows.len();
+        let mut ids = Vec::new();
+        let mut row = from_row;
+        while row < total && ids.len() < limit {
+            if st.rows.is_live(row)
+                && routing.is_none_or(|x| x.holds(st.rows.id(row)))
+                && admitted
+                    .as_ref()
+                    .is_none_or(|a| u32::try_from(row).is_ok_and(|r| a.contains(r)))
+            {
+                ids.push(Arc::from(st.rows.id(row)));
+            }
+            row += 1;
+        }
+        Ok(ScrollPage {
+            ids,
+            layout: st.layout,
+            next_row: (row < total).then_some(row),
+        })
     }
 
     /// This replica's part of the collection's BM25 statistics for `terms` (issue 22):

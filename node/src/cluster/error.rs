@@ -184,6 +184,7 @@ impl From<ShardError> for ReplicaError {
             | ShardError::BuildInProgress(_)
             | ShardError::CompactionInProgress(_)
             | ShardError::GenerationRefused(_)
+            | ShardError::ScrollStale(_)
             | ShardError::Full(_) => Self::Refused(e.to_string()),
             // A re-embed's state moved between the caller's map and this replica's
             // (issue 21): the caller asks again once its map has moved too.

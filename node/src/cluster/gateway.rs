@@ -939,6 +939,8 @@ impl Gateway {
                     filter: filter.clone(),
                     lexical: None,
                     with_vectors,
+                    count_only: false,
+                    scroll: None,
                 }
             };
             let mut rounds = Vec::new();
@@ -1105,6 +1107,114 @@ impl Gateway {
             shards: answers,
             took_ms: t.elapsed().as_secs_f64() * 1e3,
         })
+    }
+
+    /// How many documents pass a filter (issue 22): every shard's count, summed; a
+    /// shard that does not answer is named, not guessed.
+    pub async fn count(&self, req: pb::CountRequest) -> Result<pb::CountResponse, Status> {
+        let route = self.collection_shards(&req.collection)?;
+        let (coll, shards) = (&route.coll, &route.shards);
+        let filter = check_filter(req.filter.as_ref(), coll, &self.limits)?;
+        let round = self
+            .fan_out(coll, shards, self.default_deadline, |s| {
+                rpb::ShardSearchRequest {
+                    shard: Some(Self::shard_id(coll, s.index)),
+                    k: 1,
+                    shard_count: coll.shard_count,
+                    filter: filter.clone(),
+                    count_only: true,
+                    ..Default::default()
+                }
+            })
+            .await?;
+        Ok(pb::CountResponse {
+            count: round.parts.iter().map(|(_, r)| r.count).sum(),
+            partial: !round.missing.is_empty(),
+            missing_shards: round.missing,
+        })
+    }
+
+    /// A page of a scroll (issue 22): shard by shard in storage order, from the
+    /// cursor's position (`scroll:SHARDS:SHARD:LAYOUT:ROW`). A shard that does not
+    /// answer fails the page (a scroll never skips a shard); a split since the scroll
+    /// began is refused, as a compaction is by the shard.
+    pub async fn scroll(&self, req: pb::ScrollRequest) -> Result<pb::ScrollResponse, Status> {
+        let route = self.collection_shards(&req.collection)?;
+        let (coll, shards) = (&route.coll, &route.shards);
+        let l = &self.limits;
+        let filter = check_filter(req.filter.as_ref(), coll, l)?;
+        let limit = if req.limit == 0 { 100 } else { req.limit };
+        within!(l, k, limit, "a scroll page's limit")?;
+        within!(l, name_bytes, req.cursor.len(), "the cursor's length")?;
+        let (mut index, mut layout, mut row) = match req.cursor.as_str() {
+            "" => (0u32, None, 0u64),
+            c => {
+                let bad =
+                    || Status::invalid_argument(format!("cursor {c:?} is not one a scroll gave"));
+                let parts: Vec<&str> = c.split(':').collect();
+                let [tag, count, index, layout, row] = parts.as_slice() else {
+                    return Err(bad());
+                };
+                let num = |s: &str| s.parse::<u64>().map_err(|_| bad());
+                if *tag != "scroll" {
+                    return Err(bad());
+                }
+                if num(count)? != u64::from(coll.shard_count) {
+                    return Err(Status::failed_precondition(format!(
+                        "collection {:?} has {} shards now, {} when the scroll began: begin it again",
+                        coll.name, coll.shard_count, count
+                    )));
+                }
+                let index = u32::try_from(num(index)?).map_err(|_| bad())?;
+                if index >= coll.shard_count {
+                    return Err(bad());
+                }
+                (index, Some(num(layout)?), num(row)?)
+            }
+        };
+        let mut documents = Vec::new();
+        while documents.len() < limit as usize && index < coll.shard_count {
+            let s = Self::shard(shards, index)?;
+            let ask = rpb::ShardSearchRequest {
+                shard: Some(Self::shard_id(coll, index)),
+                k: limit - documents.len() as u32,
+                shard_count: coll.shard_count,
+                filter: filter.clone(),
+                with_text: req.with_text,
+                with_payload: req.with_payload,
+                with_vectors: req.with_vector,
+                scroll: Some(rpb::ScrollQuery {
+                    layout,
+                    from_row: row,
+                }),
+                ..Default::default()
+            };
+            let (_, _, res) = self.search_shard(s, ask, self.default_deadline).await;
+            let page = res.map_err(|e| {
+                Status::from(e.context(format_args!("shard {}/{index}", coll.name)))
+            })?;
+            documents.extend(page.hits.into_iter().map(|h| pb::Document {
+                id: h.id,
+                text: h.text,
+                metadata_json: h.metadata_json,
+                vector: h.vector,
+            }));
+            if page.done {
+                (index, layout, row) = (index + 1, None, 0);
+            } else {
+                (layout, row) = (Some(page.layout), page.next_row);
+            }
+        }
+        let cursor = if index >= coll.shard_count {
+            String::new()
+        } else {
+            format!(
+                "scroll:{}:{index}:{}:{row}",
+                coll.shard_count,
+                layout.unwrap_or_default()
+            )
+        };
+        Ok(pb::ScrollResponse { documents, cursor })
     }
 
     /// The document a more-like-this search starts from, with its vector and text.
@@ -1277,22 +1387,23 @@ impl RetrievalPlan {
         }
         // More like this asks one more: the document itself is dropped.
         let extra = u32::from(!req.like_id.is_empty());
-        let depth = extra + if mode == pb::RetrievalMode::Hybrid {
-            let d = if req.fusion_depth == 0 {
-                req.k.max(fusion::FUSION_DEPTH)
+        let depth = extra
+            + if mode == pb::RetrievalMode::Hybrid {
+                let d = if req.fusion_depth == 0 {
+                    req.k.max(fusion::FUSION_DEPTH)
+                } else {
+                    req.fusion_depth.max(req.k)
+                };
+                within!(
+                    l,
+                    k,
+                    d,
+                    "fusion_depth (hits each side of a hybrid search gathers)"
+                )?;
+                d
             } else {
-                req.fusion_depth.max(req.k)
+                req.k
             };
-            within!(
-                l,
-                k,
-                d,
-                "fusion_depth (hits each side of a hybrid search gathers)"
-            )?;
-            d
-        } else {
-            req.k
-        };
         if extra > 0 {
             within!(l, id_bytes, req.like_id.len(), "like_id's length")?;
         }

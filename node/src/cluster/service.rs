@@ -191,6 +191,44 @@ impl pb::shoal_server::Shoal for ShoalService {
         ))
     }
 
+    async fn count(
+        &self,
+        req: Request<pb::CountRequest>,
+    ) -> Result<Response<pb::CountResponse>, Status> {
+        self.allow(
+            req.metadata(),
+            "Count",
+            &req.get_ref().collection,
+            Role::Read,
+        )?;
+        let span = span_for(
+            tracing::info_span!("shoal.count", collection = %req.get_ref().collection),
+            &req,
+        );
+        Ok(Response::new(
+            self.0.count(req.into_inner()).instrument(span).await?,
+        ))
+    }
+
+    async fn scroll(
+        &self,
+        req: Request<pb::ScrollRequest>,
+    ) -> Result<Response<pb::ScrollResponse>, Status> {
+        self.allow(
+            req.metadata(),
+            "Scroll",
+            &req.get_ref().collection,
+            Role::Read,
+        )?;
+        let span = span_for(
+            tracing::info_span!("shoal.scroll", collection = %req.get_ref().collection),
+            &req,
+        );
+        Ok(Response::new(
+            self.0.scroll(req.into_inner()).instrument(span).await?,
+        ))
+    }
+
     async fn search(
         &self,
         req: Request<pb::SearchRequest>,

@@ -289,6 +289,37 @@ impl LocalReplicas {
                 Some(Arc::new(f))
             }
         };
+        if r.count_only {
+            let n = shoal_engine::run_blocking(move || shard.count(filter.as_deref())).await?;
+            repl.check_routing(r.shard_count)?;
+            return Ok(rpb::ShardSearchResponse {
+                count: n,
+                ..Default::default()
+            });
+        }
+        if let Some(q) = r.scroll.take() {
+            let limit = r.k as usize;
+            let page = shoal_engine::run_blocking(move || {
+                shard.scroll(q.layout, q.from_row, limit, filter.as_deref())
+            })
+            .await?;
+            repl.check_routing(r.shard_count)?;
+            let res = shoal_engine::SearchResult {
+                hits: page
+                    .ids
+                    .into_iter()
+                    .map(|id| shoal_engine::Hit { id, score: 0.0 })
+                    .collect(),
+                generation: None,
+                fresh_rows: 0,
+                plan: None,
+            };
+            let mut out = self.answer(&repl, &r, res, set).await?;
+            out.layout = page.layout;
+            out.next_row = page.next_row.unwrap_or(0);
+            out.done = page.next_row.is_none();
+            return Ok(out);
+        }
         if let Some(q) = lexical {
             let res = if q.stats_only {
                 let s =
@@ -396,7 +427,7 @@ impl LocalReplicas {
             hits,
             generation: res.generation.unwrap_or(0),
             plan: res.plan.map(|p| p.name().to_string()).unwrap_or_default(),
-            stats: None,
+            ..Default::default()
         })
     }
 
