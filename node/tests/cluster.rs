@@ -663,6 +663,105 @@ async fn a_filtered_search_answers_from_every_shard_exactly_what_the_filter_admi
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    // Payload updates without the vector: merged, the vector and the rest kept.
+    f.gb.set_payload(pb::SetPayloadRequest {
+        collection: "vecs".into(),
+        id: "v5".into(),
+        metadata_json: r#"{"half": "mid"}"#.into(),
+        merge: true,
+    })
+    .await
+    .unwrap();
+    let got =
+        f.ga.get(pb::GetRequest {
+            collection: "vecs".into(),
+            id: "v5".into(),
+            with_vector: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .document
+        .unwrap();
+    assert_eq!(got.vector, vector(5, 16));
+    let m: serde_json::Value = serde_json::from_str(&got.metadata_json).unwrap();
+    assert_eq!(
+        (m["i"].as_u64(), m["half"].as_str()),
+        (Some(5), Some("mid"))
+    );
+    let mid = r#"{"must": [{"key": "half", "match": "mid"}]}"#;
+    assert_eq!(
+        f.ga.count(count(Some(mid)))
+            .await
+            .unwrap()
+            .into_inner()
+            .count,
+        1
+    );
+    // Batch search: each answer as the search alone gives it; a bad one is named.
+    let one = |i: u64| pb::SearchRequest {
+        collection: "vecs".into(),
+        vector: vector(i, 16),
+        k: 5,
+        exact: true,
+        ..Default::default()
+    };
+    let batch =
+        f.ga.search_batch(pb::SearchBatchRequest {
+            searches: vec![one(1), one(2), one(3)],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(batch.results.len(), 3);
+    for (i, r) in batch.results.iter().enumerate() {
+        let alone = f.ga.search(one(i as u64 + 1)).await.unwrap().into_inner();
+        let ids = |r: &pb::SearchResponse| r.hits.iter().map(|h| h.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(r), ids(&alone));
+    }
+    let mut bad = one(2);
+    bad.k = 0;
+    let e =
+        f.ga.search_batch(pb::SearchBatchRequest {
+            searches: vec![one(1), bad],
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().starts_with("search 1:"), "{e}");
+    // Delete by filter: what it admits goes, the rest stays.
+    let d =
+        f.gb.delete_by_filter(pb::DeleteByFilterRequest {
+            collection: "vecs".into(),
+            filter: Some(
+                shoal_engine::Filter::from_json(r#"{"must": [{"key": "i", "range": {"lt": 50}}]}"#)
+                    .unwrap()
+                    .wire(),
+            ),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.deleted, 50);
+    assert_eq!(
+        f.ga.count(count(None)).await.unwrap().into_inner().count,
+        1150
+    );
+    assert_eq!(
+        f.ga.count(count(Some(mid)))
+            .await
+            .unwrap()
+            .into_inner()
+            .count,
+        0
+    );
+    let e =
+        f.gb.delete_by_filter(pb::DeleteByFilterRequest {
+            collection: "vecs".into(),
+            filter: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
     // Bad filters: the field's name, the kind's rule, the limit.
     for (json, says) in [
         (

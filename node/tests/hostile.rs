@@ -635,6 +635,54 @@ fn every_rpc_survives_hostile_messages() {
         },
     );
     f.rpc(
+        "Shoal/DeleteByFilter",
+        (coll(), hostile_filter())
+            .prop_map(|(collection, filter)| pb::DeleteByFilterRequest { collection, filter }),
+        |r| {
+            let mut s = ShoalClient::new(public.clone());
+            async move { s.delete_by_filter(req(r)).await }
+        },
+    );
+    f.rpc(
+        "Shoal/SetPayload",
+        (coll(), hostile_string(), hostile_string(), any::<bool>()).prop_map(
+            |(collection, id, metadata_json, merge)| pb::SetPayloadRequest {
+                collection,
+                id,
+                metadata_json,
+                merge,
+            },
+        ),
+        |r| {
+            let mut s = ShoalClient::new(public.clone());
+            async move { s.set_payload(req(r)).await }
+        },
+    );
+    f.rpc(
+        "Shoal/SearchBatch",
+        (
+            prop::sample::select(vec![0usize, 1, 3, 65]),
+            coll(),
+            hostile_vector(),
+            hostile_u32(),
+        )
+            .prop_map(|(n, collection, vector, k)| pb::SearchBatchRequest {
+                searches: vec![
+                    pb::SearchRequest {
+                        collection,
+                        vector,
+                        k,
+                        ..Default::default()
+                    };
+                    n
+                ],
+            }),
+        |r| {
+            let mut s = ShoalClient::new(public.clone());
+            async move { s.search_batch(req(r)).await }
+        },
+    );
+    f.rpc(
         "Shoal/Get",
         (coll(), hostile_string(), any::<bool>()).prop_map(|(collection, id, with_vector)| {
             pb::GetRequest {

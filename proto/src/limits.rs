@@ -97,6 +97,8 @@ limits! {
     filter_terms: usize = 1_024;
     /// Metadata fields one collection indexes for filters (issue 22).
     payload_fields: usize = 64;
+    /// Searches in one SearchBatch request (issue 22).
+    searches_per_batch: usize = 64;
     /// Largest gRPC message a public server decodes (bytes).
     message_bytes: usize = 32 << 20;
     /// Largest gRPC message an internal server decodes (bytes): replica traffic.

@@ -1217,6 +1217,142 @@ impl Gateway {
         Ok(pb::ScrollResponse { documents, cursor })
     }
 
+    /// Many searches, answered in order (issue 22); each as `search` answers it, run
+    /// at once within the call's deadline.
+    pub async fn search_batch(
+        &self,
+        req: pb::SearchBatchRequest,
+        deadline: Option<Duration>,
+    ) -> Result<pb::SearchBatchResponse, Status> {
+        within!(
+            self.limits,
+            searches_per_batch,
+            req.searches.len(),
+            "searches in one batch"
+        )?;
+        let all = req.searches.into_iter().map(|s| self.search(s, deadline));
+        let mut results = Vec::new();
+        for (i, r) in futures::future::join_all(all).await.into_iter().enumerate() {
+            results.push(
+                r.map_err(|e| Status::new(e.code(), format!("search {i}: {}", e.message())))?,
+            );
+        }
+        Ok(pb::SearchBatchResponse { results })
+    }
+
+    /// Deletes what a filter admits (issue 22), a scroll's page at a time; returns how
+    /// many documents were deleted. A compaction during it restarts the scroll (what
+    /// was deleted is gone, so nothing is counted twice).
+    pub async fn delete_by_filter(&self, req: pb::DeleteByFilterRequest) -> Result<u64, Status> {
+        let empty = req
+            .filter
+            .as_ref()
+            .is_none_or(|f| f.must.is_empty() && f.should.is_empty() && f.must_not.is_empty());
+        if empty {
+            return Err(Status::invalid_argument(
+                "delete by filter needs a filter; to delete every document, drop the collection",
+            ));
+        }
+        let (mut deleted, mut cursor, mut restarts) = (0u64, String::new(), 0);
+        loop {
+            let page = self
+                .scroll(pb::ScrollRequest {
+                    collection: req.collection.clone(),
+                    filter: req.filter.clone(),
+                    limit: self.limits.ids_per_delete.min(self.limits.k) as u32,
+                    cursor: cursor.clone(),
+                    ..Default::default()
+                })
+                .await;
+            let page = match page {
+                Err(e) if e.code() == tonic::Code::FailedPrecondition && restarts < 3 => {
+                    restarts += 1;
+                    cursor.clear();
+                    continue;
+                }
+                r => r?,
+            };
+            if !page.documents.is_empty() {
+                deleted += self
+                    .delete(pb::DeleteRequest {
+                        collection: req.collection.clone(),
+                        ids: page.documents.into_iter().map(|d| d.id).collect(),
+                        request_id: String::new(),
+                    })
+                    .await?;
+            }
+            if page.cursor.is_empty() {
+                return Ok(deleted);
+            }
+            cursor = page.cursor;
+        }
+    }
+
+    /// A document's metadata replaced or merged into, its stored vector and text
+    /// written back with it (issue 22): the client sends no vector. Refused during a
+    /// re-embed (a write then needs both models' vectors).
+    pub async fn set_payload(&self, req: pb::SetPayloadRequest) -> Result<(u64, u64), Status> {
+        let route = self.collection_shards(&req.collection)?;
+        let coll = &route.coll;
+        within!(
+            self.limits,
+            metadata_bytes,
+            req.metadata_json.len(),
+            "the metadata's length"
+        )?;
+        let given = shoal_engine::Metadata::parse(req.metadata_json.clone())
+            .map_err(Status::invalid_argument)?;
+        if dual_write(&self.view.read(), coll).is_some() {
+            return Err(Status::failed_precondition(format!(
+                "collection {:?} is being re-embedded: set the payload with an upsert of the text, or after the re-embed",
+                coll.name
+            )));
+        }
+        let got = self
+            .get(pb::GetRequest {
+                collection: req.collection.clone(),
+                id: req.id.clone(),
+                with_vector: true,
+            })
+            .await?;
+        let Some(doc) = got.document.filter(|_| got.found) else {
+            return Err(Status::not_found(format!(
+                "document {:?} not found in collection {:?}",
+                req.id, coll.name
+            )));
+        };
+        let metadata = if req.merge {
+            let mut stored = match serde_json::from_str::<serde_json::Value>(&doc.metadata_json) {
+                Ok(serde_json::Value::Object(m)) => m,
+                _ => serde_json::Map::new(),
+            };
+            if let serde_json::Value::Object(m) = given.to_value() {
+                stored.extend(m);
+            }
+            let merged = serde_json::Value::Object(stored).to_string();
+            within!(
+                self.limits,
+                metadata_bytes,
+                merged.len(),
+                "the merged metadata's length"
+            )?;
+            merged
+        } else {
+            given.into_string()
+        };
+        self.ingest(pb::IngestRequest {
+            collection: req.collection,
+            documents: vec![pb::Document {
+                id: doc.id,
+                text: doc.text,
+                metadata_json: metadata,
+                vector: doc.vector,
+            }],
+            request_id: String::new(),
+        })
+        .await
+    }
+
     /// The document a more-like-this search starts from, with its vector and text.
     async fn like(
         &self,

@@ -191,6 +191,84 @@ impl pb::shoal_server::Shoal for ShoalService {
         ))
     }
 
+    async fn search_batch(
+        &self,
+        req: Request<pb::SearchBatchRequest>,
+    ) -> Result<Response<pb::SearchBatchResponse>, Status> {
+        // Every search's collection, each with the caller's key (an empty batch is
+        // still the key's to make).
+        if req.get_ref().searches.is_empty() {
+            self.allow(req.metadata(), "SearchBatch", "", Role::Read)?;
+            return Err(Status::invalid_argument(
+                "a batch needs at least one search",
+            ));
+        }
+        for s in &req.get_ref().searches {
+            self.allow(req.metadata(), "SearchBatch", &s.collection, Role::Read)?;
+        }
+        let d = deadline(&req, self.0.limits.max_deadline());
+        let span = span_for(
+            tracing::info_span!(
+                "shoal.search_batch",
+                searches = req.get_ref().searches.len()
+            ),
+            &req,
+        );
+        Ok(Response::new(
+            self.0
+                .search_batch(req.into_inner(), d)
+                .instrument(span)
+                .await?,
+        ))
+    }
+
+    async fn delete_by_filter(
+        &self,
+        req: Request<pb::DeleteByFilterRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        self.allow(
+            req.metadata(),
+            "DeleteByFilter",
+            &req.get_ref().collection,
+            Role::Write,
+        )?;
+        let span = span_for(
+            tracing::info_span!("shoal.delete_by_filter", collection = %req.get_ref().collection),
+            &req,
+        );
+        let deleted = self
+            .0
+            .delete_by_filter(req.into_inner())
+            .instrument(span)
+            .await?;
+        Ok(Response::new(pb::DeleteResponse { deleted }))
+    }
+
+    async fn set_payload(
+        &self,
+        req: Request<pb::SetPayloadRequest>,
+    ) -> Result<Response<pb::IngestResponse>, Status> {
+        self.allow(
+            req.metadata(),
+            "SetPayload",
+            &req.get_ref().collection,
+            Role::Write,
+        )?;
+        let span = span_for(
+            tracing::info_span!("shoal.set_payload", collection = %req.get_ref().collection),
+            &req,
+        );
+        let (ingested, truncated) = self
+            .0
+            .set_payload(req.into_inner())
+            .instrument(span)
+            .await?;
+        Ok(Response::new(pb::IngestResponse {
+            ingested,
+            truncated,
+        }))
+    }
+
     async fn count(
         &self,
         req: Request<pb::CountRequest>,
