@@ -904,6 +904,15 @@ async fn lexical_hybrid_and_feedback_searches_score_as_one_collection_across_sha
             .map(|(id, t)| pb::Document {
                 id: (*id).into(),
                 text: (*t).into(),
+                // Odd documents are "a", even ones "b" (the filtered checks below).
+                metadata_json: format!(
+                    r#"{{"part": "{}"}}"#,
+                    if id[1..].parse::<u32>().unwrap() % 2 == 1 {
+                        "a"
+                    } else {
+                        "b"
+                    }
+                ),
                 ..Default::default()
             })
             .collect(),
@@ -1020,6 +1029,60 @@ async fn lexical_hybrid_and_feedback_searches_score_as_one_collection_across_sha
     );
     let moved = f.ga.search(prf(None, None)).await.unwrap().into_inner();
     assert_eq!((moved.hits.len(), moved.partial), (10, false));
+    // Filtered lexical and hybrid search: only what the filter admits, the lexical
+    // scores still the whole collection's (the filter chooses, it does not re-weigh).
+    f.admin
+        .set_collection_policy(cpb::SetCollectionPolicyRequest {
+            name: "texts".into(),
+            auto_rebuild_rows: None,
+            payload_fields: vec![shoal_engine::PayloadField::parse("part:keyword")
+                .unwrap()
+                .wire()],
+        })
+        .await
+        .unwrap();
+    let part_a =
+        shoal_engine::Filter::from_json(r#"{"must": [{"key": "part", "match": "a"}]}"#).unwrap();
+    let t = Instant::now();
+    loop {
+        let mut r = ask("bread crust markets", pb::RetrievalMode::Lexical);
+        r.filter = Some(part_a.wire());
+        match f.ga.search(r).await {
+            Ok(r) if !r.get_ref().partial => {
+                let r = r.into_inner();
+                let want: Vec<(String, f32)> = bm25_whole(&corpus, "bread crust markets")
+                    .into_iter()
+                    .filter(|(id, _)| id[1..].parse::<u32>().unwrap() % 2 == 1)
+                    .collect();
+                assert_eq!(r.hits.len(), want.len());
+                for (h, (id, s)) in r.hits.iter().zip(&want) {
+                    assert_eq!(&h.id, id);
+                    assert!((h.score - s).abs() < 1e-4, "{} {} vs {s}", h.id, h.score);
+                }
+                break;
+            }
+            // The policy reaches the gateway's map, then each replica's index (a
+            // replica without it yet answers UNAVAILABLE: a partial answer).
+            Ok(r) => assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "{:?}",
+                r.get_ref().shards
+            ),
+            Err(e) => assert!(t.elapsed() < Duration::from_secs(10), "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut r = ask("bread crust", pb::RetrievalMode::Hybrid);
+    r.filter = Some(part_a.wire());
+    let r = f.ga.search(r).await.unwrap().into_inner();
+    assert!(!r.hits.is_empty() && !r.partial);
+    assert!(
+        r.hits
+            .iter()
+            .all(|h| h.id[1..].parse::<u32>().unwrap() % 2 == 1),
+        "{:?}",
+        r.hits
+    );
     // More like this: a stored document is the query, and is not among the hits.
     for mode in [
         pb::RetrievalMode::Dense,
