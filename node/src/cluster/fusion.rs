@@ -8,12 +8,13 @@
 //! - Linear interpolation ("To Interpolate or not to Interpolate: PRF, Dense and Sparse
 //!   Retrievers", Li et al., SIGIR 2022): each list's scores min-max normalised to
 //!   [0, 1] (a list whose scores are all equal counts 1), a missing document 0, fused
-//!   as w · dense + (1 − w) · lexical; w = 0.5 by default (the paper's even mix).
+//!   as w · dense + (1 − w) · lexical; w = 0.5 by default (an even mix; the paper
+//!   tunes w per collection, so this is a starting point, not its figure).
 //! - Rocchio PRF on dense vectors ("Improving Query Representations for Dense
 //!   Retrieval with Pseudo Relevance Feedback: A Reproducibility Study", Li et al.,
 //!   ECIR 2022): q' = α · q + β · mean(top-d documents' vectors), d = 3, α = 0.4,
-//!   β = 0.6, the setting that study reports best for Rocchio over ANCE/TCT-ColBERT,
-//!   fixed here before any shoal figure was seen.
+//!   β = 0.6, taken from that study's Rocchio settings as recalled (not re-checked
+//!   against its tables here), fixed before any shoal figure was seen.
 
 use std::collections::HashMap;
 
