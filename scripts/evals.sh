@@ -14,8 +14,8 @@ data="${SHOAL_EVAL_DIR:-$(mktemp -d)}"; mkdir -p "$data"
 sets=("$@"); [[ ${#sets[@]} -gt 0 ]] || sets=(scifact medline cacm cranfield)
 start_dev "$data" "$data/dev.log"
 for s in "${sets[@]}"; do
-  exact=$("$shoal" eval "$ir/$s" --collection "$s" | tail -1)
+  exact=$("$shoal" eval "$ir/$s" --collection "$s" --mode dense | tail -1)
   echo "{\"run\":\"exact\",\"result\":$exact}"
-  ivf=$("$shoal" eval "$ir/$s" --collection "$s" --build-index | tail -1)
+  ivf=$("$shoal" eval "$ir/$s" --collection "$s" --build-index --mode dense | tail -1)
   echo "{\"run\":\"ivfpq\",\"result\":$ivf}"
 done

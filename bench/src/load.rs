@@ -85,6 +85,8 @@ async fn run_async(a: LoadArgs) -> Result<()> {
                 text: q.clone(),
                 k: a.k,
                 exact: true,
+                // The dense path is what this measures (AUTO would fuse BM25 in).
+                mode: pb::RetrievalMode::Dense as i32,
                 ..Default::default()
             })
             .await
@@ -114,6 +116,8 @@ async fn run_async(a: LoadArgs) -> Result<()> {
                         collection: name.clone(),
                         text: queries[qi].clone(),
                         k,
+                        // The dense path is what this measures (AUTO would fuse BM25 in).
+                        mode: pb::RetrievalMode::Dense as i32,
                         ..Default::default()
                     })
                     .await;

@@ -79,6 +79,8 @@ pub(crate) async fn ndcg(
                 vector: v.clone(),
                 text: text.clone(),
                 k: 11,
+                // The dense path is what this measures (AUTO would fuse BM25 in).
+                mode: pb::RetrievalMode::Dense as i32,
                 ..Default::default()
             })
             .await?

@@ -1416,6 +1416,8 @@ pub(crate) fn query_clients(
                         text,
                         k: 10,
                         nprobe,
+                        // The dense path is what this measures (AUTO would fuse BM25 in).
+                        mode: pb::RetrievalMode::Dense as i32,
                         ..Default::default()
                     })
                     .await;

@@ -669,6 +669,7 @@ async fn a_filtered_search_answers_from_every_shard_exactly_what_the_filter_admi
         id: "v5".into(),
         metadata_json: r#"{"half": "mid"}"#.into(),
         merge: true,
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -689,6 +690,56 @@ async fn a_filtered_search_answers_from_every_shard_exactly_what_the_filter_admi
         (m["i"].as_u64(), m["half"].as_str()),
         (Some(5), Some("mid"))
     );
+    // Concurrent merges into one document: each is written over the version it read
+    // (a conflict reads and merges again), so none is lost.
+    let merges = (0..8).map(|i| {
+        let mut g = if i % 2 == 0 {
+            f.ga.clone()
+        } else {
+            f.gb.clone()
+        };
+        async move {
+            g.set_payload(pb::SetPayloadRequest {
+                collection: "vecs".into(),
+                id: "v6".into(),
+                metadata_json: format!(r#"{{"k{i}": {i}}}"#),
+                merge: true,
+                ..Default::default()
+            })
+            .await
+        }
+    });
+    for r in futures::future::join_all(merges).await {
+        r.unwrap();
+    }
+    let got =
+        f.ga.get(pb::GetRequest {
+            collection: "vecs".into(),
+            id: "v6".into(),
+            with_vector: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let m: serde_json::Value =
+        serde_json::from_str(&got.document.as_ref().unwrap().metadata_json).unwrap();
+    for i in 0..8u64 {
+        assert_eq!(m[format!("k{i}")].as_u64(), Some(i), "{m}");
+    }
+    assert_eq!(m["i"].as_u64(), Some(6));
+    assert_eq!(got.document.unwrap().vector, vector(6, 16));
+    // A client's own version check: the version it read passes once, then is stale.
+    let at = |v: u64| pb::SetPayloadRequest {
+        collection: "vecs".into(),
+        id: "v6".into(),
+        metadata_json: r#"{"checked": true}"#.into(),
+        merge: true,
+        if_version: v,
+    };
+    f.gb.set_payload(at(got.version)).await.unwrap();
+    let e = f.gb.set_payload(at(got.version)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Aborted, "{e}");
+    assert!(e.message().contains("if_version"), "{e}");
     let mid = r#"{"must": [{"key": "half", "match": "mid"}]}"#;
     assert_eq!(
         f.ga.count(count(Some(mid)))
@@ -981,6 +1032,18 @@ async fn lexical_hybrid_and_feedback_searches_score_as_one_collection_across_sha
         );
     }
     assert!(h.hits.windows(2).all(|w| w[0].score >= w[1].score));
+    // The default (AUTO) for a text query is this hybrid search.
+    let auto =
+        f.ga.search(ask(q, pb::RetrievalMode::Auto))
+            .await
+            .unwrap()
+            .into_inner();
+    let scored = |r: &[pb::Hit]| {
+        r.iter()
+            .map(|h| (h.id.clone(), h.score))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(scored(&auto.hits), scored(&h.hits));
     // Linear, all weight on the dense side: the dense order.
     let mut linear = ask(q, pb::RetrievalMode::Hybrid);
     linear.fusion = pb::Fusion::Linear as i32;
@@ -2062,6 +2125,7 @@ async fn a_text_query_is_encoded_once_and_traced_across_the_nodes() {
             collection: "texts".into(),
             text: "how do cells make energy?".into(),
             k: 3,
+            mode: pb::RetrievalMode::Dense as i32,
             ..Default::default()
         })
         .await
@@ -3869,6 +3933,7 @@ async fn a_node_encodes_each_collection_with_the_model_it_names_and_refuses_anot
         collection: name.into(),
         text: "a query".into(),
         k: 3,
+        mode: pb::RetrievalMode::Dense as i32,
         ..Default::default()
     };
     let refused = |g: &mut ShoalClient<tonic::transport::Channel>, name: &'static str| {
@@ -3990,6 +4055,7 @@ async fn text_answers(
                 text: sentence(i * 17),
                 k: 5,
                 exact: true,
+                mode: pb::RetrievalMode::Dense as i32,
                 ..Default::default()
             })
             .await
@@ -4260,6 +4326,7 @@ async fn a_re_embed_under_load_switches_models_rolls_back_exactly_and_commits() 
                             collection: "docs".into(),
                             text: sentence(n % 97),
                             k: 5,
+                            mode: pb::RetrievalMode::Dense as i32,
                             ..Default::default()
                         })
                         .await

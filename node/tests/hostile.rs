@@ -645,14 +645,22 @@ fn every_rpc_survives_hostile_messages() {
     );
     f.rpc(
         "Shoal/SetPayload",
-        (coll(), hostile_string(), hostile_string(), any::<bool>()).prop_map(
-            |(collection, id, metadata_json, merge)| pb::SetPayloadRequest {
-                collection,
-                id,
-                metadata_json,
-                merge,
-            },
-        ),
+        (
+            coll(),
+            hostile_string(),
+            hostile_string(),
+            any::<bool>(),
+            any::<u64>(),
+        )
+            .prop_map(|(collection, id, metadata_json, merge, if_version)| {
+                pb::SetPayloadRequest {
+                    collection,
+                    id,
+                    metadata_json,
+                    merge,
+                    if_version,
+                }
+            }),
         |r| {
             let mut s = ShoalClient::new(public.clone());
             async move { s.set_payload(req(r)).await }
@@ -732,7 +740,7 @@ fn every_rpc_survives_hostile_messages() {
                 pb::SearchRequest {
                     like_id,
                     // Mostly known modes, so the lexical and hybrid paths run.
-                    mode: (mode % 4) as i32,
+                    mode: (mode % 5) as i32,
                     fusion: (fusion % 3) as i32,
                     dense_weight,
                     rrf_k,
@@ -814,16 +822,24 @@ fn every_rpc_survives_hostile_messages() {
             prop::collection::vec(stored(), 0..4),
             prop::collection::vec(hostile_string(), 0..4),
             hostile_string(),
+            // Conditional writes' expectations (issue 22): any ids, any versions.
+            prop::collection::vec((hostile_string(), any::<u64>()), 0..6),
         )
-            .prop_map(|(shard, upserts, deletes, request_id)| rpb::WriteRequest {
-                // 0 (unsaid), or a count no replica of it has: refused by name.
-                shard_count: (request_id.len() % 3) as u32 * 1000,
-                set_tag: request_id.len() as u64 % 2,
-                shard,
-                upserts,
-                deletes,
-                request_id,
-            }),
+            .prop_map(
+                |(shard, upserts, deletes, request_id, expect)| rpb::WriteRequest {
+                    // 0 (unsaid), or a count no replica of it has: refused by name.
+                    shard_count: (request_id.len() % 3) as u32 * 1000,
+                    set_tag: request_id.len() as u64 % 2,
+                    shard,
+                    upserts,
+                    deletes,
+                    request_id,
+                    expect: expect
+                        .into_iter()
+                        .map(|(id, version)| rpb::Expect { id, version })
+                        .collect(),
+                },
+            ),
         |r| {
             let mut s = ReplicaClient::new(internal.clone());
             async move { s.write(req(r)).await }

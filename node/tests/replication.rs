@@ -195,6 +195,7 @@ async fn write(node: &Node, range: std::ops::Range<u32>) -> Result<u64, ReplicaE
             .write(
                 rpb::WriteRequest {
                     set_tag: 0,
+                    expect: Vec::new(),
                     shard_count: 0,
                     shard: shard_ref(),
                     upserts: vec![doc(i)],
@@ -373,6 +374,7 @@ async fn a_broken_snapshot_transfer_resumes_where_it_broke() {
             .write(
                 rpb::WriteRequest {
                     set_tag: 0,
+                    expect: Vec::new(),
                     shard_count: 0,
                     shard: shard_ref(),
                     upserts,
@@ -590,6 +592,7 @@ async fn a_write_waits_for_every_in_sync_backup_until_the_map_takes_it_out() {
                 .write(
                     rpb::WriteRequest {
                         set_tag: 0,
+                        expect: Vec::new(),
                         shard_count: 0,
                         shard: shard_ref(),
                         upserts: vec![doc(5)],
@@ -1042,6 +1045,7 @@ mod schedules {
                             .write(
                                 rpb::WriteRequest {
                                     set_tag: 0,
+                                    expect: Vec::new(),
                                     shard_count: 0,
                                     shard: shard_ref(),
                                     upserts: vec![doc(d)],

@@ -532,9 +532,10 @@ pub async fn ingest(target: Target, node: NodeTarget, a: IngestArgs) -> Result<(
 /// How a search retrieves (issue 22), for `shoal search` and `shoal eval`.
 #[derive(Args, Clone, Debug)]
 pub struct RetrievalArgs {
-    /// dense (the vector index), lexical (BM25 over the stored text) or hybrid (both,
-    /// fused).
-    #[arg(long, default_value = "dense", value_parser = ["dense", "lexical", "hybrid"])]
+    /// dense (the vector index), lexical (BM25 over the stored text), hybrid (both,
+    /// fused) or auto (the server's default: hybrid for a text query, dense for a
+    /// vector or --like).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "dense", "lexical", "hybrid"])]
     mode: String,
     /// hybrid: rrf (reciprocal ranks, k = 60) or linear (normalised scores, weighted).
     #[arg(long, default_value = "rrf", value_parser = ["rrf", "linear"])]
@@ -553,7 +554,8 @@ impl RetrievalArgs {
         r.mode = match self.mode.as_str() {
             "lexical" => pb::RetrievalMode::Lexical,
             "hybrid" => pb::RetrievalMode::Hybrid,
-            _ => pb::RetrievalMode::Dense,
+            "dense" => pb::RetrievalMode::Dense,
+            _ => pb::RetrievalMode::Auto,
         } as i32;
         r.fusion = match self.fusion.as_str() {
             "linear" => pb::Fusion::Linear,
@@ -568,10 +570,12 @@ impl RetrievalArgs {
 
     /// How it is named in the eval's summary.
     fn describe(&self) -> serde_json::Value {
+        // An eval's queries are text: auto runs hybrid.
+        let hybrid = matches!(self.mode.as_str(), "hybrid" | "auto");
         serde_json::json!({
             "mode": self.mode,
-            "fusion": (self.mode == "hybrid").then_some(self.fusion.as_str()),
-            "dense_weight": (self.mode == "hybrid" && self.fusion == "linear")
+            "fusion": hybrid.then_some(self.fusion.as_str()),
+            "dense_weight": (hybrid && self.fusion == "linear")
                 .then_some(self.dense_weight.unwrap_or(0.5)),
             "prf": self.prf,
         })

@@ -49,6 +49,10 @@ pub enum ShardError {
     /// A scroll's row numbers no longer hold (a compaction renumbered the rows).
     #[error("scroll: {0}")]
     ScrollStale(String),
+    /// A conditional write's expectation failed ([`crate::Expect`]): a document was
+    /// written since the caller read it; nothing written.
+    #[error("conflict: {0}")]
+    Conflict(String),
 }
 
 impl ShardError {

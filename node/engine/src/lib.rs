@@ -114,6 +114,18 @@ pub enum WriteOp {
     SetCommit(u64),
 }
 
+/// A conditional write's expectation (optimistic concurrency, issue 22): document
+/// `id`'s live version is `version` — the sequence number of the batch that wrote it
+/// ([`StoredDocument::seq`]), 0 for a document that must not exist. Checked under the
+/// writer lock, before the batch is numbered: a batch whose expectations fail is not
+/// written ([`ShardError::Conflict`]). Only the primary checks; the batch it logs is
+/// an ordinary one, so backups apply it as ordered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Expect {
+    pub id: String,
+    pub version: u64,
+}
+
 /// What a durable write reports back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WriteAck {
@@ -763,7 +775,24 @@ impl Shard {
         epoch: u64,
         request_id: &str,
     ) -> Result<(WriteAck, Option<Arc<WalBatch>>)> {
+        self.write_if(ops, epoch, request_id, &[])
+    }
+
+    /// [`Shard::write_as`] if every [`Expect`] holds when the batch would be numbered;
+    /// else [`ShardError::Conflict`] naming the first that does not, and nothing written.
+    /// A retry of a request id already applied answers its ack (duplicate) whatever the
+    /// expectations say now.
+    pub fn write_if(
+        &self,
+        ops: Vec<WriteOp>,
+        epoch: u64,
+        request_id: &str,
+        expect: &[Expect],
+    ) -> Result<(WriteAck, Option<Arc<WalBatch>>)> {
         validate_request_id(request_id)?;
+        for e in expect {
+            validate_id(&e.id)?;
+        }
         let mut logged = Vec::with_capacity(ops.len());
         for op in ops {
             let op = match op {
@@ -826,6 +855,24 @@ impl Shard {
                 },
                 None,
             ));
+        }
+        if !expect.is_empty() {
+            // The writer lock orders batches; the state read here is what every batch
+            // before this one made visible.
+            let st = self.inner.state.read();
+            for e in expect {
+                let now = match st.rows.get(&e.id) {
+                    Some(row) => vector_set::written_by(&st.docs, &st.rows, row)?,
+                    None => 0,
+                };
+                if now != e.version {
+                    return Err(ShardError::Conflict(format!(
+                        "document {:?} is at version {now}, not {} as the write expects \
+                         (0: absent); read it again",
+                        e.id, e.version
+                    )));
+                }
+            }
         }
         let batch = WalBatch {
             seq: w.last_seq + 1,

@@ -241,7 +241,7 @@ pub(crate) fn targets(w: &Writer, st: &State, batch: &WalBatch) -> Result<Vec<Op
     Ok(out)
 }
 
-fn written_by(docs: &DocsReader, rows: &Rows, row: u64) -> Result<u64> {
+pub(crate) fn written_by(docs: &DocsReader, rows: &Rows, row: u64) -> Result<u64> {
     match docs.read_at(rows.doc_offset(row))? {
         SegmentEntry::Put { seq, .. } => Ok(seq),
         SegmentEntry::Delete { .. } => Err(ShardError::Corrupt {

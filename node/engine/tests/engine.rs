@@ -2617,3 +2617,81 @@ fn t93_filtered_search_agrees_with_the_oracle_under_each_plan_across_replay_comp
         .unwrap_err();
     assert!(e.to_string().contains("zz"), "{e}");
 }
+
+#[test]
+fn t94_a_conditional_write_applies_only_over_the_version_it_read() {
+    use shoal_engine::Expect;
+    let dir = tempfile::tempdir().unwrap();
+    let shard = Shard::create(dir.path(), config(Metric::L2)).unwrap();
+    shard.upsert(docs("d", 20)).unwrap();
+    let upsert = |id: &str, tag: u64| {
+        let mut d = doc(id);
+        d.metadata = Metadata::from_value(&json!({ "tag": tag })).unwrap();
+        vec![WriteOp::Upsert(d)]
+    };
+    let expect = |id: &str, version: u64| {
+        vec![Expect {
+            id: id.into(),
+            version,
+        }]
+    };
+    let v = shard.get("d3").unwrap().unwrap().seq;
+    assert_eq!(v, 1);
+    // Two writers read version 1; the first applies, the second conflicts and
+    // writes nothing (its batch is not numbered).
+    let (first, _) = shard
+        .write_if(upsert("d3", 1), 0, "", &expect("d3", v))
+        .unwrap();
+    let e = shard
+        .write_if(upsert("d3", 2), 0, "", &expect("d3", v))
+        .unwrap_err();
+    assert!(matches!(e, ShardError::Conflict(_)), "{e}");
+    assert!(e.to_string().contains("\"d3\""), "{e}");
+    let got = shard.get("d3").unwrap().unwrap();
+    assert_eq!(
+        (got.seq, got.metadata.to_value()),
+        (first.seq, json!({ "tag": 1 }))
+    );
+    assert_eq!(shard.last().0, first.seq);
+    // Version 0: the document must be absent (create-only).
+    shard
+        .write_if(upsert("new", 1), 0, "", &expect("new", 0))
+        .unwrap();
+    assert!(matches!(
+        shard.write_if(upsert("new", 2), 0, "", &expect("new", 0)),
+        Err(ShardError::Conflict(_))
+    ));
+    // A deleted document is absent again.
+    shard.delete(vec!["d4".into()]).unwrap();
+    shard
+        .write_if(upsert("d4", 3), 0, "", &expect("d4", 0))
+        .unwrap();
+    // A retry of an applied request id answers its ack whatever the versions say now.
+    let (a, _) = shard
+        .write_if(upsert("d5", 1), 0, "req-1", &expect("d5", 1))
+        .unwrap();
+    let (again, batch) = shard
+        .write_if(upsert("d5", 1), 0, "req-1", &expect("d5", 1))
+        .unwrap();
+    assert!(again.duplicate && batch.is_none() && again.seq == a.seq);
+    // Versions survive a compaction (its rewrite keeps each row's batch) and a reopen.
+    let before: Vec<u64> = ["d3", "d5", "d9"]
+        .iter()
+        .map(|id| shard.get(id).unwrap().unwrap().seq)
+        .collect();
+    shard.write(vec![WriteOp::Compact]).unwrap();
+    shard.compact_pending().unwrap();
+    let after = |s: &Shard| -> Vec<u64> {
+        ["d3", "d5", "d9"]
+            .iter()
+            .map(|id| s.get(id).unwrap().unwrap().seq)
+            .collect()
+    };
+    assert_eq!(after(&shard), before);
+    drop(shard);
+    let shard = Shard::open(dir.path()).unwrap();
+    assert_eq!(after(&shard), before);
+    shard
+        .write_if(upsert("d9", 4), 0, "", &expect("d9", before[2]))
+        .unwrap();
+}

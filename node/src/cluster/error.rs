@@ -50,6 +50,9 @@ pub enum ReplicaError {
     /// The caller's deadline passed.
     #[error("{0}")]
     Deadline(String),
+    /// A conditional write's expected version no longer holds (issue 22): read again.
+    #[error("{0}")]
+    Conflict(String),
     /// A fault on the answering node (its disk, a snapshot it could not read).
     #[error("{0}")]
     Internal(String),
@@ -75,6 +78,7 @@ impl ReplicaError {
             Self::StaleEpoch(_) => "stale_epoch",
             Self::Refused(_) => "refused",
             Self::Deadline(_) => "deadline",
+            Self::Conflict(_) => "conflict",
             Self::Internal(_) => "internal",
         }
     }
@@ -89,6 +93,7 @@ impl ReplicaError {
             | Self::StaleEpoch(m)
             | Self::Refused(m)
             | Self::Deadline(m)
+            | Self::Conflict(m)
             | Self::Internal(m) => m,
         }
     }
@@ -110,6 +115,7 @@ impl ReplicaError {
             Self::StaleEpoch(_) => Self::StaleEpoch(m),
             Self::Refused(_) => Self::Refused(m),
             Self::Deadline(_) => Self::Deadline(m),
+            Self::Conflict(_) => Self::Conflict(m),
             Self::Internal(_) => Self::Internal(m),
         }
     }
@@ -121,6 +127,7 @@ impl ReplicaError {
             Self::Unavailable(_) | Self::Moving(_) => Code::Unavailable,
             Self::StaleEpoch(_) | Self::Refused(_) => Code::FailedPrecondition,
             Self::Deadline(_) => Code::DeadlineExceeded,
+            Self::Conflict(_) => Code::Aborted,
             Self::Internal(_) => Code::Internal,
         }
     }
@@ -156,6 +163,7 @@ impl From<Status> for ReplicaError {
             (Some("moving"), _) => Self::Moving(m),
             (Some("refused"), _) | (None, Code::FailedPrecondition) => Self::Refused(m),
             (Some("deadline"), _) | (None, Code::DeadlineExceeded) => Self::Deadline(m),
+            (Some("conflict"), _) => Self::Conflict(m),
             (Some("internal"), _) | (None, Code::Internal | Code::DataLoss) => Self::Internal(m),
             (None, Code::Unimplemented) => {
                 Self::Internal(format!("the peer does not implement this call: {m}"))
@@ -189,6 +197,7 @@ impl From<ShardError> for ReplicaError {
             // A re-embed's state moved between the caller's map and this replica's
             // (issue 21): the caller asks again once its map has moved too.
             ShardError::VectorSet(_) => Self::Moving(e.to_string()),
+            ShardError::Conflict(_) => Self::Conflict(e.to_string()),
             e => Self::Internal(e.to_string()),
         }
     }
@@ -208,6 +217,7 @@ mod tests {
             ReplicaError::StaleEpoch("e".into()),
             ReplicaError::Refused("f".into()),
             ReplicaError::Deadline("g".into()),
+            ReplicaError::Conflict("i".into()),
             ReplicaError::Internal("h".into()),
         ];
         for e in all {

@@ -139,6 +139,8 @@ struct Upsert {
     doc: rpb::StoredDoc,
     main: Main,
     set_tag: u64,
+    /// Written only over this version of the document (issue 22: set-payload).
+    expect: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -396,6 +398,7 @@ impl Gateway {
                     set_vector: Vec::new(),
                 },
                 set_tag: 0,
+                expect: None,
             })
             .collect();
         // Resolved once: a retry never follows an alias switched meanwhile (issue 21).
@@ -512,13 +515,22 @@ impl Gateway {
                     .push(id);
             }
             let writes = by_shard.into_iter().map(|(index, (ups, dels))| async move {
+                let expect = ups
+                    .iter()
+                    .filter_map(|u| {
+                        u.expect.map(|version| rpb::Expect {
+                            id: u.doc.id.clone(),
+                            version,
+                        })
+                    })
+                    .collect();
                 let r = self
                     .write_shard(
                         coll,
                         shards,
                         index,
                         (ups.iter().map(|u| u.doc.clone()).collect(), set_tag),
-                        dels.clone(),
+                        (dels.clone(), expect),
                         shard_request(request_id, index),
                     )
                     .await;
@@ -600,7 +612,7 @@ impl Gateway {
         shards: &[cpb::Shard],
         index: u32,
         (upserts, set_tag): (Vec<rpb::StoredDoc>, u64),
-        deletes: Vec<String>,
+        (deletes, expect): (Vec<String>, Vec<rpb::Expect>),
         request_id: String,
     ) -> Result<rpb::WriteResponse, ReplicaError> {
         let (node, addr) = self.primary(shards, index)?;
@@ -612,6 +624,7 @@ impl Gateway {
             request_id,
             shard_count: coll.shard_count,
             set_tag,
+            expect,
         };
         let write = async { self.replicas(&node, &addr)?.write(req, WRITE_TIMEOUT).await };
         write
@@ -721,6 +734,7 @@ impl Gateway {
         let r = found.ok_or(last)?;
         Ok(pb::GetResponse {
             found: r.found,
+            version: r.version,
             document: r.doc.map(|d| pb::Document {
                 id: d.id,
                 text: d.text,
@@ -1289,9 +1303,14 @@ impl Gateway {
     }
 
     /// A document's metadata replaced or merged into, its stored vector and text
-    /// written back with it (issue 22): the client sends no vector. Refused during a
-    /// re-embed (a write then needs both models' vectors).
+    /// written back with it (issue 22): the client sends no vector. The write is
+    /// conditional on the version read (`Shard::write_if`), so a write in between is
+    /// never overwritten with stale text, vector or metadata: on a conflict the
+    /// document is read and merged again (a few times), or, when the client named
+    /// `if_version`, the client hears ABORTED. Refused during a re-embed (a write then
+    /// needs both models' vectors).
     pub async fn set_payload(&self, req: pb::SetPayloadRequest) -> Result<(u64, u64), Status> {
+        const ATTEMPTS: usize = 8;
         let route = self.collection_shards(&req.collection)?;
         let coll = &route.coll;
         within!(
@@ -1308,49 +1327,66 @@ impl Gateway {
                 coll.name
             )));
         }
-        let got = self
-            .get(pb::GetRequest {
-                collection: req.collection.clone(),
-                id: req.id.clone(),
-                with_vector: true,
-            })
-            .await?;
-        let Some(doc) = got.document.filter(|_| got.found) else {
-            return Err(Status::not_found(format!(
-                "document {:?} not found in collection {:?}",
-                req.id, coll.name
-            )));
-        };
-        let metadata = if req.merge {
-            let mut stored = match serde_json::from_str::<serde_json::Value>(&doc.metadata_json) {
-                Ok(serde_json::Value::Object(m)) => m,
-                _ => serde_json::Map::new(),
+        let name = coll.name.clone();
+        let mut pause = Duration::from_millis(5);
+        for attempt in 1.. {
+            let got = self
+                .get(pb::GetRequest {
+                    collection: req.collection.clone(),
+                    id: req.id.clone(),
+                    with_vector: true,
+                })
+                .await?;
+            let Some(doc) = got.document.filter(|_| got.found) else {
+                return Err(Status::not_found(format!(
+                    "document {:?} not found in collection {:?}",
+                    req.id, name
+                )));
             };
-            if let serde_json::Value::Object(m) = given.to_value() {
-                stored.extend(m);
+            if req.if_version != 0 && got.version != req.if_version {
+                return Err(Status::aborted(format!(
+                    "document {:?} is at version {}, not {} (if_version): read it again",
+                    req.id, got.version, req.if_version
+                )));
             }
-            let merged = serde_json::Value::Object(stored).to_string();
+            let metadata = if req.merge {
+                merge_metadata(&doc.metadata_json, &given)
+            } else {
+                given.clone().into_string()
+            };
             within!(
                 self.limits,
                 metadata_bytes,
-                merged.len(),
+                metadata.len(),
                 "the merged metadata's length"
             )?;
-            merged
-        } else {
-            given.into_string()
-        };
-        self.ingest(pb::IngestRequest {
-            collection: req.collection,
-            documents: vec![pb::Document {
-                id: doc.id,
-                text: doc.text,
-                metadata_json: metadata,
-                vector: doc.vector,
-            }],
-            request_id: String::new(),
-        })
-        .await
+            let upsert = Upsert {
+                main: Main::Client,
+                doc: rpb::StoredDoc {
+                    id: doc.id,
+                    text: doc.text,
+                    metadata_json: metadata,
+                    vector: doc.vector,
+                    set_vector: Vec::new(),
+                },
+                set_tag: 0,
+                expect: Some(got.version),
+            };
+            match self.write_all(&name, "", vec![upsert], Vec::new()).await {
+                Ok(_) => return Ok((1, 0)),
+                Err(e)
+                    if e.code() == tonic::Code::Aborted
+                        && req.if_version == 0
+                        && attempt < ATTEMPTS =>
+                {
+                    metrics::counter!("shoal_gateway_write_conflicts_total").increment(1);
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        unreachable!("the loop returns")
     }
 
     /// The document a more-like-this search starts from, with its vector and text.
@@ -1497,10 +1533,11 @@ impl RetrievalPlan {
         let bad = |m: String| Err(Status::invalid_argument(m));
         let Ok(mode) = pb::RetrievalMode::try_from(req.mode) else {
             return bad(format!(
-                "unknown retrieval mode {} (dense, lexical, hybrid)",
+                "unknown retrieval mode {} (auto, dense, lexical, hybrid)",
                 req.mode
             ));
         };
+        let mode = resolve_mode(mode, req);
         let fusion = match pb::Fusion::try_from(req.fusion) {
             Ok(pb::Fusion::Rrf) => fusion::Fusion::Rrf {
                 k: if req.rrf_k == 0 {
@@ -1581,6 +1618,33 @@ impl RetrievalPlan {
     }
 }
 
+/// Stored metadata with `given`'s top-level keys put over it (set-payload's merge);
+/// stored metadata that is not an object is replaced.
+fn merge_metadata(stored: &str, given: &shoal_engine::Metadata) -> String {
+    let mut m = match serde_json::from_str::<serde_json::Value>(stored) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    if let serde_json::Value::Object(g) = given.to_value() {
+        m.extend(g);
+    }
+    serde_json::Value::Object(m).to_string()
+}
+
+/// What AUTO means for this request (issue 22): hybrid (RRF) for a text query, dense
+/// for a vector or a like_id. Hybrid RRF beat dense and BM25 alone on SciFact,
+/// MEDLINE, CACM and Cranfield (significantly on three) at dense's p50 latency:
+/// docs/benchmarks.md, "Retrieval modes".
+fn resolve_mode(mode: pb::RetrievalMode, req: &pb::SearchRequest) -> pb::RetrievalMode {
+    match mode {
+        pb::RetrievalMode::Auto if !req.text.trim().is_empty() && req.like_id.is_empty() => {
+            pb::RetrievalMode::Hybrid
+        }
+        pb::RetrievalMode::Auto => pb::RetrievalMode::Dense,
+        m => m,
+    }
+}
+
 /// A search's filter (issue 22), checked against the collection's indexed fields and
 /// the limits: INVALID_ARGUMENT naming the problem. An empty filter is none.
 fn check_filter(
@@ -1610,6 +1674,29 @@ fn check_filter(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_is_hybrid_for_text_and_dense_otherwise() {
+        use pb::RetrievalMode as M;
+        let text = pb::SearchRequest {
+            text: "a query".into(),
+            ..Default::default()
+        };
+        let vector = pb::SearchRequest {
+            vector: vec![0.5; 4],
+            ..Default::default()
+        };
+        let like = pb::SearchRequest {
+            like_id: "d1".into(),
+            ..Default::default()
+        };
+        assert_eq!(resolve_mode(M::Auto, &text), M::Hybrid);
+        assert_eq!(resolve_mode(M::Auto, &vector), M::Dense);
+        assert_eq!(resolve_mode(M::Auto, &like), M::Dense);
+        for m in [M::Dense, M::Lexical, M::Hybrid] {
+            assert_eq!(resolve_mode(m, &text), m);
+        }
+    }
 
     fn hit(id: &str, score: f32) -> pb::Hit {
         pb::Hit {

@@ -76,6 +76,20 @@ impl Replication {
         request_id: String,
         shard_count: u32,
     ) -> Result<(WriteAck, u32), ReplicaError> {
+        self.write_if(ops, request_id, shard_count, Vec::new())
+            .await
+    }
+
+    /// [`Replication::write`] applied only if every expectation holds when the batch
+    /// is numbered (`Shard::write_if`, issue 22): else [`ReplicaError::Conflict`] and
+    /// nothing logged. Only the primary checks; the batch it ships is an ordinary one.
+    pub async fn write_if(
+        &self,
+        ops: Vec<WriteOp>,
+        request_id: String,
+        shard_count: u32,
+        expect: Vec<shoal_engine::Expect>,
+    ) -> Result<(WriteAck, u32), ReplicaError> {
         let role = self.role().ok_or_else(|| {
             ReplicaError::Unavailable(format!("replica {} has no role yet", self.key))
         })?;
@@ -120,7 +134,7 @@ impl Replication {
         let epoch = role.epoch;
         let recent = self.recent.clone();
         let ack = shoal_engine::run_blocking(move || {
-            let (ack, batch) = shard.write_as(ops, epoch, &request_id)?;
+            let (ack, batch) = shard.write_if(ops, epoch, &request_id, &expect)?;
             if let Some(b) = batch {
                 recent.lock().remember([b]);
             }

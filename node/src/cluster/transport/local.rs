@@ -109,6 +109,23 @@ impl LocalReplicas {
             writes::SHARD_SUFFIX_BYTES,
         )?;
         writes::check_ids(l, &r.deletes)?;
+        // A conditional write's expectations: at most one per document it writes.
+        if r.expect.len() > r.upserts.len() + r.deletes.len() {
+            return Err(ReplicaError::Invalid(format!(
+                "{} expectations for a write of {} documents: at most one each",
+                r.expect.len(),
+                r.upserts.len() + r.deletes.len()
+            )));
+        }
+        let expect: Vec<shoal_engine::Expect> = r
+            .expect
+            .into_iter()
+            .map(|e| shoal_engine::Expect {
+                id: e.id,
+                version: e.version,
+            })
+            .collect();
+        writes::check_ids(l, &expect.iter().map(|e| e.id.clone()).collect::<Vec<_>>())?;
         let repl = self.hosted(r.shard.as_ref())?.repl;
         // Checked early for a clear refusal; `write` checks again after the seal.
         repl.check_routing(r.shard_count)?;
@@ -137,7 +154,9 @@ impl LocalReplicas {
             ops.extend(set);
         }
         ops.extend(r.deletes.into_iter().map(WriteOp::Delete));
-        let (ack, replicas) = repl.write(ops, r.request_id, r.shard_count).await?;
+        let (ack, replicas) = repl
+            .write_if(ops, r.request_id, r.shard_count, expect)
+            .await?;
         Ok(rpb::WriteResponse {
             seq: ack.seq,
             upserted: ack.upserted as u64,
@@ -478,6 +497,7 @@ impl LocalReplicas {
         repl.check_routing(r.shard_count)?;
         Ok(rpb::ShardGetResponse {
             found: doc.is_some(),
+            version: doc.as_ref().map_or(0, |d| d.seq),
             doc: doc.map(|d| rpb::StoredDoc {
                 id: d.id,
                 text: d.text.unwrap_or_default(),
