@@ -1,6 +1,7 @@
 //! shoal benchmark harnesses. Each prints JSON lines and ends with one JSON summary
 //! line; every figure sits next to its reference peer measured in the same run.
 
+mod batch;
 mod encoder;
 mod filter;
 mod footprint;
@@ -45,6 +46,9 @@ enum Cmd {
     Load(load::LoadArgs),
     /// Vector ingest through a running cluster next to the shard engine alone.
     Ingest(ingest::IngestArgs),
+    /// Batch search (one fan-out) next to the same queries as concurrent and
+    /// sequential single searches, through a running cluster (issue 22).
+    Batch(batch::BatchArgs),
     /// A seeded synthetic corpus through a local cluster of processes: import next to
     /// the engine's ingest, builds next to raw FAISS, bytes per vector, recall next to
     /// raw FAISS, latency (issue 18).
@@ -89,6 +93,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Encoder(args) => encoder::run(args),
         Cmd::Load(args) => load::run(args),
         Cmd::Ingest(args) => ingest::run(args),
+        Cmd::Batch(args) => batch::run(args),
         Cmd::Scale(args) => scale::run(args),
         Cmd::Rebuild(args) => rebuild::run(args),
         Cmd::Reembed(args) => reembed::run(args),

@@ -770,6 +770,24 @@ async fn a_filtered_search_answers_from_every_shard_exactly_what_the_filter_admi
         let ids = |r: &pb::SearchResponse| r.hits.iter().map(|h| h.id.clone()).collect::<Vec<_>>();
         assert_eq!(ids(r), ids(&alone));
     }
+    // One fan-out: each shard is asked the batch's searches in one call.
+    let calls = || {
+        [&f.a, &f.b]
+            .iter()
+            .map(|n| n.search_calls.load(std::sync::atomic::Ordering::Relaxed))
+            .sum::<u64>()
+    };
+    let before = calls();
+    let many =
+        f.ga.search_batch(pb::SearchBatchRequest {
+            searches: (0..8).map(one).collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(many.results.len(), 8);
+    assert!(many.results.iter().all(|r| !r.partial && r.hits.len() == 5));
+    assert_eq!(calls() - before, 3, "one call per shard for a batch of 8");
     let mut bad = one(2);
     bad.k = 0;
     let e =
@@ -1032,6 +1050,28 @@ async fn lexical_hybrid_and_feedback_searches_score_as_one_collection_across_sha
         );
     }
     assert!(h.hits.windows(2).all(|w| w[0].score >= w[1].score));
+    // A batch of dense, lexical and hybrid searches: each answers as alone.
+    let asks = [
+        ask(q, pb::RetrievalMode::Dense),
+        ask("bread crust", pb::RetrievalMode::Dense),
+        ask(q, pb::RetrievalMode::Hybrid),
+        ask("bread crust", pb::RetrievalMode::Lexical),
+    ];
+    let batch =
+        f.ga.search_batch(pb::SearchBatchRequest {
+            searches: asks.to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for (r, a) in batch.results.iter().zip(asks) {
+        let alone = f.ga.search(a).await.unwrap().into_inner();
+        let ids = |r: &pb::SearchResponse| r.hits.iter().map(|h| h.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(r), ids(&alone));
+        for (x, y) in r.hits.iter().zip(&alone.hits) {
+            assert!((x.score - y.score).abs() < 1e-5, "{} {}", x.score, y.score);
+        }
+    }
     // The default (AUTO) for a text query is this hybrid search.
     let auto =
         f.ga.search(ask(q, pb::RetrievalMode::Auto))

@@ -982,8 +982,7 @@ fn every_rpc_survives_hostile_messages() {
             async move { s.fetch_generation(req(r)).await }
         },
     );
-    f.rpc(
-        "Replica/Search",
+    let shard_search = || {
         (
             shard_ref(),
             hostile_vector(),
@@ -1036,10 +1035,21 @@ fn every_rpc_survives_hostile_messages() {
                         filter,
                     }
                 },
-            ),
+            )
+    };
+    f.rpc("Replica/Search", shard_search(), |r| {
+        let mut s = ReplicaClient::new(internal.clone());
+        async move { s.search(req(r)).await }
+    });
+    // A batch's part (issue 22): any searches, past searches_per_batch, of one shard
+    // or several.
+    f.rpc(
+        "Replica/SearchMany",
+        prop::collection::vec(shard_search(), 0..70)
+            .prop_map(|searches| rpb::ShardSearchBatch { searches }),
         |r| {
             let mut s = ReplicaClient::new(internal.clone());
-            async move { s.search(req(r)).await }
+            async move { s.search_many(req(r)).await }
         },
     );
     f.rpc(

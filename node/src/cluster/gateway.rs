@@ -757,6 +757,57 @@ impl Gateway {
         req: rpb::ShardSearchRequest,
         budget: Duration,
     ) -> (u32, String, Result<rpb::ShardSearchResponse, ReplicaError>) {
+        self.ask_shard(s, budget, |c: Arc<dyn ReplicaApi>| {
+            let r = req.clone();
+            async move { c.search(r, budget).await }
+        })
+        .await
+    }
+
+    /// A batch's part of one shard (`SearchMany`), asked as [`Self::search_shard`]
+    /// asks one search: the answers in order.
+    async fn search_shard_many(
+        &self,
+        s: &cpb::Shard,
+        searches: Vec<rpb::ShardSearchRequest>,
+        budget: Duration,
+    ) -> (
+        u32,
+        String,
+        Result<Vec<rpb::ShardSearchResponse>, ReplicaError>,
+    ) {
+        let n = searches.len();
+        let batch = rpb::ShardSearchBatch { searches };
+        let (index, node, res) = self
+            .ask_shard(s, budget, |c: Arc<dyn ReplicaApi>| {
+                let b = batch.clone();
+                async move { c.search_many(b, budget).await }
+            })
+            .await;
+        let res = res.and_then(|r| {
+            if r.results.len() == n {
+                Ok(r.results)
+            } else {
+                Err(ReplicaError::Internal(format!(
+                    "{} answers to a batch of {n} searches",
+                    r.results.len()
+                )))
+            }
+        });
+        (index, node, res)
+    }
+
+    /// `ask` of one shard's readable replicas, hedged (see [`Self::search_shard`]).
+    async fn ask_shard<T, F, Fut>(
+        &self,
+        s: &cpb::Shard,
+        budget: Duration,
+        ask: F,
+    ) -> (u32, String, Result<T, ReplicaError>)
+    where
+        F: Fn(Arc<dyn ReplicaApi>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ReplicaError>>,
+    {
         let cands = self.readers(s);
         if cands.is_empty() {
             return (
@@ -770,12 +821,12 @@ impl Gateway {
         }
         let deadline = tokio::time::Instant::now() + budget;
         let call = |(node, addr): (String, String)| {
-            let r = req.clone();
+            let ask = &ask;
             async move {
                 let _f = self.begin(&node);
                 let t = Instant::now();
                 let res = match self.replicas(&node, &addr) {
-                    Ok(c) => c.search(r, budget).await,
+                    Ok(c) => ask(c).await,
                     Err(e) => Err(e),
                 };
                 if res.is_ok() {
@@ -857,35 +908,7 @@ impl Gateway {
         let route = self.collection_shards(&req.collection)?;
         let (coll, shards) = (&route.coll, &route.shards);
         let l = &self.limits;
-        if req.k == 0 {
-            return Err(Status::invalid_argument("k = 0: k must be at least 1"));
-        }
-        within!(l, k, req.k, "k")?;
-        within!(l, refine, req.refine, "refine")?;
-        let ix = coll.index.unwrap_or_default();
-        let refine = if req.refine == 0 {
-            ix.refine.max(1)
-        } else {
-            req.refine
-        };
-        within!(
-            l,
-            candidates,
-            req.k as u64 * refine as u64,
-            format!("k × refine ({} × {refine})", req.k)
-        )?;
-        within!(
-            l,
-            query_text_bytes,
-            req.text.len(),
-            "the query text's length"
-        )?;
-        if ix.nlist > 0 && req.nprobe > ix.nlist {
-            return Err(Status::invalid_argument(format!(
-                "nprobe {} exceeds the collection's nlist {}",
-                req.nprobe, ix.nlist
-            )));
-        }
+        let refine = check_query(&req, coll, l)?;
         let filter = check_filter(req.filter.as_ref(), coll, l)?;
         let plan = RetrievalPlan::of(&req, l)?;
         let budget = deadline.unwrap_or(self.default_deadline);
@@ -927,35 +950,15 @@ impl Gateway {
                 }
             };
             let ask = |vector: Vec<f32>, k: u32, with_vectors: bool| {
-                let filter = filter.clone();
-                move |s: &cpb::Shard| rpb::ShardSearchRequest {
-                    shard: Some(Self::shard_id(coll, s.index)),
-                    vector: vector.clone(),
-                    k,
-                    // The collection's search parameters unless the query names its
-                    // own (a rebuild changes them with its generations, issue 21).
-                    nprobe: if req.nprobe == 0 {
-                        ix.nprobe
-                    } else {
-                        req.nprobe
-                    },
+                let q = DenseQuery {
+                    req: &req,
                     refine,
-                    exact: req.exact,
-                    shard_count: coll.shard_count,
-                    // The model the query was encoded with (a client's vector: the
-                    // collection's), so each replica answers from that model's vectors.
-                    model: coll
-                        .encoder
-                        .as_ref()
-                        .map_or_else(String::new, |e| e.content_hash.clone()),
-                    with_text: req.with_text && !with_vectors,
-                    with_payload: req.with_payload && !with_vectors,
-                    filter: filter.clone(),
-                    lexical: None,
+                    filter: &filter,
+                    vector,
+                    k,
                     with_vectors,
-                    count_only: false,
-                    scroll: None,
-                }
+                };
+                move |s: &cpb::Shard| q.request(coll, s)
             };
             let mut rounds = Vec::new();
             let mut query = query;
@@ -1089,7 +1092,19 @@ impl Gateway {
             }
             (None, None) => unreachable!("a mode asks one side at least"),
         };
-        // A shard that missed any round is missing from the answer.
+        self.respond(hits, rounds, shards.len(), t)
+    }
+
+    /// A search's answer from its merged hits and its rounds: a shard that missed any
+    /// round is missing (partial); the last round's per-shard answers; the hits' texts
+    /// and metadata within `payload_bytes`.
+    fn respond(
+        &self,
+        hits: Vec<pb::Hit>,
+        rounds: Vec<Round>,
+        shards: usize,
+        t: Instant,
+    ) -> Result<pb::SearchResponse, Status> {
         let mut missing: Vec<u32> = rounds
             .iter()
             .flat_map(|r| r.missing.iter().copied())
@@ -1102,20 +1117,16 @@ impl Gateway {
             .map(|r| r.answers)
             .unwrap_or_default();
         // Each shard's part is bounded by `payload_bytes`; so is the merged answer.
-        let bytes: usize = hits
-            .iter()
-            .map(|h| h.text.len() + h.metadata_json.len())
-            .sum();
         within!(
             self.limits,
             payload_bytes,
-            bytes,
+            hit_bytes(&hits),
             format!("bytes of the {} hits' texts and metadata", hits.len())
         )?;
         Ok(pb::SearchResponse {
             hits,
-            shards_answered: (shards.len() - missing.len()) as u32,
-            shards_total: shards.len() as u32,
+            shards_answered: (shards - missing.len()) as u32,
+            shards_total: shards as u32,
             partial: !missing.is_empty(),
             missing_shards: missing,
             shards: answers,
@@ -1231,27 +1242,207 @@ impl Gateway {
         Ok(pb::ScrollResponse { documents, cursor })
     }
 
-    /// Many searches, answered in order (issue 22); each as `search` answers it, run
-    /// at once within the call's deadline.
+    /// Many searches, answered in order (issue 22), each as `search` alone answers it.
+    /// Plain dense searches (no feedback, no like_id) of one collection are one
+    /// fan-out: their texts encoded in one call, every shard asked all of them at once
+    /// (`SearchMany`). The others (hybrid, lexical, feedback: several rounds each) run
+    /// at once beside them. The first search that fails fails the batch, named by its
+    /// place.
     pub async fn search_batch(
         &self,
         req: pb::SearchBatchRequest,
         deadline: Option<Duration>,
     ) -> Result<pb::SearchBatchResponse, Status> {
+        let l = &self.limits;
         within!(
-            self.limits,
+            l,
             searches_per_batch,
             req.searches.len(),
             "searches in one batch"
         )?;
-        let all = req.searches.into_iter().map(|s| self.search(s, deadline));
-        let mut results = Vec::new();
-        for (i, r) in futures::future::join_all(all).await.into_iter().enumerate() {
+        let searches = req.searches;
+        let mut groups: HashMap<&str, Vec<usize>> = HashMap::new();
+        let mut alone = Vec::new();
+        for (i, s) in searches.iter().enumerate() {
+            let plain = pb::RetrievalMode::try_from(s.mode)
+                .is_ok_and(|m| resolve_mode(m, s) == pb::RetrievalMode::Dense)
+                && s.prf.as_ref().is_none_or(|p| !p.enabled)
+                && s.like_id.is_empty();
+            if plain {
+                groups.entry(s.collection.as_str()).or_default().push(i);
+            } else {
+                alone.push(i);
+            }
+        }
+        let mut answers: Vec<Option<Result<pb::SearchResponse, Status>>> =
+            (0..searches.len()).map(|_| None).collect();
+        let grouped = groups.into_values().map(|ix| {
+            let reqs: Vec<&pb::SearchRequest> = ix.iter().map(|&i| &searches[i]).collect();
+            async move { (ix.clone(), self.search_group(&reqs, deadline).await) }
+        });
+        let single = alone.iter().map(|&i| {
+            let r = searches[i].clone();
+            async move { (vec![i], vec![self.search(r, deadline).await]) }
+        });
+        let (grouped, single) = futures::future::join(
+            futures::future::join_all(grouped),
+            futures::future::join_all(single),
+        )
+        .await;
+        for (ix, rs) in grouped.into_iter().chain(single) {
+            for (i, r) in ix.into_iter().zip(rs) {
+                answers[i] = Some(r);
+            }
+        }
+        let mut results = Vec::with_capacity(answers.len());
+        for (i, r) in answers.into_iter().enumerate() {
+            let r = match r.expect("every search answered") {
+                // A shard mid-split answered Moving: asked again alone (`search`
+                // retries those within the deadline).
+                Ok(r)
+                    if r.shards
+                        .iter()
+                        .any(|a| !a.answered && a.error.starts_with("moving")) =>
+                {
+                    self.search(searches[i].clone(), deadline).await
+                }
+                r => r,
+            };
             results.push(
                 r.map_err(|e| Status::new(e.code(), format!("search {i}: {}", e.message())))?,
             );
         }
+        let bytes: usize = results.iter().map(|r| hit_bytes(&r.hits)).sum();
+        within!(
+            l,
+            payload_bytes,
+            bytes,
+            format!(
+                "bytes of the hits' texts and metadata of {} searches",
+                results.len()
+            )
+        )?;
         Ok(pb::SearchBatchResponse { results })
+    }
+
+    /// Plain dense searches of one collection as one fan-out (`search_batch`): each
+    /// checked as alone (one that fails is answered with its error, the others go
+    /// on), their texts encoded in one call, each shard asked them all at once.
+    async fn search_group(
+        &self,
+        reqs: &[&pb::SearchRequest],
+        deadline: Option<Duration>,
+    ) -> Vec<Result<pb::SearchResponse, Status>> {
+        let t = Instant::now();
+        let n = reqs.len();
+        let copy = |e: &Status| Status::new(e.code(), e.message().to_string());
+        let route = match self.collection_shards(&reqs[0].collection) {
+            Ok(r) => r,
+            Err(e) => return (0..n).map(|_| Err(copy(&e))).collect(),
+        };
+        let (coll, shards) = (&route.coll, &route.shards);
+        let l = &self.limits;
+        let mut out: Vec<Option<Result<pb::SearchResponse, Status>>> =
+            (0..n).map(|_| None).collect();
+        let mut checked = Vec::with_capacity(n);
+        for (i, req) in reqs.iter().enumerate() {
+            let c = check_query(req, coll, l).and_then(|refine| {
+                let filter = check_filter(req.filter.as_ref(), coll, l)?;
+                RetrievalPlan::of(req, l)?;
+                match (req.text.trim().is_empty(), req.vector.is_empty()) {
+                    (true, true) => Err(Status::invalid_argument(
+                        "the query is empty: give text or a vector",
+                    )),
+                    (false, false) => {
+                        Err(Status::invalid_argument("give text or a vector, not both"))
+                    }
+                    (true, false) => {
+                        check_vector(&req.vector, coll.dimension, "the query vector")?;
+                        Ok((refine, filter))
+                    }
+                    (false, true) => Ok((refine, filter)),
+                }
+            });
+            match c {
+                Ok(c) => checked.push((i, c)),
+                Err(e) => out[i] = Some(Err(e)),
+            }
+        }
+        // The texts, encoded in one call.
+        let texts: Vec<String> = checked
+            .iter()
+            .filter(|(i, _)| reqs[*i].vector.is_empty())
+            .map(|(i, _)| reqs[*i].text.clone())
+            .collect();
+        let mut encoded = if texts.is_empty() {
+            Vec::new()
+        } else {
+            match self
+                .encode(texts, coll.dimension, coll.encoder.as_ref())
+                .await
+            {
+                Ok(e) => e.vectors,
+                Err(e) => {
+                    for (i, _) in checked
+                        .drain(..)
+                        .filter(|(i, _)| reqs[*i].vector.is_empty())
+                    {
+                        out[i] = Some(Err(copy(&e)));
+                    }
+                    Vec::new()
+                }
+            }
+        }
+        .into_iter();
+        let prepared: Vec<(usize, u32, Option<cpb::Filter>, Vec<f32>)> = checked
+            .into_iter()
+            .filter_map(|(i, (refine, filter))| {
+                let vector = if reqs[i].vector.is_empty() {
+                    encoded.next()?
+                } else {
+                    reqs[i].vector.clone()
+                };
+                Some((i, refine, filter, vector))
+            })
+            .collect();
+        if !prepared.is_empty() {
+            let queries: Vec<DenseQuery> = prepared
+                .iter()
+                .map(|(i, refine, filter, vector)| DenseQuery {
+                    req: reqs[*i],
+                    refine: *refine,
+                    filter,
+                    vector: vector.clone(),
+                    k: reqs[*i].k,
+                    with_vectors: false,
+                })
+                .collect();
+            let budget = deadline.unwrap_or(self.default_deadline);
+            let metric = Metric::from_wire(coll.metric).unwrap_or(Metric::InnerProduct);
+            let rounds = self
+                .fan_out_many(coll, shards, budget, queries.len(), |s| {
+                    queries.iter().map(|q| q.request(coll, s)).collect()
+                })
+                .await;
+            match rounds {
+                Ok(rounds) => {
+                    for ((i, ..), round) in prepared.iter().zip(rounds) {
+                        let hits = merge(round.hits(), reqs[*i].k as usize, metric);
+                        out[*i] = Some(self.respond(hits, vec![round], shards.len(), t));
+                    }
+                }
+                Err(e) => {
+                    for (i, ..) in &prepared {
+                        out[*i] = Some(Err(copy(&e)));
+                    }
+                }
+            }
+        }
+        out.into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| Err(Status::internal("a search of the batch was not run")))
+            })
+            .collect()
     }
 
     /// Deletes what a filter admits (issue 22), a scroll's page at a time; returns how
@@ -1435,24 +1626,59 @@ impl Gateway {
         budget: Duration,
         make: impl Fn(&cpb::Shard) -> rpb::ShardSearchRequest,
     ) -> Result<Round, Status> {
+        let mut rounds = self
+            .fan_out_many(coll, shards, budget, 1, |s| vec![make(s)])
+            .await?;
+        Ok(rounds.pop().expect("one round"))
+    }
+
+    /// `n` searches' rounds at once (issue 22: a batch search is one fan-out): each
+    /// shard asked its `n` searches in one call (`SearchMany`; one search: `Search`).
+    /// A shard that does not answer is missing from every round; a request fault
+    /// fails them all; a round no shard answered is UNAVAILABLE.
+    async fn fan_out_many(
+        &self,
+        coll: &cpb::Collection,
+        shards: &[cpb::Shard],
+        budget: Duration,
+        n: usize,
+        make: impl Fn(&cpb::Shard) -> Vec<rpb::ShardSearchRequest>,
+    ) -> Result<Vec<Round>, Status> {
         let calls = shards.iter().map(|s| {
-            self.search_shard(s, make(s), budget)
-                .instrument(tracing::info_span!("shard.search", shard = s.index))
+            let mut reqs = make(s);
+            debug_assert_eq!(reqs.len(), n);
+            let call = async move {
+                if reqs.len() == 1 {
+                    let (index, node, res) = self
+                        .search_shard(s, reqs.pop().expect("one search"), budget)
+                        .await;
+                    (index, node, res.map(|r| vec![r]))
+                } else {
+                    self.search_shard_many(s, reqs, budget).await
+                }
+            };
+            call.instrument(tracing::info_span!(
+                "shard.search",
+                shard = s.index,
+                searches = n
+            ))
         });
         let results = futures::future::join_all(calls).await;
-        let mut round = Round::default();
+        let mut rounds: Vec<Round> = (0..n).map(|_| Round::default()).collect();
         for (index, node, res) in results {
             match res {
-                Ok(r) => {
-                    round.answers.push(pb::ShardAnswer {
-                        shard: index,
-                        answered: true,
-                        node,
-                        generation: r.generation,
-                        error: String::new(),
-                        plan: r.plan.clone(),
-                    });
-                    round.parts.push((index, r));
+                Ok(parts) => {
+                    for (round, r) in rounds.iter_mut().zip(parts) {
+                        round.answers.push(pb::ShardAnswer {
+                            shard: index,
+                            answered: true,
+                            node: node.clone(),
+                            generation: r.generation,
+                            error: String::new(),
+                            plan: r.plan.clone(),
+                        });
+                        round.parts.push((index, r));
+                    }
                 }
                 // A limit or a bad argument is the request's fault, the same on every
                 // replica: the caller hears it, not a partial answer.
@@ -1463,25 +1689,30 @@ impl Gateway {
                 }
                 Err(e) => {
                     tracing::warn!(collection = %coll.name, shard = index, node = %node, error = %e.message(), "shard did not answer");
-                    round.missing.push(index);
-                    round.answers.push(pb::ShardAnswer {
-                        shard: index,
-                        answered: false,
-                        node,
-                        generation: 0,
-                        error: format!("{}: {}", e.kind(), e.message()),
-                        plan: String::new(),
-                    });
+                    for round in &mut rounds {
+                        round.missing.push(index);
+                        round.answers.push(pb::ShardAnswer {
+                            shard: index,
+                            answered: false,
+                            node: node.clone(),
+                            generation: 0,
+                            error: format!("{}: {}", e.kind(), e.message()),
+                            plan: String::new(),
+                        });
+                    }
                 }
             }
         }
-        if round.parts.is_empty() && !round.answers.is_empty() {
+        if let Some(r) = rounds
+            .iter()
+            .find(|r| r.parts.is_empty() && !r.answers.is_empty())
+        {
             return Err(Status::unavailable(format!(
                 "no shard of {:?} answered: {}",
-                coll.name, round.answers[0].error
+                coll.name, r.answers[0].error
             )));
         }
-        Ok(round)
+        Ok(rounds)
     }
 }
 
@@ -1563,7 +1794,9 @@ impl RetrievalPlan {
         let depth = extra
             + if mode == pb::RetrievalMode::Hybrid {
                 let d = if req.fusion_depth == 0 {
-                    req.k.max(fusion::FUSION_DEPTH)
+                    // The default depth, within the node's k limit (AUTO makes every
+                    // text query hybrid, so a node with a small k limit still answers).
+                    req.k.max(fusion::FUSION_DEPTH.min(l.k as u32))
                 } else {
                     req.fusion_depth.max(req.k)
                 };
@@ -1615,6 +1848,92 @@ impl RetrievalPlan {
             fusion,
             prf,
         })
+    }
+}
+
+/// A search's own checks against its collection and the limits (k, refine, the
+/// candidates they make, the text's length, nprobe); returns the refine factor.
+fn check_query(req: &pb::SearchRequest, coll: &cpb::Collection, l: &Limits) -> Result<u32, Status> {
+    if req.k == 0 {
+        return Err(Status::invalid_argument("k = 0: k must be at least 1"));
+    }
+    within!(l, k, req.k, "k")?;
+    within!(l, refine, req.refine, "refine")?;
+    let ix = coll.index.unwrap_or_default();
+    let refine = if req.refine == 0 {
+        ix.refine.max(1)
+    } else {
+        req.refine
+    };
+    within!(
+        l,
+        candidates,
+        req.k as u64 * refine as u64,
+        format!("k × refine ({} × {refine})", req.k)
+    )?;
+    within!(
+        l,
+        query_text_bytes,
+        req.text.len(),
+        "the query text's length"
+    )?;
+    if ix.nlist > 0 && req.nprobe > ix.nlist {
+        return Err(Status::invalid_argument(format!(
+            "nprobe {} exceeds the collection's nlist {}",
+            req.nprobe, ix.nlist
+        )));
+    }
+    Ok(refine)
+}
+
+/// Bytes of the hits' texts and metadata (what `payload_bytes` bounds).
+fn hit_bytes(hits: &[pb::Hit]) -> usize {
+    hits.iter()
+        .map(|h| h.text.len() + h.metadata_json.len())
+        .sum()
+}
+
+/// One dense round's question, as each shard is asked it.
+struct DenseQuery<'a> {
+    req: &'a pb::SearchRequest,
+    refine: u32,
+    filter: &'a Option<cpb::Filter>,
+    vector: Vec<f32>,
+    k: u32,
+    with_vectors: bool,
+}
+
+impl DenseQuery<'_> {
+    fn request(&self, coll: &cpb::Collection, s: &cpb::Shard) -> rpb::ShardSearchRequest {
+        let (req, ix) = (self.req, coll.index.unwrap_or_default());
+        rpb::ShardSearchRequest {
+            shard: Some(Gateway::shard_id(coll, s.index)),
+            vector: self.vector.clone(),
+            k: self.k,
+            // The collection's search parameters unless the query names its own (a
+            // rebuild changes them with its generations, issue 21).
+            nprobe: if req.nprobe == 0 {
+                ix.nprobe
+            } else {
+                req.nprobe
+            },
+            refine: self.refine,
+            exact: req.exact,
+            shard_count: coll.shard_count,
+            // The model the query was encoded with (a client's vector: the
+            // collection's), so each replica answers from that model's vectors.
+            model: coll
+                .encoder
+                .as_ref()
+                .map_or_else(String::new, |e| e.content_hash.clone()),
+            with_text: req.with_text && !self.with_vectors,
+            with_payload: req.with_payload && !self.with_vectors,
+            filter: self.filter.clone(),
+            lexical: None,
+            with_vectors: self.with_vectors,
+            count_only: false,
+            scroll: None,
+        }
     }
 }
 

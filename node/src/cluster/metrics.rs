@@ -45,6 +45,14 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
         "shard reads sent to a second replica because the first was slow or failed"
     );
     describe_counter!(
+        "shoal_gateway_write_conflicts_total",
+        "conditional writes (set-payload) retried after a write in between"
+    );
+    describe_counter!(
+        "shoal_replica_search_calls_total",
+        "search calls answered by this node's replicas (kind: one search, or a batch's many)"
+    );
+    describe_counter!(
         "shoal_gateway_ingested_documents_total",
         "documents acknowledged"
     );

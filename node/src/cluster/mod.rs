@@ -59,6 +59,9 @@ pub struct NodeHandle {
     pub registry: Registry,
     /// Replica actors restarted by the supervisor after a crash.
     pub restarts: Arc<AtomicU64>,
+    /// Search calls this node's replicas answered (`Search` and `SearchMany` one
+    /// each): what gateways' fan-outs cost this node.
+    pub search_calls: Arc<AtomicU64>,
     pub view: Arc<RwLock<MapView>>,
     supervisor: ActorRef<SupervisorMsg>,
     stop: watch::Sender<bool>,
@@ -473,6 +476,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         internal_addr,
         registry,
         restarts,
+        search_calls: local.search_calls.clone(),
         view,
         supervisor,
         stop,

@@ -424,6 +424,25 @@ impl rpb::replica_server::Replica for ReplicaService {
         Ok(Response::new(r))
     }
 
+    async fn search_many(
+        &self,
+        req: Request<rpb::ShardSearchBatch>,
+    ) -> Result<Response<rpb::ShardSearchBatchResponse>, Status> {
+        let span = span_for(
+            tracing::info_span!(
+                "replica.search_many",
+                searches = req.get_ref().searches.len()
+            ),
+            &req,
+        );
+        let r = self
+            .0
+            .search_many_now(req.into_inner())
+            .instrument(span)
+            .await?;
+        Ok(Response::new(r))
+    }
+
     async fn build(
         &self,
         req: Request<rpb::BuildRequest>,

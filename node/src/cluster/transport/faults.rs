@@ -181,6 +181,13 @@ impl ReplicaApi for Faulty {
     ) -> Result<rpb::ShardSearchResponse, ReplicaError> {
         self.call(self.inner.search(req, timeout)).await
     }
+    async fn search_many(
+        &self,
+        req: rpb::ShardSearchBatch,
+        timeout: Duration,
+    ) -> Result<rpb::ShardSearchBatchResponse, ReplicaError> {
+        self.call(self.inner.search_many(req, timeout)).await
+    }
     async fn get(
         &self,
         req: rpb::ShardGetRequest,

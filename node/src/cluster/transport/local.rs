@@ -38,6 +38,8 @@ pub struct LocalReplicas {
     /// to it is answered [`ReplicaError::Moving`] (retried by gateways), not plain
     /// UNAVAILABLE.
     pub placed: parking_lot::RwLock<std::collections::HashSet<ReplicaKey>>,
+    /// Search calls answered here (`Search` and `SearchMany` one each).
+    pub search_calls: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// `fut` within `timeout`, or DEADLINE_EXCEEDED (what a gRPC caller would hear).
@@ -60,6 +62,7 @@ impl LocalReplicas {
             registry,
             limits,
             placed: Default::default(),
+            search_calls: Arc::default(),
         })
     }
 
@@ -253,6 +256,20 @@ impl LocalReplicas {
     /// write; its cost bounded before it runs.
     pub async fn search_now(
         &self,
+        r: rpb::ShardSearchRequest,
+    ) -> Result<rpb::ShardSearchResponse, ReplicaError> {
+        self.count_search_call("one");
+        self.search_one(r).await
+    }
+
+    fn count_search_call(&self, kind: &'static str) {
+        self.search_calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        metrics::counter!("shoal_replica_search_calls_total", "kind" => kind).increment(1);
+    }
+
+    async fn search_one(
+        &self,
         mut r: rpb::ShardSearchRequest,
     ) -> Result<rpb::ShardSearchResponse, ReplicaError> {
         let HostedReplica { actor, repl } = self.hosted(r.shard.as_ref())?;
@@ -382,6 +399,52 @@ impl LocalReplicas {
         // the engine may have filtered or retained by the new one. Asked again.
         repl.check_routing(r.shard_count)?;
         self.answer(&repl, &r, res, set).await
+    }
+
+    /// Several searches of one shard (a batch search's part, issue 22): each as
+    /// [`Self::search_now`] answers it, run at once; the first to fail fails the call,
+    /// named by its place in the batch. The texts and metadata of the whole answer are
+    /// bounded by `payload_bytes`, as one search's are.
+    pub async fn search_many_now(
+        &self,
+        b: rpb::ShardSearchBatch,
+    ) -> Result<rpb::ShardSearchBatchResponse, ReplicaError> {
+        let l = &self.limits;
+        within!(
+            l,
+            searches_per_batch,
+            b.searches.len(),
+            "searches in one batch"
+        )?;
+        if let Some(first) = b.searches.first() {
+            if b.searches.iter().any(|s| s.shard != first.shard) {
+                return Err(ReplicaError::Invalid(
+                    "a batch's searches must all name one shard".into(),
+                ));
+            }
+        }
+        self.count_search_call("many");
+        let n = b.searches.len();
+        let all = b.searches.into_iter().map(|r| self.search_one(r));
+        let mut results = Vec::with_capacity(n);
+        let mut bytes = 0usize;
+        for (i, r) in futures::future::join_all(all).await.into_iter().enumerate() {
+            let r = r.map_err(|e| e.context(format_args!("search {i} of {n}")))?;
+            bytes += r
+                .hits
+                .iter()
+                .map(|h| h.text.len() + h.metadata_json.len() + 4 * h.vector.len())
+                .sum::<usize>();
+            results.push(r);
+        }
+        within!(
+            l,
+            payload_bytes,
+            bytes,
+            format!("bytes of the hits' texts, metadata and vectors of {n} searches")
+        )
+        .map_err(|e| ReplicaError::TooCostly(e.to_string()))?;
+        Ok(rpb::ShardSearchBatchResponse { results })
     }
 
     /// A shard search's hits as they travel: with their texts, metadata and vectors
@@ -557,6 +620,25 @@ impl ReplicaApi for LocalReplicas {
             shard = req.shard.as_ref().map(|s| s.index)
         );
         within_deadline(timeout, self.search_now(req))
+            .instrument(span)
+            .await
+    }
+
+    async fn search_many(
+        &self,
+        req: rpb::ShardSearchBatch,
+        timeout: Duration,
+    ) -> Result<rpb::ShardSearchBatchResponse, ReplicaError> {
+        let span = tracing::info_span!(
+            "replica.search_many",
+            searches = req.searches.len(),
+            shard = req
+                .searches
+                .first()
+                .and_then(|r| r.shard.as_ref())
+                .map(|s| s.index)
+        );
+        within_deadline(timeout, self.search_many_now(req))
             .instrument(span)
             .await
     }

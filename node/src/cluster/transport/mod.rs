@@ -66,6 +66,12 @@ pub trait ReplicaApi: Send + Sync {
         req: rpb::ShardSearchRequest,
         timeout: Duration,
     ) -> Result<rpb::ShardSearchResponse, ReplicaError>;
+    /// Several searches of one shard, answered in order (a batch search's part).
+    async fn search_many(
+        &self,
+        req: rpb::ShardSearchBatch,
+        timeout: Duration,
+    ) -> Result<rpb::ShardSearchBatchResponse, ReplicaError>;
     async fn get(
         &self,
         req: rpb::ShardGetRequest,
@@ -254,6 +260,7 @@ grpc_replica_api! {
         append(rpb::AppendRequest) -> rpb::AppendResponse;
         snapshot_staged(rpb::SnapshotStagedRequest) -> rpb::SnapshotStagedResponse;
         search(rpb::ShardSearchRequest) -> rpb::ShardSearchResponse;
+        search_many(rpb::ShardSearchBatch) -> rpb::ShardSearchBatchResponse;
         get(rpb::ShardGetRequest) -> rpb::ShardGetResponse;
         build(rpb::BuildRequest) -> rpb::BuildResponse;
         fetch_generation(rpb::FetchGenerationRequest) -> rpb::FetchGenerationResponse;
