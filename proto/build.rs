@@ -12,10 +12,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(files, ["proto"])?;
     // The encoded descriptors, for the gRPC reflection service.
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(
-        out.join("shoal_descriptor.bin"),
-        prost::Message::encode_to_vec(&fds),
-    )?;
+    let encoded = prost::Message::encode_to_vec(&fds);
+    std::fs::write(out.join("shoal_descriptor.bin"), &encoded)?;
+    // serde in proto3's JSON mapping for the public API's messages and the filter
+    // they carry (the HTTP/JSON API, issue 23); the internal ones travel as protobuf only.
+    pbjson_build::Builder::new()
+        .register_descriptors(&encoded)?
+        .build(&[
+            ".shoal.v1",
+            ".shoal.coordinator.v1.Filter",
+            ".shoal.coordinator.v1.Condition",
+            ".shoal.coordinator.v1.FieldValue",
+            ".shoal.coordinator.v1.ValueList",
+            ".shoal.coordinator.v1.Range",
+        ])?;
     tonic_prost_build::configure()
         .codec_path("crate::codec::Codec")
         // An operation (with a re-embed's models, issue 21) is the largest change a

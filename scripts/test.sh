@@ -14,3 +14,5 @@ cargo check --release --locked -p shoal-gpu-bench --features cuda --all-targets
 cargo test --release --workspace --locked
 # The deployment files against their tools and the binary just built.
 deploy/check.sh
+# The Python client against a `shoal dev` of the binary just built (issue 23).
+scripts/test-python.sh

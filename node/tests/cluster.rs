@@ -4580,3 +4580,215 @@ async fn a_re_embed_under_load_switches_models_rolls_back_exactly_and_commits() 
         assert_eq!(got.found, want, "{id}");
     }
 }
+
+/// One HTTP/1.1 exchange over a fresh connection: the status and the JSON body.
+async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: shoal\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    // A server may answer (413) before it reads a long body: the rest may not be taken.
+    let _ = s.write_all(body).await;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let (headers, payload) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    // Chunked (no Content-Length): the chunk sizes are lines of hex around the JSON.
+    let payload = if headers
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        payload
+            .split("\r\n")
+            .enumerate()
+            .filter(|(i, _)| i % 2 == 1)
+            .map(|(_, p)| p)
+            .collect::<String>()
+    } else {
+        payload.to_string()
+    };
+    let json = serde_json::from_str(&payload)
+        .unwrap_or_else(|e| panic!("{method} {path}: {status}, body not JSON ({e}): {payload:?}"));
+    (status, json)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_http_json_api_answers_every_route_over_the_grpc_service() {
+    let f = Fixture::start(false).await;
+    let addr = f.b.public_addr;
+    let v = |i: u64| serde_json::json!(vector(i, 16));
+    let post = |path: String, body: serde_json::Value| async move {
+        http(addr, "POST", &path, body.to_string().as_bytes()).await
+    };
+    let c = |op: &str| format!("/v1/collections/vecs/{op}");
+    // Every route of the table answers (the document lists exactly these).
+    let (s, doc) = http(addr, "GET", shoal_node::cluster::http::OPENAPI_PATH, b"").await;
+    assert_eq!(s, 200);
+    let paths = doc["paths"].as_object().unwrap();
+    let routes = shoal_node::cluster::http::ROUTES;
+    assert_eq!(paths.len(), routes.len());
+    let docs: Vec<serde_json::Value> = (0..40)
+        .map(|i| serde_json::json!({"id": format!("h{i}"), "vector": v(i), "metadataJson": format!("{{\"i\": {i}}}")}))
+        .collect();
+    let (s, r) = post(
+        c("ingest"),
+        serde_json::json!({"documents": docs, "requestId": "http-1"}),
+    )
+    .await;
+    assert_eq!((s, &r["ingested"]), (200, &serde_json::json!("40")), "{r}");
+    let (s, r) = post(
+        c("search"),
+        serde_json::json!({"vector": v(7), "k": 3, "exact": true, "withPayload": true}),
+    )
+    .await;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(r["hits"][0]["id"], "h7");
+    let meta: serde_json::Value =
+        serde_json::from_str(r["hits"][0]["metadataJson"].as_str().unwrap()).unwrap();
+    assert_eq!(meta, serde_json::json!({"i": 7}));
+    assert_eq!(
+        r["partial"],
+        serde_json::Value::Null,
+        "false is left out: {r}"
+    );
+    let (s, r) = post(
+        c("get"),
+        serde_json::json!({"id": "h3", "withVector": true}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        (
+            r["found"].as_bool(),
+            r["document"]["vector"].as_array().map(Vec::len)
+        ),
+        (Some(true), Some(16))
+    );
+    let (s, r) = post(c("count"), serde_json::json!({})).await;
+    assert_eq!((s, &r["count"]), (200, &serde_json::json!("40")), "{r}");
+    let (s, r) = post(c("scroll"), serde_json::json!({"limit": 5})).await;
+    assert_eq!(s, 200);
+    assert_eq!(r["documents"].as_array().unwrap().len(), 5);
+    assert!(r["cursor"].as_str().is_some_and(|c| !c.is_empty()));
+    let (s, r) = post(
+        c("set-payload"),
+        serde_json::json!({"id": "h3", "metadataJson": "{\"tag\": \"x\"}", "merge": true}),
+    )
+    .await;
+    assert_eq!(s, 200, "{r}");
+    let (s, r) = post(
+        "/v1/search-batch".into(),
+        serde_json::json!({"searches": [
+            {"collection": "vecs", "vector": v(1), "k": 1, "exact": true},
+            {"collection": "vecs", "vector": v(2), "k": 1, "exact": true}]}),
+    )
+    .await;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(
+        (
+            r["results"][0]["hits"][0]["id"].as_str(),
+            r["results"][1]["hits"][0]["id"].as_str()
+        ),
+        (Some("h1"), Some("h2"))
+    );
+    let (s, r) = post(
+        c("delete"),
+        serde_json::json!({"ids": ["h1", "h2", "nope"]}),
+    )
+    .await;
+    assert_eq!((s, &r["deleted"]), (200, &serde_json::json!("2")), "{r}");
+    // The service's own refusals, as JSON with the code's name and the gRPC-gateway status.
+    let (s, r) = post(c("delete-by-filter"), serde_json::json!({})).await;
+    assert_eq!(
+        (s, r["code"].as_str()),
+        (400, Some("INVALID_ARGUMENT")),
+        "{r}"
+    );
+    assert!(
+        r["message"].as_str().unwrap().contains("needs a filter"),
+        "{r}"
+    );
+    let (s, r) = post(
+        "/v1/collections/absent/build-index".into(),
+        serde_json::json!({}),
+    )
+    .await;
+    assert_eq!((s, r["code"].as_str()), (404, Some("NOT_FOUND")), "{r}");
+    let (s, r) = post(c("search"), serde_json::json!({"vector": v(1), "k": 0})).await;
+    assert_eq!(
+        (s, r["code"].as_str()),
+        (400, Some("INVALID_ARGUMENT")),
+        "{r}"
+    );
+    assert!(r["message"].as_str().unwrap().contains("k = 0"), "{r}");
+    let (s, r) = post(
+        c("search"),
+        serde_json::json!({"collection": "other", "vector": v(1), "k": 1}),
+    )
+    .await;
+    assert_eq!(s, 400, "{r}");
+    assert!(r["message"].as_str().unwrap().contains("\"other\""), "{r}");
+    // Bad JSON, wrong types, an unknown enum: the body named, nothing done.
+    let (s, r) = http(addr, "POST", &c("search"), b"{\"k\": ").await;
+    assert_eq!(
+        (s, r["code"].as_str()),
+        (400, Some("INVALID_ARGUMENT")),
+        "{r}"
+    );
+    assert!(
+        r["message"].as_str().unwrap().contains("SearchRequest"),
+        "{r}"
+    );
+    let (s, r) = post(c("search"), serde_json::json!({"k": "ten"})).await;
+    assert_eq!(s, 400, "{r}");
+    let (s, r) = post(
+        c("search"),
+        serde_json::json!({"vector": v(1), "mode": "RETRIEVAL_MODE_SIDEWAYS"}),
+    )
+    .await;
+    assert_eq!(s, 400, "{r}");
+    let (s, r) = post(c("ingest"), serde_json::json!({"documents": "many"})).await;
+    assert_eq!(s, 400, "{r}");
+    // A body over the message limit: refused by name before it is decoded.
+    let big = vec![b' '; 33 << 20];
+    let (s, r) = http(addr, "POST", &c("ingest"), &big).await;
+    assert_eq!(
+        (s, r["code"].as_str()),
+        (429, Some("RESOURCE_EXHAUSTED")),
+        "{r}"
+    );
+    assert!(
+        r["message"].as_str().unwrap().contains("message_bytes"),
+        "{r}"
+    );
+    // Unknown routes and methods answer JSON too.
+    let (s, r) = http(addr, "POST", "/v1/nothing", b"{}").await;
+    assert_eq!((s, r["code"].as_str()), (404, Some("NOT_FOUND")), "{r}");
+    let (s, r) = http(addr, "GET", &c("search"), b"").await;
+    assert_eq!(s, 405, "{r}");
+    // gRPC on the same port still answers.
+    let mut g = f.gb.clone();
+    let n = g
+        .count(pb::CountRequest {
+            collection: "vecs".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .count;
+    assert_eq!(n, 38);
+}

@@ -28,6 +28,7 @@ pub mod shoal {
     pub mod coordinator {
         pub mod v1 {
             tonic::include_proto!("shoal.coordinator.v1");
+            include!(concat!(env!("OUT_DIR"), "/shoal.coordinator.v1.serde.rs"));
 
             impl NodeState {
                 /// Heartbeating and serving (up, or draining but still serving until its
@@ -53,6 +54,7 @@ pub mod shoal {
     /// The public data API (ingest, search, get, delete), served by every node.
     pub mod v1 {
         tonic::include_proto!("shoal.v1");
+        include!(concat!(env!("OUT_DIR"), "/shoal.v1.serde.rs"));
     }
 
     /// Internal: one shard replica's operations, node to node.

@@ -137,7 +137,11 @@ impl ServerTls {
             .with_client_cert_verifier(verifier)
             .with_single_cert(certs(&files.cert)?, key(&files.key)?)
             .map_err(|e| file_error(&files.cert, format!("certificate and key: {e}")))?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        // The public port also serves the HTTP/JSON API (issue 23) to HTTP/1.1 clients.
+        config.alpn_protocols = match auth {
+            ClientAuth::Required => vec![b"h2".to_vec()],
+            ClientAuth::Optional => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        };
         Ok(Arc::new(config))
     }
 

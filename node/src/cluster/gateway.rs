@@ -1501,7 +1501,9 @@ impl Gateway {
     /// `if_version`, the client hears ABORTED. Refused during a re-embed (a write then
     /// needs both models' vectors).
     pub async fn set_payload(&self, req: pb::SetPayloadRequest) -> Result<(u64, u64), Status> {
-        const ATTEMPTS: usize = 8;
+        // Attempts before a conflict is the caller's: 8 writers merging into one
+        // document at once all land within these (cluster test).
+        const ATTEMPTS: usize = 24;
         let route = self.collection_shards(&req.collection)?;
         let coll = &route.coll;
         within!(
@@ -1571,7 +1573,9 @@ impl Gateway {
                         && attempt < ATTEMPTS =>
                 {
                     metrics::counter!("shoal_gateway_write_conflicts_total").increment(1);
-                    tokio::time::sleep(pause).await;
+                    // Jittered, so writers that collided do not collide again in step.
+                    let jitter = rand::random_range(0.5..1.5);
+                    tokio::time::sleep(pause.mul_f64(jitter)).await;
                     pause = (pause * 2).min(Duration::from_millis(200));
                 }
                 Err(e) => return Err(e),

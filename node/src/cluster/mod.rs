@@ -14,6 +14,7 @@ pub mod fusion;
 pub mod gateway;
 pub mod handover;
 pub mod heartbeat;
+pub mod http;
 pub mod identity;
 pub mod ids;
 pub mod lease;
@@ -442,15 +443,19 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         }));
     }
     tasks.push(tokio::spawn(async move {
+        let shoal = Arc::new(service::ShoalService(gateway, keys));
+        // The HTTP/JSON API on the same port (issue 23): the same TLS, the same keys,
+        // the same service; HTTP/1.1 accepted beside HTTP/2 for it.
+        let json = http::router(shoal.clone(), limits.message_bytes);
         let r = limits
             .server(limits.node_request_timeout())
+            .accept_http1(true)
+            .add_routes(tonic::service::Routes::from(json))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(
-                shoal_proto::v1::shoal_server::ShoalServer::new(service::ShoalService(
-                    gateway, keys,
-                ))
-                .max_decoding_message_size(max),
+                shoal_proto::v1::shoal_server::ShoalServer::from_arc(shoal)
+                    .max_decoding_message_size(max),
             );
         let r = shoal_proto::serve!(r, public, tls_public, stopped(rx));
         if let Err(e) = r {
