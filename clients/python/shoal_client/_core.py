@@ -335,6 +335,32 @@ def create_request(
     return r
 
 
+def status(s: Any, n: Any) -> Dict[str, Any]:
+    """ClusterStatus and ListNodes answers as one dict."""
+    return {
+        "leader": s.leader,
+        "leader_addr": s.leader_api_addr,
+        "term": s.term,
+        "map_version": s.map_version,
+        "members": [{"id": m.id, "api_addr": m.api_addr, "voter": m.voter} for m in s.members],
+        "nodes": [
+            {"id": x.id, "addr": x.addr, "state": cpb.NodeState.Name(x.state).removeprefix("NODE_STATE_").lower()}
+            for x in n.nodes
+        ],
+    }
+
+
+def batch_request(collection: str, searches: Sequence[Mapping[str, Any]]) -> pb.SearchBatchRequest:
+    """Each search a dict of `search`'s arguments (`query` for text; `collection` to
+    name another)."""
+    return pb.SearchBatchRequest(
+        searches=[
+            search_request(s.get("collection", collection), s.get("query"), **{k: v for k, v in s.items() if k not in ("collection", "query")})
+            for s in searches
+        ]
+    )
+
+
 def collection(c: cpb.Collection, shards: Iterable[cpb.Shard] = ()) -> Collection:
     metric = {v: k for k, v in _METRICS.items()}.get(c.metric, str(c.metric))
     kinds = {v: k for k, v in _KINDS.items()}

@@ -149,17 +149,7 @@ class AsyncClient:
     async def status(self) -> Dict[str, Any]:
         s = await self._admin("ClusterStatus", cpb.ClusterStatusRequest())
         n = await self._admin("ListNodes", cpb.ListNodesRequest())
-        return {
-            "leader": s.leader,
-            "leader_addr": s.leader_api_addr,
-            "term": s.term,
-            "map_version": s.map_version,
-            "members": [{"id": m.id, "api_addr": m.api_addr, "voter": m.voter} for m in s.members],
-            "nodes": [
-                {"id": x.id, "addr": x.addr, "state": cpb.NodeState.Name(x.state).removeprefix("NODE_STATE_").lower()}
-                for x in n.nodes
-            ],
-        }
+        return _core.status(s, n)
 
     async def build_index(self, collection: str, timeout: float = 600.0) -> Dict[str, Any]:
         r = await self._node("BuildIndex", pb.BuildIndexRequest(collection=collection), retry=False, timeout=timeout)
@@ -221,8 +211,7 @@ class AsyncClient:
         return _core.search_result(await self._node("Search", _core.search_request(collection, query, **kw)))
 
     async def search_batch(self, collection: str, searches: Sequence[Mapping[str, Any]]) -> List[SearchResult]:
-        reqs = [_core.search_request(s.get("collection", collection), s.get("query"), **{k: v for k, v in s.items() if k not in ("collection", "query")}) for s in searches]
-        r = await self._node("SearchBatch", pb.SearchBatchRequest(searches=reqs))
+        r = await self._node("SearchBatch", _core.batch_request(collection, searches))
         return [_core.search_result(x) for x in r.results]
 
     async def get(self, collection: str, id: str, *, with_vector: bool = False) -> Optional[Document]:

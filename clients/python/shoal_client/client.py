@@ -179,17 +179,7 @@ class Client:
         """The coordinator group (leader, members) and the nodes with their state."""
         s = self._admin("ClusterStatus", cpb.ClusterStatusRequest())
         n = self._admin("ListNodes", cpb.ListNodesRequest())
-        return {
-            "leader": s.leader,
-            "leader_addr": s.leader_api_addr,
-            "term": s.term,
-            "map_version": s.map_version,
-            "members": [{"id": m.id, "api_addr": m.api_addr, "voter": m.voter} for m in s.members],
-            "nodes": [
-                {"id": x.id, "addr": x.addr, "state": cpb.NodeState.Name(x.state).removeprefix("NODE_STATE_").lower()}
-                for x in n.nodes
-            ],
-        }
+        return _core.status(s, n)
 
     def build_index(self, collection: str, timeout: float = 600.0) -> Dict[str, Any]:
         """A new IVF-PQ generation on every shard (a cluster operation); waits for it."""
@@ -307,8 +297,7 @@ class Client:
     def search_batch(self, collection: str, searches: Sequence[Mapping[str, Any]]) -> List[SearchResult]:
         """Many searches in one call (dense ones are one fan-out); each a dict of
         `search`'s arguments (`query` for text)."""
-        reqs = [_core.search_request(s.get("collection", collection), s.get("query"), **{k: v for k, v in s.items() if k not in ("collection", "query")}) for s in searches]
-        r = self._node("SearchBatch", pb.SearchBatchRequest(searches=reqs))
+        r = self._node("SearchBatch", _core.batch_request(collection, searches))
         return [_core.search_result(x) for x in r.results]
 
     def get(self, collection: str, id: str, *, with_vector: bool = False) -> Optional[Document]:

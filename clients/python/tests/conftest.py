@@ -34,7 +34,8 @@ def dev():
     # used already (the tests write a few MB).
     env.update(SHOAL_DISK_LOW_WATERMARK="0.98", SHOAL_DISK_HIGH_WATERMARK="0.99")
     proc = subprocess.Popen(
-        [shoal_bin(), "dev", "--data-dir", data],
+        # --keep-going: the console test kills a node and watches the map say so.
+        [shoal_bin(), "dev", "--data-dir", data, "--keep-going"],
         cwd=REPO,
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -78,6 +78,8 @@ pub struct Gateway {
     /// Recent shard search latencies: a call slower than their 95th percentile is
     /// hedged to another replica.
     latencies: Mutex<Latencies>,
+    /// What this gateway served (the console's live charts, issue 23).
+    pub stats: GatewayStats,
     /// Each collection's route (its record and shards) as of a map version, shared by
     /// the queries until the map moves (issue 18: not cloned per query).
     routes: Mutex<HashMap<String, Arc<Route>>>,
@@ -91,6 +93,59 @@ pub struct Route {
     version: u64,
     coll: cpb::Collection,
     shards: Vec<cpb::Shard>,
+}
+
+/// Searches' latencies kept for [`GatewayStats::snapshot`].
+const STATS_WINDOW: usize = 1024;
+
+/// What a gateway served since it started, and its recent searches' latencies: read by
+/// the console (`http.rs`, `/v1/stats`), which charts rates from successive counts.
+/// The Prometheus metrics say the same for dashboards; these need no exporter.
+#[derive(Default)]
+pub struct GatewayStats {
+    searches: std::sync::atomic::AtomicU64,
+    partial: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicU64,
+    ingested: std::sync::atomic::AtomicU64,
+    recent_ms: Mutex<VecDeque<f64>>,
+}
+
+impl GatewayStats {
+    pub fn record_search(&self, ms: f64, partial: bool, failed: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.searches.fetch_add(1, Relaxed);
+        self.partial.fetch_add(u64::from(partial), Relaxed);
+        self.failed.fetch_add(u64::from(failed), Relaxed);
+        let mut r = self.recent_ms.lock();
+        if r.len() == STATS_WINDOW {
+            r.pop_front();
+        }
+        r.push_back(ms);
+    }
+
+    pub fn record_ingest(&self, documents: u64) {
+        self.ingested
+            .fetch_add(documents, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The counts and the recent searches' p50 / p99 (ms).
+    pub fn snapshot(&self) -> serde_json::Value {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut recent: Vec<f64> = self.recent_ms.lock().iter().copied().collect();
+        recent.sort_by(f64::total_cmp);
+        let at = |q: f64| {
+            (!recent.is_empty()).then(|| recent[((recent.len() - 1) as f64 * q).round() as usize])
+        };
+        serde_json::json!({
+            "searches": self.searches.load(Relaxed),
+            "partial_searches": self.partial.load(Relaxed),
+            "failed_searches": self.failed.load(Relaxed),
+            "ingested_documents": self.ingested.load(Relaxed),
+            "recent_searches": recent.len(),
+            "p50_ms": at(0.5),
+            "p99_ms": at(0.99),
+        })
+    }
 }
 
 /// The recent shard-call latencies and their 95th percentile, recomputed every
@@ -210,6 +265,7 @@ impl Gateway {
             default_deadline,
             inflight: Mutex::default(),
             latencies: Mutex::default(),
+            stats: GatewayStats::default(),
             routes: Mutex::default(),
         }
     }
@@ -631,6 +687,27 @@ impl Gateway {
             .instrument(span)
             .await
             .map_err(|e| e.context(format_args!("shard {}/{index} on node {node}", coll.name)))
+    }
+
+    /// The coordinator group as its members report it (the console's cluster view).
+    /// Asked with the caller's key.
+    pub async fn coordinator_status(
+        &self,
+        key: Option<&str>,
+    ) -> Result<cpb::ClusterStatusResponse, Status> {
+        let mut c = self.coordinators.clone().with_key(key);
+        c.patience = Duration::from_secs(2);
+        c.cluster_status(cpb::ClusterStatusRequest {}).await
+    }
+
+    /// Every shard as the coordinators' leader knows it, its replicas' last reports
+    /// (lag, documents, generation) included: what the map's log does not carry.
+    pub async fn coordinator_shards(&self, key: Option<&str>) -> Result<Vec<cpb::Shard>, Status> {
+        let mut c = self.coordinators.clone().with_key(key);
+        c.patience = Duration::from_secs(2);
+        Ok(c.list_shards(cpb::ListShardsRequest::default())
+            .await?
+            .shards)
     }
 
     /// A new index generation on every shard: starts the collection's build operation

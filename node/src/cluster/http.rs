@@ -344,12 +344,175 @@ async fn search_batch(
     .await
 }
 
-/// The JSON routes over `svc`, bodies up to `max_body` bytes, the OpenAPI document, and
-/// JSON answers for unknown paths.
+/// The caller's key from the headers, as gRPC metadata, checked for the read role on
+/// the cluster (`action` names the call in the audit log).
+fn authorized(
+    api: &Api,
+    headers: &HeaderMap,
+    action: &str,
+) -> Result<tonic::metadata::MetadataMap, Status> {
+    let mut m = tonic::metadata::MetadataMap::new();
+    if let Some(v) = headers.get("authorization") {
+        let v = tonic::metadata::MetadataValue::try_from(v.as_bytes())
+            .map_err(|_| Status::unauthenticated("the authorization header is not text"))?;
+        m.insert("authorization", v);
+    }
+    api.svc
+        .allow_cluster(&m, action, shoal_proto::auth::Role::Read)?;
+    Ok(m)
+}
+
+/// The cluster as this node's map has it (the console, issue 23): the coordinator
+/// group, nodes and their state, collections with their shards (primary, replicas,
+/// epochs, lag, generations) and the operations in the map. Any valid key reads it.
+async fn cluster_view(State(api): State<Api>, headers: HeaderMap) -> Response {
+    let meta = match authorized(&api, &headers, "ClusterView") {
+        Ok(m) => m,
+        Err(s) => return from_status(s),
+    };
+    let gateway = &api.svc.0;
+    let key = shoal_proto::auth::presented(&meta).map(str::to_string);
+    let coordinators = match gateway.coordinator_status(key.as_deref()).await {
+        Ok(c) => json!({
+            "leader": c.leader,
+            "leader_addr": c.leader_api_addr,
+            "term": c.term,
+            "members": c.members.iter().map(|m| json!({"id": m.id, "api_addr": m.api_addr, "voter": m.voter})).collect::<Vec<_>>(),
+        }),
+        Err(s) => json!({"error": s.message()}),
+    };
+    // The replicas' reports live in the leader's memory, not in the map's log: taken
+    // from there when it answers, else this node's map (without them).
+    let reported: std::collections::HashMap<(String, u32), shoal_proto::coordinator::Shard> =
+        gateway
+            .coordinator_shards(key.as_deref())
+            .await
+            .map(|v| {
+                v.into_iter()
+                    .map(|s| ((s.collection.clone(), s.index), s))
+                    .collect()
+            })
+            .unwrap_or_default();
+    let v = gateway.view.read();
+    let state = |s: i32| {
+        shoal_proto::coordinator::NodeState::try_from(s)
+            .map(|s| {
+                s.as_str_name()
+                    .trim_start_matches("NODE_STATE_")
+                    .to_ascii_lowercase()
+            })
+            .unwrap_or_default()
+    };
+    let replica_state = |s: i32| {
+        shoal_proto::coordinator::ReplicaState::try_from(s)
+            .map(|s| {
+                s.as_str_name()
+                    .trim_start_matches("REPLICA_STATE_")
+                    .to_ascii_lowercase()
+            })
+            .unwrap_or_default()
+    };
+    let collections: Vec<Value> = v
+        .collections
+        .values()
+        .map(|c| {
+            let shards: Vec<Value> = v
+                .shards_of(&c.name)
+                .map(|s| reported.get(&(s.collection.clone(), s.index)).unwrap_or(s))
+                .map(|s| {
+                    json!({
+                        "index": s.index,
+                        "primary": s.primary,
+                        "epoch": s.epoch,
+                        "serving_generation": s.serving_generation,
+                        "building_generation": s.building_generation,
+                        "replicas": s.replicas.iter().map(|r| json!({
+                            "node": r.node_id,
+                            "state": replica_state(r.state),
+                            "lag": r.lag,
+                            "applied_seq": r.applied_seq,
+                            "serving_generation": r.serving_generation,
+                            "live_docs": r.live_docs,
+                            "caught_up": r.caught_up,
+                        })).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            json!({
+                "name": c.name,
+                "dimension": c.dimension,
+                "shard_count": c.shard_count,
+                "replication_factor": c.replication_factor,
+                "model": c.encoder.as_ref().map(|e| e.model_id.clone()),
+                "shards": shards,
+            })
+        })
+        .collect();
+    let body = json!({
+        "node": gateway.node_id,
+        "map_version": v.version,
+        "cluster_id": v.cluster_id,
+        "coordinators": coordinators,
+        "nodes": v.nodes.values().map(|n| json!({
+            "id": n.id, "addr": n.addr, "state": state(n.state), "replicas": n.replicas,
+        })).collect::<Vec<_>>(),
+        "collections": collections,
+        "operations": v.operations.values().rev().take(50).map(|o| json!({
+            "id": o.id, "kind": o.kind, "collection": o.collection, "state": o.state,
+            "reason": o.reason,
+            "steps": o.steps.iter().map(|s| json!({"shard": s.shard, "state": s.state, "node": s.node})).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    });
+    Json(body).into_response()
+}
+
+/// This node's gateway counts and recent search latencies (the console's charts).
+async fn stats(State(api): State<Api>, headers: HeaderMap) -> Response {
+    if let Err(s) = authorized(&api, &headers, "Stats") {
+        return from_status(s);
+    }
+    let mut v = api.svc.0.stats.snapshot();
+    v["node"] = json!(api.svc.0.node_id);
+    Json(v).into_response()
+}
+
+/// The console's static files, built into the binary (no CDN, no chart library: the
+/// charts are drawn on a canvas by `app.js`).
+const CONSOLE_HTML: &str = include_str!("../../console/index.html");
+const CONSOLE_JS: &str = include_str!("../../console/app.js");
+const CONSOLE_CSS: &str = include_str!("../../console/app.css");
+
+fn asset(kind: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, kind),
+            (axum::http::header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// The JSON routes over `svc`, bodies up to `max_body` bytes, the OpenAPI document, the
+/// console and its data, and JSON answers for unknown paths.
 pub(crate) fn router(svc: Arc<ShoalService>, max_body: usize) -> axum::Router {
     let api = Api { svc, max_body };
     let doc = Arc::new(openapi());
-    let mut r = axum::Router::new();
+    let mut r = axum::Router::new()
+        .route("/v1/cluster", get(cluster_view))
+        .route("/v1/stats", get(stats))
+        .route(
+            "/console",
+            get(|| async { asset("text/html; charset=utf-8", CONSOLE_HTML) }),
+        )
+        .route(
+            "/console/app.js",
+            get(|| async { asset("text/javascript; charset=utf-8", CONSOLE_JS) }),
+        )
+        .route(
+            "/console/app.css",
+            get(|| async { asset("text/css; charset=utf-8", CONSOLE_CSS) }),
+        );
     for route in ROUTES {
         let h = match route.rpc {
             "Ingest" => post(ingest),

@@ -27,6 +27,19 @@ fn span_for<T>(span: tracing::Span, req: &Request<T>) -> tracing::Span {
 pub struct ShoalService(pub Arc<Gateway>, pub Keys);
 
 impl ShoalService {
+    /// The caller's key against `role` for an action on no one collection (the
+    /// console's cluster view and stats), checked with this node's map.
+    pub(super) fn allow_cluster(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        action: &str,
+        role: Role,
+    ) -> Result<Principal, Status> {
+        let view = &self.0.view;
+        let lookup = |id: &str| view.read().keys.get(id).cloned();
+        self.1.allow(metadata, lookup, action, "", Need::role(role))
+    }
+
     /// The caller's key against what `action` on `collection` needs, checked with
     /// this node's map; a refusal is audited.
     fn allow(
@@ -101,6 +114,7 @@ impl pb::shoal_server::Shoal for ShoalService {
         );
         let (ingested, truncated) = self.0.ingest(req.into_inner()).instrument(span).await?;
         metrics::counter!("shoal_gateway_ingested_documents_total").increment(ingested);
+        self.0.stats.record_ingest(ingested);
         metrics::histogram!("shoal_gateway_ingest_duration_seconds")
             .record(t.elapsed().as_secs_f64());
         Ok(Response::new(pb::IngestResponse {
@@ -332,6 +346,11 @@ impl pb::shoal_server::Shoal for ShoalService {
         metrics::counter!("shoal_gateway_searches_total", "outcome" => outcome).increment(1);
         metrics::histogram!("shoal_gateway_search_duration_seconds")
             .record(t.elapsed().as_secs_f64());
+        self.0.stats.record_search(
+            t.elapsed().as_secs_f64() * 1e3,
+            outcome == "partial",
+            outcome == "error",
+        );
         Ok(Response::new(r?))
     }
 
