@@ -73,7 +73,13 @@ function renderCluster(c) {
     div.className = "collection";
     const h = document.createElement("h3");
     h.textContent = `${col.name} · ${col.dimension}-d · ${col.shard_count} shards · RF ${col.replication_factor}` +
-      (col.model ? ` · ${col.model}` : "");
+      (col.model ? ` · ${col.model}` : "") + " ";
+    // An action: the node refuses it unless the key holds the admin role.
+    const build = document.createElement("button");
+    build.textContent = "Build index";
+    build.className = "build";
+    build.dataset.collection = col.name;
+    h.append(build);
     const t = document.createElement("table");
     const head = t.createTHead().insertRow();
     for (const x of ["shard", "primary", "epoch", "generation", "replicas (node state lag gen docs)"]) cell(head, x);
@@ -142,6 +148,23 @@ async function poll() {
     banner(e.message);
   }
 }
+
+// Admin actions (the server checks the key's role): a new index generation on every
+// shard of a collection, followed until it ends or the call's deadline.
+$("collections").addEventListener("click", async (ev) => {
+  const b = ev.target.closest("button.build");
+  if (!b) return;
+  const out = $("action");
+  out.textContent = `building ${b.dataset.collection}…`;
+  try {
+    const r = await api("POST", `/v1/collections/${encodeURIComponent(b.dataset.collection)}/build-index`, {});
+    out.textContent = `build of ${b.dataset.collection}: operation ${r.operation}, ${r.state}` +
+      (r.reason ? ` (${r.reason})` : "") + (r.nlist ? `, nlist ${r.nlist}` : "");
+  } catch (e) {
+    out.textContent = `build of ${b.dataset.collection} refused: ${e.message}`;
+  }
+  poll();
+});
 
 $("keyform").addEventListener("submit", (ev) => {
   ev.preventDefault();

@@ -111,6 +111,15 @@ def test_the_console_shows_the_cluster_a_node_going_down_and_searches(client, de
     d.save_screenshot(str(shots() / "console-search.png"))
     assert severe(d) == [], severe(d)
 
+    # An admin action (the root key is an admin's): an index build, its outcome shown and
+    # the operation listed.
+    d.execute_script(
+        "document.querySelector(`button.build[data-collection='${arguments[0]}']`).click()", name
+    )
+    outcome = wait_for(lambda: (lambda t: t if "operation" in t or "refused" in t else None)(text("action")), 120, "the build's outcome")
+    assert "refused" not in outcome, outcome
+    wait_for(lambda: any(r[1] == "build_index" and r[2] == name for r in rows("#operations tbody tr")), 15, "the build listed")
+
     # A node killed: the map shows it down within the liveness timeout.
     victim = subprocess.run(
         ["pgrep", "-f", "--", f"--data-dir {dev['data']}/node-2"], capture_output=True, text=True
