@@ -112,7 +112,25 @@ def test_the_console_shows_the_cluster_a_node_going_down_and_searches(client, de
     assert severe(d) == [], severe(d)
 
     # An admin action (the root key is an admin's): an index build, its outcome shown and
-    # the operation listed.
+    # the operation listed. The coordinator sizes the index from the documents the shards
+    # have reported in their heartbeats, and refuses (FAILED_PRECONDITION) before the first
+    # one; wait, as an operator would, until the shard table shows them.
+    def reported_docs():
+        return d.execute_script(
+            """
+            for (const div of document.querySelectorAll('#collections div.collection')) {
+              if (!div.querySelector('h3').textContent.startsWith(arguments[0] + ' ')) continue;
+              let n = 0;
+              for (const r of div.querySelectorAll('tbody tr'))
+                for (const rep of r.cells[4].textContent.split(' | ')) n += Number(rep.split(' ').pop()) || 0;
+              return n;
+            }
+            return 0;
+            """,
+            name,
+        )
+
+    wait_for(lambda: reported_docs() >= 3, 30, "the shards' reports of the three documents")
     d.execute_script(
         "document.querySelector(`button.build[data-collection='${arguments[0]}']`).click()", name
     )
