@@ -14,18 +14,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     let encoded = prost::Message::encode_to_vec(&fds);
     std::fs::write(out.join("shoal_descriptor.bin"), &encoded)?;
-    // serde in proto3's JSON mapping for the public API's messages and the filter
-    // they carry (the HTTP/JSON API, issue 23); the internal ones travel as protobuf only.
+    // serde in proto3's JSON mapping for the public API's messages and the coordinators'
+    // (the HTTP/JSON API and its admin routes, issue 23); the node-to-node and Raft
+    // ones travel as protobuf only.
     pbjson_build::Builder::new()
         .register_descriptors(&encoded)?
-        .build(&[
-            ".shoal.v1",
-            ".shoal.coordinator.v1.Filter",
-            ".shoal.coordinator.v1.Condition",
-            ".shoal.coordinator.v1.FieldValue",
-            ".shoal.coordinator.v1.ValueList",
-            ".shoal.coordinator.v1.Range",
-        ])?;
+        .build(&[".shoal.v1", ".shoal.coordinator.v1"])?;
     tonic_prost_build::configure()
         .codec_path("crate::codec::Codec")
         // An operation (with a re-embed's models, issue 21) is the largest change a

@@ -206,9 +206,19 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         }));
     }
     let l = limits.clone();
+    let id = config.id;
     tasks.push(tokio::spawn(async move {
+        // The console and the admin routes as JSON on the same port (issue 23): the
+        // same TLS, the same keys, the same service; HTTP/1.1 accepted for them.
+        let json = shoal_web::console::coordinator_router(
+            Arc::new(service::AdminService(c.clone())),
+            id,
+            MAX_MESSAGE,
+        );
         let r = l
             .server(l.coordinator_request_timeout())
+            .accept_http1(true)
+            .add_routes(tonic::service::Routes::from(json))
             .add_service(health_service)
             .add_service(
                 AdminServer::new(service::AdminService(c.clone()))

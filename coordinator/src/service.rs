@@ -478,15 +478,19 @@ pub struct AdminService(pub Arc<Coordinator>);
 impl AdminService {
     /// Commits a new operation on `collection` and answers with it as the map holds it.
     /// The largest shard of `collection`, in live documents its primary last reported.
-    fn largest_shard(&self, map: &ClusterMap, collection: &str) -> u64 {
+    /// On the leader only (its memory holds the reports): a follower would size every
+    /// build from nothing, so it answers UNAVAILABLE naming the leader.
+    fn largest_shard(&self, map: &ClusterMap, collection: &str) -> Result<u64, Status> {
+        self.0.require_leader()?;
         let reports = self.0.reports.lock();
-        map.shards_of(collection)
+        Ok(map
+            .shards_of(collection)
             .filter_map(|s| {
                 let p = s.primary.as_deref()?;
                 reports.get(&s.key, p).map(|r| r.live_docs)
             })
             .max()
-            .unwrap_or(0)
+            .unwrap_or(0))
     }
 
     /// Commits (`commit`) or rolls back a collection's rebuild (the newest unless named).
@@ -751,6 +755,9 @@ impl cpb::admin_server::Admin for AdminService {
         self.allow(&req, "ListShards", &target, read_need(&target))?;
         let name = req.into_inner().collection;
         check_name(&self.0, &name, "the collection name")?;
+        // The replicas' reports live in the leader's memory: a follower sends the
+        // caller there (UNAVAILABLE naming the leader) rather than answer without them.
+        self.0.require_leader()?;
         let map = self.0.read().await?;
         let reports = self.0.reports.lock();
         let pb = |s| shard_pb_with(s, &reports);
@@ -1014,7 +1021,7 @@ impl cpb::admin_server::Admin for AdminService {
                     Status::not_found(format!("collection {:?} not found", req.collection))
                 })?;
                 // Sized by the largest shard, as its primary last reported it.
-                let rows = self.largest_shard(&map, &req.collection);
+                let rows = self.largest_shard(&map, &req.collection)?;
                 if rows == 0 && req.nlist == 0 && c.spec.index.nlist == 0 {
                     return Err(Status::failed_precondition(format!(
                         "no shard of {} has reported documents yet, so its index cannot be \
@@ -1337,6 +1344,8 @@ impl cpb::admin_server::Admin for AdminService {
         if !name.is_empty() {
             check_name(&self.0, &name, "the collection name")?;
         }
+        // Steps' progress comes from the leader's reports (as ListShards).
+        self.0.require_leader()?;
         let map = self.0.read().await?;
         let reports = self.0.reports.lock();
         Ok(Response::new(cpb::ListOperationsResponse {
@@ -1392,7 +1401,7 @@ impl cpb::admin_server::Admin for AdminService {
             let c = map.collections.get(&req.collection).ok_or_else(|| {
                 Status::not_found(format!("collection {:?} not found", req.collection))
             })?;
-            let rows = self.largest_shard(&map, &req.collection);
+            let rows = self.largest_shard(&map, &req.collection)?;
             let ix = &c.spec.index;
             let or = |v: u32, dflt: u32| if v == 0 { dflt } else { v };
             let rerank = rerank_from_pb(req.rerank)?.unwrap_or(ix.rerank);

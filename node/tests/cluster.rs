@@ -4639,7 +4639,10 @@ async fn the_http_json_api_answers_every_route_over_the_grpc_service() {
     assert_eq!(s, 200);
     let paths = doc["paths"].as_object().unwrap();
     let routes = shoal_node::cluster::http::ROUTES;
-    assert_eq!(paths.len(), routes.len());
+    assert_eq!(
+        paths.len(),
+        routes.len() + shoal_web::admin::ADMIN_ROUTES.len()
+    );
     let docs: Vec<serde_json::Value> = (0..40)
         .map(|i| serde_json::json!({"id": format!("h{i}"), "vector": v(i), "metadataJson": format!("{{\"i\": {i}}}")}))
         .collect();
@@ -4779,6 +4782,105 @@ async fn the_http_json_api_answers_every_route_over_the_grpc_service() {
     assert_eq!((s, r["code"].as_str()), (404, Some("NOT_FOUND")), "{r}");
     let (s, r) = http(addr, "GET", &c("search"), b"").await;
     assert_eq!(s, 405, "{r}");
+    // The admin routes through the node, forwarded to the coordinators: a collection
+    // made, described, listed and dropped as JSON; a coordinator's own refusal as JSON.
+    let (s, r) = post(
+        "/v1/admin/create-collection".into(),
+        serde_json::json!({"name": "by-http", "dimension": 8, "shardCount": 2, "replicationFactor": 1}),
+    )
+    .await;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(r["collection"]["shardCount"], 2, "{r}");
+    let (s, r) = post("/v1/admin/list-collections".into(), serde_json::json!({})).await;
+    assert_eq!(s, 200, "{r}");
+    let names: Vec<&str> = r["collections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert!(names.contains(&"by-http") && names.contains(&"vecs"), "{r}");
+    let (s, r) = post(
+        "/v1/admin/list-shards".into(),
+        serde_json::json!({"collection": "vecs"}),
+    )
+    .await;
+    assert_eq!(s, 200, "{r}");
+    assert!(!r["shards"].as_array().unwrap().is_empty(), "{r}");
+    let (s, r) = post(
+        "/v1/admin/drain-node".into(),
+        serde_json::json!({"id": "no-such-node"}),
+    )
+    .await;
+    assert_eq!((s, r["code"].as_str()), (404, Some("NOT_FOUND")), "{r}");
+    let (s, r) = post(
+        "/v1/admin/drop-collection".into(),
+        serde_json::json!({"name": "by-http"}),
+    )
+    .await;
+    assert_eq!(s, 200, "{r}");
+    let (s, r) = post(
+        "/v1/admin/describe-collection".into(),
+        serde_json::json!({"name": "by-http"}),
+    )
+    .await;
+    assert_eq!((s, r["code"].as_str()), (404, Some("NOT_FOUND")), "{r}");
+    // The console's view from the node: the coordinators' (with the replicas' reports).
+    let (s, r) = http(addr, "GET", "/v1/cluster", b"").await;
+    assert_eq!(s, 200, "{r}");
+    assert!(r["node"].as_str().is_some(), "{r}");
+    assert!(r["coordinators"]["leader"].as_u64().unwrap() > 0, "{r}");
+    // A coordinator serves the console's view and the admin routes itself, a follower
+    // included (the leader answers what needs its reports).
+    let mut admin = f.admin.clone();
+    let leader = admin
+        .cluster_status(Default::default())
+        .await
+        .unwrap()
+        .leader_api_addr;
+    let follower: std::net::SocketAddr = f
+        .addrs
+        .iter()
+        .find(|a| **a != leader)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (s, r) = http(follower, "GET", "/v1/cluster", b"").await;
+    assert_eq!(s, 200, "{r}");
+    assert!(r["coordinator"].as_u64().is_some(), "{r}");
+    let vecs = r["collections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "vecs")
+        .unwrap_or_else(|| panic!("{r}"));
+    assert!(!vecs["shards"].as_array().unwrap().is_empty(), "{r}");
+    let (s, r) = http(
+        follower,
+        "POST",
+        "/v1/admin/list-operations",
+        b"{\"collection\": \"vecs\"}",
+    )
+    .await;
+    assert_eq!(s, 200, "{r}");
+    let (s, doc) = http(
+        follower,
+        "GET",
+        shoal_node::cluster::http::OPENAPI_PATH,
+        b"",
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        doc["paths"].as_object().unwrap().len(),
+        shoal_web::admin::ADMIN_ROUTES.len()
+    );
+    let (s, r) = http(follower, "POST", "/v1/admin/list-nodes", b"{\"x\": ").await;
+    assert_eq!(
+        (s, r["code"].as_str()),
+        (400, Some("INVALID_ARGUMENT")),
+        "{r}"
+    );
     // gRPC on the same port still answers.
     let mut g = f.gb.clone();
     let n = g

@@ -1,9 +1,10 @@
-"""The node's web console (issue 23) in a real headless browser: Debian's Chromium
-driven through chromedriver (selenium, with the driver's path given: nothing is
-downloaded). Pages load with no console errors, the map shows the nodes `shoal dev`
-started, a node killed here shows as down within the liveness timeout, and the search
-box returns hits with the per-shard answers. Screenshots go to $SHOAL_ARTIFACTS (default
-target/console-screenshots under the repository)."""
+"""The web console (issue 23) in a real headless browser: Debian's Chromium driven
+through chromedriver (selenium, with the driver's path given: nothing is downloaded).
+Pages load with no console errors, the map shows the nodes `shoal dev` started, the
+search box returns hits with the per-shard answers, the admin actions (an index build,
+a drain and its undoing) act, a coordinator (a follower or the leader) serves the same
+map, and a node killed here shows as down within the liveness timeout. Screenshots go
+to $SHOAL_ARTIFACTS (default target/console-screenshots under the repository)."""
 
 from __future__ import annotations
 
@@ -134,9 +135,33 @@ def test_the_console_shows_the_cluster_a_node_going_down_and_searches(client, de
     d.execute_script(
         "document.querySelector(`button.build[data-collection='${arguments[0]}']`).click()", name
     )
-    outcome = wait_for(lambda: (lambda t: t if "operation" in t or "refused" in t else None)(text("action")), 120, "the build's outcome")
+    outcome = wait_for(lambda: (lambda t: t if "operation" in t or "refused" in t else None)(text("action")), 30, "the build's outcome")
     assert "refused" not in outcome, outcome
     wait_for(lambda: any(r[1] == "build_index" and r[2] == name for r in rows("#operations tbody tr")), 15, "the build listed")
+
+    # A node drained and the drain undone from the nodes table (the coordinators act on
+    # the admin key the node forwards).
+    d.execute_script("document.querySelector(`button.drain[data-node='node-1']`).click()")
+    outcome = wait_for(lambda: (lambda t: t if "now" in t or "refused" in t else None)(text("action")), 30, "the drain's outcome")
+    assert "refused" not in outcome, outcome
+    wait_for(lambda: node_states().get("node-1") == "draining", 15, "node-1 shown draining")
+    d.execute_script("document.querySelector(`button.drain[data-node='node-1']`).click()")
+    wait_for(lambda: "undrain of node-1: node node-1 now" in text("action"), 30, "the undrain's outcome")
+    wait_for(lambda: node_states().get("node-1") == "up", 15, "node-1 up again")
+    assert severe(d) == [], severe(d)
+
+    # A coordinator serves the console too: the map (with the replicas' reports), no
+    # search box or node charts.
+    d.get("https://127.0.0.1:7002/console#key=" + key)  # another origin: the key again
+    wait_for(lambda: "coordinator 2" in text("where"), 15, "the console served by coordinator 2")
+    wait_for(lambda: (lambda s: s if len(s) == 2 else None)(node_states()), 15, "two nodes listed by the coordinator")
+    wait_for(lambda: reported_docs() >= 3, 15, "the shards' reports through the coordinator")
+    assert not d.find_element(By.ID, "search-section").is_displayed()
+    assert not d.find_element(By.ID, "banner").is_displayed()
+    assert severe(d) == [], severe(d)
+    d.save_screenshot(str(shots() / "console-coordinator.png"))
+    d.get("https://127.0.0.1:7201/console")
+    wait_for(lambda: "node node-1" in text("where"), 15, "back on node-1's console")
 
     # A node killed: the map shows it down within the liveness timeout.
     victim = subprocess.run(

@@ -689,27 +689,6 @@ impl Gateway {
             .map_err(|e| e.context(format_args!("shard {}/{index} on node {node}", coll.name)))
     }
 
-    /// The coordinator group as its members report it (the console's cluster view).
-    /// Asked with the caller's key.
-    pub async fn coordinator_status(
-        &self,
-        key: Option<&str>,
-    ) -> Result<cpb::ClusterStatusResponse, Status> {
-        let mut c = self.coordinators.clone().with_key(key);
-        c.patience = Duration::from_secs(2);
-        c.cluster_status(cpb::ClusterStatusRequest {}).await
-    }
-
-    /// Every shard as the coordinators' leader knows it, its replicas' last reports
-    /// (lag, documents, generation) included: what the map's log does not carry.
-    pub async fn coordinator_shards(&self, key: Option<&str>) -> Result<Vec<cpb::Shard>, Status> {
-        let mut c = self.coordinators.clone().with_key(key);
-        c.patience = Duration::from_secs(2);
-        Ok(c.list_shards(cpb::ListShardsRequest::default())
-            .await?
-            .shards)
-    }
-
     /// A new index generation on every shard: starts the collection's build operation
     /// through the coordinators with the caller's key (or joins the one running), then
     /// follows it in this node's map until it ends or `wait` runs out (the operation

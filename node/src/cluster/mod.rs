@@ -416,6 +416,11 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     let max = cfg.limits.message_bytes;
     let limits = cfg.limits.clone();
     let rx = stop_rx.clone();
+    // The admin routes' and the console's calls to the coordinators: long enough to
+    // ride out an election (1-3 s here), short enough that the console falls back to
+    // this node's map soon when the group does not answer.
+    let mut admin_client = client.clone();
+    admin_client.patience = Duration::from_secs(5);
     // The standard health service (SERVING while up) and server reflection, so grpcurl
     // and load balancers work without the protos.
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -445,8 +450,9 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     tasks.push(tokio::spawn(async move {
         let shoal = Arc::new(service::ShoalService(gateway, keys));
         // The HTTP/JSON API on the same port (issue 23): the same TLS, the same keys,
-        // the same service; HTTP/1.1 accepted beside HTTP/2 for it.
-        let json = http::router(shoal.clone(), limits.message_bytes);
+        // the same service, the admin routes forwarded to the coordinators; HTTP/1.1
+        // accepted beside HTTP/2 for it.
+        let json = http::router(shoal.clone(), admin_client, limits.message_bytes);
         let r = limits
             .server(limits.node_request_timeout())
             .accept_http1(true)

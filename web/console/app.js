@@ -1,6 +1,7 @@
-// shoal's web console (issue 23): polls this node's /v1/cluster and /v1/stats every two
-// seconds with the API key the user gave (kept for the browser tab only), draws the map,
-// charts rates from successive counts on canvases, and searches through the JSON API.
+// shoal's web console (issue 23): polls /v1/cluster (and, served by a node, its /v1/stats)
+// every two seconds with the API key the user gave (kept for the browser tab only), draws
+// the map, charts rates from successive counts on canvases, searches through the JSON
+// API, and acts through the admin routes (the coordinators check the key's role).
 "use strict";
 
 const POLL_MS = 2000;
@@ -50,14 +51,31 @@ function fill(tableId, rows, columns) {
   }
 }
 
+// Served by a node: its charts and the search box; by a coordinator: the map only.
+let servedByNode = true;
+
 function renderCluster(c) {
-  $("where").textContent = `node ${c.node} · map v${c.map_version}`;
+  servedByNode = c.node !== undefined;
+  for (const el of document.querySelectorAll(".node-only")) el.hidden = !servedByNode;
+  $("where").textContent = (servedByNode ? `node ${c.node}` : `coordinator ${c.coordinator}`) +
+    ` · map v${c.map_version}`;
   const co = c.coordinators;
   $("coordinators").textContent = co.error
     ? `unreachable: ${co.error}`
     : `leader ${co.leader} (${co.leader_addr}), term ${co.term}; members ` +
       co.members.map((m) => `${m.id}${m.voter ? "" : " (learner)"} ${m.api_addr}`).join(", ");
   fill("nodes", c.nodes, [[(n) => n.id], [(n) => n.addr], [(n) => n.state, (n) => "state-" + n.state], [(n) => n.replicas]]);
+  // An action per node: drain it (its replicas move elsewhere), or undo a drain.
+  for (const tr of $("nodes").tBodies[0].rows) {
+    const id = tr.cells[0].textContent;
+    const draining = tr.cells[2].textContent === "draining";
+    const b = document.createElement("button");
+    b.className = "drain";
+    b.dataset.node = id;
+    b.dataset.undo = draining ? "1" : "";
+    b.textContent = draining ? "Undrain" : "Drain";
+    tr.insertCell().append(b);
+  }
   fill("operations", c.operations, [
     [(o) => o.id], [(o) => o.kind], [(o) => o.collection], [(o) => o.state, (o) => "state-" + o.state],
     [(o) => o.steps.map((s) => `${s.shard}:${s.state}`).join(" ")],
@@ -140,30 +158,43 @@ async function poll() {
     return;
   }
   try {
-    const [c, s] = await Promise.all([api("GET", "/v1/cluster"), api("GET", "/v1/stats")]);
-    banner("");
+    const c = await api("GET", "/v1/cluster");
     renderCluster(c);
-    renderStats(s);
+    if (servedByNode) renderStats(await api("GET", "/v1/stats"));
+    banner("");
   } catch (e) {
     banner(e.message);
   }
 }
 
-// Admin actions (the server checks the key's role): a new index generation on every
-// shard of a collection, followed until it ends or the call's deadline.
-$("collections").addEventListener("click", async (ev) => {
-  const b = ev.target.closest("button.build");
-  if (!b) return;
+// Admin actions, through the admin routes (every node forwards them to the coordinators,
+// which check the key's role): a new index generation on every shard of a collection,
+// and a node drained or its drain undone. The outcome is shown in #action.
+async function act(what, path, body, done) {
   const out = $("action");
-  out.textContent = `building ${b.dataset.collection}…`;
+  out.textContent = `${what}…`;
   try {
-    const r = await api("POST", `/v1/collections/${encodeURIComponent(b.dataset.collection)}/build-index`, {});
-    out.textContent = `build of ${b.dataset.collection}: operation ${r.operation}, ${r.state}` +
-      (r.reason ? ` (${r.reason})` : "") + (r.nlist ? `, nlist ${r.nlist}` : "");
+    out.textContent = `${what}: ${done(await api("POST", path, body))}`;
   } catch (e) {
-    out.textContent = `build of ${b.dataset.collection} refused: ${e.message}`;
+    out.textContent = `${what} refused: ${e.message}`;
   }
   poll();
+}
+
+$("collections").addEventListener("click", (ev) => {
+  const b = ev.target.closest("button.build");
+  if (!b) return;
+  const name = b.dataset.collection;
+  act(`build of ${name}`, "/v1/admin/start-index-build", { collection: name },
+    (op) => `operation ${op.id} ${op.state}` + (op.reason ? ` (${op.reason})` : ""));
+});
+
+$("nodes").addEventListener("click", (ev) => {
+  const b = ev.target.closest("button.drain");
+  if (!b) return;
+  const undo = b.dataset.undo === "1";
+  act(`${undo ? "undrain" : "drain"} of ${b.dataset.node}`, "/v1/admin/drain-node",
+    { id: b.dataset.node, undo }, (n) => `node ${n.id} now ${String(n.state).replace("NODE_STATE_", "").toLowerCase()}`);
 });
 
 $("keyform").addEventListener("submit", (ev) => {
