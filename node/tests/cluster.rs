@@ -4825,6 +4825,21 @@ async fn the_http_json_api_answers_every_route_over_the_grpc_service() {
     )
     .await;
     assert_eq!((s, r["code"].as_str()), (404, Some("NOT_FOUND")), "{r}");
+    // Every admin route is wired to its RPC: an empty request reaches the coordinators,
+    // which answer it or refuse it by name (never "no such route", never INTERNAL).
+    for route in shoal_web::admin::ADMIN_ROUTES {
+        let (s, r) = http(addr, "POST", route.path, b"{}").await;
+        let code = r["code"].as_str().unwrap_or("OK");
+        assert!(
+            !matches!(code, "INTERNAL" | "UNKNOWN" | "UNIMPLEMENTED")
+                && !r["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("no such route")),
+            "{} {}: {s} {r}",
+            route.path,
+            route.rpc
+        );
+    }
     // The console's view from the node: the coordinators' (with the replicas' reports).
     let (s, r) = http(addr, "GET", "/v1/cluster", b"").await;
     assert_eq!(s, 200, "{r}");
